@@ -1,0 +1,66 @@
+"""The native part of rankmesh (Rust, PyO3). Private: use the `rankmesh` package API."""
+
+from typing import Literal
+
+# One task as submitted: (id, dependency ids in payload order, function ids, payload, priority)
+TaskTuple = tuple[int, list[int], list[int], bytes, int]
+# A stored object as an executor sees it:
+#   ("inline", data: bytes, layout: list[int]) or ("shm", path: str, layout: list[int])
+# layout = lengths of the object's frames (pickle stream, then out-of-band buffers); each
+# frame starts at a multiple of ALIGN bytes from the start of the data (see object_offsets).
+ObjectTuple = tuple[str, bytes | str, list[int]]
+# An error: (type_name, message, traceback_text, pickled_exception_or_empty)
+ErrorTuple = tuple[str, str, str, bytes]
+
+ALIGN: int  # 64
+INLINE_MAX: int  # results whose aligned size is at most this travel inline (64 KiB)
+
+def object_offsets(layout: list[int]) -> tuple[list[int], int]:
+    """Start offset of each frame and the total (aligned) size of the object."""
+
+class RankmeshError(Exception): ...
+class HandshakeRefused(RankmeshError): ...
+class ConnectionLost(RankmeshError): ...
+
+class ClientCore:
+    """A connection to the scheduler, served by a background Rust thread."""
+
+    client_id: int
+    def __init__(self, address: str, token: str, timeout: float = 10.0) -> None:
+        """address: "tcp://host:port" or "host:port". Raises HandshakeRefused, OSError."""
+    def next_task_id(self, count: int) -> int:
+        """Reserves `count` consecutive task ids in this client's namespace; returns the first."""
+    def submit(
+        self, functions: list[tuple[int, bytes]], tasks: list[TaskTuple], wanted: list[int]
+    ) -> None: ...
+    def want(self, ids: list[int]) -> None:
+        """Hold results of tasks submitted earlier again (e.g. a second future on them)."""
+    def release(self, ids: list[int]) -> None:
+        """The client no longer needs these results."""
+    def cancel(self, ids: list[int]) -> None: ...
+    def wait(
+        self, ids: list[int], timeout: float | None = None, return_when: Literal["ALL", "ANY"] = "ALL"
+    ) -> list[int]:
+        """Blocks (GIL released, Ctrl-C honoured) until all / any of `ids` ended (finished,
+        erred or cancelled) or the timeout passed; returns the ids that have ended."""
+    def state(self, id: int) -> Literal["pending", "finished", "error", "cancelled", "lost"]: ...
+    def error(self, id: int) -> ErrorTuple | None: ...
+    def fetch(self, ids: list[int]) -> list[tuple[bytes, list[bytearray]]]:
+        """Results straight from the workers holding them: per id, (pickle stream,
+        out-of-band buffers). Raises RankmeshError if a result is not (or no longer) held."""
+    def workers(self) -> list[dict[str, object]]:
+        """id, data_address, host, nthreads, memory_limit of each connected worker."""
+    def close(self) -> None: ...
+
+class ExecutorLink:
+    """An executor's connection to its worker (a Unix socket)."""
+
+    def __init__(self, path: str, token: str) -> None: ...
+    def recv(self) -> list[tuple]:
+        """Blocks (GIL released) for the next messages:
+        ("functions", [(func_id, bytes), ...])
+        ("run", [(task_id, payload: bytes, inputs: list[ObjectTuple]), ...])
+        ("shutdown",)"""
+    def send_results(self, results: list[tuple]) -> None:
+        """Each result: (task_id, duration_us, "ok", ObjectTuple) or
+        (task_id, duration_us, "err", ErrorTuple)."""

@@ -1,0 +1,310 @@
+"""The Client: submits work to a rankmesh scheduler and is a Dask scheduler (`get`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import dask.config
+
+from . import graph as graphs
+from .errors import CancelledError, FutureLost
+from .futures import Future
+from .serialize import FunctionRegistry, PayloadEncoder, loads_error, loads_frames
+
+__all__ = ["Client"]
+
+
+def _connection_details(
+    address: Any, scheduler_file: str | None, token: str | None
+) -> tuple[str, str]:
+    if address is not None and not isinstance(address, str):
+        scheduler_file = address.scheduler_file  # a LocalCluster
+        address = None
+    if address is None and scheduler_file is None:
+        scheduler_file = os.environ.get("RANKMESH_SCHEDULER_FILE")
+    if scheduler_file is not None:
+        with open(scheduler_file) as file:
+            info = json.load(file)
+        address = info["address"]
+        token = token or info.get("token")
+    if address is None:
+        raise ValueError(
+            "no scheduler to connect to: pass address= or scheduler_file=, "
+            "or set RANKMESH_SCHEDULER_FILE"
+        )
+    token = token or os.environ.get("RANKMESH_TOKEN")
+    if not token:
+        raise ValueError(
+            f"no token for {address}: pass token=, use a scheduler file, or set RANKMESH_TOKEN"
+        )
+    return address, token
+
+
+def _key_prefix(func: Callable) -> str:
+    return getattr(func, "__name__", type(func).__name__)
+
+
+class Client:
+    """A connection to a rankmesh cluster, with dask.distributed's method names."""
+
+    def __init__(
+        self,
+        address: Any = None,
+        scheduler_file: str | None = None,
+        token: str | None = None,
+        timeout: float = 10,
+    ) -> None:
+        from ._rankmesh import ClientCore
+
+        self.address, token = _connection_details(address, scheduler_file, token)
+        self._core = ClientCore(self.address, token, timeout)
+        self._encoder = PayloadEncoder(FunctionRegistry())
+        # Futures alive per task id; at zero the id waits in _to_release for the next call.
+        self._holds: dict[int, int] = {}
+        self._to_release: list[int] = []
+        self._by_key: weakref.WeakValueDictionary[Any, Future] = weakref.WeakValueDictionary()
+        self._default_config: Any = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<rankmesh.Client: {self.address}{' (closed)' if self._closed else ''}>"
+
+    # ---------------------------------------------------------------- futures' bookkeeping
+
+    def _hold(self, future: Future) -> None:
+        self._holds[future.task_id] = self._holds.get(future.task_id, 0) + 1
+        self._by_key[future.key] = future
+
+    def _drop(self, task_id: int) -> None:
+        # Runs in Future.__del__: no native call here, only a note for the next call.
+        count = self._holds.get(task_id, 0) - 1
+        if count > 0:
+            self._holds[task_id] = count
+        elif count == 0:
+            del self._holds[task_id]
+            self._to_release.append(task_id)
+
+    def _flush_releases(self) -> None:
+        if self._to_release and not self._closed:
+            ids, self._to_release = self._to_release, []
+            self._core.release(ids)
+
+    def _submit(self, tasks: list, wanted: list[int]) -> None:
+        self._flush_releases()
+        self._core.submit(self._encoder.registry.take_unshipped(), tasks, wanted)
+
+    def _wait_ids(self, ids: list[int], timeout: float | None, return_when: str) -> list[int]:
+        self._flush_releases()
+        return self._core.wait(ids, timeout, return_when)
+
+    def _error_of(self, future: Future) -> BaseException | None:
+        return self._failure(future.task_id)
+
+    def _failure(self, task_id: int) -> BaseException | None:
+        state = self._core.state(task_id)
+        if state == "error":
+            return loads_error(self._core.error(task_id))
+        if state == "cancelled":
+            return CancelledError(f"task {task_id} was cancelled")
+        if state == "lost":
+            return FutureLost(f"the result of task {task_id} was lost")
+        return None
+
+    def _collect(self, ids: list[int], timeout: float | None) -> dict[int, Any]:
+        """Values of tasks by id: one wait and one fetch for all of them."""
+        unique = list(dict.fromkeys(ids))
+        ended = self._wait_ids(unique, timeout, "ALL")
+        if len(ended) < len(unique):
+            raise TimeoutError(f"{len(unique) - len(ended)} of {len(unique)} tasks still pending")
+        for task_id in unique:
+            failure = self._failure(task_id)
+            if failure is not None:
+                raise failure
+        fetched = self._core.fetch(unique)
+        return {
+            task_id: loads_frames(stream, buffers)
+            for task_id, (stream, buffers) in zip(unique, fetched, strict=True)
+        }
+
+    # ---------------------------------------------------------------------- plain futures
+
+    def submit(
+        self, func: Callable, *args: Any, key: Any = None, pure: bool = False, **kwargs: Any
+    ) -> Future:
+        """Runs func(*args, **kwargs) on the cluster; futures in the arguments (also inside
+        lists, tuples and dicts) are replaced by their values. With pure=True, an identical
+        call returns a future on the earlier task."""
+        if key is None and pure:
+            from dask.base import tokenize
+
+            key = f"{_key_prefix(func)}-{tokenize(func, args, kwargs)}"
+        if key is not None:
+            existing = self._by_key.get(key)
+            if existing is not None:
+                return Future(self, existing.task_id, key)
+        task_id = self._core.next_task_id(1)
+        payload, deps, funcs = self._encoder.call(func, args, kwargs)
+        self._submit([(task_id, deps, funcs, payload, 0)], [task_id])
+        return Future(self, task_id, key if key is not None else f"{_key_prefix(func)}-{task_id:x}")
+
+    def map(self, func: Callable, *iterables: Iterable, key: Any = None, **kwargs: Any) -> list:
+        """submit() for each tuple of arguments, as one submission."""
+        calls = list(zip(*iterables, strict=True))
+        if not calls:
+            return []
+        first = self._core.next_task_id(len(calls))
+        encode = self._encoder.call
+        tasks = []
+        for offset, args in enumerate(calls):
+            payload, deps, funcs = encode(func, args, kwargs)
+            tasks.append((first + offset, deps, funcs, payload, offset))
+        ids = [task[0] for task in tasks]
+        self._submit(tasks, ids)
+        if isinstance(key, list):
+            keys = key
+        else:
+            prefix = key if key is not None else _key_prefix(func)
+            keys = [f"{prefix}-{task_id:x}" for task_id in ids]
+        return [Future(self, task_id, k) for task_id, k in zip(ids, keys, strict=True)]
+
+    def scatter(self, data: Any) -> Any:
+        """Futures on data placed on the cluster: one per item of a list, tuple or dict."""
+        if isinstance(data, dict):
+            return dict(zip(data, self.scatter(list(data.values())), strict=True))
+        single = not isinstance(data, list | tuple)
+        values = [data] if single else list(data)
+        if not values:
+            return []
+        first = self._core.next_task_id(len(values))
+        tasks = []
+        for offset, value in enumerate(values):
+            payload, _, funcs = self._encoder.data(value)
+            tasks.append((first + offset, [], funcs, payload, offset))
+        ids = [task[0] for task in tasks]
+        self._submit(tasks, ids)
+        futures = [Future(self, task_id, f"data-{task_id:x}") for task_id in ids]
+        return futures[0] if single else futures
+
+    def gather(self, futures: Any, timeout: float | None = None) -> Any:
+        """Values for futures, in the same nesting (lists, tuples, sets, dicts)."""
+        ids: list[int] = []
+        _walk_futures(futures, lambda future: ids.append(future.task_id))
+        values = self._collect(ids, timeout)
+        return _replace_futures(futures, values)
+
+    def cancel(self, futures: Future | Iterable[Future]) -> None:
+        futures = [futures] if isinstance(futures, Future) else list(futures)
+        self._core.cancel([future.task_id for future in futures])
+
+    # ------------------------------------------------------------------------------- dask
+
+    def _submit_graph(self, dsk: Any, outputs: list) -> tuple[graphs.GraphTasks, list[int]]:
+        """Submits what `outputs` need; returns the tasks and the new ids among the outputs."""
+        graph, held = graphs.materialize(dsk)
+
+        def external(key: Any) -> int | None:
+            if key in held:
+                return held[key]
+            future = self._by_key.get(key)
+            return future.task_id if future is not None else None
+
+        built = graphs.graph_tasks(graph, outputs, external, self._core.next_task_id, self._encoder)
+        new_ids = {task[0] for task in built.tasks}
+        wanted = list(dict.fromkeys(built.key_ids[key] for key in outputs))
+        wanted = [task_id for task_id in wanted if task_id in new_ids]
+        self._submit(built.tasks, wanted)
+        return built, wanted
+
+    def get(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        """Dask's scheduler entry point: `dask.compute(x, scheduler=client.get)`."""
+        outputs = graphs.flatten_keys(keys)
+        built, wanted = self._submit_graph(dsk, outputs)
+        try:
+            values = self._collect([built.key_ids[key] for key in outputs], None)
+        except KeyboardInterrupt:
+            self._core.cancel([task[0] for task in built.tasks])
+            raise
+        finally:
+            self._to_release.extend(wanted)
+        return graphs.repack(keys, {key: values[built.key_ids[key]] for key in outputs})
+
+    def compute(self, collections: Any, sync: bool = False, optimize_graph: bool = True) -> Any:
+        """Futures on the final values of Dask collections (their values if sync=True)."""
+        single = not isinstance(collections, list | tuple)
+        collections = [collections] if single else list(collections)
+        with dask.config.set(graphs.DASK_CONFIG):
+            expr, keys = graphs.compute_expression(collections, optimize_graph)
+        built, _ = self._submit_graph(expr, keys)
+        futures = [Future(self, built.key_ids[key], key) for key in keys]
+        result = self.gather(futures) if sync else futures
+        return result[0] if single else result
+
+    def persist(self, collections: Any, optimize_graph: bool = True, **kwargs: Any) -> Any:
+        """The collections, computed on the cluster and held there by futures in their graphs."""
+        single = not isinstance(collections, list | tuple)
+        collections = [collections] if single else list(collections)
+        with dask.config.set(graphs.DASK_CONFIG):
+            expr, keys, rebuild = graphs.persist_expression(collections, optimize_graph)
+        outputs = [key for collection_keys in keys for key in collection_keys]
+        built, _ = self._submit_graph(expr, outputs)
+        futures = {key: Future(self, built.key_ids[key], key) for key in outputs}
+        rebuilt = rebuild(futures)
+        return rebuilt[0] if single else rebuilt
+
+    # -------------------------------------------------------------------------- lifecycle
+
+    def as_default(self) -> Client:
+        """Makes this client Dask's scheduler until close()."""
+        if self._default_config is None:
+            self._default_config = dask.config.set({"scheduler": self.get, **graphs.DASK_CONFIG})
+        return self
+
+    def workers(self) -> list[dict[str, object]]:
+        return self._core.workers()
+
+    def scheduler_info(self) -> dict[str, object]:
+        return {
+            "address": self.address,
+            "workers": {str(worker["id"]): worker for worker in self.workers()},
+        }
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        if self._default_config is not None:
+            self._default_config.__exit__(None, None, None)
+            self._default_config = None
+        self._flush_releases()
+        self._closed = True
+        self._core.close()
+
+    def __enter__(self) -> Client:
+        return self.as_default()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _walk_futures(obj: Any, visit: Callable[[Future], None]) -> None:
+    if isinstance(obj, Future):
+        visit(obj)
+    elif isinstance(obj, list | tuple | set | frozenset):
+        for item in obj:
+            _walk_futures(item, visit)
+    elif isinstance(obj, Mapping):
+        for item in obj.values():
+            _walk_futures(item, visit)
+
+
+def _replace_futures(obj: Any, values: Mapping[int, Any]) -> Any:
+    if isinstance(obj, Future):
+        return values[obj.task_id]
+    if isinstance(obj, list | tuple | set | frozenset):
+        return type(obj)(_replace_futures(item, values) for item in obj)
+    if isinstance(obj, Mapping):
+        return type(obj)((key, _replace_futures(item, values)) for key, item in obj.items())
+    return obj

@@ -1,0 +1,122 @@
+"""LocalCluster: a scheduler and worker processes on this machine (`rankmesh local`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["LocalCluster", "find_binary"]
+
+_PR_SET_PDEATHSIG = 1
+
+
+def find_binary() -> str:
+    """The `rankmesh` binary: beside this interpreter first (the same environment), then PATH."""
+    beside = Path(sys.executable).parent / "rankmesh"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("rankmesh")
+    if found is None:
+        raise FileNotFoundError(
+            "the `rankmesh` binary is not installed beside this Python nor on PATH "
+            "(scripts/install.sh installs it)"
+        )
+    return found
+
+
+def _parse_memory(limit: int | str | None) -> str:
+    if limit is None:
+        return "0"
+    return str(limit).replace(" ", "")
+
+
+def _die_with_parent() -> None:
+    # Linux only: the cluster is killed if this Python dies without closing it.
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class LocalCluster:
+    """Starts `rankmesh local`: one scheduler and `n_workers` worker processes, each with
+    `threads_per_worker` executor processes. Close it (or leave its `with` block) to stop
+    all of them."""
+
+    def __init__(
+        self,
+        n_workers: int = 2,
+        threads_per_worker: int = 1,
+        memory_limit: int | str | None = None,
+        timeout: float = 60,
+    ) -> None:
+        if n_workers < 1 or threads_per_worker < 1:
+            raise ValueError("n_workers and threads_per_worker must be at least 1")
+        self.n_workers = n_workers
+        self.threads_per_worker = threads_per_worker
+        self._dir = tempfile.mkdtemp(prefix="rankmesh-cluster-")
+        self.scheduler_file = os.path.join(self._dir, "scheduler.json")
+        command = [
+            find_binary(),
+            "local",
+            "-n",
+            str(n_workers),
+            "--threads-per-worker",
+            str(threads_per_worker),
+            "--memory-limit",
+            _parse_memory(memory_limit),
+            "--scheduler-file",
+            self.scheduler_file,
+            "--python",
+            sys.executable,
+        ]
+        self._process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+        )
+        self._wait_until_ready(timeout)
+
+    def _wait_until_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.scheduler_file):
+            code = self._process.poll()
+            if code is not None:
+                self._cleanup()
+                raise RuntimeError(f"rankmesh local exited with status {code} while starting")
+            if time.monotonic() > deadline:
+                self.close()
+                raise TimeoutError(f"the local cluster did not start within {timeout} s")
+            time.sleep(0.01)
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def close(self, timeout: float = 10) -> None:
+        """Stops the scheduler and every worker; kills what has not left after `timeout`."""
+        if self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "running" if self._process.poll() is None else "closed"
+        return f"<rankmesh.LocalCluster: {self.n_workers} workers, {state}>"

@@ -1,0 +1,135 @@
+"""The executor process: runs task code for its worker (``python -m rankmesh.executor``).
+
+The worker sends function blobs and batches of tasks over a Unix socket; inputs arrive
+inline or as shared-memory files that are mapped copy-on-write, so arrays are read in
+place and still writable. Results go back inline when small, else written once into a
+new shared-memory file that the worker then owns.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import pickle
+import sys
+import time
+from collections.abc import Sequence
+
+from . import serialize
+from ._layout import INLINE_MAX, object_offsets
+
+# Finished results wait at most this long for others to share a message with.
+SEND_INTERVAL_S = 0.001
+
+# Frames of the runtime itself, left out of the tracebacks tasks send back.
+_RUNTIME_FILES = (__file__, serialize.__file__)
+
+
+def decode_input(obj: tuple[str, object, list[int]]) -> object:
+    """An ObjectTuple as the value it holds, its buffers read in place."""
+    kind, data, layout = obj
+    if kind == "inline":
+        if len(layout) > 1:
+            # Out-of-band buffers: a private copy (at most INLINE_MAX) keeps arrays writable.
+            data = bytearray(data)
+        return serialize.loads_result(data, layout)
+    if kind == "shm":
+        fd = os.open(data, os.O_RDONLY)
+        try:
+            # MAP_PRIVATE: writes land in private pages, the stored object stays intact.
+            mapped = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        return serialize.loads_result(mapped, layout)
+    raise ValueError(f"unknown object kind {kind!r}")
+
+
+class TaskRunner:
+    """Runs tasks and turns their results into ObjectTuples or ErrorTuples."""
+
+    def __init__(self, shm_dir: str, executor_id: str) -> None:
+        self._shm_dir = shm_dir
+        self._executor_id = executor_id
+        self._sequence = 0
+        self.functions: dict[int, object] = {}
+
+    def add_functions(self, blobs: Sequence[tuple[int, bytes]]) -> None:
+        for func_id, blob in blobs:
+            if func_id not in self.functions:
+                self.functions[func_id] = pickle.loads(blob)
+
+    def run(self, task_id: int, payload: bytes, inputs: Sequence[tuple]) -> tuple:
+        """(task_id, duration_us, "ok", ObjectTuple) or (..., "err", ErrorTuple)."""
+        start = time.perf_counter_ns()
+        try:
+            values = [decode_input(obj) for obj in inputs]
+            task = serialize.loads_payload(payload, self.functions, values)
+            result = serialize.run_payload(task, values)
+            del task, values  # inputs (and their mappings) go before the result is stored
+            frames, layout = serialize.dumps_result(result)
+            del result
+            stored = self._store(frames, layout)
+            status = "ok"
+        except Exception as exc:  # noqa: BLE001 - every task error goes back to the client
+            stored = serialize.dumps_error(exc, _RUNTIME_FILES)
+            status = "err"
+        return task_id, (time.perf_counter_ns() - start) // 1000, status, stored
+
+    def _store(self, frames: list, layout: list[int]) -> tuple[str, object, list[int]]:
+        offsets, total = object_offsets(layout)
+        if total <= INLINE_MAX:
+            return "inline", serialize.join_frames(frames, layout), layout
+        self._sequence += 1
+        path = os.path.join(self._shm_dir, f"{self._executor_id}-{self._sequence}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, total)
+            with mmap.mmap(fd, total) as mapped:
+                for frame, start, length in zip(frames, offsets, layout, strict=True):
+                    mapped[start : start + length] = frame
+        finally:
+            os.close(fd)
+        return "shm", path, layout
+
+
+def serve(link, runner: TaskRunner) -> None:
+    """Runs what the worker sends until it says shutdown or the link closes."""
+    from ._rankmesh import ConnectionLost
+
+    pending: list[tuple] = []
+    last_send = time.monotonic()
+    while True:
+        try:
+            messages = link.recv()
+        except (ConnectionLost, EOFError):
+            return
+        for message in messages:
+            kind = message[0]
+            if kind == "functions":
+                runner.add_functions(message[1])
+            elif kind == "run":
+                for task_id, payload, inputs in message[1]:
+                    # Before each task, not after: a long task must not hold back results.
+                    if pending and time.monotonic() - last_send > SEND_INTERVAL_S:
+                        link.send_results(pending)
+                        pending = []
+                        last_send = time.monotonic()
+                    pending.append(runner.run(task_id, payload, inputs))
+                link.send_results(pending)
+                pending = []
+                last_send = time.monotonic()
+            elif kind == "shutdown":
+                return
+
+
+def main() -> int:
+    from ._rankmesh import ExecutorLink
+
+    link = ExecutorLink(os.environ["RANKMESH_EXECUTOR_SOCKET"], os.environ["RANKMESH_TOKEN"])
+    runner = TaskRunner(os.environ["RANKMESH_SHM_DIR"], os.environ["RANKMESH_EXECUTOR_ID"])
+    serve(link, runner)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Futures on task results, and waiting on several of them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from dask._task_spec import TaskRef
+
+if TYPE_CHECKING:
+    from .client import Client
+
+__all__ = ["DoneAndNotDone", "Future", "as_completed", "wait"]
+
+
+class DoneAndNotDone(NamedTuple):
+    done: set[Future]
+    not_done: set[Future]
+
+
+class Future(TaskRef):
+    """A task's result, held on the cluster while any Future on it is alive.
+
+    A TaskRef to Dask, so a Future inside a Dask graph is a dependency on its task."""
+
+    __slots__ = ("task_id", "_client", "__weakref__")
+
+    def __init__(self, client: Client, task_id: int, key: Any) -> None:
+        super().__init__(key)
+        self.task_id = task_id
+        self._client = client
+        client._hold(self)
+
+    def __del__(self) -> None:
+        self._client._drop(self.task_id)
+
+    def __repr__(self) -> str:
+        return f"<Future: {self.status}, key: {self.key!r}>"
+
+    def __reduce__(self):
+        raise TypeError("a rankmesh Future is bound to its client and cannot be pickled")
+
+    @property
+    def client(self) -> Client:
+        return self._client
+
+    @property
+    def status(self) -> str:
+        """pending, finished, error, cancelled or lost."""
+        return self._client._core.state(self.task_id)
+
+    def done(self) -> bool:
+        return self.status != "pending"
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The task's value; raises the task's exception as it was raised."""
+        return self._client.gather(self, timeout=timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._client._wait_ids([self.task_id], timeout, "ALL")
+        return self._client._error_of(self)
+
+    def cancel(self) -> None:
+        self._client.cancel([self])
+
+
+def _group_ids(futures: Iterable[Future]) -> tuple[Client, dict[int, list[Future]]]:
+    by_id: dict[int, list[Future]] = {}
+    client = None
+    for future in futures:
+        if client is None:
+            client = future._client
+        elif future._client is not client:
+            raise ValueError("futures from several clients cannot be waited on together")
+        by_id.setdefault(future.task_id, []).append(future)
+    if client is None:
+        raise ValueError("no futures given")
+    return client, by_id
+
+
+def wait(
+    futures: Iterable[Future], timeout: float | None = None, return_when: str = "ALL_COMPLETED"
+) -> DoneAndNotDone:
+    """Like concurrent.futures.wait: (done, not_done) sets of futures."""
+    futures = list(futures)
+    if not futures:
+        return DoneAndNotDone(set(), set())
+    client, by_id = _group_ids(futures)
+    ids = list(by_id)
+    if return_when == FIRST_EXCEPTION:
+        ended = _wait_first_exception(client, ids, timeout)
+    else:
+        mode = "ANY" if return_when == FIRST_COMPLETED else "ALL"
+        ended = set(client._wait_ids(ids, timeout, mode))
+    done = {f for task_id in ended for f in by_id[task_id]}
+    return DoneAndNotDone(done, set(futures) - done)
+
+
+def _wait_first_exception(client: Client, ids: list[int], timeout: float | None) -> set[int]:
+    ended: set[int] = set()
+    pending = list(ids)
+    while pending:
+        newly = client._wait_ids(pending, timeout, "ANY")
+        if not newly:
+            break
+        ended.update(newly)
+        if any(client._core.state(task_id) != "finished" for task_id in newly):
+            break
+        pending = [task_id for task_id in pending if task_id not in ended]
+    return ended
+
+
+def as_completed(futures: Iterable[Future], with_results: bool = False) -> Iterator[Any]:
+    """Yields futures as their tasks end (with their results if `with_results`)."""
+    futures = list(futures)
+    if not futures:
+        return
+    client, by_id = _group_ids(futures)
+    pending = list(by_id)
+    while pending:
+        ended = set(client._wait_ids(pending, None, "ANY"))
+        pending = [task_id for task_id in pending if task_id not in ended]
+        for task_id in ended:
+            for future in by_id[task_id]:
+                yield (future, future.result()) if with_results else future

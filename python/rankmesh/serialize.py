@@ -1,0 +1,273 @@
+"""Bytes in and out of tasks: task payloads, results and errors.
+
+Payloads are pickled with the C pickler. Callables that the executor could not import by
+name (lambdas, functions and classes from ``__main__`` or defined inside functions) are
+cut out of the payload as ``("f", func_id)`` and shipped once per client as cloudpickle
+blobs; futures in a call's arguments become ``("k", input_index)``. Results use pickle
+protocol 5 with out-of-band buffers so array data is never copied into the pickle stream.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import sys
+import traceback
+import types
+from collections.abc import Callable, Sequence
+from hashlib import blake2b
+
+import cloudpickle
+import tblib
+
+from ._layout import object_offsets
+from .errors import TaskError
+from .futures import Future
+
+# Anything with the buffer protocol (bytes, bytearray, memoryview, mmap).
+Buffer = bytes | bytearray | memoryview
+
+# Payload kinds: the first item of every unpickled payload tuple.
+CALL = 0  # (CALL, func, args, kwargs): func(*args, **kwargs), futures replaced by values
+NODE = 1  # (NODE, node, dep_keys): a Dask graph node run as node(dict(zip(dep_keys, inputs)))
+DATA = 2  # (DATA, value): scattered data
+
+FUNCTION_TAG = "f"
+INPUT_TAG = "k"
+RESULT_PROTOCOL = 5
+
+# Errors plain pickle raises for objects that cloudpickle may still handle.
+_PICKLE_FAILURES = (pickle.PicklingError, AttributeError, TypeError)
+
+
+def _importable(obj: object) -> bool:
+    """Whether pickle-by-name will find this very object in another process."""
+    module_name = getattr(obj, "__module__", None)
+    if module_name is None or module_name == "__main__":
+        return False
+    module = sys.modules.get(module_name)
+    if module is None:
+        return False
+    found: object = module
+    for part in obj.__qualname__.split("."):
+        found = getattr(found, part, None)
+        if found is None:
+            return False
+    return found is obj
+
+
+class FunctionRegistry:
+    """Content ids for callables that must travel by value, and which ones were shipped."""
+
+    def __init__(self) -> None:
+        # id(obj) -> (obj, func_id or None when importable); holding obj keeps id() stable.
+        self._known: dict[int, tuple[object, int | None]] = {}
+        self._blobs: dict[int, bytes] = {}
+        self._unshipped: list[int] = []
+
+    def func_id(self, obj: object) -> int | None:
+        """The id to ship `obj` under, or None when pickle can name it."""
+        entry = self._known.get(id(obj))
+        if entry is not None:
+            return entry[1]
+        func_id = None
+        if not _importable(obj):
+            blob = cloudpickle.dumps(obj, protocol=RESULT_PROTOCOL)
+            func_id = int.from_bytes(blake2b(blob, digest_size=8).digest(), "little")
+            if func_id not in self._blobs:
+                self._blobs[func_id] = blob
+                self._unshipped.append(func_id)
+        self._known[id(obj)] = (obj, func_id)
+        return func_id
+
+    def take_unshipped(self) -> list[tuple[int, bytes]]:
+        """Blobs not handed out before; the caller ships them with its next submit."""
+        taken = [(func_id, self._blobs[func_id]) for func_id in self._unshipped]
+        self._unshipped = []
+        return taken
+
+
+class _PayloadIds:
+    """persistent_id shared by the plain and the cloudpickle payload picklers."""
+
+    registry: FunctionRegistry
+    futures_as_inputs: bool
+    deps: list[int]
+    funcs: list[int]
+    _dep_index: dict[int, int]
+
+    def persistent_id(self, obj: object) -> tuple[str, int] | None:
+        cls = type(obj)
+        if cls is Future and self.futures_as_inputs:
+            index = self._dep_index.get(obj.task_id)
+            if index is None:
+                index = self._dep_index[obj.task_id] = len(self.deps)
+                self.deps.append(obj.task_id)
+            return (INPUT_TAG, index)
+        if cls is types.FunctionType or isinstance(obj, type):
+            func_id = self.registry.func_id(obj)
+            if func_id is not None:
+                if func_id not in self.funcs:
+                    self.funcs.append(func_id)
+                return (FUNCTION_TAG, func_id)
+        return None
+
+
+class _PlainPayloadPickler(_PayloadIds, pickle.Pickler):
+    pass
+
+
+class _CloudPayloadPickler(_PayloadIds, cloudpickle.Pickler):
+    pass
+
+
+class PayloadEncoder:
+    """Pickles task payloads; collects each payload's input task ids and function ids."""
+
+    def __init__(self, registry: FunctionRegistry) -> None:
+        self.registry = registry
+
+    def encode(self, payload: tuple, futures_as_inputs: bool) -> tuple[bytes, list[int], list[int]]:
+        """(payload bytes, input task ids in payload order, function ids it refers to)."""
+        try:
+            return self._encode_with(_PlainPayloadPickler, payload, futures_as_inputs)
+        except _PICKLE_FAILURES:
+            return self._encode_with(_CloudPayloadPickler, payload, futures_as_inputs)
+
+    def _encode_with(
+        self, pickler_class: type, payload: tuple, futures_as_inputs: bool
+    ) -> tuple[bytes, list[int], list[int]]:
+        buffer = io.BytesIO()
+        pickler = pickler_class(buffer, protocol=RESULT_PROTOCOL)
+        pickler.registry = self.registry
+        pickler.futures_as_inputs = futures_as_inputs
+        pickler.deps = []
+        pickler.funcs = []
+        pickler._dep_index = {}
+        pickler.dump(payload)
+        return buffer.getvalue(), pickler.deps, pickler.funcs
+
+    def call(self, func: Callable, args: tuple, kwargs: dict) -> tuple[bytes, list[int], list[int]]:
+        return self.encode((CALL, func, args, kwargs), futures_as_inputs=True)
+
+    def node(self, node: object, dep_keys: list) -> tuple[bytes, list[int], list[int]]:
+        # A Dask node names its inputs by key itself; futures in it stay TaskRefs.
+        return self.encode((NODE, node, dep_keys), futures_as_inputs=False)
+
+    def data(self, value: object) -> tuple[bytes, list[int], list[int]]:
+        return self.encode((DATA, value), futures_as_inputs=False)
+
+
+def loads_payload(payload: Buffer, functions: dict[int, object], inputs: Sequence[object]):
+    """Unpickles a payload, resolving function ids and input placeholders."""
+    unpickler = pickle.Unpickler(io.BytesIO(payload))
+
+    def persistent_load(pid: tuple[str, int]) -> object:
+        tag, value = pid
+        if tag == INPUT_TAG:
+            return inputs[value]
+        if tag == FUNCTION_TAG:
+            return functions[value]
+        raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+
+    unpickler.persistent_load = persistent_load
+    return unpickler.load()
+
+
+def run_payload(payload: tuple, inputs: Sequence[object]) -> object:
+    """Runs an unpickled payload; `inputs` are the values of its dependencies in order."""
+    kind = payload[0]
+    if kind == CALL:
+        _, func, args, kwargs = payload
+        return func(*args, **kwargs)
+    if kind == NODE:
+        _, node, dep_keys = payload
+        return node(dict(zip(dep_keys, inputs, strict=True)))
+    if kind == DATA:
+        return payload[1]
+    raise ValueError(f"unknown payload kind {kind!r}")
+
+
+# ------------------------------------------------------------------------------ results
+
+
+def dumps_result(obj: object) -> tuple[list[Buffer], list[int]]:
+    """Frames (pickle stream, then out-of-band buffers) and their lengths."""
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        stream = pickle.dumps(obj, protocol=RESULT_PROTOCOL, buffer_callback=buffers.append)
+    except _PICKLE_FAILURES:
+        buffers = []
+        stream = cloudpickle.dumps(obj, protocol=RESULT_PROTOCOL, buffer_callback=buffers.append)
+    frames: list[Buffer] = [stream]
+    frames.extend(buffer.raw() for buffer in buffers)
+    return frames, [memoryview(frame).nbytes for frame in frames]
+
+
+def join_frames(frames: list[Buffer], layout: list[int]) -> bytes:
+    """The frames as one aligned block (see _layout), for results that travel inline."""
+    offsets, total = object_offsets(layout)
+    parts: list[Buffer] = []
+    end = 0
+    for frame, start, length in zip(frames, offsets, layout, strict=True):
+        if start > end:
+            parts.append(bytes(start - end))
+        parts.append(frame)
+        end = start + length
+    parts.append(bytes(total - end))
+    return b"".join(parts)
+
+
+def loads_frames(stream: Buffer, buffers: Sequence[Buffer]) -> object:
+    return pickle.loads(stream, buffers=buffers)
+
+
+def loads_result(data: Buffer, layout: list[int]) -> object:
+    """Reads an object laid out by object_offsets without copying its buffers: arrays
+    point into `data` (and are writable where `data` is)."""
+    offsets, _ = object_offsets(layout)
+    view = memoryview(data)
+    frames = [view[start : start + length] for start, length in zip(offsets, layout, strict=True)]
+    return pickle.loads(frames[0], buffers=frames[1:])
+
+
+# ------------------------------------------------------------------------------- errors
+
+
+def dumps_error(exc: BaseException, skip_files: Sequence[str] = ()) -> tuple[str, str, str, bytes]:
+    """(type name, message, traceback text, pickled (exception, frames) or b"").
+
+    Frames from `skip_files` (the executor's own) are left out of the traceback."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename in skip_files:
+        tb = tb.tb_next
+    exc = exc.with_traceback(tb)
+    cls = type(exc)
+    type_name = cls.__qualname__
+    if cls.__module__ != "builtins":
+        type_name = f"{cls.__module__}.{type_name}"
+    text = "".join(traceback.format_exception(exc))
+    try:
+        tb_dict = tblib.Traceback(tb).to_dict() if tb is not None else None
+        # cloudpickle: classes the task itself received by value go back the same way
+        # and resolve to the client's own class there.
+        pickled = cloudpickle.dumps((exc, tb_dict), protocol=RESULT_PROTOCOL)
+        pickle.loads(pickled)  # an exception whose __init__ does not match its args fails here
+    except Exception:
+        pickled = b""
+    return type_name, str(exc), text, pickled
+
+
+def loads_error(error: tuple[str, str, str, bytes]) -> BaseException:
+    """The task's exception with the task's frames as its traceback, else a TaskError."""
+    type_name, message, text, pickled = error
+    if pickled:
+        try:
+            exc, tb_dict = pickle.loads(pickled)
+        except Exception:
+            pass
+        else:
+            if tb_dict is not None:
+                exc = exc.with_traceback(tblib.Traceback.from_dict(tb_dict).as_traceback())
+            return exc
+    return TaskError(type_name, message, text)

@@ -1,0 +1,379 @@
+//! The client's connection: a background Rust thread keeps the scheduler connection and a
+//! table of task states; Python calls block on it with the GIL released.
+
+use crate::convert::{bytes_of, error_to_py, transport_error};
+use crate::{ConnectionLost, RankmeshError};
+use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedBytes;
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList};
+use rankmesh::protocol::{
+    frame_offsets, ClientId, ErrorInfo, FromClient, FuncId, FunctionBlob, Role, TaskId, TaskSpec, ToClient, Token,
+    WorkerId, WorkerInfo,
+};
+use rankmesh::transport::tcp::{self, TcpTransport};
+use rankmesh::transport::{HeapAllocator, Transport};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// How often a blocked wait wakes up to let Python handle Ctrl-C.
+const SIGNAL_CHECK: Duration = Duration::from_millis(100);
+/// Submits are split so no message nears the frame limit.
+const SUBMIT_CHUNK_BYTES: usize = 32 << 20;
+
+enum Status {
+    Finished(WorkerId),
+    Failed(Arc<ErrorInfo>),
+    Cancelled,
+}
+
+#[derive(Default)]
+struct State {
+    tasks: HashMap<TaskId, Status>,
+    workers: HashMap<WorkerId, WorkerInfo>,
+    /// Set when the connection to the scheduler is gone.
+    lost: Option<String>,
+    rejected: Vec<String>,
+}
+
+#[derive(Default)]
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn apply(&self, msg: ToClient) {
+        let mut state = self.lock();
+        match msg {
+            ToClient::Finished(done) => {
+                for task in done {
+                    state.tasks.insert(task.id, Status::Finished(task.worker));
+                }
+            }
+            ToClient::Failed { ids, error, .. } => {
+                let error = Arc::new(error);
+                for id in ids {
+                    state.tasks.insert(id, Status::Failed(error.clone()));
+                }
+            }
+            ToClient::Cancelled(ids) => {
+                for id in ids {
+                    state.tasks.insert(id, Status::Cancelled);
+                }
+            }
+            ToClient::WorkerAdded(info) => {
+                state.workers.insert(info.id, info);
+            }
+            ToClient::WorkerRemoved(id) => {
+                state.workers.remove(&id);
+            }
+            ToClient::SubmitRejected { reason } => state.rejected.push(reason),
+        }
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    fn lose(&self, why: String) {
+        self.lock().lost = Some(why);
+        self.changed.notify_all();
+    }
+}
+
+#[pyclass(module = "rankmesh._rankmesh")]
+pub struct ClientCore {
+    #[pyo3(get)]
+    client_id: u32,
+    runtime: tokio::runtime::Runtime,
+    outbox: Mutex<Option<mpsc::UnboundedSender<FromClient>>>,
+    shared: Arc<Shared>,
+    next_sequence: AtomicU64,
+    transport: Arc<TcpTransport>,
+    stop: CancellationToken,
+}
+
+#[pymethods]
+impl ClientCore {
+    #[new]
+    #[pyo3(signature = (address, token, timeout = 10.0))]
+    fn new(py: Python<'_>, address: &str, token: &str, timeout: f64) -> PyResult<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("rankmesh-client")
+            .enable_all()
+            .build()?;
+        let token = Token::new(token);
+        let connected = py.detach(|| {
+            runtime.block_on(async {
+                let limit = Duration::from_secs_f64(timeout.max(0.001));
+                match tokio::time::timeout(limit, tcp::connect(address, &token, Role::Client)).await {
+                    Ok(result) => result.map_err(transport_error),
+                    Err(_) => Err(pyo3::exceptions::PyTimeoutError::new_err(format!(
+                        "no answer from the scheduler at {address} within {timeout} s"
+                    ))),
+                }
+            })
+        });
+        let (mut reader, mut writer, client_id) = connected?;
+        let client_id = client_id.ok_or_else(|| RankmeshError::new_err("the scheduler did not name this client"))?;
+        let shared = Arc::new(Shared::default());
+        let stop = CancellationToken::new();
+        let (outbox, mut inbox) = mpsc::unbounded_channel::<FromClient>();
+        let events = shared.clone();
+        let stop_reader = stop.clone();
+        runtime.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop_reader.cancelled() => return,
+                    msg = reader.recv::<ToClient>() => match msg {
+                        Ok(Some(msg)) => events.apply(msg),
+                        Ok(None) => return events.lose("the scheduler closed the connection".into()),
+                        Err(e) => return events.lose(format!("the scheduler connection failed: {e}")),
+                    },
+                }
+            }
+        });
+        let failures = shared.clone();
+        runtime.spawn(async move {
+            while let Some(msg) = inbox.recv().await {
+                let mut result = writer.feed(&msg).await;
+                while let (Ok(()), Ok(more)) = (&result, inbox.try_recv()) {
+                    result = writer.feed(&more).await;
+                }
+                if let Err(e) = result.and(writer.flush().await) {
+                    return failures.lose(format!("cannot send to the scheduler: {e}"));
+                }
+            }
+        });
+        Ok(ClientCore {
+            client_id: client_id.0,
+            runtime,
+            outbox: Mutex::new(Some(outbox)),
+            shared,
+            next_sequence: AtomicU64::new(1),
+            transport: Arc::new(TcpTransport::new(token)),
+            stop,
+        })
+    }
+
+    /// Reserves `count` consecutive task ids; returns the first.
+    fn next_task_id(&self, count: u64) -> u64 {
+        let first = self.next_sequence.fetch_add(count, Ordering::Relaxed);
+        TaskId::new(ClientId(self.client_id), first).0
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn submit(
+        &self,
+        functions: Vec<(u64, PyBackedBytes)>,
+        tasks: Vec<(u64, Vec<u64>, Vec<u64>, PyBackedBytes, i64)>,
+        wanted: Vec<u64>,
+    ) -> PyResult<()> {
+        let mut functions: Vec<FunctionBlob> =
+            functions.iter().map(|(id, bytes)| FunctionBlob { id: FuncId(*id), bytes: bytes_of(bytes) }).collect();
+        let mut chunk = Vec::new();
+        let mut chunk_bytes = 0;
+        let wanted: std::collections::HashSet<u64> = wanted.into_iter().collect();
+        let mut chunk_wanted = Vec::new();
+        let total = tasks.len();
+        for (index, (id, deps, funcs, payload, priority)) in tasks.into_iter().enumerate() {
+            chunk_bytes += payload.len() + 8 * (deps.len() + funcs.len()) + 32;
+            if wanted.contains(&id) {
+                chunk_wanted.push(TaskId(id));
+            }
+            chunk.push(TaskSpec {
+                id: TaskId(id),
+                deps: deps.into_iter().map(TaskId).collect(),
+                funcs: funcs.into_iter().map(FuncId).collect(),
+                payload: bytes_of(&payload),
+                priority,
+            });
+            if chunk_bytes >= SUBMIT_CHUNK_BYTES || index + 1 == total {
+                self.send(FromClient::Submit {
+                    functions: std::mem::take(&mut functions),
+                    tasks: std::mem::take(&mut chunk),
+                    wanted: std::mem::take(&mut chunk_wanted),
+                })?;
+                chunk_bytes = 0;
+            }
+        }
+        if total == 0 && !functions.is_empty() {
+            self.send(FromClient::Submit { functions, tasks: vec![], wanted: vec![] })?;
+        }
+        Ok(())
+    }
+
+    fn want(&self, ids: Vec<u64>) -> PyResult<()> {
+        self.send(FromClient::Want(ids.into_iter().map(TaskId).collect()))
+    }
+
+    fn release(&self, ids: Vec<u64>) -> PyResult<()> {
+        let ids: Vec<TaskId> = ids.into_iter().map(TaskId).collect();
+        {
+            let mut state = self.shared.lock();
+            for id in &ids {
+                state.tasks.remove(id);
+            }
+        }
+        if self.shared.lock().lost.is_some() {
+            return Ok(()); // nothing to release on a scheduler that is gone
+        }
+        self.send(FromClient::Release(ids))
+    }
+
+    fn cancel(&self, ids: Vec<u64>) -> PyResult<()> {
+        self.send(FromClient::Cancel(ids.into_iter().map(TaskId).collect()))
+    }
+
+    /// Blocks until all (or any) of `ids` ended or `timeout` passed; returns those ended.
+    #[pyo3(signature = (ids, timeout = None, return_when = "ALL"))]
+    fn wait(&self, py: Python<'_>, ids: Vec<u64>, timeout: Option<f64>, return_when: &str) -> PyResult<Vec<u64>> {
+        let need_all = match return_when {
+            "ALL" => true,
+            "ANY" => false,
+            other => return Err(pyo3::exceptions::PyValueError::new_err(format!("return_when must be ALL or ANY, not {other:?}"))),
+        };
+        let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        let ids: Vec<TaskId> = ids.into_iter().map(TaskId).collect();
+        loop {
+            let outcome = py.detach(|| {
+                let slice_end = Instant::now() + SIGNAL_CHECK;
+                let mut state = self.shared.lock();
+                loop {
+                    if let Some(reason) = state.rejected.pop() {
+                        return Err(RankmeshError::new_err(format!("the scheduler rejected a submit: {reason}")));
+                    }
+                    let ended: Vec<u64> = ids.iter().filter(|id| state.tasks.contains_key(id)).map(|id| id.0).collect();
+                    let satisfied = if need_all { ended.len() == ids.len() } else { !ended.is_empty() || ids.is_empty() };
+                    let expired = deadline.is_some_and(|d| Instant::now() >= d);
+                    if satisfied || expired {
+                        return Ok(Some(ended));
+                    }
+                    if let Some(reason) = &state.lost {
+                        return Err(ConnectionLost::new_err(reason.clone()));
+                    }
+                    let now = Instant::now();
+                    if now >= slice_end {
+                        return Ok(None);
+                    }
+                    let until = deadline.map_or(slice_end, |d| d.min(slice_end));
+                    state = self.shared.changed.wait_timeout(state, until.saturating_duration_since(now)).map(|(s, _)| s).unwrap_or_else(|p| p.into_inner().0);
+                }
+            })?;
+            if let Some(ended) = outcome {
+                return Ok(ended);
+            }
+            py.check_signals()?;
+        }
+    }
+
+    fn state(&self, id: u64) -> &'static str {
+        match self.shared.lock().tasks.get(&TaskId(id)) {
+            None => "pending",
+            Some(Status::Finished(_)) => "finished",
+            Some(Status::Failed(_)) => "error",
+            Some(Status::Cancelled) => "cancelled",
+        }
+    }
+
+    fn error<'py>(&self, py: Python<'py>, id: u64) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let error = match self.shared.lock().tasks.get(&TaskId(id)) {
+            Some(Status::Failed(error)) => error.clone(),
+            _ => return Ok(None),
+        };
+        Ok(Some(error_to_py(py, &error)?.into_any()))
+    }
+
+    /// Results straight from the workers holding them, in the order asked.
+    fn fetch<'py>(&self, py: Python<'py>, ids: Vec<u64>) -> PyResult<Bound<'py, PyList>> {
+        let mut by_worker: HashMap<WorkerId, (WorkerInfo, Vec<TaskId>)> = HashMap::new();
+        {
+            let state = self.shared.lock();
+            for &id in &ids {
+                let Some(Status::Finished(worker)) = state.tasks.get(&TaskId(id)) else {
+                    return Err(RankmeshError::new_err(format!("task {id} has no result to fetch")));
+                };
+                let Some(info) = state.workers.get(worker) else {
+                    return Err(RankmeshError::new_err(format!("the worker holding task {id} is gone")));
+                };
+                by_worker.entry(*worker).or_insert_with(|| (info.clone(), Vec::new())).1.push(TaskId(id));
+            }
+        }
+        let transport = self.transport.clone();
+        let fetched = py.detach(|| {
+            self.runtime.block_on(async {
+                let fetches = by_worker.values().map(|(info, ids)| transport.fetch(info, ids.clone(), &HeapAllocator));
+                futures::future::try_join_all(fetches).await
+            })
+        });
+        let mut objects: HashMap<TaskId, _> = HashMap::with_capacity(ids.len());
+        for (id, object) in fetched.map_err(transport_error)?.into_iter().flatten() {
+            objects.insert(id, object);
+        }
+        let out = PyList::empty(py);
+        for id in ids {
+            let Some(Some(object)) = objects.remove(&TaskId(id)) else {
+                return Err(RankmeshError::new_err(format!("the worker no longer holds task {id}")));
+            };
+            let (offsets, _) = frame_offsets(&object.layout)
+                .ok_or_else(|| RankmeshError::new_err(format!("task {id} has a bad layout")))?;
+            let bytes = object.bytes();
+            let frame = |i: usize| {
+                let start = offsets[i] as usize;
+                &bytes[start..start + object.layout[i] as usize]
+            };
+            let pickled = PyBytes::new(py, if offsets.is_empty() { &[] } else { frame(0) });
+            let buffers = (1..offsets.len()).map(|i| PyByteArray::new(py, frame(i))).collect::<Vec<_>>();
+            out.append((pickled, buffers))?;
+        }
+        Ok(out)
+    }
+
+    fn workers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let state = self.shared.lock();
+        let out = PyList::empty(py);
+        let mut workers: Vec<&WorkerInfo> = state.workers.values().collect();
+        workers.sort_by_key(|w| w.id);
+        for w in workers {
+            let d = PyDict::new(py);
+            d.set_item("id", w.id.0)?;
+            d.set_item("data_address", &w.data_address)?;
+            d.set_item("host", &w.host)?;
+            d.set_item("nthreads", w.nthreads)?;
+            d.set_item("memory_limit", w.memory_limit)?;
+            out.append(d)?;
+        }
+        Ok(out)
+    }
+
+    fn close(&self) {
+        self.outbox.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.stop.cancel();
+    }
+}
+
+impl ClientCore {
+    fn send(&self, msg: FromClient) -> PyResult<()> {
+        if let Some(reason) = &self.shared.lock().lost {
+            return Err(ConnectionLost::new_err(reason.clone()));
+        }
+        let outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        match outbox.as_ref() {
+            Some(outbox) => outbox.send(msg).map_err(|_| ConnectionLost::new_err("the client is closed")),
+            None => Err(ConnectionLost::new_err("the client is closed")),
+        }
+    }
+}
+
+impl Drop for ClientCore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}

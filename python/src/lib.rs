@@ -1,0 +1,24 @@
+//! `rankmesh._rankmesh`: the client's connection to the scheduler and the executor's link
+//! to its worker. The public API is the pure-Python `rankmesh` package around it.
+
+mod client;
+mod convert;
+mod executor_link;
+
+use pyo3::prelude::*;
+
+pyo3::create_exception!(_rankmesh, RankmeshError, pyo3::exceptions::PyException);
+pyo3::create_exception!(_rankmesh, HandshakeRefused, RankmeshError);
+pyo3::create_exception!(_rankmesh, ConnectionLost, RankmeshError);
+
+#[pymodule]
+fn _rankmesh(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("RankmeshError", py.get_type::<RankmeshError>())?;
+    m.add("HandshakeRefused", py.get_type::<HandshakeRefused>())?;
+    m.add("ConnectionLost", py.get_type::<ConnectionLost>())?;
+    m.add_class::<client::ClientCore>()?;
+    m.add_class::<executor_link::ExecutorLink>()?;
+    Ok(())
+}

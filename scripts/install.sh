@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Installs everything rankmesh needs into this checkout, then optionally runs the main job:
+#   system packages (apt), .venv with the pinned Python packages (requirements-dev.txt),
+#   the `rankmesh` binary (into .venv/bin) and the `rankmesh` Python package.
+# Idempotent: a step whose inputs did not change since the last run is skipped.
+#
+#   bash scripts/install.sh                 # install / update
+#   bash scripts/install.sh --run [ARGS]    # ... then examples/xarray_anomaly.py [ARGS]
+#
+# Environment: PYTHON (interpreter for the venv, default python3).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+VENV=$ROOT/.venv
+PYTHON=${PYTHON:-python3}
+# One build cache for cargo and for maturin (run by pip), so the crate compiles once.
+export CARGO_TARGET_DIR=$ROOT/target
+
+RUN_EXAMPLE=0
+if [ "${1:-}" = "--run" ]; then
+  RUN_EXAMPLE=1
+  shift
+fi
+
+step() { printf '[install] %s\n' "$*"; }
+die() { printf '[install] error: %s\n' "$*" >&2; exit 1; }
+
+# Later issues (MPI launch, hwloc topology) build against these; they are cheap to add now.
+APT_PACKAGES=(pkg-config build-essential libopenmpi-dev openmpi-bin libhwloc-dev libudev-dev
+              libclang-dev clang hwloc)
+
+# ---------------------------------------------------------------- system packages
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' \
+    || missing+=("$pkg")
+done
+# Debian's own python3 can only make venvs with python3-venv installed.
+if ! "$PYTHON" -c 'import ensurepip' 2>/dev/null; then
+  missing+=(python3-venv)
+fi
+if [ ${#missing[@]} -eq 0 ]; then
+  step "apt packages: already installed"
+else
+  step "apt packages: installing ${missing[*]}"
+  SUDO=()
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || die "not root and no sudo: install ${missing[*]} yourself"
+    SUDO=(sudo)
+  fi
+  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null
+fi
+
+# ---------------------------------------------------------------- toolchains
+if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then
+  export PATH=$HOME/.cargo/bin:$PATH
+fi
+command -v cargo >/dev/null || die "cargo not found (install Rust 1.85 or newer)"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || die "$PYTHON is older than 3.11"
+
+# ---------------------------------------------------------------- virtual environment
+if [ -x "$VENV/bin/python" ]; then
+  step "venv: $VENV exists"
+else
+  step "venv: creating $VENV with $("$PYTHON" --version)"
+  "$PYTHON" -m venv "$VENV"
+fi
+
+# A stamp of what was installed lets a rerun skip pip entirely.
+requirements_hash=$(sha256sum requirements-dev.txt | cut -d' ' -f1)
+requirements_stamp=$VENV/.rankmesh-requirements.sha256
+if [ "$(cat "$requirements_stamp" 2>/dev/null)" = "$requirements_hash" ]; then
+  step "python packages: up to date"
+else
+  step "python packages: pip install -r requirements-dev.txt"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+  echo "$requirements_hash" >"$requirements_stamp"
+fi
+
+# ---------------------------------------------------------------- rankmesh binary
+step "rankmesh binary: cargo build --release --bin rankmesh"
+cargo build --release --quiet --bin rankmesh
+if cmp -s "$CARGO_TARGET_DIR/release/rankmesh" "$VENV/bin/rankmesh"; then
+  step "rankmesh binary: $VENV/bin/rankmesh is current"
+else
+  install -m 755 "$CARGO_TARGET_DIR/release/rankmesh" "$VENV/bin/rankmesh"
+  step "rankmesh binary: installed $VENV/bin/rankmesh"
+fi
+
+# ---------------------------------------------------------------- rankmesh Python package
+# Everything the wheel is built from; pip rebuilds a local directory on every call, so
+# skip it while none of these changed.
+package_inputs=()
+for path in Cargo.toml Cargo.lock rustfmt.toml src python; do
+  [ -e "$path" ] && package_inputs+=("$path")
+done
+package_hash=$(find "${package_inputs[@]}" -type f -not -path '*/__pycache__/*' \
+                 -not -path 'python/target/*' -not -name '*.so' -print0 \
+               | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
+package_stamp=$VENV/.rankmesh-package.sha256
+if [ "$(cat "$package_stamp" 2>/dev/null)" = "$package_hash" ] \
+   && "$VENV/bin/python" -c 'import rankmesh' 2>/dev/null; then
+  step "python package: up to date"
+else
+  step "python package: pip install ./python (maturin, release build)"
+  # Dependencies come from requirements-dev.txt above; maturin is already in the venv.
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+    --no-build-isolation --no-deps --force-reinstall ./python
+  echo "$package_hash" >"$package_stamp"
+fi
+
+step "done: activate with 'source .venv/bin/activate'"
+
+if [ "$RUN_EXAMPLE" -eq 1 ]; then
+  step "running examples/xarray_anomaly.py $*"
+  export PATH=$VENV/bin:$PATH
+  exec "$VENV/bin/python" examples/xarray_anomaly.py "$@"
+fi

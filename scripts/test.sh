@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Runs every test of the project, installing first (scripts/install.sh, without the demo):
+# Rust format, lints and tests; Python lints and tests; a smoke run of the side-by-side
+# benchmark. Stops at the first failing stage, with a non-zero exit.
+#
+#   bash scripts/test.sh
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+START=$SECONDS
+stage() { printf '\n[test] ==== %s (at %ds)\n' "$*" $((SECONDS - START)); }
+
+stage "install (scripts/install.sh)"
+bash scripts/install.sh
+
+VENV=$ROOT/.venv
+if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then
+  export PATH=$HOME/.cargo/bin:$PATH
+fi
+# The rankmesh binary and the package live in the venv; LocalCluster finds the binary on PATH.
+export PATH=$VENV/bin:$PATH
+export CARGO_TARGET_DIR=$ROOT/target
+# The PyO3 crate builds against the venv's interpreter...
+export PYO3_PYTHON=$VENV/bin/python
+# ...and its test binaries load that interpreter's libpython (not the system's 3.11.2).
+PY_LIBDIR=$("$PYO3_PYTHON" -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR") or "")')
+export LD_LIBRARY_PATH=$PY_LIBDIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+
+stage "cargo fmt --check"
+cargo fmt --all -- --check
+
+stage "cargo clippy (-D warnings)"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+stage "cargo test"
+cargo test --workspace --quiet
+
+stage "ruff check"
+"$VENV/bin/ruff" check python tests bench examples
+
+stage "pytest tests/python"
+"$VENV/bin/python" -m pytest tests/python -q --timeout 300
+
+stage "benchmark smoke run (bench/bench_vs_dask.py --quick)"
+"$VENV/bin/python" bench/bench_vs_dask.py --quick
+
+stage "all tests passed in $((SECONDS - START))s"

@@ -1,0 +1,198 @@
+//! The `rankmesh` command line.
+
+mod size;
+
+use crate::cluster::local::{self, LocalOptions};
+use crate::cluster::SchedulerFile;
+use crate::protocol::Token;
+use crate::scheduler::server;
+use crate::worker::{self, WorkerConfig};
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(name = "rankmesh", version, about = "Run Dask graphs on HPC clusters")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Start a scheduler and workers on this machine; run SCRIPT against them if given.
+    Local {
+        /// Worker processes.
+        #[arg(short = 'n', long = "n-workers", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+        n_workers: u32,
+        /// Executor processes (task slots) per worker.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        threads_per_worker: u32,
+        /// Memory per worker, e.g. 4GiB (0: no limit).
+        #[arg(long, default_value = "0", value_parser = size::parse_bytes)]
+        memory_limit: u64,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[command(flatten)]
+        python: PythonArg,
+        /// Where to write the scheduler file (default: a file in the temp folder).
+        #[arg(long)]
+        scheduler_file: Option<PathBuf>,
+        /// The script to run, then its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        script: Vec<String>,
+    },
+    /// Run a scheduler alone; workers and clients join it through the scheduler file.
+    Scheduler {
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        #[arg(long)]
+        scheduler_file: PathBuf,
+    },
+    /// Run a worker that joins a scheduler. The token comes from RANKMESH_TOKEN or the
+    /// scheduler file, never from the command line.
+    Worker {
+        /// Scheduler address (tcp://host:port).
+        #[arg(long, conflicts_with = "scheduler_file", required_unless_present = "scheduler_file")]
+        scheduler: Option<String>,
+        #[arg(long)]
+        scheduler_file: Option<PathBuf>,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        nthreads: u32,
+        #[arg(long, default_value = "0", value_parser = size::parse_bytes)]
+        memory_limit: u64,
+        /// Host the data server listens on and peers reach it at.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[command(flatten)]
+        python: PythonArg,
+        /// Run tasks as Python code or as shell commands.
+        #[arg(long, value_enum, default_value = "python")]
+        executor: ExecutorArg,
+        /// Executor crashes a task may cause before it fails.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+        max_crashes: u32,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct PythonArg {
+    /// Python interpreter for executors and scripts.
+    #[arg(long = "python", env = "RANKMESH_PYTHON", default_value = "python3")]
+    python: String,
+}
+
+#[derive(clap::ValueEnum, Clone, Debug)]
+enum ExecutorArg {
+    Python,
+    Shell,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RANKMESH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("rankmesh: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("rankmesh: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<i32> {
+    match command {
+        Command::Local { n_workers, threads_per_worker, memory_limit, host, python, scheduler_file, script } => {
+            let options = LocalOptions {
+                n_workers,
+                threads_per_worker,
+                memory_limit,
+                host,
+                python: python.python,
+                scheduler_file,
+                script,
+            };
+            Ok(local::run(options).await?)
+        }
+        Command::Scheduler { host, port, scheduler_file } => {
+            let token = Token::from_env().map_or_else(Token::generate, Ok).context("cannot make a token")?;
+            let listener = tokio::net::TcpListener::bind((host.as_str(), port))
+                .await
+                .with_context(|| format!("cannot listen on {host}:{port}"))?;
+            let address = format!("tcp://{}", listener.local_addr()?);
+            let file = SchedulerFile { address: address.clone(), token: token.as_str().into(), pid: std::process::id() };
+            file.write(&scheduler_file)
+                .with_context(|| format!("cannot write {}", scheduler_file.display()))?;
+            eprintln!("rankmesh: scheduler at {address} (scheduler file {})", scheduler_file.display());
+            let shutdown = until_signal()?;
+            let (workers, _) = tokio::sync::watch::channel(0);
+            server::serve(listener, token, workers, shutdown).await;
+            let _ = std::fs::remove_file(&scheduler_file);
+            Ok(0)
+        }
+        Command::Worker { scheduler, scheduler_file, nthreads, memory_limit, host, python, executor, max_crashes } => {
+            let (scheduler, token) = match (scheduler, scheduler_file) {
+                (_, Some(path)) => {
+                    let file = SchedulerFile::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+                    (file.address, Token::new(file.token))
+                }
+                (Some(address), None) => {
+                    let Some(token) = Token::from_env() else {
+                        bail!("no cluster token: set {} or pass --scheduler-file", crate::protocol::TOKEN_ENV);
+                    };
+                    (address, token)
+                }
+                (None, None) => bail!("pass --scheduler or --scheduler-file"),
+            };
+            let config = WorkerConfig {
+                scheduler,
+                token,
+                nthreads,
+                memory_limit,
+                python: python.python,
+                executor: match executor {
+                    ExecutorArg::Python => worker::ExecutorKind::Python,
+                    ExecutorArg::Shell => worker::ExecutorKind::Shell,
+                },
+                listen_host: host.clone(),
+                advertise_host: host,
+                max_crashes,
+            };
+            worker::run(config, until_signal()?).await?;
+            Ok(0)
+        }
+    }
+}
+
+/// A token cancelled by the first SIGINT or SIGTERM.
+fn until_signal() -> Result<CancellationToken> {
+    let token = CancellationToken::new();
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        cancel.cancel();
+    });
+    Ok(token)
+}

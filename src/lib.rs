@@ -1,0 +1,16 @@
+//! rankmesh: runs Dask graphs on HPC clusters with a Rust scheduler and Rust workers.
+//!
+//! # Layout
+//! - [`protocol`]: messages, framing and the token handshake every connection starts with.
+//! - [`scheduler`]: the task-graph state machine (no I/O) and the server around it.
+//! - [`worker`]: object store, peer data server and fetch, executor supervision.
+//! - [`transport`]: how workers reach each other (TCP today).
+//! - [`cluster`]: scheduler files and the local cluster (`rankmesh local`).
+//! - [`cli`]: the `rankmesh` command line.
+
+pub mod cli;
+pub mod cluster;
+pub mod protocol;
+pub mod scheduler;
+pub mod transport;
+pub mod worker;

@@ -1,0 +1,195 @@
+//! Length-prefixed msgpack frames, and raw byte runs between them for bulk data.
+
+use bytes::{Buf, Bytes};
+use futures::{SinkExt, StreamExt};
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec, LengthDelimitedCodecError};
+
+/// Largest frame an authenticated peer may send. Bulk data does not count: it travels
+/// as raw bytes after an [`super::ObjectHeader`] frame.
+pub const MAX_FRAME_SIZE: usize = 256 << 20;
+
+/// Raw byte runs up to this size are copied into the write buffer rather than written alone.
+const SMALL_RAW: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {len} bytes is over the limit of {max} bytes")]
+    TooLarge { len: usize, max: usize },
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("could not encode a message: {0}")]
+    Encode(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+fn codec(max: usize) -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder().max_frame_length(max).new_codec()
+}
+
+/// The reading half of a connection.
+pub struct FrameReader<R> {
+    inner: FramedRead<R, LengthDelimitedCodec>,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(io: R) -> Self {
+        FrameReader { inner: FramedRead::new(io, codec(MAX_FRAME_SIZE)) }
+    }
+
+    /// Lowers (for a handshake) or restores the frame size limit.
+    pub fn set_max_frame_size(&mut self, max: usize) {
+        self.inner.decoder_mut().set_max_frame_length(max);
+    }
+
+    fn max_frame_size(&self) -> usize {
+        self.inner.decoder().max_frame_length()
+    }
+
+    /// The next frame's bytes; `None` on a clean close between frames.
+    pub async fn recv_bytes(&mut self) -> Result<Option<Bytes>, FrameError> {
+        match self.inner.next().await {
+            None => Ok(None),
+            Some(Ok(frame)) => Ok(Some(frame.freeze())),
+            Some(Err(e)) => Err(self.classify(e)),
+        }
+    }
+
+    /// The next message; `None` on a clean close between frames.
+    pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+        match self.recv_bytes().await? {
+            None => Ok(None),
+            Some(bytes) => decode(&bytes).map(Some),
+        }
+    }
+
+    /// Fills `dst` with the raw bytes that follow the last frame.
+    pub async fn read_raw(&mut self, dst: &mut [u8]) -> Result<(), FrameError> {
+        // The codec may have read ahead past the last frame: take those bytes first.
+        let buffered = self.inner.read_buffer_mut();
+        let from_buffer = buffered.len().min(dst.len());
+        dst[..from_buffer].copy_from_slice(&buffered[..from_buffer]);
+        buffered.advance(from_buffer);
+        self.inner.get_mut().read_exact(&mut dst[from_buffer..]).await?;
+        Ok(())
+    }
+
+    fn classify(&self, e: std::io::Error) -> FrameError {
+        let too_large = e
+            .get_ref()
+            .is_some_and(|inner| inner.downcast_ref::<LengthDelimitedCodecError>().is_some());
+        if too_large {
+            FrameError::TooLarge { len: usize::MAX, max: self.max_frame_size() }
+        } else {
+            FrameError::Io(e)
+        }
+    }
+}
+
+/// The writing half of a connection.
+pub struct FrameWriter<W> {
+    inner: FramedWrite<W, LengthDelimitedCodec>,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    pub fn new(io: W) -> Self {
+        FrameWriter { inner: FramedWrite::new(io, codec(MAX_FRAME_SIZE)) }
+    }
+
+    pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), FrameError> {
+        self.send_bytes(encode(msg)?).await
+    }
+
+    /// Sends an already encoded message (see [`encode`]).
+    pub async fn send_bytes(&mut self, frame: Bytes) -> Result<(), FrameError> {
+        if frame.len() > MAX_FRAME_SIZE {
+            return Err(FrameError::TooLarge { len: frame.len(), max: MAX_FRAME_SIZE });
+        }
+        self.inner.send(frame).await?;
+        Ok(())
+    }
+
+    /// Queues a message without flushing; call [`FrameWriter::flush`] after a batch.
+    pub async fn feed<T: Serialize>(&mut self, msg: &T) -> Result<(), FrameError> {
+        self.inner.feed(encode(msg)?).await?;
+        Ok(())
+    }
+
+    /// Queues an already encoded message without flushing.
+    pub async fn feed_bytes(&mut self, frame: Bytes) -> Result<(), FrameError> {
+        self.inner.feed(frame).await?;
+        Ok(())
+    }
+
+    pub async fn flush(&mut self) -> Result<(), FrameError> {
+        SinkExt::<Bytes>::flush(&mut self.inner).await?;
+        Ok(())
+    }
+
+    /// Writes raw bytes after the frames sent so far. Small runs are only queued (call
+    /// [`FrameWriter::flush`]); large ones go from `data` to the socket without a copy.
+    pub async fn write_raw(&mut self, data: &[u8]) -> Result<(), FrameError> {
+        if data.len() <= SMALL_RAW {
+            self.inner.write_buffer_mut().extend_from_slice(data);
+            return Ok(());
+        }
+        SinkExt::<Bytes>::flush(&mut self.inner).await?;
+        self.inner.get_mut().write_all(data).await?;
+        Ok(())
+    }
+}
+
+pub fn encode<T: Serialize>(msg: &T) -> Result<Bytes, FrameError> {
+    rmp_serde::to_vec(msg)
+        .map(Bytes::from)
+        .map_err(|e| FrameError::Encode(e.to_string()))
+}
+
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FrameError> {
+    rmp_serde::from_slice(bytes).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{FromClient, TaskId};
+
+    #[tokio::test]
+    async fn messages_and_raw_bytes_interleave() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut writer = FrameWriter::new(a);
+        let mut reader = FrameReader::new(b);
+        writer.send(&FromClient::Release(vec![TaskId(1)])).await.unwrap();
+        writer.write_raw(b"raw-bytes").await.unwrap();
+        writer.write_raw(&vec![5u8; 100_000]).await.unwrap();
+        writer.send(&FromClient::Cancel(vec![TaskId(2)])).await.unwrap();
+        assert_eq!(reader.recv::<FromClient>().await.unwrap(), Some(FromClient::Release(vec![TaskId(1)])));
+        let mut raw = [0u8; 9];
+        reader.read_raw(&mut raw).await.unwrap();
+        assert_eq!(&raw, b"raw-bytes");
+        let mut large = vec![0u8; 100_000];
+        reader.read_raw(&mut large).await.unwrap();
+        assert!(large.iter().all(|&b| b == 5));
+        assert_eq!(reader.recv::<FromClient>().await.unwrap(), Some(FromClient::Cancel(vec![TaskId(2)])));
+    }
+
+    #[tokio::test]
+    async fn oversized_frames_are_refused() {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let mut reader = FrameReader::new(b);
+        reader.set_max_frame_size(16);
+        a.write_all(&1000u32.to_be_bytes()).await.unwrap();
+        assert!(matches!(reader.recv_bytes().await, Err(FrameError::TooLarge { max: 16, .. })));
+    }
+
+    #[tokio::test]
+    async fn garbage_is_malformed() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let mut writer = FrameWriter::new(a);
+        let mut reader = FrameReader::new(b);
+        writer.send_bytes(Bytes::from_static(&[0xc1, 0xff, 0x00])).await.unwrap();
+        assert!(matches!(reader.recv::<FromClient>().await, Err(FrameError::Malformed(_))));
+    }
+}

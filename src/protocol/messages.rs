@@ -1,0 +1,260 @@
+//! Every message on every connection, grouped by direction.
+//!
+//! Payloads (pickled task code, results) are opaque bytes to Rust: the scheduler routes
+//! them by id and never runs Python.
+
+use super::ids::{ClientId, FuncId, TaskId, WorkerId};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Bumped whenever a message changes shape; peers with another version are refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// What a connecting peer is; the acceptor checks it is one it serves.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Client,
+    Worker,
+    /// A worker or client fetching task results from a worker's data server.
+    Peer,
+    Executor,
+}
+
+/// The first frame on every connection: nothing else is read before it checks out.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u32,
+    pub role: Role,
+    pub token: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HelloReply {
+    /// `client_id` is set for client connections: it names the client's task-id namespace.
+    Accepted { client_id: Option<ClientId> },
+    Refused { reason: String },
+}
+
+/// A pickled callable, sent once per receiver and referenced by id afterwards.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(PartialEq))]
+pub struct FunctionBlob {
+    pub id: FuncId,
+    pub bytes: Bytes,
+}
+
+/// One task as a client submits it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(PartialEq))]
+pub struct TaskSpec {
+    pub id: TaskId,
+    /// Inputs, in the order the payload expects them.
+    pub deps: Vec<TaskId>,
+    /// Callables the payload refers to (their blobs come in the same or an earlier submit).
+    pub funcs: Vec<FuncId>,
+    pub payload: Bytes,
+    /// Lower runs first among ready tasks (Dask's `order`).
+    pub priority: i64,
+}
+
+/// A task's exception as the executor caught it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(PartialEq))]
+pub struct ErrorInfo {
+    /// Python type name, e.g. `ValueError`; for logs and for clients that cannot unpickle.
+    pub type_name: String,
+    pub message: String,
+    /// Formatted traceback text.
+    pub traceback: String,
+    /// The pickled exception with its traceback frames (empty where it did not pickle).
+    pub pickled: Bytes,
+}
+
+impl ErrorInfo {
+    /// An error raised by the runtime itself rather than by task code.
+    pub fn runtime(type_name: &str, message: String) -> ErrorInfo {
+        ErrorInfo {
+            type_name: type_name.to_string(),
+            message,
+            traceback: String::new(),
+            pickled: Bytes::new(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- client <-> scheduler
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(PartialEq))]
+pub enum FromClient {
+    /// New tasks; `wanted` are those the client holds futures on.
+    Submit {
+        functions: Vec<FunctionBlob>,
+        tasks: Vec<TaskSpec>,
+        wanted: Vec<TaskId>,
+    },
+    /// The client dropped its futures on these tasks.
+    Release(Vec<TaskId>),
+    /// The client wants these computed again (futures on tasks submitted earlier).
+    Want(Vec<TaskId>),
+    /// Stop these tasks and everything that depends on them.
+    Cancel(Vec<TaskId>),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(PartialEq))]
+pub struct TaskFinished {
+    pub id: TaskId,
+    pub worker: WorkerId,
+    pub size: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(PartialEq))]
+pub struct WorkerInfo {
+    pub id: WorkerId,
+    /// `host:port` of the worker's data server, where results are fetched.
+    pub data_address: String,
+    pub host: String,
+    pub nthreads: u32,
+    pub memory_limit: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(PartialEq))]
+pub enum ToClient {
+    Finished(Vec<TaskFinished>),
+    /// `ids` failed because `origin` raised `error` (`origin` is among them or upstream).
+    Failed {
+        ids: Vec<TaskId>,
+        origin: TaskId,
+        error: ErrorInfo,
+    },
+    Cancelled(Vec<TaskId>),
+    WorkerAdded(WorkerInfo),
+    WorkerRemoved(WorkerId),
+    /// A submit that broke a rule (foreign ids, unknown dependency); nothing of it was kept.
+    SubmitRejected { reason: String },
+}
+
+// ---------------------------------------------------------------- worker <-> scheduler
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(PartialEq))]
+pub struct WorkerRegistration {
+    pub data_address: String,
+    pub host: String,
+    pub nthreads: u32,
+    pub memory_limit: u64,
+    pub pid: u32,
+}
+
+/// Where a task's input lives now.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(PartialEq))]
+pub struct InputLocation {
+    pub id: TaskId,
+    pub workers: Vec<WorkerId>,
+    pub size: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(PartialEq))]
+pub struct ComputeTask {
+    pub id: TaskId,
+    pub funcs: Vec<FuncId>,
+    pub payload: Bytes,
+    pub inputs: Vec<InputLocation>,
+    pub priority: i64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(PartialEq))]
+pub enum ToWorker {
+    Registered {
+        worker_id: WorkerId,
+        peers: Vec<WorkerInfo>,
+    },
+    Functions(Vec<FunctionBlob>),
+    Compute(Vec<ComputeTask>),
+    /// Drop these results from the store.
+    Release(Vec<TaskId>),
+    /// Do not run these (a result that arrives anyway is dropped).
+    Cancel(Vec<TaskId>),
+    PeerAdded(WorkerInfo),
+    PeerRemoved(WorkerId),
+    Shutdown,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(PartialEq))]
+pub struct TaskDone {
+    pub id: TaskId,
+    pub size: u64,
+    pub duration_us: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(test, derive(PartialEq))]
+pub enum FromWorker {
+    Register(WorkerRegistration),
+    Done(Vec<TaskDone>),
+    Failed { id: TaskId, error: ErrorInfo },
+    /// The worker now also holds copies of these (fetched as inputs).
+    Replicated(Vec<TaskId>),
+}
+
+// ---------------------------------------------------------------- peer data server
+
+/// Asks a worker's data server for results.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum PeerRequest {
+    Fetch(Vec<TaskId>),
+}
+
+/// Precedes each object's raw bytes on a data connection (one per requested id, in order).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ObjectHeader {
+    pub id: TaskId,
+    /// `None`: the server does not hold it. Otherwise the lengths of the object's frames
+    /// (pickle stream, then out-of-band buffers); their bytes follow back to back.
+    pub layout: Option<Vec<u64>>,
+}
+
+// ---------------------------------------------------------------- worker <-> executor
+
+/// A stored object as an executor sees it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ObjectRef {
+    /// Small objects travel in the message.
+    Inline { data: Bytes, layout: Vec<u64> },
+    /// Large objects live in a shared-memory file the executor maps.
+    Shm { path: String, layout: Vec<u64> },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunTask {
+    pub id: TaskId,
+    pub payload: Bytes,
+    pub inputs: Vec<ObjectRef>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ToExecutor {
+    Functions(Vec<FunctionBlob>),
+    Run(Vec<RunTask>),
+    Shutdown,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TaskOutcome {
+    pub id: TaskId,
+    pub duration_us: u64,
+    pub result: Result<ObjectRef, ErrorInfo>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum FromExecutor {
+    Ready { pid: u32 },
+    Results(Vec<TaskOutcome>),
+}

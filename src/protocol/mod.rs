@@ -1,0 +1,13 @@
+//! Messages, framing and the authenticated handshake shared by every process.
+
+mod framing;
+mod handshake;
+mod ids;
+mod layout;
+mod messages;
+
+pub use framing::{decode, encode, FrameError, FrameReader, FrameWriter, MAX_FRAME_SIZE};
+pub use handshake::{accept, connect, welcome, HandshakeError, Token, HANDSHAKE_TIMEOUT, MAX_HELLO_SIZE, TOKEN_ENV};
+pub use ids::{ClientId, FuncId, TaskId, WorkerId, TASK_SEQUENCE_BITS};
+pub use layout::{frame_offsets, ALIGN, INLINE_MAX};
+pub use messages::*;

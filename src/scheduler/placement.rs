@@ -1,0 +1,202 @@
+//! Where tasks run: the placement policy, kept apart from the bookkeeping in `state`.
+//!
+//! - Root tasks (no inputs) wait in a [`RootQueue`] and go out only while a worker has
+//!   free queue capacity ([`queue_depth`]), least loaded worker first ([`LoadIndex`]).
+//!   Handing them all out at once would let input-reading tasks fill every worker's memory
+//!   before anything downstream runs.
+//! - Other tasks go out as soon as they are ready, to the candidate with the earliest
+//!   estimated start ([`cheapest`]). Candidates are the workers holding the task's inputs
+//!   plus the least loaded worker, so placing a task costs O(inputs) whatever the number
+//!   of workers.
+
+use crate::protocol::{TaskId, WorkerId};
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BTreeSet, BinaryHeap};
+
+/// Tasks queued per worker thread: enough for `target_queued_work_s` of work at the
+/// current average task duration, so tiny tasks get deep queues and long ones two.
+pub(super) fn queue_depth(target_queued_work_s: f64, avg_task_duration_s: f64) -> u32 {
+    const MIN_DEPTH: f64 = 2.0;
+    const MAX_DEPTH: f64 = 256.0;
+    let depth = (target_queued_work_s / avg_task_duration_s).ceil();
+    // A NaN (0 / 0) compares false everywhere: `clamp` would keep it, so map it first.
+    if depth.is_nan() {
+        return MIN_DEPTH as u32;
+    }
+    depth.clamp(MIN_DEPTH, MAX_DEPTH) as u32
+}
+
+/// Root tasks withheld until a worker has room: lowest priority value first, then lowest id.
+#[derive(Default)]
+pub(super) struct RootQueue {
+    heap: BinaryHeap<Reverse<(i64, TaskId)>>,
+}
+
+impl RootQueue {
+    pub(super) fn push(&mut self, priority: i64, id: TaskId) {
+        self.heap.push(Reverse((priority, id)));
+    }
+
+    /// Entries are not removed when a task stops being ready (cancelled, assigned after a
+    /// worker loss requeued it twice); the caller skips those it pops.
+    pub(super) fn pop(&mut self) -> Option<TaskId> {
+        self.heap.pop().map(|Reverse((_, id))| id)
+    }
+}
+
+/// A worker's load: assigned tasks per thread. Ordered by that ratio, then by id.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(super) struct Load {
+    pub(super) processing: u32,
+    pub(super) nthreads: u32,
+    pub(super) worker: WorkerId,
+}
+
+impl Ord for Load {
+    fn cmp(&self, other: &Self) -> Ordering {
+        // processing / nthreads compared without division (nthreads is at least 1).
+        let lhs = u64::from(self.processing) * u64::from(other.nthreads);
+        let rhs = u64::from(other.processing) * u64::from(self.nthreads);
+        lhs.cmp(&rhs).then(self.worker.cmp(&other.worker))
+    }
+}
+
+impl PartialOrd for Load {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Workers ordered by load, so the least loaded one is found in O(log W).
+#[derive(Default)]
+pub(super) struct LoadIndex {
+    loads: BTreeSet<Load>,
+}
+
+impl LoadIndex {
+    pub(super) fn insert(&mut self, load: Load) {
+        self.loads.insert(load);
+    }
+
+    pub(super) fn remove(&mut self, load: &Load) {
+        self.loads.remove(load);
+    }
+
+    pub(super) fn least_loaded(&self) -> Option<Load> {
+        self.loads.first().copied()
+    }
+
+    #[cfg(test)]
+    pub(super) fn contains(&self, load: &Load) -> bool {
+        self.loads.contains(load)
+    }
+
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.loads.len()
+    }
+}
+
+/// What placing one task on one candidate worker would cost.
+#[derive(Copy, Clone, Debug)]
+pub(super) struct CandidateCost {
+    pub(super) load: Load,
+    /// Bytes of the task's inputs the worker would have to fetch.
+    pub(super) missing_bytes: u64,
+    /// Bytes of the task's inputs the worker already holds.
+    pub(super) held_bytes: u64,
+}
+
+impl CandidateCost {
+    /// Seconds until the task could start there: the worker's queue, then the transfers.
+    fn estimated_start(&self, avg_task_duration_s: f64, bandwidth_bytes_per_s: f64) -> f64 {
+        let queue_s = f64::from(self.load.processing) / f64::from(self.load.nthreads)
+            * avg_task_duration_s;
+        queue_s + self.missing_bytes as f64 / bandwidth_bytes_per_s
+    }
+}
+
+/// The candidate with the earliest estimated start; ties go to the one holding more of the
+/// inputs, then to the lower worker id. `None` only when there are no candidates.
+pub(super) fn cheapest(
+    candidates: &[CandidateCost],
+    avg_task_duration_s: f64,
+    bandwidth_bytes_per_s: f64,
+) -> Option<WorkerId> {
+    candidates
+        .iter()
+        .map(|c| (c.estimated_start(avg_task_duration_s, bandwidth_bytes_per_s), c))
+        .min_by(|(start_a, a), (start_b, b)| {
+            start_a
+                .total_cmp(start_b)
+                .then(b.held_bytes.cmp(&a.held_bytes))
+                .then(a.load.worker.cmp(&b.load.worker))
+        })
+        .map(|(_, c)| c.load.worker)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(worker: u32, processing: u32, nthreads: u32) -> Load {
+        Load { processing, nthreads, worker: WorkerId(worker) }
+    }
+
+    fn cost(worker: u32, processing: u32, missing_bytes: u64, held_bytes: u64) -> CandidateCost {
+        CandidateCost { load: load(worker, processing, 1), missing_bytes, held_bytes }
+    }
+
+    #[test]
+    fn queue_depth_targets_a_fixed_amount_of_queued_work() {
+        assert_eq!(queue_depth(1e-3, 1e-4), 10);
+        assert_eq!(queue_depth(1e-3, 3e-4), 4);
+        assert_eq!(queue_depth(1e-3, 1.0), 2, "long tasks: two per thread");
+        assert_eq!(queue_depth(1e-3, 1e-9), 256, "tiny tasks: capped");
+        assert_eq!(queue_depth(1e-3, 0.0), 256);
+        assert_eq!(queue_depth(0.0, 0.0), 2);
+    }
+
+    #[test]
+    fn root_queue_pops_lowest_priority_then_lowest_id() {
+        let mut queue = RootQueue::default();
+        queue.push(5, TaskId(1));
+        queue.push(-1, TaskId(9));
+        queue.push(5, TaskId(0));
+        let order: Vec<_> = std::iter::from_fn(|| queue.pop()).collect();
+        assert_eq!(order, [TaskId(9), TaskId(0), TaskId(1)]);
+    }
+
+    #[test]
+    fn load_compares_tasks_per_thread() {
+        let mut index = LoadIndex::default();
+        index.insert(load(1, 3, 1));
+        index.insert(load(2, 4, 2));
+        index.insert(load(3, 8, 4));
+        assert_eq!(index.least_loaded(), Some(load(2, 4, 2)), "2 per thread, lower id wins");
+        index.remove(&load(2, 4, 2));
+        assert_eq!(index.least_loaded(), Some(load(3, 8, 4)));
+        assert_eq!(index.len(), 2);
+    }
+
+    #[test]
+    fn cheapest_weighs_queue_against_transfer() {
+        // 1 ms per task, 1 GB/s: 2 tasks queued (2 ms) beat fetching 10 MB (10 ms).
+        let holder = cost(1, 2, 0, 10_000_000);
+        let idle = cost(2, 0, 10_000_000, 0);
+        assert_eq!(cheapest(&[idle, holder], 1e-3, 1e9), Some(WorkerId(1)));
+        // With 20 tasks queued on the holder, fetching is quicker.
+        let busy_holder = cost(1, 20, 0, 10_000_000);
+        assert_eq!(cheapest(&[busy_holder, idle], 1e-3, 1e9), Some(WorkerId(2)));
+        assert_eq!(cheapest(&[], 1e-3, 1e9), None);
+    }
+
+    #[test]
+    fn cheapest_breaks_ties_by_held_bytes_then_id() {
+        let a = cost(3, 0, 0, 0);
+        let b = cost(2, 0, 0, 0);
+        assert_eq!(cheapest(&[a, b], 1e-3, 1e9), Some(WorkerId(2)));
+        let holds_more = CandidateCost { held_bytes: 5, ..a };
+        assert_eq!(cheapest(&[holds_more, b], 1e-3, 1e9), Some(WorkerId(3)));
+    }
+}

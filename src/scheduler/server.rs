@@ -1,0 +1,276 @@
+//! The scheduler's I/O edge: accepts connections, checks their token, and feeds their
+//! messages to the state machine, which runs on one task that owns it.
+
+use super::{Comm, Scheduler, SchedulerConfig};
+use crate::protocol::{
+    self, encode, ClientId, FrameReader, FrameWriter, FromClient, FromWorker, Role, ToClient, ToWorker, Token, WorkerId,
+};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Events handled per pass of the state machine before it schedules and flushes.
+const MAX_EVENTS_PER_PASS: usize = 1024;
+/// How long connections get to drain their last messages at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+enum Event {
+    ClientConnected { outbox: mpsc::UnboundedSender<Bytes>, reply: oneshot::Sender<ClientId> },
+    FromClient(ClientId, FromClient),
+    ClientGone(ClientId),
+    WorkerConnected {
+        registration: protocol::WorkerRegistration,
+        outbox: mpsc::UnboundedSender<Bytes>,
+        reply: oneshot::Sender<WorkerId>,
+    },
+    FromWorker(WorkerId, FromWorker),
+    WorkerGone(WorkerId),
+}
+
+/// Serves until `shutdown`; `workers` follows the number of registered workers.
+pub async fn serve(listener: TcpListener, token: Token, workers: watch::Sender<usize>, shutdown: CancellationToken) {
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let connections = TaskTracker::new();
+    let core = tokio::spawn(run_core(events, workers, shutdown.clone()));
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    continue;
+                }
+            },
+        };
+        let (token, events_tx, shutdown) = (token.clone(), events_tx.clone(), shutdown.clone());
+        connections.spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = serve_connection(stream, peer, &token, events_tx) => {}
+            }
+        });
+    }
+    drop(events_tx);
+    connections.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, async {
+        let _ = core.await;
+        connections.wait().await;
+    })
+    .await
+    .is_err()
+    {
+        tracing::warn!("scheduler connections did not close within {SHUTDOWN_GRACE:?}");
+    }
+}
+
+/// Owns the state machine: applies events in batches, then schedules and sends once.
+async fn run_core(mut events: mpsc::UnboundedReceiver<Event>, workers: watch::Sender<usize>, shutdown: CancellationToken) {
+    let mut scheduler = Scheduler::new(SchedulerConfig::default());
+    let mut comm = OutboxComm::default();
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            event = events.recv() => match event {
+                Some(event) => event,
+                None => break,
+            },
+        };
+        apply(&mut scheduler, &mut comm, event);
+        for _ in 1..MAX_EVENTS_PER_PASS {
+            match events.try_recv() {
+                Ok(event) => apply(&mut scheduler, &mut comm, event),
+                Err(_) => break,
+            }
+        }
+        scheduler.schedule(&mut comm);
+        workers.send_replace(scheduler.worker_count());
+    }
+    // Tell every worker to stop; their connections flush this before closing.
+    for outbox in comm.workers.values() {
+        if let Ok(bytes) = encode(&ToWorker::Shutdown) {
+            let _ = outbox.send(bytes);
+        }
+    }
+}
+
+fn apply(scheduler: &mut Scheduler, comm: &mut OutboxComm, event: Event) {
+    match event {
+        Event::ClientConnected { outbox, reply } => {
+            let id = scheduler.add_client(comm);
+            comm.clients.insert(id, outbox);
+            comm.flush();
+            let _ = reply.send(id);
+        }
+        Event::FromClient(id, msg) => scheduler.handle_client(id, msg, comm),
+        Event::ClientGone(id) => {
+            scheduler.remove_client(id, comm);
+            comm.clients.remove(&id);
+        }
+        Event::WorkerConnected { registration, outbox, reply } => {
+            let id = scheduler.add_worker(registration, comm);
+            comm.workers.insert(id, outbox);
+            comm.flush();
+            let _ = reply.send(id);
+        }
+        Event::FromWorker(id, msg) => scheduler.handle_worker(id, msg, comm),
+        Event::WorkerGone(id) => {
+            scheduler.remove_worker(id, comm);
+            comm.workers.remove(&id);
+        }
+    }
+}
+
+/// Queues encoded messages per connection. The state machine names a new peer's id (and
+/// writes to it) before the peer's outbox is known, so messages to unknown ids are held
+/// until the outbox is added, then delivered in order.
+#[derive(Default)]
+struct OutboxComm {
+    workers: HashMap<WorkerId, mpsc::UnboundedSender<Bytes>>,
+    clients: HashMap<ClientId, mpsc::UnboundedSender<Bytes>>,
+    held_for_workers: Vec<(WorkerId, ToWorker)>,
+    held_for_clients: Vec<(ClientId, ToClient)>,
+}
+
+impl OutboxComm {
+    fn flush(&mut self) {
+        for (worker, msg) in std::mem::take(&mut self.held_for_workers) {
+            if let Some(outbox) = self.workers.get(&worker) {
+                send_encoded(outbox, &msg);
+            }
+        }
+        for (client, msg) in std::mem::take(&mut self.held_for_clients) {
+            if let Some(outbox) = self.clients.get(&client) {
+                send_encoded(outbox, &msg);
+            }
+        }
+    }
+}
+
+impl Comm for OutboxComm {
+    fn send_worker(&mut self, worker: WorkerId, msg: ToWorker) {
+        match self.workers.get(&worker) {
+            Some(outbox) => send_encoded(outbox, &msg),
+            None => self.held_for_workers.push((worker, msg)),
+        }
+    }
+
+    fn send_client(&mut self, client: ClientId, msg: ToClient) {
+        match self.clients.get(&client) {
+            Some(outbox) => send_encoded(outbox, &msg),
+            None => self.held_for_clients.push((client, msg)),
+        }
+    }
+}
+
+fn send_encoded<T: serde::Serialize>(outbox: &mpsc::UnboundedSender<Bytes>, msg: &T) {
+    match encode(msg) {
+        Ok(bytes) => {
+            let _ = outbox.send(bytes);
+        }
+        Err(e) => tracing::error!("cannot encode a message: {e}"),
+    }
+}
+
+async fn serve_connection(stream: TcpStream, peer: SocketAddr, token: &Token, events: mpsc::UnboundedSender<Event>) {
+    let _ = stream.set_nodelay(true);
+    let (r, w) = stream.into_split();
+    let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
+    let role = match protocol::accept(&mut reader, &mut writer, token, &[Role::Client, Role::Worker]).await {
+        Ok(role) => role,
+        Err(e) => {
+            tracing::warn!(%peer, "refused a connection: {e}");
+            return;
+        }
+    };
+    let result = match role {
+        Role::Client => serve_client(reader, writer, &events).await,
+        _ => serve_worker(reader, writer, &events).await,
+    };
+    if let Err(e) = result {
+        tracing::warn!(%peer, "dropped a {role:?} connection: {e}");
+    }
+}
+
+async fn serve_client(
+    mut reader: FrameReader<OwnedReadHalf>,
+    mut writer: FrameWriter<OwnedWriteHalf>,
+    events: &mpsc::UnboundedSender<Event>,
+) -> Result<(), String> {
+    let (outbox, inbox) = mpsc::unbounded_channel();
+    let (reply, id) = oneshot::channel();
+    events.send(Event::ClientConnected { outbox, reply }).map_err(|_| "scheduler is stopping")?;
+    let id = id.await.map_err(|_| "scheduler is stopping")?;
+    protocol::welcome(&mut writer, Some(id)).await.map_err(|e| e.to_string())?;
+    let sender = tokio::spawn(write_outbox(writer, inbox));
+    let result = loop {
+        match reader.recv::<FromClient>().await {
+            Ok(Some(msg)) => {
+                if events.send(Event::FromClient(id, msg)).is_err() {
+                    break Ok(());
+                }
+            }
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e.to_string()),
+        }
+    };
+    let _ = events.send(Event::ClientGone(id));
+    sender.abort();
+    result
+}
+
+async fn serve_worker(
+    mut reader: FrameReader<OwnedReadHalf>,
+    mut writer: FrameWriter<OwnedWriteHalf>,
+    events: &mpsc::UnboundedSender<Event>,
+) -> Result<(), String> {
+    protocol::welcome(&mut writer, None).await.map_err(|e| e.to_string())?;
+    let registration = match reader.recv::<FromWorker>().await.map_err(|e| e.to_string())? {
+        Some(FromWorker::Register(registration)) => registration,
+        other => return Err(format!("a worker must register first, it sent {other:?}")),
+    };
+    let (outbox, inbox) = mpsc::unbounded_channel();
+    let (reply, id) = oneshot::channel();
+    events
+        .send(Event::WorkerConnected { registration, outbox, reply })
+        .map_err(|_| "scheduler is stopping")?;
+    let id = id.await.map_err(|_| "scheduler is stopping")?;
+    let mut sender = tokio::spawn(write_outbox(writer, inbox));
+    let result = loop {
+        tokio::select! {
+            // The outbox closes when the scheduler drops the worker or stops.
+            _ = &mut sender => break Ok(()),
+            msg = reader.recv::<FromWorker>() => match msg {
+                Ok(Some(msg)) => {
+                    if events.send(Event::FromWorker(id, msg)).is_err() {
+                        break Ok(());
+                    }
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e.to_string()),
+            },
+        }
+    };
+    let _ = events.send(Event::WorkerGone(id));
+    result
+}
+
+/// Writes queued messages, flushing once per burst.
+async fn write_outbox(mut writer: FrameWriter<OwnedWriteHalf>, mut inbox: mpsc::UnboundedReceiver<Bytes>) {
+    while let Some(frame) = inbox.recv().await {
+        let mut result = writer.feed_bytes(frame).await;
+        while let (Ok(()), Ok(more)) = (&result, inbox.try_recv()) {
+            result = writer.feed_bytes(more).await;
+        }
+        if result.and(writer.flush().await).is_err() {
+            return;
+        }
+    }
+    let _ = writer.flush().await;
+}

@@ -1,0 +1,55 @@
+//! How task results move between processes. One trait; TCP today, MPI and UCX later.
+
+pub mod tcp;
+
+use crate::protocol::{FrameError, HandshakeError, TaskId, WorkerInfo};
+use crate::worker::store::{Object, ObjectBuilder, StoreError};
+use futures::future::BoxFuture;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot reach {address}: {source}")]
+    Connect { address: String, source: std::io::Error },
+    #[error("handshake with {address} failed: {source}")]
+    Handshake { address: String, source: HandshakeError },
+    #[error("transfer from {address} failed: {source}")]
+    Frame { address: String, source: FrameError },
+    #[error("{address} answered for task {got} where {expected} was asked for")]
+    OutOfOrder { address: String, expected: TaskId, got: TaskId },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Where fetched objects are written: the receiver decides (shared memory on a worker,
+/// the heap in a client).
+pub trait Allocate: Sync {
+    fn allocate(&self, layout: Vec<u64>) -> Result<ObjectBuilder, StoreError>;
+}
+
+/// Fetches task results from the worker that holds them.
+pub trait Transport: Send + Sync + 'static {
+    /// One entry per requested id, in order: `None` where the peer does not hold it.
+    fn fetch<'a>(
+        &'a self,
+        from: &'a WorkerInfo,
+        ids: Vec<TaskId>,
+        alloc: &'a dyn Allocate,
+    ) -> BoxFuture<'a, Result<Vec<(TaskId, Option<Object>)>, TransportError>>;
+}
+
+/// Clients have no shared-memory folder: everything they fetch lands on the heap.
+pub struct HeapAllocator;
+
+impl Allocate for HeapAllocator {
+    fn allocate(&self, layout: Vec<u64>) -> Result<ObjectBuilder, StoreError> {
+        let (_, total) =
+            crate::protocol::frame_offsets(&layout).ok_or_else(|| StoreError::BadLayout(layout.clone()))?;
+        Ok(ObjectBuilder::heap(layout, total))
+    }
+}
+
+impl Allocate for crate::worker::store::ShmDir {
+    fn allocate(&self, layout: Vec<u64>) -> Result<ObjectBuilder, StoreError> {
+        crate::worker::store::ShmDir::allocate(self, layout)
+    }
+}

@@ -1,0 +1,29 @@
+//! Executors run task code for a worker. Python executors are child processes the worker
+//! starts and watches; shell executors run command lines. Both report through the same
+//! event channel, so the worker loop treats them alike.
+
+mod python;
+mod shell;
+
+pub use python::{PythonExecutor, PythonExecutorConfig};
+pub use shell::ShellExecutor;
+
+use crate::protocol::{FunctionBlob, RunTask, TaskOutcome};
+use tokio::sync::mpsc;
+
+/// What executors tell the worker loop. `generation` counts restarts of a slot: events and
+/// work from an earlier generation are stale.
+#[derive(Debug)]
+pub enum ExecutorEvent {
+    Ready { slot: usize, generation: u64 },
+    Results { slot: usize, outcomes: Vec<TaskOutcome> },
+    /// The executor died; everything it had in flight is lost. A new generation follows.
+    Died { slot: usize, reason: String },
+}
+
+pub type EventSender = mpsc::UnboundedSender<ExecutorEvent>;
+
+pub trait Executor: Send {
+    /// Queues work for the executor's current generation; never blocks.
+    fn run(&mut self, generation: u64, functions: Vec<FunctionBlob>, tasks: Vec<RunTask>);
+}

@@ -1,0 +1,227 @@
+//! Python executor processes: `python -m rankmesh.executor`, one per thread of the worker,
+//! connected over a Unix socket that only the token opens. A dead or over-limit executor
+//! is replaced by a new generation.
+
+use super::{EventSender, Executor, ExecutorEvent};
+use crate::protocol::{self, FrameReader, FrameWriter, FromExecutor, FunctionBlob, Role, RunTask, Token, ToExecutor, TOKEN_ENV};
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::Duration;
+use tokio::net::UnixListener;
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// How long a new executor may take to import and connect.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an executor asked to stop may take before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+const MEMORY_POLL: Duration = Duration::from_millis(100);
+
+#[derive(Clone, Debug)]
+pub struct PythonExecutorConfig {
+    pub python: String,
+    pub token: Token,
+    pub shm_dir: PathBuf,
+    pub socket_dir: PathBuf,
+    /// Resident-set limit of one executor in bytes; 0 means none.
+    pub memory_limit: u64,
+}
+
+pub struct PythonExecutor {
+    tx: mpsc::UnboundedSender<(u64, ToExecutor)>,
+}
+
+impl PythonExecutor {
+    pub fn start(slot: usize, config: PythonExecutorConfig, events: EventSender, shutdown: CancellationToken) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(supervise(slot, config, rx, events, shutdown));
+        PythonExecutor { tx }
+    }
+}
+
+impl Executor for PythonExecutor {
+    fn run(&mut self, generation: u64, functions: Vec<FunctionBlob>, tasks: Vec<RunTask>) {
+        if !functions.is_empty() {
+            let _ = self.tx.send((generation, ToExecutor::Functions(functions)));
+        }
+        let _ = self.tx.send((generation, ToExecutor::Run(tasks)));
+    }
+}
+
+/// Starts, serves and restarts one executor slot until shutdown.
+async fn supervise(
+    slot: usize,
+    config: PythonExecutorConfig,
+    mut work: mpsc::UnboundedReceiver<(u64, ToExecutor)>,
+    events: EventSender,
+    shutdown: CancellationToken,
+) {
+    let socket = config.socket_dir.join(format!("executor-{slot}.sock"));
+    let listener = match UnixListener::bind(&socket) {
+        Ok(listener) => listener,
+        Err(e) => {
+            let _ = events.send(ExecutorEvent::Died { slot, reason: format!("cannot listen on {}: {e}", socket.display()) });
+            return;
+        }
+    };
+    let mut generation = 0u64;
+    while !shutdown.is_cancelled() {
+        generation += 1;
+        let reason = match run_generation(slot, generation, &config, &socket, &listener, &mut work, &events, &shutdown).await {
+            Ok(()) => return,
+            Err(reason) => reason,
+        };
+        tracing::warn!(slot, "executor died: {reason}");
+        if events.send(ExecutorEvent::Died { slot, reason }).is_err() {
+            return;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_generation(
+    slot: usize,
+    generation: u64,
+    config: &PythonExecutorConfig,
+    socket: &std::path::Path,
+    listener: &UnixListener,
+    work: &mut mpsc::UnboundedReceiver<(u64, ToExecutor)>,
+    events: &EventSender,
+    shutdown: &CancellationToken,
+) -> Result<(), String> {
+    let mut child = spawn(slot, config, socket).map_err(|e| format!("cannot start `{} -m rankmesh.executor`: {e}", config.python))?;
+    let pid = child.id().unwrap_or(0);
+    let connected = tokio::select! {
+        _ = shutdown.cancelled() => return stop(child).await,
+        status = child.wait() => return Err(describe_exit(pid, status, "before connecting")),
+        _ = tokio::time::sleep(START_TIMEOUT) => Err(format!("did not connect within {START_TIMEOUT:?}")),
+        accepted = listener.accept() => accepted.map_err(|e| e.to_string()),
+    };
+    let (stream, _) = match connected {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = child.kill().await;
+            return Err(format!("executor (pid {pid}) {e}"));
+        }
+    };
+    let (r, w) = stream.into_split();
+    let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
+    let hello = async {
+        protocol::accept(&mut reader, &mut writer, &config.token, &[Role::Executor]).await?;
+        protocol::welcome(&mut writer, None).await?;
+        Ok::<_, protocol::HandshakeError>(())
+    };
+    if let Err(e) = hello.await {
+        let _ = child.kill().await;
+        return Err(format!("executor (pid {pid}) failed its handshake: {e}"));
+    }
+    if events.send(ExecutorEvent::Ready { slot, generation }).is_err() {
+        return stop(child).await;
+    }
+    let mut memory_tick = tokio::time::interval(MEMORY_POLL);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = writer.send(&ToExecutor::Shutdown).await;
+                return stop(child).await;
+            }
+            item = work.recv() => {
+                let Some((item_generation, msg)) = item else { return stop(child).await };
+                if item_generation != generation {
+                    continue; // meant for an executor that died
+                }
+                if let Err(e) = writer.send(&msg).await {
+                    return Err(reap(child, pid, &format!("lost its connection ({e})")).await);
+                }
+            }
+            frame = reader.recv::<FromExecutor>() => match frame {
+                Ok(Some(FromExecutor::Results(outcomes))) => {
+                    let _ = events.send(ExecutorEvent::Results { slot, outcomes });
+                }
+                Ok(Some(FromExecutor::Ready { .. })) => {}
+                Ok(None) => return Err(reap(child, pid, "closed its connection").await),
+                Err(e) => return Err(reap(child, pid, &format!("sent a bad frame ({e})")).await),
+            },
+            status = child.wait() => return Err(describe_exit(pid, status, "while running tasks")),
+            _ = memory_tick.tick(), if config.memory_limit > 0 => {
+                if let Some(rss) = resident_bytes(pid) {
+                    if rss > config.memory_limit {
+                        let _ = child.kill().await;
+                        return Err(format!(
+                            "executor (pid {pid}) used {rss} bytes, over its memory limit of {} bytes, and was killed",
+                            config.memory_limit
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn spawn(slot: usize, config: &PythonExecutorConfig, socket: &std::path::Path) -> std::io::Result<Child> {
+    let mut command = Command::new(&config.python);
+    command
+        .args(["-m", "rankmesh.executor"])
+        .env("RANKMESH_EXECUTOR_SOCKET", socket)
+        .env(TOKEN_ENV, config.token.as_str())
+        .env("RANKMESH_SHM_DIR", &config.shm_dir)
+        .env("RANKMESH_EXECUTOR_ID", slot.to_string())
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    crate::cluster::die_with_parent(&mut command);
+    command.spawn()
+}
+
+/// Asks nothing more of the child: waits briefly for it to leave, then kills it.
+async fn stop(mut child: Child) -> Result<(), String> {
+    if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
+        let _ = child.kill().await;
+    }
+    Ok(())
+}
+
+/// The executor's connection failed: find out how the process ended.
+async fn reap(mut child: Child, pid: u32, what: &str) -> String {
+    match tokio::time::timeout(STOP_GRACE, child.wait()).await {
+        Ok(status) => describe_exit(pid, status, "while running tasks"),
+        Err(_) => {
+            let _ = child.kill().await;
+            format!("executor (pid {pid}) {what} and was killed")
+        }
+    }
+}
+
+fn describe_exit(pid: u32, status: std::io::Result<ExitStatus>, when: &str) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (_, Some(sig)) => format!("executor process (pid {pid}) was killed by signal {sig} ({}) {when}", signal_name(sig)),
+            (Some(code), _) => format!("executor process (pid {pid}) exited with status {code} {when}"),
+            _ => format!("executor process (pid {pid}) ended {when}"),
+        },
+        Err(e) => format!("executor process (pid {pid}) could not be waited for: {e}"),
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGKILL => "SIGKILL, e.g. the kernel's out-of-memory killer",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGILL => "SIGILL",
+        _ => "signal",
+    }
+}
+
+fn resident_bytes(pid: u32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
+}

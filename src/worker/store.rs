@@ -1,0 +1,257 @@
+//! The object store: task results held in memory, small ones on the heap and large ones in
+//! shared-memory files that executors map directly.
+
+use crate::protocol::{frame_offsets, ObjectRef, TaskId, INLINE_MAX};
+use bytes::Bytes;
+use memmap2::{Mmap, MmapMut};
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("object layout {0:?} is invalid")]
+    BadLayout(Vec<u64>),
+    #[error("object file {path} is {actual} bytes, its layout says {expected}")]
+    SizeMismatch { path: PathBuf, expected: u64, actual: u64 },
+    #[error("object file {0} is outside this worker's shared-memory folder")]
+    ForeignPath(PathBuf),
+    #[error("shared memory {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// A result: its frame layout and its bytes.
+#[derive(Debug)]
+pub struct Object {
+    pub layout: Vec<u64>,
+    data: ObjectData,
+}
+
+#[derive(Debug)]
+enum ObjectData {
+    Heap(Bytes),
+    Shm(ShmSegment),
+}
+
+impl Object {
+    pub fn inline(data: Bytes, layout: Vec<u64>) -> Result<Object, StoreError> {
+        match frame_offsets(&layout) {
+            Some((_, total)) if total == data.len() as u64 => Ok(Object { layout, data: ObjectData::Heap(data) }),
+            _ => Err(StoreError::BadLayout(layout)),
+        }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        match &self.data {
+            ObjectData::Heap(b) => b,
+            ObjectData::Shm(s) => s.bytes(),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.bytes().len() as u64
+    }
+
+    /// How an executor on this worker reads the object.
+    pub fn to_ref(&self) -> ObjectRef {
+        match &self.data {
+            ObjectData::Heap(b) => ObjectRef::Inline { data: b.clone(), layout: self.layout.clone() },
+            ObjectData::Shm(s) => ObjectRef::Shm { path: s.path.to_string_lossy().into_owned(), layout: self.layout.clone() },
+        }
+    }
+}
+
+/// A file in the worker's shared-memory folder, mapped; removed when dropped.
+#[derive(Debug)]
+struct ShmSegment {
+    path: PathBuf,
+    map: Option<Mmap>,
+}
+
+impl ShmSegment {
+    fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+}
+
+impl Drop for ShmSegment {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Where a worker's large objects live (a folder under /dev/shm, removed on drop).
+#[derive(Debug)]
+pub struct ShmDir {
+    dir: PathBuf,
+    next: AtomicU64,
+}
+
+impl ShmDir {
+    pub fn create(prefix: &str) -> std::io::Result<ShmDir> {
+        let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
+        let mut suffix = [0u8; 6];
+        getrandom::fill(&mut suffix).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let name: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
+        let dir = base.join(format!("{prefix}-{}-{name}", std::process::id()));
+        std::fs::create_dir(&dir)?;
+        Ok(ShmDir { dir, next: AtomicU64::new(0) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Takes over a file an executor wrote into this folder.
+    pub fn adopt(&self, path: &Path, layout: Vec<u64>) -> Result<Object, StoreError> {
+        let (_, total) = frame_offsets(&layout).ok_or_else(|| StoreError::BadLayout(layout.clone()))?;
+        if path.parent() != Some(self.dir.as_path()) {
+            return Err(StoreError::ForeignPath(path.to_path_buf()));
+        }
+        let io = |source| StoreError::Io { path: path.to_path_buf(), source };
+        // From here on the segment owns the file, so it is removed on every error path too.
+        let mut segment = ShmSegment { path: path.to_path_buf(), map: None };
+        let file = File::open(path).map_err(io)?;
+        let actual = file.metadata().map_err(io)?.len();
+        if actual != total {
+            return Err(StoreError::SizeMismatch { path: path.to_path_buf(), expected: total, actual });
+        }
+        if total > 0 {
+            // SAFETY: the file is private to this worker's folder and no one writes it after
+            // the executor handed it over.
+            segment.map = Some(unsafe { Mmap::map(&file) }.map_err(io)?);
+        }
+        Ok(Object { layout, data: ObjectData::Shm(segment) })
+    }
+
+    /// A writable buffer for an object arriving from the network: shared memory when
+    /// large (executors then map it), the heap when small.
+    pub fn allocate(&self, layout: Vec<u64>) -> Result<ObjectBuilder, StoreError> {
+        let (_, total) = frame_offsets(&layout).ok_or_else(|| StoreError::BadLayout(layout.clone()))?;
+        if total <= INLINE_MAX {
+            return Ok(ObjectBuilder::heap(layout, total));
+        }
+        let path = self.dir.join(format!("in-{}", self.next.fetch_add(1, Ordering::Relaxed)));
+        let io = |source| StoreError::Io { path: path.clone(), source };
+        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io)?;
+        file.set_len(total).map_err(io)?;
+        // SAFETY: the file was just created by us and nobody else maps it yet.
+        let map = unsafe { MmapMut::map_mut(&file) }.map_err(io)?;
+        Ok(ObjectBuilder { layout, target: Target::Shm { path, map } })
+    }
+}
+
+impl Drop for ShmDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// An object being received: fill [`ObjectBuilder::buffer`], then [`ObjectBuilder::finish`].
+pub struct ObjectBuilder {
+    layout: Vec<u64>,
+    target: Target,
+}
+
+enum Target {
+    Heap(Vec<u8>),
+    Shm { path: PathBuf, map: MmapMut },
+}
+
+impl ObjectBuilder {
+    /// A heap buffer of the layout's size (for clients, which have no shared memory).
+    pub fn heap(layout: Vec<u64>, total: u64) -> ObjectBuilder {
+        ObjectBuilder { layout, target: Target::Heap(vec![0; total as usize]) }
+    }
+
+    pub fn buffer(&mut self) -> &mut [u8] {
+        match &mut self.target {
+            Target::Heap(v) => v,
+            Target::Shm { map, .. } => map,
+        }
+    }
+
+    pub fn finish(self) -> Result<Object, StoreError> {
+        let data = match self.target {
+            Target::Heap(v) => ObjectData::Heap(Bytes::from(v)),
+            Target::Shm { path, map } => {
+                let map = map.make_read_only().map_err(|source| StoreError::Io { path: path.clone(), source })?;
+                ObjectData::Shm(ShmSegment { path, map: Some(map) })
+            }
+        };
+        Ok(Object { layout: self.layout, data })
+    }
+}
+
+/// Results by task id, shared by the worker loop and the data server.
+#[derive(Default, Clone)]
+pub struct Store {
+    objects: Arc<Mutex<HashMap<TaskId, Arc<Object>>>>,
+}
+
+impl Store {
+    pub fn insert(&self, id: TaskId, object: Object) {
+        self.lock().insert(id, Arc::new(object));
+    }
+
+    pub fn get(&self, id: TaskId) -> Option<Arc<Object>> {
+        self.lock().get(&id).cloned()
+    }
+
+    pub fn contains(&self, id: TaskId) -> bool {
+        self.lock().contains_key(&id)
+    }
+
+    pub fn remove(&self, id: TaskId) {
+        self.lock().remove(&id);
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.lock().values().map(|o| o.size()).sum()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, Arc<Object>>> {
+        // A panic while holding this lock leaves the map consistent (single inserts/removes).
+        self.objects.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn received_objects_land_in_shared_memory_and_leave_with_it() {
+        let dir = ShmDir::create("rankmesh-test").unwrap();
+        let mut builder = dir.allocate(vec![10, INLINE_MAX]).unwrap();
+        builder.buffer()[64] = 7;
+        let object = builder.finish().unwrap();
+        let ObjectRef::Shm { path, .. } = object.to_ref() else { panic!("large object must be in shm") };
+        assert_eq!(std::fs::read(&path).unwrap()[64], 7);
+        drop(object);
+        assert!(!Path::new(&path).exists());
+    }
+
+    #[test]
+    fn adopt_checks_folder_and_size() {
+        let dir = ShmDir::create("rankmesh-test").unwrap();
+        let inside = dir.path().join("x");
+        std::fs::write(&inside, [1u8; 100]).unwrap();
+        assert!(matches!(dir.adopt(&inside, vec![200]), Err(StoreError::SizeMismatch { .. })));
+        assert!(!inside.exists(), "a refused file is removed");
+        std::fs::write(&inside, [1u8; 128]).unwrap();
+        assert_eq!(dir.adopt(&inside, vec![100]).unwrap().size(), 128);
+        let outside = std::env::temp_dir().join("rankmesh-foreign-object");
+        assert!(matches!(dir.adopt(&outside, vec![1]), Err(StoreError::ForeignPath(_))));
+    }
+
+    #[test]
+    fn small_objects_stay_on_the_heap() {
+        let dir = ShmDir::create("rankmesh-test").unwrap();
+        let object = dir.allocate(vec![5]).unwrap().finish().unwrap();
+        assert!(matches!(object.to_ref(), ObjectRef::Inline { .. }));
+        assert!(Object::inline(Bytes::from_static(b"abc"), vec![4]).is_err());
+    }
+}

@@ -1,0 +1,214 @@
+"""Payloads, results and errors round-trip through rankmesh.serialize and the executor's
+task runner, without a cluster."""
+
+import pickle
+import threading
+import traceback
+
+import numpy as np
+import pytest
+from rankmesh import TaskError
+from rankmesh._layout import ALIGN, INLINE_MAX, object_offsets
+from rankmesh.executor import TaskRunner, decode_input
+from rankmesh.serialize import (
+    FunctionRegistry,
+    PayloadEncoder,
+    dumps_error,
+    dumps_result,
+    join_frames,
+    loads_error,
+    loads_payload,
+    loads_result,
+    run_payload,
+)
+
+
+class FakeFuture:
+    """Stands in for rankmesh.Future where only its type and task id matter."""
+
+
+@pytest.fixture
+def encoder(monkeypatch):
+    # persistent_id compares the exact type; point it at a Future that needs no client.
+    import rankmesh.serialize
+
+    monkeypatch.setattr(rankmesh.serialize, "Future", FakeFuture)
+    return PayloadEncoder(FunctionRegistry())
+
+
+def future(task_id):
+    f = FakeFuture()
+    f.task_id = task_id
+    return f
+
+
+def executor_functions(encoder):
+    runner = TaskRunner("/nonexistent", "test")
+    runner.add_functions(encoder.registry.take_unshipped())
+    return runner.functions
+
+
+def roundtrip_call(encoder, func, args, kwargs, inputs=()):
+    payload, deps, funcs = encoder.call(func, args, kwargs)
+    functions = executor_functions(encoder)
+    assert set(funcs) <= set(functions)
+    return run_payload(loads_payload(payload, functions, list(inputs)), list(inputs)), deps
+
+
+def test_lambda_travels_as_a_function_id(encoder):
+    offset = 5
+    result, deps = roundtrip_call(encoder, lambda x, y=0: x * 2 + y + offset, (10,), {"y": 1})
+    assert result == 26
+    assert deps == []
+
+
+def test_local_function_and_class_travel_by_value(encoder):
+    class Point:
+        def __init__(self, x):
+            self.x = x
+
+    def norm(point):
+        return abs(point.x)
+
+    result, _ = roundtrip_call(encoder, norm, (Point(-3),), {})
+    assert result == 3
+
+
+def test_function_blob_ships_once_per_registry(encoder):
+    def double(x):
+        return 2 * x
+
+    _, _, first_funcs = encoder.call(double, (1,), {})
+    assert [func_id for func_id, _ in encoder.registry.take_unshipped()] == first_funcs
+    _, _, again = encoder.call(double, (2,), {})
+    assert again == first_funcs
+    assert encoder.registry.take_unshipped() == []
+
+
+def test_importable_functions_travel_by_name(encoder):
+    _, _, funcs = encoder.call(np.add, (1, 2), {})
+    payload, _, funcs2 = encoder.call(traceback.format_exc, (), {})
+    assert funcs == funcs2 == []
+    assert encoder.registry.take_unshipped() == []
+
+
+def test_futures_become_inputs_in_payload_order(encoder):
+    a, b = future(101), future(202)
+    result, deps = roundtrip_call(
+        encoder,
+        lambda xs, d: (xs, d),
+        ([b, (a, b)],),
+        {"d": {"k": a}},
+        inputs=["B", "A"],
+    )
+    assert deps == [202, 101]
+    assert result == (["B", ("A", "B")], {"k": "A"})
+
+
+def test_what_plain_pickle_rejects_falls_back_to_cloudpickle(encoder):
+    with pytest.raises(TypeError):
+        pickle.dumps(property(abs))
+    result, _ = roundtrip_call(encoder, lambda p: p.fget(-4), (property(abs),), {})
+    assert result == 4
+
+
+def test_result_layout_offsets_are_aligned():
+    offsets, total = object_offsets([10, 64, 0, 65, 1])
+    assert offsets == [0, 64, 128, 128, 256]
+    assert total == 320
+    assert all(offset % ALIGN == 0 for offset in offsets)
+
+
+def test_numpy_result_buffers_are_out_of_band_and_zero_copy():
+    array = np.arange(10_000, dtype=np.float64).reshape(100, 100)
+    frames, layout = dumps_result({"a": array, "n": 3})
+    assert len(frames) == 2  # pickle stream + the array's buffer
+    assert layout[1] == array.nbytes
+    data = bytearray(join_frames(frames, layout))
+    back = loads_result(data, layout)
+    np.testing.assert_array_equal(back["a"], array)
+    assert back["n"] == 3
+    assert back["a"].flags.writeable
+    # The array points into `data`: writing it shows in the buffer.
+    back["a"][0, 0] = 42.0
+    start = object_offsets(layout)[0][1]
+    assert np.frombuffer(data, dtype=np.float64, count=1, offset=start)[0] == 42.0
+
+
+def test_read_only_buffer_gives_read_only_arrays():
+    frames, layout = dumps_result(np.ones(100))
+    back = loads_result(join_frames(frames, layout), layout)
+    assert not back.flags.writeable
+
+
+def test_runner_stores_small_results_inline_and_large_ones_in_shared_memory(tmp_path, encoder):
+    runner = TaskRunner(str(tmp_path), "7")
+    small = np.arange(10)
+    large = np.arange(INLINE_MAX, dtype=np.int64)  # 8 x INLINE_MAX bytes
+    for value, kind in ((small, "inline"), (large, "shm")):
+        payload, _, funcs = encoder.data(value)
+        task_id, duration_us, status, stored = runner.run(1, payload, [])
+        assert status == "ok" and duration_us >= 0
+        assert stored[0] == kind
+        back = decode_input(stored)
+        np.testing.assert_array_equal(back, value)
+        assert back.flags.writeable
+    assert stored[1] == str(tmp_path / "7-1")
+    # Copy-on-write: writing the task's view leaves the stored object intact.
+    back[0] = -1
+    np.testing.assert_array_equal(decode_input(stored), large)
+
+
+def test_runner_passes_inputs_to_calls(tmp_path, encoder):
+    runner = TaskRunner(str(tmp_path), "1")
+    frames, layout = dumps_result(np.arange(5))
+    stored = ("inline", join_frames(frames, layout), layout)
+    payload, deps, funcs = encoder.call(np.sum, (future(9),), {})
+    runner.add_functions(encoder.registry.take_unshipped())
+    _, _, status, result = runner.run(2, payload, [stored])
+    assert status == "ok"
+    assert decode_input(result) == 10
+
+
+def raise_value_error(x):
+    raise ValueError(f"bad value {x}")
+
+
+def test_error_keeps_type_message_and_task_frames(tmp_path, encoder):
+    runner = TaskRunner(str(tmp_path), "1")
+    payload, _, _ = encoder.call(raise_value_error, (3,), {})
+    _, _, status, error = runner.run(1, payload, [])
+    assert status == "err"
+    type_name, message, text, pickled = error
+    assert (type_name, message) == ("ValueError", "bad value 3")
+    assert "raise_value_error" in text and pickled
+    exc = loads_error(error)
+    assert type(exc) is ValueError and str(exc) == "bad value 3"
+    names = [frame.name for frame in traceback.extract_tb(exc.__traceback__)]
+    assert names[-1] == "raise_value_error"
+    assert "run" not in names  # the executor's own frames are left out
+
+
+class HoldsALock(Exception):
+    def __init__(self, message):
+        super().__init__(message)
+        self.lock = threading.Lock()  # no pickler takes a lock
+
+
+def test_unpicklable_exception_becomes_task_error():
+    try:
+        raise HoldsALock("x")
+    except HoldsALock as caught:
+        error = dumps_error(caught)
+    type_name, message, text, pickled = error
+    assert pickled == b""
+    assert type_name.endswith("HoldsALock") and message == "x"
+    exc = loads_error(error)
+    assert isinstance(exc, TaskError)
+    assert "HoldsALock" in str(exc) and "x" in str(exc)
+    assert exc.traceback_text == text
+
+
+def test_unknown_payload_kind_is_refused():
+    with pytest.raises(ValueError, match="unknown payload kind"):
+        run_payload((9, None), [])
