@@ -110,8 +110,8 @@ pub(super) struct CandidateCost {
 impl CandidateCost {
     /// Seconds until the task could start there: the worker's queue, then the transfers.
     fn estimated_start(&self, avg_task_duration_s: f64, bandwidth_bytes_per_s: f64) -> f64 {
-        let queue_s = f64::from(self.load.processing) / f64::from(self.load.nthreads)
-            * avg_task_duration_s;
+        let queue_s =
+            f64::from(self.load.processing) / f64::from(self.load.nthreads) * avg_task_duration_s;
         queue_s + self.missing_bytes as f64 / bandwidth_bytes_per_s
     }
 }
@@ -125,7 +125,12 @@ pub(super) fn cheapest(
 ) -> Option<WorkerId> {
     candidates
         .iter()
-        .map(|c| (c.estimated_start(avg_task_duration_s, bandwidth_bytes_per_s), c))
+        .map(|c| {
+            (
+                c.estimated_start(avg_task_duration_s, bandwidth_bytes_per_s),
+                c,
+            )
+        })
         .min_by(|(start_a, a), (start_b, b)| {
             start_a
                 .total_cmp(start_b)
@@ -140,11 +145,19 @@ mod tests {
     use super::*;
 
     fn load(worker: u32, processing: u32, nthreads: u32) -> Load {
-        Load { processing, nthreads, worker: WorkerId(worker) }
+        Load {
+            processing,
+            nthreads,
+            worker: WorkerId(worker),
+        }
     }
 
     fn cost(worker: u32, processing: u32, missing_bytes: u64, held_bytes: u64) -> CandidateCost {
-        CandidateCost { load: load(worker, processing, 1), missing_bytes, held_bytes }
+        CandidateCost {
+            load: load(worker, processing, 1),
+            missing_bytes,
+            held_bytes,
+        }
     }
 
     #[test]
@@ -173,7 +186,11 @@ mod tests {
         index.insert(load(1, 3, 1));
         index.insert(load(2, 4, 2));
         index.insert(load(3, 8, 4));
-        assert_eq!(index.least_loaded(), Some(load(2, 4, 2)), "2 per thread, lower id wins");
+        assert_eq!(
+            index.least_loaded(),
+            Some(load(2, 4, 2)),
+            "2 per thread, lower id wins"
+        );
         index.remove(&load(2, 4, 2));
         assert_eq!(index.least_loaded(), Some(load(3, 8, 4)));
         assert_eq!(index.len(), 2);

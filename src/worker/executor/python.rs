@@ -119,44 +119,62 @@ async fn run_generation(
     if events.send(ExecutorEvent::Ready { slot, generation }).is_err() {
         return stop(child).await;
     }
+    // Writing runs on its own task: an executor blocked sending results must never wait
+    // on a worker blocked sending it work.
+    let (to_executor, mut outgoing) = mpsc::unbounded_channel::<ToExecutor>();
+    let mut writing = tokio::spawn(async move {
+        while let Some(msg) = outgoing.recv().await {
+            let mut result = writer.feed(&msg).await;
+            while let (Ok(()), Ok(more)) = (&result, outgoing.try_recv()) {
+                result = writer.feed(&more).await;
+            }
+            if let Err(e) = result.and(writer.flush().await) {
+                return format!("lost its connection ({e})");
+            }
+        }
+        String::new()
+    });
     let mut memory_tick = tokio::time::interval(MEMORY_POLL);
-    loop {
+    let ended = loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
-                let _ = writer.send(&ToExecutor::Shutdown).await;
+                let _ = to_executor.send(ToExecutor::Shutdown);
+                drop(to_executor);
+                let _ = tokio::time::timeout(STOP_GRACE, &mut writing).await;
                 return stop(child).await;
             }
             item = work.recv() => {
                 let Some((item_generation, msg)) = item else { return stop(child).await };
-                if item_generation != generation {
-                    continue; // meant for an executor that died
-                }
-                if let Err(e) = writer.send(&msg).await {
-                    return Err(reap(child, pid, &format!("lost its connection ({e})")).await);
+                // Work meant for an executor that died is dropped.
+                if item_generation == generation {
+                    let _ = to_executor.send(msg);
                 }
             }
+            written = &mut writing => break reap(child, pid, &written.unwrap_or_default()).await,
             frame = reader.recv::<FromExecutor>() => match frame {
                 Ok(Some(FromExecutor::Results(outcomes))) => {
                     let _ = events.send(ExecutorEvent::Results { slot, outcomes });
                 }
                 Ok(Some(FromExecutor::Ready { .. })) => {}
-                Ok(None) => return Err(reap(child, pid, "closed its connection").await),
-                Err(e) => return Err(reap(child, pid, &format!("sent a bad frame ({e})")).await),
+                Ok(None) => break reap(child, pid, "closed its connection").await,
+                Err(e) => break reap(child, pid, &format!("sent a bad frame ({e})")).await,
             },
-            status = child.wait() => return Err(describe_exit(pid, status, "while running tasks")),
+            status = child.wait() => break describe_exit(pid, status, "while running tasks"),
             _ = memory_tick.tick(), if config.memory_limit > 0 => {
                 if let Some(rss) = resident_bytes(pid) {
                     if rss > config.memory_limit {
                         let _ = child.kill().await;
-                        return Err(format!(
+                        break format!(
                             "executor (pid {pid}) used {rss} bytes, over its memory limit of {} bytes, and was killed",
                             config.memory_limit
-                        ));
+                        );
                     }
                 }
             }
         }
-    }
+    };
+    writing.abort();
+    Err(ended)
 }
 
 fn spawn(slot: usize, config: &PythonExecutorConfig, socket: &std::path::Path) -> std::io::Result<Child> {
