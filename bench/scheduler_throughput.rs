@@ -147,7 +147,7 @@ fn run(workers: u32, specs: Vec<TaskSpec>, wanted: Vec<TaskId>) -> Outcome {
 fn main() {
     let client = ClientId(1);
     println!(
-        "{:<34} {:>8} {:>7} {:>9} {:>12} {:>8}",
+        "{:<38} {:>8} {:>7} {:>9} {:>12} {:>8}",
         "case", "tasks", "rounds", "messages", "tasks/s", "µs/task"
     );
     for workers in [2, 64] {
@@ -160,7 +160,7 @@ fn main() {
             let outcome = run(workers, specs, wanted);
             let secs = outcome.elapsed.as_secs_f64();
             println!(
-                "{:<34} {:>8} {:>7} {:>9} {:>12.0} {:>8.3}",
+                "{:<38} {:>8} {:>7} {:>9} {:>12.0} {:>8.3}",
                 format!("{name}, {workers} workers"),
                 tasks,
                 outcome.rounds,

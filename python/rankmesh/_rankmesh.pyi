@@ -6,17 +6,13 @@ from typing import Literal
 TaskTuple = tuple[int, list[int], list[int], bytes, int]
 # A stored object as an executor sees it:
 #   ("inline", data: bytes, layout: list[int]) or ("shm", path: str, layout: list[int])
-# layout = lengths of the object's frames (pickle stream, then out-of-band buffers); each
-# frame starts at a multiple of ALIGN bytes from the start of the data (see object_offsets).
+# layout = lengths of the object's frames (pickle stream, then out-of-band buffers); where
+# each frame starts is rankmesh._layout.object_offsets (mirrored by the Rust side).
 ObjectTuple = tuple[str, bytes | str, list[int]]
 # An error: (type_name, message, traceback_text, pickled_exception_or_empty)
 ErrorTuple = tuple[str, str, str, bytes]
 
-ALIGN: int  # 64
-INLINE_MAX: int  # results whose aligned size is at most this travel inline (64 KiB)
-
-def object_offsets(layout: list[int]) -> tuple[list[int], int]:
-    """Start offset of each frame and the total (aligned) size of the object."""
+__version__: str
 
 class RankmeshError(Exception): ...
 class HandshakeRefused(RankmeshError): ...
@@ -39,7 +35,10 @@ class ClientCore:
         """The client no longer needs these results."""
     def cancel(self, ids: list[int]) -> None: ...
     def wait(
-        self, ids: list[int], timeout: float | None = None, return_when: Literal["ALL", "ANY"] = "ALL"
+        self,
+        ids: list[int],
+        timeout: float | None = None,
+        return_when: Literal["ALL", "ANY"] = "ALL",
     ) -> list[int]:
         """Blocks (GIL released, Ctrl-C honoured) until all / any of `ids` ended (finished,
         erred or cancelled) or the timeout passed; returns the ids that have ended."""

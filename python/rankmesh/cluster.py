@@ -76,8 +76,11 @@ class LocalCluster:
             "--python",
             sys.executable,
         ]
+        # Like multiprocessing's children, executors see this interpreter's import path, so
+        # functions from scripts' sibling modules and test modules unpickle there.
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         self._process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+            command, stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_parent
         )
         self._wait_until_ready(timeout)
 

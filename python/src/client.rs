@@ -7,8 +7,8 @@ use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList};
 use rankmesh::protocol::{
-    frame_offsets, ClientId, ErrorInfo, FromClient, FuncId, FunctionBlob, Role, TaskId, TaskSpec, ToClient, Token,
-    WorkerId, WorkerInfo,
+    frame_offsets, ClientId, ErrorInfo, FromClient, FuncId, FunctionBlob, Role, TaskId, TaskSpec,
+    ToClient, Token, WorkerId, WorkerInfo,
 };
 use rankmesh::transport::tcp::{self, TcpTransport};
 use rankmesh::transport::{HeapAllocator, Transport};
@@ -113,7 +113,8 @@ impl ClientCore {
         let connected = py.detach(|| {
             runtime.block_on(async {
                 let limit = Duration::from_secs_f64(timeout.max(0.001));
-                match tokio::time::timeout(limit, tcp::connect(address, &token, Role::Client)).await {
+                match tokio::time::timeout(limit, tcp::connect(address, &token, Role::Client)).await
+                {
                     Ok(result) => result.map_err(transport_error),
                     Err(_) => Err(pyo3::exceptions::PyTimeoutError::new_err(format!(
                         "no answer from the scheduler at {address} within {timeout} s"
@@ -122,7 +123,8 @@ impl ClientCore {
             })
         });
         let (mut reader, mut writer, client_id) = connected?;
-        let client_id = client_id.ok_or_else(|| RankmeshError::new_err("the scheduler did not name this client"))?;
+        let client_id = client_id
+            .ok_or_else(|| RankmeshError::new_err("the scheduler did not name this client"))?;
         let shared = Arc::new(Shared::default());
         let stop = CancellationToken::new();
         let (outbox, mut inbox) = mpsc::unbounded_channel::<FromClient>();
@@ -176,8 +178,13 @@ impl ClientCore {
         tasks: Vec<(u64, Vec<u64>, Vec<u64>, PyBackedBytes, i64)>,
         wanted: Vec<u64>,
     ) -> PyResult<()> {
-        let mut functions: Vec<FunctionBlob> =
-            functions.iter().map(|(id, bytes)| FunctionBlob { id: FuncId(*id), bytes: bytes_of(bytes) }).collect();
+        let mut functions: Vec<FunctionBlob> = functions
+            .iter()
+            .map(|(id, bytes)| FunctionBlob {
+                id: FuncId(*id),
+                bytes: bytes_of(bytes),
+            })
+            .collect();
         let mut chunk = Vec::new();
         let mut chunk_bytes = 0;
         let wanted: std::collections::HashSet<u64> = wanted.into_iter().collect();
@@ -205,7 +212,11 @@ impl ClientCore {
             }
         }
         if total == 0 && !functions.is_empty() {
-            self.send(FromClient::Submit { functions, tasks: vec![], wanted: vec![] })?;
+            self.send(FromClient::Submit {
+                functions,
+                tasks: vec![],
+                wanted: vec![],
+            })?;
         }
         Ok(())
     }
@@ -234,11 +245,21 @@ impl ClientCore {
 
     /// Blocks until all (or any) of `ids` ended or `timeout` passed; returns those ended.
     #[pyo3(signature = (ids, timeout = None, return_when = "ALL"))]
-    fn wait(&self, py: Python<'_>, ids: Vec<u64>, timeout: Option<f64>, return_when: &str) -> PyResult<Vec<u64>> {
+    fn wait(
+        &self,
+        py: Python<'_>,
+        ids: Vec<u64>,
+        timeout: Option<f64>,
+        return_when: &str,
+    ) -> PyResult<Vec<u64>> {
         let need_all = match return_when {
             "ALL" => true,
             "ANY" => false,
-            other => return Err(pyo3::exceptions::PyValueError::new_err(format!("return_when must be ALL or ANY, not {other:?}"))),
+            other => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "return_when must be ALL or ANY, not {other:?}"
+                )))
+            }
         };
         let deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
         let ids: Vec<TaskId> = ids.into_iter().map(TaskId).collect();
@@ -248,10 +269,20 @@ impl ClientCore {
                 let mut state = self.shared.lock();
                 loop {
                     if let Some(reason) = state.rejected.pop() {
-                        return Err(RankmeshError::new_err(format!("the scheduler rejected a submit: {reason}")));
+                        return Err(RankmeshError::new_err(format!(
+                            "the scheduler rejected a submit: {reason}"
+                        )));
                     }
-                    let ended: Vec<u64> = ids.iter().filter(|id| state.tasks.contains_key(id)).map(|id| id.0).collect();
-                    let satisfied = if need_all { ended.len() == ids.len() } else { !ended.is_empty() || ids.is_empty() };
+                    let ended: Vec<u64> = ids
+                        .iter()
+                        .filter(|id| state.tasks.contains_key(id))
+                        .map(|id| id.0)
+                        .collect();
+                    let satisfied = if need_all {
+                        ended.len() == ids.len()
+                    } else {
+                        !ended.is_empty() || ids.is_empty()
+                    };
                     let expired = deadline.is_some_and(|d| Instant::now() >= d);
                     if satisfied || expired {
                         return Ok(Some(ended));
@@ -264,7 +295,12 @@ impl ClientCore {
                         return Ok(None);
                     }
                     let until = deadline.map_or(slice_end, |d| d.min(slice_end));
-                    state = self.shared.changed.wait_timeout(state, until.saturating_duration_since(now)).map(|(s, _)| s).unwrap_or_else(|p| p.into_inner().0);
+                    state = self
+                        .shared
+                        .changed
+                        .wait_timeout(state, until.saturating_duration_since(now))
+                        .map(|(s, _)| s)
+                        .unwrap_or_else(|p| p.into_inner().0);
                 }
             })?;
             if let Some(ended) = outcome {
@@ -298,18 +334,28 @@ impl ClientCore {
             let state = self.shared.lock();
             for &id in &ids {
                 let Some(Status::Finished(worker)) = state.tasks.get(&TaskId(id)) else {
-                    return Err(RankmeshError::new_err(format!("task {id} has no result to fetch")));
+                    return Err(RankmeshError::new_err(format!(
+                        "task {id} has no result to fetch"
+                    )));
                 };
                 let Some(info) = state.workers.get(worker) else {
-                    return Err(RankmeshError::new_err(format!("the worker holding task {id} is gone")));
+                    return Err(RankmeshError::new_err(format!(
+                        "the worker holding task {id} is gone"
+                    )));
                 };
-                by_worker.entry(*worker).or_insert_with(|| (info.clone(), Vec::new())).1.push(TaskId(id));
+                by_worker
+                    .entry(*worker)
+                    .or_insert_with(|| (info.clone(), Vec::new()))
+                    .1
+                    .push(TaskId(id));
             }
         }
         let transport = self.transport.clone();
         let fetched = py.detach(|| {
             self.runtime.block_on(async {
-                let fetches = by_worker.values().map(|(info, ids)| transport.fetch(info, ids.clone(), &HeapAllocator));
+                let fetches = by_worker
+                    .values()
+                    .map(|(info, ids)| transport.fetch(info, ids.clone(), &HeapAllocator));
                 futures::future::try_join_all(fetches).await
             })
         });
@@ -320,7 +366,9 @@ impl ClientCore {
         let out = PyList::empty(py);
         for id in ids {
             let Some(Some(object)) = objects.remove(&TaskId(id)) else {
-                return Err(RankmeshError::new_err(format!("the worker no longer holds task {id}")));
+                return Err(RankmeshError::new_err(format!(
+                    "the worker no longer holds task {id}"
+                )));
             };
             let (offsets, _) = frame_offsets(&object.layout)
                 .ok_or_else(|| RankmeshError::new_err(format!("task {id} has a bad layout")))?;
@@ -330,7 +378,9 @@ impl ClientCore {
                 &bytes[start..start + object.layout[i] as usize]
             };
             let pickled = PyBytes::new(py, if offsets.is_empty() { &[] } else { frame(0) });
-            let buffers = (1..offsets.len()).map(|i| PyByteArray::new(py, frame(i))).collect::<Vec<_>>();
+            let buffers = (1..offsets.len())
+                .map(|i| PyByteArray::new(py, frame(i)))
+                .collect::<Vec<_>>();
             out.append((pickled, buffers))?;
         }
         Ok(out)
@@ -366,7 +416,9 @@ impl ClientCore {
         }
         let outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
         match outbox.as_ref() {
-            Some(outbox) => outbox.send(msg).map_err(|_| ConnectionLost::new_err("the client is closed")),
+            Some(outbox) => outbox
+                .send(msg)
+                .map_err(|_| ConnectionLost::new_err("the client is closed")),
             None => Err(ConnectionLost::new_err("the client is closed")),
         }
     }

@@ -15,16 +15,30 @@ pub fn bytes_of(data: &PyBackedBytes) -> Bytes {
 
 pub fn object_to_py<'py>(py: Python<'py>, object: &ObjectRef) -> PyResult<Bound<'py, PyTuple>> {
     match object {
-        ObjectRef::Inline { data, layout } => ("inline", PyBytes::new(py, data), layout.clone()).into_pyobject(py),
+        ObjectRef::Inline { data, layout } => {
+            ("inline", PyBytes::new(py, data), layout.clone()).into_pyobject(py)
+        }
         ObjectRef::Shm { path, layout } => ("shm", path.as_str(), layout.clone()).into_pyobject(py),
     }
 }
 
-pub fn object_from_py(kind: &str, data: &Bound<'_, PyAny>, layout: Vec<u64>) -> PyResult<ObjectRef> {
+pub fn object_from_py(
+    kind: &str,
+    data: &Bound<'_, PyAny>,
+    layout: Vec<u64>,
+) -> PyResult<ObjectRef> {
     match kind {
-        "inline" => Ok(ObjectRef::Inline { data: bytes_of(&data.extract()?), layout }),
-        "shm" => Ok(ObjectRef::Shm { path: data.extract()?, layout }),
-        other => Err(RankmeshError::new_err(format!("unknown object kind {other:?}"))),
+        "inline" => Ok(ObjectRef::Inline {
+            data: bytes_of(&data.extract()?),
+            layout,
+        }),
+        "shm" => Ok(ObjectRef::Shm {
+            path: data.extract()?,
+            layout,
+        }),
+        other => Err(RankmeshError::new_err(format!(
+            "unknown object kind {other:?}"
+        ))),
     }
 }
 
@@ -39,16 +53,25 @@ pub fn error_to_py<'py>(py: Python<'py>, error: &ErrorInfo) -> PyResult<Bound<'p
 }
 
 pub fn error_from_py(tuple: &Bound<'_, PyAny>) -> PyResult<ErrorInfo> {
-    let (type_name, message, traceback, pickled): (String, String, String, PyBackedBytes) = tuple.extract()?;
-    Ok(ErrorInfo { type_name, message, traceback, pickled: bytes_of(&pickled) })
+    let (type_name, message, traceback, pickled): (String, String, String, PyBackedBytes) =
+        tuple.extract()?;
+    Ok(ErrorInfo {
+        type_name,
+        message,
+        traceback,
+        pickled: bytes_of(&pickled),
+    })
 }
 
 pub fn transport_error(e: TransportError) -> PyErr {
     match e {
-        TransportError::Connect { address, source } => PyOSError::new_err(format!("cannot reach {address}: {source}")),
-        TransportError::Handshake { address, source: HandshakeError::Refused(reason) } => {
-            HandshakeRefused::new_err(format!("{address} refused the connection: {reason}"))
+        TransportError::Connect { address, source } => {
+            PyOSError::new_err(format!("cannot reach {address}: {source}"))
         }
+        TransportError::Handshake {
+            address,
+            source: HandshakeError::Refused(reason),
+        } => HandshakeRefused::new_err(format!("{address} refused the connection: {reason}")),
         other => ConnectionLost::new_err(other.to_string()),
     }
 }

@@ -4,7 +4,9 @@ use crate::convert::{error_from_py, object_from_py, object_to_py};
 use crate::{ConnectionLost, RankmeshError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
-use rankmesh::protocol::{self, FrameReader, FrameWriter, FromExecutor, Role, TaskId, TaskOutcome, ToExecutor, Token};
+use rankmesh::protocol::{
+    self, FrameReader, FrameWriter, FromExecutor, Role, TaskId, TaskOutcome, ToExecutor, Token,
+};
 use std::sync::Mutex;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
@@ -20,7 +22,9 @@ pub struct ExecutorLink {
 impl ExecutorLink {
     #[new]
     fn new(py: Python<'_>, path: &str, token: &str) -> PyResult<Self> {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let token = Token::new(token);
         let (reader, writer) = py.detach(|| {
             runtime.block_on(async {
@@ -31,19 +35,28 @@ impl ExecutorLink {
                     .await
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
                 writer
-                    .send(&FromExecutor::Ready { pid: std::process::id() })
+                    .send(&FromExecutor::Ready {
+                        pid: std::process::id(),
+                    })
                     .await
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
                 Ok::<_, std::io::Error>((reader, writer))
             })
         })?;
-        Ok(ExecutorLink { runtime, reader: Mutex::new(reader), writer: Mutex::new(writer) })
+        Ok(ExecutorLink {
+            runtime,
+            reader: Mutex::new(reader),
+            writer: Mutex::new(writer),
+        })
     }
 
     /// The next message from the worker; `("shutdown",)` also when the worker is gone.
     fn recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let msg = py.detach(|| {
-            let mut reader = self.reader.lock().map_err(|_| RankmeshError::new_err("link poisoned"))?;
+            let mut reader = self
+                .reader
+                .lock()
+                .map_err(|_| RankmeshError::new_err("link poisoned"))?;
             self.runtime
                 .block_on(reader.recv::<ToExecutor>())
                 .map_err(|e| ConnectionLost::new_err(e.to_string()))
@@ -61,7 +74,11 @@ impl ExecutorLink {
                 let tasks = tasks
                     .iter()
                     .map(|t| {
-                        let inputs = t.inputs.iter().map(|o| object_to_py(py, o)).collect::<PyResult<Vec<_>>>()?;
+                        let inputs = t
+                            .inputs
+                            .iter()
+                            .map(|o| object_to_py(py, o))
+                            .collect::<PyResult<Vec<_>>>()?;
                         Ok((t.id.0, PyBytes::new(py, &t.payload), inputs))
                     })
                     .collect::<PyResult<Vec<_>>>()?;
@@ -76,19 +93,32 @@ impl ExecutorLink {
     fn send_results(&self, py: Python<'_>, results: &Bound<'_, PyList>) -> PyResult<()> {
         let mut outcomes = Vec::with_capacity(results.len());
         for item in results.iter() {
-            let (id, duration_us, kind, value): (u64, u64, String, Bound<'_, PyAny>) = item.extract()?;
+            let (id, duration_us, kind, value): (u64, u64, String, Bound<'_, PyAny>) =
+                item.extract()?;
             let result = match kind.as_str() {
                 "ok" => {
-                    let (object_kind, data, layout): (String, Bound<'_, PyAny>, Vec<u64>) = value.extract()?;
+                    let (object_kind, data, layout): (String, Bound<'_, PyAny>, Vec<u64>) =
+                        value.extract()?;
                     Ok(object_from_py(&object_kind, &data, layout)?)
                 }
                 "err" => Err(error_from_py(&value)?),
-                other => return Err(RankmeshError::new_err(format!("unknown result kind {other:?}"))),
+                other => {
+                    return Err(RankmeshError::new_err(format!(
+                        "unknown result kind {other:?}"
+                    )))
+                }
             };
-            outcomes.push(TaskOutcome { id: TaskId(id), duration_us, result });
+            outcomes.push(TaskOutcome {
+                id: TaskId(id),
+                duration_us,
+                result,
+            });
         }
         py.detach(|| {
-            let mut writer = self.writer.lock().map_err(|_| RankmeshError::new_err("link poisoned"))?;
+            let mut writer = self
+                .writer
+                .lock()
+                .map_err(|_| RankmeshError::new_err("link poisoned"))?;
             self.runtime
                 .block_on(writer.send(&FromExecutor::Results(outcomes)))
                 .map_err(|e| ConnectionLost::new_err(e.to_string()))

@@ -58,7 +58,11 @@ enum Command {
     /// scheduler file, never from the command line.
     Worker {
         /// Scheduler address (tcp://host:port).
-        #[arg(long, conflicts_with = "scheduler_file", required_unless_present = "scheduler_file")]
+        #[arg(
+            long,
+            conflicts_with = "scheduler_file",
+            required_unless_present = "scheduler_file"
+        )]
         scheduler: Option<String>,
         #[arg(long)]
         scheduler_file: Option<PathBuf>,
@@ -97,11 +101,15 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RANKMESH_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("RANKMESH_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("rankmesh: cannot start the runtime: {e}");
@@ -119,7 +127,15 @@ pub fn main() -> ExitCode {
 
 async fn run(command: Command) -> Result<i32> {
     match command {
-        Command::Local { n_workers, threads_per_worker, memory_limit, host, python, scheduler_file, script } => {
+        Command::Local {
+            n_workers,
+            threads_per_worker,
+            memory_limit,
+            host,
+            python,
+            scheduler_file,
+            script,
+        } => {
             let options = LocalOptions {
                 n_workers,
                 threads_per_worker,
@@ -131,31 +147,57 @@ async fn run(command: Command) -> Result<i32> {
             };
             Ok(local::run(options).await?)
         }
-        Command::Scheduler { host, port, scheduler_file } => {
-            let token = Token::from_env().map_or_else(Token::generate, Ok).context("cannot make a token")?;
+        Command::Scheduler {
+            host,
+            port,
+            scheduler_file,
+        } => {
+            let token = Token::from_env()
+                .map_or_else(Token::generate, Ok)
+                .context("cannot make a token")?;
             let listener = tokio::net::TcpListener::bind((host.as_str(), port))
                 .await
                 .with_context(|| format!("cannot listen on {host}:{port}"))?;
             let address = format!("tcp://{}", listener.local_addr()?);
-            let file = SchedulerFile { address: address.clone(), token: token.as_str().into(), pid: std::process::id() };
+            let file = SchedulerFile {
+                address: address.clone(),
+                token: token.as_str().into(),
+                pid: std::process::id(),
+            };
             file.write(&scheduler_file)
                 .with_context(|| format!("cannot write {}", scheduler_file.display()))?;
-            eprintln!("rankmesh: scheduler at {address} (scheduler file {})", scheduler_file.display());
+            eprintln!(
+                "rankmesh: scheduler at {address} (scheduler file {})",
+                scheduler_file.display()
+            );
             let shutdown = until_signal()?;
             let (workers, _) = tokio::sync::watch::channel(0);
             server::serve(listener, token, workers, shutdown).await;
             let _ = std::fs::remove_file(&scheduler_file);
             Ok(0)
         }
-        Command::Worker { scheduler, scheduler_file, nthreads, memory_limit, host, python, executor, max_crashes } => {
+        Command::Worker {
+            scheduler,
+            scheduler_file,
+            nthreads,
+            memory_limit,
+            host,
+            python,
+            executor,
+            max_crashes,
+        } => {
             let (scheduler, token) = match (scheduler, scheduler_file) {
                 (_, Some(path)) => {
-                    let file = SchedulerFile::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+                    let file = SchedulerFile::read(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
                     (file.address, Token::new(file.token))
                 }
                 (Some(address), None) => {
                     let Some(token) = Token::from_env() else {
-                        bail!("no cluster token: set {} or pass --scheduler-file", crate::protocol::TOKEN_ENV);
+                        bail!(
+                            "no cluster token: set {} or pass --scheduler-file",
+                            crate::protocol::TOKEN_ENV
+                        );
                     };
                     (address, token)
                 }

@@ -40,9 +40,16 @@ pub enum LocalError {
     #[error("only {registered} of {expected} workers registered within {WORKERS_TIMEOUT:?}")]
     WorkersTimeout { registered: usize, expected: u32 },
     #[error("cannot write the scheduler file {path}: {source}")]
-    SchedulerFile { path: PathBuf, source: std::io::Error },
+    SchedulerFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot run `{python} {script}`: {source}")]
-    Script { python: String, script: String, source: std::io::Error },
+    Script {
+        python: String,
+        script: String,
+        source: std::io::Error,
+    },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("interrupted while starting")]
@@ -52,11 +59,21 @@ pub enum LocalError {
 /// Runs the cluster; returns the script's exit code (0 without a script).
 pub async fn run(options: LocalOptions) -> Result<i32, LocalError> {
     let token = Token::generate().map_err(LocalError::Scheduler)?;
-    let listener = TcpListener::bind((options.host.as_str(), 0)).await.map_err(LocalError::Scheduler)?;
-    let address = format!("tcp://{}", listener.local_addr().map_err(LocalError::Scheduler)?);
+    let listener = TcpListener::bind((options.host.as_str(), 0))
+        .await
+        .map_err(LocalError::Scheduler)?;
+    let address = format!(
+        "tcp://{}",
+        listener.local_addr().map_err(LocalError::Scheduler)?
+    );
     let shutdown = CancellationToken::new();
     let (workers_tx, mut registered) = watch::channel(0usize);
-    let scheduler = tokio::spawn(server::serve(listener, token.clone(), workers_tx, shutdown.clone()));
+    let scheduler = tokio::spawn(server::serve(
+        listener,
+        token.clone(),
+        workers_tx,
+        shutdown.clone(),
+    ));
 
     let mut interrupt = signal(SignalKind::interrupt()).map_err(LocalError::Signals)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(LocalError::Signals)?;
@@ -99,7 +116,10 @@ pub async fn run(options: LocalOptions) -> Result<i32, LocalError> {
 
     shutdown.cancel();
     for worker in &mut workers {
-        if tokio::time::timeout(STOP_GRACE, worker.wait()).await.is_err() {
+        if tokio::time::timeout(STOP_GRACE, worker.wait())
+            .await
+            .is_err()
+        {
             let _ = worker.kill().await;
         }
     }
@@ -130,7 +150,12 @@ fn spawn_worker(options: &LocalOptions, address: &str, token: &Token) -> std::io
 async fn first_exit(workers: &mut [Child]) -> (usize, String) {
     let waits = workers.iter_mut().map(|w| Box::pin(w.wait()));
     let (status, index, _) = futures::future::select_all(waits).await;
-    (index, status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()))
+    (
+        index,
+        status
+            .map(|s| s.to_string())
+            .unwrap_or_else(|e| e.to_string()),
+    )
 }
 
 /// Runs the script; SIGINT/SIGTERM reach it as SIGINT (a KeyboardInterrupt in Python).
@@ -140,7 +165,11 @@ async fn run_script(
     interrupt: &mut tokio::signal::unix::Signal,
     terminate: &mut tokio::signal::unix::Signal,
 ) -> Result<i32, LocalError> {
-    let script_error = |source| LocalError::Script { python: options.python.clone(), script: options.script.join(" "), source };
+    let script_error = |source| LocalError::Script {
+        python: options.python.clone(),
+        script: options.script.join(" "),
+        source,
+    };
     let mut child = Command::new(&options.python)
         .args(&options.script)
         .env(SCHEDULER_FILE_ENV, scheduler_file)
@@ -156,7 +185,9 @@ async fn run_script(
         }
     };
     use std::os::unix::process::ExitStatusExt;
-    Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
 }
 
 fn forward_interrupt(child: &Child) {

@@ -19,7 +19,12 @@ impl SchedulerFile {
     /// Writes atomically (temporary file, then rename), created with mode 0600.
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
         let tmp = path.with_extension("tmp");
-        let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         file.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
         file.sync_all()?;
         std::fs::rename(&tmp, path)
@@ -27,7 +32,8 @@ impl SchedulerFile {
 
     pub fn read(path: &Path) -> std::io::Result<SchedulerFile> {
         let text = std::fs::read(path)?;
-        serde_json::from_slice(&text).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        serde_json::from_slice(&text)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     }
 }
 
@@ -40,9 +46,16 @@ mod tests {
     fn only_the_owner_can_read_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("scheduler.json");
-        let file = SchedulerFile { address: "tcp://127.0.0.1:1".into(), token: "t".into(), pid: 1 };
+        let file = SchedulerFile {
+            address: "tcp://127.0.0.1:1".into(),
+            token: "t".into(),
+            pid: 1,
+        };
         file.write(&path).unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert_eq!(SchedulerFile::read(&path).unwrap(), file);
     }
 }

@@ -26,7 +26,9 @@ pub enum FrameError {
 }
 
 fn codec(max: usize) -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder().max_frame_length(max).new_codec()
+    LengthDelimitedCodec::builder()
+        .max_frame_length(max)
+        .new_codec()
 }
 
 /// The reading half of a connection.
@@ -36,7 +38,9 @@ pub struct FrameReader<R> {
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(io: R) -> Self {
-        FrameReader { inner: FramedRead::new(io, codec(MAX_FRAME_SIZE)) }
+        FrameReader {
+            inner: FramedRead::new(io, codec(MAX_FRAME_SIZE)),
+        }
     }
 
     /// Lowers (for a handshake) or restores the frame size limit.
@@ -72,7 +76,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         let from_buffer = buffered.len().min(dst.len());
         dst[..from_buffer].copy_from_slice(&buffered[..from_buffer]);
         buffered.advance(from_buffer);
-        self.inner.get_mut().read_exact(&mut dst[from_buffer..]).await?;
+        self.inner
+            .get_mut()
+            .read_exact(&mut dst[from_buffer..])
+            .await?;
         Ok(())
     }
 
@@ -81,7 +88,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             .get_ref()
             .is_some_and(|inner| inner.downcast_ref::<LengthDelimitedCodecError>().is_some());
         if too_large {
-            FrameError::TooLarge { len: usize::MAX, max: self.max_frame_size() }
+            FrameError::TooLarge {
+                len: usize::MAX,
+                max: self.max_frame_size(),
+            }
         } else {
             FrameError::Io(e)
         }
@@ -95,7 +105,9 @@ pub struct FrameWriter<W> {
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub fn new(io: W) -> Self {
-        FrameWriter { inner: FramedWrite::new(io, codec(MAX_FRAME_SIZE)) }
+        FrameWriter {
+            inner: FramedWrite::new(io, codec(MAX_FRAME_SIZE)),
+        }
     }
 
     pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), FrameError> {
@@ -105,7 +117,10 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// Sends an already encoded message (see [`encode`]).
     pub async fn send_bytes(&mut self, frame: Bytes) -> Result<(), FrameError> {
         if frame.len() > MAX_FRAME_SIZE {
-            return Err(FrameError::TooLarge { len: frame.len(), max: MAX_FRAME_SIZE });
+            return Err(FrameError::TooLarge {
+                len: frame.len(),
+                max: MAX_FRAME_SIZE,
+            });
         }
         self.inner.send(frame).await?;
         Ok(())
@@ -161,18 +176,30 @@ mod tests {
         let (a, b) = tokio::io::duplex(1 << 20);
         let mut writer = FrameWriter::new(a);
         let mut reader = FrameReader::new(b);
-        writer.send(&FromClient::Release(vec![TaskId(1)])).await.unwrap();
+        writer
+            .send(&FromClient::Release(vec![TaskId(1)]))
+            .await
+            .unwrap();
         writer.write_raw(b"raw-bytes").await.unwrap();
         writer.write_raw(&vec![5u8; 100_000]).await.unwrap();
-        writer.send(&FromClient::Cancel(vec![TaskId(2)])).await.unwrap();
-        assert_eq!(reader.recv::<FromClient>().await.unwrap(), Some(FromClient::Release(vec![TaskId(1)])));
+        writer
+            .send(&FromClient::Cancel(vec![TaskId(2)]))
+            .await
+            .unwrap();
+        assert_eq!(
+            reader.recv::<FromClient>().await.unwrap(),
+            Some(FromClient::Release(vec![TaskId(1)]))
+        );
         let mut raw = [0u8; 9];
         reader.read_raw(&mut raw).await.unwrap();
         assert_eq!(&raw, b"raw-bytes");
         let mut large = vec![0u8; 100_000];
         reader.read_raw(&mut large).await.unwrap();
         assert!(large.iter().all(|&b| b == 5));
-        assert_eq!(reader.recv::<FromClient>().await.unwrap(), Some(FromClient::Cancel(vec![TaskId(2)])));
+        assert_eq!(
+            reader.recv::<FromClient>().await.unwrap(),
+            Some(FromClient::Cancel(vec![TaskId(2)]))
+        );
     }
 
     #[tokio::test]
@@ -181,7 +208,10 @@ mod tests {
         let mut reader = FrameReader::new(b);
         reader.set_max_frame_size(16);
         a.write_all(&1000u32.to_be_bytes()).await.unwrap();
-        assert!(matches!(reader.recv_bytes().await, Err(FrameError::TooLarge { max: 16, .. })));
+        assert!(matches!(
+            reader.recv_bytes().await,
+            Err(FrameError::TooLarge { max: 16, .. })
+        ));
     }
 
     #[tokio::test]
@@ -189,7 +219,13 @@ mod tests {
         let (a, b) = tokio::io::duplex(1 << 16);
         let mut writer = FrameWriter::new(a);
         let mut reader = FrameReader::new(b);
-        writer.send_bytes(Bytes::from_static(&[0xc1, 0xff, 0x00])).await.unwrap();
-        assert!(matches!(reader.recv::<FromClient>().await, Err(FrameError::Malformed(_))));
+        writer
+            .send_bytes(Bytes::from_static(&[0xc1, 0xff, 0x00]))
+            .await
+            .unwrap();
+        assert!(matches!(
+            reader.recv::<FromClient>().await,
+            Err(FrameError::Malformed(_))
+        ));
     }
 }

@@ -39,7 +39,10 @@ impl Token {
     }
 
     pub fn from_env() -> Option<Token> {
-        std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty()).map(Token)
+        std::env::var(TOKEN_ENV)
+            .ok()
+            .filter(|t| !t.is_empty())
+            .map(Token)
     }
 
     pub fn as_str(&self) -> &str {
@@ -81,7 +84,9 @@ impl From<FrameError> for HandshakeError {
         match e {
             FrameError::TooLarge { .. } => HandshakeError::HelloTooLarge,
             FrameError::Malformed(m) | FrameError::Encode(m) => HandshakeError::Malformed(m),
-            FrameError::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => HandshakeError::Closed,
+            FrameError::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                HandshakeError::Closed
+            }
             FrameError::Io(e) => HandshakeError::Io(e),
         }
     }
@@ -111,7 +116,9 @@ where
     match checked {
         Ok(role) => Ok(role),
         Err(e) => {
-            let reply = HelloReply::Refused { reason: e.to_string() };
+            let reply = HelloReply::Refused {
+                reason: e.to_string(),
+            };
             let _ = tokio::time::timeout(Duration::from_secs(1), writer.send(&reply)).await;
             Err(e)
         }
@@ -133,7 +140,9 @@ fn check(hello: &Hello, token: &Token, allowed: &[Role]) -> Result<Role, Handsha
         return Err(HandshakeError::BadToken);
     }
     if hello.version != PROTOCOL_VERSION {
-        return Err(HandshakeError::VersionMismatch { theirs: hello.version });
+        return Err(HandshakeError::VersionMismatch {
+            theirs: hello.version,
+        });
     }
     if !allowed.contains(&hello.role) {
         return Err(HandshakeError::WrongRole(hello.role));
@@ -152,7 +161,11 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let hello = Hello { version: PROTOCOL_VERSION, role, token: token.as_str().to_string() };
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        role,
+        token: token.as_str().to_string(),
+    };
     writer.send(&hello).await?;
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.recv::<HelloReply>()).await {
         Err(_) => Err(HandshakeError::Timeout),
@@ -169,7 +182,13 @@ mod tests {
     use super::*;
     use tokio::io::{duplex, split, AsyncWriteExt};
 
-    async fn run(offered: &str, role: Role) -> (Result<Role, HandshakeError>, Result<Option<ClientId>, HandshakeError>) {
+    async fn run(
+        offered: &str,
+        role: Role,
+    ) -> (
+        Result<Role, HandshakeError>,
+        Result<Option<ClientId>, HandshakeError>,
+    ) {
         let (a, b) = duplex(1 << 16);
         let (ar, aw) = split(a);
         let (br, bw) = split(b);
@@ -203,7 +222,10 @@ mod tests {
     #[tokio::test]
     async fn wrong_role_is_refused() {
         let (server, _) = run("secret", Role::Executor).await;
-        assert!(matches!(server, Err(HandshakeError::WrongRole(Role::Executor))));
+        assert!(matches!(
+            server,
+            Err(HandshakeError::WrongRole(Role::Executor))
+        ));
     }
 
     #[tokio::test]
@@ -215,6 +237,9 @@ mod tests {
             accept(&mut r, &mut w, &Token::new("secret"), &[Role::Client]).await
         });
         b.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
-        assert!(matches!(server.await.unwrap(), Err(HandshakeError::HelloTooLarge)));
+        assert!(matches!(
+            server.await.unwrap(),
+            Err(HandshakeError::HelloTooLarge)
+        ));
     }
 }

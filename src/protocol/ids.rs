@@ -40,7 +40,10 @@ pub const TASK_SEQUENCE_BITS: u32 = 40;
 
 impl TaskId {
     pub fn new(owner: ClientId, sequence: u64) -> TaskId {
-        TaskId((u64::from(owner.0) << TASK_SEQUENCE_BITS) | (sequence & ((1 << TASK_SEQUENCE_BITS) - 1)))
+        TaskId(
+            (u64::from(owner.0) << TASK_SEQUENCE_BITS)
+                | (sequence & ((1 << TASK_SEQUENCE_BITS) - 1)),
+        )
     }
 
     /// The client whose namespace this id lies in.

@@ -31,8 +31,12 @@ pub struct Hello {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HelloReply {
     /// `client_id` is set for client connections: it names the client's task-id namespace.
-    Accepted { client_id: Option<ClientId> },
-    Refused { reason: String },
+    Accepted {
+        client_id: Option<ClientId>,
+    },
+    Refused {
+        reason: String,
+    },
 }
 
 /// A pickled callable, sent once per receiver and referenced by id afterwards.
@@ -134,7 +138,9 @@ pub enum ToClient {
     WorkerAdded(WorkerInfo),
     WorkerRemoved(WorkerId),
     /// A submit that broke a rule (foreign ids, unknown dependency); nothing of it was kept.
-    SubmitRejected { reason: String },
+    SubmitRejected {
+        reason: String,
+    },
 }
 
 // ---------------------------------------------------------------- worker <-> scheduler
@@ -199,7 +205,10 @@ pub struct TaskDone {
 pub enum FromWorker {
     Register(WorkerRegistration),
     Done(Vec<TaskDone>),
-    Failed { id: TaskId, error: ErrorInfo },
+    Failed {
+        id: TaskId,
+        error: ErrorInfo,
+    },
     /// The worker now also holds copies of these (fetched as inputs).
     Replicated(Vec<TaskId>),
 }

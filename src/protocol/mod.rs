@@ -7,7 +7,9 @@ mod layout;
 mod messages;
 
 pub use framing::{decode, encode, FrameError, FrameReader, FrameWriter, MAX_FRAME_SIZE};
-pub use handshake::{accept, connect, welcome, HandshakeError, Token, HANDSHAKE_TIMEOUT, MAX_HELLO_SIZE, TOKEN_ENV};
+pub use handshake::{
+    accept, connect, welcome, HandshakeError, Token, HANDSHAKE_TIMEOUT, MAX_HELLO_SIZE, TOKEN_ENV,
+};
 pub use ids::{ClientId, FuncId, TaskId, WorkerId, TASK_SEQUENCE_BITS};
 pub use layout::{frame_offsets, ALIGN, INLINE_MAX};
 pub use messages::*;

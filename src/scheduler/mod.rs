@@ -5,8 +5,8 @@
 //! implement as a recorder. `placement` picks workers.
 
 mod placement;
-mod state;
 pub mod server;
+mod state;
 
 pub use state::{Scheduler, SchedulerConfig};
 

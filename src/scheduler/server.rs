@@ -3,7 +3,8 @@
 
 use super::{Comm, Scheduler, SchedulerConfig};
 use crate::protocol::{
-    self, encode, ClientId, FrameReader, FrameWriter, FromClient, FromWorker, Role, ToClient, ToWorker, Token, WorkerId,
+    self, encode, ClientId, FrameReader, FrameWriter, FromClient, FromWorker, Role, ToClient,
+    ToWorker, Token, WorkerId,
 };
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -21,7 +22,10 @@ const MAX_EVENTS_PER_PASS: usize = 1024;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 enum Event {
-    ClientConnected { outbox: mpsc::UnboundedSender<Bytes>, reply: oneshot::Sender<ClientId> },
+    ClientConnected {
+        outbox: mpsc::UnboundedSender<Bytes>,
+        reply: oneshot::Sender<ClientId>,
+    },
     FromClient(ClientId, FromClient),
     ClientGone(ClientId),
     WorkerConnected {
@@ -34,7 +38,12 @@ enum Event {
 }
 
 /// Serves until `shutdown`; `workers` follows the number of registered workers.
-pub async fn serve(listener: TcpListener, token: Token, workers: watch::Sender<usize>, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    token: Token,
+    workers: watch::Sender<usize>,
+    shutdown: CancellationToken,
+) {
     let (events_tx, events) = mpsc::unbounded_channel();
     let connections = TaskTracker::new();
     let core = tokio::spawn(run_core(events, workers, shutdown.clone()));
@@ -71,7 +80,11 @@ pub async fn serve(listener: TcpListener, token: Token, workers: watch::Sender<u
 }
 
 /// Owns the state machine: applies events in batches, then schedules and sends once.
-async fn run_core(mut events: mpsc::UnboundedReceiver<Event>, workers: watch::Sender<usize>, shutdown: CancellationToken) {
+async fn run_core(
+    mut events: mpsc::UnboundedReceiver<Event>,
+    workers: watch::Sender<usize>,
+    shutdown: CancellationToken,
+) {
     let mut scheduler = Scheduler::new(SchedulerConfig::default());
     let mut comm = OutboxComm::default();
     loop {
@@ -113,7 +126,11 @@ fn apply(scheduler: &mut Scheduler, comm: &mut OutboxComm, event: Event) {
             scheduler.remove_client(id, comm);
             comm.clients.remove(&id);
         }
-        Event::WorkerConnected { registration, outbox, reply } => {
+        Event::WorkerConnected {
+            registration,
+            outbox,
+            reply,
+        } => {
             let id = scheduler.add_worker(registration, comm);
             comm.workers.insert(id, outbox);
             comm.flush();
@@ -178,11 +195,23 @@ fn send_encoded<T: serde::Serialize>(outbox: &mpsc::UnboundedSender<Bytes>, msg:
     }
 }
 
-async fn serve_connection(stream: TcpStream, peer: SocketAddr, token: &Token, events: mpsc::UnboundedSender<Event>) {
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    token: &Token,
+    events: mpsc::UnboundedSender<Event>,
+) {
     let _ = stream.set_nodelay(true);
     let (r, w) = stream.into_split();
     let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
-    let role = match protocol::accept(&mut reader, &mut writer, token, &[Role::Client, Role::Worker]).await {
+    let role = match protocol::accept(
+        &mut reader,
+        &mut writer,
+        token,
+        &[Role::Client, Role::Worker],
+    )
+    .await
+    {
         Ok(role) => role,
         Err(e) => {
             tracing::warn!(%peer, "refused a connection: {e}");
@@ -205,9 +234,13 @@ async fn serve_client(
 ) -> Result<(), String> {
     let (outbox, inbox) = mpsc::unbounded_channel();
     let (reply, id) = oneshot::channel();
-    events.send(Event::ClientConnected { outbox, reply }).map_err(|_| "scheduler is stopping")?;
+    events
+        .send(Event::ClientConnected { outbox, reply })
+        .map_err(|_| "scheduler is stopping")?;
     let id = id.await.map_err(|_| "scheduler is stopping")?;
-    protocol::welcome(&mut writer, Some(id)).await.map_err(|e| e.to_string())?;
+    protocol::welcome(&mut writer, Some(id))
+        .await
+        .map_err(|e| e.to_string())?;
     let sender = tokio::spawn(write_outbox(writer, inbox));
     let result = loop {
         match reader.recv::<FromClient>().await {
@@ -230,15 +263,25 @@ async fn serve_worker(
     mut writer: FrameWriter<OwnedWriteHalf>,
     events: &mpsc::UnboundedSender<Event>,
 ) -> Result<(), String> {
-    protocol::welcome(&mut writer, None).await.map_err(|e| e.to_string())?;
-    let registration = match reader.recv::<FromWorker>().await.map_err(|e| e.to_string())? {
+    protocol::welcome(&mut writer, None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let registration = match reader
+        .recv::<FromWorker>()
+        .await
+        .map_err(|e| e.to_string())?
+    {
         Some(FromWorker::Register(registration)) => registration,
         other => return Err(format!("a worker must register first, it sent {other:?}")),
     };
     let (outbox, inbox) = mpsc::unbounded_channel();
     let (reply, id) = oneshot::channel();
     events
-        .send(Event::WorkerConnected { registration, outbox, reply })
+        .send(Event::WorkerConnected {
+            registration,
+            outbox,
+            reply,
+        })
         .map_err(|_| "scheduler is stopping")?;
     let id = id.await.map_err(|_| "scheduler is stopping")?;
     let mut sender = tokio::spawn(write_outbox(writer, inbox));
@@ -262,7 +305,10 @@ async fn serve_worker(
 }
 
 /// Writes queued messages, flushing once per burst.
-async fn write_outbox(mut writer: FrameWriter<OwnedWriteHalf>, mut inbox: mpsc::UnboundedReceiver<Bytes>) {
+async fn write_outbox(
+    mut writer: FrameWriter<OwnedWriteHalf>,
+    mut inbox: mpsc::UnboundedReceiver<Bytes>,
+) {
     while let Some(frame) = inbox.recv().await {
         let mut result = writer.feed_bytes(frame).await;
         while let (Ok(()), Ok(more)) = (&result, inbox.try_recv()) {

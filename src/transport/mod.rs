@@ -9,13 +9,23 @@ use futures::future::BoxFuture;
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("cannot reach {address}: {source}")]
-    Connect { address: String, source: std::io::Error },
+    Connect {
+        address: String,
+        source: std::io::Error,
+    },
     #[error("handshake with {address} failed: {source}")]
-    Handshake { address: String, source: HandshakeError },
+    Handshake {
+        address: String,
+        source: HandshakeError,
+    },
     #[error("transfer from {address} failed: {source}")]
     Frame { address: String, source: FrameError },
     #[error("{address} answered for task {got} where {expected} was asked for")]
-    OutOfOrder { address: String, expected: TaskId, got: TaskId },
+    OutOfOrder {
+        address: String,
+        expected: TaskId,
+        got: TaskId,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -26,15 +36,17 @@ pub trait Allocate: Sync {
     fn allocate(&self, layout: Vec<u64>) -> Result<ObjectBuilder, StoreError>;
 }
 
+/// One entry per requested id, in order: `None` where the peer does not hold it.
+pub type Fetched = Vec<(TaskId, Option<Object>)>;
+
 /// Fetches task results from the worker that holds them.
 pub trait Transport: Send + Sync + 'static {
-    /// One entry per requested id, in order: `None` where the peer does not hold it.
     fn fetch<'a>(
         &'a self,
         from: &'a WorkerInfo,
         ids: Vec<TaskId>,
         alloc: &'a dyn Allocate,
-    ) -> BoxFuture<'a, Result<Vec<(TaskId, Option<Object>)>, TransportError>>;
+    ) -> BoxFuture<'a, Result<Fetched, TransportError>>;
 }
 
 /// Clients have no shared-memory folder: everything they fetch lands on the heap.
@@ -42,8 +54,8 @@ pub struct HeapAllocator;
 
 impl Allocate for HeapAllocator {
     fn allocate(&self, layout: Vec<u64>) -> Result<ObjectBuilder, StoreError> {
-        let (_, total) =
-            crate::protocol::frame_offsets(&layout).ok_or_else(|| StoreError::BadLayout(layout.clone()))?;
+        let (_, total) = crate::protocol::frame_offsets(&layout)
+            .ok_or_else(|| StoreError::BadLayout(layout.clone()))?;
         Ok(ObjectBuilder::heap(layout, total))
     }
 }

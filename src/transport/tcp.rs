@@ -1,9 +1,11 @@
 //! Results over TCP: each worker runs a data server; peers and clients fetch from it on
 //! pooled, authenticated connections.
 
-use super::{Allocate, Transport, TransportError};
-use crate::protocol::{self, FrameReader, FrameWriter, ObjectHeader, PeerRequest, Role, TaskId, Token, WorkerInfo};
-use crate::worker::store::{Object, Store};
+use super::{Allocate, Fetched, Transport, TransportError};
+use crate::protocol::{
+    self, FrameReader, FrameWriter, ObjectHeader, PeerRequest, Role, TaskId, Token, WorkerInfo,
+};
+use crate::worker::store::Store;
 use futures::future::BoxFuture;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -19,17 +21,30 @@ pub async fn connect(
     address: &str,
     token: &Token,
     role: Role,
-) -> Result<(FrameReader<OwnedReadHalf>, FrameWriter<OwnedWriteHalf>, Option<protocol::ClientId>), TransportError> {
+) -> Result<
+    (
+        FrameReader<OwnedReadHalf>,
+        FrameWriter<OwnedWriteHalf>,
+        Option<protocol::ClientId>,
+    ),
+    TransportError,
+> {
     let address = strip_scheme(address);
     let stream = TcpStream::connect(address)
         .await
-        .map_err(|source| TransportError::Connect { address: address.to_string(), source })?;
+        .map_err(|source| TransportError::Connect {
+            address: address.to_string(),
+            source,
+        })?;
     let _ = stream.set_nodelay(true);
     let (r, w) = stream.into_split();
     let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
     let client_id = protocol::connect(&mut reader, &mut writer, token, role)
         .await
-        .map_err(|source| TransportError::Handshake { address: address.to_string(), source })?;
+        .map_err(|source| TransportError::Handshake {
+            address: address.to_string(),
+            source,
+        })?;
     Ok((reader, writer, client_id))
 }
 
@@ -46,14 +61,24 @@ pub struct TcpTransport {
 
 impl TcpTransport {
     pub fn new(token: Token) -> TcpTransport {
-        TcpTransport { token, idle: Mutex::new(HashMap::new()) }
+        TcpTransport {
+            token,
+            idle: Mutex::new(HashMap::new()),
+        }
     }
 
     async fn checkout(&self, address: &str) -> Result<DataConnection, TransportError> {
-        let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).get_mut(address).and_then(Vec::pop);
+        let pooled = self
+            .idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(address)
+            .and_then(Vec::pop);
         match pooled {
             Some(connection) => Ok(connection),
-            None => connect(address, &self.token, Role::Peer).await.map(|(r, w, _)| (r, w)),
+            None => connect(address, &self.token, Role::Peer)
+                .await
+                .map(|(r, w, _)| (r, w)),
         }
     }
 
@@ -71,19 +96,27 @@ impl TcpTransport {
         address: &str,
         ids: Vec<TaskId>,
         alloc: &dyn Allocate,
-    ) -> Result<Vec<(TaskId, Option<Object>)>, TransportError> {
+    ) -> Result<Fetched, TransportError> {
         let (mut reader, mut writer) = self.checkout(address).await?;
-        let frame = |source| TransportError::Frame { address: address.to_string(), source };
-        writer.send(&PeerRequest::Fetch(ids.clone())).await.map_err(frame)?;
+        let frame = |source| TransportError::Frame {
+            address: address.to_string(),
+            source,
+        };
+        writer
+            .send(&PeerRequest::Fetch(ids.clone()))
+            .await
+            .map_err(frame)?;
         let mut objects = Vec::with_capacity(ids.len());
         for expected in ids {
-            let header: ObjectHeader = reader
-                .recv()
-                .await
-                .map_err(frame)?
-                .ok_or_else(|| frame(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()))?;
+            let header: ObjectHeader = reader.recv().await.map_err(frame)?.ok_or_else(|| {
+                frame(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into())
+            })?;
             if header.id != expected {
-                return Err(TransportError::OutOfOrder { address: address.to_string(), expected, got: header.id });
+                return Err(TransportError::OutOfOrder {
+                    address: address.to_string(),
+                    expected,
+                    got: header.id,
+                });
             }
             let object = match header.layout {
                 None => None,
@@ -106,13 +139,18 @@ impl Transport for TcpTransport {
         from: &'a WorkerInfo,
         ids: Vec<TaskId>,
         alloc: &'a dyn Allocate,
-    ) -> BoxFuture<'a, Result<Vec<(TaskId, Option<Object>)>, TransportError>> {
+    ) -> BoxFuture<'a, Result<Fetched, TransportError>> {
         Box::pin(self.fetch_from(&from.data_address, ids, alloc))
     }
 }
 
 /// Serves the store to authenticated peers until `shutdown`.
-pub async fn serve_data(listener: TcpListener, token: Token, store: Store, shutdown: CancellationToken) {
+pub async fn serve_data(
+    listener: TcpListener,
+    token: Token,
+    store: Store,
+    shutdown: CancellationToken,
+) {
     let tracker = TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -144,15 +182,25 @@ async fn serve_peer(stream: TcpStream, token: &Token, store: &Store) -> Result<(
     let _ = stream.set_nodelay(true);
     let (r, w) = stream.into_split();
     let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
-    protocol::accept(&mut reader, &mut writer, token, &[Role::Peer]).await.map_err(|e| format!("refused: {e}"))?;
-    protocol::welcome(&mut writer, None).await.map_err(|e| e.to_string())?;
+    protocol::accept(&mut reader, &mut writer, token, &[Role::Peer])
+        .await
+        .map_err(|e| format!("refused: {e}"))?;
+    protocol::welcome(&mut writer, None)
+        .await
+        .map_err(|e| e.to_string())?;
     while let Some(PeerRequest::Fetch(ids)) = reader.recv().await.map_err(|e| e.to_string())? {
         for id in ids {
             let object = store.get(id);
-            let header = ObjectHeader { id, layout: object.as_ref().map(|o| o.layout.clone()) };
+            let header = ObjectHeader {
+                id,
+                layout: object.as_ref().map(|o| o.layout.clone()),
+            };
             writer.feed(&header).await.map_err(|e| e.to_string())?;
             if let Some(object) = object {
-                writer.write_raw(object.bytes()).await.map_err(|e| e.to_string())?;
+                writer
+                    .write_raw(object.bytes())
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
         }
         writer.flush().await.map_err(|e| e.to_string())?;

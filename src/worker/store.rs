@@ -15,11 +15,18 @@ pub enum StoreError {
     #[error("object layout {0:?} is invalid")]
     BadLayout(Vec<u64>),
     #[error("object file {path} is {actual} bytes, its layout says {expected}")]
-    SizeMismatch { path: PathBuf, expected: u64, actual: u64 },
+    SizeMismatch {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
     #[error("object file {0} is outside this worker's shared-memory folder")]
     ForeignPath(PathBuf),
     #[error("shared memory {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A result: its frame layout and its bytes.
@@ -38,7 +45,10 @@ enum ObjectData {
 impl Object {
     pub fn inline(data: Bytes, layout: Vec<u64>) -> Result<Object, StoreError> {
         match frame_offsets(&layout) {
-            Some((_, total)) if total == data.len() as u64 => Ok(Object { layout, data: ObjectData::Heap(data) }),
+            Some((_, total)) if total == data.len() as u64 => Ok(Object {
+                layout,
+                data: ObjectData::Heap(data),
+            }),
             _ => Err(StoreError::BadLayout(layout)),
         }
     }
@@ -57,8 +67,14 @@ impl Object {
     /// How an executor on this worker reads the object.
     pub fn to_ref(&self) -> ObjectRef {
         match &self.data {
-            ObjectData::Heap(b) => ObjectRef::Inline { data: b.clone(), layout: self.layout.clone() },
-            ObjectData::Shm(s) => ObjectRef::Shm { path: s.path.to_string_lossy().into_owned(), layout: self.layout.clone() },
+            ObjectData::Heap(b) => ObjectRef::Inline {
+                data: b.clone(),
+                layout: self.layout.clone(),
+            },
+            ObjectData::Shm(s) => ObjectRef::Shm {
+                path: s.path.to_string_lossy().into_owned(),
+                layout: self.layout.clone(),
+            },
         }
     }
 }
@@ -91,13 +107,20 @@ pub struct ShmDir {
 
 impl ShmDir {
     pub fn create(prefix: &str) -> std::io::Result<ShmDir> {
-        let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
+        let base = if Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
         let mut suffix = [0u8; 6];
         getrandom::fill(&mut suffix).map_err(|e| std::io::Error::other(e.to_string()))?;
         let name: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
         let dir = base.join(format!("{prefix}-{}-{name}", std::process::id()));
         std::fs::create_dir(&dir)?;
-        Ok(ShmDir { dir, next: AtomicU64::new(0) })
+        Ok(ShmDir {
+            dir,
+            next: AtomicU64::new(0),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -106,40 +129,68 @@ impl ShmDir {
 
     /// Takes over a file an executor wrote into this folder.
     pub fn adopt(&self, path: &Path, layout: Vec<u64>) -> Result<Object, StoreError> {
-        let (_, total) = frame_offsets(&layout).ok_or_else(|| StoreError::BadLayout(layout.clone()))?;
+        let (_, total) =
+            frame_offsets(&layout).ok_or_else(|| StoreError::BadLayout(layout.clone()))?;
         if path.parent() != Some(self.dir.as_path()) {
             return Err(StoreError::ForeignPath(path.to_path_buf()));
         }
-        let io = |source| StoreError::Io { path: path.to_path_buf(), source };
+        let io = |source| StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         // From here on the segment owns the file, so it is removed on every error path too.
-        let mut segment = ShmSegment { path: path.to_path_buf(), map: None };
+        let mut segment = ShmSegment {
+            path: path.to_path_buf(),
+            map: None,
+        };
         let file = File::open(path).map_err(io)?;
         let actual = file.metadata().map_err(io)?.len();
         if actual != total {
-            return Err(StoreError::SizeMismatch { path: path.to_path_buf(), expected: total, actual });
+            return Err(StoreError::SizeMismatch {
+                path: path.to_path_buf(),
+                expected: total,
+                actual,
+            });
         }
         if total > 0 {
             // SAFETY: the file is private to this worker's folder and no one writes it after
             // the executor handed it over.
             segment.map = Some(unsafe { Mmap::map(&file) }.map_err(io)?);
         }
-        Ok(Object { layout, data: ObjectData::Shm(segment) })
+        Ok(Object {
+            layout,
+            data: ObjectData::Shm(segment),
+        })
     }
 
     /// A writable buffer for an object arriving from the network: shared memory when
     /// large (executors then map it), the heap when small.
     pub fn allocate(&self, layout: Vec<u64>) -> Result<ObjectBuilder, StoreError> {
-        let (_, total) = frame_offsets(&layout).ok_or_else(|| StoreError::BadLayout(layout.clone()))?;
+        let (_, total) =
+            frame_offsets(&layout).ok_or_else(|| StoreError::BadLayout(layout.clone()))?;
         if total <= INLINE_MAX {
             return Ok(ObjectBuilder::heap(layout, total));
         }
-        let path = self.dir.join(format!("in-{}", self.next.fetch_add(1, Ordering::Relaxed)));
-        let io = |source| StoreError::Io { path: path.clone(), source };
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io)?;
+        let path = self
+            .dir
+            .join(format!("in-{}", self.next.fetch_add(1, Ordering::Relaxed)));
+        let io = |source| StoreError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io)?;
         file.set_len(total).map_err(io)?;
         // SAFETY: the file was just created by us and nobody else maps it yet.
         let map = unsafe { MmapMut::map_mut(&file) }.map_err(io)?;
-        Ok(ObjectBuilder { layout, target: Target::Shm { path, map } })
+        Ok(ObjectBuilder {
+            layout,
+            target: Target::Shm { path, map },
+        })
     }
 }
 
@@ -163,7 +214,10 @@ enum Target {
 impl ObjectBuilder {
     /// A heap buffer of the layout's size (for clients, which have no shared memory).
     pub fn heap(layout: Vec<u64>, total: u64) -> ObjectBuilder {
-        ObjectBuilder { layout, target: Target::Heap(vec![0; total as usize]) }
+        ObjectBuilder {
+            layout,
+            target: Target::Heap(vec![0; total as usize]),
+        }
     }
 
     pub fn buffer(&mut self) -> &mut [u8] {
@@ -177,11 +231,20 @@ impl ObjectBuilder {
         let data = match self.target {
             Target::Heap(v) => ObjectData::Heap(Bytes::from(v)),
             Target::Shm { path, map } => {
-                let map = map.make_read_only().map_err(|source| StoreError::Io { path: path.clone(), source })?;
-                ObjectData::Shm(ShmSegment { path, map: Some(map) })
+                let map = map.make_read_only().map_err(|source| StoreError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                ObjectData::Shm(ShmSegment {
+                    path,
+                    map: Some(map),
+                })
             }
         };
-        Ok(Object { layout: self.layout, data })
+        Ok(Object {
+            layout: self.layout,
+            data,
+        })
     }
 }
 
@@ -214,7 +277,9 @@ impl Store {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, Arc<Object>>> {
         // A panic while holding this lock leaves the map consistent (single inserts/removes).
-        self.objects.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.objects
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -228,7 +293,9 @@ mod tests {
         let mut builder = dir.allocate(vec![10, INLINE_MAX]).unwrap();
         builder.buffer()[64] = 7;
         let object = builder.finish().unwrap();
-        let ObjectRef::Shm { path, .. } = object.to_ref() else { panic!("large object must be in shm") };
+        let ObjectRef::Shm { path, .. } = object.to_ref() else {
+            panic!("large object must be in shm")
+        };
         assert_eq!(std::fs::read(&path).unwrap()[64], 7);
         drop(object);
         assert!(!Path::new(&path).exists());
@@ -239,12 +306,18 @@ mod tests {
         let dir = ShmDir::create("rankmesh-test").unwrap();
         let inside = dir.path().join("x");
         std::fs::write(&inside, [1u8; 100]).unwrap();
-        assert!(matches!(dir.adopt(&inside, vec![200]), Err(StoreError::SizeMismatch { .. })));
+        assert!(matches!(
+            dir.adopt(&inside, vec![200]),
+            Err(StoreError::SizeMismatch { .. })
+        ));
         assert!(!inside.exists(), "a refused file is removed");
         std::fs::write(&inside, [1u8; 128]).unwrap();
         assert_eq!(dir.adopt(&inside, vec![100]).unwrap().size(), 128);
         let outside = std::env::temp_dir().join("rankmesh-foreign-object");
-        assert!(matches!(dir.adopt(&outside, vec![1]), Err(StoreError::ForeignPath(_))));
+        assert!(matches!(
+            dir.adopt(&outside, vec![1]),
+            Err(StoreError::ForeignPath(_))
+        ));
     }
 
     #[test]

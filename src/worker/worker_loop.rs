@@ -1,11 +1,14 @@
 //! The worker's event loop: scheduler messages, executor events and finished fetches,
 //! one at a time, on one task that owns all worker state.
 
-use super::executor::{Executor, ExecutorEvent, PythonExecutor, PythonExecutorConfig, ShellExecutor};
+use super::executor::{
+    Executor, ExecutorEvent, PythonExecutor, PythonExecutorConfig, ShellExecutor,
+};
 use super::store::{Object, ShmDir, Store};
 use crate::protocol::{
-    ComputeTask, ErrorInfo, FrameReader, FromWorker, FuncId, FunctionBlob, ObjectRef, Role, RunTask, TaskDone, TaskId,
-    TaskOutcome, ToWorker, Token, WorkerId, WorkerInfo, WorkerRegistration,
+    ComputeTask, ErrorInfo, FrameReader, FromWorker, FuncId, FunctionBlob, ObjectRef, Role,
+    RunTask, TaskDone, TaskId, TaskOutcome, ToWorker, Token, WorkerId, WorkerInfo,
+    WorkerRegistration,
 };
 use crate::transport::tcp::{self, TcpTransport};
 use crate::transport::{Transport, TransportError};
@@ -62,11 +65,18 @@ pub enum WorkerError {
 /// Runs a worker until the scheduler says stop, goes away, or `shutdown` fires.
 pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<(), WorkerError> {
     let shm = Arc::new(ShmDir::create("rankmesh")?);
-    let socket_dir = tempfile::Builder::new().prefix("rankmesh-worker-").tempdir()?;
+    let socket_dir = tempfile::Builder::new()
+        .prefix("rankmesh-worker-")
+        .tempdir()?;
     let listener = TcpListener::bind((config.listen_host.as_str(), 0)).await?;
-    let data_address = format!("{}:{}", config.advertise_host, listener.local_addr()?.port());
+    let data_address = format!(
+        "{}:{}",
+        config.advertise_host,
+        listener.local_addr()?.port()
+    );
 
-    let (mut reader, mut writer, _) = tcp::connect(&config.scheduler, &config.token, Role::Worker).await?;
+    let (mut reader, mut writer, _) =
+        tcp::connect(&config.scheduler, &config.token, Role::Worker).await?;
     let registration = WorkerRegistration {
         data_address,
         host: config.advertise_host.clone(),
@@ -75,7 +85,10 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
         pid: std::process::id(),
     };
     let registered = async {
-        writer.send(&FromWorker::Register(registration)).await.map_err(|e| e.to_string())?;
+        writer
+            .send(&FromWorker::Register(registration))
+            .await
+            .map_err(|e| e.to_string())?;
         match reader.recv::<ToWorker>().await.map_err(|e| e.to_string())? {
             Some(ToWorker::Registered { worker_id, peers }) => Ok((worker_id, peers)),
             other => Err(format!("expected Registered, got {other:?}")),
@@ -87,7 +100,12 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
     let tasks = TaskTracker::new();
     let stop_children = shutdown.child_token();
     let store = Store::default();
-    tasks.spawn(tcp::serve_data(listener, config.token.clone(), store.clone(), stop_children.clone()));
+    tasks.spawn(tcp::serve_data(
+        listener,
+        config.token.clone(),
+        store.clone(),
+        stop_children.clone(),
+    ));
     let (to_scheduler, outbound) = mpsc::unbounded_channel();
     tasks.spawn(forward_to_scheduler(writer, outbound));
 
@@ -137,7 +155,10 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
     stop_children.cancel();
     tasks.close();
     drop(worker); // closes the scheduler channel, so the forwarder ends
-    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("worker tasks did not stop within {SHUTDOWN_GRACE:?}");
     }
     Ok(())
@@ -179,13 +200,19 @@ struct Slot {
 
 impl Slot {
     fn new(executor: Box<dyn Executor>) -> Slot {
-        Slot { executor, generation: 0, in_flight: Vec::new(), functions_sent: HashSet::new(), exclusive: false }
+        Slot {
+            executor,
+            generation: 0,
+            in_flight: Vec::new(),
+            functions_sent: HashSet::new(),
+            exclusive: false,
+        }
     }
 }
 
 struct Fetched {
     peer: WorkerId,
-    result: Result<Vec<(TaskId, Option<Object>)>, TransportError>,
+    result: Result<crate::transport::Fetched, TransportError>,
     ids: Vec<TaskId>,
 }
 
@@ -244,7 +271,9 @@ impl Worker {
     fn on_scheduler(&mut self, msg: ToWorker) {
         match msg {
             ToWorker::Compute(tasks) => tasks.into_iter().for_each(|t| self.accept_task(t)),
-            ToWorker::Functions(blobs) => self.functions.extend(blobs.into_iter().map(|b| (b.id, b.bytes))),
+            ToWorker::Functions(blobs) => self
+                .functions
+                .extend(blobs.into_iter().map(|b| (b.id, b.bytes))),
             ToWorker::Release(ids) => ids.into_iter().for_each(|id| self.store.remove(id)),
             ToWorker::Cancel(ids) => {
                 for id in ids {
@@ -289,7 +318,16 @@ impl Worker {
             wanted_from.entry(*holder).or_default().push(input.id);
         }
         let priority = compute.priority;
-        self.tasks.insert(id, Pending { compute, missing, crashes: 0, running: false, cancelled: false });
+        self.tasks.insert(
+            id,
+            Pending {
+                compute,
+                missing,
+                crashes: 0,
+                running: false,
+                cancelled: false,
+            },
+        );
         if missing == 0 {
             self.ready.push(Reverse((priority, id)));
         }
@@ -299,8 +337,14 @@ impl Worker {
     }
 
     fn start_fetch(&self, peer: WorkerId, ids: Vec<TaskId>) {
-        let Some(info) = self.peers.get(&peer).cloned() else { return };
-        let (transport, shm, done) = (self.transport.clone(), self.shm.clone(), self.fetched_tx.clone());
+        let Some(info) = self.peers.get(&peer).cloned() else {
+            return;
+        };
+        let (transport, shm, done) = (
+            self.transport.clone(),
+            self.shm.clone(),
+            self.fetched_tx.clone(),
+        );
         tokio::spawn(async move {
             let result = transport.fetch(&info, ids.clone(), &*shm).await;
             let _ = done.send(Fetched { peer, result, ids });
@@ -317,7 +361,8 @@ impl Worker {
                             self.replicated.push(id);
                             self.input_arrived(id);
                         }
-                        None => self.input_lost(id, &format!("worker {} no longer holds it", fetched.peer)),
+                        None => self
+                            .input_lost(id, &format!("worker {} no longer holds it", fetched.peer)),
                     }
                 }
                 return;
@@ -358,7 +403,8 @@ impl Worker {
             }
             ExecutorEvent::Results { slot, outcomes } => {
                 let slot = &mut self.slots[slot];
-                slot.in_flight.retain(|id| !outcomes.iter().any(|o| o.id == *id));
+                slot.in_flight
+                    .retain(|id| !outcomes.iter().any(|o| o.id == *id));
                 slot.exclusive &= !slot.in_flight.is_empty();
                 outcomes.into_iter().for_each(|o| self.on_outcome(o));
             }
@@ -371,7 +417,12 @@ impl Worker {
         let object = match outcome.result {
             Err(error) => {
                 if task.is_some_and(|t| !t.cancelled) {
-                    self.to_scheduler.send(FromWorker::Failed { id: outcome.id, error }).ok();
+                    self.to_scheduler
+                        .send(FromWorker::Failed {
+                            id: outcome.id,
+                            error,
+                        })
+                        .ok();
                 }
                 return;
             }
@@ -385,7 +436,11 @@ impl Worker {
             Ok(object) => {
                 let duration_s = outcome.duration_us as f64 * 1e-6;
                 self.task_duration_s = 0.9 * self.task_duration_s + 0.1 * duration_s;
-                self.done.push(TaskDone { id: outcome.id, size: object.size(), duration_us: outcome.duration_us });
+                self.done.push(TaskDone {
+                    id: outcome.id,
+                    size: object.size(),
+                    duration_us: outcome.duration_us,
+                });
                 self.store.insert(outcome.id, object);
             }
             Err(e) => self.fail(outcome.id, ErrorInfo::runtime("StoreError", e.to_string())),
@@ -400,7 +455,9 @@ impl Worker {
         // Alone on the executor, the task is to blame; among several, each reruns alone.
         let blamed = (lost.len() == 1).then(|| lost[0]);
         for id in lost {
-            let Some(task) = self.tasks.get_mut(&id) else { continue };
+            let Some(task) = self.tasks.get_mut(&id) else {
+                continue;
+            };
             task.running = false;
             if task.cancelled {
                 self.tasks.remove(&id);
@@ -425,13 +482,16 @@ impl Worker {
 
     fn fail(&mut self, id: TaskId, error: ErrorInfo) {
         self.tasks.remove(&id);
-        self.to_scheduler.send(FromWorker::Failed { id, error }).ok();
+        self.to_scheduler
+            .send(FromWorker::Failed { id, error })
+            .ok();
     }
 
     /// Hands ready tasks to executors: suspects alone to idle executors, then the rest
     /// dealt round-robin up to each executor's queue depth.
     fn dispatch(&mut self) {
-        let depth = ((TARGET_QUEUED_WORK_S / self.task_duration_s.max(1e-7)).ceil() as usize).clamp(1, MAX_EXECUTOR_DEPTH);
+        let depth = ((TARGET_QUEUED_WORK_S / self.task_duration_s.max(1e-7)).ceil() as usize)
+            .clamp(1, MAX_EXECUTOR_DEPTH);
         let mut batches: Vec<Vec<TaskId>> = vec![Vec::new(); self.slots.len()];
         for (index, slot) in self.slots.iter_mut().enumerate() {
             if slot.generation == 0 || !slot.in_flight.is_empty() {
@@ -442,14 +502,21 @@ impl Worker {
                 batches[index].push(id);
             }
         }
-        let open: Vec<bool> = self.slots.iter().map(|s| s.generation != 0 && !s.exclusive).collect();
+        let open: Vec<bool> = self
+            .slots
+            .iter()
+            .map(|s| s.generation != 0 && !s.exclusive)
+            .collect();
         loop {
             let mut dealt = false;
             for index in 0..self.slots.len() {
-                if !open[index] || self.slots[index].in_flight.len() + batches[index].len() >= depth {
+                if !open[index] || self.slots[index].in_flight.len() + batches[index].len() >= depth
+                {
                     continue;
                 }
-                let Some(Reverse((_, id))) = self.pop_ready() else { break };
+                let Some(Reverse((_, id))) = self.pop_ready() else {
+                    break;
+                };
                 batches[index].push(id);
                 dealt = true;
             }
@@ -478,11 +545,18 @@ impl Worker {
         let mut functions = Vec::new();
         let mut run = Vec::with_capacity(batch.len());
         for id in batch {
-            let Some(task) = self.tasks.get_mut(&id) else { continue };
+            let Some(task) = self.tasks.get_mut(&id) else {
+                continue;
+            };
             task.running = true;
             for func in &task.compute.funcs {
-                if let (true, Some(bytes)) = (slot.functions_sent.insert(*func), self.functions.get(func)) {
-                    functions.push(FunctionBlob { id: *func, bytes: bytes.clone() });
+                if let (true, Some(bytes)) =
+                    (slot.functions_sent.insert(*func), self.functions.get(func))
+                {
+                    functions.push(FunctionBlob {
+                        id: *func,
+                        bytes: bytes.clone(),
+                    });
                 }
             }
             let inputs = task
@@ -494,12 +568,21 @@ impl Worker {
             match inputs {
                 Some(inputs) => {
                     slot.in_flight.push(id);
-                    run.push(RunTask { id, payload: task.compute.payload.clone(), inputs });
+                    run.push(RunTask {
+                        id,
+                        payload: task.compute.payload.clone(),
+                        inputs,
+                    });
                 }
                 None => {
                     let message = format!("an input of task {id} was released before it ran");
                     self.tasks.remove(&id);
-                    self.to_scheduler.send(FromWorker::Failed { id, error: ErrorInfo::runtime("FetchError", message) }).ok();
+                    self.to_scheduler
+                        .send(FromWorker::Failed {
+                            id,
+                            error: ErrorInfo::runtime("FetchError", message),
+                        })
+                        .ok();
                 }
             }
         }
@@ -510,10 +593,14 @@ impl Worker {
 
     fn flush(&mut self) {
         if !self.done.is_empty() {
-            self.to_scheduler.send(FromWorker::Done(std::mem::take(&mut self.done))).ok();
+            self.to_scheduler
+                .send(FromWorker::Done(std::mem::take(&mut self.done)))
+                .ok();
         }
         if !self.replicated.is_empty() {
-            self.to_scheduler.send(FromWorker::Replicated(std::mem::take(&mut self.replicated))).ok();
+            self.to_scheduler
+                .send(FromWorker::Replicated(std::mem::take(&mut self.replicated)))
+                .ok();
         }
     }
 }

@@ -15,10 +15,19 @@ use tokio::sync::mpsc;
 /// work from an earlier generation are stale.
 #[derive(Debug)]
 pub enum ExecutorEvent {
-    Ready { slot: usize, generation: u64 },
-    Results { slot: usize, outcomes: Vec<TaskOutcome> },
+    Ready {
+        slot: usize,
+        generation: u64,
+    },
+    Results {
+        slot: usize,
+        outcomes: Vec<TaskOutcome>,
+    },
     /// The executor died; everything it had in flight is lost. A new generation follows.
-    Died { slot: usize, reason: String },
+    Died {
+        slot: usize,
+        reason: String,
+    },
 }
 
 pub type EventSender = mpsc::UnboundedSender<ExecutorEvent>;

@@ -3,7 +3,10 @@
 //! is replaced by a new generation.
 
 use super::{EventSender, Executor, ExecutorEvent};
-use crate::protocol::{self, FrameReader, FrameWriter, FromExecutor, FunctionBlob, Role, RunTask, Token, ToExecutor, TOKEN_ENV};
+use crate::protocol::{
+    self, FrameReader, FrameWriter, FromExecutor, FunctionBlob, Role, RunTask, ToExecutor, Token,
+    TOKEN_ENV,
+};
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
@@ -33,7 +36,12 @@ pub struct PythonExecutor {
 }
 
 impl PythonExecutor {
-    pub fn start(slot: usize, config: PythonExecutorConfig, events: EventSender, shutdown: CancellationToken) -> Self {
+    pub fn start(
+        slot: usize,
+        config: PythonExecutorConfig,
+        events: EventSender,
+        shutdown: CancellationToken,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(supervise(slot, config, rx, events, shutdown));
         PythonExecutor { tx }
@@ -61,14 +69,21 @@ async fn supervise(
     let listener = match UnixListener::bind(&socket) {
         Ok(listener) => listener,
         Err(e) => {
-            let _ = events.send(ExecutorEvent::Died { slot, reason: format!("cannot listen on {}: {e}", socket.display()) });
+            let _ = events.send(ExecutorEvent::Died {
+                slot,
+                reason: format!("cannot listen on {}: {e}", socket.display()),
+            });
             return;
         }
     };
     let mut generation = 0u64;
     while !shutdown.is_cancelled() {
         generation += 1;
-        let reason = match run_generation(slot, generation, &config, &socket, &listener, &mut work, &events, &shutdown).await {
+        let reason = match run_generation(
+            slot, generation, &config, &socket, &listener, &mut work, &events, &shutdown,
+        )
+        .await
+        {
             Ok(()) => return,
             Err(reason) => reason,
         };
@@ -90,7 +105,8 @@ async fn run_generation(
     events: &EventSender,
     shutdown: &CancellationToken,
 ) -> Result<(), String> {
-    let mut child = spawn(slot, config, socket).map_err(|e| format!("cannot start `{} -m rankmesh.executor`: {e}", config.python))?;
+    let mut child = spawn(slot, config, socket)
+        .map_err(|e| format!("cannot start `{} -m rankmesh.executor`: {e}", config.python))?;
     let pid = child.id().unwrap_or(0);
     let connected = tokio::select! {
         _ = shutdown.cancelled() => return stop(child).await,
@@ -116,7 +132,10 @@ async fn run_generation(
         let _ = child.kill().await;
         return Err(format!("executor (pid {pid}) failed its handshake: {e}"));
     }
-    if events.send(ExecutorEvent::Ready { slot, generation }).is_err() {
+    if events
+        .send(ExecutorEvent::Ready { slot, generation })
+        .is_err()
+    {
         return stop(child).await;
     }
     // Writing runs on its own task: an executor blocked sending results must never wait
@@ -177,7 +196,11 @@ async fn run_generation(
     Err(ended)
 }
 
-fn spawn(slot: usize, config: &PythonExecutorConfig, socket: &std::path::Path) -> std::io::Result<Child> {
+fn spawn(
+    slot: usize,
+    config: &PythonExecutorConfig,
+    socket: &std::path::Path,
+) -> std::io::Result<Child> {
     let mut command = Command::new(&config.python);
     command
         .args(["-m", "rankmesh.executor"])
@@ -193,7 +216,10 @@ fn spawn(slot: usize, config: &PythonExecutorConfig, socket: &std::path::Path) -
 
 /// Asks nothing more of the child: waits briefly for it to leave, then kills it.
 async fn stop(mut child: Child) -> Result<(), String> {
-    if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
+    if tokio::time::timeout(STOP_GRACE, child.wait())
+        .await
+        .is_err()
+    {
         let _ = child.kill().await;
     }
     Ok(())
@@ -214,8 +240,13 @@ fn describe_exit(pid: u32, status: std::io::Result<ExitStatus>, when: &str) -> S
     use std::os::unix::process::ExitStatusExt;
     match status {
         Ok(s) => match (s.code(), s.signal()) {
-            (_, Some(sig)) => format!("executor process (pid {pid}) was killed by signal {sig} ({}) {when}", signal_name(sig)),
-            (Some(code), _) => format!("executor process (pid {pid}) exited with status {code} {when}"),
+            (_, Some(sig)) => format!(
+                "executor process (pid {pid}) was killed by signal {sig} ({}) {when}",
+                signal_name(sig)
+            ),
+            (Some(code), _) => {
+                format!("executor process (pid {pid}) exited with status {code} {when}")
+            }
             _ => format!("executor process (pid {pid}) ended {when}"),
         },
         Err(e) => format!("executor process (pid {pid}) could not be waited for: {e}"),

@@ -14,7 +14,10 @@ pub struct ShellExecutor {
 
 impl ShellExecutor {
     pub fn start(slot: usize, events: EventSender) -> Self {
-        let _ = events.send(ExecutorEvent::Ready { slot, generation: 1 });
+        let _ = events.send(ExecutorEvent::Ready {
+            slot,
+            generation: 1,
+        });
         ShellExecutor { slot, events }
     }
 }
@@ -26,15 +29,23 @@ impl Executor for ShellExecutor {
             for task in tasks {
                 let started = Instant::now();
                 let result = run_command(&task.payload).await;
-                let outcome = TaskOutcome { id: task.id, duration_us: started.elapsed().as_micros() as u64, result };
-                let _ = events.send(ExecutorEvent::Results { slot, outcomes: vec![outcome] });
+                let outcome = TaskOutcome {
+                    id: task.id,
+                    duration_us: started.elapsed().as_micros() as u64,
+                    result,
+                };
+                let _ = events.send(ExecutorEvent::Results {
+                    slot,
+                    outcomes: vec![outcome],
+                });
             }
         });
     }
 }
 
 async fn run_command(payload: &[u8]) -> Result<ObjectRef, ErrorInfo> {
-    let argv: Vec<String> = decode(payload).map_err(|e| ErrorInfo::runtime("ValueError", format!("not a command: {e}")))?;
+    let argv: Vec<String> = decode(payload)
+        .map_err(|e| ErrorInfo::runtime("ValueError", format!("not a command: {e}")))?;
     let Some((program, args)) = argv.split_first() else {
         return Err(ErrorInfo::runtime("ValueError", "empty command".into()));
     };
@@ -43,16 +54,26 @@ async fn run_command(payload: &[u8]) -> Result<ObjectRef, ErrorInfo> {
         .stdin(std::process::Stdio::null())
         .output()
         .await
-        .map_err(|e| ErrorInfo::runtime("FileNotFoundError", format!("cannot run `{program}`: {e}")))?;
+        .map_err(|e| {
+            ErrorInfo::runtime("FileNotFoundError", format!("cannot run `{program}`: {e}"))
+        })?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         return Err(ErrorInfo::runtime(
             "CalledProcessError",
-            format!("`{}` failed ({}): {}", argv.join(" "), output.status, stderr.trim_end()),
+            format!(
+                "`{}` failed ({}): {}",
+                argv.join(" "),
+                output.status,
+                stderr.trim_end()
+            ),
         ));
     }
     let data = pickled_bytes(&output.stdout);
-    Ok(ObjectRef::Inline { layout: vec![data.len() as u64], data })
+    Ok(ObjectRef::Inline {
+        layout: vec![data.len() as u64],
+        data,
+    })
 }
 
 /// `pickle.dumps(data, protocol=5)` for a bytes object: PROTO 5, BINBYTES8, STOP.
@@ -76,7 +97,15 @@ mod tests {
         let mut executor = ShellExecutor::start(0, tx);
         assert!(matches!(rx.recv().await, Some(ExecutorEvent::Ready { .. })));
         let payload = encode(&argv).unwrap();
-        executor.run(1, vec![], vec![RunTask { id: TaskId(1), payload, inputs: vec![] }]);
+        executor.run(
+            1,
+            vec![],
+            vec![RunTask {
+                id: TaskId(1),
+                payload,
+                inputs: vec![],
+            }],
+        );
         match rx.recv().await {
             Some(ExecutorEvent::Results { mut outcomes, .. }) => outcomes.remove(0).result,
             other => panic!("unexpected {other:?}"),
@@ -85,15 +114,23 @@ mod tests {
 
     #[tokio::test]
     async fn stdout_becomes_a_pickled_bytes_result() {
-        let Ok(ObjectRef::Inline { data, .. }) = run(&["echo", "hi"]).await else { panic!("echo failed") };
+        let Ok(ObjectRef::Inline { data, .. }) = run(&["echo", "hi"]).await else {
+            panic!("echo failed")
+        };
         assert_eq!(&data[..], pickled_bytes(b"hi\n").as_ref());
         assert!(data.ends_with(b"hi\n."));
     }
 
     #[tokio::test]
     async fn failing_commands_report_their_status() {
-        let err = run(&["sh", "-c", "echo oops >&2; exit 3"]).await.unwrap_err();
+        let err = run(&["sh", "-c", "echo oops >&2; exit 3"])
+            .await
+            .unwrap_err();
         assert_eq!(err.type_name, "CalledProcessError");
-        assert!(err.message.contains("oops") && err.message.contains('3'), "{}", err.message);
+        assert!(
+            err.message.contains("oops") && err.message.contains('3'),
+            "{}",
+            err.message
+        );
     }
 }

@@ -1,0 +1,45 @@
+"""Cluster fixtures: one LocalCluster per test module keeps the suite fast; tests that
+break workers on purpose start their own."""
+
+import os
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "examples"))  # the main job's pipeline, shared with the bench
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import rankmesh
+
+    with rankmesh.LocalCluster(n_workers=2, threads_per_worker=1) as cluster:
+        yield cluster
+
+
+@pytest.fixture()
+def client(cluster):
+    import rankmesh
+
+    with rankmesh.Client(cluster) as client:
+        yield client
+
+
+def cluster_processes(cluster) -> list[psutil.Process]:
+    """`rankmesh local` and everything below it: workers and their executors."""
+    root = psutil.Process(cluster.pid)
+    return [root, *root.children(recursive=True)]
+
+
+def assert_all_gone(processes: list[psutil.Process], timeout: float = 10) -> None:
+    gone, alive = psutil.wait_procs(processes, timeout=timeout)
+    leftovers = [f"{p.pid} {p.name()}" for p in alive]
+    assert not leftovers, f"processes left behind: {leftovers}"
+
+
+def pytest_configure(config):
+    # Executors are started with this interpreter; keep stray site configuration out.
+    os.environ.setdefault("RANKMESH_LOG", "warn")

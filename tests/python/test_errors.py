@@ -1,0 +1,137 @@
+"""A task's failure reaches the caller as its own exception, and the cluster keeps serving."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+
+import pytest
+import rankmesh
+
+
+class ResearchError(Exception):
+    """An exception class of the user's own."""
+
+
+def raise_value_error(_):
+    raise ValueError("boom")
+
+
+def raise_key_error(_):
+    return {}["missing-key"]
+
+
+def raise_research_error(_):
+    raise ResearchError("bad sample", 42)
+
+
+@pytest.mark.parametrize(
+    ("func", "exc_type", "text"),
+    [
+        (raise_value_error, ValueError, "boom"),
+        (raise_key_error, KeyError, "missing-key"),
+        (raise_research_error, ResearchError, "bad sample"),
+    ],
+)
+def test_task_exception_keeps_type_message_and_frames(client, func, exc_type, text):
+    future = client.submit(func, 1)
+    with pytest.raises(exc_type) as info:
+        future.result(timeout=60)
+    assert text in str(info.value)
+    frames = [frame.name for frame in traceback.extract_tb(info.value.__traceback__)]
+    assert func.__name__ in frames
+    assert client.submit(sum, [1, 2, 3]).result(timeout=60) == 6
+
+
+def test_dependents_of_a_failed_task_fail_with_its_exception(client):
+    bad = client.submit(raise_value_error, 1)
+    downstream = client.submit(lambda x: x + 1, bad)
+    with pytest.raises(ValueError, match="boom"):
+        downstream.result(timeout=60)
+
+
+def test_exception_inside_dask_compute(client):
+    import dask
+    from dask import delayed
+
+    with pytest.raises(KeyError):
+        dask.compute(delayed(raise_key_error)(0), scheduler=client.get)
+    assert dask.compute(delayed(sum)([1, 2]), scheduler=client.get) == (3,)
+
+
+def test_unpicklable_result_is_a_clear_error(client):
+    future = client.submit(lambda: threading.Lock())
+    with pytest.raises(Exception, match="(?i)pickle"):
+        future.result(timeout=60)
+    assert client.submit(len, "abc").result(timeout=60) == 3
+
+
+def test_missing_module_on_workers_is_a_clear_error(client):
+    def needs_module():
+        import a_module_that_is_not_installed  # noqa: F401
+
+    with pytest.raises(ModuleNotFoundError, match="a_module_that_is_not_installed"):
+        client.submit(needs_module).result(timeout=60)
+    assert client.submit(len, "ab").result(timeout=60) == 2
+
+
+def test_ctrl_c_while_waiting_leaves_the_client_usable(client):
+    slow = client.submit(time.sleep, 30)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        slow.result()
+    assert time.monotonic() - started < 10
+    slow.cancel()
+    assert client.submit(len, "abcd").result(timeout=60) == 4
+
+
+def test_executor_crash_fails_that_task_only(tmp_path):
+    from conftest import assert_all_gone, cluster_processes
+
+    def segfault():
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+    cluster = rankmesh.LocalCluster(n_workers=2, threads_per_worker=1)
+    try:
+        with rankmesh.Client(cluster) as client:
+            fine = client.map(lambda x: x + 1, range(50))
+            crash = client.submit(segfault)
+            with pytest.raises(Exception, match="SIGSEGV") as info:
+                crash.result(timeout=120)
+            assert "3 times" in str(info.value)
+            assert client.gather(fine) == list(range(1, 51))
+            assert client.submit(sum, range(10)).result(timeout=60) == 45
+            processes = cluster_processes(cluster)
+            assert len(processes) == 1 + 2 + 2, processes  # local, 2 workers, 2 executors
+    finally:
+        cluster.close()
+    assert_all_gone(processes)
+
+
+def test_killed_python_leaves_no_cluster_behind(tmp_path):
+    from conftest import assert_all_gone
+
+    script = tmp_path / "owner.py"
+    script.write_text(
+        "import os, sys, time, rankmesh\n"
+        "cluster = rankmesh.LocalCluster(n_workers=2)\n"
+        "print(cluster.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    import psutil
+
+    local = psutil.Process(int(owner.stdout.readline()))
+    deadline = time.monotonic() + 30
+    while len(local.children(recursive=True)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    processes = [local, *local.children(recursive=True)]
+    assert len(processes) == 5
+    owner.kill()
+    owner.wait()
+    assert_all_gone(processes)
