@@ -1,0 +1,118 @@
+"""`rankmesh` on the command line: `local` runs a script against a fresh cluster, and bad
+input gets a clear error."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+from rankmesh.cluster import find_binary
+
+BINARY = find_binary()
+
+
+def run(*args, timeout=120, env=None):
+    return subprocess.run([BINARY, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_local_runs_a_script_against_the_cluster(tmp_path):
+    script = write(
+        tmp_path,
+        "job.py",
+        "import dask.array as da, rankmesh\n"
+        "client = rankmesh.Client()\n"
+        "x = da.arange(10_000, chunks=1000)\n"
+        "print('total', int(x.sum().compute(scheduler=client.get)), len(client.workers()))\n",
+    )
+    result = run("local", "-n", "2", "--python", sys.executable, script)
+    assert result.returncode == 0, result.stderr
+    assert f"total {sum(range(10_000))} 2" in result.stdout
+
+
+def test_local_exits_with_the_scripts_code(tmp_path):
+    script = write(tmp_path, "exit3.py", "import sys\nsys.exit(3)\n")
+    assert run("local", "-n", "1", "--python", sys.executable, script).returncode == 3
+
+
+def test_a_failing_script_shows_its_traceback(tmp_path):
+    script = write(
+        tmp_path, "fail.py", "def analysis():\n    raise RuntimeError('no data')\nanalysis()\n"
+    )
+    result = run("local", "-n", "1", "--python", sys.executable, script)
+    assert result.returncode == 1
+    assert "RuntimeError: no data" in result.stderr and "analysis" in result.stderr
+
+
+def test_sigterm_reaches_the_script_and_everything_stops(tmp_path):
+    script = write(
+        tmp_path,
+        "wait.py",
+        "import time\n"
+        "try:\n"
+        "    print('started', flush=True)\n"
+        "    time.sleep(60)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n"
+        "    raise SystemExit(7)\n",
+    )
+    proc = subprocess.Popen(
+        [BINARY, "local", "-n", "2", "--python", sys.executable, script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "started"
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert "interrupted" in out
+    assert proc.returncode == 7
+    _, alive = psutil.wait_procs(tree, timeout=10)
+    assert not alive, f"left behind: {alive}"
+
+
+def test_bad_flags_are_refused_with_usage():
+    result = run("local", "-n", "0")
+    assert result.returncode == 2
+    assert "0 is not in 1.." in result.stderr
+    result = run("frobnicate")
+    assert result.returncode == 2 and "unrecognized subcommand" in result.stderr
+
+
+def test_worker_without_a_token_says_where_to_put_it():
+    env = {k: v for k, v in os.environ.items() if k != "RANKMESH_TOKEN"}
+    result = run("worker", "--scheduler", "tcp://127.0.0.1:9", env=env)
+    assert result.returncode == 1
+    assert "RANKMESH_TOKEN" in result.stderr
+
+
+def test_worker_with_no_scheduler_there_says_so():
+    env = dict(os.environ, RANKMESH_TOKEN="x")
+    started = time.monotonic()
+    result = run("worker", "--scheduler", "tcp://127.0.0.1:9", env=env)
+    assert result.returncode == 1
+    assert "cannot reach 127.0.0.1:9" in result.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_client_with_the_wrong_token_is_refused(cluster):
+    import json
+
+    import pytest
+    import rankmesh
+    from rankmesh._rankmesh import HandshakeRefused
+
+    with open(cluster.scheduler_file) as f:
+        address = json.load(f)["address"]
+    with pytest.raises(HandshakeRefused, match="token"):
+        rankmesh.Client(address, token="guessed")
+    with rankmesh.Client(cluster) as client:
+        assert client.submit(abs, -5).result(timeout=60) == 5
