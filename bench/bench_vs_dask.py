@@ -9,7 +9,7 @@ Clusters (both up for the whole run, repetitions alternate between them):
   threads   Dask's threaded scheduler, num_workers=2 (xarray workload only, in-process)
 
 Workloads:
-  noop      N no-op tasks: client.map(noop, range(N), pure=False) + client.gather
+  noop      N no-op tasks: client.map(noop, range(N)) + client.gather (Dask: pure=False)
   tree      binary tree reduction of 2^L leaves (np.full(1000, i) float64 each),
             2^(L+1) - 1 tasks, dask.delayed graph through dask.compute
   xarray    examples/xarray_anomaly.py: climatology, anomalies, weighted global mean of a
@@ -137,20 +137,15 @@ class PeakRss:
                 return
 
 
-def rankmesh_worker_pids() -> list[int]:
-    """Our descendants started as `rankmesh worker ...` (their executors are their children).
-
-    TODO(integrator): relies on rankmesh.LocalCluster starting worker processes whose
-    command line is `<path>/rankmesh worker ...`; adjust if the cluster starts them otherwise.
-    """
+def rankmesh_worker_pids(cluster_pid: int) -> list[int]:
+    """The `rankmesh worker` processes under `rankmesh local` (executors are their children)."""
     pids = []
-    for process in psutil.Process().children(recursive=True):
+    for process in psutil.Process(cluster_pid).children(recursive=True):
         try:
-            cmdline = process.cmdline()
+            if "worker" in process.cmdline()[1:2]:
+                pids.append(process.pid)
         except psutil.Error:
             continue
-        if len(cmdline) > 1 and os.path.basename(cmdline[0]) == "rankmesh" and "worker" in cmdline:
-            pids.append(process.pid)
     return pids
 
 
@@ -164,6 +159,9 @@ class System:
     name: str
     client: object
     compute_kwargs: dict[str, object]
+    # Dask's map reuses results of equal (function, argument) calls unless pure=False;
+    # rankmesh gives every submitted call its own task.
+    map_kwargs: dict[str, object]
     worker_pids: Callable[[], list[int]]
     close: Callable[[], None] = lambda: None
     after_rep: Callable[[], None] = lambda: None
@@ -196,7 +194,13 @@ def start_dask(worker_saturation: str) -> System:
         cluster.close()
 
     return System(
-        "dask", client, {"scheduler": client}, lambda: worker_pids, close, wait_scheduler_idle
+        name="dask",
+        client=client,
+        compute_kwargs={"scheduler": client},
+        map_kwargs={"pure": False},
+        worker_pids=lambda: worker_pids,
+        close=close,
+        after_rep=wait_scheduler_idle,
     )
 
 
@@ -210,18 +214,31 @@ def start_rankmesh() -> System:
         client.close()
         cluster.close()
 
-    return System("rankmesh", client, {"scheduler": client.get}, rankmesh_worker_pids, close)
+    return System(
+        name="rankmesh",
+        client=client,
+        compute_kwargs={"scheduler": client.get},
+        map_kwargs={},
+        worker_pids=partial(rankmesh_worker_pids, cluster.pid),
+        close=close,
+    )
 
 
 def start_threads() -> System:
-    return System("threads", None, {"scheduler": "threads", "num_workers": N_WORKERS}, list)
+    return System(
+        name="threads",
+        client=None,
+        compute_kwargs={"scheduler": "threads", "num_workers": N_WORKERS},
+        map_kwargs={},
+        worker_pids=list,
+    )
 
 
 # ---------------------------------------------------------------- workloads
 
 
 def run_noop(system: System, items: range) -> list[int]:
-    return system.client.gather(system.client.map(noop, items, pure=False))
+    return system.client.gather(system.client.map(noop, items, **system.map_kwargs))
 
 
 def run_collection(system: System, collection) -> object:

@@ -22,11 +22,8 @@ fi
 # The rankmesh binary and the package live in the venv; LocalCluster finds the binary on PATH.
 export PATH=$VENV/bin:$PATH
 export CARGO_TARGET_DIR=$ROOT/target
-# The PyO3 crate builds against the venv's interpreter...
+# The PyO3 crate builds against the venv's interpreter (it has no Rust test binary).
 export PYO3_PYTHON=$VENV/bin/python
-# ...and its test binaries load that interpreter's libpython (not the system's 3.11.2).
-PY_LIBDIR=$("$PYO3_PYTHON" -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR") or "")')
-export LD_LIBRARY_PATH=$PY_LIBDIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 
 stage "cargo fmt --check"
 cargo fmt --all -- --check

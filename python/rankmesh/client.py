@@ -151,8 +151,16 @@ class Client:
         self._submit([(task_id, deps, funcs, payload, 0)], [task_id])
         return Future(self, task_id, key if key is not None else f"{_key_prefix(func)}-{task_id:x}")
 
-    def map(self, func: Callable, *iterables: Iterable, key: Any = None, **kwargs: Any) -> list:
-        """submit() for each tuple of arguments, as one submission."""
+    def map(
+        self,
+        func: Callable,
+        *iterables: Iterable,
+        key: Any = None,
+        pure: bool = False,
+        **kwargs: Any,
+    ) -> list:
+        """submit() for each tuple of arguments, as one submission. `pure` is accepted for
+        dask.distributed compatibility and ignored: every call runs."""
         calls = list(zip(*iterables, strict=True))
         if not calls:
             return []

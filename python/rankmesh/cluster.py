@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -95,6 +96,11 @@ class LocalCluster:
                 self.close()
                 raise TimeoutError(f"the local cluster did not start within {timeout} s")
             time.sleep(0.01)
+
+    @property
+    def address(self) -> str:
+        with open(self.scheduler_file) as file:
+            return json.load(file)["address"]
 
     @property
     def pid(self) -> int:

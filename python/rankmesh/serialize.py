@@ -2,9 +2,10 @@
 
 Payloads are pickled with the C pickler. Callables that the executor could not import by
 name (lambdas, functions and classes from ``__main__`` or defined inside functions) are
-cut out of the payload as ``("f", func_id)`` and shipped once per client as cloudpickle
-blobs; futures in a call's arguments become ``("k", input_index)``. Results use pickle
-protocol 5 with out-of-band buffers so array data is never copied into the pickle stream.
+cut out of the payload as references to a function id and shipped once per client as
+cloudpickle blobs; futures in a call's arguments become references to an input position.
+Results use pickle protocol 5 with out-of-band buffers so array data is never copied into
+the pickle stream.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import io
 import pickle
 import sys
+import threading
 import traceback
 import types
 from collections.abc import Callable, Sequence
@@ -19,6 +21,7 @@ from hashlib import blake2b
 
 import cloudpickle
 import tblib
+from dask._task_spec import GraphNode, Task, TaskRef
 
 from ._layout import object_offsets
 from .errors import TaskError
@@ -32,8 +35,6 @@ CALL = 0  # (CALL, func, args, kwargs): func(*args, **kwargs), futures replaced 
 NODE = 1  # (NODE, node, dep_keys): a Dask graph node run as node(dict(zip(dep_keys, inputs)))
 DATA = 2  # (DATA, value): scattered data
 
-FUNCTION_TAG = "f"
-INPUT_TAG = "k"
 RESULT_PROTOCOL = 5
 
 # Errors plain pickle raises for objects that cloudpickle may still handle.
@@ -87,8 +88,32 @@ class FunctionRegistry:
         return taken
 
 
-class _PayloadIds:
-    """persistent_id shared by the plain and the cloudpickle payload picklers."""
+class _Input:
+    """Stands for the value of the task's input at `index` while a payload is pickled."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+# What the payload being unpickled refers to; set around each load (executors run one
+# task at a time, the thread-local only guards in-process use such as tests).
+_loading = threading.local()
+
+
+def _input(index: int) -> object:
+    return _loading.inputs[index]
+
+
+def _function(func_id: int) -> object:
+    return _loading.functions[func_id]
+
+
+class _PayloadReducer:
+    """reducer_override shared by the plain and the cloudpickle payload picklers: functions
+    that must travel by value and inputs become calls of `_function` / `_input`. Unlike
+    persistent_id it is not called for lists, tuples, dicts, strings and numbers."""
 
     registry: FunctionRegistry
     futures_as_inputs: bool
@@ -96,29 +121,58 @@ class _PayloadIds:
     funcs: list[int]
     _dep_index: dict[int, int]
 
-    def persistent_id(self, obj: object) -> tuple[str, int] | None:
+    def reducer_override(self, obj: object) -> object:
         cls = type(obj)
+        if cls is _Input:
+            return _input, (obj.index,)
         if cls is Future and self.futures_as_inputs:
             index = self._dep_index.get(obj.task_id)
             if index is None:
                 index = self._dep_index[obj.task_id] = len(self.deps)
                 self.deps.append(obj.task_id)
-            return (INPUT_TAG, index)
+            return _input, (index,)
         if cls is types.FunctionType or isinstance(obj, type):
             func_id = self.registry.func_id(obj)
             if func_id is not None:
                 if func_id not in self.funcs:
                     self.funcs.append(func_id)
-                return (FUNCTION_TAG, func_id)
+                return _function, (func_id,)
+        return self._fallback_reduce(obj)
+
+    def _fallback_reduce(self, obj: object) -> object:
+        return NotImplemented
+
+
+class _PlainPayloadPickler(_PayloadReducer, pickle.Pickler):
+    pass
+
+
+class _CloudPayloadPickler(_PayloadReducer, cloudpickle.Pickler):
+    def _fallback_reduce(self, obj: object) -> object:
+        return cloudpickle.Pickler.reducer_override(self, obj)
+
+
+def _simple_call(node: object, dep_keys: list) -> tuple | None:
+    """A Dask Task whose arguments are plain values and references to its inputs, as a call
+    with those references replaced by input placeholders; None for anything else (nested
+    tasks, containers of references, data nodes), which travels as the node itself."""
+    if type(node) is not Task:
         return None
+    index = {key: position for position, key in enumerate(dep_keys)}
 
+    def plain(value: object) -> object:
+        if type(value) is TaskRef:
+            return _Input(index[value.key])
+        if isinstance(value, GraphNode):
+            raise LookupError
+        return value
 
-class _PlainPayloadPickler(_PayloadIds, pickle.Pickler):
-    pass
-
-
-class _CloudPayloadPickler(_PayloadIds, cloudpickle.Pickler):
-    pass
+    try:
+        args = tuple(plain(arg) for arg in node.args)
+        kwargs = {name: plain(value) for name, value in node.kwargs.items()}
+    except LookupError:
+        return None
+    return (CALL, node.func, args, kwargs)
 
 
 class PayloadEncoder:
@@ -151,8 +205,10 @@ class PayloadEncoder:
         return self.encode((CALL, func, args, kwargs), futures_as_inputs=True)
 
     def node(self, node: object, dep_keys: list) -> tuple[bytes, list[int], list[int]]:
-        # A Dask node names its inputs by key itself; futures in it stay TaskRefs.
-        return self.encode((NODE, node, dep_keys), futures_as_inputs=False)
+        # A Dask node names its inputs by key itself; futures in it stay TaskRefs. Most
+        # nodes are plain calls, which are cheaper to pickle and to run as such.
+        payload = _simple_call(node, dep_keys) or (NODE, node, dep_keys)
+        return self.encode(payload, futures_as_inputs=False)
 
     def data(self, value: object) -> tuple[bytes, list[int], list[int]]:
         return self.encode((DATA, value), futures_as_inputs=False)
@@ -160,18 +216,12 @@ class PayloadEncoder:
 
 def loads_payload(payload: Buffer, functions: dict[int, object], inputs: Sequence[object]):
     """Unpickles a payload, resolving function ids and input placeholders."""
-    unpickler = pickle.Unpickler(io.BytesIO(payload))
-
-    def persistent_load(pid: tuple[str, int]) -> object:
-        tag, value = pid
-        if tag == INPUT_TAG:
-            return inputs[value]
-        if tag == FUNCTION_TAG:
-            return functions[value]
-        raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
-
-    unpickler.persistent_load = persistent_load
-    return unpickler.load()
+    _loading.functions = functions
+    _loading.inputs = inputs
+    try:
+        return pickle.loads(payload)
+    finally:
+        _loading.inputs = ()
 
 
 def run_payload(payload: tuple, inputs: Sequence[object]) -> object:

@@ -29,7 +29,7 @@ class FakeFuture:
 
 @pytest.fixture
 def encoder(monkeypatch):
-    # persistent_id compares the exact type; point it at a Future that needs no client.
+    # reducer_override compares the exact type; point it at a Future that needs no client.
     import rankmesh.serialize
 
     monkeypatch.setattr(rankmesh.serialize, "Future", FakeFuture)
