@@ -63,6 +63,8 @@ command -v cargo >/dev/null || die "cargo not found (install Rust 1.85 or newer)
   || die "$PYTHON is older than 3.11"
 
 # ---------------------------------------------------------------- virtual environment
+# The venv's tools first: maturin's build backend runs `maturin` from PATH.
+export PATH=$VENV/bin:$PATH
 if [ -x "$VENV/bin/python" ]; then
   step "venv: $VENV exists"
 else
@@ -117,6 +119,5 @@ step "done: activate with 'source .venv/bin/activate'"
 
 if [ "$RUN_EXAMPLE" -eq 1 ]; then
   step "running examples/xarray_anomaly.py $*"
-  export PATH=$VENV/bin:$PATH
   exec "$VENV/bin/python" examples/xarray_anomaly.py "$@"
 fi

@@ -149,8 +149,19 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
         replicated: Vec::new(),
         to_scheduler,
         fetched_tx,
+        stats: Stats::default(),
     };
     worker.serve(&mut reader, events, fetched, &shutdown).await;
+    let stats = &worker.stats;
+    tracing::info!(
+        tasks = stats.tasks,
+        task_seconds = stats.task_us as f64 * 1e-6,
+        fetches = stats.fetches,
+        fetched_objects = stats.fetched_objects,
+        fetched_bytes = stats.fetched_bytes,
+        fetch_seconds = stats.fetch_us as f64 * 1e-6,
+        "worker done"
+    );
 
     stop_children.cancel();
     tasks.close();
@@ -210,8 +221,21 @@ impl Slot {
     }
 }
 
+/// What the worker did, logged when it leaves.
+#[derive(Default)]
+struct Stats {
+    tasks: u64,
+    task_us: u64,
+    fetches: u64,
+    fetched_objects: u64,
+    fetched_bytes: u64,
+    /// Summed over fetches, which overlap.
+    fetch_us: u64,
+}
+
 struct Fetched {
     peer: WorkerId,
+    elapsed: Duration,
     result: Result<crate::transport::Fetched, TransportError>,
     ids: Vec<TaskId>,
 }
@@ -235,6 +259,7 @@ struct Worker {
     replicated: Vec<TaskId>,
     to_scheduler: mpsc::UnboundedSender<FromWorker>,
     fetched_tx: mpsc::UnboundedSender<Fetched>,
+    stats: Stats,
 }
 
 impl Worker {
@@ -346,17 +371,23 @@ impl Worker {
             self.fetched_tx.clone(),
         );
         tokio::spawn(async move {
+            let started = std::time::Instant::now();
             let result = transport.fetch(&info, ids.clone(), &*shm).await;
-            let _ = done.send(Fetched { peer, result, ids });
+            let elapsed = started.elapsed();
+            let _ = done.send(Fetched { peer, elapsed, result, ids });
         });
     }
 
     fn on_fetched(&mut self, fetched: Fetched) {
+        self.stats.fetches += 1;
+        self.stats.fetch_us += fetched.elapsed.as_micros() as u64;
         let failure = match fetched.result {
             Ok(objects) => {
                 for (id, object) in objects {
                     match object {
                         Some(object) => {
+                            self.stats.fetched_objects += 1;
+                            self.stats.fetched_bytes += object.size();
                             self.store.insert(id, object);
                             self.replicated.push(id);
                             self.input_arrived(id);
@@ -434,6 +465,8 @@ impl Worker {
         }
         match object {
             Ok(object) => {
+                self.stats.tasks += 1;
+                self.stats.task_us += outcome.duration_us;
                 let duration_s = outcome.duration_us as f64 * 1e-6;
                 self.task_duration_s = 0.9 * self.task_duration_s + 0.1 * duration_s;
                 self.done.push(TaskDone {
