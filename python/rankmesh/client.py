@@ -220,11 +220,17 @@ class Client:
             future = self._by_key.get(key)
             return future.task_id if future is not None else None
 
-        built = graphs.graph_tasks(graph, outputs, external, self._core.next_task_id, self._encoder)
+        def submit(tasks: list, held: list[int], release: list[int]) -> None:
+            self._submit(tasks, held)
+            if release:
+                self._core.release(release)
+
+        built = graphs.graph_tasks(
+            graph, outputs, external, self._core.next_task_id, self._encoder, submit
+        )
         new_ids = {task[0] for task in built.tasks}
         wanted = list(dict.fromkeys(built.key_ids[key] for key in outputs))
         wanted = [task_id for task_id in wanted if task_id in new_ids]
-        self._submit(built.tasks, wanted)
         return built, wanted
 
     def get(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:

@@ -84,26 +84,63 @@ def repack(keys: Any, values: Mapping[Key, Any]) -> Any:
     return values[keys]
 
 
+# Streamed submission: the first chunk is small so workers start at once; later ones grow.
+FIRST_CHUNK_TASKS = 256
+MAX_CHUNK_TASKS = 8192
+
+Submit = Callable[[list[TaskTuple], list[int], list[int]], None]
+
+
 def graph_tasks(
     graph: Mapping[Key, GraphNode],
     outputs: Sequence[Key],
     external: Callable[[Key], int | None],
     next_task_id: Callable[[int], int],
     encoder: PayloadEncoder,
+    submit: Submit,
 ) -> GraphTasks:
-    """Task tuples for what `outputs` need, in dependency order.
+    """Encodes what `outputs` need, in dependency order, and hands it to
+    `submit(tasks, wanted, release)` in chunks while the rest is still being encoded, so
+    the cluster starts working early.
 
-    `external(key)` gives the task id of a key outside the graph (held by a future) or None.
+    A submitted task whose dependents are not all submitted yet is held (`wanted`) so the
+    scheduler keeps its result; once its last dependent goes out, it is listed in that
+    chunk's `release` (unless it is an output). `external(key)` gives the task id of a key
+    outside the graph (held by a future) or None.
     """
     submission = _depth_first(graph, outputs, external)
-    key_ids: dict[Key, int] = {}
     runnable = [key for key in submission if key in graph and type(graph[key]) is not Alias]
     next_id = next_task_id(len(runnable)) if runnable else 0
     if len(graph) <= ORDER_MAX_TASKS:
         priority = dask.order.order(graph)
     else:
         priority = {key: position for position, key in enumerate(submission)}
+    output_keys = {_task_key(graph, key) for key in outputs}
+    inputs_of = {
+        key: {_task_key(graph, dep) for dep in graph[key].dependencies} for key in runnable
+    }
+    unsubmitted_dependents: dict[Key, int] = dict.fromkeys(runnable, 0)
+    for inputs in inputs_of.values():
+        for dep in inputs:
+            if dep in unsubmitted_dependents:
+                unsubmitted_dependents[dep] += 1
+
+    key_ids: dict[Key, int] = {}
     tasks: list[TaskTuple] = []
+    chunk_keys: list[Key] = []
+    release: list[int] = []
+    chunk_size = FIRST_CHUNK_TASKS
+
+    def flush() -> None:
+        held = [
+            key_ids[key]
+            for key in chunk_keys
+            if key in output_keys or unsubmitted_dependents[key] > 0
+        ]
+        submit(tasks[len(tasks) - len(chunk_keys) :], held, release[:])
+        chunk_keys.clear()
+        release.clear()
+
     for key in submission:
         node = graph.get(key)
         if node is None:
@@ -117,7 +154,28 @@ def graph_tasks(
         task_id = key_ids[key] = next_id
         next_id += 1
         tasks.append((task_id, [key_ids[dep] for dep in dep_keys], funcs, payload, priority[key]))
+        chunk_keys.append(key)
+        for dep in inputs_of[key]:
+            if dep in unsubmitted_dependents:
+                unsubmitted_dependents[dep] -= 1
+                if unsubmitted_dependents[dep] == 0 and dep not in output_keys:
+                    if dep not in chunk_keys:  # held by an earlier chunk
+                        release.append(key_ids[dep])
+        if len(chunk_keys) >= chunk_size:
+            flush()
+            chunk_size = min(2 * chunk_size, MAX_CHUNK_TASKS)
+    if chunk_keys or release:
+        flush()
     return GraphTasks(tasks, key_ids)
+
+
+def _task_key(graph: Mapping[Key, GraphNode], key: Key) -> Key:
+    """The key of the task behind `key`, following aliases."""
+    node = graph.get(key)
+    while type(node) is Alias:
+        key = node.target
+        node = graph.get(key)
+    return key
 
 
 def _depth_first(

@@ -254,18 +254,24 @@ def dumps_result(obj: object) -> tuple[list[Buffer], list[int]]:
     return frames, [memoryview(frame).nbytes for frame in frames]
 
 
-def join_frames(frames: list[Buffer], layout: list[int]) -> bytes:
-    """The frames as one aligned block (see _layout), for results that travel inline."""
+def padded_frames(frames: list[Buffer], layout: list[int]) -> list[Buffer]:
+    """The frames with the zero padding between them that object_offsets lays out."""
     offsets, total = object_offsets(layout)
-    parts: list[Buffer] = []
+    pieces: list[Buffer] = []
     end = 0
     for frame, start, length in zip(frames, offsets, layout, strict=True):
         if start > end:
-            parts.append(bytes(start - end))
-        parts.append(frame)
+            pieces.append(bytes(start - end))
+        pieces.append(frame)
         end = start + length
-    parts.append(bytes(total - end))
-    return b"".join(parts)
+    if total > end:
+        pieces.append(bytes(total - end))
+    return pieces
+
+
+def join_frames(frames: list[Buffer], layout: list[int]) -> bytes:
+    """The frames as one aligned block, for results that travel inline."""
+    return b"".join(padded_frames(frames, layout))
 
 
 def loads_frames(stream: Buffer, buffers: Sequence[Buffer]) -> object:

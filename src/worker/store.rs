@@ -185,8 +185,9 @@ impl ShmDir {
             .open(&path)
             .map_err(io)?;
         file.set_len(total).map_err(io)?;
-        // SAFETY: the file was just created by us and nobody else maps it yet.
-        let map = unsafe { MmapMut::map_mut(&file) }.map_err(io)?;
+        // SAFETY: the file was just created by us and nobody else maps it yet. It is
+        // written whole at once, so its pages are mapped in one call, not one fault each.
+        let map = unsafe { memmap2::MmapOptions::new().populate().map_mut(&file) }.map_err(io)?;
         Ok(ObjectBuilder {
             layout,
             target: Target::Shm { path, map },

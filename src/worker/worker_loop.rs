@@ -374,7 +374,12 @@ impl Worker {
             let started = std::time::Instant::now();
             let result = transport.fetch(&info, ids.clone(), &*shm).await;
             let elapsed = started.elapsed();
-            let _ = done.send(Fetched { peer, elapsed, result, ids });
+            let _ = done.send(Fetched {
+                peer,
+                elapsed,
+                result,
+                ids,
+            });
         });
     }
 

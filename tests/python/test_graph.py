@@ -35,6 +35,7 @@ class InProcessCluster:
         self.stored = {}
         self.ids = itertools.count(1000)
         self.last_tasks = []
+        self.chunks = 0
 
     def next_task_id(self, count):
         first = next(self.ids)
@@ -42,19 +43,32 @@ class InProcessCluster:
             next(self.ids)
         return first
 
-    def get(self, dsk, keys, **kwargs):
-        nodes, held = graph.materialize(dsk)
-        outputs = graph.flatten_keys(keys)
-        built = graph.graph_tasks(nodes, outputs, held.get, self.next_task_id, self.encoder)
+    def check_submit(self, tasks, held, release):
+        """Runs a chunk as a scheduler would and keeps only what is held, so a task
+        released too early fails a later chunk."""
         self.runner.add_functions(self.encoder.registry.take_unshipped())
-        self.last_tasks = built.tasks
-        for task_id, deps, funcs, payload, _priority in built.tasks:
+        self.chunks += 1
+        for task_id, deps, funcs, payload, _priority in tasks:
             assert set(funcs) <= set(self.runner.functions)
             inputs = [self.stored[dep] for dep in deps]  # dependencies came first
             _, _, status, stored = self.runner.run(task_id, payload, inputs)
             if status == "err":
                 raise loads_error(stored)
             self.stored[task_id] = stored
+        for task_id, *_ in tasks:
+            if task_id not in held:
+                del self.stored[task_id]
+        for task_id in release:
+            del self.stored[task_id]
+
+    def get(self, dsk, keys, **kwargs):
+        nodes, held = graph.materialize(dsk)
+        outputs = graph.flatten_keys(keys)
+        self.chunks = 0
+        built = graph.graph_tasks(
+            nodes, outputs, held.get, self.next_task_id, self.encoder, self.check_submit
+        )
+        self.last_tasks = built.tasks
         values = {key: decode_input(self.stored[built.key_ids[key]]) for key in outputs}
         return graph.repack(keys, values)
 
@@ -158,3 +172,16 @@ def test_tasks_follow_dependencies_and_priorities_in_large_graphs(cluster, monke
     priorities = [task[4] for task in cluster.last_tasks]
     assert priorities == sorted(priorities)
     assert len(cluster.last_tasks) == 511
+
+
+def test_large_graphs_stream_in_chunks_holding_only_what_later_chunks_need(cluster):
+    level = [dask.delayed(operator.add)(i, 1) for i in range(2048)]
+    while len(level) > 1:
+        level = [
+            dask.delayed(operator.add)(a, b) for a, b in zip(level[::2], level[1::2], strict=True)
+        ]
+    (total,) = dask.compute(level[0], scheduler=cluster.get)
+    assert total == sum(range(2048)) + 2048
+    assert cluster.chunks > 2
+    # Every intermediate was released once its dependents were submitted.
+    assert len(cluster.stored) == 1
