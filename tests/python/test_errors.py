@@ -135,3 +135,42 @@ def test_killed_python_leaves_no_cluster_behind(tmp_path):
     owner.kill()
     owner.wait()
     assert_all_gone(processes)
+
+
+def test_executor_exit_and_memory_limit_are_reported(tmp_path):
+    def exit_now():
+        os._exit(1)
+
+    def allocate(n_bytes):
+        import numpy as np
+
+        block = np.ones(n_bytes, dtype=np.uint8)
+        time.sleep(2)  # long enough for the memory watch to see it
+        return int(block[0])
+
+    with (
+        rankmesh.LocalCluster(n_workers=1, memory_limit="400MB") as cluster,
+        rankmesh.Client(cluster) as client,
+    ):
+        with pytest.raises(Exception, match="exited with status 1"):
+            client.submit(exit_now).result(timeout=120)
+        with pytest.raises(Exception, match="memory limit"):
+            client.submit(allocate, 1_000_000_000).result(timeout=120)
+        assert client.submit(allocate, 1000).result(timeout=60) == 1
+
+
+def test_a_departing_client_frees_the_cluster_for_others(cluster, tmp_path):
+    log = tmp_path / "ran.txt"
+
+    def record(i):
+        time.sleep(0.05)
+        with open(log, "a") as f:
+            f.write(f"{i}\n")
+
+    first = rankmesh.Client(cluster)
+    first.map(record, range(400))  # ~10 s of work per worker
+    first.close()
+    with rankmesh.Client(cluster) as second:
+        assert second.submit(abs, -3).result(timeout=60) == 3
+    ran = len(log.read_text().splitlines()) if log.exists() else 0
+    assert ran < 400, "the departed client's tasks kept running"
