@@ -144,14 +144,8 @@ impl ClientCore {
         });
         let failures = shared.clone();
         runtime.spawn(async move {
-            while let Some(msg) = inbox.recv().await {
-                let mut result = writer.feed(&msg).await;
-                while let (Ok(()), Ok(more)) = (&result, inbox.try_recv()) {
-                    result = writer.feed(&more).await;
-                }
-                if let Err(e) = result.and(writer.flush().await) {
-                    return failures.lose(format!("cannot send to the scheduler: {e}"));
-                }
+            if let Err(e) = writer.forward(&mut inbox).await {
+                failures.lose(format!("cannot send to the scheduler: {e}"));
             }
         });
         Ok(ClientCore {

@@ -132,14 +132,24 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         Ok(())
     }
 
-    /// Queues an already encoded message without flushing.
-    pub async fn feed_bytes(&mut self, frame: Bytes) -> Result<(), FrameError> {
-        self.inner.feed(frame).await?;
+    pub async fn flush(&mut self) -> Result<(), FrameError> {
+        SinkExt::<Bytes>::flush(&mut self.inner).await?;
         Ok(())
     }
 
-    pub async fn flush(&mut self) -> Result<(), FrameError> {
-        SinkExt::<Bytes>::flush(&mut self.inner).await?;
+    /// Sends everything that arrives on `outbox` until it closes, flushing once per burst
+    /// (many small messages share a write).
+    pub async fn forward<T: Serialize>(
+        &mut self,
+        outbox: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
+    ) -> Result<(), FrameError> {
+        while let Some(msg) = outbox.recv().await {
+            self.feed(&msg).await?;
+            while let Ok(more) = outbox.try_recv() {
+                self.feed(&more).await?;
+            }
+            self.flush().await?;
+        }
         Ok(())
     }
 

@@ -3,10 +3,10 @@
 
 use super::{Comm, Scheduler, SchedulerConfig};
 use crate::protocol::{
-    self, encode, ClientId, FrameReader, FrameWriter, FromClient, FromWorker, Role, ToClient,
-    ToWorker, Token, WorkerId,
+    self, ClientId, FrameReader, FrameWriter, FromClient, FromWorker, Role, ToClient, ToWorker,
+    Token, WorkerId,
 };
-use bytes::Bytes;
+use crate::transport::tcp;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -14,7 +14,6 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// Events handled per pass of the state machine before it schedules and flushes.
 const MAX_EVENTS_PER_PASS: usize = 1024;
@@ -23,14 +22,14 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 enum Event {
     ClientConnected {
-        outbox: mpsc::UnboundedSender<Bytes>,
+        outbox: mpsc::UnboundedSender<ToClient>,
         reply: oneshot::Sender<ClientId>,
     },
     FromClient(ClientId, FromClient),
     ClientGone(ClientId),
     WorkerConnected {
         registration: protocol::WorkerRegistration,
-        outbox: mpsc::UnboundedSender<Bytes>,
+        outbox: mpsc::UnboundedSender<ToWorker>,
         reply: oneshot::Sender<WorkerId>,
     },
     FromWorker(WorkerId, FromWorker),
@@ -45,29 +44,12 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let (events_tx, events) = mpsc::unbounded_channel();
-    let connections = TaskTracker::new();
     let core = tokio::spawn(run_core(events, workers, shutdown.clone()));
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!("accept failed: {e}");
-                    continue;
-                }
-            },
-        };
-        let (token, events_tx, shutdown) = (token.clone(), events_tx.clone(), shutdown.clone());
-        connections.spawn(async move {
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = serve_connection(stream, peer, &token, events_tx) => {}
-            }
-        });
-    }
+    let connections = tcp::accept_until(listener, &shutdown, |stream, peer| {
+        serve_connection(stream, peer, token.clone(), events_tx.clone())
+    })
+    .await;
     drop(events_tx);
-    connections.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, async {
         let _ = core.await;
         connections.wait().await;
@@ -107,9 +89,7 @@ async fn run_core(
     }
     // Tell every worker to stop; their connections flush this before closing.
     for outbox in comm.workers.values() {
-        if let Ok(bytes) = encode(&ToWorker::Shutdown) {
-            let _ = outbox.send(bytes);
-        }
+        let _ = outbox.send(ToWorker::Shutdown);
     }
 }
 
@@ -144,13 +124,14 @@ fn apply(scheduler: &mut Scheduler, comm: &mut OutboxComm, event: Event) {
     }
 }
 
-/// Queues encoded messages per connection. The state machine names a new peer's id (and
+/// Queues messages per connection; each connection's writer encodes its own, so encoding
+/// runs beside the state machine rather than on its task. The state machine names a new peer's id (and
 /// writes to it) before the peer's outbox is known, so messages to unknown ids are held
 /// until the outbox is added, then delivered in order.
 #[derive(Default)]
 struct OutboxComm {
-    workers: HashMap<WorkerId, mpsc::UnboundedSender<Bytes>>,
-    clients: HashMap<ClientId, mpsc::UnboundedSender<Bytes>>,
+    workers: HashMap<WorkerId, mpsc::UnboundedSender<ToWorker>>,
+    clients: HashMap<ClientId, mpsc::UnboundedSender<ToClient>>,
     held_for_workers: Vec<(WorkerId, ToWorker)>,
     held_for_clients: Vec<(ClientId, ToClient)>,
 }
@@ -159,12 +140,12 @@ impl OutboxComm {
     fn flush(&mut self) {
         for (worker, msg) in std::mem::take(&mut self.held_for_workers) {
             if let Some(outbox) = self.workers.get(&worker) {
-                send_encoded(outbox, &msg);
+                let _ = outbox.send(msg);
             }
         }
         for (client, msg) in std::mem::take(&mut self.held_for_clients) {
             if let Some(outbox) = self.clients.get(&client) {
-                send_encoded(outbox, &msg);
+                let _ = outbox.send(msg);
             }
         }
     }
@@ -173,41 +154,35 @@ impl OutboxComm {
 impl Comm for OutboxComm {
     fn send_worker(&mut self, worker: WorkerId, msg: ToWorker) {
         match self.workers.get(&worker) {
-            Some(outbox) => send_encoded(outbox, &msg),
+            Some(outbox) => {
+                let _ = outbox.send(msg);
+            }
             None => self.held_for_workers.push((worker, msg)),
         }
     }
 
     fn send_client(&mut self, client: ClientId, msg: ToClient) {
         match self.clients.get(&client) {
-            Some(outbox) => send_encoded(outbox, &msg),
+            Some(outbox) => {
+                let _ = outbox.send(msg);
+            }
             None => self.held_for_clients.push((client, msg)),
         }
-    }
-}
-
-fn send_encoded<T: serde::Serialize>(outbox: &mpsc::UnboundedSender<Bytes>, msg: &T) {
-    match encode(msg) {
-        Ok(bytes) => {
-            let _ = outbox.send(bytes);
-        }
-        Err(e) => tracing::error!("cannot encode a message: {e}"),
     }
 }
 
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
-    token: &Token,
+    token: Token,
     events: mpsc::UnboundedSender<Event>,
 ) {
-    let _ = stream.set_nodelay(true);
     let (r, w) = stream.into_split();
     let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
     let role = match protocol::accept(
         &mut reader,
         &mut writer,
-        token,
+        &token,
         &[Role::Client, Role::Worker],
     )
     .await
@@ -304,19 +279,12 @@ async fn serve_worker(
     result
 }
 
-/// Writes queued messages, flushing once per burst.
-async fn write_outbox(
+/// Writes queued messages until the outbox closes or the peer goes away.
+async fn write_outbox<T: serde::Serialize>(
     mut writer: FrameWriter<OwnedWriteHalf>,
-    mut inbox: mpsc::UnboundedReceiver<Bytes>,
+    mut outbox: mpsc::UnboundedReceiver<T>,
 ) {
-    while let Some(frame) = inbox.recv().await {
-        let mut result = writer.feed_bytes(frame).await;
-        while let (Ok(()), Ok(more)) = (&result, inbox.try_recv()) {
-            result = writer.feed_bytes(more).await;
-        }
-        if result.and(writer.flush().await).is_err() {
-            return;
-        }
+    if let Err(e) = writer.forward(&mut outbox).await {
+        tracing::debug!("connection write failed: {e}");
     }
-    let _ = writer.flush().await;
 }

@@ -8,6 +8,8 @@ use crate::protocol::{
 use crate::worker::store::Store;
 use futures::future::BoxFuture;
 use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Mutex;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -144,13 +146,17 @@ impl Transport for TcpTransport {
     }
 }
 
-/// Serves the store to authenticated peers until `shutdown`.
-pub async fn serve_data(
+/// Accepts connections until `shutdown`, each served by `handle` on its own task (which
+/// also ends at shutdown). The returned tracker is closed: wait on it for those tasks.
+pub async fn accept_until<F, Fut>(
     listener: TcpListener,
-    token: Token,
-    store: Store,
-    shutdown: CancellationToken,
-) {
+    shutdown: &CancellationToken,
+    handle: F,
+) -> TaskTracker
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let tracker = TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -158,28 +164,43 @@ pub async fn serve_data(
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    tracing::warn!("data server accept failed: {e}");
+                    tracing::warn!("accept failed: {e}");
                     continue;
                 }
             },
         };
-        let (token, store, shutdown) = (token.clone(), store.clone(), shutdown.clone());
+        let _ = stream.set_nodelay(true);
+        let (connection, shutdown) = (handle(stream, peer), shutdown.clone());
         tracker.spawn(async move {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                result = serve_peer(stream, &token, &store) => {
-                    if let Err(e) = result {
-                        tracing::warn!(%peer, "data connection closed: {e}");
-                    }
-                }
+                _ = connection => {}
             }
         });
     }
     tracker.close();
+    tracker
+}
+
+/// Serves the store to authenticated peers until `shutdown`.
+pub async fn serve_data(
+    listener: TcpListener,
+    token: Token,
+    store: Store,
+    shutdown: CancellationToken,
+) {
+    accept_until(listener, &shutdown, |stream, peer| {
+        let (token, store) = (token.clone(), store.clone());
+        async move {
+            if let Err(e) = serve_peer(stream, &token, &store).await {
+                tracing::warn!(%peer, "data connection closed: {e}");
+            }
+        }
+    })
+    .await;
 }
 
 async fn serve_peer(stream: TcpStream, token: &Token, store: &Store) -> Result<(), String> {
-    let _ = stream.set_nodelay(true);
     let (r, w) = stream.into_split();
     let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
     protocol::accept(&mut reader, &mut writer, token, &[Role::Peer])

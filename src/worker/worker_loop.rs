@@ -179,15 +179,8 @@ async fn forward_to_scheduler(
     mut writer: crate::protocol::FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
     mut outbound: mpsc::UnboundedReceiver<FromWorker>,
 ) {
-    while let Some(msg) = outbound.recv().await {
-        let mut result = writer.feed(&msg).await;
-        while let (Ok(()), Ok(more)) = (&result, outbound.try_recv()) {
-            result = writer.feed(&more).await;
-        }
-        if let Err(e) = result.and(writer.flush().await) {
-            tracing::warn!("lost the scheduler connection: {e}");
-            return;
-        }
+    if let Err(e) = writer.forward(&mut outbound).await {
+        tracing::warn!("lost the scheduler connection: {e}");
     }
 }
 

@@ -142,16 +142,10 @@ async fn run_generation(
     // on a worker blocked sending it work.
     let (to_executor, mut outgoing) = mpsc::unbounded_channel::<ToExecutor>();
     let mut writing = tokio::spawn(async move {
-        while let Some(msg) = outgoing.recv().await {
-            let mut result = writer.feed(&msg).await;
-            while let (Ok(()), Ok(more)) = (&result, outgoing.try_recv()) {
-                result = writer.feed(&more).await;
-            }
-            if let Err(e) = result.and(writer.flush().await) {
-                return format!("lost its connection ({e})");
-            }
+        match writer.forward(&mut outgoing).await {
+            Ok(()) => String::new(),
+            Err(e) => format!("lost its connection ({e})"),
         }
-        String::new()
     });
     let mut memory_tick = tokio::time::interval(MEMORY_POLL);
     let ended = loop {
