@@ -42,6 +42,11 @@ impl RootQueue {
     pub(super) fn pop(&mut self) -> Option<TaskId> {
         self.heap.pop().map(|Reverse((_, id))| id)
     }
+
+    /// Queued entries, stale ones included.
+    pub(super) fn len(&self) -> usize {
+        self.heap.len()
+    }
 }
 
 /// A worker's load: assigned tasks per thread. Ordered by that ratio, then by id.

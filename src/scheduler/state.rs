@@ -1079,15 +1079,25 @@ impl Scheduler {
         }
         let depth =
             placement::queue_depth(self.config.target_queued_work_s, self.avg_task_duration_s);
-        while let Some(least) = self.load_index.least_loaded() {
+        'roots: while let Some(least) = self.load_index.least_loaded() {
             // The least loaded worker is full, so all are.
-            if least.processing >= least.nthreads.saturating_mul(depth) {
+            let room = least
+                .nthreads
+                .saturating_mul(depth)
+                .saturating_sub(least.processing);
+            if room == 0 {
                 break;
             }
-            let Some(id) = self.pop_ready_root() else {
-                break;
-            };
-            self.assign(id, least.worker, &mut batches);
+            // Consecutive roots in priority order are siblings: handed out in runs, the
+            // task combining them finds its inputs on one worker. A run is at most an even
+            // share of what is queued, so a few roots still spread over all workers.
+            let share = self.roots.len().div_ceil(self.workers.len()).max(1);
+            for _ in 0..(room as usize).min(share) {
+                let Some(id) = self.pop_ready_root() else {
+                    break 'roots;
+                };
+                self.assign(id, least.worker, &mut batches);
+            }
         }
         for (worker_id, batch) in batches {
             let Some(worker) = self.workers.get_mut(&worker_id) else {
@@ -1525,6 +1535,29 @@ mod tests {
 
     fn ids(client: ClientId, range: std::ops::Range<u64>) -> Vec<TaskId> {
         range.map(|seq| TaskId::new(client, seq)).collect()
+    }
+
+    #[test]
+    fn consecutive_roots_go_to_one_worker_in_runs() {
+        let mut env = TestEnv::new();
+        let [w1, w2] = env.workers(&[1, 1])[..] else {
+            unreachable!()
+        };
+        let c = env.client();
+        let roots = ids(c, 0..100);
+        let tasks = roots
+            .iter()
+            .map(|&id| TaskSpec {
+                priority: id.0 as i64,
+                ..spec(id, &[])
+            })
+            .collect();
+        env.submit(c, tasks, &roots);
+        env.schedule();
+        // Siblings in priority order stay together: one run of 10 each.
+        assert_eq!(env.computed(w1), roots[..10]);
+        assert_eq!(env.computed(w2), roots[10..20]);
+        // (Two roots on two idle workers still spread: see the locality test below.)
     }
 
     #[test]

@@ -288,7 +288,7 @@ impl Worker {
 
     fn on_scheduler(&mut self, msg: ToWorker) {
         match msg {
-            ToWorker::Compute(tasks) => tasks.into_iter().for_each(|t| self.accept_task(t)),
+            ToWorker::Compute(tasks) => self.accept_tasks(tasks),
             ToWorker::Functions(blobs) => self
                 .functions
                 .extend(blobs.into_iter().map(|b| (b.id, b.bytes))),
@@ -314,10 +314,25 @@ impl Worker {
         }
     }
 
-    fn accept_task(&mut self, compute: ComputeTask) {
+    /// Takes on assigned tasks; their missing inputs are fetched with one request per
+    /// peer for the whole batch.
+    fn accept_tasks(&mut self, tasks: Vec<ComputeTask>) {
+        let mut wanted_from: HashMap<WorkerId, Vec<TaskId>> = HashMap::new();
+        for compute in tasks {
+            self.accept_task(compute, &mut wanted_from);
+        }
+        for (peer, ids) in wanted_from {
+            self.start_fetch(peer, ids);
+        }
+    }
+
+    fn accept_task(
+        &mut self,
+        compute: ComputeTask,
+        wanted_from: &mut HashMap<WorkerId, Vec<TaskId>>,
+    ) {
         let id = compute.id;
         let mut missing = 0;
-        let mut wanted_from: HashMap<WorkerId, Vec<TaskId>> = HashMap::new();
         for input in &compute.inputs {
             if self.store.contains(input.id) {
                 continue;
@@ -348,9 +363,6 @@ impl Worker {
         );
         if missing == 0 {
             self.ready.push(Reverse((priority, id)));
-        }
-        for (peer, ids) in wanted_from {
-            self.start_fetch(peer, ids);
         }
     }
 
