@@ -21,8 +21,6 @@ from ._layout import INLINE_MAX, object_offsets
 # Finished results wait at most this long for others to share a message with.
 SEND_INTERVAL_S = 0.001
 
-_INPUT_MAP_FLAGS = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
-
 # Frames of the runtime itself, left out of the tracebacks tasks send back.
 _RUNTIME_FILES = (__file__, serialize.__file__)
 
@@ -39,8 +37,8 @@ def decode_input(obj: tuple[str, object, list[int]]) -> object:
         fd = os.open(data, os.O_RDONLY)
         try:
             # MAP_PRIVATE: writes land in private pages, the stored object stays intact.
-            # MAP_POPULATE maps every page in one call instead of one fault per page.
-            mapped = mmap.mmap(fd, 0, flags=_INPUT_MAP_FLAGS, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            # (Not MAP_POPULATE: on a private writable mapping it copies every page.)
+            mapped = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
         return serialize.loads_result(mapped, layout)

@@ -128,8 +128,10 @@ def graph_tasks(
     key_ids: dict[Key, int] = {}
     tasks: list[TaskTuple] = []
     chunk_keys: list[Key] = []
+    chunk_of: dict[Key, int] = {}  # which chunk each task went out with
     release: list[int] = []
     chunk_size = FIRST_CHUNK_TASKS
+    chunk_number = 0
 
     def flush() -> None:
         held = [
@@ -155,14 +157,16 @@ def graph_tasks(
         next_id += 1
         tasks.append((task_id, [key_ids[dep] for dep in dep_keys], funcs, payload, priority[key]))
         chunk_keys.append(key)
+        chunk_of[key] = chunk_number
         for dep in inputs_of[key]:
             if dep in unsubmitted_dependents:
                 unsubmitted_dependents[dep] -= 1
                 if unsubmitted_dependents[dep] == 0 and dep not in output_keys:
-                    if dep not in chunk_keys:  # held by an earlier chunk
+                    if chunk_of[dep] != chunk_number:  # held by an earlier chunk
                         release.append(key_ids[dep])
         if len(chunk_keys) >= chunk_size:
             flush()
+            chunk_number += 1
             chunk_size = min(2 * chunk_size, MAX_CHUNK_TASKS)
     if chunk_keys or release:
         flush()

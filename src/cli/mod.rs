@@ -106,7 +106,10 @@ pub fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread: the work is I/O and message handling around one state-owning task, and
+    // on a node whose cores run executors, waking other runtime threads costs more CPU
+    // than it saves.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
