@@ -5,11 +5,13 @@
 //! - [`scheduler`]: the task-graph state machine (no I/O) and the server around it.
 //! - [`worker`]: object store, peer data server and fetch, executor supervision.
 //! - [`transport`]: how workers reach each other (TCP today).
-//! - [`cluster`]: scheduler files and the local cluster (`rankmesh local`).
+//! - [`cluster`]: scheduler files, the local cluster (`rankmesh local`), hosting a script.
+//! - [`launch`]: inside an MPI job (`mpirun rankmesh run`): rank roles and bootstrap.
 //! - [`cli`]: the `rankmesh` command line.
 
 pub mod cli;
 pub mod cluster;
+pub mod launch;
 pub mod protocol;
 pub mod scheduler;
 pub mod transport;

@@ -4,6 +4,7 @@ mod size;
 
 use crate::cluster::local::{self, LocalOptions};
 use crate::cluster::SchedulerFile;
+use crate::launch::{self, RunOptions};
 use crate::protocol::Token;
 use crate::scheduler::server;
 use crate::worker::{self, WorkerConfig};
@@ -11,8 +12,6 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tokio::signal::unix::{signal, SignalKind};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
 #[command(name = "rankmesh", version, about = "Run Dask graphs on HPC clusters")]
@@ -43,6 +42,27 @@ enum Command {
         scheduler_file: Option<PathBuf>,
         /// The script to run, then its arguments.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        script: Vec<String>,
+    },
+    /// Inside an MPI job: rank 0 runs the scheduler and SCRIPT, the other ranks workers
+    /// (`mpirun -n N rankmesh run script.py` or `srun rankmesh run script.py`).
+    Run {
+        /// Executor processes (task slots) per worker rank.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        threads_per_worker: u32,
+        /// Memory per worker rank, e.g. 4GiB (0: no limit).
+        #[arg(long, default_value = "0", value_parser = size::parse_bytes)]
+        memory_limit: u64,
+        /// Host name other ranks reach this one at (default: MPI's processor name).
+        #[arg(long)]
+        host: Option<String>,
+        #[command(flatten)]
+        python: PythonArg,
+        /// Where rank 0 writes the scheduler file (default: a file in the temp folder).
+        #[arg(long)]
+        scheduler_file: Option<PathBuf>,
+        /// The script to run, then its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         script: Vec<String>,
     },
     /// Run a scheduler alone; workers and clients join it through the scheduler file.
@@ -106,20 +126,27 @@ pub fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    // One thread: the work is I/O and message handling around one state-owning task, and
-    // on a node whose cores run executors, waking other runtime threads costs more CPU
-    // than it saves.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("rankmesh: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let result = match cli.command {
+        // MPI comes up before any runtime thread exists; `launch` builds its own runtime.
+        Command::Run {
+            threads_per_worker,
+            memory_limit,
+            host,
+            python,
+            scheduler_file,
+            script,
+        } => launch::run(RunOptions {
+            python: python.python,
+            script,
+            threads_per_worker,
+            memory_limit,
+            host,
+            scheduler_file,
+        })
+        .map_err(anyhow::Error::from),
+        command => in_runtime(command),
     };
-    match runtime.block_on(run(cli.command)) {
+    match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("rankmesh: error: {e:#}");
@@ -128,8 +155,20 @@ pub fn main() -> ExitCode {
     }
 }
 
+fn in_runtime(command: Command) -> Result<i32> {
+    // One thread: the work is I/O and message handling around one state-owning task, and
+    // on a node whose cores run executors, waking other runtime threads costs more CPU
+    // than it saves.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    runtime.block_on(run(command))
+}
+
 async fn run(command: Command) -> Result<i32> {
     match command {
+        Command::Run { .. } => unreachable!("`run` is handled before a runtime exists"),
         Command::Local {
             n_workers,
             threads_per_worker,
@@ -173,7 +212,7 @@ async fn run(command: Command) -> Result<i32> {
                 "rankmesh: scheduler at {address} (scheduler file {})",
                 scheduler_file.display()
             );
-            let shutdown = until_signal()?;
+            let shutdown = crate::cluster::cancel_on_signal().context("cannot handle signals")?;
             let (workers, _) = tokio::sync::watch::channel(0);
             server::serve(listener, token, workers, shutdown).await;
             let _ = std::fs::remove_file(&scheduler_file);
@@ -220,24 +259,12 @@ async fn run(command: Command) -> Result<i32> {
                 advertise_host: host,
                 max_crashes,
             };
-            worker::run(config, until_signal()?).await?;
+            worker::run(
+                config,
+                crate::cluster::cancel_on_signal().context("cannot handle signals")?,
+            )
+            .await?;
             Ok(0)
         }
     }
-}
-
-/// A token cancelled by the first SIGINT or SIGTERM.
-fn until_signal() -> Result<CancellationToken> {
-    let token = CancellationToken::new();
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let cancel = token.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = interrupt.recv() => {}
-            _ = terminate.recv() => {}
-        }
-        cancel.cancel();
-    });
-    Ok(token)
 }

@@ -3,8 +3,56 @@
 
 pub mod local;
 mod scheduler_file;
+mod script_host;
 
 pub use scheduler_file::{SchedulerFile, SCHEDULER_FILE_ENV};
+pub use script_host::ScriptHost;
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot start the scheduler: {0}")]
+    Scheduler(std::io::Error),
+    #[error("cannot start worker {index}: {source}")]
+    SpawnWorker { index: u32, source: std::io::Error },
+    #[error("worker {index} exited before registering ({status})")]
+    WorkerExited { index: usize, status: String },
+    #[error("only {registered} of {expected} workers registered in time")]
+    WorkersTimeout { registered: usize, expected: u32 },
+    #[error("cannot write the scheduler file {path}: {source}")]
+    SchedulerFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot run `{python} {script}`: {source}")]
+    Script {
+        python: String,
+        script: String,
+        source: std::io::Error,
+    },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("interrupted while starting")]
+    Interrupted,
+}
+
+/// A token cancelled by the first SIGINT or SIGTERM (call inside a runtime).
+pub fn cancel_on_signal() -> std::io::Result<tokio_util::sync::CancellationToken> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let token = tokio_util::sync::CancellationToken::new();
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        cancel.cancel();
+    });
+    Ok(token)
+}
 
 /// Makes the child die with its parent, so a killed worker or cluster leaves no orphan.
 pub fn die_with_parent(command: &mut tokio::process::Command) {

@@ -27,14 +27,16 @@ def test_local_runs_a_script_against_the_cluster(tmp_path):
     script = write(
         tmp_path,
         "job.py",
-        "import dask.array as da, rankmesh\n"
+        "import dask, dask.array as da, rankmesh\n"
         "client = rankmesh.Client()\n"
         "x = da.arange(10_000, chunks=1000)\n"
-        "print('total', int(x.sum().compute(scheduler=client.get)), len(client.workers()))\n",
+        "# No scheduler named: the cluster is already Dask's default.\n"
+        "default = type(dask.config.get('scheduler').__self__).__module__\n"
+        "print('total', int(x.sum().compute()), len(client.workers()), default)\n",
     )
     result = run("local", "-n", "2", "--python", sys.executable, script)
     assert result.returncode == 0, result.stderr
-    assert f"total {sum(range(10_000))} 2" in result.stdout
+    assert f"total {sum(range(10_000))} 2 rankmesh.client" in result.stdout
 
 
 def test_local_exits_with_the_scripts_code(tmp_path):

@@ -1,0 +1,157 @@
+//! The scheduler side of a cluster: serve, wait until every worker has registered, hand the
+//! script a scheduler file, run it, then stop everything. Shared by `rankmesh local` and by
+//! rank 0 of `rankmesh run`.
+
+use super::{ClusterError, SchedulerFile, SCHEDULER_FILE_ENV};
+use crate::protocol::{Token, TOKEN_ENV};
+use crate::scheduler::server;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+const WORKERS_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the scheduler gets to tell workers to stop and drain its connections.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+pub struct ScriptHost {
+    /// Where workers and clients reach the scheduler (`tcp://host:port`).
+    pub address: String,
+    pub expected_workers: u32,
+    pub python: String,
+    /// The script and its arguments; empty: serve until SIGINT or SIGTERM.
+    pub script: Vec<String>,
+    pub scheduler_file: Option<PathBuf>,
+}
+
+impl ScriptHost {
+    /// Serves on `listener` until the script ends; returns its exit code. `worker_lost`
+    /// resolves if a worker dies before registering: (which one, how it ended).
+    pub async fn run(
+        &self,
+        listener: TcpListener,
+        token: Token,
+        worker_lost: impl Future<Output = (usize, String)>,
+    ) -> Result<i32, ClusterError> {
+        let shutdown = CancellationToken::new();
+        let (workers_tx, registered) = watch::channel(0usize);
+        let scheduler = tokio::spawn(server::serve(
+            listener,
+            token.clone(),
+            workers_tx,
+            shutdown.clone(),
+        ));
+        let outcome = self
+            .until_script_ends(&token, registered, worker_lost)
+            .await;
+        shutdown.cancel();
+        if tokio::time::timeout(STOP_GRACE, scheduler).await.is_err() {
+            tracing::warn!("the scheduler did not stop within {STOP_GRACE:?}");
+        }
+        outcome
+    }
+
+    async fn until_script_ends(
+        &self,
+        token: &Token,
+        mut registered: watch::Receiver<usize>,
+        worker_lost: impl Future<Output = (usize, String)>,
+    ) -> Result<i32, ClusterError> {
+        let mut interrupt = signal(SignalKind::interrupt()).map_err(ClusterError::Signals)?;
+        let mut terminate = signal(SignalKind::terminate()).map_err(ClusterError::Signals)?;
+        let expected = self.expected_workers as usize;
+        let counter = registered.clone();
+        tokio::select! {
+            ready = tokio::time::timeout(WORKERS_TIMEOUT, registered.wait_for(|n| *n >= expected)) => {
+                if ready.is_err() {
+                    let registered = *counter.borrow();
+                    return Err(ClusterError::WorkersTimeout { registered, expected: self.expected_workers });
+                }
+            }
+            (index, status) = worker_lost => return Err(ClusterError::WorkerExited { index, status }),
+            _ = interrupt.recv() => return Err(ClusterError::Interrupted),
+            _ = terminate.recv() => return Err(ClusterError::Interrupted),
+        }
+        let path = self
+            .scheduler_file
+            .clone()
+            .unwrap_or_else(default_scheduler_file);
+        let file = SchedulerFile {
+            address: self.address.clone(),
+            token: token.as_str().to_string(),
+            pid: std::process::id(),
+        };
+        file.write(&path)
+            .map_err(|source| ClusterError::SchedulerFile {
+                path: path.clone(),
+                source,
+            })?;
+        eprintln!(
+            "rankmesh: {} workers ready at {} (scheduler file {})",
+            self.expected_workers,
+            self.address,
+            path.display()
+        );
+        let code = if self.script.is_empty() {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+            Ok(0)
+        } else {
+            self.run_script(&path, &mut interrupt, &mut terminate).await
+        };
+        let _ = std::fs::remove_file(&path);
+        code
+    }
+
+    /// Runs the script with the cluster as Dask's default scheduler; SIGINT and SIGTERM
+    /// reach it as SIGINT (a KeyboardInterrupt in Python).
+    async fn run_script(
+        &self,
+        scheduler_file: &Path,
+        interrupt: &mut Signal,
+        terminate: &mut Signal,
+    ) -> Result<i32, ClusterError> {
+        let script_error = |source| ClusterError::Script {
+            python: self.python.clone(),
+            script: self.script.join(" "),
+            source,
+        };
+        let mut child = Command::new(&self.python)
+            .args(["-m", "rankmesh._script"])
+            .args(&self.script)
+            .env(SCHEDULER_FILE_ENV, scheduler_file)
+            .env_remove(TOKEN_ENV)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(script_error)?;
+        let status = loop {
+            tokio::select! {
+                status = child.wait() => break status.map_err(script_error)?,
+                _ = interrupt.recv() => forward_interrupt(&child),
+                _ = terminate.recv() => forward_interrupt(&child),
+            }
+        };
+        use std::os::unix::process::ExitStatusExt;
+        Ok(status
+            .code()
+            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+    }
+}
+
+fn default_scheduler_file() -> PathBuf {
+    std::env::temp_dir().join(format!("rankmesh-scheduler-{}.json", std::process::id()))
+}
+
+fn forward_interrupt(child: &Child) {
+    if let Some(pid) = child.id() {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(pid as i32, libc::SIGINT) };
+    }
+}

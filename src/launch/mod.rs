@@ -1,0 +1,70 @@
+//! Inside a batch job: every MPI rank runs `rankmesh run`. Rank 0 hosts the scheduler and
+//! runs the user's script; the other ranks become workers. The scheduler's address and
+//! the cluster token reach the workers by MPI broadcast, never through the filesystem.
+
+#[cfg(feature = "mpi")]
+mod mpi_job;
+
+use crate::cluster::ClusterError;
+use crate::worker::WorkerError;
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub python: String,
+    /// The script and its arguments; empty: serve until cancelled.
+    pub script: Vec<String>,
+    pub threads_per_worker: u32,
+    pub memory_limit: u64,
+    /// Host name other ranks reach this one at (default: the MPI processor name).
+    pub host: Option<String>,
+    pub scheduler_file: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error(
+        "rankmesh run is an MPI program: start it with `mpirun -n N rankmesh run ...` or \
+         `srun rankmesh run ...` (none of {vars} is set, so no MPI launcher started this process)"
+    )]
+    NotUnderMpi { vars: String },
+    #[error("rankmesh run needs at least 2 MPI ranks (a scheduler and a worker), got {0}")]
+    TooFewRanks(i32),
+    #[error("this rankmesh was built without MPI support (cargo feature `mpi`)")]
+    NoMpiSupport,
+    #[error("MPI initialization failed: {0}")]
+    MpiInit(String),
+    #[error("the bootstrap message from rank 0 is malformed: {0}")]
+    Bootstrap(String),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+}
+
+/// Environment variables that MPI launchers set (Open MPI, PMIx/srun, MPICH's Hydra).
+pub const LAUNCHER_VARS: [&str; 4] = ["OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE"];
+
+/// Whether an MPI launcher started this process.
+pub fn under_mpi_launcher() -> bool {
+    LAUNCHER_VARS.iter().any(|v| std::env::var_os(v).is_some())
+}
+
+/// Runs this rank's part of the job; returns the job's exit code (the script's on rank 0).
+pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
+    if !under_mpi_launcher() {
+        return Err(LaunchError::NotUnderMpi {
+            vars: LAUNCHER_VARS.join(", "),
+        });
+    }
+    #[cfg(feature = "mpi")]
+    {
+        mpi_job::run(options)
+    }
+    #[cfg(not(feature = "mpi"))]
+    {
+        let _ = options;
+        Err(LaunchError::NoMpiSupport)
+    }
+}

@@ -1,0 +1,98 @@
+//! The MPI side of a job: initialize, broadcast the scheduler's address and token from rank
+//! 0, then run the scheduler (rank 0) or a worker (other ranks) until the script ends.
+
+use super::{LaunchError, RunOptions};
+use crate::cluster::{ClusterError, ScriptHost};
+use crate::protocol::{decode, encode, Token};
+use crate::worker::{self, ExecutorKind, WorkerConfig};
+use mpi::traits::{Communicator, Root};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+/// What rank 0 tells the others.
+#[derive(Serialize, Deserialize)]
+struct Bootstrap {
+    scheduler: String,
+    token: String,
+}
+
+pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
+    // Worker data over MPI (a later step) calls MPI from a progress thread: ask for the
+    // most, use what is granted.
+    let (universe, threading) = mpi::initialize_with_threading(mpi::Threading::Multiple)
+        .ok_or_else(|| LaunchError::MpiInit("MPI was already initialized".into()))?;
+    let world = universe.world();
+    let (rank, size) = (world.rank(), world.size());
+    tracing::info!(rank, size, ?threading, "MPI initialized");
+    if size < 2 {
+        return Err(LaunchError::TooFewRanks(size));
+    }
+    let host = match &options.host {
+        Some(host) => host.clone(),
+        None => mpi::environment::processor_name()
+            .map_err(|e| LaunchError::MpiInit(format!("no processor name: {e:?}")))?,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(LaunchError::Runtime)?;
+    let root = world.process_at_rank(0);
+    let code = if rank == 0 {
+        let token = Token::generate().map_err(LaunchError::Runtime)?;
+        let listener = runtime
+            .block_on(TcpListener::bind(("0.0.0.0", 0)))
+            .map_err(ClusterError::Scheduler)?;
+        let port = listener
+            .local_addr()
+            .map_err(ClusterError::Scheduler)?
+            .port();
+        let bootstrap = Bootstrap {
+            scheduler: format!("tcp://{host}:{port}"),
+            token: token.as_str().into(),
+        };
+        let message = encode(&bootstrap).map_err(|e| LaunchError::Bootstrap(e.to_string()))?;
+        broadcast(&root, Some(message.to_vec()));
+        let script_host = ScriptHost {
+            address: bootstrap.scheduler,
+            expected_workers: (size - 1) as u32,
+            python: options.python,
+            script: options.script,
+            scheduler_file: options.scheduler_file,
+        };
+        runtime.block_on(script_host.run(listener, token, std::future::pending()))?
+    } else {
+        let message = broadcast(&root, None);
+        let bootstrap: Bootstrap =
+            decode(&message).map_err(|e| LaunchError::Bootstrap(e.to_string()))?;
+        let config = WorkerConfig {
+            scheduler: bootstrap.scheduler,
+            token: Token::new(bootstrap.token),
+            nthreads: options.threads_per_worker,
+            memory_limit: options.memory_limit,
+            python: options.python,
+            executor: ExecutorKind::Python,
+            listen_host: "0.0.0.0".into(),
+            advertise_host: host,
+            max_crashes: 3,
+        };
+        runtime.block_on(async {
+            let shutdown = crate::cluster::cancel_on_signal().map_err(LaunchError::Runtime)?;
+            worker::run(config, shutdown)
+                .await
+                .map_err(LaunchError::from)
+        })?;
+        0
+    };
+    drop(runtime);
+    drop(universe); // MPI_Finalize
+    Ok(code)
+}
+
+/// Broadcasts bytes from `root`: their length first, then the bytes.
+fn broadcast(root: &impl Root, message: Option<Vec<u8>>) -> Vec<u8> {
+    let mut length = message.as_ref().map_or(0, |m| m.len() as u64);
+    root.broadcast_into(&mut length);
+    let mut bytes = message.unwrap_or_else(|| vec![0; length as usize]);
+    root.broadcast_into(&mut bytes[..]);
+    bytes
+}

@@ -1,0 +1,126 @@
+"""`mpirun -n N rankmesh run script.py`: rank 0 hosts the scheduler and the script, the
+other ranks are workers; the job's exit code is the script's and no process outlives it."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from rankmesh.cluster import find_binary
+
+MPIRUN = shutil.which("mpirun")
+pytestmark = pytest.mark.skipif(MPIRUN is None, reason="Open MPI's mpirun is not installed")
+BINARY = find_binary()
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
+
+
+def mpirun(n, script, *args, timeout=120, **popen):
+    command = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n", str(n)]
+    command += [BINARY, "run", "--python", sys.executable, str(script), *map(str, args)]
+    if popen:
+        return subprocess.Popen(command, text=True, **popen)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def rankmesh_processes():
+    return [p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "rankmesh"]
+
+
+def assert_nothing_left(timeout=15):
+    deadline = time.monotonic() + timeout
+    while rankmesh_processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert rankmesh_processes() == [], "rankmesh processes outlived the job"
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_xarray_pipeline_under_mpirun_matches_threads(tmp_path):
+    script = write(
+        tmp_path,
+        "pipeline.py",
+        "import sys, dask, numpy as np\n"
+        f"sys.path.insert(0, {os.path.abspath(EXAMPLES)!r})\n"
+        "from xarray_anomaly import anomaly_pipeline, synthetic_dataset\n"
+        "assert type(dask.config.get('scheduler').__self__).__module__ == 'rankmesh.client'\n"
+        "ds = synthetic_dataset(days=400, chunk_days=100, seed=4)\n"
+        "ours = anomaly_pipeline(ds).compute()  # the job's cluster is the default\n"
+        "theirs = anomaly_pipeline(ds).compute(scheduler='threads')\n"
+        "scale = float(np.abs(theirs.values).max())\n"
+        "diff = float(np.abs(ours.values - theirs.values).max())\n"
+        "print('scale', scale, 'diff', diff)\n"
+        "sys.exit(0 if scale > 1e-3 and diff <= 1e-6 * scale else 1)\n",
+    )
+    result = mpirun(4, script)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_nothing_left()
+
+
+def test_script_exit_code_is_the_jobs(tmp_path):
+    script = write(tmp_path, "exit3.py", "import sys\nsys.exit(3)\n")
+    result = mpirun(3, script)
+    assert result.returncode == 3, result.stderr
+    assert_nothing_left()
+
+
+def test_script_exception_shows_its_traceback(tmp_path):
+    script = write(
+        tmp_path, "fail.py", "def analysis():\n    raise ValueError('bad input')\nanalysis()\n"
+    )
+    result = mpirun(2, script)
+    assert result.returncode != 0
+    assert "ValueError: bad input" in result.stderr and "analysis" in result.stderr
+    assert_nothing_left()
+
+
+def test_outside_mpi_it_says_how_to_launch():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI"))}
+    result = subprocess.run(
+        [BINARY, "run", "script.py"], capture_output=True, text=True, env=env, timeout=30
+    )
+    assert result.returncode == 1
+    assert "mpirun -n N rankmesh run" in result.stderr
+
+
+def test_sigterm_to_mpirun_stops_every_rank(tmp_path):
+    script = write(
+        tmp_path,
+        "wait.py",
+        "import time\nprint('started', flush=True)\ntime.sleep(120)\n",
+    )
+    job = mpirun(3, script, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert job.stdout.readline().strip() == "started"
+    job.send_signal(signal.SIGTERM)
+    job.communicate(timeout=30)
+    assert job.returncode != 0
+    assert_nothing_left()
+
+
+def test_a_killed_worker_rank_ends_the_job_with_a_clear_error(tmp_path):
+    script = write(
+        tmp_path,
+        "long.py",
+        "import time, rankmesh\n"
+        "client = rankmesh.Client()\n"
+        "print('started', flush=True)\n"
+        "futures = client.map(time.sleep, [0.5] * 200)\n"
+        "client.gather(futures)\n",
+    )
+    job = mpirun(3, script, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert job.stdout.readline().strip() == "started"
+    victim = next(p for p in rankmesh_processes() if p.environ().get("OMPI_COMM_WORLD_RANK") == "2")
+    started = time.monotonic()
+    victim.kill()
+    _, err = job.communicate(timeout=60)
+    assert time.monotonic() - started < 30
+    assert job.returncode != 0
+    assert "signal 9" in err or "Killed" in err, err
+    assert_nothing_left()
