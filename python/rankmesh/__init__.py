@@ -6,6 +6,7 @@ from .client import Client
 from .cluster import LocalCluster
 from .errors import CancelledError, FutureLost, TaskError
 from .futures import Future, as_completed, wait
+from .mpi import initialize
 
 try:
     __version__ = version("rankmesh")
@@ -21,5 +22,6 @@ __all__ = [
     "TaskError",
     "__version__",
     "as_completed",
+    "initialize",
     "wait",
 ]

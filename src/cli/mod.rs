@@ -61,8 +61,17 @@ enum Command {
         /// Where rank 0 writes the scheduler file (default: a file in the temp folder).
         #[arg(long)]
         scheduler_file: Option<PathBuf>,
+        /// Run no script: serve clients that connect through the scheduler file until the
+        /// job is cancelled or reaches its walltime.
+        #[arg(long, requires = "scheduler_file")]
+        serve: bool,
         /// The script to run, then its arguments.
-        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        #[arg(
+            required_unless_present = "serve",
+            conflicts_with = "serve",
+            trailing_var_arg = true,
+            allow_hyphen_values = true
+        )]
         script: Vec<String>,
     },
     /// Run a scheduler alone; workers and clients join it through the scheduler file.
@@ -134,6 +143,7 @@ pub fn main() -> ExitCode {
             host,
             python,
             scheduler_file,
+            serve: _, // an empty script means serve
             script,
         } => launch::run(RunOptions {
             python: python.python,

@@ -124,3 +124,56 @@ def test_a_killed_worker_rank_ends_the_job_with_a_clear_error(tmp_path):
     assert job.returncode != 0
     assert "signal 9" in err or "Killed" in err, err
     assert_nothing_left()
+
+
+def test_initialize_keeps_dask_mpi_habits(tmp_path):
+    script = write(
+        tmp_path,
+        "habit.py",
+        "import sys, dask, dask.array as da, rankmesh\n"
+        "rankmesh.initialize()\n"
+        "default = type(dask.config.get('scheduler').__self__).__module__\n"
+        "print('total', int(da.arange(1000, chunks=100).sum().compute()), default)\n"
+        "sys.exit(int(sys.argv[1]))\n",
+    )
+    command = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n", "3"]
+    env = dict(os.environ, PATH=f"{os.path.dirname(BINARY)}:{os.environ['PATH']}")
+    result = subprocess.run(
+        [*command, sys.executable, str(script), "4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 4, result.stderr
+    assert result.stdout.count(f"total {sum(range(1000))} rankmesh.client") == 1
+    assert_nothing_left()
+
+
+def test_serve_keeps_a_cluster_for_external_clients(tmp_path):
+    import rankmesh
+
+    scheduler_file = tmp_path / "scheduler.json"
+    command = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n", "3"]
+    command += [BINARY, "run", "--python", sys.executable, "--serve"]
+    job = subprocess.Popen([*command, "--scheduler-file", str(scheduler_file)], text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists():
+            assert job.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        assert scheduler_file.stat().st_mode & 0o777 == 0o600
+        for _ in range(2):  # clients come and go; the cluster stays
+            with rankmesh.Client(scheduler_file=str(scheduler_file)) as client:
+                assert client.submit(sum, [1, 2, 3]).result(timeout=60) == 6
+                assert len(client.workers()) == 2
+    finally:
+        job.send_signal(signal.SIGTERM)
+        job.wait(timeout=30)
+    assert_nothing_left()
+
+
+def test_serve_needs_a_scheduler_file():
+    result = subprocess.run([BINARY, "run", "--serve"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "--scheduler-file" in result.stderr
