@@ -95,6 +95,7 @@ fn run(workers: u32, specs: Vec<TaskSpec>, wanted: Vec<TaskId>) -> Outcome {
             nthreads: THREADS_PER_WORKER,
             memory_limit: 1 << 34,
             pid: n,
+            rank: None,
         };
         scheduler.add_worker(reg, &mut comm);
     }

@@ -349,7 +349,7 @@ impl ClientCore {
             self.runtime.block_on(async {
                 let fetches = by_worker
                     .values()
-                    .map(|(info, ids)| transport.fetch(info, ids.clone(), &HeapAllocator));
+                    .map(|(info, ids)| transport.fetch(info, ids.clone(), Arc::new(HeapAllocator)));
                 futures::future::try_join_all(fetches).await
             })
         });

@@ -4,7 +4,7 @@ mod size;
 
 use crate::cluster::local::{self, LocalOptions};
 use crate::cluster::SchedulerFile;
-use crate::launch::{self, RunOptions};
+use crate::launch::{self, RunOptions, TransportKind};
 use crate::protocol::Token;
 use crate::scheduler::server;
 use crate::worker::{self, WorkerConfig};
@@ -61,6 +61,9 @@ enum Command {
         /// Where rank 0 writes the scheduler file (default: a file in the temp folder).
         #[arg(long)]
         scheduler_file: Option<PathBuf>,
+        /// How worker ranks move results between each other.
+        #[arg(long, value_enum, default_value = "mpi")]
+        transport: TransportArg,
         /// Run no script: serve clients that connect through the scheduler file until the
         /// job is cancelled or reaches its walltime.
         #[arg(long, requires = "scheduler_file")]
@@ -120,6 +123,12 @@ struct PythonArg {
     python: String,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum TransportArg {
+    Mpi,
+    Tcp,
+}
+
 #[derive(clap::ValueEnum, Clone, Debug)]
 enum ExecutorArg {
     Python,
@@ -144,8 +153,13 @@ pub fn main() -> ExitCode {
             python,
             scheduler_file,
             serve: _, // an empty script means serve
+            transport,
             script,
         } => launch::run(RunOptions {
+            transport: match transport {
+                TransportArg::Mpi => TransportKind::Mpi,
+                TransportArg::Tcp => TransportKind::Tcp,
+            },
             python: python.python,
             script,
             threads_per_worker,
@@ -268,6 +282,7 @@ async fn run(command: Command) -> Result<i32> {
                 listen_host: host.clone(),
                 advertise_host: host,
                 max_crashes,
+                rank: None,
             };
             worker::run(
                 config,

@@ -18,6 +18,14 @@ pub struct RunOptions {
     /// Host name other ranks reach this one at (default: the MPI processor name).
     pub host: Option<String>,
     pub scheduler_file: Option<std::path::PathBuf>,
+    pub transport: TransportKind,
+}
+
+/// How worker ranks move results between each other (clients always use TCP).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum TransportKind {
+    Mpi,
+    Tcp,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,12 +1,17 @@
 //! The MPI side of a job: initialize, broadcast the scheduler's address and token from rank
 //! 0, then run the scheduler (rank 0) or a worker (other ranks) until the script ends.
 
-use super::{LaunchError, RunOptions};
+use super::{LaunchError, RunOptions, TransportKind};
 use crate::cluster::{ClusterError, ScriptHost};
 use crate::protocol::{decode, encode, Token};
+use crate::transport::mpi::{MpiDataServer, MpiTransport};
+use crate::transport::tcp::TcpTransport;
+use crate::transport::Transport;
+use crate::worker::store::Store;
 use crate::worker::{self, ExecutorKind, WorkerConfig};
 use mpi::traits::{Communicator, Root};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use tokio::net::TcpListener;
 
 /// What rank 0 tells the others.
@@ -65,6 +70,7 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
         let bootstrap: Bootstrap =
             decode(&message).map_err(|e| LaunchError::Bootstrap(e.to_string()))?;
         let config = WorkerConfig {
+            rank: Some(rank as u32),
             scheduler: bootstrap.scheduler,
             token: Token::new(bootstrap.token),
             nthreads: options.threads_per_worker,
@@ -75,12 +81,33 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
             advertise_host: host,
             max_crashes: 3,
         };
-        runtime.block_on(async {
+        let store = Store::default();
+        let mut mpi_server = None;
+        let transport: Arc<dyn Transport> = match options.transport {
+            TransportKind::Mpi if threading == mpi::Threading::Multiple => {
+                mpi_server =
+                    Some(MpiDataServer::start(store.clone()).map_err(LaunchError::Runtime)?);
+                Arc::new(MpiTransport::default())
+            }
+            TransportKind::Mpi => {
+                tracing::warn!(
+                    ?threading,
+                    "MPI grants less than MPI_THREAD_MULTIPLE: worker data goes over TCP"
+                );
+                Arc::new(TcpTransport::new(config.token.clone()))
+            }
+            TransportKind::Tcp => Arc::new(TcpTransport::new(config.token.clone())),
+        };
+        let outcome = runtime.block_on(async {
             let shutdown = crate::cluster::cancel_on_signal().map_err(LaunchError::Runtime)?;
-            worker::run(config, shutdown)
+            worker::run_with(config, store, transport, shutdown)
                 .await
                 .map_err(LaunchError::from)
-        })?;
+        });
+        if let Some(server) = mpi_server {
+            server.stop();
+        }
+        outcome?;
         0
     };
     drop(runtime);

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// What a connecting peer is; the acceptor checks it is one it serves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,6 +122,8 @@ pub struct WorkerInfo {
     pub host: String,
     pub nthreads: u32,
     pub memory_limit: u64,
+    /// The worker's MPI rank, when it is one: peers then fetch from it over MPI.
+    pub rank: Option<u32>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -153,6 +155,7 @@ pub struct WorkerRegistration {
     pub nthreads: u32,
     pub memory_limit: u64,
     pub pid: u32,
+    pub rank: Option<u32>,
 }
 
 /// Where a task's input lives now.

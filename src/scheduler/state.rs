@@ -247,6 +247,7 @@ impl Scheduler {
             // Loads are tasks per thread: a worker must count at least one.
             nthreads: reg.nthreads.max(1),
             memory_limit: reg.memory_limit,
+            rank: reg.rank,
         };
         let peers = self.workers().cloned().collect();
         comm.send_worker(
@@ -1409,6 +1410,7 @@ mod tests {
                 nthreads,
                 memory_limit: 1 << 30,
                 pid: 100,
+                rank: None,
             };
             let others: Vec<WorkerId> = self.scheduler.workers().map(|w| w.id).collect();
             let clients: Vec<ClientId> = self.scheduler.clients.iter().copied().collect();

@@ -1,10 +1,14 @@
-//! How task results move between processes. One trait; TCP today, MPI and UCX later.
+//! How task results move between processes: one trait, with TCP (workers and clients)
+//! and MPI point-to-point (worker ranks of an MPI job) behind it; UCX later.
 
+#[cfg(feature = "mpi")]
+pub mod mpi;
 pub mod tcp;
 
 use crate::protocol::{FrameError, HandshakeError, TaskId, WorkerInfo};
 use crate::worker::store::{Object, ObjectBuilder, StoreError};
 use futures::future::BoxFuture;
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -26,13 +30,17 @@ pub enum TransportError {
         expected: TaskId,
         got: TaskId,
     },
+    #[error("worker {0} has no MPI rank to fetch from")]
+    NoRank(crate::protocol::WorkerId),
+    #[error("MPI transfer failed: {0}")]
+    Mpi(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
 /// Where fetched objects are written: the receiver decides (shared memory on a worker,
 /// the heap in a client).
-pub trait Allocate: Sync {
+pub trait Allocate: Send + Sync {
     fn allocate(&self, layout: Vec<u64>) -> Result<ObjectBuilder, StoreError>;
 }
 
@@ -45,7 +53,7 @@ pub trait Transport: Send + Sync + 'static {
         &'a self,
         from: &'a WorkerInfo,
         ids: Vec<TaskId>,
-        alloc: &'a dyn Allocate,
+        alloc: Arc<dyn Allocate>,
     ) -> BoxFuture<'a, Result<Fetched, TransportError>>;
 }
 

@@ -10,7 +10,7 @@ use futures::future::BoxFuture;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -97,7 +97,7 @@ impl TcpTransport {
         &self,
         address: &str,
         ids: Vec<TaskId>,
-        alloc: &dyn Allocate,
+        alloc: Arc<dyn Allocate>,
     ) -> Result<Fetched, TransportError> {
         let (mut reader, mut writer) = self.checkout(address).await?;
         let frame = |source| TransportError::Frame {
@@ -140,7 +140,7 @@ impl Transport for TcpTransport {
         &'a self,
         from: &'a WorkerInfo,
         ids: Vec<TaskId>,
-        alloc: &'a dyn Allocate,
+        alloc: Arc<dyn Allocate>,
     ) -> BoxFuture<'a, Result<Fetched, TransportError>> {
         Box::pin(self.fetch_from(&from.data_address, ids, alloc))
     }

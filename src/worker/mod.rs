@@ -5,4 +5,4 @@ pub mod executor;
 pub mod store;
 mod worker_loop;
 
-pub use worker_loop::{run, ExecutorKind, WorkerConfig, WorkerError};
+pub use worker_loop::{run, run_with, ExecutorKind, WorkerConfig, WorkerError};

@@ -50,6 +50,8 @@ pub struct WorkerConfig {
     pub advertise_host: String,
     /// How often a task may take its executor down before it fails.
     pub max_crashes: u32,
+    /// This worker's MPI rank, when it is one.
+    pub rank: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,8 +64,21 @@ pub enum WorkerError {
     Registration(String),
 }
 
-/// Runs a worker until the scheduler says stop, goes away, or `shutdown` fires.
+/// Runs a worker that fetches its inputs over TCP until the scheduler says stop, goes
+/// away, or `shutdown` fires.
 pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    let transport = Arc::new(TcpTransport::new(config.token.clone()));
+    run_with(config, Store::default(), transport, shutdown).await
+}
+
+/// Runs a worker around `store`, fetching inputs from peers with `transport`. Clients
+/// always fetch results over TCP, so the TCP data server runs whatever the transport.
+pub async fn run_with(
+    config: WorkerConfig,
+    store: Store,
+    transport: Arc<dyn Transport>,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
     let shm = Arc::new(ShmDir::create("rankmesh")?);
     let socket_dir = tempfile::Builder::new()
         .prefix("rankmesh-worker-")
@@ -83,6 +98,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
         nthreads: config.nthreads,
         memory_limit: config.memory_limit,
         pid: std::process::id(),
+        rank: config.rank,
     };
     let registered = async {
         writer
@@ -99,7 +115,6 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
 
     let tasks = TaskTracker::new();
     let stop_children = shutdown.child_token();
-    let store = Store::default();
     tasks.spawn(tcp::serve_data(
         listener,
         config.token.clone(),
@@ -135,7 +150,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
     let mut worker = Worker {
         store,
         shm,
-        transport: Arc::new(TcpTransport::new(config.token.clone())),
+        transport,
         peers: peers.into_iter().map(|p| (p.id, p)).collect(),
         functions: HashMap::new(),
         tasks: HashMap::new(),
@@ -236,7 +251,7 @@ struct Fetched {
 struct Worker {
     store: Store,
     shm: Arc<ShmDir>,
-    transport: Arc<TcpTransport>,
+    transport: Arc<dyn Transport>,
     peers: HashMap<WorkerId, WorkerInfo>,
     functions: HashMap<FuncId, Bytes>,
     tasks: HashMap<TaskId, Pending>,
@@ -377,7 +392,7 @@ impl Worker {
         );
         tokio::spawn(async move {
             let started = std::time::Instant::now();
-            let result = transport.fetch(&info, ids.clone(), &*shm).await;
+            let result = transport.fetch(&info, ids.clone(), shm).await;
             let elapsed = started.elapsed();
             let _ = done.send(Fetched {
                 peer,

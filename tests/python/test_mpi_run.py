@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import psutil
 import pytest
@@ -18,23 +19,48 @@ BINARY = find_binary()
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
 
 
-def mpirun(n, script, *args, timeout=120, **popen):
+TRANSPORTS = pytest.mark.parametrize("transport", ["mpi", "tcp"])
+
+
+# Every process a test starts carries this in its environment (ranks inherit mpirun's),
+# so leftovers are found without mistaking other jobs on the machine for them.
+JOB_TAG = "RANKMESH_TEST_JOB"
+
+
+@pytest.fixture(autouse=True)
+def job_tag(monkeypatch):
+    tag = uuid.uuid4().hex
+    monkeypatch.setenv(JOB_TAG, tag)
+    yield tag
+    assert_nothing_left(tag)
+
+
+def mpirun(n, script, *args, transport="mpi", timeout=120, **popen):
     command = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n", str(n)]
-    command += [BINARY, "run", "--python", sys.executable, str(script), *map(str, args)]
+    command += [BINARY, "run", "--transport", transport, "--python", sys.executable]
+    command += [str(script), *map(str, args)]
     if popen:
         return subprocess.Popen(command, text=True, **popen)
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
-def rankmesh_processes():
-    return [p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "rankmesh"]
+def job_processes(tag):
+    """This test's processes besides pytest itself."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.pid != os.getpid() and process.environ().get(JOB_TAG) == tag:
+                found.append(process)
+        except psutil.Error:
+            pass  # gone meanwhile, or not ours to read
+    return found
 
 
-def assert_nothing_left(timeout=15):
+def assert_nothing_left(tag, timeout=15):
     deadline = time.monotonic() + timeout
-    while rankmesh_processes() and time.monotonic() < deadline:
+    while job_processes(tag) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert rankmesh_processes() == [], "rankmesh processes outlived the job"
+    assert job_processes(tag) == [], "processes outlived the job"
 
 
 def write(tmp_path, name, text):
@@ -43,7 +69,8 @@ def write(tmp_path, name, text):
     return path
 
 
-def test_xarray_pipeline_under_mpirun_matches_threads(tmp_path):
+@TRANSPORTS
+def test_xarray_pipeline_under_mpirun_matches_threads(tmp_path, transport):
     script = write(
         tmp_path,
         "pipeline.py",
@@ -59,16 +86,15 @@ def test_xarray_pipeline_under_mpirun_matches_threads(tmp_path):
         "print('scale', scale, 'diff', diff)\n"
         "sys.exit(0 if scale > 1e-3 and diff <= 1e-6 * scale else 1)\n",
     )
-    result = mpirun(4, script)
+    result = mpirun(4, script, transport=transport)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert_nothing_left()
 
 
-def test_script_exit_code_is_the_jobs(tmp_path):
+@TRANSPORTS
+def test_script_exit_code_is_the_jobs(tmp_path, transport):
     script = write(tmp_path, "exit3.py", "import sys\nsys.exit(3)\n")
-    result = mpirun(3, script)
+    result = mpirun(3, script, transport=transport)
     assert result.returncode == 3, result.stderr
-    assert_nothing_left()
 
 
 def test_script_exception_shows_its_traceback(tmp_path):
@@ -78,7 +104,6 @@ def test_script_exception_shows_its_traceback(tmp_path):
     result = mpirun(2, script)
     assert result.returncode != 0
     assert "ValueError: bad input" in result.stderr and "analysis" in result.stderr
-    assert_nothing_left()
 
 
 def test_outside_mpi_it_says_how_to_launch():
@@ -101,10 +126,10 @@ def test_sigterm_to_mpirun_stops_every_rank(tmp_path):
     job.send_signal(signal.SIGTERM)
     job.communicate(timeout=30)
     assert job.returncode != 0
-    assert_nothing_left()
 
 
-def test_a_killed_worker_rank_ends_the_job_with_a_clear_error(tmp_path):
+@TRANSPORTS
+def test_a_killed_worker_rank_ends_the_job_with_a_clear_error(tmp_path, transport, job_tag):
     script = write(
         tmp_path,
         "long.py",
@@ -114,16 +139,19 @@ def test_a_killed_worker_rank_ends_the_job_with_a_clear_error(tmp_path):
         "futures = client.map(time.sleep, [0.5] * 200)\n"
         "client.gather(futures)\n",
     )
-    job = mpirun(3, script, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    job = mpirun(3, script, transport=transport, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert job.stdout.readline().strip() == "started"
-    victim = next(p for p in rankmesh_processes() if p.environ().get("OMPI_COMM_WORLD_RANK") == "2")
+    victim = next(
+        p
+        for p in job_processes(job_tag)
+        if p.name() == "rankmesh" and p.environ().get("OMPI_COMM_WORLD_RANK") == "2"
+    )
     started = time.monotonic()
     victim.kill()
     _, err = job.communicate(timeout=60)
     assert time.monotonic() - started < 30
     assert job.returncode != 0
     assert "signal 9" in err or "Killed" in err, err
-    assert_nothing_left()
 
 
 def test_initialize_keeps_dask_mpi_habits(tmp_path):
@@ -147,7 +175,6 @@ def test_initialize_keeps_dask_mpi_habits(tmp_path):
     )
     assert result.returncode == 4, result.stderr
     assert result.stdout.count(f"total {sum(range(1000))} rankmesh.client") == 1
-    assert_nothing_left()
 
 
 def test_serve_keeps_a_cluster_for_external_clients(tmp_path):
@@ -170,10 +197,30 @@ def test_serve_keeps_a_cluster_for_external_clients(tmp_path):
     finally:
         job.send_signal(signal.SIGTERM)
         job.wait(timeout=30)
-    assert_nothing_left()
 
 
 def test_serve_needs_a_scheduler_file():
     result = subprocess.run([BINARY, "run", "--serve"], capture_output=True, text=True)
     assert result.returncode == 2
     assert "--scheduler-file" in result.stderr
+
+
+@TRANSPORTS
+def test_large_arrays_move_between_worker_ranks(tmp_path, transport):
+    script = write(
+        tmp_path,
+        "arrays.py",
+        "import numpy as np, rankmesh\n"
+        "client = rankmesh.Client()\n"
+        "def make(i):\n"
+        "    return np.arange(4_000_000, dtype=np.float64) * (i + 1)\n"
+        "def checksum(*arrays):\n"
+        "    return [float(a[-1]) for a in arrays]\n"
+        "parts = client.map(make, range(6))\n"
+        "# Six 32 MB results on two worker ranks: one task needs all of them.\n"
+        "print('last', client.submit(checksum, *parts).result())\n",
+    )
+    result = mpirun(3, script, transport=transport)
+    assert result.returncode == 0, result.stderr
+    expected = [3_999_999.0 * (i + 1) for i in range(6)]
+    assert f"last {expected}" in result.stdout
