@@ -27,12 +27,8 @@ enum Command {
         /// Worker processes.
         #[arg(short = 'n', long = "n-workers", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
         n_workers: u32,
-        /// Executor processes (task slots) per worker.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-        threads_per_worker: u32,
-        /// Memory per worker, e.g. 4GiB (0: no limit).
-        #[arg(long, default_value = "0", value_parser = size::parse_bytes)]
-        memory_limit: u64,
+        #[command(flatten)]
+        resources: WorkerResources,
         #[arg(long, default_value = "127.0.0.1")]
         host: String,
         #[command(flatten)]
@@ -47,12 +43,8 @@ enum Command {
     /// Inside an MPI job: rank 0 runs the scheduler and SCRIPT, the other ranks workers
     /// (`mpirun -n N rankmesh run script.py` or `srun rankmesh run script.py`).
     Run {
-        /// Executor processes (task slots) per worker rank.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-        threads_per_worker: u32,
-        /// Memory per worker rank, e.g. 4GiB (0: no limit).
-        #[arg(long, default_value = "0", value_parser = size::parse_bytes)]
-        memory_limit: u64,
+        #[command(flatten)]
+        resources: WorkerResources,
         /// Host name other ranks reach this one at (default: MPI's processor name).
         #[arg(long)]
         host: Option<String>,
@@ -116,6 +108,17 @@ enum Command {
     },
 }
 
+/// What each worker gets.
+#[derive(clap::Args, Debug)]
+struct WorkerResources {
+    /// Executor processes (task slots) per worker.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    threads_per_worker: u32,
+    /// Memory per worker, e.g. 4GiB (0: no limit).
+    #[arg(long, default_value = "0", value_parser = size::parse_bytes)]
+    memory_limit: u64,
+}
+
 #[derive(clap::Args, Debug)]
 struct PythonArg {
     /// Python interpreter for executors and scripts.
@@ -147,8 +150,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         // MPI comes up before any runtime thread exists; `launch` builds its own runtime.
         Command::Run {
-            threads_per_worker,
-            memory_limit,
+            resources,
             host,
             python,
             scheduler_file,
@@ -162,8 +164,8 @@ pub fn main() -> ExitCode {
             },
             python: python.python,
             script,
-            threads_per_worker,
-            memory_limit,
+            threads_per_worker: resources.threads_per_worker,
+            memory_limit: resources.memory_limit,
             host,
             scheduler_file,
         })
@@ -195,8 +197,7 @@ async fn run(command: Command) -> Result<i32> {
         Command::Run { .. } => unreachable!("`run` is handled before a runtime exists"),
         Command::Local {
             n_workers,
-            threads_per_worker,
-            memory_limit,
+            resources,
             host,
             python,
             scheduler_file,
@@ -204,8 +205,8 @@ async fn run(command: Command) -> Result<i32> {
         } => {
             let options = LocalOptions {
                 n_workers,
-                threads_per_worker,
-                memory_limit,
+                threads_per_worker: resources.threads_per_worker,
+                memory_limit: resources.memory_limit,
                 host,
                 python: python.python,
                 scheduler_file,
