@@ -1,0 +1,992 @@
+//! Scheduler tests: a recording Comm that round-trips every message through the wire
+//! format, a `TestEnv` that hands out ids, and one test per behaviour.
+
+use super::*;
+use crate::protocol::{decode, encode};
+use serde::{de::DeserializeOwned, Serialize};
+use std::collections::VecDeque;
+
+fn round_trip<T: Serialize + DeserializeOwned>(msg: &T) -> T {
+    decode(&encode(msg).expect("message encodes")).expect("message decodes")
+}
+
+/// Records what the scheduler sends, after a trip through the wire format.
+#[derive(Default)]
+struct TestComm {
+    workers: BTreeMap<WorkerId, VecDeque<ToWorker>>,
+    clients: BTreeMap<ClientId, VecDeque<ToClient>>,
+}
+
+impl Comm for TestComm {
+    fn send_worker(&mut self, worker: WorkerId, msg: ToWorker) {
+        self.workers
+            .entry(worker)
+            .or_default()
+            .push_back(round_trip(&msg));
+    }
+
+    fn send_client(&mut self, client: ClientId, msg: ToClient) {
+        self.clients
+            .entry(client)
+            .or_default()
+            .push_back(round_trip(&msg));
+    }
+}
+
+impl TestComm {
+    fn take_worker(&mut self, worker: WorkerId) -> Vec<ToWorker> {
+        self.workers
+            .remove(&worker)
+            .map(Vec::from)
+            .unwrap_or_default()
+    }
+
+    fn take_client(&mut self, client: ClientId) -> Vec<ToClient> {
+        self.clients
+            .remove(&client)
+            .map(Vec::from)
+            .unwrap_or_default()
+    }
+
+    fn emptiness_check(&self) {
+        for (worker, msgs) in &self.workers {
+            assert!(
+                msgs.is_empty(),
+                "unexpected messages to worker {worker}: {msgs:?}"
+            );
+        }
+        for (client, msgs) in &self.clients {
+            assert!(
+                msgs.is_empty(),
+                "unexpected messages to client {client}: {msgs:?}"
+            );
+        }
+    }
+}
+
+const SIZE: u64 = 100;
+
+struct TestEnv {
+    scheduler: Scheduler,
+    comm: TestComm,
+}
+
+impl TestEnv {
+    fn new() -> Self {
+        TestEnv {
+            scheduler: Scheduler::new(SchedulerConfig::default()),
+            comm: TestComm::default(),
+        }
+    }
+
+    /// Registers a worker and checks the membership messages it causes.
+    fn worker(&mut self, nthreads: u32) -> WorkerId {
+        let n = self.scheduler.worker_count() + 1;
+        let reg = WorkerRegistration {
+            data_address: format!("10.0.0.{n}:7000"),
+            host: format!("node{n}"),
+            nthreads,
+            memory_limit: 1 << 30,
+            pid: 100,
+            rank: None,
+        };
+        let others: Vec<WorkerId> = self.scheduler.workers().map(|w| w.id).collect();
+        let clients: Vec<ClientId> = self.scheduler.clients.iter().copied().collect();
+        let id = self.scheduler.add_worker(reg, &mut self.comm);
+        match self.comm.take_worker(id).as_slice() {
+            [ToWorker::Registered { worker_id, peers }] => {
+                assert_eq!(*worker_id, id);
+                assert_eq!(peers.iter().map(|p| p.id).collect::<Vec<_>>(), others);
+            }
+            other => panic!("expected Registered, got {other:?}"),
+        }
+        for other in others {
+            assert!(
+                matches!(self.comm.take_worker(other).as_slice(), [ToWorker::PeerAdded(info)] if info.id == id)
+            );
+        }
+        for client in clients {
+            assert!(
+                matches!(self.comm.take_client(client).as_slice(), [ToClient::WorkerAdded(info)] if info.id == id)
+            );
+        }
+        self.scheduler.sanity_check();
+        id
+    }
+
+    fn workers(&mut self, nthreads: &[u32]) -> Vec<WorkerId> {
+        nthreads.iter().map(|&n| self.worker(n)).collect()
+    }
+
+    fn client(&mut self) -> ClientId {
+        let id = self.scheduler.add_client(&mut self.comm);
+        let announced = self.comm.take_client(id);
+        assert_eq!(announced.len(), self.scheduler.worker_count());
+        id
+    }
+
+    fn client_msg(&mut self, client: ClientId, msg: FromClient) {
+        self.scheduler.handle_client(client, msg, &mut self.comm);
+        self.scheduler.sanity_check();
+    }
+
+    fn submit(&mut self, client: ClientId, tasks: Vec<TaskSpec>, wanted: &[TaskId]) {
+        let msg = FromClient::Submit {
+            functions: Vec::new(),
+            tasks,
+            wanted: wanted.to_vec(),
+        };
+        self.client_msg(client, msg);
+    }
+
+    fn worker_msg(&mut self, worker: WorkerId, msg: FromWorker) {
+        self.scheduler.handle_worker(worker, msg, &mut self.comm);
+        self.scheduler.sanity_check();
+    }
+
+    fn done_sized(&mut self, worker: WorkerId, done: &[(TaskId, u64)]) {
+        let done = done
+            .iter()
+            .map(|&(id, size)| TaskDone {
+                id,
+                size,
+                duration_us: 100,
+            })
+            .collect();
+        self.worker_msg(worker, FromWorker::Done(done));
+    }
+
+    fn done(&mut self, worker: WorkerId, ids: &[TaskId]) {
+        let done: Vec<_> = ids.iter().map(|&id| (id, SIZE)).collect();
+        self.done_sized(worker, &done);
+    }
+
+    fn schedule(&mut self) {
+        self.scheduler.schedule(&mut self.comm);
+        self.scheduler.sanity_check();
+    }
+
+    /// The one `Compute` the worker was sent.
+    fn compute_tasks(&mut self, worker: WorkerId) -> Vec<ComputeTask> {
+        match self.comm.take_worker(worker).as_slice() {
+            [ToWorker::Compute(tasks)] => tasks.clone(),
+            other => panic!("expected one Compute for worker {worker}, got {other:?}"),
+        }
+    }
+
+    fn computed(&mut self, worker: WorkerId) -> Vec<TaskId> {
+        self.compute_tasks(worker).iter().map(|t| t.id).collect()
+    }
+
+    /// The one `Release` the worker was sent, sorted.
+    fn released(&mut self, worker: WorkerId) -> Vec<TaskId> {
+        match self.comm.take_worker(worker).as_slice() {
+            [ToWorker::Release(ids)] => sorted(ids),
+            other => panic!("expected one Release for worker {worker}, got {other:?}"),
+        }
+    }
+
+    /// The one `Finished` the client was sent, sorted.
+    fn finished(&mut self, client: ClientId) -> Vec<TaskId> {
+        match self.comm.take_client(client).as_slice() {
+            [ToClient::Finished(done)] => sorted(&done.iter().map(|f| f.id).collect::<Vec<_>>()),
+            other => panic!("expected one Finished for client {client}, got {other:?}"),
+        }
+    }
+}
+
+fn sorted(ids: &[TaskId]) -> Vec<TaskId> {
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids
+}
+
+fn spec(id: TaskId, deps: &[TaskId]) -> TaskSpec {
+    TaskSpec {
+        id,
+        deps: deps.to_vec(),
+        funcs: Vec::new(),
+        payload: Bytes::from(id.0.to_le_bytes().to_vec()),
+        priority: 0,
+    }
+}
+
+fn ids(client: ClientId, range: std::ops::Range<u64>) -> Vec<TaskId> {
+    range.map(|seq| TaskId::new(client, seq)).collect()
+}
+
+#[test]
+fn consecutive_roots_go_to_one_worker_in_runs() {
+    let mut env = TestEnv::new();
+    let [w1, w2] = env.workers(&[1, 1])[..] else {
+        unreachable!()
+    };
+    let c = env.client();
+    let roots = ids(c, 0..100);
+    let tasks = roots
+        .iter()
+        .map(|&id| TaskSpec {
+            priority: id.0 as i64,
+            ..spec(id, &[])
+        })
+        .collect();
+    env.submit(c, tasks, &roots);
+    env.schedule();
+    // Siblings in priority order stay together: one run of 10 each.
+    assert_eq!(env.computed(w1), roots[..10]);
+    assert_eq!(env.computed(w2), roots[10..20]);
+    // (Two roots on two idle workers still spread: see the locality test below.)
+}
+
+#[test]
+fn root_tasks_are_withheld_until_workers_have_room() {
+    let mut env = TestEnv::new();
+    let [w1, w2] = env.workers(&[1, 1])[..] else {
+        unreachable!()
+    };
+    let c = env.client();
+    let roots = ids(c, 0..10_000);
+    // Priorities run against ids, so the queue order is the scheduler's, not insertion's.
+    let tasks = roots
+        .iter()
+        .map(|&id| TaskSpec {
+            priority: -(id.0 as i64),
+            ..spec(id, &[])
+        })
+        .collect();
+    env.submit(c, tasks, &roots);
+    env.schedule();
+    // 1 ms queued per thread at 0.1 ms per task: 10 tasks each.
+    let first = env.computed(w1);
+    let second = env.computed(w2);
+    assert_eq!((first.len(), second.len()), (10, 10));
+    let mut handed_out = sorted(&[first.clone(), second].concat());
+    handed_out.reverse();
+    assert_eq!(
+        handed_out,
+        roots[roots.len() - 20..]
+            .iter()
+            .rev()
+            .copied()
+            .collect::<Vec<_>>()
+    );
+    env.comm.emptiness_check();
+
+    env.schedule();
+    env.comm.emptiness_check();
+    env.done(w1, &first);
+    assert_eq!(env.finished(c), sorted(&first));
+    env.schedule();
+    let refill = env.computed(w1);
+    assert_eq!(refill.len(), 10, "w1 gets its freed capacity back");
+    assert!(refill
+        .iter()
+        .all(|id| roots[roots.len() - 30..roots.len() - 20].contains(id)));
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn a_task_goes_to_the_worker_holding_its_big_input() {
+    let mut env = TestEnv::new();
+    let [w1, w2] = env.workers(&[1, 1])[..] else {
+        unreachable!()
+    };
+    let c = env.client();
+    let [big, other, later] = ids(c, 0..3)[..] else {
+        unreachable!()
+    };
+    env.submit(c, vec![spec(big, &[]), spec(other, &[])], &[big, other]);
+    env.schedule();
+    assert_eq!(env.computed(w1), [big]);
+    assert_eq!(env.computed(w2), [other]);
+    env.done_sized(w1, &[(big, 100_000_000)]);
+    assert_eq!(env.finished(c), [big]);
+    env.submit(c, vec![spec(later, &[big])], &[later]);
+    env.schedule();
+    // w1 is as loaded as w2 would be after the transfer, but moving 100 MB takes 100 ms.
+    let tasks = env.compute_tasks(w1);
+    assert_eq!(tasks.len(), 1);
+    assert_eq!(tasks[0].id, later);
+    assert_eq!(
+        tasks[0].inputs,
+        [InputLocation {
+            id: big,
+            workers: vec![w1],
+            size: 100_000_000
+        }]
+    );
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn small_inputs_do_not_pin_work_to_a_busy_worker() {
+    let mut env = TestEnv::new();
+    let [w1, w2] = env.workers(&[1, 1])[..] else {
+        unreachable!()
+    };
+    let c = env.client();
+    let source = TaskId::new(c, 0);
+    env.submit(c, vec![spec(source, &[])], &[source]);
+    env.schedule();
+    assert_eq!(env.computed(w1), [source]);
+    env.done_sized(w1, &[(source, 10)]);
+    assert_eq!(env.finished(c), [source]);
+    let consumers = ids(c, 1..11);
+    let tasks = consumers.iter().map(|&id| spec(id, &[source])).collect();
+    env.submit(c, tasks, &consumers);
+    env.schedule();
+    let (on_w1, on_w2) = (env.computed(w1), env.computed(w2));
+    assert_eq!(
+        (on_w1.len(), on_w2.len()),
+        (5, 5),
+        "10 consumers of a 10-byte input spread evenly"
+    );
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn intermediates_are_released_as_a_chain_runs() {
+    let mut env = TestEnv::new();
+    let w = env.worker(1);
+    let c = env.client();
+    let chain = ids(c, 0..4);
+    let tasks = (0..4)
+        .map(|i| spec(chain[i], &chain[i.saturating_sub(1)..i]))
+        .collect();
+    env.submit(c, tasks, &[chain[3]]);
+    for i in 0..4 {
+        env.schedule();
+        assert_eq!(env.computed(w), [chain[i]]);
+        env.done(w, &[chain[i]]);
+        if i > 0 {
+            assert_eq!(
+                env.released(w),
+                [chain[i - 1]],
+                "input of step {i} freed once used"
+            );
+        }
+        assert_eq!(
+            env.scheduler.task_count(),
+            4 - i,
+            "tasks before step {i} are forgotten"
+        );
+    }
+    assert_eq!(env.finished(c), [chain[3]]);
+    assert_eq!(
+        env.scheduler.task_count(),
+        1,
+        "only the wanted result is kept"
+    );
+    env.client_msg(c, FromClient::Release(vec![chain[3]]));
+    assert_eq!(env.released(w), [chain[3]]);
+    assert_eq!(env.scheduler.task_count(), 0);
+    env.comm.emptiness_check();
+}
+
+/// Builds a binary reduction over `leaves` leaves; returns the specs and the final id.
+fn tree(client: ClientId, leaves: u64) -> (Vec<TaskSpec>, TaskId) {
+    let mut specs: Vec<TaskSpec> = ids(client, 0..leaves)
+        .into_iter()
+        .map(|id| spec(id, &[]))
+        .collect();
+    let mut level: Vec<TaskId> = specs.iter().map(|s| s.id).collect();
+    let mut next_seq = leaves;
+    while level.len() > 1 {
+        level = level
+            .chunks(2)
+            .map(|pair| {
+                let id = TaskId::new(client, next_seq);
+                next_seq += 1;
+                specs.push(spec(id, pair));
+                id
+            })
+            .collect();
+    }
+    (specs, level[0])
+}
+
+#[test]
+fn a_tree_reduction_frees_each_level_as_the_next_completes() {
+    let mut env = TestEnv::new();
+    let workers = env.workers(&[2, 2]);
+    let c = env.client();
+    let (specs, root) = tree(c, 16);
+    let parents: BTreeMap<TaskId, TaskId> = specs
+        .iter()
+        .flat_map(|s| s.deps.iter().map(move |&d| (d, s.id)))
+        .collect();
+    env.submit(c, specs, &[root]);
+    let mut finished_parents = BTreeSet::new();
+    let mut released = BTreeSet::new();
+    loop {
+        env.schedule();
+        let mut assigned = Vec::new();
+        for &w in &workers {
+            let msgs = env.comm.take_worker(w);
+            match msgs.as_slice() {
+                [ToWorker::Compute(tasks)] => {
+                    assigned.push((w, tasks.iter().map(|t| t.id).collect::<Vec<_>>()));
+                }
+                [] => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        if assigned.is_empty() {
+            break;
+        }
+        for (w, done) in assigned {
+            env.done(w, &done);
+            finished_parents.extend(done);
+            for w in &workers {
+                for msg in env.comm.take_worker(*w) {
+                    let ToWorker::Release(ids) = msg else {
+                        panic!("unexpected {msg:?}")
+                    };
+                    for id in ids {
+                        assert!(
+                            finished_parents.contains(&parents[&id]),
+                            "{id} freed before its parent ran"
+                        );
+                        assert!(released.insert(id), "{id} released twice");
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(released.len(), 30, "every input freed");
+    assert_eq!(env.finished(c), [root]);
+    assert_eq!(env.scheduler.task_count(), 1);
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn wanted_intermediates_are_kept() {
+    let mut env = TestEnv::new();
+    let w = env.worker(1);
+    let c = env.client();
+    let [a, b] = ids(c, 0..2)[..] else {
+        unreachable!()
+    };
+    env.submit(c, vec![spec(a, &[]), spec(b, &[a])], &[a, b]);
+    env.schedule();
+    env.computed(w);
+    env.done(w, &[a]);
+    assert_eq!(env.finished(c), [a]);
+    env.schedule();
+    env.computed(w);
+    env.done(w, &[b]);
+    assert_eq!(env.finished(c), [b]);
+    assert_eq!(env.scheduler.task_count(), 2);
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn a_failure_errs_dependents_and_tells_the_client_once() {
+    let mut env = TestEnv::new();
+    let w = env.worker(4);
+    let c = env.client();
+    let bystander = env.client();
+    let [a, b, x, y, z, late] = ids(c, 0..6)[..] else {
+        unreachable!()
+    };
+    let other = TaskId::new(bystander, 0);
+    env.submit(
+        c,
+        vec![
+            spec(a, &[]),
+            spec(b, &[]),
+            spec(x, &[a]),
+            spec(y, &[x]),
+            spec(z, &[x, b]),
+        ],
+        &[b, y, z],
+    );
+    env.submit(bystander, vec![spec(other, &[])], &[other]);
+    env.schedule();
+    assert_eq!(sorted(&env.computed(w)), [a, b, other]);
+    env.done(w, &[a, b]);
+    assert_eq!(env.finished(c), [b]);
+    env.schedule();
+    assert_eq!(env.computed(w), [x]);
+    let error = ErrorInfo::runtime("ValueError", "bad input".into());
+    env.worker_msg(
+        w,
+        FromWorker::Failed {
+            id: x,
+            error: error.clone(),
+        },
+    );
+    match env.comm.take_client(c).as_slice() {
+        [ToClient::Failed {
+            ids,
+            origin,
+            error: sent,
+        }] => {
+            assert_eq!(
+                (ids.as_slice(), *origin, sent),
+                ([y, z].as_slice(), x, &error)
+            );
+        }
+        other => panic!("expected one Failed, got {other:?}"),
+    }
+    // `a` only fed the failed task; `b` is still wanted.
+    assert_eq!(env.released(w), [a]);
+    assert!(env.comm.take_client(bystander).is_empty());
+
+    // A new task on top of a failed one fails at once.
+    env.submit(c, vec![spec(late, &[y])], &[late]);
+    assert!(
+        matches!(env.comm.take_client(c).as_slice(), [ToClient::Failed { ids, origin, .. }] if *ids == [late] && *origin == x)
+    );
+    env.client_msg(c, FromClient::Release(vec![y, z, late]));
+    assert_eq!(
+        env.scheduler.task_count(),
+        2,
+        "b and the other client's task remain"
+    );
+
+    env.done(w, &[other]);
+    assert_eq!(env.finished(bystander), [other]);
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn cancel_stops_tasks_and_everything_downstream() {
+    let mut env = TestEnv::new();
+    let w = env.worker(1);
+    let c = env.client();
+    let [a, b, running, mid, top, keep] = ids(c, 0..6)[..] else {
+        unreachable!()
+    };
+    env.submit(c, vec![spec(a, &[]), spec(b, &[])], &[a, b]);
+    env.schedule();
+    env.computed(w);
+    env.done(w, &[a, b]);
+    assert_eq!(env.finished(c), [a, b]);
+    env.submit(
+        c,
+        vec![
+            spec(running, &[a]),
+            spec(mid, &[running]),
+            spec(top, &[mid, b]),
+            spec(keep, &[b]),
+        ],
+        &[mid, top, keep],
+    );
+    env.client_msg(c, FromClient::Release(vec![a, b]));
+    env.schedule();
+    assert_eq!(sorted(&env.computed(w)), [running, keep]);
+    env.client_msg(c, FromClient::Cancel(vec![running]));
+    assert_eq!(
+        env.comm.take_worker(w),
+        [ToWorker::Cancel(vec![running]), ToWorker::Release(vec![a])]
+    );
+    assert_eq!(
+        env.comm.take_client(c),
+        [ToClient::Cancelled(vec![mid, top])]
+    );
+    // `b` still feeds `keep`.
+    assert_eq!(env.scheduler.task_count(), 2);
+    env.done(w, &[running]);
+    assert_eq!(
+        env.released(w),
+        [running],
+        "a late result of a cancelled task is dropped"
+    );
+    env.done(w, &[keep]);
+    assert_eq!(env.released(w), [b]);
+    assert_eq!(env.finished(c), [keep]);
+    env.client_msg(c, FromClient::Cancel(vec![keep]));
+    assert_eq!(env.released(w), [keep]);
+    assert_eq!(env.comm.take_client(c), [ToClient::Cancelled(vec![keep])]);
+    assert_eq!(env.scheduler.task_count(), 0);
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn want_resends_known_outcomes() {
+    let mut env = TestEnv::new();
+    let w = env.worker(1);
+    let c = env.client();
+    let [a, gone] = ids(c, 0..2)[..] else {
+        unreachable!()
+    };
+    env.submit(c, vec![spec(a, &[]), spec(gone, &[])], &[a, gone]);
+    env.schedule();
+    env.computed(w);
+    env.done(w, &[a, gone]);
+    assert_eq!(env.finished(c), [a, gone]);
+    env.client_msg(c, FromClient::Release(vec![gone]));
+    assert_eq!(env.released(w), [gone]);
+    env.client_msg(c, FromClient::Want(vec![a]));
+    assert_eq!(env.finished(c), [a]);
+    env.client_msg(c, FromClient::Want(vec![gone]));
+    match env.comm.take_client(c).as_slice() {
+        [ToClient::Failed { ids, origin, error }] => {
+            assert_eq!((ids.as_slice(), *origin), ([gone].as_slice(), gone));
+            assert_eq!(error.type_name, "UnknownTask");
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn a_broken_submit_is_rejected_whole() {
+    let mut env = TestEnv::new();
+    env.worker(1);
+    let c = env.client();
+    let stranger = env.client();
+    let [a, b, d] = ids(c, 0..3)[..] else {
+        unreachable!()
+    };
+    let foreign = TaskId::new(stranger, 0);
+    let unknown = TaskId::new(c, 99);
+    let func = FuncId(7);
+    let blob = FunctionBlob {
+        id: func,
+        bytes: Bytes::from_static(b"pickled"),
+    };
+    let cases: Vec<(Vec<TaskSpec>, Vec<FunctionBlob>, TaskId)> = vec![
+        (
+            vec![spec(a, &[]), spec(foreign, &[])],
+            vec![blob.clone()],
+            foreign,
+        ),
+        (
+            vec![spec(a, &[]), spec(b, &[unknown])],
+            vec![blob.clone()],
+            unknown,
+        ),
+        (vec![spec(a, &[d]), spec(b, &[a]), spec(d, &[b])], vec![], a),
+        (vec![spec(a, &[]), spec(a, &[])], vec![], a),
+        (
+            vec![
+                spec(a, &[]),
+                TaskSpec {
+                    funcs: vec![func],
+                    ..spec(b, &[])
+                },
+            ],
+            vec![],
+            b,
+        ),
+    ];
+    for (tasks, functions, culprit) in cases {
+        env.client_msg(
+            c,
+            FromClient::Submit {
+                functions,
+                tasks,
+                wanted: vec![a],
+            },
+        );
+        match env.comm.take_client(c).as_slice() {
+            [ToClient::SubmitRejected { reason }] => {
+                assert!(
+                    reason.contains(&culprit.to_string()),
+                    "{reason:?} names {culprit}"
+                );
+            }
+            other => panic!("expected SubmitRejected, got {other:?}"),
+        }
+        assert_eq!(env.scheduler.task_count(), 0, "nothing kept");
+    }
+    // The blobs of rejected submits were not kept either (the last case proved it).
+    env.schedule();
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn a_departing_client_frees_everything_and_others_keep_working() {
+    let mut env = TestEnv::new();
+    let w = env.worker(1);
+    let (leaver, stayer) = (env.client(), env.client());
+    let [a, b, c_] = ids(leaver, 0..3)[..] else {
+        unreachable!()
+    };
+    env.submit(
+        leaver,
+        vec![spec(a, &[]), spec(b, &[a]), spec(c_, &[b])],
+        &[c_],
+    );
+    env.schedule();
+    env.computed(w);
+    env.done(w, &[a]);
+    env.schedule();
+    assert_eq!(env.computed(w), [b]);
+    let kept = TaskId::new(stayer, 0);
+    env.submit(stayer, vec![spec(kept, &[])], &[kept]);
+    env.scheduler.remove_client(leaver, &mut env.comm);
+    env.scheduler.sanity_check();
+    assert_eq!(
+        env.comm.take_worker(w),
+        [ToWorker::Cancel(vec![b]), ToWorker::Release(vec![a])]
+    );
+    assert_eq!(env.scheduler.task_count(), 1);
+    assert_eq!(env.scheduler.client_count(), 1);
+    env.schedule();
+    assert_eq!(env.computed(w), [kept]);
+    env.done(w, &[kept]);
+    assert_eq!(env.finished(stayer), [kept]);
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn a_lost_worker_has_its_tasks_reassigned_and_results_recomputed() {
+    let mut env = TestEnv::new();
+    let [w1, w2] = env.workers(&[1, 1])[..] else {
+        unreachable!()
+    };
+    let c = env.client();
+    let [a, b, sum] = ids(c, 0..3)[..] else {
+        unreachable!()
+    };
+    env.submit(
+        c,
+        vec![spec(a, &[]), spec(b, &[]), spec(sum, &[a, b])],
+        &[sum],
+    );
+    env.schedule();
+    assert_eq!(env.computed(w1), [a]);
+    assert_eq!(env.computed(w2), [b]);
+    env.done_sized(w1, &[(a, 1_000_000_000)]);
+    env.done(w2, &[b]);
+    env.schedule();
+    assert_eq!(env.computed(w1), [sum], "next to its big input");
+
+    env.scheduler.remove_worker(w1, &mut env.comm);
+    env.scheduler.sanity_check();
+    assert_eq!(env.comm.take_worker(w2), [ToWorker::PeerRemoved(w1)]);
+    assert_eq!(env.comm.take_client(c), [ToClient::WorkerRemoved(w1)]);
+    env.schedule();
+    assert_eq!(env.computed(w2), [a], "lost input recomputed first");
+    env.done(w2, &[a]);
+    env.schedule();
+    let tasks = env.compute_tasks(w2);
+    assert_eq!(tasks.iter().map(|t| t.id).collect::<Vec<_>>(), [sum]);
+    assert!(tasks[0].inputs.iter().all(|input| input.workers == [w2]));
+    env.done(w2, &[sum]);
+    assert_eq!(env.released(w2), [a, b]);
+    assert_eq!(env.finished(c), [sum]);
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn a_lost_result_whose_inputs_are_gone_fails_with_worker_lost() {
+    let mut env = TestEnv::new();
+    let [w1, w2] = env.workers(&[1, 1])[..] else {
+        unreachable!()
+    };
+    let c = env.client();
+    let [x, y] = ids(c, 0..2)[..] else {
+        unreachable!()
+    };
+    env.submit(c, vec![spec(x, &[]), spec(y, &[x])], &[y]);
+    env.schedule();
+    assert_eq!(env.computed(w1), [x]);
+    env.done(w1, &[x]);
+    env.schedule();
+    assert_eq!(env.computed(w1), [y]);
+    env.done(w1, &[y]);
+    assert_eq!(env.released(w1), [x]);
+    assert_eq!(env.finished(c), [y]);
+    env.scheduler.remove_worker(w1, &mut env.comm);
+    env.scheduler.sanity_check();
+    assert_eq!(env.comm.take_worker(w2), [ToWorker::PeerRemoved(w1)]);
+    match env.comm.take_client(c).as_slice() {
+        [ToClient::WorkerRemoved(gone), ToClient::Failed { ids, origin, error }] => {
+            assert_eq!((ids.as_slice(), *origin, *gone), ([y].as_slice(), y, w1));
+            assert_eq!(error.type_name, "WorkerLost");
+            assert!(error.message.contains("node1"), "{}", error.message);
+        }
+        other => panic!("expected WorkerRemoved and Failed, got {other:?}"),
+    }
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn a_lost_result_whose_input_failed_on_recompute_fails_too() {
+    let mut env = TestEnv::new();
+    let [w1, w2, w3] = env.workers(&[1, 1, 1])[..] else {
+        unreachable!()
+    };
+    let c = env.client();
+    let [x, y] = ids(c, 0..2)[..] else {
+        unreachable!()
+    };
+    env.submit(c, vec![spec(x, &[]), spec(y, &[x])], &[x, y]);
+    env.schedule();
+    assert_eq!(env.computed(w1), [x]);
+    env.done(w1, &[x]);
+    assert_eq!(env.finished(c), [x]);
+    env.schedule();
+    assert_eq!(env.computed(w1), [y]);
+    env.done(w1, &[y]);
+    assert_eq!(env.finished(c), [y]);
+    env.worker_msg(w2, FromWorker::Replicated(vec![y]));
+    // x is lost and recomputed; y survives on w2.
+    env.scheduler.remove_worker(w1, &mut env.comm);
+    env.scheduler.sanity_check();
+    env.comm.take_worker(w2);
+    env.comm.take_worker(w3);
+    env.comm.take_client(c);
+    env.schedule();
+    let again = env.computed(w2);
+    assert_eq!(again, [x]);
+    let error = ErrorInfo::runtime("OSError", "input file vanished".into());
+    env.worker_msg(w2, FromWorker::Failed { id: x, error });
+    assert!(
+        matches!(env.comm.take_client(c).as_slice(), [ToClient::Failed { ids, origin, .. }] if *ids == [x] && *origin == x)
+    );
+    // Now y is lost as well: its input cannot be recomputed, so it fails with x's error.
+    env.scheduler.remove_worker(w2, &mut env.comm);
+    env.scheduler.sanity_check();
+    assert_eq!(env.comm.take_worker(w3), [ToWorker::PeerRemoved(w2)]);
+    match env.comm.take_client(c).as_slice() {
+        [ToClient::WorkerRemoved(_), ToClient::Failed { ids, origin, error }] => {
+            assert_eq!((ids.as_slice(), *origin), ([y].as_slice(), x));
+            assert_eq!(error.type_name, "OSError");
+        }
+        other => panic!("expected WorkerRemoved and Failed, got {other:?}"),
+    }
+    env.schedule();
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn functions_are_sent_once_per_worker() {
+    let mut env = TestEnv::new();
+    let [w1, w2] = env.workers(&[1, 1])[..] else {
+        unreachable!()
+    };
+    let c = env.client();
+    let func = FuncId(42);
+    let blob = FunctionBlob {
+        id: func,
+        bytes: Bytes::from_static(b"def f(): ..."),
+    };
+    let uses_func = |id| TaskSpec {
+        funcs: vec![func],
+        ..spec(id, &[])
+    };
+    let first = ids(c, 0..2);
+    let msg = FromClient::Submit {
+        functions: vec![blob.clone(), blob.clone()],
+        tasks: first.iter().map(|&id| uses_func(id)).collect(),
+        wanted: first.clone(),
+    };
+    env.client_msg(c, msg);
+    env.schedule();
+    for w in [w1, w2] {
+        let msgs = env.comm.take_worker(w);
+        assert!(
+            matches!(msgs.as_slice(), [ToWorker::Functions(blobs), ToWorker::Compute(_)] if *blobs == [blob.clone()]),
+            "{msgs:?}"
+        );
+    }
+    env.done(w1, &first[..1]);
+    env.done(w2, &first[1..]);
+    assert_eq!(env.comm.take_client(c).len(), 2);
+    let second = ids(c, 2..4);
+    env.submit(c, second.iter().map(|&id| uses_func(id)).collect(), &second);
+    env.schedule();
+    assert_eq!(
+        env.computed(w1).len() + env.computed(w2).len(),
+        2,
+        "code not sent again"
+    );
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn stray_results_and_copies_are_released() {
+    let mut env = TestEnv::new();
+    let [w1, w2] = env.workers(&[1, 1])[..] else {
+        unreachable!()
+    };
+    let c = env.client();
+    let a = TaskId::new(c, 0);
+    let stray = TaskId::new(c, 77);
+    env.done(w1, &[stray]);
+    assert_eq!(env.released(w1), [stray]);
+    env.submit(c, vec![spec(a, &[])], &[a]);
+    env.schedule();
+    env.computed(w1);
+    env.done(w1, &[a]);
+    env.finished(c);
+    env.worker_msg(w2, FromWorker::Replicated(vec![a, stray]));
+    assert_eq!(env.released(w2), [stray]);
+    env.client_msg(c, FromClient::Release(vec![a]));
+    assert_eq!(env.released(w1), [a]);
+    assert_eq!(env.released(w2), [a], "the replica is dropped too");
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn ready_tasks_wait_for_a_worker() {
+    let mut env = TestEnv::new();
+    let c = env.client();
+    let roots = ids(c, 0..3);
+    env.submit(c, roots.iter().map(|&id| spec(id, &[])).collect(), &roots);
+    env.schedule();
+    env.comm.emptiness_check();
+    let w = env.worker(1);
+    env.schedule();
+    assert_eq!(env.computed(w), roots);
+}
+
+/// The benchmark's loop, small: every task finishes and everything is freed at the end.
+#[test]
+fn a_whole_workload_runs_to_completion() {
+    let mut env = TestEnv::new();
+    let workers = env.workers(&[1, 2, 3]);
+    let c = env.client();
+    let independent = ids(c, 100_000..101_000);
+    let (mut specs, root) = tree(c, 128);
+    specs.extend(independent.iter().map(|&id| spec(id, &[])));
+    let wanted: Vec<TaskId> = independent.iter().copied().chain([root]).collect();
+    let total = specs.len();
+    env.submit(c, specs, &wanted);
+    let mut computed = 0;
+    loop {
+        env.schedule();
+        let mut any = false;
+        for &w in &workers {
+            let msgs = env.comm.take_worker(w);
+            for msg in msgs {
+                match msg {
+                    ToWorker::Compute(tasks) => {
+                        any = true;
+                        computed += tasks.len();
+                        let done: Vec<TaskId> = tasks.iter().map(|t| t.id).collect();
+                        env.done(w, &done);
+                    }
+                    ToWorker::Release(_) => {}
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+        if !any {
+            break;
+        }
+    }
+    assert_eq!(computed, total);
+    let finished: usize = env
+        .comm
+        .take_client(c)
+        .iter()
+        .map(|msg| match msg {
+            ToClient::Finished(done) => done.len(),
+            other => panic!("unexpected {other:?}"),
+        })
+        .sum();
+    assert_eq!(finished, wanted.len());
+    assert_eq!(env.scheduler.task_count(), wanted.len());
+    env.client_msg(c, FromClient::Release(wanted));
+    assert_eq!(env.scheduler.task_count(), 0);
+    for w in workers {
+        env.comm.take_worker(w);
+    }
+    env.comm.emptiness_check();
+}
