@@ -56,6 +56,13 @@ async fn send_raw(address: &str, bytes: &[u8]) -> Vec<u8> {
     answer
 }
 
+/// A frame as the codec puts it on the wire: a big-endian u32 length, then the bytes.
+fn length_prefixed(frame: &[u8]) -> Vec<u8> {
+    let mut bytes = (frame.len() as u32).to_be_bytes().to_vec();
+    bytes.extend_from_slice(frame);
+    bytes
+}
+
 fn refusal(answer: &[u8]) -> Option<String> {
     let frame = answer.get(4..)?;
     match protocol::decode::<HelloReply>(frame).ok()? {
@@ -99,9 +106,8 @@ async fn empty_token_is_refused() {
 async fn a_message_instead_of_a_hello_is_refused() {
     let scheduler = start().await;
     let frame = protocol::encode(&FromClient::Release(vec![])).unwrap();
-    let mut bytes = (frame.len() as u32).to_be_bytes().to_vec();
-    bytes.extend_from_slice(&frame);
-    let reason = refusal(&send_raw(&scheduler.address, &bytes).await).expect("an explicit refusal");
+    let reason = refusal(&send_raw(&scheduler.address, &length_prefixed(&frame)).await)
+        .expect("an explicit refusal");
     assert!(reason.contains("malformed hello"), "{reason}");
     assert_still_serving(&scheduler).await;
     scheduler.shutdown.cancel();
@@ -148,9 +154,8 @@ async fn a_wrong_protocol_version_is_refused() {
         token: scheduler.token.as_str(),
     })
     .unwrap();
-    let mut bytes = (frame.len() as u32).to_be_bytes().to_vec();
-    bytes.extend_from_slice(&frame);
-    let reason = refusal(&send_raw(&scheduler.address, &bytes).await).expect("an explicit refusal");
+    let reason = refusal(&send_raw(&scheduler.address, &length_prefixed(&frame)).await)
+        .expect("an explicit refusal");
     assert!(reason.contains("version 999"), "{reason}");
     assert_still_serving(&scheduler).await;
     scheduler.shutdown.cancel();
