@@ -49,6 +49,7 @@ fn spec(id: TaskId, deps: Vec<TaskId>) -> TaskSpec {
         funcs: Vec::new(),
         payload: Bytes::from_static(b"pickled task payload"),
         priority: 0,
+        workers: vec![],
     }
 }
 

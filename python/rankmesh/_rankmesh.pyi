@@ -27,8 +27,13 @@ class ClientCore:
     def next_task_id(self, count: int) -> int:
         """Reserves `count` consecutive task ids in this client's namespace; returns the first."""
     def submit(
-        self, functions: list[tuple[int, bytes]], tasks: list[TaskTuple], wanted: list[int]
-    ) -> None: ...
+        self,
+        functions: list[tuple[int, bytes]],
+        tasks: list[TaskTuple],
+        wanted: list[int],
+        restrictions: dict[int, list[int]] | None = None,
+    ) -> None:
+        """restrictions: task id -> the only worker ids that may run it."""
     def want(self, ids: list[int]) -> None:
         """Hold results of tasks submitted earlier again (e.g. a second future on them)."""
     def release(self, ids: list[int]) -> None:

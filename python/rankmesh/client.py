@@ -93,9 +93,33 @@ class Client:
             ids, self._to_release = self._to_release, []
             self._core.release(ids)
 
-    def _submit(self, tasks: list, wanted: list[int]) -> None:
+    def _submit(
+        self, tasks: list, wanted: list[int], restrictions: dict[int, list[int]] | None = None
+    ) -> None:
         self._flush_releases()
-        self._core.submit(self._encoder.registry.take_unshipped(), tasks, wanted)
+        self._core.submit(self._encoder.registry.take_unshipped(), tasks, wanted, restrictions)
+
+    def _worker_ids(self, workers: Any) -> list[int]:
+        """Worker ids for a `workers=` argument: ids, data addresses ("host:port", with or
+        without "tcp://"), host names, or dicts from `workers()`; one or a list."""
+        if isinstance(workers, int | str | dict):
+            workers = [workers]
+        known = self.workers()
+        ids: list[int] = []
+        for wanted in workers:
+            if isinstance(wanted, dict):
+                wanted = wanted["id"]
+            if isinstance(wanted, str):
+                address = wanted.removeprefix("tcp://")
+                matches = [w["id"] for w in known if address in (w["data_address"], w["host"])]
+                if not matches:
+                    raise ValueError(f"no worker at {wanted!r}; workers: {known}")
+                ids.extend(matches)
+            elif isinstance(wanted, int) and not isinstance(wanted, bool):
+                ids.append(wanted)
+            else:
+                raise TypeError(f"workers= takes ids, addresses or host names, not {wanted!r}")
+        return ids
 
     def _wait_ids(self, ids: list[int], timeout: float | None, return_when: str) -> list[int]:
         self._flush_releases()
@@ -133,11 +157,19 @@ class Client:
     # ---------------------------------------------------------------------- plain futures
 
     def submit(
-        self, func: Callable, *args: Any, key: Any = None, pure: bool = False, **kwargs: Any
+        self,
+        func: Callable,
+        *args: Any,
+        key: Any = None,
+        pure: bool = False,
+        workers: Any = None,
+        **kwargs: Any,
     ) -> Future:
         """Runs func(*args, **kwargs) on the cluster; futures in the arguments (also inside
         lists, tuples and dicts) are replaced by their values. With pure=True, an identical
-        call returns a future on the earlier task."""
+        call returns a future on the earlier task. `workers`: the only workers that may run
+        it (see `_worker_ids`); if none of them is connected, the task fails with
+        NoWorkerError rather than wait."""
         if key is None and pure:
             from dask.base import tokenize
 
@@ -148,7 +180,8 @@ class Client:
                 return Future(self, existing.task_id, key)
         task_id = self._core.next_task_id(1)
         payload, deps, funcs = self._encoder.call(func, args, kwargs)
-        self._submit([(task_id, deps, funcs, payload, 0)], [task_id])
+        restrictions = None if workers is None else {task_id: self._worker_ids(workers)}
+        self._submit([(task_id, deps, funcs, payload, 0)], [task_id], restrictions)
         return Future(self, task_id, key if key is not None else f"{_key_prefix(func)}-{task_id:x}")
 
     def map(
@@ -157,6 +190,7 @@ class Client:
         *iterables: Iterable,
         key: Any = None,
         pure: bool = False,
+        workers: Any = None,
         **kwargs: Any,
     ) -> list:
         """submit() for each tuple of arguments, as one submission. `pure` is accepted for
@@ -171,7 +205,11 @@ class Client:
             payload, deps, funcs = encode(func, args, kwargs)
             tasks.append((first + offset, deps, funcs, payload, offset))
         ids = [task[0] for task in tasks]
-        self._submit(tasks, ids)
+        restrictions = None
+        if workers is not None:
+            allowed = self._worker_ids(workers)
+            restrictions = {task_id: allowed for task_id in ids}
+        self._submit(tasks, ids, restrictions)
         if isinstance(key, list):
             keys = key
         else:

@@ -165,13 +165,17 @@ impl ClientCore {
         TaskId::new(ClientId(self.client_id), first).0
     }
 
+    /// `restrictions`: task id → the only worker ids that may run it.
     #[allow(clippy::type_complexity)]
+    #[pyo3(signature = (functions, tasks, wanted, restrictions = None))]
     fn submit(
         &self,
         functions: Vec<(u64, PyBackedBytes)>,
         tasks: Vec<(u64, Vec<u64>, Vec<u64>, PyBackedBytes, i64)>,
         wanted: Vec<u64>,
+        restrictions: Option<HashMap<u64, Vec<u32>>>,
     ) -> PyResult<()> {
+        let mut restrictions = restrictions.unwrap_or_default();
         let mut functions: Vec<FunctionBlob> = functions
             .iter()
             .map(|(id, bytes)| FunctionBlob {
@@ -195,6 +199,10 @@ impl ClientCore {
                 funcs: funcs.into_iter().map(FuncId).collect(),
                 payload: bytes_of(&payload),
                 priority,
+                workers: restrictions
+                    .remove(&id)
+                    .map(|ws| ws.into_iter().map(WorkerId).collect())
+                    .unwrap_or_default(),
             });
             if chunk_bytes >= SUBMIT_CHUNK_BYTES || index + 1 == total {
                 self.send(FromClient::Submit {
@@ -390,6 +398,8 @@ impl ClientCore {
             d.set_item("id", w.id.0)?;
             d.set_item("data_address", &w.data_address)?;
             d.set_item("host", &w.host)?;
+            d.set_item("rank", w.rank)?;
+            d.set_item("pid", w.pid)?;
             d.set_item("nthreads", w.nthreads)?;
             d.set_item("memory_limit", w.memory_limit)?;
             out.append(d)?;

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// What a connecting peer is; the acceptor checks it is one it serves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +59,9 @@ pub struct TaskSpec {
     pub payload: Bytes,
     /// Lower runs first among ready tasks (Dask's `order`).
     pub priority: i64,
+    /// Only these workers may run it (Dask's `workers=` with `allow_other_workers=False`);
+    /// empty: any worker.
+    pub workers: Vec<WorkerId>,
 }
 
 /// A task's exception as the executor caught it.
@@ -124,6 +127,8 @@ pub struct WorkerInfo {
     pub memory_limit: u64,
     /// The worker's MPI rank, when it is one: peers then fetch from it over MPI.
     pub rank: Option<u32>,
+    /// The worker process (its executors are its children).
+    pub pid: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

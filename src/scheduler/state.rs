@@ -115,6 +115,8 @@ struct Task {
     /// May name forgotten tasks: they are skipped, and pruned when nothing pends on this.
     dependents: Vec<TaskId>,
     priority: i64,
+    /// Only these workers may run it; empty: any.
+    restricted_to: Box<[WorkerId]>,
     /// A client holds a future on it.
     wanted: bool,
     /// Dependents not computed yet: they still need this task's result.
@@ -248,6 +250,7 @@ impl Scheduler {
             nthreads: reg.nthreads.max(1),
             memory_limit: reg.memory_limit,
             rank: reg.rank,
+            pid: reg.pid,
         };
         let peers = self.workers().cloned().collect();
         comm.send_worker(
@@ -439,6 +442,7 @@ impl Scheduler {
                 deps: spec.deps,
                 dependents: Vec::new(),
                 priority: spec.priority,
+                restricted_to: spec.workers.into_boxed_slice(),
                 wanted: false,
                 pending_dependents: 0,
             };
@@ -821,7 +825,8 @@ impl Scheduler {
     fn enqueue_if_ready(&mut self, id: TaskId) {
         if let Some(task) = self.tasks.get(&id) {
             if matches!(task.state, TaskState::Ready) {
-                if task.deps.is_empty() {
+                // A restricted root skips the withheld queue: it can go to one place only.
+                if task.deps.is_empty() && task.restricted_to.is_empty() {
                     self.roots.push(task.priority, id);
                 } else {
                     self.ready.push(id);
@@ -1074,8 +1079,9 @@ impl Scheduler {
             {
                 continue; // stale: cancelled, failed or requeued since
             }
-            if let Some(worker) = self.place(id) {
-                self.assign(id, worker, &mut batches);
+            match self.place(id) {
+                Some(worker) => self.assign(id, worker, &mut batches),
+                None => self.fail_unplaceable(id),
             }
         }
         let depth =
@@ -1120,6 +1126,8 @@ impl Scheduler {
             }
             comm.send_worker(worker_id, ToWorker::Compute(batch));
         }
+        // Unplaceable tasks failed above.
+        self.outbox.flush(comm);
     }
 
     fn pop_ready_root(&mut self) -> Option<TaskId> {
@@ -1135,8 +1143,25 @@ impl Scheduler {
         None
     }
 
+    /// A restricted task none of whose workers is connected: failing it is better than
+    /// waiting for a worker that, inside a batch job, will never come back.
+    fn fail_unplaceable(&mut self, id: TaskId) {
+        let Some(task) = self.tasks.get(&id) else {
+            return;
+        };
+        let names: Vec<String> = task.restricted_to.iter().map(|w| w.to_string()).collect();
+        let error = ErrorInfo::runtime(
+            "NoWorkerError",
+            format!(
+                "task {id} may only run on workers [{}], and none of them is connected",
+                names.join(", ")
+            ),
+        );
+        self.mark_erred(id, id, Arc::new(error));
+    }
+
     /// The worker where a non-root task would start soonest. Candidates: the holders of
-    /// its inputs and the least loaded worker.
+    /// its inputs and the least loaded worker, or, for a restricted task, its workers.
     fn place(&mut self, id: TaskId) -> Option<WorkerId> {
         let Scheduler {
             tasks,
@@ -1176,13 +1201,19 @@ impl Scheduler {
                 held_bytes,
             });
         };
-        for (holders, _) in inputs() {
-            for &holder in holders {
-                consider(holder);
+        if task.restricted_to.is_empty() {
+            for (holders, _) in inputs() {
+                for &holder in holders {
+                    consider(holder);
+                }
             }
-        }
-        if let Some(least) = load_index.least_loaded() {
-            consider(least.worker);
+            if let Some(least) = load_index.least_loaded() {
+                consider(least.worker);
+            }
+        } else {
+            for &worker in task.restricted_to.iter() {
+                consider(worker);
+            }
         }
         placement::cheapest(
             candidates,

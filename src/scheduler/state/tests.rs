@@ -208,6 +208,7 @@ fn spec(id: TaskId, deps: &[TaskId]) -> TaskSpec {
         funcs: Vec::new(),
         payload: Bytes::from(id.0.to_le_bytes().to_vec()),
         priority: 0,
+        workers: vec![],
     }
 }
 
@@ -988,5 +989,80 @@ fn a_whole_workload_runs_to_completion() {
     for w in workers {
         env.comm.take_worker(w);
     }
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn restricted_tasks_run_only_on_their_workers_whatever_the_locality() {
+    let mut env = TestEnv::new();
+    let [w1, w2] = env.workers(&[1, 1])[..] else {
+        unreachable!()
+    };
+    let c = env.client();
+    let [x, y] = ids(c, 0..2)[..] else {
+        unreachable!()
+    };
+    // x is a root restricted to w2, though w1 is as idle; y's input will sit on w2.
+    let tasks = vec![
+        TaskSpec {
+            workers: vec![w2],
+            ..spec(x, &[])
+        },
+        TaskSpec {
+            workers: vec![w1],
+            ..spec(y, &[x])
+        },
+    ];
+    env.submit(c, tasks, &[y]);
+    env.schedule();
+    assert_eq!(env.computed(w2), [x]);
+    env.done_sized(w2, &[(x, 1 << 30)]);
+    env.schedule();
+    // Unrestricted, y would run where its gigabyte input is.
+    let computed = env.compute_tasks(w1);
+    assert_eq!(computed.iter().map(|t| t.id).collect::<Vec<_>>(), [y]);
+    assert_eq!(computed[0].inputs[0].workers, [w2]);
+    env.done(w1, &[y]);
+    assert_eq!(env.released(w2), [x]);
+    assert_eq!(env.finished(c), [y]);
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn a_task_restricted_to_workers_that_are_gone_fails_instead_of_waiting() {
+    let mut env = TestEnv::new();
+    let [w1, w2] = env.workers(&[1, 1])[..] else {
+        unreachable!()
+    };
+    let c = env.client();
+    let [x, y] = ids(c, 0..2)[..] else {
+        unreachable!()
+    };
+    env.scheduler.remove_worker(w2, &mut env.comm);
+    env.scheduler.sanity_check();
+    env.comm.take_worker(w1);
+    env.comm.take_client(c);
+    let never_registered = WorkerId(99);
+    let tasks = vec![
+        TaskSpec {
+            workers: vec![w2, never_registered],
+            ..spec(x, &[])
+        },
+        spec(y, &[x]),
+    ];
+    env.submit(c, tasks, &[y]);
+    env.schedule();
+    match env.comm.take_client(c).as_slice() {
+        [ToClient::Failed { ids, origin, error }] => {
+            assert_eq!((ids.as_slice(), *origin), ([y].as_slice(), x));
+            assert_eq!(error.type_name, "NoWorkerError");
+            assert!(error.message.contains("[2, 99]"), "{}", error.message);
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    // The failed future keeps y (and its error) until the client lets go.
+    assert_eq!(env.scheduler.task_count(), 1);
+    env.client_msg(c, FromClient::Release(vec![y]));
+    assert_eq!(env.scheduler.task_count(), 0);
     env.comm.emptiness_check();
 }
