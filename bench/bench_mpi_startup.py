@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 
+from _mpi import mpirun_base
+
 DASK_JOB = """
 import json, os, sys, time
 import dask_mpi
@@ -50,16 +52,6 @@ futures = client.map(lambda i: i, range(int(sys.argv[2])))
 assert sum(client.gather(futures)) == sum(range(int(sys.argv[2])))
 print(json.dumps({"ready": ready, "tasks": time.time()}), flush=True)
 """
-
-
-def mpirun_base(np: int) -> list[str]:
-    mpirun = shutil.which("mpirun")
-    if mpirun is None:
-        sys.exit("mpirun not found (install openmpi-bin)")
-    base = [mpirun, "--oversubscribe", "--bind-to", "none", "-np", str(np)]
-    if os.geteuid() == 0:
-        base.insert(1, "--allow-run-as-root")
-    return base
 
 
 def run_job(command: list[str], timeout: float) -> dict[str, float]:

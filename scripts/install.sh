@@ -58,7 +58,7 @@ fi
 if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then
   export PATH=$HOME/.cargo/bin:$PATH
 fi
-command -v cargo >/dev/null || die "cargo not found (install Rust 1.85 or newer)"
+command -v cargo >/dev/null || die "cargo not found (install Rust 1.89 or newer)"
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
   || die "$PYTHON is older than 3.11"
 

@@ -8,6 +8,7 @@ new shared-memory file that the worker then owns.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import pickle
@@ -36,6 +37,9 @@ def decode_input(obj: tuple[str, object, list[int]]) -> object:
     if kind == "shm":
         fd = os.open(data, os.O_RDONLY)
         try:
+            # While the mapping lives (it keeps a duplicate of fd, and with it this lock),
+            # the worker will not reuse the file's pages for another object.
+            fcntl.flock(fd, fcntl.LOCK_SH)
             # MAP_PRIVATE: writes land in private pages, the stored object stays intact.
             # (Not MAP_POPULATE: on a private writable mapping it copies every page.)
             mapped = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)

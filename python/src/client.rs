@@ -69,6 +69,9 @@ impl Shared {
                     state.tasks.insert(id, Status::Cancelled);
                 }
             }
+            ToClient::Workers(workers) => {
+                state.workers = workers.into_iter().map(|w| (w.id, w)).collect();
+            }
             ToClient::WorkerAdded(info) => {
                 state.workers.insert(info.id, info);
             }
@@ -110,22 +113,38 @@ impl ClientCore {
             .enable_all()
             .build()?;
         let token = Token::new(token);
+        // Connected means welcomed and told the workers, so `workers()` is right at once.
+        let connect = async {
+            let (mut reader, writer, client_id) = tcp::connect(address, &token, Role::Client)
+                .await
+                .map_err(transport_error)?;
+            let client_id = client_id
+                .ok_or_else(|| RankmeshError::new_err("the scheduler did not name this client"))?;
+            match reader.recv::<ToClient>().await {
+                Ok(Some(first @ ToClient::Workers(_))) => Ok((reader, writer, client_id, first)),
+                Ok(other) => Err(RankmeshError::new_err(format!(
+                    "the scheduler's first message was not the worker list: {other:?}"
+                ))),
+                Err(e) => Err(RankmeshError::new_err(format!(
+                    "the scheduler connection failed: {e}"
+                ))),
+            }
+        };
         let connected = py.detach(|| {
             runtime.block_on(async {
                 let limit = Duration::from_secs_f64(timeout.max(0.001));
-                match tokio::time::timeout(limit, tcp::connect(address, &token, Role::Client)).await
-                {
-                    Ok(result) => result.map_err(transport_error),
-                    Err(_) => Err(pyo3::exceptions::PyTimeoutError::new_err(format!(
-                        "no answer from the scheduler at {address} within {timeout} s"
-                    ))),
-                }
+                tokio::time::timeout(limit, connect)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(pyo3::exceptions::PyTimeoutError::new_err(format!(
+                            "no answer from the scheduler at {address} within {timeout} s"
+                        )))
+                    })
             })
         });
-        let (mut reader, mut writer, client_id) = connected?;
-        let client_id = client_id
-            .ok_or_else(|| RankmeshError::new_err("the scheduler did not name this client"))?;
+        let (mut reader, mut writer, client_id, workers) = connected?;
         let shared = Arc::new(Shared::default());
+        shared.apply(workers);
         let stop = CancellationToken::new();
         let (outbox, mut inbox) = mpsc::unbounded_channel::<FromClient>();
         let events = shared.clone();

@@ -142,6 +142,9 @@ pub enum ToClient {
         error: ErrorInfo,
     },
     Cancelled(Vec<TaskId>),
+    /// The workers connected when the client joined: always its first message, so a new
+    /// client knows the cluster before it returns to its caller.
+    Workers(Vec<WorkerInfo>),
     WorkerAdded(WorkerInfo),
     WorkerRemoved(WorkerId),
     /// A submit that broke a rule (foreign ids, unknown dependency); nothing of it was kept.

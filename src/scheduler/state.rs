@@ -320,14 +320,14 @@ impl Scheduler {
         self.outbox.flush(comm);
     }
 
-    /// New client: sends it `WorkerAdded` for every worker.
+    /// New client: sends it the workers connected now.
     pub fn add_client(&mut self, comm: &mut impl Comm) -> ClientId {
         let id = ClientId(self.next_client_id);
         self.next_client_id += 1;
         self.clients.insert(id);
-        for worker in self.workers.values() {
-            comm.send_client(id, ToClient::WorkerAdded(worker.info.clone()));
-        }
+        let mut workers: Vec<WorkerInfo> = self.workers().cloned().collect();
+        workers.sort_by_key(|w| w.id);
+        comm.send_client(id, ToClient::Workers(workers));
         id
     }
 

@@ -1,9 +1,12 @@
 //! The object store: task results held in memory, small ones on the heap and large ones in
 //! shared-memory files that executors map directly.
 
+mod pool;
+
 use crate::protocol::{frame_offsets, ObjectRef, TaskId, INLINE_MAX};
 use bytes::Bytes;
 use memmap2::{Mmap, MmapMut};
+use pool::SegmentPool;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -79,11 +82,21 @@ impl Object {
     }
 }
 
-/// A file in the worker's shared-memory folder, mapped; removed when dropped.
-#[derive(Debug)]
+/// A file in the worker's shared-memory folder, mapped; removed when dropped, or kept in
+/// the pool for reuse if it was received (and so is writable by this process).
 struct ShmSegment {
     path: PathBuf,
     map: Option<Mmap>,
+    recycle: Option<(File, Arc<SegmentPool>)>,
+}
+
+impl std::fmt::Debug for ShmSegment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShmSegment")
+            .field("path", &self.path)
+            .field("len", &self.bytes().len())
+            .finish()
+    }
 }
 
 impl ShmSegment {
@@ -94,15 +107,20 @@ impl ShmSegment {
 
 impl Drop for ShmSegment {
     fn drop(&mut self) {
+        if let (Some((file, pool)), Some(map)) = (self.recycle.take(), self.map.take()) {
+            if pool.offer(&self.path, file, map) {
+                return;
+            }
+        }
         let _ = std::fs::remove_file(&self.path);
     }
 }
 
 /// Where a worker's large objects live (a folder under /dev/shm, removed on drop).
-#[derive(Debug)]
 pub struct ShmDir {
     dir: PathBuf,
     next: AtomicU64,
+    pool: Arc<SegmentPool>,
 }
 
 impl ShmDir {
@@ -120,6 +138,7 @@ impl ShmDir {
         Ok(ShmDir {
             dir,
             next: AtomicU64::new(0),
+            pool: Arc::default(),
         })
     }
 
@@ -142,6 +161,7 @@ impl ShmDir {
         let mut segment = ShmSegment {
             path: path.to_path_buf(),
             map: None,
+            recycle: None,
         };
         let file = File::open(path).map_err(io)?;
         let actual = file.metadata().map_err(io)?.len();
@@ -178,6 +198,22 @@ impl ShmDir {
             path: path.clone(),
             source,
         };
+        if let Some(free) = self.pool.take(total) {
+            match std::fs::rename(&free.path, &path) {
+                Ok(()) => {
+                    return Ok(ObjectBuilder {
+                        layout,
+                        target: Target::Shm {
+                            path,
+                            file: free.file,
+                            map: free.map,
+                            pool: self.pool.clone(),
+                        },
+                    })
+                }
+                Err(e) => tracing::warn!(path = %free.path.display(), "cannot reuse segment: {e}"),
+            }
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -190,7 +226,12 @@ impl ShmDir {
         let map = unsafe { memmap2::MmapOptions::new().populate().map_mut(&file) }.map_err(io)?;
         Ok(ObjectBuilder {
             layout,
-            target: Target::Shm { path, map },
+            target: Target::Shm {
+                path,
+                file,
+                map,
+                pool: self.pool.clone(),
+            },
         })
     }
 }
@@ -209,7 +250,12 @@ pub struct ObjectBuilder {
 
 enum Target {
     Heap(Vec<u8>),
-    Shm { path: PathBuf, map: MmapMut },
+    Shm {
+        path: PathBuf,
+        file: File,
+        map: MmapMut,
+        pool: Arc<SegmentPool>,
+    },
 }
 
 impl ObjectBuilder {
@@ -231,16 +277,22 @@ impl ObjectBuilder {
     pub fn finish(self) -> Result<Object, StoreError> {
         let data = match self.target {
             Target::Heap(v) => ObjectData::Heap(Bytes::from(v)),
-            Target::Shm { path, map } => {
-                let map = map.make_read_only().map_err(|source| StoreError::Io {
-                    path: path.clone(),
-                    source,
-                })?;
-                ObjectData::Shm(ShmSegment {
+            Target::Shm {
+                path,
+                file,
+                map,
+                pool,
+            } => match map.make_read_only() {
+                Ok(map) => ObjectData::Shm(ShmSegment {
                     path,
                     map: Some(map),
-                })
-            }
+                    recycle: Some((file, pool)),
+                }),
+                Err(source) => {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(StoreError::Io { path, source });
+                }
+            },
         };
         Ok(Object {
             layout: self.layout,
@@ -300,6 +352,71 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap()[64], 7);
         drop(object);
         assert!(!Path::new(&path).exists());
+    }
+
+    fn files_in(dir: &ShmDir) -> usize {
+        std::fs::read_dir(dir.path()).unwrap().count()
+    }
+
+    fn received(dir: &ShmDir, size: u64, fill: u8) -> Object {
+        let mut builder = dir.allocate(vec![size]).unwrap();
+        builder.buffer().fill(fill);
+        builder.finish().unwrap()
+    }
+
+    fn shm_path(object: &Object) -> String {
+        match object.to_ref() {
+            ObjectRef::Shm { path, .. } => path,
+            ObjectRef::Inline { .. } => panic!("large object must be in shm"),
+        }
+    }
+
+    #[test]
+    fn a_released_received_segment_is_reused_for_the_next_object_of_its_size() {
+        let dir = ShmDir::create("rankmesh-test").unwrap();
+        let size = 4 * INLINE_MAX;
+        let first = received(&dir, size, 1);
+        let first_path = shm_path(&first);
+        drop(first);
+        assert!(
+            !Path::new(&first_path).exists(),
+            "its name goes with the object"
+        );
+        assert_eq!(files_in(&dir), 1, "the segment itself is kept");
+        // Same size: the old pages come back (still holding the old bytes until written).
+        let mut builder = dir.allocate(vec![size]).unwrap();
+        assert!(builder.buffer().iter().all(|&b| b == 1));
+        builder.buffer().fill(2);
+        let second = builder.finish().unwrap();
+        assert_ne!(shm_path(&second), first_path);
+        assert_eq!(files_in(&dir), 1);
+        // Another size gets a fresh file.
+        let third = received(&dir, 2 * INLINE_MAX, 3);
+        assert_eq!(files_in(&dir), 2);
+        assert!(std::fs::read(shm_path(&second))
+            .unwrap()
+            .iter()
+            .all(|&b| b == 2));
+        drop((second, third));
+        assert_eq!(files_in(&dir), 2);
+    }
+
+    #[test]
+    fn a_segment_an_executor_still_maps_is_never_reused() {
+        let dir = ShmDir::create("rankmesh-test").unwrap();
+        let size = 4 * INLINE_MAX;
+        let object = received(&dir, size, 1);
+        // What an executor does while a task's value maps the file.
+        let executor = File::open(shm_path(&object)).unwrap();
+        executor.lock_shared().unwrap();
+        drop(object);
+        assert_eq!(files_in(&dir), 0, "removed, not kept");
+        let fresh = dir.allocate(vec![size]).unwrap().finish().unwrap();
+        assert!(fresh.bytes().iter().all(|&b| b == 0));
+        // The executor's view is intact.
+        let mut seen = Vec::new();
+        std::io::Read::read_to_end(&mut &executor, &mut seen).unwrap();
+        assert!(seen.iter().all(|&b| b == 1));
     }
 
     #[test]

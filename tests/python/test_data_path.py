@@ -27,7 +27,9 @@ def backing_objects(*arrays):
 
 
 def shm_files(worker_pids):
-    return [f for pid in worker_pids for f in glob.glob(f"/dev/shm/rankmesh-{pid}-*/*")]
+    """Files holding objects (released segments a worker keeps for reuse are `free-*`)."""
+    files = [f for pid in worker_pids for f in glob.glob(f"/dev/shm/rankmesh-{pid}-*/*")]
+    return [f for f in files if not os.path.basename(f).startswith("free-")]
 
 
 def test_large_inputs_are_mapped_not_copied_and_freed_on_release():
@@ -51,3 +53,28 @@ def test_large_inputs_are_mapped_not_copied_and_freed_on_release():
     for pid in worker_pids:
         assert not glob.glob(f"/dev/shm/rankmesh-{pid}-*"), "shared-memory folder left behind"
         assert not os.path.exists(f"/proc/{pid}")
+
+
+_kept = []
+
+
+def keep(x):
+    _kept.append(x)  # a task that holds on to its input after it returns
+    return float(x[0])
+
+
+def first_kept():
+    return float(_kept[0][0]), float(_kept[0].sum())
+
+
+def test_a_received_input_a_task_still_holds_is_not_overwritten_by_the_next_transfer(client):
+    a, b = client.workers()
+    n = 1_000_000
+    first = client.submit(np.full, n, 1.0, workers=[a])
+    held = client.submit(keep, first, workers=[b])
+    assert held.result(timeout=60) == 1.0
+    del first, held  # released: worker b drops its copy, the task's reference stays
+    # The same size again, into worker b, where a released segment could be reused.
+    second = client.submit(np.full, n, 2.0, workers=[a])
+    assert client.submit(lambda x: float(x.sum()), second, workers=[b]).result(60) == 2.0 * n
+    assert client.submit(first_kept, workers=[b]).result(timeout=60) == (1.0, float(n))

@@ -120,8 +120,12 @@ impl TestEnv {
 
     fn client(&mut self) -> ClientId {
         let id = self.scheduler.add_client(&mut self.comm);
-        let announced = self.comm.take_client(id);
-        assert_eq!(announced.len(), self.scheduler.worker_count());
+        match self.comm.take_client(id).as_slice() {
+            [ToClient::Workers(workers)] => {
+                assert_eq!(workers.len(), self.scheduler.worker_count())
+            }
+            other => panic!("expected the workers snapshot, got {other:?}"),
+        }
         id
     }
 

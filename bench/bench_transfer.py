@@ -1,0 +1,249 @@
+"""Worker-to-worker transfer of large numpy arrays: rankmesh over MPI (and UCX, and TCP)
+against a raw MPI ping-pong of the same bytes and against Dask, in one run.
+
+Parts (sizes: --count arrays of --size-mib MiB, float64; GB = 1e9 bytes):
+  raw MPI    mpi4py ping-pong between 2 ranks (`mpirun -np 2`), Send/Recv of one
+             pre-faulted buffer; GB/s = size / (round trip / 2). The ceiling.
+  rankmesh   `mpirun -np 3 rankmesh run --transport T`: workers A and B (ranks 1, 2).
+             Each array is made on A (workers=[A]); a `consume` task (x.sum()) runs
+             first on A (control: the data is local), then on B (B fetches it from A).
+             * one at a time: per-array transfer = t(consume on B) - t(consume on A)
+             * all at once: --count arrays on A, all consumers submitted together, on
+               A then on B; GB/s = count * size / (t_B - t_A)
+  dask       distributed.LocalCluster(2 workers x 1 thread, processes) with the same
+             pinning (workers=[A], allow_other_workers=False) over its TCP comm.
+Each of the rankmesh variants (MPI with Open MPI's default ob1 PML, MPI with the UCX PML,
+TCP) runs as its own job; the raw ping-pong is repeated with the UCX PML for the UCX row.
+Ratio = GB/s / raw MPI GB/s of the same PML (higher is better; 1.0 = the MPI ceiling).
+
+The raw MPI part needs mpi4py built against the system MPI (bench/requirements.txt);
+without it that part is skipped and the ratio column says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from _mpi import UCX_ENV, mpirun_base
+
+MiB = 1 << 20
+
+
+def make(i: int, nbytes: int):
+    import numpy as np
+
+    return np.full(nbytes // 8, float(i))
+
+
+def consume(x) -> float:
+    return float(x.sum())
+
+
+def consume_on(client, submit, xs: list, worker, expected: list[float]) -> float:
+    """Seconds to run `consume` on every array of xs on worker, all submitted at once."""
+    start = time.perf_counter()
+    sums = client.gather([submit(consume, x, worker=worker) for x in xs])
+    elapsed = time.perf_counter() - start
+    assert sums == expected, sums
+    return elapsed
+
+
+def measure(client, submit, a, b, args) -> dict:
+    """Transfer seconds per array (one at a time) and GB/s for --count at once.
+
+    `submit(func, *args, worker=W)` pins a task to worker W and returns a future."""
+    nbytes = args.size_mib * MiB
+    expected = [float(i) * (nbytes // 8) for i in range(args.count)]
+    one_at_a_time = []
+    for rep in range(args.reps + 1):  # the first round warms connections and pools up
+        for i in range(args.count):
+            x = submit(make, i, nbytes, worker=a)
+            x.result()
+            t_a = consume_on(client, submit, [x], a, expected[i : i + 1])
+            t_b = consume_on(client, submit, [x], b, expected[i : i + 1])
+            if rep:
+                one_at_a_time.append(t_b - t_a)
+    at_once = []
+    for _ in range(args.reps):
+        xs = [submit(make, i, nbytes, worker=a) for i in range(args.count)]
+        client.gather(xs)
+        t_a = consume_on(client, submit, xs, a, expected)
+        t_b = consume_on(client, submit, xs, b, expected)
+        at_once.append(args.count * nbytes / 1e9 / (t_b - t_a))
+    per_array = statistics.median(one_at_a_time)
+    return {
+        "one_s": per_array,
+        "one_gbs": nbytes / 1e9 / per_array,
+        "all_gbs": statistics.median(at_once),
+    }
+
+
+# ---------------------------------------------------------------------------- children
+
+
+def rankmesh_child(args) -> None:
+    import rankmesh
+
+    client = rankmesh.Client()  # the job's cluster
+    a, b = client.workers()[:2]
+
+    def submit(func, *call_args, worker):
+        return client.submit(func, *call_args, workers=[worker["id"]])
+
+    print(json.dumps(measure(client, submit, a, b, args)), flush=True)
+
+
+def mpi_child(args) -> None:
+    import numpy as np
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, peer = comm.Get_rank(), 1 - comm.Get_rank()
+    buf = np.ones(args.size_mib * MiB, dtype=np.uint8)
+    rtts = []
+    for it in range(2 + args.count * args.reps):
+        comm.Barrier()
+        start = MPI.Wtime()
+        if rank == 0:
+            comm.Send([buf, MPI.BYTE], dest=peer, tag=1)
+            comm.Recv([buf, MPI.BYTE], source=peer, tag=2)
+        else:
+            comm.Recv([buf, MPI.BYTE], source=peer, tag=1)
+            comm.Send([buf, MPI.BYTE], dest=peer, tag=2)
+        if it >= 2:
+            rtts.append(MPI.Wtime() - start)
+    if rank == 0:
+        one_way = statistics.median(rtts) / 2
+        print(json.dumps({"one_s": one_way, "one_gbs": buf.nbytes / 1e9 / one_way}), flush=True)
+
+
+# ---------------------------------------------------------------------------- parent
+
+
+def child_args(args) -> list[str]:
+    return ["--size-mib", str(args.size_mib), "--count", str(args.count), "--reps", str(args.reps)]
+
+
+def run_child(command: list[str], env: dict[str, str], timeout: float) -> dict:
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **env}
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr}")
+    return json.loads(next(ln for ln in result.stdout.splitlines() if ln.startswith("{")))
+
+
+def raw_mpi(args, env: dict[str, str]) -> dict | None:
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return None
+    me = os.path.abspath(__file__)
+    command = [*mpirun_base(2), sys.executable, me, "--mpi-child", *child_args(args)]
+    return run_child(command, env, args.timeout)
+
+
+def rankmesh_job(args, transport: str, env: dict[str, str]) -> dict:
+    from rankmesh.cluster import find_binary
+
+    runner = [find_binary(), "run", "--transport", transport, "--python", sys.executable]
+    me = os.path.abspath(__file__)
+    command = [*mpirun_base(3), *runner, me, "--rankmesh-child", *child_args(args)]
+    return run_child(command, env, args.timeout)
+
+
+def dask_cluster(args) -> dict:
+    import dask
+    from distributed import Client, LocalCluster
+
+    with (
+        dask.config.set({"distributed.comm.compression": None}),
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        a, b = sorted(client.scheduler_info()["workers"])
+
+        def submit(func, *call_args, worker):
+            return client.submit(
+                func, *call_args, workers=[worker], allow_other_workers=False, pure=False
+            )
+
+        return measure(client, submit, a, b, args)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size-mib", type=int, default=64)
+    parser.add_argument("--count", type=int, default=8)
+    parser.add_argument("--reps", type=int, default=1, help="rounds of --count arrays")
+    parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--skip-dask", action="store_true")
+    parser.add_argument("--json", help="append one JSON record of the run to this file")
+    parser.add_argument("--rankmesh-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mpi-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rankmesh_child:
+        rankmesh_child(args)
+        return 0
+    if args.mpi_child:
+        mpi_child(args)
+        return 0
+
+    load_start = os.getloadavg()
+    raw = {"ob1": raw_mpi(args, {}), "ucx": raw_mpi(args, UCX_ENV)}
+    rows = [
+        ("rankmesh, MPI (ob1)", "ob1", rankmesh_job(args, "mpi", {})),
+        ("rankmesh, MPI (UCX PML)", "ucx", rankmesh_job(args, "mpi", UCX_ENV)),
+        ("rankmesh, TCP", "ob1", rankmesh_job(args, "tcp", {})),
+    ]
+    if not args.skip_dask:
+        rows.append(("dask distributed, TCP", "ob1", dask_cluster(args)))
+
+    print(
+        f"worker -> worker transfer, {args.size_mib} MiB arrays; one at a time: median of "
+        f"{args.count * args.reps}; all at once: {args.count} arrays, median of {args.reps}"
+    )
+    print(f"load average at start {load_start}, at end {os.getloadavg()}")
+    print(f"{'':26}{'one: s':>9}{'GB/s':>7}{'x raw':>7}{'all: GB/s':>11}{'x raw':>7}")
+    for pml, result in raw.items():
+        if result is not None:
+            label = f"raw MPI ping-pong ({pml})"
+            print(f"{label:26}{result['one_s']:9.4f}{result['one_gbs']:7.2f}{1:7.2f}")
+    for label, pml, result in rows:
+        ceiling = raw[pml]["one_gbs"] if raw[pml] else None
+
+        def ratio(gbs: float, ceiling: float | None = ceiling) -> str:
+            return f"{gbs / ceiling:7.2f}" if ceiling else "      -"
+
+        print(
+            f"{label:26}{result['one_s']:9.4f}{result['one_gbs']:7.2f}{ratio(result['one_gbs'])}"
+            f"{result['all_gbs']:11.2f}{ratio(result['all_gbs'])}"
+        )
+    if not any(raw.values()):
+        print("raw MPI skipped: mpi4py is not installed (pip install -r bench/requirements.txt)")
+    if args.json:
+        record = {
+            "bench": "transfer",
+            "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "params": {k: v for k, v in vars(args).items() if k not in ("json",)},
+            "load": [load_start, os.getloadavg()],
+            "raw": raw,
+            "rows": {label: result for label, _, result in rows},
+        }
+        with open(args.json, "a") as file:
+            file.write(json.dumps(record) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
