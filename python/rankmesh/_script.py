@@ -14,11 +14,27 @@ import runpy
 import sys
 
 
+def _wait_for_go() -> None:
+    """The host starts this interpreter before its workers are up, so the imports above
+    overlap their start; it writes "go" on this pipe once they all have registered."""
+    fd = os.environ.pop("RANKMESH_START_FD", None)
+    if fd is None:
+        return
+    try:
+        with os.fdopen(int(fd), "rb") as pipe:
+            word = pipe.read()
+    except KeyboardInterrupt:
+        word = b""
+    if word != b"go":
+        sys.exit(1)  # the cluster did not start; the host says why
+
+
 def main() -> None:
     if len(sys.argv) < 2:
         sys.exit("usage: python -m rankmesh._script SCRIPT [ARGS...]")
     from .client import Client
 
+    _wait_for_go()
     Client().as_default()
     sys.argv = sys.argv[1:]
     # As `python script.py` would: the script's folder first on the import path.

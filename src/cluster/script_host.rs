@@ -6,6 +6,8 @@ use super::{ClusterError, SchedulerFile, SCHEDULER_FILE_ENV};
 use crate::protocol::{Token, TOKEN_ENV};
 use crate::scheduler::server;
 use std::future::Future;
+use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -66,6 +68,16 @@ impl ScriptHost {
         let mut terminate = signal(SignalKind::terminate()).map_err(ClusterError::Signals)?;
         let expected = self.expected_workers as usize;
         let counter = registered.clone();
+        let path = self
+            .scheduler_file
+            .clone()
+            .unwrap_or_else(default_scheduler_file);
+        // The interpreter starts now and imports while the workers come up; the script
+        // itself runs once they all have.
+        let script = match self.script.is_empty() {
+            true => None,
+            false => Some(self.start_script(&path)?),
+        };
         tokio::select! {
             ready = tokio::time::timeout(WORKERS_TIMEOUT, registered.wait_for(|n| *n >= expected)) => {
                 if ready.is_err() {
@@ -77,10 +89,6 @@ impl ScriptHost {
             _ = interrupt.recv() => return Err(ClusterError::Interrupted),
             _ = terminate.recv() => return Err(ClusterError::Interrupted),
         }
-        let path = self
-            .scheduler_file
-            .clone()
-            .unwrap_or_else(default_scheduler_file);
         let file = SchedulerFile {
             address: self.address.clone(),
             token: token.as_str().to_string(),
@@ -97,43 +105,71 @@ impl ScriptHost {
             self.address,
             path.display()
         );
-        let code = if self.script.is_empty() {
-            tokio::select! {
-                _ = interrupt.recv() => {}
-                _ = terminate.recv() => {}
+        let code = match script {
+            None => {
+                tokio::select! {
+                    _ = interrupt.recv() => {}
+                    _ = terminate.recv() => {}
+                }
+                Ok(0)
             }
-            Ok(0)
-        } else {
-            self.run_script(&path, &mut interrupt, &mut terminate).await
+            Some(script) => {
+                self.run_script(script, &mut interrupt, &mut terminate)
+                    .await
+            }
         };
         let _ = std::fs::remove_file(&path);
         code
     }
 
-    /// Runs the script with the cluster as Dask's default scheduler; SIGINT and SIGTERM
-    /// reach it as SIGINT (a KeyboardInterrupt in Python).
-    async fn run_script(
-        &self,
-        scheduler_file: &Path,
-        interrupt: &mut Signal,
-        terminate: &mut Signal,
-    ) -> Result<i32, ClusterError> {
-        let script_error = |source| ClusterError::Script {
+    fn script_error(&self, source: std::io::Error) -> ClusterError {
+        ClusterError::Script {
             python: self.python.clone(),
             script: self.script.join(" "),
             source,
-        };
-        let mut child = Command::new(&self.python)
+        }
+    }
+
+    /// Starts `python -m rankmesh._script`, which imports rankmesh and then waits for the
+    /// word to run the script (on an inherited pipe, `RANKMESH_START_FD`).
+    fn start_script(&self, scheduler_file: &Path) -> Result<PendingScript, ClusterError> {
+        let (go_reader, go) = std::io::pipe().map_err(|e| self.script_error(e))?;
+        let fd = go_reader.as_raw_fd();
+        let mut command = Command::new(&self.python);
+        command
             .args(["-m", "rankmesh._script"])
             .args(&self.script)
             .env(SCHEDULER_FILE_ENV, scheduler_file)
+            .env(START_FD_ENV, fd.to_string())
             .env_remove(TOKEN_ENV)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(script_error)?;
+            .kill_on_drop(true);
+        // SAFETY: fcntl is async-signal-safe; in the child it only lets the pipe's read
+        // end survive exec.
+        unsafe {
+            command.pre_exec(move || match libc::fcntl(fd, libc::F_SETFD, 0) {
+                -1 => Err(std::io::Error::last_os_error()),
+                _ => Ok(()),
+            });
+        }
+        let child = command.spawn().map_err(|e| self.script_error(e))?;
+        Ok(PendingScript { child, go })
+    }
+
+    /// Lets the started script run with the cluster as Dask's default scheduler; SIGINT
+    /// and SIGTERM reach it as SIGINT (a KeyboardInterrupt in Python).
+    async fn run_script(
+        &self,
+        script: PendingScript,
+        interrupt: &mut Signal,
+        terminate: &mut Signal,
+    ) -> Result<i32, ClusterError> {
+        let PendingScript { mut child, mut go } = script;
+        // A script that already died gets no word; its exit status tells why.
+        let _ = go.write_all(GO);
+        drop(go);
         let status = loop {
             tokio::select! {
-                status = child.wait() => break status.map_err(script_error)?,
+                status = child.wait() => break status.map_err(|e| self.script_error(e))?,
                 _ = interrupt.recv() => forward_interrupt(&child),
                 _ = terminate.recv() => forward_interrupt(&child),
             }
@@ -144,6 +180,16 @@ impl ScriptHost {
             .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
     }
 }
+
+/// The script's interpreter, started, waiting for [`GO`] on `go`'s pipe.
+struct PendingScript {
+    child: Child,
+    go: std::io::PipeWriter,
+}
+
+/// Names the pipe a started script waits on before it runs.
+const START_FD_ENV: &str = "RANKMESH_START_FD";
+const GO: &[u8] = b"go";
 
 fn default_scheduler_file() -> PathBuf {
     std::env::temp_dir().join(format!("rankmesh-scheduler-{}.json", std::process::id()))

@@ -97,6 +97,16 @@ def test_script_exit_code_is_the_jobs(tmp_path, transport):
     assert result.returncode == 3, result.stderr
 
 
+def test_the_script_runs_once_every_worker_rank_has_registered(tmp_path):
+    # Its interpreter starts early (imports overlap the workers' start); its code does not.
+    script = write(
+        tmp_path, "first.py", "import rankmesh\nprint(len(rankmesh.Client().workers()))\n"
+    )
+    result = mpirun(4, script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["3"]
+
+
 def test_script_exception_shows_its_traceback(tmp_path):
     script = write(
         tmp_path, "fail.py", "def analysis():\n    raise ValueError('bad input')\nanalysis()\n"
