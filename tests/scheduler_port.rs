@@ -22,7 +22,7 @@ async fn start() -> Scheduler {
     let address = listener.local_addr().unwrap().to_string();
     let token = Token::generate().unwrap();
     let shutdown = CancellationToken::new();
-    let (workers, _) = tokio::sync::watch::channel(0);
+    let (workers, _) = tokio::sync::watch::channel(Vec::new());
     tokio::spawn(server::serve(
         listener,
         token.clone(),

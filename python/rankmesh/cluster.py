@@ -18,7 +18,11 @@ _PR_SET_PDEATHSIG = 1
 
 
 def find_binary() -> str:
-    """The `rankmesh` binary: beside this interpreter first (the same environment), then PATH."""
+    """The `rankmesh` binary: $RANKMESH_BINARY if set (e.g. a build against another MPI),
+    else the one beside this interpreter (the same environment), else PATH."""
+    chosen = os.environ.get("RANKMESH_BINARY")
+    if chosen:
+        return chosen
     beside = Path(sys.executable).parent / "rankmesh"
     if beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)

@@ -238,7 +238,7 @@ async fn run(command: Command) -> Result<i32> {
                 scheduler_file.display()
             );
             let shutdown = crate::cluster::cancel_on_signal().context("cannot handle signals")?;
-            let (workers, _) = tokio::sync::watch::channel(0);
+            let (workers, _) = tokio::sync::watch::channel(Vec::new());
             server::serve(listener, token, workers, shutdown).await;
             let _ = std::fs::remove_file(&scheduler_file);
             Ok(0)

@@ -47,6 +47,8 @@ pub async fn run(options: LocalOptions) -> Result<i32, ClusterError> {
         python: options.python.clone(),
         script: options.script.clone(),
         scheduler_file: options.scheduler_file.clone(),
+        // A local worker that dies has its work redone by the others.
+        end_on_worker_loss: false,
     };
     let outcome = host.run(listener, token, first_exit(&mut workers)).await;
     for worker in &mut workers {

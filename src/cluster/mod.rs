@@ -35,6 +35,8 @@ pub enum ClusterError {
     Signals(std::io::Error),
     #[error("interrupted while starting")]
     Interrupted,
+    #[error("worker {worker} left while the script ran; ending the job")]
+    WorkerLost { worker: String },
 }
 
 /// A token cancelled by the first SIGINT or SIGTERM (call inside a runtime).

@@ -3,7 +3,7 @@
 //! rank 0 of `rankmesh run`.
 
 use super::{ClusterError, SchedulerFile, SCHEDULER_FILE_ENV};
-use crate::protocol::{Token, TOKEN_ENV};
+use crate::protocol::{Token, WorkerInfo, TOKEN_ENV};
 use crate::scheduler::server;
 use std::future::Future;
 use std::io::Write;
@@ -29,6 +29,10 @@ pub struct ScriptHost {
     /// The script and its arguments; empty: serve until SIGINT or SIGTERM.
     pub script: Vec<String>,
     pub scheduler_file: Option<PathBuf>,
+    /// End the cluster when a registered worker goes away (in an MPI job a worker rank only
+    /// leaves by dying, and MPI cannot go on without it); otherwise its work is redone
+    /// elsewhere.
+    pub end_on_worker_loss: bool,
 }
 
 impl ScriptHost {
@@ -41,7 +45,7 @@ impl ScriptHost {
         worker_lost: impl Future<Output = (usize, String)>,
     ) -> Result<i32, ClusterError> {
         let shutdown = CancellationToken::new();
-        let (workers_tx, registered) = watch::channel(0usize);
+        let (workers_tx, registered) = watch::channel(Vec::new());
         let scheduler = tokio::spawn(server::serve(
             listener,
             token.clone(),
@@ -61,7 +65,7 @@ impl ScriptHost {
     async fn until_script_ends(
         &self,
         token: &Token,
-        mut registered: watch::Receiver<usize>,
+        mut registered: watch::Receiver<Vec<WorkerInfo>>,
         worker_lost: impl Future<Output = (usize, String)>,
     ) -> Result<i32, ClusterError> {
         let mut interrupt = signal(SignalKind::interrupt()).map_err(ClusterError::Signals)?;
@@ -79,9 +83,9 @@ impl ScriptHost {
             false => Some(self.start_script(&path)?),
         };
         tokio::select! {
-            ready = tokio::time::timeout(WORKERS_TIMEOUT, registered.wait_for(|n| *n >= expected)) => {
+            ready = tokio::time::timeout(WORKERS_TIMEOUT, registered.wait_for(|w| w.len() >= expected)) => {
                 if ready.is_err() {
-                    let registered = *counter.borrow();
+                    let registered = counter.borrow().len();
                     return Err(ClusterError::WorkersTimeout { registered, expected: self.expected_workers });
                 }
             }
@@ -105,21 +109,54 @@ impl ScriptHost {
             self.address,
             path.display()
         );
-        let code = match script {
-            None => {
-                tokio::select! {
-                    _ = interrupt.recv() => {}
-                    _ = terminate.recv() => {}
+        let ready = registered.borrow_and_update().clone();
+        let serve_or_run = async {
+            match script {
+                None => {
+                    tokio::select! {
+                        _ = interrupt.recv() => {}
+                        _ = terminate.recv() => {}
+                    }
+                    Ok(0)
                 }
-                Ok(0)
+                Some(script) => {
+                    self.run_script(script, &mut interrupt, &mut terminate)
+                        .await
+                }
             }
-            Some(script) => {
-                self.run_script(script, &mut interrupt, &mut terminate)
-                    .await
-            }
+        };
+        let code = tokio::select! {
+            code = serve_or_run => code,
+            lost = self.worker_loss(registered, ready) => Err(lost),
         };
         let _ = std::fs::remove_file(&path);
         code
+    }
+
+    /// With `end_on_worker_loss`, resolves when one of the `ready` workers leaves;
+    /// otherwise never.
+    async fn worker_loss(
+        &self,
+        mut registered: watch::Receiver<Vec<WorkerInfo>>,
+        ready: Vec<WorkerInfo>,
+    ) -> ClusterError {
+        if self.end_on_worker_loss {
+            // An error means the scheduler is gone, which the script's end explains.
+            while registered.changed().await.is_ok() {
+                let now = registered.borrow_and_update();
+                if let Some(gone) = ready.iter().find(|w| now.iter().all(|n| n.id != w.id)) {
+                    return ClusterError::WorkerLost {
+                        worker: match gone.rank {
+                            Some(rank) => {
+                                format!("rank {rank} on {} (pid {})", gone.host, gone.pid)
+                            }
+                            None => format!("{} on {} (pid {})", gone.id, gone.host, gone.pid),
+                        },
+                    };
+                }
+            }
+        }
+        std::future::pending().await
     }
 
     fn script_error(&self, source: std::io::Error) -> ClusterError {

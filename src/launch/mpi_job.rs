@@ -63,8 +63,18 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
             python: options.python,
             script: options.script,
             scheduler_file: options.scheduler_file,
+            end_on_worker_loss: true,
         };
-        runtime.block_on(script_host.run(listener, token, std::future::pending()))?
+        match runtime.block_on(script_host.run(listener, token, std::future::pending())) {
+            Ok(code) => code,
+            Err(lost @ ClusterError::WorkerLost { .. }) => {
+                // Ranks cannot finalize MPI beside a dead one, and some launchers (srun
+                // without --kill-on-bad-exit) would leave them waiting: end them all now.
+                eprintln!("rankmesh: error: {lost}");
+                world.abort(1)
+            }
+            Err(e) => return Err(e.into()),
+        }
     } else {
         let message = broadcast(&root, None);
         let bootstrap: Bootstrap =

@@ -4,7 +4,7 @@
 use super::{Comm, Scheduler, SchedulerConfig};
 use crate::protocol::{
     self, ClientId, FrameReader, FrameWriter, FromClient, FromWorker, Role, ToClient, ToWorker,
-    Token, WorkerId,
+    Token, WorkerId, WorkerInfo,
 };
 use crate::transport::tcp;
 use std::collections::HashMap;
@@ -36,11 +36,11 @@ enum Event {
     WorkerGone(WorkerId),
 }
 
-/// Serves until `shutdown`; `workers` follows the number of registered workers.
+/// Serves until `shutdown`; `workers` follows the registered workers.
 pub async fn serve(
     listener: TcpListener,
     token: Token,
-    workers: watch::Sender<usize>,
+    workers: watch::Sender<Vec<WorkerInfo>>,
     shutdown: CancellationToken,
 ) {
     let (events_tx, events) = mpsc::unbounded_channel();
@@ -64,7 +64,7 @@ pub async fn serve(
 /// Owns the state machine: applies events in batches, then schedules and sends once.
 async fn run_core(
     mut events: mpsc::UnboundedReceiver<Event>,
-    workers: watch::Sender<usize>,
+    workers: watch::Sender<Vec<WorkerInfo>>,
     shutdown: CancellationToken,
 ) {
     let mut scheduler = Scheduler::new(SchedulerConfig::default());
@@ -85,7 +85,14 @@ async fn run_core(
             }
         }
         scheduler.schedule(&mut comm);
-        workers.send_replace(scheduler.worker_count());
+        // Membership changes rarely: rebuild the list only when the count moved.
+        workers.send_if_modified(|known| {
+            let changed = known.len() != scheduler.worker_count();
+            if changed {
+                *known = scheduler.workers().cloned().collect();
+            }
+            changed
+        });
     }
     // Tell every worker to stop; their connections flush this before closing.
     for outbox in comm.workers.values() {
