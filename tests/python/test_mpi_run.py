@@ -178,6 +178,26 @@ def test_a_killed_worker_rank_ends_the_job_with_a_clear_error(tmp_path, transpor
     assert ours in err or "signal 9" in out + err, out + err
 
 
+def test_a_worker_rank_that_leaves_cleanly_still_ends_the_job(tmp_path, job_tag):
+    # SIGTERM to one rank only: it exits on its own terms, so the launcher sees no crash;
+    # rank 0 notices and ends the job rather than let the script run without it.
+    script = write(
+        tmp_path,
+        "long.py",
+        "import time, rankmesh\n"
+        "client = rankmesh.Client()\n"
+        "print('started', flush=True)\n"
+        "client.gather(client.map(time.sleep, [0.5] * 200))\n",
+    )
+    job = mpirun(3, script, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert job.stdout.readline().strip() == "started"
+    victim = next(p for p in job_processes(job_tag) if p.name() == "rankmesh" and rank_of(p) == "2")
+    victim.terminate()
+    out, err = job.communicate(timeout=60)
+    assert job.returncode != 0
+    assert f"worker rank 2 on {socket.gethostname()} (pid {victim.pid}) left" in err, out + err
+
+
 def test_initialize_keeps_dask_mpi_habits(tmp_path):
     script = write(
         tmp_path,
