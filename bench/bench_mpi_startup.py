@@ -12,7 +12,7 @@ Each job connects a client, waits until all its workers are there, runs --ntasks
 tasks with map + gather, and exits. Reported (median over --reps, seconds since mpirun was
 launched): workers ready, tasks done, and total (mpirun returned), with the ratio
 dask-mpi / rankmesh. dask-mpi needs mpi4py and dask-mpi in the environment
-(`MPICC=mpicc.openmpi pip install --no-binary=mpi4py mpi4py dask-mpi`); without them only
+(`pip install -r bench/requirements.txt`); without them only
 the rankmesh side runs and the ratio column says so.
 """
 

@@ -9,9 +9,12 @@ Parts (sizes: --count arrays of --size-mib MiB, float64; GB = 1e9 bytes):
              first on A (control: the data is local), then on B (B fetches it from A).
              * one at a time: per-array transfer = t(consume on B) - t(consume on A)
              * all at once: --count arrays on A, all consumers submitted together, on
-               A then on B; GB/s = count * size / (t_B - t_A)
+               A then on B; GB/s = count * size / (t_B - t_A). The first round is
+               reported apart ("cold"): rankmesh then receives most arrays into fresh
+               shared memory, later rounds into the segments released arrays left.
   dask       distributed.LocalCluster(2 workers x 1 thread, processes) with the same
              pinning (workers=[A], allow_other_workers=False) over its TCP comm.
+The ceiling is the better of a ping-pong run before the rest and one after.
 Each of the rankmesh variants (MPI with Open MPI's default ob1 PML, MPI with the UCX PML,
 TCP) runs as its own job; the raw ping-pong is repeated with the UCX PML for the UCX row.
 Ratio = GB/s / raw MPI GB/s of the same PML (higher is better; 1.0 = the MPI ceiling).
@@ -70,7 +73,7 @@ def measure(client, submit, a, b, args) -> dict:
             if rep:
                 one_at_a_time.append(t_b - t_a)
     at_once = []
-    for _ in range(args.reps):
+    for _ in range(args.reps + 1):  # the first round is cold: B has fewer spare buffers
         xs = [submit(make, i, nbytes, worker=a) for i in range(args.count)]
         client.gather(xs)
         t_a = consume_on(client, submit, xs, a, expected)
@@ -80,7 +83,8 @@ def measure(client, submit, a, b, args) -> dict:
     return {
         "one_s": per_array,
         "one_gbs": nbytes / 1e9 / per_array,
-        "all_gbs": statistics.median(at_once),
+        "all_cold_gbs": at_once[0],
+        "all_gbs": statistics.median(at_once[1:]),
     }
 
 
@@ -200,7 +204,8 @@ def main() -> int:
         return 0
 
     load_start = os.getloadavg()
-    raw = {"ob1": raw_mpi(args, {}), "ucx": raw_mpi(args, UCX_ENV)}
+    pmls = {"ob1": {}, "ucx": UCX_ENV}
+    raw_before = {pml: raw_mpi(args, env) for pml, env in pmls.items()}
     rows = [
         ("rankmesh, MPI (ob1)", "ob1", rankmesh_job(args, "mpi", {})),
         ("rankmesh, MPI (UCX PML)", "ucx", rankmesh_job(args, "mpi", UCX_ENV)),
@@ -208,13 +213,25 @@ def main() -> int:
     ]
     if not args.skip_dask:
         rows.append(("dask distributed, TCP", "ob1", dask_cluster(args)))
+    # The ceiling is the better of a ping-pong before and one after: on a shared machine
+    # that keeps a slow moment from flattering the ratios.
+    raw_after = {pml: raw_mpi(args, env) for pml, env in pmls.items()}
+    raw = {
+        pml: max(raw_before[pml], raw_after[pml], key=lambda r: r["one_gbs"])
+        if raw_before[pml]
+        else None
+        for pml in pmls
+    }
 
     print(
         f"worker -> worker transfer, {args.size_mib} MiB arrays; one at a time: median of "
         f"{args.count * args.reps}; all at once: {args.count} arrays, median of {args.reps}"
     )
     print(f"load average at start {load_start}, at end {os.getloadavg()}")
-    print(f"{'':26}{'one: s':>9}{'GB/s':>7}{'x raw':>7}{'all: GB/s':>11}{'x raw':>7}")
+    print(
+        f"{'':26}{'one: s':>9}{'GB/s':>7}{'x raw':>7}{'all: GB/s':>11}{'x raw':>7}"
+        f"{'cold GB/s':>11}{'x raw':>7}"
+    )
     for pml, result in raw.items():
         if result is not None:
             label = f"raw MPI ping-pong ({pml})"
@@ -228,6 +245,7 @@ def main() -> int:
         print(
             f"{label:26}{result['one_s']:9.4f}{result['one_gbs']:7.2f}{ratio(result['one_gbs'])}"
             f"{result['all_gbs']:11.2f}{ratio(result['all_gbs'])}"
+            f"{result['all_cold_gbs']:11.2f}{ratio(result['all_cold_gbs'])}"
         )
     if not any(raw.values()):
         print("raw MPI skipped: mpi4py is not installed (pip install -r bench/requirements.txt)")

@@ -152,20 +152,25 @@ def rank_of(process):
     return env.get("OMPI_COMM_WORLD_RANK", env.get("PMI_RANK"))
 
 
-@TRANSPORTS
-def test_a_killed_worker_rank_ends_the_job_with_a_clear_error(tmp_path, transport, job_tag):
+def start_long_job(tmp_path, job_tag, transport="mpi"):
+    """A 3-rank job busy with tasks for a while; returns it and its worker rank 2."""
     script = write(
         tmp_path,
         "long.py",
         "import time, rankmesh\n"
         "client = rankmesh.Client()\n"
         "print('started', flush=True)\n"
-        "futures = client.map(time.sleep, [0.5] * 200)\n"
-        "client.gather(futures)\n",
+        "client.gather(client.map(time.sleep, [0.5] * 200))\n",
     )
     job = mpirun(3, script, transport=transport, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert job.stdout.readline().strip() == "started"
     victim = next(p for p in job_processes(job_tag) if p.name() == "rankmesh" and rank_of(p) == "2")
+    return job, victim
+
+
+@TRANSPORTS
+def test_a_killed_worker_rank_ends_the_job_with_a_clear_error(tmp_path, transport, job_tag):
+    job, victim = start_long_job(tmp_path, job_tag, transport)
     started = time.monotonic()
     victim.kill()
     out, err = job.communicate(timeout=60)
@@ -181,17 +186,7 @@ def test_a_killed_worker_rank_ends_the_job_with_a_clear_error(tmp_path, transpor
 def test_a_worker_rank_that_leaves_cleanly_still_ends_the_job(tmp_path, job_tag):
     # SIGTERM to one rank only: it exits on its own terms, so the launcher sees no crash;
     # rank 0 notices and ends the job rather than let the script run without it.
-    script = write(
-        tmp_path,
-        "long.py",
-        "import time, rankmesh\n"
-        "client = rankmesh.Client()\n"
-        "print('started', flush=True)\n"
-        "client.gather(client.map(time.sleep, [0.5] * 200))\n",
-    )
-    job = mpirun(3, script, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert job.stdout.readline().strip() == "started"
-    victim = next(p for p in job_processes(job_tag) if p.name() == "rankmesh" and rank_of(p) == "2")
+    job, victim = start_long_job(tmp_path, job_tag)
     victim.terminate()
     out, err = job.communicate(timeout=60)
     assert job.returncode != 0
