@@ -1,17 +1,23 @@
 """rankmesh: run Dask graphs and futures on HPC clusters with a Rust scheduler."""
 
-from importlib.metadata import PackageNotFoundError, version
-
 from .client import Client
 from .cluster import LocalCluster
 from .errors import CancelledError, FutureLost, TaskError
 from .futures import Future, as_completed, wait
 from .mpi import initialize
 
-try:
-    __version__ = version("rankmesh")
-except PackageNotFoundError:  # a source checkout that was never installed
-    __version__ = "0.0.0"
+
+def __getattr__(name: str) -> str:
+    # importlib.metadata costs ~60 ms of every start (scripts, executors): on demand only.
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("rankmesh")
+        except PackageNotFoundError:  # a source checkout that was never installed
+            return "0.0.0"
+    raise AttributeError(f"module 'rankmesh' has no attribute {name!r}")
+
 
 __all__ = [
     "CancelledError",

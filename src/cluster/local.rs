@@ -1,7 +1,7 @@
 //! `rankmesh local`: a scheduler in this process and worker processes beside it, all on
 //! this machine; optionally runs a script against it and exits with the script's code.
 
-use super::script_host::ScriptHost;
+use super::script_host::{default_scheduler_file, PendingScript, ScriptHost};
 use super::{die_with_parent, ClusterError};
 use crate::protocol::{Token, TOKEN_ENV};
 use std::path::PathBuf;
@@ -35,6 +35,12 @@ pub async fn run(options: LocalOptions) -> Result<i32, ClusterError> {
         "tcp://{}",
         listener.local_addr().map_err(ClusterError::Scheduler)?
     );
+    let scheduler_file = options
+        .scheduler_file
+        .clone()
+        .unwrap_or_else(default_scheduler_file);
+    // The script's imports overlap the workers' start.
+    let script = PendingScript::start(&options.python, &options.script, &scheduler_file)?;
     let mut workers = Vec::new();
     for index in 0..options.n_workers {
         let worker = spawn_worker(&options, &address, &token)
@@ -44,9 +50,8 @@ pub async fn run(options: LocalOptions) -> Result<i32, ClusterError> {
     let host = ScriptHost {
         address,
         expected_workers: options.n_workers,
-        python: options.python.clone(),
-        script: options.script.clone(),
-        scheduler_file: options.scheduler_file.clone(),
+        script,
+        scheduler_file,
         // A local worker that dies has its work redone by the others.
         end_on_worker_loss: false,
     };

@@ -6,7 +6,7 @@ mod scheduler_file;
 mod script_host;
 
 pub use scheduler_file::{SchedulerFile, SCHEDULER_FILE_ENV};
-pub use script_host::ScriptHost;
+pub use script_host::{default_scheduler_file, PendingScript, ScriptHost};
 
 use std::path::PathBuf;
 

@@ -20,15 +20,15 @@ const WORKERS_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the scheduler gets to tell workers to stop and drain its connections.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
-#[derive(Clone, Debug)]
 pub struct ScriptHost {
     /// Where workers and clients reach the scheduler (`tcp://host:port`).
     pub address: String,
     pub expected_workers: u32,
-    pub python: String,
-    /// The script and its arguments; empty: serve until SIGINT or SIGTERM.
-    pub script: Vec<String>,
-    pub scheduler_file: Option<PathBuf>,
+    /// The script, started early ([`PendingScript::start`]); none: serve until SIGINT or
+    /// SIGTERM.
+    pub script: Option<PendingScript>,
+    /// Where the scheduler file goes; the script was started with this path.
+    pub scheduler_file: PathBuf,
     /// End the cluster when a registered worker goes away (in an MPI job a worker rank only
     /// leaves by dying, and MPI cannot go on without it); otherwise its work is redone
     /// elsewhere.
@@ -39,7 +39,7 @@ impl ScriptHost {
     /// Serves on `listener` until the script ends; returns its exit code. `worker_lost`
     /// resolves if a worker dies before registering: (which one, how it ended).
     pub async fn run(
-        &self,
+        mut self,
         listener: TcpListener,
         token: Token,
         worker_lost: impl Future<Output = (usize, String)>,
@@ -63,7 +63,7 @@ impl ScriptHost {
     }
 
     async fn until_script_ends(
-        &self,
+        &mut self,
         token: &Token,
         mut registered: watch::Receiver<Vec<WorkerInfo>>,
         worker_lost: impl Future<Output = (usize, String)>,
@@ -72,16 +72,8 @@ impl ScriptHost {
         let mut terminate = signal(SignalKind::terminate()).map_err(ClusterError::Signals)?;
         let expected = self.expected_workers as usize;
         let counter = registered.clone();
-        let path = self
-            .scheduler_file
-            .clone()
-            .unwrap_or_else(default_scheduler_file);
-        // The interpreter starts now and imports while the workers come up; the script
-        // itself runs once they all have.
-        let script = match self.script.is_empty() {
-            true => None,
-            false => Some(self.start_script(&path)?),
-        };
+        let path = self.scheduler_file.clone();
+        let script = self.script.take();
         tokio::select! {
             ready = tokio::time::timeout(WORKERS_TIMEOUT, registered.wait_for(|w| w.len() >= expected)) => {
                 if ready.is_err() {
@@ -159,23 +151,72 @@ impl ScriptHost {
         std::future::pending().await
     }
 
-    fn script_error(&self, source: std::io::Error) -> ClusterError {
-        ClusterError::Script {
-            python: self.python.clone(),
-            script: self.script.join(" "),
-            source,
-        }
+    /// Lets the started script run with the cluster as Dask's default scheduler; SIGINT
+    /// and SIGTERM reach it as SIGINT (a KeyboardInterrupt in Python).
+    async fn run_script(
+        &self,
+        script: PendingScript,
+        interrupt: &mut Signal,
+        terminate: &mut Signal,
+    ) -> Result<i32, ClusterError> {
+        let PendingScript {
+            mut child,
+            mut go,
+            error,
+        } = script;
+        // A script that already died gets no word; its exit status tells why.
+        let _ = go.write_all(GO);
+        drop(go);
+        let status = loop {
+            tokio::select! {
+                status = child.wait() => break status.map_err(&error)?,
+                _ = interrupt.recv() => forward_interrupt(&child),
+                _ = terminate.recv() => forward_interrupt(&child),
+            }
+        };
+        use std::os::unix::process::ExitStatusExt;
+        Ok(status
+            .code()
+            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
     }
+}
 
-    /// Starts `python -m rankmesh._script`, which imports rankmesh and then waits for the
-    /// word to run the script (on an inherited pipe, `RANKMESH_START_FD`).
-    fn start_script(&self, scheduler_file: &Path) -> Result<PendingScript, ClusterError> {
-        let (go_reader, go) = std::io::pipe().map_err(|e| self.script_error(e))?;
+/// The script's interpreter, started and importing, waiting for [`GO`] on `go`'s pipe
+/// before it runs the script: started early, its imports overlap the cluster's start.
+pub struct PendingScript {
+    child: Child,
+    go: std::io::PipeWriter,
+    /// Names the script in errors about it.
+    error: ScriptError,
+}
+
+/// Makes a [`ClusterError::Script`] naming the interpreter and the script.
+type ScriptError = Box<dyn Fn(std::io::Error) -> ClusterError + Send>;
+
+impl PendingScript {
+    /// Starts `python -m rankmesh._script script args`, which imports rankmesh and then
+    /// waits for the word to run the script (on an inherited pipe, `RANKMESH_START_FD`).
+    /// Call inside a runtime. An empty `script` starts nothing.
+    pub fn start(
+        python: &str,
+        script: &[String],
+        scheduler_file: &Path,
+    ) -> Result<Option<PendingScript>, ClusterError> {
+        if script.is_empty() {
+            return Ok(None);
+        }
+        let (named, line) = (python.to_string(), script.join(" "));
+        let error: ScriptError = Box::new(move |source| ClusterError::Script {
+            python: named.clone(),
+            script: line.clone(),
+            source,
+        });
+        let (go_reader, go) = std::io::pipe().map_err(&error)?;
         let fd = go_reader.as_raw_fd();
-        let mut command = Command::new(&self.python);
+        let mut command = Command::new(python);
         command
             .args(["-m", "rankmesh._script"])
-            .args(&self.script)
+            .args(script)
             .env(SCHEDULER_FILE_ENV, scheduler_file)
             .env(START_FD_ENV, fd.to_string())
             .env_remove(TOKEN_ENV)
@@ -188,47 +229,17 @@ impl ScriptHost {
                 _ => Ok(()),
             });
         }
-        let child = command.spawn().map_err(|e| self.script_error(e))?;
-        Ok(PendingScript { child, go })
+        let child = command.spawn().map_err(&error)?;
+        Ok(Some(PendingScript { child, go, error }))
     }
-
-    /// Lets the started script run with the cluster as Dask's default scheduler; SIGINT
-    /// and SIGTERM reach it as SIGINT (a KeyboardInterrupt in Python).
-    async fn run_script(
-        &self,
-        script: PendingScript,
-        interrupt: &mut Signal,
-        terminate: &mut Signal,
-    ) -> Result<i32, ClusterError> {
-        let PendingScript { mut child, mut go } = script;
-        // A script that already died gets no word; its exit status tells why.
-        let _ = go.write_all(GO);
-        drop(go);
-        let status = loop {
-            tokio::select! {
-                status = child.wait() => break status.map_err(|e| self.script_error(e))?,
-                _ = interrupt.recv() => forward_interrupt(&child),
-                _ = terminate.recv() => forward_interrupt(&child),
-            }
-        };
-        use std::os::unix::process::ExitStatusExt;
-        Ok(status
-            .code()
-            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
-    }
-}
-
-/// The script's interpreter, started, waiting for [`GO`] on `go`'s pipe.
-struct PendingScript {
-    child: Child,
-    go: std::io::PipeWriter,
 }
 
 /// Names the pipe a started script waits on before it runs.
 const START_FD_ENV: &str = "RANKMESH_START_FD";
 const GO: &[u8] = b"go";
 
-fn default_scheduler_file() -> PathBuf {
+/// Where a cluster's scheduler file goes unless told: the temp folder.
+pub fn default_scheduler_file() -> PathBuf {
     std::env::temp_dir().join(format!("rankmesh-scheduler-{}.json", std::process::id()))
 }
 

@@ -59,6 +59,14 @@ pub fn under_mpi_launcher() -> bool {
     LAUNCHER_VARS.iter().any(|v| std::env::var_os(v).is_some())
 }
 
+/// This process's rank as its launcher announced it before MPI starts (Open MPI, PMIx/srun,
+/// Hydra), if it did.
+pub fn launcher_rank() -> Option<u32> {
+    ["OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+}
+
 /// Runs this rank's part of the job; returns the job's exit code (the script's on rank 0).
 pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
     if !under_mpi_launcher() {

@@ -2,7 +2,7 @@
 //! 0, then run the scheduler (rank 0) or a worker (other ranks) until the script ends.
 
 use super::{LaunchError, RunOptions, TransportKind};
-use crate::cluster::{ClusterError, ScriptHost};
+use crate::cluster::{default_scheduler_file, ClusterError, PendingScript, ScriptHost};
 use crate::protocol::{decode, encode, Token};
 use crate::transport::mpi::{MpiDataServer, MpiTransport};
 use crate::transport::tcp::TcpTransport;
@@ -22,8 +22,25 @@ struct Bootstrap {
 }
 
 pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
-    // Worker data over MPI (a later step) calls MPI from a progress thread: ask for the
-    // most, use what is granted.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(LaunchError::Runtime)?;
+    // Rank 0's script interpreter starts before MPI does (the launcher's variables say
+    // which rank this is): its imports overlap MPI's start-up and the workers'.
+    let scheduler_file = options
+        .scheduler_file
+        .clone()
+        .unwrap_or_else(default_scheduler_file);
+    let mut script = match super::launcher_rank() {
+        Some(0) => {
+            let _runtime = runtime.enter();
+            PendingScript::start(&options.python, &options.script, &scheduler_file)?
+        }
+        _ => None,
+    };
+    // Worker data over MPI calls MPI from several threads: ask for the most, use what is
+    // granted.
     let (universe, threading) = mpi::initialize_with_threading(mpi::Threading::Multiple)
         .ok_or_else(|| LaunchError::MpiInit("MPI was already initialized".into()))?;
     let world = universe.world();
@@ -37,10 +54,6 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
         None => mpi::environment::processor_name()
             .map_err(|e| LaunchError::MpiInit(format!("no processor name: {e:?}")))?,
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(LaunchError::Runtime)?;
     let root = world.process_at_rank(0);
     let code = if rank == 0 {
         let token = Token::generate().map_err(LaunchError::Runtime)?;
@@ -57,12 +70,15 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
         };
         let message = encode(&bootstrap).map_err(|e| LaunchError::Bootstrap(e.to_string()))?;
         broadcast(&root, Some(message.to_vec()));
+        if script.is_none() {
+            let _runtime = runtime.enter();
+            script = PendingScript::start(&options.python, &options.script, &scheduler_file)?;
+        }
         let script_host = ScriptHost {
             address: bootstrap.scheduler,
             expected_workers: (size - 1) as u32,
-            python: options.python,
-            script: options.script,
-            scheduler_file: options.scheduler_file,
+            script,
+            scheduler_file,
             end_on_worker_loss: true,
         };
         match runtime.block_on(script_host.run(listener, token, std::future::pending())) {
