@@ -97,6 +97,7 @@ fn run(workers: u32, specs: Vec<TaskSpec>, wanted: Vec<TaskId>) -> Outcome {
             memory_limit: 1 << 34,
             pid: n,
             rank: None,
+            topology: None,
         };
         scheduler.add_worker(reg, &mut comm);
     }

@@ -6,6 +6,7 @@
 //! - [`worker`]: object store, peer data server and fetch, executor supervision.
 //! - [`transport`]: how workers reach each other (TCP today).
 //! - [`cluster`]: scheduler files, the local cluster (`rankmesh local`), hosting a script.
+//! - [`topology`]: hwloc topology, the placement plan of worker ranks, binding.
 //! - [`launch`]: inside an MPI job (`mpirun rankmesh run`): rank roles and bootstrap.
 //! - [`cli`]: the `rankmesh` command line.
 
@@ -14,5 +15,6 @@ pub mod cluster;
 pub mod launch;
 pub mod protocol;
 pub mod scheduler;
+pub mod topology;
 pub mod transport;
 pub mod worker;

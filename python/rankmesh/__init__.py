@@ -5,6 +5,7 @@ from .cluster import LocalCluster
 from .errors import CancelledError, FutureLost, TaskError
 from .futures import Future, as_completed, wait
 from .mpi import initialize
+from .worker import WorkerContext, get_worker
 
 
 def __getattr__(name: str) -> str:
@@ -26,8 +27,10 @@ __all__ = [
     "FutureLost",
     "LocalCluster",
     "TaskError",
+    "WorkerContext",
     "__version__",
     "as_completed",
+    "get_worker",
     "initialize",
     "wait",
 ]

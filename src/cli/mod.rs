@@ -1,12 +1,15 @@
 //! The `rankmesh` command line.
 
 mod size;
+#[cfg(feature = "hwloc")]
+mod topology;
 
 use crate::cluster::local::{self, LocalOptions};
 use crate::cluster::SchedulerFile;
 use crate::launch::{self, RunOptions, TransportKind};
 use crate::protocol::Token;
 use crate::scheduler::server;
+use crate::topology::WorkerPer;
 use crate::worker::{self, WorkerConfig};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -56,6 +59,12 @@ enum Command {
         /// How worker ranks move results between each other.
         #[arg(long, value_enum, default_value = "mpi")]
         transport: TransportArg,
+        /// What each worker rank is placed and bound on; the ranks on a node share it out.
+        #[arg(long, value_enum, default_value_t = WorkerPer::Numa)]
+        worker_per: WorkerPer,
+        /// Leave worker ranks unbound (no placement plan).
+        #[arg(long)]
+        no_bind: bool,
         /// Run no script: serve clients that connect through the scheduler file until the
         /// job is cancelled or reaches its walltime.
         #[arg(long, requires = "scheduler_file")]
@@ -106,14 +115,19 @@ enum Command {
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
         max_crashes: u32,
     },
+    /// Print the placement plan of worker ranks (cores, NUMA nodes, GPUs, threads) for this
+    /// node or a saved hwloc XML.
+    #[cfg(feature = "hwloc")]
+    Topology(topology::TopologyArgs),
 }
 
 /// What each worker gets.
 #[derive(clap::Args, Debug)]
 struct WorkerResources {
-    /// Executor processes (task slots) per worker.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-    threads_per_worker: u32,
+    /// Executor processes (task slots) per worker [default: 1; under `run`, the cores of
+    /// the worker's place].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    threads_per_worker: Option<u32>,
     /// Memory per worker, e.g. 4GiB (0: no limit).
     #[arg(long, default_value = "0", value_parser = size::parse_bytes)]
     memory_limit: u64,
@@ -156,8 +170,11 @@ pub fn main() -> ExitCode {
             scheduler_file,
             serve: _, // an empty script means serve
             transport,
+            worker_per,
+            no_bind,
             script,
         } => launch::run(RunOptions {
+            worker_per: (!no_bind).then_some(worker_per),
             transport: match transport {
                 TransportArg::Mpi => TransportKind::Mpi,
                 TransportArg::Tcp => TransportKind::Tcp,
@@ -195,6 +212,8 @@ fn in_runtime(command: Command) -> Result<i32> {
 async fn run(command: Command) -> Result<i32> {
     match command {
         Command::Run { .. } => unreachable!("`run` is handled before a runtime exists"),
+        #[cfg(feature = "hwloc")]
+        Command::Topology(args) => topology::run(args),
         Command::Local {
             n_workers,
             resources,
@@ -205,7 +224,7 @@ async fn run(command: Command) -> Result<i32> {
         } => {
             let options = LocalOptions {
                 n_workers,
-                threads_per_worker: resources.threads_per_worker,
+                threads_per_worker: resources.threads_per_worker.unwrap_or(1),
                 memory_limit: resources.memory_limit,
                 host,
                 python: python.python,
@@ -284,6 +303,8 @@ async fn run(command: Command) -> Result<i32> {
                 advertise_host: host,
                 max_crashes,
                 rank: None,
+                topology: None,
+                executor_env: Vec::new(),
             };
             worker::run(
                 config,

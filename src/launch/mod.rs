@@ -6,6 +6,7 @@
 mod mpi_job;
 
 use crate::cluster::ClusterError;
+use crate::topology::WorkerPer;
 use crate::worker::WorkerError;
 
 #[derive(Clone, Debug)]
@@ -13,12 +14,15 @@ pub struct RunOptions {
     pub python: String,
     /// The script and its arguments; empty: serve until cancelled.
     pub script: Vec<String>,
-    pub threads_per_worker: u32,
+    /// Executors per worker; default: the cores of its place (1 when unbound).
+    pub threads_per_worker: Option<u32>,
     pub memory_limit: u64,
     /// Host name other ranks reach this one at (default: the MPI processor name).
     pub host: Option<String>,
     pub scheduler_file: Option<std::path::PathBuf>,
     pub transport: TransportKind,
+    /// How worker ranks are placed and bound; `None`: unbound.
+    pub worker_per: Option<WorkerPer>,
 }
 
 /// How worker ranks move results between each other (clients always use TCP).
@@ -49,6 +53,15 @@ pub enum LaunchError {
     Cluster(#[from] ClusterError),
     #[error(transparent)]
     Worker(#[from] WorkerError),
+    #[cfg(feature = "mpi")]
+    #[error(transparent)]
+    Topology(#[from] crate::topology::TopologyError),
+    #[cfg(feature = "mpi")]
+    #[error("cannot plan this node's worker ranks: {0}")]
+    Plan(#[from] crate::topology::PlanError),
+    #[cfg(feature = "mpi")]
+    #[error(transparent)]
+    Bind(#[from] crate::topology::bind::BindError),
 }
 
 /// Environment variables that MPI launchers set (Open MPI, PMIx/srun, MPICH's Hydra).

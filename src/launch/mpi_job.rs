@@ -1,15 +1,18 @@
 //! The MPI side of a job: initialize, broadcast the scheduler's address and token from rank
-//! 0, then run the scheduler (rank 0) or a worker (other ranks) until the script ends.
+//! 0, place and bind the worker ranks of each node, then run the scheduler (rank 0) or a
+//! worker (other ranks) until the script ends.
 
 use super::{LaunchError, RunOptions, TransportKind};
 use crate::cluster::{default_scheduler_file, ClusterError, PendingScript, ScriptHost};
+use crate::protocol::WorkerTopology;
 use crate::protocol::{decode, encode, Token};
+use crate::topology::{self, bind, env, NodeTopology, Place, Source, WorkerPer};
 use crate::transport::mpi::{MpiDataServer, MpiTransport};
 use crate::transport::tcp::TcpTransport;
 use crate::transport::Transport;
 use crate::worker::store::Store;
 use crate::worker::{self, ExecutorKind, WorkerConfig};
-use mpi::traits::{Communicator, Root};
+use mpi::traits::{Communicator, CommunicatorCollectives, Root};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -54,6 +57,13 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
         None => mpi::environment::processor_name()
             .map_err(|e| LaunchError::MpiInit(format!("no processor name: {e:?}")))?,
     };
+    let (node_index, node_workers) = node_share(&world);
+    // Bound before the runtime has started any thread (it is current-thread; blocking
+    // threads come later), so they and the executors inherit it.
+    let placed = match options.worker_per {
+        Some(per) if rank != 0 => Some(place_this_worker(per, node_index, node_workers)?),
+        _ => None,
+    };
     let root = world.process_at_rank(0);
     let code = if rank == 0 {
         let token = Token::generate().map_err(LaunchError::Runtime)?;
@@ -95,11 +105,23 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
         let message = broadcast(&root, None);
         let bootstrap: Bootstrap =
             decode(&message).map_err(|e| LaunchError::Bootstrap(e.to_string()))?;
+        let nthreads = options
+            .threads_per_worker
+            .unwrap_or_else(|| placed.as_ref().map_or(1, |(_, place)| place.threads()));
+        let (topology, executor_env) = match &placed {
+            Some((node, place)) => (
+                Some(report(node, place)),
+                env::executor_env(node, place, nthreads),
+            ),
+            None => (None, Vec::new()),
+        };
         let config = WorkerConfig {
             rank: Some(rank as u32),
             scheduler: bootstrap.scheduler,
             token: Token::new(bootstrap.token),
-            nthreads: options.threads_per_worker,
+            nthreads,
+            topology,
+            executor_env,
             memory_limit: options.memory_limit,
             python: options.python,
             executor: ExecutorKind::Python,
@@ -139,6 +161,63 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
     drop(runtime);
     drop(universe); // MPI_Finalize
     Ok(code)
+}
+
+/// This rank's index among the worker ranks on its node (those sharing memory with it),
+/// and how many there are. Rank 0 is not a worker: the others on its node cover it.
+/// Collective: every rank calls it.
+fn node_share(world: &impl Communicator) -> (usize, usize) {
+    let node = world.split_shared(world.rank());
+    let mut ranks = vec![0i32; node.size() as usize];
+    node.all_gather_into(&world.rank(), &mut ranks[..]);
+    ranks.sort_unstable();
+    ranks.retain(|&r| r != 0);
+    let index = ranks.iter().position(|&r| r == world.rank()).unwrap_or(0);
+    (index, ranks.len())
+}
+
+/// Plans the node's worker ranks and binds this one to its place (or keeps a launcher's
+/// binding). Returns the node's topology and the place this rank ended up on.
+fn place_this_worker(
+    per: WorkerPer,
+    index: usize,
+    workers: usize,
+) -> Result<(NodeTopology, Place), LaunchError> {
+    let hwloc = topology::load(&Source::ThisMachine)?;
+    let node = topology::summarize(&hwloc);
+    let mut plan = topology::plan(&node, workers, per)?;
+    let planned = plan.swap_remove(index.min(plan.len() - 1));
+    if planned.shared {
+        tracing::warn!(
+            workers,
+            cores = node.cores.len(),
+            "more worker ranks than cores on this node: ranks share cores"
+        );
+    }
+    let place = bind::bind_this_process(&hwloc, &node, planned)?;
+    Ok((node, place))
+}
+
+/// What the worker tells the scheduler about its place.
+fn report(node: &NodeTopology, place: &Place) -> WorkerTopology {
+    let numa_nodes: Vec<u32> = place.numa_nodes.iter().map(|&n| n as u32).collect();
+    WorkerTopology {
+        cpus: place.cpu_list(),
+        cores: place.cores.len() as u32,
+        numa_memory: node
+            .numa_nodes
+            .iter()
+            .filter(|n| place.numa_nodes.contains(&n.os_index))
+            .map(|n| n.memory)
+            .sum(),
+        numa_nodes,
+        gpus: place
+            .gpus
+            .iter()
+            .filter_map(|&g| node.gpus.get(g))
+            .map(|gpu| gpu.pci_bus_id.clone())
+            .collect(),
+    }
 }
 
 /// Broadcasts bytes from `root`: their length first, then the bytes.

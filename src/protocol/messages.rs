@@ -8,7 +8,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// What a connecting peer is; the acceptor checks it is one it serves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,6 +129,23 @@ pub struct WorkerInfo {
     pub rank: Option<u32>,
     /// The worker process (its executors are its children).
     pub pid: u32,
+    /// Its place in the node, when it was placed by a topology plan.
+    pub topology: Option<WorkerTopology>,
+}
+
+/// Where a worker runs inside its node (`host`), as its placement put it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[cfg_attr(test, derive(PartialEq))]
+pub struct WorkerTopology {
+    /// CPUs (hardware threads) it is bound to, in the kernel's list format.
+    pub cpus: String,
+    pub cores: u32,
+    /// OS numbers of the NUMA nodes local to its cores.
+    pub numa_nodes: Vec<u32>,
+    /// Bytes of memory in those NUMA nodes.
+    pub numa_memory: u64,
+    /// PCI addresses of the GPUs it owns.
+    pub gpus: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -164,6 +181,7 @@ pub struct WorkerRegistration {
     pub memory_limit: u64,
     pub pid: u32,
     pub rank: Option<u32>,
+    pub topology: Option<WorkerTopology>,
 }
 
 /// Where a task's input lives now.

@@ -251,6 +251,7 @@ impl Scheduler {
             memory_limit: reg.memory_limit,
             rank: reg.rank,
             pid: reg.pid,
+            topology: reg.topology,
         };
         let peers = self.workers().cloned().collect();
         comm.send_worker(

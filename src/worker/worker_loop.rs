@@ -8,7 +8,7 @@ use super::store::{Object, ShmDir, Store};
 use crate::protocol::{
     ComputeTask, ErrorInfo, FrameReader, FromWorker, FuncId, FunctionBlob, ObjectRef, Role,
     RunTask, TaskDone, TaskId, TaskOutcome, ToWorker, Token, WorkerId, WorkerInfo,
-    WorkerRegistration,
+    WorkerRegistration, WorkerTopology,
 };
 use crate::transport::tcp::{self, TcpTransport};
 use crate::transport::{Transport, TransportError};
@@ -27,6 +27,8 @@ use tokio_util::task::TaskTracker;
 /// Work queued per executor, in seconds of average task time (tiny tasks get deep queues).
 const TARGET_QUEUED_WORK_S: f64 = 1e-3;
 const MAX_EXECUTOR_DEPTH: usize = 64;
+/// Tells task code which worker runs it (`rankmesh.get_worker()`).
+pub const WORKER_ID_ENV: &str = "RANKMESH_WORKER_ID";
 /// How long executors get to stop when the worker leaves.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -52,6 +54,10 @@ pub struct WorkerConfig {
     pub max_crashes: u32,
     /// This worker's MPI rank, when it is one.
     pub rank: Option<u32>,
+    /// Its place in the node, reported to the scheduler, when a topology plan placed it.
+    pub topology: Option<WorkerTopology>,
+    /// Set in every executor's environment (thread counts, visible GPUs).
+    pub executor_env: Vec<(String, String)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +105,7 @@ pub async fn run_with(
         memory_limit: config.memory_limit,
         pid: std::process::id(),
         rank: config.rank,
+        topology: config.topology.clone(),
     };
     let registered = async {
         writer
@@ -131,6 +138,12 @@ pub async fn run_with(
         shm_dir: shm.path().to_path_buf(),
         socket_dir: socket_dir.path().to_path_buf(),
         memory_limit: config.memory_limit / u64::from(config.nthreads.max(1)),
+        env: config
+            .executor_env
+            .iter()
+            .cloned()
+            .chain([(WORKER_ID_ENV.to_string(), worker_id.0.to_string())])
+            .collect(),
     };
     let slots = (0..config.nthreads.max(1) as usize)
         .map(|slot| {

@@ -89,6 +89,7 @@ impl TestEnv {
             memory_limit: 1 << 30,
             pid: 100,
             rank: None,
+            topology: None,
         };
         let others: Vec<WorkerId> = self.scheduler.workers().map(|w| w.id).collect();
         let clients: Vec<ClientId> = self.scheduler.clients.iter().copied().collect();

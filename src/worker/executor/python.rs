@@ -29,6 +29,8 @@ pub struct PythonExecutorConfig {
     pub socket_dir: PathBuf,
     /// Resident-set limit of one executor in bytes; 0 means none.
     pub memory_limit: u64,
+    /// Set in the executor's environment.
+    pub env: Vec<(String, String)>,
 }
 
 pub struct PythonExecutor {
@@ -202,6 +204,7 @@ fn spawn(
         .env(TOKEN_ENV, config.token.as_str())
         .env("RANKMESH_SHM_DIR", &config.shm_dir)
         .env("RANKMESH_EXECUTOR_ID", slot.to_string())
+        .envs(config.env.iter().map(|(k, v)| (k, v)))
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     crate::cluster::die_with_parent(&mut command);

@@ -1,0 +1,206 @@
+"""Topology-aware workers: `rankmesh topology` prints the plan, worker ranks under mpirun
+bind to it (read back inside tasks from /proc/self/status), and tasks run where their
+inputs are."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rankmesh
+from rankmesh.cluster import find_binary
+from test_mpi_run import MPIRUN, job_tag, write  # noqa: F401 (job_tag: autouse fixture)
+
+BINARY = find_binary()
+DATA = Path(__file__).resolve().parents[1] / "data" / "topology"
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="Open MPI's mpirun is not installed")
+
+
+def topology(*args):
+    return subprocess.run(
+        [BINARY, "topology", *map(str, args)], capture_output=True, text=True, timeout=60
+    )
+
+
+def planned(*args):
+    """`rankmesh topology` output as {worker index: (threads, numa, gpus, cpus, shared)}."""
+    result = topology(*args)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("rank"))
+    plan = {}
+    for line in lines[header + 1 :]:
+        fields = line.split()
+        if not fields[0].isdigit():
+            break
+        rank, threads, numa, gpus, cpus = fields[:5]
+        plan[int(rank)] = (int(threads), numa, gpus, cpus, "(shared)" in line)
+    return plan
+
+
+def test_prints_the_plan_of_a_saved_128_core_node():
+    plan = planned("--xml", DATA / "synthetic-2pack-8numa-128core.xml", "--ranks-per-node", 2)
+    assert plan == {
+        0: (64, "0,1,2,3", "-", "0-127", False),
+        1: (64, "4,5,6,7", "-", "128-255", False),
+    }
+    # One per NUMA node when no rank count is given.
+    assert len(planned("--xml", DATA / "synthetic-2pack-8numa-128core.xml")) == 8
+
+
+def test_gpu_plan_gives_each_rank_the_gpus_near_its_cores():
+    plan = planned("--xml", DATA / "power8-4gpu.xml", "--worker-per", "gpu")
+    # hwloc's saved POWER8 keeps 4 cores per package, with 2 GPUs behind each package.
+    assert plan == {
+        0: (2, "0", "cuda:0", "0-1,8-9", False),
+        1: (2, "0", "cuda:1", "16-17,24-25", False),
+        2: (2, "1", "cuda:2", "80-81,88-89", False),
+        3: (2, "1", "cuda:3", "96-97,104-105", False),
+    }
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--xml", "/nonexistent/node.xml"], "cannot read the topology of /nonexistent/node.xml"),
+        (["--ranks-per-node", "0"], "0 is not in 1.."),
+        (
+            ["--worker-per", "gpu", "--xml", DATA / "synthetic-2pack-8numa-128core.xml"],
+            "no NVIDIA or AMD GPU",
+        ),
+        (["--worker-per", "rack"], "invalid value 'rack'"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(args, message, tmp_path):
+    result = topology(*args)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_an_xml_that_is_not_a_topology_is_refused(tmp_path):
+    bad = write(tmp_path, "bad.xml", "<html>not a topology</html>")
+    result = topology("--xml", bad)
+    assert result.returncode != 0
+    assert f"cannot read the topology of {bad}" in result.stderr
+
+
+PROBE = """
+import json, os, sys, time
+import rankmesh
+
+def probe(i):
+    time.sleep(0.2)  # long enough that every worker gets some of the tasks
+    status = open("/proc/self/status").read().splitlines()
+    cpus = next(line.split()[1] for line in status if line.startswith("Cpus_allowed_list"))
+    threads = {v: os.environ.get(v) for v in %(vars)r}
+    return int(os.environ["OMPI_COMM_WORLD_RANK"]), rankmesh.get_worker().id, cpus, threads
+
+with rankmesh.Client() as client:
+    seen = client.gather(client.map(probe, range(%(tasks)d)))
+json.dump(seen, open(sys.argv[1], "w"))
+"""
+
+
+def run_probe(tmp_path, n, *run_args, mpirun_args=("--bind-to", "none"), tasks=24):
+    script = write(tmp_path, "probe.py", PROBE % {"vars": THREAD_VARS, "tasks": tasks})
+    out = tmp_path / "seen.json"
+    command = [MPIRUN, "--allow-run-as-root", "--oversubscribe", *mpirun_args, "-n", str(n)]
+    command += [BINARY, "run", "--python", sys.executable, *map(str, run_args), script, out]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    by_rank = {}
+    for rank, worker, cpus, threads in json.loads(out.read_text()):
+        by_rank.setdefault(rank, set()).add((worker, cpus, tuple(sorted(threads.items()))))
+    assert sorted(by_rank) == list(range(1, n)), "every worker rank ran tasks"
+    for rank, seen in by_rank.items():
+        assert len(seen) == 1, f"rank {rank}'s executors disagree: {seen}"
+    return {rank: seen.pop() for rank, seen in by_rank.items()}, result.stderr
+
+
+def thread_env(value):
+    return tuple(sorted((v, str(value)) for v in THREAD_VARS))
+
+
+def cores_of(cpus):
+    """CPU numbers of a kernel list such as `0-3,8`."""
+    numbers = set()
+    for part in cpus.split(","):
+        low, _, high = part.partition("-")
+        numbers.update(range(int(low), int(high or low) + 1))
+    return numbers
+
+
+@needs_mpirun
+def test_four_ranks_bind_to_the_numa_plan(tmp_path):
+    # 3 workers: on a 2-core machine they share a core; each still matches its plan.
+    plan = planned("--ranks-per-node", 3)
+    seen, _ = run_probe(tmp_path, 4)
+    for rank, (_, cpus, threads) in seen.items():
+        assert cpus == plan[rank - 1][3], f"rank {rank}"
+        assert threads == thread_env(1), "one executor per core, one thread each"
+    assert len({worker for worker, _, _ in seen.values()}) == 3
+
+
+@needs_mpirun
+def test_ranks_never_share_a_core_when_cores_suffice(tmp_path):
+    plan = planned("--ranks-per-node", 2, "--worker-per", "core")
+    seen, _ = run_probe(tmp_path, 3, "--worker-per", "core")
+    cpus = [cores_of(seen[rank][1]) for rank in (1, 2)]
+    assert [seen[rank][1] for rank in (1, 2)] == [plan[0][3], plan[1][3]]
+    assert not cpus[0] & cpus[1], f"ranks share a core: {cpus}"
+
+
+@needs_mpirun
+def test_a_worker_with_one_executor_gives_it_every_core_of_its_place(tmp_path):
+    plan = planned("--ranks-per-node", 1, "--worker-per", "node")
+    seen, _ = run_probe(tmp_path, 2, "--worker-per", "node", "--threads-per-worker", 1, tasks=4)
+    _, cpus, threads = seen[1]
+    assert cpus == plan[0][3]
+    assert threads == thread_env(plan[0][0])
+
+
+@needs_mpirun
+def test_a_launchers_binding_is_kept_with_a_warning(tmp_path):
+    # mpirun binds 2 ranks to a core each; the plan wants the whole node for the worker.
+    whole_node = planned("--ranks-per-node", 1, "--worker-per", "node")[0][3]
+    seen, stderr = run_probe(
+        tmp_path, 2, "--worker-per", "node", mpirun_args=("--bind-to", "core"), tasks=4
+    )
+    _, cpus, _ = seen[1]
+    if cpus == whole_node:
+        pytest.skip("mpirun did not bind (a 1-core machine?)")
+    assert len(cores_of(cpus)) < len(cores_of(whole_node))
+    assert "keeping the launcher's binding" in stderr
+
+
+@needs_mpirun
+def test_unbound_workers_keep_the_whole_node(tmp_path):
+    whole_node = planned("--ranks-per-node", 1, "--worker-per", "node")[0][3]
+    seen, _ = run_probe(tmp_path, 3, "--no-bind", tasks=8)
+    assert {cpus for _, cpus, _ in seen.values()} == {whole_node}
+
+
+def make(i):
+    return rankmesh.get_worker().id, np.full(200_000, i)  # 1.6 MB: a shared-memory object
+
+
+def where(made):
+    return made[0], rankmesh.get_worker().id
+
+
+def test_a_task_runs_where_its_input_is(client):
+    inputs = client.map(make, range(100))
+    holders = [worker for worker, _ in client.gather(inputs)]
+    assert len(set(holders)) == 2, "inputs should sit on both workers"
+    for made in inputs:
+        holder, ran_on = client.submit(where, made).result()
+        assert ran_on == holder
+
+
+def test_get_worker_outside_a_task_says_so(monkeypatch):
+    monkeypatch.delenv("RANKMESH_WORKER_ID", raising=False)
+    with pytest.raises(ValueError, match="only inside a task"):
+        rankmesh.get_worker()
