@@ -5,13 +5,17 @@
 //!   Handing them all out at once would let input-reading tasks fill every worker's memory
 //!   before anything downstream runs.
 //! - Other tasks go out as soon as they are ready, to the candidate with the earliest
-//!   estimated start ([`cheapest`]). Candidates are the workers holding the task's inputs
-//!   plus the least loaded worker, so placing a task costs O(inputs) whatever the number
+//!   estimated start ([`cheapest`]): its queue plus fetching the inputs it lacks, where
+//!   inputs held on the same node (host) come at shared-memory speed. So among idle
+//!   workers the one holding the most input bytes wins, then one on the same node as the
+//!   inputs, then the least loaded; a long queue can outweigh a transfer. Candidates are the workers
+//!   holding the task's inputs, the least loaded worker of each of their nodes, and the
+//!   least loaded worker overall, so placing a task costs O(inputs) whatever the number
 //!   of workers.
 
 use crate::protocol::{TaskId, WorkerId};
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BTreeSet, BinaryHeap};
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
 
 /// Tasks queued per worker thread: enough for `target_queued_work_s` of work at the
 /// current average task duration, so tiny tasks get deep queues and long ones two.
@@ -49,12 +53,18 @@ impl RootQueue {
     }
 }
 
+/// A node: the scheduler numbers the distinct host names its workers report.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) struct NodeId(pub(super) u32);
+
 /// A worker's load: assigned tasks per thread. Ordered by that ratio, then by id.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub(super) struct Load {
     pub(super) processing: u32,
     pub(super) nthreads: u32,
     pub(super) worker: WorkerId,
+    /// Where the worker runs (a worker never moves, so ordering can ignore it).
+    pub(super) node: NodeId,
 }
 
 impl Ord for Load {
@@ -72,23 +82,36 @@ impl PartialOrd for Load {
     }
 }
 
-/// Workers ordered by load, so the least loaded one is found in O(log W).
+/// Workers ordered by load, overall and per node, so the least loaded one is found in
+/// O(log W).
 #[derive(Default)]
 pub(super) struct LoadIndex {
     loads: BTreeSet<Load>,
+    by_node: HashMap<NodeId, BTreeSet<Load>>,
 }
 
 impl LoadIndex {
     pub(super) fn insert(&mut self, load: Load) {
         self.loads.insert(load);
+        self.by_node.entry(load.node).or_default().insert(load);
     }
 
     pub(super) fn remove(&mut self, load: &Load) {
         self.loads.remove(load);
+        if let Some(on_node) = self.by_node.get_mut(&load.node) {
+            on_node.remove(load);
+            if on_node.is_empty() {
+                self.by_node.remove(&load.node);
+            }
+        }
     }
 
     pub(super) fn least_loaded(&self) -> Option<Load> {
         self.loads.first().copied()
+    }
+
+    pub(super) fn least_loaded_on(&self, node: NodeId) -> Option<Load> {
+        self.by_node.get(&node)?.first().copied()
     }
 
     #[cfg(test)]
@@ -108,39 +131,49 @@ pub(super) struct CandidateCost {
     pub(super) load: Load,
     /// Bytes of the task's inputs the worker would have to fetch.
     pub(super) missing_bytes: u64,
+    /// Of those, bytes another worker on its node holds (a shared-memory copy).
+    pub(super) node_bytes: u64,
     /// Bytes of the task's inputs the worker already holds.
     pub(super) held_bytes: u64,
 }
 
+/// Assumed transfer speeds, to weigh fetching inputs against queueing.
+#[derive(Copy, Clone, Debug)]
+pub(super) struct Bandwidths {
+    /// Between nodes.
+    pub(super) network_bytes_per_s: f64,
+    /// Between workers on one node.
+    pub(super) node_bytes_per_s: f64,
+}
+
 impl CandidateCost {
     /// Seconds until the task could start there: the worker's queue, then the transfers.
-    fn estimated_start(&self, avg_task_duration_s: f64, bandwidth_bytes_per_s: f64) -> f64 {
+    fn estimated_start(&self, avg_task_duration_s: f64, bandwidths: Bandwidths) -> f64 {
         let queue_s =
             f64::from(self.load.processing) / f64::from(self.load.nthreads) * avg_task_duration_s;
-        queue_s + self.missing_bytes as f64 / bandwidth_bytes_per_s
+        let remote_bytes = self.missing_bytes - self.node_bytes;
+        queue_s
+            + remote_bytes as f64 / bandwidths.network_bytes_per_s
+            + self.node_bytes as f64 / bandwidths.node_bytes_per_s
     }
 }
 
 /// The candidate with the earliest estimated start; ties go to the one holding more of the
-/// inputs, then to the lower worker id. `None` only when there are no candidates.
+/// inputs, then to the less loaded, then to the lower worker id. `None` only when there
+/// are no candidates.
 pub(super) fn cheapest(
     candidates: &[CandidateCost],
     avg_task_duration_s: f64,
-    bandwidth_bytes_per_s: f64,
+    bandwidths: Bandwidths,
 ) -> Option<WorkerId> {
     candidates
         .iter()
-        .map(|c| {
-            (
-                c.estimated_start(avg_task_duration_s, bandwidth_bytes_per_s),
-                c,
-            )
-        })
+        .map(|c| (c.estimated_start(avg_task_duration_s, bandwidths), c))
         .min_by(|(start_a, a), (start_b, b)| {
             start_a
                 .total_cmp(start_b)
                 .then(b.held_bytes.cmp(&a.held_bytes))
-                .then(a.load.worker.cmp(&b.load.worker))
+                .then(a.load.cmp(&b.load))
         })
         .map(|(_, c)| c.load.worker)
 }
@@ -149,11 +182,17 @@ pub(super) fn cheapest(
 mod tests {
     use super::*;
 
+    const BANDWIDTHS: Bandwidths = Bandwidths {
+        network_bytes_per_s: 1e9,
+        node_bytes_per_s: 1e10,
+    };
+
     fn load(worker: u32, processing: u32, nthreads: u32) -> Load {
         Load {
             processing,
             nthreads,
             worker: WorkerId(worker),
+            node: NodeId(0),
         }
     }
 
@@ -161,6 +200,7 @@ mod tests {
         CandidateCost {
             load: load(worker, processing, 1),
             missing_bytes,
+            node_bytes: 0,
             held_bytes,
         }
     }
@@ -206,19 +246,86 @@ mod tests {
         // 1 ms per task, 1 GB/s: 2 tasks queued (2 ms) beat fetching 10 MB (10 ms).
         let holder = cost(1, 2, 0, 10_000_000);
         let idle = cost(2, 0, 10_000_000, 0);
-        assert_eq!(cheapest(&[idle, holder], 1e-3, 1e9), Some(WorkerId(1)));
+        assert_eq!(
+            cheapest(&[idle, holder], 1e-3, BANDWIDTHS),
+            Some(WorkerId(1))
+        );
         // With 20 tasks queued on the holder, fetching is quicker.
         let busy_holder = cost(1, 20, 0, 10_000_000);
-        assert_eq!(cheapest(&[busy_holder, idle], 1e-3, 1e9), Some(WorkerId(2)));
-        assert_eq!(cheapest(&[], 1e-3, 1e9), None);
+        assert_eq!(
+            cheapest(&[busy_holder, idle], 1e-3, BANDWIDTHS),
+            Some(WorkerId(2))
+        );
+        assert_eq!(cheapest(&[], 1e-3, BANDWIDTHS), None);
     }
 
     #[test]
     fn cheapest_breaks_ties_by_held_bytes_then_id() {
         let a = cost(3, 0, 0, 0);
         let b = cost(2, 0, 0, 0);
-        assert_eq!(cheapest(&[a, b], 1e-3, 1e9), Some(WorkerId(2)));
+        assert_eq!(cheapest(&[a, b], 1e-3, BANDWIDTHS), Some(WorkerId(2)));
         let holds_more = CandidateCost { held_bytes: 5, ..a };
-        assert_eq!(cheapest(&[holds_more, b], 1e-3, 1e9), Some(WorkerId(3)));
+        assert_eq!(
+            cheapest(&[holds_more, b], 1e-3, BANDWIDTHS),
+            Some(WorkerId(3))
+        );
+    }
+
+    #[test]
+    fn a_copy_on_the_same_node_is_cheaper_than_one_across_the_network() {
+        // 10 MB to fetch either way; 1 ms per task. Across the network: 10 ms; from a
+        // worker on the same node: 1 ms. So the same-node worker wins despite a queue.
+        let remote = cost(1, 0, 10_000_000, 0);
+        let same_node = CandidateCost {
+            node_bytes: 10_000_000,
+            ..cost(2, 0, 10_000_000, 0)
+        };
+        assert_eq!(
+            cheapest(&[remote, same_node], 1e-3, BANDWIDTHS),
+            Some(WorkerId(2))
+        );
+        let queued = CandidateCost {
+            load: load(2, 5, 1),
+            ..same_node
+        };
+        assert_eq!(
+            cheapest(&[remote, queued], 1e-3, BANDWIDTHS),
+            Some(WorkerId(2))
+        );
+    }
+
+    #[test]
+    fn idle_workers_rank_holder_then_same_node_then_less_loaded() {
+        let holder = cost(3, 0, 0, 1);
+        let neighbour = CandidateCost {
+            node_bytes: 1,
+            ..cost(2, 0, 1, 0)
+        };
+        let remote = cost(1, 0, 1, 0);
+        let all = [remote, neighbour, holder];
+        assert_eq!(cheapest(&all, 1e-3, BANDWIDTHS), Some(WorkerId(3)));
+        assert_eq!(cheapest(&all[..2], 1e-3, BANDWIDTHS), Some(WorkerId(2)));
+        // Equal starts (no duration known yet, nothing to fetch): the less loaded.
+        let busy = cost(1, 5, 0, 0);
+        let idle = cost(4, 0, 0, 0);
+        assert_eq!(cheapest(&[busy, idle], 0.0, BANDWIDTHS), Some(WorkerId(4)));
+    }
+
+    #[test]
+    fn the_least_loaded_worker_of_a_node_is_found() {
+        let on = |worker, processing, node| Load {
+            node: NodeId(node),
+            ..load(worker, processing, 1)
+        };
+        let mut index = LoadIndex::default();
+        for l in [on(1, 0, 0), on(2, 3, 1), on(3, 1, 1)] {
+            index.insert(l);
+        }
+        assert_eq!(index.least_loaded_on(NodeId(1)), Some(on(3, 1, 1)));
+        index.remove(&on(3, 1, 1));
+        assert_eq!(index.least_loaded_on(NodeId(1)), Some(on(2, 3, 1)));
+        index.remove(&on(2, 3, 1));
+        assert_eq!(index.least_loaded_on(NodeId(1)), None);
+        assert_eq!(index.least_loaded(), Some(on(1, 0, 0)));
     }
 }

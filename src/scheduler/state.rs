@@ -5,7 +5,7 @@
 //! the workers holding its result are told to drop it. Clients number their own tasks
 //! (`TaskId::owner`) from a counter, so an id is never reused once forgotten.
 
-use super::placement::{self, CandidateCost, Load, LoadIndex, RootQueue};
+use super::placement::{self, Bandwidths, CandidateCost, Load, LoadIndex, NodeId, RootQueue};
 use super::Comm;
 use crate::protocol::{
     ClientId, ComputeTask, ErrorInfo, FromClient, FromWorker, FuncId, FunctionBlob, InputLocation,
@@ -22,6 +22,8 @@ use std::sync::Arc;
 pub struct SchedulerConfig {
     /// Assumed network bandwidth between workers, to weigh transfers against queueing.
     pub bandwidth_bytes_per_s: f64,
+    /// Assumed bandwidth between workers on one node (shared memory).
+    pub node_bandwidth_bytes_per_s: f64,
     /// Work each worker thread should have queued; sets how many root tasks go out.
     pub target_queued_work_s: f64,
     /// Task duration assumed before any task has finished.
@@ -32,6 +34,7 @@ impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig {
             bandwidth_bytes_per_s: 1e9,
+            node_bandwidth_bytes_per_s: 1e10,
             target_queued_work_s: 1e-3,
             initial_task_duration_s: 1e-4,
         }
@@ -131,6 +134,8 @@ impl Task {
 
 struct Worker {
     info: WorkerInfo,
+    /// Its host, numbered.
+    node: NodeId,
     /// Tasks assigned to it and not finished.
     processing: u32,
     /// Function blobs it has been sent.
@@ -143,6 +148,7 @@ impl Worker {
             processing: self.processing,
             nthreads: self.info.nthreads,
             worker: self.info.id,
+            node: self.node,
         }
     }
 }
@@ -191,6 +197,8 @@ pub struct Scheduler {
     next_worker_id: u32,
     next_client_id: u32,
     load_index: LoadIndex,
+    /// Host names of the workers, numbered for placement by node.
+    nodes: HashMap<String, NodeId>,
     roots: RootQueue,
     /// Non-root tasks that became ready since the last `schedule` (some may be stale).
     ready: Vec<TaskId>,
@@ -212,6 +220,7 @@ impl Scheduler {
             next_worker_id: 1,
             next_client_id: 1,
             load_index: LoadIndex::default(),
+            nodes: HashMap::new(),
             roots: RootQueue::default(),
             ready: Vec::new(),
             outbox: Outbox::default(),
@@ -267,8 +276,11 @@ impl Scheduler {
         for &client in &self.clients {
             comm.send_client(client, ToClient::WorkerAdded(info.clone()));
         }
+        let next_node = NodeId(self.nodes.len() as u32);
+        let node = *self.nodes.entry(info.host.clone()).or_insert(next_node);
         let worker = Worker {
             info,
+            node,
             processing: 0,
             sent_funcs: IdSet::default(),
         };
@@ -1162,7 +1174,8 @@ impl Scheduler {
     }
 
     /// The worker where a non-root task would start soonest. Candidates: the holders of
-    /// its inputs and the least loaded worker, or, for a restricted task, its workers.
+    /// its inputs, the least loaded worker on each holder's node and the least loaded
+    /// worker, or, for a restricted task, its workers.
     fn place(&mut self, id: TaskId) -> Option<WorkerId> {
         let Scheduler {
             tasks,
@@ -1188,17 +1201,22 @@ impl Scheduler {
             let Some(w) = workers.get(&worker) else {
                 return;
             };
-            let (mut missing_bytes, mut held_bytes) = (0, 0);
+            let (mut missing_bytes, mut node_bytes, mut held_bytes) = (0, 0, 0);
             for (holders, size) in inputs() {
                 if holders.contains(&worker) {
                     held_bytes += size;
                 } else {
                     missing_bytes += size;
+                    let on_node = |h: &WorkerId| workers.get(h).is_some_and(|h| h.node == w.node);
+                    if holders.iter().any(on_node) {
+                        node_bytes += size;
+                    }
                 }
             }
             candidates.push(CandidateCost {
                 load: w.load(),
                 missing_bytes,
+                node_bytes,
                 held_bytes,
             });
         };
@@ -1206,6 +1224,10 @@ impl Scheduler {
             for (holders, _) in inputs() {
                 for &holder in holders {
                     consider(holder);
+                    let node = workers.get(&holder).map(|h| h.node);
+                    if let Some(least) = node.and_then(|n| load_index.least_loaded_on(n)) {
+                        consider(least.worker);
+                    }
                 }
             }
             if let Some(least) = load_index.least_loaded() {
@@ -1216,11 +1238,11 @@ impl Scheduler {
                 consider(worker);
             }
         }
-        placement::cheapest(
-            candidates,
-            *avg_task_duration_s,
-            config.bandwidth_bytes_per_s,
-        )
+        let bandwidths = Bandwidths {
+            network_bytes_per_s: config.bandwidth_bytes_per_s,
+            node_bytes_per_s: config.node_bandwidth_bytes_per_s,
+        };
+        placement::cheapest(candidates, *avg_task_duration_s, bandwidths)
     }
 
     fn assign(

@@ -79,12 +79,18 @@ impl TestEnv {
         }
     }
 
-    /// Registers a worker and checks the membership messages it causes.
+    /// Registers a worker on a node of its own and checks the membership messages it causes.
     fn worker(&mut self, nthreads: u32) -> WorkerId {
+        let n = self.scheduler.worker_count() + 1;
+        self.worker_on(&format!("node{n}"), nthreads)
+    }
+
+    /// Registers a worker on `host` and checks the membership messages it causes.
+    fn worker_on(&mut self, host: &str, nthreads: u32) -> WorkerId {
         let n = self.scheduler.worker_count() + 1;
         let reg = WorkerRegistration {
             data_address: format!("10.0.0.{n}:7000"),
-            host: format!("node{n}"),
+            host: host.into(),
             nthreads,
             memory_limit: 1 << 30,
             pid: 100,
@@ -1069,5 +1075,33 @@ fn a_task_restricted_to_workers_that_are_gone_fails_instead_of_waiting() {
     assert_eq!(env.scheduler.task_count(), 1);
     env.client_msg(c, FromClient::Release(vec![y]));
     assert_eq!(env.scheduler.task_count(), 0);
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn work_overflowing_a_busy_holder_goes_to_its_node_before_the_network() {
+    let mut env = TestEnv::new();
+    let w1 = env.worker_on("a", 1);
+    let w2 = env.worker_on("b", 1); // least loaded overall by id, but across the network
+    let w3 = env.worker_on("a", 1);
+    let c = env.client();
+    let ids = ids(c, 0..151);
+    let (big, consumers) = (ids[0], &ids[1..]);
+    env.submit(c, vec![spec(big, &[])], &[big]);
+    env.schedule();
+    assert_eq!(env.computed(w1), [big]);
+    env.done_sized(w1, &[(big, 100_000_000)]);
+    assert_eq!(env.finished(c), [big]);
+    let specs = consumers.iter().map(|&id| spec(id, &[big])).collect();
+    env.submit(c, specs, consumers);
+    env.schedule();
+    // At 0.1 ms per task, w1's queue beats a 10 ms copy from its node's shared memory up
+    // to ~100 tasks; after that w3 (same node) takes the rest. 100 MB over the network
+    // would take 100 ms, so w2 gets nothing.
+    let on_w1 = env.computed(w1).len();
+    let on_w3 = env.computed(w3).len();
+    assert_eq!(on_w1 + on_w3, 150);
+    assert!(on_w1 >= 100 && on_w3 >= 20, "w1 {on_w1}, w3 {on_w3}");
+    assert!(env.comm.take_worker(w2).is_empty());
     env.comm.emptiness_check();
 }
