@@ -61,7 +61,15 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
     // Bound before the runtime has started any thread (it is current-thread; blocking
     // threads come later), so they and the executors inherit it.
     let placed = match options.worker_per {
-        Some(per) if rank != 0 => Some(place_this_worker(per, node_index, node_workers)?),
+        Some(per) if rank != 0 => match place_this_worker(per, node_index, node_workers) {
+            Ok(placed) => Some(placed),
+            Err(e) => {
+                // Returning would finalize MPI, which waits for rank 0, which waits for
+                // this worker: end the whole job instead.
+                eprintln!("rankmesh: error: rank {rank}: {e}");
+                world.abort(1)
+            }
+        },
         _ => None,
     };
     let root = world.process_at_rank(0);

@@ -204,3 +204,14 @@ def test_get_worker_outside_a_task_says_so(monkeypatch):
     monkeypatch.delenv("RANKMESH_WORKER_ID", raising=False)
     with pytest.raises(ValueError, match="only inside a task"):
         rankmesh.get_worker()
+
+
+@needs_mpirun
+def test_gpu_workers_without_gpus_get_a_clear_error(tmp_path):
+    script = write(tmp_path, "noop.py", "print('never runs')\n")
+    command = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n", "2"]
+    command += [BINARY, "run", "--python", sys.executable, "--worker-per", "gpu", script]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "--worker-per gpu, but the topology has no NVIDIA or AMD GPU" in result.stderr
+    assert "never runs" not in result.stdout
