@@ -421,6 +421,19 @@ impl ClientCore {
             d.set_item("pid", w.pid)?;
             d.set_item("nthreads", w.nthreads)?;
             d.set_item("memory_limit", w.memory_limit)?;
+            let place = match &w.topology {
+                Some(t) => {
+                    let p = PyDict::new(py);
+                    p.set_item("cpus", &t.cpus)?;
+                    p.set_item("cores", t.cores)?;
+                    p.set_item("numa_nodes", &t.numa_nodes)?;
+                    p.set_item("numa_memory", t.numa_memory)?;
+                    p.set_item("gpus", &t.gpus)?;
+                    Some(p)
+                }
+                None => None,
+            };
+            d.set_item("topology", place)?;
             out.append(d)?;
         }
         Ok(out)

@@ -100,7 +100,8 @@ def probe(i):
 
 with rankmesh.Client() as client:
     seen = client.gather(client.map(probe, range(%(tasks)d)))
-json.dump(seen, open(sys.argv[1], "w"))
+    reported = {w["id"]: w["topology"] for w in client.workers()}
+json.dump({"seen": seen, "reported": reported}, open(sys.argv[1], "w"))
 """
 
 
@@ -111,13 +112,21 @@ def run_probe(tmp_path, n, *run_args, mpirun_args=("--bind-to", "none"), tasks=2
     command += [BINARY, "run", "--python", sys.executable, *map(str, run_args), script, out]
     result = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
+    record = json.loads(out.read_text())
     by_rank = {}
-    for rank, worker, cpus, threads in json.loads(out.read_text()):
+    for rank, worker, cpus, threads in record["seen"]:
         by_rank.setdefault(rank, set()).add((worker, cpus, tuple(sorted(threads.items()))))
     assert sorted(by_rank) == list(range(1, n)), "every worker rank ran tasks"
     for rank, seen in by_rank.items():
         assert len(seen) == 1, f"rank {rank}'s executors disagree: {seen}"
-    return {rank: seen.pop() for rank, seen in by_rank.items()}, result.stderr
+    seen = {rank: seen.pop() for rank, seen in by_rank.items()}
+    for worker, cpus, _ in seen.values():
+        reported = record["reported"][str(worker)]
+        if reported is not None:  # placed workers report what the tasks saw
+            assert reported["cpus"] == cpus
+            assert reported["cores"] == physical_cores(cpus)
+            assert reported["numa_nodes"] == [0] and reported["numa_memory"] > 0
+    return seen, result.stderr
 
 
 def thread_env(value):
@@ -131,6 +140,16 @@ def cores_of(cpus):
         low, _, high = part.partition("-")
         numbers.update(range(int(low), int(high or low) + 1))
     return numbers
+
+
+def physical_cores(cpus):
+    """How many distinct cores the CPUs of a kernel list belong to (from sysfs)."""
+    topology = "/sys/devices/system/cpu/cpu{}/topology/{}"
+    cores = set()
+    for cpu in cores_of(cpus):
+        ids = (open(topology.format(cpu, key)).read() for key in ("physical_package_id", "core_id"))
+        cores.add(tuple(ids))
+    return len(cores)
 
 
 @needs_mpirun
@@ -181,6 +200,28 @@ def test_unbound_workers_keep_the_whole_node(tmp_path):
     whole_node = planned("--ranks-per-node", 1, "--worker-per", "node")[0][3]
     seen, _ = run_probe(tmp_path, 3, "--no-bind", tasks=8)
     assert {cpus for _, cpus, _ in seen.values()} == {whole_node}
+
+
+@needs_mpirun
+def test_worker_data_on_one_node_goes_through_mpis_shared_memory(tmp_path, monkeypatch):
+    # Only Open MPI's self and shared-memory (vader) transports are allowed, so a 32 MB
+    # array can move between the two worker ranks only through shared memory.
+    monkeypatch.setenv("OMPI_MCA_btl", "self,vader")
+    script = write(
+        tmp_path,
+        "across.py",
+        "import numpy as np, rankmesh\n"
+        "with rankmesh.Client() as client:\n"
+        "    first, second = client.workers()\n"
+        "    made = client.submit(np.full, 4_000_000, 2.0, workers=first['id'])\n"
+        "    total = client.submit(lambda x: float(x.sum()), made, workers=second['id'])\n"
+        "    assert total.result(timeout=60) == 8_000_000.0\n",
+    )
+    command = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n", "3"]
+    command += [BINARY, "run", "--transport", "mpi", "--python", sys.executable, script]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "worker data goes over TCP" not in result.stderr, "MPI must carry it"
 
 
 def make(i):
