@@ -63,7 +63,7 @@ enum Command {
         #[arg(long, value_enum, default_value_t = WorkerPer::Numa)]
         worker_per: WorkerPer,
         /// Leave worker ranks unbound (no placement plan).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "worker_per")]
         no_bind: bool,
         /// Run no script: serve clients that connect through the scheduler file until the
         /// job is cancelled or reaches its walltime.

@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 const TARGET_QUEUED_WORK_S: f64 = 1e-3;
 const MAX_EXECUTOR_DEPTH: usize = 64;
 /// Tells task code which worker runs it (`rankmesh.get_worker()`).
-pub const WORKER_ID_ENV: &str = "RANKMESH_WORKER_ID";
+const WORKER_ID_ENV: &str = "RANKMESH_WORKER_ID";
 /// How long executors get to stop when the worker leaves.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 

@@ -80,6 +80,17 @@ def test_bad_input_gets_a_clear_error(args, message, tmp_path):
     assert message in result.stderr
 
 
+def test_no_bind_and_a_placement_mode_conflict():
+    result = subprocess.run(
+        [BINARY, "run", "--no-bind", "--worker-per", "core", "script.py"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "'--no-bind' cannot be used with '--worker-per <WORKER_PER>'" in result.stderr
+
+
 def test_an_xml_that_is_not_a_topology_is_refused(tmp_path):
     bad = write(tmp_path, "bad.xml", "<html>not a topology</html>")
     result = topology("--xml", bad)
