@@ -10,6 +10,7 @@
 //! - [`launch`]: inside an MPI job (`mpirun rankmesh run`): rank roles and bootstrap.
 //! - [`cli`]: the `rankmesh` command line.
 
+pub mod batch;
 pub mod cli;
 pub mod cluster;
 pub mod launch;

@@ -1,5 +1,6 @@
 //! The `rankmesh` command line.
 
+mod jobs;
 mod size;
 #[cfg(feature = "hwloc")]
 mod topology;
@@ -119,6 +120,8 @@ enum Command {
     /// node or a saved hwloc XML.
     #[cfg(feature = "hwloc")]
     Topology(topology::TopologyArgs),
+    #[command(flatten)]
+    Batch(jobs::BatchCommand),
 }
 
 /// What each worker gets.
@@ -187,6 +190,8 @@ pub fn main() -> ExitCode {
             scheduler_file,
         })
         .map_err(anyhow::Error::from),
+        // Batch-system commands run the system's tools and need no runtime.
+        Command::Batch(command) => jobs::run(command),
         command => in_runtime(command),
     };
     match result {
@@ -211,7 +216,9 @@ fn in_runtime(command: Command) -> Result<i32> {
 
 async fn run(command: Command) -> Result<i32> {
     match command {
-        Command::Run { .. } => unreachable!("`run` is handled before a runtime exists"),
+        Command::Run { .. } | Command::Batch(_) => {
+            unreachable!("`run` and batch commands are handled before a runtime exists")
+        }
         #[cfg(feature = "hwloc")]
         Command::Topology(args) => topology::run(args),
         Command::Local {

@@ -1,0 +1,219 @@
+//! rankmesh's own record of the jobs it submitted: which system runs each, where its output
+//! goes, whether `rankmesh cancel` ended it, and the exit code its script wrote. The records
+//! let `status`, `wait` and `logs` work without flags, and report a job's end after the batch
+//! system has forgotten it (PBS without job history, SLURM after MinJobAge without sacct).
+
+use super::state::{JobState, JobStatus};
+use super::{pbs, slurm, BatchError, JobSpec, System};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const STATE_DIR_ENV: &str = "RANKMESH_STATE_DIR";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub system: System,
+    pub name: String,
+    /// The output file, with SLURM's `%j` already replaced by the id.
+    pub output: PathBuf,
+    /// The submitted job script.
+    pub script: PathBuf,
+    /// Seconds since the epoch.
+    pub submitted: u64,
+    /// Set by `rankmesh cancel`.
+    #[serde(default)]
+    pub cancelled: bool,
+}
+
+/// The folder of job records.
+#[derive(Clone, Debug)]
+pub struct Jobs {
+    dir: PathBuf,
+}
+
+impl Jobs {
+    /// `$RANKMESH_STATE_DIR`, else `$XDG_STATE_HOME/rankmesh/jobs`, else
+    /// `~/.local/state/rankmesh/jobs` (on a cluster, home is shared with the nodes).
+    pub fn open() -> Result<Jobs, BatchError> {
+        let dir = match std::env::var_os(STATE_DIR_ENV).filter(|v| !v.is_empty()) {
+            Some(dir) => PathBuf::from(dir),
+            None => std::env::var_os("XDG_STATE_HOME")
+                .filter(|v| !v.is_empty())
+                .map_or_else(|| super::config::home().join(".local/state"), PathBuf::from)
+                .join("rankmesh/jobs"),
+        };
+        std::fs::create_dir_all(&dir).map_err(|source| BatchError::File {
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(Jobs { dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where a job script waits to be submitted (the id is not known yet).
+    pub fn pending_script(&self, stamp: &str) -> PathBuf {
+        self.dir.join(format!("submit-{stamp}.sh"))
+    }
+
+    pub fn save(&self, record: &JobRecord) -> Result<(), BatchError> {
+        let path = self.file(&record.id, "json")?;
+        let text = serde_json::to_string_pretty(record)
+            .map_err(|e| BatchError::Config(format!("cannot encode the job record: {e}")))?;
+        std::fs::write(&path, text).map_err(|source| BatchError::File { path, source })
+    }
+
+    pub fn load(&self, id: &str) -> Option<JobRecord> {
+        let text = std::fs::read_to_string(self.file(id, "json").ok()?).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Every recorded job, oldest first.
+    pub fn list(&self) -> Vec<JobRecord> {
+        let mut records: Vec<JobRecord> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|entry| entry.path().extension().is_some_and(|e| e == "json"))
+            .filter_map(|entry| {
+                serde_json::from_str(&std::fs::read_to_string(entry.path()).ok()?).ok()
+            })
+            .collect();
+        records.sort_by(|a, b| (a.submitted, &a.id).cmp(&(b.submitted, &b.id)));
+        records
+    }
+
+    /// The exit code the job script wrote when its launch ended.
+    pub fn exit_code(&self, id: &str) -> Option<i32> {
+        let text = std::fs::read_to_string(self.file(id, "exit").ok()?).ok()?;
+        text.trim().parse().ok()
+    }
+
+    /// The id names a file here; an id with a path separator is no job of ours.
+    fn file(&self, id: &str, extension: &str) -> Result<PathBuf, BatchError> {
+        if id.is_empty() || id.contains('/') || id.starts_with('.') {
+            return Err(BatchError::UnknownJob(id.into()));
+        }
+        Ok(self.dir.join(format!("{id}.{extension}")))
+    }
+
+    /// The job's status: the batch system's word, completed by what the records know.
+    pub fn status(&self, id: &str, system: Option<System>) -> Result<JobStatus, BatchError> {
+        let record = self.load(id);
+        let system = match (record.as_ref(), system) {
+            (Some(record), _) => record.system,
+            (None, Some(system)) => system,
+            (None, None) => System::detect()?,
+        };
+        let reported = match system {
+            System::Slurm => slurm::status(id)?,
+            System::Pbs => pbs::status(id)?,
+        };
+        let exit_file = self.exit_code(id);
+        let cancelled = record.as_ref().is_some_and(|r| r.cancelled);
+        let mut status = match reported {
+            Some(status) => status,
+            // The system forgot the job; rankmesh remembers how it ended.
+            None if exit_file.is_some() || cancelled => JobStatus {
+                id: id.into(),
+                state: JobState::Other(pbs::FINISHED.into()),
+                exit_code: None,
+                elapsed: None,
+                nodes: None,
+                name: record.as_ref().map(|r| r.name.clone()),
+            },
+            None => return Err(BatchError::UnknownJob(id.into())),
+        };
+        if status.state.is_final() && status.exit_code.is_none() {
+            status.exit_code = exit_file;
+            if let Some(code) = exit_file {
+                status.state = JobState::from_exit_code(code);
+            }
+        }
+        if cancelled && status.state.is_final() && status.state != JobState::Completed {
+            status.state = JobState::Cancelled;
+        }
+        Ok(status.with_drain_recognized())
+    }
+
+    /// Polls until the job ends; returns its last status.
+    pub fn wait(&self, id: &str, system: Option<System>) -> Result<JobStatus, BatchError> {
+        // `sbatch --wait` polls slowly; a short, growing interval notices the end soon
+        // without hammering the controller of a long job.
+        let mut interval = Duration::from_millis(250);
+        loop {
+            let status = self.status(id, system)?;
+            if status.state.is_final() {
+                return Ok(status);
+            }
+            std::thread::sleep(interval);
+            interval = (interval * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Cancels the job and records that rankmesh did.
+    pub fn cancel(&self, id: &str, system: Option<System>) -> Result<(), BatchError> {
+        let mut record = self.load(id);
+        let system = match (record.as_ref(), system) {
+            (Some(record), _) => record.system,
+            (None, Some(system)) => system,
+            (None, None) => System::detect()?,
+        };
+        match system {
+            System::Slurm => slurm::cancel(id)?,
+            System::Pbs => pbs::cancel(id)?,
+        }
+        if let Some(record) = record.as_mut() {
+            record.cancelled = true;
+            self.save(record)?;
+        }
+        Ok(())
+    }
+
+    /// Submits the rendered `script` for `spec` and records the job.
+    pub fn submit(
+        &self,
+        spec: &JobSpec,
+        script: &str,
+        stamp: &str,
+    ) -> Result<JobRecord, BatchError> {
+        let pending = self.pending_script(stamp);
+        std::fs::write(&pending, script).map_err(|source| BatchError::File {
+            path: pending.clone(),
+            source,
+        })?;
+        let submitted = match spec.system {
+            System::Slurm => slurm::submit(&pending),
+            System::Pbs => pbs::submit(&pending, &spec.output),
+        };
+        let id = match submitted {
+            Ok(id) => id,
+            Err(e) => {
+                let _ = std::fs::remove_file(&pending);
+                return Err(e);
+            }
+        };
+        let script_path = self.file(&id, "sh")?;
+        std::fs::rename(&pending, &script_path).map_err(|source| BatchError::File {
+            path: script_path.clone(),
+            source,
+        })?;
+        let record = JobRecord {
+            output: PathBuf::from(spec.output.replace("%j", &id)),
+            id,
+            system: spec.system,
+            name: spec.job_name.clone(),
+            script: script_path,
+            submitted: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            cancelled: false,
+        };
+        self.save(&record)?;
+        Ok(record)
+    }
+}
