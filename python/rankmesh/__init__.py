@@ -1,8 +1,9 @@
 """rankmesh: run Dask graphs and futures on HPC clusters with a Rust scheduler."""
 
+from .batch import BatchError, Job, submit
 from .client import Client
 from .cluster import LocalCluster
-from .errors import CancelledError, FutureLost, TaskError
+from .errors import CancelledError, FutureLost, TaskError, WalltimeDrain
 from .futures import Future, as_completed, wait
 from .mpi import initialize
 from .worker import WorkerContext, get_worker
@@ -21,16 +22,20 @@ def __getattr__(name: str) -> str:
 
 
 __all__ = [
+    "BatchError",
     "CancelledError",
     "Client",
     "Future",
     "FutureLost",
+    "Job",
     "LocalCluster",
     "TaskError",
+    "WalltimeDrain",
     "WorkerContext",
     "__version__",
     "as_completed",
     "get_worker",
     "initialize",
+    "submit",
     "wait",
 ]

@@ -2,7 +2,11 @@
 
 from concurrent.futures import CancelledError
 
-__all__ = ["CancelledError", "FutureLost", "TaskError"]
+__all__ = ["WALLTIME_DRAIN_EXIT", "CancelledError", "FutureLost", "TaskError", "WalltimeDrain"]
+
+# A batch job that drained before its walltime exits with this (sysexits' EX_TEMPFAIL:
+# "try again later"); `rankmesh status` reports such a job as drained. Same as the Rust side.
+WALLTIME_DRAIN_EXIT = 75
 
 
 class TaskError(RuntimeError):
@@ -17,3 +21,12 @@ class TaskError(RuntimeError):
 
 class FutureLost(RuntimeError):
     """The result of a task is gone (its worker died) and cannot be recomputed."""
+
+
+class WalltimeDrain(KeyboardInterrupt):
+    """The batch job's walltime is about to end; raised in the script's main thread.
+
+    Like KeyboardInterrupt (which it extends), it cancels the computation it interrupts,
+    so the cluster stops starting that work, and `except Exception` does not swallow it.
+    Catch it to save state; left uncaught, the job exits with WALLTIME_DRAIN_EXIT.
+    """

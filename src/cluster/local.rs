@@ -54,6 +54,7 @@ pub async fn run(options: LocalOptions) -> Result<i32, ClusterError> {
         scheduler_file,
         // A local worker that dies has its work redone by the others.
         end_on_worker_loss: false,
+        drain_at: None,
     };
     let outcome = host.run(listener, token, first_exit(&mut workers)).await;
     for worker in &mut workers {

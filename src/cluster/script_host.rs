@@ -9,7 +9,7 @@ use std::future::Future;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -33,6 +33,8 @@ pub struct ScriptHost {
     /// leaves by dying, and MPI cannot go on without it); otherwise its work is redone
     /// elsewhere.
     pub end_on_worker_loss: bool,
+    /// When to drain the job if no SIGUSR1 (the batch system's walltime warning) came first.
+    pub drain_at: Option<SystemTime>,
 }
 
 impl ScriptHost {
@@ -152,7 +154,9 @@ impl ScriptHost {
     }
 
     /// Lets the started script run with the cluster as Dask's default scheduler; SIGINT
-    /// and SIGTERM reach it as SIGINT (a KeyboardInterrupt in Python).
+    /// and SIGTERM reach it as SIGINT (a KeyboardInterrupt in Python). SIGUSR1 (the
+    /// walltime warning) or the drain time reaches it as SIGUSR1, which the script host
+    /// turns into `rankmesh.WalltimeDrain`.
     async fn run_script(
         &self,
         script: PendingScript,
@@ -164,14 +168,34 @@ impl ScriptHost {
             mut go,
             error,
         } = script;
+        let mut warning = signal(SignalKind::user_defined1()).map_err(ClusterError::Signals)?;
+        let drain_timer = async {
+            match self.drain_at {
+                Some(at) => {
+                    let delay = at
+                        .duration_since(SystemTime::now())
+                        .unwrap_or(Duration::ZERO);
+                    tokio::time::sleep(delay).await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(drain_timer);
+        let mut drained = false;
         // A script that already died gets no word; its exit status tells why.
         let _ = go.write_all(GO);
         drop(go);
         let status = loop {
             tokio::select! {
                 status = child.wait() => break status.map_err(&error)?,
-                _ = interrupt.recv() => forward_interrupt(&child),
-                _ = terminate.recv() => forward_interrupt(&child),
+                _ = interrupt.recv() => forward(&child, libc::SIGINT),
+                _ = terminate.recv() => forward(&child, libc::SIGINT),
+                _ = warning.recv() => {
+                    drain(&child, &mut drained, "the batch system's walltime warning (SIGUSR1)");
+                }
+                _ = &mut drain_timer, if !drained => {
+                    drain(&child, &mut drained, "the drain time the job script set");
+                }
             }
         };
         use std::os::unix::process::ExitStatusExt;
@@ -221,12 +245,18 @@ impl PendingScript {
             .env(START_FD_ENV, fd.to_string())
             .env_remove(TOKEN_ENV)
             .kill_on_drop(true);
-        // SAFETY: fcntl is async-signal-safe; in the child it only lets the pipe's read
-        // end survive exec.
+        // SAFETY: fcntl and signal are async-signal-safe; in the child they only let the
+        // pipe's read end survive exec and set one signal's disposition.
         unsafe {
-            command.pre_exec(move || match libc::fcntl(fd, libc::F_SETFD, 0) {
-                -1 => Err(std::io::Error::last_os_error()),
-                _ => Ok(()),
+            command.pre_exec(move || {
+                if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Until the script host installs its handler, a walltime warning must not
+                // kill the script (SIGUSR1's default); an ignored signal stays ignored
+                // across exec.
+                libc::signal(libc::SIGUSR1, libc::SIG_IGN);
+                Ok(())
             });
         }
         let child = command.spawn().map_err(&error)?;
@@ -243,9 +273,19 @@ pub fn default_scheduler_file() -> PathBuf {
     std::env::temp_dir().join(format!("rankmesh-scheduler-{}.json", std::process::id()))
 }
 
-fn forward_interrupt(child: &Child) {
+fn forward(child: &Child, signal: libc::c_int) {
     if let Some(pid) = child.id() {
         // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(pid as i32, libc::SIGINT) };
+        unsafe { libc::kill(pid as i32, signal) };
+    }
+}
+
+/// Tells the script to drain (once): it raises `rankmesh.WalltimeDrain`, its running
+/// computations are cancelled, and it exits with the drain exit code.
+fn drain(child: &Child, drained: &mut bool, why: &str) {
+    if !*drained {
+        *drained = true;
+        eprintln!("rankmesh: walltime near ({why}): draining the job");
+        forward(child, libc::SIGUSR1);
     }
 }

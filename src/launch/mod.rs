@@ -80,6 +80,17 @@ pub fn launcher_rank() -> Option<u32> {
         .find_map(|v| std::env::var(v).ok()?.parse().ok())
 }
 
+/// When the job script sets it (unix seconds), rank 0 drains the job at that time: the
+/// fallback for batch systems that send no warning signal before the walltime (PBS).
+pub const DRAIN_AT_ENV: &str = "RANKMESH_DRAIN_AT";
+
+/// The drain time the job script asked for, if any.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+fn drain_deadline() -> Option<std::time::SystemTime> {
+    let seconds: u64 = std::env::var(DRAIN_AT_ENV).ok()?.trim().parse().ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds))
+}
+
 /// Runs this rank's part of the job; returns the job's exit code (the script's on rank 0).
 pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
     if !under_mpi_launcher() {
@@ -87,6 +98,11 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
             vars: LAUNCHER_VARS.join(", "),
         });
     }
+    // SLURM's walltime warning (`--signal=USR1@T`) reaches every process of the step, and
+    // SIGUSR1 kills by default. Ignored here, it stays ignored in worker ranks and in the
+    // executors they start; rank 0 turns it into a drain once the script runs.
+    // SAFETY: setting a signal disposition has no memory-safety preconditions.
+    unsafe { libc::signal(libc::SIGUSR1, libc::SIG_IGN) };
     #[cfg(feature = "mpi")]
     {
         mpi_job::run(options)

@@ -98,6 +98,7 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
             script,
             scheduler_file,
             end_on_worker_loss: true,
+            drain_at: super::drain_deadline(),
         };
         match runtime.block_on(script_host.run(listener, token, std::future::pending())) {
             Ok(code) => code,

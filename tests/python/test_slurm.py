@@ -1,0 +1,124 @@
+"""`rankmesh submit` against the real local SLURM (scripts/local-slurm.sh): the xarray
+pipeline on 3 tasks, exit codes, cancel and the walltime drain, end to end."""
+
+import json
+
+import numpy as np
+import pytest
+import rankmesh
+from batch_helpers import EXAMPLES, Rankmesh, assert_no_processes_left, require_slurm
+from rankmesh.errors import WALLTIME_DRAIN_EXIT
+
+
+@pytest.fixture(autouse=True)
+def slurm():
+    require_slurm()
+
+
+@pytest.fixture()
+def cli(tmp_path):
+    return Rankmesh(tmp_path)
+
+
+def test_xarray_pipeline_on_three_tasks_matches_threads(cli, tmp_path):
+    from xarray_anomaly import anomaly_pipeline, synthetic_dataset
+
+    (tmp_path / "pipeline.py").write_text(
+        "import sys, numpy as np\n"
+        f"sys.path.insert(0, {str(EXAMPLES)!r})\n"
+        "from xarray_anomaly import anomaly_pipeline, synthetic_dataset\n"
+        "ds = synthetic_dataset(days=400, chunk_days=100, seed=7)\n"
+        "np.save(sys.argv[1], anomaly_pipeline(ds).compute().values)\n"
+    )
+    job = cli.submit("--ntasks-per-node", "3", "--walltime", "10", "pipeline.py", "result.npy")
+    waited = cli("wait", job)
+    assert waited.returncode == 0, cli("logs", job).stdout
+    status = cli.status(job)
+    assert (status["state"], status["exit_code"]) == ("completed", 0)
+    assert "3 workers ready" not in cli("logs", job).stdout  # 3 tasks: scheduler + 2 workers
+    assert "2 workers ready" in cli("logs", job).stdout
+    ours = np.load(tmp_path / "result.npy")
+    ds = synthetic_dataset(days=400, chunk_days=100, seed=7)
+    theirs = anomaly_pipeline(ds).compute(scheduler="threads").values
+    scale = float(np.abs(theirs).max())
+    assert scale > 1e-3
+    assert float(np.abs(ours - theirs).max()) <= 1e-6 * scale
+
+
+def test_a_failing_script_fails_the_job_with_its_exit_code(cli, tmp_path):
+    (tmp_path / "five.py").write_text("import sys\nprint('about to fail')\nsys.exit(5)\n")
+    job = cli.submit("five.py")
+    assert cli("wait", job).returncode == 5
+    status = cli.status(job)
+    assert (status["state"], status["exit_code"]) == ("failed", 5)
+    assert "about to fail" in cli("logs", job).stdout
+    listed = json.loads(cli("jobs", "--json").stdout)
+    assert [(j["id"], j["state"]) for j in listed] == [(job, "failed")]
+
+
+def test_cancel_stops_a_running_job_and_all_its_processes(cli, tmp_path):
+    (tmp_path / "forever.py").write_text(
+        "import time\nprint('started', flush=True)\ntime.sleep(600)\n"
+    )
+    job = cli.submit("--ntasks-per-node", "3", "forever.py")
+    cli.wait_for_output(job, "started")
+    assert cli.status(job)["state"] == "running"
+    cancelled = cli("cancel", job)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cli("wait", job).returncode != 0
+    assert cli.status(job)["state"] == "cancelled"
+    assert_no_processes_left(job)
+
+
+def test_a_job_near_its_walltime_drains_and_exits_with_the_drain_code(tmp_path):
+    # SLURM checks time limits about every 30 s: a 50 s warning on a 1-minute job always
+    # comes before the kill.
+    cli = Rankmesh(tmp_path, '[profile.short]\nwalltime = "1"\ndrain_seconds = 50\n')
+    (tmp_path / "long.py").write_text(
+        "import time, dask.array as da\n"
+        "print('started', flush=True)\n"
+        "while True:\n"
+        "    (da.ones((400, 400), chunks=100) * 2).sum().compute()\n"
+        "    time.sleep(0.2)\n"
+    )
+    job = cli.submit("--profile", "short", "long.py")
+    assert "--signal=USR1@50" in (tmp_path / "state" / f"{job}.sh").read_text()
+    assert cli("wait", job).returncode == WALLTIME_DRAIN_EXIT
+    status = cli.status(job)
+    assert (status["state"], status["exit_code"]) == ("drained", WALLTIME_DRAIN_EXIT)
+    logs = cli("logs", job).stdout
+    assert "rankmesh.errors.WalltimeDrain" in logs
+    assert "Killed" not in logs and "DUE TO TIME LIMIT" not in logs
+    assert_no_processes_left(job)
+
+
+def test_the_python_job_api(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = Rankmesh(tmp_path)
+    for key in ("RANKMESH_STATE_DIR", "RANKMESH_CONFIG"):
+        monkeypatch.setenv(key, cli.env[key])
+    (tmp_path / "three.py").write_text("import sys\nprint('from python')\nsys.exit(3)\n")
+    job = rankmesh.submit("three.py", "x", job_name="api-test", system="slurm")
+    assert "#SBATCH --job-name=api-test" in job.script
+    assert job.wait() == 3
+    assert job.status()["state"] == "failed"
+    assert "from python" in job.logs()
+    (tmp_path / "sleep.py").write_text(
+        "import time\nprint('started', flush=True)\ntime.sleep(600)\n"
+    )
+    sleeper = rankmesh.submit("sleep.py", system="slurm")
+    cli.wait_for_output(sleeper.id, "started")
+    sleeper.cancel()
+    sleeper.wait()
+    assert sleeper.status()["state"] == "cancelled"
+    with pytest.raises(TypeError, match="nodez"):
+        rankmesh.submit("three.py", nodez=2)
+
+
+def test_an_unknown_partition_shows_sbatchs_refusal_and_a_hint(cli, tmp_path):
+    (tmp_path / "ok.py").write_text("pass\n")
+    result = cli("submit", "--partition", "nosuchpartition", "ok.py")
+    assert result.returncode == 1
+    assert "sbatch: error: invalid partition specified: nosuchpartition" in result.stderr
+    assert "hint:" in result.stderr
+    assert list((tmp_path / "state").glob("*.json")) == []
