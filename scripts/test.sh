@@ -25,6 +25,16 @@ export CARGO_TARGET_DIR=$ROOT/target
 # The PyO3 crate builds against the venv's interpreter (it has no Rust test binary).
 export PYO3_PYTHON=$VENV/bin/python
 
+stage "local SLURM (scripts/local-slurm.sh start; stopped again when this script ends)"
+# The batch-system tests (tests/python/test_slurm*.py, test_pbs*.py) submit to a real
+# one-node SLURM; they skip with a reason without it, and fail when CI=true.
+if [ "$(id -u)" = 0 ]; then
+  trap 'bash "$ROOT/scripts/local-slurm.sh" stop' EXIT
+  bash scripts/local-slurm.sh start
+else
+  echo "[test] not root: no local SLURM, the batch-system tests will skip"
+fi
+
 stage "cargo fmt --check"
 cargo fmt --all -- --check
 

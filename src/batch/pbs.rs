@@ -77,9 +77,7 @@ pub fn parse_qstat_full(text: &str) -> Vec<JobStatus> {
             continue;
         };
         match line.trim().split_once(" = ") {
-            Some((key, value)) if line.starts_with("    ") || !line.starts_with('\t') => {
-                fields.push((key.trim().into(), value.trim().into()))
-            }
+            Some((key, value)) if is_key(key) => fields.push((key.into(), value.trim().into())),
             _ if !line.trim().is_empty() => {
                 if let Some((_, value)) = fields.last_mut() {
                     value.push_str(line.trim());
@@ -90,6 +88,13 @@ pub fn parse_qstat_full(text: &str) -> Vec<JobStatus> {
     }
     jobs.extend(current.map(|(id, fields)| to_status(id, &fields)));
     jobs
+}
+
+/// `job_state`, `Resource_List.walltime`: a key, not a wrapped value's next piece.
+fn is_key(text: &str) -> bool {
+    let mut chars = text.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
 }
 
 fn to_status(id: String, fields: &[(String, String)]) -> JobStatus {

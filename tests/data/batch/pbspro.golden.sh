@@ -1,0 +1,25 @@
+#!/bin/bash
+# Rendered by `rankmesh submit` from jobscripts/pbs.sh.j2.
+#PBS -N rankmesh
+#PBS -l select=2:ncpus=4:mpiprocs=4:mem=32gb:ngpus=1
+#PBS -l walltime=06:00:00
+#PBS -q workq
+#PBS -A proj123
+#PBS -j oe
+#PBS -o /home/alice/project/rankmesh-1700000000-4242.out
+
+cd /home/alice/project || exit 1
+module load openmpi
+
+# PBS sends no warning before the walltime: rankmesh drains by itself at this time
+# (300 s before the end) and exits with 75.
+export RANKMESH_DRAIN_AT=$(( $(date +%s) + 21600 - 300 ))
+# Open MPI refuses to run as root unless told (containers, test machines).
+if [ "$(id -u)" = 0 ]; then
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+fi
+mpiexec -n 8 --bind-to none \
+  /opt/rankmesh/bin/rankmesh run --python /home/alice/.venv/bin/python3 /home/alice/project/analysis.py --year '2020 2021'
+code=$?
+echo "$code" > /home/alice/.local/state/rankmesh/jobs/"$PBS_JOBID".exit
+exit "$code"

@@ -1,0 +1,20 @@
+#!/bin/bash
+# Rendered by `rankmesh submit` from jobscripts/slurm.sh.j2.
+#SBATCH --job-name=climatology
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=2
+#SBATCH --time=04:00:00
+#SBATCH --output=/home/alice/project/climatology-%j.out
+# SIGUSR1 to every task 600 s before the walltime: rankmesh drains the job
+# and exits with 75 instead of being killed mid-write.
+#SBATCH --signal=USR1@600
+
+cd /home/alice/project || exit 1
+eval "$(conda shell.bash hook)"
+conda activate pangeo
+
+srun --mpi=pmi2 --cpu-bind=none \
+  /opt/rankmesh/bin/rankmesh run --python python3 /home/alice/project/analysis.py --year '2020 2021'
+code=$?
+echo "$code" > /home/alice/.local/state/rankmesh/jobs/"$SLURM_JOB_ID".exit
+exit "$code"

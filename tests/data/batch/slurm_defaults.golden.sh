@@ -1,0 +1,18 @@
+#!/bin/bash
+# Rendered by `rankmesh submit` from jobscripts/slurm.sh.j2.
+#SBATCH --job-name=rankmesh
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=2
+#SBATCH --time=01:00:00
+#SBATCH --output=/home/alice/project/rankmesh-%j.out
+# SIGUSR1 to every task 300 s before the walltime: rankmesh drains the job
+# and exits with 75 instead of being killed mid-write.
+#SBATCH --signal=USR1@300
+
+cd /home/alice/project || exit 1
+
+srun --mpi=pmix --cpu-bind=none \
+  /opt/rankmesh/bin/rankmesh run --python /home/alice/.venv/bin/python3 /home/alice/project/analysis.py --year '2020 2021'
+code=$?
+echo "$code" > /home/alice/.local/state/rankmesh/jobs/"$SLURM_JOB_ID".exit
+exit "$code"

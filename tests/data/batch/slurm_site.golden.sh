@@ -1,0 +1,29 @@
+#!/bin/bash
+# Rendered by `rankmesh submit` from jobscripts/slurm.sh.j2.
+#SBATCH --job-name=rankmesh
+#SBATCH --nodes=4
+#SBATCH --ntasks-per-node=8
+#SBATCH --cpus-per-task=2
+#SBATCH --mem=64G
+#SBATCH --gpus-per-node=2
+#SBATCH --time=48:00:00
+#SBATCH --partition=compute
+#SBATCH --account=proj123
+#SBATCH --qos=normal
+#SBATCH --output=/home/alice/project/logs/run-%j.out
+# SIGUSR1 to every task 300 s before the walltime: rankmesh drains the job
+# and exits with 75 instead of being killed mid-write.
+#SBATCH --signal=USR1@300
+
+cd /home/alice/project || exit 1
+module load gcc/12
+module load openmpi/4.1.5
+source /home/alice/venvs/rankmesh/bin/activate
+export OMP_NUM_THREADS=2
+ulimit -n 8192
+
+srun --mpi=pmix --cpu-bind=none \
+  /opt/rankmesh/bin/rankmesh run --python python3 /home/alice/project/analysis.py --year '2020 2021'
+code=$?
+echo "$code" > /home/alice/.local/state/rankmesh/jobs/"$SLURM_JOB_ID".exit
+exit "$code"

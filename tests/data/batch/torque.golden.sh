@@ -1,0 +1,22 @@
+#!/bin/bash
+# Rendered by `rankmesh submit` from jobscripts/pbs.sh.j2.
+#PBS -N rankmesh
+#PBS -l nodes=3:ppn=2
+#PBS -l walltime=00:30:00
+#PBS -j oe
+#PBS -o /home/alice/project/rankmesh-1700000000-4242.out
+
+cd /home/alice/project || exit 1
+
+# PBS sends no warning before the walltime: rankmesh drains by itself at this time
+# (300 s before the end) and exits with 75.
+export RANKMESH_DRAIN_AT=$(( $(date +%s) + 1800 - 300 ))
+# Open MPI refuses to run as root unless told (containers, test machines).
+if [ "$(id -u)" = 0 ]; then
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+fi
+mpirun -n 6 --bind-to none \
+  /opt/rankmesh/bin/rankmesh run --python /home/alice/.venv/bin/python3 /home/alice/project/analysis.py --year '2020 2021'
+code=$?
+echo "$code" > /home/alice/.local/state/rankmesh/jobs/"$PBS_JOBID".exit
+exit "$code"
