@@ -1,6 +1,7 @@
 //! Golden job scripts: each profile in tests/data/batch/profiles.toml rendered for one
 //! script, compared with tests/data/batch/NAME.golden.sh. After an intended template
 //! change: `UPDATE_GOLDEN=1 cargo test --test batch_golden`, then review the diff.
+#![allow(clippy::unwrap_used)] // test helpers: a failed setup should panic loudly
 
 use rankmesh::batch::render::SubmitEnv;
 use rankmesh::batch::{render, Config, JobSpec, Profile, System};

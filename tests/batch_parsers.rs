@@ -1,6 +1,7 @@
 //! The batch systems' outputs, parsed: squeue, scontrol and qstat through Debian's
 //! slurm-wlm-torque recorded from the local SLURM (scripts/local-slurm.sh); sacct, PBS Pro's
 //! and Torque's `qstat -f` written in the formats their documentation shows.
+#![allow(clippy::unwrap_used)] // test helpers: a failed setup should panic loudly
 
 use rankmesh::batch::pbs::parse_qstat_full;
 use rankmesh::batch::slurm::{parse_sacct, parse_sbatch, parse_scontrol, parse_squeue};
