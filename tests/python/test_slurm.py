@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import rankmesh
-from batch_helpers import EXAMPLES, Rankmesh, assert_no_processes_left, require_slurm
+from batch_helpers import ROOT, Rankmesh, assert_no_processes_left, require_slurm
 from rankmesh.errors import WALLTIME_DRAIN_EXIT
 
 
@@ -23,20 +23,14 @@ def cli(tmp_path):
 def test_xarray_pipeline_on_three_tasks_matches_threads(cli, tmp_path):
     from xarray_anomaly import anomaly_pipeline, synthetic_dataset
 
-    (tmp_path / "pipeline.py").write_text(
-        "import sys, numpy as np\n"
-        f"sys.path.insert(0, {str(EXAMPLES)!r})\n"
-        "from xarray_anomaly import anomaly_pipeline, synthetic_dataset\n"
-        "ds = synthetic_dataset(days=400, chunk_days=100, seed=7)\n"
-        "np.save(sys.argv[1], anomaly_pipeline(ds).compute().values)\n"
-    )
-    job = cli.submit("--ntasks-per-node", "3", "--walltime", "10", "pipeline.py", "result.npy")
+    example = ROOT / "jobscripts" / "examples" / "xarray_job.py"
+    job = cli.submit("--ntasks-per-node", "3", "--walltime", "10", str(example), "result.npy")
     waited = cli("wait", job)
-    assert waited.returncode == 0, cli("logs", job).stdout
+    logs = cli("logs", job).stdout
+    assert waited.returncode == 0, logs
     status = cli.status(job)
     assert (status["state"], status["exit_code"]) == ("completed", 0)
-    assert "3 workers ready" not in cli("logs", job).stdout  # 3 tasks: scheduler + 2 workers
-    assert "2 workers ready" in cli("logs", job).stdout
+    assert "2 workers ready" in logs  # 3 tasks: the scheduler and 2 workers
     ours = np.load(tmp_path / "result.npy")
     ds = synthetic_dataset(days=400, chunk_days=100, seed=7)
     theirs = anomaly_pipeline(ds).compute(scheduler="threads").values

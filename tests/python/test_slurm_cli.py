@@ -4,7 +4,9 @@
 import json
 
 import pytest
-from batch_helpers import Rankmesh
+from batch_helpers import ROOT, Rankmesh
+
+EXAMPLE_JOB = ROOT / "jobscripts" / "examples" / "xarray_job.py"
 
 SITE = """
 default_profile = "short"
@@ -130,3 +132,12 @@ def test_python_dry_run_returns_the_script():
 
     with pytest.raises(rankmesh.BatchError, match="does not exist"):
         rankmesh.submit("missing.py", system="slurm", dry_run=True)
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu", "conda", "pbspro", "torque", "local"])
+def test_the_example_profiles_render(tmp_path, profile):
+    cli = Rankmesh(tmp_path, (ROOT / "jobscripts" / "examples" / "config.toml").read_text())
+    result = cli("submit", "--dry-run", "--profile", profile, str(EXAMPLE_JOB), "out.npy")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("#!/bin/bash\n")
+    assert f"{EXAMPLE_JOB} out.npy" in result.stdout
