@@ -67,9 +67,18 @@ impl Jobs {
         std::fs::write(&path, text).map_err(|source| BatchError::File { path, source })
     }
 
+    /// The record of job `id`; a PBS id may be given without its server (`1234` for
+    /// `1234.server`), as users type it.
     pub fn load(&self, id: &str) -> Option<JobRecord> {
-        let text = std::fs::read_to_string(self.file(id, "json").ok()?).ok()?;
-        serde_json::from_str(&text).ok()
+        let exact = || {
+            let text = std::fs::read_to_string(self.file(id, "json").ok()?).ok()?;
+            serde_json::from_str(&text).ok()
+        };
+        exact().or_else(|| {
+            self.list()
+                .into_iter()
+                .find(|r| r.id.split_once('.').is_some_and(|(number, _)| number == id))
+        })
     }
 
     /// Every recorded job, oldest first.
@@ -104,6 +113,7 @@ impl Jobs {
     /// The job's status: the batch system's word, completed by what the records know.
     pub fn status(&self, id: &str, system: Option<System>) -> Result<JobStatus, BatchError> {
         let record = self.load(id);
+        let id = record.as_ref().map_or(id, |r| r.id.as_str());
         let system = match (record.as_ref(), system) {
             (Some(record), _) => record.system,
             (None, Some(system)) => system,
@@ -158,11 +168,22 @@ impl Jobs {
     /// Cancels the job and records that rankmesh did.
     pub fn cancel(&self, id: &str, system: Option<System>) -> Result<(), BatchError> {
         let mut record = self.load(id);
+        let full_id = record.as_ref().map(|r| r.id.clone());
+        let id = full_id.as_deref().unwrap_or(id);
         let system = match (record.as_ref(), system) {
             (Some(record), _) => record.system,
             (None, Some(system)) => system,
             (None, None) => System::detect()?,
         };
+        // scancel and qdel accept ended jobs silently; the record must not then call a
+        // failed job cancelled.
+        let status = self.status(id, Some(system))?;
+        if status.state.is_final() {
+            return Err(BatchError::AlreadyEnded {
+                id: id.into(),
+                state: status.state.to_string(),
+            });
+        }
         match system {
             System::Slurm => slurm::cancel(id)?,
             System::Pbs => pbs::cancel(id)?,
@@ -215,5 +236,60 @@ impl Jobs {
         };
         self.save(&record)?;
         Ok(record)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, submitted: u64) -> JobRecord {
+        JobRecord {
+            id: id.into(),
+            system: System::Pbs,
+            name: "rankmesh".into(),
+            output: "/tmp/out".into(),
+            script: "/tmp/job.sh".into(),
+            submitted,
+            cancelled: false,
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_list_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = Jobs {
+            dir: dir.path().into(),
+        };
+        jobs.save(&record("20.server", 20)).unwrap();
+        jobs.save(&record("10.server", 10)).unwrap();
+        assert_eq!(jobs.load("20.server"), Some(record("20.server", 20)));
+        assert_eq!(jobs.load("30.server"), None);
+        assert_eq!(jobs.load("20"), Some(record("20.server", 20)));
+        let ids: Vec<String> = jobs.list().into_iter().map(|r| r.id).collect();
+        assert_eq!(ids, ["10.server", "20.server"]);
+    }
+
+    #[test]
+    fn the_exit_code_file_is_read_as_the_job_script_writes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = Jobs {
+            dir: dir.path().into(),
+        };
+        std::fs::write(dir.path().join("7.exit"), "75\n").unwrap();
+        assert_eq!(jobs.exit_code("7"), Some(75));
+        assert_eq!(jobs.exit_code("8"), None);
+    }
+
+    #[test]
+    fn ids_that_are_paths_are_no_jobs_of_ours() {
+        let jobs = Jobs { dir: "/tmp".into() };
+        for id in ["../etc/passwd", "", ".hidden", "a/b"] {
+            assert!(
+                matches!(jobs.file(id, "json"), Err(BatchError::UnknownJob(_))),
+                "{id}"
+            );
+            assert_eq!(jobs.load(id), None);
+        }
     }
 }

@@ -121,6 +121,8 @@ pub enum BatchError {
     Parse { command: String, detail: String },
     #[error("job {0} is unknown: neither the batch system nor rankmesh's job records know it")]
     UnknownJob(String),
+    #[error("job {id} has already ended ({state}): nothing to cancel")]
+    AlreadyEnded { id: String, state: String },
     #[error("{0}")]
     Config(String),
     #[error("cannot render the job script: {0}")]

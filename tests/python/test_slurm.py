@@ -105,6 +105,9 @@ def test_the_python_job_api(tmp_path, monkeypatch):
     sleeper.cancel()
     sleeper.wait()
     assert sleeper.status()["state"] == "cancelled"
+    with pytest.raises(rankmesh.BatchError, match="has already ended \\(failed\\)"):
+        job.cancel()
+    assert job.status()["state"] == "failed"  # still: the record was not marked cancelled
     with pytest.raises(TypeError, match="nodez"):
         rankmesh.submit("three.py", nodez=2)
 
