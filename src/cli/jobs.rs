@@ -81,11 +81,13 @@ impl SystemArg {
 
 #[derive(Args, Debug)]
 pub struct SubmitArgs {
+    /// Nodes to allocate.
     #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..))]
     nodes: Option<u32>,
     /// MPI tasks (rankmesh ranks) per node; rank 0 is the scheduler, the others workers.
     #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..))]
     ntasks_per_node: Option<u32>,
+    /// CPUs per task (threads each rank may use).
     #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..))]
     cpus_per_task: Option<u32>,
     /// Memory per node, as the batch system writes it (e.g. 16G).
@@ -97,13 +99,16 @@ pub struct SubmitArgs {
     /// SLURM partition or PBS queue.
     #[arg(long, visible_alias = "queue")]
     partition: Option<String>,
+    /// The account (allocation) to charge.
     #[arg(long)]
     account: Option<String>,
+    /// SLURM quality of service.
     #[arg(long)]
     qos: Option<String>,
     /// GPUs per node.
     #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(u32))]
     gpus: Option<u32>,
+    /// The job's name in the queue (default: rankmesh).
     #[arg(long)]
     job_name: Option<String>,
     /// The job's output file (SLURM expands %j to the job id).
@@ -112,6 +117,7 @@ pub struct SubmitArgs {
     /// A profile from the config file (default: its default_profile).
     #[arg(long)]
     profile: Option<String>,
+    /// The batch system (auto: sbatch on PATH means SLURM, else qsub means PBS).
     #[arg(long, value_parser = ["slurm", "pbs", "auto"])]
     system: Option<String>,
     /// Print the job script; submit nothing.
