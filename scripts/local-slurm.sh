@@ -25,9 +25,8 @@ log() { echo "[local-slurm] $*" >&2; }
 die() { echo "[local-slurm] error: $*" >&2; exit 1; }
 
 alive() { # $1 = pid file; a zombie (exited, not yet reaped) counts as dead
-  [ -s "$1" ] || return 1
   local pid
-  pid=$(cat "$1")
+  pid=$(cat "$1" 2>/dev/null) && [ -n "$pid" ] || return 1  # a daemon removes it on exit
   kill -0 "$pid" 2>/dev/null && ! grep -qs '^State:[[:space:]]*Z' "/proc/$pid/status"
 }
 
