@@ -65,6 +65,8 @@ pub async fn run(options: LocalOptions) -> Result<i32, ClusterError> {
             let _ = worker.kill().await;
         }
     }
+    // A worker that had to be killed left its shared-memory folder behind.
+    crate::worker::store::sweep_dead(crate::worker::store::WORKER_SHM_PREFIX);
     outcome
 }
 

@@ -123,13 +123,51 @@ pub struct ShmDir {
     pool: Arc<SegmentPool>,
 }
 
+/// Workers' shared-memory folders are named `{WORKER_SHM_PREFIX}-{pid}-{random}`.
+pub const WORKER_SHM_PREFIX: &str = "rankmesh";
+
+fn shm_base() -> PathBuf {
+    if Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+/// Removes this user's `{prefix}-{pid}-*` folders whose process is gone. A worker killed
+/// outright (SIGKILL, the OOM killer, a launcher ending the job) cannot clean up, and on
+/// a shared node its objects would hold memory across jobs.
+pub fn sweep_dead(prefix: &str) {
+    use std::os::unix::fs::MetadataExt;
+    // Without /proc every process would look dead.
+    let (Ok(entries), true) = (
+        std::fs::read_dir(shm_base()),
+        Path::new("/proc/self").exists(),
+    ) else {
+        return;
+    };
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix)?.strip_prefix('-')?.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        let mine = entry.metadata().is_ok_and(|m| m.is_dir() && m.uid() == me);
+        if let (Some(pid), true) = (pid, mine) {
+            if !Path::new("/proc").join(pid.to_string()).exists() {
+                tracing::info!(folder = %entry.path().display(), "removing a dead worker's objects");
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
 impl ShmDir {
     pub fn create(prefix: &str) -> std::io::Result<ShmDir> {
-        let base = if Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        };
+        sweep_dead(prefix);
+        let base = shm_base();
         let mut suffix = [0u8; 6];
         getrandom::fill(&mut suffix).map_err(|e| std::io::Error::other(e.to_string()))?;
         let name: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
@@ -417,6 +455,23 @@ mod tests {
         let mut seen = Vec::new();
         std::io::Read::read_to_end(&mut &executor, &mut seen).unwrap();
         assert!(seen.iter().all(|&b| b == 1));
+    }
+
+    #[test]
+    fn folders_of_dead_processes_are_swept_and_live_ones_kept() {
+        let prefix = "rankmesh-sweeptest";
+        let base = shm_base();
+        // No process has this pid (above Linux's largest pid_max).
+        let dead = base.join(format!("{prefix}-4294967295-aa"));
+        let live = base.join(format!("{prefix}-{}-bb", std::process::id()));
+        for folder in [&dead, &live] {
+            std::fs::create_dir_all(folder).unwrap();
+            std::fs::write(folder.join("in-0"), b"x").unwrap();
+        }
+        sweep_dead(prefix);
+        assert!(!dead.exists());
+        assert!(live.join("in-0").exists());
+        std::fs::remove_dir_all(&live).unwrap();
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use super::executor::{
     Executor, ExecutorEvent, PythonExecutor, PythonExecutorConfig, ShellExecutor,
 };
-use super::store::{Object, ShmDir, Store};
+use super::store::{Object, ShmDir, Store, WORKER_SHM_PREFIX};
 use crate::protocol::{
     ComputeTask, ErrorInfo, FrameReader, FromWorker, FuncId, FunctionBlob, ObjectRef, Role,
     RunTask, TaskDone, TaskId, TaskOutcome, ToWorker, Token, WorkerId, WorkerInfo,
@@ -85,7 +85,7 @@ pub async fn run_with(
     transport: Arc<dyn Transport>,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
-    let shm = Arc::new(ShmDir::create("rankmesh")?);
+    let shm = Arc::new(ShmDir::create(WORKER_SHM_PREFIX)?);
     let socket_dir = tempfile::Builder::new()
         .prefix("rankmesh-worker-")
         .tempdir()?;
