@@ -1,9 +1,10 @@
 //! The batch systems' outputs, parsed: squeue, scontrol and qstat through Debian's
 //! slurm-wlm-torque recorded from the local SLURM (scripts/local-slurm.sh); sacct, PBS Pro's
-//! and Torque's `qstat -f` written in the formats their documentation shows.
+//! and Torque's `qstat -f` (and Torque's XML `qstat -x`) written in the formats their
+//! documentation shows.
 #![allow(clippy::unwrap_used)] // test helpers: a failed setup should panic loudly
 
-use rankmesh::batch::pbs::parse_qstat_full;
+use rankmesh::batch::pbs::{parse_qstat_full, parse_qstat_xml};
 use rankmesh::batch::slurm::{parse_sacct, parse_sbatch, parse_scontrol, parse_squeue};
 use rankmesh::batch::{JobState, JobStatus};
 
@@ -132,6 +133,19 @@ fn torque_qstat_f_completed_and_held() {
         ]
     );
     assert_eq!(jobs[0].nodes.as_deref(), Some("n001/0-3+n002/0-3"));
+}
+
+#[test]
+fn torque_qstat_x_xml_says_what_qstat_f_says() {
+    // The same two jobs as torque_qstat_f.txt, in the XML Torque prints for `qstat -x`.
+    let xml = parse_qstat_xml(&data("torque_qstat_x.xml")).unwrap();
+    let text = parse_qstat_full(&data("torque_qstat_f.txt"));
+    assert_eq!(summary(&xml), summary(&text));
+    assert_eq!(xml[0].elapsed.as_deref(), Some("00:00:31"));
+    assert_eq!(xml[0].nodes.as_deref(), Some("n001/0-3+n002/0-3"));
+    assert_eq!(xml[1].name.as_deref(), Some("held"));
+    let broken = parse_qstat_xml("<Data><Job><Job_Id>1</Job_Id>").unwrap_err();
+    assert!(broken.to_string().contains("qstat -x"), "{broken}");
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! PBS (PBS Pro / OpenPBS, Torque) through qsub, qstat and qdel. `qstat -f` describes queued,
 //! running and (Torque, for keep_completed seconds) completed jobs; PBS Pro shows finished
-//! jobs only with `-x` (job history).
+//! jobs only with `-x` (job history). Torque's `-x` means something else: XML output.
 
 use super::state::{JobState, JobStatus};
 use super::tool;
@@ -42,10 +42,12 @@ pub fn status(id: &str) -> Result<Option<JobStatus>, BatchError> {
     for args in [&["-f", id][..], &["-x", "-f", id][..]] {
         let run = tool::run("qstat", args)?;
         if run.ok() {
-            if let Some(status) = parse_qstat_full(&run.stdout)
-                .into_iter()
-                .find(|s| same_job(&s.id, id))
-            {
+            let jobs = if run.stdout.trim_start().starts_with('<') {
+                parse_qstat_xml(&run.stdout)?
+            } else {
+                parse_qstat_full(&run.stdout)
+            };
+            if let Some(status) = jobs.into_iter().find(|s| same_job(&s.id, id)) {
                 return Ok(Some(status));
             }
         }
@@ -88,6 +90,38 @@ pub fn parse_qstat_full(text: &str) -> Vec<JobStatus> {
     }
     jobs.extend(current.map(|(id, fields)| to_status(id, &fields)));
     jobs
+}
+
+/// Torque's `qstat -x` output: `<Data><Job><Job_Id>…</Job_Id><job_state>C</job_state>
+/// <resources_used><walltime>…</walltime></resources_used>…</Job></Data>`. Nested
+/// elements become the dotted keys of `qstat -f` (`resources_used.walltime`).
+pub fn parse_qstat_xml(text: &str) -> Result<Vec<JobStatus>, BatchError> {
+    let document = roxmltree::Document::parse(text).map_err(|e| BatchError::Parse {
+        command: "qstat -x".into(),
+        detail: e.to_string(),
+    })?;
+    let jobs = document
+        .root_element()
+        .children()
+        .filter(|n| n.has_tag_name("Job"))
+        .filter_map(|job| {
+            let mut fields = Vec::new();
+            for field in job.children().filter(|n| n.is_element()) {
+                let name = field.tag_name().name();
+                let nested: Vec<_> = field.children().filter(|n| n.is_element()).collect();
+                if nested.is_empty() {
+                    fields.push((name.to_string(), field.text().unwrap_or("").trim().into()));
+                }
+                for inner in nested {
+                    let value = inner.text().unwrap_or("").trim().to_string();
+                    fields.push((format!("{name}.{}", inner.tag_name().name()), value));
+                }
+            }
+            let id = fields.iter().find(|(k, _)| k == "Job_Id")?.1.clone();
+            Some(to_status(id, &fields))
+        })
+        .collect();
+    Ok(jobs)
 }
 
 /// `job_state`, `Resource_List.walltime`: a key, not a wrapped value's next piece.
