@@ -5,6 +5,7 @@
 use super::{ClusterError, SchedulerFile, SCHEDULER_FILE_ENV};
 use crate::protocol::{Token, WorkerInfo, TOKEN_ENV};
 use crate::scheduler::server;
+use std::cell::Cell;
 use std::future::Future;
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -104,6 +105,9 @@ impl ScriptHost {
             path.display()
         );
         let ready = registered.borrow_and_update().clone();
+        // Set once the job is being stopped (SIGINT, SIGTERM): workers leaving is then
+        // expected (scancel signals every rank), not a loss to end the job over.
+        let stopping = Cell::new(false);
         let serve_or_run = async {
             match script {
                 None => {
@@ -114,14 +118,14 @@ impl ScriptHost {
                     Ok(0)
                 }
                 Some(script) => {
-                    self.run_script(script, &mut interrupt, &mut terminate)
+                    self.run_script(script, &mut interrupt, &mut terminate, &stopping)
                         .await
                 }
             }
         };
         let code = tokio::select! {
             code = serve_or_run => code,
-            lost = self.worker_loss(registered, ready) => Err(lost),
+            lost = self.worker_loss(registered, ready, &stopping) => Err(lost),
         };
         let _ = std::fs::remove_file(&path);
         code
@@ -133,10 +137,11 @@ impl ScriptHost {
         &self,
         mut registered: watch::Receiver<Vec<WorkerInfo>>,
         ready: Vec<WorkerInfo>,
+        stopping: &Cell<bool>,
     ) -> ClusterError {
         if self.end_on_worker_loss {
             // An error means the scheduler is gone, which the script's end explains.
-            while registered.changed().await.is_ok() {
+            while registered.changed().await.is_ok() && !stopping.get() {
                 let now = registered.borrow_and_update();
                 if let Some(gone) = ready.iter().find(|w| now.iter().all(|n| n.id != w.id)) {
                     return ClusterError::WorkerLost {
@@ -162,6 +167,7 @@ impl ScriptHost {
         script: PendingScript,
         interrupt: &mut Signal,
         terminate: &mut Signal,
+        stopping: &Cell<bool>,
     ) -> Result<i32, ClusterError> {
         let PendingScript {
             mut child,
@@ -188,8 +194,8 @@ impl ScriptHost {
         let status = loop {
             tokio::select! {
                 status = child.wait() => break status.map_err(&error)?,
-                _ = interrupt.recv() => forward(&child, libc::SIGINT),
-                _ = terminate.recv() => forward(&child, libc::SIGINT),
+                _ = interrupt.recv() => stop(&child, stopping),
+                _ = terminate.recv() => stop(&child, stopping),
                 _ = warning.recv() => {
                     drain(&child, &mut drained, "the batch system's walltime warning (SIGUSR1)");
                 }
@@ -271,6 +277,12 @@ const GO: &[u8] = b"go";
 /// Where a cluster's scheduler file goes unless told: the temp folder.
 pub fn default_scheduler_file() -> PathBuf {
     std::env::temp_dir().join(format!("rankmesh-scheduler-{}.json", std::process::id()))
+}
+
+/// The job is being stopped: the script gets SIGINT (a KeyboardInterrupt in Python).
+fn stop(child: &Child, stopping: &Cell<bool>) {
+    stopping.set(true);
+    forward(child, libc::SIGINT);
 }
 
 fn forward(child: &Child, signal: libc::c_int) {

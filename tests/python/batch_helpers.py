@@ -105,4 +105,5 @@ def assert_no_processes_left(job: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while job_processes(job) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert job_processes(job) == [], f"processes of job {job} outlived it"
+    left = job_processes(job)
+    assert left == [], f"processes of job {job} outlived it: {left}"
