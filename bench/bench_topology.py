@@ -22,6 +22,8 @@ import sys
 import tempfile
 import time
 
+from _mpi import mpirun_base
+
 EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples")
 
 JOB = """
@@ -46,16 +48,6 @@ with rankmesh.Client() as client:
     workers = sorted(set(client.gather(client.map(where, range({probes})))))
 print(json.dumps({{"seconds": seconds, "workers": workers}}), flush=True)
 """
-
-
-def mpirun_base(np: int) -> list[str]:
-    mpirun = shutil.which("mpirun")
-    if mpirun is None:
-        sys.exit("mpirun not found (install openmpi-bin)")
-    base = [mpirun, "--oversubscribe", "--bind-to", "none", "-np", str(np)]
-    if os.geteuid() == 0:
-        base.insert(1, "--allow-run-as-root")
-    return base
 
 
 def run_job(command: list[str], timeout: float) -> dict:

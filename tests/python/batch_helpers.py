@@ -18,6 +18,14 @@ from rankmesh.cluster import find_binary
 BINARY = find_binary()
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
+# A job script that keeps a cluster busy with small Dask computations until stopped.
+COMPUTES_FOREVER = (
+    "import time, dask.array as da\n"
+    "print('started', flush=True)\n"
+    "while True:\n"
+    "    (da.ones((400, 400), chunks=100) * 2).sum().compute()\n"
+    "    time.sleep(0.2)\n"
+)
 
 
 def slurm_problem() -> str | None:

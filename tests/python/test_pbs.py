@@ -3,7 +3,7 @@ submit to and query the same local SLURM. This proves rankmesh's qsub/qstat/qdel
 the PBS job script and mpirun launch; not a real PBS server (see docs/pbs.md)."""
 
 import pytest
-from batch_helpers import Rankmesh, assert_no_processes_left, require_slurm
+from batch_helpers import COMPUTES_FOREVER, Rankmesh, assert_no_processes_left, require_slurm
 from rankmesh.errors import WALLTIME_DRAIN_EXIT
 
 # The wrapper understands Torque's `-l nodes=N:ppn=M`; mpirun reads the allocation.
@@ -55,13 +55,7 @@ def test_qdel_cancels_a_running_pbs_job(cli, tmp_path):
 def test_a_pbs_job_drains_itself_before_its_walltime(cli, tmp_path):
     # PBS sends no warning signal: rank 0 drains at the time the job script computes.
     cli.config.write_text(TORQUE + 'walltime = "1"\ndrain_seconds = 50\n')
-    (tmp_path / "long.py").write_text(
-        "import time, dask.array as da\n"
-        "print('started', flush=True)\n"
-        "while True:\n"
-        "    (da.ones((400, 400), chunks=100) * 2).sum().compute()\n"
-        "    time.sleep(0.2)\n"
-    )
+    (tmp_path / "long.py").write_text(COMPUTES_FOREVER)
     job = cli.submit("--profile", "torque", "long.py")
     assert cli("wait", job).returncode == WALLTIME_DRAIN_EXIT
     status = cli.status(job)

@@ -6,7 +6,13 @@ import json
 import numpy as np
 import pytest
 import rankmesh
-from batch_helpers import ROOT, Rankmesh, assert_no_processes_left, require_slurm
+from batch_helpers import (
+    COMPUTES_FOREVER,
+    ROOT,
+    Rankmesh,
+    assert_no_processes_left,
+    require_slurm,
+)
 from rankmesh.errors import WALLTIME_DRAIN_EXIT
 
 
@@ -68,13 +74,7 @@ def test_a_job_near_its_walltime_drains_and_exits_with_the_drain_code(tmp_path):
     # SLURM checks time limits about every 30 s: a 50 s warning on a 1-minute job always
     # comes before the kill.
     cli = Rankmesh(tmp_path, '[profile.short]\nwalltime = "1"\ndrain_seconds = 50\n')
-    (tmp_path / "long.py").write_text(
-        "import time, dask.array as da\n"
-        "print('started', flush=True)\n"
-        "while True:\n"
-        "    (da.ones((400, 400), chunks=100) * 2).sum().compute()\n"
-        "    time.sleep(0.2)\n"
-    )
+    (tmp_path / "long.py").write_text(COMPUTES_FOREVER)
     job = cli.submit("--profile", "short", "long.py")
     assert "--signal=USR1@50" in (tmp_path / "state" / f"{job}.sh").read_text()
     assert cli("wait", job).returncode == WALLTIME_DRAIN_EXIT
