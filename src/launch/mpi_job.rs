@@ -15,6 +15,7 @@ use crate::worker::{self, ExecutorKind, WorkerConfig};
 use mpi::traits::{Communicator, CommunicatorCollectives, Root};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 
 /// What rank 0 tells the others.
@@ -168,8 +169,33 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
         0
     };
     drop(runtime);
+    exit_if_finalize_hangs(rank, code);
     drop(universe); // MPI_Finalize
     Ok(code)
+}
+
+/// How long MPI_Finalize may take before this rank exits without it.
+const FINALIZE_DEADLINE: Duration = Duration::from_secs(20);
+
+/// MPI_Finalize waits for every rank: one that is stuck (stopped, in a driver, on a dead
+/// file system) would hold the whole job until its walltime. Past the deadline this rank
+/// exits without finalizing, and the launcher ends the job.
+fn exit_if_finalize_hangs(rank: i32, code: i32) {
+    let watchdog = std::thread::Builder::new()
+        .name("rankmesh-finalize".into())
+        .spawn(move || {
+            std::thread::sleep(FINALIZE_DEADLINE);
+            eprintln!(
+                "rankmesh: error: rank {rank}: MPI_Finalize did not return within \
+                 {FINALIZE_DEADLINE:?} (another rank is stuck?); exiting without it"
+            );
+            // SAFETY: _exit ends the process at once; nothing this thread holds must be
+            // released first, and atexit handlers could wait on MPI themselves.
+            unsafe { libc::_exit(if code == 0 { 1 } else { code }) }
+        });
+    if let Err(e) = watchdog {
+        tracing::warn!("no finalize watchdog: {e}");
+    }
 }
 
 /// This rank's index among the worker ranks on its node (those sharing memory with it),

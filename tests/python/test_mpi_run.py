@@ -193,6 +193,28 @@ def test_a_worker_rank_that_leaves_cleanly_still_ends_the_job(tmp_path, job_tag)
     assert f"worker rank 2 on {socket.gethostname()} (pid {victim.pid}) left" in err, out + err
 
 
+def test_a_stuck_worker_rank_cannot_hold_the_job_at_exit(tmp_path, job_tag):
+    # A rank that never reaches MPI_Finalize (stopped here; in life a driver or a dead file
+    # system) would keep every other rank waiting in it: they give up after a deadline.
+    script = write(
+        tmp_path,
+        "short.py",
+        "import time, rankmesh\n"
+        "client = rankmesh.Client()\n"
+        "print('started', flush=True)\n"
+        "time.sleep(2)\n",
+    )
+    job = mpirun(3, script, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert job.stdout.readline().strip() == "started"
+    stuck = next(p for p in job_processes(job_tag) if p.name() == "rankmesh" and rank_of(p) == "2")
+    stuck.suspend()
+    started = time.monotonic()
+    out, err = job.communicate(timeout=90)
+    assert time.monotonic() - started < 60
+    assert job.returncode != 0
+    assert "MPI_Finalize did not return" in err, out + err
+
+
 def test_initialize_keeps_dask_mpi_habits(tmp_path):
     script = write(
         tmp_path,
