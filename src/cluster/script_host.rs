@@ -18,6 +18,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 const WORKERS_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a worker's departure waits for this rank's own stop signal to be handled.
+const STOP_SIGNAL_GRACE: Duration = Duration::from_secs(1);
 /// How long the scheduler gets to tell workers to stop and drain its connections.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -142,17 +144,27 @@ impl ScriptHost {
         if self.end_on_worker_loss {
             // An error means the scheduler is gone, which the script's end explains.
             while registered.changed().await.is_ok() && !stopping.get() {
-                let now = registered.borrow_and_update();
-                if let Some(gone) = ready.iter().find(|w| now.iter().all(|n| n.id != w.id)) {
-                    return ClusterError::WorkerLost {
-                        worker: match gone.rank {
-                            Some(rank) => {
-                                format!("rank {rank} on {} (pid {})", gone.host, gone.pid)
-                            }
-                            None => format!("{} on {} (pid {})", gone.id, gone.host, gone.pid),
-                        },
-                    };
+                let gone = {
+                    let now = registered.borrow_and_update();
+                    ready
+                        .iter()
+                        .find(|w| now.iter().all(|n| n.id != w.id))
+                        .cloned()
+                };
+                let Some(gone) = gone else { continue };
+                // mpirun and scancel signal every rank at once: a worker may leave before
+                // this rank's own SIGTERM is handled. Give that a moment to arrive (it ends
+                // the serving, or sets `stopping`) before calling it a loss.
+                tokio::time::sleep(STOP_SIGNAL_GRACE).await;
+                if stopping.get() {
+                    break;
                 }
+                return ClusterError::WorkerLost {
+                    worker: match gone.rank {
+                        Some(rank) => format!("rank {rank} on {} (pid {})", gone.host, gone.pid),
+                        None => format!("{} on {} (pid {})", gone.id, gone.host, gone.pid),
+                    },
+                };
             }
         }
         std::future::pending().await
