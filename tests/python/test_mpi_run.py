@@ -142,8 +142,10 @@ def test_sigterm_to_mpirun_stops_every_rank(tmp_path):
     job = mpirun(3, script, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert job.stdout.readline().strip() == "started"
     job.send_signal(signal.SIGTERM)
-    job.communicate(timeout=30)
-    assert job.returncode != 0
+    job.communicate(timeout=30)  # every rank gone: the job_tag fixture checks
+    if os.environ.get("RANKMESH_TEST_MPI") != "mpich":
+        # Hydra's mpiexec, killed, exits 0 whatever its ranks did (seen with MPICH 4.0).
+        assert job.returncode != 0
 
 
 def rank_of(process):
