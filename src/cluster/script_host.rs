@@ -184,7 +184,7 @@ impl ScriptHost {
         let PendingScript {
             mut child,
             mut go,
-            error,
+            name,
         } = script;
         let mut warning = signal(SignalKind::user_defined1()).map_err(ClusterError::Signals)?;
         let drain_timer = async {
@@ -205,7 +205,7 @@ impl ScriptHost {
         drop(go);
         let status = loop {
             tokio::select! {
-                status = child.wait() => break status.map_err(&error)?,
+                status = child.wait() => break status.map_err(|e| name.error(e))?,
                 _ = interrupt.recv() => stop(&child, stopping),
                 _ = terminate.recv() => stop(&child, stopping),
                 _ = warning.recv() => {
@@ -228,12 +228,24 @@ impl ScriptHost {
 pub struct PendingScript {
     child: Child,
     go: std::io::PipeWriter,
-    /// Names the script in errors about it.
-    error: ScriptError,
+    name: ScriptName,
 }
 
-/// Makes a [`ClusterError::Script`] naming the interpreter and the script.
-type ScriptError = Box<dyn Fn(std::io::Error) -> ClusterError + Send>;
+/// The interpreter and the script line, for errors about the script.
+struct ScriptName {
+    python: String,
+    script: String,
+}
+
+impl ScriptName {
+    fn error(&self, source: std::io::Error) -> ClusterError {
+        ClusterError::Script {
+            python: self.python.clone(),
+            script: self.script.clone(),
+            source,
+        }
+    }
+}
 
 impl PendingScript {
     /// Starts `python -m rankmesh._script script args`, which imports rankmesh and then
@@ -247,13 +259,11 @@ impl PendingScript {
         if script.is_empty() {
             return Ok(None);
         }
-        let (named, line) = (python.to_string(), script.join(" "));
-        let error: ScriptError = Box::new(move |source| ClusterError::Script {
-            python: named.clone(),
-            script: line.clone(),
-            source,
-        });
-        let (go_reader, go) = std::io::pipe().map_err(&error)?;
+        let name = ScriptName {
+            python: python.to_string(),
+            script: script.join(" "),
+        };
+        let (go_reader, go) = std::io::pipe().map_err(|e| name.error(e))?;
         let fd = go_reader.as_raw_fd();
         let mut command = Command::new(python);
         command
@@ -277,8 +287,8 @@ impl PendingScript {
                 Ok(())
             });
         }
-        let child = command.spawn().map_err(&error)?;
-        Ok(Some(PendingScript { child, go, error }))
+        let child = command.spawn().map_err(|e| name.error(e))?;
+        Ok(Some(PendingScript { child, go, name }))
     }
 }
 
