@@ -1,16 +1,48 @@
 """rankmesh: run Dask graphs and futures on HPC clusters with a Rust scheduler."""
 
-from .batch import BatchError, Job, submit
-from .client import Client
-from .cluster import LocalCluster
-from .errors import CancelledError, FutureLost, TaskError, WalltimeDrain
-from .futures import Future, as_completed, wait
-from .mpi import initialize
-from .worker import WorkerContext, get_worker
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+# Each public name and the module it lives in, imported on first use: executors (which
+# import rankmesh.executor) and scripts that only call initialize() then never load the
+# client and Dask (~0.1 s of every process start).
+_EXPORTS = {
+    "BatchError": "batch",
+    "Job": "batch",
+    "submit": "batch",
+    "Client": "client",
+    "LocalCluster": "cluster",
+    "CancelledError": "errors",
+    "FutureLost": "errors",
+    "TaskError": "errors",
+    "WalltimeDrain": "errors",
+    "Future": "futures",
+    "as_completed": "futures",
+    "wait": "futures",
+    "initialize": "mpi",
+    "WorkerContext": "worker",
+    "get_worker": "worker",
+}
+
+if TYPE_CHECKING:
+    from .batch import BatchError, Job, submit
+    from .client import Client
+    from .cluster import LocalCluster
+    from .errors import CancelledError, FutureLost, TaskError, WalltimeDrain
+    from .futures import Future, as_completed, wait
+    from .mpi import initialize
+    from .worker import WorkerContext, get_worker
 
 
-def __getattr__(name: str) -> str:
-    # importlib.metadata costs ~60 ms of every start (scripts, executors): on demand only.
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+        globals()[name] = value
+        return value
+    # importlib.metadata costs ~60 ms: on demand only.
     if name == "__version__":
         from importlib.metadata import PackageNotFoundError, version
 
@@ -19,6 +51,10 @@ def __getattr__(name: str) -> str:
         except PackageNotFoundError:  # a source checkout that was never installed
             return "0.0.0"
     raise AttributeError(f"module 'rankmesh' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
 
 
 __all__ = [

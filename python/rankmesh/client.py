@@ -13,7 +13,8 @@ import dask.config
 from . import graph as graphs
 from .errors import CancelledError, FutureLost
 from .futures import Future
-from .serialize import FunctionRegistry, PayloadEncoder, loads_error, loads_frames
+from .payloads import FunctionRegistry, PayloadEncoder
+from .serialize import loads_error, loads_frames
 
 __all__ = ["Client"]
 

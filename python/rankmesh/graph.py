@@ -15,7 +15,7 @@ import dask.order
 from dask._task_spec import Alias, GraphNode, convert_legacy_graph
 
 from .futures import Future
-from .serialize import PayloadEncoder
+from .payloads import PayloadEncoder
 
 # Task-based methods: the P2P ones Dask picks otherwise only run on distributed workers.
 DASK_CONFIG = {"array.rechunk.method": "tasks", "dataframe.shuffle.method": "tasks"}

@@ -1,31 +1,20 @@
-"""Bytes in and out of tasks: task payloads, results and errors.
+"""Bytes in and out of tasks, as executors see them: task payloads unpickled and run,
+results, errors. Clients pickle payloads with rankmesh.payloads.
 
-Payloads are pickled with the C pickler. Callables that the executor could not import by
-name (lambdas, functions and classes from ``__main__`` or defined inside functions) are
-cut out of the payload as references to a function id and shipped once per client as
-cloudpickle blobs; futures in a call's arguments become references to an input position.
 Results use pickle protocol 5 with out-of-band buffers so array data is never copied into
-the pickle stream.
+the pickle stream. Executors import this module at start-up, so what only some tasks need
+(cloudpickle, tblib) is imported when first needed.
 """
 
 from __future__ import annotations
 
-import io
 import pickle
-import sys
 import threading
 import traceback
-import types
-from collections.abc import Callable, Sequence
-from hashlib import blake2b
-
-import cloudpickle
-import tblib
-from dask._task_spec import GraphNode, Task, TaskRef
+from collections.abc import Sequence
 
 from ._layout import object_offsets
 from .errors import TaskError
-from .futures import Future
 
 # Anything with the buffer protocol (bytes, bytearray, memoryview, mmap).
 Buffer = bytes | bytearray | memoryview
@@ -38,63 +27,7 @@ DATA = 2  # (DATA, value): scattered data
 RESULT_PROTOCOL = 5
 
 # Errors plain pickle raises for objects that cloudpickle may still handle.
-_PICKLE_FAILURES = (pickle.PicklingError, AttributeError, TypeError)
-
-
-def _importable(obj: object) -> bool:
-    """Whether pickle-by-name will find this very object in another process."""
-    module_name = getattr(obj, "__module__", None)
-    if module_name is None or module_name == "__main__":
-        return False
-    module = sys.modules.get(module_name)
-    if module is None:
-        return False
-    found: object = module
-    for part in obj.__qualname__.split("."):
-        found = getattr(found, part, None)
-        if found is None:
-            return False
-    return found is obj
-
-
-class FunctionRegistry:
-    """Content ids for callables that must travel by value, and which ones were shipped."""
-
-    def __init__(self) -> None:
-        # id(obj) -> (obj, func_id or None when importable); holding obj keeps id() stable.
-        self._known: dict[int, tuple[object, int | None]] = {}
-        self._blobs: dict[int, bytes] = {}
-        self._unshipped: list[int] = []
-
-    def func_id(self, obj: object) -> int | None:
-        """The id to ship `obj` under, or None when pickle can name it."""
-        entry = self._known.get(id(obj))
-        if entry is not None:
-            return entry[1]
-        func_id = None
-        if not _importable(obj):
-            blob = cloudpickle.dumps(obj, protocol=RESULT_PROTOCOL)
-            func_id = int.from_bytes(blake2b(blob, digest_size=8).digest(), "little")
-            if func_id not in self._blobs:
-                self._blobs[func_id] = blob
-                self._unshipped.append(func_id)
-        self._known[id(obj)] = (obj, func_id)
-        return func_id
-
-    def take_unshipped(self) -> list[tuple[int, bytes]]:
-        """Blobs not handed out before; the caller ships them with its next submit."""
-        taken = [(func_id, self._blobs[func_id]) for func_id in self._unshipped]
-        self._unshipped = []
-        return taken
-
-
-class _Input:
-    """Stands for the value of the task's input at `index` while a payload is pickled."""
-
-    __slots__ = ("index",)
-
-    def __init__(self, index: int) -> None:
-        self.index = index
+PICKLE_FAILURES = (pickle.PicklingError, AttributeError, TypeError)
 
 
 # What the payload being unpickled refers to; set around each load (executors run one
@@ -108,110 +41,6 @@ def _input(index: int) -> object:
 
 def _function(func_id: int) -> object:
     return _loading.functions[func_id]
-
-
-class _PayloadReducer:
-    """reducer_override shared by the plain and the cloudpickle payload picklers: functions
-    that must travel by value and inputs become calls of `_function` / `_input`. Unlike
-    persistent_id it is not called for lists, tuples, dicts, strings and numbers."""
-
-    registry: FunctionRegistry
-    futures_as_inputs: bool
-    deps: list[int]
-    funcs: list[int]
-    _dep_index: dict[int, int]
-
-    def reducer_override(self, obj: object) -> object:
-        cls = type(obj)
-        if cls is _Input:
-            return _input, (obj.index,)
-        if cls is Future and self.futures_as_inputs:
-            index = self._dep_index.get(obj.task_id)
-            if index is None:
-                index = self._dep_index[obj.task_id] = len(self.deps)
-                self.deps.append(obj.task_id)
-            return _input, (index,)
-        if cls is types.FunctionType or isinstance(obj, type):
-            func_id = self.registry.func_id(obj)
-            if func_id is not None:
-                if func_id not in self.funcs:
-                    self.funcs.append(func_id)
-                return _function, (func_id,)
-        return self._fallback_reduce(obj)
-
-    def _fallback_reduce(self, obj: object) -> object:
-        return NotImplemented
-
-
-class _PlainPayloadPickler(_PayloadReducer, pickle.Pickler):
-    pass
-
-
-class _CloudPayloadPickler(_PayloadReducer, cloudpickle.Pickler):
-    def _fallback_reduce(self, obj: object) -> object:
-        return cloudpickle.Pickler.reducer_override(self, obj)
-
-
-def _simple_call(node: object, dep_keys: list) -> tuple | None:
-    """A Dask Task whose arguments are plain values and references to its inputs, as a call
-    with those references replaced by input placeholders; None for anything else (nested
-    tasks, containers of references, data nodes), which travels as the node itself."""
-    if type(node) is not Task:
-        return None
-    index = {key: position for position, key in enumerate(dep_keys)}
-
-    def plain(value: object) -> object:
-        if type(value) is TaskRef:
-            return _Input(index[value.key])
-        if isinstance(value, GraphNode):
-            raise LookupError
-        return value
-
-    try:
-        args = tuple(plain(arg) for arg in node.args)
-        kwargs = {name: plain(value) for name, value in node.kwargs.items()}
-    except LookupError:
-        return None
-    return (CALL, node.func, args, kwargs)
-
-
-class PayloadEncoder:
-    """Pickles task payloads; collects each payload's input task ids and function ids."""
-
-    def __init__(self, registry: FunctionRegistry) -> None:
-        self.registry = registry
-
-    def encode(self, payload: tuple, futures_as_inputs: bool) -> tuple[bytes, list[int], list[int]]:
-        """(payload bytes, input task ids in payload order, function ids it refers to)."""
-        try:
-            return self._encode_with(_PlainPayloadPickler, payload, futures_as_inputs)
-        except _PICKLE_FAILURES:
-            return self._encode_with(_CloudPayloadPickler, payload, futures_as_inputs)
-
-    def _encode_with(
-        self, pickler_class: type, payload: tuple, futures_as_inputs: bool
-    ) -> tuple[bytes, list[int], list[int]]:
-        buffer = io.BytesIO()
-        pickler = pickler_class(buffer, protocol=RESULT_PROTOCOL)
-        pickler.registry = self.registry
-        pickler.futures_as_inputs = futures_as_inputs
-        pickler.deps = []
-        pickler.funcs = []
-        pickler._dep_index = {}
-        pickler.dump(payload)
-        return buffer.getvalue(), pickler.deps, pickler.funcs
-
-    def call(self, func: Callable, args: tuple, kwargs: dict) -> tuple[bytes, list[int], list[int]]:
-        return self.encode((CALL, func, args, kwargs), futures_as_inputs=True)
-
-    def node(self, node: object, dep_keys: list) -> tuple[bytes, list[int], list[int]]:
-        # A Dask node names its inputs by key itself; futures in it stay TaskRefs. Most
-        # nodes are plain calls, which are cheaper to pickle and to run as such.
-        payload = _simple_call(node, dep_keys) or (NODE, node, dep_keys)
-        return self.encode(payload, futures_as_inputs=False)
-
-    def data(self, value: object) -> tuple[bytes, list[int], list[int]]:
-        return self.encode((DATA, value), futures_as_inputs=False)
 
 
 def loads_payload(payload: Buffer, functions: dict[int, object], inputs: Sequence[object]):
@@ -246,7 +75,9 @@ def dumps_result(obj: object) -> tuple[list[Buffer], list[int]]:
     buffers: list[pickle.PickleBuffer] = []
     try:
         stream = pickle.dumps(obj, protocol=RESULT_PROTOCOL, buffer_callback=buffers.append)
-    except _PICKLE_FAILURES:
+    except PICKLE_FAILURES:
+        import cloudpickle
+
         buffers = []
         stream = cloudpickle.dumps(obj, protocol=RESULT_PROTOCOL, buffer_callback=buffers.append)
     frames: list[Buffer] = [stream]
@@ -304,6 +135,9 @@ def dumps_error(exc: BaseException, skip_files: Sequence[str] = ()) -> tuple[str
         type_name = f"{cls.__module__}.{type_name}"
     text = "".join(traceback.format_exception(exc))
     try:
+        import cloudpickle
+        import tblib
+
         tb_dict = tblib.Traceback(tb).to_dict() if tb is not None else None
         # cloudpickle: classes the task itself received by value go back the same way
         # and resolve to the client's own class there.
@@ -324,6 +158,8 @@ def loads_error(error: tuple[str, str, str, bytes]) -> BaseException:
             pass
         else:
             if tb_dict is not None:
+                import tblib
+
                 exc = exc.with_traceback(tblib.Traceback.from_dict(tb_dict).as_traceback())
             return exc
     return TaskError(type_name, message, text)

@@ -13,7 +13,8 @@ from dask._task_spec import Alias, DataNode, Task, TaskRef
 from rankmesh import graph
 from rankmesh.executor import TaskRunner, decode_input
 from rankmesh.futures import Future
-from rankmesh.serialize import FunctionRegistry, PayloadEncoder, loads_error
+from rankmesh.payloads import FunctionRegistry, PayloadEncoder
+from rankmesh.serialize import loads_error
 
 
 class HoldingNothing:

@@ -1,5 +1,5 @@
-"""Payloads, results and errors round-trip through rankmesh.serialize and the executor's
-task runner, without a cluster."""
+"""Payloads, results and errors round-trip through rankmesh.payloads, rankmesh.serialize
+and the executor's task runner, without a cluster."""
 
 import pickle
 import threading
@@ -10,9 +10,8 @@ import pytest
 from rankmesh import TaskError
 from rankmesh._layout import ALIGN, INLINE_MAX, object_offsets
 from rankmesh.executor import TaskRunner, decode_input
+from rankmesh.payloads import FunctionRegistry, PayloadEncoder
 from rankmesh.serialize import (
-    FunctionRegistry,
-    PayloadEncoder,
     dumps_error,
     dumps_result,
     join_frames,
@@ -30,9 +29,9 @@ class FakeFuture:
 @pytest.fixture
 def encoder(monkeypatch):
     # reducer_override compares the exact type; point it at a Future that needs no client.
-    import rankmesh.serialize
+    import rankmesh.payloads
 
-    monkeypatch.setattr(rankmesh.serialize, "Future", FakeFuture)
+    monkeypatch.setattr(rankmesh.payloads, "Future", FakeFuture)
     return PayloadEncoder(FunctionRegistry())
 
 
@@ -212,3 +211,20 @@ def test_unpicklable_exception_becomes_task_error():
 def test_unknown_payload_kind_is_refused():
     with pytest.raises(ValueError, match="unknown payload kind"):
         run_payload((9, None), [])
+
+
+def test_executors_start_without_the_client_or_dask():
+    # An executor imports rankmesh.executor at start-up: the client and Dask (~0.1 s of
+    # every executor start) come only with tasks that need them.
+    import subprocess
+    import sys
+
+    check = (
+        "import sys, rankmesh.executor, rankmesh._rankmesh\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'cloudpickle')\n"
+        "             or m in ('rankmesh.client', 'rankmesh.payloads')))\n"
+        "print(rankmesh.Client.__module__, 'Client' in dir(rankmesh))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[]", "rankmesh.client True"]
