@@ -66,6 +66,10 @@ enum Command {
         /// Leave worker ranks unbound (no placement plan).
         #[arg(long, conflicts_with = "worker_per")]
         no_bind: bool,
+        /// Leave Open MPI's settings as the environment and parameter files give them
+        /// (by default rankmesh fills in two that nobody chose; see docs/mpi.md).
+        #[arg(long)]
+        no_mpi_tuning: bool,
         /// Run no script: serve clients that connect through the scheduler file until the
         /// job is cancelled or reaches its walltime.
         #[arg(long, requires = "scheduler_file")]
@@ -116,6 +120,10 @@ enum Command {
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
         max_crashes: u32,
     },
+    /// Print the Open MPI settings `rankmesh run` would fill in here (NAME=VALUE lines, for
+    /// `env`), given this environment and the parameter files; see docs/mpi.md.
+    #[cfg(feature = "mpi")]
+    MpiSettings,
     /// Print the placement plan of worker ranks (cores, NUMA nodes, GPUs, threads) for this
     /// node or a saved hwloc XML.
     #[cfg(feature = "hwloc")]
@@ -175,8 +183,10 @@ pub fn main() -> ExitCode {
             transport,
             worker_per,
             no_bind,
+            no_mpi_tuning,
             script,
         } => launch::run(RunOptions {
+            tune_mpi: !no_mpi_tuning,
             worker_per: (!no_bind).then_some(worker_per),
             transport: match transport {
                 TransportArg::Mpi => TransportKind::Mpi,
@@ -221,6 +231,13 @@ async fn run(command: Command) -> Result<i32> {
         }
         #[cfg(feature = "hwloc")]
         Command::Topology(args) => topology::run(args),
+        #[cfg(feature = "mpi")]
+        Command::MpiSettings => {
+            for (name, value) in launch::open_mpi_settings() {
+                println!("{name}={value}");
+            }
+            Ok(0)
+        }
         Command::Local {
             n_workers,
             resources,

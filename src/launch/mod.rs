@@ -4,6 +4,8 @@
 
 #[cfg(feature = "mpi")]
 mod mpi_job;
+#[cfg(feature = "mpi")]
+mod open_mpi;
 
 use crate::cluster::ClusterError;
 use crate::topology::WorkerPer;
@@ -23,6 +25,8 @@ pub struct RunOptions {
     pub transport: TransportKind,
     /// How worker ranks are placed and bound; `None`: unbound.
     pub worker_per: Option<WorkerPer>,
+    /// Fill in the Open MPI settings that nobody else chose (`open_mpi.rs`).
+    pub tune_mpi: bool,
 }
 
 /// How worker ranks move results between each other (clients always use TCP).
@@ -89,6 +93,16 @@ pub const DRAIN_AT_ENV: &str = "RANKMESH_DRAIN_AT";
 fn drain_deadline() -> Option<std::time::SystemTime> {
     let seconds: u64 = std::env::var(DRAIN_AT_ENV).ok()?.trim().parse().ok()?;
     Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds))
+}
+
+/// The Open MPI settings `run` fills in on this node, as environment variables.
+#[cfg(feature = "mpi")]
+pub fn open_mpi_settings() -> Vec<(String, String)> {
+    let library = mpi::environment::library_version().unwrap_or_default();
+    open_mpi::choose(&open_mpi::Circumstances::of_this_node(library))
+        .into_iter()
+        .map(|s| (format!("OMPI_MCA_{}", s.name), s.value))
+        .collect()
 }
 
 /// Runs this rank's part of the job; returns the job's exit code (the script's on rank 0).

@@ -2,12 +2,13 @@
 //! 0, place and bind the worker ranks of each node, then run the scheduler (rank 0) or a
 //! worker (other ranks) until the script ends.
 
+use super::open_mpi::{self, Circumstances};
 use super::{LaunchError, RunOptions, TransportKind};
 use crate::cluster::{default_scheduler_file, ClusterError, PendingScript, ScriptHost};
 use crate::protocol::WorkerTopology;
 use crate::protocol::{decode, encode, Token};
 use crate::topology::{self, bind, env, NodeTopology, Place, Source, WorkerPer};
-use crate::transport::mpi::{MpiDataServer, MpiTransport};
+use crate::transport::mpi::{self as mpi_transport, MpiProgress};
 use crate::transport::tcp::TcpTransport;
 use crate::transport::Transport;
 use crate::worker::store::Store;
@@ -36,16 +37,29 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
         .scheduler_file
         .clone()
         .unwrap_or_else(default_scheduler_file);
-    let mut script = match super::launcher_rank() {
+    let launcher_rank = super::launcher_rank();
+    let mut script = match launcher_rank {
         Some(0) => {
             let _runtime = runtime.enter();
             PendingScript::start(&options.python, &options.script, &scheduler_file)?
         }
         _ => None,
     };
-    // Worker data over MPI calls MPI from several threads: ask for the most, use what is
-    // granted.
-    let (universe, threading) = mpi::initialize_with_threading(mpi::Threading::Multiple)
+    // A worker rank reads its node's topology (~45 ms of hwloc here) while MPI starts.
+    let topology = match (launcher_rank, options.worker_per) {
+        (Some(0), _) | (_, None) => None,
+        _ => std::thread::Builder::new()
+            .name("rankmesh-topology".into())
+            .spawn(|| topology::load(&Source::ThisMachine))
+            .ok(),
+    };
+    if options.tune_mpi {
+        let library = mpi::environment::library_version().unwrap_or_default();
+        open_mpi::apply(&open_mpi::choose(&Circumstances::of_this_node(library)));
+    }
+    // Worker data over MPI needs one thread at a time calling MPI (the progress thread,
+    // after start-up); asking for no more spares Open MPI the locking of THREAD_MULTIPLE.
+    let (universe, threading) = mpi::initialize_with_threading(mpi_transport::NEEDED_THREADING)
         .ok_or_else(|| LaunchError::MpiInit("MPI was already initialized".into()))?;
     let world = universe.world();
     let (rank, size) = (world.rank(), world.size());
@@ -62,15 +76,24 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
     // Bound before the runtime has started any thread (it is current-thread; blocking
     // threads come later), so they and the executors inherit it.
     let placed = match options.worker_per {
-        Some(per) if rank != 0 => match place_this_worker(per, node_index, node_workers) {
-            Ok(placed) => Some(placed),
-            Err(e) => {
-                // Returning would finalize MPI, which waits for rank 0, which waits for
-                // this worker: end the whole job instead.
-                eprintln!("rankmesh: error: rank {rank}: {e}");
-                world.abort(1)
+        Some(per) if rank != 0 => {
+            let hwloc = match topology.map(std::thread::JoinHandle::join) {
+                Some(Ok(loaded)) => loaded,
+                _ => topology::load(&Source::ThisMachine),
+            };
+            match hwloc
+                .map_err(LaunchError::from)
+                .and_then(|hwloc| place_this_worker(&hwloc, per, node_index, node_workers))
+            {
+                Ok(placed) => Some(placed),
+                Err(e) => {
+                    // Returning would finalize MPI, which waits for rank 0, which waits for
+                    // this worker: end the whole job instead.
+                    eprintln!("rankmesh: error: rank {rank}: {e}");
+                    world.abort(1)
+                }
             }
-        },
+        }
         _ => None,
     };
     let root = world.process_at_rank(0);
@@ -140,17 +163,18 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
             max_crashes: 3,
         };
         let store = Store::default();
-        let mut mpi_server = None;
+        let mut progress = None;
         let transport: Arc<dyn Transport> = match options.transport {
-            TransportKind::Mpi if threading == mpi::Threading::Multiple => {
-                mpi_server =
-                    Some(MpiDataServer::start(store.clone()).map_err(LaunchError::Runtime)?);
-                Arc::new(MpiTransport::default())
+            TransportKind::Mpi if mpi_transport::threading_suffices(threading) => {
+                let (thread, transport) =
+                    MpiProgress::start(store.clone()).map_err(LaunchError::Runtime)?;
+                progress = Some(thread);
+                Arc::new(transport)
             }
             TransportKind::Mpi => {
                 tracing::warn!(
                     ?threading,
-                    "MPI grants less than MPI_THREAD_MULTIPLE: worker data goes over TCP"
+                    "MPI grants less than MPI_THREAD_SERIALIZED: worker data goes over TCP"
                 );
                 Arc::new(TcpTransport::new(config.token.clone()))
             }
@@ -162,8 +186,8 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
                 .await
                 .map_err(LaunchError::from)
         });
-        if let Some(server) = mpi_server {
-            server.stop();
+        if let Some(progress) = progress {
+            progress.stop();
         }
         outcome?;
         0
@@ -214,12 +238,12 @@ fn node_share(world: &impl Communicator) -> (usize, usize) {
 /// Plans the node's worker ranks and binds this one to its place (or keeps a launcher's
 /// binding). Returns the node's topology and the place this rank ended up on.
 fn place_this_worker(
+    hwloc: &hwlocality::Topology,
     per: WorkerPer,
     index: usize,
     workers: usize,
 ) -> Result<(NodeTopology, Place), LaunchError> {
-    let hwloc = topology::load(&Source::ThisMachine)?;
-    let node = topology::summarize(&hwloc);
+    let node = topology::summarize(hwloc);
     let mut plan = topology::plan(&node, workers, per)?;
     let planned = plan.swap_remove(index.min(plan.len() - 1));
     if planned.shared {
@@ -229,7 +253,7 @@ fn place_this_worker(
             "more worker ranks than cores on this node: ranks share cores"
         );
     }
-    let place = bind::bind_this_process(&hwloc, &node, planned)?;
+    let place = bind::bind_this_process(hwloc, &node, planned)?;
     Ok((node, place))
 }
 

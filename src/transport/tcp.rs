@@ -125,7 +125,7 @@ impl TcpTransport {
                 Some(layout) => {
                     let mut builder = alloc.allocate(layout)?;
                     reader.read_raw(builder.buffer()).await.map_err(frame)?;
-                    Some(builder.finish()?)
+                    Some(builder.finish())
                 }
             };
             objects.push((expected, object));

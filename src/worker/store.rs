@@ -67,6 +67,26 @@ impl Object {
         self.bytes().len() as u64
     }
 
+    /// Maps all pages of an object an executor wrote into this process at once. Sending
+    /// it (over MPI or TCP) would otherwise fault them in one by one: 64 MiB went out in
+    /// 11 ms that way here, in 8.7 ms from mapped pages. Takes ~1.6 ms per 64 MiB, so the
+    /// worker does it off its event loop, once an object is stored.
+    pub fn map_in(&self) {
+        if let ObjectData::Shm(ShmSegment {
+            map: Some(Mapping::Adopted(map)),
+            ..
+        }) = &self.data
+        {
+            // Kernels before 5.14 lack it: sends fault the pages in as before.
+            let _ = map.advise(memmap2::Advice::PopulateRead);
+        }
+    }
+
+    /// Whether the object lives in a shared-memory file (large ones do).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.data, ObjectData::Shm(_))
+    }
+
     /// How an executor on this worker reads the object.
     pub fn to_ref(&self) -> ObjectRef {
         match &self.data {
@@ -86,8 +106,19 @@ impl Object {
 /// the pool for reuse if it was received (and so is writable by this process).
 struct ShmSegment {
     path: PathBuf,
-    map: Option<Mmap>,
-    recycle: Option<(File, Arc<SegmentPool>)>,
+    map: Option<Mapping>,
+}
+
+enum Mapping {
+    /// Written by an executor, mapped read-only.
+    Adopted(Mmap),
+    /// Received from a peer into a mapping of ours. Only `&[u8]` is ever handed out, so it
+    /// stays writable without risk, and reuse needs no `mprotect` (~1.5 ms for 64 MiB).
+    Received {
+        map: MmapMut,
+        file: File,
+        pool: Arc<SegmentPool>,
+    },
 }
 
 impl std::fmt::Debug for ShmSegment {
@@ -101,13 +132,17 @@ impl std::fmt::Debug for ShmSegment {
 
 impl ShmSegment {
     fn bytes(&self) -> &[u8] {
-        self.map.as_deref().unwrap_or(&[])
+        match &self.map {
+            Some(Mapping::Adopted(map)) => map,
+            Some(Mapping::Received { map, .. }) => map,
+            None => &[],
+        }
     }
 }
 
 impl Drop for ShmSegment {
     fn drop(&mut self) {
-        if let (Some((file, pool)), Some(map)) = (self.recycle.take(), self.map.take()) {
+        if let Some(Mapping::Received { map, file, pool }) = self.map.take() {
             if pool.offer(&self.path, file, map) {
                 return;
             }
@@ -199,7 +234,6 @@ impl ShmDir {
         let mut segment = ShmSegment {
             path: path.to_path_buf(),
             map: None,
-            recycle: None,
         };
         let file = File::open(path).map_err(io)?;
         let actual = file.metadata().map_err(io)?.len();
@@ -213,7 +247,7 @@ impl ShmDir {
         if total > 0 {
             // SAFETY: the file is private to this worker's folder and no one writes it after
             // the executor handed it over.
-            segment.map = Some(unsafe { Mmap::map(&file) }.map_err(io)?);
+            segment.map = Some(Mapping::Adopted(unsafe { Mmap::map(&file) }.map_err(io)?));
         }
         Ok(Object {
             layout,
@@ -258,9 +292,11 @@ impl ShmDir {
             .create_new(true)
             .open(&path)
             .map_err(io)?;
-        file.set_len(total).map_err(io)?;
-        // SAFETY: the file was just created by us and nobody else maps it yet. It is
-        // written whole at once, so its pages are mapped in one call, not one fault each.
+        // The pages are allocated up front: a full /dev/shm fails here, not with SIGBUS in
+        // the middle of a receive (and allocating, then mapping, 64 MiB took 30 ms here
+        // against 38 ms mapped in one fault at a time).
+        allocate_file(&file, total).map_err(io)?;
+        // SAFETY: the file was just created by us and nobody else maps it yet.
         let map = unsafe { memmap2::MmapOptions::new().populate().map_mut(&file) }.map_err(io)?;
         Ok(ObjectBuilder {
             layout,
@@ -278,6 +314,21 @@ impl Drop for ShmDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Gives `file` `size` bytes of allocated (zeroed) memory.
+fn allocate_file(file: &File, size: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let size = libc::off_t::try_from(size).map_err(std::io::Error::other)?;
+    // SAFETY: fallocate only acts on the open file descriptor.
+    if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size) } == 0 {
+        return Ok(());
+    }
+    let error = std::io::Error::last_os_error();
+    if error.raw_os_error() == Some(libc::EOPNOTSUPP) {
+        return file.set_len(size as u64); // a temp folder whose file system cannot
+    }
+    Err(error)
 }
 
 /// An object being received: fill [`ObjectBuilder::buffer`], then [`ObjectBuilder::finish`].
@@ -312,7 +363,7 @@ impl ObjectBuilder {
         }
     }
 
-    pub fn finish(self) -> Result<Object, StoreError> {
+    pub fn finish(self) -> Object {
         let data = match self.target {
             Target::Heap(v) => ObjectData::Heap(Bytes::from(v)),
             Target::Shm {
@@ -320,22 +371,15 @@ impl ObjectBuilder {
                 file,
                 map,
                 pool,
-            } => match map.make_read_only() {
-                Ok(map) => ObjectData::Shm(ShmSegment {
-                    path,
-                    map: Some(map),
-                    recycle: Some((file, pool)),
-                }),
-                Err(source) => {
-                    let _ = std::fs::remove_file(&path);
-                    return Err(StoreError::Io { path, source });
-                }
-            },
+            } => ObjectData::Shm(ShmSegment {
+                path,
+                map: Some(Mapping::Received { map, file, pool }),
+            }),
         };
-        Ok(Object {
+        Object {
             layout: self.layout,
             data,
-        })
+        }
     }
 }
 
@@ -346,8 +390,10 @@ pub struct Store {
 }
 
 impl Store {
-    pub fn insert(&self, id: TaskId, object: Object) {
-        self.lock().insert(id, Arc::new(object));
+    pub fn insert(&self, id: TaskId, object: Object) -> Arc<Object> {
+        let object = Arc::new(object);
+        self.lock().insert(id, object.clone());
+        object
     }
 
     pub fn get(&self, id: TaskId) -> Option<Arc<Object>> {
@@ -383,7 +429,7 @@ mod tests {
         let dir = ShmDir::create("rankmesh-test").unwrap();
         let mut builder = dir.allocate(vec![10, INLINE_MAX]).unwrap();
         builder.buffer()[64] = 7;
-        let object = builder.finish().unwrap();
+        let object = builder.finish();
         let ObjectRef::Shm { path, .. } = object.to_ref() else {
             panic!("large object must be in shm")
         };
@@ -399,7 +445,7 @@ mod tests {
     fn received(dir: &ShmDir, size: u64, fill: u8) -> Object {
         let mut builder = dir.allocate(vec![size]).unwrap();
         builder.buffer().fill(fill);
-        builder.finish().unwrap()
+        builder.finish()
     }
 
     fn shm_path(object: &Object) -> String {
@@ -425,7 +471,7 @@ mod tests {
         let mut builder = dir.allocate(vec![size]).unwrap();
         assert!(builder.buffer().iter().all(|&b| b == 1));
         builder.buffer().fill(2);
-        let second = builder.finish().unwrap();
+        let second = builder.finish();
         assert_ne!(shm_path(&second), first_path);
         assert_eq!(files_in(&dir), 1);
         // Another size gets a fresh file.
@@ -449,7 +495,7 @@ mod tests {
         executor.lock_shared().unwrap();
         drop(object);
         assert_eq!(files_in(&dir), 0, "removed, not kept");
-        let fresh = dir.allocate(vec![size]).unwrap().finish().unwrap();
+        let fresh = dir.allocate(vec![size]).unwrap().finish();
         assert!(fresh.bytes().iter().all(|&b| b == 0));
         // The executor's view is intact.
         let mut seen = Vec::new();
@@ -496,7 +542,7 @@ mod tests {
     #[test]
     fn small_objects_stay_on_the_heap() {
         let dir = ShmDir::create("rankmesh-test").unwrap();
-        let object = dir.allocate(vec![5]).unwrap().finish().unwrap();
+        let object = dir.allocate(vec![5]).unwrap().finish();
         assert!(matches!(object.to_ref(), ObjectRef::Inline { .. }));
         assert!(Object::inline(Bytes::from_static(b"abc"), vec![4]).is_err());
     }

@@ -512,7 +512,10 @@ impl Worker {
                     size: object.size(),
                     duration_us: outcome.duration_us,
                 });
-                self.store.insert(outcome.id, object);
+                let object = self.store.insert(outcome.id, object);
+                if object.is_shared() {
+                    tokio::task::spawn_blocking(move || object.map_in());
+                }
             }
             Err(e) => self.fail(outcome.id, ErrorInfo::runtime("StoreError", e.to_string())),
         }

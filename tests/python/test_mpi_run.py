@@ -43,8 +43,8 @@ def job_tag(monkeypatch):
     assert_nothing_left(tag)
 
 
-def mpirun(n, script, *args, transport="mpi", timeout=120, env=None, **popen):
-    command = [MPIRUN, *LAUNCHER_FLAGS, "-n", str(n), BINARY, "run"]
+def mpirun(n, script, *args, transport="mpi", timeout=120, env=None, flags=(), **popen):
+    command = [MPIRUN, *LAUNCHER_FLAGS, "-n", str(n), BINARY, "run", *flags]
     command += ["--transport", transport, "--python", sys.executable]
     command += [str(script), *map(str, args)]
     if popen:
@@ -299,3 +299,71 @@ def test_large_arrays_move_between_worker_ranks(tmp_path, transport, mca):
     expected = [3_999_999.0 * (i + 1) for i in range(6)]
     assert f"last {expected}" in result.stdout
     assert "ranks [1, 2]" in result.stdout
+
+
+@TRANSPORTS
+def test_worker_ranks_fetch_from_each_other_at_once(tmp_path, transport):
+    # Both ranks ask and answer at the same time, many fetches in flight each way.
+    script = write(
+        tmp_path,
+        "crossing.py",
+        "import numpy as np, rankmesh\n"
+        "client = rankmesh.Client()\n"
+        "a, b = client.workers()\n"
+        "def make(i):\n"
+        "    return np.full(1_000_000, float(i))\n"
+        "on_a = client.map(make, range(6), workers=[a])\n"
+        "on_b = client.map(make, range(6, 12), workers=[b])\n"
+        "rankmesh.wait(on_a + on_b)\n"
+        "crossed = [client.submit(np.sum, x, workers=[b]) for x in on_a]\n"
+        "crossed += [client.submit(np.sum, x, workers=[a]) for x in on_b]\n"
+        "print('sums', [int(s) for s in client.gather(crossed)])\n",
+    )
+    result = mpirun(3, script, transport=transport)
+    assert result.returncode == 0, result.stderr
+    assert f"sums {[i * 1_000_000 for i in range(12)]}" in result.stdout
+
+
+OPEN_MPI_SETTINGS = ("OMPI_MCA_pml", "OMPI_MCA_btl_vader_single_copy_mechanism")
+
+
+def settings_seen_by_workers(tmp_path, env=None, flags=()):
+    """What tasks on each worker rank (which inherit its environment) see of the Open MPI
+    settings rankmesh fills in."""
+    script = write(
+        tmp_path,
+        "settings.py",
+        "import os, rankmesh\n"
+        "client = rankmesh.Client()\n"
+        f"names = {OPEN_MPI_SETTINGS!r}\n"
+        "def seen():\n"
+        "    return [os.environ.get(name) for name in names]\n"
+        "ids = [w['id'] for w in client.workers()]\n"
+        "print('seen', client.gather([client.submit(seen, workers=[i]) for i in ids]))\n",
+    )
+    result = mpirun(3, script, env=env, flags=flags)
+    assert result.returncode == 0, result.stderr
+    return next(line for line in result.stdout.splitlines() if line.startswith("seen "))
+
+
+def settings_printed(env):
+    printed = subprocess.run(
+        [BINARY, "mpi-settings"], capture_output=True, text=True, env=env, check=True
+    ).stdout
+    return dict(line.split("=", 1) for line in printed.splitlines())
+
+
+def test_open_mpi_settings_reach_every_worker_rank_unless_chosen_or_declined(tmp_path):
+    base = {k: v for k, v in os.environ.items() if k not in OPEN_MPI_SETTINGS}
+    chosen = {**base, "OMPI_MCA_btl_vader_single_copy_mechanism": "cma"}
+    for env in (base, chosen):
+        printed = settings_printed(env)
+        # What `rankmesh mpi-settings` says is what the ranks run with; a value somebody
+        # chose stays theirs.
+        expected = [printed.get(name, env.get(name)) for name in OPEN_MPI_SETTINGS]
+        assert settings_seen_by_workers(tmp_path, env) == f"seen {[expected, expected]}"
+    if os.environ.get("RANKMESH_TEST_MPI") != "mpich":
+        assert settings_printed(base)["OMPI_MCA_btl_vader_single_copy_mechanism"] == "none"
+        assert "OMPI_MCA_btl_vader_single_copy_mechanism" not in settings_printed(chosen)
+    untouched = settings_seen_by_workers(tmp_path, base, flags=["--no-mpi-tuning"])
+    assert untouched == f"seen {[[None, None], [None, None]]}"

@@ -1,46 +1,65 @@
 //! Results between the worker ranks of an MPI job, as MPI point-to-point messages.
 //!
-//! A fetch sends the peer rank a request on [`REQUEST_TAG`] naming a reply tag, then
-//! receives on that tag a header with the objects' layouts and each object's bytes,
-//! straight into the buffer the object will live in (shared memory for large ones). Each
-//! worker rank answers requests on a server thread, sending from the stored bytes. MPI
-//! moves large messages by rendezvous without intermediate copies; over InfiniBand Open
-//! MPI's UCX layer carries them. Calls are made off the runtime, on threads (which
-//! needs `MPI_THREAD_MULTIPLE`); waiting for a request or a reply polls with a growing
-//! sleep instead of blocking, because a blocking Open MPI receive spins a core.
+//! Every MPI call of a worker rank after start-up is made by one progress thread
+//! ([`progress`]), so MPI only has to grant `MPI_THREAD_SERIALIZED`. The thread serves
+//! other ranks' fetches from the store and makes this rank's own, all non-blocking, many
+//! in flight at once. A fetch goes in four messages:
+//! 1. the fetcher sends the holder a [`Request`] on [`REQUEST_TAG`], naming a reply tag;
+//! 2. the holder answers on that tag with a [`Reply`]: the objects' layouts;
+//! 3. the fetcher allocates the buffers the objects will live in (shared memory for large
+//!    ones) on the runtime's blocking threads, then the progress thread posts a receive
+//!    for each and says go (or cancel) on the tag's go tag;
+//! 4. the holder sends each object's bytes straight from the stored buffer.
+//!
+//! Allocating fresh shared memory is slow (~30 ms per 64 MiB, far more on a VM touching
+//! memory for the first time): done on the progress thread it would stall every other
+//! transfer of the rank, and a holder that sent at once would wait on sends that cannot
+//! start, calling MPI all along (which, with more ranks than cores, took the core from
+//! the very rank it waited for). MPI moves the bytes by rendezvous into the posted
+//! buffers; over InfiniBand Open MPI's UCX layer carries them.
+
+mod progress;
+mod requests;
 
 use super::{Allocate, Fetched, Transport, TransportError};
-use crate::protocol::{decode, encode, TaskId, WorkerInfo};
-use crate::worker::store::Store;
+use crate::protocol::{TaskId, WorkerInfo};
+use crate::worker::store::{ObjectBuilder, Store};
 use futures::future::BoxFuture;
-use mpi::point_to_point::{MatchedReceiveVec, Message, Status};
-use mpi::topology::SimpleCommunicator;
-use mpi::traits::{Communicator, Destination, Source};
 use mpi::Tag;
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::sync::{mpsc, Arc};
+use std::thread::{JoinHandle, Thread};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
 
 /// Requests to a rank's data server.
 const REQUEST_TAG: Tag = 1;
-/// Reply tags cycle through this range; the MPI standard guarantees tags up to 32767.
+/// Reply tags cycle through this range; each has a go tag `GO_TAG_OFFSET` above it, in
+/// the range the MPI standard guarantees (up to 32767).
 const FIRST_REPLY_TAG: Tag = 16;
-const LAST_REPLY_TAG: Tag = 32767;
+const LAST_REPLY_TAG: Tag = 16383;
+const GO_TAG_OFFSET: Tag = 16384;
+/// The fetcher's one-byte answer to a reply: send the bytes, or do not.
+const GO: u8 = 1;
+const CANCEL: u8 = 0;
 /// MPI counts are C ints: larger objects go in pieces.
 const MAX_PIECE: usize = 1 << 30;
-/// Waiting for a message polls with a growing sleep up to a cap: a blocking MPI receive
-/// would spin a core that the node's executors need. An idle data server wakes at most
-/// every 250 µs (a fraction of a percent of a core); a fetch waits for an answer that is
-/// due within the server's wake-up, so it checks more often.
-const SERVER_MAX_POLL_SLEEP: Duration = Duration::from_micros(250);
-const FETCH_MAX_POLL_SLEEP: Duration = Duration::from_micros(50);
+
+/// The least thread support the progress thread needs: one thread at a time calls MPI.
+pub const NEEDED_THREADING: mpi::Threading = mpi::Threading::Serialized;
+
+/// Whether MPI granted enough thread support for worker data over MPI.
+pub fn threading_suffices(granted: mpi::Threading) -> bool {
+    matches!(
+        granted,
+        mpi::Threading::Serialized | mpi::Threading::Multiple
+    )
+}
 
 #[derive(Serialize, Deserialize)]
-enum Request {
-    Fetch { reply_tag: Tag, ids: Vec<TaskId> },
-    Stop,
+struct Request {
+    reply_tag: Tag,
+    ids: Vec<TaskId>,
 }
 
 /// Per requested id, in order: its layout, or `None` where this rank does not hold it.
@@ -49,17 +68,118 @@ struct Reply {
     layouts: Vec<Option<Vec<u64>>>,
 }
 
-/// Fetches from other worker ranks.
-#[derive(Default)]
-pub struct MpiTransport {
-    next_tag: AtomicI32,
+/// What a holder's reply announced, for the fetch to allocate.
+struct Announced {
+    tag: Tag,
+    layouts: Vec<Option<Vec<u64>>>,
+    /// From sending the request to the reply.
+    waited: Duration,
 }
 
-impl MpiTransport {
-    fn reply_tag(&self) -> Tag {
-        let n = self.next_tag.fetch_add(1, Ordering::Relaxed);
-        FIRST_REPLY_TAG + n.rem_euclid(LAST_REPLY_TAG - FIRST_REPLY_TAG)
+/// The objects of a fetch, received, and how long that took from the go-ahead.
+struct Received {
+    objects: Fetched,
+    took: Duration,
+}
+
+type Answer<T> = oneshot::Sender<Result<T, TransportError>>;
+
+enum Command {
+    /// Ask `rank` for `ids`; the reply comes back on `answer`.
+    Request {
+        rank: i32,
+        ids: Vec<TaskId>,
+        answer: Answer<Announced>,
+    },
+    /// Tell `rank` to go and receive what it sends on `tag` into `buffers`.
+    Receive {
+        rank: i32,
+        tag: Tag,
+        buffers: Vec<(TaskId, Option<ObjectBuilder>)>,
+        answer: Answer<Received>,
+    },
+    /// Tell `rank` not to send what it announced on `tag`.
+    Cancel {
+        rank: i32,
+        tag: Tag,
+    },
+    Stop,
+}
+
+/// Hands commands to the progress thread and wakes it.
+#[derive(Clone)]
+struct Commands {
+    sender: mpsc::Sender<Command>,
+    thread: Thread,
+}
+
+impl Commands {
+    fn send(&self, command: Command) -> Result<(), TransportError> {
+        let sent = self.sender.send(command);
+        self.thread.unpark();
+        sent.map_err(|_| stopped())
     }
+
+    /// Sends a command whose answer it waits for.
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(Answer<T>) -> Command,
+    ) -> Result<T, TransportError> {
+        let (answer, answered) = oneshot::channel();
+        self.send(command(answer))?;
+        answered.await.map_err(|_| stopped())?
+    }
+}
+
+fn stopped() -> TransportError {
+    TransportError::Mpi("the MPI progress thread has stopped".into())
+}
+
+/// This rank's MPI progress thread: serves other ranks' fetches from the store and makes
+/// the fetches of [`MpiTransport`] until stopped.
+pub struct MpiProgress {
+    commands: Commands,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MpiProgress {
+    /// Starts the thread; call only after MPI is initialized with [`NEEDED_THREADING`].
+    pub fn start(store: Store) -> std::io::Result<(MpiProgress, MpiTransport)> {
+        let (sender, receiver) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("rankmesh-mpi".into())
+            .spawn(move || progress::run(store, receiver))?;
+        let commands = Commands {
+            sender,
+            thread: thread.thread().clone(),
+        };
+        let transport = MpiTransport {
+            commands: commands.clone(),
+        };
+        Ok((
+            MpiProgress {
+                commands,
+                thread: Some(thread),
+            },
+            transport,
+        ))
+    }
+
+    /// Stops the thread once the transfers under way are done (bounded by a deadline),
+    /// and waits for it: after this, no thread of this rank calls MPI.
+    pub fn stop(mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = self.commands.send(Command::Stop);
+            if thread.join().is_err() {
+                tracing::error!("the MPI progress thread panicked");
+            }
+        }
+    }
+}
+
+/// Fetches from other worker ranks through the progress thread.
+pub struct MpiTransport {
+    commands: Commands,
 }
 
 impl Transport for MpiTransport {
@@ -69,134 +189,88 @@ impl Transport for MpiTransport {
         ids: Vec<TaskId>,
         alloc: Arc<dyn Allocate>,
     ) -> BoxFuture<'a, Result<Fetched, TransportError>> {
-        let (rank, reply_tag) = (from.rank, self.reply_tag());
-        let worker = from.id;
         Box::pin(async move {
-            let rank = rank.ok_or(TransportError::NoRank(worker))?;
-            tokio::task::spawn_blocking(move || fetch_blocking(rank, reply_tag, ids, alloc))
-                .await
-                .map_err(|e| TransportError::Mpi(format!("fetch thread failed: {e}")))?
+            let rank = from.rank.ok_or(TransportError::NoRank(from.id))? as i32;
+            let announced = self
+                .commands
+                .ask(|answer| Command::Request {
+                    rank,
+                    ids: ids.clone(),
+                    answer,
+                })
+                .await?;
+            // From here on the holder waits for a word: cancel unless it is go.
+            let mut holder = Holder {
+                commands: &self.commands,
+                rank,
+                tag: announced.tag,
+                waiting: true,
+            };
+            let started = Instant::now();
+            let buffers = tokio::task::spawn_blocking(move || {
+                allocate(rank, ids, announced.layouts, alloc.as_ref())
+            })
+            .await
+            .map_err(|e| TransportError::Mpi(format!("allocation failed: {e}")))??;
+            let allocating = started.elapsed();
+            holder.waiting = false;
+            let received = self
+                .commands
+                .ask(|answer| Command::Receive {
+                    rank,
+                    tag: announced.tag,
+                    buffers,
+                    answer,
+                })
+                .await?;
+            tracing::debug!(
+                rank,
+                answered = ?announced.waited,
+                ?allocating,
+                receiving = ?received.took,
+                "fetched over MPI"
+            );
+            Ok(received.objects)
         })
     }
 }
 
-fn fetch_blocking(
-    rank: u32,
-    reply_tag: Tag,
+/// A holder waiting for our go-ahead; dropped while it still waits (the fetch failed or
+/// was abandoned), it is told to cancel.
+struct Holder<'a> {
+    commands: &'a Commands,
+    rank: i32,
+    tag: Tag,
+    waiting: bool,
+}
+
+impl Drop for Holder<'_> {
+    fn drop(&mut self) {
+        if self.waiting {
+            let _ = self.commands.send(Command::Cancel {
+                rank: self.rank,
+                tag: self.tag,
+            });
+        }
+    }
+}
+
+/// The buffers for the objects a reply announced, in the order requested.
+fn allocate(
+    rank: i32,
     ids: Vec<TaskId>,
-    alloc: Arc<dyn Allocate>,
-) -> Result<Fetched, TransportError> {
-    let world = SimpleCommunicator::world();
-    let peer = world.process_at_rank(rank as i32);
-    let request = encode(&Request::Fetch {
-        reply_tag,
-        ids: ids.clone(),
-    })
-    .map_err(|e| TransportError::Mpi(e.to_string()))?;
-    let started = std::time::Instant::now();
-    peer.send_with_tag(&request[..], REQUEST_TAG);
-    let (header, _) = wait_for(&peer, reply_tag, FETCH_MAX_POLL_SLEEP).matched_receive_vec::<u8>();
-    let answered = started.elapsed();
-    let (mut allocating, mut receiving) = (Duration::ZERO, Duration::ZERO);
-    let reply: Reply =
-        decode(&header).map_err(|e| TransportError::Mpi(format!("reply from rank {rank}: {e}")))?;
-    if reply.layouts.len() != ids.len() {
+    layouts: Vec<Option<Vec<u64>>>,
+    alloc: &dyn Allocate,
+) -> Result<Vec<(TaskId, Option<ObjectBuilder>)>, TransportError> {
+    if layouts.len() != ids.len() {
         return Err(TransportError::Mpi(format!(
             "rank {rank} answered for {} of {} objects",
-            reply.layouts.len(),
+            layouts.len(),
             ids.len()
         )));
     }
-    let mut objects = Vec::with_capacity(ids.len());
-    for (id, layout) in ids.into_iter().zip(reply.layouts) {
-        let object = match layout {
-            None => None,
-            Some(layout) => {
-                let step = std::time::Instant::now();
-                let mut builder = alloc.allocate(layout)?;
-                allocating += step.elapsed();
-                let step = std::time::Instant::now();
-                for piece in builder.buffer().chunks_mut(MAX_PIECE) {
-                    peer.receive_into_with_tag(piece, reply_tag);
-                }
-                receiving += step.elapsed();
-                Some(builder.finish()?)
-            }
-        };
-        objects.push((id, object));
-    }
-    tracing::debug!(rank, ?answered, ?allocating, ?receiving, "fetched over MPI");
-    Ok(objects)
-}
-
-/// The next message from `source` with `tag`, probed without spinning a core.
-fn wait_for(source: &impl Source, tag: Tag, max_sleep: Duration) -> (Message, Status) {
-    let mut sleep = Duration::from_micros(1);
-    loop {
-        if let Some(probed) = source.immediate_matched_probe_with_tag(tag) {
-            return probed;
-        }
-        std::thread::sleep(sleep);
-        sleep = (sleep * 2).min(max_sleep);
-    }
-}
-
-/// Answers other ranks' fetches from `store` until stopped.
-pub struct MpiDataServer {
-    thread: Option<JoinHandle<()>>,
-}
-
-impl MpiDataServer {
-    pub fn start(store: Store) -> std::io::Result<MpiDataServer> {
-        let thread = std::thread::Builder::new()
-            .name("rankmesh-mpi-data".into())
-            .spawn(move || serve(&store))?;
-        Ok(MpiDataServer {
-            thread: Some(thread),
-        })
-    }
-
-    /// Tells the server thread to stop (a message to this rank) and waits for it.
-    pub fn stop(mut self) {
-        if let (Some(thread), Ok(stop)) = (self.thread.take(), encode(&Request::Stop)) {
-            SimpleCommunicator::world()
-                .this_process()
-                .send_with_tag(&stop[..], REQUEST_TAG);
-            let _ = thread.join();
-        }
-    }
-}
-
-fn serve(store: &Store) {
-    let world = SimpleCommunicator::world();
-    loop {
-        let (message, status) = wait_for(&world.any_process(), REQUEST_TAG, SERVER_MAX_POLL_SLEEP)
-            .matched_receive_vec::<u8>();
-        let (reply_tag, ids) = match decode::<Request>(&message) {
-            Ok(Request::Fetch { reply_tag, ids }) => (reply_tag, ids),
-            Ok(Request::Stop) => return,
-            Err(e) => {
-                tracing::error!(
-                    rank = status.source_rank(),
-                    "malformed MPI fetch request: {e}"
-                );
-                continue;
-            }
-        };
-        let objects: Vec<_> = ids.iter().map(|id| store.get(*id)).collect();
-        let reply = Reply {
-            layouts: objects
-                .iter()
-                .map(|o| o.as_ref().map(|o| o.layout.clone()))
-                .collect(),
-        };
-        let Ok(header) = encode(&reply) else { continue };
-        let requester = world.process_at_rank(status.source_rank());
-        requester.send_with_tag(&header[..], reply_tag);
-        for object in objects.iter().flatten() {
-            for piece in object.bytes().chunks(MAX_PIECE) {
-                requester.send_with_tag(piece, reply_tag);
-            }
-        }
-    }
+    ids.into_iter()
+        .zip(layouts)
+        .map(|(id, layout)| Ok((id, layout.map(|l| alloc.allocate(l)).transpose()?)))
+        .collect()
 }

@@ -10,7 +10,7 @@
 //! takes a segment only if an exclusive lock succeeds, so bytes a task still sees are
 //! never overwritten.
 
-use memmap2::{Mmap, MmapMut};
+use memmap2::MmapMut;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -42,7 +42,7 @@ struct Free {
 impl SegmentPool {
     /// Keeps a released segment if no one maps it and there is room. `false`: not kept,
     /// the caller removes the file.
-    pub(super) fn offer(&self, path: &Path, file: File, map: Mmap) -> bool {
+    pub(super) fn offer(&self, path: &Path, file: File, map: MmapMut) -> bool {
         let size = map.len() as u64;
         if size == 0 || file.try_lock().is_err() {
             return false;
@@ -51,9 +51,6 @@ impl SegmentPool {
         if free.bytes + size > MAX_FREE_BYTES {
             return false;
         }
-        let Ok(map) = map.make_mut() else {
-            return false;
-        };
         // Unlocked again: the lock only asked whether an executor still maps it.
         if file.unlock().is_err() {
             return false;

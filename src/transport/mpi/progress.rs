@@ -1,0 +1,432 @@
+//! The progress thread: the one thread of a worker rank that calls MPI once it runs.
+//!
+//! Each turn it takes commands from the runtime, answers requests from other ranks,
+//! matches the replies and go-aheads it waits for, and tests every send and receive in
+//! flight. It never blocks: what takes long (allocating buffers) happens on the runtime. MPI moves data only inside MPI calls (Open MPI's shared-memory copies are made
+//! by them), so while bytes are moving the thread keeps turning, yielding the core
+//! between turns. While it only waits for a peer's control message it sleeps briefly
+//! between turns, and when nothing is going on it sleeps longer: it wakes at once for a
+//! fetch of its own and within [`MAX_IDLE_SLEEP`] for a request from another rank. A
+//! blocking MPI wait would spin a core that the node's executors need.
+
+use super::requests::Requests;
+use super::{
+    Announced, Answer, Command, Received, Reply, Request, CANCEL, FIRST_REPLY_TAG, GO,
+    GO_TAG_OFFSET, LAST_REPLY_TAG, MAX_PIECE, REQUEST_TAG,
+};
+use crate::protocol::{decode, encode, TaskId};
+use crate::transport::TransportError;
+use crate::worker::store::{Object, ObjectBuilder, Store};
+use bytes::Bytes;
+use mpi::point_to_point::MatchedReceiveVec;
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::{Communicator, Source};
+use mpi::Tag;
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// An idle thread's sleep doubles up to this within `ACTIVE_SPAN` of the last transfer...
+const MAX_SLEEP_ACTIVE: Duration = Duration::from_micros(200);
+const ACTIVE_SPAN: Duration = Duration::from_millis(500);
+/// ...and up to this afterwards.
+const MAX_SLEEP_QUIET: Duration = Duration::from_millis(2);
+/// The same while waiting for a peer's reply or go-ahead, which come soon.
+const MAX_SLEEP_WAITING: Duration = Duration::from_micros(50);
+/// How long a stopping thread keeps progressing transfers already under way.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// A send's bytes, kept alive until MPI is done with them.
+enum Outbound {
+    Message(Bytes),
+    /// A piece of a stored object.
+    Piece(Arc<Object>, Range<usize>),
+}
+
+impl AsRef<[u8]> for Outbound {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Outbound::Message(bytes) => bytes,
+            Outbound::Piece(object, range) => &object.bytes()[range.clone()],
+        }
+    }
+}
+
+/// A request of ours waiting for the holder's reply.
+struct Awaiting {
+    rank: i32,
+    tag: Tag,
+    answer: Answer<Announced>,
+    started: Instant,
+}
+
+/// A fetch of ours whose objects are arriving.
+struct Receiving {
+    /// Per requested id: the buffer its bytes arrive in, or `None` where the holder had
+    /// none. MPI writes into these until `pieces_left` is 0: never drop them before.
+    objects: Vec<(TaskId, Option<ObjectBuilder>)>,
+    pieces_left: usize,
+    answer: Answer<Received>,
+    go_at: Instant,
+}
+
+/// A reply of ours whose objects go out once the fetcher says go.
+struct Answering {
+    rank: i32,
+    tag: Tag,
+    objects: Vec<Arc<Object>>,
+}
+
+struct Progress {
+    world: SimpleCommunicator,
+    store: Store,
+    next_tag: Tag,
+    sends: Requests<Outbound>,
+    /// Object pieces among `sends`: while any is in flight, bytes are moving.
+    pieces_out: usize,
+    awaiting: Vec<Awaiting>,
+    answering: Vec<Answering>,
+    /// Receives in flight, each owned by the key of its fetch in `receiving`.
+    receives: Requests<u64>,
+    receiving: HashMap<u64, Receiving>,
+    next_key: u64,
+}
+
+pub(super) fn run(store: Store, commands: Receiver<Command>) {
+    reduce_timer_slack();
+    let mut progress = Progress {
+        world: SimpleCommunicator::world(),
+        store,
+        next_tag: FIRST_REPLY_TAG,
+        sends: Requests::new(),
+        pieces_out: 0,
+        awaiting: Vec::new(),
+        answering: Vec::new(),
+        receives: Requests::new(),
+        receiving: HashMap::new(),
+        next_key: 0,
+    };
+    let mut sleep = Duration::from_micros(1);
+    let mut moved_at = Instant::now();
+    let mut stop_by = None;
+    loop {
+        let mut moved = false;
+        loop {
+            match commands.try_recv() {
+                Ok(Command::Stop) | Err(TryRecvError::Disconnected) => {
+                    stop_by.get_or_insert_with(|| Instant::now() + STOP_GRACE);
+                    progress.fail_awaiting("the worker is stopping");
+                    progress.answering.clear();
+                    break;
+                }
+                Ok(command) => {
+                    progress.on_command(command);
+                    moved = true;
+                }
+                Err(TryRecvError::Empty) => break,
+            }
+        }
+        if stop_by.is_none() {
+            moved |= progress.serve_requests();
+            moved |= progress.match_go_aheads();
+        }
+        moved |= progress.match_replies();
+        moved |= progress.complete();
+        if let Some(deadline) = stop_by {
+            if !progress.transferring() || Instant::now() >= deadline {
+                break;
+            }
+        }
+        if moved {
+            sleep = Duration::from_micros(1);
+            moved_at = Instant::now();
+        } else if progress.transferring() {
+            std::thread::yield_now();
+        } else {
+            std::thread::park_timeout(sleep);
+            let cap = if progress.waiting_for_peers() {
+                MAX_SLEEP_WAITING
+            } else if moved_at.elapsed() < ACTIVE_SPAN {
+                MAX_SLEEP_ACTIVE
+            } else {
+                MAX_SLEEP_QUIET
+            };
+            sleep = (sleep * 2).min(cap);
+        }
+    }
+    progress.abandon();
+}
+
+impl Progress {
+    /// Whether bytes are moving (or about to: receives are posted and the go-ahead sent).
+    fn transferring(&self) -> bool {
+        self.pieces_out > 0 || !self.receiving.is_empty()
+    }
+
+    fn waiting_for_peers(&self) -> bool {
+        !self.awaiting.is_empty() || !self.answering.is_empty() || !self.sends.is_empty()
+    }
+
+    fn reply_tag(&mut self) -> Tag {
+        let tag = self.next_tag;
+        self.next_tag = if tag == LAST_REPLY_TAG {
+            FIRST_REPLY_TAG
+        } else {
+            tag + 1
+        };
+        tag
+    }
+
+    /// Sends a small control message.
+    fn send_message(&mut self, message: Bytes, rank: i32, tag: Tag) {
+        // SAFETY: the bytes are a heap block the owner keeps.
+        unsafe { self.sends.send(Outbound::Message(message), rank, tag) };
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Request { rank, ids, answer } => self.request(rank, ids, answer),
+            Command::Receive {
+                rank,
+                tag,
+                buffers,
+                answer,
+            } => self.receive(rank, tag, buffers, answer),
+            Command::Cancel { rank, tag } => {
+                self.send_message(Bytes::from_static(&[CANCEL]), rank, tag + GO_TAG_OFFSET);
+            }
+            Command::Stop => {}
+        }
+    }
+
+    fn request(&mut self, rank: i32, ids: Vec<TaskId>, answer: Answer<Announced>) {
+        let tag = self.reply_tag();
+        match encode(&Request {
+            reply_tag: tag,
+            ids,
+        }) {
+            Ok(request) => self.send_message(request, rank, REQUEST_TAG),
+            Err(e) => {
+                let _ = answer.send(Err(TransportError::Mpi(e.to_string())));
+                return;
+            }
+        }
+        self.awaiting.push(Awaiting {
+            rank,
+            tag,
+            answer,
+            started: Instant::now(),
+        });
+    }
+
+    /// Answers every request that has arrived; true if there was one.
+    fn serve_requests(&mut self) -> bool {
+        let mut served = false;
+        while let Some(probed) = self
+            .world
+            .any_process()
+            .immediate_matched_probe_with_tag(REQUEST_TAG)
+        {
+            served = true;
+            let (message, status) = probed.matched_receive_vec::<u8>();
+            let rank = status.source_rank();
+            match decode::<Request>(&message) {
+                Ok(request) => self.answer(rank, request),
+                Err(e) => tracing::error!(rank, "malformed MPI fetch request: {e}"),
+            }
+        }
+        served
+    }
+
+    fn answer(&mut self, rank: i32, request: Request) {
+        let objects: Vec<_> = request.ids.iter().map(|id| self.store.get(*id)).collect();
+        let reply = Reply {
+            layouts: objects
+                .iter()
+                .map(|o| o.as_ref().map(|o| o.layout.clone()))
+                .collect(),
+        };
+        match encode(&reply) {
+            Ok(reply) => self.send_message(reply, rank, request.reply_tag),
+            Err(e) => {
+                tracing::error!(rank, "cannot encode an MPI fetch reply: {e}");
+                return;
+            }
+        }
+        self.answering.push(Answering {
+            rank,
+            tag: request.reply_tag,
+            objects: objects.into_iter().flatten().collect(),
+        });
+    }
+
+    /// Sends the objects of every reply whose fetcher said go; true if any did.
+    fn match_go_aheads(&mut self) -> bool {
+        let mut matched = false;
+        let mut index = 0;
+        while index < self.answering.len() {
+            let answer = &self.answering[index];
+            let probed = self
+                .world
+                .process_at_rank(answer.rank)
+                .immediate_matched_probe_with_tag(answer.tag + GO_TAG_OFFSET);
+            let Some(probed) = probed else {
+                index += 1;
+                continue;
+            };
+            matched = true;
+            let answer = self.answering.swap_remove(index);
+            let (word, _) = probed.matched_receive_vec::<u8>();
+            if word != [GO] {
+                continue; // the fetch failed at the fetcher
+            }
+            for object in answer.objects {
+                let size = object.bytes().len();
+                for start in (0..size).step_by(MAX_PIECE) {
+                    let piece = Outbound::Piece(object.clone(), start..size.min(start + MAX_PIECE));
+                    // SAFETY: a piece is part of a stored object (a mapping or a heap
+                    // block, never changed) that its owner keeps alive.
+                    unsafe { self.sends.send(piece, answer.rank, answer.tag) };
+                    self.pieces_out += 1;
+                }
+            }
+        }
+        matched
+    }
+
+    /// Hands the replies that have arrived to their fetches; true if there was one.
+    fn match_replies(&mut self) -> bool {
+        let mut matched = false;
+        let mut index = 0;
+        while index < self.awaiting.len() {
+            let request = &self.awaiting[index];
+            let probed = self
+                .world
+                .process_at_rank(request.rank)
+                .immediate_matched_probe_with_tag(request.tag);
+            let Some(probed) = probed else {
+                index += 1;
+                continue;
+            };
+            matched = true;
+            let request = self.awaiting.swap_remove(index);
+            let (reply, _) = probed.matched_receive_vec::<u8>();
+            let announced = match decode::<Reply>(&reply) {
+                Ok(reply) => Ok(Announced {
+                    tag: request.tag,
+                    layouts: reply.layouts,
+                    waited: request.started.elapsed(),
+                }),
+                Err(e) => Err(TransportError::Mpi(format!(
+                    "malformed reply from rank {}: {e}",
+                    request.rank
+                ))),
+            };
+            if announced.is_err() {
+                let word = Bytes::from_static(&[CANCEL]);
+                self.send_message(word, request.rank, request.tag + GO_TAG_OFFSET);
+            }
+            let _ = request.answer.send(announced);
+        }
+        matched
+    }
+
+    /// Posts a receive for every piece of `buffers` and tells the holder to go.
+    fn receive(
+        &mut self,
+        rank: i32,
+        tag: Tag,
+        mut buffers: Vec<(TaskId, Option<ObjectBuilder>)>,
+        answer: Answer<Received>,
+    ) {
+        let key = self.next_key;
+        self.next_key += 1;
+        let mut pieces = 0;
+        for builder in buffers.iter_mut().filter_map(|(_, b)| b.as_mut()) {
+            for piece in builder.buffer().chunks_mut(MAX_PIECE) {
+                // SAFETY: the buffer belongs to a builder that `receiving` keeps, unmoved
+                // in memory (a mapping or a heap block), until all its pieces are in.
+                unsafe { self.receives.receive(piece, rank, tag, key) };
+                pieces += 1;
+            }
+        }
+        self.send_message(Bytes::from_static(&[GO]), rank, tag + GO_TAG_OFFSET);
+        self.receiving.insert(
+            key,
+            Receiving {
+                objects: buffers,
+                pieces_left: pieces,
+                answer,
+                go_at: Instant::now(),
+            },
+        );
+        if pieces == 0 {
+            self.finish(key);
+        }
+    }
+
+    /// Retires completed sends and receives; true if any completed.
+    fn complete(&mut self) -> bool {
+        let sent = self.sends.take_completed();
+        self.pieces_out -= sent
+            .iter()
+            .filter(|s| matches!(s, Outbound::Piece(..)))
+            .count();
+        let received = self.receives.take_completed();
+        let any = !sent.is_empty() || !received.is_empty();
+        for key in received {
+            if let Some(fetch) = self.receiving.get_mut(&key) {
+                fetch.pieces_left -= 1;
+                if fetch.pieces_left == 0 {
+                    self.finish(key);
+                }
+            }
+        }
+        any
+    }
+
+    fn finish(&mut self, key: u64) {
+        let Some(fetch) = self.receiving.remove(&key) else {
+            return;
+        };
+        let objects = fetch
+            .objects
+            .into_iter()
+            .map(|(id, builder)| (id, builder.map(ObjectBuilder::finish)))
+            .collect();
+        let _ = fetch.answer.send(Ok(Received {
+            objects,
+            took: fetch.go_at.elapsed(),
+        }));
+    }
+
+    fn fail_awaiting(&mut self, why: &str) {
+        for request in self.awaiting.drain(..) {
+            let _ = request.answer.send(Err(TransportError::Mpi(why.into())));
+        }
+    }
+
+    /// The thread is ending: fetches not done fail. Buffers MPI may still write into are
+    /// leaked, never freed under it.
+    fn abandon(mut self) {
+        self.fail_awaiting("the worker is stopping");
+        for (_, fetch) in self.receiving.drain() {
+            let _ = fetch
+                .answer
+                .send(Err(TransportError::Mpi("the worker is stopping".into())));
+            std::mem::forget(fetch.objects);
+        }
+        if self.pieces_out > 0 {
+            tracing::warn!("the MPI progress thread stopped with sends still in flight");
+        }
+    }
+}
+
+/// Sleeps of a few hundred microseconds would otherwise overshoot by Linux's default
+/// timer slack (50 µs) each time.
+fn reduce_timer_slack() {
+    // SAFETY: PR_SET_TIMERSLACK only changes this thread's timer slack.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1_000 as libc::c_ulong) };
+}
