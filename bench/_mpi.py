@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 
 # Open MPI's UCX layer; without InfiniBand devices it must be allowed every transport.
@@ -23,3 +24,18 @@ def mpirun_base(np: int) -> list[str]:
     if os.geteuid() == 0:
         base.insert(1, "--allow-run-as-root")
     return base
+
+
+def rankmesh_mpi_settings(env: dict[str, str]) -> dict[str, str]:
+    """The Open MPI settings `rankmesh run` fills in under `env` (`rankmesh mpi-settings`),
+    so the other side of a comparison can be given the same."""
+    from rankmesh.cluster import find_binary
+
+    printed = subprocess.run(
+        [find_binary(), "mpi-settings"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **env},
+    ).stdout
+    return dict(line.split("=", 1) for line in printed.splitlines() if "=" in line)

@@ -98,6 +98,7 @@ fn run(workers: u32, specs: Vec<TaskSpec>, wanted: Vec<TaskId>) -> Outcome {
             pid: n,
             rank: None,
             topology: None,
+            doorbell: None,
         };
         scheduler.add_worker(reg, &mut comm);
     }

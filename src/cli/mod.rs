@@ -329,6 +329,7 @@ async fn run(command: Command) -> Result<i32> {
                 rank: None,
                 topology: None,
                 executor_env: Vec::new(),
+                doorbell: None,
             };
             worker::run(
                 config,

@@ -11,8 +11,8 @@ use crate::topology::{self, bind, env, NodeTopology, Place, Source, WorkerPer};
 use crate::transport::mpi::{self as mpi_transport, MpiProgress};
 use crate::transport::tcp::TcpTransport;
 use crate::transport::Transport;
-use crate::worker::store::Store;
-use crate::worker::{self, ExecutorKind, WorkerConfig};
+use crate::worker::store::{ShmDir, Store, WORKER_SHM_PREFIX};
+use crate::worker::{self, ExecutorKind, WorkerConfig, WorkerError};
 use mpi::traits::{Communicator, CommunicatorCollectives, Root};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -148,7 +148,7 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
             ),
             None => (None, Vec::new()),
         };
-        let config = WorkerConfig {
+        let mut config = WorkerConfig {
             rank: Some(rank as u32),
             scheduler: bootstrap.scheduler,
             token: Token::new(bootstrap.token),
@@ -159,15 +159,19 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
             python: options.python,
             executor: ExecutorKind::Python,
             listen_host: "0.0.0.0".into(),
-            advertise_host: host,
+            advertise_host: host.clone(),
             max_crashes: 3,
+            doorbell: None,
         };
+        let setup = |e| LaunchError::Worker(WorkerError::Setup(e));
+        let shm = Arc::new(ShmDir::create(WORKER_SHM_PREFIX).map_err(setup)?);
         let store = Store::default();
         let mut progress = None;
         let transport: Arc<dyn Transport> = match options.transport {
             TransportKind::Mpi if mpi_transport::threading_suffices(threading) => {
                 let (thread, transport) =
-                    MpiProgress::start(store.clone()).map_err(LaunchError::Runtime)?;
+                    MpiProgress::start(store.clone(), shm.path(), &host).map_err(setup)?;
+                config.doorbell = Some(thread.doorbell().to_string_lossy().into_owned());
                 progress = Some(thread);
                 Arc::new(transport)
             }
@@ -182,7 +186,7 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
         };
         let outcome = runtime.block_on(async {
             let shutdown = crate::cluster::cancel_on_signal().map_err(LaunchError::Runtime)?;
-            worker::run_with(config, store, transport, shutdown)
+            worker::run_with(config, shm, store, transport, shutdown)
                 .await
                 .map_err(LaunchError::from)
         });

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// What a connecting peer is; the acceptor checks it is one it serves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,6 +131,9 @@ pub struct WorkerInfo {
     pub pid: u32,
     /// Its place in the node, when it was placed by a topology plan.
     pub topology: Option<WorkerTopology>,
+    /// The path of its MPI progress thread's doorbell, which workers on its host ring
+    /// after sending it a request (`transport/mpi/doorbell.rs`).
+    pub doorbell: Option<String>,
 }
 
 /// Where a worker runs inside its node (`host`), as its placement put it.
@@ -182,6 +185,7 @@ pub struct WorkerRegistration {
     pub pid: u32,
     pub rank: Option<u32>,
     pub topology: Option<WorkerTopology>,
+    pub doorbell: Option<String>,
 }
 
 /// Where a task's input lives now.

@@ -261,6 +261,7 @@ impl Scheduler {
             rank: reg.rank,
             pid: reg.pid,
             topology: reg.topology,
+            doorbell: reg.doorbell,
         };
         let peers = self.workers().cloned().collect();
         comm.send_worker(

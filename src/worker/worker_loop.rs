@@ -58,6 +58,8 @@ pub struct WorkerConfig {
     pub topology: Option<WorkerTopology>,
     /// Set in every executor's environment (thread counts, visible GPUs).
     pub executor_env: Vec<(String, String)>,
+    /// Where its MPI progress thread's doorbell is, when it has one.
+    pub doorbell: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,18 +76,20 @@ pub enum WorkerError {
 /// away, or `shutdown` fires.
 pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<(), WorkerError> {
     let transport = Arc::new(TcpTransport::new(config.token.clone()));
-    run_with(config, Store::default(), transport, shutdown).await
+    let shm = Arc::new(ShmDir::create(WORKER_SHM_PREFIX)?);
+    run_with(config, shm, Store::default(), transport, shutdown).await
 }
 
-/// Runs a worker around `store`, fetching inputs from peers with `transport`. Clients
-/// always fetch results over TCP, so the TCP data server runs whatever the transport.
+/// Runs a worker around `store`, its large objects in `shm`, fetching inputs from peers
+/// with `transport`. Clients always fetch results over TCP, so the TCP data server runs
+/// whatever the transport.
 pub async fn run_with(
     config: WorkerConfig,
+    shm: Arc<ShmDir>,
     store: Store,
     transport: Arc<dyn Transport>,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
-    let shm = Arc::new(ShmDir::create(WORKER_SHM_PREFIX)?);
     let socket_dir = tempfile::Builder::new()
         .prefix("rankmesh-worker-")
         .tempdir()?;
@@ -106,6 +110,7 @@ pub async fn run_with(
         pid: std::process::id(),
         rank: config.rank,
         topology: config.topology.clone(),
+        doorbell: config.doorbell.clone(),
     };
     let registered = async {
         writer

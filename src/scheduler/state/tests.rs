@@ -96,6 +96,7 @@ impl TestEnv {
             pid: 100,
             rank: None,
             topology: None,
+            doorbell: None,
         };
         let others: Vec<WorkerId> = self.scheduler.workers().map(|w| w.id).collect();
         let clients: Vec<ClientId> = self.scheduler.clients.iter().copied().collect();

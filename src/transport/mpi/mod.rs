@@ -18,8 +18,11 @@
 //! the very rank it waited for). MPI moves the bytes by rendezvous into the posted
 //! buffers; over InfiniBand Open MPI's UCX layer carries them.
 
+mod doorbell;
 mod progress;
 mod requests;
+
+use doorbell::Doorbell;
 
 use super::{Allocate, Fetched, Transport, TransportError};
 use crate::protocol::{TaskId, WorkerInfo};
@@ -27,8 +30,10 @@ use crate::worker::store::{ObjectBuilder, Store};
 use futures::future::BoxFuture;
 use mpi::Tag;
 use serde::{Deserialize, Serialize};
-use std::sync::{mpsc, Arc};
-use std::thread::{JoinHandle, Thread};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
@@ -85,9 +90,11 @@ struct Received {
 type Answer<T> = oneshot::Sender<Result<T, TransportError>>;
 
 enum Command {
-    /// Ask `rank` for `ids`; the reply comes back on `answer`.
+    /// Ask `rank` for `ids` (and ring its doorbell, on this node); the reply comes back
+    /// on `answer`.
     Request {
         rank: i32,
+        doorbell: Option<Arc<Doorbell>>,
         ids: Vec<TaskId>,
         answer: Answer<Announced>,
     },
@@ -110,13 +117,13 @@ enum Command {
 #[derive(Clone)]
 struct Commands {
     sender: mpsc::Sender<Command>,
-    thread: Thread,
+    doorbell: Arc<Doorbell>,
 }
 
 impl Commands {
     fn send(&self, command: Command) -> Result<(), TransportError> {
         let sent = self.sender.send(command);
-        self.thread.unpark();
+        self.doorbell.ring();
         sent.map_err(|_| stopped())
     }
 
@@ -143,26 +150,40 @@ pub struct MpiProgress {
 }
 
 impl MpiProgress {
-    /// Starts the thread; call only after MPI is initialized with [`NEEDED_THREADING`].
-    pub fn start(store: Store) -> std::io::Result<(MpiProgress, MpiTransport)> {
+    /// Starts the thread, with its doorbell in `folder` (the worker's shared-memory
+    /// folder, which peers on `host` can reach); call only after MPI is initialized with
+    /// [`NEEDED_THREADING`].
+    pub fn start(
+        store: Store,
+        folder: &Path,
+        host: &str,
+    ) -> std::io::Result<(MpiProgress, MpiTransport)> {
         let (sender, receiver) = mpsc::channel();
-        let thread = std::thread::Builder::new()
+        let doorbell = Arc::new(Doorbell::create(folder)?);
+        let own = doorbell.clone();
+        std::thread::Builder::new()
             .name("rankmesh-mpi".into())
-            .spawn(move || progress::run(store, receiver))?;
-        let commands = Commands {
-            sender,
-            thread: thread.thread().clone(),
-        };
-        let transport = MpiTransport {
-            commands: commands.clone(),
-        };
-        Ok((
-            MpiProgress {
-                commands,
-                thread: Some(thread),
-            },
-            transport,
-        ))
+            .spawn(move || progress::run(store, receiver, &own))
+            .map(|thread| {
+                let commands = Commands { sender, doorbell };
+                let transport = MpiTransport {
+                    commands: commands.clone(),
+                    host: host.to_string(),
+                    doorbells: Mutex::default(),
+                };
+                (
+                    MpiProgress {
+                        commands,
+                        thread: Some(thread),
+                    },
+                    transport,
+                )
+            })
+    }
+
+    /// Where this rank's doorbell is, for peers on the node.
+    pub fn doorbell(&self) -> &Path {
+        self.commands.doorbell.path()
     }
 
     /// Stops the thread once the transfers under way are done (bounded by a deadline),
@@ -180,6 +201,34 @@ impl MpiProgress {
 /// Fetches from other worker ranks through the progress thread.
 pub struct MpiTransport {
     commands: Commands,
+    /// This rank's host: holders on it have doorbells this rank can ring.
+    host: String,
+    /// Peers' doorbells by path, once mapped (`None`: it could not be).
+    doorbells: Mutex<HashMap<String, Option<Arc<Doorbell>>>>,
+}
+
+impl MpiTransport {
+    /// The doorbell of `holder`, if it is on this node.
+    fn doorbell_of(&self, holder: &WorkerInfo) -> Option<Arc<Doorbell>> {
+        let path = holder
+            .doorbell
+            .as_ref()
+            .filter(|_| holder.host == self.host)?;
+        let mut doorbells = self
+            .doorbells
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        doorbells
+            .entry(path.clone())
+            .or_insert_with(|| match Doorbell::open(Path::new(path)) {
+                Ok(doorbell) => Some(Arc::new(doorbell)),
+                Err(e) => {
+                    tracing::debug!(path, "cannot map a peer's doorbell: {e}");
+                    None
+                }
+            })
+            .clone()
+    }
 }
 
 impl Transport for MpiTransport {
@@ -191,10 +240,12 @@ impl Transport for MpiTransport {
     ) -> BoxFuture<'a, Result<Fetched, TransportError>> {
         Box::pin(async move {
             let rank = from.rank.ok_or(TransportError::NoRank(from.id))? as i32;
+            let doorbell = self.doorbell_of(from);
             let announced = self
                 .commands
                 .ask(|answer| Command::Request {
                     rank,
+                    doorbell,
                     ids: ids.clone(),
                     answer,
                 })
