@@ -17,10 +17,10 @@ Workloads:
 
 Reported per workload and system: wall seconds (median of --reps, after an untimed
 warm-up; building the inputs is not timed, dask.compute's graph work is), tasks/s (tasks /
-median wall), peak worker RSS (sum over the worker processes and their children, sampled
-every 50 ms, the highest over all reps; the threaded scheduler runs in this process, so it
-has none), and the speedup: Dask distributed's wall divided by this system's. Results are
-checked and compared between systems; any mismatch exits 1.
+median wall), peak worker memory (the sum of PSS over the worker processes and their
+children, sampled every 50 ms, the highest over all reps; the threaded scheduler runs in
+this process, so it has none), and the speedup: Dask distributed's wall divided by this
+system's. Results are checked and compared between systems; any mismatch exits 1.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ from xarray_anomaly import anomaly_pipeline, synthetic_dataset  # noqa: E402
 
 N_WORKERS = 2
 LEAF_LEN = 1000
-RSS_SAMPLE_S = 0.05
+MEMORY_SAMPLE_S = 0.05
 # Finding new processes (executors restart, workers start children) costs a /proc scan;
-# reading the RSS of known ones is cheap. So rescan less often than sampling.
+# reading the memory of known ones is cheap. So rescan less often than sampling.
 PROCESS_RESCAN_S = 1.0
 XARRAY_RELATIVE_TOLERANCE = 1e-6
 
@@ -94,8 +94,12 @@ def tree_graph(levels: int, salt: str):
 # ---------------------------------------------------------------- memory sampling
 
 
-class PeakRss:
-    """Background sampler of the summed RSS of some processes and all their descendants."""
+class PeakMemory:
+    """Background sampler of the summed PSS of some processes and all their descendants.
+
+    PSS, not RSS: a page several of them map (rankmesh's shared-memory objects, mapped by
+    the worker and by the executors reading them) counts once in the sum, not once per
+    process; for processes sharing nothing the two are the same."""
 
     def __init__(self, root_pids: Callable[[], list[int]]):
         self._root_pids = root_pids
@@ -103,7 +107,7 @@ class PeakRss:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.peak_bytes = 0
 
-    def __enter__(self) -> PeakRss:
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 
@@ -129,11 +133,11 @@ class PeakRss:
             total = 0
             for process in processes:
                 try:
-                    total += process.memory_info().rss
+                    total += process.memory_full_info().pss
                 except psutil.NoSuchProcess:
                     continue
             self.peak_bytes = max(self.peak_bytes, total)
-            if self._stop.wait(RSS_SAMPLE_S):
+            if self._stop.wait(MEMORY_SAMPLE_S):
                 return
 
 
@@ -270,7 +274,7 @@ class Row:
     system: str
     n_tasks: int
     walls: list[float] = field(default_factory=list)
-    peak_rss: int = 0
+    peak_memory: int = 0
     result: object = None
 
     @property
@@ -371,12 +375,12 @@ def run_workload(workload: Workload, systems: dict[str, System], reps: int) -> l
             system, row = systems[name], rows[name]
             job = workload.build(workload.size, f"rep{rep}")
             gc.collect()
-            with PeakRss(system.worker_pids) as rss:
+            with PeakMemory(system.worker_pids) as memory:
                 start = time.perf_counter()
                 result = workload.run(system, job)
                 row.walls.append(time.perf_counter() - start)
             workload.check(result)
-            row.peak_rss = max(row.peak_rss, rss.peak_bytes)
+            row.peak_memory = max(row.peak_memory, memory.peak_bytes)
             row.result = result
             system.after_rep()
             log(f"{workload.name} {name} rep{rep}: {row.walls[-1]:.3f} s")
@@ -407,18 +411,18 @@ def print_table(rows: list[Row], notes: dict[str, str]) -> None:
     dask_wall = {row.workload: row.median for row in rows if row.system == "dask"}
     header = (
         f"{'workload':<8} {'system':<9} {'tasks':>7} {'wall s':>8} {'tasks/s':>9} "
-        f"{'worker RSS MiB':>14} {'speedup':>8}"
+        f"{'worker PSS MiB':>14} {'speedup':>8}"
     )
     print(header)
     print("-" * len(header))
     for row in rows:
-        rss = f"{row.peak_rss / 2**20:.0f}" if row.peak_rss else "-"
+        memory = f"{row.peak_memory / 2**20:.0f}" if row.peak_memory else "-"
         speedup = (
             f"{dask_wall[row.workload] / row.median:.2f}x" if row.workload in dask_wall else "-"
         )
         print(
             f"{row.workload:<8} {row.system:<9} {row.n_tasks:>7} {row.median:>8.3f} "
-            f"{row.n_tasks / row.median:>9.0f} {rss:>14} {speedup:>8}"
+            f"{row.n_tasks / row.median:>9.0f} {memory:>14} {speedup:>8}"
         )
     for workload, note in notes.items():
         print(f"{workload}: {note}")
@@ -507,7 +511,7 @@ def main() -> int:
                     "wall_s_median": r.median,
                     "wall_s": r.walls,
                     "tasks_per_s": r.n_tasks / r.median,
-                    "peak_worker_rss_bytes": r.peak_rss,
+                    "peak_worker_pss_bytes": r.peak_memory,
                 }
                 for r in rows
             ],
