@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 const WORD: usize = std::mem::size_of::<u32>();
+const FILE_NAME: &str = "doorbell";
 
 pub struct Doorbell {
     map: MmapMut,
@@ -25,7 +26,7 @@ pub struct Doorbell {
 impl Doorbell {
     /// Makes this rank's doorbell in `folder`.
     pub fn create(folder: &Path) -> std::io::Result<Doorbell> {
-        let path = folder.join("doorbell");
+        let path = folder.join(FILE_NAME);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -35,14 +36,18 @@ impl Doorbell {
         Self::map(&file, path)
     }
 
-    /// Maps another rank's doorbell.
+    /// Maps another rank's doorbell. The path comes from the peer's registration: it
+    /// must name a doorbell (by its name and size), never any other file this process
+    /// could write to.
     pub fn open(path: &Path) -> std::io::Result<Doorbell> {
+        let no_doorbell = || std::io::Error::other(format!("{} is no doorbell", path.display()));
+        if path.file_name() != Some(FILE_NAME.as_ref()) {
+            return Err(no_doorbell());
+        }
         let file = OpenOptions::new().read(true).write(true).open(path)?;
-        if file.metadata()?.len() < WORD as u64 {
-            return Err(std::io::Error::other(format!(
-                "{} is no doorbell",
-                path.display()
-            )));
+        let metadata = file.metadata()?;
+        if !metadata.is_file() || metadata.len() != WORD as u64 {
+            return Err(no_doorbell());
         }
         Self::map(&file, path.to_path_buf())
     }
@@ -148,6 +153,21 @@ mod tests {
         let started = Instant::now();
         own.wait(own.value(), Duration::from_millis(20));
         assert!(started.elapsed() >= Duration::from_millis(20));
-        assert!(Doorbell::open(&folder.path().join("nothing")).is_err());
+    }
+
+    #[test]
+    fn only_a_doorbell_opens_as_one() {
+        let folder = tempfile::tempdir().unwrap();
+        assert!(
+            Doorbell::open(&folder.path().join(FILE_NAME)).is_err(),
+            "missing"
+        );
+        let other = folder.path().join("data");
+        std::fs::write(&other, [0u8; 4]).unwrap();
+        assert!(Doorbell::open(&other).is_err(), "another file");
+        let wrong_size = folder.path().join(FILE_NAME);
+        std::fs::write(&wrong_size, [0u8; 4096]).unwrap();
+        assert!(Doorbell::open(&wrong_size).is_err(), "not one word");
+        assert_eq!(std::fs::read(&wrong_size).unwrap(), vec![0u8; 4096]);
     }
 }

@@ -280,23 +280,13 @@ impl Progress {
         });
     }
 
-    /// Sends the objects of every reply whose fetcher said go; true if any did.
+    /// Sends the objects of every reply whose fetcher said go; true if any word came.
     fn match_go_aheads(&mut self) -> bool {
-        let mut matched = false;
-        let mut index = 0;
-        while index < self.answering.len() {
-            let answer = &self.answering[index];
-            let probed = self
-                .world
-                .process_at_rank(answer.rank)
-                .immediate_matched_probe_with_tag(answer.tag + GO_TAG_OFFSET);
-            let Some(probed) = probed else {
-                index += 1;
-                continue;
-            };
-            matched = true;
-            let answer = self.answering.swap_remove(index);
-            let (word, _) = probed.matched_receive_vec::<u8>();
+        let arrived = take_arrived(&self.world, &mut self.answering, |answer| {
+            (answer.rank, answer.tag + GO_TAG_OFFSET)
+        });
+        let any = !arrived.is_empty();
+        for (answer, word) in arrived {
             if word != [GO] {
                 continue; // the fetch failed at the fetcher
             }
@@ -311,26 +301,16 @@ impl Progress {
                 }
             }
         }
-        matched
+        any
     }
 
     /// Hands the replies that have arrived to their fetches; true if there was one.
     fn match_replies(&mut self) -> bool {
-        let mut matched = false;
-        let mut index = 0;
-        while index < self.awaiting.len() {
-            let request = &self.awaiting[index];
-            let probed = self
-                .world
-                .process_at_rank(request.rank)
-                .immediate_matched_probe_with_tag(request.tag);
-            let Some(probed) = probed else {
-                index += 1;
-                continue;
-            };
-            matched = true;
-            let request = self.awaiting.swap_remove(index);
-            let (reply, _) = probed.matched_receive_vec::<u8>();
+        let arrived = take_arrived(&self.world, &mut self.awaiting, |request| {
+            (request.rank, request.tag)
+        });
+        let any = !arrived.is_empty();
+        for (request, reply) in arrived {
             let announced = match decode::<Reply>(&reply) {
                 Ok(reply) => Ok(Announced {
                     tag: request.tag,
@@ -348,7 +328,7 @@ impl Progress {
             }
             let _ = request.answer.send(announced);
         }
-        matched
+        any
     }
 
     /// Posts a receive for every piece of `buffers` and tells the holder to go.
@@ -440,6 +420,31 @@ impl Progress {
             tracing::warn!("the MPI progress thread stopped with sends still in flight");
         }
     }
+}
+
+/// Takes out of `waiting` every entry whose message (from the rank, on the tag that
+/// `expects` names) has arrived, with that message.
+fn take_arrived<T>(
+    world: &SimpleCommunicator,
+    waiting: &mut Vec<T>,
+    expects: impl Fn(&T) -> (i32, Tag),
+) -> Vec<(T, Vec<u8>)> {
+    let mut arrived = Vec::new();
+    let mut index = 0;
+    while index < waiting.len() {
+        let (rank, tag) = expects(&waiting[index]);
+        match world
+            .process_at_rank(rank)
+            .immediate_matched_probe_with_tag(tag)
+        {
+            None => index += 1,
+            Some(probed) => {
+                let (message, _) = probed.matched_receive_vec::<u8>();
+                arrived.push((waiting.swap_remove(index), message));
+            }
+        }
+    }
+    arrived
 }
 
 /// Sleeps of a few hundred microseconds would otherwise overshoot by Linux's default

@@ -35,24 +35,21 @@ impl<T> Requests<T> {
     where
         T: AsRef<[u8]>,
     {
-        let bytes = owner.as_ref();
-        let mut request = unsafe { ffi::RSMPI_REQUEST_NULL };
+        let (bytes, len) = (owner.as_ref().as_ptr(), owner.as_ref().len() as c_int);
         // SAFETY: the bytes stay valid until the request completes (the caller's promise,
         // and `owner` is kept until then); the count fits a C int (pieces are at most
         // `MAX_PIECE` bytes).
-        unsafe {
+        self.start(owner, |request| unsafe {
             ffi::MPI_Isend(
-                bytes.as_ptr().cast(),
-                bytes.len() as c_int,
+                bytes.cast(),
+                len,
                 ffi::RSMPI_UINT8_T,
                 rank,
                 tag,
                 ffi::RSMPI_COMM_WORLD,
-                &mut request,
-            );
-        }
-        self.raw.push(request);
-        self.owners.push(owner);
+                request,
+            )
+        });
     }
 
     /// Starts receiving a message of exactly `buffer`'s size from `rank` into it; `owner`
@@ -61,19 +58,26 @@ impl<T> Requests<T> {
     /// # Safety
     /// `buffer` must stay valid, unmoved and otherwise untouched until then.
     pub(super) unsafe fn receive(&mut self, buffer: &mut [u8], rank: i32, tag: Tag, owner: T) {
-        let mut request = unsafe { ffi::RSMPI_REQUEST_NULL };
+        let (bytes, len) = (buffer.as_mut_ptr(), buffer.len() as c_int);
         // SAFETY: as for `send`, with the buffer written by MPI until completion.
-        unsafe {
+        self.start(owner, |request| unsafe {
             ffi::MPI_Irecv(
-                buffer.as_mut_ptr().cast(),
-                buffer.len() as c_int,
+                bytes.cast(),
+                len,
                 ffi::RSMPI_UINT8_T,
                 rank,
                 tag,
                 ffi::RSMPI_COMM_WORLD,
-                &mut request,
-            );
-        }
+                request,
+            )
+        });
+    }
+
+    /// Starts a request with `call` (which fills in its handle) and keeps `owner` with it.
+    fn start(&mut self, owner: T, call: impl FnOnce(*mut ffi::MPI_Request) -> c_int) {
+        // SAFETY: reading an MPI constant.
+        let mut request = unsafe { ffi::RSMPI_REQUEST_NULL };
+        call(&mut request);
         self.raw.push(request);
         self.owners.push(owner);
     }
