@@ -325,3 +325,64 @@ fn allocate(
         .map(|(id, layout)| Ok((id, layout.map(|l| alloc.allocate(l)).transpose()?)))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::HeapAllocator;
+    use crate::worker::store::StoreError;
+
+    fn commands() -> (Commands, mpsc::Receiver<Command>, tempfile::TempDir) {
+        let folder = tempfile::tempdir().unwrap();
+        let (sender, receiver) = mpsc::channel();
+        let doorbell = Arc::new(Doorbell::create(folder.path()).unwrap());
+        (Commands { sender, doorbell }, receiver, folder)
+    }
+
+    #[test]
+    fn a_holder_left_waiting_is_told_to_cancel_and_one_told_to_go_is_not() {
+        let (commands, received, _folder) = commands();
+        let rung = commands.doorbell.value();
+        drop(Holder {
+            commands: &commands,
+            rank: 3,
+            tag: 42,
+            waiting: true,
+        });
+        assert!(matches!(
+            received.try_recv(),
+            Ok(Command::Cancel { rank: 3, tag: 42 })
+        ));
+        assert_ne!(
+            commands.doorbell.value(),
+            rung,
+            "the progress thread is woken"
+        );
+        drop(Holder {
+            commands: &commands,
+            rank: 3,
+            tag: 43,
+            waiting: false,
+        });
+        assert!(received.try_recv().is_err());
+    }
+
+    #[test]
+    fn buffers_follow_the_reply_or_the_fetch_fails() {
+        let ids = vec![TaskId(1), TaskId(2)];
+        let buffers = allocate(1, ids.clone(), vec![Some(vec![8]), None], &HeapAllocator).unwrap();
+        assert_eq!(buffers.len(), 2);
+        assert!(buffers[0].1.is_some() && buffers[1].1.is_none());
+        let short = allocate(1, ids.clone(), vec![None], &HeapAllocator);
+        assert!(matches!(short, Err(TransportError::Mpi(why)) if why.contains("1 of 2")));
+
+        struct Full;
+        impl Allocate for Full {
+            fn allocate(&self, layout: Vec<u64>) -> Result<ObjectBuilder, StoreError> {
+                Err(StoreError::BadLayout(layout))
+            }
+        }
+        let full = allocate(1, ids, vec![Some(vec![8]), Some(vec![8])], &Full);
+        assert!(matches!(full, Err(TransportError::Store(_))));
+    }
+}
