@@ -27,6 +27,12 @@ struct Bootstrap {
 }
 
 pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
+    // First, while this is the process's only thread: setting the environment races
+    // with any other thread reading it.
+    if options.tune_mpi {
+        let library = mpi::environment::library_version().unwrap_or_default();
+        open_mpi::apply(&open_mpi::choose(&Circumstances::of_this_node(library)));
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -53,10 +59,6 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
             .spawn(|| topology::load(&Source::ThisMachine))
             .ok(),
     };
-    if options.tune_mpi {
-        let library = mpi::environment::library_version().unwrap_or_default();
-        open_mpi::apply(&open_mpi::choose(&Circumstances::of_this_node(library)));
-    }
     // Worker data over MPI needs one thread at a time calling MPI (the progress thread,
     // after start-up); asking for no more spares Open MPI the locking of THREAD_MULTIPLE.
     let (universe, threading) = mpi::initialize_with_threading(mpi_transport::NEEDED_THREADING)
