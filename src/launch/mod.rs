@@ -98,8 +98,7 @@ fn drain_deadline() -> Option<std::time::SystemTime> {
 /// The Open MPI settings `run` fills in on this node, as environment variables.
 #[cfg(feature = "mpi")]
 pub fn open_mpi_settings() -> Vec<(String, String)> {
-    let library = mpi::environment::library_version().unwrap_or_default();
-    open_mpi::choose(&open_mpi::Circumstances::of_this_node(library))
+    open_mpi::for_this_node()
         .into_iter()
         .map(|s| (format!("OMPI_MCA_{}", s.name), s.value))
         .collect()

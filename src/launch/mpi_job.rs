@@ -2,7 +2,7 @@
 //! 0, place and bind the worker ranks of each node, then run the scheduler (rank 0) or a
 //! worker (other ranks) until the script ends.
 
-use super::open_mpi::{self, Circumstances};
+use super::open_mpi;
 use super::{LaunchError, RunOptions, TransportKind};
 use crate::cluster::{default_scheduler_file, ClusterError, PendingScript, ScriptHost};
 use crate::protocol::WorkerTopology;
@@ -30,8 +30,7 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
     // First, while this is the process's only thread: setting the environment races
     // with any other thread reading it.
     if options.tune_mpi {
-        let library = mpi::environment::library_version().unwrap_or_default();
-        open_mpi::apply(&open_mpi::choose(&Circumstances::of_this_node(library)));
+        open_mpi::apply(&open_mpi::for_this_node());
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

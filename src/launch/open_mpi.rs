@@ -29,14 +29,14 @@ pub struct Setting {
 
 /// What the choice depends on, read from the node and the environment.
 #[derive(Clone, Debug, Default)]
-pub struct Circumstances {
+struct Circumstances {
     /// `MPI_Get_library_version`'s text.
-    pub library: String,
+    library: String,
     /// High-speed network devices found on this node (names, for the log).
-    pub fabric_devices: Vec<String>,
+    fabric_devices: Vec<String>,
     /// MCA parameters somebody set, with their values: `OMPI_MCA_*` variables first
     /// (they win over files, as in Open MPI), then parameter-file entries.
-    pub chosen: Vec<(String, String)>,
+    chosen: Vec<(String, String)>,
 }
 
 /// Fabric devices show up here: RDMA devices (InfiniBand, RoCE, EFA, iWARP) in the class
@@ -46,7 +46,7 @@ const FABRIC_DEVICE_PREFIXES: [&str; 4] = ["hfi1", "ipath", "cxi", "kgni"];
 
 impl Circumstances {
     /// Reads this node and this process's environment.
-    pub fn of_this_node(library: String) -> Circumstances {
+    fn of_this_node(library: String) -> Circumstances {
         let mut fabric_devices = entries(Path::new(RDMA_CLASS));
         fabric_devices.extend(
             entries(Path::new("/dev"))
@@ -83,7 +83,7 @@ fn excludes(list: &str) -> bool {
 }
 
 /// The settings to make, given the circumstances.
-pub fn choose(circumstances: &Circumstances) -> Vec<Setting> {
+fn choose(circumstances: &Circumstances) -> Vec<Setting> {
     if !circumstances.library.starts_with("Open MPI v4") {
         return Vec::new();
     }
@@ -119,6 +119,12 @@ pub fn choose(circumstances: &Circumstances) -> Vec<Setting> {
         });
     }
     settings
+}
+
+/// The settings to make on this node, given this process's environment.
+pub fn for_this_node() -> Vec<Setting> {
+    let library = mpi::environment::library_version().unwrap_or_default();
+    choose(&Circumstances::of_this_node(library))
 }
 
 /// Sets the chosen parameters in this process's environment, where Open MPI reads them.
