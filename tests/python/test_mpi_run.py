@@ -324,7 +324,11 @@ def test_worker_ranks_fetch_from_each_other_at_once(tmp_path, transport):
     assert f"sums {[i * 1_000_000 for i in range(12)]}" in result.stdout
 
 
-OPEN_MPI_SETTINGS = ("OMPI_MCA_pml", "OMPI_MCA_btl_vader_single_copy_mechanism")
+OPEN_MPI_SETTINGS = (
+    "OMPI_MCA_pml",
+    "OMPI_MCA_btl_vader_single_copy_mechanism",
+    "OMPI_MCA_btl_vader_max_send_size",
+)
 
 
 def settings_seen_by_workers(tmp_path, env=None, flags=()):
@@ -363,7 +367,12 @@ def test_open_mpi_settings_reach_every_worker_rank_unless_chosen_or_declined(tmp
         expected = [printed.get(name, env.get(name)) for name in OPEN_MPI_SETTINGS]
         assert settings_seen_by_workers(tmp_path, env) == f"seen {[expected, expected]}"
     if os.environ.get("RANKMESH_TEST_MPI") != "mpich":
-        assert settings_printed(base)["OMPI_MCA_btl_vader_single_copy_mechanism"] == "none"
-        assert "OMPI_MCA_btl_vader_single_copy_mechanism" not in settings_printed(chosen)
+        printed = settings_printed(base)
+        assert printed["OMPI_MCA_btl_vader_single_copy_mechanism"] == "none"
+        assert printed["OMPI_MCA_btl_vader_max_send_size"] == "131072"
+        # With a single copy, large messages are not cut into fragments.
+        printed = settings_printed(chosen)
+        assert "OMPI_MCA_btl_vader_single_copy_mechanism" not in printed
+        assert "OMPI_MCA_btl_vader_max_send_size" not in printed
     untouched = settings_seen_by_workers(tmp_path, base, flags=["--no-mpi-tuning"])
-    assert untouched == f"seen {[[None, None], [None, None]]}"
+    assert untouched == f"seen {[[None] * len(OPEN_MPI_SETTINGS)] * 2}"
