@@ -41,7 +41,11 @@ pub enum TransportError {
 /// Where fetched objects are written: the receiver decides (shared memory on a worker,
 /// the heap in a client).
 pub trait Allocate: Send + Sync {
+    /// A buffer for an object of `layout`; may take long (fresh shared memory).
     fn allocate(&self, layout: Vec<u64>) -> Result<ObjectBuilder, StoreError>;
+    /// The same where that takes no fresh memory, for a thread that must not stall;
+    /// `Ok(None)` otherwise.
+    fn allocate_at_hand(&self, layout: &[u64]) -> Result<Option<ObjectBuilder>, StoreError>;
 }
 
 /// One entry per requested id, in order: `None` where the peer does not hold it.
@@ -66,10 +70,19 @@ impl Allocate for HeapAllocator {
             .ok_or_else(|| StoreError::BadLayout(layout.clone()))?;
         Ok(ObjectBuilder::heap(layout, total))
     }
+
+    /// Heap memory is mapped as it is first written: always at hand.
+    fn allocate_at_hand(&self, layout: &[u64]) -> Result<Option<ObjectBuilder>, StoreError> {
+        self.allocate(layout.to_vec()).map(Some)
+    }
 }
 
 impl Allocate for crate::worker::store::ShmDir {
     fn allocate(&self, layout: Vec<u64>) -> Result<ObjectBuilder, StoreError> {
         crate::worker::store::ShmDir::allocate(self, layout)
+    }
+
+    fn allocate_at_hand(&self, layout: &[u64]) -> Result<Option<ObjectBuilder>, StoreError> {
+        crate::worker::store::ShmDir::allocate_at_hand(self, layout)
     }
 }

@@ -255,37 +255,54 @@ impl ShmDir {
         })
     }
 
+    /// A buffer that takes no fresh memory, quick enough for a thread that must not stall:
+    /// the heap for a small object, a released segment of the same size for a large one.
+    /// `Ok(None)`: neither is at hand.
+    pub fn allocate_at_hand(&self, layout: &[u64]) -> Result<Option<ObjectBuilder>, StoreError> {
+        let (_, total) =
+            frame_offsets(layout).ok_or_else(|| StoreError::BadLayout(layout.to_vec()))?;
+        if total <= INLINE_MAX {
+            return Ok(Some(ObjectBuilder::heap(layout.to_vec(), total)));
+        }
+        let Some(free) = self.pool.take(total) else {
+            return Ok(None);
+        };
+        let path = self.next_path();
+        if let Err(e) = std::fs::rename(&free.path, &path) {
+            tracing::warn!(path = %free.path.display(), "cannot reuse segment: {e}");
+            return Ok(None);
+        }
+        Ok(Some(ObjectBuilder {
+            layout: layout.to_vec(),
+            target: Target::Shm {
+                path,
+                file: free.file,
+                map: free.map,
+                pool: self.pool.clone(),
+            },
+        }))
+    }
+
+    /// A name no object in this folder has had.
+    fn next_path(&self) -> PathBuf {
+        self.dir
+            .join(format!("in-{}", self.next.fetch_add(1, Ordering::Relaxed)))
+    }
+
     /// A writable buffer for an object arriving from the network: shared memory when
-    /// large (executors then map it), the heap when small.
+    /// large (executors then map it), the heap when small. Fresh shared memory takes long
+    /// (allocated, zeroed and mapped: ~30 ms per 64 MiB here).
     pub fn allocate(&self, layout: Vec<u64>) -> Result<ObjectBuilder, StoreError> {
+        if let Some(builder) = self.allocate_at_hand(&layout)? {
+            return Ok(builder);
+        }
         let (_, total) =
             frame_offsets(&layout).ok_or_else(|| StoreError::BadLayout(layout.clone()))?;
-        if total <= INLINE_MAX {
-            return Ok(ObjectBuilder::heap(layout, total));
-        }
-        let path = self
-            .dir
-            .join(format!("in-{}", self.next.fetch_add(1, Ordering::Relaxed)));
+        let path = self.next_path();
         let io = |source| StoreError::Io {
             path: path.clone(),
             source,
         };
-        if let Some(free) = self.pool.take(total) {
-            match std::fs::rename(&free.path, &path) {
-                Ok(()) => {
-                    return Ok(ObjectBuilder {
-                        layout,
-                        target: Target::Shm {
-                            path,
-                            file: free.file,
-                            map: free.map,
-                            pool: self.pool.clone(),
-                        },
-                    })
-                }
-                Err(e) => tracing::warn!(path = %free.path.display(), "cannot reuse segment: {e}"),
-            }
-        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -483,6 +500,33 @@ mod tests {
             .all(|&b| b == 2));
         drop((second, third));
         assert_eq!(files_in(&dir), 2);
+    }
+
+    #[test]
+    fn only_small_objects_and_released_segments_are_at_hand() {
+        let dir = ShmDir::create("rankmesh-test").unwrap();
+        let small = dir.allocate_at_hand(&[INLINE_MAX]).unwrap();
+        let small = small.expect("small objects go on the heap").finish();
+        assert!(matches!(small.to_ref(), ObjectRef::Inline { .. }));
+        let size = 4 * INLINE_MAX;
+        assert!(
+            dir.allocate_at_hand(&[size]).unwrap().is_none(),
+            "needs fresh memory"
+        );
+        assert_eq!(files_in(&dir), 0, "and takes none");
+        drop(received(&dir, size, 1));
+        let reused = dir
+            .allocate_at_hand(&[size])
+            .unwrap()
+            .expect("the released segment");
+        assert!(
+            reused.finish().bytes().iter().all(|&b| b == 1),
+            "its old pages"
+        );
+        assert!(
+            dir.allocate_at_hand(&[u64::MAX, 1]).is_err(),
+            "not a layout"
+        );
     }
 
     #[test]

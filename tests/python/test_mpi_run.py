@@ -324,6 +324,39 @@ def test_worker_ranks_fetch_from_each_other_at_once(tmp_path, transport):
     assert f"sums {[i * 1_000_000 for i in range(12)]}" in result.stdout
 
 
+@TRANSPORTS
+def test_a_received_arrays_memory_carries_the_next_one_of_its_size(tmp_path, transport):
+    # Each array after the first lands in the shared memory the one before left, its old
+    # bytes still there, and over MPI with no trip to allocate: only new bytes may show.
+    script = write(
+        tmp_path,
+        "reuse.py",
+        "import numpy as np, rankmesh\n"
+        "client = rankmesh.Client()\n"
+        "a, b = client.workers()\n"
+        "def make(i):\n"
+        "    return np.full(1_000_000, float(i))\n"
+        "def spread(x):\n"
+        "    return [float(x.min()), float(x.max())]\n"
+        "seen = []\n"
+        "for i in range(5):\n"
+        "    x = client.submit(make, i, workers=[a])\n"
+        "    seen.append(client.submit(spread, x, workers=[b]).result())\n"
+        "    del x  # released with the next call, before the next array is fetched\n"
+        "print('seen', seen)\n",
+    )
+    env = {**os.environ, "RANKMESH_LOG": "rankmesh::transport=debug"}
+    result = mpirun(3, script, transport=transport, env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"seen {[[float(i)] * 2 for i in range(5)]}" in result.stdout
+    assert "\x1b[" not in result.stderr, "a log read from a file has no colour codes"
+    if transport == "mpi":
+        fetches = [line for line in result.stderr.splitlines() if "fetched over MPI" in line]
+        assert len(fetches) == 5, result.stderr
+        allocated = [line for line in fetches if "allocating=None" not in line]
+        assert len(allocated) == 1, "only the first needs fresh memory"
+
+
 OPEN_MPI_SETTINGS = (
     "OMPI_MCA_pml",
     "OMPI_MCA_btl_vader_single_copy_mechanism",

@@ -6,9 +6,10 @@
 //! in flight at once. A fetch goes in four messages:
 //! 1. the fetcher sends the holder a [`Request`] on [`REQUEST_TAG`], naming a reply tag;
 //! 2. the holder answers on that tag with a [`Reply`]: the objects' layouts;
-//! 3. the fetcher allocates the buffers the objects will live in (shared memory for large
-//!    ones) on the runtime's blocking threads, then the progress thread posts a receive
-//!    for each and says go (or cancel) on the tag's go tag;
+//! 3. the fetcher's progress thread posts a receive for each object and says go (or
+//!    cancel) on the tag's go tag. The buffers come from memory at hand (the heap for
+//!    small objects, a released segment of the same size for large ones) or, where any
+//!    is missing, are first allocated on the runtime's blocking threads;
 //! 4. the holder sends each object's bytes straight from the stored buffer.
 //!
 //! Allocating fresh shared memory is slow (~30 ms per 64 MiB, far more on a VM touching
@@ -73,12 +74,61 @@ struct Reply {
     layouts: Vec<Option<Vec<u64>>>,
 }
 
-/// What a holder's reply announced, for the fetch to allocate.
+/// What became of a request once the holder replied.
+enum Answered {
+    /// Every buffer was at hand: the bytes are on their way.
+    Receiving {
+        received: oneshot::Receiver<Result<Received, TransportError>>,
+        /// From sending the request to the reply.
+        waited: Duration,
+    },
+    /// Some buffers must be allocated first: the holder waits for go.
+    Allocate(Announced),
+}
+
+/// A reply whose buffers are not all at hand.
 struct Announced {
     tag: Tag,
-    layouts: Vec<Option<Vec<u64>>>,
-    /// From sending the request to the reply.
+    buffers: Vec<(TaskId, Buffer)>,
     waited: Duration,
+}
+
+/// Per requested id, in order: the buffer its bytes arrive in, or `None` where the
+/// holder has none.
+type Buffers = Vec<(TaskId, Option<ObjectBuilder>)>;
+
+/// Where one requested object will arrive.
+enum Buffer {
+    /// The holder does not hold it.
+    NotHeld,
+    Ready(ObjectBuilder),
+    /// Needs fresh memory for this layout.
+    ToAllocate(Vec<u64>),
+}
+
+impl Buffer {
+    /// What the object arrives in (`None`: it does not), or the layout to allocate for.
+    fn at_hand(self) -> Result<Option<ObjectBuilder>, Vec<u64>> {
+        match self {
+            Buffer::NotHeld => Ok(None),
+            Buffer::Ready(builder) => Ok(Some(builder)),
+            Buffer::ToAllocate(layout) => Err(layout),
+        }
+    }
+}
+
+/// The buffers of a reply if all are at hand, else the reply's buffers as they were.
+fn all_at_hand(buffers: Vec<(TaskId, Buffer)>) -> Result<Buffers, Vec<(TaskId, Buffer)>> {
+    if buffers
+        .iter()
+        .any(|(_, b)| matches!(b, Buffer::ToAllocate(_)))
+    {
+        return Err(buffers);
+    }
+    Ok(buffers
+        .into_iter()
+        .map(|(id, b)| (id, b.at_hand().unwrap_or_default()))
+        .collect())
 }
 
 /// The objects of a fetch, received, and how long that took from the go-ahead.
@@ -90,19 +140,20 @@ struct Received {
 type Answer<T> = oneshot::Sender<Result<T, TransportError>>;
 
 enum Command {
-    /// Ask `rank` for `ids` (and ring its doorbell, on this node); the reply comes back
-    /// on `answer`.
+    /// Ask `rank` for `ids` (and ring its doorbell, on this node), with buffers from
+    /// `alloc` where they are at hand; what became of it comes back on `answer`.
     Request {
         rank: i32,
         doorbell: Option<Arc<Doorbell>>,
         ids: Vec<TaskId>,
-        answer: Answer<Announced>,
+        alloc: Arc<dyn Allocate>,
+        answer: Answer<Answered>,
     },
     /// Tell `rank` to go and receive what it sends on `tag` into `buffers`.
     Receive {
         rank: i32,
         tag: Tag,
-        buffers: Vec<(TaskId, Option<ObjectBuilder>)>,
+        buffers: Buffers,
         answer: Answer<Received>,
     },
     /// Tell `rank` not to send what it announced on `tag`.
@@ -229,6 +280,36 @@ impl MpiTransport {
             })
             .clone()
     }
+
+    /// Allocates the buffers a reply needs on the runtime's blocking threads, then has
+    /// the progress thread receive into them.
+    async fn allocate_then_receive(
+        &self,
+        rank: i32,
+        announced: Announced,
+        alloc: Arc<dyn Allocate>,
+    ) -> Result<Received, TransportError> {
+        // Until it hears go, the holder waits: cancel unless it does.
+        let mut holder = Holder {
+            commands: &self.commands,
+            rank,
+            tag: announced.tag,
+            waiting: true,
+        };
+        let buffers =
+            tokio::task::spawn_blocking(move || allocate(announced.buffers, alloc.as_ref()))
+                .await
+                .map_err(|e| TransportError::Mpi(format!("allocation failed: {e}")))??;
+        holder.waiting = false;
+        self.commands
+            .ask(|answer| Command::Receive {
+                rank,
+                tag: announced.tag,
+                buffers,
+                answer,
+            })
+            .await
+    }
 }
 
 impl Transport for MpiTransport {
@@ -241,42 +322,32 @@ impl Transport for MpiTransport {
         Box::pin(async move {
             let rank = from.rank.ok_or(TransportError::NoRank(from.id))? as i32;
             let doorbell = self.doorbell_of(from);
-            let announced = self
+            let answered = self
                 .commands
                 .ask(|answer| Command::Request {
                     rank,
                     doorbell,
-                    ids: ids.clone(),
+                    ids,
+                    alloc: alloc.clone(),
                     answer,
                 })
                 .await?;
-            // From here on the holder waits for a word: cancel unless it is go.
-            let mut holder = Holder {
-                commands: &self.commands,
-                rank,
-                tag: announced.tag,
-                waiting: true,
+            let (waited, allocating, received) = match answered {
+                Answered::Receiving { received, waited } => {
+                    let received = received.await.map_err(|_| stopped())??;
+                    (waited, None, received)
+                }
+                Answered::Allocate(announced) => {
+                    let waited = announced.waited;
+                    let started = Instant::now();
+                    let buffers = self.allocate_then_receive(rank, announced, alloc);
+                    let received = buffers.await?;
+                    (waited, Some(started.elapsed()), received)
+                }
             };
-            let started = Instant::now();
-            let buffers = tokio::task::spawn_blocking(move || {
-                allocate(rank, ids, announced.layouts, alloc.as_ref())
-            })
-            .await
-            .map_err(|e| TransportError::Mpi(format!("allocation failed: {e}")))??;
-            let allocating = started.elapsed();
-            holder.waiting = false;
-            let received = self
-                .commands
-                .ask(|answer| Command::Receive {
-                    rank,
-                    tag: announced.tag,
-                    buffers,
-                    answer,
-                })
-                .await?;
             tracing::debug!(
                 rank,
-                answered = ?announced.waited,
+                answered = ?waited,
                 ?allocating,
                 receiving = ?received.took,
                 "fetched over MPI"
@@ -306,13 +377,31 @@ impl Drop for Holder<'_> {
     }
 }
 
-/// The buffers for the objects a reply announced, in the order requested.
+/// The buffers for the objects a reply announced, in the order requested: those at hand,
+/// and fresh ones for the rest.
 fn allocate(
+    buffers: Vec<(TaskId, Buffer)>,
+    alloc: &dyn Allocate,
+) -> Result<Buffers, TransportError> {
+    buffers
+        .into_iter()
+        .map(|(id, buffer)| {
+            let builder = buffer
+                .at_hand()
+                .or_else(|layout| alloc.allocate(layout).map(Some))?;
+            Ok((id, builder))
+        })
+        .collect()
+}
+
+/// Where each object of a reply will arrive, taking buffers at hand from `alloc`; an
+/// error where the reply does not match the request.
+fn buffers_at_hand(
     rank: i32,
-    ids: Vec<TaskId>,
+    ids: &[TaskId],
     layouts: Vec<Option<Vec<u64>>>,
     alloc: &dyn Allocate,
-) -> Result<Vec<(TaskId, Option<ObjectBuilder>)>, TransportError> {
+) -> Result<Vec<(TaskId, Buffer)>, TransportError> {
     if layouts.len() != ids.len() {
         return Err(TransportError::Mpi(format!(
             "rank {rank} answered for {} of {} objects",
@@ -320,9 +409,18 @@ fn allocate(
             ids.len()
         )));
     }
-    ids.into_iter()
+    ids.iter()
         .zip(layouts)
-        .map(|(id, layout)| Ok((id, layout.map(|l| alloc.allocate(l)).transpose()?)))
+        .map(|(&id, layout)| {
+            let buffer = match layout {
+                None => Buffer::NotHeld,
+                Some(layout) => match alloc.allocate_at_hand(&layout)? {
+                    Some(builder) => Buffer::Ready(builder),
+                    None => Buffer::ToAllocate(layout),
+                },
+            };
+            Ok((id, buffer))
+        })
         .collect()
 }
 
@@ -370,19 +468,65 @@ mod tests {
     #[test]
     fn buffers_follow_the_reply_or_the_fetch_fails() {
         let ids = vec![TaskId(1), TaskId(2)];
-        let buffers = allocate(1, ids.clone(), vec![Some(vec![8]), None], &HeapAllocator).unwrap();
-        assert_eq!(buffers.len(), 2);
-        assert!(buffers[0].1.is_some() && buffers[1].1.is_none());
-        let short = allocate(1, ids.clone(), vec![None], &HeapAllocator);
+        let layouts = vec![Some(vec![8]), None];
+        let buffers = buffers_at_hand(1, &ids, layouts, &HeapAllocator).unwrap();
+        assert!(matches!(
+            buffers[..],
+            [(TaskId(1), Buffer::Ready(_)), (TaskId(2), Buffer::NotHeld)]
+        ));
+        let short = buffers_at_hand(1, &ids, vec![None], &HeapAllocator);
         assert!(matches!(short, Err(TransportError::Mpi(why)) if why.contains("1 of 2")));
+    }
 
-        struct Full;
-        impl Allocate for Full {
-            fn allocate(&self, layout: Vec<u64>) -> Result<ObjectBuilder, StoreError> {
-                Err(StoreError::BadLayout(layout))
+    /// Fresh memory for every object, none at hand; or no memory at all.
+    struct Fresh {
+        full: bool,
+    }
+
+    impl Allocate for Fresh {
+        fn allocate(&self, layout: Vec<u64>) -> Result<ObjectBuilder, StoreError> {
+            match self.full {
+                true => Err(StoreError::BadLayout(layout)),
+                false => HeapAllocator.allocate(layout),
             }
         }
-        let full = allocate(1, ids, vec![Some(vec![8]), Some(vec![8])], &Full);
-        assert!(matches!(full, Err(TransportError::Store(_))));
+
+        fn allocate_at_hand(&self, _: &[u64]) -> Result<Option<ObjectBuilder>, StoreError> {
+            Ok(None)
+        }
+    }
+
+    #[test]
+    fn buffers_not_at_hand_are_allocated_before_the_go_ahead() {
+        let ids = vec![TaskId(1), TaskId(2), TaskId(3)];
+        let layouts = vec![Some(vec![8]), None, Some(vec![100])];
+        let fresh = Fresh { full: false };
+        let buffers = buffers_at_hand(1, &ids, layouts.clone(), &fresh).unwrap();
+        assert!(matches!(
+            buffers[..],
+            [
+                (_, Buffer::ToAllocate(_)),
+                (_, Buffer::NotHeld),
+                (_, Buffer::ToAllocate(_))
+            ]
+        ));
+        let allocated = allocate(buffers, &fresh).unwrap();
+        let sizes: Vec<_> = allocated
+            .into_iter()
+            .map(|(id, b)| (id, b.map(|mut b| b.buffer().len())))
+            .collect();
+        // Frames are padded to 64 bytes.
+        let expected = [
+            (TaskId(1), Some(64)),
+            (TaskId(2), None),
+            (TaskId(3), Some(128)),
+        ];
+        assert_eq!(sizes, expected);
+        let full = Fresh { full: true };
+        let buffers = buffers_at_hand(1, &ids, layouts, &full).unwrap();
+        assert!(matches!(
+            allocate(buffers, &full),
+            Err(TransportError::Store(_))
+        ));
     }
 }

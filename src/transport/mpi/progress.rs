@@ -17,11 +17,11 @@
 use super::doorbell::Doorbell;
 use super::requests::Requests;
 use super::{
-    Announced, Answer, Command, Received, Reply, Request, CANCEL, FIRST_REPLY_TAG, GO,
-    GO_TAG_OFFSET, LAST_REPLY_TAG, MAX_PIECE, REQUEST_TAG,
+    all_at_hand, buffers_at_hand, Announced, Answer, Answered, Buffers, Command, Received, Reply,
+    Request, CANCEL, FIRST_REPLY_TAG, GO, GO_TAG_OFFSET, LAST_REPLY_TAG, MAX_PIECE, REQUEST_TAG,
 };
 use crate::protocol::{decode, encode, TaskId};
-use crate::transport::TransportError;
+use crate::transport::{Allocate, TransportError};
 use crate::worker::store::{Object, ObjectBuilder, Store};
 use bytes::Bytes;
 use mpi::point_to_point::MatchedReceiveVec;
@@ -64,15 +64,16 @@ impl AsRef<[u8]> for Outbound {
 struct Awaiting {
     rank: i32,
     tag: Tag,
-    answer: Answer<Announced>,
+    ids: Vec<TaskId>,
+    alloc: Arc<dyn Allocate>,
+    answer: Answer<Answered>,
     started: Instant,
 }
 
 /// A fetch of ours whose objects are arriving.
 struct Receiving {
-    /// Per requested id: the buffer its bytes arrive in, or `None` where the holder had
-    /// none. MPI writes into these until `pieces_left` is 0: never drop them before.
-    objects: Vec<(TaskId, Option<ObjectBuilder>)>,
+    /// MPI writes into these until `pieces_left` is 0: never drop them before.
+    objects: Buffers,
     pieces_left: usize,
     answer: Answer<Received>,
     go_at: Instant,
@@ -199,9 +200,10 @@ impl Progress {
                 rank,
                 doorbell,
                 ids,
+                alloc,
                 answer,
             } => {
-                self.request(rank, ids, answer);
+                self.request(rank, ids, alloc, answer);
                 if let Some(doorbell) = doorbell {
                     doorbell.ring(); // after the send: the holder finds the request
                 }
@@ -212,18 +214,22 @@ impl Progress {
                 buffers,
                 answer,
             } => self.receive(rank, tag, buffers, answer),
-            Command::Cancel { rank, tag } => {
-                self.send_message(Bytes::from_static(&[CANCEL]), rank, tag + GO_TAG_OFFSET);
-            }
+            Command::Cancel { rank, tag } => self.cancel(rank, tag),
             Command::Stop => {}
         }
     }
 
-    fn request(&mut self, rank: i32, ids: Vec<TaskId>, answer: Answer<Announced>) {
+    fn request(
+        &mut self,
+        rank: i32,
+        ids: Vec<TaskId>,
+        alloc: Arc<dyn Allocate>,
+        answer: Answer<Answered>,
+    ) {
         let tag = self.reply_tag();
         match encode(&Request {
             reply_tag: tag,
-            ids,
+            ids: ids.clone(),
         }) {
             Ok(request) => self.send_message(request, rank, REQUEST_TAG),
             Err(e) => {
@@ -234,6 +240,8 @@ impl Progress {
         self.awaiting.push(Awaiting {
             rank,
             tag,
+            ids,
+            alloc,
             answer,
             started: Instant::now(),
         });
@@ -304,41 +312,62 @@ impl Progress {
         any
     }
 
-    /// Hands the replies that have arrived to their fetches; true if there was one.
+    /// Receives the objects of every reply that has arrived whose buffers are at hand,
+    /// and hands the others to their fetches to allocate; true if there was a reply.
     fn match_replies(&mut self) -> bool {
         let arrived = take_arrived(&self.world, &mut self.awaiting, |request| {
             (request.rank, request.tag)
         });
         let any = !arrived.is_empty();
         for (request, reply) in arrived {
-            let announced = match decode::<Reply>(&reply) {
-                Ok(reply) => Ok(Announced {
-                    tag: request.tag,
-                    layouts: reply.layouts,
-                    waited: request.started.elapsed(),
-                }),
-                Err(e) => Err(TransportError::Mpi(format!(
-                    "malformed reply from rank {}: {e}",
-                    request.rank
-                ))),
-            };
-            if announced.is_err() {
-                let word = Bytes::from_static(&[CANCEL]);
-                self.send_message(word, request.rank, request.tag + GO_TAG_OFFSET);
+            let (rank, tag) = (request.rank, request.tag);
+            if request.answer.is_closed() {
+                self.cancel(rank, tag); // the fetch was given up while it waited
+                continue;
             }
-            let _ = request.answer.send(announced);
+            let waited = request.started.elapsed();
+            let buffers = decode::<Reply>(&reply)
+                .map_err(|e| TransportError::Mpi(format!("malformed reply from rank {rank}: {e}")))
+                .and_then(|reply| {
+                    buffers_at_hand(rank, &request.ids, reply.layouts, &*request.alloc)
+                });
+            match buffers.map(all_at_hand) {
+                Ok(Ok(buffers)) => {
+                    let (answer, received) = tokio::sync::oneshot::channel();
+                    self.receive(rank, tag, buffers, answer);
+                    let answered = Answered::Receiving { received, waited };
+                    let _ = request.answer.send(Ok(answered));
+                }
+                Ok(Err(buffers)) => {
+                    let announced = Announced {
+                        tag,
+                        buffers,
+                        waited,
+                    };
+                    if request
+                        .answer
+                        .send(Ok(Answered::Allocate(announced)))
+                        .is_err()
+                    {
+                        self.cancel(rank, tag); // given up since
+                    }
+                }
+                Err(e) => {
+                    self.cancel(rank, tag);
+                    let _ = request.answer.send(Err(e));
+                }
+            }
         }
         any
     }
 
+    /// Tells the holder of `tag` not to send what it announced.
+    fn cancel(&mut self, rank: i32, tag: Tag) {
+        self.send_message(Bytes::from_static(&[CANCEL]), rank, tag + GO_TAG_OFFSET);
+    }
+
     /// Posts a receive for every piece of `buffers` and tells the holder to go.
-    fn receive(
-        &mut self,
-        rank: i32,
-        tag: Tag,
-        mut buffers: Vec<(TaskId, Option<ObjectBuilder>)>,
-        answer: Answer<Received>,
-    ) {
+    fn receive(&mut self, rank: i32, tag: Tag, mut buffers: Buffers, answer: Answer<Received>) {
         let key = self.next_key;
         self.next_key += 1;
         let mut pieces = 0;
