@@ -274,13 +274,18 @@ impl ShmDir {
         }
         Ok(Some(ObjectBuilder {
             layout: layout.to_vec(),
-            target: Target::Shm {
-                path,
-                file: free.file,
-                map: free.map,
-                pool: self.pool.clone(),
-            },
+            target: Target::Shm(self.received_segment(path, free.file, free.map)),
         }))
+    }
+
+    /// A segment data from a peer is written into; dropped before it is finished (the
+    /// fetch failed), it goes back to the pool.
+    fn received_segment(&self, path: PathBuf, file: File, map: MmapMut) -> ShmSegment {
+        let pool = self.pool.clone();
+        ShmSegment {
+            path,
+            map: Some(Mapping::Received { map, file, pool }),
+        }
     }
 
     /// A name no object in this folder has had.
@@ -317,12 +322,7 @@ impl ShmDir {
         let map = unsafe { memmap2::MmapOptions::new().populate().map_mut(&file) }.map_err(io)?;
         Ok(ObjectBuilder {
             layout,
-            target: Target::Shm {
-                path,
-                file,
-                map,
-                pool: self.pool.clone(),
-            },
+            target: Target::Shm(self.received_segment(path, file, map)),
         })
     }
 }
@@ -356,12 +356,8 @@ pub struct ObjectBuilder {
 
 enum Target {
     Heap(Vec<u8>),
-    Shm {
-        path: PathBuf,
-        file: File,
-        map: MmapMut,
-        pool: Arc<SegmentPool>,
-    },
+    /// Always a received mapping.
+    Shm(ShmSegment),
 }
 
 impl ObjectBuilder {
@@ -376,22 +372,17 @@ impl ObjectBuilder {
     pub fn buffer(&mut self) -> &mut [u8] {
         match &mut self.target {
             Target::Heap(v) => v,
-            Target::Shm { map, .. } => map,
+            Target::Shm(segment) => match &mut segment.map {
+                Some(Mapping::Received { map, .. }) => map,
+                Some(Mapping::Adopted(_)) | None => &mut [],
+            },
         }
     }
 
     pub fn finish(self) -> Object {
         let data = match self.target {
             Target::Heap(v) => ObjectData::Heap(Bytes::from(v)),
-            Target::Shm {
-                path,
-                file,
-                map,
-                pool,
-            } => ObjectData::Shm(ShmSegment {
-                path,
-                map: Some(Mapping::Received { map, file, pool }),
-            }),
+            Target::Shm(segment) => ObjectData::Shm(segment),
         };
         Object {
             layout: self.layout,
@@ -526,6 +517,18 @@ mod tests {
         assert!(
             dir.allocate_at_hand(&[u64::MAX, 1]).is_err(),
             "not a layout"
+        );
+    }
+
+    #[test]
+    fn a_buffer_of_a_failed_fetch_goes_back_to_the_pool() {
+        let dir = ShmDir::create("rankmesh-test").unwrap();
+        let size = 4 * INLINE_MAX;
+        drop(dir.allocate(vec![size]).unwrap()); // never finished
+        assert_eq!(files_in(&dir), 1);
+        assert!(
+            dir.allocate_at_hand(&[size]).unwrap().is_some(),
+            "kept for reuse"
         );
     }
 
