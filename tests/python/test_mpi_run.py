@@ -101,7 +101,7 @@ def test_xarray_pipeline_under_mpirun_matches_threads(tmp_path, transport):
 @TRANSPORTS
 def test_script_exit_code_is_the_jobs(tmp_path, transport):
     script = write(tmp_path, "exit3.py", "import sys\nsys.exit(3)\n")
-    result = mpirun(3, script, transport=transport)
+    result = mpirun(4, script, transport=transport)
     assert result.returncode == 3, result.stderr
 
 
@@ -115,11 +115,12 @@ def test_the_script_runs_once_every_worker_rank_has_registered(tmp_path):
     assert result.stdout.split() == ["3"]
 
 
-def test_script_exception_shows_its_traceback(tmp_path):
+@TRANSPORTS
+def test_script_exception_shows_its_traceback(tmp_path, transport):
     script = write(
         tmp_path, "fail.py", "def analysis():\n    raise ValueError('bad input')\nanalysis()\n"
     )
-    result = mpirun(2, script)
+    result = mpirun(4, script, transport=transport)
     assert result.returncode != 0
     assert "ValueError: bad input" in result.stderr and "analysis" in result.stderr
 
@@ -133,13 +134,14 @@ def test_outside_mpi_it_says_how_to_launch():
     assert "mpirun -n N rankmesh run" in result.stderr
 
 
-def test_sigterm_to_mpirun_stops_every_rank(tmp_path):
+@TRANSPORTS
+def test_sigterm_to_mpirun_stops_every_rank(tmp_path, transport):
     script = write(
         tmp_path,
         "wait.py",
         "import time\nprint('started', flush=True)\ntime.sleep(120)\n",
     )
-    job = mpirun(3, script, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    job = mpirun(4, script, transport=transport, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert job.stdout.readline().strip() == "started"
     job.send_signal(signal.SIGTERM)
     job.communicate(timeout=30)  # every rank gone: the job_tag fixture checks
@@ -155,7 +157,7 @@ def rank_of(process):
 
 
 def start_long_job(tmp_path, job_tag, transport="mpi"):
-    """A 3-rank job busy with tasks for a while; returns it and its worker rank 2."""
+    """A 4-rank job busy with tasks for a while; returns it and its worker rank 2."""
     script = write(
         tmp_path,
         "long.py",
@@ -164,7 +166,7 @@ def start_long_job(tmp_path, job_tag, transport="mpi"):
         "print('started', flush=True)\n"
         "client.gather(client.map(time.sleep, [0.5] * 200))\n",
     )
-    job = mpirun(3, script, transport=transport, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    job = mpirun(4, script, transport=transport, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert job.stdout.readline().strip() == "started"
     victim = next(p for p in job_processes(job_tag) if p.name() == "rankmesh" and rank_of(p) == "2")
     return job, victim
