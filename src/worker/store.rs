@@ -317,9 +317,14 @@ impl ShmDir {
         // The pages are allocated up front: a full /dev/shm fails here, not with SIGBUS in
         // the middle of a receive (and allocating, then mapping, 64 MiB took 30 ms here
         // against 38 ms mapped in one fault at a time).
-        allocate_file(&file, total).map_err(io)?;
-        // SAFETY: the file was just created by us and nobody else maps it yet.
-        let map = unsafe { memmap2::MmapOptions::new().populate().map_mut(&file) }.map_err(io)?;
+        let mapped = allocate_file(&file, total).and_then(|()| {
+            // SAFETY: the file was just created by us and nobody else maps it yet.
+            unsafe { memmap2::MmapOptions::new().populate().map_mut(&file) }
+        });
+        let map = mapped.map_err(|e| {
+            let _ = std::fs::remove_file(&path); // no stray file in a full /dev/shm
+            io(e)
+        })?;
         Ok(ObjectBuilder {
             layout,
             target: Target::Shm(self.received_segment(path, file, map)),
