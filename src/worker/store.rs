@@ -221,8 +221,7 @@ impl ShmDir {
 
     /// Takes over a file an executor wrote into this folder.
     pub fn adopt(&self, path: &Path, layout: Vec<u64>) -> Result<Object, StoreError> {
-        let (_, total) =
-            frame_offsets(&layout).ok_or_else(|| StoreError::BadLayout(layout.clone()))?;
+        let total = total_size(&layout)?;
         if path.parent() != Some(self.dir.as_path()) {
             return Err(StoreError::ForeignPath(path.to_path_buf()));
         }
@@ -259,23 +258,24 @@ impl ShmDir {
     /// the heap for a small object, a released segment of the same size for a large one.
     /// `Ok(None)`: neither is at hand.
     pub fn allocate_at_hand(&self, layout: &[u64]) -> Result<Option<ObjectBuilder>, StoreError> {
-        let (_, total) =
-            frame_offsets(layout).ok_or_else(|| StoreError::BadLayout(layout.to_vec()))?;
+        Ok(self.at_hand(layout, total_size(layout)?))
+    }
+
+    /// [`ShmDir::allocate_at_hand`] for a layout of `total` bytes.
+    fn at_hand(&self, layout: &[u64], total: u64) -> Option<ObjectBuilder> {
         if total <= INLINE_MAX {
-            return Ok(Some(ObjectBuilder::heap(layout.to_vec(), total)));
+            return Some(ObjectBuilder::heap(layout.to_vec(), total));
         }
-        let Some(free) = self.pool.take(total) else {
-            return Ok(None);
-        };
+        let free = self.pool.take(total)?;
         let path = self.next_path();
         if let Err(e) = std::fs::rename(&free.path, &path) {
             tracing::warn!(path = %free.path.display(), "cannot reuse segment: {e}");
-            return Ok(None);
+            return None;
         }
-        Ok(Some(ObjectBuilder {
+        Some(ObjectBuilder {
             layout: layout.to_vec(),
             target: Target::Shm(self.received_segment(path, free.file, free.map)),
-        }))
+        })
     }
 
     /// A segment data from a peer is written into; dropped before it is finished (the
@@ -298,11 +298,10 @@ impl ShmDir {
     /// large (executors then map it), the heap when small. Fresh shared memory takes long
     /// (allocated, zeroed and mapped: ~30 ms per 64 MiB here).
     pub fn allocate(&self, layout: Vec<u64>) -> Result<ObjectBuilder, StoreError> {
-        if let Some(builder) = self.allocate_at_hand(&layout)? {
+        let total = total_size(&layout)?;
+        if let Some(builder) = self.at_hand(&layout, total) {
             return Ok(builder);
         }
-        let (_, total) =
-            frame_offsets(&layout).ok_or_else(|| StoreError::BadLayout(layout.clone()))?;
         let path = self.next_path();
         let io = |source| StoreError::Io {
             path: path.clone(),
@@ -336,6 +335,13 @@ impl Drop for ShmDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The bytes an object of `layout` takes, frames padded.
+fn total_size(layout: &[u64]) -> Result<u64, StoreError> {
+    frame_offsets(layout)
+        .map(|(_, total)| total)
+        .ok_or_else(|| StoreError::BadLayout(layout.to_vec()))
 }
 
 /// Gives `file` `size` bytes of allocated (zeroed) memory.

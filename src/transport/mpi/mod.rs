@@ -340,8 +340,7 @@ impl Transport for MpiTransport {
                 Answered::Allocate(announced) => {
                     let waited = announced.waited;
                     let started = Instant::now();
-                    let buffers = self.allocate_then_receive(rank, announced, alloc);
-                    let received = buffers.await?;
+                    let received = self.allocate_then_receive(rank, announced, alloc).await?;
                     (waited, Some(started.elapsed()), received)
                 }
             };
