@@ -27,8 +27,10 @@ step() { printf '[install] %s\n' "$*"; }
 die() { printf '[install] error: %s\n' "$*" >&2; exit 1; }
 
 # Later issues (MPI launch, hwloc topology) build against these; they are cheap to add now.
+# python3, passwd (useradd) and util-linux (setpriv): the security tests run an attacker
+# as a second Unix user with Debian's own interpreter.
 APT_PACKAGES=(pkg-config build-essential libopenmpi-dev openmpi-bin libhwloc-dev libudev-dev
-              libclang-dev clang hwloc)
+              libclang-dev clang hwloc python3 passwd util-linux)
 
 # ---------------------------------------------------------------- system packages
 missing=()

@@ -8,12 +8,18 @@
 //! - [`cluster`]: scheduler files, the local cluster (`rankmesh local`), hosting a script.
 //! - [`topology`]: hwloc topology, the placement plan of worker ranks, binding.
 //! - [`launch`]: inside an MPI job (`mpirun rankmesh run`): rank roles and bootstrap.
+//! - [`batch`]: job scripts, submission to SLURM and PBS, job records.
+//! - [`heap`]: giving freed heap memory back to the system.
+//! - [`private_files`]: files and folders only their owner can use (everything rankmesh
+//!   creates on disk or in shared memory).
 //! - [`cli`]: the `rankmesh` command line.
 
 pub mod batch;
 pub mod cli;
 pub mod cluster;
+pub mod heap;
 pub mod launch;
+pub mod private_files;
 pub mod protocol;
 pub mod scheduler;
 pub mod topology;

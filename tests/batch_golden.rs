@@ -23,6 +23,7 @@ fn rendered(profile: Option<&str>, system: System, flags: Profile) -> String {
         python: "/home/alice/.venv/bin/python3".into(),
         exit_dir: "/home/alice/.local/state/rankmesh/jobs".into(),
         stamp: "1700000000-4242".into(),
+        umask: 0o022,
     };
     let script = [
         "analysis.py".to_owned(),

@@ -38,6 +38,8 @@ class ClientCore:
         """Hold results of tasks submitted earlier again (e.g. a second future on them)."""
     def release(self, ids: list[int]) -> None:
         """The client no longer needs these results."""
+    def release_functions(self, ids: list[int]) -> None:
+        """The client will ship these functions again before a task uses them."""
     def cancel(self, ids: list[int]) -> None: ...
     def wait(
         self,
@@ -68,3 +70,10 @@ class ExecutorLink:
     def send_results(self, results: list[tuple]) -> None:
         """Each result: (task_id, duration_us, "ok", ObjectTuple) or
         (task_id, duration_us, "err", ErrorTuple)."""
+
+def runtime_base() -> str:
+    """Where this user's runtime folders go: $XDG_RUNTIME_DIR, else $TMPDIR, else /tmp."""
+
+def read_scheduler_file(path: str) -> tuple[str, str]:
+    """(address, token) of a scheduler file that is ours and writable by nobody else;
+    PermissionError otherwise."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -28,10 +27,12 @@ def _connection_details(
     if address is None and scheduler_file is None:
         scheduler_file = os.environ.get("RANKMESH_SCHEDULER_FILE")
     if scheduler_file is not None:
-        with open(scheduler_file) as file:
-            info = json.load(file)
-        address = info["address"]
-        token = token or info.get("token")
+        from ._rankmesh import read_scheduler_file
+
+        # Refused unless ours and writable by nobody else: a planted file would send the
+        # client, and the code it submits, to someone else's scheduler.
+        address, file_token = read_scheduler_file(os.fspath(scheduler_file))
+        token = token or file_token
     if address is None:
         raise ValueError(
             "no scheduler to connect to: pass address= or scheduler_file=, "
@@ -50,7 +51,11 @@ def _key_prefix(func: Callable) -> str:
 
 
 class Client:
-    """A connection to a rankmesh cluster, with dask.distributed's method names."""
+    """A connection to a rankmesh cluster, with dask.distributed's method names.
+
+    Unlike `distributed`, a scheduler file is read only if it belongs to you and nobody
+    else may write it (PermissionError otherwise): whoever can write it could send the
+    client, and the code it submits, to their own scheduler."""
 
     def __init__(
         self,
@@ -90,15 +95,28 @@ class Client:
             self._to_release.append(task_id)
 
     def _flush_releases(self) -> None:
-        if self._to_release and not self._closed:
+        if not self._closed:
             ids, self._to_release = self._to_release, []
-            self._core.release(ids)
+            self._release(ids)
+
+    def _release(self, task_ids: list[int]) -> None:
+        """Releases tasks on the scheduler, and the functions no held task uses."""
+        registry = self._encoder.registry
+        if task_ids:
+            self._core.release(task_ids)
+            registry.released(task_ids)
+        unused = registry.take_unused()
+        if unused:
+            self._core.release_functions(unused)
 
     def _submit(
         self, tasks: list, wanted: list[int], restrictions: dict[int, list[int]] | None = None
     ) -> None:
-        self._flush_releases()
-        self._core.submit(self._encoder.registry.take_unshipped(), tasks, wanted, restrictions)
+        registry = self._encoder.registry
+        # Functions stay shipped here: the tasks about to go may use them.
+        with registry.deferring_releases():
+            self._flush_releases()
+        self._core.submit(registry.submitted(tasks, wanted), tasks, wanted, restrictions)
 
     def _worker_ids(self, workers: Any) -> list[int]:
         """Worker ids for a `workers=` argument: ids, data addresses ("host:port", with or
@@ -262,11 +280,13 @@ class Client:
         def submit(tasks: list, held: list[int], release: list[int]) -> None:
             self._submit(tasks, held)
             if release:
-                self._core.release(release)
+                self._release(release)
 
-        built = graphs.graph_tasks(
-            graph, outputs, external, self._core.next_task_id, self._encoder, submit
-        )
+        # The graph's chunks share functions: none is released until all are submitted.
+        with self._encoder.registry.deferring_releases():
+            built = graphs.graph_tasks(
+                graph, outputs, external, self._core.next_task_id, self._encoder, submit
+            )
         new_ids = {task[0] for task in built.tasks}
         wanted = list(dict.fromkeys(built.key_ids[key] for key in outputs))
         wanted = [task_id for task_id in wanted if task_id in new_ids]

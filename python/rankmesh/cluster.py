@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -65,7 +64,10 @@ class LocalCluster:
             raise ValueError("n_workers and threads_per_worker must be at least 1")
         self.n_workers = n_workers
         self.threads_per_worker = threads_per_worker
-        self._dir = tempfile.mkdtemp(prefix="rankmesh-cluster-")
+        from ._rankmesh import runtime_base
+
+        # Private (0700, a random name), where rankmesh's own files go.
+        self._dir = tempfile.mkdtemp(prefix="rankmesh-cluster-", dir=runtime_base())
         self.scheduler_file = os.path.join(self._dir, "scheduler.json")
         command = [
             find_binary(),
@@ -103,8 +105,9 @@ class LocalCluster:
 
     @property
     def address(self) -> str:
-        with open(self.scheduler_file) as file:
-            return json.load(file)["address"]
+        from ._rankmesh import read_scheduler_file
+
+        return read_scheduler_file(self.scheduler_file)[0]
 
     @property
     def pid(self) -> int:

@@ -63,6 +63,10 @@ class TaskRunner:
             if func_id not in self.functions:
                 self.functions[func_id] = pickle.loads(blob)
 
+    def release_functions(self, func_ids: Sequence[int]) -> None:
+        for func_id in func_ids:
+            self.functions.pop(func_id, None)
+
     def run(self, task_id: int, payload: bytes, inputs: Sequence[tuple]) -> tuple:
         """(task_id, duration_us, "ok", ObjectTuple) or (..., "err", ErrorTuple)."""
         start = time.perf_counter_ns()
@@ -86,7 +90,8 @@ class TaskRunner:
             return "inline", serialize.join_frames(frames, layout), layout
         self._sequence += 1
         path = os.path.join(self._shm_dir, f"{self._executor_id}-{self._sequence}")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(path, flags, 0o600)
         try:
             # One gathered write: the kernel copies each frame once into the file's pages.
             written = os.writev(fd, serialize.padded_frames(frames, layout))
@@ -112,6 +117,8 @@ def serve(link, runner: TaskRunner) -> None:
             kind = message[0]
             if kind == "functions":
                 runner.add_functions(message[1])
+            elif kind == "release_functions":
+                runner.release_functions(message[1])
             elif kind == "run":
                 for task_id, payload, inputs in message[1]:
                     # Before each task, not after: a long task must not hold back results.

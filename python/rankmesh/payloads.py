@@ -2,8 +2,9 @@
 
 Payloads are pickled with the C pickler. Callables that the executor could not import by
 name (lambdas, functions and classes from ``__main__`` or defined inside functions) are
-cut out of the payload as references to a function id and shipped once per client as
-cloudpickle blobs; futures in a call's arguments become references to an input position.
+cut out of the payload as references to a function id and shipped as cloudpickle blobs,
+once while the client uses them (`FunctionRegistry`); futures in a call's arguments
+become references to an input position.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import io
 import pickle
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from hashlib import blake2b
 
 import cloudpickle
@@ -39,34 +41,97 @@ def _importable(obj: object) -> bool:
 
 
 class FunctionRegistry:
-    """Content ids for callables that must travel by value, and which ones were shipped."""
+    """Content ids for callables that must travel by value, and how long the scheduler
+    keeps each for this client.
+
+    A function is shipped with the first submit that uses it, and the scheduler keeps it
+    for this client until released (and while a task refers to it). The client releases
+    it once none of the tasks it holds uses it any more, then ships it again if it is used
+    again: closures do not pile up on the scheduler, the workers or here over a session.
+    """
 
     def __init__(self) -> None:
         # id(obj) -> (obj, func_id or None when importable); holding obj keeps id() stable.
         self._known: dict[int, tuple[object, int | None]] = {}
         self._blobs: dict[int, bytes] = {}
-        self._unshipped: list[int] = []
+        self._objects: dict[int, list[int]] = {}  # func_id -> its keys in _known
+        self._shipped: set[int] = set()
+        self._users: dict[int, int] = {}  # func_id -> held tasks that use it
+        self._task_funcs: dict[int, list[int]] = {}  # held task id -> its func_ids
+        self._unused: set[int] = set()  # shipped, no held task uses them: to release
+        self._deferred = 0
 
     def func_id(self, obj: object) -> int | None:
         """The id to ship `obj` under, or None when pickle can name it."""
         entry = self._known.get(id(obj))
         if entry is not None:
+            # About to be used again: not to be released before the submit that uses it.
+            self._unused.discard(entry[1])
             return entry[1]
         func_id = None
         if not _importable(obj):
             blob = cloudpickle.dumps(obj, protocol=RESULT_PROTOCOL)
             func_id = int.from_bytes(blake2b(blob, digest_size=8).digest(), "little")
-            if func_id not in self._blobs:
-                self._blobs[func_id] = blob
-                self._unshipped.append(func_id)
+            self._blobs.setdefault(func_id, blob)
+            self._objects.setdefault(func_id, []).append(id(obj))
         self._known[id(obj)] = (obj, func_id)
         return func_id
 
-    def take_unshipped(self) -> list[tuple[int, bytes]]:
-        """Blobs not handed out before; the caller ships them with its next submit."""
-        taken = [(func_id, self._blobs[func_id]) for func_id in self._unshipped]
-        self._unshipped = []
-        return taken
+    def submitted(self, tasks: list, held: list[int]) -> list[tuple[int, bytes]]:
+        """Notes a submit of `tasks` (tuples of id, deps, func_ids, ...) of which the client
+        holds `held`; returns the blobs the scheduler does not have for this client yet."""
+        ship = []
+        used: set[int] = set()
+        for task in tasks:
+            for func_id in task[2]:
+                used.add(func_id)
+                if func_id not in self._shipped:
+                    self._shipped.add(func_id)
+                    ship.append((func_id, self._blobs[func_id]))
+        if used:
+            funcs_of = {task[0]: task[2] for task in tasks if task[2]}
+            for task_id in held:
+                funcs = funcs_of.get(task_id)
+                if funcs and task_id not in self._task_funcs:
+                    self._task_funcs[task_id] = funcs
+                    for func_id in funcs:
+                        self._users[func_id] = self._users.get(func_id, 0) + 1
+            self._unused.update(f for f in used if f not in self._users)
+            self._unused.difference_update(self._users)
+        return ship
+
+    def released(self, task_ids: list[int]) -> None:
+        """The client released these tasks: their functions lose a user."""
+        for task_id in task_ids:
+            for func_id in self._task_funcs.pop(task_id, ()):
+                count = self._users[func_id] - 1
+                if count:
+                    self._users[func_id] = count
+                else:
+                    del self._users[func_id]
+                    self._unused.add(func_id)
+
+    def take_unused(self) -> list[int]:
+        """Shipped functions no held task uses: forgotten here; the caller releases them on
+        the scheduler. Nothing while a graph is being submitted (its chunks share them)."""
+        if self._deferred or not self._unused:
+            return []
+        unused = [f for f in self._unused if f not in self._users]
+        self._unused.clear()
+        for func_id in unused:
+            self._shipped.discard(func_id)
+            self._blobs.pop(func_id, None)
+            for key in self._objects.pop(func_id, ()):
+                self._known.pop(key, None)
+        return unused
+
+    @contextmanager
+    def deferring_releases(self) -> Iterator[None]:
+        self._deferred += 1
+        try:
+            yield
+        finally:
+            self._deferred -= 1
 
 
 class _Input:

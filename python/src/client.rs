@@ -260,6 +260,16 @@ impl ClientCore {
         self.send(FromClient::Release(ids))
     }
 
+    /// The client will ship these functions again before a task uses them.
+    fn release_functions(&self, ids: Vec<u64>) -> PyResult<()> {
+        if ids.is_empty() || self.shared.lock().lost.is_some() {
+            return Ok(());
+        }
+        self.send(FromClient::ReleaseFunctions(
+            ids.into_iter().map(FuncId).collect(),
+        ))
+    }
+
     fn cancel(&self, ids: Vec<u64>) -> PyResult<()> {
         self.send(FromClient::Cancel(ids.into_iter().map(TaskId).collect()))
     }

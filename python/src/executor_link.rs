@@ -70,6 +70,10 @@ impl ExecutorLink {
                     .collect::<Vec<_>>();
                 ("functions", blobs).into_pyobject(py)?
             }
+            Some(ToExecutor::ReleaseFunctions(ids)) => {
+                let ids = ids.iter().map(|id| id.0).collect::<Vec<_>>();
+                ("release_functions", ids).into_pyobject(py)?
+            }
             Some(ToExecutor::Run(tasks)) => {
                 let tasks = tasks
                     .iter()

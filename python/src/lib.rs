@@ -1,9 +1,10 @@
-//! `rankmesh._rankmesh`: the client's connection to the scheduler and the executor's link
-//! to its worker. The public API is the pure-Python `rankmesh` package around it.
+//! `rankmesh._rankmesh`: the client's connection to the scheduler, the executor's link
+//! to its worker, and the private-file rules. The public API is the pure-Python `rankmesh` package around it.
 
 mod client;
 mod convert;
 mod executor_link;
+mod files;
 
 use pyo3::prelude::*;
 
@@ -20,5 +21,7 @@ fn _rankmesh(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ConnectionLost", py.get_type::<ConnectionLost>())?;
     m.add_class::<client::ClientCore>()?;
     m.add_class::<executor_link::ExecutorLink>()?;
+    m.add_function(wrap_pyfunction!(files::runtime_base, m)?)?;
+    m.add_function(wrap_pyfunction!(files::read_scheduler_file, m)?)?;
     Ok(())
 }

@@ -5,6 +5,7 @@
 
 use super::state::{JobState, JobStatus};
 use super::{pbs, slurm, BatchError, JobSpec, System};
+use crate::private_files;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -35,7 +36,8 @@ pub struct Jobs {
 
 impl Jobs {
     /// `$RANKMESH_STATE_DIR`, else `$XDG_STATE_HOME/rankmesh/jobs`, else
-    /// `~/.local/state/rankmesh/jobs` (on a cluster, home is shared with the nodes).
+    /// `~/.local/state/rankmesh/jobs` (on a cluster, home is shared with the nodes). The
+    /// folder is private (0700): scripts, records and exit codes are nobody else's business.
     pub fn open() -> Result<Jobs, BatchError> {
         let dir = match std::env::var_os(STATE_DIR_ENV).filter(|v| !v.is_empty()) {
             Some(dir) => PathBuf::from(dir),
@@ -44,10 +46,7 @@ impl Jobs {
                 .map_or_else(|| super::config::home().join(".local/state"), PathBuf::from)
                 .join("rankmesh/jobs"),
         };
-        std::fs::create_dir_all(&dir).map_err(|source| BatchError::File {
-            path: dir.clone(),
-            source,
-        })?;
+        private_files::ensure_private_dir(&dir)?;
         Ok(Jobs { dir })
     }
 
@@ -64,7 +63,10 @@ impl Jobs {
         let path = self.file(&record.id, "json")?;
         let text = serde_json::to_string_pretty(record)
             .map_err(|e| BatchError::Config(format!("cannot encode the job record: {e}")))?;
-        std::fs::write(&path, text).map_err(|source| BatchError::File { path, source })
+        Ok(private_files::write_private_atomically(
+            &path,
+            text.as_bytes(),
+        )?)
     }
 
     /// The record of job `id`; a PBS id may be given without its server (`1234` for
@@ -203,7 +205,11 @@ impl Jobs {
         stamp: &str,
     ) -> Result<JobRecord, BatchError> {
         let pending = self.pending_script(stamp);
-        std::fs::write(&pending, script).map_err(|source| BatchError::File {
+        std::io::Write::write_all(
+            &mut private_files::create_private_file(&pending)?,
+            script.as_bytes(),
+        )
+        .map_err(|source| BatchError::File {
             path: pending.clone(),
             source,
         })?;

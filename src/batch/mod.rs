@@ -132,4 +132,6 @@ pub enum BatchError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("job records: {0}")]
+    Records(#[from] crate::private_files::PrivateFileError),
 }

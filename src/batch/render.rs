@@ -26,6 +26,9 @@ pub struct SubmitEnv {
     pub exit_dir: PathBuf,
     /// Makes PBS output file names unique (PBS does not expand a job-id pattern).
     pub stamp: String,
+    /// The submitter's umask: the job's log is created private (the batch system is
+    /// asked for 077), then the script restores this one for what the job itself writes.
+    pub umask: u32,
 }
 
 /// A checked job: everything the templates use.
@@ -58,6 +61,8 @@ pub struct JobSpec {
     pub pbs_resources: String,
     pub workdir: String,
     pub exit_dir: String,
+    /// The submitter's umask in octal (`0022`), restored first thing in the script.
+    pub umask: String,
     /// The script (absolute path) and its arguments.
     pub command: Vec<String>,
 }
@@ -177,6 +182,7 @@ impl JobSpec {
             pbs_resources,
             workdir: env.workdir.display().to_string(),
             exit_dir: env.exit_dir.display().to_string(),
+            umask: format!("{:04o}", env.umask & 0o777),
             command: std::iter::once(path.display().to_string())
                 .chain(args.iter().cloned())
                 .collect(),

@@ -14,7 +14,9 @@ const SACCT_FIELDS: &str = "JobID,State,ExitCode,Elapsed,NNodes,NodeList,JobName
 /// Submits `script`; returns the job id.
 pub fn submit(script: &Path) -> Result<String, BatchError> {
     let path = script.display().to_string();
-    let run = tool::run("sbatch", &["--parsable", &path])?;
+    // sbatch creates the job's log with this umask, and the job starts with it; the
+    // script then restores the submitter's.
+    let run = tool::run_with_env("sbatch", &["--parsable", &path], &[("SLURM_UMASK", "0077")])?;
     if !run.ok() {
         return Err(BatchError::Refused {
             command: "sbatch".into(),

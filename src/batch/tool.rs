@@ -33,8 +33,14 @@ impl Run {
 
 /// Runs `program args`, failing only if it cannot be started.
 pub fn run(program: &str, args: &[&str]) -> Result<Run, BatchError> {
+    run_with_env(program, args, &[])
+}
+
+/// [`run`] with these variables added to its environment.
+pub fn run_with_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Run, BatchError> {
     let output: Output = Command::new(program)
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .map_err(|source| BatchError::Spawn {
             command: program.into(),

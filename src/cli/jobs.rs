@@ -244,6 +244,7 @@ fn submit(args: SubmitArgs) -> Result<i32> {
             .unwrap_or_else(|| "python3".into()),
         exit_dir: jobs.dir().to_path_buf(),
         stamp: stamp.clone(),
+        umask: crate::private_files::current_umask(),
     };
     let spec = JobSpec::new(&resolved, system, &args.script, &env)?;
     let script = batch::render(&spec)?;

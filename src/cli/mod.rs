@@ -164,6 +164,7 @@ enum ExecutorArg {
 }
 
 pub fn main() -> ExitCode {
+    crate::heap::tune_allocator();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -277,7 +278,7 @@ async fn run(command: Command) -> Result<i32> {
                 pid: std::process::id(),
             };
             file.write(&scheduler_file)
-                .with_context(|| format!("cannot write {}", scheduler_file.display()))?;
+                .context("cannot write the scheduler file")?;
             eprintln!(
                 "rankmesh: scheduler at {address} (scheduler file {})",
                 scheduler_file.display()
@@ -300,8 +301,8 @@ async fn run(command: Command) -> Result<i32> {
         } => {
             let (scheduler, token) = match (scheduler, scheduler_file) {
                 (_, Some(path)) => {
-                    let file = SchedulerFile::read(&path)
-                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    let file =
+                        SchedulerFile::read(&path).context("cannot read the scheduler file")?;
                     (file.address, Token::new(file.token))
                 }
                 (Some(address), None) => {

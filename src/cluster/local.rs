@@ -1,7 +1,8 @@
 //! `rankmesh local`: a scheduler in this process and worker processes beside it, all on
 //! this machine; optionally runs a script against it and exits with the script's code.
 
-use super::script_host::{default_scheduler_file, PendingScript, ScriptHost};
+use super::script_host::{PendingScript, ScriptHost};
+use super::SchedulerFilePlace;
 use super::{die_with_parent, ClusterError};
 use crate::protocol::{Token, TOKEN_ENV};
 use std::path::PathBuf;
@@ -35,12 +36,9 @@ pub async fn run(options: LocalOptions) -> Result<i32, ClusterError> {
         "tcp://{}",
         listener.local_addr().map_err(ClusterError::Scheduler)?
     );
-    let scheduler_file = options
-        .scheduler_file
-        .clone()
-        .unwrap_or_else(default_scheduler_file);
+    let scheduler_file = SchedulerFilePlace::chosen_or_default(options.scheduler_file.clone())?;
     // The script's imports overlap the workers' start.
-    let script = PendingScript::start(&options.python, &options.script, &scheduler_file)?;
+    let script = PendingScript::start(&options.python, &options.script, scheduler_file.path())?;
     let mut workers = Vec::new();
     for index in 0..options.n_workers {
         let worker = spawn_worker(&options, &address, &token)

@@ -5,8 +5,10 @@ pub mod local;
 mod scheduler_file;
 mod script_host;
 
-pub use scheduler_file::{SchedulerFile, SCHEDULER_FILE_ENV};
-pub use script_host::{default_scheduler_file, PendingScript, ScriptHost};
+pub use scheduler_file::{
+    SchedulerFile, SchedulerFileError, SchedulerFilePlace, SCHEDULER_FILE_ENV,
+};
+pub use script_host::{PendingScript, ScriptHost};
 
 use std::path::PathBuf;
 
@@ -20,11 +22,13 @@ pub enum ClusterError {
     WorkerExited { index: usize, status: String },
     #[error("only {registered} of {expected} workers registered in time")]
     WorkersTimeout { registered: usize, expected: u32 },
-    #[error("cannot write the scheduler file {path}: {source}")]
+    #[error("cannot write the scheduler file {}: {source}", path.display())]
     SchedulerFile {
         path: PathBuf,
-        source: std::io::Error,
+        source: SchedulerFileError,
     },
+    #[error("cannot make a private folder for the scheduler file: {0}")]
+    SchedulerFolder(#[from] crate::private_files::PrivateFileError),
     #[error("cannot run `{python} {script}`: {source}")]
     Script {
         python: String,

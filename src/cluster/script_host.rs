@@ -2,14 +2,14 @@
 //! script a scheduler file, run it, then stop everything. Shared by `rankmesh local` and by
 //! rank 0 of `rankmesh run`.
 
-use super::{ClusterError, SchedulerFile, SCHEDULER_FILE_ENV};
+use super::{ClusterError, SchedulerFile, SchedulerFilePlace, SCHEDULER_FILE_ENV};
 use crate::protocol::{Token, WorkerInfo, TOKEN_ENV};
 use crate::scheduler::server;
 use std::cell::Cell;
 use std::future::Future;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
@@ -31,7 +31,7 @@ pub struct ScriptHost {
     /// SIGTERM.
     pub script: Option<PendingScript>,
     /// Where the scheduler file goes; the script was started with this path.
-    pub scheduler_file: PathBuf,
+    pub scheduler_file: SchedulerFilePlace,
     /// End the cluster when a registered worker goes away (in an MPI job a worker rank only
     /// leaves by dying, and MPI cannot go on without it); otherwise its work is redone
     /// elsewhere.
@@ -77,7 +77,7 @@ impl ScriptHost {
         let mut terminate = signal(SignalKind::terminate()).map_err(ClusterError::Signals)?;
         let expected = self.expected_workers as usize;
         let counter = registered.clone();
-        let path = self.scheduler_file.clone();
+        let path = self.scheduler_file.path().to_path_buf();
         let script = self.script.take();
         tokio::select! {
             ready = tokio::time::timeout(WORKERS_TIMEOUT, registered.wait_for(|w| w.len() >= expected)) => {
@@ -295,11 +295,6 @@ impl PendingScript {
 /// Names the pipe a started script waits on before it runs.
 const START_FD_ENV: &str = "RANKMESH_START_FD";
 const GO: &[u8] = b"go";
-
-/// Where a cluster's scheduler file goes unless told: the temp folder.
-pub fn default_scheduler_file() -> PathBuf {
-    std::env::temp_dir().join(format!("rankmesh-scheduler-{}.json", std::process::id()))
-}
 
 /// The job is being stopped: the script gets SIGINT (a KeyboardInterrupt in Python).
 fn stop(child: &Child, stopping: &Cell<bool>) {

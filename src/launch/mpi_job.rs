@@ -4,7 +4,7 @@
 
 use super::open_mpi;
 use super::{LaunchError, RunOptions, TransportKind};
-use crate::cluster::{default_scheduler_file, ClusterError, PendingScript, ScriptHost};
+use crate::cluster::{ClusterError, PendingScript, SchedulerFilePlace, ScriptHost};
 use crate::protocol::WorkerTopology;
 use crate::protocol::{decode, encode, Token};
 use crate::topology::{self, bind, env, NodeTopology, Place, Source, WorkerPer};
@@ -38,18 +38,18 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
         .map_err(LaunchError::Runtime)?;
     // Rank 0's script interpreter starts before MPI does (the launcher's variables say
     // which rank this is): its imports overlap MPI's start-up and the workers'.
-    let scheduler_file = options
-        .scheduler_file
-        .clone()
-        .unwrap_or_else(default_scheduler_file);
-    let launcher_rank = super::launcher_rank();
-    let mut script = match launcher_rank {
-        Some(0) => {
-            let _runtime = runtime.enter();
-            PendingScript::start(&options.python, &options.script, &scheduler_file)?
-        }
-        _ => None,
+    let scheduler_file_place = || {
+        SchedulerFilePlace::chosen_or_default(options.scheduler_file.clone())
+            .map_err(ClusterError::from)
     };
+    let launcher_rank = super::launcher_rank();
+    let (mut script, mut scheduler_file) = (None, None);
+    if launcher_rank == Some(0) {
+        let place = scheduler_file_place()?;
+        let _runtime = runtime.enter();
+        script = PendingScript::start(&options.python, &options.script, place.path())?;
+        scheduler_file = Some(place);
+    }
     // A worker rank reads its node's topology (~45 ms of hwloc here) while MPI starts.
     let topology = match (launcher_rank, options.worker_per) {
         (Some(0), _) | (_, None) => None,
@@ -113,10 +113,15 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
         };
         let message = encode(&bootstrap).map_err(|e| LaunchError::Bootstrap(e.to_string()))?;
         broadcast(&root, Some(message.to_vec()));
-        if script.is_none() {
-            let _runtime = runtime.enter();
-            script = PendingScript::start(&options.python, &options.script, &scheduler_file)?;
-        }
+        let scheduler_file = match scheduler_file {
+            Some(place) => place,
+            None => {
+                let place = scheduler_file_place()?;
+                let _runtime = runtime.enter();
+                script = PendingScript::start(&options.python, &options.script, place.path())?;
+                place
+            }
+        };
         let script_host = ScriptHost {
             address: bootstrap.scheduler,
             expected_workers: (size - 1) as u32,

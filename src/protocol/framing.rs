@@ -12,6 +12,11 @@ pub const MAX_FRAME_SIZE: usize = 256 << 20;
 
 /// Raw byte runs up to this size are copied into the write buffer rather than written alone.
 const SMALL_RAW: usize = 64 * 1024;
+/// A connection's read or write buffer that grew past this for one big frame is given
+/// back afterwards: kept, it would hold that much for as long as the connection lives
+/// (and its size would follow the largest message so far). Past this size buffers are
+/// mapped on their own (`heap::tune_allocator`), so giving one back unmaps it.
+const KEEP_BUFFER: usize = 64 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -56,7 +61,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub async fn recv_bytes(&mut self) -> Result<Option<Bytes>, FrameError> {
         match self.inner.next().await {
             None => Ok(None),
-            Some(Ok(frame)) => Ok(Some(frame.freeze())),
+            Some(Ok(frame)) => {
+                let buffer = self.inner.read_buffer_mut();
+                if frame.len() > KEEP_BUFFER && buffer.len() <= KEEP_BUFFER {
+                    // The frame shares the buffer's allocation: the buffer moves to a new
+                    // one (with the little read ahead), so dropping the frame frees it all.
+                    *buffer = bytes::BytesMut::from(&buffer[..]);
+                }
+                Ok(Some(frame.freeze()))
+            }
             Some(Err(e)) => Err(self.classify(e)),
         }
     }
@@ -123,7 +136,16 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
             });
         }
         self.inner.send(frame).await?;
+        self.shrink_write_buffer();
         Ok(())
+    }
+
+    /// After a flush: a write buffer that grew for a big message is given back.
+    fn shrink_write_buffer(&mut self) {
+        let buffer = self.inner.write_buffer_mut();
+        if buffer.is_empty() && buffer.capacity() > KEEP_BUFFER {
+            *buffer = bytes::BytesMut::new();
+        }
     }
 
     /// Queues a message without flushing; call [`FrameWriter::flush`] after a batch.
@@ -134,6 +156,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     pub async fn flush(&mut self) -> Result<(), FrameError> {
         SinkExt::<Bytes>::flush(&mut self.inner).await?;
+        self.shrink_write_buffer();
         Ok(())
     }
 

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// What a connecting peer is; the acceptor checks it is one it serves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,6 +102,9 @@ pub enum FromClient {
     },
     /// The client dropped its futures on these tasks.
     Release(Vec<TaskId>),
+    /// The client will ship these functions again before its next task uses them: the
+    /// scheduler keeps them only while a task still refers to them.
+    ReleaseFunctions(Vec<FuncId>),
     /// The client wants these computed again (futures on tasks submitted earlier).
     Want(Vec<TaskId>),
     /// Stop these tasks and everything that depends on them.
@@ -218,6 +221,8 @@ pub enum ToWorker {
     Compute(Vec<ComputeTask>),
     /// Drop these results from the store.
     Release(Vec<TaskId>),
+    /// No task uses these functions any more: drop them (they are sent again if needed).
+    ReleaseFunctions(Vec<FuncId>),
     /// Do not run these (a result that arrives anyway is dropped).
     Cancel(Vec<TaskId>),
     PeerAdded(WorkerInfo),
@@ -284,6 +289,8 @@ pub struct RunTask {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ToExecutor {
     Functions(Vec<FunctionBlob>),
+    /// Drop these functions (the worker sends them again if a task needs them).
+    ReleaseFunctions(Vec<FuncId>),
     Run(Vec<RunTask>),
     Shutdown,
 }

@@ -2,16 +2,16 @@
 //! messages to the state machine, which runs on one task that owns it.
 
 use super::{Comm, Scheduler, SchedulerConfig};
+use crate::heap::{FreedBytes, TRIM_WHEN_IDLE_AFTER};
 use crate::protocol::{
     self, ClientId, FrameReader, FrameWriter, FromClient, FromWorker, Role, ToClient, ToWorker,
     Token, WorkerId, WorkerInfo,
 };
-use crate::transport::tcp;
+use crate::transport::listen::{Admission, Authenticated};
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -45,10 +45,12 @@ pub async fn serve(
 ) {
     let (events_tx, events) = mpsc::unbounded_channel();
     let core = tokio::spawn(run_core(events, workers, shutdown.clone()));
-    let connections = tcp::accept_until(listener, &shutdown, |stream, peer| {
-        serve_connection(stream, peer, token.clone(), events_tx.clone())
-    })
-    .await;
+    let events = events_tx.clone();
+    let connections = Admission::new(token, &[Role::Client, Role::Worker])
+        .serve(listener, &shutdown, move |connection| {
+            serve_connection(connection, events.clone())
+        })
+        .await;
     drop(events_tx);
     if tokio::time::timeout(SHUTDOWN_GRACE, async {
         let _ = core.await;
@@ -69,6 +71,7 @@ async fn run_core(
 ) {
     let mut scheduler = Scheduler::new(SchedulerConfig::default());
     let mut comm = OutboxComm::default();
+    let mut freed = FreedBytes::default();
     loop {
         let event = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -76,6 +79,10 @@ async fn run_core(
                 Some(event) => event,
                 None => break,
             },
+            _ = tokio::time::sleep(TRIM_WHEN_IDLE_AFTER), if freed.pending() => {
+                freed.trim();
+                continue;
+            }
         };
         apply(&mut scheduler, &mut comm, event);
         for _ in 1..MAX_EVENTS_PER_PASS {
@@ -85,6 +92,7 @@ async fn run_core(
             }
         }
         scheduler.schedule(&mut comm);
+        freed.note(scheduler.take_freed_bytes());
         // Membership changes rarely: rebuild the list only when the count moved.
         workers.send_if_modified(|known| {
             let changed = known.len() != scheduler.worker_count();
@@ -178,28 +186,13 @@ impl Comm for OutboxComm {
     }
 }
 
-async fn serve_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    token: Token,
-    events: mpsc::UnboundedSender<Event>,
-) {
-    let (r, w) = stream.into_split();
-    let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
-    let role = match protocol::accept(
-        &mut reader,
-        &mut writer,
-        &token,
-        &[Role::Client, Role::Worker],
-    )
-    .await
-    {
-        Ok(role) => role,
-        Err(e) => {
-            tracing::warn!(%peer, "refused a connection: {e}");
-            return;
-        }
-    };
+async fn serve_connection(connection: Authenticated, events: mpsc::UnboundedSender<Event>) {
+    let Authenticated {
+        reader,
+        writer,
+        role,
+        peer,
+    } = connection;
     let result = match role {
         Role::Client => serve_client(reader, writer, &events).await,
         _ => serve_worker(reader, writer, &events).await,

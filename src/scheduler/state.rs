@@ -7,13 +7,14 @@
 
 use super::placement::{self, Bandwidths, CandidateCost, Load, LoadIndex, NodeId, RootQueue};
 use super::Comm;
+use crate::heap::ShrinkWhenSparse;
 use crate::protocol::{
     ClientId, ComputeTask, ErrorInfo, FromClient, FromWorker, FuncId, FunctionBlob, InputLocation,
     TaskDone, TaskFinished, TaskId, TaskSpec, ToClient, ToWorker, WorkerId, WorkerInfo,
     WorkerRegistration,
 };
 use bytes::Bytes;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::mem;
 use std::sync::Arc;
@@ -132,6 +133,21 @@ impl Task {
     }
 }
 
+/// A callable's pickled code, kept while a task or a client needs it.
+struct Function {
+    bytes: Bytes,
+    /// Tasks that refer to it (each reference counts) plus clients that shipped it and
+    /// have not released it.
+    users: u32,
+}
+
+#[derive(Default)]
+struct Client {
+    /// Functions it shipped and may refer to without shipping them again, until it
+    /// releases them (`FromClient::ReleaseFunctions`).
+    functions: IdSet<FuncId>,
+}
+
 struct Worker {
     info: WorkerInfo,
     /// Its host, numbered.
@@ -159,6 +175,7 @@ impl Worker {
 struct Outbox {
     cancels: BTreeMap<WorkerId, Vec<TaskId>>,
     releases: BTreeMap<WorkerId, Vec<TaskId>>,
+    released_functions: BTreeMap<WorkerId, Vec<FuncId>>,
     finished: BTreeMap<ClientId, Vec<TaskFinished>>,
     to_clients: Vec<(ClientId, ToClient)>,
 }
@@ -179,6 +196,9 @@ impl Outbox {
         for (worker, ids) in mem::take(&mut self.releases) {
             comm.send_worker(worker, ToWorker::Release(ids));
         }
+        for (worker, ids) in mem::take(&mut self.released_functions) {
+            comm.send_worker(worker, ToWorker::ReleaseFunctions(ids));
+        }
         for (client, finished) in mem::take(&mut self.finished) {
             comm.send_client(client, ToClient::Finished(finished));
         }
@@ -191,9 +211,9 @@ impl Outbox {
 pub struct Scheduler {
     config: SchedulerConfig,
     tasks: IdMap<TaskId, Task>,
-    functions: IdMap<FuncId, Bytes>,
+    functions: IdMap<FuncId, Function>,
     workers: BTreeMap<WorkerId, Worker>,
-    clients: BTreeSet<ClientId>,
+    clients: BTreeMap<ClientId, Client>,
     next_worker_id: u32,
     next_client_id: u32,
     load_index: LoadIndex,
@@ -206,6 +226,8 @@ pub struct Scheduler {
     outbox: Outbox,
     /// Scratch space for placement, kept to avoid allocating per task.
     candidates: Vec<CandidateCost>,
+    /// Bytes of payloads and function code dropped since the server last asked.
+    freed_bytes: u64,
 }
 
 impl Scheduler {
@@ -216,7 +238,7 @@ impl Scheduler {
             tasks: IdMap::default(),
             functions: IdMap::default(),
             workers: BTreeMap::new(),
-            clients: BTreeSet::new(),
+            clients: BTreeMap::new(),
             next_worker_id: 1,
             next_client_id: 1,
             load_index: LoadIndex::default(),
@@ -225,6 +247,7 @@ impl Scheduler {
             ready: Vec::new(),
             outbox: Outbox::default(),
             candidates: Vec::new(),
+            freed_bytes: 0,
         }
     }
 
@@ -242,6 +265,12 @@ impl Scheduler {
 
     pub fn workers(&self) -> impl Iterator<Item = &WorkerInfo> {
         self.workers.values().map(|w| &w.info)
+    }
+
+    /// Bytes of payloads and function code dropped since the last call, for the server
+    /// to give back to the system ([`crate::heap`]).
+    pub fn take_freed_bytes(&mut self) -> u64 {
+        mem::take(&mut self.freed_bytes)
     }
 
     // ------------------------------------------------------------------ membership
@@ -274,7 +303,7 @@ impl Scheduler {
         for &other in self.workers.keys() {
             comm.send_worker(other, ToWorker::PeerAdded(info.clone()));
         }
-        for &client in &self.clients {
+        for &client in self.clients.keys() {
             comm.send_client(client, ToClient::WorkerAdded(info.clone()));
         }
         let next_node = NodeId(self.nodes.len() as u32);
@@ -328,7 +357,7 @@ impl Scheduler {
         for &other in self.workers.keys() {
             comm.send_worker(other, ToWorker::PeerRemoved(worker));
         }
-        for &client in &self.clients {
+        for &client in self.clients.keys() {
             comm.send_client(client, ToClient::WorkerRemoved(worker));
         }
         self.outbox.flush(comm);
@@ -338,18 +367,22 @@ impl Scheduler {
     pub fn add_client(&mut self, comm: &mut impl Comm) -> ClientId {
         let id = ClientId(self.next_client_id);
         self.next_client_id += 1;
-        self.clients.insert(id);
+        self.clients.insert(id, Client::default());
         let mut workers: Vec<WorkerInfo> = self.workers().cloned().collect();
         workers.sort_by_key(|w| w.id);
         comm.send_client(id, ToClient::Workers(workers));
         id
     }
 
-    /// A client left: all its tasks are cancelled and their results released.
+    /// A client left: all its tasks are cancelled, their results released and the
+    /// functions it shipped given up.
     pub fn remove_client(&mut self, client: ClientId, comm: &mut impl Comm) {
-        if !self.clients.remove(&client) {
+        let Some(removed) = self.clients.remove(&client) else {
             tracing::warn!(client = %client, "removing an unknown client");
             return;
+        };
+        for func in removed.functions {
+            self.unref_function(func);
         }
         let owned: Vec<TaskId> = self
             .tasks
@@ -365,7 +398,7 @@ impl Scheduler {
     // ------------------------------------------------------------------ events
 
     pub fn handle_client(&mut self, client: ClientId, msg: FromClient, comm: &mut impl Comm) {
-        if !self.clients.contains(&client) {
+        if !self.clients.contains_key(&client) {
             tracing::warn!(client = %client, "message from an unknown client ignored");
             return;
         }
@@ -378,6 +411,7 @@ impl Scheduler {
                 self.submit(client, functions, tasks, &wanted);
             }
             FromClient::Release(ids) => self.release(client, &ids),
+            FromClient::ReleaseFunctions(ids) => self.release_functions(client, &ids),
             FromClient::Want(ids) => self.want(client, &ids),
             FromClient::Cancel(ids) => {
                 let (owned, foreign): (Vec<TaskId>, Vec<TaskId>) =
@@ -416,7 +450,9 @@ impl Scheduler {
         specs: Vec<TaskSpec>,
         wanted: &[TaskId],
     ) {
-        let order = match self.validate_submit(client, &functions, &specs, wanted) {
+        // Kept even if the tasks are rejected: the client counts them as shipped.
+        self.pin_functions(client, functions);
+        let order = match self.validate_submit(client, &specs, wanted) {
             Ok(order) => order,
             Err(reason) => {
                 tracing::warn!(client = %client, %reason, "submit rejected");
@@ -426,9 +462,6 @@ impl Scheduler {
                 return;
             }
         };
-        for blob in functions {
-            self.functions.entry(blob.id).or_insert(blob.bytes);
-        }
         let mut specs: Vec<Option<TaskSpec>> = specs.into_iter().map(Some).collect();
         let mut erred = Vec::new();
         // Dependencies first, so every dep's state is known when its dependent is added.
@@ -448,6 +481,11 @@ impl Scheduler {
             }
             if matches!(state, TaskState::Erred { .. }) {
                 erred.push(spec.id);
+            }
+            for func in &spec.funcs {
+                if let Some(function) = self.functions.get_mut(func) {
+                    function.users += 1;
+                }
             }
             let task = Task {
                 state,
@@ -473,7 +511,6 @@ impl Scheduler {
     fn validate_submit(
         &self,
         client: ClientId,
-        functions: &[FunctionBlob],
         specs: &[TaskSpec],
         wanted: &[TaskId],
     ) -> Result<Vec<usize>, String> {
@@ -491,15 +528,10 @@ impl Scheduler {
                 return Err(format!("task {} was submitted twice", spec.id));
             }
         }
-        let sent_funcs: IdSet<FuncId> = functions.iter().map(|f| f.id).collect();
         for spec in specs {
-            if let Some(func) = spec
-                .funcs
-                .iter()
-                .find(|f| !sent_funcs.contains(f) && !self.functions.contains_key(f))
-            {
+            if let Some(func) = spec.funcs.iter().find(|f| !self.functions.contains_key(f)) {
                 return Err(format!(
-                    "task {} uses function {func}, whose code was never sent",
+                    "task {} uses function {func}, whose code was never sent or was released",
                     spec.id
                 ));
             }
@@ -673,6 +705,77 @@ impl Scheduler {
         self.release_unneeded(released);
     }
 
+    /// Registers the functions a client shipped; it may refer to them until it releases
+    /// them. One it had shipped before counts once.
+    fn pin_functions(&mut self, client: ClientId, functions: Vec<FunctionBlob>) {
+        let Some(pinned) = self.clients.get_mut(&client).map(|c| &mut c.functions) else {
+            return;
+        };
+        for blob in functions {
+            if pinned.insert(blob.id) {
+                self.functions
+                    .entry(blob.id)
+                    .or_insert(Function {
+                        bytes: blob.bytes,
+                        users: 0,
+                    })
+                    .users += 1;
+            }
+        }
+    }
+
+    /// The client will ship these again before it uses them.
+    fn release_functions(&mut self, client: ClientId, ids: &[FuncId]) {
+        for id in ids {
+            let unpinned = self
+                .clients
+                .get_mut(&client)
+                .is_some_and(|c| c.functions.remove(id));
+            if unpinned {
+                self.unref_function(*id);
+            } else {
+                tracing::debug!(client = %client, function = %id, "release of a function it did not ship");
+            }
+        }
+    }
+
+    /// One user fewer; a function nobody uses is dropped, here and on the workers it was
+    /// sent to (which drop it from their executors).
+    fn unref_function(&mut self, id: FuncId) {
+        let Some(function) = self.functions.get_mut(&id) else {
+            return;
+        };
+        function.users = function.users.saturating_sub(1);
+        if function.users > 0 {
+            return;
+        }
+        if let Some(function) = self.functions.remove(&id) {
+            self.freed_bytes += function.bytes.len() as u64;
+            self.functions.shrink_when_sparse();
+        }
+        for (&worker_id, worker) in &mut self.workers {
+            if worker.sent_funcs.remove(&id) {
+                worker.sent_funcs.shrink_when_sparse();
+                self.outbox
+                    .released_functions
+                    .entry(worker_id)
+                    .or_default()
+                    .push(id);
+            }
+        }
+    }
+
+    /// Removes a task from the table; the functions it used lose a user.
+    fn take_task(&mut self, id: TaskId) -> Option<Task> {
+        let task = self.tasks.remove(&id)?;
+        self.tasks.shrink_when_sparse();
+        self.freed_bytes += task.payload.len() as u64;
+        for &func in &task.funcs {
+            self.unref_function(func);
+        }
+        Some(task)
+    }
+
     /// Stops and forgets `ids` and everything downstream of them. `notify`: the client
     /// told which of them it wanted (none when the client is gone).
     fn cancel(&mut self, ids: Vec<TaskId>, notify: Option<ClientId>) {
@@ -691,7 +794,7 @@ impl Scheduler {
         let mut cancelled = Vec::new();
         let mut unneeded = Vec::new();
         for &id in &doomed {
-            let Some(task) = self.tasks.remove(&id) else {
+            let Some(task) = self.take_task(id) else {
                 continue;
             };
             if task.wanted {
@@ -867,7 +970,7 @@ impl Scheduler {
                 }
                 continue;
             }
-            if let Some(task) = self.tasks.remove(&id) {
+            if let Some(task) = self.take_task(id) {
                 self.forget(id, task, &mut candidates);
             }
         }
@@ -1013,7 +1116,7 @@ impl Scheduler {
             if lost_and_unavailable(&self.tasks, id)
                 && !self.tasks.get(id).is_some_and(Task::is_needed)
             {
-                self.tasks.remove(id);
+                self.take_task(*id);
             }
         }
         // 3. States of the recomputed tasks, then of their pending dependents elsewhere,
@@ -1127,10 +1230,10 @@ impl Scheduler {
             let mut blobs = Vec::new();
             for func in batch.iter().flat_map(|t| &t.funcs) {
                 if worker.sent_funcs.insert(*func) {
-                    if let Some(bytes) = self.functions.get(func) {
+                    if let Some(function) = self.functions.get(func) {
                         blobs.push(FunctionBlob {
                             id: *func,
-                            bytes: bytes.clone(),
+                            bytes: function.bytes.clone(),
                         });
                     }
                 }
@@ -1296,7 +1399,7 @@ impl Scheduler {
         let mut pending_dependents: IdMap<TaskId, u32> = IdMap::default();
         for (&id, task) in &self.tasks {
             assert!(
-                self.clients.contains(&id.owner()),
+                self.clients.contains_key(&id.owner()),
                 "task {id} outlived its client"
             );
             match &task.state {
@@ -1373,6 +1476,39 @@ impl Scheduler {
             );
         }
         assert_eq!(self.load_index.len(), self.workers.len());
+        self.check_functions();
+    }
+
+    /// Every function is kept exactly while something uses it, and workers were only
+    /// sent functions still kept.
+    fn check_functions(&self) {
+        let mut users: IdMap<FuncId, u32> = IdMap::default();
+        let task_funcs = self.tasks.values().flat_map(|t| &t.funcs);
+        let pinned = self.clients.values().flat_map(|c| &c.functions);
+        for func in task_funcs.chain(pinned) {
+            *users.entry(*func).or_default() += 1;
+        }
+        for (id, function) in &self.functions {
+            assert_eq!(
+                Some(&function.users),
+                users.get(id),
+                "users of function {id}"
+            );
+        }
+        for id in users.keys() {
+            assert!(
+                self.functions.contains_key(id),
+                "function {id} in use was dropped"
+            );
+        }
+        for (worker_id, worker) in &self.workers {
+            for func in &worker.sent_funcs {
+                assert!(
+                    self.functions.contains_key(func),
+                    "worker {worker_id} still counts dropped function {func} as sent"
+                );
+            }
+        }
     }
 }
 

@@ -1,6 +1,8 @@
 //! How task results move between processes: one trait, with TCP (workers and clients)
-//! and MPI point-to-point (worker ranks of an MPI job) behind it; UCX later.
+//! and MPI point-to-point (worker ranks of an MPI job) behind it; UCX later. `listen`
+//! accepts the TCP connections of every server (scheduler, data servers).
 
+pub mod listen;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 pub mod tcp;

@@ -1,6 +1,7 @@
 //! Results over TCP: each worker runs a data server; peers and clients fetch from it on
 //! pooled, authenticated connections.
 
+use super::listen::{Admission, Authenticated};
 use super::{Allocate, Fetched, Transport, TransportError};
 use crate::protocol::{
     self, FrameReader, FrameWriter, ObjectHeader, PeerRequest, Role, TaskId, Token, WorkerInfo,
@@ -8,13 +9,10 @@ use crate::protocol::{
 use crate::worker::store::Store;
 use futures::future::BoxFuture;
 use std::collections::HashMap;
-use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 type DataConnection = (FrameReader<OwnedReadHalf>, FrameWriter<OwnedWriteHalf>);
 
@@ -146,42 +144,6 @@ impl Transport for TcpTransport {
     }
 }
 
-/// Accepts connections until `shutdown`, each served by `handle` on its own task (which
-/// also ends at shutdown). The returned tracker is closed: wait on it for those tasks.
-pub async fn accept_until<F, Fut>(
-    listener: TcpListener,
-    shutdown: &CancellationToken,
-    handle: F,
-) -> TaskTracker
-where
-    F: Fn(TcpStream, SocketAddr) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let tracker = TaskTracker::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!("accept failed: {e}");
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let (connection, shutdown) = (handle(stream, peer), shutdown.clone());
-        tracker.spawn(async move {
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = connection => {}
-            }
-        });
-    }
-    tracker.close();
-    tracker
-}
-
 /// Serves the store to authenticated peers until `shutdown`.
 pub async fn serve_data(
     listener: TcpListener,
@@ -189,23 +151,26 @@ pub async fn serve_data(
     store: Store,
     shutdown: CancellationToken,
 ) {
-    accept_until(listener, &shutdown, |stream, peer| {
-        let (token, store) = (token.clone(), store.clone());
-        async move {
-            if let Err(e) = serve_peer(stream, &token, &store).await {
-                tracing::warn!(%peer, "data connection closed: {e}");
+    let admission = Admission::new(token, &[Role::Peer]);
+    admission
+        .serve(listener, &shutdown, move |connection| {
+            let store = store.clone();
+            async move {
+                let peer = connection.peer;
+                if let Err(e) = serve_peer(connection, &store).await {
+                    tracing::warn!(%peer, "data connection closed: {e}");
+                }
             }
-        }
-    })
-    .await;
+        })
+        .await;
 }
 
-async fn serve_peer(stream: TcpStream, token: &Token, store: &Store) -> Result<(), String> {
-    let (r, w) = stream.into_split();
-    let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
-    protocol::accept(&mut reader, &mut writer, token, &[Role::Peer])
-        .await
-        .map_err(|e| format!("refused: {e}"))?;
+async fn serve_peer(connection: Authenticated, store: &Store) -> Result<(), String> {
+    let Authenticated {
+        mut reader,
+        mut writer,
+        ..
+    } = connection;
     protocol::welcome(&mut writer, None)
         .await
         .map_err(|e| e.to_string())?;

@@ -3,12 +3,14 @@
 
 mod pool;
 
+use crate::private_files;
 use crate::protocol::{frame_offsets, ObjectRef, TaskId, INLINE_MAX};
 use bytes::Bytes;
 use memmap2::{Mmap, MmapMut};
 use pool::SegmentPool;
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -151,7 +153,8 @@ impl Drop for ShmSegment {
     }
 }
 
-/// Where a worker's large objects live (a folder under /dev/shm, removed on drop).
+/// Where a worker's large objects live: its private folder under /dev/shm (0700, a random
+/// name), which also holds its executors' sockets; removed on drop.
 pub struct ShmDir {
     dir: PathBuf,
     next: AtomicU64,
@@ -161,11 +164,15 @@ pub struct ShmDir {
 /// Workers' shared-memory folders are named `{WORKER_SHM_PREFIX}-{pid}-{random}`.
 pub const WORKER_SHM_PREFIX: &str = "rankmesh";
 
+/// /dev/shm where it is a safe place for private folders, else the runtime base.
 fn shm_base() -> PathBuf {
-    if Path::new("/dev/shm").is_dir() {
-        PathBuf::from("/dev/shm")
-    } else {
-        std::env::temp_dir()
+    let shm = Path::new("/dev/shm");
+    match private_files::check_base(shm) {
+        Ok(()) => shm.to_path_buf(),
+        Err(e) => {
+            tracing::debug!("not using /dev/shm: {e}");
+            private_files::runtime_base()
+        }
     }
 }
 
@@ -181,14 +188,14 @@ pub fn sweep_dead(prefix: &str) {
     ) else {
         return;
     };
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
+    let me = private_files::my_uid();
     for entry in entries.flatten() {
         let name = entry.file_name();
         let pid = name
             .to_str()
             .and_then(|n| n.strip_prefix(prefix)?.strip_prefix('-')?.split('-').next())
             .and_then(|pid| pid.parse::<u32>().ok());
+        // Not followed: a link planted here is not ours (lstat), so it is left alone.
         let mine = entry.metadata().is_ok_and(|m| m.is_dir() && m.uid() == me);
         if let (Some(pid), true) = (pid, mine) {
             if !Path::new("/proc").join(pid.to_string()).exists() {
@@ -202,12 +209,8 @@ pub fn sweep_dead(prefix: &str) {
 impl ShmDir {
     pub fn create(prefix: &str) -> std::io::Result<ShmDir> {
         sweep_dead(prefix);
-        let base = shm_base();
-        let mut suffix = [0u8; 6];
-        getrandom::fill(&mut suffix).map_err(|e| std::io::Error::other(e.to_string()))?;
-        let name: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
-        let dir = base.join(format!("{prefix}-{}-{name}", std::process::id()));
-        std::fs::create_dir(&dir)?;
+        let prefix = format!("{prefix}-{}-", std::process::id());
+        let dir = private_files::create_unique_dir(&shm_base(), &prefix)?.keep();
         Ok(ShmDir {
             dir,
             next: AtomicU64::new(0),
@@ -234,7 +237,11 @@ impl ShmDir {
             path: path.to_path_buf(),
             map: None,
         };
-        let file = File::open(path).map_err(io)?;
+        let file = File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(io)?;
         let actual = file.metadata().map_err(io)?.len();
         if actual != total {
             return Err(StoreError::SizeMismatch {
@@ -307,12 +314,7 @@ impl ShmDir {
             path: path.clone(),
             source,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(io)?;
+        let file = private_files::new_file_options().open(&path).map_err(io)?;
         // The pages are allocated up front: a full /dev/shm fails here, not with SIGBUS in
         // the middle of a receive (and allocating, then mapping, 64 MiB took 30 ms here
         // against 38 ms mapped in one fault at a time).
@@ -423,8 +425,8 @@ impl Store {
         self.lock().contains_key(&id)
     }
 
-    pub fn remove(&self, id: TaskId) {
-        self.lock().remove(&id);
+    pub fn remove(&self, id: TaskId) -> Option<Arc<Object>> {
+        self.lock().remove(&id)
     }
 
     pub fn total_bytes(&self) -> u64 {

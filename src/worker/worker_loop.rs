@@ -5,6 +5,7 @@ use super::executor::{
     Executor, ExecutorEvent, PythonExecutor, PythonExecutorConfig, ShellExecutor,
 };
 use super::store::{Object, ShmDir, Store, WORKER_SHM_PREFIX};
+use crate::heap::{FreedBytes, ShrinkWhenSparse, TRIM_WHEN_IDLE_AFTER};
 use crate::protocol::{
     ComputeTask, ErrorInfo, FrameReader, FromWorker, FuncId, FunctionBlob, ObjectRef, Role,
     RunTask, TaskDone, TaskId, TaskOutcome, ToWorker, Token, WorkerId, WorkerInfo,
@@ -90,9 +91,6 @@ pub async fn run_with(
     transport: Arc<dyn Transport>,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
-    let socket_dir = tempfile::Builder::new()
-        .prefix("rankmesh-worker-")
-        .tempdir()?;
     let listener = TcpListener::bind((config.listen_host.as_str(), 0)).await?;
     let data_address = format!(
         "{}:{}",
@@ -141,7 +139,6 @@ pub async fn run_with(
         python: config.python.clone(),
         token: config.token.clone(),
         shm_dir: shm.path().to_path_buf(),
-        socket_dir: socket_dir.path().to_path_buf(),
         memory_limit: config.memory_limit / u64::from(config.nthreads.max(1)),
         env: config
             .executor_env
@@ -183,6 +180,7 @@ pub async fn run_with(
         to_scheduler,
         fetched_tx,
         stats: Stats::default(),
+        freed: FreedBytes::default(),
     };
     worker.serve(&mut reader, events, fetched, &shutdown).await;
     let stats = &worker.stats;
@@ -286,6 +284,7 @@ struct Worker {
     to_scheduler: mpsc::UnboundedSender<FromWorker>,
     fetched_tx: mpsc::UnboundedSender<Fetched>,
     stats: Stats,
+    freed: FreedBytes,
 }
 
 impl Worker {
@@ -313,9 +312,24 @@ impl Worker {
                 },
                 Some(event) = events.recv() => self.on_executor(event),
                 Some(result) = fetched.recv() => self.on_fetched(result),
+                _ = tokio::time::sleep(TRIM_WHEN_IDLE_AFTER), if self.freed.pending() => {
+                    self.freed.trim();
+                    continue;
+                }
             }
             self.dispatch();
             self.flush();
+            self.shrink_tables();
+        }
+    }
+
+    /// Tables give back the room a big graph made them grow to.
+    fn shrink_tables(&mut self) {
+        self.tasks.shrink_when_sparse();
+        self.functions.shrink_when_sparse();
+        self.fetching.shrink_when_sparse();
+        for slot in &mut self.slots {
+            slot.functions_sent.shrink_when_sparse();
         }
     }
 
@@ -325,7 +339,16 @@ impl Worker {
             ToWorker::Functions(blobs) => self
                 .functions
                 .extend(blobs.into_iter().map(|b| (b.id, b.bytes))),
-            ToWorker::Release(ids) => ids.into_iter().for_each(|id| self.store.remove(id)),
+            ToWorker::Release(ids) => {
+                let mut freed = 0;
+                for object in ids.into_iter().filter_map(|id| self.store.remove(id)) {
+                    if !object.is_shared() {
+                        freed += object.size();
+                    }
+                }
+                self.freed.note(freed);
+            }
+            ToWorker::ReleaseFunctions(ids) => self.release_functions(&ids),
             ToWorker::Cancel(ids) => {
                 for id in ids {
                     match self.tasks.get_mut(&id) {
@@ -344,6 +367,26 @@ impl Worker {
                 self.peers.remove(&id);
             }
             ToWorker::Registered { .. } | ToWorker::Shutdown => {}
+        }
+    }
+
+    /// Drops functions no task uses any more, here and in the executors that have them.
+    fn release_functions(&mut self, ids: &[FuncId]) {
+        let freed = ids
+            .iter()
+            .filter_map(|id| self.functions.remove(id))
+            .map(|bytes| bytes.len() as u64)
+            .sum();
+        self.freed.note(freed);
+        for slot in &mut self.slots {
+            let sent: Vec<FuncId> = ids
+                .iter()
+                .copied()
+                .filter(|id| slot.functions_sent.remove(id))
+                .collect();
+            if !sent.is_empty() {
+                slot.executor.release_functions(slot.generation, sent);
+            }
         }
     }
 
@@ -629,9 +672,11 @@ impl Worker {
             };
             task.running = true;
             for func in &task.compute.funcs {
-                if let (true, Some(bytes)) =
-                    (slot.functions_sent.insert(*func), self.functions.get(func))
-                {
+                if slot.functions_sent.contains(func) {
+                    continue;
+                }
+                if let Some(bytes) = self.functions.get(func) {
+                    slot.functions_sent.insert(*func);
                     functions.push(FunctionBlob {
                         id: *func,
                         bytes: bytes.clone(),

@@ -47,7 +47,7 @@ class InProcessCluster:
     def check_submit(self, tasks, held, release):
         """Runs a chunk as a scheduler would and keeps only what is held, so a task
         released too early fails a later chunk."""
-        self.runner.add_functions(self.encoder.registry.take_unshipped())
+        self.runner.add_functions(self.encoder.registry.submitted(tasks, held))
         self.chunks += 1
         for task_id, deps, funcs, payload, _priority in tasks:
             assert set(funcs) <= set(self.runner.functions)

@@ -41,15 +41,20 @@ def future(task_id):
     return f
 
 
-def executor_functions(encoder):
+def submitted(encoder, funcs, task_id=1, held=True):
+    """What a client ships with the submit of one task that uses `funcs`."""
+    return encoder.registry.submitted([(task_id, [], funcs, b"", 0)], [task_id] if held else [])
+
+
+def executor_functions(encoder, funcs):
     runner = TaskRunner("/nonexistent", "test")
-    runner.add_functions(encoder.registry.take_unshipped())
+    runner.add_functions(submitted(encoder, funcs))
     return runner.functions
 
 
 def roundtrip_call(encoder, func, args, kwargs, inputs=()):
     payload, deps, funcs = encoder.call(func, args, kwargs)
-    functions = executor_functions(encoder)
+    functions = executor_functions(encoder, funcs)
     assert set(funcs) <= set(functions)
     return run_payload(loads_payload(payload, functions, list(inputs)), list(inputs)), deps
 
@@ -73,22 +78,46 @@ def test_local_function_and_class_travel_by_value(encoder):
     assert result == 3
 
 
-def test_function_blob_ships_once_per_registry(encoder):
+def test_a_function_ships_once_while_a_held_task_uses_it(encoder):
     def double(x):
         return 2 * x
 
-    _, _, first_funcs = encoder.call(double, (1,), {})
-    assert [func_id for func_id, _ in encoder.registry.take_unshipped()] == first_funcs
+    _, _, funcs = encoder.call(double, (1,), {})
+    assert [func_id for func_id, _ in submitted(encoder, funcs, task_id=1)] == funcs
     _, _, again = encoder.call(double, (2,), {})
-    assert again == first_funcs
-    assert encoder.registry.take_unshipped() == []
+    assert again == funcs
+    assert submitted(encoder, funcs, task_id=2) == [], "the scheduler still has it"
+    encoder.registry.released([1])
+    assert encoder.registry.take_unused() == [], "task 2 still uses it"
+    encoder.registry.released([2])
+    # Encoded again before the release went out: kept, so the next submit may use it.
+    encoder.call(double, (3,), {})
+    assert encoder.registry.take_unused() == []
+    assert submitted(encoder, funcs, task_id=3, held=False) == []
+    # Used by no held task: released, then shipped again when used again.
+    assert encoder.registry.take_unused() == funcs
+    _, _, later = encoder.call(double, (4,), {})
+    assert later == funcs
+    assert [func_id for func_id, _ in submitted(encoder, funcs, task_id=4)] == funcs
+
+
+def test_graph_chunks_share_functions_until_the_graph_is_submitted(encoder):
+    def double(x):
+        return 2 * x
+
+    _, _, funcs = encoder.call(double, (1,), {})
+    with encoder.registry.deferring_releases():
+        assert submitted(encoder, funcs, task_id=1, held=False) != []
+        assert encoder.registry.take_unused() == [], "a later chunk may use it"
+        assert submitted(encoder, funcs, task_id=2, held=False) == []
+    assert encoder.registry.take_unused() == funcs
 
 
 def test_importable_functions_travel_by_name(encoder):
     _, _, funcs = encoder.call(np.add, (1, 2), {})
     payload, _, funcs2 = encoder.call(traceback.format_exc, (), {})
     assert funcs == funcs2 == []
-    assert encoder.registry.take_unshipped() == []
+    assert submitted(encoder, funcs) == []
 
 
 def test_futures_become_inputs_in_payload_order(encoder):
@@ -163,7 +192,7 @@ def test_runner_passes_inputs_to_calls(tmp_path, encoder):
     frames, layout = dumps_result(np.arange(5))
     stored = ("inline", join_frames(frames, layout), layout)
     payload, deps, funcs = encoder.call(np.sum, (future(9),), {})
-    runner.add_functions(encoder.registry.take_unshipped())
+    runner.add_functions(submitted(encoder, funcs))
     _, _, status, result = runner.run(2, payload, [stored])
     assert status == "ok"
     assert decode_input(result) == 10

@@ -2,6 +2,9 @@
 pipeline on 3 tasks, exit codes, cancel and the walltime drain, end to end."""
 
 import json
+import os
+import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,6 +57,26 @@ def test_a_failing_script_fails_the_job_with_its_exit_code(cli, tmp_path):
     assert "about to fail" in cli("logs", job).stdout
     listed = json.loads(cli("jobs", "--json").stdout)
     assert [(j["id"], j["state"]) for j in listed] == [(job, "failed")]
+
+
+def test_the_log_and_records_are_private_and_the_jobs_own_files_are_not(cli, tmp_path):
+    (tmp_path / "writes.py").write_text("open('result.txt', 'w').write('ok')\nprint('wrote')\n")
+    job = cli.submit("writes.py")
+    assert cli("wait", job).returncode == 0
+    mode = lambda path: stat.S_IMODE(os.lstat(path).st_mode)  # noqa: E731
+    state = tmp_path / "state"
+    record = json.loads((state / f"{job}.json").read_text())
+    assert "wrote" in Path(record["output"]).read_text()
+    assert mode(record["output"]) == 0o600, "the job's log"
+    assert mode(state) == 0o700
+    assert {p.name: mode(p) for p in state.iterdir()} == {
+        f"{job}.json": 0o600,
+        f"{job}.sh": 0o600,
+        f"{job}.exit": 0o600,
+    }
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert mode(tmp_path / "result.txt") == 0o666 & ~umask, "the submitter's umask"
 
 
 def test_cancel_stops_a_running_job_and_all_its_processes(cli, tmp_path):

@@ -4,7 +4,7 @@
 use super::*;
 use crate::protocol::{decode, encode};
 use serde::{de::DeserializeOwned, Serialize};
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 
 fn round_trip<T: Serialize + DeserializeOwned>(msg: &T) -> T {
     decode(&encode(msg).expect("message encodes")).expect("message decodes")
@@ -99,7 +99,7 @@ impl TestEnv {
             doorbell: None,
         };
         let others: Vec<WorkerId> = self.scheduler.workers().map(|w| w.id).collect();
-        let clients: Vec<ClientId> = self.scheduler.clients.iter().copied().collect();
+        let clients: Vec<ClientId> = self.scheduler.clients.keys().copied().collect();
         let id = self.scheduler.add_worker(reg, &mut self.comm);
         match self.comm.take_worker(id).as_slice() {
             [ToWorker::Registered { worker_id, peers }] => {
@@ -677,7 +677,7 @@ fn a_broken_submit_is_rejected_whole() {
             vec![
                 spec(a, &[]),
                 TaskSpec {
-                    funcs: vec![func],
+                    funcs: vec![FuncId(8)],
                     ..spec(b, &[])
                 },
             ],
@@ -703,10 +703,23 @@ fn a_broken_submit_is_rejected_whole() {
             }
             other => panic!("expected SubmitRejected, got {other:?}"),
         }
-        assert_eq!(env.scheduler.task_count(), 0, "nothing kept");
+        assert_eq!(env.scheduler.task_count(), 0, "no task kept");
     }
-    // The blobs of rejected submits were not kept either (the last case proved it).
+    // The blob shipped with a rejected submit was kept: the client counts it as shipped.
+    env.submit(
+        c,
+        vec![TaskSpec {
+            funcs: vec![func],
+            ..spec(a, &[])
+        }],
+        &[a],
+    );
+    assert_eq!(env.scheduler.task_count(), 1);
     env.schedule();
+    assert!(matches!(
+        env.comm.take_worker(WorkerId(1)).as_slice(),
+        [ToWorker::Functions(blobs), ToWorker::Compute(_)] if blobs == &vec![blob]
+    ));
     env.comm.emptiness_check();
 }
 
@@ -909,6 +922,79 @@ fn functions_are_sent_once_per_worker() {
         2,
         "code not sent again"
     );
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn a_function_lives_while_a_task_or_a_client_needs_it() {
+    let mut env = TestEnv::new();
+    let w = env.worker(1);
+    let (c, other) = (env.client(), env.client());
+    let func = FuncId(42);
+    let blob = FunctionBlob {
+        id: func,
+        bytes: Bytes::from(vec![7u8; 100_000]),
+    };
+    let uses_func = |id| TaskSpec {
+        funcs: vec![func],
+        ..spec(id, &[])
+    };
+    let [a, b] = ids(c, 0..2)[..] else {
+        unreachable!()
+    };
+    let submit = |tasks, functions, wanted| FromClient::Submit {
+        functions,
+        tasks,
+        wanted,
+    };
+    env.client_msg(c, submit(vec![uses_func(a)], vec![blob.clone()], vec![a]));
+    env.schedule();
+    assert!(matches!(
+        env.comm.take_worker(w).as_slice(),
+        [ToWorker::Functions(_), ToWorker::Compute(_)]
+    ));
+    env.done(w, &[a]);
+    env.comm.take_client(c);
+    // The client lets go of the function, but its task still refers to it.
+    env.client_msg(c, FromClient::ReleaseFunctions(vec![func]));
+    assert_eq!(env.scheduler.functions.len(), 1);
+    env.comm.emptiness_check();
+    // Its last task goes: the function goes too, here and on the worker.
+    env.client_msg(c, FromClient::Release(vec![a]));
+    assert!(env.scheduler.functions.is_empty());
+    assert_eq!(
+        env.comm.take_worker(w),
+        [
+            ToWorker::Release(vec![a]),
+            ToWorker::ReleaseFunctions(vec![func])
+        ]
+    );
+    // Used again without its code: refused, as it was released.
+    env.client_msg(c, submit(vec![uses_func(b)], vec![], vec![b]));
+    assert!(matches!(
+        env.comm.take_client(c).as_slice(),
+        [ToClient::SubmitRejected { reason }] if reason.contains("released")
+    ));
+    // Shipped again, it reaches the worker again.
+    env.client_msg(c, submit(vec![uses_func(b)], vec![blob.clone()], vec![b]));
+    env.schedule();
+    assert!(matches!(
+        env.comm.take_worker(w).as_slice(),
+        [ToWorker::Functions(blobs), ToWorker::Compute(_)] if *blobs == [blob.clone()]
+    ));
+    // Another client ships the same code: it stays while that client may use it.
+    env.client_msg(other, submit(vec![], vec![blob.clone()], vec![]));
+    env.scheduler.remove_client(c, &mut env.comm);
+    env.scheduler.sanity_check();
+    assert_eq!(env.comm.take_worker(w), [ToWorker::Cancel(vec![b])]);
+    assert_eq!(env.scheduler.functions.len(), 1);
+    env.scheduler.remove_client(other, &mut env.comm);
+    env.scheduler.sanity_check();
+    assert_eq!(
+        env.comm.take_worker(w),
+        [ToWorker::ReleaseFunctions(vec![func])]
+    );
+    assert!(env.scheduler.functions.is_empty());
     env.comm.emptiness_check();
 }
 

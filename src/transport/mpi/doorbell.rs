@@ -9,6 +9,7 @@
 //! map by the path the worker registered. A futex on a shared mapping is keyed by the
 //! file, so it works across processes (no `FUTEX_PRIVATE_FLAG`).
 
+use crate::private_files;
 use memmap2::MmapMut;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -27,26 +28,30 @@ impl Doorbell {
     /// Makes this rank's doorbell in `folder`.
     pub fn create(folder: &Path) -> std::io::Result<Doorbell> {
         let path = folder.join(FILE_NAME);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
+        let file = private_files::create_private_file(&path)?;
         file.set_len(WORD as u64)?;
         Self::map(&file, path)
     }
 
     /// Maps another rank's doorbell. The path comes from the peer's registration: it
     /// must name a doorbell (by its name and size), never any other file this process
-    /// could write to.
+    /// could write to, and be ours (every rank of a job runs as its user).
     pub fn open(path: &Path) -> std::io::Result<Doorbell> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
         let no_doorbell = || std::io::Error::other(format!("{} is no doorbell", path.display()));
         if path.file_name() != Some(FILE_NAME.as_ref()) {
             return Err(no_doorbell());
         }
-        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)?;
         let metadata = file.metadata()?;
-        if !metadata.is_file() || metadata.len() != WORD as u64 {
+        if !metadata.is_file()
+            || metadata.len() != WORD as u64
+            || metadata.uid() != private_files::my_uid()
+        {
             return Err(no_doorbell());
         }
         Self::map(&file, path.to_path_buf())

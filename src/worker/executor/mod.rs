@@ -8,7 +8,7 @@ mod shell;
 pub use python::{PythonExecutor, PythonExecutorConfig};
 pub use shell::ShellExecutor;
 
-use crate::protocol::{FunctionBlob, RunTask, TaskOutcome};
+use crate::protocol::{FuncId, FunctionBlob, RunTask, TaskOutcome};
 use tokio::sync::mpsc;
 
 /// What executors tell the worker loop. `generation` counts restarts of a slot: events and
@@ -35,4 +35,7 @@ pub type EventSender = mpsc::UnboundedSender<ExecutorEvent>;
 pub trait Executor: Send {
     /// Queues work for the executor's current generation; never blocks.
     fn run(&mut self, generation: u64, functions: Vec<FunctionBlob>, tasks: Vec<RunTask>);
+
+    /// Drops functions no task uses any more (they are sent again if one does).
+    fn release_functions(&mut self, generation: u64, ids: Vec<FuncId>);
 }

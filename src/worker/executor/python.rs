@@ -4,8 +4,8 @@
 
 use super::{EventSender, Executor, ExecutorEvent};
 use crate::protocol::{
-    self, FrameReader, FrameWriter, FromExecutor, FunctionBlob, Role, RunTask, ToExecutor, Token,
-    TOKEN_ENV,
+    self, FrameReader, FrameWriter, FromExecutor, FuncId, FunctionBlob, Role, RunTask, ToExecutor,
+    Token, TOKEN_ENV,
 };
 use std::path::PathBuf;
 use std::process::ExitStatus;
@@ -25,8 +25,8 @@ const MEMORY_POLL: Duration = Duration::from_millis(100);
 pub struct PythonExecutorConfig {
     pub python: String,
     pub token: Token,
+    /// The worker's private folder: objects, and the executors' sockets.
     pub shm_dir: PathBuf,
-    pub socket_dir: PathBuf,
     /// Resident-set limit of one executor in bytes; 0 means none.
     pub memory_limit: u64,
     /// Set in the executor's environment.
@@ -57,6 +57,12 @@ impl Executor for PythonExecutor {
         }
         let _ = self.tx.send((generation, ToExecutor::Run(tasks)));
     }
+
+    fn release_functions(&mut self, generation: u64, ids: Vec<FuncId>) {
+        let _ = self
+            .tx
+            .send((generation, ToExecutor::ReleaseFunctions(ids)));
+    }
 }
 
 /// Starts, serves and restarts one executor slot until shutdown.
@@ -67,8 +73,14 @@ async fn supervise(
     events: EventSender,
     shutdown: CancellationToken,
 ) {
-    let socket = config.socket_dir.join(format!("executor-{slot}.sock"));
-    let listener = match UnixListener::bind(&socket) {
+    let socket = config.shm_dir.join(format!("executor-{slot}.sock"));
+    // The folder is private already; the socket itself is too, should it ever move.
+    let bound = UnixListener::bind(&socket).and_then(|listener| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+        Ok(listener)
+    });
+    let listener = match bound {
         Ok(listener) => listener,
         Err(e) => {
             let _ = events.send(ExecutorEvent::Died {
@@ -107,7 +119,7 @@ async fn run_generation(
     events: &EventSender,
     shutdown: &CancellationToken,
 ) -> Result<(), String> {
-    let mut child = spawn(slot, config, socket)
+    let mut child = spawn(slot, generation, config, socket)
         .map_err(|e| format!("cannot start `{} -m rankmesh.executor`: {e}", config.python))?;
     let pid = child.id().unwrap_or(0);
     let connected = tokio::select! {
@@ -194,6 +206,7 @@ async fn run_generation(
 
 fn spawn(
     slot: usize,
+    generation: u64,
     config: &PythonExecutorConfig,
     socket: &std::path::Path,
 ) -> std::io::Result<Child> {
@@ -203,7 +216,8 @@ fn spawn(
         .env("RANKMESH_EXECUTOR_SOCKET", socket)
         .env(TOKEN_ENV, config.token.as_str())
         .env("RANKMESH_SHM_DIR", &config.shm_dir)
-        .env("RANKMESH_EXECUTOR_ID", slot.to_string())
+        // Names its objects: a replacement must not collide with what a dead one left.
+        .env("RANKMESH_EXECUTOR_ID", format!("{slot}.{generation}"))
         .envs(config.env.iter().map(|(k, v)| (k, v)))
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);

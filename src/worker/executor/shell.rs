@@ -2,7 +2,7 @@
 //! result is the command's standard output as a pickled `bytes` object.
 
 use super::{EventSender, Executor, ExecutorEvent};
-use crate::protocol::{decode, ErrorInfo, FunctionBlob, ObjectRef, RunTask, TaskOutcome};
+use crate::protocol::{decode, ErrorInfo, FuncId, FunctionBlob, ObjectRef, RunTask, TaskOutcome};
 use bytes::Bytes;
 use std::time::Instant;
 use tokio::process::Command;
@@ -41,6 +41,9 @@ impl Executor for ShellExecutor {
             }
         });
     }
+
+    /// Command lines use no functions.
+    fn release_functions(&mut self, _generation: u64, _ids: Vec<FuncId>) {}
 }
 
 async fn run_command(payload: &[u8]) -> Result<ObjectRef, ErrorInfo> {

@@ -7,7 +7,10 @@
 #PBS -A proj123
 #PBS -j oe
 #PBS -o /home/alice/project/rankmesh-1700000000-4242.out
+#PBS -W umask=077
 
+# The log was created private; what the job writes gets the submitter's umask.
+umask 0022
 cd /home/alice/project || exit 1
 module load openmpi
 
@@ -21,5 +24,5 @@ fi
 mpiexec -n 8 --bind-to none \
   /opt/rankmesh/bin/rankmesh run --python /home/alice/.venv/bin/python3 /home/alice/project/analysis.py --year '2020 2021'
 code=$?
-echo "$code" > /home/alice/.local/state/rankmesh/jobs/"$PBS_JOBID".exit
+(umask 077; echo "$code" > /home/alice/.local/state/rankmesh/jobs/"$PBS_JOBID".exit)
 exit "$code"

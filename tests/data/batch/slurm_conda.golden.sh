@@ -9,6 +9,8 @@
 # and exits with 75 instead of being killed mid-write.
 #SBATCH --signal=USR1@600
 
+# The log was created private; what the job writes gets the submitter's umask.
+umask 0022
 cd /home/alice/project || exit 1
 eval "$(conda shell.bash hook)"
 conda activate pangeo
@@ -16,5 +18,5 @@ conda activate pangeo
 srun --mpi=pmi2 --cpu-bind=none \
   /opt/rankmesh/bin/rankmesh run --python python3 /home/alice/project/analysis.py --year '2020 2021'
 code=$?
-echo "$code" > /home/alice/.local/state/rankmesh/jobs/"$SLURM_JOB_ID".exit
+(umask 077; echo "$code" > /home/alice/.local/state/rankmesh/jobs/"$SLURM_JOB_ID".exit)
 exit "$code"

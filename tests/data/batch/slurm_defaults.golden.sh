@@ -9,10 +9,12 @@
 # and exits with 75 instead of being killed mid-write.
 #SBATCH --signal=USR1@300
 
+# The log was created private; what the job writes gets the submitter's umask.
+umask 0022
 cd /home/alice/project || exit 1
 
 srun --mpi=pmix --cpu-bind=none \
   /opt/rankmesh/bin/rankmesh run --python /home/alice/.venv/bin/python3 /home/alice/project/analysis.py --year '2020 2021'
 code=$?
-echo "$code" > /home/alice/.local/state/rankmesh/jobs/"$SLURM_JOB_ID".exit
+(umask 077; echo "$code" > /home/alice/.local/state/rankmesh/jobs/"$SLURM_JOB_ID".exit)
 exit "$code"

@@ -15,6 +15,8 @@
 # and exits with 75 instead of being killed mid-write.
 #SBATCH --signal=USR1@300
 
+# The log was created private; what the job writes gets the submitter's umask.
+umask 0022
 cd /home/alice/project || exit 1
 module load gcc/12
 module load openmpi/4.1.5
@@ -25,5 +27,5 @@ ulimit -n 8192
 srun --mpi=pmix --cpu-bind=none \
   /opt/rankmesh/bin/rankmesh run --python python3 /home/alice/project/analysis.py --year '2020 2021'
 code=$?
-echo "$code" > /home/alice/.local/state/rankmesh/jobs/"$SLURM_JOB_ID".exit
+(umask 077; echo "$code" > /home/alice/.local/state/rankmesh/jobs/"$SLURM_JOB_ID".exit)
 exit "$code"

@@ -5,7 +5,10 @@
 #PBS -l walltime=00:30:00
 #PBS -j oe
 #PBS -o /home/alice/project/rankmesh-1700000000-4242.out
+#PBS -W umask=077
 
+# The log was created private; what the job writes gets the submitter's umask.
+umask 0022
 cd /home/alice/project || exit 1
 
 # PBS sends no warning before the walltime: rankmesh drains by itself at this time
@@ -18,5 +21,5 @@ fi
 mpirun -n 6 --bind-to none \
   /opt/rankmesh/bin/rankmesh run --python /home/alice/.venv/bin/python3 /home/alice/project/analysis.py --year '2020 2021'
 code=$?
-echo "$code" > /home/alice/.local/state/rankmesh/jobs/"$PBS_JOBID".exit
+(umask 077; echo "$code" > /home/alice/.local/state/rankmesh/jobs/"$PBS_JOBID".exit)
 exit "$code"

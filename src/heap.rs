@@ -1,0 +1,128 @@
+//! Giving freed heap memory back to the system.
+//!
+//! glibc keeps freed chunks smaller than its mmap threshold in its arenas for reuse, so a
+//! process that held 200 MB of small objects (pickled callables, task payloads, small
+//! results) and freed them all still shows 200 MB resident; on a shared node that memory
+//! belongs to no one else either. And by default the threshold grows to the size of the
+//! largest mapped chunk freed (up to 32 MiB), after which big message buffers come from
+//! the arenas too and leave holes. So rankmesh's processes fix the threshold lower
+//! ([`tune_allocator`]), and the scheduler and the worker count what they free and
+//! ask the allocator to return it once enough has piled up, or once they are idle.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, Hash};
+
+/// Freed bytes that make a trim worth its cost (a walk over the free chunks: ~1 ms for
+/// a 200 MB heap here).
+const TRIM_AFTER_BYTES: u64 = 16 << 20;
+
+/// How long an event loop waits, idle, before it trims what was freed below
+/// [`TRIM_AFTER_BYTES`].
+pub const TRIM_WHEN_IDLE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+/// Allocations from this size up are mapped on their own and unmapped when freed: the
+/// size from which results leave the heap for shared memory (`INLINE_MAX`), so the heap
+/// keeps small things only.
+const MMAP_THRESHOLD: i32 = 64 << 10;
+
+/// Arenas glibc may use. Its default (8 per core) lets each thread that ever allocated
+/// keep its own partly used heap; rankmesh's processes run one event loop and a few helper
+/// threads, for which two arenas suffice.
+const ARENA_MAX: i32 = 2;
+
+/// Fixes glibc's mmap threshold at 64 KiB instead of letting it grow: big buffers (message
+/// frames, pickled callables) then go back to the system when freed and leave no holes
+/// in the heap. Also caps the arenas ([`ARENA_MAX`]). Call once, at start.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; it is called before other threads.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+        libc::mallopt(libc::M_ARENA_MAX, ARENA_MAX);
+    }
+}
+
+/// Counts freed bytes; trims the heap once [`TRIM_AFTER_BYTES`] were freed, or when the
+/// owner says it is idle.
+#[derive(Default)]
+pub struct FreedBytes {
+    since_trim: u64,
+}
+
+impl FreedBytes {
+    pub fn note(&mut self, bytes: u64) {
+        self.since_trim += bytes;
+        if self.since_trim >= TRIM_AFTER_BYTES {
+            self.trim();
+        }
+    }
+
+    /// Whether something was freed since the last trim: an idle owner then calls
+    /// [`FreedBytes::trim`].
+    pub fn pending(&self) -> bool {
+        self.since_trim > 0
+    }
+
+    pub fn trim(&mut self) {
+        self.since_trim = 0;
+        trim();
+    }
+}
+
+fn trim() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only rearranges the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Tables smaller than this keep their room: shrinking them saves little.
+const SHRINK_ABOVE_CAPACITY: usize = 128;
+
+/// A table that gives back its spare room once mostly empty, so that one big graph does
+/// not leave its peak size behind for the life of the process. Amortized O(1) per removal.
+pub trait ShrinkWhenSparse {
+    fn shrink_when_sparse(&mut self);
+}
+
+impl<K: Eq + Hash, V, S: BuildHasher> ShrinkWhenSparse for HashMap<K, V, S> {
+    fn shrink_when_sparse(&mut self) {
+        if self.capacity() > SHRINK_ABOVE_CAPACITY && self.len() < self.capacity() / 8 {
+            self.shrink_to(self.len() * 2);
+        }
+    }
+}
+
+impl<K: Eq + Hash, S: BuildHasher> ShrinkWhenSparse for HashSet<K, S> {
+    fn shrink_when_sparse(&mut self) {
+        if self.capacity() > SHRINK_ABOVE_CAPACITY && self.len() < self.capacity() / 8 {
+            self.shrink_to(self.len() * 2);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mostly_empty_table_gives_back_its_room() {
+        let mut table: HashMap<u64, u64> = (0..100_000).map(|i| (i, i)).collect();
+        let peak = table.capacity();
+        for i in 0..99_000 {
+            table.remove(&i);
+            table.shrink_when_sparse();
+        }
+        assert!(
+            table.capacity() < peak / 4,
+            "{} of {peak}",
+            table.capacity()
+        );
+        assert_eq!(table.len(), 1_000);
+        let mut small: HashSet<u64> = (0..100).collect();
+        small.clear();
+        let room = small.capacity();
+        small.shrink_when_sparse();
+        assert_eq!(small.capacity(), room, "small tables are left alone");
+    }
+}
