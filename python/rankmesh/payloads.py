@@ -65,8 +65,8 @@ class FunctionRegistry:
         """The id to ship `obj` under, or None when pickle can name it."""
         entry = self._known.get(id(obj))
         if entry is not None:
-            # About to be used again: not to be released before the submit that uses it.
-            self._unused.discard(entry[1])
+            if self._unused:  # about to be used again: kept for the submit that uses it
+                self._unused.discard(entry[1])
             return entry[1]
         func_id = None
         if not _importable(obj):
@@ -80,28 +80,32 @@ class FunctionRegistry:
     def submitted(self, tasks: list, held: list[int]) -> list[tuple[int, bytes]]:
         """Notes a submit of `tasks` (tuples of id, deps, func_ids, ...) of which the client
         holds `held`; returns the blobs the scheduler does not have for this client yet."""
+        with_funcs = [task for task in tasks if task[2]]
+        if not with_funcs:
+            return []
         ship = []
         used: set[int] = set()
-        for task in tasks:
-            for func_id in task[2]:
-                used.add(func_id)
-                if func_id not in self._shipped:
-                    self._shipped.add(func_id)
-                    ship.append((func_id, self._blobs[func_id]))
-        if used:
-            funcs_of = {task[0]: task[2] for task in tasks if task[2]}
-            for task_id in held:
-                funcs = funcs_of.get(task_id)
-                if funcs and task_id not in self._task_funcs:
-                    self._task_funcs[task_id] = funcs
-                    for func_id in funcs:
-                        self._users[func_id] = self._users.get(func_id, 0) + 1
-            self._unused.update(f for f in used if f not in self._users)
-            self._unused.difference_update(self._users)
+        for task in with_funcs:
+            used.update(task[2])
+        for func_id in used - self._shipped:
+            self._shipped.add(func_id)
+            ship.append((func_id, self._blobs[func_id]))
+        held_ids = set(held)
+        users, task_funcs = self._users, self._task_funcs
+        for task in with_funcs:
+            task_id = task[0]
+            if task_id in held_ids and task_id not in task_funcs:
+                task_funcs[task_id] = funcs = task[2]
+                for func_id in funcs:
+                    users[func_id] = users.get(func_id, 0) + 1
+        self._unused.update(f for f in used if f not in users)
+        self._unused.difference_update(users)
         return ship
 
     def released(self, task_ids: list[int]) -> None:
         """The client released these tasks: their functions lose a user."""
+        if not self._task_funcs:
+            return
         for task_id in task_ids:
             for func_id in self._task_funcs.pop(task_id, ()):
                 count = self._users[func_id] - 1
