@@ -1,27 +1,38 @@
 //! rankmesh: runs Dask graphs on HPC clusters with a Rust scheduler and Rust workers.
 //!
 //! # Layout
-//! - [`protocol`]: messages, framing and the token handshake every connection starts with.
-//! - [`scheduler`]: the task-graph state machine (no I/O) and the server around it.
-//! - [`worker`]: object store, peer data server and fetch, executor supervision.
-//! - [`transport`]: how workers reach each other (TCP today).
-//! - [`cluster`]: scheduler files, the local cluster (`rankmesh local`), hosting a script.
-//! - [`topology`]: hwloc topology, the placement plan of worker ranks, binding.
+//! - [`protocol`]: messages, framing, ids and the token handshake every connection
+//!   starts with.
+//! - [`scheduler`]: the task-graph state machine (no I/O, effects through `Comm`) and the
+//!   server around it.
+//! - [`worker`]: the worker's state machine (no I/O, effects through `WorkerComm`), its
+//!   runtime, and executor supervision.
+//! - [`store`]: task results in memory and shared memory, and where fetched objects are
+//!   written (`Allocate`).
+//! - [`transport`]: how results move between processes (TCP, MPI point-to-point) and how
+//!   every TCP server accepts connections (`listen`).
+//! - [`cluster`]: scheduler files, the local cluster (`rankmesh local`), a scheduler on
+//!   its own, hosting a script.
 //! - [`launch`]: inside an MPI job (`mpirun rankmesh run`): rank roles and bootstrap.
-//! - [`batch`]: job scripts, submission to SLURM and PBS, job records.
-//! - [`heap`]: giving freed heap memory back to the system.
+//! - [`topology`]: hwloc topology, the placement plan of worker ranks, binding.
+//! - [`batch`] (feature `batch`): job scripts, submission to SLURM and PBS, job records.
 //! - [`private_files`]: files and folders only their owner can use (everything rankmesh
 //!   creates on disk or in shared memory).
-//! - [`cli`]: the `rankmesh` command line.
+//! - [`heap`]: giving freed heap memory back to the system.
+//! - [`process`]: what every child process needs (dying with its parent).
+//!
+//! The `rankmesh` binary (`src/main.rs`, feature `cli`) parses arguments and calls these.
 
+#[cfg(feature = "batch")]
 pub mod batch;
-pub mod cli;
 pub mod cluster;
 pub mod heap;
 pub mod launch;
 pub mod private_files;
+pub mod process;
 pub mod protocol;
 pub mod scheduler;
+pub mod store;
 pub mod topology;
 pub mod transport;
 pub mod worker;

@@ -1,3 +1,7 @@
+//! The `rankmesh` command: parses arguments and hands the work to the library.
+
+mod cli;
+
 fn main() -> std::process::ExitCode {
-    rankmesh::cli::main()
+    cli::main()
 }

@@ -15,7 +15,10 @@ _EXPORTS = {
     "Client": "client",
     "LocalCluster": "cluster",
     "CancelledError": "errors",
+    "ConnectionLost": "errors",
     "FutureLost": "errors",
+    "HandshakeRefused": "errors",
+    "RankmeshError": "errors",
     "TaskError": "errors",
     "WalltimeDrain": "errors",
     "Future": "futures",
@@ -30,7 +33,15 @@ if TYPE_CHECKING:
     from .batch import BatchError, Job, submit
     from .client import Client
     from .cluster import LocalCluster
-    from .errors import CancelledError, FutureLost, TaskError, WalltimeDrain
+    from .errors import (
+        CancelledError,
+        ConnectionLost,
+        FutureLost,
+        HandshakeRefused,
+        RankmeshError,
+        TaskError,
+        WalltimeDrain,
+    )
     from .futures import Future, as_completed, wait
     from .mpi import initialize
     from .worker import WorkerContext, get_worker
@@ -61,10 +72,13 @@ __all__ = [
     "BatchError",
     "CancelledError",
     "Client",
+    "ConnectionLost",
     "Future",
     "FutureLost",
+    "HandshakeRefused",
     "Job",
     "LocalCluster",
+    "RankmeshError",
     "TaskError",
     "WalltimeDrain",
     "WorkerContext",

@@ -144,6 +144,10 @@ class Client:
         self._flush_releases()
         return self._core.wait(ids, timeout, return_when)
 
+    def _task_state(self, task_id: int) -> str:
+        """pending, finished, error, cancelled or lost."""
+        return self._core.state(task_id)
+
     def _error_of(self, future: Future) -> BaseException | None:
         return self._failure(future.task_id)
 

@@ -1,8 +1,20 @@
-"""Exceptions rankmesh raises on behalf of tasks and futures."""
+"""Exceptions rankmesh raises: on behalf of tasks and futures, and from its connections
+(the native module's, re-exported so that callers need not import a private module)."""
 
 from concurrent.futures import CancelledError
 
-__all__ = ["WALLTIME_DRAIN_EXIT", "CancelledError", "FutureLost", "TaskError", "WalltimeDrain"]
+from ._rankmesh import ConnectionLost, HandshakeRefused, RankmeshError
+
+__all__ = [
+    "WALLTIME_DRAIN_EXIT",
+    "CancelledError",
+    "ConnectionLost",
+    "FutureLost",
+    "HandshakeRefused",
+    "RankmeshError",
+    "TaskError",
+    "WalltimeDrain",
+]
 
 # A batch job that drained before its walltime exits with this (sysexits' EX_TEMPFAIL:
 # "try again later"); `rankmesh status` reports such a job as drained. Same as the Rust side.

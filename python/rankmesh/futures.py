@@ -11,6 +11,9 @@ from dask._task_spec import TaskRef
 if TYPE_CHECKING:
     from .client import Client
 
+# What futures ask of their client (named, so the client's insides can change): _hold and
+# _drop as futures come and go, _task_state, _wait_ids, _error_of, gather and cancel.
+
 __all__ = ["DoneAndNotDone", "Future", "as_completed", "wait"]
 
 
@@ -48,7 +51,7 @@ class Future(TaskRef):
     @property
     def status(self) -> str:
         """pending, finished, error, cancelled or lost."""
-        return self._client._core.state(self.task_id)
+        return self._client._task_state(self.task_id)
 
     def done(self) -> bool:
         return self.status != "pending"
@@ -105,7 +108,7 @@ def _wait_first_exception(client: Client, ids: list[int], timeout: float | None)
         if not newly:
             break
         ended.update(newly)
-        if any(client._core.state(task_id) != "finished" for task_id in newly):
+        if any(client._task_state(task_id) != "finished" for task_id in newly):
             break
         pending = [task_id for task_id in pending if task_id not in ended]
     return ended

@@ -10,8 +10,9 @@ use rankmesh::protocol::{
     frame_offsets, ClientId, ErrorInfo, FromClient, FuncId, FunctionBlob, Role, TaskId, TaskSpec,
     ToClient, Token, WorkerId, WorkerInfo,
 };
+use rankmesh::store::HeapAllocator;
 use rankmesh::transport::tcp::{self, TcpTransport};
-use rankmesh::transport::{HeapAllocator, Transport};
+use rankmesh::transport::Transport;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};

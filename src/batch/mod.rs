@@ -9,7 +9,7 @@ pub mod pbs;
 pub mod render;
 pub mod slurm;
 pub mod state;
-pub(crate) mod tool;
+pub mod tool;
 pub mod walltime;
 
 pub use config::{Config, Profile, ProfileSource, Resolved};

@@ -1,10 +1,10 @@
 //! `rankmesh submit`, `status`, `wait`, `cancel`, `logs`, `jobs` and `config`: batch jobs
 //! from a login node (src/batch does the work; this module parses flags and prints).
 
-use crate::batch::render::SubmitEnv;
-use crate::batch::{self, Config, JobSpec, JobStatus, Jobs, Profile, System, Walltime};
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use rankmesh::batch::render::SubmitEnv;
+use rankmesh::batch::{self, Config, JobSpec, JobStatus, Jobs, Profile, System, Walltime};
 use std::io::{Read, Seek, Write};
 use std::time::{Duration, Instant};
 
@@ -244,7 +244,7 @@ fn submit(args: SubmitArgs) -> Result<i32> {
             .unwrap_or_else(|| "python3".into()),
         exit_dir: jobs.dir().to_path_buf(),
         stamp: stamp.clone(),
-        umask: crate::private_files::current_umask(),
+        umask: rankmesh::private_files::current_umask(),
     };
     let spec = JobSpec::new(&resolved, system, &args.script, &env)?;
     let script = batch::render(&spec)?;

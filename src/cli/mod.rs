@@ -5,15 +5,15 @@ mod size;
 #[cfg(feature = "hwloc")]
 mod topology;
 
-use crate::cluster::local::{self, LocalOptions};
-use crate::cluster::SchedulerFile;
-use crate::launch::{self, RunOptions, TransportKind};
-use crate::protocol::Token;
-use crate::scheduler::server;
-use crate::topology::WorkerPer;
-use crate::worker::{self, WorkerConfig};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use rankmesh::cluster::local::{self, LocalOptions};
+use rankmesh::cluster::standalone::{self, StandaloneOptions};
+use rankmesh::cluster::SchedulerFile;
+use rankmesh::launch::{self, RunOptions, TransportKind};
+use rankmesh::protocol::Token;
+use rankmesh::topology::WorkerPer;
+use rankmesh::worker::{self, WorkerConfig};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -164,7 +164,7 @@ enum ExecutorArg {
 }
 
 pub fn main() -> ExitCode {
-    crate::heap::tune_allocator();
+    rankmesh::heap::tune_allocator();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -265,28 +265,12 @@ async fn run(command: Command) -> Result<i32> {
             port,
             scheduler_file,
         } => {
-            let token = Token::from_env()
-                .map_or_else(Token::generate, Ok)
-                .context("cannot make a token")?;
-            let listener = tokio::net::TcpListener::bind((host.as_str(), port))
-                .await
-                .with_context(|| format!("cannot listen on {host}:{port}"))?;
-            let address = format!("tcp://{}", listener.local_addr()?);
-            let file = SchedulerFile {
-                address: address.clone(),
-                token: token.as_str().into(),
-                pid: std::process::id(),
+            let options = StandaloneOptions {
+                host,
+                port,
+                scheduler_file,
             };
-            file.write(&scheduler_file)
-                .context("cannot write the scheduler file")?;
-            eprintln!(
-                "rankmesh: scheduler at {address} (scheduler file {})",
-                scheduler_file.display()
-            );
-            let shutdown = crate::cluster::cancel_on_signal().context("cannot handle signals")?;
-            let (workers, _) = tokio::sync::watch::channel(Vec::new());
-            server::serve(listener, token, workers, shutdown).await;
-            let _ = std::fs::remove_file(&scheduler_file);
+            standalone::serve(options).await?;
             Ok(0)
         }
         Command::Worker {
@@ -309,7 +293,7 @@ async fn run(command: Command) -> Result<i32> {
                     let Some(token) = Token::from_env() else {
                         bail!(
                             "no cluster token: set {} or pass --scheduler-file",
-                            crate::protocol::TOKEN_ENV
+                            rankmesh::protocol::TOKEN_ENV
                         );
                     };
                     (address, token)
@@ -336,7 +320,7 @@ async fn run(command: Command) -> Result<i32> {
             };
             worker::run(
                 config,
-                crate::cluster::cancel_on_signal().context("cannot handle signals")?,
+                rankmesh::cluster::cancel_on_signal().context("cannot handle signals")?,
             )
             .await?;
             Ok(0)

@@ -1,8 +1,8 @@
 //! `rankmesh topology`: the placement plan of worker ranks for this node or a saved hwloc
 //! XML, as `rankmesh run --worker-per ...` would apply it.
 
-use crate::topology::{self, GpuVendor, NodeTopology, Place, Source, WorkerPer};
 use anyhow::Result;
+use rankmesh::topology::{self, GpuVendor, NodeTopology, Place, Source, WorkerPer};
 use std::fmt::Write;
 use std::path::PathBuf;
 

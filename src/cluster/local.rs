@@ -2,8 +2,9 @@
 //! this machine; optionally runs a script against it and exits with the script's code.
 
 use super::script_host::{PendingScript, ScriptHost};
+use super::ClusterError;
 use super::SchedulerFilePlace;
-use super::{die_with_parent, ClusterError};
+use crate::process::die_with_parent;
 use crate::protocol::{Token, TOKEN_ENV};
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -64,7 +65,7 @@ pub async fn run(options: LocalOptions) -> Result<i32, ClusterError> {
         }
     }
     // A worker that had to be killed left its shared-memory folder behind.
-    crate::worker::store::sweep_dead(crate::worker::store::WORKER_SHM_PREFIX);
+    crate::store::sweep_dead(crate::store::WORKER_SHM_PREFIX);
     outcome
 }
 

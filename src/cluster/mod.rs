@@ -1,21 +1,28 @@
 //! Starting clusters: the scheduler file that tells clients where to connect, the local
-//! cluster, and the process hygiene every child needs (no orphans).
+//! cluster, hosting a script, and stopping on SIGINT/SIGTERM.
 
 pub mod local;
 mod scheduler_file;
 mod script_host;
+pub mod standalone;
 
 pub use scheduler_file::{
     SchedulerFile, SchedulerFileError, SchedulerFilePlace, SCHEDULER_FILE_ENV,
 };
 pub use script_host::{PendingScript, ScriptHost};
 
-use std::path::PathBuf;
+use crate::protocol::Token;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     #[error("cannot start the scheduler: {0}")]
     Scheduler(std::io::Error),
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: String,
+        source: std::io::Error,
+    },
     #[error("cannot start worker {index}: {source}")]
     SpawnWorker { index: u32, source: std::io::Error },
     #[error("worker {index} exited before registering ({status})")]
@@ -43,6 +50,20 @@ pub enum ClusterError {
     WorkerLost { worker: String },
 }
 
+/// Writes the scheduler file of this process's scheduler at `address` with `token`.
+fn publish_scheduler_file(address: &str, token: &Token, path: &Path) -> Result<(), ClusterError> {
+    let file = SchedulerFile {
+        address: address.to_string(),
+        token: token.as_str().to_string(),
+        pid: std::process::id(),
+    };
+    file.write(path)
+        .map_err(|source| ClusterError::SchedulerFile {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
 /// A token cancelled by the first SIGINT or SIGTERM (call inside a runtime).
 pub fn cancel_on_signal() -> std::io::Result<tokio_util::sync::CancellationToken> {
     use tokio::signal::unix::{signal, SignalKind};
@@ -58,17 +79,4 @@ pub fn cancel_on_signal() -> std::io::Result<tokio_util::sync::CancellationToken
         cancel.cancel();
     });
     Ok(token)
-}
-
-/// Makes the child die with its parent, so a killed worker or cluster leaves no orphan.
-pub fn die_with_parent(command: &mut tokio::process::Command) {
-    // SAFETY: prctl is async-signal-safe and touches nothing but the calling process.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
 }

@@ -2,7 +2,7 @@
 //! script a scheduler file, run it, then stop everything. Shared by `rankmesh local` and by
 //! rank 0 of `rankmesh run`.
 
-use super::{ClusterError, SchedulerFile, SchedulerFilePlace, SCHEDULER_FILE_ENV};
+use super::{publish_scheduler_file, ClusterError, SchedulerFilePlace, SCHEDULER_FILE_ENV};
 use crate::protocol::{Token, WorkerInfo, TOKEN_ENV};
 use crate::scheduler::server;
 use std::cell::Cell;
@@ -90,16 +90,7 @@ impl ScriptHost {
             _ = interrupt.recv() => return Err(ClusterError::Interrupted),
             _ = terminate.recv() => return Err(ClusterError::Interrupted),
         }
-        let file = SchedulerFile {
-            address: self.address.clone(),
-            token: token.as_str().to_string(),
-            pid: std::process::id(),
-        };
-        file.write(&path)
-            .map_err(|source| ClusterError::SchedulerFile {
-                path: path.clone(),
-                source,
-            })?;
+        publish_scheduler_file(&self.address, token, &path)?;
         eprintln!(
             "rankmesh: {} workers ready at {} (scheduler file {})",
             self.expected_workers,

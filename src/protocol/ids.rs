@@ -1,7 +1,9 @@
 //! Typed ids. The scheduler never sees Dask keys, only these integers.
 
 use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 
 macro_rules! define_id {
     ($(#[$doc:meta])* $name:ident($inner:ty)) => {
@@ -51,6 +53,36 @@ impl TaskId {
         ClientId((self.0 >> TASK_SEQUENCE_BITS) as u32)
     }
 }
+
+/// Hashes ids for the scheduler's and the workers' tables. Ids come from the scheduler
+/// or from authenticated clients, so a multiplicative hash (as rustc's FxHash) is safe
+/// here and much cheaper than SipHash on the per-task path.
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        // The multiply leaves the best-mixed bits on top; the table indexes by the low ones.
+        self.0.rotate_left(26)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(u64::from(byte));
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0xf135_7aea_2e62_a9c5);
+    }
+}
+
+pub type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
+pub type IdSet<K> = HashSet<K, BuildHasherDefault<IdHasher>>;
 
 #[cfg(test)]
 mod tests {

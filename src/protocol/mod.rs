@@ -10,6 +10,6 @@ pub use framing::{decode, encode, FrameError, FrameReader, FrameWriter, MAX_FRAM
 pub use handshake::{
     accept, connect, welcome, HandshakeError, Token, HANDSHAKE_TIMEOUT, MAX_HELLO_SIZE, TOKEN_ENV,
 };
-pub use ids::{ClientId, FuncId, TaskId, WorkerId, TASK_SEQUENCE_BITS};
+pub use ids::{ClientId, FuncId, IdHasher, IdMap, IdSet, TaskId, WorkerId, TASK_SEQUENCE_BITS};
 pub use layout::{frame_offsets, ALIGN, INLINE_MAX};
 pub use messages::*;

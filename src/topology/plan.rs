@@ -17,7 +17,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 /// What one worker is placed on.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum WorkerPer {
     /// A NUMA node (memory domain): the default, since it decides memory bandwidth.
     Numa,

@@ -2,11 +2,12 @@
 //! pooled, authenticated connections.
 
 use super::listen::{Admission, Authenticated};
-use super::{Allocate, Fetched, Transport, TransportError};
+use super::{Fetched, Transport, TransportError};
 use crate::protocol::{
     self, FrameReader, FrameWriter, ObjectHeader, PeerRequest, Role, TaskId, Token, WorkerInfo,
 };
-use crate::worker::store::Store;
+use crate::store::Allocate;
+use crate::store::Store;
 use futures::future::BoxFuture;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -1,8 +1,10 @@
 //! A worker: holds task results, fetches missing inputs from peers, and runs tasks on its
-//! executors. `run` is the whole process; `Worker` is its event loop's state.
+//! executors. `WorkerState` is the state machine (no I/O, effects through `WorkerComm`);
+//! `run` is the whole process around it.
 
 pub mod executor;
-pub mod store;
-mod worker_loop;
+mod runtime;
+mod state;
 
-pub use worker_loop::{run, run_with, ExecutorKind, WorkerConfig, WorkerError};
+pub use runtime::{run, run_with, ExecutorKind, WorkerConfig, WorkerError};
+pub use state::{Stats, WorkerComm, WorkerSettings, WorkerState};

@@ -110,7 +110,7 @@ def test_client_with_the_wrong_token_is_refused(cluster):
 
     import pytest
     import rankmesh
-    from rankmesh._rankmesh import HandshakeRefused
+    from rankmesh import HandshakeRefused
 
     with open(cluster.scheduler_file) as f:
         address = json.load(f)["address"]

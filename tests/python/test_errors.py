@@ -177,3 +177,12 @@ def test_a_departing_client_frees_the_cluster_for_others(cluster, tmp_path):
         assert second.submit(abs, -3).result(timeout=60) == 3
     ran = len(log.read_text().splitlines()) if log.exists() else 0
     assert ran < 400, "the departed client's tasks kept running"
+
+
+def test_connection_errors_are_public_and_share_a_base(cluster):
+    from rankmesh import ConnectionLost, HandshakeRefused, RankmeshError
+
+    assert issubclass(ConnectionLost, RankmeshError)
+    assert issubclass(HandshakeRefused, RankmeshError)
+    with pytest.raises(HandshakeRefused, match="wrong cluster token"):
+        rankmesh.Client(cluster.address, token="not-the-token")

@@ -25,9 +25,10 @@ mod requests;
 
 use doorbell::Doorbell;
 
-use super::{Allocate, Fetched, Transport, TransportError};
+use super::{Fetched, Transport, TransportError};
 use crate::protocol::{TaskId, WorkerInfo};
-use crate::worker::store::{ObjectBuilder, Store};
+use crate::store::Allocate;
+use crate::store::{ObjectBuilder, Store};
 use futures::future::BoxFuture;
 use mpi::Tag;
 use serde::{Deserialize, Serialize};
@@ -426,8 +427,8 @@ fn buffers_at_hand(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::HeapAllocator;
-    use crate::worker::store::StoreError;
+    use crate::store::HeapAllocator;
+    use crate::store::StoreError;
 
     fn commands() -> (Commands, mpsc::Receiver<Command>, tempfile::TempDir) {
         let folder = tempfile::tempdir().unwrap();

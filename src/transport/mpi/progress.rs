@@ -21,8 +21,9 @@ use super::{
     Request, CANCEL, FIRST_REPLY_TAG, GO, GO_TAG_OFFSET, LAST_REPLY_TAG, MAX_PIECE, REQUEST_TAG,
 };
 use crate::protocol::{decode, encode, TaskId};
-use crate::transport::{Allocate, TransportError};
-use crate::worker::store::{Object, ObjectBuilder, Store};
+use crate::store::Allocate;
+use crate::store::{Object, ObjectBuilder, Store};
+use crate::transport::TransportError;
 use bytes::Bytes;
 use mpi::point_to_point::MatchedReceiveVec;
 use mpi::topology::SimpleCommunicator;

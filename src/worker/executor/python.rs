@@ -221,7 +221,7 @@ fn spawn(
         .envs(config.env.iter().map(|(k, v)| (k, v)))
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
-    crate::cluster::die_with_parent(&mut command);
+    crate::process::die_with_parent(&mut command);
     command.spawn()
 }
 

@@ -1,7 +1,11 @@
 //! The object store: task results held in memory, small ones on the heap and large ones in
-//! shared-memory files that executors map directly.
+//! shared-memory files that executors map directly. Workers keep their results here,
+//! transports fetch into it (`Allocate`), and clients fetch onto the heap.
 
+mod allocate;
 mod pool;
+
+pub use allocate::{Allocate, HeapAllocator};
 
 use crate::private_files;
 use crate::protocol::{frame_offsets, ObjectRef, TaskId, INLINE_MAX};

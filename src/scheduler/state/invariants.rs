@@ -1,0 +1,127 @@
+//! Test-only checks that the scheduler's records agree with each other.
+
+use super::records::TaskState;
+use super::Scheduler;
+use crate::protocol::{FuncId, IdMap, TaskId, WorkerId};
+use std::collections::BTreeMap;
+
+impl Scheduler {
+    /// Checks that tasks, workers and counters agree; tests call it after every step.
+    pub(super) fn sanity_check(&self) {
+        let available = |id: &TaskId| self.tasks.get(id).is_some_and(|t| t.state.is_available());
+        let mut processing: BTreeMap<WorkerId, u32> = BTreeMap::new();
+        let mut pending_dependents: IdMap<TaskId, u32> = IdMap::default();
+        for (&id, task) in &self.tasks {
+            assert!(
+                self.clients.contains_key(&id.owner()),
+                "task {id} outlived its client"
+            );
+            match &task.state {
+                TaskState::Waiting { unfinished_deps } => {
+                    let expected = task.deps.iter().filter(|d| !available(d)).count() as u32;
+                    assert_eq!(*unfinished_deps, expected, "waiting count of task {id}");
+                    assert!(expected > 0, "task {id} waits on nothing");
+                }
+                TaskState::Ready => {
+                    assert!(
+                        task.deps.iter().all(available),
+                        "ready task {id} lacks inputs"
+                    );
+                }
+                TaskState::Assigned { worker } => {
+                    assert!(
+                        self.workers.contains_key(worker),
+                        "task {id} on unknown worker"
+                    );
+                    assert!(
+                        task.deps.iter().all(available),
+                        "assigned task {id} lacks inputs"
+                    );
+                    *processing.entry(*worker).or_default() += 1;
+                }
+                TaskState::Memory { holders, .. } => {
+                    assert!(!holders.is_empty(), "task {id} in memory nowhere");
+                    for (i, holder) in holders.iter().enumerate() {
+                        assert!(
+                            self.workers.contains_key(holder),
+                            "task {id} held by unknown worker"
+                        );
+                        assert!(
+                            !holders[..i].contains(holder),
+                            "task {id} holder listed twice"
+                        );
+                    }
+                    assert!(task.is_needed(), "task {id} kept in memory though unneeded");
+                }
+                TaskState::Erred { .. } => {
+                    assert!(task.is_needed(), "erred task {id} kept though unneeded");
+                }
+            }
+            if task.state.is_pending() {
+                for dep in &task.deps {
+                    let dep_task = self
+                        .tasks
+                        .get(dep)
+                        .unwrap_or_else(|| panic!("task {id} pends on forgotten {dep}"));
+                    assert!(
+                        dep_task.dependents.contains(&id),
+                        "{dep} does not list dependent {id}"
+                    );
+                    *pending_dependents.entry(*dep).or_default() += 1;
+                }
+            }
+        }
+        for (id, task) in &self.tasks {
+            let expected = pending_dependents.get(id).copied().unwrap_or(0);
+            assert_eq!(
+                task.pending_dependents, expected,
+                "pending dependents of task {id}"
+            );
+        }
+        for (id, worker) in &self.workers {
+            assert_eq!(
+                worker.processing,
+                processing.get(id).copied().unwrap_or(0),
+                "processing of worker {id}"
+            );
+            assert!(
+                self.load_index.contains(&worker.load()),
+                "load index lags worker {id}"
+            );
+        }
+        assert_eq!(self.load_index.len(), self.workers.len());
+        self.check_functions();
+    }
+
+    /// Every function is kept exactly while something uses it, and workers were only
+    /// sent functions still kept.
+    fn check_functions(&self) {
+        let mut users: IdMap<FuncId, u32> = IdMap::default();
+        let task_funcs = self.tasks.values().flat_map(|t| &t.funcs);
+        let pinned = self.clients.values().flat_map(|c| &c.functions);
+        for func in task_funcs.chain(pinned) {
+            *users.entry(*func).or_default() += 1;
+        }
+        for (id, function) in &self.functions {
+            assert_eq!(
+                Some(&function.users),
+                users.get(id),
+                "users of function {id}"
+            );
+        }
+        for id in users.keys() {
+            assert!(
+                self.functions.contains_key(id),
+                "function {id} in use was dropped"
+            );
+        }
+        for (worker_id, worker) in &self.workers {
+            for func in &worker.sent_funcs {
+                assert!(
+                    self.functions.contains_key(func),
+                    "worker {worker_id} still counts dropped function {func} as sent"
+                );
+            }
+        }
+    }
+}

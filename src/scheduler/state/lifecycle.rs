@@ -1,0 +1,422 @@
+//! Worker events (tasks done, failed, replicated) and the bookkeeping that follows a task
+//! through its life: dependents, forgetting, errors and recovering lost results.
+
+use super::records::{Task, TaskState};
+use super::Scheduler;
+use crate::heap::ShrinkWhenSparse;
+use crate::protocol::{
+    ClientId, ErrorInfo, FuncId, IdMap, IdSet, TaskDone, TaskFinished, TaskId, ToClient, WorkerId,
+    WorkerInfo,
+};
+use std::collections::BTreeMap;
+use std::mem;
+use std::sync::Arc;
+
+/// Weight of the newest duration in the running average (an exponentially weighted mean).
+const DURATION_EWMA_WEIGHT: f64 = 0.2;
+
+impl Scheduler {
+    // ------------------------------------------------------------------ worker events
+
+    pub(super) fn tasks_done(&mut self, worker: WorkerId, done: Vec<TaskDone>) {
+        let mut unneeded = Vec::new();
+        for done in done {
+            self.task_done(worker, done, &mut unneeded);
+        }
+        self.release_unneeded(unneeded);
+    }
+
+    fn task_done(&mut self, worker: WorkerId, done: TaskDone, unneeded: &mut Vec<TaskId>) {
+        let id = done.id;
+        let Some(task) = self.tasks.get_mut(&id) else {
+            // Cancelled or forgotten while it ran: the worker should drop the result.
+            self.outbox.release(worker, id);
+            return;
+        };
+        match &task.state {
+            TaskState::Assigned { worker: w } if *w == worker => {}
+            TaskState::Memory { holders, .. } if holders.contains(&worker) => {
+                tracing::debug!(worker = %worker, task = %id, "duplicate completion ignored");
+                return;
+            }
+            _ => {
+                self.outbox.release(worker, id);
+                return;
+            }
+        }
+        task.state = TaskState::Memory {
+            holders: vec![worker],
+            size: done.size,
+        };
+        if task.wanted {
+            let finished = TaskFinished {
+                id,
+                worker,
+                size: done.size,
+            };
+            self.outbox
+                .finished
+                .entry(id.owner())
+                .or_default()
+                .push(finished);
+        }
+        if !task.is_needed() {
+            unneeded.push(id);
+        }
+        let deps = mem::take(&mut task.deps);
+        let dependents = mem::take(&mut task.dependents);
+
+        for dependent_id in &dependents {
+            let Some(dependent) = self.tasks.get_mut(dependent_id) else {
+                continue;
+            };
+            if let TaskState::Waiting { unfinished_deps } = &mut dependent.state {
+                *unfinished_deps -= 1;
+                if *unfinished_deps == 0 {
+                    dependent.state = TaskState::Ready;
+                    self.ready.push(*dependent_id);
+                }
+            }
+        }
+        for dep in &deps {
+            self.dependent_finished_with(*dep, unneeded);
+        }
+        if let Some(task) = self.tasks.get_mut(&id) {
+            task.deps = deps;
+            task.dependents = dependents;
+        }
+        self.change_processing(worker, false);
+        let duration_s = done.duration_us as f64 * 1e-6;
+        self.avg_task_duration_s += DURATION_EWMA_WEIGHT * (duration_s - self.avg_task_duration_s);
+    }
+
+    pub(super) fn task_failed(&mut self, worker: WorkerId, id: TaskId, error: ErrorInfo) {
+        match self.tasks.get(&id).map(|t| &t.state) {
+            Some(TaskState::Assigned { worker: w }) if *w == worker => {
+                tracing::debug!(task = %id, error = %error.type_name, "task failed");
+                self.mark_erred(id, id, Arc::new(error));
+            }
+            _ => {
+                tracing::debug!(worker = %worker, task = %id, "failure of a task not assigned there ignored")
+            }
+        }
+    }
+
+    pub(super) fn replicated(&mut self, worker: WorkerId, ids: &[TaskId]) {
+        for &id in ids {
+            match self.tasks.get_mut(&id).map(|t| &mut t.state) {
+                Some(TaskState::Memory { holders, .. }) => {
+                    if !holders.contains(&worker) {
+                        holders.push(worker);
+                    }
+                }
+                // Forgotten since the worker fetched it: nobody needs the copy.
+                _ => self.outbox.release(worker, id),
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ bookkeeping
+
+    /// One pending dependent of `dep` no longer needs it (it finished, erred or left).
+    fn dependent_finished_with(&mut self, dep: TaskId, unneeded: &mut Vec<TaskId>) {
+        if let Some(task) = self.tasks.get_mut(&dep) {
+            task.pending_dependents = task.pending_dependents.saturating_sub(1);
+            if task.pending_dependents == 0 {
+                unneeded.push(dep);
+            }
+        }
+    }
+
+    pub(super) fn change_processing(&mut self, worker: WorkerId, assigned: bool) {
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        self.load_index.remove(&w.load());
+        if assigned {
+            w.processing += 1;
+        } else {
+            w.processing = w.processing.saturating_sub(1);
+        }
+        self.load_index.insert(w.load());
+    }
+
+    /// Queues a ready task: roots are withheld for [`Self::schedule`] to hand out as
+    /// capacity frees up, other tasks are placed at the next `schedule`.
+    pub(super) fn enqueue_if_ready(&mut self, id: TaskId) {
+        if let Some(task) = self.tasks.get(&id) {
+            if matches!(task.state, TaskState::Ready) {
+                // A restricted root skips the withheld queue: it can go to one place only.
+                if task.deps.is_empty() && task.restricted_to.is_empty() {
+                    self.roots.push(task.priority, id);
+                } else {
+                    self.ready.push(id);
+                }
+            }
+        }
+    }
+
+    /// Forgets every task among `candidates` (and, in turn, its inputs) that nothing needs.
+    /// A candidate still needed is kept; its list of dependents is pruned of forgotten ones
+    /// once none pends, so a long-lived result does not collect them forever.
+    pub(super) fn release_unneeded(&mut self, mut candidates: Vec<TaskId>) {
+        while let Some(id) = candidates.pop() {
+            let Some(task) = self.tasks.get_mut(&id) else {
+                continue;
+            };
+            if task.is_needed() {
+                if task.pending_dependents == 0 {
+                    let mut dependents = mem::take(&mut task.dependents);
+                    dependents.retain(|d| self.tasks.contains_key(d));
+                    if let Some(task) = self.tasks.get_mut(&id) {
+                        task.dependents = dependents;
+                    }
+                }
+                continue;
+            }
+            if let Some(task) = self.take_task(id) {
+                self.forget(id, task, &mut candidates);
+            }
+        }
+    }
+
+    /// Removes a task from the table; the functions it used lose a user.
+    pub(super) fn take_task(&mut self, id: TaskId) -> Option<Task> {
+        let task = self.tasks.remove(&id)?;
+        self.tasks.shrink_when_sparse();
+        self.freed_bytes += task.payload.len() as u64;
+        for &func in &task.funcs {
+            self.unref_function(func);
+        }
+        Some(task)
+    }
+
+    /// One user fewer; a function nobody uses is dropped, here and on the workers it was
+    /// sent to (which drop it from their executors).
+    pub(super) fn unref_function(&mut self, id: FuncId) {
+        let Some(function) = self.functions.get_mut(&id) else {
+            return;
+        };
+        function.users = function.users.saturating_sub(1);
+        if function.users > 0 {
+            return;
+        }
+        if let Some(function) = self.functions.remove(&id) {
+            self.freed_bytes += function.bytes.len() as u64;
+            self.functions.shrink_when_sparse();
+        }
+        for (&worker_id, worker) in &mut self.workers {
+            if worker.sent_funcs.remove(&id) {
+                worker.sent_funcs.shrink_when_sparse();
+                self.outbox
+                    .released_functions
+                    .entry(worker_id)
+                    .or_default()
+                    .push(id);
+            }
+        }
+    }
+
+    /// Undoes a task just removed from `tasks`: its worker stops it or its holders drop
+    /// the result, and, if it was pending, its inputs lose a dependent (those no longer
+    /// needed go to `unneeded`).
+    pub(super) fn forget(&mut self, id: TaskId, task: Task, unneeded: &mut Vec<TaskId>) {
+        let pending = task.state.is_pending();
+        match task.state {
+            TaskState::Assigned { worker } => {
+                self.outbox.cancel(worker, id);
+                self.change_processing(worker, false);
+            }
+            TaskState::Memory { holders, .. } => {
+                for worker in holders {
+                    self.outbox.release(worker, id);
+                }
+            }
+            TaskState::Waiting { .. } | TaskState::Ready | TaskState::Erred { .. } => {}
+        }
+        if pending {
+            for &dep in &task.deps {
+                self.dependent_finished_with(dep, unneeded);
+            }
+        }
+    }
+
+    /// Errs `start` (whatever its state) and every pending task downstream of it with
+    /// `origin`'s error; each client that wanted some of them gets one `Failed`.
+    pub(super) fn mark_erred(&mut self, start: TaskId, origin: TaskId, error: Arc<ErrorInfo>) {
+        let mut stack = vec![start];
+        let mut wanted: BTreeMap<ClientId, Vec<TaskId>> = BTreeMap::new();
+        let mut unneeded = Vec::new();
+        while let Some(id) = stack.pop() {
+            let Some(task) = self.tasks.get_mut(&id) else {
+                continue;
+            };
+            let pending = task.state.is_pending();
+            if id != start && !pending {
+                continue; // computed before (kept through a recompute) or already erred
+            }
+            let previous = mem::replace(
+                &mut task.state,
+                TaskState::Erred {
+                    origin,
+                    error: error.clone(),
+                },
+            );
+            if task.wanted {
+                wanted.entry(id.owner()).or_default().push(id);
+            }
+            unneeded.push(id);
+            stack.extend_from_slice(&task.dependents);
+            let deps = if pending {
+                task.deps.clone()
+            } else {
+                Vec::new()
+            };
+            if let TaskState::Assigned { worker } = previous {
+                // `start` failed on its worker; a dependent assigned elsewhere is stopped.
+                if id != start {
+                    self.outbox.cancel(worker, id);
+                }
+                self.change_processing(worker, false);
+            }
+            for dep in deps {
+                self.dependent_finished_with(dep, &mut unneeded);
+            }
+        }
+        for (client, mut ids) in wanted {
+            ids.sort_unstable();
+            let msg = ToClient::Failed {
+                ids,
+                origin,
+                error: ErrorInfo::clone(&error),
+            };
+            self.outbox.to_clients.push((client, msg));
+        }
+        self.release_unneeded(unneeded);
+    }
+
+    /// Results whose last holder was `worker`: recomputed where still needed (their lost
+    /// inputs too, transitively), forgotten otherwise; erred where an input is gone.
+    pub(super) fn recover_lost_results(&mut self, lost: Vec<TaskId>, worker: &WorkerInfo) {
+        let lost_and_unavailable = |tasks: &IdMap<TaskId, Task>, id: &TaskId| {
+            tasks.get(id).is_some_and(
+                |t| matches!(&t.state, TaskState::Memory { holders, .. } if holders.is_empty()),
+            )
+        };
+        // 1. Which lost results must be recomputed: the needed ones and, through them, their
+        //    lost inputs. They are marked `Waiting` so that they are visited once.
+        let mut recompute: IdSet<TaskId> = IdSet::default();
+        // (task, origin, error): results that cannot be computed again.
+        let mut unrecoverable: Vec<(TaskId, TaskId, Arc<ErrorInfo>)> = Vec::new();
+        let mut stack: Vec<TaskId> = lost
+            .iter()
+            .copied()
+            .filter(|id| self.tasks.get(id).is_some_and(Task::is_needed))
+            .collect();
+        while let Some(id) = stack.pop() {
+            if !lost_and_unavailable(&self.tasks, &id) {
+                continue;
+            }
+            let Some(task) = self.tasks.get_mut(&id) else {
+                continue;
+            };
+            let deps = task.deps.clone();
+            if let Some(&gone) = deps.iter().find(|d| !self.tasks.contains_key(d)) {
+                let message = format!(
+                    "the result of task {id} was lost with worker {} ({} on host {}), and it \
+                     cannot be recomputed because its input {gone} was already released",
+                    worker.id, worker.data_address, worker.host
+                );
+                let error = Arc::new(ErrorInfo::runtime("WorkerLost", message));
+                unrecoverable.push((id, id, error));
+                continue;
+            }
+            // An input recomputed after an earlier loss may have failed since.
+            if let Some((origin, error)) =
+                deps.iter().find_map(|d| match &self.tasks.get(d)?.state {
+                    TaskState::Erred { origin, error } => Some((*origin, error.clone())),
+                    _ => None,
+                })
+            {
+                unrecoverable.push((id, origin, error));
+                continue;
+            }
+            if let Some(task) = self.tasks.get_mut(&id) {
+                task.state = TaskState::Waiting { unfinished_deps: 0 };
+            }
+            recompute.insert(id);
+            for dep in deps {
+                if let Some(dep_task) = self.tasks.get_mut(&dep) {
+                    dep_task.pending_dependents += 1;
+                }
+                stack.push(dep);
+            }
+        }
+        // 2. Lost results nothing needs: nothing to release, the data is gone.
+        for id in &lost {
+            if lost_and_unavailable(&self.tasks, id)
+                && !self.tasks.get(id).is_some_and(Task::is_needed)
+            {
+                self.take_task(*id);
+            }
+        }
+        // 3. States of the recomputed tasks, then of their pending dependents elsewhere,
+        //    which had counted on these results.
+        for &id in &recompute {
+            let Some(task) = self.tasks.get(&id) else {
+                continue;
+            };
+            let unfinished_deps = task
+                .deps
+                .iter()
+                .filter(|d| !self.tasks.get(d).is_some_and(|t| t.state.is_available()))
+                .count() as u32;
+            if let Some(task) = self.tasks.get_mut(&id) {
+                task.state = if unfinished_deps == 0 {
+                    TaskState::Ready
+                } else {
+                    TaskState::Waiting { unfinished_deps }
+                };
+            }
+            self.enqueue_if_ready(id);
+        }
+        for &id in &recompute {
+            let dependents = self
+                .tasks
+                .get(&id)
+                .map(|t| t.dependents.clone())
+                .unwrap_or_default();
+            for dependent_id in dependents.iter().filter(|d| !recompute.contains(d)) {
+                self.input_lost(*dependent_id);
+            }
+        }
+        // 4. Results that cannot be recomputed.
+        for (id, origin, error) in unrecoverable {
+            if lost_and_unavailable(&self.tasks, &id) {
+                self.mark_erred(id, origin, error);
+            } // else: reached twice, or erred already through an upstream loss
+        }
+    }
+
+    /// A pending task's input is being recomputed: it waits for it again.
+    fn input_lost(&mut self, id: TaskId) {
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        let previous = match &mut task.state {
+            TaskState::Waiting { unfinished_deps } => {
+                *unfinished_deps += 1;
+                return;
+            }
+            TaskState::Ready | TaskState::Assigned { .. } => {
+                mem::replace(&mut task.state, TaskState::Waiting { unfinished_deps: 1 })
+            }
+            TaskState::Memory { .. } | TaskState::Erred { .. } => return,
+        };
+        if let TaskState::Assigned { worker } = previous {
+            // It would wait forever on a fetch from the dead worker.
+            self.outbox.cancel(worker, id);
+            self.change_processing(worker, false);
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! The records the scheduler keeps: a task and its state, a function, a client, a worker,
+//! and the outbox of messages gathered while one event is handled.
+
+use crate::protocol::{
+    ClientId, ErrorInfo, FuncId, IdSet, TaskFinished, TaskId, ToClient, ToWorker, WorkerId,
+    WorkerInfo,
+};
+use crate::scheduler::placement::{Load, NodeId};
+use crate::scheduler::Comm;
+use bytes::Bytes;
+use std::collections::BTreeMap;
+use std::mem;
+use std::sync::Arc;
+
+pub(super) enum TaskState {
+    /// Some inputs are not computed yet.
+    Waiting {
+        unfinished_deps: u32,
+    },
+    /// Inputs all in memory; queued for `schedule`.
+    Ready,
+    Assigned {
+        worker: WorkerId,
+    },
+    Memory {
+        holders: Vec<WorkerId>,
+        size: u64,
+    },
+    /// `origin` (this task or one upstream) raised `error`.
+    Erred {
+        origin: TaskId,
+        error: Arc<ErrorInfo>,
+    },
+}
+
+impl TaskState {
+    /// Not computed yet: the task still needs its inputs.
+    pub(super) fn is_pending(&self) -> bool {
+        matches!(
+            self,
+            TaskState::Waiting { .. } | TaskState::Ready | TaskState::Assigned { .. }
+        )
+    }
+
+    /// In memory on at least one live worker.
+    pub(super) fn is_available(&self) -> bool {
+        matches!(self, TaskState::Memory { holders, .. } if !holders.is_empty())
+    }
+}
+
+pub(super) struct Task {
+    pub(super) state: TaskState,
+    pub(super) payload: Bytes,
+    pub(super) funcs: Vec<FuncId>,
+    /// Inputs in payload order; may repeat an id, and every count below counts repeats.
+    pub(super) deps: Vec<TaskId>,
+    /// May name forgotten tasks: they are skipped, and pruned when nothing pends on this.
+    pub(super) dependents: Vec<TaskId>,
+    pub(super) priority: i64,
+    /// Only these workers may run it; empty: any.
+    pub(super) restricted_to: Box<[WorkerId]>,
+    /// A client holds a future on it.
+    pub(super) wanted: bool,
+    /// Dependents not computed yet: they still need this task's result.
+    pub(super) pending_dependents: u32,
+}
+
+impl Task {
+    pub(super) fn is_needed(&self) -> bool {
+        self.wanted || self.pending_dependents > 0
+    }
+}
+
+/// A callable's pickled code, kept while a task or a client needs it.
+pub(super) struct Function {
+    pub(super) bytes: Bytes,
+    /// Tasks that refer to it (each reference counts) plus clients that shipped it and
+    /// have not released it.
+    pub(super) users: u32,
+}
+
+#[derive(Default)]
+pub(super) struct Client {
+    /// Functions it shipped and may refer to without shipping them again, until it
+    /// releases them (`FromClient::ReleaseFunctions`).
+    pub(super) functions: IdSet<FuncId>,
+}
+
+pub(super) struct Worker {
+    pub(super) info: WorkerInfo,
+    /// Its host, numbered.
+    pub(super) node: NodeId,
+    /// Tasks assigned to it and not finished.
+    pub(super) processing: u32,
+    /// Function blobs it has been sent.
+    pub(super) sent_funcs: IdSet<FuncId>,
+}
+
+impl Worker {
+    pub(super) fn load(&self) -> Load {
+        Load {
+            processing: self.processing,
+            nthreads: self.info.nthreads,
+            worker: self.info.id,
+            node: self.node,
+        }
+    }
+}
+
+/// Messages gathered while handling one event and sent when it is done, so each worker and
+/// client gets at most one Cancel, Release and Finished per event.
+#[derive(Default)]
+pub(super) struct Outbox {
+    cancels: BTreeMap<WorkerId, Vec<TaskId>>,
+    releases: BTreeMap<WorkerId, Vec<TaskId>>,
+    pub(super) released_functions: BTreeMap<WorkerId, Vec<FuncId>>,
+    pub(super) finished: BTreeMap<ClientId, Vec<TaskFinished>>,
+    pub(super) to_clients: Vec<(ClientId, ToClient)>,
+}
+
+impl Outbox {
+    pub(super) fn cancel(&mut self, worker: WorkerId, id: TaskId) {
+        self.cancels.entry(worker).or_default().push(id);
+    }
+
+    pub(super) fn release(&mut self, worker: WorkerId, id: TaskId) {
+        self.releases.entry(worker).or_default().push(id);
+    }
+
+    pub(super) fn flush(&mut self, comm: &mut impl Comm) {
+        for (worker, ids) in mem::take(&mut self.cancels) {
+            comm.send_worker(worker, ToWorker::Cancel(ids));
+        }
+        for (worker, ids) in mem::take(&mut self.releases) {
+            comm.send_worker(worker, ToWorker::Release(ids));
+        }
+        for (worker, ids) in mem::take(&mut self.released_functions) {
+            comm.send_worker(worker, ToWorker::ReleaseFunctions(ids));
+        }
+        for (client, finished) in mem::take(&mut self.finished) {
+            comm.send_client(client, ToClient::Finished(finished));
+        }
+        for (client, msg) in self.to_clients.drain(..) {
+            comm.send_client(client, msg);
+        }
+    }
+}

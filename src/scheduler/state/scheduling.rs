@@ -1,0 +1,224 @@
+//! Placement: handing ready tasks to workers.
+
+use super::records::TaskState;
+use super::Scheduler;
+use crate::protocol::{
+    ComputeTask, ErrorInfo, FunctionBlob, InputLocation, TaskId, ToWorker, WorkerId,
+};
+use crate::scheduler::placement::{self, Bandwidths, CandidateCost};
+use crate::scheduler::Comm;
+use std::collections::BTreeMap;
+use std::mem;
+use std::sync::Arc;
+
+impl Scheduler {
+    // ------------------------------------------------------------------ placement
+
+    /// Assigns ready tasks. Each worker gets one `Compute` with all its new tasks, preceded
+    /// by one `Functions` with the blobs it has not been sent yet.
+    pub fn schedule(&mut self, comm: &mut impl Comm) {
+        if self.workers.is_empty() {
+            return; // ready tasks wait for a worker to register
+        }
+        let mut batches: BTreeMap<WorkerId, Vec<ComputeTask>> = BTreeMap::new();
+        for id in mem::take(&mut self.ready) {
+            if !self
+                .tasks
+                .get(&id)
+                .is_some_and(|t| matches!(t.state, TaskState::Ready))
+            {
+                continue; // stale: cancelled, failed or requeued since
+            }
+            match self.place(id) {
+                Some(worker) => self.assign(id, worker, &mut batches),
+                None => self.fail_unplaceable(id),
+            }
+        }
+        let depth =
+            placement::queue_depth(self.config.target_queued_work_s, self.avg_task_duration_s);
+        'roots: while let Some(least) = self.load_index.least_loaded() {
+            // The least loaded worker is full, so all are.
+            let room = least
+                .nthreads
+                .saturating_mul(depth)
+                .saturating_sub(least.processing);
+            if room == 0 {
+                break;
+            }
+            // Consecutive roots in priority order are siblings: handed out in runs, the
+            // task combining them finds its inputs on one worker. A run is at most an even
+            // share of what is queued, so a few roots still spread over all workers.
+            let share = self.roots.len().div_ceil(self.workers.len()).max(1);
+            for _ in 0..(room as usize).min(share) {
+                let Some(id) = self.pop_ready_root() else {
+                    break 'roots;
+                };
+                self.assign(id, least.worker, &mut batches);
+            }
+        }
+        for (worker_id, batch) in batches {
+            let Some(worker) = self.workers.get_mut(&worker_id) else {
+                continue;
+            };
+            let mut blobs = Vec::new();
+            for func in batch.iter().flat_map(|t| &t.funcs) {
+                if worker.sent_funcs.insert(*func) {
+                    if let Some(function) = self.functions.get(func) {
+                        blobs.push(FunctionBlob {
+                            id: *func,
+                            bytes: function.bytes.clone(),
+                        });
+                    }
+                }
+            }
+            if !blobs.is_empty() {
+                comm.send_worker(worker_id, ToWorker::Functions(blobs));
+            }
+            comm.send_worker(worker_id, ToWorker::Compute(batch));
+        }
+        // Unplaceable tasks failed above.
+        self.outbox.flush(comm);
+    }
+
+    fn pop_ready_root(&mut self) -> Option<TaskId> {
+        while let Some(id) = self.roots.pop() {
+            if self
+                .tasks
+                .get(&id)
+                .is_some_and(|t| matches!(t.state, TaskState::Ready))
+            {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// A restricted task none of whose workers is connected: failing it is better than
+    /// waiting for a worker that, inside a batch job, will never come back.
+    fn fail_unplaceable(&mut self, id: TaskId) {
+        let Some(task) = self.tasks.get(&id) else {
+            return;
+        };
+        let names: Vec<String> = task.restricted_to.iter().map(|w| w.to_string()).collect();
+        let error = ErrorInfo::runtime(
+            "NoWorkerError",
+            format!(
+                "task {id} may only run on workers [{}], and none of them is connected",
+                names.join(", ")
+            ),
+        );
+        self.mark_erred(id, id, Arc::new(error));
+    }
+
+    /// The worker where a non-root task would start soonest. Candidates: the holders of
+    /// its inputs, the least loaded worker on each holder's node and the least loaded
+    /// worker, or, for a restricted task, its workers.
+    fn place(&mut self, id: TaskId) -> Option<WorkerId> {
+        let Scheduler {
+            tasks,
+            workers,
+            load_index,
+            candidates,
+            config,
+            avg_task_duration_s,
+            ..
+        } = self;
+        let task = tasks.get(&id)?;
+        let inputs = || {
+            task.deps.iter().filter_map(|d| match &tasks.get(d)?.state {
+                TaskState::Memory { holders, size } => Some((holders, *size)),
+                _ => None,
+            })
+        };
+        candidates.clear();
+        let mut consider = |worker: WorkerId| {
+            if candidates.iter().any(|c| c.load.worker == worker) {
+                return;
+            }
+            let Some(w) = workers.get(&worker) else {
+                return;
+            };
+            let (mut missing_bytes, mut node_bytes, mut held_bytes) = (0, 0, 0);
+            for (holders, size) in inputs() {
+                if holders.contains(&worker) {
+                    held_bytes += size;
+                } else {
+                    missing_bytes += size;
+                    let on_node = |h: &WorkerId| workers.get(h).is_some_and(|h| h.node == w.node);
+                    if holders.iter().any(on_node) {
+                        node_bytes += size;
+                    }
+                }
+            }
+            candidates.push(CandidateCost {
+                load: w.load(),
+                missing_bytes,
+                node_bytes,
+                held_bytes,
+            });
+        };
+        if task.restricted_to.is_empty() {
+            for (holders, _) in inputs() {
+                for &holder in holders {
+                    consider(holder);
+                    let node = workers.get(&holder).map(|h| h.node);
+                    if let Some(least) = node.and_then(|n| load_index.least_loaded_on(n)) {
+                        consider(least.worker);
+                    }
+                }
+            }
+            if let Some(least) = load_index.least_loaded() {
+                consider(least.worker);
+            }
+        } else {
+            for &worker in task.restricted_to.iter() {
+                consider(worker);
+            }
+        }
+        let bandwidths = Bandwidths {
+            network_bytes_per_s: config.bandwidth_bytes_per_s,
+            node_bytes_per_s: config.node_bandwidth_bytes_per_s,
+        };
+        placement::cheapest(candidates, *avg_task_duration_s, bandwidths)
+    }
+
+    fn assign(
+        &mut self,
+        id: TaskId,
+        worker: WorkerId,
+        batches: &mut BTreeMap<WorkerId, Vec<ComputeTask>>,
+    ) {
+        let Some(task) = self.tasks.get(&id) else {
+            return;
+        };
+        let inputs = task
+            .deps
+            .iter()
+            .map(|&dep| match self.tasks.get(&dep).map(|t| &t.state) {
+                Some(TaskState::Memory { holders, size }) => InputLocation {
+                    id: dep,
+                    workers: holders.clone(),
+                    size: *size,
+                },
+                // Ready means every input is in memory; `sanity_check` holds us to it.
+                _ => InputLocation {
+                    id: dep,
+                    workers: Vec::new(),
+                    size: 0,
+                },
+            })
+            .collect();
+        let compute = ComputeTask {
+            id,
+            funcs: task.funcs.clone(),
+            payload: task.payload.clone(),
+            inputs,
+            priority: task.priority,
+        };
+        batches.entry(worker).or_default().push(compute);
+        if let Some(task) = self.tasks.get_mut(&id) {
+            task.state = TaskState::Assigned { worker };
+        }
+        self.change_processing(worker, true);
+    }
+}

@@ -1,0 +1,347 @@
+//! Client events: submitting tasks (checked, ordered, given their first state), wanting
+//! and releasing results and functions, and cancelling.
+
+use super::records::{Function, Task, TaskState};
+use super::Scheduler;
+use crate::protocol::{
+    ClientId, ErrorInfo, FuncId, FunctionBlob, IdMap, IdSet, TaskFinished, TaskId, TaskSpec,
+    ToClient,
+};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+impl Scheduler {
+    // ------------------------------------------------------------------ client events
+
+    pub(super) fn submit(
+        &mut self,
+        client: ClientId,
+        functions: Vec<FunctionBlob>,
+        specs: Vec<TaskSpec>,
+        wanted: &[TaskId],
+    ) {
+        // Kept even if the tasks are rejected: the client counts them as shipped.
+        self.pin_functions(client, functions);
+        let order = match self.validate_submit(client, &specs, wanted) {
+            Ok(order) => order,
+            Err(reason) => {
+                tracing::warn!(client = %client, %reason, "submit rejected");
+                self.outbox
+                    .to_clients
+                    .push((client, ToClient::SubmitRejected { reason }));
+                return;
+            }
+        };
+        let mut specs: Vec<Option<TaskSpec>> = specs.into_iter().map(Some).collect();
+        let mut erred = Vec::new();
+        // Dependencies first, so every dep's state is known when its dependent is added.
+        for index in order {
+            let Some(spec) = specs[index].take() else {
+                continue;
+            };
+            let state = self.initial_state(&spec.deps);
+            let pending = state.is_pending();
+            for dep in &spec.deps {
+                if let Some(dep) = self.tasks.get_mut(dep) {
+                    dep.dependents.push(spec.id);
+                    if pending {
+                        dep.pending_dependents += 1;
+                    }
+                }
+            }
+            if matches!(state, TaskState::Erred { .. }) {
+                erred.push(spec.id);
+            }
+            for func in &spec.funcs {
+                if let Some(function) = self.functions.get_mut(func) {
+                    function.users += 1;
+                }
+            }
+            let task = Task {
+                state,
+                payload: spec.payload,
+                funcs: spec.funcs,
+                deps: spec.deps,
+                dependents: Vec::new(),
+                priority: spec.priority,
+                restricted_to: spec.workers.into_boxed_slice(),
+                wanted: false,
+                pending_dependents: 0,
+            };
+            self.tasks.insert(spec.id, task);
+            self.enqueue_if_ready(spec.id);
+        }
+        self.want(client, wanted);
+        // Erred on arrival (an input had failed) and not wanted: nothing will ever need it.
+        self.release_unneeded(erred);
+    }
+
+    /// Checks a submit against the rules and returns the order to add its tasks in
+    /// (dependencies first). A broken rule rejects the whole submit.
+    fn validate_submit(
+        &self,
+        client: ClientId,
+        specs: &[TaskSpec],
+        wanted: &[TaskId],
+    ) -> Result<Vec<usize>, String> {
+        let mut index: IdMap<TaskId, usize> = IdMap::default();
+        index.reserve(specs.len());
+        for (i, spec) in specs.iter().enumerate() {
+            if spec.id.owner() != client {
+                return Err(format!(
+                    "task {} lies in client {}'s id namespace, not in this client's ({client})",
+                    spec.id,
+                    spec.id.owner()
+                ));
+            }
+            if self.tasks.contains_key(&spec.id) || index.insert(spec.id, i).is_some() {
+                return Err(format!("task {} was submitted twice", spec.id));
+            }
+        }
+        for spec in specs {
+            if let Some(func) = spec.funcs.iter().find(|f| !self.functions.contains_key(f)) {
+                return Err(format!(
+                    "task {} uses function {func}, whose code was never sent or was released",
+                    spec.id
+                ));
+            }
+        }
+        for &id in wanted {
+            if id.owner() != client || !(index.contains_key(&id) || self.tasks.contains_key(&id)) {
+                return Err(format!(
+                    "wanted task {id} is neither in this submit nor a live task of this client"
+                ));
+            }
+        }
+        self.order_dependencies_first(client, specs, &index)
+    }
+
+    /// Depth-first post-order over the submit's own edges, checking each outside dependency
+    /// on the way; fails on a cycle, which would never run.
+    fn order_dependencies_first(
+        &self,
+        client: ClientId,
+        specs: &[TaskSpec],
+        index: &IdMap<TaskId, usize>,
+    ) -> Result<Vec<usize>, String> {
+        #[derive(Copy, Clone, PartialEq)]
+        enum Mark {
+            New,
+            OnPath,
+            Done,
+        }
+        let mut marks = vec![Mark::New; specs.len()];
+        let mut order = Vec::with_capacity(specs.len());
+        // (task index, position of the next dependency to visit)
+        let mut path: Vec<(usize, usize)> = Vec::new();
+        for start in 0..specs.len() {
+            if marks[start] != Mark::New {
+                continue;
+            }
+            marks[start] = Mark::OnPath;
+            path.push((start, 0));
+            while let Some((i, next_dep)) = path.last_mut() {
+                let spec = &specs[*i];
+                let Some(&dep) = spec.deps.get(*next_dep) else {
+                    marks[*i] = Mark::Done;
+                    order.push(*i);
+                    path.pop();
+                    continue;
+                };
+                *next_dep += 1;
+                match index.get(&dep) {
+                    Some(&j) => match marks[j] {
+                        Mark::New => {
+                            marks[j] = Mark::OnPath;
+                            path.push((j, 0));
+                        }
+                        Mark::OnPath => {
+                            return Err(format!(
+                                "tasks {dep} and {} depend on each other (a cycle never runs)",
+                                spec.id
+                            ));
+                        }
+                        Mark::Done => {}
+                    },
+                    None if dep.owner() != client => {
+                        return Err(format!(
+                            "task {} depends on task {dep} of another client ({})",
+                            spec.id,
+                            dep.owner()
+                        ));
+                    }
+                    None if !self.tasks.contains_key(&dep) => {
+                        return Err(format!(
+                            "task {} depends on task {dep}, which is unknown (never submitted, or released)",
+                            spec.id
+                        ));
+                    }
+                    None => {}
+                }
+            }
+        }
+        Ok(order)
+    }
+
+    /// State of a task arriving with these (already known) dependencies.
+    fn initial_state(&self, deps: &[TaskId]) -> TaskState {
+        let mut unfinished_deps = 0;
+        for dep in deps.iter().filter_map(|d| self.tasks.get(d)) {
+            match &dep.state {
+                TaskState::Erred { origin, error } => {
+                    return TaskState::Erred {
+                        origin: *origin,
+                        error: error.clone(),
+                    };
+                }
+                state if state.is_available() => {}
+                _ => unfinished_deps += 1,
+            }
+        }
+        if unfinished_deps == 0 {
+            TaskState::Ready
+        } else {
+            TaskState::Waiting { unfinished_deps }
+        }
+    }
+
+    /// Sets `wanted` on the client's tasks and re-sends outcomes already known.
+    pub(super) fn want(&mut self, client: ClientId, ids: &[TaskId]) {
+        let mut failed: BTreeMap<TaskId, (Arc<ErrorInfo>, Vec<TaskId>)> = BTreeMap::new();
+        for &id in ids {
+            let task = match self.tasks.get_mut(&id) {
+                Some(task) if id.owner() == client => task,
+                _ => {
+                    let error = ErrorInfo::runtime(
+                        "UnknownTask",
+                        format!("task {id} is not a live task of this client (released or never submitted)"),
+                    );
+                    let msg = ToClient::Failed {
+                        ids: vec![id],
+                        origin: id,
+                        error,
+                    };
+                    self.outbox.to_clients.push((client, msg));
+                    continue;
+                }
+            };
+            task.wanted = true;
+            match &task.state {
+                TaskState::Memory { holders, size } => {
+                    if let Some(&worker) = holders.first() {
+                        let finished = TaskFinished {
+                            id,
+                            worker,
+                            size: *size,
+                        };
+                        self.outbox
+                            .finished
+                            .entry(client)
+                            .or_default()
+                            .push(finished);
+                    }
+                }
+                TaskState::Erred { origin, error } => {
+                    failed
+                        .entry(*origin)
+                        .or_insert_with(|| (error.clone(), Vec::new()))
+                        .1
+                        .push(id);
+                }
+                _ => {}
+            }
+        }
+        for (origin, (error, ids)) in failed {
+            let msg = ToClient::Failed {
+                ids,
+                origin,
+                error: ErrorInfo::clone(&error),
+            };
+            self.outbox.to_clients.push((client, msg));
+        }
+    }
+
+    pub(super) fn release(&mut self, client: ClientId, ids: &[TaskId]) {
+        let mut released = Vec::with_capacity(ids.len());
+        for &id in ids {
+            match self.tasks.get_mut(&id) {
+                Some(task) if id.owner() == client => {
+                    task.wanted = false;
+                    released.push(id);
+                }
+                _ => tracing::debug!(client = %client, task = %id, "release of an unknown task"),
+            }
+        }
+        self.release_unneeded(released);
+    }
+
+    /// Registers the functions a client shipped; it may refer to them until it releases
+    /// them. One it had shipped before counts once.
+    fn pin_functions(&mut self, client: ClientId, functions: Vec<FunctionBlob>) {
+        let Some(pinned) = self.clients.get_mut(&client).map(|c| &mut c.functions) else {
+            return;
+        };
+        for blob in functions {
+            if pinned.insert(blob.id) {
+                self.functions
+                    .entry(blob.id)
+                    .or_insert(Function {
+                        bytes: blob.bytes,
+                        users: 0,
+                    })
+                    .users += 1;
+            }
+        }
+    }
+
+    /// The client will ship these again before it uses them.
+    pub(super) fn release_functions(&mut self, client: ClientId, ids: &[FuncId]) {
+        for id in ids {
+            let unpinned = self
+                .clients
+                .get_mut(&client)
+                .is_some_and(|c| c.functions.remove(id));
+            if unpinned {
+                self.unref_function(*id);
+            } else {
+                tracing::debug!(client = %client, function = %id, "release of a function it did not ship");
+            }
+        }
+    }
+
+    /// Stops and forgets `ids` and everything downstream of them. `notify`: the client
+    /// told which of them it wanted (none when the client is gone).
+    pub(super) fn cancel(&mut self, ids: Vec<TaskId>, notify: Option<ClientId>) {
+        let mut doomed: IdSet<TaskId> = IdSet::default();
+        let mut stack = ids;
+        while let Some(id) = stack.pop() {
+            if let Some(task) = self.tasks.get(&id) {
+                if doomed.insert(id) {
+                    stack.extend_from_slice(&task.dependents);
+                }
+            }
+        }
+        // Sorted, so workers and clients see ids in a stable order.
+        let mut doomed: Vec<TaskId> = doomed.into_iter().collect();
+        doomed.sort_unstable();
+        let mut cancelled = Vec::new();
+        let mut unneeded = Vec::new();
+        for &id in &doomed {
+            let Some(task) = self.take_task(id) else {
+                continue;
+            };
+            if task.wanted {
+                cancelled.push(id);
+            }
+            self.forget(id, task, &mut unneeded);
+        }
+        if let Some(client) = notify {
+            if !cancelled.is_empty() {
+                self.outbox
+                    .to_clients
+                    .push((client, ToClient::Cancelled(cancelled)));
+            }
+        }
+        self.release_unneeded(unneeded);
+    }
+}

@@ -1,0 +1,318 @@
+//! The worker's I/O: the bootstrap (data server, scheduler connection, executors), the
+//! loop that feeds scheduler messages, executor events and finished fetches to the state
+//! machine (`state.rs`) one at a time, and the effects it asks for (`RuntimeComm`).
+
+use super::executor::{
+    Executor, ExecutorEvent, PythonExecutor, PythonExecutorConfig, ShellExecutor,
+};
+use super::state::{WorkerComm, WorkerSettings, WorkerState};
+use crate::heap::{FreedBytes, TRIM_WHEN_IDLE_AFTER};
+use crate::protocol::{
+    FrameReader, FromWorker, FuncId, FunctionBlob, Role, RunTask, TaskId, ToWorker, Token,
+    WorkerId, WorkerInfo, WorkerRegistration, WorkerTopology,
+};
+use crate::store::{Object, ShmDir, Store, StoreError, WORKER_SHM_PREFIX};
+use crate::transport::tcp::{self, TcpTransport};
+use crate::transport::{Transport, TransportError};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Tells task code which worker runs it (`rankmesh.get_worker()`).
+const WORKER_ID_ENV: &str = "RANKMESH_WORKER_ID";
+/// How long executors get to stop when the worker leaves.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExecutorKind {
+    Python,
+    Shell,
+}
+
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub scheduler: String,
+    pub token: Token,
+    pub nthreads: u32,
+    /// Bytes for the whole worker (split evenly among its executors); 0 means none.
+    pub memory_limit: u64,
+    pub python: String,
+    pub executor: ExecutorKind,
+    /// Address the data server listens on, and the host name peers use to reach it.
+    pub listen_host: String,
+    pub advertise_host: String,
+    /// How often a task may take its executor down before it fails.
+    pub max_crashes: u32,
+    /// This worker's MPI rank, when it is one.
+    pub rank: Option<u32>,
+    /// Its place in the node, reported to the scheduler, when a topology plan placed it.
+    pub topology: Option<WorkerTopology>,
+    /// Set in every executor's environment (thread counts, visible GPUs).
+    pub executor_env: Vec<(String, String)>,
+    /// Where its MPI progress thread's doorbell is, when it has one.
+    pub doorbell: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot set up the worker: {0}")]
+    Setup(#[from] std::io::Error),
+    #[error(transparent)]
+    Connect(#[from] TransportError),
+    #[error("scheduler did not answer the registration: {0}")]
+    Registration(String),
+}
+
+/// Runs a worker that fetches its inputs over TCP until the scheduler says stop, goes
+/// away, or `shutdown` fires.
+pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    let transport = Arc::new(TcpTransport::new(config.token.clone()));
+    let shm = Arc::new(ShmDir::create(WORKER_SHM_PREFIX)?);
+    run_with(config, shm, Store::default(), transport, shutdown).await
+}
+
+/// Runs a worker around `store`, its large objects in `shm`, fetching inputs from peers
+/// with `transport`. Clients always fetch results over TCP, so the TCP data server runs
+/// whatever the transport.
+pub async fn run_with(
+    config: WorkerConfig,
+    shm: Arc<ShmDir>,
+    store: Store,
+    transport: Arc<dyn Transport>,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    let listener = TcpListener::bind((config.listen_host.as_str(), 0)).await?;
+    let data_address = format!(
+        "{}:{}",
+        config.advertise_host,
+        listener.local_addr()?.port()
+    );
+
+    let (mut reader, mut writer, _) =
+        tcp::connect(&config.scheduler, &config.token, Role::Worker).await?;
+    let registration = WorkerRegistration {
+        data_address,
+        host: config.advertise_host.clone(),
+        nthreads: config.nthreads,
+        memory_limit: config.memory_limit,
+        pid: std::process::id(),
+        rank: config.rank,
+        topology: config.topology.clone(),
+        doorbell: config.doorbell.clone(),
+    };
+    let registered = async {
+        writer
+            .send(&FromWorker::Register(registration))
+            .await
+            .map_err(|e| e.to_string())?;
+        match reader.recv::<ToWorker>().await.map_err(|e| e.to_string())? {
+            Some(ToWorker::Registered { worker_id, peers }) => Ok((worker_id, peers)),
+            other => Err(format!("expected Registered, got {other:?}")),
+        }
+    };
+    let (worker_id, peers) = registered.await.map_err(WorkerError::Registration)?;
+    tracing::info!(%worker_id, "registered with the scheduler");
+
+    let tasks = TaskTracker::new();
+    let stop_children = shutdown.child_token();
+    tasks.spawn(tcp::serve_data(
+        listener,
+        config.token.clone(),
+        store.clone(),
+        stop_children.clone(),
+    ));
+    let (to_scheduler, outbound) = mpsc::unbounded_channel();
+    tasks.spawn(forward_to_scheduler(writer, outbound));
+
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let executor_config = PythonExecutorConfig {
+        python: config.python.clone(),
+        token: config.token.clone(),
+        shm_dir: shm.path().to_path_buf(),
+        memory_limit: config.memory_limit / u64::from(config.nthreads.max(1)),
+        env: config
+            .executor_env
+            .iter()
+            .cloned()
+            .chain([(WORKER_ID_ENV.to_string(), worker_id.0.to_string())])
+            .collect(),
+    };
+    let slots = config.nthreads.max(1) as usize;
+    let executors = (0..slots)
+        .map(|slot| -> Box<dyn Executor> {
+            match config.executor {
+                ExecutorKind::Python => Box::new(PythonExecutor::start(
+                    slot,
+                    executor_config.clone(),
+                    events_tx.clone(),
+                    stop_children.clone(),
+                )),
+                ExecutorKind::Shell => Box::new(ShellExecutor::start(slot, events_tx.clone())),
+            }
+        })
+        .collect();
+    let (fetched_tx, fetched) = mpsc::unbounded_channel();
+    let settings = WorkerSettings {
+        slots,
+        max_crashes: config.max_crashes,
+    };
+    let mut state = WorkerState::new(settings, store, peers);
+    let mut comm = RuntimeComm {
+        to_scheduler,
+        transport,
+        shm,
+        fetched_tx,
+        executors,
+    };
+    serve(
+        &mut state,
+        &mut comm,
+        &mut reader,
+        events,
+        fetched,
+        &shutdown,
+    )
+    .await;
+    let stats = state.stats();
+    tracing::info!(
+        tasks = stats.tasks,
+        task_seconds = stats.task_us as f64 * 1e-6,
+        fetches = stats.fetches,
+        fetched_objects = stats.fetched_objects,
+        fetched_bytes = stats.fetched_bytes,
+        fetch_seconds = stats.fetch_us as f64 * 1e-6,
+        "worker done"
+    );
+
+    stop_children.cancel();
+    tasks.close();
+    drop(comm); // closes the scheduler channel, so the forwarder ends
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("worker tasks did not stop within {SHUTDOWN_GRACE:?}");
+    }
+    Ok(())
+}
+
+async fn forward_to_scheduler(
+    mut writer: crate::protocol::FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
+    mut outbound: mpsc::UnboundedReceiver<FromWorker>,
+) {
+    if let Err(e) = writer.forward(&mut outbound).await {
+        tracing::warn!("lost the scheduler connection: {e}");
+    }
+}
+
+/// A fetch that ended, on its way back to the event loop.
+struct FetchDone {
+    peer: WorkerId,
+    ids: Vec<TaskId>,
+    result: Result<crate::transport::Fetched, TransportError>,
+    elapsed: Duration,
+}
+
+/// Feeds events to the state machine, one at a time, until the scheduler says stop, goes
+/// away, or `shutdown` fires; trims the heap after frees and when idle.
+async fn serve(
+    state: &mut WorkerState,
+    comm: &mut RuntimeComm,
+    scheduler: &mut FrameReader<OwnedReadHalf>,
+    mut events: mpsc::UnboundedReceiver<ExecutorEvent>,
+    mut fetched: mpsc::UnboundedReceiver<FetchDone>,
+    shutdown: &CancellationToken,
+) {
+    let mut freed = FreedBytes::default();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            msg = scheduler.recv::<ToWorker>() => match msg {
+                Ok(Some(ToWorker::Shutdown)) => return,
+                Ok(Some(msg)) => state.handle_scheduler(msg, comm),
+                Ok(None) => {
+                    tracing::info!("scheduler closed the connection");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!("bad frame from the scheduler: {e}");
+                    return;
+                }
+            },
+            Some(event) = events.recv() => state.handle_executor(event, comm),
+            Some(done) = fetched.recv() => {
+                state.fetch_finished(done.peer, done.ids, done.result, done.elapsed, comm);
+            }
+            _ = tokio::time::sleep(TRIM_WHEN_IDLE_AFTER), if freed.pending() => {
+                freed.trim();
+                continue;
+            }
+        }
+        freed.note(state.take_freed_bytes());
+    }
+}
+
+/// The effects of the state machine, carried out.
+struct RuntimeComm {
+    to_scheduler: mpsc::UnboundedSender<FromWorker>,
+    transport: Arc<dyn Transport>,
+    shm: Arc<ShmDir>,
+    fetched_tx: mpsc::UnboundedSender<FetchDone>,
+    executors: Vec<Box<dyn Executor>>,
+}
+
+impl WorkerComm for RuntimeComm {
+    fn send(&mut self, msg: FromWorker) {
+        let _ = self.to_scheduler.send(msg);
+    }
+
+    fn fetch(&mut self, peer: &WorkerInfo, ids: Vec<TaskId>) {
+        let (transport, shm, done) = (
+            self.transport.clone(),
+            self.shm.clone(),
+            self.fetched_tx.clone(),
+        );
+        let info = peer.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let result = transport.fetch(&info, ids.clone(), shm).await;
+            let _ = done.send(FetchDone {
+                peer: info.id,
+                ids,
+                result,
+                elapsed: started.elapsed(),
+            });
+        });
+    }
+
+    fn run(
+        &mut self,
+        slot: usize,
+        generation: u64,
+        functions: Vec<FunctionBlob>,
+        tasks: Vec<RunTask>,
+    ) {
+        if let Some(executor) = self.executors.get_mut(slot) {
+            executor.run(generation, functions, tasks);
+        }
+    }
+
+    fn release_functions(&mut self, slot: usize, generation: u64, ids: Vec<FuncId>) {
+        if let Some(executor) = self.executors.get_mut(slot) {
+            executor.release_functions(generation, ids);
+        }
+    }
+
+    fn adopt(&mut self, path: &Path, layout: Vec<u64>) -> Result<Object, StoreError> {
+        self.shm.adopt(path, layout)
+    }
+
+    fn map_in(&mut self, object: Arc<Object>) {
+        tokio::task::spawn_blocking(move || object.map_in());
+    }
+}
