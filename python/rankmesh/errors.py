@@ -25,7 +25,8 @@ class TaskError(RuntimeError):
     """A task failed with an exception that could not travel back as itself."""
 
     def __init__(self, type_name: str, message: str, traceback_text: str) -> None:
-        super().__init__(f"{type_name}: {message}\n\nTask traceback:\n{traceback_text}")
+        where = f"\n\nTask traceback:\n{traceback_text}" if traceback_text else ""
+        super().__init__(f"{type_name}: {message}{where}")
         self.type_name = type_name
         self.message = message
         self.traceback_text = traceback_text

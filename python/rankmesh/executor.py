@@ -134,11 +134,22 @@ def serve(link, runner: TaskRunner) -> None:
                 return
 
 
+def report_fatal_signals(path: str) -> None:
+    """On a fatal signal (SIGSEGV, SIGFPE, SIGABRT, SIGBUS, SIGILL) Python writes where it
+    was to `path`, which the worker reads into the crashed task's error."""
+    import faulthandler
+
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    faulthandler.enable(os.fdopen(os.open(path, flags, 0o600), "w"), all_threads=False)
+
+
 def main() -> int:
     from ._rankmesh import ExecutorLink
 
     link = ExecutorLink(os.environ["RANKMESH_EXECUTOR_SOCKET"], os.environ["RANKMESH_TOKEN"])
-    runner = TaskRunner(os.environ["RANKMESH_SHM_DIR"], os.environ["RANKMESH_EXECUTOR_ID"])
+    shm_dir, executor_id = os.environ["RANKMESH_SHM_DIR"], os.environ["RANKMESH_EXECUTOR_ID"]
+    report_fatal_signals(os.path.join(shm_dir, f"{executor_id}.fault"))
+    runner = TaskRunner(shm_dir, executor_id)
     serve(link, runner)
     return 0
 

@@ -180,6 +180,23 @@ fn shm_base() -> PathBuf {
     }
 }
 
+/// Removes the files in a worker's `folder` whose names start with `prefix`: what a dead
+/// executor generation wrote and the worker never took over (results it died before
+/// reporting, a file half written).
+pub fn remove_leftovers(folder: &Path, prefix: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        return 0;
+    };
+    let leftovers = entries.flatten().filter(|e| {
+        e.file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(prefix))
+    });
+    leftovers
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
+}
+
 /// Removes this user's `{prefix}-{pid}-*` folders whose process is gone. A worker killed
 /// outright (SIGKILL, the OOM killer, a launcher ending the job) cannot clean up, and on
 /// a shared node its objects would hold memory across jobs.
@@ -226,7 +243,9 @@ impl ShmDir {
         &self.dir
     }
 
-    /// Takes over a file an executor wrote into this folder.
+    /// Takes over a file an executor wrote into this folder: it is renamed to a name of
+    /// the worker's, so that whatever is left under the executor's names when it dies is
+    /// known to be unreported or partial ([`remove_leftovers`]).
     pub fn adopt(&self, path: &Path, layout: Vec<u64>) -> Result<Object, StoreError> {
         let total = total_size(&layout)?;
         if path.parent() != Some(self.dir.as_path()) {
@@ -254,6 +273,9 @@ impl ShmDir {
                 actual,
             });
         }
+        let own = self.next_path();
+        std::fs::rename(path, &own).map_err(io)?;
+        segment.path = own;
         if total > 0 {
             // SAFETY: the file is private to this worker's folder and no one writes it after
             // the executor handed it over.
@@ -595,12 +617,37 @@ mod tests {
         ));
         assert!(!inside.exists(), "a refused file is removed");
         std::fs::write(&inside, [1u8; 128]).unwrap();
-        assert_eq!(dir.adopt(&inside, vec![100]).unwrap().size(), 128);
+        let adopted = dir.adopt(&inside, vec![100]).unwrap();
+        assert_eq!(adopted.size(), 128);
+        assert!(!inside.exists(), "renamed to a name of the worker's");
+        let ObjectRef::Shm { path, .. } = adopted.to_ref() else {
+            panic!("a file stays a file")
+        };
+        assert_eq!(std::fs::read(path).unwrap(), [1u8; 128]);
         let outside = std::env::temp_dir().join("rankmesh-foreign-object");
         assert!(matches!(
             dir.adopt(&outside, vec![1]),
             Err(StoreError::ForeignPath(_))
         ));
+    }
+
+    #[test]
+    fn a_dead_executors_leftovers_go_and_nothing_else() {
+        let dir = ShmDir::create("rankmesh-test").unwrap();
+        let taken = dir.path().join("0.1-1");
+        std::fs::write(&taken, [1u8; 64]).unwrap();
+        let kept = dir.adopt(&taken, vec![64]).unwrap();
+        for name in ["0.1-2", "0.1-3", "0.2-1", "1.1-1", "0.10-1"] {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        assert_eq!(remove_leftovers(dir.path(), "0.1-"), 2);
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["0.10-1", "0.2-1", "1.1-1", "in-0"]);
+        assert_eq!(kept.bytes(), [1u8; 64]);
     }
 
     #[test]

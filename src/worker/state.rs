@@ -169,7 +169,11 @@ impl WorkerState {
             ExecutorEvent::Results { slot, outcomes } => {
                 self.executor_finished(slot, outcomes, comm)
             }
-            ExecutorEvent::Died { slot, reason } => self.executor_died(slot, &reason, comm),
+            ExecutorEvent::Died {
+                slot,
+                reason,
+                traceback,
+            } => self.executor_died(slot, &reason, traceback, comm),
         }
         self.after_event(comm);
     }
@@ -411,7 +415,13 @@ impl WorkerState {
 
     /// Whatever the executor had in flight is lost. Alone on it, a task is to blame (and
     /// fails after `max_crashes`); among several, each reruns alone to find the culprit.
-    fn executor_died(&mut self, slot: usize, reason: &str, comm: &mut impl WorkerComm) {
+    fn executor_died(
+        &mut self,
+        slot: usize,
+        reason: &str,
+        traceback: String,
+        comm: &mut impl WorkerComm,
+    ) {
         let Some(slot) = self.slots.get_mut(slot) else {
             return;
         };
@@ -438,7 +448,11 @@ impl WorkerState {
                     "task {id} failed: its executor died {} times running it; last: {reason}",
                     task.crashes
                 );
-                self.fail(id, ErrorInfo::runtime("ExecutorCrashed", message), comm);
+                let error = ErrorInfo {
+                    traceback: traceback.clone(),
+                    ..ErrorInfo::runtime("ExecutorCrashed", message)
+                };
+                self.fail(id, error, comm);
             } else {
                 self.suspects.push_back(id);
             }

@@ -104,6 +104,7 @@ def test_executor_crash_fails_that_task_only(tmp_path):
             with pytest.raises(Exception, match="SIGSEGV") as info:
                 crash.result(timeout=120)
             assert "3 times" in str(info.value)
+            assert "in segfault" in str(info.value)  # the task's own stack, from the dead executor
             assert client.gather(fine) == list(range(1, 51))
             assert client.submit(sum, range(10)).result(timeout=60) == 45
             # rankmesh local, 2 workers and 2 executors, the crashed one replaced.

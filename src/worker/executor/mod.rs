@@ -23,10 +23,13 @@ pub enum ExecutorEvent {
         slot: usize,
         outcomes: Vec<TaskOutcome>,
     },
-    /// The executor died; everything it had in flight is lost. A new generation follows.
+    /// The executor died (crashed, was killed, or exceeded its memory limit and was
+    /// killed); everything it had in flight is lost. A new generation follows.
     Died {
         slot: usize,
         reason: String,
+        /// Where Python was when it crashed, if it could say (a fatal signal it caught).
+        traceback: String,
     },
 }
 

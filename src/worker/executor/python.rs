@@ -86,6 +86,7 @@ async fn supervise(
             let _ = events.send(ExecutorEvent::Died {
                 slot,
                 reason: format!("cannot listen on {}: {e}", socket.display()),
+                traceback: String::new(),
             });
             return;
         }
@@ -102,7 +103,13 @@ async fn supervise(
             Err(reason) => reason,
         };
         tracing::warn!(slot, "executor died: {reason}");
-        if events.send(ExecutorEvent::Died { slot, reason }).is_err() {
+        let traceback = clear_up_after(&config.shm_dir, &executor_id(slot, generation));
+        let died = ExecutorEvent::Died {
+            slot,
+            reason,
+            traceback,
+        };
+        if events.send(died).is_err() {
             return;
         }
     }
@@ -217,12 +224,35 @@ fn spawn(
         .env(TOKEN_ENV, config.token.as_str())
         .env("RANKMESH_SHM_DIR", &config.shm_dir)
         // Names its objects: a replacement must not collide with what a dead one left.
-        .env("RANKMESH_EXECUTOR_ID", format!("{slot}.{generation}"))
+        .env("RANKMESH_EXECUTOR_ID", executor_id(slot, generation))
         .envs(config.env.iter().map(|(k, v)| (k, v)))
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     crate::process::die_with_parent(&mut command);
     command.spawn()
+}
+
+/// Names one executor generation's files in the worker's folder: its results are
+/// `<id>-<n>` until the worker takes them over, its crash report `<id>.fault`.
+fn executor_id(slot: usize, generation: u64) -> String {
+    format!("{slot}.{generation}")
+}
+
+/// After a generation died: removes the results it wrote but never reported (or half
+/// wrote), and returns (and removes) the traceback it dumped on a fatal signal.
+fn clear_up_after(folder: &std::path::Path, id: &str) -> String {
+    let removed = crate::store::remove_leftovers(folder, &format!("{id}-"));
+    if removed > 0 {
+        tracing::info!(
+            executor = id,
+            removed,
+            "removed a dead executor's unreported results"
+        );
+    }
+    let fault = folder.join(format!("{id}.fault"));
+    let traceback = std::fs::read_to_string(&fault).unwrap_or_default();
+    let _ = std::fs::remove_file(&fault);
+    traceback.trim_end().to_string()
 }
 
 /// Asks nothing more of the child: waits briefly for it to leave, then kills it.

@@ -197,6 +197,7 @@ impl TestEnv {
         self.executor(ExecutorEvent::Died {
             slot,
             reason: "killed by signal 9".into(),
+            traceback: "Fatal Python error: Segmentation fault\n  File \"task.py\", line 3".into(),
         });
     }
 
