@@ -5,7 +5,7 @@
 use rankmesh::protocol::{
     self, FrameReader, FrameWriter, FromClient, HandshakeError, HelloReply, Role, Token,
 };
-use rankmesh::scheduler::server;
+use rankmesh::scheduler::{server, SchedulerConfig};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -26,6 +26,7 @@ async fn start() -> Scheduler {
     tokio::spawn(server::serve(
         listener,
         token.clone(),
+        SchedulerConfig::default(),
         workers,
         shutdown.clone(),
     ));

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -16,6 +17,11 @@ from .payloads import FunctionRegistry, PayloadEncoder
 from .serialize import loads_error, loads_frames
 
 __all__ = ["Client"]
+
+# A result whose worker died is recomputed once the scheduler sees the worker go, which takes
+# moments: how long to keep trying a worker that does not answer, and how often.
+LOST_RESULT_PATIENCE = 60.0
+LOST_RESULT_RETRY_S = 0.05
 
 
 def _connection_details(
@@ -162,20 +168,38 @@ class Client:
         return None
 
     def _collect(self, ids: list[int], timeout: float | None) -> dict[int, Any]:
-        """Values of tasks by id: one wait and one fetch for all of them."""
+        """Values of tasks by id: one wait and one fetch for all of them. A result whose
+        worker died meanwhile is waited for again (the scheduler recomputes it or names
+        another copy); one whose worker does not answer and is not seen to go either, for
+        LOST_RESULT_PATIENCE seconds."""
         unique = list(dict.fromkeys(ids))
-        ended = self._wait_ids(unique, timeout, "ALL")
-        if len(ended) < len(unique):
-            raise TimeoutError(f"{len(unique) - len(ended)} of {len(unique)} tasks still pending")
-        for task_id in unique:
-            failure = self._failure(task_id)
-            if failure is not None:
-                raise failure
-        fetched = self._core.fetch(unique)
-        return {
-            task_id: loads_frames(stream, buffers)
-            for task_id, (stream, buffers) in zip(unique, fetched, strict=True)
-        }
+        values: dict[int, Any] = {}
+        wanted = unique
+        patience: float | None = None
+        while True:
+            ended = self._wait_ids(wanted, timeout, "ALL")
+            if len(ended) < len(wanted):
+                pending = len(wanted) - len(ended)
+                raise TimeoutError(f"{pending} of {len(unique)} tasks still pending")
+            for task_id in wanted:
+                failure = self._failure(task_id)
+                if failure is not None:
+                    raise failure
+            missing: dict[int, str] = {}
+            for task_id, fetched in zip(wanted, self._core.fetch(wanted), strict=True):
+                if isinstance(fetched, str):
+                    missing[task_id] = fetched
+                else:
+                    values[task_id] = loads_frames(*fetched)
+            if not missing:
+                return {task_id: values[task_id] for task_id in unique}
+            patience = patience or time.monotonic() + LOST_RESULT_PATIENCE
+            if time.monotonic() > patience:
+                task_id, why = next(iter(missing.items()))
+                raise FutureLost(f"the result of task {task_id} cannot be fetched: {why}")
+            wanted = list(missing)
+            # Until the scheduler has seen the worker go, the result still points at it.
+            time.sleep(LOST_RESULT_RETRY_S)
 
     # ---------------------------------------------------------------------- plain futures
 

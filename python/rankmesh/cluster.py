@@ -51,7 +51,11 @@ def _die_with_parent() -> None:
 class LocalCluster:
     """Starts `rankmesh local`: one scheduler and `n_workers` worker processes, each with
     `threads_per_worker` executor processes. Close it (or leave its `with` block) to stop
-    all of them."""
+    all of them.
+
+    A worker process that dies is replaced (as `distributed`'s nannies do); its tasks run
+    again elsewhere, and one that was on `allowed_failures` dying workers fails with
+    `KilledWorker`."""
 
     def __init__(
         self,
@@ -59,6 +63,7 @@ class LocalCluster:
         threads_per_worker: int = 1,
         memory_limit: int | str | None = None,
         timeout: float = 60,
+        allowed_failures: int = 3,
     ) -> None:
         if n_workers < 1 or threads_per_worker < 1:
             raise ValueError("n_workers and threads_per_worker must be at least 1")
@@ -80,6 +85,8 @@ class LocalCluster:
             _parse_memory(memory_limit),
             "--scheduler-file",
             self.scheduler_file,
+            "--allowed-failures",
+            str(allowed_failures),
             "--python",
             sys.executable,
         ]

@@ -11,6 +11,7 @@ __all__ = [
     "ConnectionLost",
     "FutureLost",
     "HandshakeRefused",
+    "KilledWorker",
     "RankmeshError",
     "TaskError",
     "WalltimeDrain",
@@ -32,8 +33,25 @@ class TaskError(RuntimeError):
         self.traceback_text = traceback_text
 
 
+class KilledWorker(TaskError):
+    """A task was on `allowed_failures` workers (3 by default) when each of them died, so
+    it likely kills them: it fails rather than take down another. The message names the
+    workers.
+
+    Like `distributed.KilledWorker`, but `distributed` fails the task on the death after
+    `allowed_failures`; rankmesh on the `allowed_failures`th, so 3 means 3 tries."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("KilledWorker", message, "")
+
+
 class FutureLost(RuntimeError):
-    """The result of a task is gone (its worker died) and cannot be recomputed."""
+    """A finished task's result cannot be fetched: the worker holding it does not answer
+    and the scheduler has not seen it go.
+
+    A result lost with its worker is otherwise recomputed from its lineage, scattered data
+    included (the scheduler keeps its bytes), so unlike `distributed` rankmesh does not
+    raise this for lost scattered data."""
 
 
 class WalltimeDrain(KeyboardInterrupt):

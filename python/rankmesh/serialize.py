@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Sequence
 
 from ._layout import object_offsets
-from .errors import TaskError
+from .errors import KilledWorker, TaskError
 
 # Anything with the buffer protocol (bytes, bytearray, memoryview, mmap).
 Buffer = bytes | bytearray | memoryview
@@ -162,4 +162,6 @@ def loads_error(error: tuple[str, str, str, bytes]) -> BaseException:
 
                 exc = exc.with_traceback(tblib.Traceback.from_dict(tb_dict).as_traceback())
             return exc
+    if type_name == "KilledWorker":  # raised by the scheduler, not by task code
+        return KilledWorker(message)
     return TaskError(type_name, message, text)

@@ -12,7 +12,7 @@ use rankmesh::protocol::{
 };
 use rankmesh::store::HeapAllocator;
 use rankmesh::transport::tcp::{self, TcpTransport};
-use rankmesh::transport::Transport;
+use rankmesh::transport::{Transport, TransportError};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -78,6 +78,10 @@ impl Shared {
             }
             ToClient::WorkerRemoved(id) => {
                 state.workers.remove(&id);
+                // Its results are recomputed, or announced again where a copy is left.
+                state
+                    .tasks
+                    .retain(|_, status| !matches!(status, Status::Finished(w) if *w == id));
             }
             ToClient::SubmitRejected { reason } => state.rejected.push(reason),
         }
@@ -359,7 +363,9 @@ impl ClientCore {
         Ok(Some(error_to_py(py, &error)?.into_any()))
     }
 
-    /// Results straight from the workers holding them, in the order asked.
+    /// Results straight from the workers holding them, in the order asked; in place of a
+    /// result whose worker is gone, unreachable or no longer holds it, a string that says
+    /// why (the scheduler recomputes it or announces another copy: wait, fetch again).
     fn fetch<'py>(&self, py: Python<'py>, ids: Vec<u64>) -> PyResult<Bound<'py, PyList>> {
         let mut by_worker: HashMap<WorkerId, (WorkerInfo, Vec<TaskId>)> = HashMap::new();
         {
@@ -370,37 +376,53 @@ impl ClientCore {
                         "task {id} has no result to fetch"
                     )));
                 };
-                let Some(info) = state.workers.get(worker) else {
-                    return Err(RankmeshError::new_err(format!(
-                        "the worker holding task {id} is gone"
-                    )));
-                };
-                by_worker
-                    .entry(*worker)
-                    .or_insert_with(|| (info.clone(), Vec::new()))
-                    .1
-                    .push(TaskId(id));
+                if let Some(info) = state.workers.get(worker) {
+                    by_worker
+                        .entry(*worker)
+                        .or_insert_with(|| (info.clone(), Vec::new()))
+                        .1
+                        .push(TaskId(id));
+                }
             }
         }
         let transport = self.transport.clone();
         let fetched = py.detach(|| {
             self.runtime.block_on(async {
-                let fetches = by_worker
-                    .values()
-                    .map(|(info, ids)| transport.fetch(info, ids.clone(), Arc::new(HeapAllocator)));
-                futures::future::try_join_all(fetches).await
+                let fetches = by_worker.values().map(|(info, ids)| {
+                    let transport = &transport;
+                    async move {
+                        let fetched = transport
+                            .fetch(info, ids.clone(), Arc::new(HeapAllocator))
+                            .await;
+                        (info, fetched)
+                    }
+                });
+                futures::future::join_all(fetches).await
             })
         });
         let mut objects: HashMap<TaskId, _> = HashMap::with_capacity(ids.len());
-        for (id, object) in fetched.map_err(transport_error)?.into_iter().flatten() {
-            objects.insert(id, object);
+        let mut unreachable: HashMap<TaskId, String> = HashMap::new();
+        for (info, fetched) in fetched {
+            match fetched {
+                Ok(fetched) => objects.extend(fetched),
+                // A worker that does not know the token is not a lost worker.
+                Err(e @ TransportError::Handshake { .. }) => return Err(transport_error(e)),
+                Err(e) => {
+                    let why = format!("cannot fetch it from {info}: {e}");
+                    if let Some((_, ids)) = by_worker.get(&info.id) {
+                        unreachable.extend(ids.iter().map(|id| (*id, why.clone())));
+                    }
+                }
+            }
         }
         let out = PyList::empty(py);
         for id in ids {
             let Some(Some(object)) = objects.remove(&TaskId(id)) else {
-                return Err(RankmeshError::new_err(format!(
-                    "the worker no longer holds task {id}"
-                )));
+                let why = unreachable.remove(&TaskId(id)).unwrap_or_else(|| {
+                    "the worker holding it is gone or no longer holds it".to_string()
+                });
+                out.append(why)?;
+                continue;
             };
             let (offsets, _) = frame_offsets(&object.layout)
                 .ok_or_else(|| RankmeshError::new_err(format!("task {id} has a bad layout")))?;

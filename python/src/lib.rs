@@ -16,6 +16,8 @@ pyo3::create_exception!(_rankmesh, ConnectionLost, RankmeshError);
 fn _rankmesh(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // What a peer's hello must carry (tests speak the handshake by hand).
+    m.add("PROTOCOL_VERSION", rankmesh::protocol::PROTOCOL_VERSION)?;
     m.add("RankmeshError", py.get_type::<RankmeshError>())?;
     m.add("HandshakeRefused", py.get_type::<HandshakeRefused>())?;
     m.add("ConnectionLost", py.get_type::<ConnectionLost>())?;

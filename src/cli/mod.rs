@@ -12,6 +12,7 @@ use rankmesh::cluster::standalone::{self, StandaloneOptions};
 use rankmesh::cluster::SchedulerFile;
 use rankmesh::launch::{self, RunOptions, TransportKind};
 use rankmesh::protocol::Token;
+use rankmesh::scheduler::SchedulerConfig;
 use rankmesh::topology::WorkerPer;
 use rankmesh::worker::{self, WorkerConfig};
 use std::path::PathBuf;
@@ -40,6 +41,8 @@ enum Command {
         /// Where to write the scheduler file (default: a file in the temp folder).
         #[arg(long)]
         scheduler_file: Option<PathBuf>,
+        #[command(flatten)]
+        scheduler: SchedulerSettings,
         /// The script to run, then its arguments.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         script: Vec<String>,
@@ -74,6 +77,8 @@ enum Command {
         /// job is cancelled or reaches its walltime.
         #[arg(long, requires = "scheduler_file")]
         serve: bool,
+        #[command(flatten)]
+        scheduler: SchedulerSettings,
         /// The script to run, then its arguments.
         #[arg(
             required_unless_present = "serve",
@@ -91,6 +96,8 @@ enum Command {
         port: u16,
         #[arg(long)]
         scheduler_file: PathBuf,
+        #[command(flatten)]
+        scheduler: SchedulerSettings,
     },
     /// Run a worker that joins a scheduler. The token comes from RANKMESH_TOKEN or the
     /// scheduler file, never from the command line.
@@ -144,6 +151,24 @@ struct WorkerResources {
     memory_limit: u64,
 }
 
+/// How the scheduler treats trouble.
+#[derive(clap::Args, Debug)]
+struct SchedulerSettings {
+    /// Workers that may die while a task is assigned to them before it fails with
+    /// KilledWorker (workers stopped on purpose do not count).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    allowed_failures: u32,
+}
+
+impl SchedulerSettings {
+    fn config(&self) -> SchedulerConfig {
+        SchedulerConfig {
+            allowed_failures: self.allowed_failures,
+            ..SchedulerConfig::default()
+        }
+    }
+}
+
 #[derive(clap::Args, Debug)]
 struct PythonArg {
     /// Python interpreter for executors and scripts.
@@ -187,8 +212,10 @@ pub fn main() -> ExitCode {
             worker_per,
             no_bind,
             no_mpi_tuning,
+            scheduler,
             script,
         } => launch::run(RunOptions {
+            scheduler: scheduler.config(),
             tune_mpi: !no_mpi_tuning,
             worker_per: (!no_bind).then_some(worker_per),
             transport: match transport {
@@ -247,9 +274,11 @@ async fn run(command: Command) -> Result<i32> {
             host,
             python,
             scheduler_file,
+            scheduler,
             script,
         } => {
             let options = LocalOptions {
+                scheduler: scheduler.config(),
                 n_workers,
                 threads_per_worker: resources.threads_per_worker.unwrap_or(1),
                 memory_limit: resources.memory_limit,
@@ -264,8 +293,10 @@ async fn run(command: Command) -> Result<i32> {
             host,
             port,
             scheduler_file,
+            scheduler,
         } => {
             let options = StandaloneOptions {
+                scheduler: scheduler.config(),
                 host,
                 port,
                 scheduler_file,

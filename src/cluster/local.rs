@@ -1,19 +1,22 @@
 //! `rankmesh local`: a scheduler in this process and worker processes beside it, all on
 //! this machine; optionally runs a script against it and exits with the script's code.
 
-use super::script_host::{PendingScript, ScriptHost};
+use super::script_host::{PendingScript, ScriptHost, WorkerProcesses};
 use super::ClusterError;
 use super::SchedulerFilePlace;
 use crate::process::die_with_parent;
 use crate::protocol::{Token, TOKEN_ENV};
+use crate::scheduler::SchedulerConfig;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 
 /// How long workers get to leave after the scheduler told them to, before they are killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// The least time between two starts of one worker process.
+const MIN_RESTART_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 pub struct LocalOptions {
@@ -25,6 +28,7 @@ pub struct LocalOptions {
     pub scheduler_file: Option<PathBuf>,
     /// A script and its arguments to run against the cluster.
     pub script: Vec<String>,
+    pub scheduler: SchedulerConfig,
 }
 
 /// Runs the cluster; returns the script's exit code (0 without a script).
@@ -40,23 +44,30 @@ pub async fn run(options: LocalOptions) -> Result<i32, ClusterError> {
     let scheduler_file = SchedulerFilePlace::chosen_or_default(options.scheduler_file.clone())?;
     // The script's imports overlap the workers' start.
     let script = PendingScript::start(&options.python, &options.script, scheduler_file.path())?;
-    let mut workers = Vec::new();
+    let mut workers = LocalWorkers {
+        options: &options,
+        address: &address,
+        token: &token,
+        children: Vec::new(),
+        started: Vec::new(),
+    };
     for index in 0..options.n_workers {
-        let worker = spawn_worker(&options, &address, &token)
+        workers
+            .start(index as usize)
             .map_err(|source| ClusterError::SpawnWorker { index, source })?;
-        workers.push(worker);
     }
     let host = ScriptHost {
-        address,
+        address: address.clone(),
         expected_workers: options.n_workers,
         script,
         scheduler_file,
-        // A local worker that dies has its work redone by the others.
+        // A local worker that dies has its work redone by the others, and is replaced.
         end_on_worker_loss: false,
         drain_at: None,
+        scheduler: options.scheduler.clone(),
     };
-    let outcome = host.run(listener, token, first_exit(&mut workers)).await;
-    for worker in &mut workers {
+    let outcome = host.run(listener, token.clone(), &mut workers).await;
+    for worker in &mut workers.children {
         if tokio::time::timeout(STOP_GRACE, worker.wait())
             .await
             .is_err()
@@ -67,6 +78,50 @@ pub async fn run(options: LocalOptions) -> Result<i32, ClusterError> {
     // A worker that had to be killed left its shared-memory folder behind.
     crate::store::sweep_dead(crate::store::WORKER_SHM_PREFIX);
     outcome
+}
+
+/// The worker processes of a local cluster.
+struct LocalWorkers<'a> {
+    options: &'a LocalOptions,
+    address: &'a str,
+    token: &'a Token,
+    children: Vec<Child>,
+    /// When each was last started.
+    started: Vec<Instant>,
+}
+
+impl LocalWorkers<'_> {
+    fn start(&mut self, index: usize) -> std::io::Result<()> {
+        let child = spawn_worker(self.options, self.address, self.token)?;
+        if index < self.children.len() {
+            self.children[index] = child;
+            self.started[index] = Instant::now();
+        } else {
+            self.children.push(child);
+            self.started.push(Instant::now());
+        }
+        Ok(())
+    }
+}
+
+impl WorkerProcesses for LocalWorkers<'_> {
+    async fn exited(&mut self) -> (usize, String) {
+        let waits = self.children.iter_mut().map(|w| Box::pin(w.wait()));
+        let (status, index, _) = futures::future::select_all(waits).await;
+        let status = status
+            .map(|s| s.to_string())
+            .unwrap_or_else(|e| e.to_string());
+        (index, status)
+    }
+
+    async fn replace(&mut self, index: usize) -> std::io::Result<()> {
+        // What it left in /dev/shm goes before the next one fills it.
+        crate::store::sweep_dead(crate::store::WORKER_SHM_PREFIX);
+        // A worker that dies at once must not make this a busy loop.
+        let earliest = self.started[index] + MIN_RESTART_INTERVAL;
+        tokio::time::sleep_until(earliest.into()).await;
+        self.start(index)
+    }
 }
 
 fn spawn_worker(options: &LocalOptions, address: &str, token: &Token) -> std::io::Result<Child> {
@@ -82,16 +137,4 @@ fn spawn_worker(options: &LocalOptions, address: &str, token: &Token) -> std::io
         .kill_on_drop(true);
     die_with_parent(&mut command);
     command.spawn()
-}
-
-/// Resolves when any worker process exits: (its index, how it ended).
-async fn first_exit(workers: &mut [Child]) -> (usize, String) {
-    let waits = workers.iter_mut().map(|w| Box::pin(w.wait()));
-    let (status, index, _) = futures::future::select_all(waits).await;
-    (
-        index,
-        status
-            .map(|s| s.to_string())
-            .unwrap_or_else(|e| e.to_string()),
-    )
 }

@@ -9,7 +9,7 @@ pub mod standalone;
 pub use scheduler_file::{
     SchedulerFile, SchedulerFileError, SchedulerFilePlace, SCHEDULER_FILE_ENV,
 };
-pub use script_host::{PendingScript, ScriptHost};
+pub use script_host::{NoWorkerProcesses, PendingScript, ScriptHost, WorkerProcesses};
 
 use crate::protocol::Token;
 use std::path::{Path, PathBuf};

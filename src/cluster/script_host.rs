@@ -4,7 +4,7 @@
 
 use super::{publish_scheduler_file, ClusterError, SchedulerFilePlace, SCHEDULER_FILE_ENV};
 use crate::protocol::{Token, WorkerInfo, TOKEN_ENV};
-use crate::scheduler::server;
+use crate::scheduler::{server, SchedulerConfig};
 use std::cell::Cell;
 use std::future::Future;
 use std::io::Write;
@@ -38,28 +38,29 @@ pub struct ScriptHost {
     pub end_on_worker_loss: bool,
     /// When to drain the job if no SIGUSR1 (the batch system's walltime warning) came first.
     pub drain_at: Option<SystemTime>,
+    pub scheduler: SchedulerConfig,
 }
 
 impl ScriptHost {
-    /// Serves on `listener` until the script ends; returns its exit code. `worker_lost`
-    /// resolves if a worker dies before registering: (which one, how it ended).
+    /// Serves on `listener` until the script ends; returns its exit code. A worker process
+    /// of `workers` that exits before the cluster is ready fails the start; one that exits
+    /// later is replaced.
     pub async fn run(
         mut self,
         listener: TcpListener,
         token: Token,
-        worker_lost: impl Future<Output = (usize, String)>,
+        workers: &mut impl WorkerProcesses,
     ) -> Result<i32, ClusterError> {
         let shutdown = CancellationToken::new();
         let (workers_tx, registered) = watch::channel(Vec::new());
         let scheduler = tokio::spawn(server::serve(
             listener,
             token.clone(),
+            self.scheduler.clone(),
             workers_tx,
             shutdown.clone(),
         ));
-        let outcome = self
-            .until_script_ends(&token, registered, worker_lost)
-            .await;
+        let outcome = self.until_script_ends(&token, registered, workers).await;
         shutdown.cancel();
         if tokio::time::timeout(STOP_GRACE, scheduler).await.is_err() {
             tracing::warn!("the scheduler did not stop within {STOP_GRACE:?}");
@@ -71,7 +72,7 @@ impl ScriptHost {
         &mut self,
         token: &Token,
         mut registered: watch::Receiver<Vec<WorkerInfo>>,
-        worker_lost: impl Future<Output = (usize, String)>,
+        workers: &mut impl WorkerProcesses,
     ) -> Result<i32, ClusterError> {
         let mut interrupt = signal(SignalKind::interrupt()).map_err(ClusterError::Signals)?;
         let mut terminate = signal(SignalKind::terminate()).map_err(ClusterError::Signals)?;
@@ -86,7 +87,7 @@ impl ScriptHost {
                     return Err(ClusterError::WorkersTimeout { registered, expected: self.expected_workers });
                 }
             }
-            (index, status) = worker_lost => return Err(ClusterError::WorkerExited { index, status }),
+            (index, status) = workers.exited() => return Err(ClusterError::WorkerExited { index, status }),
             _ = interrupt.recv() => return Err(ClusterError::Interrupted),
             _ = terminate.recv() => return Err(ClusterError::Interrupted),
         }
@@ -119,6 +120,7 @@ impl ScriptHost {
         let code = tokio::select! {
             code = serve_or_run => code,
             lost = self.worker_loss(registered, ready, &stopping) => Err(lost),
+            never = replace_exited(workers) => match never {},
         };
         let _ = std::fs::remove_file(&path);
         code
@@ -280,6 +282,40 @@ impl PendingScript {
         }
         let child = command.spawn().map_err(|e| name.error(e))?;
         Ok(Some(PendingScript { child, go, name }))
+    }
+}
+
+/// Worker processes the host started itself (`rankmesh local`'s), which it replaces when
+/// they exit while the cluster runs.
+pub trait WorkerProcesses {
+    /// Resolves when one of them exits: (which one, how it ended).
+    fn exited(&mut self) -> impl Future<Output = (usize, String)>;
+    /// Starts a replacement for worker process `index`, which exited.
+    fn replace(&mut self, index: usize) -> impl Future<Output = std::io::Result<()>>;
+}
+
+/// An MPI job's workers are ranks, not children of the host: none to replace.
+pub struct NoWorkerProcesses;
+
+impl WorkerProcesses for NoWorkerProcesses {
+    async fn exited(&mut self) -> (usize, String) {
+        std::future::pending().await
+    }
+
+    async fn replace(&mut self, _index: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Replaces each worker process that exits, for as long as the cluster runs (the
+/// scheduler has redone or is redoing its work elsewhere).
+async fn replace_exited(workers: &mut impl WorkerProcesses) -> std::convert::Infallible {
+    loop {
+        let (index, status) = workers.exited().await;
+        eprintln!("rankmesh: worker process {index} exited ({status}); starting a replacement");
+        if let Err(e) = workers.replace(index).await {
+            tracing::error!("cannot start a replacement for worker process {index}: {e}");
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 
 use super::{cancel_on_signal, publish_scheduler_file, ClusterError};
 use crate::protocol::Token;
-use crate::scheduler::server;
+use crate::scheduler::{server, SchedulerConfig};
 use std::path::PathBuf;
 use tokio::net::TcpListener;
 
@@ -14,6 +14,7 @@ pub struct StandaloneOptions {
     /// 0: any free port.
     pub port: u16,
     pub scheduler_file: PathBuf,
+    pub scheduler: SchedulerConfig,
 }
 
 /// Serves until SIGINT or SIGTERM, then removes the scheduler file.
@@ -41,7 +42,7 @@ pub async fn serve(options: StandaloneOptions) -> Result<(), ClusterError> {
     );
     let shutdown = cancel_on_signal().map_err(ClusterError::Signals)?;
     let (workers, _) = tokio::sync::watch::channel(Vec::new());
-    server::serve(listener, token, workers, shutdown).await;
+    server::serve(listener, token, options.scheduler, workers, shutdown).await;
     let _ = std::fs::remove_file(&path);
     Ok(())
 }

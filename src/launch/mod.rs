@@ -27,6 +27,7 @@ pub struct RunOptions {
     pub worker_per: Option<WorkerPer>,
     /// Fill in the Open MPI settings that nobody else chose (`open_mpi.rs`).
     pub tune_mpi: bool,
+    pub scheduler: crate::scheduler::SchedulerConfig,
 }
 
 /// How worker ranks move results between each other (clients always use TCP).

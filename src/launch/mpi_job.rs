@@ -4,7 +4,9 @@
 
 use super::open_mpi;
 use super::{LaunchError, RunOptions, TransportKind};
-use crate::cluster::{ClusterError, PendingScript, SchedulerFilePlace, ScriptHost};
+use crate::cluster::{
+    ClusterError, NoWorkerProcesses, PendingScript, SchedulerFilePlace, ScriptHost,
+};
 use crate::protocol::WorkerTopology;
 use crate::protocol::{decode, encode, Token};
 use crate::store::{ShmDir, Store, WORKER_SHM_PREFIX};
@@ -129,8 +131,9 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
             scheduler_file,
             end_on_worker_loss: true,
             drain_at: super::drain_deadline(),
+            scheduler: options.scheduler.clone(),
         };
-        match runtime.block_on(script_host.run(listener, token, std::future::pending())) {
+        match runtime.block_on(script_host.run(listener, token, &mut NoWorkerProcesses)) {
             Ok(code) => code,
             Err(lost @ ClusterError::WorkerLost { .. }) => {
                 // Ranks cannot finalize MPI beside a dead one, and some launchers (srun

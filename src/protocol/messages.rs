@@ -8,7 +8,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// What a connecting peer is; the acceptor checks it is one it serves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,6 +139,21 @@ pub struct WorkerInfo {
     pub doorbell: Option<String>,
 }
 
+impl std::fmt::Display for WorkerInfo {
+    /// How errors and logs name a worker: `worker 3 (10.0.0.7:41234, pid 4711 on node7)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "worker {} (", self.id)?;
+        if let Some(rank) = self.rank {
+            write!(f, "rank {rank}, ")?;
+        }
+        write!(
+            f,
+            "{}, pid {} on {})",
+            self.data_address, self.pid, self.host
+        )
+    }
+}
+
 /// Where a worker runs inside its node (`host`), as its placement put it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[cfg_attr(test, derive(PartialEq))]
@@ -249,6 +264,16 @@ pub enum FromWorker {
     },
     /// The worker now also holds copies of these (fetched as inputs).
     Replicated(Vec<TaskId>),
+    /// The worker could not get `input` of task `id` from `holders` (gone, unreachable,
+    /// or no longer holding it) and dropped the task: the scheduler places it again.
+    InputMissing {
+        id: TaskId,
+        input: TaskId,
+        holders: Vec<WorkerId>,
+    },
+    /// The worker is leaving on purpose (told to stop, or SIGTERM): the tasks it had are
+    /// placed again without counting against them.
+    Leaving,
 }
 
 // ---------------------------------------------------------------- peer data server

@@ -8,7 +8,7 @@ mod placement;
 pub mod server;
 mod state;
 
-pub use state::{Scheduler, SchedulerConfig};
+pub use state::{Departure, Scheduler, SchedulerConfig};
 
 use crate::protocol::{ClientId, ToClient, ToWorker, WorkerId};
 

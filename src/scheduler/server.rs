@@ -1,7 +1,7 @@
 //! The scheduler's I/O edge: accepts connections, checks their token, and feeds their
 //! messages to the state machine, which runs on one task that owns it.
 
-use super::{Comm, Scheduler, SchedulerConfig};
+use super::{Comm, Departure, Scheduler, SchedulerConfig};
 use crate::heap::{FreedBytes, TRIM_WHEN_IDLE_AFTER};
 use crate::protocol::{
     self, ClientId, FrameReader, FrameWriter, FromClient, FromWorker, Role, ToClient, ToWorker,
@@ -40,11 +40,12 @@ enum Event {
 pub async fn serve(
     listener: TcpListener,
     token: Token,
+    config: SchedulerConfig,
     workers: watch::Sender<Vec<WorkerInfo>>,
     shutdown: CancellationToken,
 ) {
     let (events_tx, events) = mpsc::unbounded_channel();
-    let core = tokio::spawn(run_core(events, workers, shutdown.clone()));
+    let core = tokio::spawn(run_core(config, events, workers, shutdown.clone()));
     let events = events_tx.clone();
     let connections = Admission::new(token, &[Role::Client, Role::Worker])
         .serve(listener, &shutdown, move |connection| {
@@ -65,11 +66,12 @@ pub async fn serve(
 
 /// Owns the state machine: applies events in batches, then schedules and sends once.
 async fn run_core(
+    config: SchedulerConfig,
     mut events: mpsc::UnboundedReceiver<Event>,
     workers: watch::Sender<Vec<WorkerInfo>>,
     shutdown: CancellationToken,
 ) {
-    let mut scheduler = Scheduler::new(SchedulerConfig::default());
+    let mut scheduler = Scheduler::new(config);
     let mut comm = OutboxComm::default();
     let mut freed = FreedBytes::default();
     loop {
@@ -133,7 +135,7 @@ fn apply(scheduler: &mut Scheduler, comm: &mut OutboxComm, event: Event) {
         }
         Event::FromWorker(id, msg) => scheduler.handle_worker(id, msg, comm),
         Event::WorkerGone(id) => {
-            scheduler.remove_worker(id, comm);
+            scheduler.remove_worker(id, Departure::Lost, comm);
             comm.workers.remove(&id);
         }
     }

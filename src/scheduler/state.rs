@@ -1,9 +1,11 @@
 //! The scheduler's state — tasks, workers, clients — and how each event changes it.
 //!
-//! A task lives from its submit until nothing needs it: no client wants it (holds a
-//! future on it) and no pending dependent still needs its result. Then it is forgotten and
-//! the workers holding its result are told to drop it. Clients number their own tasks
-//! (`TaskId::owner`) from a counter, so an id is never reused once forgotten.
+//! A task's result lives until nothing needs it: no client wants it (holds a future on it)
+//! and no pending dependent still needs it. Then the workers holding it are told to drop
+//! it, and the task is forgotten, or, while a dependent lives, kept as `Released`: its
+//! lineage, from which a dependent whose result is lost with a worker is recomputed.
+//! Clients number their own tasks (`TaskId::owner`) from a counter, so an id is never
+//! reused once forgotten.
 
 use super::placement::{CandidateCost, LoadIndex, NodeId, RootQueue};
 use super::Comm;
@@ -42,6 +44,18 @@ pub struct SchedulerConfig {
     pub target_queued_work_s: f64,
     /// Task duration assumed before any task has finished.
     pub initial_task_duration_s: f64,
+    /// How many workers may die while a task is assigned to them before it fails with
+    /// `KilledWorker` (a task that brings its worker down must not take the cluster).
+    pub allowed_failures: u32,
+}
+
+/// Why a worker went away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Departure {
+    /// It died or its connection broke: the tasks it had count it against them.
+    Lost,
+    /// It said it was leaving (told to stop, SIGTERM): nothing is held against anyone.
+    Planned,
 }
 
 impl Default for SchedulerConfig {
@@ -51,6 +65,7 @@ impl Default for SchedulerConfig {
             node_bandwidth_bytes_per_s: 1e10,
             target_queued_work_s: 1e-3,
             initial_task_duration_s: 1e-4,
+            allowed_failures: 3,
         }
     }
 }
@@ -75,6 +90,8 @@ pub struct Scheduler {
     candidates: Vec<CandidateCost>,
     /// Bytes of payloads and function code dropped since the server last asked.
     freed_bytes: u64,
+    /// Tasks computed again because a result was lost with its worker.
+    recomputed_tasks: u64,
 }
 
 impl Scheduler {
@@ -95,6 +112,7 @@ impl Scheduler {
             outbox: Outbox::default(),
             candidates: Vec::new(),
             freed_bytes: 0,
+            recomputed_tasks: 0,
         }
     }
 
@@ -112,6 +130,11 @@ impl Scheduler {
 
     pub fn workers(&self) -> impl Iterator<Item = &WorkerInfo> {
         self.workers.values().map(|w| &w.info)
+    }
+
+    /// Tasks computed again, since the start, because a result was lost with its worker.
+    pub fn recomputed_tasks(&self) -> u64 {
+        self.recomputed_tasks
     }
 
     /// Bytes of payloads and function code dropped since the last call, for the server
@@ -162,6 +185,10 @@ impl Scheduler {
             FromWorker::Done(done) => self.tasks_done(worker, done),
             FromWorker::Failed { id, error } => self.task_failed(worker, id, error),
             FromWorker::Replicated(ids) => self.replicated(worker, &ids),
+            FromWorker::InputMissing { id, input, holders } => {
+                self.input_missing(worker, id, input, &holders)
+            }
+            FromWorker::Leaving => self.remove_worker(worker, Departure::Planned, comm),
         }
         self.outbox.flush(comm);
     }

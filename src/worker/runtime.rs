@@ -231,7 +231,11 @@ async fn serve(
     let mut freed = FreedBytes::default();
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => {
+                // Stopped on purpose (SIGTERM, SIGINT): its tasks are not to be blamed.
+                comm.send(FromWorker::Leaving);
+                return;
+            }
             msg = scheduler.recv::<ToWorker>() => match msg {
                 Ok(Some(ToWorker::Shutdown)) => return,
                 Ok(Some(msg)) => state.handle_scheduler(msg, comm),

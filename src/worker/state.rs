@@ -194,17 +194,14 @@ impl WorkerState {
                 for (id, object) in objects {
                     match object {
                         Some(object) => self.input_fetched(id, object),
-                        None => {
-                            let why = format!("worker {peer} no longer holds it");
-                            self.input_lost(id, &why, comm);
-                        }
+                        None => self.input_missing(id, peer, "it no longer holds it", comm),
                     }
                 }
             }
             Err(e) => {
                 let why = e.to_string();
                 for id in ids {
-                    self.input_lost(id, &why, comm);
+                    self.input_missing(id, peer, &why, comm);
                 }
             }
         }
@@ -252,8 +249,12 @@ impl WorkerState {
                 continue;
             }
             let Some(holder) = input.workers.iter().find(|w| self.peers.contains_key(w)) else {
-                let message = format!("input {} of task {id} is on no reachable worker", input.id);
-                self.fail(id, ErrorInfo::runtime("FetchError", message), comm);
+                tracing::info!(task = %id, input = %input.id, "an input is on no known worker");
+                comm.send(FromWorker::InputMissing {
+                    id,
+                    input: input.id,
+                    holders: input.workers.clone(),
+                });
                 return;
             };
             self.fetching.insert(input.id, vec![id]);
@@ -336,12 +337,23 @@ impl WorkerState {
         }
     }
 
-    /// The tasks waiting for `input` fail (the scheduler decides what happens next).
-    fn input_lost(&mut self, input: TaskId, why: &str, comm: &mut impl WorkerComm) {
+    /// `input` could not be had from `peer`: the tasks waiting for it are dropped and the
+    /// scheduler told, which places them again (and recomputes `input` if no copy is left).
+    fn input_missing(
+        &mut self,
+        input: TaskId,
+        peer: WorkerId,
+        why: &str,
+        comm: &mut impl WorkerComm,
+    ) {
+        tracing::info!(%input, %peer, "could not fetch an input: {why}");
         for waiter in self.fetching.remove(&input).unwrap_or_default() {
-            if self.tasks.contains_key(&waiter) {
-                let message = format!("could not fetch input {input} of task {waiter}: {why}");
-                self.fail(waiter, ErrorInfo::runtime("FetchError", message), comm);
+            if self.tasks.remove(&waiter).is_some() {
+                comm.send(FromWorker::InputMissing {
+                    id: waiter,
+                    input,
+                    holders: vec![peer],
+                });
             }
         }
     }

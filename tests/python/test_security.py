@@ -30,12 +30,11 @@ import psutil
 import pytest
 import rankmesh
 from conftest import cluster_processes
-from rankmesh._rankmesh import read_scheduler_file
+from rankmesh._rankmesh import PROTOCOL_VERSION, read_scheduler_file
 from rankmesh.cluster import find_binary
 
 ATTACKER = "rankmesh-attacker"
 SYSTEM_PYTHON = "/usr/bin/python3"
-PROTOCOL_VERSION = 6
 # Where rankmesh makes its folders when neither $XDG_RUNTIME_DIR nor $TMPDIR is set.
 BASES = [Path("/tmp"), Path("/dev/shm")]
 

@@ -11,11 +11,20 @@ impl Scheduler {
         let available = |id: &TaskId| self.tasks.get(id).is_some_and(|t| t.state.is_available());
         let mut processing: BTreeMap<WorkerId, u32> = BTreeMap::new();
         let mut pending_dependents: IdMap<TaskId, u32> = IdMap::default();
+        let mut live_dependents: IdMap<TaskId, u32> = IdMap::default();
         for (&id, task) in &self.tasks {
             assert!(
                 self.clients.contains_key(&id.owner()),
                 "task {id} outlived its client"
             );
+            assert!(task.is_kept(), "task {id} kept though nothing needs it");
+            for dep in &task.deps {
+                assert!(
+                    self.tasks.contains_key(dep),
+                    "task {id} lost its lineage: {dep} was forgotten"
+                );
+                *live_dependents.entry(*dep).or_default() += 1;
+            }
             match &task.state {
                 TaskState::Waiting { unfinished_deps } => {
                     let expected = task.deps.iter().filter(|d| !available(d)).count() as u32;
@@ -56,6 +65,9 @@ impl Scheduler {
                 TaskState::Erred { .. } => {
                     assert!(task.is_needed(), "erred task {id} kept though unneeded");
                 }
+                TaskState::Released => {
+                    assert!(!task.is_needed(), "released task {id} is needed");
+                }
             }
             if task.state.is_pending() {
                 for dep in &task.deps {
@@ -76,6 +88,11 @@ impl Scheduler {
             assert_eq!(
                 task.pending_dependents, expected,
                 "pending dependents of task {id}"
+            );
+            let expected = live_dependents.get(id).copied().unwrap_or(0);
+            assert_eq!(
+                task.live_dependents, expected,
+                "live dependents of task {id}"
             );
         }
         for (id, worker) in &self.workers {

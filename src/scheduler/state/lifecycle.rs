@@ -6,7 +6,6 @@ use super::Scheduler;
 use crate::heap::ShrinkWhenSparse;
 use crate::protocol::{
     ClientId, ErrorInfo, FuncId, IdMap, IdSet, TaskDone, TaskFinished, TaskId, ToClient, WorkerId,
-    WorkerInfo,
 };
 use std::collections::BTreeMap;
 use std::mem;
@@ -116,6 +115,47 @@ impl Scheduler {
         }
     }
 
+    /// `worker` could not get `input` of task `id` from `holders` and dropped the task:
+    /// those copies are taken as gone (a live holder is told to drop its copy), the input
+    /// is recomputed if no copy is left, and the task is placed again.
+    pub(super) fn input_missing(
+        &mut self,
+        worker: WorkerId,
+        id: TaskId,
+        input: TaskId,
+        holders: &[WorkerId],
+    ) {
+        match self.tasks.get_mut(&id) {
+            Some(task) if matches!(task.state, TaskState::Assigned { worker: w } if w == worker) => {
+                task.state = TaskState::Ready;
+            }
+            _ => {
+                tracing::debug!(worker = %worker, task = %id, "missing input of a task not assigned there ignored");
+                return;
+            }
+        }
+        self.change_processing(worker, false);
+        let mut lost = Vec::new();
+        if let Some(TaskState::Memory { holders: held, .. }) =
+            self.tasks.get_mut(&input).map(|t| &mut t.state)
+        {
+            for holder in holders {
+                if let Some(pos) = held.iter().position(|h| h == holder) {
+                    held.remove(pos);
+                    if self.workers.contains_key(holder) {
+                        self.outbox.release(*holder, input);
+                    }
+                }
+            }
+            if held.is_empty() {
+                lost.push(input);
+            }
+        }
+        tracing::debug!(worker = %worker, task = %id, %input, lost = !lost.is_empty(), "input missing");
+        self.recover_lost_results(lost);
+        self.enqueue_if_ready(id);
+    }
+
     // ------------------------------------------------------------------ bookkeeping
 
     /// One pending dependent of `dep` no longer needs it (it finished, erred or left).
@@ -156,9 +196,11 @@ impl Scheduler {
         }
     }
 
-    /// Forgets every task among `candidates` (and, in turn, its inputs) that nothing needs.
-    /// A candidate still needed is kept; its list of dependents is pruned of forgotten ones
-    /// once none pends, so a long-lived result does not collect them forever.
+    /// Drops the result of every task among `candidates` (and, in turn, of its inputs) that
+    /// nothing needs, and forgets it unless a dependent still lives (then it is kept,
+    /// `Released`, as that dependent's lineage). A candidate still needed is kept; its list
+    /// of dependents is pruned of forgotten ones once none pends, so a long-lived result
+    /// does not collect them forever.
     pub(super) fn release_unneeded(&mut self, mut candidates: Vec<TaskId>) {
         while let Some(id) = candidates.pop() {
             let Some(task) = self.tasks.get_mut(&id) else {
@@ -170,6 +212,17 @@ impl Scheduler {
                     dependents.retain(|d| self.tasks.contains_key(d));
                     if let Some(task) = self.tasks.get_mut(&id) {
                         task.dependents = dependents;
+                    }
+                }
+                continue;
+            }
+            if task.live_dependents > 0 {
+                if !matches!(task.state, TaskState::Released) {
+                    let previous = mem::replace(&mut task.state, TaskState::Released);
+                    let deps = mem::take(&mut task.deps);
+                    self.stop(id, previous, &deps, &mut candidates);
+                    if let Some(task) = self.tasks.get_mut(&id) {
+                        task.deps = deps;
                     }
                 }
                 continue;
@@ -217,12 +270,26 @@ impl Scheduler {
         }
     }
 
-    /// Undoes a task just removed from `tasks`: its worker stops it or its holders drop
-    /// the result, and, if it was pending, its inputs lose a dependent (those no longer
-    /// needed go to `unneeded`).
+    /// Undoes a task just removed from `tasks`: what its state had going stops, and its
+    /// inputs lose a dependent (those no longer kept go to `unneeded`).
     pub(super) fn forget(&mut self, id: TaskId, task: Task, unneeded: &mut Vec<TaskId>) {
-        let pending = task.state.is_pending();
-        match task.state {
+        self.stop(id, task.state, &task.deps, unneeded);
+        for dep in &task.deps {
+            if let Some(dep_task) = self.tasks.get_mut(dep) {
+                dep_task.live_dependents = dep_task.live_dependents.saturating_sub(1);
+                if !dep_task.is_kept() {
+                    unneeded.push(*dep);
+                }
+            }
+        }
+    }
+
+    /// A task leaves `state`: its worker stops it or its holders drop the result, and, if
+    /// it was pending, its inputs lose a pending dependent (those no longer needed go to
+    /// `unneeded`).
+    fn stop(&mut self, id: TaskId, state: TaskState, deps: &[TaskId], unneeded: &mut Vec<TaskId>) {
+        let pending = state.is_pending();
+        match state {
             TaskState::Assigned { worker } => {
                 self.outbox.cancel(worker, id);
                 self.change_processing(worker, false);
@@ -232,10 +299,13 @@ impl Scheduler {
                     self.outbox.release(worker, id);
                 }
             }
-            TaskState::Waiting { .. } | TaskState::Ready | TaskState::Erred { .. } => {}
+            TaskState::Waiting { .. }
+            | TaskState::Ready
+            | TaskState::Erred { .. }
+            | TaskState::Released => {}
         }
         if pending {
-            for &dep in &task.deps {
+            for &dep in deps {
                 self.dependent_finished_with(dep, unneeded);
             }
         }
@@ -295,43 +365,32 @@ impl Scheduler {
         self.release_unneeded(unneeded);
     }
 
-    /// Results whose last holder was `worker`: recomputed where still needed (their lost
-    /// inputs too, transitively), forgotten otherwise; erred where an input is gone.
-    pub(super) fn recover_lost_results(&mut self, lost: Vec<TaskId>, worker: &WorkerInfo) {
-        let lost_and_unavailable = |tasks: &IdMap<TaskId, Task>, id: &TaskId| {
-            tasks.get(id).is_some_and(
-                |t| matches!(&t.state, TaskState::Memory { holders, .. } if holders.is_empty()),
-            )
+    /// Results whose last holder left: recomputed (they are needed, being in memory) from
+    /// their lineage, inputs released since included, transitively; erred where an input
+    /// failed since (recomputed after an earlier loss).
+    pub(super) fn recover_lost_results(&mut self, lost: Vec<TaskId>) {
+        let must_recompute = |tasks: &IdMap<TaskId, Task>, id: &TaskId| {
+            tasks.get(id).is_some_and(|t| match &t.state {
+                TaskState::Memory { holders, .. } => holders.is_empty(),
+                TaskState::Released => true,
+                _ => false,
+            })
         };
-        // 1. Which lost results must be recomputed: the needed ones and, through them, their
-        //    lost inputs. They are marked `Waiting` so that they are visited once.
+        // 1. Which tasks to compute again: the lost results and, through them, their inputs
+        //    that are lost or released. They are marked `Waiting` so that each is visited
+        //    once; their inputs gain them as pending dependents.
         let mut recompute: IdSet<TaskId> = IdSet::default();
         // (task, origin, error): results that cannot be computed again.
         let mut unrecoverable: Vec<(TaskId, TaskId, Arc<ErrorInfo>)> = Vec::new();
-        let mut stack: Vec<TaskId> = lost
-            .iter()
-            .copied()
-            .filter(|id| self.tasks.get(id).is_some_and(Task::is_needed))
-            .collect();
+        let mut stack = lost;
         while let Some(id) = stack.pop() {
-            if !lost_and_unavailable(&self.tasks, &id) {
+            if !must_recompute(&self.tasks, &id) {
                 continue;
             }
-            let Some(task) = self.tasks.get_mut(&id) else {
+            let Some(task) = self.tasks.get(&id) else {
                 continue;
             };
             let deps = task.deps.clone();
-            if let Some(&gone) = deps.iter().find(|d| !self.tasks.contains_key(d)) {
-                let message = format!(
-                    "the result of task {id} was lost with worker {} ({} on host {}), and it \
-                     cannot be recomputed because its input {gone} was already released",
-                    worker.id, worker.data_address, worker.host
-                );
-                let error = Arc::new(ErrorInfo::runtime("WorkerLost", message));
-                unrecoverable.push((id, id, error));
-                continue;
-            }
-            // An input recomputed after an earlier loss may have failed since.
             if let Some((origin, error)) =
                 deps.iter().find_map(|d| match &self.tasks.get(d)?.state {
                     TaskState::Erred { origin, error } => Some((*origin, error.clone())),
@@ -352,15 +411,8 @@ impl Scheduler {
                 stack.push(dep);
             }
         }
-        // 2. Lost results nothing needs: nothing to release, the data is gone.
-        for id in &lost {
-            if lost_and_unavailable(&self.tasks, id)
-                && !self.tasks.get(id).is_some_and(Task::is_needed)
-            {
-                self.take_task(*id);
-            }
-        }
-        // 3. States of the recomputed tasks, then of their pending dependents elsewhere,
+        self.recomputed_tasks += recompute.len() as u64;
+        // 2. States of the recomputed tasks, then of their pending dependents elsewhere,
         //    which had counted on these results.
         for &id in &recompute {
             let Some(task) = self.tasks.get(&id) else {
@@ -390,9 +442,9 @@ impl Scheduler {
                 self.input_lost(*dependent_id);
             }
         }
-        // 4. Results that cannot be recomputed.
+        // 3. Results that cannot be recomputed.
         for (id, origin, error) in unrecoverable {
-            if lost_and_unavailable(&self.tasks, &id) {
+            if must_recompute(&self.tasks, &id) {
                 self.mark_erred(id, origin, error);
             } // else: reached twice, or erred already through an upstream loss
         }
@@ -411,7 +463,7 @@ impl Scheduler {
             TaskState::Ready | TaskState::Assigned { .. } => {
                 mem::replace(&mut task.state, TaskState::Waiting { unfinished_deps: 1 })
             }
-            TaskState::Memory { .. } | TaskState::Erred { .. } => return,
+            TaskState::Memory { .. } | TaskState::Erred { .. } | TaskState::Released => return,
         };
         if let TaskState::Assigned { worker } = previous {
             // It would wait forever on a fetch from the dead worker.

@@ -1,12 +1,14 @@
 //! Membership events: workers and clients joining and leaving.
 
 use super::records::{Client, TaskState, Worker};
-use super::Scheduler;
+use super::{Departure, Scheduler};
 use crate::protocol::{
-    ClientId, IdSet, TaskId, ToClient, ToWorker, WorkerId, WorkerInfo, WorkerRegistration,
+    ClientId, ErrorInfo, IdSet, TaskFinished, TaskId, ToClient, ToWorker, WorkerId, WorkerInfo,
+    WorkerRegistration,
 };
 use crate::scheduler::placement::NodeId;
 use crate::scheduler::Comm;
+use std::sync::Arc;
 
 impl Scheduler {
     // ------------------------------------------------------------------ membership
@@ -56,27 +58,50 @@ impl Scheduler {
         id
     }
 
-    /// Forgets a worker: its assigned tasks are queued again, results only it held are
-    /// recomputed where still needed, and everyone else is told.
-    pub fn remove_worker(&mut self, worker: WorkerId, comm: &mut impl Comm) {
+    /// Forgets a worker: its assigned tasks are queued again (those it was the `Lost` with
+    /// for the `allowed_failures`th time fail with `KilledWorker`), results only it held are
+    /// recomputed from their lineage, and everyone else is told.
+    pub fn remove_worker(&mut self, worker: WorkerId, departure: Departure, comm: &mut impl Comm) {
         let Some(removed) = self.workers.remove(&worker) else {
-            tracing::warn!(worker = %worker, "removing an unknown worker");
+            // It said it was leaving, and now its connection closed.
+            tracing::debug!(worker = %worker, "removing a worker already removed");
             return;
         };
         self.load_index.remove(&removed.load());
         let mut requeued = Vec::new();
+        let mut killed = Vec::new();
         let mut lost = Vec::new();
         for (&id, task) in &mut self.tasks {
             match &mut task.state {
                 TaskState::Assigned { worker: w } if *w == worker => {
                     task.state = TaskState::Ready;
                     requeued.push(id);
+                    if departure == Departure::Lost {
+                        task.killed_workers.push(removed.info.to_string());
+                        if task.killed_workers.len() >= self.config.allowed_failures as usize {
+                            killed.push(id);
+                        }
+                    }
                 }
-                TaskState::Memory { holders, .. } => {
+                TaskState::Memory { holders, size } => {
                     if let Some(pos) = holders.iter().position(|&h| h == worker) {
                         holders.remove(pos);
-                        if holders.is_empty() {
-                            lost.push(id);
+                        match holders.first() {
+                            None => lost.push(id),
+                            // The client may have been told the result is on `worker`.
+                            Some(&holder) if task.wanted => {
+                                let finished = TaskFinished {
+                                    id,
+                                    worker: holder,
+                                    size: *size,
+                                };
+                                self.outbox
+                                    .finished
+                                    .entry(id.owner())
+                                    .or_default()
+                                    .push(finished);
+                            }
+                            Some(_) => {}
                         }
                     }
                 }
@@ -84,11 +109,15 @@ impl Scheduler {
             }
         }
         tracing::info!(
-            worker = %worker, requeued = requeued.len(), lost = lost.len(), "worker removed"
+            worker = %worker, ?departure, requeued = requeued.len(), lost = lost.len(),
+            "worker removed"
         );
-        self.recover_lost_results(lost, &removed.info);
+        self.recover_lost_results(lost);
         for id in requeued {
             self.enqueue_if_ready(id);
+        }
+        for id in killed {
+            self.fail_killed_worker(id);
         }
         for &other in self.workers.keys() {
             comm.send_worker(other, ToWorker::PeerRemoved(worker));
@@ -97,6 +126,23 @@ impl Scheduler {
             comm.send_client(client, ToClient::WorkerRemoved(worker));
         }
         self.outbox.flush(comm);
+    }
+
+    /// A task was on `allowed_failures` workers when each of them died: it is likely what
+    /// kills them, so it fails rather than take the next one down.
+    fn fail_killed_worker(&mut self, id: TaskId) {
+        let Some(task) = self.tasks.get(&id) else {
+            return;
+        };
+        let message = format!(
+            "task {id} was on {} workers when each of them died (allowed_failures = {}), \
+             so it fails rather than take down another; they were: {}",
+            task.killed_workers.len(),
+            self.config.allowed_failures,
+            task.killed_workers.join("; ")
+        );
+        let error = Arc::new(ErrorInfo::runtime("KilledWorker", message));
+        self.mark_erred(id, id, error);
     }
 
     /// New client: sends it the workers connected now.

@@ -31,6 +31,9 @@ pub(super) enum TaskState {
         origin: TaskId,
         error: Arc<ErrorInfo>,
     },
+    /// Nothing needs its result, which was dropped (or never made), but a dependent still
+    /// lives: kept as lineage, so that a lost dependent can be recomputed from it.
+    Released,
 }
 
 impl TaskState {
@@ -63,11 +66,21 @@ pub(super) struct Task {
     pub(super) wanted: bool,
     /// Dependents not computed yet: they still need this task's result.
     pub(super) pending_dependents: u32,
+    /// Dependents in the task table, in any state: while there are some, this task is
+    /// kept (as `Released` if nothing needs it) to recompute them from.
+    pub(super) live_dependents: u32,
+    /// The workers that died while it was assigned to them (`WorkerInfo` described).
+    pub(super) killed_workers: Vec<String>,
 }
 
 impl Task {
     pub(super) fn is_needed(&self) -> bool {
         self.wanted || self.pending_dependents > 0
+    }
+
+    /// Kept in the table: needed, or the lineage of a live dependent.
+    pub(super) fn is_kept(&self) -> bool {
+        self.is_needed() || self.live_dependents > 0
     }
 }
 

@@ -44,6 +44,7 @@ impl Scheduler {
             for dep in &spec.deps {
                 if let Some(dep) = self.tasks.get_mut(dep) {
                     dep.dependents.push(spec.id);
+                    dep.live_dependents += 1;
                     if pending {
                         dep.pending_dependents += 1;
                     }
@@ -67,6 +68,8 @@ impl Scheduler {
                 restricted_to: spec.workers.into_boxed_slice(),
                 wanted: false,
                 pending_dependents: 0,
+                live_dependents: 0,
+                killed_workers: Vec::new(),
             };
             self.tasks.insert(spec.id, task);
             self.enqueue_if_ready(spec.id);
@@ -107,7 +110,7 @@ impl Scheduler {
             }
         }
         for &id in wanted {
-            if id.owner() != client || !(index.contains_key(&id) || self.tasks.contains_key(&id)) {
+            if id.owner() != client || !(index.contains_key(&id) || self.is_live(id)) {
                 return Err(format!(
                     "wanted task {id} is neither in this submit nor a live task of this client"
                 ));
@@ -170,7 +173,7 @@ impl Scheduler {
                             dep.owner()
                         ));
                     }
-                    None if !self.tasks.contains_key(&dep) => {
+                    None if !self.is_live(dep) => {
                         return Err(format!(
                             "task {} depends on task {dep}, which is unknown (never submitted, or released)",
                             spec.id
@@ -181,6 +184,14 @@ impl Scheduler {
             }
         }
         Ok(order)
+    }
+
+    /// In the table and not merely kept as lineage: a client that released a task may
+    /// not refer to it again.
+    fn is_live(&self, id: TaskId) -> bool {
+        self.tasks
+            .get(&id)
+            .is_some_and(|t| !matches!(t.state, TaskState::Released))
     }
 
     /// State of a task arriving with these (already known) dependencies.
@@ -210,7 +221,11 @@ impl Scheduler {
         let mut failed: BTreeMap<TaskId, (Arc<ErrorInfo>, Vec<TaskId>)> = BTreeMap::new();
         for &id in ids {
             let task = match self.tasks.get_mut(&id) {
-                Some(task) if id.owner() == client => task,
+                Some(task)
+                    if id.owner() == client && !matches!(task.state, TaskState::Released) =>
+                {
+                    task
+                }
                 _ => {
                     let error = ErrorInfo::runtime(
                         "UnknownTask",

@@ -378,21 +378,16 @@ fn intermediates_are_released_as_a_chain_runs() {
                 "input of step {i} freed once used"
             );
         }
-        assert_eq!(
-            env.scheduler.task_count(),
-            4 - i,
-            "tasks before step {i} are forgotten"
-        );
     }
     assert_eq!(env.finished(c), [chain[3]]);
     assert_eq!(
         env.scheduler.task_count(),
-        1,
-        "only the wanted result is kept"
+        4,
+        "the inputs are kept as the wanted result's lineage"
     );
     env.client_msg(c, FromClient::Release(vec![chain[3]]));
     assert_eq!(env.released(w), [chain[3]]);
-    assert_eq!(env.scheduler.task_count(), 0);
+    assert_eq!(env.scheduler.task_count(), 0, "and forgotten with it");
     env.comm.emptiness_check();
 }
 
@@ -468,7 +463,15 @@ fn a_tree_reduction_frees_each_level_as_the_next_completes() {
     }
     assert_eq!(released.len(), 30, "every input freed");
     assert_eq!(env.finished(c), [root]);
-    assert_eq!(env.scheduler.task_count(), 1);
+    assert_eq!(
+        env.scheduler.task_count(),
+        31,
+        "all kept as the root's lineage"
+    );
+    env.client_msg(c, FromClient::Release(vec![root]));
+    assert_eq!(env.scheduler.task_count(), 0);
+    env.comm.take_worker(workers[0]);
+    env.comm.take_worker(workers[1]);
     env.comm.emptiness_check();
 }
 
@@ -781,7 +784,8 @@ fn a_lost_worker_has_its_tasks_reassigned_and_results_recomputed() {
     env.schedule();
     assert_eq!(env.computed(w1), [sum], "next to its big input");
 
-    env.scheduler.remove_worker(w1, &mut env.comm);
+    env.scheduler
+        .remove_worker(w1, Departure::Lost, &mut env.comm);
     env.scheduler.sanity_check();
     assert_eq!(env.comm.take_worker(w2), [ToWorker::PeerRemoved(w1)]);
     assert_eq!(env.comm.take_client(c), [ToClient::WorkerRemoved(w1)]);
@@ -799,35 +803,48 @@ fn a_lost_worker_has_its_tasks_reassigned_and_results_recomputed() {
 }
 
 #[test]
-fn a_lost_result_whose_inputs_are_gone_fails_with_worker_lost() {
+fn a_lost_result_is_recomputed_from_inputs_released_before() {
     let mut env = TestEnv::new();
     let [w1, w2] = env.workers(&[1, 1])[..] else {
         unreachable!()
     };
     let c = env.client();
-    let [x, y] = ids(c, 0..2)[..] else {
+    let [x, y, z] = ids(c, 0..3)[..] else {
         unreachable!()
     };
-    env.submit(c, vec![spec(x, &[]), spec(y, &[x])], &[y]);
-    env.schedule();
-    assert_eq!(env.computed(w1), [x]);
-    env.done(w1, &[x]);
-    env.schedule();
-    assert_eq!(env.computed(w1), [y]);
-    env.done(w1, &[y]);
-    assert_eq!(env.released(w1), [x]);
-    assert_eq!(env.finished(c), [y]);
-    env.scheduler.remove_worker(w1, &mut env.comm);
+    env.submit(c, vec![spec(x, &[]), spec(y, &[x]), spec(z, &[y])], &[z]);
+    for (task, input) in [(x, None), (y, Some(x)), (z, Some(y))] {
+        env.schedule();
+        assert_eq!(env.computed(w1), [task]);
+        env.done(w1, &[task]);
+        if let Some(input) = input {
+            assert_eq!(env.released(w1), [input]);
+        }
+    }
+    assert_eq!(env.finished(c), [z]);
+    env.scheduler
+        .remove_worker(w1, Departure::Lost, &mut env.comm);
     env.scheduler.sanity_check();
     assert_eq!(env.comm.take_worker(w2), [ToWorker::PeerRemoved(w1)]);
-    match env.comm.take_client(c).as_slice() {
-        [ToClient::WorkerRemoved(gone), ToClient::Failed { ids, origin, error }] => {
-            assert_eq!((ids.as_slice(), *origin, *gone), ([y].as_slice(), y, w1));
-            assert_eq!(error.type_name, "WorkerLost");
-            assert!(error.message.contains("node1"), "{}", error.message);
+    assert_eq!(env.comm.take_client(c), [ToClient::WorkerRemoved(w1)]);
+    // The whole chain runs again, each input dropped again once used.
+    for (task, input) in [(x, None), (y, Some(x)), (z, Some(y))] {
+        env.schedule();
+        assert_eq!(env.computed(w2), [task]);
+        env.done(w2, &[task]);
+        if let Some(input) = input {
+            assert_eq!(env.released(w2), [input]);
         }
-        other => panic!("expected WorkerRemoved and Failed, got {other:?}"),
     }
+    assert_eq!(env.finished(c), [z]);
+    assert_eq!(env.scheduler.recomputed_tasks(), 3);
+    env.client_msg(c, FromClient::Release(vec![z]));
+    assert_eq!(env.released(w2), [z]);
+    assert_eq!(
+        env.scheduler.task_count(),
+        0,
+        "the lineage goes with the result"
+    );
     env.comm.emptiness_check();
 }
 
@@ -852,7 +869,8 @@ fn a_lost_result_whose_input_failed_on_recompute_fails_too() {
     assert_eq!(env.finished(c), [y]);
     env.worker_msg(w2, FromWorker::Replicated(vec![y]));
     // x is lost and recomputed; y survives on w2.
-    env.scheduler.remove_worker(w1, &mut env.comm);
+    env.scheduler
+        .remove_worker(w1, Departure::Lost, &mut env.comm);
     env.scheduler.sanity_check();
     env.comm.take_worker(w2);
     env.comm.take_worker(w3);
@@ -866,7 +884,8 @@ fn a_lost_result_whose_input_failed_on_recompute_fails_too() {
         matches!(env.comm.take_client(c).as_slice(), [ToClient::Failed { ids, origin, .. }] if *ids == [x] && *origin == x)
     );
     // Now y is lost as well: its input cannot be recomputed, so it fails with x's error.
-    env.scheduler.remove_worker(w2, &mut env.comm);
+    env.scheduler
+        .remove_worker(w2, Departure::Lost, &mut env.comm);
     env.scheduler.sanity_check();
     assert_eq!(env.comm.take_worker(w3), [ToWorker::PeerRemoved(w2)]);
     match env.comm.take_client(c).as_slice() {
@@ -1081,7 +1100,11 @@ fn a_whole_workload_runs_to_completion() {
         })
         .sum();
     assert_eq!(finished, wanted.len());
-    assert_eq!(env.scheduler.task_count(), wanted.len());
+    assert_eq!(
+        env.scheduler.task_count(),
+        total,
+        "the wanted results and the root's lineage"
+    );
     env.client_msg(c, FromClient::Release(wanted));
     assert_eq!(env.scheduler.task_count(), 0);
     for w in workers {
@@ -1136,7 +1159,8 @@ fn a_task_restricted_to_workers_that_are_gone_fails_instead_of_waiting() {
     let [x, y] = ids(c, 0..2)[..] else {
         unreachable!()
     };
-    env.scheduler.remove_worker(w2, &mut env.comm);
+    env.scheduler
+        .remove_worker(w2, Departure::Lost, &mut env.comm);
     env.scheduler.sanity_check();
     env.comm.take_worker(w1);
     env.comm.take_client(c);
@@ -1158,8 +1182,9 @@ fn a_task_restricted_to_workers_that_are_gone_fails_instead_of_waiting() {
         }
         other => panic!("expected Failed, got {other:?}"),
     }
-    // The failed future keeps y (and its error) until the client lets go.
-    assert_eq!(env.scheduler.task_count(), 1);
+    // The failed future keeps y (and its error, and x as its lineage) until the client
+    // lets go.
+    assert_eq!(env.scheduler.task_count(), 2);
     env.client_msg(c, FromClient::Release(vec![y]));
     assert_eq!(env.scheduler.task_count(), 0);
     env.comm.emptiness_check();
@@ -1190,5 +1215,171 @@ fn work_overflowing_a_busy_holder_goes_to_its_node_before_the_network() {
     assert_eq!(on_w1 + on_w3, 150);
     assert!(on_w1 >= 100 && on_w3 >= 20, "w1 {on_w1}, w3 {on_w3}");
     assert!(env.comm.take_worker(w2).is_empty());
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn a_task_whose_workers_keep_dying_fails_with_killed_worker() {
+    let mut env = TestEnv::new();
+    let workers = env.workers(&[1, 1, 1, 1]);
+    let c = env.client();
+    let [killer, fine] = ids(c, 0..2)[..] else {
+        unreachable!()
+    };
+    env.submit(c, vec![spec(killer, &[])], &[killer]);
+    let mut dead = Vec::new();
+    for attempt in 1..=3 {
+        env.schedule();
+        let on = *workers
+            .iter()
+            .find(|&&w| !dead.contains(&w) && !env.comm.take_worker(w).is_empty())
+            .expect("the task went to a live worker");
+        dead.push(on);
+        env.scheduler
+            .remove_worker(on, Departure::Lost, &mut env.comm);
+        env.scheduler.sanity_check();
+        let msgs = env.comm.take_client(c);
+        if attempt < 3 {
+            assert_eq!(msgs, [ToClient::WorkerRemoved(on)], "attempt {attempt}");
+        } else {
+            match msgs.as_slice() {
+                [ToClient::WorkerRemoved(_), ToClient::Failed { ids, error, .. }] => {
+                    assert_eq!(ids, &[killer]);
+                    assert_eq!(error.type_name, "KilledWorker");
+                    for w in &dead {
+                        assert!(
+                            error.message.contains(&format!("worker {w} (")),
+                            "{}",
+                            error.message
+                        );
+                    }
+                    assert!(
+                        error.message.contains("allowed_failures = 3"),
+                        "{}",
+                        error.message
+                    );
+                }
+                other => panic!("expected WorkerRemoved and Failed, got {other:?}"),
+            }
+        }
+    }
+    // The last worker still works.
+    for w in &workers {
+        env.comm.take_worker(*w);
+    }
+    env.submit(c, vec![spec(fine, &[])], &[fine]);
+    env.schedule();
+    let last = workers.iter().find(|w| !dead.contains(w)).copied();
+    assert_eq!(last.map(|w| env.computed(w)), Some(vec![fine]));
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn workers_leaving_on_purpose_count_nothing_against_their_tasks() {
+    let mut env = TestEnv::new();
+    let c = env.client();
+    let task = TaskId::new(c, 0);
+    env.submit(c, vec![spec(task, &[])], &[task]);
+    for _ in 0..5 {
+        let w = env.worker(1);
+        env.schedule();
+        assert_eq!(env.computed(w), [task]);
+        env.worker_msg(w, FromWorker::Leaving);
+        // Its connection closes after it said so.
+        env.scheduler
+            .remove_worker(w, Departure::Lost, &mut env.comm);
+        env.scheduler.sanity_check();
+        assert_eq!(env.comm.take_client(c), [ToClient::WorkerRemoved(w)]);
+    }
+    let w = env.worker(1);
+    env.schedule();
+    assert_eq!(env.computed(w), [task]);
+    env.done(w, &[task]);
+    assert_eq!(env.finished(c), [task]);
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn an_input_a_worker_could_not_fetch_is_recomputed_and_the_task_placed_again() {
+    let mut env = TestEnv::new();
+    let [w1, w2] = env.workers(&[1, 1])[..] else {
+        unreachable!()
+    };
+    let c = env.client();
+    let [x, y] = ids(c, 0..2)[..] else {
+        unreachable!()
+    };
+    env.submit(
+        c,
+        vec![
+            spec(x, &[]),
+            TaskSpec {
+                workers: vec![w2],
+                ..spec(y, &[x])
+            },
+        ],
+        &[y],
+    );
+    env.schedule();
+    assert_eq!(env.computed(w1), [x]);
+    env.done(w1, &[x]);
+    env.schedule();
+    assert_eq!(env.computed(w2), [y]);
+    // w1 still counts as alive, but w2 could not get x from it.
+    let missing = FromWorker::InputMissing {
+        id: y,
+        input: x,
+        holders: vec![w1],
+    };
+    env.worker_msg(w2, missing);
+    assert_eq!(env.released(w1), [x], "w1's copy is given up");
+    env.schedule();
+    assert_eq!(
+        env.computed(w1),
+        [x],
+        "x computed again (w1 is least loaded)"
+    );
+    env.done(w1, &[x]);
+    env.schedule();
+    assert_eq!(env.computed(w2), [y]);
+    env.done(w2, &[y]);
+    assert_eq!(env.finished(c), [y]);
+    assert_eq!(env.released(w1), [x]);
+    // A report about a task the worker no longer runs changes nothing.
+    let stale = FromWorker::InputMissing {
+        id: y,
+        input: x,
+        holders: vec![w1],
+    };
+    env.worker_msg(w2, stale);
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn a_wanted_result_kept_elsewhere_is_announced_again_when_a_holder_dies() {
+    let mut env = TestEnv::new();
+    let [w1, w2] = env.workers(&[1, 1])[..] else {
+        unreachable!()
+    };
+    let c = env.client();
+    let x = TaskId::new(c, 0);
+    env.submit(c, vec![spec(x, &[])], &[x]);
+    env.schedule();
+    assert_eq!(env.computed(w1), [x]);
+    env.done(w1, &[x]);
+    assert_eq!(env.finished(c), [x]);
+    env.worker_msg(w2, FromWorker::Replicated(vec![x]));
+    env.scheduler
+        .remove_worker(w1, Departure::Lost, &mut env.comm);
+    env.scheduler.sanity_check();
+    assert_eq!(env.comm.take_worker(w2), [ToWorker::PeerRemoved(w1)]);
+    match env.comm.take_client(c).as_slice() {
+        [ToClient::WorkerRemoved(gone), ToClient::Finished(finished)] => {
+            assert_eq!(*gone, w1);
+            assert_eq!((finished[0].id, finished[0].worker), (x, w2));
+        }
+        other => panic!("expected WorkerRemoved and Finished, got {other:?}"),
+    }
+    assert_eq!(env.scheduler.recomputed_tasks(), 0);
     env.comm.emptiness_check();
 }

@@ -429,28 +429,28 @@ fn an_input_two_tasks_need_is_fetched_once() {
 }
 
 #[test]
-fn a_failed_fetch_fails_every_task_waiting_for_it() {
+fn a_failed_fetch_hands_every_task_waiting_for_it_back_to_the_scheduler() {
     let mut env = TestEnv::new(1);
     let [a, _] = PEERS;
     env.compute(vec![task(10, &[(1, &[a])]), task(11, &[(1, &[a])])]);
     env.comm.take_fetches();
     let error = TransportError::Mpi("connection reset".into());
     env.fetched(a, ids(&[1]), Err(error));
-    let mut failed = env.failed();
-    failed.sort();
-    assert_eq!(
-        failed,
-        [
-            (TaskId(10), "FetchError".to_string()),
-            (TaskId(11), "FetchError".to_string())
-        ]
-    );
+    let missing = |id| FromWorker::InputMissing {
+        id: TaskId(id),
+        input: TaskId(1),
+        holders: vec![a],
+    };
+    assert_eq!(env.comm.take_sent(), [missing(10), missing(11)]);
+    // The scheduler may send them again, to be fetched from elsewhere.
+    env.compute(vec![task(10, &[(1, &[PEERS[1]])])]);
+    assert_eq!(env.comm.take_fetches(), [(PEERS[1], ids(&[1]))]);
     assert!(env.ran().is_empty());
     env.comm.emptiness_check();
 }
 
 #[test]
-fn an_input_its_peer_no_longer_holds_fails_its_task() {
+fn an_input_its_peer_no_longer_holds_hands_its_task_back() {
     let mut env = TestEnv::new(1);
     let [a, _] = PEERS;
     env.compute(vec![task(10, &[(1, &[a]), (2, &[a])])]);
@@ -460,24 +460,30 @@ fn an_input_its_peer_no_longer_holds_fails_its_task() {
         ids(&[1, 2]),
         Ok(vec![(TaskId(1), Some(small(1))), (TaskId(2), None)]),
     );
-    let sent = env.comm.take_sent();
-    assert!(
-        matches!(
-            sent.as_slice(),
-            [FromWorker::Failed { id, error }, FromWorker::Replicated(copies)]
-                if *id == TaskId(10) && error.message.contains("no longer holds") && *copies == ids(&[1])
-        ),
-        "{sent:?}"
+    let missing = FromWorker::InputMissing {
+        id: TaskId(10),
+        input: TaskId(2),
+        holders: vec![a],
+    };
+    assert_eq!(
+        env.comm.take_sent(),
+        [missing, FromWorker::Replicated(ids(&[1]))]
     );
+    assert!(env.ran().is_empty());
     env.comm.emptiness_check();
 }
 
 #[test]
-fn an_input_on_no_reachable_worker_fails_at_once() {
+fn an_input_on_no_known_worker_is_handed_back_at_once() {
     let mut env = TestEnv::new(1);
     env.scheduler(ToWorker::PeerRemoved(PEERS[1]));
     env.compute(vec![task(10, &[(1, &[PEERS[1]])])]);
-    assert_eq!(env.failed(), [(TaskId(10), "FetchError".to_string())]);
+    let missing = FromWorker::InputMissing {
+        id: TaskId(10),
+        input: TaskId(1),
+        holders: vec![PEERS[1]],
+    };
+    assert_eq!(env.comm.take_sent(), [missing]);
     env.comm.emptiness_check();
 }
 
