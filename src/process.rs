@@ -12,3 +12,49 @@ pub fn die_with_parent(command: &mut tokio::process::Command) {
         });
     }
 }
+
+/// The memory this process may use on its node: the machine's, or less where its cgroup
+/// (a batch job's, a container's) caps it.
+pub fn node_memory() -> u64 {
+    let machine = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kb * 1024)
+        })
+        .unwrap_or(0);
+    cgroup_memory_limit().map_or(machine, |cap| cap.min(machine))
+}
+
+/// The memory limit of this process's cgroup, v2 or v1, if it has one.
+fn cgroup_memory_limit() -> Option<u64> {
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let read =
+        |path: String| -> Option<u64> { std::fs::read_to_string(path).ok()?.trim().parse().ok() };
+    for line in cgroups.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+        let limit = match controllers {
+            "" => read(format!("/sys/fs/cgroup{path}/memory.max")),
+            c if c.split(',').any(|c| c == "memory") => {
+                read(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"))
+            }
+            _ => None,
+        };
+        // "max" (v2) does not parse; v1's "no limit" is a huge number, which min() ignores.
+        if limit.is_some() {
+            return limit;
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn node_memory_is_known_and_plausible() {
+        let bytes = super::node_memory();
+        assert!(bytes > 64 << 20 && bytes < 1 << 50, "{bytes}");
+    }
+}

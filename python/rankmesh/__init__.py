@@ -24,6 +24,7 @@ _EXPORTS = {
     "WalltimeDrain": "errors",
     "Future": "futures",
     "as_completed": "futures",
+    "futures_of": "futures",
     "wait": "futures",
     "initialize": "mpi",
     "WorkerContext": "worker",
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
         TaskError,
         WalltimeDrain,
     )
-    from .futures import Future, as_completed, wait
+    from .futures import Future, as_completed, futures_of, wait
     from .mpi import initialize
     from .worker import WorkerContext, get_worker
 
@@ -87,6 +88,7 @@ __all__ = [
     "WorkerContext",
     "__version__",
     "as_completed",
+    "futures_of",
     "get_worker",
     "initialize",
     "submit",

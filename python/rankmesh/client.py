@@ -367,11 +367,19 @@ class Client:
     def workers(self) -> list[dict[str, object]]:
         return self._core.workers()
 
-    def scheduler_info(self) -> dict[str, object]:
-        return {
-            "address": self.address,
-            "workers": {str(worker["id"]): worker for worker in self.workers()},
-        }
+    def scheduler_info(self, timeout: float = 30) -> dict[str, object]:
+        """The scheduler's address, its workers and counters, asked of the scheduler.
+
+        Like `distributed`'s, keyed by worker; each worker's entry also holds its memory
+        counters (`managed_bytes`, `spilled_bytes` now on disk, `spilled_total` and
+        `unspilled_total` since its start, `process_bytes`, `paused`, `paused_seconds`), and
+        `recomputed_tasks` counts tasks computed again after a worker was lost."""
+        self._flush_releases()  # what it reports should reflect futures let go
+        recomputed, memory = self._core.info(timeout)
+        workers = {}
+        for worker in self.workers():
+            workers[str(worker["id"])] = {**worker, **memory.get(worker["id"], {})}
+        return {"address": self.address, "workers": workers, "recomputed_tasks": recomputed}
 
     def close(self) -> None:
         if self._closed:

@@ -36,8 +36,12 @@ def find_binary() -> str:
 
 def _parse_memory(limit: int | str | None) -> str:
     if limit is None:
-        return "0"
+        return "auto"
     return str(limit).replace(" ", "")
+
+
+def _fraction(value: float | bool) -> str:
+    return "false" if value is False else str(value)
 
 
 def _die_with_parent() -> None:
@@ -55,7 +59,15 @@ class LocalCluster:
 
     A worker process that dies is replaced (as `distributed`'s nannies do); its tasks run
     again elsewhere, and one that was on `allowed_failures` dying workers fails with
-    `KilledWorker`."""
+    `KilledWorker`.
+
+    `memory_limit` is per worker: bytes, "4GiB", a fraction of this machine's memory, or
+    "auto" (the default: the machine's memory, or its cgroup's, shared among the workers);
+    0 for none. Above `memory_target` of it results spill to `local_directory` (default
+    $TMPDIR, then /tmp); above `memory_pause` a worker takes no new tasks; above
+    `memory_terminate` its largest executor restarts. Each threshold may be False. As in
+    `distributed`, except that the limit also counts the worker's shared memory and its
+    executors (docs/memory.md)."""
 
     def __init__(
         self,
@@ -64,6 +76,11 @@ class LocalCluster:
         memory_limit: int | str | None = None,
         timeout: float = 60,
         allowed_failures: int = 3,
+        memory_target: float | bool = 0.6,
+        memory_spill: float | bool = 0.7,
+        memory_pause: float | bool = 0.8,
+        memory_terminate: float | bool = 0.95,
+        local_directory: str | os.PathLike | None = None,
     ) -> None:
         if n_workers < 1 or threads_per_worker < 1:
             raise ValueError("n_workers and threads_per_worker must be at least 1")
@@ -83,6 +100,14 @@ class LocalCluster:
             str(threads_per_worker),
             "--memory-limit",
             _parse_memory(memory_limit),
+            "--memory-target",
+            _fraction(memory_target),
+            "--memory-spill",
+            _fraction(memory_spill),
+            "--memory-pause",
+            _fraction(memory_pause),
+            "--memory-terminate",
+            _fraction(memory_terminate),
             "--scheduler-file",
             self.scheduler_file,
             "--allowed-failures",
@@ -90,6 +115,8 @@ class LocalCluster:
             "--python",
             sys.executable,
         ]
+        if local_directory is not None:
+            command += ["--local-directory", os.fspath(local_directory)]
         # Like multiprocessing's children, executors see this interpreter's import path, so
         # functions from scripts' sibling modules and test modules unpickle there.
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 # What futures ask of their client (named, so the client's insides can change): _hold and
 # _drop as futures come and go, _task_state, _wait_ids, _error_of, gather and cancel.
 
-__all__ = ["DoneAndNotDone", "Future", "as_completed", "wait"]
+__all__ = ["DoneAndNotDone", "Future", "as_completed", "futures_of", "wait"]
 
 
 class DoneAndNotDone(NamedTuple):
@@ -82,11 +82,32 @@ def _group_ids(futures: Iterable[Future]) -> tuple[Client, dict[int, list[Future
     return client, by_id
 
 
+def futures_of(collections: Any) -> list[Future]:
+    """The futures in `collections`: futures, persisted Dask collections (their graphs hold
+    futures), and lists, tuples, sets and dicts of them, as `distributed.futures_of`."""
+    from dask.base import is_dask_collection
+
+    found: dict[int, Future] = {}
+    stack = [collections]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Future):
+            found.setdefault(item.task_id, item)
+        elif isinstance(item, list | tuple | set):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif is_dask_collection(item):
+            stack.extend(dict(item.__dask_graph__()).values())
+    return list(found.values())
+
+
 def wait(
-    futures: Iterable[Future], timeout: float | None = None, return_when: str = "ALL_COMPLETED"
+    futures: Any, timeout: float | None = None, return_when: str = "ALL_COMPLETED"
 ) -> DoneAndNotDone:
-    """Like concurrent.futures.wait: (done, not_done) sets of futures."""
-    futures = list(futures)
+    """Like concurrent.futures.wait: (done, not_done) sets of futures. Takes persisted Dask
+    collections too, as `distributed.wait` does."""
+    futures = futures_of(futures)
     if not futures:
         return DoneAndNotDone(set(), set())
     client, by_id = _group_ids(futures)

@@ -5,10 +5,10 @@ use crate::convert::{bytes_of, error_to_py, transport_error};
 use crate::{ConnectionLost, RankmeshError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
-use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList};
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyTuple};
 use rankmesh::protocol::{
-    frame_offsets, ClientId, ErrorInfo, FromClient, FuncId, FunctionBlob, Role, TaskId, TaskSpec,
-    ToClient, Token, WorkerId, WorkerInfo,
+    frame_offsets, ClientId, ClusterInfo, ErrorInfo, FromClient, FuncId, FunctionBlob, Role,
+    TaskId, TaskSpec, ToClient, Token, WorkerId, WorkerInfo,
 };
 use rankmesh::store::HeapAllocator;
 use rankmesh::transport::tcp::{self, TcpTransport};
@@ -38,6 +38,9 @@ struct State {
     /// Set when the connection to the scheduler is gone.
     lost: Option<String>,
     rejected: Vec<String>,
+    /// The scheduler's last answer to `FromClient::Info`, and how many have come.
+    info: Option<ClusterInfo>,
+    info_replies: u64,
 }
 
 #[derive(Default)]
@@ -84,6 +87,10 @@ impl Shared {
                     .retain(|_, status| !matches!(status, Status::Finished(w) if *w == id));
             }
             ToClient::SubmitRejected { reason } => state.rejected.push(reason),
+            ToClient::Info(info) => {
+                state.info = Some(info);
+                state.info_replies += 1;
+            }
         }
         drop(state);
         self.changed.notify_all();
@@ -438,6 +445,57 @@ impl ClientCore {
             out.append((pickled, buffers))?;
         }
         Ok(out)
+    }
+
+    /// The cluster's counters, asked of the scheduler: (recomputed tasks, {worker id:
+    /// {memory counters}}).
+    fn info<'py>(&self, py: Python<'py>, timeout: f64) -> PyResult<Bound<'py, PyTuple>> {
+        let asked = self.shared.lock().info_replies;
+        self.send(FromClient::Info)?;
+        let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
+        let info = py.detach(|| {
+            let mut state = self.shared.lock();
+            loop {
+                if let Some(reason) = &state.lost {
+                    return Err(ConnectionLost::new_err(reason.clone()));
+                }
+                if state.info_replies > asked {
+                    return Ok(state.info.clone().unwrap_or_default());
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(RankmeshError::new_err(
+                        "the scheduler did not answer in time",
+                    ));
+                }
+                state = self
+                    .shared
+                    .changed
+                    .wait_timeout(state, deadline - now)
+                    .map(|(s, _)| s)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+        })?;
+        let workers = PyDict::new(py);
+        for (id, memory) in &info.workers {
+            let d = PyDict::new(py);
+            d.set_item("paused", memory.paused)?;
+            d.set_item("memory_limit", memory.limit)?;
+            d.set_item("process_bytes", memory.process_bytes)?;
+            d.set_item("managed_bytes", memory.managed_bytes)?;
+            d.set_item("spilled_bytes", memory.spilled_bytes)?;
+            d.set_item("spilled_total", memory.spilled_total)?;
+            d.set_item("unspilled_total", memory.unspilled_total)?;
+            d.set_item("paused_seconds", memory.paused_seconds)?;
+            workers.set_item(id.0, d)?;
+        }
+        PyTuple::new(
+            py,
+            [
+                info.recomputed_tasks.into_pyobject(py)?.into_any(),
+                workers.into_any(),
+            ],
+        )
     }
 
     fn workers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {

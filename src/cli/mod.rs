@@ -14,7 +14,8 @@ use rankmesh::launch::{self, RunOptions, TransportKind};
 use rankmesh::protocol::Token;
 use rankmesh::scheduler::SchedulerConfig;
 use rankmesh::topology::WorkerPer;
-use rankmesh::worker::{self, WorkerConfig};
+use rankmesh::worker::{self, MemoryLimit, MemoryPolicy, MemoryThresholds, WorkerConfig};
+use size::Fraction;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -113,8 +114,8 @@ enum Command {
         scheduler_file: Option<PathBuf>,
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         nthreads: u32,
-        #[arg(long, default_value = "0", value_parser = size::parse_bytes)]
-        memory_limit: u64,
+        #[command(flatten)]
+        memory: MemoryArgs,
         /// Host the data server listens on and peers reach it at.
         #[arg(long, default_value = "127.0.0.1")]
         host: String,
@@ -146,9 +147,45 @@ struct WorkerResources {
     /// the worker's place].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     threads_per_worker: Option<u32>,
-    /// Memory per worker, e.g. 4GiB (0: no limit).
-    #[arg(long, default_value = "0", value_parser = size::parse_bytes)]
-    memory_limit: u64,
+    #[command(flatten)]
+    memory: MemoryArgs,
+}
+
+/// Each worker's memory: its limit, the thresholds that act on it (fractions of the
+/// limit, or `false`), and where it spills (docs/memory.md).
+#[derive(clap::Args, Debug)]
+struct MemoryArgs {
+    /// Memory per worker: bytes (4GiB, 500MB), a fraction of the node's memory (0.25),
+    /// `auto` (the node's memory, or its cgroup's, shared evenly among its workers) or 0
+    /// (no limit: no spilling, pausing or restarting).
+    #[arg(long, default_value = "auto", value_parser = size::parse_memory_limit)]
+    memory_limit: MemoryLimit,
+    /// Results in memory above this fraction are spilled to disk, least recently used first.
+    #[arg(long, default_value = "0.6", value_parser = size::parse_fraction)]
+    memory_target: Fraction,
+    /// Process memory (worker, executors, shared memory) above this spills too.
+    #[arg(long, default_value = "0.7", value_parser = size::parse_fraction)]
+    memory_spill: Fraction,
+    /// Process memory above this pauses the worker: it takes no new tasks.
+    #[arg(long, default_value = "0.8", value_parser = size::parse_fraction)]
+    memory_pause: Fraction,
+    /// Process memory above this restarts the worker's largest executor.
+    #[arg(long, default_value = "0.95", value_parser = size::parse_fraction)]
+    memory_terminate: Fraction,
+    /// Where results are spilled [default: $SLURM_TMPDIR, $TMPDIR, then /tmp].
+    #[arg(long)]
+    local_directory: Option<PathBuf>,
+}
+
+impl MemoryArgs {
+    fn thresholds(&self) -> MemoryThresholds {
+        MemoryThresholds {
+            target: self.memory_target.0,
+            spill: self.memory_spill.0,
+            pause: self.memory_pause.0,
+            terminate: self.memory_terminate.0,
+        }
+    }
 }
 
 /// How the scheduler treats trouble.
@@ -225,7 +262,9 @@ pub fn main() -> ExitCode {
             python: python.python,
             script,
             threads_per_worker: resources.threads_per_worker,
-            memory_limit: resources.memory_limit,
+            memory_limit: resources.memory.memory_limit,
+            memory_thresholds: resources.memory.thresholds(),
+            local_directory: resources.memory.local_directory,
             host,
             scheduler_file,
         })
@@ -281,7 +320,9 @@ async fn run(command: Command) -> Result<i32> {
                 scheduler: scheduler.config(),
                 n_workers,
                 threads_per_worker: resources.threads_per_worker.unwrap_or(1),
-                memory_limit: resources.memory_limit,
+                memory_limit: resources.memory.memory_limit,
+                memory_thresholds: resources.memory.thresholds(),
+                local_directory: resources.memory.local_directory,
                 host,
                 python: python.python,
                 scheduler_file,
@@ -308,7 +349,7 @@ async fn run(command: Command) -> Result<i32> {
             scheduler,
             scheduler_file,
             nthreads,
-            memory_limit,
+            memory,
             host,
             python,
             executor,
@@ -335,7 +376,13 @@ async fn run(command: Command) -> Result<i32> {
                 scheduler,
                 token,
                 nthreads,
-                memory_limit,
+                memory: MemoryPolicy {
+                    limit: memory
+                        .memory_limit
+                        .bytes(rankmesh::process::node_memory(), 1),
+                    thresholds: memory.thresholds(),
+                },
+                local_directory: memory.local_directory,
                 python: python.python,
                 executor: match executor {
                     ExecutorArg::Python => worker::ExecutorKind::Python,

@@ -1,4 +1,37 @@
-//! Byte sizes as people write them: `4GiB`, `500MB`, `1024`.
+//! Byte sizes as people write them: `4GiB`, `500MB`, `1024`; memory limits and the
+//! fractions of them that thresholds are.
+
+use rankmesh::worker::MemoryLimit;
+
+/// A threshold: a fraction of the memory limit, or `None` (given as `false`) for none.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Fraction(pub Option<f64>);
+
+pub fn parse_fraction(text: &str) -> Result<Fraction, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "false" | "none" | "off" => Ok(Fraction(None)),
+        number => match number.parse::<f64>() {
+            Ok(f) if f > 0.0 && f <= 1.0 => Ok(Fraction(Some(f))),
+            _ => Err(format!(
+                "`{text}` is not a fraction of the memory limit (0 < f <= 1) nor `false`"
+            )),
+        },
+    }
+}
+
+/// `auto`, a fraction of the node's memory (`0.25`), or a size (`4GiB`; `0`: no limit).
+pub fn parse_memory_limit(text: &str) -> Result<MemoryLimit, String> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("auto") {
+        return Ok(MemoryLimit::Auto);
+    }
+    if let Ok(f) = text.parse::<f64>() {
+        if f > 0.0 && f <= 1.0 && text.contains('.') {
+            return Ok(MemoryLimit::Fraction(f));
+        }
+    }
+    parse_bytes(text).map(MemoryLimit::Bytes)
+}
 
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
     let text = text.trim();
@@ -26,7 +59,23 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_bytes;
+    use super::*;
+
+    #[test]
+    fn memory_limits_and_fractions_parse() {
+        assert_eq!(parse_memory_limit("auto"), Ok(MemoryLimit::Auto));
+        assert_eq!(parse_memory_limit("0.25"), Ok(MemoryLimit::Fraction(0.25)));
+        assert_eq!(
+            parse_memory_limit("300MiB"),
+            Ok(MemoryLimit::Bytes(300 << 20))
+        );
+        assert_eq!(parse_memory_limit("0"), Ok(MemoryLimit::Bytes(0)));
+        assert!(parse_memory_limit("plenty").is_err());
+        assert_eq!(parse_fraction("0.6"), Ok(Fraction(Some(0.6))));
+        assert_eq!(parse_fraction("false"), Ok(Fraction(None)));
+        assert!(parse_fraction("1.5").is_err());
+        assert!(parse_fraction("0").is_err());
+    }
 
     #[test]
     fn sizes_parse_with_units() {

@@ -22,7 +22,10 @@ const MIN_RESTART_INTERVAL: Duration = Duration::from_secs(1);
 pub struct LocalOptions {
     pub n_workers: u32,
     pub threads_per_worker: u32,
-    pub memory_limit: u64,
+    /// Each worker's (`Auto`: this machine's memory shared among them).
+    pub memory_limit: crate::worker::MemoryLimit,
+    pub memory_thresholds: crate::worker::MemoryThresholds,
+    pub local_directory: Option<PathBuf>,
     pub host: String,
     pub python: String,
     pub scheduler_file: Option<PathBuf>,
@@ -125,13 +128,28 @@ impl WorkerProcesses for LocalWorkers<'_> {
 }
 
 fn spawn_worker(options: &LocalOptions, address: &str, token: &Token) -> std::io::Result<Child> {
+    let limit = options
+        .memory_limit
+        .bytes(crate::process::node_memory(), options.n_workers);
+    let fraction = |f: Option<f64>| f.map_or_else(|| "false".to_string(), |f| f.to_string());
+    let thresholds = &options.memory_thresholds;
     let mut command = Command::new(std::env::current_exe()?);
     command
         .args(["worker", "--scheduler", address])
         .args(["--nthreads", &options.threads_per_worker.to_string()])
-        .args(["--memory-limit", &options.memory_limit.to_string()])
+        .args(["--memory-limit", &limit.to_string()])
+        .args(["--memory-target", &fraction(thresholds.target)])
+        .args(["--memory-spill", &fraction(thresholds.spill)])
+        .args(["--memory-pause", &fraction(thresholds.pause)])
+        .args(["--memory-terminate", &fraction(thresholds.terminate)])
         .args(["--python", &options.python])
         .args(["--host", &options.host])
+        .args(
+            options
+                .local_directory
+                .iter()
+                .flat_map(|d| [std::ffi::OsStr::new("--local-directory"), d.as_os_str()]),
+        )
         .env(TOKEN_ENV, token.as_str())
         .stdin(Stdio::null())
         .kill_on_drop(true);

@@ -18,7 +18,11 @@ pub struct RunOptions {
     pub script: Vec<String>,
     /// Executors per worker; default: the cores of its place (1 when unbound).
     pub threads_per_worker: Option<u32>,
-    pub memory_limit: u64,
+    /// Each worker's memory limit; `Auto` shares a node's memory among its workers.
+    pub memory_limit: crate::worker::MemoryLimit,
+    pub memory_thresholds: crate::worker::MemoryThresholds,
+    /// Where workers spill (default: `$SLURM_TMPDIR`, `$TMPDIR`, /tmp).
+    pub local_directory: Option<std::path::PathBuf>,
     /// Host name other ranks reach this one at (default: the MPI processor name).
     pub host: Option<String>,
     pub scheduler_file: Option<std::path::PathBuf>,

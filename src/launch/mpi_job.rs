@@ -14,7 +14,7 @@ use crate::topology::{self, bind, env, NodeTopology, Place, Source, WorkerPer};
 use crate::transport::mpi::{self as mpi_transport, MpiProgress};
 use crate::transport::tcp::TcpTransport;
 use crate::transport::Transport;
-use crate::worker::{self, ExecutorKind, WorkerConfig, WorkerError};
+use crate::worker::{self, ExecutorKind, MemoryPolicy, WorkerConfig, WorkerError};
 use mpi::traits::{Communicator, CommunicatorCollectives, Root};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -164,7 +164,13 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
             nthreads,
             topology,
             executor_env,
-            memory_limit: options.memory_limit,
+            memory: MemoryPolicy {
+                limit: options
+                    .memory_limit
+                    .bytes(crate::process::node_memory(), node_workers as u32),
+                thresholds: options.memory_thresholds.clone(),
+            },
+            local_directory: options.local_directory.clone(),
             python: options.python,
             executor: ExecutorKind::Python,
             listen_host: "0.0.0.0".into(),

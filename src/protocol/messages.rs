@@ -109,6 +109,8 @@ pub enum FromClient {
     Want(Vec<TaskId>),
     /// Stop these tasks and everything that depends on them.
     Cancel(Vec<TaskId>),
+    /// How the cluster stands: answered with `ToClient::Info`.
+    Info,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -189,6 +191,16 @@ pub enum ToClient {
     SubmitRejected {
         reason: String,
     },
+    Info(ClusterInfo),
+}
+
+/// Counters of the whole cluster, for `Client.scheduler_info()`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ClusterInfo {
+    /// Each worker's last memory report.
+    pub workers: Vec<(WorkerId, WorkerMemory)>,
+    /// Tasks computed again because a result was lost with its worker.
+    pub recomputed_tasks: u64,
 }
 
 // ---------------------------------------------------------------- worker <-> scheduler
@@ -274,6 +286,29 @@ pub enum FromWorker {
     /// The worker is leaving on purpose (told to stop, or SIGTERM): the tasks it had are
     /// placed again without counting against them.
     Leaving,
+    /// How the worker's memory stands: sent when it pauses or resumes, and at most once a
+    /// second when something changed.
+    Memory(WorkerMemory),
+}
+
+/// A worker's memory, as its memory management sees it ([`crate::worker`]'s `memory.rs`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct WorkerMemory {
+    /// Above its pause threshold: it takes no new tasks.
+    pub paused: bool,
+    /// Its memory limit in bytes; 0: none.
+    pub limit: u64,
+    /// Private memory of the worker and its executors plus its shared-memory files.
+    pub process_bytes: u64,
+    /// Results held in memory.
+    pub managed_bytes: u64,
+    /// Results held on disk now.
+    pub spilled_bytes: u64,
+    /// Bytes written to disk since the start.
+    pub spilled_total: u64,
+    /// Spilled bytes read back (for a task or a peer) since the start.
+    pub unspilled_total: u64,
+    pub paused_seconds: f64,
 }
 
 // ---------------------------------------------------------------- peer data server

@@ -10,7 +10,8 @@
 use super::placement::{CandidateCost, LoadIndex, NodeId, RootQueue};
 use super::Comm;
 use crate::protocol::{
-    ClientId, FromClient, FromWorker, FuncId, IdMap, TaskId, WorkerId, WorkerInfo,
+    ClientId, ClusterInfo, FromClient, FromWorker, FuncId, IdMap, TaskId, ToClient, WorkerId,
+    WorkerInfo,
 };
 use records::{Client, Function, Outbox, Task, Worker};
 use std::collections::{BTreeMap, HashMap};
@@ -19,7 +20,7 @@ use std::mem;
 // Names the tests (`use super::*`) use besides those above.
 #[cfg(test)]
 use crate::protocol::{
-    ComputeTask, ErrorInfo, FunctionBlob, InputLocation, TaskDone, TaskSpec, ToClient, ToWorker,
+    ComputeTask, ErrorInfo, FunctionBlob, InputLocation, TaskDone, TaskSpec, ToWorker,
     WorkerRegistration,
 };
 #[cfg(test)]
@@ -169,6 +170,17 @@ impl Scheduler {
                 }
                 self.cancel(owned, Some(client));
             }
+            FromClient::Info => {
+                let info = ClusterInfo {
+                    workers: self
+                        .workers
+                        .iter()
+                        .map(|(id, w)| (*id, w.memory.clone()))
+                        .collect(),
+                    recomputed_tasks: self.recomputed_tasks,
+                };
+                self.outbox.to_clients.push((client, ToClient::Info(info)));
+            }
         }
         self.outbox.flush(comm);
     }
@@ -189,6 +201,7 @@ impl Scheduler {
                 self.input_missing(worker, id, input, &holders)
             }
             FromWorker::Leaving => self.remove_worker(worker, Departure::Planned, comm),
+            FromWorker::Memory(memory) => self.worker_memory(worker, memory),
         }
         self.outbox.flush(comm);
     }

@@ -1,11 +1,14 @@
 //! The object store: task results held in memory, small ones on the heap and large ones in
-//! shared-memory files that executors map directly. Workers keep their results here,
-//! transports fetch into it (`Allocate`), and clients fetch onto the heap.
+//! shared-memory files that executors map directly, or spilled to files on a local disk
+//! (`spill.rs`), in the same layout. Workers keep their results here, transports fetch
+//! into it (`Allocate`), and clients fetch onto the heap.
 
 mod allocate;
 mod pool;
+mod spill;
 
 pub use allocate::{Allocate, HeapAllocator};
+pub use spill::{SpillDir, SPILL_PREFIX};
 
 use crate::private_files;
 use crate::protocol::{frame_offsets, ObjectRef, TaskId, INLINE_MAX};
@@ -36,6 +39,11 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("spill file {path}: {source}")]
+    Spill {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A result: its frame layout and its bytes.
@@ -49,6 +57,9 @@ pub struct Object {
 enum ObjectData {
     Heap(Bytes),
     Shm(ShmSegment),
+    /// Spilled: a file on a local disk, mapped (its pages come from the page cache, which
+    /// the kernel can drop, not from the worker's memory).
+    Disk(spill::DiskFile),
 }
 
 impl Object {
@@ -66,6 +77,7 @@ impl Object {
         match &self.data {
             ObjectData::Heap(b) => b,
             ObjectData::Shm(s) => s.bytes(),
+            ObjectData::Disk(d) => d.bytes(),
         }
     }
 
@@ -88,9 +100,22 @@ impl Object {
         }
     }
 
-    /// Whether the object lives in a shared-memory file (large ones do).
+    /// Whether the object lives in a shared-memory file (large ones do, until spilled).
     pub fn is_shared(&self) -> bool {
         matches!(self.data, ObjectData::Shm(_))
+    }
+
+    /// Whether the object was spilled to disk.
+    pub fn is_spilled(&self) -> bool {
+        matches!(self.data, ObjectData::Disk(_))
+    }
+
+    /// After sending a spilled object: its pages leave this process's memory (they stay
+    /// in the page cache while the kernel has room). Nothing for objects in memory.
+    pub fn forget_pages(&self) {
+        if let ObjectData::Disk(disk) = &self.data {
+            disk.forget_pages();
+        }
     }
 
     /// How an executor on this worker reads the object.
@@ -102,6 +127,11 @@ impl Object {
             },
             ObjectData::Shm(s) => ObjectRef::Shm {
                 path: s.path.to_string_lossy().into_owned(),
+                layout: self.layout.clone(),
+            },
+            // Executors map a spilled file as they map shared memory.
+            ObjectData::Disk(d) => ObjectRef::Shm {
+                path: d.path().to_string_lossy().into_owned(),
                 layout: self.layout.clone(),
             },
         }
@@ -197,16 +227,18 @@ pub fn remove_leftovers(folder: &Path, prefix: &str) -> usize {
         .count()
 }
 
-/// Removes this user's `{prefix}-{pid}-*` folders whose process is gone. A worker killed
-/// outright (SIGKILL, the OOM killer, a launcher ending the job) cannot clean up, and on
-/// a shared node its objects would hold memory across jobs.
+/// Removes this user's `{prefix}-{pid}-*` folders in the shared-memory base whose process
+/// is gone. A worker killed outright (SIGKILL, the OOM killer, a launcher ending the job)
+/// cannot clean up, and on a shared node its objects would hold memory across jobs.
 pub fn sweep_dead(prefix: &str) {
+    sweep_dead_in(&shm_base(), prefix);
+}
+
+/// [`sweep_dead`] in `base`.
+pub fn sweep_dead_in(base: &Path, prefix: &str) {
     use std::os::unix::fs::MetadataExt;
     // Without /proc every process would look dead.
-    let (Ok(entries), true) = (
-        std::fs::read_dir(shm_base()),
-        Path::new("/proc/self").exists(),
-    ) else {
+    let (Ok(entries), true) = (std::fs::read_dir(base), Path::new("/proc/self").exists()) else {
         return;
     };
     let me = private_files::my_uid();
@@ -241,6 +273,18 @@ impl ShmDir {
 
     pub fn path(&self) -> &Path {
         &self.dir
+    }
+
+    /// Keeps at most `bytes` of released segments for reuse (they are memory: a worker
+    /// with a limit keeps a small share of it).
+    pub fn limit_free_segments(&self, bytes: u64) {
+        self.pool.set_capacity(bytes);
+    }
+
+    /// Gives back the released segments kept for reuse (memory is short); returns the
+    /// bytes freed.
+    pub fn drop_free_segments(&self) -> u64 {
+        self.pool.clear()
     }
 
     /// Takes over a file an executor wrote into this folder: it is renamed to a name of
@@ -430,36 +474,145 @@ impl ObjectBuilder {
     }
 }
 
-/// Results by task id, shared by the worker loop and the data server.
+/// Results by task id, shared by the worker loop and the data servers, with what the
+/// worker's memory management needs: bytes in memory and on disk, and which objects were
+/// used longest ago.
 #[derive(Default, Clone)]
 pub struct Store {
-    objects: Arc<Mutex<HashMap<TaskId, Arc<Object>>>>,
+    objects: Arc<Mutex<Objects>>,
+}
+
+#[derive(Default)]
+struct Objects {
+    entries: HashMap<TaskId, Entry>,
+    /// Counts uses: an entry's `last_used` is the count at its last use.
+    clock: u64,
+    in_memory: u64,
+    on_disk: u64,
+    /// Bytes of spilled objects read back since the start, for a task or a peer.
+    unspilled: u64,
+}
+
+struct Entry {
+    object: Arc<Object>,
+    last_used: u64,
+}
+
+impl Objects {
+    fn count(&mut self, object: &Object, sign: i8) {
+        let counter = if object.is_spilled() {
+            &mut self.on_disk
+        } else {
+            &mut self.in_memory
+        };
+        if sign > 0 {
+            *counter += object.size();
+        } else {
+            *counter = counter.saturating_sub(object.size());
+        }
+    }
+}
+
+/// A snapshot of the store's bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreBytes {
+    /// In memory (heap and shared memory): what the worker manages against its target.
+    pub in_memory: u64,
+    pub on_disk: u64,
+    /// Spilled bytes read back since the start.
+    pub unspilled: u64,
 }
 
 impl Store {
     pub fn insert(&self, id: TaskId, object: Object) -> Arc<Object> {
         let object = Arc::new(object);
-        self.lock().insert(id, object.clone());
+        let mut objects = self.lock();
+        objects.count(&object, 1);
+        objects.clock += 1;
+        let entry = Entry {
+            object: object.clone(),
+            last_used: objects.clock,
+        };
+        if let Some(old) = objects.entries.insert(id, entry) {
+            objects.count(&old.object, -1);
+        }
         object
     }
 
+    /// The object, counted as a use (a task's input, a peer's fetch).
     pub fn get(&self, id: TaskId) -> Option<Arc<Object>> {
-        self.lock().get(&id).cloned()
+        let mut objects = self.lock();
+        objects.clock += 1;
+        let clock = objects.clock;
+        let entry = objects.entries.get_mut(&id)?;
+        entry.last_used = clock;
+        let object = entry.object.clone();
+        if object.is_spilled() {
+            objects.unspilled += object.size();
+        }
+        Some(object)
     }
 
     pub fn contains(&self, id: TaskId) -> bool {
-        self.lock().contains_key(&id)
+        self.lock().entries.contains_key(&id)
     }
 
     pub fn remove(&self, id: TaskId) -> Option<Arc<Object>> {
-        self.lock().remove(&id)
+        let mut objects = self.lock();
+        let entry = objects.entries.remove(&id)?;
+        objects.count(&entry.object, -1);
+        Some(entry.object)
     }
 
-    pub fn total_bytes(&self) -> u64 {
-        self.lock().values().map(|o| o.size()).sum()
+    pub fn bytes(&self) -> StoreBytes {
+        let objects = self.lock();
+        StoreBytes {
+            in_memory: objects.in_memory,
+            on_disk: objects.on_disk,
+            unspilled: objects.unspilled,
+        }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, Arc<Object>>> {
+    /// Shared-memory objects nobody but the store holds (no task reads them, no peer is
+    /// being sent them), least recently used first, until they add up to `bytes`.
+    pub fn spill_candidates(&self, bytes: u64) -> Vec<(TaskId, Arc<Object>)> {
+        let objects = self.lock();
+        let mut idle: Vec<(u64, TaskId, &Arc<Object>)> = objects
+            .entries
+            .iter()
+            .filter(|(_, e)| e.object.is_shared() && Arc::strong_count(&e.object) == 1)
+            .map(|(id, e)| (e.last_used, *id, &e.object))
+            .collect();
+        idle.sort_unstable_by_key(|(last_used, ..)| *last_used);
+        let mut total = 0;
+        let mut chosen = Vec::new();
+        for (_, id, object) in idle {
+            if total >= bytes {
+                break;
+            }
+            total += object.size();
+            chosen.push((id, object.clone()));
+        }
+        chosen
+    }
+
+    /// Puts `spilled` in place of `id`'s object if that is still `original` (not released
+    /// or replaced meanwhile); false, and `spilled` dropped (its file removed), otherwise.
+    pub fn replace_spilled(&self, id: TaskId, original: &Arc<Object>, spilled: Object) -> bool {
+        let mut objects = self.lock();
+        let current = match objects.entries.get(&id) {
+            Some(entry) if Arc::ptr_eq(&entry.object, original) => entry.object.clone(),
+            _ => return false,
+        };
+        objects.count(&current, -1);
+        objects.count(&spilled, 1);
+        if let Some(entry) = objects.entries.get_mut(&id) {
+            entry.object = Arc::new(spilled);
+        }
+        true
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Objects> {
         // A panic while holding this lock leaves the map consistent (single inserts/removes).
         self.objects
             .lock()

@@ -14,6 +14,7 @@ use memmap2::MmapMut;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Most bytes kept free per worker: enough for a batch of large chunks in flight.
@@ -26,9 +27,19 @@ pub(super) struct FreeSegment {
     pub(super) map: MmapMut,
 }
 
-#[derive(Default)]
 pub(super) struct SegmentPool {
     free: Mutex<Free>,
+    /// Most bytes kept.
+    capacity: AtomicU64,
+}
+
+impl Default for SegmentPool {
+    fn default() -> Self {
+        SegmentPool {
+            free: Mutex::default(),
+            capacity: AtomicU64::new(MAX_FREE_BYTES),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -48,7 +59,7 @@ impl SegmentPool {
             return false;
         }
         let mut free = self.lock();
-        if free.bytes + size > MAX_FREE_BYTES {
+        if free.bytes + size > self.capacity.load(Ordering::Relaxed) {
             return false;
         }
         // Unlocked again: the lock only asked whether an executor still maps it.
@@ -77,6 +88,21 @@ impl SegmentPool {
         let segment = free.by_size.get_mut(&size)?.pop()?;
         free.bytes -= size;
         Some(segment)
+    }
+
+    /// Keeps at most `bytes` from now on.
+    pub(super) fn set_capacity(&self, bytes: u64) {
+        self.capacity
+            .store(bytes.min(MAX_FREE_BYTES), Ordering::Relaxed);
+    }
+
+    /// Gives every kept segment back to the system; returns the bytes freed.
+    pub(super) fn clear(&self) -> u64 {
+        let mut free = self.lock();
+        for segment in free.by_size.drain().flat_map(|(_, s)| s) {
+            let _ = std::fs::remove_file(&segment.path);
+        }
+        std::mem::take(&mut free.bytes)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Free> {

@@ -188,6 +188,7 @@ async fn serve_peer(connection: Authenticated, store: &Store) -> Result<(), Stri
                     .write_raw(object.bytes())
                     .await
                     .map_err(|e| e.to_string())?;
+                object.forget_pages();
             }
         }
         writer.flush().await.map_err(|e| e.to_string())?;

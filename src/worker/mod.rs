@@ -3,8 +3,10 @@
 //! `run` is the whole process around it.
 
 pub mod executor;
+mod memory;
 mod runtime;
 mod state;
 
+pub use memory::{MemoryLimit, MemoryPolicy, MemorySample, MemoryThresholds};
 pub use runtime::{run, run_with, ExecutorKind, WorkerConfig, WorkerError};
-pub use state::{Stats, WorkerComm, WorkerSettings, WorkerState};
+pub use state::{SpillOutcome, Stats, WorkerComm, WorkerSettings, WorkerState};

@@ -5,18 +5,19 @@
 use super::executor::{
     Executor, ExecutorEvent, PythonExecutor, PythonExecutorConfig, ShellExecutor,
 };
-use super::state::{WorkerComm, WorkerSettings, WorkerState};
+use super::memory::{MemoryPolicy, MemorySample};
+use super::state::{SpillOutcome, WorkerComm, WorkerSettings, WorkerState};
 use crate::heap::{FreedBytes, TRIM_WHEN_IDLE_AFTER};
 use crate::protocol::{
     FrameReader, FromWorker, FuncId, FunctionBlob, Role, RunTask, TaskId, ToWorker, Token,
     WorkerId, WorkerInfo, WorkerRegistration, WorkerTopology,
 };
-use crate::store::{Object, ShmDir, Store, StoreError, WORKER_SHM_PREFIX};
+use crate::store::{Object, ShmDir, SpillDir, Store, StoreError, WORKER_SHM_PREFIX};
 use crate::transport::tcp::{self, TcpTransport};
 use crate::transport::{Transport, TransportError};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -27,6 +28,9 @@ use tokio_util::task::TaskTracker;
 const WORKER_ID_ENV: &str = "RANKMESH_WORKER_ID";
 /// How long executors get to stop when the worker leaves.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How often a worker with a memory limit measures its memory: a task allocates hundreds
+/// of megabytes in a fraction of a second.
+const MEMORY_SAMPLE_INTERVAL: Duration = Duration::from_millis(50);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ExecutorKind {
@@ -39,8 +43,11 @@ pub struct WorkerConfig {
     pub scheduler: String,
     pub token: Token,
     pub nthreads: u32,
-    /// Bytes for the whole worker (split evenly among its executors); 0 means none.
-    pub memory_limit: u64,
+    /// Its memory limit and thresholds (`memory.rs`).
+    pub memory: MemoryPolicy,
+    /// Where results are spilled (a folder of its own is made inside); `None`:
+    /// `$SLURM_TMPDIR`, `$TMPDIR`, then /tmp.
+    pub local_directory: Option<PathBuf>,
     pub python: String,
     pub executor: ExecutorKind,
     /// Address the data server listens on, and the host name peers use to reach it.
@@ -99,7 +106,7 @@ pub async fn run_with(
         data_address,
         host: config.advertise_host.clone(),
         nthreads: config.nthreads,
-        memory_limit: config.memory_limit,
+        memory_limit: config.memory.limit,
         pid: std::process::id(),
         rank: config.rank,
         topology: config.topology.clone(),
@@ -134,7 +141,6 @@ pub async fn run_with(
         python: config.python.clone(),
         token: config.token.clone(),
         shm_dir: shm.path().to_path_buf(),
-        memory_limit: config.memory_limit / u64::from(config.nthreads.max(1)),
         env: config
             .executor_env
             .iter()
@@ -157,28 +163,48 @@ pub async fn run_with(
         })
         .collect();
     let (fetched_tx, fetched) = mpsc::unbounded_channel();
+    // Without a limit nothing is spilled, and no folder is made for it.
+    let spill_dir = match config.memory.limit {
+        0 => None,
+        limit => {
+            // Segments kept for reuse are memory too: a tenth of the limit at most.
+            shm.limit_free_segments(limit / 10);
+            let base = config
+                .local_directory
+                .clone()
+                .unwrap_or_else(local_directory);
+            Some(Arc::new(SpillDir::create(&base).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot make a spill folder in {}: {e}", base.display()),
+                )
+            })?))
+        }
+    };
+    let (spilled_tx, spilled) = mpsc::unbounded_channel();
     let settings = WorkerSettings {
         slots,
         max_crashes: config.max_crashes,
+        memory: config.memory.clone(),
     };
     let mut state = WorkerState::new(settings, store, peers);
     let mut comm = RuntimeComm {
         to_scheduler,
         transport,
         shm,
+        spill_dir,
         fetched_tx,
+        spilled_tx,
         executors,
     };
-    serve(
-        &mut state,
-        &mut comm,
-        &mut reader,
+    let channels = Channels {
         events,
         fetched,
-        &shutdown,
-    )
-    .await;
+        spilled,
+    };
+    serve(&mut state, &mut comm, &mut reader, channels, &shutdown).await;
     let stats = state.stats();
+    let memory = state.memory_report();
     tracing::info!(
         tasks = stats.tasks,
         task_seconds = stats.task_us as f64 * 1e-6,
@@ -186,6 +212,11 @@ pub async fn run_with(
         fetched_objects = stats.fetched_objects,
         fetched_bytes = stats.fetched_bytes,
         fetch_seconds = stats.fetch_us as f64 * 1e-6,
+        spilled_objects = stats.spilled_objects,
+        spilled_bytes = stats.spilled_bytes,
+        spill_failures = stats.spill_failures,
+        unspilled_bytes = memory.unspilled_total,
+        paused_seconds = memory.paused_seconds,
         "worker done"
     );
 
@@ -218,17 +249,27 @@ struct FetchDone {
     elapsed: Duration,
 }
 
+/// What comes back to the event loop besides scheduler messages.
+struct Channels {
+    events: mpsc::UnboundedReceiver<ExecutorEvent>,
+    fetched: mpsc::UnboundedReceiver<FetchDone>,
+    spilled: mpsc::UnboundedReceiver<Vec<SpillOutcome>>,
+}
+
 /// Feeds events to the state machine, one at a time, until the scheduler says stop, goes
-/// away, or `shutdown` fires; trims the heap after frees and when idle.
+/// away, or `shutdown` fires; measures memory when there is a limit; trims the heap after
+/// frees and when idle.
 async fn serve(
     state: &mut WorkerState,
     comm: &mut RuntimeComm,
     scheduler: &mut FrameReader<OwnedReadHalf>,
-    mut events: mpsc::UnboundedReceiver<ExecutorEvent>,
-    mut fetched: mpsc::UnboundedReceiver<FetchDone>,
+    mut channels: Channels,
     shutdown: &CancellationToken,
 ) {
     let mut freed = FreedBytes::default();
+    let measure_memory = comm.spill_dir.is_some();
+    let mut memory_tick = tokio::time::interval(MEMORY_SAMPLE_INTERVAL);
+    let mut last_sample = Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
@@ -248,9 +289,24 @@ async fn serve(
                     return;
                 }
             },
-            Some(event) = events.recv() => state.handle_executor(event, comm),
-            Some(done) = fetched.recv() => {
+            Some(event) = channels.events.recv() => state.handle_executor(event, comm),
+            Some(done) = channels.fetched.recv() => {
                 state.fetch_finished(done.peer, done.ids, done.result, done.elapsed, comm);
+            }
+            Some(outcomes) = channels.spilled.recv() => state.spill_finished(outcomes, comm),
+            _ = memory_tick.tick(), if measure_memory => {
+                let sample = MemorySample {
+                    worker_private: private_bytes(std::process::id()),
+                    executors: state
+                        .executor_pids()
+                        .into_iter()
+                        .map(|(slot, pid)| (slot, private_bytes(pid)))
+                        .collect(),
+                    shared: allocated_bytes(comm.shm.path()),
+                    elapsed: last_sample.elapsed(),
+                };
+                last_sample = Instant::now();
+                state.memory_sampled(sample, comm);
             }
             _ = tokio::time::sleep(TRIM_WHEN_IDLE_AFTER), if freed.pending() => {
                 freed.trim();
@@ -261,12 +317,55 @@ async fn serve(
     }
 }
 
+/// Where results are spilled by default: the job's node-local folder, else the temp one.
+fn local_directory() -> PathBuf {
+    ["SLURM_TMPDIR", "TMPDIR"]
+        .iter()
+        .find_map(|name| std::env::var_os(name).filter(|v| !v.is_empty()))
+        .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from)
+}
+
+/// A process's share of its anonymous resident memory (`Pss_Anon`: heap, arrays,
+/// stacks). Left out: shared memory (the worker counts its files once, mapped or not) and
+/// file pages (libraries, mapped spilled results), which the kernel can drop and reread.
+/// 0 if it is gone.
+fn private_bytes(pid: u32) -> u64 {
+    let Ok(rollup) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) else {
+        return 0;
+    };
+    let kb = |field: &str| {
+        rollup
+            .lines()
+            .find_map(|line| line.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    kb("Pss_Anon:") * 1024
+}
+
+/// Memory the files in `folder` take (tmpfs pages allocated to them).
+fn allocated_bytes(folder: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.blocks() * 512)
+        .sum()
+}
+
 /// The effects of the state machine, carried out.
 struct RuntimeComm {
     to_scheduler: mpsc::UnboundedSender<FromWorker>,
     transport: Arc<dyn Transport>,
     shm: Arc<ShmDir>,
+    /// Where results are spilled; none without a memory limit.
+    spill_dir: Option<Arc<SpillDir>>,
     fetched_tx: mpsc::UnboundedSender<FetchDone>,
+    spilled_tx: mpsc::UnboundedSender<Vec<SpillOutcome>>,
     executors: Vec<Box<dyn Executor>>,
 }
 
@@ -318,5 +417,47 @@ impl WorkerComm for RuntimeComm {
 
     fn map_in(&mut self, object: Arc<Object>) {
         tokio::task::spawn_blocking(move || object.map_in());
+    }
+
+    fn spill(&mut self, objects: Vec<(TaskId, Arc<Object>)>) {
+        let Some(dir) = self.spill_dir.clone() else {
+            return;
+        };
+        let done = self.spilled_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let outcomes = objects
+                .into_iter()
+                .map(|(id, object)| {
+                    let spilled = dir.spill(&object);
+                    (id, object, spilled)
+                })
+                .collect();
+            let _ = done.send(outcomes);
+        });
+    }
+
+    fn clear_after(&mut self, slot: usize, generation: u64) {
+        let id = super::executor::executor_id(slot, generation);
+        let removed = crate::store::remove_leftovers(self.shm.path(), &format!("{id}-"));
+        if removed > 0 {
+            tracing::info!(
+                executor = id,
+                removed,
+                "removed a dead executor's unreported results"
+            );
+        }
+    }
+
+    fn drop_reserves(&mut self) {
+        let freed = self.shm.drop_free_segments();
+        if freed > 0 {
+            tracing::debug!(freed, "gave back free shared-memory segments");
+        }
+    }
+
+    fn restart_executor(&mut self, slot: usize, generation: u64, reason: String) {
+        if let Some(executor) = self.executors.get_mut(slot) {
+            executor.restart(generation, reason);
+        }
     }
 }

@@ -4,10 +4,11 @@
 //! (`runtime.rs`) implements it, tests record it.
 
 use super::executor::ExecutorEvent;
+use super::memory::{MemoryPolicy, MemorySample, MemoryState};
 use crate::heap::ShrinkWhenSparse;
 use crate::protocol::{
     ComputeTask, ErrorInfo, FromWorker, FuncId, FunctionBlob, IdMap, IdSet, ObjectRef, RunTask,
-    TaskDone, TaskId, TaskOutcome, ToWorker, WorkerId, WorkerInfo,
+    TaskDone, TaskId, TaskOutcome, ToWorker, WorkerId, WorkerInfo, WorkerMemory,
 };
 use crate::store::{Object, Store, StoreError};
 use crate::transport::{Fetched, TransportError};
@@ -21,6 +22,15 @@ use std::time::Duration;
 /// Work queued per executor, in seconds of average task time (tiny tasks get deep queues).
 const TARGET_QUEUED_WORK_S: f64 = 1e-3;
 const MAX_EXECUTOR_DEPTH: usize = 64;
+/// Memory samples to let pass after a failed spill before spilling again (a second at
+/// the runtime's 50 ms): a full disk must not turn the event loop into a retry loop.
+const SAMPLES_BEFORE_SPILL_RETRY: u32 = 20;
+/// Memory samples between two reports to the scheduler when nothing else calls for one
+/// (a second at the runtime's 50 ms).
+const SAMPLES_PER_REPORT: u32 = 20;
+
+/// Spilled results: (task, the object as it was in memory, its copy on disk or why not).
+pub type SpillOutcome = (TaskId, Arc<Object>, Result<Object, StoreError>);
 
 /// Every effect of the worker's state machine.
 pub trait WorkerComm {
@@ -43,6 +53,17 @@ pub trait WorkerComm {
     fn adopt(&mut self, path: &Path, layout: Vec<u64>) -> Result<Object, StoreError>;
     /// Maps a stored shared-memory object's pages in, off the event loop.
     fn map_in(&mut self, object: Arc<Object>);
+    /// Writes results to disk, off the event loop; the outcome comes back to
+    /// [`WorkerState::spill_finished`].
+    fn spill(&mut self, objects: Vec<(TaskId, Arc<Object>)>);
+    /// Restarts a slot's executor generation: the worker's memory is over its terminate
+    /// threshold and that executor holds the most.
+    fn restart_executor(&mut self, slot: usize, generation: u64, reason: String);
+    /// Gives back memory kept only to go faster (released shared-memory segments).
+    fn drop_reserves(&mut self);
+    /// Removes what a dead executor generation wrote and never reported (or half wrote).
+    /// Called once every result it reported has been taken over.
+    fn clear_after(&mut self, slot: usize, generation: u64);
 }
 
 /// How a worker is set up.
@@ -52,11 +73,15 @@ pub struct WorkerSettings {
     pub slots: usize,
     /// How often a task may take its executor down before it fails.
     pub max_crashes: u32,
+    pub memory: MemoryPolicy,
 }
 
 /// An assigned task, from arrival until its result is stored or it fails.
 struct Pending {
     compute: ComputeTask,
+    /// Its inputs while it runs: an executor is reading them, so they are not spilled
+    /// (nor their files removed) under it.
+    held_inputs: Vec<Arc<Object>>,
     /// Inputs still being fetched.
     missing: usize,
     crashes: u32,
@@ -71,6 +96,8 @@ struct Pending {
 struct Slot {
     /// 0 until the executor is up; the generation that work must be sent to.
     generation: u64,
+    /// Its process while it is up, 0 otherwise (or when it is not a process).
+    pid: u32,
     in_flight: Vec<TaskId>,
     functions_sent: IdSet<FuncId>,
     /// Runs one suspect task alone, so a crash can be blamed on it.
@@ -87,6 +114,9 @@ pub struct Stats {
     pub fetched_bytes: u64,
     /// Summed over fetches, which overlap.
     pub fetch_us: u64,
+    pub spilled_objects: u64,
+    pub spilled_bytes: u64,
+    pub spill_failures: u64,
 }
 
 pub struct WorkerState {
@@ -99,6 +129,12 @@ pub struct WorkerState {
     suspects: VecDeque<TaskId>,
     /// Inputs being fetched, and the tasks waiting for them.
     fetching: IdMap<TaskId, Vec<TaskId>>,
+    /// Fetches (peer, inputs) not started yet: the worker is paused, or has enough bytes
+    /// on their way already.
+    deferred_fetches: Vec<(WorkerId, Vec<TaskId>)>,
+    /// Sizes of the inputs to fetch, and the bytes of the fetches under way.
+    fetch_sizes: IdMap<TaskId, u64>,
+    fetching_bytes: u64,
     slots: Vec<Slot>,
     task_duration_s: f64,
     max_crashes: u32,
@@ -107,6 +143,12 @@ pub struct WorkerState {
     stats: Stats,
     /// Bytes of heap results and function code dropped since the runtime last asked.
     freed_bytes: u64,
+    memory: MemoryState,
+    /// Why the last spill failed, until one succeeds.
+    spill_error: Option<String>,
+    /// Samples to wait before the next spill after one failed.
+    spill_backoff: u32,
+    samples_since_report: u32,
 }
 
 impl WorkerState {
@@ -119,6 +161,9 @@ impl WorkerState {
             ready: BinaryHeap::new(),
             suspects: VecDeque::new(),
             fetching: IdMap::default(),
+            deferred_fetches: Vec::new(),
+            fetch_sizes: IdMap::default(),
+            fetching_bytes: 0,
             slots: (0..settings.slots.max(1))
                 .map(|_| Slot::default())
                 .collect(),
@@ -128,11 +173,21 @@ impl WorkerState {
             replicated: Vec::new(),
             stats: Stats::default(),
             freed_bytes: 0,
+            memory: MemoryState::new(settings.memory),
+            spill_error: None,
+            spill_backoff: 0,
+            samples_since_report: 0,
         }
     }
 
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// (slot, pid) of the executors that are up as processes, for memory samples.
+    pub fn executor_pids(&self) -> Vec<(usize, u32)> {
+        let up = self.slots.iter().enumerate().filter(|(_, s)| s.pid != 0);
+        up.map(|(index, s)| (index, s.pid)).collect()
     }
 
     /// Bytes of heap results and function code dropped since the last call, for the
@@ -165,7 +220,11 @@ impl WorkerState {
     /// What an executor said, or that it died.
     pub fn handle_executor(&mut self, event: ExecutorEvent, comm: &mut impl WorkerComm) {
         match event {
-            ExecutorEvent::Ready { slot, generation } => self.executor_ready(slot, generation),
+            ExecutorEvent::Ready {
+                slot,
+                generation,
+                pid,
+            } => self.executor_ready(slot, generation, pid),
             ExecutorEvent::Results { slot, outcomes } => {
                 self.executor_finished(slot, outcomes, comm)
             }
@@ -189,6 +248,10 @@ impl WorkerState {
     ) {
         self.stats.fetches += 1;
         self.stats.fetch_us += elapsed.as_micros() as u64;
+        for id in &ids {
+            let size = self.fetch_sizes.remove(id).unwrap_or(0);
+            self.fetching_bytes = self.fetching_bytes.saturating_sub(size);
+        }
         match result {
             Ok(objects) => {
                 for (id, object) in objects {
@@ -208,11 +271,111 @@ impl WorkerState {
         self.after_event(comm);
     }
 
-    /// Every event ends here: ready tasks go to executors, reports to the scheduler.
+    /// How its memory stands, for the scheduler and the exit log.
+    pub fn memory_report(&self) -> WorkerMemory {
+        let bytes = self.store.bytes();
+        let counters = self.memory.counters();
+        WorkerMemory {
+            paused: self.paused_for_scheduler(),
+            limit: self.memory.policy().limit,
+            process_bytes: counters.process_bytes,
+            managed_bytes: bytes.in_memory,
+            spilled_bytes: bytes.on_disk,
+            spilled_total: self.stats.spilled_bytes,
+            unspilled_total: bytes.unspilled,
+            paused_seconds: counters.paused_for.as_secs_f64(),
+        }
+    }
+
+    /// The runtime measured the worker's memory: spill, pause or resume, restart the
+    /// largest executor, as the memory policy says; report to the scheduler.
+    pub fn memory_sampled(&mut self, sample: MemorySample, comm: &mut impl WorkerComm) {
+        let managed = self.store.bytes().in_memory;
+        self.spill_backoff = self.spill_backoff.saturating_sub(1);
+        let actions = self.memory.sampled(&sample, managed);
+        if actions.relieve {
+            comm.drop_reserves();
+        }
+        self.spill(actions.spill, comm);
+        if let Some(index) = actions.restart {
+            if let Some(slot) = self.slots.get(index).filter(|s| s.generation != 0) {
+                let reason = format!(
+                    "restarted: the worker's memory ({} bytes) was over its terminate threshold \
+                     (of its memory limit of {} bytes), and this executor held the most",
+                    sample.process_bytes(),
+                    self.memory.policy().limit
+                );
+                comm.restart_executor(index, slot.generation, reason);
+            }
+        }
+        self.samples_since_report += 1;
+        if actions.pause.is_some() || self.samples_since_report >= SAMPLES_PER_REPORT {
+            self.samples_since_report = 0;
+            comm.send(FromWorker::Memory(self.memory_report()));
+        }
+        self.after_event(comm);
+    }
+
+    /// Spills ended: each written copy replaces its object in memory (unless released
+    /// meanwhile); a failure is remembered, and while it lasts a paused worker fails the
+    /// tasks it cannot take rather than hold them forever.
+    pub fn spill_finished(&mut self, outcomes: Vec<SpillOutcome>, comm: &mut impl WorkerComm) {
+        let paused_before = self.paused_for_scheduler();
+        for (id, original, result) in outcomes {
+            self.memory.spill_ended(original.size());
+            match result {
+                Ok(spilled) => {
+                    let size = spilled.size();
+                    if self.store.replace_spilled(id, &original, spilled) {
+                        self.stats.spilled_objects += 1;
+                        self.stats.spilled_bytes += size;
+                    }
+                    self.spill_error = None;
+                }
+                Err(e) => {
+                    self.stats.spill_failures += 1;
+                    if self.spill_error.is_none() {
+                        tracing::error!("cannot spill results to disk: {e}");
+                    }
+                    self.spill_error = Some(e.to_string());
+                    self.spill_backoff = SAMPLES_BEFORE_SPILL_RETRY;
+                }
+            }
+        }
+        if self.paused_for_scheduler() != paused_before {
+            comm.send(FromWorker::Memory(self.memory_report()));
+        }
+        self.after_event(comm);
+    }
+
+    /// Every event ends here: results beyond the memory target go to disk, ready tasks to
+    /// executors, reports to the scheduler.
     fn after_event(&mut self, comm: &mut impl WorkerComm) {
+        let spill = self.memory.stored(self.store.bytes().in_memory);
+        self.spill(spill, comm);
+        self.start_fetches(comm);
         self.dispatch(comm);
         self.flush(comm);
         self.shrink_tables();
+    }
+
+    /// Hands `bytes` of idle results, least recently used first, to be spilled (none for
+    /// a while after a spill failed).
+    fn spill(&mut self, bytes: u64, comm: &mut impl WorkerComm) {
+        if bytes == 0 {
+            return;
+        }
+        if self.spill_backoff > 0 {
+            self.memory.spill_ended(bytes);
+            return;
+        }
+        let chosen = self.store.spill_candidates(bytes);
+        let found: u64 = chosen.iter().map(|(_, o)| o.size()).sum();
+        // What cannot be spilled now is asked for again at the next event or sample.
+        self.memory.spill_ended(bytes.saturating_sub(found));
+        if !chosen.is_empty() {
+            comm.spill(chosen);
+        }
     }
 
     // ------------------------------------------------------------------ scheduler events
@@ -224,11 +387,64 @@ impl WorkerState {
         for compute in tasks {
             self.task_assigned(compute, &mut wanted_from, comm);
         }
+        // One request per peer, split so that none brings more than the transfer cap.
+        let cap = self.transfer_cap();
         for (peer, ids) in wanted_from {
-            if let Some(info) = self.peers.get(&peer) {
-                comm.fetch(info, ids);
+            let mut batch = Vec::new();
+            let mut bytes = 0u64;
+            for id in ids {
+                let size = self.fetch_sizes.get(&id).copied().unwrap_or(0);
+                if !batch.is_empty() && bytes.saturating_add(size) > cap {
+                    self.deferred_fetches
+                        .push((peer, std::mem::take(&mut batch)));
+                    bytes = 0;
+                }
+                batch.push(id);
+                bytes += size;
+            }
+            self.deferred_fetches.push((peer, batch));
+        }
+        self.start_fetches(comm);
+    }
+
+    /// Most bytes of fetches under way at once: with a memory limit a tenth of it (as
+    /// Dask's transfer limit), else no cap.
+    fn transfer_cap(&self) -> u64 {
+        match self.memory.policy().limit {
+            0 => u64::MAX,
+            limit => limit / 10,
+        }
+    }
+
+    /// Starts the fetches put off, in order: none while paused (nothing more comes into
+    /// its memory), and no more than the transfer cap on the way at once, though always
+    /// one.
+    fn start_fetches(&mut self, comm: &mut impl WorkerComm) {
+        if self.memory.is_paused() {
+            return;
+        }
+        let cap = self.transfer_cap();
+        let mut later = Vec::new();
+        for (peer, ids) in std::mem::take(&mut self.deferred_fetches) {
+            let bytes: u64 = ids.iter().filter_map(|id| self.fetch_sizes.get(id)).sum();
+            if self.fetching_bytes > 0 && self.fetching_bytes.saturating_add(bytes) > cap {
+                later.push((peer, ids));
+                continue;
+            }
+            match self.peers.get(&peer) {
+                Some(info) => {
+                    self.fetching_bytes += bytes;
+                    comm.fetch(info, ids);
+                }
+                None => {
+                    for id in ids {
+                        self.fetch_sizes.remove(&id);
+                        self.input_missing(id, peer, "it left before the fetch began", comm);
+                    }
+                }
             }
         }
+        self.deferred_fetches = later;
     }
 
     fn task_assigned(
@@ -259,12 +475,14 @@ impl WorkerState {
             };
             self.fetching.insert(input.id, vec![id]);
             wanted_from.entry(*holder).or_default().push(input.id);
+            self.fetch_sizes.insert(input.id, input.size);
         }
         let priority = compute.priority;
         self.tasks.insert(
             id,
             Pending {
                 compute,
+                held_inputs: Vec::new(),
                 missing,
                 crashes: 0,
                 running: false,
@@ -361,9 +579,10 @@ impl WorkerState {
     // ------------------------------------------------------------------ executor events
 
     /// A slot's executor (a new generation of it) is up: work may go to it.
-    fn executor_ready(&mut self, slot: usize, generation: u64) {
+    fn executor_ready(&mut self, slot: usize, generation: u64, pid: u32) {
         if let Some(slot) = self.slots.get_mut(slot) {
             slot.generation = generation;
+            slot.pid = pid;
             slot.functions_sent.clear();
         }
     }
@@ -434,10 +653,15 @@ impl WorkerState {
         traceback: String,
         comm: &mut impl WorkerComm,
     ) {
-        let Some(slot) = self.slots.get_mut(slot) else {
+        let index = slot;
+        let Some(slot) = self.slots.get_mut(index) else {
             return;
         };
+        if slot.generation != 0 {
+            comm.clear_after(index, slot.generation);
+        }
         slot.generation = 0;
+        slot.pid = 0;
         slot.exclusive = false;
         let lost = std::mem::take(&mut slot.in_flight);
         let blamed = (lost.len() == 1).then(|| lost[0]);
@@ -446,6 +670,7 @@ impl WorkerState {
                 continue;
             };
             task.running = false;
+            task.held_inputs.clear();
             if task.cancelled {
                 self.tasks.remove(&id);
                 continue;
@@ -481,6 +706,10 @@ impl WorkerState {
     /// Hands ready tasks to executors: suspects alone to idle executors, then the rest
     /// dealt round-robin up to each executor's queue depth.
     fn dispatch(&mut self, comm: &mut impl WorkerComm) {
+        if self.memory.is_paused() {
+            self.fail_ready_if_stuck(comm);
+            return;
+        }
         let depth = ((TARGET_QUEUED_WORK_S / self.task_duration_s.max(1e-7)).ceil() as usize)
             .clamp(1, MAX_EXECUTOR_DEPTH);
         let mut batches: Vec<Vec<TaskId>> = vec![Vec::new(); self.slots.len()];
@@ -522,6 +751,37 @@ impl WorkerState {
         }
     }
 
+    /// Paused, and results cannot go to disk: memory will not come down on its own, so
+    /// every task waiting here (to run or for inputs) fails with the reason instead of
+    /// waiting forever. The scheduler is told the worker is not paused, so that the work
+    /// it holds back comes here and fails the same way rather than wait for a resume.
+    fn fail_ready_if_stuck(&mut self, comm: &mut impl WorkerComm) {
+        let Some(why) = self.spill_error.clone() else {
+            return;
+        };
+        let report = self.memory_report();
+        let message = format!(
+            "the worker's memory ({} bytes) is over its pause threshold (of a {}-byte limit) \
+             and it cannot spill results to disk: {why}",
+            report.process_bytes, report.limit
+        );
+        let waiting: Vec<TaskId> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| !t.running && !t.cancelled)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in waiting {
+            self.fail(id, ErrorInfo::runtime("SpillError", message.clone()), comm);
+        }
+    }
+
+    /// Paused as the scheduler should see it: not while spilling fails (see
+    /// [`Self::fail_ready_if_stuck`]).
+    fn paused_for_scheduler(&self) -> bool {
+        self.memory.is_paused() && self.spill_error.is_none()
+    }
+
     fn pop_ready(&mut self) -> Option<Reverse<(i64, TaskId)>> {
         while let Some(entry) = self.ready.pop() {
             if self.tasks.get(&entry.0 .1).is_some_and(|t| !t.running) {
@@ -540,16 +800,18 @@ impl WorkerState {
             let Some(task) = self.tasks.get_mut(&id) else {
                 continue;
             };
-            let inputs = task
+            let held = task
                 .compute
                 .inputs
                 .iter()
-                .map(|input| self.store.get(input.id).map(|o| o.to_ref()))
+                .map(|input| self.store.get(input.id))
                 .collect::<Option<Vec<_>>>();
-            let Some(inputs) = inputs else {
+            let Some(held) = held else {
                 released_inputs.push(id);
                 continue;
             };
+            let inputs = held.iter().map(|o| o.to_ref()).collect();
+            task.held_inputs = held;
             task.running = true;
             for func in &task.compute.funcs {
                 if slot.functions_sent.contains(func) {

@@ -101,12 +101,14 @@ impl Scheduler {
                 processing.get(id).copied().unwrap_or(0),
                 "processing of worker {id}"
             );
-            assert!(
+            assert_eq!(
                 self.load_index.contains(&worker.load()),
+                !worker.memory.paused,
                 "load index lags worker {id}"
             );
         }
-        assert_eq!(self.load_index.len(), self.workers.len());
+        let running = self.workers.values().filter(|w| !w.memory.paused).count();
+        assert_eq!(self.load_index.len(), running);
         self.check_functions();
     }
 

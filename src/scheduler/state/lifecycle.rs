@@ -6,6 +6,7 @@ use super::Scheduler;
 use crate::heap::ShrinkWhenSparse;
 use crate::protocol::{
     ClientId, ErrorInfo, FuncId, IdMap, IdSet, TaskDone, TaskFinished, TaskId, ToClient, WorkerId,
+    WorkerMemory,
 };
 use std::collections::BTreeMap;
 use std::mem;
@@ -172,13 +173,38 @@ impl Scheduler {
         let Some(w) = self.workers.get_mut(&worker) else {
             return;
         };
-        self.load_index.remove(&w.load());
+        let indexed = !w.memory.paused;
+        if indexed {
+            self.load_index.remove(&w.load());
+        }
         if assigned {
             w.processing += 1;
         } else {
             w.processing = w.processing.saturating_sub(1);
         }
-        self.load_index.insert(w.load());
+        if indexed {
+            self.load_index.insert(w.load());
+        }
+    }
+
+    /// A worker reported its memory. Paused, it leaves the load index: no root task goes
+    /// to it and placement passes it over; resumed, it comes back.
+    pub(super) fn worker_memory(&mut self, worker: WorkerId, memory: WorkerMemory) {
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        match (w.memory.paused, memory.paused) {
+            (false, true) => {
+                tracing::info!(worker = %worker, bytes = memory.process_bytes, "worker paused");
+                self.load_index.remove(&w.load());
+            }
+            (true, false) => {
+                tracing::info!(worker = %worker, bytes = memory.process_bytes, "worker resumed");
+                self.load_index.insert(w.load());
+            }
+            _ => {}
+        }
+        w.memory = memory;
     }
 
     /// Queues a ready task: roots are withheld for [`Self::schedule`] to hand out as

@@ -4,7 +4,7 @@ use super::records::{Client, TaskState, Worker};
 use super::{Departure, Scheduler};
 use crate::protocol::{
     ClientId, ErrorInfo, IdSet, TaskFinished, TaskId, ToClient, ToWorker, WorkerId, WorkerInfo,
-    WorkerRegistration,
+    WorkerMemory, WorkerRegistration,
 };
 use crate::scheduler::placement::NodeId;
 use crate::scheduler::Comm;
@@ -51,6 +51,7 @@ impl Scheduler {
             node,
             processing: 0,
             sent_funcs: IdSet::default(),
+            memory: WorkerMemory::default(),
         };
         self.load_index.insert(worker.load());
         self.workers.insert(id, worker);

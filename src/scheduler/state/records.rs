@@ -3,7 +3,7 @@
 
 use crate::protocol::{
     ClientId, ErrorInfo, FuncId, IdSet, TaskFinished, TaskId, ToClient, ToWorker, WorkerId,
-    WorkerInfo,
+    WorkerInfo, WorkerMemory,
 };
 use crate::scheduler::placement::{Load, NodeId};
 use crate::scheduler::Comm;
@@ -107,6 +107,8 @@ pub(super) struct Worker {
     pub(super) processing: u32,
     /// Function blobs it has been sent.
     pub(super) sent_funcs: IdSet<FuncId>,
+    /// Its last memory report. Paused, it gets no tasks (and is out of the load index).
+    pub(super) memory: WorkerMemory,
 }
 
 impl Worker {

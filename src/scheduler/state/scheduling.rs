@@ -21,19 +21,23 @@ impl Scheduler {
             return; // ready tasks wait for a worker to register
         }
         let mut batches: BTreeMap<WorkerId, Vec<ComputeTask>> = BTreeMap::new();
+        let mut waiting_for_room = Vec::new();
         for id in mem::take(&mut self.ready) {
-            if !self
-                .tasks
-                .get(&id)
-                .is_some_and(|t| matches!(t.state, TaskState::Ready))
-            {
+            let Some(task) = self.tasks.get(&id) else {
+                continue;
+            };
+            if !matches!(task.state, TaskState::Ready) {
                 continue; // stale: cancelled, failed or requeued since
             }
+            let restricted = !task.restricted_to.is_empty();
             match self.place(id) {
                 Some(worker) => self.assign(id, worker, &mut batches),
-                None => self.fail_unplaceable(id),
+                None if restricted => self.fail_unplaceable(id),
+                // Every worker is paused: it waits for one to resume.
+                None => waiting_for_room.push(id),
             }
         }
+        self.ready = waiting_for_room;
         let depth =
             placement::queue_depth(self.config.target_queued_work_s, self.avg_task_duration_s);
         'roots: while let Some(least) = self.load_index.least_loaded() {
@@ -138,6 +142,10 @@ impl Scheduler {
             let Some(w) = workers.get(&worker) else {
                 return;
             };
+            // A paused worker takes no new tasks, unless it is the only place allowed.
+            if w.memory.paused && task.restricted_to.is_empty() {
+                return;
+            }
             let (mut missing_bytes, mut node_bytes, mut held_bytes) = (0, 0, 0);
             for (holders, size) in inputs() {
                 if holders.contains(&worker) {

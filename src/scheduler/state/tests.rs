@@ -151,6 +151,13 @@ impl TestEnv {
         self.client_msg(client, msg);
     }
 
+    /// The worker's connection broke (it died).
+    fn lose_worker(&mut self, worker: WorkerId) {
+        self.scheduler
+            .remove_worker(worker, Departure::Lost, &mut self.comm);
+        self.scheduler.sanity_check();
+    }
+
     fn worker_msg(&mut self, worker: WorkerId, msg: FromWorker) {
         self.scheduler.handle_worker(worker, msg, &mut self.comm);
         self.scheduler.sanity_check();
@@ -784,9 +791,7 @@ fn a_lost_worker_has_its_tasks_reassigned_and_results_recomputed() {
     env.schedule();
     assert_eq!(env.computed(w1), [sum], "next to its big input");
 
-    env.scheduler
-        .remove_worker(w1, Departure::Lost, &mut env.comm);
-    env.scheduler.sanity_check();
+    env.lose_worker(w1);
     assert_eq!(env.comm.take_worker(w2), [ToWorker::PeerRemoved(w1)]);
     assert_eq!(env.comm.take_client(c), [ToClient::WorkerRemoved(w1)]);
     env.schedule();
@@ -822,9 +827,7 @@ fn a_lost_result_is_recomputed_from_inputs_released_before() {
         }
     }
     assert_eq!(env.finished(c), [z]);
-    env.scheduler
-        .remove_worker(w1, Departure::Lost, &mut env.comm);
-    env.scheduler.sanity_check();
+    env.lose_worker(w1);
     assert_eq!(env.comm.take_worker(w2), [ToWorker::PeerRemoved(w1)]);
     assert_eq!(env.comm.take_client(c), [ToClient::WorkerRemoved(w1)]);
     // The whole chain runs again, each input dropped again once used.
@@ -869,9 +872,7 @@ fn a_lost_result_whose_input_failed_on_recompute_fails_too() {
     assert_eq!(env.finished(c), [y]);
     env.worker_msg(w2, FromWorker::Replicated(vec![y]));
     // x is lost and recomputed; y survives on w2.
-    env.scheduler
-        .remove_worker(w1, Departure::Lost, &mut env.comm);
-    env.scheduler.sanity_check();
+    env.lose_worker(w1);
     env.comm.take_worker(w2);
     env.comm.take_worker(w3);
     env.comm.take_client(c);
@@ -884,9 +885,7 @@ fn a_lost_result_whose_input_failed_on_recompute_fails_too() {
         matches!(env.comm.take_client(c).as_slice(), [ToClient::Failed { ids, origin, .. }] if *ids == [x] && *origin == x)
     );
     // Now y is lost as well: its input cannot be recomputed, so it fails with x's error.
-    env.scheduler
-        .remove_worker(w2, Departure::Lost, &mut env.comm);
-    env.scheduler.sanity_check();
+    env.lose_worker(w2);
     assert_eq!(env.comm.take_worker(w3), [ToWorker::PeerRemoved(w2)]);
     match env.comm.take_client(c).as_slice() {
         [ToClient::WorkerRemoved(_), ToClient::Failed { ids, origin, error }] => {
@@ -1159,9 +1158,7 @@ fn a_task_restricted_to_workers_that_are_gone_fails_instead_of_waiting() {
     let [x, y] = ids(c, 0..2)[..] else {
         unreachable!()
     };
-    env.scheduler
-        .remove_worker(w2, Departure::Lost, &mut env.comm);
-    env.scheduler.sanity_check();
+    env.lose_worker(w2);
     env.comm.take_worker(w1);
     env.comm.take_client(c);
     let never_registered = WorkerId(99);
@@ -1235,9 +1232,7 @@ fn a_task_whose_workers_keep_dying_fails_with_killed_worker() {
             .find(|&&w| !dead.contains(&w) && !env.comm.take_worker(w).is_empty())
             .expect("the task went to a live worker");
         dead.push(on);
-        env.scheduler
-            .remove_worker(on, Departure::Lost, &mut env.comm);
-        env.scheduler.sanity_check();
+        env.lose_worker(on);
         let msgs = env.comm.take_client(c);
         if attempt < 3 {
             assert_eq!(msgs, [ToClient::WorkerRemoved(on)], "attempt {attempt}");
@@ -1286,9 +1281,7 @@ fn workers_leaving_on_purpose_count_nothing_against_their_tasks() {
         assert_eq!(env.computed(w), [task]);
         env.worker_msg(w, FromWorker::Leaving);
         // Its connection closes after it said so.
-        env.scheduler
-            .remove_worker(w, Departure::Lost, &mut env.comm);
-        env.scheduler.sanity_check();
+        env.lose_worker(w);
         assert_eq!(env.comm.take_client(c), [ToClient::WorkerRemoved(w)]);
     }
     let w = env.worker(1);
@@ -1369,9 +1362,7 @@ fn a_wanted_result_kept_elsewhere_is_announced_again_when_a_holder_dies() {
     env.done(w1, &[x]);
     assert_eq!(env.finished(c), [x]);
     env.worker_msg(w2, FromWorker::Replicated(vec![x]));
-    env.scheduler
-        .remove_worker(w1, Departure::Lost, &mut env.comm);
-    env.scheduler.sanity_check();
+    env.lose_worker(w1);
     assert_eq!(env.comm.take_worker(w2), [ToWorker::PeerRemoved(w1)]);
     match env.comm.take_client(c).as_slice() {
         [ToClient::WorkerRemoved(gone), ToClient::Finished(finished)] => {

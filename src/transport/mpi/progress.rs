@@ -52,6 +52,15 @@ enum Outbound {
     Piece(Arc<Object>, Range<usize>),
 }
 
+impl Drop for Outbound {
+    fn drop(&mut self) {
+        // MPI is done with it: a spilled object's pages need not stay mapped here.
+        if let Outbound::Piece(object, _) = self {
+            object.forget_pages();
+        }
+    }
+}
+
 impl AsRef<[u8]> for Outbound {
     fn as_ref(&self) -> &[u8] {
         match self {

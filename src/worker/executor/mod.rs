@@ -5,7 +5,7 @@
 mod python;
 mod shell;
 
-pub use python::{PythonExecutor, PythonExecutorConfig};
+pub use python::{executor_id, PythonExecutor, PythonExecutorConfig};
 pub use shell::ShellExecutor;
 
 use crate::protocol::{FuncId, FunctionBlob, RunTask, TaskOutcome};
@@ -18,13 +18,15 @@ pub enum ExecutorEvent {
     Ready {
         slot: usize,
         generation: u64,
+        /// Its process (0 for an executor that is not one), whose memory the worker counts.
+        pid: u32,
     },
     Results {
         slot: usize,
         outcomes: Vec<TaskOutcome>,
     },
-    /// The executor died (crashed, was killed, or exceeded its memory limit and was
-    /// killed); everything it had in flight is lost. A new generation follows.
+    /// The executor died (crashed, was killed, or was restarted for the worker's memory);
+    /// everything it had in flight is lost. A new generation follows.
     Died {
         slot: usize,
         reason: String,
@@ -41,4 +43,7 @@ pub trait Executor: Send {
 
     /// Drops functions no task uses any more (they are sent again if one does).
     fn release_functions(&mut self, generation: u64, ids: Vec<FuncId>);
+
+    /// Ends this generation (it is reported `Died` with `reason`, and replaced).
+    fn restart(&mut self, generation: u64, reason: String);
 }

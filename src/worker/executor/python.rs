@@ -19,7 +19,6 @@ use tokio_util::sync::CancellationToken;
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long an executor asked to stop may take before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(2);
-const MEMORY_POLL: Duration = Duration::from_millis(100);
 
 #[derive(Clone, Debug)]
 pub struct PythonExecutorConfig {
@@ -27,14 +26,18 @@ pub struct PythonExecutorConfig {
     pub token: Token,
     /// The worker's private folder: objects, and the executors' sockets.
     pub shm_dir: PathBuf,
-    /// Resident-set limit of one executor in bytes; 0 means none.
-    pub memory_limit: u64,
     /// Set in the executor's environment.
     pub env: Vec<(String, String)>,
 }
 
 pub struct PythonExecutor {
-    tx: mpsc::UnboundedSender<(u64, ToExecutor)>,
+    tx: mpsc::UnboundedSender<Work>,
+}
+
+/// What the worker asks of a generation (work for an earlier generation is dropped).
+enum Work {
+    Send(u64, ToExecutor),
+    Restart(u64, String),
 }
 
 impl PythonExecutor {
@@ -53,15 +56,21 @@ impl PythonExecutor {
 impl Executor for PythonExecutor {
     fn run(&mut self, generation: u64, functions: Vec<FunctionBlob>, tasks: Vec<RunTask>) {
         if !functions.is_empty() {
-            let _ = self.tx.send((generation, ToExecutor::Functions(functions)));
+            let _ = self
+                .tx
+                .send(Work::Send(generation, ToExecutor::Functions(functions)));
         }
-        let _ = self.tx.send((generation, ToExecutor::Run(tasks)));
+        let _ = self.tx.send(Work::Send(generation, ToExecutor::Run(tasks)));
     }
 
     fn release_functions(&mut self, generation: u64, ids: Vec<FuncId>) {
         let _ = self
             .tx
-            .send((generation, ToExecutor::ReleaseFunctions(ids)));
+            .send(Work::Send(generation, ToExecutor::ReleaseFunctions(ids)));
+    }
+
+    fn restart(&mut self, generation: u64, reason: String) {
+        let _ = self.tx.send(Work::Restart(generation, reason));
     }
 }
 
@@ -69,7 +78,7 @@ impl Executor for PythonExecutor {
 async fn supervise(
     slot: usize,
     config: PythonExecutorConfig,
-    mut work: mpsc::UnboundedReceiver<(u64, ToExecutor)>,
+    mut work: mpsc::UnboundedReceiver<Work>,
     events: EventSender,
     shutdown: CancellationToken,
 ) {
@@ -103,7 +112,7 @@ async fn supervise(
             Err(reason) => reason,
         };
         tracing::warn!(slot, "executor died: {reason}");
-        let traceback = clear_up_after(&config.shm_dir, &executor_id(slot, generation));
+        let traceback = take_fault_report(&config.shm_dir, &executor_id(slot, generation));
         let died = ExecutorEvent::Died {
             slot,
             reason,
@@ -122,7 +131,7 @@ async fn run_generation(
     config: &PythonExecutorConfig,
     socket: &std::path::Path,
     listener: &UnixListener,
-    work: &mut mpsc::UnboundedReceiver<(u64, ToExecutor)>,
+    work: &mut mpsc::UnboundedReceiver<Work>,
     events: &EventSender,
     shutdown: &CancellationToken,
 ) -> Result<(), String> {
@@ -154,7 +163,11 @@ async fn run_generation(
         return Err(format!("executor (pid {pid}) failed its handshake: {e}"));
     }
     if events
-        .send(ExecutorEvent::Ready { slot, generation })
+        .send(ExecutorEvent::Ready {
+            slot,
+            generation,
+            pid,
+        })
         .is_err()
     {
         return stop(child).await;
@@ -168,7 +181,6 @@ async fn run_generation(
             Err(e) => format!("lost its connection ({e})"),
         }
     });
-    let mut memory_tick = tokio::time::interval(MEMORY_POLL);
     let ended = loop {
         tokio::select! {
             _ = shutdown.cancelled() => {
@@ -177,13 +189,18 @@ async fn run_generation(
                 let _ = tokio::time::timeout(STOP_GRACE, &mut writing).await;
                 return stop(child).await;
             }
-            item = work.recv() => {
-                let Some((item_generation, msg)) = item else { return stop(child).await };
+            item = work.recv() => match item {
+                None => return stop(child).await,
                 // Work meant for an executor that died is dropped.
-                if item_generation == generation {
+                Some(Work::Send(for_generation, msg)) if for_generation == generation => {
                     let _ = to_executor.send(msg);
                 }
-            }
+                Some(Work::Restart(for_generation, reason)) if for_generation == generation => {
+                    let _ = child.kill().await;
+                    break format!("executor (pid {pid}) {reason}");
+                }
+                Some(_) => {}
+            },
             written = &mut writing => break reap(child, pid, &written.unwrap_or_default()).await,
             frame = reader.recv::<FromExecutor>() => match frame {
                 Ok(Some(FromExecutor::Results(outcomes))) => {
@@ -194,17 +211,6 @@ async fn run_generation(
                 Err(e) => break reap(child, pid, &format!("sent a bad frame ({e})")).await,
             },
             status = child.wait() => break describe_exit(pid, status, "while running tasks"),
-            _ = memory_tick.tick(), if config.memory_limit > 0 => {
-                if let Some(rss) = resident_bytes(pid) {
-                    if rss > config.memory_limit {
-                        let _ = child.kill().await;
-                        break format!(
-                            "executor (pid {pid}) used {rss} bytes, over its memory limit of {} bytes, and was killed",
-                            config.memory_limit
-                        );
-                    }
-                }
-            }
         }
     };
     writing.abort();
@@ -234,21 +240,14 @@ fn spawn(
 
 /// Names one executor generation's files in the worker's folder: its results are
 /// `<id>-<n>` until the worker takes them over, its crash report `<id>.fault`.
-fn executor_id(slot: usize, generation: u64) -> String {
+pub fn executor_id(slot: usize, generation: u64) -> String {
     format!("{slot}.{generation}")
 }
 
-/// After a generation died: removes the results it wrote but never reported (or half
-/// wrote), and returns (and removes) the traceback it dumped on a fatal signal.
-fn clear_up_after(folder: &std::path::Path, id: &str) -> String {
-    let removed = crate::store::remove_leftovers(folder, &format!("{id}-"));
-    if removed > 0 {
-        tracing::info!(
-            executor = id,
-            removed,
-            "removed a dead executor's unreported results"
-        );
-    }
+/// After a generation died: the traceback it dumped on a fatal signal, if any (the file
+/// is removed). Its unreported results are the worker's to remove, once it has handled
+/// the results reported before the death ([`super::super::WorkerComm`]).
+fn take_fault_report(folder: &std::path::Path, id: &str) -> String {
     let fault = folder.join(format!("{id}.fault"));
     let traceback = std::fs::read_to_string(&fault).unwrap_or_default();
     let _ = std::fs::remove_file(&fault);
@@ -306,12 +305,4 @@ fn signal_name(sig: i32) -> &'static str {
         libc::SIGILL => "SIGILL",
         _ => "signal",
     }
-}
-
-fn resident_bytes(pid: u32) -> Option<u64> {
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * u64::try_from(page).ok()?)
 }

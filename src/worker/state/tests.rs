@@ -5,6 +5,7 @@
 use super::*;
 use crate::protocol::{decode, encode, frame_offsets, InputLocation, ToExecutor};
 use crate::store::{ShmDir, StoreError};
+use crate::worker::memory::MemoryPolicy;
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::PathBuf;
 
@@ -33,6 +34,11 @@ struct TestComm {
     unadoptable: Vec<PathBuf>,
     /// Where result files are taken over from for real, if set.
     shm: Option<ShmDir>,
+    spills: VecDeque<Vec<(TaskId, Arc<Object>)>>,
+    reserves_dropped: usize,
+    /// Dead executor generations whose leftovers were to be removed.
+    cleared: VecDeque<(usize, u64)>,
+    restarts: VecDeque<(usize, u64, String)>,
 }
 
 impl WorkerComm for TestComm {
@@ -84,6 +90,22 @@ impl WorkerComm for TestComm {
     fn map_in(&mut self, _object: Arc<Object>) {
         self.mapped_in += 1;
     }
+
+    fn spill(&mut self, objects: Vec<(TaskId, Arc<Object>)>) {
+        self.spills.push_back(objects);
+    }
+
+    fn restart_executor(&mut self, slot: usize, generation: u64, reason: String) {
+        self.restarts.push_back((slot, generation, reason));
+    }
+
+    fn clear_after(&mut self, slot: usize, generation: u64) {
+        self.cleared.push_back((slot, generation));
+    }
+
+    fn drop_reserves(&mut self) {
+        self.reserves_dropped += 1;
+    }
 }
 
 impl TestComm {
@@ -110,6 +132,12 @@ impl TestComm {
         );
         assert!(self.runs.is_empty(), "unexpected runs: {:?}", self.runs);
         assert!(self.released_functions.is_empty());
+        assert!(self.spills.is_empty(), "unexpected spills");
+        assert!(
+            self.restarts.is_empty(),
+            "unexpected restarts: {:?}",
+            self.restarts
+        );
     }
 }
 
@@ -146,6 +174,7 @@ impl TestEnv {
         let settings = WorkerSettings {
             slots,
             max_crashes: 3,
+            memory: MemoryPolicy::default(),
         };
         let peers = PEERS.iter().map(|&id| peer(id)).collect();
         let mut env = TestEnv {
@@ -157,6 +186,7 @@ impl TestEnv {
             env.executor(ExecutorEvent::Ready {
                 slot,
                 generation: 1,
+                pid: 100,
             });
         }
         env
@@ -556,6 +586,7 @@ fn a_crash_among_several_tasks_reruns_each_alone() {
     env.executor(ExecutorEvent::Ready {
         slot: 0,
         generation: 2,
+        pid: 100,
     });
     // Each suspect runs alone on an idle slot.
     let runs = env.comm.take_runs();
@@ -581,6 +612,7 @@ fn a_task_that_keeps_killing_its_executor_fails_after_the_limit() {
         env.executor(ExecutorEvent::Ready {
             slot: 0,
             generation,
+            pid: 100,
         });
     }
     assert_eq!(env.ran(), [(0, ids(&[1]))]);
@@ -598,6 +630,7 @@ fn a_task_that_keeps_killing_its_executor_fails_after_the_limit() {
     env.executor(ExecutorEvent::Ready {
         slot: 0,
         generation: 4,
+        pid: 100,
     });
     env.comm.emptiness_check();
 }
@@ -624,6 +657,7 @@ fn a_new_executor_generation_gets_the_functions_again() {
     env.executor(ExecutorEvent::Ready {
         slot: 0,
         generation: 2,
+        pid: 100,
     });
     let runs = env.comm.take_runs();
     assert_eq!(
@@ -681,6 +715,7 @@ fn a_task_cancelled_before_it_ran_is_forgotten() {
     env.executor(ExecutorEvent::Ready {
         slot: 0,
         generation: 2,
+        pid: 100,
     });
     assert_eq!(env.ran(), [(0, ids(&[2]))]);
     env.comm.emptiness_check();
@@ -696,6 +731,7 @@ fn a_cancelled_task_lost_with_its_executor_is_not_retried() {
     env.executor(ExecutorEvent::Ready {
         slot: 0,
         generation: 2,
+        pid: 100,
     });
     assert_eq!(env.ran(), [(0, ids(&[2]))], "only the live suspect reruns");
     env.comm.emptiness_check();

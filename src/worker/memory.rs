@@ -1,0 +1,307 @@
+//! A worker's memory management, as a policy over what the worker measures: results beyond
+//! a target are spilled to disk, least recently used first; above the pause threshold the
+//! worker takes no new tasks; above the terminate threshold its largest executor is
+//! restarted before the kernel's OOM killer acts. Dask's names and default fractions.
+//! Pure: the worker state machine feeds it what it stores and samples, and carries out
+//! what it decides.
+
+use std::time::Duration;
+
+/// A worker's memory limit and the thresholds that act on it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MemoryPolicy {
+    /// Bytes for the worker, its executors and its shared memory; 0: unlimited.
+    pub limit: u64,
+    pub thresholds: MemoryThresholds,
+}
+
+/// Fractions of the limit, as Dask names them; `None` disables one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemoryThresholds {
+    /// Results in memory above this are spilled (managed bytes).
+    pub target: Option<f64>,
+    /// Process memory above this spills down to the target too (it sees what the store
+    /// cannot: executors' working memory, heap fragmentation).
+    pub spill: Option<f64>,
+    /// Process memory above this pauses the worker.
+    pub pause: Option<f64>,
+    /// Process memory above this restarts the largest executor.
+    pub terminate: Option<f64>,
+}
+
+impl Default for MemoryThresholds {
+    fn default() -> Self {
+        MemoryThresholds {
+            target: Some(0.6),
+            spill: Some(0.7),
+            pause: Some(0.8),
+            terminate: Some(0.95),
+        }
+    }
+}
+
+/// How a memory limit is given: bytes, a fraction of the node's memory, or `auto` (the
+/// node's memory shared evenly among its workers, as Dask does).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MemoryLimit {
+    Auto,
+    Bytes(u64),
+    Fraction(f64),
+}
+
+impl MemoryLimit {
+    /// In bytes, for one of `workers_on_node` workers on a node with `node_memory` bytes.
+    pub fn bytes(self, node_memory: u64, workers_on_node: u32) -> u64 {
+        match self {
+            MemoryLimit::Bytes(bytes) => bytes,
+            MemoryLimit::Fraction(f) => (node_memory as f64 * f) as u64,
+            MemoryLimit::Auto => node_memory / u64::from(workers_on_node.max(1)),
+        }
+    }
+}
+
+impl MemoryPolicy {
+    fn bytes(&self, fraction: Option<f64>) -> Option<u64> {
+        match (self.limit, fraction) {
+            (0, _) | (_, None) => None,
+            (limit, Some(f)) => Some((limit as f64 * f) as u64),
+        }
+    }
+}
+
+/// What the worker measured of its memory.
+#[derive(Clone, Debug, Default)]
+pub struct MemorySample {
+    /// Memory of the worker process besides shared memory (its share of resident pages).
+    pub worker_private: u64,
+    /// (slot, bytes) of each running executor, measured as for the worker.
+    pub executors: Vec<(usize, u64)>,
+    /// Bytes of the worker's shared-memory files (results and reusable segments).
+    pub shared: u64,
+    /// Time since the previous sample.
+    pub elapsed: Duration,
+}
+
+impl MemorySample {
+    /// The worker's process memory: every byte counted once, shared memory included
+    /// whether or not a process maps it.
+    pub fn process_bytes(&self) -> u64 {
+        self.worker_private + self.executors.iter().map(|(_, b)| b).sum::<u64>() + self.shared
+    }
+}
+
+/// What the policy asks of the worker.
+#[derive(Debug, Default, PartialEq)]
+pub struct MemoryActions {
+    /// Bytes of results to spill (beyond those being spilled already).
+    pub spill: u64,
+    /// Pause (`Some(true)`) or resume (`Some(false)`); `None`: as it is.
+    pub pause: Option<bool>,
+    /// Restart this slot's executor.
+    pub restart: Option<usize>,
+    /// Over the spill threshold: give back memory kept in reserve (free segments).
+    pub relieve: bool,
+}
+
+/// Counters for `scheduler_info()` and the exit log.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryCounters {
+    pub process_bytes: u64,
+    pub peak_process_bytes: u64,
+    pub paused_for: Duration,
+    pub executors_restarted: u64,
+}
+
+pub struct MemoryState {
+    policy: MemoryPolicy,
+    paused: bool,
+    /// Bytes handed to spilling and not yet back.
+    spilling: u64,
+    counters: MemoryCounters,
+}
+
+impl MemoryState {
+    pub fn new(policy: MemoryPolicy) -> Self {
+        MemoryState {
+            policy,
+            paused: false,
+            spilling: 0,
+            counters: MemoryCounters::default(),
+        }
+    }
+
+    pub fn policy(&self) -> &MemoryPolicy {
+        &self.policy
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    pub fn counters(&self) -> &MemoryCounters {
+        &self.counters
+    }
+
+    /// The store now holds `managed` bytes in memory: spill what lies above the target.
+    pub fn stored(&mut self, managed: u64) -> u64 {
+        let Some(target) = self.policy.bytes(self.policy.thresholds.target) else {
+            return 0;
+        };
+        self.spill_down_to(managed, target)
+    }
+
+    /// A spill of `bytes` ended (written or failed).
+    pub fn spill_ended(&mut self, bytes: u64) {
+        self.spilling = self.spilling.saturating_sub(bytes);
+    }
+
+    /// A new sample, with the store's `managed` bytes at the time.
+    pub fn sampled(&mut self, sample: &MemorySample, managed: u64) -> MemoryActions {
+        let process = sample.process_bytes();
+        let counters = &mut self.counters;
+        counters.process_bytes = process;
+        counters.peak_process_bytes = counters.peak_process_bytes.max(process);
+        if self.paused {
+            counters.paused_for += sample.elapsed;
+        }
+        let mut actions = MemoryActions::default();
+        let over = |fraction| self.policy.bytes(fraction).is_some_and(|b| process > b);
+        let (spill, pause, terminate) = (
+            over(self.policy.thresholds.spill),
+            over(self.policy.thresholds.pause),
+            over(self.policy.thresholds.terminate),
+        );
+        actions.relieve = spill;
+        if spill {
+            // Down to the target, from the results: the only memory the worker can move.
+            let target = self
+                .policy
+                .bytes(self.policy.thresholds.target)
+                .unwrap_or(0);
+            let excess = process
+                - self
+                    .policy
+                    .bytes(self.policy.thresholds.spill)
+                    .unwrap_or(process);
+            let wanted = managed.saturating_sub(target).max(excess);
+            actions.spill = self.spill_down_to(managed, managed.saturating_sub(wanted));
+        }
+        if pause != self.paused {
+            self.paused = pause;
+            actions.pause = Some(pause);
+        }
+        let threshold = self
+            .policy
+            .bytes(self.policy.thresholds.terminate)
+            .unwrap_or(0);
+        // Results in memory are for spilling to free, not for killing a task over.
+        if terminate && process - managed.min(process) > threshold {
+            // Only if that brings the worker back under the threshold.
+            actions.restart = sample
+                .executors
+                .iter()
+                .max_by_key(|(_, bytes)| *bytes)
+                .filter(|(_, bytes)| process - bytes <= threshold)
+                .map(|(slot, _)| *slot);
+            if actions.restart.is_some() {
+                self.counters.executors_restarted += 1;
+            }
+        }
+        actions
+    }
+
+    /// Bytes to spill for `managed` to come down to `goal`, beyond those being spilled.
+    fn spill_down_to(&mut self, managed: u64, goal: u64) -> u64 {
+        let more = managed.saturating_sub(goal).saturating_sub(self.spilling);
+        self.spilling += more;
+        more
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn state() -> MemoryState {
+        MemoryState::new(MemoryPolicy {
+            limit: 100 * MIB,
+            ..MemoryPolicy::default()
+        })
+    }
+
+    fn sample(executors: &[(usize, u64)], shared: u64) -> MemorySample {
+        MemorySample {
+            worker_private: 5 * MIB,
+            executors: executors.to_vec(),
+            shared,
+            elapsed: Duration::from_millis(200),
+        }
+    }
+
+    #[test]
+    fn results_beyond_the_target_are_spilled_once() {
+        let mut memory = state();
+        assert_eq!(memory.stored(50 * MIB), 0, "under 60 MiB");
+        assert_eq!(memory.stored(70 * MIB), 10 * MIB);
+        assert_eq!(
+            memory.stored(72 * MIB),
+            2 * MIB,
+            "not what is being spilled already"
+        );
+        memory.spill_ended(12 * MIB);
+        assert_eq!(memory.stored(60 * MIB), 0);
+    }
+
+    #[test]
+    fn process_memory_above_spill_spills_pauses_and_resumes() {
+        let mut memory = state();
+        // 5 + 20 + 50 = 75 MiB: over 70, under 80.
+        let actions = memory.sampled(&sample(&[(0, 20 * MIB)], 50 * MIB), 50 * MIB);
+        assert_eq!(actions.pause, None);
+        assert!(actions.spill >= 5 * MIB, "{actions:?}");
+        memory.spill_ended(actions.spill);
+        // 5 + 40 + 40 = 85 MiB: paused.
+        let actions = memory.sampled(&sample(&[(0, 40 * MIB)], 40 * MIB), 40 * MIB);
+        assert_eq!(actions.pause, Some(true));
+        assert!(memory.is_paused());
+        memory.spill_ended(actions.spill);
+        let actions = memory.sampled(&sample(&[(0, 40 * MIB)], 40 * MIB), 40 * MIB);
+        assert_eq!(actions.pause, None, "told once");
+        memory.spill_ended(actions.spill);
+        // Down to 25 MiB: resumed.
+        let actions = memory.sampled(&sample(&[(0, 10 * MIB)], 10 * MIB), 10 * MIB);
+        assert_eq!(actions.pause, Some(false));
+        assert_eq!(memory.counters().paused_for, Duration::from_millis(400));
+        assert_eq!(memory.counters().peak_process_bytes, 85 * MIB);
+    }
+
+    #[test]
+    fn above_terminate_the_largest_executor_is_restarted() {
+        let mut memory = state();
+        let executors = [(0, 10 * MIB), (1, 70 * MIB), (2, 5 * MIB)];
+        // 5 + 85 + 10, of which no result in memory: spilling cannot help.
+        let actions = memory.sampled(&sample(&executors, 10 * MIB), 0);
+        assert_eq!(actions.restart, Some(1));
+        assert_eq!(memory.counters().executors_restarted, 1);
+    }
+
+    #[test]
+    fn an_executor_is_not_restarted_for_memory_it_does_not_hold() {
+        let mut memory = state();
+        // 5 + 10 + 90: the results in shared memory are over the threshold, not the
+        // executor: spilling them is what helps.
+        let actions = memory.sampled(&sample(&[(0, 10 * MIB)], 90 * MIB), 90 * MIB);
+        assert_eq!(actions.restart, None);
+        assert!(actions.spill > 0 && actions.relieve);
+    }
+
+    #[test]
+    fn no_limit_no_management() {
+        let mut memory = MemoryState::new(MemoryPolicy::default());
+        assert_eq!(memory.stored(u64::MAX / 2), 0);
+        let actions = memory.sampled(&sample(&[(0, 1 << 40)], 1 << 40), 1 << 40);
+        assert_eq!(actions, MemoryActions::default());
+    }
+}
