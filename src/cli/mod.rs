@@ -128,6 +128,13 @@ enum Command {
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
         max_crashes: u32,
     },
+    /// Remove what dead rankmesh workers of yours left on this node (shared-memory and
+    /// spill folders); batch jobs run it on every node when they end.
+    Sweep {
+        /// The spill folders' parent [default: $SLURM_TMPDIR, $TMPDIR, then /tmp].
+        #[arg(long)]
+        local_directory: Option<PathBuf>,
+    },
     /// Print the Open MPI settings `rankmesh run` would fill in here (NAME=VALUE lines, for
     /// `env`), given this environment and the parameter files; see docs/mpi.md.
     #[cfg(feature = "mpi")]
@@ -300,6 +307,10 @@ async fn run(command: Command) -> Result<i32> {
         }
         #[cfg(feature = "hwloc")]
         Command::Topology(args) => topology::run(args),
+        Command::Sweep { local_directory } => {
+            worker::sweep_node(local_directory);
+            Ok(0)
+        }
         #[cfg(feature = "mpi")]
         Command::MpiSettings => {
             for (name, value) in launch::open_mpi_settings() {

@@ -20,8 +20,8 @@ pub struct MemoryPolicy {
 pub struct MemoryThresholds {
     /// Results in memory above this are spilled (managed bytes).
     pub target: Option<f64>,
-    /// Process memory above this spills down to the target too (it sees what the store
-    /// cannot: executors' working memory, heap fragmentation).
+    /// Process memory above this spills results until process memory is under the
+    /// target (it sees what the store cannot: executors' working memory).
     pub spill: Option<f64>,
     /// Process memory above this pauses the worker.
     pub pause: Option<f64>,
@@ -173,17 +173,13 @@ impl MemoryState {
         );
         actions.relieve = spill;
         if spill {
-            // Down to the target, from the results: the only memory the worker can move.
+            // As Dask: until process memory is back under the target, from the results
+            // (the only memory the worker can move).
             let target = self
                 .policy
                 .bytes(self.policy.thresholds.target)
                 .unwrap_or(0);
-            let excess = process
-                - self
-                    .policy
-                    .bytes(self.policy.thresholds.spill)
-                    .unwrap_or(process);
-            let wanted = managed.saturating_sub(target).max(excess);
+            let wanted = process.saturating_sub(target);
             actions.spill = self.spill_down_to(managed, managed.saturating_sub(wanted));
         }
         if pause != self.paused {

@@ -8,5 +8,5 @@ mod runtime;
 mod state;
 
 pub use memory::{MemoryLimit, MemoryPolicy, MemorySample, MemoryThresholds};
-pub use runtime::{run, run_with, ExecutorKind, WorkerConfig, WorkerError};
+pub use runtime::{run, run_with, sweep_node, ExecutorKind, WorkerConfig, WorkerError};
 pub use state::{SpillOutcome, Stats, WorkerComm, WorkerSettings, WorkerState};

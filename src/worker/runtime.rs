@@ -172,7 +172,7 @@ pub async fn run_with(
             let base = config
                 .local_directory
                 .clone()
-                .unwrap_or_else(local_directory);
+                .unwrap_or_else(local_directory_default);
             Some(Arc::new(SpillDir::create(&base).map_err(|e| {
                 std::io::Error::new(
                     e.kind(),
@@ -317,8 +317,17 @@ async fn serve(
     }
 }
 
+/// Removes what dead workers of this user left on this node: their shared-memory folders
+/// and their spill folders in `local_directory` (default as for a worker). Batch jobs run
+/// it on every node when they end, however they ended (`rankmesh sweep`).
+pub fn sweep_node(local_directory: Option<PathBuf>) {
+    crate::store::sweep_dead(WORKER_SHM_PREFIX);
+    let local = local_directory.unwrap_or_else(local_directory_default);
+    crate::store::sweep_dead_in(&local, crate::store::SPILL_PREFIX);
+}
+
 /// Where results are spilled by default: the job's node-local folder, else the temp one.
-fn local_directory() -> PathBuf {
+fn local_directory_default() -> PathBuf {
     ["SLURM_TMPDIR", "TMPDIR"]
         .iter()
         .find_map(|name| std::env::var_os(name).filter(|v| !v.is_empty()))

@@ -93,6 +93,39 @@ def test_cancel_stops_a_running_job_and_all_its_processes(cli, tmp_path):
     assert_no_processes_left(job)
 
 
+KILL_A_WORKER = """
+import glob, os, signal, time, rankmesh
+client = rankmesh.Client()
+pids = [w["pid"] for w in client.workers()]
+assert client.submit(sum, [1, 2]).result() == 3
+left = [f for pid in pids for f in glob.glob(f"/dev/shm/rankmesh-{pid}-*")]
+print("workers", *pids, "with", len(left), "shared-memory folders", flush=True)
+os.kill(pids[0], signal.SIGKILL)
+time.sleep(120)
+"""
+
+
+def test_a_job_whose_worker_rank_is_killed_leaves_nothing_on_the_node(cli, tmp_path):
+    """The job ends with a message naming the dead rank, and its job script removes every
+    rank's /dev/shm and spill folders on every node, though none could clean up."""
+    (tmp_path / "kill_a_worker.py").write_text(KILL_A_WORKER)
+    job = cli.submit("--ntasks-per-node", "3", "kill_a_worker.py")
+    assert cli("wait", job).returncode != 0
+    logs = cli("logs", job).stdout
+    started = [line for line in logs.splitlines() if line.startswith("workers ")]
+    assert started, logs
+    words = started[0].split()
+    pids, folders = words[1:-4], int(words[-3])
+    assert len(pids) == 2 and folders == 2, started
+    assert "left while the script ran" in logs, logs
+    bases = {"/dev/shm", "/tmp", os.environ.get("TMPDIR", "/tmp")}
+    for pid in pids:
+        for base in bases:
+            for pattern in (f"rankmesh-{pid}-*", f"rankmesh-spill-{pid}-*"):
+                leftovers = [str(p) for p in Path(base).glob(pattern)]
+                assert leftovers == [], leftovers
+
+
 def test_a_job_near_its_walltime_drains_and_exits_with_the_drain_code(tmp_path):
     # SLURM checks time limits about every 30 s: a 50 s warning on a 1-minute job always
     # comes before the kill.

@@ -21,5 +21,8 @@ fi
 mpirun -n 6 --bind-to none \
   /opt/rankmesh/bin/rankmesh run --python /home/alice/.venv/bin/python3 /home/alice/project/analysis.py --year '2020 2021'
 code=$?
+# However the run ended (a rank killed, MPI aborted), nothing of its workers stays on the
+# nodes: their /dev/shm and spill folders go, on every node (pbsdsh -u: once per node).
+pbsdsh -u /opt/rankmesh/bin/rankmesh sweep || /opt/rankmesh/bin/rankmesh sweep
 (umask 077; echo "$code" > /home/alice/.local/state/rankmesh/jobs/"$PBS_JOBID".exit)
 exit "$code"

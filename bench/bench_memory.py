@@ -1,0 +1,176 @@
+"""Work larger than memory: rankmesh against Dask distributed, side by side, in one
+invocation on one machine, with the same memory limit for both.
+
+Clusters (one at a time, each for all its workloads; the order alternates per rep):
+  dask      distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+            memory_limit=LIMIT, local_directory=a fresh temp folder); Dask's default
+            thresholds (target 0.6, spill 0.7, pause 0.8, terminate 0.95)
+  rankmesh  rankmesh.LocalCluster(n_workers=2, threads_per_worker=1, memory_limit=LIMIT,
+            local_directory=a fresh temp folder); the same thresholds by default
+
+Workloads (both against a cluster holding 2 x LIMIT):
+  rechunk   a float64 cube of 4x the cluster's memory, (T, Y, X) in (1, Y, X) chunks,
+            rechunked to (T, Y/16, X/16), persisted, then summed
+  xarray    examples/xarray_anomaly.py (climatology, anomalies, weighted global mean) on a
+            dataset of 4x the cluster's memory, persisted first
+
+Reported per workload and system: wall seconds, peak memory (PSS of the workers and
+their children, summed, sampled every 50 ms), bytes spilled (Dask: the spill buffers'
+disk-write metric; rankmesh: scheduler_info's spilled_total), and Dask's wall divided by
+rankmesh's. A system that fails a workload (killed workers, an error) is reported as such.
+Results are compared between systems; a mismatch exits 1.
+
+    .venv/bin/python bench/bench_memory.py                 # 512 MiB workers, 4 GiB cube
+    .venv/bin/python bench/bench_memory.py --quick         # 256 MiB workers, 2 GiB cube
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from bench_vs_dask import PeakMemory, loadavg, rankmesh_worker_pids  # noqa: E402
+from xarray_anomaly import anomaly_pipeline, synthetic_dataset  # noqa: E402
+
+MIB = 1 << 20
+N_WORKERS = 2
+RELATIVE_TOLERANCE = 1e-9
+
+
+def cube(cluster_bytes: int):
+    """float64 (T, 1024, 1024) of 4x the cluster's memory, one 8 MiB plane per chunk,
+    rechunked to (T, 64, 64) columns."""
+    planes = 4 * cluster_bytes // (1024 * 1024 * 8)
+    x = da.random.RandomState(0).random((planes, 1024, 1024), chunks=(1, 1024, 1024))
+    return x.rechunk((planes, 64, 64))
+
+
+def dataset(cluster_bytes: int):
+    """The anomaly pipeline's (days, 180, 360) float32 dataset at 4x the cluster's memory."""
+    days = 4 * cluster_bytes // (180 * 360 * 4)
+    return synthetic_dataset(days=days, chunk_days=max(days // 40, 1), seed=3)
+
+
+def run_rechunk(client, cluster_bytes: int) -> float:
+    persisted = client.persist(cube(cluster_bytes))
+    total = float(client.compute(persisted.sum()).result())
+    del persisted
+    return total
+
+
+def run_xarray(client, cluster_bytes: int) -> np.ndarray:
+    ds = client.persist(dataset(cluster_bytes))
+    result = client.compute(anomaly_pipeline(ds)).result()
+    return np.asarray(result)
+
+
+def start(system: str, limit: int, directory: str):
+    if system == "dask":
+        import distributed
+
+        cluster = distributed.LocalCluster(
+            n_workers=N_WORKERS,
+            threads_per_worker=1,
+            processes=True,
+            memory_limit=limit,
+            local_directory=directory,
+            dashboard_address=None,
+        )
+        client = distributed.Client(cluster, set_as_default=False)
+        client.wait_for_workers(N_WORKERS)
+        pids = list(client.run(os.getpid).values())
+
+        def spilled() -> int:
+            def disk_writes(dask_worker) -> float:
+                metrics = getattr(dask_worker.data, "cumulative_metrics", {}).items()
+                return sum(
+                    v for (label, unit), v in metrics if label == "disk-write" and unit == "bytes"
+                )
+
+            return int(sum(client.run(disk_writes).values()))
+
+        return cluster, client, lambda: pids, spilled
+    import rankmesh
+
+    cluster = rankmesh.LocalCluster(
+        n_workers=N_WORKERS, threads_per_worker=1, memory_limit=limit, local_directory=directory
+    )
+    client = rankmesh.Client(cluster)
+
+    def spilled() -> int:
+        return sum(w["spilled_total"] for w in client.scheduler_info()["workers"].values())
+
+    return cluster, client, lambda: rankmesh_worker_pids(cluster.pid), spilled
+
+
+def measure(system: str, workload: str, limit: int):
+    directory = tempfile.mkdtemp(prefix=f"bench-memory-{system}-")
+    cluster_bytes = N_WORKERS * limit
+    run = run_rechunk if workload == "rechunk" else run_xarray
+    try:
+        cluster, client, pids, spilled = start(system, limit, directory)
+        try:
+            with dask.config.set({"array.rechunk.method": "tasks"}), PeakMemory(pids) as peak:
+                started = time.perf_counter()
+                result = run(client, cluster_bytes)
+                wall = time.perf_counter() - started
+            return {"wall": wall, "peak": peak.peak_bytes, "spilled": spilled(), "result": result}
+        finally:
+            client.close()
+            cluster.close()
+    except Exception as e:  # a failed run is a result here
+        return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def same(a, b) -> bool:
+    return bool(np.allclose(np.asarray(a), np.asarray(b), rtol=RELATIVE_TOLERANCE, atol=0))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="256 MiB workers, 2 GiB cube")
+    parser.add_argument("--limit-mib", type=int, help="each worker's memory limit")
+    parser.add_argument("--workloads", default="rechunk,xarray")
+    parser.add_argument("--systems", default="dask,rankmesh")
+    args = parser.parse_args()
+    limit = (args.limit_mib or (256 if args.quick else 512)) * MIB
+    systems = args.systems.split(",")
+    print(f"# {N_WORKERS} workers x {limit // MIB} MiB; load {loadavg()}", flush=True)
+    print("| workload | system | wall s | peak MiB | spilled MiB | dask/rankmesh |")
+    print("|---|---|---|---|---|---|")
+    mismatch = False
+    for workload in args.workloads.split(","):
+        outcomes = {system: measure(system, workload, limit) for system in systems}
+        ok = {s: o for s, o in outcomes.items() if "error" not in o}
+        if len(ok) == 2 and not same(*(o["result"] for o in ok.values())):
+            mismatch = True
+            print(f"# {workload}: results differ between systems", flush=True)
+        for system, o in outcomes.items():
+            if "error" in o:
+                print(f"| {workload} | {system} | failed: {o['error']} | | | |", flush=True)
+                continue
+            ratio = ""
+            if system == "rankmesh" and "dask" in ok:
+                ratio = f"{ok['dask']['wall'] / o['wall']:.2f}x"
+            peak, spilled = o["peak"] / MIB, o["spilled"] / MIB
+            cells = [workload, system, f"{o['wall']:.1f}", f"{peak:.0f}", f"{spilled:.0f}", ratio]
+            print("| " + " | ".join(cells) + " |", flush=True)
+    print(f"# load after: {loadavg()}")
+    return 1 if mismatch else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
