@@ -217,6 +217,7 @@ pub async fn run_with(
         spill_failures = stats.spill_failures,
         unspilled_bytes = memory.unspilled_total,
         paused_seconds = memory.paused_seconds,
+        executors_restarted = state.executors_restarted(),
         "worker done"
     );
 

@@ -184,6 +184,11 @@ impl WorkerState {
         &self.stats
     }
 
+    /// Executors restarted for the worker's memory since the start, for the exit log.
+    pub fn executors_restarted(&self) -> u64 {
+        self.memory.counters().executors_restarted
+    }
+
     /// (slot, pid) of the executors that are up as processes, for memory samples.
     pub fn executor_pids(&self) -> Vec<(usize, u32)> {
         let up = self.slots.iter().enumerate().filter(|(_, s)| s.pid != 0);
