@@ -34,6 +34,12 @@ _FLAGS = (
     "gpus",
     "job_name",
     "output",
+    "memory_limit",
+    "memory_target",
+    "memory_spill",
+    "memory_pause",
+    "memory_terminate",
+    "local_directory",
     "profile",
     "system",
 )

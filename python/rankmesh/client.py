@@ -371,7 +371,7 @@ class Client:
         """The scheduler's address, its workers and counters, asked of the scheduler.
 
         Like `distributed`'s, keyed by worker; each worker's entry also holds its memory
-        counters (`managed_bytes`, `spilled_bytes` now on disk, `spilled_total` and
+        counters (`memory_limit`, `managed_bytes`, `spilled_bytes` now on disk, `spilled_total` and
         `unspilled_total` since its start, `process_bytes`, `paused`, `paused_seconds`), and
         `recomputed_tasks` counts tasks computed again after a worker was lost."""
         self._flush_releases()  # what it reports should reflect futures let go

@@ -8,6 +8,8 @@
 //! system = "slurm"
 //! partition = "compute"
 //! modules = ["openmpi/4.1"]
+//! memory_limit = "4GiB"        # per worker; memory_target/spill/pause/terminate too
+//! local_directory = "$TMPDIR"  # where workers spill; expanded in the job
 //! ```
 
 use super::BatchError;
@@ -75,6 +77,46 @@ pub struct Profile {
     /// PBS resource syntax: `select` (PBS Pro, OpenPBS) or `nodes` (Torque).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pbs_resources: Option<String>,
+    /// Each worker's memory limit: `auto`, a size (`"4GiB"`), a fraction of the node's
+    /// memory (`0.25`) or 0 (docs/memory.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_limit: Option<Setting>,
+    /// Thresholds, as fractions of the memory limit or `false`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_target: Option<Setting>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_spill: Option<Setting>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_pause: Option<Setting>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_terminate: Option<Setting>,
+    /// Where workers spill; environment variables in it are expanded in the job, so that
+    /// `$TMPDIR` is the node's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_directory: Option<String>,
+}
+
+/// A setting TOML may give as text, a number or a boolean (`memory_limit = "4GiB"` or
+/// `0.25`, `memory_pause = false`); the job spec checks what it means.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Setting {
+    Text(String),
+    // Integers before floats: `1` (bytes) and `1.0` (a fraction) are different limits.
+    Integer(i64),
+    Float(f64),
+    Switch(bool),
+}
+
+impl std::fmt::Display for Setting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Setting::Text(text) => f.write_str(text),
+            Setting::Integer(n) => write!(f, "{n}"),
+            Setting::Float(x) => write!(f, "{x:?}"),
+            Setting::Switch(b) => write!(f, "{b}"),
+        }
+    }
 }
 
 /// The config file: named profiles and which one applies by default.

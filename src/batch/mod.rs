@@ -12,7 +12,7 @@ pub mod state;
 pub mod tool;
 pub mod walltime;
 
-pub use config::{Config, Profile, ProfileSource, Resolved};
+pub use config::{Config, Profile, ProfileSource, Resolved, Setting};
 pub use jobs::{JobRecord, Jobs};
 pub use render::{render, JobSpec};
 pub use state::{JobState, JobStatus};

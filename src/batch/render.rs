@@ -1,10 +1,12 @@
 //! From merged settings to a job script: check every value, then fill the system's
 //! template from `jobscripts/` (built into the binary, so the script matches the binary).
 
-use super::config::{ProfileSource, Resolved};
+use super::config::{ProfileSource, Resolved, Setting};
 use super::{BatchError, System, Walltime, WALLTIME_DRAIN_EXIT};
+use crate::worker::{MemoryLimit, Threshold};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 const SLURM_TEMPLATE: &str = include_str!("../../jobscripts/slurm.sh.j2");
 const PBS_TEMPLATE: &str = include_str!("../../jobscripts/pbs.sh.j2");
@@ -63,6 +65,10 @@ pub struct JobSpec {
     pub exit_dir: String,
     /// The submitter's umask in octal (`0022`), restored first thing in the script.
     pub umask: String,
+    /// `rankmesh run` flags from the memory settings (`--memory-limit`, `4GiB`, ...).
+    pub worker_flags: Vec<String>,
+    /// Where workers spill, to be expanded by the job's shell.
+    pub local_directory: Option<String>,
     /// The script (absolute path) and its arguments.
     pub command: Vec<String>,
 }
@@ -183,6 +189,8 @@ impl JobSpec {
             workdir: env.workdir.display().to_string(),
             exit_dir: env.exit_dir.display().to_string(),
             umask: format!("{:04o}", env.umask & 0o777),
+            worker_flags: worker_flags(settings, &fail)?,
+            local_directory: settings.local_directory.clone(),
             command: std::iter::once(path.display().to_string())
                 .chain(args.iter().cloned())
                 .collect(),
@@ -219,8 +227,47 @@ impl JobSpec {
         if let Some(line) = self.setup.iter().find(|line| line.contains('\n')) {
             return Err(fail("setup", format!("one line per entry, got {line:?}")));
         }
+        if let Some(dir) = self.local_directory.as_ref().filter(|d| d.contains('\n')) {
+            return Err(fail("local_directory", format!("one line, got {dir:?}")));
+        }
         Ok(())
     }
+}
+
+/// The memory settings as `rankmesh run` flags, each checked as `run` would parse it, so
+/// that a typo fails at submission rather than in the queue.
+fn worker_flags(
+    settings: &super::Profile,
+    fail: &dyn Fn(&str, String) -> BatchError,
+) -> Result<Vec<String>, BatchError> {
+    fn check<T: FromStr<Err = String>>(value: &Setting) -> Result<String, String> {
+        let text = value.to_string();
+        T::from_str(&text).map(|_| text)
+    }
+    let settings_and_checks: [(
+        &str,
+        &Option<Setting>,
+        fn(&Setting) -> Result<String, String>,
+    ); 5] = [
+        ("memory_limit", &settings.memory_limit, check::<MemoryLimit>),
+        ("memory_target", &settings.memory_target, check::<Threshold>),
+        ("memory_spill", &settings.memory_spill, check::<Threshold>),
+        ("memory_pause", &settings.memory_pause, check::<Threshold>),
+        (
+            "memory_terminate",
+            &settings.memory_terminate,
+            check::<Threshold>,
+        ),
+    ];
+    let mut flags = Vec::new();
+    for (key, value, check) in settings_and_checks {
+        if let Some(value) = value {
+            let text = check(value).map_err(|e| fail(key, e))?;
+            flags.push(format!("--{}", key.replace('_', "-")));
+            flags.push(text);
+        }
+    }
+    Ok(flags)
 }
 
 fn positive(value: Option<u32>) -> Option<u32> {
@@ -241,6 +288,7 @@ pub fn render(spec: &JobSpec) -> Result<String, BatchError> {
     templates.set_keep_trailing_newline(true);
     templates.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
     templates.add_filter("sh", shell_quote);
+    templates.add_filter("sh_expand", shell_quote_expanding);
     let render_error = |e: minijinja::Error| BatchError::Render(format!("{e:#}"));
     templates
         .add_template("environment.sh.j2", ENVIRONMENT_TEMPLATE)
@@ -271,4 +319,19 @@ fn shell_quote(value: String) -> Result<String, minijinja::Error> {
                 format!("cannot quote {value:?} for the shell: {e}"),
             )
         })
+}
+
+/// Double-quotes a value for the shell but leaves `$` alone (the `sh_expand` filter): the
+/// job's shell expands `$TMPDIR` and friends, on the node, and nothing else.
+fn shell_quote_expanding(value: String) -> String {
+    let mut quoted = String::with_capacity(value.len() + 2);
+    quoted.push('"');
+    for c in value.chars() {
+        if matches!(c, '"' | '\\' | '`') {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push('"');
+    quoted
 }

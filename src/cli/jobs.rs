@@ -4,7 +4,8 @@
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use rankmesh::batch::render::SubmitEnv;
-use rankmesh::batch::{self, Config, JobSpec, JobStatus, Jobs, Profile, System, Walltime};
+use rankmesh::batch::{self, Config, JobSpec, JobStatus, Jobs, Profile, Setting, System, Walltime};
+use rankmesh::worker::{MemoryLimit, Threshold};
 use std::io::{Read, Seek, Write};
 use std::time::{Duration, Instant};
 
@@ -114,6 +115,24 @@ pub struct SubmitArgs {
     /// The job's output file (SLURM expands %j to the job id).
     #[arg(long)]
     output: Option<String>,
+    /// Memory per worker: auto, a size (4GiB) or a fraction of the node's (0.25).
+    #[arg(long, value_parser = checked::<MemoryLimit>)]
+    memory_limit: Option<String>,
+    /// Spill results above this fraction of the memory limit (or false).
+    #[arg(long, value_parser = checked::<Threshold>)]
+    memory_target: Option<String>,
+    /// Spill when process memory is above this fraction (or false).
+    #[arg(long, value_parser = checked::<Threshold>)]
+    memory_spill: Option<String>,
+    /// Pause a worker above this fraction (or false).
+    #[arg(long, value_parser = checked::<Threshold>)]
+    memory_pause: Option<String>,
+    /// Restart a worker's largest executor above this fraction (or false).
+    #[arg(long, value_parser = checked::<Threshold>)]
+    memory_terminate: Option<String>,
+    /// Where workers spill on each node; quote it ('$TMPDIR') to have the job expand it.
+    #[arg(long)]
+    local_directory: Option<String>,
     /// A profile from the config file (default: its default_profile).
     #[arg(long)]
     profile: Option<String>,
@@ -129,6 +148,12 @@ pub struct SubmitArgs {
     /// The script to run, then its arguments.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     script: Vec<String>,
+}
+
+/// The text itself, once it parses as a `T` (the job spec checks it again, with the
+/// profile's values).
+fn checked<T: std::str::FromStr<Err = String>>(text: &str) -> Result<String, String> {
+    T::from_str(text).map(|_| text.to_owned())
 }
 
 fn parse_walltime(text: &str) -> Result<String, String> {
@@ -152,6 +177,12 @@ impl SubmitArgs {
             walltime: self.walltime.clone(),
             job_name: self.job_name.clone(),
             output: self.output.clone(),
+            memory_limit: self.memory_limit.clone().map(Setting::Text),
+            memory_target: self.memory_target.clone().map(Setting::Text),
+            memory_spill: self.memory_spill.clone().map(Setting::Text),
+            memory_pause: self.memory_pause.clone().map(Setting::Text),
+            memory_terminate: self.memory_terminate.clone().map(Setting::Text),
+            local_directory: self.local_directory.clone(),
             ..Profile::default()
         }
     }

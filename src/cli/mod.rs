@@ -1,7 +1,6 @@
 //! The `rankmesh` command line.
 
 mod jobs;
-mod size;
 #[cfg(feature = "hwloc")]
 mod topology;
 
@@ -14,8 +13,9 @@ use rankmesh::launch::{self, RunOptions, TransportKind};
 use rankmesh::protocol::Token;
 use rankmesh::scheduler::SchedulerConfig;
 use rankmesh::topology::WorkerPer;
-use rankmesh::worker::{self, MemoryLimit, MemoryPolicy, MemoryThresholds, WorkerConfig};
-use size::Fraction;
+use rankmesh::worker::{
+    self, MemoryLimit, MemoryPolicy, MemoryThresholds, Threshold, WorkerConfig,
+};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -165,20 +165,20 @@ struct MemoryArgs {
     /// Memory per worker: bytes (4GiB, 500MB), a fraction of the node's memory (0.25),
     /// `auto` (the node's memory, or its cgroup's, shared evenly among its workers) or 0
     /// (no limit: no spilling, pausing or restarting).
-    #[arg(long, default_value = "auto", value_parser = size::parse_memory_limit)]
+    #[arg(long, default_value = "auto")]
     memory_limit: MemoryLimit,
     /// Results in memory above this fraction are spilled to disk, least recently used first.
-    #[arg(long, default_value = "0.6", value_parser = size::parse_fraction)]
-    memory_target: Fraction,
+    #[arg(long, default_value = "0.6")]
+    memory_target: Threshold,
     /// Process memory (worker, executors, shared memory) above this spills too.
-    #[arg(long, default_value = "0.7", value_parser = size::parse_fraction)]
-    memory_spill: Fraction,
+    #[arg(long, default_value = "0.7")]
+    memory_spill: Threshold,
     /// Process memory above this pauses the worker: it takes no new tasks.
-    #[arg(long, default_value = "0.8", value_parser = size::parse_fraction)]
-    memory_pause: Fraction,
+    #[arg(long, default_value = "0.8")]
+    memory_pause: Threshold,
     /// Process memory above this restarts the worker's largest executor.
-    #[arg(long, default_value = "0.95", value_parser = size::parse_fraction)]
-    memory_terminate: Fraction,
+    #[arg(long, default_value = "0.95")]
+    memory_terminate: Threshold,
     /// Where results are spilled [default: $SLURM_TMPDIR, $TMPDIR, then /tmp].
     #[arg(long)]
     local_directory: Option<PathBuf>,

@@ -4,9 +4,11 @@
 
 pub mod executor;
 mod memory;
+mod memory_settings;
 mod runtime;
 mod state;
 
 pub use memory::{MemoryLimit, MemoryPolicy, MemorySample, MemoryThresholds};
+pub use memory_settings::Threshold;
 pub use runtime::{run, run_with, sweep_node, ExecutorKind, WorkerConfig, WorkerError};
 pub use state::{SpillOutcome, Stats, WorkerComm, WorkerSettings, WorkerState};

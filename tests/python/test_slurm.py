@@ -6,6 +6,7 @@ import os
 import stat
 from pathlib import Path
 
+import dask.array as da
 import numpy as np
 import pytest
 import rankmesh
@@ -124,6 +125,42 @@ def test_a_job_whose_worker_rank_is_killed_leaves_nothing_on_the_node(cli, tmp_p
             for pattern in (f"rankmesh-{pid}-*", f"rankmesh-spill-{pid}-*"):
                 leftovers = [str(p) for p in Path(base).glob(pattern)]
                 assert leftovers == [], leftovers
+
+
+SPILLS = """
+import glob, os, sys, rankmesh, dask.array as da, numpy as np
+client = rankmesh.Client()
+x = da.random.RandomState(3).random((6400, 6400), chunks=(800, 800))  # 312 MiB, 64 chunks
+x = client.persist(x)
+rankmesh.wait(x)
+workers = client.scheduler_info()["workers"].values()
+print("limits", *sorted({w["memory_limit"] for w in workers}), flush=True)
+print("spilled", sum(w["spilled_total"] for w in workers), flush=True)
+print("folders", len(glob.glob(os.path.join(sys.argv[1], "rankmesh-spill-*"))), flush=True)
+np.save("sum.npy", client.compute(x.sum()).result())
+"""
+
+
+def test_memory_settings_from_a_profile_hold_in_the_job(tmp_path):
+    """A site profile's memory limit reaches every worker, its local directory (with a
+    variable the job expands) receives the spilled results, and nothing is left there."""
+    spill = tmp_path / "scratch"
+    spill.mkdir(mode=0o700)
+    site = '[profile.small]\nmemory_limit = "160MiB"\nlocal_directory = "$SCRATCH_BASE"\n'
+    cli = Rankmesh(tmp_path, site)
+    cli.env["SCRATCH_BASE"] = str(spill)  # sbatch exports the submitter's environment
+    (tmp_path / "spills.py").write_text(SPILLS)
+    job = cli.submit("--profile", "small", "--ntasks-per-node", "3", "spills.py", str(spill))
+    waited = cli("wait", job)
+    logs = cli("logs", job).stdout
+    assert waited.returncode == 0, logs
+    lines = {line.split()[0]: line.split()[1:] for line in logs.splitlines() if line}
+    assert lines["limits"] == [str(160 << 20)], logs
+    assert int(lines["spilled"][0]) > 0, logs
+    assert int(lines["folders"][0]) == 2, logs  # one per worker, where the profile said
+    x = da.random.RandomState(3).random((6400, 6400), chunks=(800, 800))
+    assert np.load(tmp_path / "sum.npy") == pytest.approx(x.sum().compute(scheduler="threads"))
+    assert list(spill.iterdir()) == []
 
 
 def test_a_job_near_its_walltime_drains_and_exits_with_the_drain_code(tmp_path):

@@ -17,6 +17,16 @@ walltime = "10"
 walltime = "1:xx"
 [profile.no_nodes]
 nodes = 0
+[profile.memory]
+memory_limit = "4GiB"
+memory_target = 0.5
+memory_pause = false
+local_directory = "$LOCAL_SCRATCH/my spill"
+[profile.fraction]
+memory_limit = 0.25
+memory_terminate = 1
+[profile.bad_threshold]
+memory_spill = 1.5
 """
 
 
@@ -64,7 +74,7 @@ def test_a_single_task_job_is_refused(cli):
 def test_an_unknown_profile_lists_the_known_ones(cli):
     error = refused(cli, "--profile", "gpu", "ok.py")
     assert "unknown profile 'gpu'" in error
-    assert "broken_walltime, no_nodes, short" in error
+    assert "bad_threshold, broken_walltime, fraction, memory, no_nodes, short" in error
 
 
 def test_a_missing_script(cli):
@@ -116,6 +126,40 @@ def test_dry_run_prints_the_script_and_submits_nothing(cli, tmp_path):
     assert not list((tmp_path / "state").glob("*"))
     pbs = json.loads(cli("submit", "--dry-run", "--json", "--system", "pbs", "ok.py").stdout)
     assert pbs["system"] == "pbs" and "#PBS -q debug" in pbs["script"]
+
+
+@pytest.mark.parametrize("system", ["slurm", "pbs"])
+def test_memory_settings_in_a_profile_reach_the_workers_and_the_sweep(cli, system):
+    result = cli("submit", "--dry-run", "--system", system, "--profile", "memory", "ok.py")
+    assert result.returncode == 0, result.stderr
+    run = next(line for line in result.stdout.splitlines() if " run --python " in line)
+    flags = "--memory-limit 4GiB --memory-target 0.5 --memory-pause false"
+    # The job's shell expands the variable on the node; the space stays quoted.
+    directory = '--local-directory "$LOCAL_SCRATCH/my spill"'
+    assert f"{flags} {directory} {cli.workdir / 'ok.py'}" in run, run
+    sweeps = [line for line in result.stdout.splitlines() if " sweep" in line]
+    assert sweeps and all(f"sweep {directory}" in line for line in sweeps), sweeps
+
+
+def test_memory_flags_override_the_profile(cli):
+    result = cli(
+        "submit",
+        *("--dry-run", "--system", "slurm", "--profile", "fraction"),
+        *("--memory-limit", "300MiB", "--memory-pause", "0.9", "ok.py"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--memory-limit 300MiB --memory-pause 0.9 --memory-terminate 1 " in result.stdout
+    shown = cli("config", "show", "--profile", "fraction").stdout
+    assert "memory_limit = 0.25" in shown and f"# profile fraction ({cli.config})" in shown
+
+
+def test_a_bad_memory_setting_names_the_setting_and_where_it_came_from(cli):
+    error = refused(cli, "--profile", "bad_threshold", "ok.py")
+    assert "memory_spill (from profile bad_threshold" in error, error
+    assert "`1.5` is not a fraction of the memory limit" in error, error
+    error = refused(cli, "--memory-limit", "lots", "ok.py", code=2)
+    assert "invalid value 'lots' for '--memory-limit" in error, error
+    assert "is not a size" in error, error
 
 
 def test_config_show_says_where_each_value_comes_from(cli):
