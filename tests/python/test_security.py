@@ -399,6 +399,195 @@ def test_job_records_refuse_a_folder_that_is_not_ours(attacker, tmp_path):
         shutil.rmtree(shared, ignore_errors=True)
 
 
+# ------------------------------------------------------ spill folders in a shared folder
+
+SPILL_PREFIX = "rankmesh-spill"
+# Two workers of 200 MiB keep 120 MiB of results each in memory (the 0.6 target).
+SPILLING = {"n_workers": 2, "memory_limit": "200MiB"}
+
+
+def spilling_array():
+    """384 MiB of float64 in 16 MiB chunks: more than two workers keep in memory."""
+    return da.random.default_rng(0).random((6_144, 8_192), chunks=(1_024, 2_048))
+
+
+@pytest.fixture
+def shared_tmp():
+    """A fresh folder like a shared /tmp or $TMPDIR: everyone may create in it, nobody may
+    rename or remove what others made (sticky)."""
+    shared = Path(tempfile.mkdtemp(prefix="shared-", dir="/tmp"))
+    os.chmod(shared, 0o1777)
+    yield shared
+    shutil.rmtree(shared, ignore_errors=True)
+
+
+def spill_folders(local_directory: Path) -> set[Path]:
+    return set(local_directory.glob(f"{SPILL_PREFIX}*"))
+
+
+def wait_until_spilled(client, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        workers = client.scheduler_info()["workers"]
+        if sum(w["spilled_bytes"] for w in workers.values()) > 0:
+            return
+        assert time.monotonic() < deadline, f"nothing spilled: {workers}"
+        time.sleep(0.1)
+
+
+def check_spilling_into_own_folders(cluster, folders: set[Path]) -> None:
+    """One fresh private folder per worker, `rankmesh-spill-{pid}-{random}`, with files."""
+    workers = {p.pid for p in cluster_processes(cluster)[1:] if p.name() == "rankmesh"}
+    assert len(workers) == 2 and len(folders) == 2, (workers, folders)
+    pids = set()
+    for folder in folders:
+        assert folder.is_dir() and not folder.is_symlink(), folder
+        prefix, pid, suffix = folder.name.rsplit("-", 2)
+        assert prefix == SPILL_PREFIX and len(suffix) == 12, folder
+        pids.add(int(pid))
+    assert pids == workers
+    check_private(everything_under(folders))
+    assert any(f.is_file() for folder in folders for f in folder.iterdir()), "spill files"
+
+
+def compare_with_threads(client, persisted, x) -> None:
+    """Spilled results read back right, within a worker and sent to the other."""
+    expected = x.mean(axis=0).compute(scheduler="threads")
+    np.testing.assert_allclose(client.compute(persisted.mean(axis=0), sync=True), expected)
+
+
+TAMPER_WITH_SPILL = """
+import json, os, sys
+job = json.load(sys.stdin)
+outcome = {}
+def attempt(name, action):
+    try:
+        action()
+        outcome[name] = "done"
+    except OSError as e:
+        outcome[name] = type(e).__name__
+own = os.path.join(job["shared"], "attacker-file")
+with open(own, "w") as f:
+    f.write("planted")
+for folder in job["folders"]:
+    attempt(f"list {folder}", lambda: os.listdir(folder))
+    attempt(f"enter {folder}", lambda: os.stat(os.path.join(folder, "0")))
+    attempt(f"create in {folder}", lambda: open(os.path.join(folder, "new"), "x").close())
+    attempt(f"link in {folder}", lambda: os.symlink(own, os.path.join(folder, "link")))
+    attempt(f"move into {folder}", lambda: os.rename(own, os.path.join(folder, "moved")))
+    attempt(f"rename {folder}", lambda: os.rename(folder, folder + "-moved"))
+    attempt(f"remove {folder}", lambda: os.rmdir(folder))
+    attempt(f"chmod {folder}", lambda: os.chmod(folder, 0o777))
+for path in job["files"]:
+    attempt(f"read {path}", lambda: open(path, "rb").read(1))
+    attempt(f"write {path}", lambda: open(path, "r+b").write(b"x"))
+    attempt(f"replace {path}", lambda: os.replace(own, path))
+    attempt(f"remove {path}", lambda: os.unlink(path))
+print(json.dumps(outcome))
+"""
+
+
+def test_spill_folders_in_a_shared_folder_are_private_and_removed(attacker, shared_tmp):
+    """While workers spill into a folder everyone may write in, another user can neither
+    list, enter nor change their spill folders, nor read, replace or remove a spilled
+    file; folders are 0700 and files 0600, ours; all are gone when the cluster closes."""
+    x = spilling_array()
+    with (
+        rankmesh.LocalCluster(**SPILLING, local_directory=shared_tmp) as cluster,
+        rankmesh.Client(cluster) as client,
+    ):
+        persisted = client.persist(x)
+        rankmesh.wait(persisted)
+        wait_until_spilled(client)
+        folders = spill_folders(shared_tmp)
+        check_spilling_into_own_folders(cluster, folders)
+        files = [f for folder in folders for f in folder.iterdir()]
+        job = {"shared": str(shared_tmp), "folders": sorted(map(str, folders))}
+        outcome = attacker.run(TAMPER_WITH_SPILL, {**job, "files": sorted(map(str, files))})
+        assert len(outcome) == 8 * len(folders) + 4 * len(files)
+        allowed = {k: v for k, v in outcome.items() if v != "PermissionError"}
+        assert allowed == {}, f"another user got at: {allowed}"
+        assert spill_folders(shared_tmp) == folders
+        check_private(everything_under(folders))
+        compare_with_threads(client, persisted, x)
+        del persisted
+    assert spill_folders(shared_tmp) == set(), "spill folders left behind"
+    assert sorted(os.listdir(shared_tmp)) == ["attacker-file"]
+
+
+def dead_pid() -> int:
+    """A process id no process has now: a folder named with it looks like a dead
+    worker's, which the next worker sweeps."""
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    return next(p for p in range(pid_max - 1, 300, -1) if not psutil.pid_exists(p))
+
+
+def snapshot(paths) -> dict[str, tuple]:
+    """Each path as it is, links not followed: owner, mode, inode, size, times, content."""
+    seen = {}
+    for path in paths:
+        info = path.lstat()
+        if stat.S_ISLNK(info.st_mode):
+            content = os.readlink(path)
+        elif stat.S_ISREG(info.st_mode):
+            content = path.read_bytes()
+        else:
+            content = sorted(os.listdir(path))
+        key = (info.st_uid, info.st_mode, info.st_ino, info.st_size, info.st_mtime_ns)
+        seen[str(path)] = (*key, content)
+    return seen
+
+
+def test_planted_spill_folders_and_links_are_never_used_or_swept(attacker, shared_tmp):
+    """Spill folder names are random (`rankmesh-spill-{pid}-{12 random}`), so the attacker
+    plants what it can before the cluster starts: links and folders with the prefix, named
+    as a dead worker's (which the next worker sweeps), one of them its own folder with a
+    link where the first spill file would go. Workers spill into fresh private folders of
+    their own, compute Dask's result, and leave every planted thing, the attacker's link
+    target and our own folder a link points at, as they were."""
+    target = shared_tmp / "attacker-target"
+    attacker.run(PLANT, {"paths": [(str(target), "folder")], "as": "file"})
+    attacker.run(PLANT, {"paths": [(str(target / "theirs"), "file")], "as": "file"})
+    ours = shared_tmp / "victim"  # what a followed link would let the sweep delete
+    ours.mkdir(mode=0o700)
+    (ours / "ours").write_text("ours")
+
+    dead = f"{SPILL_PREFIX}-{dead_pid()}-"
+    links = {SPILL_PREFIX: target, f"{dead}{'L' * 12}": target, f"{dead}{'V' * 12}": ours}
+    for name, points_to in links.items():
+        job = {"paths": [(str(shared_tmp / name), "file")], "as": "link", "target": str(points_to)}
+        attacker.run(PLANT, job)
+    folder = shared_tmp / f"{dead}{'D' * 12}"
+    attacker.run(PLANT, {"paths": [(str(folder), "folder")], "as": "file"})
+    attacker.run(PLANT, {"paths": [(str(folder / "planted"), "file")], "as": "file"})
+    attacker.run(
+        PLANT,
+        {"paths": [(str(folder / "0"), "file")], "as": "link", "target": str(target / "theirs")},
+    )
+    attacker.run(PLANT, {"paths": [(str(shared_tmp / f"{dead}{'F' * 12}"), "file")], "as": "file"})
+
+    planted = spill_folders(shared_tmp)
+    assert len(planted) == 5, planted
+    before = snapshot(everything_under(sorted(planted | {target, ours})))
+    assert before[str(target / "theirs")][-1] == b"planted"
+    assert all(before[str(p)][0] != os.geteuid() for p in planted), "the attacker's"
+
+    x = spilling_array()
+    with (
+        rankmesh.LocalCluster(**SPILLING, local_directory=shared_tmp) as cluster,
+        rankmesh.Client(cluster) as client,
+    ):
+        persisted = client.persist(x)
+        rankmesh.wait(persisted)
+        wait_until_spilled(client)
+        check_spilling_into_own_folders(cluster, spill_folders(shared_tmp) - planted)
+        compare_with_threads(client, persisted, x)
+        assert snapshot(everything_under(sorted(planted | {target, ours}))) == before
+        del persisted
+    assert spill_folders(shared_tmp) == planted, "our spill folders removed, none other"
+    assert snapshot(everything_under(sorted(planted | {target, ours}))) == before
+
+
 # -------------------------------------------------------------------------------- ports
 
 KNOCK = """
