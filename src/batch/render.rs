@@ -240,29 +240,34 @@ fn worker_flags(
     settings: &super::Profile,
     fail: &dyn Fn(&str, String) -> BatchError,
 ) -> Result<Vec<String>, BatchError> {
-    fn check<T: FromStr<Err = String>>(value: &Setting) -> Result<String, String> {
-        let text = value.to_string();
-        T::from_str(&text).map(|_| text)
+    type Check = fn(&str) -> Result<(), String>;
+    fn parses<T: FromStr<Err = String>>(text: &str) -> Result<(), String> {
+        T::from_str(text).map(drop)
     }
-    let settings_and_checks: [(
-        &str,
-        &Option<Setting>,
-        fn(&Setting) -> Result<String, String>,
-    ); 5] = [
-        ("memory_limit", &settings.memory_limit, check::<MemoryLimit>),
-        ("memory_target", &settings.memory_target, check::<Threshold>),
-        ("memory_spill", &settings.memory_spill, check::<Threshold>),
-        ("memory_pause", &settings.memory_pause, check::<Threshold>),
+    let settings_and_checks: [(&str, &Option<Setting>, Check); 5] = [
+        (
+            "memory_limit",
+            &settings.memory_limit,
+            parses::<MemoryLimit>,
+        ),
+        (
+            "memory_target",
+            &settings.memory_target,
+            parses::<Threshold>,
+        ),
+        ("memory_spill", &settings.memory_spill, parses::<Threshold>),
+        ("memory_pause", &settings.memory_pause, parses::<Threshold>),
         (
             "memory_terminate",
             &settings.memory_terminate,
-            check::<Threshold>,
+            parses::<Threshold>,
         ),
     ];
     let mut flags = Vec::new();
     for (key, value, check) in settings_and_checks {
         if let Some(value) = value {
-            let text = check(value).map_err(|e| fail(key, e))?;
+            let text = value.to_string();
+            check(&text).map_err(|e| fail(key, e))?;
             flags.push(format!("--{}", key.replace('_', "-")));
             flags.push(text);
         }
