@@ -142,3 +142,20 @@ def test_workers_stopped_on_purpose_count_nothing_against_a_task(tmp_path):
             os.kill(stopped[-1], signal.SIGTERM)
         assert future.result(timeout=60) == "done"
         assert len(set(stopped)) == 3, stopped
+
+
+def test_scattered_data_lost_with_every_worker_is_placed_again():
+    """Unlike `distributed` (FutureLost), rankmesh keeps what was scattered at the
+    scheduler, so data lost with its workers is placed again and what used it recomputed."""
+    arrays = [np.full(50_000, float(i)) for i in range(20)]  # 400 kB each: shared memory
+    with rankmesh.LocalCluster(n_workers=2) as cluster, rankmesh.Client(cluster) as client:
+        wait_for_workers(client, 2)
+        scattered = client.scatter(arrays)
+        sums = client.map(np.sum, scattered)
+        assert client.gather(sums) == [a.sum() for a in arrays]
+        for worker in workers(cluster):
+            os.kill(worker.pid, signal.SIGKILL)
+        back = client.gather(scattered, timeout=120)
+        assert all(np.array_equal(a, b) for a, b in zip(arrays, back, strict=True))
+        assert client.gather(sums, timeout=120) == [a.sum() for a in arrays]
+        assert client.scheduler_info()["recomputed_tasks"] >= len(arrays)
