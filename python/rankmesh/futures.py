@@ -68,6 +68,24 @@ class Future(TaskRef):
         self._client.cancel([self])
 
 
+class DetachedFuture(TaskRef):
+    """What a Future becomes when a task's payload holds it other than as an input (a
+    persisted collection inside the function that finalizes a result, as xarray's are):
+    its key, for the structure to stay intact, and no value. Unlike `distributed`, a task
+    cannot wait on it: pass the future as an argument to have its value."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return DetachedFuture, (self.key,)
+
+    def result(self, timeout: float | None = None) -> Any:
+        raise RuntimeError(
+            f"the future on {self.key!r} was shipped inside a task, where it has no client: "
+            "pass it as an argument of the task to have its value"
+        )
+
+
 def _group_ids(futures: Iterable[Future]) -> tuple[Client, dict[int, list[Future]]]:
     by_id: dict[int, list[Future]] = {}
     client = None

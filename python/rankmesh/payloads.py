@@ -20,7 +20,7 @@ from hashlib import blake2b
 import cloudpickle
 from dask._task_spec import GraphNode, Task, TaskRef
 
-from .futures import Future
+from .futures import DetachedFuture, Future
 from .serialize import CALL, DATA, NODE, PICKLE_FAILURES, RESULT_PROTOCOL, _function, _input
 
 
@@ -162,7 +162,9 @@ class _PayloadReducer:
         cls = type(obj)
         if cls is _Input:
             return _input, (obj.index,)
-        if cls is Future and self.futures_as_inputs:
+        if cls is Future:
+            if not self.futures_as_inputs:
+                return DetachedFuture, (obj.key,)
             index = self._dep_index.get(obj.task_id)
             if index is None:
                 index = self._dep_index[obj.task_id] = len(self.deps)
@@ -198,7 +200,7 @@ def _simple_call(node: object, dep_keys: list) -> tuple | None:
     index = {key: position for position, key in enumerate(dep_keys)}
 
     def plain(value: object) -> object:
-        if type(value) is TaskRef:
+        if isinstance(value, TaskRef):
             return _Input(index[value.key])
         if isinstance(value, GraphNode):
             raise LookupError

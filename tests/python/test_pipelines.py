@@ -88,6 +88,23 @@ def test_persist_then_compute(client):
     assert float(persisted.sum().compute(scheduler=client.get)) == 20_000.0
 
 
+def test_a_persisted_xarray_dataset_feeds_the_pipeline(client):
+    """xarray's finalize step ships the persisted dataset (futures in its graph) inside
+    the task: the futures travel as keys, the values as the task's inputs."""
+    ds = synthetic_dataset(days=400, chunk_days=100, seed=4)
+    persisted = client.persist(ds)
+    ours = client.compute(anomaly_pipeline(persisted)).result()
+    theirs = anomaly_pipeline(ds).compute(scheduler="threads")
+    scale = float(np.abs(theirs.values).max())
+    assert float(np.abs(ours.values - theirs.values).max()) <= 1e-6 * scale
+
+
+def test_a_future_in_a_delayed_call_is_its_value(client):
+    future = client.submit(operator.mul, 6, 7)
+    doubled = delayed(operator.mul)(future, 2)
+    assert client.compute(doubled).result() == 84
+
+
 def test_as_completed_and_wait(client):
     import rankmesh
 
