@@ -110,11 +110,12 @@ impl Object {
         matches!(self.data, ObjectData::Disk(_))
     }
 
-    /// After sending a spilled object: its pages leave this process's memory (they stay
-    /// in the page cache while the kernel has room). Nothing for objects in memory.
-    pub fn forget_pages(&self) {
+    /// After sending a spilled object (or the `range` of its bytes just sent): those pages
+    /// leave this process's memory (they stay in the page cache while the kernel has
+    /// room). Nothing for objects in memory.
+    pub fn forget_pages(&self, range: std::ops::Range<usize>) {
         if let ObjectData::Disk(disk) = &self.data {
-            disk.forget_pages();
+            disk.forget_pages(range);
         }
     }
 
@@ -555,6 +556,17 @@ impl Store {
 
     pub fn contains(&self, id: TaskId) -> bool {
         self.lock().entries.contains_key(&id)
+    }
+
+    /// Bytes of these results that are on disk (a task reading them maps them back in),
+    /// without counting a use.
+    pub fn spilled_size(&self, ids: impl IntoIterator<Item = TaskId>) -> u64 {
+        let objects = self.lock();
+        ids.into_iter()
+            .filter_map(|id| objects.entries.get(&id))
+            .filter(|e| e.object.is_spilled())
+            .map(|e| e.object.size())
+            .sum()
     }
 
     pub fn remove(&self, id: TaskId) -> Option<Arc<Object>> {

@@ -29,13 +29,17 @@ impl DiskFile {
         &self.path
     }
 
-    /// Unmaps the pages a read brought in: they stay in the page cache, which the kernel
-    /// may drop, but no longer count as this process's memory.
-    pub(super) fn forget_pages(&self) {
+    /// Unmaps the pages of `range` a read brought in: they stay in the page cache, which
+    /// the kernel may drop, but no longer count as this process's memory.
+    pub(super) fn forget_pages(&self, range: std::ops::Range<usize>) {
         if let Some(map) = &self.map {
+            let end = range.end.min(map.len());
+            let start = range.start.min(end);
             // SAFETY: a read-only shared mapping of a file nobody writes: pages dropped
             // from it are read back from the file on the next access, unchanged.
-            let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+            };
         }
     }
 }

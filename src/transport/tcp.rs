@@ -145,6 +145,9 @@ impl Transport for TcpTransport {
     }
 }
 
+/// Bytes of a spilled result sent before their pages are let go.
+const SPILLED_SEND_PIECE: usize = 4 << 20;
+
 /// Serves the store to authenticated peers until `shutdown`.
 pub async fn serve_data(
     listener: TcpListener,
@@ -184,11 +187,19 @@ async fn serve_peer(connection: Authenticated, store: &Store) -> Result<(), Stri
             };
             writer.feed(&header).await.map_err(|e| e.to_string())?;
             if let Some(object) = object {
-                writer
-                    .write_raw(object.bytes())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                object.forget_pages();
+                // A spilled result goes out a piece at a time, each piece's pages let go
+                // once sent: serving peers does not map a whole result back in.
+                let piece = if object.is_spilled() {
+                    SPILLED_SEND_PIECE
+                } else {
+                    usize::MAX
+                };
+                let mut sent = 0;
+                for bytes in object.bytes().chunks(piece) {
+                    writer.write_raw(bytes).await.map_err(|e| e.to_string())?;
+                    object.forget_pages(sent..sent + bytes.len());
+                    sent += bytes.len();
+                }
             }
         }
         writer.flush().await.map_err(|e| e.to_string())?;

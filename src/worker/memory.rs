@@ -2,9 +2,14 @@
 //! a target are spilled to disk, least recently used first; above the pause threshold the
 //! worker takes no new tasks; above the terminate threshold its largest executor is
 //! restarted before the kernel's OOM killer acts. Dask's names and default fractions.
+//! Unlike Dask, the target also budgets the tasks a worker starts: the results a running
+//! task is expected to make (and the spilled inputs it maps back) count against it, and a
+//! task waits for room to be spilled for it, so that a worker's peak stays near its limit
+//! rather than a task's working set above it.
 //! Pure: the worker state machine feeds it what it stores and samples, and carries out
 //! what it decides.
 
+use crate::protocol::{FuncId, IdMap};
 use std::time::Duration;
 
 /// A worker's memory limit and the thresholds that act on it.
@@ -138,16 +143,36 @@ impl MemoryState {
         self.paused
     }
 
+    /// Results are on their way to disk.
+    pub fn is_spilling(&self) -> bool {
+        self.spilling > 0
+    }
+
     pub fn counters(&self) -> &MemoryCounters {
         &self.counters
     }
 
-    /// The store now holds `managed` bytes in memory: spill what lies above the target.
-    pub fn stored(&mut self, managed: u64) -> u64 {
+    /// The store now holds `managed` bytes in memory and running tasks are expected to
+    /// need `working` more: spill what lies above the target.
+    pub fn stored(&mut self, managed: u64, working: u64) -> u64 {
         let Some(target) = self.policy.bytes(self.policy.thresholds.target) else {
             return 0;
         };
-        self.spill_down_to(managed, target)
+        self.spill_down_to(managed, target.saturating_sub(working))
+    }
+
+    /// Whether a task expected to need `need` bytes may start beside `managed` bytes of
+    /// results and `working` bytes of running tasks; if not, `Err` with the bytes to
+    /// spill to make room (0 when enough is on its way to disk already).
+    pub fn room_for(&mut self, managed: u64, working: u64, need: u64) -> Result<(), u64> {
+        let Some(target) = self.policy.bytes(self.policy.thresholds.target) else {
+            return Ok(());
+        };
+        if managed.saturating_add(working).saturating_add(need) <= target {
+            return Ok(());
+        }
+        let goal = target.saturating_sub(working).saturating_sub(need);
+        Err(self.spill_down_to(managed, goal))
     }
 
     /// A spill of `bytes` ended (written or failed).
@@ -214,6 +239,47 @@ impl MemoryState {
     }
 }
 
+/// The sizes of the results tasks made, by their function, to expect of the next ones.
+#[derive(Debug, Default)]
+pub struct ResultSizes {
+    by_function: IdMap<FuncId, u64>,
+    /// Of any task: for a function not seen yet.
+    any: u64,
+    seen: bool,
+}
+
+impl ResultSizes {
+    /// A task of `function` made `size` bytes.
+    pub fn record(&mut self, function: Option<FuncId>, size: u64) {
+        // Half the last and half the history: chunks of one array are alike, and a change
+        // (a new stage of a pipeline) shows within a few tasks.
+        let blend = |old: &mut u64| *old = (*old + size).div_ceil(2);
+        if self.seen {
+            blend(&mut self.any);
+        } else {
+            (self.any, self.seen) = (size, true);
+        }
+        if let Some(function) = function {
+            self.by_function
+                .entry(function)
+                .and_modify(blend)
+                .or_insert(size);
+        }
+    }
+
+    /// What the next task of `function` is expected to make; `None` before any task made
+    /// anything.
+    pub fn expected(&self, function: Option<FuncId>) -> Option<u64> {
+        let known = function.and_then(|f| self.by_function.get(&f).copied());
+        known.or(self.seen.then_some(self.any))
+    }
+
+    /// No task will run `function` any more.
+    pub fn forget(&mut self, function: FuncId) {
+        self.by_function.remove(&function);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,15 +305,53 @@ mod tests {
     #[test]
     fn results_beyond_the_target_are_spilled_once() {
         let mut memory = state();
-        assert_eq!(memory.stored(50 * MIB), 0, "under 60 MiB");
-        assert_eq!(memory.stored(70 * MIB), 10 * MIB);
+        assert_eq!(memory.stored(50 * MIB, 0), 0, "under 60 MiB");
+        assert_eq!(memory.stored(70 * MIB, 0), 10 * MIB);
         assert_eq!(
-            memory.stored(72 * MIB),
+            memory.stored(72 * MIB, 0),
             2 * MIB,
             "not what is being spilled already"
         );
         memory.spill_ended(12 * MIB);
-        assert_eq!(memory.stored(60 * MIB), 0);
+        assert_eq!(memory.stored(60 * MIB, 0), 0);
+        assert_eq!(
+            memory.stored(60 * MIB, 15 * MIB),
+            15 * MIB,
+            "running tasks count"
+        );
+    }
+
+    #[test]
+    fn a_task_starts_when_its_results_fit_under_the_target() {
+        let mut memory = state();
+        assert_eq!(memory.room_for(20 * MIB, 20 * MIB, 20 * MIB), Ok(()));
+        // 30 + 20 + 20 = 70 MiB: 10 over the 60 MiB target.
+        assert_eq!(memory.room_for(30 * MIB, 20 * MIB, 20 * MIB), Err(10 * MIB));
+        assert_eq!(
+            memory.room_for(30 * MIB, 20 * MIB, 20 * MIB),
+            Err(0),
+            "asked for once"
+        );
+        memory.spill_ended(10 * MIB);
+        assert_eq!(memory.room_for(20 * MIB, 20 * MIB, 20 * MIB), Ok(()));
+        let mut unlimited = MemoryState::new(MemoryPolicy::default());
+        assert_eq!(unlimited.room_for(u64::MAX, u64::MAX, u64::MAX), Ok(()));
+    }
+
+    #[test]
+    fn result_sizes_are_expected_by_function_then_of_any_task() {
+        let (a, b) = (FuncId(1), FuncId(2));
+        let mut sizes = ResultSizes::default();
+        assert_eq!(sizes.expected(Some(a)), None, "nothing seen yet");
+        sizes.record(Some(a), 64 * MIB);
+        assert_eq!(sizes.expected(Some(a)), Some(64 * MIB));
+        assert_eq!(sizes.expected(Some(b)), Some(64 * MIB), "of any task");
+        sizes.record(Some(b), 0);
+        assert_eq!(sizes.expected(None), Some(32 * MIB));
+        sizes.record(Some(a), 32 * MIB);
+        assert_eq!(sizes.expected(Some(a)), Some(48 * MIB));
+        sizes.forget(a);
+        assert_eq!(sizes.expected(Some(a)), sizes.expected(None));
     }
 
     #[test]
@@ -296,7 +400,7 @@ mod tests {
     #[test]
     fn no_limit_no_management() {
         let mut memory = MemoryState::new(MemoryPolicy::default());
-        assert_eq!(memory.stored(u64::MAX / 2), 0);
+        assert_eq!(memory.stored(u64::MAX / 2, 0), 0);
         let actions = memory.sampled(&sample(&[(0, 1 << 40)], 1 << 40), 1 << 40);
         assert_eq!(actions, MemoryActions::default());
     }

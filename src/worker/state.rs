@@ -4,7 +4,7 @@
 //! (`runtime.rs`) implements it, tests record it.
 
 use super::executor::ExecutorEvent;
-use super::memory::{MemoryPolicy, MemorySample, MemoryState};
+use super::memory::{MemoryPolicy, MemorySample, MemoryState, ResultSizes};
 use crate::heap::ShrinkWhenSparse;
 use crate::protocol::{
     ComputeTask, ErrorInfo, FromWorker, FuncId, FunctionBlob, IdMap, IdSet, ObjectRef, RunTask,
@@ -25,6 +25,9 @@ const MAX_EXECUTOR_DEPTH: usize = 64;
 /// Memory samples to let pass after a failed spill before spilling again (a second at
 /// the runtime's 50 ms): a full disk must not turn the event loop into a retry loop.
 const SAMPLES_BEFORE_SPILL_RETRY: u32 = 20;
+/// Memory samples a task waiting for room may wait for results held by sends to become
+/// spillable, before it starts anyway (half a second at the runtime's 50 ms).
+const SAMPLES_WAITING_FOR_HELD_RESULTS: u32 = 10;
 /// Memory samples between two reports to the scheduler when nothing else calls for one
 /// (a second at the runtime's 50 ms).
 const SAMPLES_PER_REPORT: u32 = 20;
@@ -87,6 +90,9 @@ struct Pending {
     crashes: u32,
     /// Handed to an executor (and in exactly one slot's `in_flight`).
     running: bool,
+    /// While running: the bytes it is expected to add (its result and the spilled inputs
+    /// it maps back), counted in the worker's `working_bytes`.
+    working: u64,
     /// The scheduler no longer wants it: whatever it produces is dropped.
     cancelled: bool,
 }
@@ -144,6 +150,12 @@ pub struct WorkerState {
     /// Bytes of heap results and function code dropped since the runtime last asked.
     freed_bytes: u64,
     memory: MemoryState,
+    /// What running tasks are expected to add to memory (the sum of their `working`).
+    working_bytes: u64,
+    result_sizes: ResultSizes,
+    /// A ready task waits for memory to be made room for, since this many samples.
+    waiting_for_room: bool,
+    samples_waited_for_room: u32,
     /// Why the last spill failed, until one succeeds.
     spill_error: Option<String>,
     /// Samples to wait before the next spill after one failed.
@@ -174,6 +186,10 @@ impl WorkerState {
             stats: Stats::default(),
             freed_bytes: 0,
             memory: MemoryState::new(settings.memory),
+            working_bytes: 0,
+            result_sizes: ResultSizes::default(),
+            waiting_for_room: false,
+            samples_waited_for_room: 0,
             spill_error: None,
             spill_backoff: 0,
             samples_since_report: 0,
@@ -297,6 +313,7 @@ impl WorkerState {
     pub fn memory_sampled(&mut self, sample: MemorySample, comm: &mut impl WorkerComm) {
         let managed = self.store.bytes().in_memory;
         self.spill_backoff = self.spill_backoff.saturating_sub(1);
+        self.samples_waited_for_room += u32::from(self.waiting_for_room);
         let actions = self.memory.sampled(&sample, managed);
         if actions.relieve {
             comm.drop_reserves();
@@ -356,7 +373,9 @@ impl WorkerState {
     /// Every event ends here: results beyond the memory target go to disk, ready tasks to
     /// executors, reports to the scheduler.
     fn after_event(&mut self, comm: &mut impl WorkerComm) {
-        let spill = self.memory.stored(self.store.bytes().in_memory);
+        let spill = self
+            .memory
+            .stored(self.store.bytes().in_memory, self.working_bytes);
         self.spill(spill, comm);
         self.start_fetches(comm);
         self.dispatch(comm);
@@ -429,12 +448,25 @@ impl WorkerState {
             return;
         }
         let cap = self.transfer_cap();
+        let running = self.slots.iter().any(|s| !s.in_flight.is_empty());
         let mut later = Vec::new();
         for (peer, ids) in std::mem::take(&mut self.deferred_fetches) {
             let bytes: u64 = ids.iter().filter_map(|id| self.fetch_sizes.get(id)).sum();
             if self.fetching_bytes > 0 && self.fetching_bytes.saturating_add(bytes) > cap {
                 later.push((peer, ids));
                 continue;
+            }
+            // Inputs count against the memory target as results do: a fetch waits for
+            // room (spilled for it, or left by running tasks), unless nothing else could
+            // make any.
+            let managed = self.store.bytes().in_memory;
+            let working = self.working_bytes + self.fetching_bytes;
+            if let Err(spill) = self.memory.room_for(managed, working, bytes) {
+                self.spill(spill, comm);
+                if running || self.fetching_bytes > 0 || self.memory.is_spilling() {
+                    later.push((peer, ids));
+                    continue;
+                }
             }
             match self.peers.get(&peer) {
                 Some(info) => {
@@ -491,6 +523,7 @@ impl WorkerState {
                 missing,
                 crashes: 0,
                 running: false,
+                working: 0,
                 cancelled: false,
             },
         );
@@ -517,6 +550,9 @@ impl WorkerState {
     fn functions_released(&mut self, ids: &[FuncId], comm: &mut impl WorkerComm) {
         for bytes in ids.iter().filter_map(|id| self.functions.remove(id)) {
             self.freed_bytes += bytes.len() as u64;
+        }
+        for id in ids {
+            self.result_sizes.forget(*id);
         }
         for (index, slot) in self.slots.iter_mut().enumerate() {
             let sent: Vec<FuncId> = ids
@@ -610,6 +646,9 @@ impl WorkerState {
 
     fn task_finished(&mut self, outcome: TaskOutcome, comm: &mut impl WorkerComm) {
         let task = self.tasks.remove(&outcome.id);
+        if let Some(task) = &task {
+            self.working_bytes -= task.working;
+        }
         let object = match outcome.result {
             Err(error) => {
                 if task.is_some_and(|t| !t.cancelled) {
@@ -623,11 +662,13 @@ impl WorkerState {
             Ok(ObjectRef::Inline { data, layout }) => Object::inline(data, layout),
             Ok(ObjectRef::Shm { path, layout }) => comm.adopt(Path::new(&path), layout),
         };
-        if task.is_none_or(|t| t.cancelled) {
+        let Some(task) = task.filter(|t| !t.cancelled) else {
             return; // dropping the object removes its file
-        }
+        };
         match object {
             Ok(object) => {
+                let function = task.compute.funcs.first().copied();
+                self.result_sizes.record(function, object.size());
                 self.stats.tasks += 1;
                 self.stats.task_us += outcome.duration_us;
                 let duration_s = outcome.duration_us as f64 * 1e-6;
@@ -676,6 +717,7 @@ impl WorkerState {
             };
             task.running = false;
             task.held_inputs.clear();
+            self.working_bytes -= std::mem::take(&mut task.working);
             if task.cancelled {
                 self.tasks.remove(&id);
                 continue;
@@ -732,17 +774,46 @@ impl WorkerState {
             .iter()
             .map(|s| s.generation != 0 && !s.exclusive)
             .collect();
-        loop {
+        let mut busy = self.slots.iter().any(|s| !s.in_flight.is_empty())
+            || batches.iter().any(|b| !b.is_empty());
+        let mut dealt_need = 0;
+        'deal: loop {
             let mut dealt = false;
             for index in 0..self.slots.len() {
                 if !open[index] || self.slots[index].in_flight.len() + batches[index].len() >= depth
                 {
                     continue;
                 }
-                let Some(Reverse((_, id))) = self.pop_ready() else {
+                let Some(Reverse((priority, id))) = self.pop_ready() else {
                     break;
                 };
+                let need = self.need_of(id);
+                let working = self.working_bytes + dealt_need;
+                let managed = self.store.bytes().in_memory;
+                // Until some result shows what tasks make here, one runs at a time.
+                let room = match need {
+                    Some(need) => self.memory.room_for(managed, working, need),
+                    None if busy && self.memory.policy().limit != 0 => Err(0),
+                    None => Ok(()),
+                };
+                if let Err(spill) = room {
+                    self.spill(spill, comm);
+                    // It waits for running tasks or spills to make room, or a while for
+                    // results peers are being sent (they cannot be spilled under the
+                    // send); then it starts, or nothing would ever run.
+                    let held_results = managed > 0
+                        && self.samples_waited_for_room < SAMPLES_WAITING_FOR_HELD_RESULTS;
+                    if busy || self.memory.is_spilling() || held_results {
+                        self.ready.push(Reverse((priority, id)));
+                        self.waiting_for_room = true;
+                        break 'deal;
+                    }
+                }
+                self.waiting_for_room = false;
+                self.samples_waited_for_room = 0;
                 batches[index].push(id);
+                dealt_need += need.unwrap_or(0);
+                busy = true;
                 dealt = true;
             }
             if !dealt {
@@ -787,6 +858,20 @@ impl WorkerState {
         self.memory.is_paused() && self.spill_error.is_none()
     }
 
+    /// What a ready task is expected to add to memory once it runs: its result (as large
+    /// as earlier results of its function, or its largest input if larger) and its inputs
+    /// on disk, mapped back in. `None` before any task here made a result.
+    fn need_of(&self, id: TaskId) -> Option<u64> {
+        let task = self.tasks.get(&id)?;
+        let inputs = &task.compute.inputs;
+        let largest_input = inputs.iter().map(|i| i.size).max().unwrap_or(0);
+        let result = self
+            .result_sizes
+            .expected(task.compute.funcs.first().copied())?;
+        let spilled = self.store.spilled_size(inputs.iter().map(|i| i.id));
+        Some(result.max(largest_input) + spilled)
+    }
+
     fn pop_ready(&mut self) -> Option<Reverse<(i64, TaskId)>> {
         while let Some(entry) = self.ready.pop() {
             if self.tasks.get(&entry.0 .1).is_some_and(|t| !t.running) {
@@ -797,11 +882,15 @@ impl WorkerState {
     }
 
     fn send_batch(&mut self, index: usize, batch: Vec<TaskId>, comm: &mut impl WorkerComm) {
-        let slot = &mut self.slots[index];
         let mut functions = Vec::new();
         let mut run = Vec::with_capacity(batch.len());
         let mut released_inputs = Vec::new();
-        for id in batch {
+        let needs: Vec<u64> = batch
+            .iter()
+            .map(|id| self.need_of(*id).unwrap_or(0))
+            .collect();
+        let slot = &mut self.slots[index];
+        for (id, need) in batch.into_iter().zip(needs) {
             let Some(task) = self.tasks.get_mut(&id) else {
                 continue;
             };
@@ -818,6 +907,8 @@ impl WorkerState {
             let inputs = held.iter().map(|o| o.to_ref()).collect();
             task.held_inputs = held;
             task.running = true;
+            task.working = need;
+            self.working_bytes += need;
             for func in &task.compute.funcs {
                 if slot.functions_sent.contains(func) {
                     continue;
@@ -926,8 +1017,15 @@ impl WorkerState {
             );
             if task.running {
                 assert_eq!(task.missing, 0, "task {id} runs without its inputs");
+            } else {
+                assert_eq!(task.working, 0, "task {id} counts memory but does not run");
             }
         }
+        let working: u64 = self.tasks.values().map(|t| t.working).sum();
+        assert_eq!(
+            working, self.working_bytes,
+            "running tasks' expected memory"
+        );
         for id in in_flight.keys() {
             assert!(self.tasks.contains_key(id), "slot runs forgotten task {id}");
         }

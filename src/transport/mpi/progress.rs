@@ -56,7 +56,7 @@ impl Drop for Outbound {
     fn drop(&mut self) {
         // MPI is done with it: a spilled object's pages need not stay mapped here.
         if let Outbound::Piece(object, _) = self {
-            object.forget_pages();
+            object.forget_pages(0..usize::MAX);
         }
     }
 }
