@@ -585,6 +585,16 @@ impl Store {
         }
     }
 
+    /// Whether some shared-memory object is held by more than the store (a task reading
+    /// it, a peer being sent it): it cannot be spilled now, but may be soon.
+    pub fn has_pinned_shared(&self) -> bool {
+        let objects = self.lock();
+        objects
+            .entries
+            .values()
+            .any(|e| e.object.is_shared() && Arc::strong_count(&e.object) > 1)
+    }
+
     /// Shared-memory objects nobody but the store holds (no task reads them, no peer is
     /// being sent them), least recently used first, until they add up to `bytes`.
     pub fn spill_candidates(&self, bytes: u64) -> Vec<(TaskId, Arc<Object>)> {

@@ -175,6 +175,12 @@ impl MemoryState {
         Err(self.spill_down_to(managed, goal))
     }
 
+    /// Whole results handed to spilling came to `extra` bytes more than asked for: they
+    /// are on their way too, until their spill ends.
+    pub fn spill_started(&mut self, extra: u64) {
+        self.spilling += extra;
+    }
+
     /// A spill of `bytes` ended (written or failed).
     pub fn spill_ended(&mut self, bytes: u64) {
         self.spilling = self.spilling.saturating_sub(bytes);

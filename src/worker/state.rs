@@ -395,8 +395,13 @@ impl WorkerState {
         }
         let chosen = self.store.spill_candidates(bytes);
         let found: u64 = chosen.iter().map(|(_, o)| o.size()).sum();
-        // What cannot be spilled now is asked for again at the next event or sample.
-        self.memory.spill_ended(bytes.saturating_sub(found));
+        // Counted as on their way: what was handed out (whole results, often more than
+        // asked for); what cannot be spilled now is asked for again at the next event.
+        if found >= bytes {
+            self.memory.spill_started(found - bytes);
+        } else {
+            self.memory.spill_ended(bytes - found);
+        }
         if !chosen.is_empty() {
             comm.spill(chosen);
         }
@@ -452,7 +457,11 @@ impl WorkerState {
         let mut later = Vec::new();
         for (peer, ids) in std::mem::take(&mut self.deferred_fetches) {
             let bytes: u64 = ids.iter().filter_map(|id| self.fetch_sizes.get(id)).sum();
-            if self.fetching_bytes > 0 && self.fetching_bytes.saturating_add(bytes) > cap {
+            // In order: once one waits, the rest wait behind it (smaller fetches must not
+            // keep a large one waiting forever).
+            if !later.is_empty()
+                || (self.fetching_bytes > 0 && self.fetching_bytes.saturating_add(bytes) > cap)
+            {
                 later.push((peer, ids));
                 continue;
             }
@@ -801,8 +810,9 @@ impl WorkerState {
                     // It waits for running tasks or spills to make room, or a while for
                     // results peers are being sent (they cannot be spilled under the
                     // send); then it starts, or nothing would ever run.
-                    let held_results = managed > 0
-                        && self.samples_waited_for_room < SAMPLES_WAITING_FOR_HELD_RESULTS;
+                    let held_results = self.samples_waited_for_room
+                        < SAMPLES_WAITING_FOR_HELD_RESULTS
+                        && self.store.has_pinned_shared();
                     if busy || self.memory.is_spilling() || held_results {
                         self.ready.push(Reverse((priority, id)));
                         self.waiting_for_room = true;

@@ -4,8 +4,8 @@
 
 use super::*;
 use crate::protocol::{decode, encode, frame_offsets, InputLocation, ToExecutor};
-use crate::store::{ShmDir, StoreError};
-use crate::worker::memory::MemoryPolicy;
+use crate::store::{ShmDir, SpillDir, StoreBytes, StoreError};
+use crate::worker::memory::{MemoryPolicy, MemoryThresholds};
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::PathBuf;
 
@@ -145,6 +145,8 @@ struct TestEnv {
     state: WorkerState,
     comm: TestComm,
     store: Store,
+    /// Where results are spilled to (a folder in a temp folder), with a memory limit.
+    spill: Option<(SpillDir, tempfile::TempDir)>,
 }
 
 const PEERS: [WorkerId; 2] = [WorkerId(2), WorkerId(3)];
@@ -168,19 +170,35 @@ fn small(fill: u8) -> Object {
 }
 
 impl TestEnv {
-    /// A worker with `slots` executors, all up (generation 1).
+    /// A worker with `slots` executors, all up (generation 1), and no memory limit.
     fn new(slots: usize) -> Self {
+        Self::build(slots, MemoryPolicy::default())
+    }
+
+    /// A worker as [`TestEnv::new`] under `memory`: its results live in a shared-memory
+    /// folder of its own, and are spilled for real to a folder in a temp folder.
+    fn with_memory(slots: usize, memory: MemoryPolicy) -> Self {
+        let mut env = Self::build(slots, memory);
+        env.comm.shm = Some(ShmDir::create("rankmesh-test").expect("a shared-memory folder"));
+        let local = tempfile::tempdir().expect("a temp folder");
+        let spill = SpillDir::create(local.path()).expect("a spill folder");
+        env.spill = Some((spill, local));
+        env
+    }
+
+    fn build(slots: usize, memory: MemoryPolicy) -> Self {
         let store = Store::default();
         let settings = WorkerSettings {
             slots,
             max_crashes: 3,
-            memory: MemoryPolicy::default(),
+            memory,
         };
         let peers = PEERS.iter().map(|&id| peer(id)).collect();
         let mut env = TestEnv {
             state: WorkerState::new(settings, store.clone(), peers),
             comm: TestComm::default(),
             store,
+            spill: None,
         };
         for slot in 0..slots {
             env.executor(ExecutorEvent::Ready {
@@ -735,4 +753,607 @@ fn a_cancelled_task_lost_with_its_executor_is_not_retried() {
     });
     assert_eq!(env.ran(), [(0, ids(&[2]))], "only the live suspect reruns");
     env.comm.emptiness_check();
+}
+
+// ------------------------------------------------------------------ memory
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+/// With Dask's default fractions: target 6 MiB, spill 7, pause 8, terminate 9.5; a
+/// transfer cap of 1 MiB.
+const LIMIT: u64 = 10 * MIB;
+
+fn limited() -> MemoryPolicy {
+    MemoryPolicy {
+        limit: LIMIT,
+        thresholds: MemoryThresholds::default(),
+    }
+}
+
+/// What the runtime measures every 50 ms: the worker's own memory, each executor's, and
+/// its shared-memory files.
+fn sample(worker_private: u64, executors: &[(usize, u64)], shared: u64) -> MemorySample {
+    MemorySample {
+        worker_private,
+        executors: executors.to_vec(),
+        shared,
+        elapsed: Duration::from_millis(50),
+    }
+}
+
+/// `task` whose inputs are each of `size` bytes.
+fn task_sized(id: u64, inputs: &[(u64, &[WorkerId])], size: u64) -> ComputeTask {
+    let mut compute = task(id, inputs);
+    for input in &mut compute.inputs {
+        input.size = size;
+    }
+    compute
+}
+
+/// A result of `size` bytes the executor sent inline (a small one).
+fn inline_result(id: u64, size: u64) -> TaskOutcome {
+    TaskOutcome {
+        result: Ok(ObjectRef::Inline {
+            data: Bytes::from(vec![1u8; size as usize]),
+            layout: vec![size],
+        }),
+        ..ok(id)
+    }
+}
+
+fn spilled_ids(batch: &[(TaskId, Arc<Object>)]) -> Vec<TaskId> {
+    batch.iter().map(|(id, _)| *id).collect()
+}
+
+/// What a spill of `batch` comes back as when the disk is full.
+fn disk_full(batch: Vec<(TaskId, Arc<Object>)>) -> Vec<SpillOutcome> {
+    let outcome = |(id, object): (TaskId, Arc<Object>)| {
+        let error = StoreError::Spill {
+            path: PathBuf::from(format!("/local/rankmesh-spill-1-x/{id}")),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        (id, object, Err(error))
+    };
+    batch.into_iter().map(outcome).collect()
+}
+
+impl TestEnv {
+    /// A result of `size` bytes in the worker's shared memory (as a large fetched one is).
+    fn shm_object(&self, size: u64, fill: u8) -> Object {
+        let shm = self
+            .comm
+            .shm
+            .as_ref()
+            .expect("a worker with a memory limit");
+        let mut builder = shm.allocate(vec![size]).expect("shared memory");
+        builder.buffer().fill(fill);
+        let object = builder.finish();
+        assert!(object.is_shared() && object.size() == size);
+        object
+    }
+
+    /// Results `ids` of `size` bytes each in shared memory, stored (no event: the worker
+    /// acts on them at the next one).
+    fn hold(&self, ids: impl IntoIterator<Item = u64>, size: u64) {
+        for id in ids {
+            self.store
+                .insert(TaskId(id), self.shm_object(size, id as u8));
+        }
+    }
+
+    /// An event that changes nothing memory management sees: the worker acts on what
+    /// its store holds, as after any event.
+    fn any_event(&mut self) {
+        self.scheduler(ToWorker::PeerAdded(peer(WorkerId(4))));
+    }
+
+    fn sampled(&mut self, sample: MemorySample) {
+        self.state.memory_sampled(sample, &mut self.comm);
+        self.state.sanity_check();
+    }
+
+    fn spill_finished(&mut self, outcomes: Vec<SpillOutcome>) {
+        self.state.spill_finished(outcomes, &mut self.comm);
+        self.state.sanity_check();
+    }
+
+    /// The one batch handed to spilling since the last look.
+    fn spill_batch(&mut self) -> Vec<(TaskId, Arc<Object>)> {
+        let batch = self.comm.spills.pop_front().expect("a batch to spill");
+        assert!(self.comm.spills.is_empty(), "one batch only");
+        batch
+    }
+
+    /// Writes `batch` to the spill folder, as the runtime does off the event loop.
+    fn write(&self, batch: Vec<(TaskId, Arc<Object>)>) -> Vec<SpillOutcome> {
+        let (dir, _) = self.spill.as_ref().expect("a worker with a memory limit");
+        let outcome = |(id, object): (TaskId, Arc<Object>)| {
+            let spilled = dir.spill(&object);
+            (id, object, spilled)
+        };
+        batch.into_iter().map(outcome).collect()
+    }
+
+    /// The messages since the last look, which must all be memory reports.
+    fn memory_reports(&mut self) -> Vec<WorkerMemory> {
+        let reports = self.comm.take_sent().into_iter().map(|msg| match msg {
+            FromWorker::Memory(report) => report,
+            other => panic!("expected a memory report, got {other:?}"),
+        });
+        reports.collect()
+    }
+
+    /// The one memory report since the last look.
+    fn memory_report(&mut self) -> WorkerMemory {
+        match self.memory_reports().as_slice() {
+            [report] => report.clone(),
+            other => panic!("expected one memory report, got {other:?}"),
+        }
+    }
+
+    /// Tasks failed since the last look, sorted, with their error.
+    fn failed_with(&mut self) -> Vec<(TaskId, ErrorInfo)> {
+        let mut failed: Vec<_> = (self.comm.take_sent().into_iter())
+            .map(|msg| match msg {
+                FromWorker::Failed { id, error } => (id, error),
+                other => panic!("expected Failed, got {other:?}"),
+            })
+            .collect();
+        failed.sort_by_key(|(id, _)| *id);
+        failed
+    }
+}
+
+#[test]
+fn above_the_target_the_least_recently_used_idle_results_are_spilled() {
+    let mut env = TestEnv::with_memory(1, limited());
+    env.hold(1..=2, MIB);
+    // 2 is read by a running task, 1 is being sent to a peer: both busy.
+    env.compute(vec![task(21, &[(2, &PEERS)])]);
+    assert_eq!(env.ran(), [(0, ids(&[21]))]);
+    let being_sent = env.store.get(TaskId(1)).expect("stored");
+    // 8 MiB: 2 over the target. 2 and 1 are the least recently used, then 5 and 3.
+    env.hold(3..=8, MIB);
+    for id in [5, 3, 6, 4, 7, 8] {
+        env.store.get(TaskId(id));
+    }
+    env.any_event();
+    let batch = env.spill_batch();
+    assert_eq!(
+        spilled_ids(&batch),
+        ids(&[5, 3]),
+        "idle ones, least recently used first: not 2 (a task's input) nor 1 (being sent)"
+    );
+    assert_eq!(env.store.bytes().in_memory, 8 * MIB, "until written");
+    env.any_event();
+    assert!(env.comm.spills.is_empty(), "asked for once");
+    let outcomes = env.write(batch);
+    env.spill_finished(outcomes);
+    assert_eq!(
+        env.store.bytes(),
+        StoreBytes {
+            in_memory: 6 * MIB,
+            on_disk: 2 * MIB,
+            unspilled: 0
+        }
+    );
+    let stats = env.state.stats();
+    assert_eq!((stats.spilled_objects, stats.spilled_bytes), (2, 2 * MIB));
+    let report = env.state.memory_report();
+    assert_eq!(
+        (
+            report.managed_bytes,
+            report.spilled_bytes,
+            report.spilled_total
+        ),
+        (6 * MIB, 2 * MIB, 2 * MIB)
+    );
+    let spilled = env.store.get(TaskId(5)).expect("still there");
+    assert!(spilled.is_spilled() && spilled.bytes().iter().all(|&b| b == 5));
+    assert!(being_sent.is_shared(), "the busy ones stay in memory");
+    assert!(env.store.get(TaskId(2)).is_some_and(|o| o.is_shared()));
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn a_result_released_while_it_is_spilled_is_not_counted_as_spilled() {
+    let mut env = TestEnv::with_memory(1, limited());
+    env.hold(1..=7, MIB); // 1 MiB over the target
+    env.any_event();
+    let batch = env.spill_batch();
+    assert_eq!(spilled_ids(&batch), ids(&[1]));
+    env.scheduler(ToWorker::Release(ids(&[1])));
+    let outcomes = env.write(batch);
+    env.spill_finished(outcomes);
+    assert!(!env.store.contains(TaskId(1)));
+    assert_eq!(
+        env.store.bytes(),
+        StoreBytes {
+            in_memory: 6 * MIB,
+            on_disk: 0,
+            unspilled: 0
+        }
+    );
+    assert_eq!(env.state.stats().spilled_objects, 0);
+    let (dir, _) = env.spill.as_ref().expect("a spill folder");
+    let files = std::fs::read_dir(dir.path()).expect("readable").count();
+    assert_eq!(files, 0, "its copy on disk is removed");
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn results_being_spilled_count_in_full_against_the_excess() {
+    let mut env = TestEnv::with_memory(1, limited());
+    let [a, _] = PEERS;
+    env.compute(vec![task_sized(11, &[(9, &[a])], 32 * KIB)]);
+    assert_eq!(env.comm.take_fetches(), [(a, ids(&[9]))]);
+    env.hold(1..=6, MIB); // at the target
+    env.compute(vec![task(10, &[])]);
+    assert_eq!(env.ran(), [(0, ids(&[10]))]);
+    // A small result: 32 KiB over the target, for which 1 (1 MiB) goes to disk.
+    env.results(0, vec![inline_result(10, 32 * KIB)]);
+    // A small input: 64 KiB over, which the MiB on its way to disk covers.
+    let input = Object::inline(Bytes::from(vec![9u8; 32 * KIB as usize]), vec![32 * KIB]);
+    env.fetched(a, ids(&[9]), Ok(vec![(TaskId(9), input.ok())]));
+    let handed: Vec<_> = env.comm.spills.drain(..).flatten().collect();
+    assert_eq!(
+        spilled_ids(&handed),
+        ids(&[1]),
+        "a MiB more to disk for 32 KiB"
+    );
+    // Once written: 64 KiB of results over 5 MiB, not a MiB less.
+    let outcomes = env.write(handed);
+    env.spill_finished(outcomes);
+    assert_eq!(env.store.bytes().in_memory, 5 * MIB + 64 * KIB);
+    assert!(env.comm.spills.is_empty());
+}
+
+#[test]
+fn over_the_spill_threshold_memory_kept_in_reserve_is_given_back() {
+    let mut env = TestEnv::with_memory(1, limited());
+    env.sampled(sample(MIB, &[(0, 5 * MIB)], 0)); // 6 MiB
+    assert_eq!(env.comm.reserves_dropped, 0);
+    env.sampled(sample(MIB, &[(0, 6 * MIB + 512 * KIB)], 0)); // 7.5 MiB
+    assert_eq!(env.comm.reserves_dropped, 1);
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn above_pause_no_task_runs_and_no_fetch_starts_until_memory_is_back_under() {
+    let mut env = TestEnv::with_memory(1, limited());
+    // 9 MiB: over pause (8 MiB), under terminate; all of it the executor's.
+    env.sampled(sample(MIB, &[(0, 8 * MIB)], 0));
+    assert_eq!(
+        env.memory_report(),
+        WorkerMemory {
+            paused: true,
+            limit: LIMIT,
+            process_bytes: 9 * MIB,
+            ..WorkerMemory::default()
+        }
+    );
+    env.compute(vec![task(1, &[]), task(2, &[(5, &[PEERS[0]])])]);
+    assert!(env.ran().is_empty(), "no new task runs");
+    assert!(env.comm.take_fetches().is_empty(), "nothing more comes in");
+    env.sampled(sample(MIB, &[(0, 8 * MIB)], 0));
+    env.comm.emptiness_check(); // told once
+                                // 2 MiB: resumed.
+    env.sampled(sample(MIB, &[(0, MIB)], 0));
+    assert_eq!(
+        env.memory_report(),
+        WorkerMemory {
+            paused: false,
+            limit: LIMIT,
+            process_bytes: 2 * MIB,
+            paused_seconds: 0.1, // the two samples after the one that paused it
+            ..WorkerMemory::default()
+        }
+    );
+    assert_eq!(env.comm.take_fetches(), [(PEERS[0], ids(&[5]))]);
+    assert_eq!(env.ran(), [(0, ids(&[1]))]);
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn a_spill_failing_while_paused_fails_the_waiting_tasks_and_unpauses_the_worker_for_the_scheduler()
+{
+    let mut env = TestEnv::with_memory(1, limited());
+    env.hold(1..=6, MIB);
+    env.compute(vec![task(10, &[])]);
+    assert_eq!(env.ran(), [(0, ids(&[10]))]);
+    // 9 MiB (6 of them results): paused, and 3 MiB of results to spill.
+    env.sampled(sample(MIB, &[(0, 2 * MIB)], 6 * MIB));
+    assert!(env.memory_report().paused);
+    let batch = env.spill_batch();
+    assert_eq!(spilled_ids(&batch), ids(&[1, 2, 3]));
+    env.compute(vec![task(11, &[]), task(12, &[(20, &[PEERS[0]])])]);
+    assert!(env.ran().is_empty() && env.comm.take_fetches().is_empty());
+    env.comm.emptiness_check(); // they wait for memory to come down
+                                // The disk is full: memory will not come down.
+    env.spill_finished(disk_full(batch));
+    let sent = env.comm.take_sent();
+    assert!(
+        matches!(sent.first(), Some(FromWorker::Memory(report)) if !report.paused),
+        "the scheduler sees it unpaused, so that its work comes here and fails: {sent:?}"
+    );
+    env.comm.sent.extend(sent.into_iter().skip(1));
+    let failed = env.failed_with();
+    assert_eq!(
+        failed.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        ids(&[11, 12]),
+        "the waiting tasks fail; the running one finishes"
+    );
+    for (_, error) in &failed {
+        assert_eq!(error.type_name, "SpillError");
+        assert!(
+            error.message.contains("over its pause threshold")
+                && error.message.contains("cannot spill results to disk")
+                && error.message.contains("No space left on device"),
+            "{}",
+            error.message
+        );
+    }
+    assert_eq!(env.state.stats().spill_failures, 3);
+    assert_eq!(env.store.bytes().in_memory, 6 * MIB, "kept in memory");
+    // Work the scheduler sends now fails the same way, at once.
+    env.compute(vec![task(13, &[])]);
+    let failed = env.failed_with();
+    assert!(
+        matches!(failed.as_slice(), [(id, e)] if *id == TaskId(13) && e.type_name == "SpillError"),
+        "{failed:?}"
+    );
+    env.results(0, vec![ok(10)]);
+    assert_eq!(env.done_ids(), ids(&[10]));
+    assert!(env.ran().is_empty() && env.comm.take_fetches().is_empty());
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn after_a_failed_spill_spilling_waits_a_second_of_samples_then_resumes_and_repauses() {
+    let mut env = TestEnv::with_memory(1, limited());
+    env.hold(1..=6, MIB);
+    let paused = sample(MIB, &[(0, 2 * MIB)], 6 * MIB); // 9 MiB
+    env.sampled(paused.clone());
+    assert!(env.memory_report().paused);
+    let batch = env.spill_batch();
+    env.spill_finished(disk_full(batch));
+    assert!(!env.memory_report().paused);
+    // Each sample asks for 3 MiB spilled: none is tried for 19 samples...
+    for _ in 1..20 {
+        env.sampled(paused.clone());
+        env.comm.emptiness_check();
+    }
+    // ... and the 20th (a second at 50 ms) tries again, and reports as every 20th does.
+    env.sampled(paused.clone());
+    assert!(!env.memory_report().paused, "the spill error lasts");
+    let batch = env.spill_batch();
+    assert_eq!(spilled_ids(&batch), ids(&[1, 2, 3]));
+    // The disk has room again: paused as the scheduler sees it, and tasks wait again.
+    let outcomes = env.write(batch);
+    env.spill_finished(outcomes);
+    assert!(env.memory_report().paused);
+    env.compute(vec![task(1, &[])]);
+    assert!(env.ran().is_empty());
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn above_terminate_the_executor_holding_the_most_is_restarted() {
+    let mut env = TestEnv::with_memory(2, limited());
+    // 10 MiB, no result among it: only a restart brings it under 9.5 MiB.
+    env.sampled(sample(MIB, &[(0, 2 * MIB), (1, 7 * MIB)], 0));
+    let restarts: Vec<_> = env.comm.restarts.drain(..).collect();
+    assert!(
+        matches!(restarts.as_slice(), [(1, 1, reason)] if reason.contains("terminate threshold")),
+        "{restarts:?}"
+    );
+    assert_eq!(env.state.executors_restarted(), 1);
+    assert!(env.memory_report().paused);
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn above_terminate_results_are_spilled_rather_than_an_executor_restarted() {
+    let mut env = TestEnv::with_memory(1, limited());
+    env.hold(1..=8, MIB);
+    // 10 MiB, 8 of them results: spilling them does it.
+    env.sampled(sample(512 * KIB, &[(0, MIB + 512 * KIB)], 8 * MIB));
+    assert!(env.comm.restarts.is_empty());
+    assert_eq!(env.state.executors_restarted(), 0);
+    assert_eq!(
+        spilled_ids(&env.spill_batch()),
+        ids(&[1, 2, 3, 4]),
+        "down to the target"
+    );
+    assert!(env.memory_report().paused);
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn above_terminate_no_executor_is_restarted_when_that_would_not_bring_memory_under_it() {
+    let mut env = TestEnv::with_memory(2, limited());
+    // 10.25 MiB, 9.75 of them the worker's own: no restart gets it under 9.5 MiB.
+    let worker = 9 * MIB + 768 * KIB;
+    env.sampled(sample(worker, &[(0, 256 * KIB), (1, 256 * KIB)], 0));
+    assert!(env.comm.restarts.is_empty());
+    assert_eq!(env.state.executors_restarted(), 0);
+    assert!(env.memory_report().paused);
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn fetches_beyond_the_transfer_cap_wait_for_earlier_ones_to_finish() {
+    let mut env = TestEnv::with_memory(1, limited());
+    let [a, _] = PEERS;
+    // Four inputs of 400 KiB from one peer: two requests of 800 KiB under the 1 MiB cap,
+    // one on its way at a time.
+    let inputs: [(u64, &[WorkerId]); 4] = [(1, &[a]), (2, &[a]), (3, &[a]), (4, &[a])];
+    env.compute(vec![task_sized(10, &inputs, 400 * KIB)]);
+    assert_eq!(env.comm.take_fetches(), [(a, ids(&[1, 2]))]);
+    let fetched = |ids: &[u64]| Ok(ids.iter().map(|&id| (TaskId(id), Some(small(1)))).collect());
+    env.fetched(a, ids(&[1, 2]), fetched(&[1, 2]));
+    assert_eq!(env.comm.take_sent(), [FromWorker::Replicated(ids(&[1, 2]))]);
+    assert_eq!(env.comm.take_fetches(), [(a, ids(&[3, 4]))]);
+    assert!(env.ran().is_empty());
+    env.fetched(a, ids(&[3, 4]), fetched(&[3, 4]));
+    assert_eq!(env.comm.take_sent(), [FromWorker::Replicated(ids(&[3, 4]))]);
+    assert_eq!(env.ran(), [(0, ids(&[10]))]);
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn a_fetch_larger_than_the_transfer_cap_starts_when_nothing_else_is_on_its_way() {
+    let mut env = TestEnv::with_memory(1, limited());
+    let [a, b] = PEERS;
+    env.compute(vec![task_sized(10, &[(1, &[a])], 512 * KIB)]);
+    assert_eq!(env.comm.take_fetches(), [(a, ids(&[1]))]);
+    env.compute(vec![task_sized(11, &[(2, &[b])], 3 * MIB)]);
+    assert!(
+        env.comm.take_fetches().is_empty(),
+        "over the cap with 1 on its way"
+    );
+    env.fetched(a, ids(&[1]), Ok(vec![(TaskId(1), Some(small(1)))]));
+    assert_eq!(env.comm.take_fetches(), [(b, ids(&[2]))], "alone");
+    env.comm.take_sent();
+    env.ran();
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn every_twentieth_sample_reports_memory_to_the_scheduler() {
+    let mut env = TestEnv::with_memory(1, limited());
+    env.hold(1..=7, MIB);
+    // 7.5 MiB: over the spill threshold, down to the target (2 of 1 MiB for 1.5 MiB).
+    env.sampled(sample(512 * KIB, &[], 7 * MIB));
+    let batch = env.spill_batch();
+    assert_eq!(spilled_ids(&batch), ids(&[1, 2]));
+    let outcomes = env.write(batch);
+    env.spill_finished(outcomes);
+    env.store.get(TaskId(1)).expect("a peer reads it back");
+    let calm = sample(512 * KIB, &[], 5 * MIB);
+    for _ in 2..20 {
+        env.sampled(calm.clone());
+        env.comm.emptiness_check();
+    }
+    env.sampled(calm.clone());
+    let expected = WorkerMemory {
+        paused: false,
+        limit: LIMIT,
+        process_bytes: 5 * MIB + 512 * KIB,
+        managed_bytes: 5 * MIB,
+        spilled_bytes: 2 * MIB,
+        spilled_total: 2 * MIB,
+        unspilled_total: MIB,
+        paused_seconds: 0.0,
+    };
+    assert_eq!(env.memory_report(), expected);
+    for _ in 1..20 {
+        env.sampled(calm.clone());
+    }
+    env.comm.emptiness_check();
+    env.sampled(calm);
+    assert_eq!(env.memory_report(), expected, "and the next 20th");
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn a_dead_executors_leftovers_are_cleared_once_it_is_down() {
+    let mut env = TestEnv::new(2);
+    env.died(1);
+    assert_eq!(env.comm.cleared.drain(..).collect::<Vec<_>>(), [(1, 1)]);
+    env.executor(ExecutorEvent::Ready {
+        slot: 1,
+        generation: 2,
+        pid: 100,
+    });
+    env.died(1);
+    assert_eq!(env.comm.cleared.drain(..).collect::<Vec<_>>(), [(1, 2)]);
+    env.died(1); // reported twice: nothing left of a generation to clear
+    assert!(env.comm.cleared.is_empty());
+    env.comm.emptiness_check();
+}
+
+impl TestEnv {
+    /// Runs a first task making a result of `size` bytes, then has it released: the
+    /// worker now expects tasks to make results of about that size.
+    fn learn_result_size(&mut self, id: u64, size: u64) {
+        self.compute(vec![task(id, &[])]);
+        assert_eq!(self.ran(), [(0, ids(&[id]))]);
+        self.results(0, vec![inline_result(id, size)]);
+        assert_eq!(self.done_ids(), ids(&[id]));
+        self.scheduler(ToWorker::Release(ids(&[id])));
+    }
+}
+
+#[test]
+fn a_task_waits_until_results_are_spilled_to_make_room_for_it() {
+    let mut env = TestEnv::with_memory(1, limited());
+    env.learn_result_size(10, MIB);
+    env.hold(1..=6, MIB); // at the target: nothing spilled for the results alone
+    env.compute(vec![task(11, &[])]);
+    assert!(
+        env.ran().is_empty(),
+        "6 MiB of results and 1 more expected: over 6"
+    );
+    let batch = env.spill_batch();
+    assert_eq!(spilled_ids(&batch), ids(&[1]), "the least recently used");
+    env.any_event();
+    assert!(
+        env.ran().is_empty() && env.comm.spills.is_empty(),
+        "asked once"
+    );
+    let outcomes = env.write(batch);
+    env.spill_finished(outcomes);
+    assert_eq!(env.ran(), [(0, ids(&[11]))]);
+}
+
+#[test]
+fn a_task_larger_than_the_target_runs_alone_once_nothing_can_make_room() {
+    let mut env = TestEnv::with_memory(1, limited());
+    env.learn_result_size(10, 8 * MIB);
+    env.hold(1..=2, MIB);
+    env.compute(vec![task(11, &[]), task(12, &[])]);
+    let batch = env.spill_batch();
+    assert_eq!(spilled_ids(&batch), ids(&[1, 2]), "everything, for 8 MiB");
+    assert!(env.ran().is_empty());
+    let outcomes = env.write(batch);
+    env.spill_finished(outcomes);
+    // Nothing left to spill and nothing running: it starts, though over the target; the
+    // next waits for it.
+    assert_eq!(env.ran(), [(0, ids(&[11]))]);
+    env.results(0, vec![ok(11)]);
+    assert_eq!(env.done_ids(), ids(&[11]));
+    assert_eq!(env.ran(), [(0, ids(&[12]))]);
+}
+
+#[test]
+fn until_a_result_shows_their_size_tasks_run_one_at_a_time() {
+    let mut env = TestEnv::with_memory(2, limited());
+    env.compute(vec![task(10, &[]), task(11, &[]), task(12, &[])]);
+    assert_eq!(env.ran(), [(0, ids(&[10]))]);
+    env.results(0, vec![inline_result(10, KIB)]);
+    assert_eq!(env.done_ids(), ids(&[10]));
+    assert_eq!(env.ran(), [(0, ids(&[11])), (1, ids(&[12]))]);
+    // Without a limit nothing waits.
+    let mut unlimited = TestEnv::new(2);
+    unlimited.compute(vec![task(10, &[]), task(11, &[])]);
+    assert_eq!(unlimited.ran(), [(0, ids(&[10])), (1, ids(&[11]))]);
+}
+
+#[test]
+fn an_input_fetch_waits_for_room_while_a_task_runs() {
+    let mut env = TestEnv::with_memory(1, limited());
+    let [a, _] = PEERS;
+    env.learn_result_size(10, KIB);
+    env.hold(1..=5, MIB);
+    env.compute(vec![task(11, &[])]);
+    assert_eq!(env.ran(), [(0, ids(&[11]))]);
+    // 5 MiB of results, a running task and a 2 MiB input: 1 MiB over the target.
+    env.compute(vec![task_sized(12, &[(9, &[a])], 2 * MIB)]);
+    assert!(env.comm.take_fetches().is_empty(), "it waits for room");
+    let batch = env.spill_batch();
+    assert_eq!(spilled_ids(&batch), ids(&[1, 2]));
+    let outcomes = env.write(batch);
+    env.spill_finished(outcomes);
+    assert_eq!(env.comm.take_fetches(), [(a, ids(&[9]))]);
 }
