@@ -595,14 +595,16 @@ impl Store {
             .any(|e| e.object.is_shared() && Arc::strong_count(&e.object) > 1)
     }
 
-    /// Shared-memory objects nobody but the store holds (no task reads them, no peer is
-    /// being sent them), least recently used first, until they add up to `bytes`.
+    /// Objects in memory nobody but the store holds (no task reads them, no peer is being
+    /// sent them), least recently used first, until they add up to `bytes`. Small heap
+    /// objects too: thousands of them (a reduction's pieces) can fill a worker as surely
+    /// as a few large ones.
     pub fn spill_candidates(&self, bytes: u64) -> Vec<(TaskId, Arc<Object>)> {
         let objects = self.lock();
         let mut idle: Vec<(u64, TaskId, &Arc<Object>)> = objects
             .entries
             .iter()
-            .filter(|(_, e)| e.object.is_shared() && Arc::strong_count(&e.object) == 1)
+            .filter(|(_, e)| !e.object.is_spilled() && Arc::strong_count(&e.object) == 1)
             .map(|(id, e)| (e.last_used, *id, &e.object))
             .collect();
         idle.sort_unstable_by_key(|(last_used, ..)| *last_used);

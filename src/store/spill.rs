@@ -189,6 +189,23 @@ mod tests {
     }
 
     #[test]
+    fn small_heap_objects_are_spilled_too_and_mapped_back_by_path() {
+        let local = tempfile::tempdir().unwrap();
+        let spill = SpillDir::create(local.path()).unwrap();
+        let store = Store::default();
+        let small = Object::inline(bytes::Bytes::from(vec![7u8; 128]), vec![128]).unwrap();
+        store.insert(TaskId(1), small);
+        let chosen = store.spill_candidates(1);
+        assert_eq!(chosen.len(), 1);
+        let (id, original) = &chosen[0];
+        let spilled = spill.spill(original).unwrap();
+        assert!(matches!(spilled.to_ref(), ObjectRef::Shm { .. }));
+        assert!(store.replace_spilled(*id, original, spilled));
+        assert_eq!((store.bytes().in_memory, store.bytes().on_disk), (0, 128));
+        assert_eq!(store.get(TaskId(1)).unwrap().bytes(), &[7u8; 128][..]);
+    }
+
+    #[test]
     fn a_spill_that_cannot_write_is_an_error_not_a_panic() {
         let local = tempfile::tempdir().unwrap();
         let shm = ShmDir::create("rankmesh-test").unwrap();

@@ -351,6 +351,9 @@ impl WorkerState {
                     if self.store.replace_spilled(id, &original, spilled) {
                         self.stats.spilled_objects += 1;
                         self.stats.spilled_bytes += size;
+                        if !original.is_shared() {
+                            self.freed_bytes += size; // heap to give back
+                        }
                     }
                     self.spill_error = None;
                 }

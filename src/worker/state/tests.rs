@@ -1281,6 +1281,11 @@ impl TestEnv {
         assert_eq!(self.ran(), [(0, ids(&[id]))]);
         self.results(0, vec![inline_result(id, size)]);
         assert_eq!(self.done_ids(), ids(&[id]));
+        // A result over the target goes to disk (heap results too) before it is released.
+        while let Some(batch) = self.comm.spills.pop_front() {
+            let outcomes = self.write(batch);
+            self.spill_finished(outcomes);
+        }
         self.scheduler(ToWorker::Release(ids(&[id])));
     }
 }
