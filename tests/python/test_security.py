@@ -141,9 +141,9 @@ def computes(client) -> None:
 
 # ------------------------------------------------------------------------------ reading
 
-READ_EVERYTHING = """
+# Attacker code: each attempt is recorded as done or as the OSError that refused it.
+ATTEMPTS = """
 import json, os, socket, sys
-paths = json.load(sys.stdin)
 outcome = {}
 def attempt(name, action):
     try:
@@ -151,6 +151,12 @@ def attempt(name, action):
         outcome[name] = "done"
     except OSError as e:
         outcome[name] = type(e).__name__
+"""
+
+READ_EVERYTHING = (
+    ATTEMPTS
+    + """
+paths = json.load(sys.stdin)
 for path in paths["files"]:
     attempt(path, lambda: open(path, "rb").read(1))
 for path in paths["folders"]:
@@ -167,6 +173,7 @@ for pid in paths["pids"]:
         pass
 print(json.dumps({"outcome": outcome, "cmdlines": cmdlines}))
 """
+)
 
 
 def test_nothing_rankmesh_creates_is_readable_by_another_user(attacker):
@@ -456,16 +463,10 @@ def compare_with_threads(client, persisted, x) -> None:
     np.testing.assert_allclose(client.compute(persisted.mean(axis=0), sync=True), expected)
 
 
-TAMPER_WITH_SPILL = """
-import json, os, sys
+TAMPER_WITH_SPILL = (
+    ATTEMPTS
+    + """
 job = json.load(sys.stdin)
-outcome = {}
-def attempt(name, action):
-    try:
-        action()
-        outcome[name] = "done"
-    except OSError as e:
-        outcome[name] = type(e).__name__
 own = os.path.join(job["shared"], "attacker-file")
 with open(own, "w") as f:
     f.write("planted")
@@ -485,6 +486,7 @@ for path in job["files"]:
     attempt(f"remove {path}", lambda: os.unlink(path))
 print(json.dumps(outcome))
 """
+)
 
 
 def test_spill_folders_in_a_shared_folder_are_private_and_removed(attacker, shared_tmp):
