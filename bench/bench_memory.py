@@ -18,6 +18,7 @@ Reported per workload and system: wall seconds, peak memory (PSS of the workers 
 their children, summed, sampled every 50 ms), bytes spilled (Dask: the spill buffers'
 disk-write metric; rankmesh: scheduler_info's spilled_total), and Dask's wall divided by
 rankmesh's. A system that fails a workload (killed workers, an error) is reported as such.
+A run still going after --timeout seconds (default 900) is reported as not finished.
 Results are compared between systems; a mismatch exits 1.
 
     .venv/bin/python bench/bench_memory.py                 # 512 MiB workers, 4 GiB cube
@@ -31,6 +32,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -59,7 +61,9 @@ def cube(cluster_bytes: int):
 def dataset(cluster_bytes: int):
     """The anomaly pipeline's (days, 180, 360) float32 dataset at 4x the cluster's memory."""
     days = 4 * cluster_bytes // (180 * 360 * 4)
-    return synthetic_dataset(days=days, chunk_days=max(days // 40, 1), seed=3)
+    # 128 chunks (32 MiB at 2 x 512 MiB): a chunk a worker can hold a few of, as Pangeo
+    # sizes chunks to its workers.
+    return synthetic_dataset(days=days, chunk_days=max(days // 128, 1), seed=3)
 
 
 def run_rechunk(client, cluster_bytes: int) -> float:
@@ -114,20 +118,39 @@ def start(system: str, limit: int, directory: str):
     return cluster, client, lambda: rankmesh_worker_pids(cluster.pid), spilled
 
 
-def measure(system: str, workload: str, limit: int):
+def measure(system: str, workload: str, limit: int, timeout: float):
     directory = tempfile.mkdtemp(prefix=f"bench-memory-{system}-")
     cluster_bytes = N_WORKERS * limit
     run = run_rechunk if workload == "rechunk" else run_xarray
     try:
         cluster, client, pids, spilled = start(system, limit, directory)
         try:
+            outcome: dict = {}
+
+            def work() -> None:
+                try:
+                    outcome["result"] = run(client, cluster_bytes)
+                except Exception as e:  # reported as the row's failure
+                    outcome["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+
             # Tasks, not P2P, for both; intermediate chunks small enough for the workers.
             config = {"array.rechunk.method": "tasks", "array.chunk-size": "16MiB"}
             with dask.config.set(config), PeakMemory(pids) as peak:
                 started = time.perf_counter()
-                result = run(client, cluster_bytes)
+                worker = threading.Thread(target=work, daemon=True)
+                worker.start()
+                worker.join(timeout)
                 wall = time.perf_counter() - started
-            return {"wall": wall, "peak": peak.peak_bytes, "spilled": spilled(), "result": result}
+            if worker.is_alive():  # closing the cluster below ends its wait
+                return {"error": f"did not finish in {timeout:.0f} s"}
+            if "error" in outcome:
+                return outcome
+            return {
+                "wall": wall,
+                "peak": peak.peak_bytes,
+                "spilled": spilled(),
+                "result": outcome["result"],
+            }
         finally:
             client.close()
             cluster.close()
@@ -147,6 +170,9 @@ def main() -> int:
     parser.add_argument("--limit-mib", type=int, help="each worker's memory limit")
     parser.add_argument("--workloads", default="rechunk,xarray")
     parser.add_argument("--systems", default="dask,rankmesh")
+    parser.add_argument(
+        "--timeout", type=float, default=900, help="seconds a system gets per workload"
+    )
     args = parser.parse_args()
     limit = (args.limit_mib or (256 if args.quick else 512)) * MIB
     systems = args.systems.split(",")
@@ -157,7 +183,7 @@ def main() -> int:
     for workload in args.workloads.split(","):
         ok = {}
         for system in systems:  # each row as soon as it is measured: runs can be long
-            o = measure(system, workload, limit)
+            o = measure(system, workload, limit, args.timeout)
             if "error" in o:
                 print(f"| {workload} | {system} | failed: {o['error']} | | | |", flush=True)
                 continue
