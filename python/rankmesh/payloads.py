@@ -147,6 +147,9 @@ class _Input:
         self.index = index
 
 
+_DASK_ARRAY = ("dask.array.core", "Array")
+
+
 class _PayloadReducer:
     """reducer_override shared by the plain and the cloudpickle payload picklers: functions
     that must travel by value and inputs become calls of `_function` / `_input`. Unlike
@@ -154,6 +157,7 @@ class _PayloadReducer:
 
     registry: FunctionRegistry
     futures_as_inputs: bool
+    graphless_arrays: bool
     deps: list[int]
     funcs: list[int]
     _dep_index: dict[int, int]
@@ -170,6 +174,11 @@ class _PayloadReducer:
                 index = self._dep_index[obj.task_id] = len(self.deps)
                 self.deps.append(obj.task_id)
             return _input, (index,)
+        if self.graphless_arrays and (cls.__module__, cls.__name__) == _DASK_ARRAY:
+            # What a node holds as an object (xarray's finalize step holds the whole
+            # collection) needs its metadata, never its graph: a 500,000-task pipeline
+            # made a 30 MB payload that took hundreds of MB to unpickle in the executor.
+            return cls, ({}, obj.name, obj.chunks, None, obj._meta)
         if cls is types.FunctionType or isinstance(obj, type):
             func_id = self.registry.func_id(obj)
             if func_id is not None:
@@ -220,20 +229,25 @@ class PayloadEncoder:
     def __init__(self, registry: FunctionRegistry) -> None:
         self.registry = registry
 
-    def encode(self, payload: tuple, futures_as_inputs: bool) -> tuple[bytes, list[int], list[int]]:
-        """(payload bytes, input task ids in payload order, function ids it refers to)."""
+    def encode(
+        self, payload: tuple, futures_as_inputs: bool, graphless_arrays: bool = False
+    ) -> tuple[bytes, list[int], list[int]]:
+        """(payload bytes, input task ids in payload order, function ids it refers to).
+        With graphless_arrays, dask arrays inside travel without their graphs."""
+        options = (futures_as_inputs, graphless_arrays)
         try:
-            return self._encode_with(_PlainPayloadPickler, payload, futures_as_inputs)
+            return self._encode_with(_PlainPayloadPickler, payload, *options)
         except PICKLE_FAILURES:
-            return self._encode_with(_CloudPayloadPickler, payload, futures_as_inputs)
+            return self._encode_with(_CloudPayloadPickler, payload, *options)
 
     def _encode_with(
-        self, pickler_class: type, payload: tuple, futures_as_inputs: bool
+        self, pickler_class: type, payload: tuple, futures_as_inputs: bool, graphless_arrays: bool
     ) -> tuple[bytes, list[int], list[int]]:
         buffer = io.BytesIO()
         pickler = pickler_class(buffer, protocol=RESULT_PROTOCOL)
         pickler.registry = self.registry
         pickler.futures_as_inputs = futures_as_inputs
+        pickler.graphless_arrays = graphless_arrays
         pickler.deps = []
         pickler.funcs = []
         pickler._dep_index = {}
@@ -247,7 +261,7 @@ class PayloadEncoder:
         # A Dask node names its inputs by key itself; futures in it stay TaskRefs. Most
         # nodes are plain calls, which are cheaper to pickle and to run as such.
         payload = _simple_call(node, dep_keys) or (NODE, node, dep_keys)
-        return self.encode(payload, futures_as_inputs=False)
+        return self.encode(payload, futures_as_inputs=False, graphless_arrays=True)
 
     def data(self, value: object) -> tuple[bytes, list[int], list[int]]:
         return self.encode((DATA, value), futures_as_inputs=False)
