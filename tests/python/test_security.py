@@ -7,6 +7,7 @@ files and links where rankmesh writes, reads what rankmesh created, and connects
 port without the token. Every attempt must fail, and the cluster must keep computing.
 """
 
+import contextlib
 import json
 import os
 import pwd
@@ -489,18 +490,25 @@ print(json.dumps(outcome))
 )
 
 
-def test_spill_folders_in_a_shared_folder_are_private_and_removed(attacker, shared_tmp):
-    """While workers spill into a folder everyone may write in, another user can neither
-    list, enter nor change their spill folders, nor read, replace or remove a spilled
-    file; folders are 0700 and files 0600, ours; all are gone when the cluster closes."""
+@contextlib.contextmanager
+def spilling_cluster(local_directory):
+    """A cluster that has spilled part of a persisted array into `local_directory`."""
     x = spilling_array()
     with (
-        rankmesh.LocalCluster(**SPILLING, local_directory=shared_tmp) as cluster,
+        rankmesh.LocalCluster(**SPILLING, local_directory=local_directory) as cluster,
         rankmesh.Client(cluster) as client,
     ):
         persisted = client.persist(x)
         rankmesh.wait(persisted)
         wait_until_spilled(client)
+        yield cluster, client, persisted, x
+
+
+def test_spill_folders_in_a_shared_folder_are_private_and_removed(attacker, shared_tmp):
+    """While workers spill into a folder everyone may write in, another user can neither
+    list, enter nor change their spill folders, nor read, replace or remove a spilled
+    file; folders are 0700 and files 0600, ours; all are gone when the cluster closes."""
+    with spilling_cluster(shared_tmp) as (cluster, client, persisted, x):
         folders = spill_folders(shared_tmp)
         check_spilling_into_own_folders(cluster, folders)
         files = [f for folder in folders for f in folder.iterdir()]
@@ -574,14 +582,7 @@ def test_planted_spill_folders_and_links_are_never_used_or_swept(attacker, share
     assert before[str(target / "theirs")][-1] == b"planted"
     assert all(before[str(p)][0] != os.geteuid() for p in planted), "the attacker's"
 
-    x = spilling_array()
-    with (
-        rankmesh.LocalCluster(**SPILLING, local_directory=shared_tmp) as cluster,
-        rankmesh.Client(cluster) as client,
-    ):
-        persisted = client.persist(x)
-        rankmesh.wait(persisted)
-        wait_until_spilled(client)
+    with spilling_cluster(shared_tmp) as (cluster, client, persisted, x):
         check_spilling_into_own_folders(cluster, spill_folders(shared_tmp) - planted)
         compare_with_threads(client, persisted, x)
         assert snapshot(everything_under(sorted(planted | {target, ours}))) == before
