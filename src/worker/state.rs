@@ -771,15 +771,19 @@ impl WorkerState {
         }
         let depth = ((TARGET_QUEUED_WORK_S / self.task_duration_s.max(1e-7)).ceil() as usize)
             .clamp(1, MAX_EXECUTOR_DEPTH);
-        let mut batches: Vec<Vec<TaskId>> = vec![Vec::new(); self.slots.len()];
+        // (task, the bytes it is expected to add), per slot.
+        let mut batches: Vec<Vec<(TaskId, u64)>> = vec![Vec::new(); self.slots.len()];
         for (index, slot) in self.slots.iter_mut().enumerate() {
             if slot.generation == 0 || !slot.in_flight.is_empty() {
                 continue;
             }
             if let Some(id) = pop_live(&mut self.suspects, &self.tasks) {
                 slot.exclusive = true;
-                batches[index].push(id);
+                batches[index].push((id, 0));
             }
+        }
+        for (id, need) in batches.iter_mut().flatten() {
+            *need = self.need_of(*id).unwrap_or(0);
         }
         let open: Vec<bool> = self
             .slots
@@ -824,8 +828,9 @@ impl WorkerState {
                 }
                 self.waiting_for_room = false;
                 self.samples_waited_for_room = 0;
-                batches[index].push(id);
-                dealt_need += need.unwrap_or(0);
+                let need = need.unwrap_or(0);
+                batches[index].push((id, need));
+                dealt_need += need;
                 busy = true;
                 dealt = true;
             }
@@ -894,16 +899,12 @@ impl WorkerState {
         None
     }
 
-    fn send_batch(&mut self, index: usize, batch: Vec<TaskId>, comm: &mut impl WorkerComm) {
+    fn send_batch(&mut self, index: usize, batch: Vec<(TaskId, u64)>, comm: &mut impl WorkerComm) {
         let mut functions = Vec::new();
         let mut run = Vec::with_capacity(batch.len());
         let mut released_inputs = Vec::new();
-        let needs: Vec<u64> = batch
-            .iter()
-            .map(|id| self.need_of(*id).unwrap_or(0))
-            .collect();
         let slot = &mut self.slots[index];
-        for (id, need) in batch.into_iter().zip(needs) {
+        for (id, need) in batch {
             let Some(task) = self.tasks.get_mut(&id) else {
                 continue;
             };
