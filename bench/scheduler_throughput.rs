@@ -6,8 +6,8 @@
 
 use bytes::Bytes;
 use rankmesh::protocol::{
-    ClientId, FromClient, FromWorker, TaskDone, TaskId, TaskSpec, ToClient, ToWorker, WorkerId,
-    WorkerRegistration,
+    ClientId, FromClient, FromWorker, TaskDone, TaskId, TaskOptions, TaskSpec, ToClient, ToWorker,
+    WorkerId, WorkerRegistration,
 };
 use rankmesh::scheduler::{Comm, Scheduler, SchedulerConfig};
 use std::mem;
@@ -50,6 +50,7 @@ fn spec(id: TaskId, deps: Vec<TaskId>) -> TaskSpec {
         payload: Bytes::from_static(b"pickled task payload"),
         priority: 0,
         workers: vec![],
+        options: TaskOptions::default(),
     }
 }
 

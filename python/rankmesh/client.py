@@ -15,6 +15,7 @@ from .errors import CancelledError, FutureLost
 from .futures import Future
 from .payloads import FunctionRegistry, PayloadEncoder
 from .serialize import loads_error, loads_frames
+from .task_options import TaskAnnotations, annotations_of, refuse_unsupported
 
 __all__ = ["Client"]
 
@@ -116,13 +117,24 @@ class Client:
             self._core.release_functions(unused)
 
     def _submit(
-        self, tasks: list, wanted: list[int], restrictions: dict[int, list[int]] | None = None
+        self,
+        tasks: list,
+        wanted: list[int],
+        restrictions: dict[int, list[int]] | None = None,
+        options: dict[int, tuple[int, bool]] | None = None,
     ) -> None:
         registry = self._encoder.registry
         # Functions stay shipped here: the tasks about to go may use them.
         with registry.deferring_releases():
             self._flush_releases()
-        self._core.submit(registry.submitted(tasks, wanted), tasks, wanted, restrictions)
+        functions = registry.submitted(tasks, wanted)
+        self._core.submit(functions, tasks, wanted, restrictions or None, options or None)
+
+    def _call_annotations(self, **given: Any) -> TaskAnnotations:
+        """The options of submitted calls: the keywords given, over `dask.annotate`'s."""
+        refuse_unsupported(given.pop("resources", None), given.pop("actor", False))
+        defaults = {**dask.get_annotations(), **{k: v for k, v in given.items() if v}}
+        return TaskAnnotations({}, self._worker_ids, defaults)
 
     def _worker_ids(self, workers: Any) -> list[int]:
         """Worker ids for a `workers=` argument: ids, data addresses ("host:port", with or
@@ -208,15 +220,37 @@ class Client:
         func: Callable,
         *args: Any,
         key: Any = None,
-        pure: bool = False,
         workers: Any = None,
+        resources: dict | None = None,
+        retries: int | None = None,
+        priority: int = 0,
+        fifo_timeout: Any = None,
+        allow_other_workers: bool = False,
+        actor: bool = False,
+        actors: bool = False,
+        pure: bool = False,
         **kwargs: Any,
     ) -> Future:
         """Runs func(*args, **kwargs) on the cluster; futures in the arguments (also inside
         lists, tuples and dicts) are replaced by their values. With pure=True, an identical
-        call returns a future on the earlier task. `workers`: the only workers that may run
-        it (see `_worker_ids`); if none of them is connected, the task fails with
-        NoWorkerError rather than wait."""
+        call returns a future on the earlier task.
+
+        As in `distributed`: `workers` (ids, addresses or host names, see `_worker_ids`)
+        are the only workers that may run it, or with allow_other_workers=True the ones it
+        prefers; `retries`: runs again this many times after raising; `priority`: higher
+        runs first among waiting tasks; `dask.annotate(...)` around the call sets the same.
+        Unlike `distributed`: pure defaults to False (every call runs); a task whose only
+        allowed workers are all gone fails with NoWorkerError instead of waiting;
+        `resources` and actors are refused (NotImplementedError); `fifo_timeout` is
+        accepted and has no effect."""
+        annotations = self._call_annotations(
+            workers=workers,
+            retries=retries,
+            priority=priority,
+            allow_other_workers=allow_other_workers,
+            resources=resources,
+            actor=actor or actors,
+        )
         if key is None and pure:
             from dask.base import tokenize
 
@@ -227,8 +261,9 @@ class Client:
                 return Future(self, existing.task_id, key)
         task_id = self._core.next_task_id(1)
         payload, deps, funcs = self._encoder.call(func, args, kwargs)
-        restrictions = None if workers is None else {task_id: self._worker_ids(workers)}
-        self._submit([(task_id, deps, funcs, payload, 0)], [task_id], restrictions)
+        restrictions, options = _options_by_id(annotations, [task_id])
+        task = (task_id, deps, funcs, payload, annotations.priority(None, 0))
+        self._submit([task], [task_id], restrictions, options)
         return Future(self, task_id, key if key is not None else f"{_key_prefix(func)}-{task_id:x}")
 
     def map(
@@ -236,12 +271,29 @@ class Client:
         func: Callable,
         *iterables: Iterable,
         key: Any = None,
-        pure: bool = False,
         workers: Any = None,
+        retries: int | None = None,
+        resources: dict | None = None,
+        priority: int = 0,
+        allow_other_workers: bool = False,
+        fifo_timeout: Any = None,
+        actor: bool = False,
+        actors: bool = False,
+        pure: bool = False,
+        batch_size: int | None = None,
         **kwargs: Any,
     ) -> list:
-        """submit() for each tuple of arguments, as one submission. `pure` is accepted for
-        dask.distributed compatibility and ignored: every call runs."""
+        """submit() for each tuple of arguments, as one submission, with submit's options
+        for every call. `pure` and `batch_size` are accepted for dask.distributed
+        compatibility and ignored: every call runs, and the calls go as one message."""
+        annotations = self._call_annotations(
+            workers=workers,
+            retries=retries,
+            priority=priority,
+            allow_other_workers=allow_other_workers,
+            resources=resources,
+            actor=actor or actors,
+        )
         calls = list(zip(*iterables, strict=True))
         if not calls:
             return []
@@ -250,13 +302,9 @@ class Client:
         tasks = []
         for offset, args in enumerate(calls):
             payload, deps, funcs = encode(func, args, kwargs)
-            tasks.append((first + offset, deps, funcs, payload, offset))
+            tasks.append((first + offset, deps, funcs, payload, annotations.priority(None, offset)))
         ids = [task[0] for task in tasks]
-        restrictions = None
-        if workers is not None:
-            allowed = self._worker_ids(workers)
-            restrictions = {task_id: allowed for task_id in ids}
-        self._submit(tasks, ids, restrictions)
+        self._submit(tasks, ids, *_options_by_id(annotations, ids))
         if isinstance(key, list):
             keys = key
         else:
@@ -295,8 +343,17 @@ class Client:
 
     # ------------------------------------------------------------------------------- dask
 
-    def _submit_graph(self, dsk: Any, outputs: list) -> tuple[graphs.GraphTasks, list[int]]:
-        """Submits what `outputs` need; returns the tasks and the new ids among the outputs."""
+    def _submit_graph(
+        self, dsk: Any, outputs: list, options: Mapping[str, Any] | None = None
+    ) -> tuple[graphs.GraphTasks, list[int]]:
+        """Submits what `outputs` need; returns the tasks and the new ids among the outputs.
+        Each task's options: its annotations in the graph, else `options` (compute's and
+        persist's keywords), else `dask.annotate`'s around the call."""
+        annotations = TaskAnnotations(
+            annotations_of(dsk),
+            self._worker_ids,
+            {**dask.get_annotations(), **{k: v for k, v in (options or {}).items() if v}},
+        )
         graph, held = graphs.materialize(dsk)
 
         def external(key: Any) -> int | None:
@@ -305,15 +362,21 @@ class Client:
             future = self._by_key.get(key)
             return future.task_id if future is not None else None
 
-        def submit(tasks: list, held: list[int], release: list[int]) -> None:
-            self._submit(tasks, held)
+        def submit(tasks: list, held: list[int], release: list[int], *options: dict) -> None:
+            self._submit(tasks, held, *options)
             if release:
                 self._release(release)
 
         # The graph's chunks share functions: none is released until all are submitted.
         with self._encoder.registry.deferring_releases():
             built = graphs.graph_tasks(
-                graph, outputs, external, self._core.next_task_id, self._encoder, submit
+                graph,
+                outputs,
+                external,
+                self._core.next_task_id,
+                self._encoder,
+                submit,
+                annotations,
             )
         new_ids = {task[0] for task in built.tasks}
         wanted = list(dict.fromkeys(built.key_ids[key] for key in outputs))
@@ -321,9 +384,10 @@ class Client:
         return built, wanted
 
     def get(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
-        """Dask's scheduler entry point: `dask.compute(x, scheduler=client.get)`."""
+        """Dask's scheduler entry point: `dask.compute(x, scheduler=client.get)`. Takes
+        submit's `workers`, `retries`, `priority`, `allow_other_workers` for every task."""
         outputs = graphs.flatten_keys(keys)
-        built, wanted = self._submit_graph(dsk, outputs)
+        built, wanted = self._submit_graph(dsk, outputs, _graph_options(kwargs))
         try:
             values = self._collect([built.key_ids[key] for key in outputs], None)
         except KeyboardInterrupt:
@@ -333,25 +397,29 @@ class Client:
             self._to_release.extend(wanted)
         return graphs.repack(keys, {key: values[built.key_ids[key]] for key in outputs})
 
-    def compute(self, collections: Any, sync: bool = False, optimize_graph: bool = True) -> Any:
-        """Futures on the final values of Dask collections (their values if sync=True)."""
+    def compute(
+        self, collections: Any, sync: bool = False, optimize_graph: bool = True, **kwargs: Any
+    ) -> Any:
+        """Futures on the final values of Dask collections (their values if sync=True).
+        Takes submit's `workers`, `retries`, `priority`, `allow_other_workers`."""
         single = not isinstance(collections, list | tuple)
         collections = [collections] if single else list(collections)
         with dask.config.set(graphs.DASK_CONFIG):
             expr, keys = graphs.compute_expression(collections, optimize_graph)
-        built, _ = self._submit_graph(expr, keys)
+        built, _ = self._submit_graph(expr, keys, _graph_options(kwargs))
         futures = [Future(self, built.key_ids[key], key) for key in keys]
         result = self.gather(futures) if sync else futures
         return result[0] if single else result
 
     def persist(self, collections: Any, optimize_graph: bool = True, **kwargs: Any) -> Any:
-        """The collections, computed on the cluster and held there by futures in their graphs."""
+        """The collections, computed on the cluster and held there by futures in their graphs.
+        Takes submit's `workers`, `retries`, `priority`, `allow_other_workers`."""
         single = not isinstance(collections, list | tuple)
         collections = [collections] if single else list(collections)
         with dask.config.set(graphs.DASK_CONFIG):
             expr, keys, rebuild = graphs.persist_expression(collections, optimize_graph)
         outputs = [key for collection_keys in keys for key in collection_keys]
-        built, _ = self._submit_graph(expr, outputs)
+        built, _ = self._submit_graph(expr, outputs, _graph_options(kwargs))
         futures = {key: Future(self, built.key_ids[key], key) for key in outputs}
         rebuilt = rebuild(futures)
         return rebuilt[0] if single else rebuilt
@@ -396,6 +464,26 @@ class Client:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _options_by_id(
+    annotations: TaskAnnotations, ids: list[int]
+) -> tuple[dict[int, list[int]], dict[int, tuple[int, bool]]]:
+    """Restrictions and (retries, allow_other_workers) of submitted calls, by task id."""
+    workers = annotations.restriction(None)
+    options = annotations.options(None)
+    restrictions = {task_id: workers for task_id in ids} if workers is not None else {}
+    return restrictions, ({task_id: options for task_id in ids} if options else {})
+
+
+_GRAPH_OPTIONS = ("workers", "retries", "priority", "allow_other_workers", "resources")
+
+
+def _graph_options(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The task options among compute's, persist's or get's keywords; `resources` is
+    refused as in submit."""
+    refuse_unsupported(kwargs.get("resources"), bool(kwargs.get("actors")))
+    return {name: kwargs[name] for name in _GRAPH_OPTIONS if kwargs.get(name)}
 
 
 def _walk_futures(obj: Any, visit: Callable[[Future], None]) -> None:

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from . import serialize
+from . import in_memory_targets, serialize
 from ._layout import INLINE_MAX, object_offsets
 
 # Finished results wait at most this long for others to share a message with.
@@ -149,6 +149,7 @@ def main() -> int:
     link = ExecutorLink(os.environ["RANKMESH_EXECUTOR_SOCKET"], os.environ["RANKMESH_TOKEN"])
     shm_dir, executor_id = os.environ["RANKMESH_SHM_DIR"], os.environ["RANKMESH_EXECUTOR_ID"]
     report_fatal_signals(os.path.join(shm_dir, f"{executor_id}.fault"))
+    in_memory_targets.install()
     runner = TaskRunner(shm_dir, executor_id)
     serve(link, runner)
     return 0

@@ -16,6 +16,7 @@ from dask._task_spec import Alias, GraphNode, convert_legacy_graph
 
 from .futures import Future
 from .payloads import PayloadEncoder
+from .task_options import TaskAnnotations
 
 # Task-based methods: the P2P ones Dask picks otherwise only run on distributed workers.
 DASK_CONFIG = {"array.rechunk.method": "tasks", "dataframe.shuffle.method": "tasks"}
@@ -88,7 +89,11 @@ def repack(keys: Any, values: Mapping[Key, Any]) -> Any:
 FIRST_CHUNK_TASKS = 256
 MAX_CHUNK_TASKS = 8192
 
-Submit = Callable[[list[TaskTuple], list[int], list[int]], None]
+# (tasks, held ids, ids to release, restrictions by id, (retries, loose) by id)
+Submit = Callable[
+    [list[TaskTuple], list[int], list[int], dict[int, list[int]], dict[int, tuple[int, bool]]],
+    None,
+]
 
 
 def graph_tasks(
@@ -98,6 +103,7 @@ def graph_tasks(
     next_task_id: Callable[[int], int],
     encoder: PayloadEncoder,
     submit: Submit,
+    annotations: TaskAnnotations | None = None,
 ) -> GraphTasks:
     """Encodes what `outputs` need, in dependency order, and hands it to
     `submit(tasks, wanted, release)` in chunks while the rest is still being encoded, so
@@ -106,7 +112,8 @@ def graph_tasks(
     A submitted task whose dependents are not all submitted yet is held (`wanted`) so the
     scheduler keeps its result; once its last dependent goes out, it is listed in that
     chunk's `release` (unless it is an output). `external(key)` gives the task id of a key
-    outside the graph (held by a future) or None.
+    outside the graph (held by a future) or None. `annotations` give tasks their user
+    priority, worker restrictions and retries.
     """
     submission = _depth_first(graph, outputs, external)
     runnable = [key for key in submission if key in graph and type(graph[key]) is not Alias]
@@ -130,6 +137,8 @@ def graph_tasks(
     chunk_keys: list[Key] = []
     chunk_of: dict[Key, int] = {}  # which chunk each task went out with
     release: list[int] = []
+    restrictions: dict[int, list[int]] = {}
+    options: dict[int, tuple[int, bool]] = {}
     chunk_size = FIRST_CHUNK_TASKS
     chunk_number = 0
 
@@ -139,9 +148,11 @@ def graph_tasks(
             for key in chunk_keys
             if key in output_keys or unsubmitted_dependents[key] > 0
         ]
-        submit(tasks[len(tasks) - len(chunk_keys) :], held, release[:])
+        submit(tasks[len(tasks) - len(chunk_keys) :], held, release[:], restrictions, options)
         chunk_keys.clear()
         release.clear()
+        restrictions.clear()
+        options.clear()
 
     for key in submission:
         node = graph.get(key)
@@ -155,7 +166,16 @@ def graph_tasks(
         payload, _, funcs = encoder.node(node, dep_keys)
         task_id = key_ids[key] = next_id
         next_id += 1
-        tasks.append((task_id, [key_ids[dep] for dep in dep_keys], funcs, payload, priority[key]))
+        task_priority = priority[key]
+        if annotations:
+            task_priority = annotations.priority(key, task_priority)
+            workers = annotations.restriction(key)
+            if workers is not None:
+                restrictions[task_id] = workers
+            task_options = annotations.options(key)
+            if task_options is not None:
+                options[task_id] = task_options
+        tasks.append((task_id, [key_ids[dep] for dep in dep_keys], funcs, payload, task_priority))
         chunk_keys.append(key)
         chunk_of[key] = chunk_number
         for dep in inputs_of[key]:

@@ -8,7 +8,7 @@ use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyTuple};
 use rankmesh::protocol::{
     frame_offsets, ClientId, ClusterInfo, ErrorInfo, FromClient, FuncId, FunctionBlob, Role,
-    TaskId, TaskSpec, ToClient, Token, WorkerId, WorkerInfo,
+    TaskId, TaskOptions, TaskSpec, ToClient, Token, WorkerId, WorkerInfo,
 };
 use rankmesh::store::HeapAllocator;
 use rankmesh::transport::tcp::{self, TcpTransport};
@@ -196,17 +196,20 @@ impl ClientCore {
         TaskId::new(ClientId(self.client_id), first).0
     }
 
-    /// `restrictions`: task id → the only worker ids that may run it.
+    /// `restrictions`: task id → the only worker ids that may run it; `options`: task id
+    /// → (retries, allow_other_workers).
     #[allow(clippy::type_complexity)]
-    #[pyo3(signature = (functions, tasks, wanted, restrictions = None))]
+    #[pyo3(signature = (functions, tasks, wanted, restrictions = None, options = None))]
     fn submit(
         &self,
         functions: Vec<(u64, PyBackedBytes)>,
         tasks: Vec<(u64, Vec<u64>, Vec<u64>, PyBackedBytes, i64)>,
         wanted: Vec<u64>,
         restrictions: Option<HashMap<u64, Vec<u32>>>,
+        options: Option<HashMap<u64, (u32, bool)>>,
     ) -> PyResult<()> {
         let mut restrictions = restrictions.unwrap_or_default();
+        let mut options = options.unwrap_or_default();
         let mut functions: Vec<FunctionBlob> = functions
             .iter()
             .map(|(id, bytes)| FunctionBlob {
@@ -233,6 +236,13 @@ impl ClientCore {
                 workers: restrictions
                     .remove(&id)
                     .map(|ws| ws.into_iter().map(WorkerId).collect())
+                    .unwrap_or_default(),
+                options: options
+                    .remove(&id)
+                    .map(|(retries, allow_other_workers)| TaskOptions {
+                        retries,
+                        allow_other_workers,
+                    })
                     .unwrap_or_default(),
             });
             if chunk_bytes >= SUBMIT_CHUNK_BYTES || index + 1 == total {

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// What a connecting peer is; the acceptor checks it is one it serves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,9 +59,19 @@ pub struct TaskSpec {
     pub payload: Bytes,
     /// Lower runs first among ready tasks (Dask's `order`).
     pub priority: i64,
-    /// Only these workers may run it (Dask's `workers=` with `allow_other_workers=False`);
-    /// empty: any worker.
+    /// Only these workers may run it (Dask's `workers=`); empty: any worker.
     pub workers: Vec<WorkerId>,
+    pub options: TaskOptions,
+}
+
+/// What Dask's `submit` keywords (and `dask.annotate`) ask of one task.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskOptions {
+    /// Runs this many more times after raising, before it errs (Dask's `retries=`).
+    pub retries: u32,
+    /// `workers` is a preference: any worker may run it while none of them can
+    /// (Dask's `allow_other_workers=True`).
+    pub allow_other_workers: bool,
 }
 
 /// A task's exception as the executor caught it.

@@ -44,7 +44,7 @@ class InProcessCluster:
             next(self.ids)
         return first
 
-    def check_submit(self, tasks, held, release):
+    def check_submit(self, tasks, held, release, restrictions, options):
         """Runs a chunk as a scheduler would and keeps only what is held, so a task
         released too early fails a later chunk."""
         self.runner.add_functions(self.encoder.registry.submitted(tasks, held))

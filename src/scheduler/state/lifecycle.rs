@@ -93,8 +93,22 @@ impl Scheduler {
     pub(super) fn task_failed(&mut self, worker: WorkerId, id: TaskId, error: ErrorInfo) {
         match self.tasks.get(&id).map(|t| &t.state) {
             Some(TaskState::Assigned { worker: w }) if *w == worker => {
-                tracing::debug!(task = %id, error = %error.type_name, "task failed");
-                self.mark_erred(id, id, Arc::new(error));
+                let retry = self.tasks.get_mut(&id).is_some_and(|task| {
+                    let retry = task.retries_left > 0;
+                    if retry {
+                        task.retries_left -= 1;
+                        task.state = TaskState::Ready;
+                    }
+                    retry
+                });
+                if retry {
+                    tracing::debug!(task = %id, error = %error.type_name, "task failed; retrying");
+                    self.change_processing(worker, false);
+                    self.enqueue_if_ready(id);
+                } else {
+                    tracing::debug!(task = %id, error = %error.type_name, "task failed");
+                    self.mark_erred(id, id, Arc::new(error));
+                }
             }
             _ => {
                 tracing::debug!(worker = %worker, task = %id, "failure of a task not assigned there ignored")

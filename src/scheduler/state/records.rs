@@ -62,6 +62,10 @@ pub(super) struct Task {
     pub(super) priority: i64,
     /// Only these workers may run it; empty: any.
     pub(super) restricted_to: Box<[WorkerId]>,
+    /// `restricted_to` is a preference: others may run it while none of those can.
+    pub(super) allow_other_workers: bool,
+    /// Times it may still raise and be run again before it errs.
+    pub(super) retries_left: u32,
     /// A client holds a future on it.
     pub(super) wanted: bool,
     /// Dependents not computed yet: they still need this task's result.

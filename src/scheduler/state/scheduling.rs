@@ -29,7 +29,7 @@ impl Scheduler {
             if !matches!(task.state, TaskState::Ready) {
                 continue; // stale: cancelled, failed or requeued since
             }
-            let restricted = !task.restricted_to.is_empty();
+            let restricted = !task.restricted_to.is_empty() && !task.allow_other_workers;
             match self.place(id) {
                 Some(worker) => self.assign(id, worker, &mut batches),
                 None if restricted => self.fail_unplaceable(id),
@@ -135,16 +135,17 @@ impl Scheduler {
             })
         };
         candidates.clear();
-        let mut consider = |worker: WorkerId| {
+        // Whether `worker` is a candidate now.
+        let mut consider = |worker: WorkerId| -> bool {
             if candidates.iter().any(|c| c.load.worker == worker) {
-                return;
+                return true;
             }
             let Some(w) = workers.get(&worker) else {
-                return;
+                return false;
             };
             // A paused worker takes no new tasks, unless it is the only place allowed.
-            if w.memory.paused && task.restricted_to.is_empty() {
-                return;
+            if w.memory.paused && (task.restricted_to.is_empty() || task.allow_other_workers) {
+                return false;
             }
             let (mut missing_bytes, mut node_bytes, mut held_bytes) = (0, 0, 0);
             for (holders, size) in inputs() {
@@ -164,8 +165,14 @@ impl Scheduler {
                 node_bytes,
                 held_bytes,
             });
+            true
         };
-        if task.restricted_to.is_empty() {
+        let mut preferred_available = false;
+        for &worker in task.restricted_to.iter() {
+            preferred_available |= consider(worker);
+        }
+        let anywhere = task.restricted_to.is_empty() || task.allow_other_workers;
+        if anywhere && !preferred_available {
             for (holders, _) in inputs() {
                 for &holder in holders {
                     consider(holder);
@@ -177,10 +184,6 @@ impl Scheduler {
             }
             if let Some(least) = load_index.least_loaded() {
                 consider(least.worker);
-            }
-        } else {
-            for &worker in task.restricted_to.iter() {
-                consider(worker);
             }
         }
         let bandwidths = Bandwidths {

@@ -66,6 +66,8 @@ impl Scheduler {
                 dependents: Vec::new(),
                 priority: spec.priority,
                 restricted_to: spec.workers.into_boxed_slice(),
+                retries_left: spec.options.retries,
+                allow_other_workers: spec.options.allow_other_workers,
                 wanted: false,
                 pending_dependents: 0,
                 live_dependents: 0,

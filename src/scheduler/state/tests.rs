@@ -2,7 +2,7 @@
 //! format, a `TestEnv` that hands out ids, and one test per behaviour.
 
 use super::*;
-use crate::protocol::{decode, encode};
+use crate::protocol::{decode, encode, TaskOptions};
 use serde::{de::DeserializeOwned, Serialize};
 use std::collections::{BTreeSet, VecDeque};
 
@@ -228,6 +228,7 @@ fn spec(id: TaskId, deps: &[TaskId]) -> TaskSpec {
         payload: Bytes::from(id.0.to_le_bytes().to_vec()),
         priority: 0,
         workers: vec![],
+        options: TaskOptions::default(),
     }
 }
 
@@ -1373,4 +1374,89 @@ fn a_wanted_result_kept_elsewhere_is_announced_again_when_a_holder_dies() {
     }
     assert_eq!(env.scheduler.recomputed_tasks(), 0);
     env.comm.emptiness_check();
+}
+
+#[test]
+fn a_task_with_retries_runs_again_after_raising_then_errs_when_they_are_spent() {
+    let mut env = TestEnv::new();
+    let [w1, w2] = env.workers(&[1, 1])[..] else {
+        unreachable!()
+    };
+    let c = env.client();
+    let [x, y] = ids(c, 0..2)[..] else {
+        unreachable!()
+    };
+    let retried = TaskSpec {
+        options: TaskOptions {
+            retries: 2,
+            allow_other_workers: false,
+        },
+        ..spec(x, &[])
+    };
+    env.submit(c, vec![retried, spec(y, &[])], &[x, y]);
+    env.schedule();
+    let fail = |env: &mut TestEnv, worker| {
+        let error = ErrorInfo::runtime("ValueError", "flaky".into());
+        env.worker_msg(worker, FromWorker::Failed { id: x, error });
+    };
+    let runs_x = |env: &mut TestEnv| {
+        let assigned_x = |msgs: &[ToWorker]| {
+            matches!(msgs, [ToWorker::Compute(tasks)] if tasks.iter().any(|t| t.id == x))
+        };
+        let runs: Vec<WorkerId> = [w1, w2]
+            .into_iter()
+            .filter(|&w| assigned_x(&env.comm.take_worker(w)))
+            .collect();
+        assert_eq!(runs.len(), 1, "x goes to one worker at a time");
+        runs[0]
+    };
+    let first = runs_x(&mut env);
+    fail(&mut env, first);
+    assert!(env.comm.take_client(c).is_empty(), "a retry is not a failure");
+    env.schedule();
+    let second = runs_x(&mut env);
+    fail(&mut env, second);
+    env.schedule();
+    let third = runs_x(&mut env);
+    fail(&mut env, third);
+    match env.comm.take_client(c).as_slice() {
+        [ToClient::Failed { ids, origin, error }] => {
+            assert_eq!((ids.as_slice(), *origin), ([x].as_slice(), x));
+            assert_eq!(error.message, "flaky");
+        }
+        other => panic!("expected Failed after the third run, got {other:?}"),
+    }
+    env.schedule();
+    assert!(env.comm.take_worker(w1).is_empty() && env.comm.take_worker(w2).is_empty());
+}
+
+#[test]
+fn allow_other_workers_prefers_its_workers_and_runs_elsewhere_when_they_are_gone() {
+    let mut env = TestEnv::new();
+    let [w1, w2] = env.workers(&[1, 1])[..] else {
+        unreachable!()
+    };
+    let c = env.client();
+    let [x, y] = ids(c, 0..2)[..] else {
+        unreachable!()
+    };
+    let loose = |id| TaskSpec {
+        workers: vec![w2],
+        options: TaskOptions {
+            retries: 0,
+            allow_other_workers: true,
+        },
+        ..spec(id, &[])
+    };
+    env.submit(c, vec![loose(x)], &[x]);
+    env.schedule();
+    assert_eq!(env.computed(w2), [x], "its preferred worker, though w1 is as idle");
+    env.done(w2, &[x]);
+    env.lose_worker(w2);
+    env.comm.take_worker(w1);
+    env.comm.take_client(c);
+    env.submit(c, vec![loose(y)], &[y]);
+    env.schedule();
+    // Both on w1, not NoWorkerError: y, and x, whose only copy went with w2.
+    assert_eq!(sorted(&env.computed(w1)), [x, y]);
 }
