@@ -13,6 +13,12 @@ _EXPORTS = {
     "Job": "batch",
     "submit": "batch",
     "Client": "client",
+    "get_client": "client",
+    "Event": "coordination",
+    "Lock": "coordination",
+    "Queue": "coordination",
+    "Semaphore": "coordination",
+    "Variable": "coordination",
     "LocalCluster": "cluster",
     "CancelledError": "errors",
     "ConnectionLost": "errors",
@@ -23,6 +29,7 @@ _EXPORTS = {
     "TaskError": "errors",
     "WalltimeDrain": "errors",
     "Future": "futures",
+    "fire_and_forget": "futures",
     "as_completed": "futures",
     "futures_of": "futures",
     "wait": "futures",
@@ -33,8 +40,9 @@ _EXPORTS = {
 
 if TYPE_CHECKING:
     from .batch import BatchError, Job, submit
-    from .client import Client
+    from .client import Client, get_client
     from .cluster import LocalCluster
+    from .coordination import Event, Lock, Queue, Semaphore, Variable
     from .errors import (
         CancelledError,
         ConnectionLost,
@@ -45,7 +53,7 @@ if TYPE_CHECKING:
         TaskError,
         WalltimeDrain,
     )
-    from .futures import Future, as_completed, futures_of, wait
+    from .futures import Future, as_completed, fire_and_forget, futures_of, wait
     from .mpi import initialize
     from .worker import WorkerContext, get_worker
 
@@ -76,19 +84,26 @@ __all__ = [
     "CancelledError",
     "Client",
     "ConnectionLost",
+    "Event",
     "Future",
     "FutureLost",
     "HandshakeRefused",
     "Job",
     "KilledWorker",
     "LocalCluster",
+    "Lock",
+    "Queue",
     "RankmeshError",
+    "Semaphore",
     "TaskError",
+    "Variable",
     "WalltimeDrain",
     "WorkerContext",
     "__version__",
     "as_completed",
+    "fire_and_forget",
     "futures_of",
+    "get_client",
     "get_worker",
     "initialize",
     "submit",

@@ -32,8 +32,10 @@ class ClientCore:
         tasks: list[TaskTuple],
         wanted: list[int],
         restrictions: dict[int, list[int]] | None = None,
+        options: dict[int, tuple[int, bool]] | None = None,
     ) -> None:
-        """restrictions: task id -> the only worker ids that may run it."""
+        """restrictions: task id -> the only worker ids that may run it; options: task id ->
+        (retries, allow_other_workers)."""
     def want(self, ids: list[int]) -> None:
         """Hold results of tasks submitted earlier again (e.g. a second future on them)."""
     def release(self, ids: list[int]) -> None:
@@ -51,9 +53,24 @@ class ClientCore:
         erred or cancelled) or the timeout passed; returns the ids that have ended."""
     def state(self, id: int) -> Literal["pending", "finished", "error", "cancelled", "lost"]: ...
     def error(self, id: int) -> ErrorTuple | None: ...
+    def location(self, id: int) -> int | None:
+        """The worker id holding a finished task's result (as last announced)."""
     def fetch(self, ids: list[int]) -> list[tuple[bytes, list[bytearray]]]:
         """Results straight from the workers holding them: per id, (pickle stream,
         out-of-band buffers). Raises RankmeshError if a result is not (or no longer) held."""
+    def coordinate(
+        self,
+        op: str,
+        name: str,
+        value: bytes | None = None,
+        number: int = 0,
+        timeout: float | None = None,
+    ) -> tuple[str, object, int]:
+        """One request on a named lock, semaphore, event, variable or queue (op: acquire,
+        release, leases, event_set, event_clear, event_wait, event_is_set, variable_set,
+        variable_get, variable_delete, queue_put, queue_get, queue_size). Blocks until
+        answered; past `timeout` the request is withdrawn. Returns (kind, value, request
+        number); kind: granted, done, value, count, flag, withdrawn or refused."""
     def workers(self) -> list[dict[str, object]]:
         """id, data_address, host, nthreads, memory_limit of each connected worker."""
     def close(self) -> None: ...

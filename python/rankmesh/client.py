@@ -10,6 +10,7 @@ from typing import Any
 
 import dask.config
 
+from . import dask_recognition
 from . import graph as graphs
 from .errors import CancelledError, FutureLost
 from .futures import Future
@@ -17,7 +18,7 @@ from .payloads import FunctionRegistry, PayloadEncoder
 from .serialize import loads_error, loads_frames
 from .task_options import TaskAnnotations, annotations_of, refuse_unsupported
 
-__all__ = ["Client"]
+__all__ = ["Client", "get_client"]
 
 # A result whose worker died is recomputed once the scheduler sees the worker go, which takes
 # moments: how long to keep trying a worker that does not answer, and how often.
@@ -82,6 +83,9 @@ class Client:
         self._by_key: weakref.WeakValueDictionary[Any, Future] = weakref.WeakValueDictionary()
         self._default_config: Any = None
         self._closed = False
+        global _latest
+        _latest = weakref.ref(self)
+        dask_recognition.install()
 
     def __repr__(self) -> str:
         return f"<rankmesh.Client: {self.address}{' (closed)' if self._closed else ''}>"
@@ -435,6 +439,72 @@ class Client:
     def workers(self) -> list[dict[str, object]]:
         return self._core.workers()
 
+    @staticmethod
+    def _address(worker: Mapping[str, Any]) -> str:
+        """A worker as `distributed` names it: its data server's address."""
+        return f"tcp://{worker['data_address']}"
+
+    def wait_for_workers(self, n_workers: int, timeout: float | None = None) -> None:
+        """Blocks until at least `n_workers` workers are connected; TimeoutError after
+        `timeout` seconds (None: no limit), as in `distributed`."""
+        if n_workers < 0:
+            raise ValueError(f"n_workers must be 0 or more, not {n_workers}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while len(self._core.workers()) < n_workers:
+            if deadline is not None and time.monotonic() > deadline:
+                have = len(self._core.workers())
+                raise TimeoutError(
+                    f"only {have} of {n_workers} workers connected after {timeout} s"
+                )
+            time.sleep(0.05)
+
+    def nthreads(self) -> dict[str, int]:
+        """Threads (executor processes) of each worker, by address."""
+        return {self._address(w): int(w["nthreads"]) for w in self.workers()}
+
+    ncores = nthreads
+
+    def who_has(self, futures: Any = None) -> dict[Any, list[str]]:
+        """The workers holding each future's result, by key (all futures of this client
+        without an argument); empty for a result not computed. Unlike `distributed`, it
+        names the one holder this client was told of, not every replica."""
+        if futures is None:
+            held = list(self._by_key.values())
+        else:
+            held = []
+            _walk_futures(futures, held.append)
+        addresses = {w["id"]: self._address(w) for w in self.workers()}
+        located = {}
+        for future in held:
+            worker = self._core.location(future.task_id)
+            located[future.key] = [addresses[worker]] if worker in addresses else []
+        return located
+
+    def has_what(self) -> dict[str, list[Any]]:
+        """The keys of this client's results each worker holds (see who_has)."""
+        what: dict[str, list[Any]] = {self._address(w): [] for w in self.workers()}
+        for key, holders in self.who_has().items():
+            for address in holders:
+                what[address].append(key)
+        return what
+
+    def run(self, function: Callable, *args: Any, workers: Any = None, **kwargs: Any) -> dict:
+        """function(*args, **kwargs) once on each worker (or on `workers`), by address.
+        Unlike `distributed`, it runs as a task in one of the worker's executor processes
+        (after the tasks queued there), not in the worker process itself, which is not
+        Python; a function taking `dask_worker` is refused."""
+        if "dask_worker" in getattr(function, "__code__", _NO_CODE).co_varnames:
+            raise TypeError("rankmesh workers are not Python: there is no dask_worker to pass")
+        wanted = self.workers() if workers is None else None
+        ids = [w["id"] for w in wanted] if wanted is not None else self._worker_ids(workers)
+        by_id = {w["id"]: w for w in self.workers()}
+        futures = {
+            self._address(by_id[i]): self.submit(function, *args, workers=[i], **kwargs)
+            for i in ids
+            if i in by_id
+        }
+        return self.gather(futures)
+
     def scheduler_info(self, timeout: float = 30) -> dict[str, object]:
         """The scheduler's address, its workers and counters, asked of the scheduler.
 
@@ -464,6 +534,31 @@ class Client:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+_NO_CODE = (lambda: None).__code__
+
+# The most recently created client (get_client's answer outside tasks), and the client of
+# this executor process (made when a task first asks).
+_latest: weakref.ref[Client] | None = None
+_task_client: Client | None = None
+
+
+def get_client() -> Client:
+    """The client to use here, as `distributed.get_client`: inside a task, a connection of
+    the task's executor process to the scheduler (made on first use and kept for the
+    process, so tasks can submit tasks and use locks, queues and variables); elsewhere the
+    most recently created client that is still open."""
+    global _task_client
+    address = os.environ.get("RANKMESH_SCHEDULER_ADDRESS")
+    if address is not None and "RANKMESH_EXECUTOR_ID" in os.environ:
+        if _task_client is None or _task_client._closed:
+            _task_client = Client(address, token=os.environ.get("RANKMESH_TOKEN"))
+        return _task_client
+    client = _latest() if _latest is not None else None
+    if client is None or client._closed:
+        raise ValueError("No clients found: create a rankmesh.Client first")
+    return client
 
 
 def _options_by_id(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -14,7 +16,7 @@ if TYPE_CHECKING:
 # What futures ask of their client (named, so the client's insides can change): _hold and
 # _drop as futures come and go, _task_state, _wait_ids, _error_of, gather and cancel.
 
-__all__ = ["DoneAndNotDone", "Future", "as_completed", "futures_of", "wait"]
+__all__ = ["DoneAndNotDone", "Future", "as_completed", "fire_and_forget", "futures_of", "wait"]
 
 
 class DoneAndNotDone(NamedTuple):
@@ -66,6 +68,20 @@ class Future(TaskRef):
 
     def cancel(self) -> None:
         self._client.cancel([self])
+
+    def add_done_callback(self, callback: Callable[[Future], Any]) -> None:
+        """Calls callback(self) once the task ended (finished, erred or cancelled), in a
+        thread of its own, as `distributed` calls it off the caller's thread; an exception
+        it raises is logged."""
+
+        def wait_then_call() -> None:
+            try:
+                self._client._wait_ids([self.task_id], None, "ALL")
+                callback(self)
+            except Exception:  # noqa: BLE001 - a callback's failure must not pass silently
+                logging.getLogger("rankmesh").exception("done callback of %r failed", self)
+
+        threading.Thread(target=wait_then_call, name="rankmesh-done-callback", daemon=True).start()
 
 
 class DetachedFuture(TaskRef):
@@ -166,3 +182,14 @@ def as_completed(futures: Iterable[Future], with_results: bool = False) -> Itera
         for task_id in ended:
             for future in by_id[task_id]:
                 yield (future, future.result()) if with_results else future
+
+
+def fire_and_forget(futures: Any) -> None:
+    """Runs the tasks behind `futures` to the end even once no one holds them, as in
+    `distributed`; unlike there, only while their client is open (closing it cancels them)."""
+    for future in futures_of(futures):
+        future.add_done_callback(_ignore)  # the waiting thread holds the future
+
+
+def _ignore(_future: Future) -> None:
+    pass

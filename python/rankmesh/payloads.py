@@ -12,7 +12,9 @@ from __future__ import annotations
 import io
 import pickle
 import sys
+import threading
 import types
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from hashlib import blake2b
@@ -20,6 +22,7 @@ from hashlib import blake2b
 import cloudpickle
 from dask._task_spec import GraphNode, Task, TaskRef
 
+from .coordination import Lock
 from .futures import DetachedFuture, Future
 from .serialize import CALL, DATA, NODE, PICKLE_FAILURES, RESULT_PROTOCOL, _function, _input
 
@@ -60,6 +63,7 @@ class FunctionRegistry:
         self._task_funcs: dict[int, list[int]] = {}  # held task id -> its func_ids
         self._unused: set[int] = set()  # shipped, no held task uses them: to release
         self._deferred = 0
+        self._lock_names: dict[int, tuple[object, str]] = {}
 
     def func_id(self, obj: object) -> int | None:
         """The id to ship `obj` under, or None when pickle can name it."""
@@ -76,6 +80,17 @@ class FunctionRegistry:
             self._objects.setdefault(func_id, []).append(id(obj))
         self._known[id(obj)] = (obj, func_id)
         return func_id
+
+    def lock_name(self, lock: object) -> str:
+        """The cluster-wide name a thread lock (or a `distributed.Lock`) in a graph takes:
+        the same for the same object in every payload of this client."""
+        name = getattr(lock, "name", None)
+        if isinstance(name, str):  # distributed.Lock: its own name
+            return name
+        entry = self._lock_names.get(id(lock))
+        if entry is None:  # holding the lock keeps its id() from being reused
+            entry = self._lock_names[id(lock)] = (lock, f"thread-lock-{uuid.uuid4().hex}")
+        return entry[1]
 
     def submitted(self, tasks: list, held: list[int]) -> list[tuple[int, bytes]]:
         """Notes a submit of `tasks` (tuples of id, deps, func_ids, ...) of which the client
@@ -148,6 +163,8 @@ class _Input:
 
 
 _DASK_ARRAY = ("dask.array.core", "Array")
+_THREAD_LOCKS = (type(threading.Lock()), type(threading.RLock()))
+_DISTRIBUTED_LOCK = ("distributed.lock", "Lock")
 
 
 class _PayloadReducer:
@@ -174,6 +191,9 @@ class _PayloadReducer:
                 index = self._dep_index[obj.task_id] = len(self.deps)
                 self.deps.append(obj.task_id)
             return _input, (index,)
+        if cls in _THREAD_LOCKS or (cls.__module__, cls.__name__) == _DISTRIBUTED_LOCK:
+            # One lock for the whole cluster: the same name wherever it is unpickled.
+            return Lock, (self.registry.lock_name(obj),)
         if self.graphless_arrays and (cls.__module__, cls.__name__) == _DASK_ARRAY:
             # What a node holds as an object (xarray's finalize step holds the whole
             # collection) needs its metadata, never its graph: a 500,000-task pipeline

@@ -7,8 +7,8 @@ use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyTuple};
 use rankmesh::protocol::{
-    frame_offsets, ClientId, ClusterInfo, ErrorInfo, FromClient, FuncId, FunctionBlob, Role,
-    TaskId, TaskOptions, TaskSpec, ToClient, Token, WorkerId, WorkerInfo,
+    frame_offsets, ClientId, ClusterInfo, Coordinate, Coordinated, ErrorInfo, FromClient, FuncId,
+    FunctionBlob, Role, TaskId, TaskOptions, TaskSpec, ToClient, Token, WorkerId, WorkerInfo,
 };
 use rankmesh::store::HeapAllocator;
 use rankmesh::transport::tcp::{self, TcpTransport};
@@ -41,6 +41,8 @@ struct State {
     /// The scheduler's last answer to `FromClient::Info`, and how many have come.
     info: Option<ClusterInfo>,
     info_replies: u64,
+    /// Answers to `coordinate` requests not collected yet, by request number.
+    coordinated: HashMap<u64, Coordinated>,
 }
 
 #[derive(Default)]
@@ -91,6 +93,9 @@ impl Shared {
                 state.info = Some(info);
                 state.info_replies += 1;
             }
+            ToClient::Coordinated { request, reply } => {
+                state.coordinated.insert(request, reply);
+            }
         }
         drop(state);
         self.changed.notify_all();
@@ -110,6 +115,7 @@ pub struct ClientCore {
     outbox: Mutex<Option<mpsc::UnboundedSender<FromClient>>>,
     shared: Arc<Shared>,
     next_sequence: AtomicU64,
+    next_request: AtomicU64,
     transport: Arc<TcpTransport>,
     stop: CancellationToken,
 }
@@ -185,6 +191,7 @@ impl ClientCore {
             outbox: Mutex::new(Some(outbox)),
             shared,
             next_sequence: AtomicU64::new(1),
+            next_request: AtomicU64::new(1),
             transport: Arc::new(TcpTransport::new(token)),
             stop,
         })
@@ -292,8 +299,17 @@ impl ClientCore {
         ))
     }
 
+    /// Cancels the tasks; those not ended yet read as cancelled at once.
     fn cancel(&self, ids: Vec<u64>) -> PyResult<()> {
-        self.send(FromClient::Cancel(ids.into_iter().map(TaskId).collect()))
+        let ids: Vec<TaskId> = ids.into_iter().map(TaskId).collect();
+        {
+            let mut state = self.shared.lock();
+            for id in &ids {
+                state.tasks.entry(*id).or_insert(Status::Cancelled);
+            }
+        }
+        self.shared.changed.notify_all();
+        self.send(FromClient::Cancel(ids))
     }
 
     /// Blocks until all (or any) of `ids` ended or `timeout` passed; returns those ended.
@@ -369,6 +385,14 @@ impl ClientCore {
             Some(Status::Finished(_)) => "finished",
             Some(Status::Failed(_)) => "error",
             Some(Status::Cancelled) => "cancelled",
+        }
+    }
+
+    /// The worker this client was told holds the task's result, if it has finished.
+    fn location(&self, id: u64) -> Option<u32> {
+        match self.shared.lock().tasks.get(&TaskId(id)) {
+            Some(Status::Finished(worker)) => Some(worker.0),
+            _ => None,
         }
     }
 
@@ -506,6 +530,111 @@ impl ClientCore {
                 workers.into_any(),
             ],
         )
+    }
+
+    /// One request on a named synchronisation object (see `Coordinate`): `op` is its
+    /// variant's name in snake case, `value` the bytes it stores, `number` its lease count
+    /// or lease. Blocks until answered; after `timeout` seconds the request is withdrawn
+    /// and its answer (which may still be a grant or a value) awaited. Returns (kind,
+    /// value, request number): kind "granted" (the request number names the lease; a
+    /// grant that crossed the withdrawal is kept, so timeout=0 is a non-blocking try),
+    /// "done", "value" (bytes), "count" (int), "flag" (bool), "withdrawn" or "refused"
+    /// (the reason).
+    #[pyo3(signature = (op, name, value = None, number = 0, timeout = None))]
+    fn coordinate<'py>(
+        &self,
+        py: Python<'py>,
+        op: &str,
+        name: String,
+        value: Option<PyBackedBytes>,
+        number: u64,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let value = || value.as_ref().map(bytes_of).unwrap_or_default();
+        let op = match op {
+            "acquire" => Coordinate::Acquire {
+                name,
+                max_leases: u32::try_from(number).unwrap_or(u32::MAX),
+            },
+            "release" => Coordinate::Release {
+                name,
+                lease: number,
+            },
+            "leases" => Coordinate::Leases { name },
+            "event_set" => Coordinate::EventSet { name },
+            "event_clear" => Coordinate::EventClear { name },
+            "event_wait" => Coordinate::EventWait { name },
+            "event_is_set" => Coordinate::EventIsSet { name },
+            "variable_set" => Coordinate::VariableSet {
+                name,
+                value: value(),
+            },
+            "variable_get" => Coordinate::VariableGet { name },
+            "variable_delete" => Coordinate::VariableDelete { name },
+            "queue_put" => Coordinate::QueuePut {
+                name,
+                value: value(),
+            },
+            "queue_get" => Coordinate::QueueGet { name },
+            "queue_size" => Coordinate::QueueSize { name },
+            other => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "unknown coordination request {other:?}"
+                )))
+            }
+        };
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        self.send(FromClient::Coordinate { request, op })?;
+        let mut deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        let reply = loop {
+            let outcome = py.detach(|| {
+                let slice_end = Instant::now() + SIGNAL_CHECK;
+                let mut state = self.shared.lock();
+                loop {
+                    if let Some(reply) = state.coordinated.remove(&request) {
+                        return Ok(Some(reply));
+                    }
+                    if let Some(reason) = &state.lost {
+                        return Err(ConnectionLost::new_err(reason.clone()));
+                    }
+                    let now = Instant::now();
+                    if deadline.is_some_and(|d| now >= d) || now >= slice_end {
+                        return Ok(None);
+                    }
+                    let until = deadline.map_or(slice_end, |d| d.min(slice_end));
+                    state = self
+                        .shared
+                        .changed
+                        .wait_timeout(state, until - now)
+                        .map(|(s, _)| s)
+                        .unwrap_or_else(|p| p.into_inner().0);
+                }
+            })?;
+            if let Some(reply) = outcome {
+                break reply;
+            }
+            if let Err(interrupted) = py.check_signals() {
+                self.send(FromClient::Withdraw(request))?;
+                return Err(interrupted);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                // Answered exactly once: Withdrawn, or what came first.
+                self.send(FromClient::Withdraw(request))?;
+                deadline = None;
+            }
+        };
+
+        let (kind, value): (&str, Bound<'py, PyAny>) = match reply {
+            Coordinated::Granted => ("granted", py.None().into_bound(py)),
+            Coordinated::Done => ("done", py.None().into_bound(py)),
+            Coordinated::Value(bytes) => ("value", PyBytes::new(py, &bytes).into_any()),
+            Coordinated::Count(n) => ("count", n.into_pyobject(py)?.into_any()),
+            Coordinated::Flag(set) => ("flag", set.into_pyobject(py)?.to_owned().into_any()),
+            Coordinated::Withdrawn => ("withdrawn", py.None().into_bound(py)),
+            Coordinated::Refused(why) => ("refused", why.into_pyobject(py)?.into_any()),
+        };
+        let request = request.into_pyobject(py)?.into_any();
+        PyTuple::new(py, [kind.into_pyobject(py)?.into_any(), value, request])
     }
 
     fn workers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// What a connecting peer is; the acceptor checks it is one it serves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +121,81 @@ pub enum FromClient {
     Cancel(Vec<TaskId>),
     /// How the cluster stands: answered with `ToClient::Info`.
     Info,
+    /// A request on a named synchronisation object, answered once with
+    /// `ToClient::Coordinated` carrying the same `request` number.
+    Coordinate { request: u64, op: Coordinate },
+    /// The client stopped waiting for `request` (its timeout passed): a request still
+    /// waiting is answered `Withdrawn`; one answered already stands.
+    Withdraw(u64),
+}
+
+/// Cluster-wide synchronisation objects, named by clients, kept by the scheduler: Dask's
+/// `Lock` and `Semaphore` (leases), `Event`, `Variable` and `Queue`. Values are opaque
+/// (pickled by the client).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Coordinate {
+    /// A lease on `name`, which has `max_leases` (set by its first request; a lock: 1).
+    /// Answered `Granted` when this client holds it, which may be later.
+    Acquire {
+        name: String,
+        max_leases: u32,
+    },
+    /// Gives back the lease granted to request `lease`: `Done`, or `Refused` if not held.
+    Release {
+        name: String,
+        lease: u64,
+    },
+    /// How many leases of `name` are held: `Count`.
+    Leases {
+        name: String,
+    },
+    EventSet {
+        name: String,
+    },
+    EventClear {
+        name: String,
+    },
+    /// `Done` once the event is set (at once if it is).
+    EventWait {
+        name: String,
+    },
+    EventIsSet {
+        name: String,
+    },
+    VariableSet {
+        name: String,
+        value: Bytes,
+    },
+    /// `Value` once the variable has one (at once if it has).
+    VariableGet {
+        name: String,
+    },
+    VariableDelete {
+        name: String,
+    },
+    QueuePut {
+        name: String,
+        value: Bytes,
+    },
+    /// `Value`, the oldest item, once there is one.
+    QueueGet {
+        name: String,
+    },
+    QueueSize {
+        name: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Coordinated {
+    Granted,
+    Done,
+    Value(Bytes),
+    Count(u64),
+    Flag(bool),
+    /// The client withdrew the request before it could be answered otherwise.
+    Withdrawn,
+    Refused(String),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -202,6 +277,10 @@ pub enum ToClient {
         reason: String,
     },
     Info(ClusterInfo),
+    Coordinated {
+        request: u64,
+        reply: Coordinated,
+    },
 }
 
 /// Counters of the whole cluster, for `Client.scheduler_info()`.

@@ -2,8 +2,10 @@
 //!
 //! `state` holds tasks, workers and clients and reacts to events; what it wants sent is
 //! handed to a [`Comm`], which the server (`server`) implements over sockets and tests
-//! implement as a recorder. `placement` picks workers.
+//! implement as a recorder. `placement` picks workers; `coordination` keeps the locks,
+//! events, variables and queues clients share.
 
+mod coordination;
 mod placement;
 pub mod server;
 mod state;

@@ -7,6 +7,7 @@
 //! Clients number their own tasks (`TaskId::owner`) from a counter, so an id is never
 //! reused once forgotten.
 
+use super::coordination::Coordination;
 use super::placement::{CandidateCost, LoadIndex, NodeId, RootQueue};
 use super::Comm;
 use crate::protocol::{
@@ -93,6 +94,8 @@ pub struct Scheduler {
     freed_bytes: u64,
     /// Tasks computed again because a result was lost with its worker.
     recomputed_tasks: u64,
+    /// Locks, semaphores, events, variables and queues clients share.
+    coordination: Coordination,
 }
 
 impl Scheduler {
@@ -114,6 +117,7 @@ impl Scheduler {
             candidates: Vec::new(),
             freed_bytes: 0,
             recomputed_tasks: 0,
+            coordination: Coordination::default(),
         }
     }
 
@@ -180,6 +184,14 @@ impl Scheduler {
                     recomputed_tasks: self.recomputed_tasks,
                 };
                 self.outbox.to_clients.push((client, ToClient::Info(info)));
+            }
+            FromClient::Coordinate { request, op } => {
+                self.coordination
+                    .request(client, request, op, &mut self.outbox.to_clients)
+            }
+            FromClient::Withdraw(request) => {
+                self.coordination
+                    .withdraw(client, request, &mut self.outbox.to_clients)
             }
         }
         self.outbox.flush(comm);

@@ -11,4 +11,4 @@ mod state;
 pub use memory::{MemoryLimit, MemoryPolicy, MemorySample, MemoryThresholds};
 pub use memory_settings::Threshold;
 pub use runtime::{run, run_with, sweep_node, ExecutorKind, WorkerConfig, WorkerError};
-pub use state::{SpillOutcome, Stats, WorkerComm, WorkerSettings, WorkerState};
+pub use state::{SpillOutcome, Stats, Wake, WorkerComm, WorkerSettings, WorkerState};

@@ -6,7 +6,7 @@ use super::executor::{
     Executor, ExecutorEvent, PythonExecutor, PythonExecutorConfig, ShellExecutor,
 };
 use super::memory::{MemoryPolicy, MemorySample};
-use super::state::{SpillOutcome, WorkerComm, WorkerSettings, WorkerState};
+use super::state::{SpillOutcome, Wake, WorkerComm, WorkerSettings, WorkerState};
 use crate::heap::{FreedBytes, TRIM_WHEN_IDLE_AFTER};
 use crate::protocol::{
     FrameReader, FromWorker, FuncId, FunctionBlob, Role, RunTask, TaskId, ToWorker, Token,
@@ -26,6 +26,8 @@ use tokio_util::task::TaskTracker;
 
 /// Tells task code which worker runs it (`rankmesh.get_worker()`).
 const WORKER_ID_ENV: &str = "RANKMESH_WORKER_ID";
+/// Where task code reaches the scheduler (`rankmesh.get_client()`, locks and queues).
+const SCHEDULER_ADDRESS_ENV: &str = "RANKMESH_SCHEDULER_ADDRESS";
 /// How long executors get to stop when the worker leaves.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How often a worker with a memory limit measures its memory: a task allocates hundreds
@@ -145,7 +147,10 @@ pub async fn run_with(
             .executor_env
             .iter()
             .cloned()
-            .chain([(WORKER_ID_ENV.to_string(), worker_id.0.to_string())])
+            .chain([
+                (WORKER_ID_ENV.to_string(), worker_id.0.to_string()),
+                (SCHEDULER_ADDRESS_ENV.to_string(), config.scheduler.clone()),
+            ])
             .collect(),
     };
     let slots = config.nthreads.max(1) as usize;
@@ -182,6 +187,7 @@ pub async fn run_with(
         }
     };
     let (spilled_tx, spilled) = mpsc::unbounded_channel();
+    let (woken_tx, woken) = mpsc::unbounded_channel();
     let settings = WorkerSettings {
         slots,
         max_crashes: config.max_crashes,
@@ -195,12 +201,14 @@ pub async fn run_with(
         spill_dir,
         fetched_tx,
         spilled_tx,
+        woken_tx,
         executors,
     };
     let channels = Channels {
         events,
         fetched,
         spilled,
+        woken,
     };
     serve(&mut state, &mut comm, &mut reader, channels, &shutdown).await;
     let stats = state.stats();
@@ -255,6 +263,7 @@ struct Channels {
     events: mpsc::UnboundedReceiver<ExecutorEvent>,
     fetched: mpsc::UnboundedReceiver<FetchDone>,
     spilled: mpsc::UnboundedReceiver<Vec<SpillOutcome>>,
+    woken: mpsc::UnboundedReceiver<Wake>,
 }
 
 /// Feeds events to the state machine, one at a time, until the scheduler says stop, goes
@@ -291,6 +300,7 @@ async fn serve(
                 }
             },
             Some(event) = channels.events.recv() => state.handle_executor(event, comm),
+            Some(wake) = channels.woken.recv() => state.woken(wake, comm),
             Some(done) = channels.fetched.recv() => {
                 state.fetch_finished(done.peer, done.ids, done.result, done.elapsed, comm);
             }
@@ -376,6 +386,7 @@ struct RuntimeComm {
     spill_dir: Option<Arc<SpillDir>>,
     fetched_tx: mpsc::UnboundedSender<FetchDone>,
     spilled_tx: mpsc::UnboundedSender<Vec<SpillOutcome>>,
+    woken_tx: mpsc::UnboundedSender<Wake>,
     executors: Vec<Box<dyn Executor>>,
 }
 
@@ -469,5 +480,13 @@ impl WorkerComm for RuntimeComm {
         if let Some(executor) = self.executors.get_mut(slot) {
             executor.restart(generation, reason);
         }
+    }
+
+    fn wake_after(&mut self, delay: Duration, wake: Wake) {
+        let woken = self.woken_tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = woken.send(wake);
+        });
     }
 }

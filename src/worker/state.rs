@@ -21,6 +21,9 @@ use std::time::Duration;
 
 /// Work queued per executor, in seconds of average task time (tiny tasks get deep queues).
 const TARGET_QUEUED_WORK_S: f64 = 1e-3;
+/// How long a cancelled task may go on running before its executor is restarted to stop
+/// it (Python code cannot be interrupted from outside its process): most tasks end sooner.
+pub const CANCEL_GRACE: Duration = Duration::from_secs(2);
 const MAX_EXECUTOR_DEPTH: usize = 64;
 /// Memory samples to let pass after a failed spill before spilling again (a second at
 /// the runtime's 50 ms): a full disk must not turn the event loop into a retry loop.
@@ -67,6 +70,19 @@ pub trait WorkerComm {
     /// Removes what a dead executor generation wrote and never reported (or half wrote).
     /// Called once every result it reported has been taken over.
     fn clear_after(&mut self, slot: usize, generation: u64);
+    /// Calls [`WorkerState::woken`] with `wake` after `delay`.
+    fn wake_after(&mut self, delay: Duration, wake: Wake);
+}
+
+/// Something the worker asked to be reminded of (`WorkerComm::wake_after`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// `task` was cancelled while it ran on the slot's executor generation.
+    CancelGraceOver {
+        slot: usize,
+        generation: u64,
+        task: TaskId,
+    },
 }
 
 /// How a worker is set up.
@@ -226,7 +242,7 @@ impl WorkerState {
             ToWorker::Functions(blobs) => self.functions_received(blobs),
             ToWorker::Release(ids) => self.results_released(&ids),
             ToWorker::ReleaseFunctions(ids) => self.functions_released(&ids, comm),
-            ToWorker::Cancel(ids) => self.tasks_cancelled(&ids),
+            ToWorker::Cancel(ids) => self.tasks_cancelled(&ids, comm),
             ToWorker::PeerAdded(info) => {
                 self.peers.insert(info.id, info);
             }
@@ -579,16 +595,57 @@ impl WorkerState {
     }
 
     /// A running task finishes but its result is dropped; the others are forgotten.
-    fn tasks_cancelled(&mut self, ids: &[TaskId]) {
-        for id in ids {
-            match self.tasks.get_mut(id) {
-                Some(task) if task.running => task.cancelled = true,
+    /// Tasks not handed to an executor are dropped; a running one is left a grace period
+    /// to end, then its executor is restarted (`woken`).
+    fn tasks_cancelled(&mut self, ids: &[TaskId], comm: &mut impl WorkerComm) {
+        for &id in ids {
+            match self.tasks.get_mut(&id) {
+                Some(task) if task.running => {
+                    task.cancelled = true;
+                    let on = self.slots.iter().position(|s| s.in_flight.contains(&id));
+                    if let Some(slot) = on {
+                        let generation = self.slots[slot].generation;
+                        let wake = Wake::CancelGraceOver {
+                            slot,
+                            generation,
+                            task: id,
+                        };
+                        comm.wake_after(CANCEL_GRACE, wake);
+                    }
+                }
                 Some(_) => {
-                    self.tasks.remove(id);
+                    self.tasks.remove(&id);
                 }
                 None => {}
             }
         }
+    }
+
+    /// A reminder came due: a cancelled task still running past its grace has its
+    /// executor restarted (the tasks queued behind it run again, elsewhere or later; none
+    /// is blamed).
+    pub fn woken(&mut self, wake: Wake, comm: &mut impl WorkerComm) {
+        match wake {
+            Wake::CancelGraceOver {
+                slot,
+                generation,
+                task,
+            } => {
+                let still_running = self
+                    .slots
+                    .get(slot)
+                    .is_some_and(|s| s.generation == generation && s.in_flight.contains(&task))
+                    && self.tasks.get(&task).is_some_and(|t| t.cancelled);
+                if still_running {
+                    let reason = format!(
+                        "restarted: task {task} was cancelled and still running after {:?}",
+                        CANCEL_GRACE
+                    );
+                    comm.restart_executor(slot, generation, reason);
+                }
+            }
+        }
+        self.after_event(comm);
     }
 
     // ------------------------------------------------------------------ fetch events
@@ -804,14 +861,18 @@ impl WorkerState {
                     break;
                 };
                 let need = self.need_of(id);
+                let slot_busy =
+                    !self.slots[index].in_flight.is_empty() || !batches[index].is_empty();
+                if need.is_none() && slot_busy && self.memory.policy().limit != 0 {
+                    // Until some result shows what tasks make here, none queues behind
+                    // another; an idle executor may still start it (a task waiting for
+                    // tasks it submitted must not hold back every other one).
+                    self.ready.push(Reverse((priority, id)));
+                    continue;
+                }
                 let working = self.working_bytes + dealt_need;
                 let managed = self.store.bytes().in_memory;
-                // Until some result shows what tasks make here, one runs at a time.
-                let room = match need {
-                    Some(need) => self.memory.room_for(managed, working, need),
-                    None if busy && self.memory.policy().limit != 0 => Err(0),
-                    None => Ok(()),
-                };
+                let room = self.memory.room_for(managed, working, need.unwrap_or(0));
                 if let Err(spill) = room {
                     self.spill(spill, comm);
                     // It waits for running tasks or spills to make room, or a while for

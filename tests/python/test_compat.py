@@ -9,17 +9,22 @@ import dask.array as da
 import distributed
 import numpy as np
 import pytest
-import zarr
-
 import rankmesh
+import zarr
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """A client of a one-worker, one-thread cluster: the order tasks run in is observable."""
+def one_thread_cluster():
+    """One worker with one thread: the order tasks run in is observable, and a task that
+    does not end blocks everything after it."""
     with rankmesh.LocalCluster(n_workers=1, threads_per_worker=1) as cluster:
-        with rankmesh.Client(cluster) as client:
-            yield client
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def one_thread(one_thread_cluster):
+    with rankmesh.Client(one_thread_cluster) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +149,235 @@ def test_store_into_a_zarr_array_on_disk_matches_threads(client, tmp_path):
     da.store(x, on_threads, scheduler="threads")
     np.testing.assert_array_equal(on_rankmesh[:], on_threads[:])
     assert on_rankmesh[:].any()
+
+
+# ----------------------------------------------------------------------- client calls
+
+
+@pytest.mark.parametrize("system", ["rankmesh", "distributed"])
+def test_wait_for_workers_nthreads_and_run_as_in_distributed(system, client, dask_client):
+    import os
+
+    c = client if system == "rankmesh" else dask_client
+    n = len(c.nthreads())
+    c.wait_for_workers(n, timeout=10)
+    with pytest.raises(TimeoutError):
+        c.wait_for_workers(n + 1, timeout=0.2)
+    assert all(k.startswith("tcp://") and v == 1 for k, v in c.nthreads().items())
+    pids = c.run(os.getpid)
+    assert set(pids) == set(c.nthreads()) and len(set(pids.values())) == n
+    assert os.getpid() not in pids.values()
+
+
+@pytest.mark.parametrize("system", ["rankmesh", "distributed"])
+def test_who_has_and_has_what_name_the_holding_worker(system, client, dask_client):
+    c = client if system == "rankmesh" else dask_client
+    futures = c.map(lambda i: i, range(6), pure=False)
+    c.gather(futures)
+    located = c.who_has(futures)
+    assert set(located) == {f.key for f in futures}
+    addresses = set(c.nthreads())
+    assert all(len(holders) >= 1 and set(holders) <= addresses for holders in located.values())
+    what = c.has_what()
+    for future in futures:
+        assert any(future.key in keys for keys in what.values())
+
+
+@pytest.mark.parametrize("system", ["rankmesh", "distributed"])
+def test_done_callbacks_and_fire_and_forget(system, client, dask_client, tmp_path):
+    import threading
+
+    c = client if system == "rankmesh" else dask_client
+    forget = rankmesh.fire_and_forget if system == "rankmesh" else distributed.fire_and_forget
+    called = threading.Event()
+    seen = []
+    future = c.submit(time.sleep, 0.2, pure=False)
+    future.add_done_callback(lambda f: (seen.append(f.status), called.set()))
+    assert called.wait(30) and seen == ["finished"]
+    log = str(tmp_path / "log")
+    forget(c.submit(logged, log, "forgotten", 0.3, pure=False))  # no future kept
+    deadline = time.monotonic() + 30
+    while not Path(log).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert Path(log).read_text() == "forgotten\n"
+
+
+def test_cancelling_a_running_task_frees_a_one_thread_worker(one_thread):
+    sleeper = one_thread.submit(time.sleep, 3600, pure=False)
+    time.sleep(1)  # it is running
+    sleeper.cancel()
+    assert sleeper.status == "cancelled"
+    started = time.monotonic()
+    assert one_thread.submit(sum, [1, 2, 3], pure=False).result(timeout=60) == 6
+    assert time.monotonic() - started < 30
+
+
+def test_closing_a_client_stops_its_running_tasks(one_thread_cluster, one_thread):
+    other = rankmesh.Client(one_thread_cluster)
+    other.submit(time.sleep, 3600, pure=False)
+    time.sleep(1)
+    other.close()
+    assert one_thread.submit(sum, [4, 5], pure=False).result(timeout=60) == 9
+
+
+# ----------------------------------------------------------------- locks and friends
+
+
+def hold_lock(lock, log: str, name: str) -> None:
+    """Appends enter/exit lines around a pause, holding the lock: overlapping holders
+    would interleave their lines."""
+    with lock:
+        with open(log, "a") as f:
+            f.write(f"enter {name}\n")
+        time.sleep(0.2)
+        with open(log, "a") as f:
+            f.write(f"exit {name}\n")
+
+
+def assert_not_interleaved(log: str, count: int) -> None:
+    lines = Path(log).read_text().split("\n")[:-1]
+    assert len(lines) == 2 * count
+    for enter, leave in zip(lines[::2], lines[1::2], strict=True):
+        assert enter.split()[0] == "enter" and leave == "exit " + enter.split()[1], lines
+
+
+@pytest.mark.parametrize("system", ["rankmesh", "distributed"])
+def test_a_lock_in_tasks_excludes_across_worker_processes(system, client, dask_client, tmp_path):
+    c = client if system == "rankmesh" else dask_client
+    lock = (rankmesh.Lock if system == "rankmesh" else distributed.Lock)("shared-file")
+    log = str(tmp_path / "log")
+    futures = [c.submit(hold_lock, lock, log, str(i), pure=False) for i in range(4)]
+    c.gather(futures)
+    assert_not_interleaved(log, 4)
+
+
+def test_a_thread_lock_in_a_graph_becomes_one_cluster_lock(client, tmp_path):
+    import threading
+
+    lock = threading.Lock()
+    log = str(tmp_path / "log")
+    calls = [dask.delayed(hold_lock)(lock, log, str(i)) for i in range(4)]
+    dask.compute(*calls, scheduler=client.get)
+    assert_not_interleaved(log, 4)
+    workers = {w["id"] for w in client.workers()}
+    assert len(workers) == 2  # so the four calls did run in two processes
+
+
+def test_lock_timeouts_and_release_errors_as_in_distributed(client):
+    lock = rankmesh.Lock("timeouts")
+    other = rankmesh.Lock("timeouts")
+    assert lock.acquire(timeout=1)
+    assert lock.locked()
+    started = time.monotonic()
+    assert not other.acquire(timeout=0.3)
+    assert 0.25 < time.monotonic() - started < 5
+    assert not other.acquire(blocking=False)
+    lock.release()
+    assert other.acquire(blocking=False)
+    other.release()
+    assert not lock.locked()
+    with pytest.raises(RuntimeError, match="released more often"):
+        lock.release()
+
+
+def lock_then_die(lock) -> None:
+    import os
+
+    lock.acquire()
+    os._exit(1)  # the executor dies holding the lock
+
+
+def test_a_lock_held_by_a_task_whose_process_died_is_given_back(client):
+    lock = rankmesh.Lock("dies-holding")
+    future = client.submit(lock_then_die, lock, pure=False, retries=0)
+    with pytest.raises(Exception):  # noqa: B017 - the executor's crash, whatever its form
+        future.result(timeout=60)
+    assert lock.acquire(timeout=30), "the dead executor's lease was never given back"
+    lock.release()
+
+
+def wait_and_report(event_name: str, queue_name: str) -> str:
+    event = rankmesh.Event(event_name)
+    assert event.wait(timeout=60)
+    rankmesh.Queue(queue_name).put("seen")
+    return rankmesh.Variable("shared").get(timeout=60)
+
+
+def test_events_queues_and_variables_between_tasks_and_the_client(client):
+    future = client.submit(wait_and_report, "go", "reports", pure=False)
+    queue = rankmesh.Queue("reports")
+    with pytest.raises(TimeoutError):
+        queue.get(timeout=0.3)
+    assert future.status == "pending"
+    variable = rankmesh.Variable("shared")
+    variable.set({"answer": 42})
+    rankmesh.Event("go").set()
+    assert queue.get(timeout=60) == "seen"
+    assert future.result(timeout=60) == {"answer": 42}
+    assert rankmesh.Event("go").is_set() and queue.qsize() == 0
+    variable.delete()
+    with pytest.raises(TimeoutError):
+        variable.get(timeout=0.2)
+
+
+def submit_from_a_task(n: int, worker: int) -> int:
+    inner = rankmesh.get_client()
+    return sum(inner.gather(inner.map(lambda i: i * i, range(n), workers=worker)))
+
+
+def test_a_task_submits_tasks_through_get_client(client):
+    # The inner tasks go to the other worker: a task waiting for tasks queued behind it on
+    # its own executor would wait forever (rankmesh has no secede() yet).
+    first, second = (w["id"] for w in client.workers())
+    outer = client.submit(submit_from_a_task, 10, second, workers=first, pure=False)
+    assert outer.result(timeout=120) == 285
+
+
+# ------------------------------------------------------------------------------ netCDF
+
+
+def _dataset():
+    import xarray as xr
+
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((40, 30, 20)).astype("float32")
+    ds = xr.Dataset(
+        {"t": (("time", "lat", "lon"), data), "p": (("time", "lat"), data[..., 0] * 2)},
+        coords={"time": np.arange(40), "lat": np.linspace(-60, 60, 30)},
+    )
+    return ds.chunk({"time": 5})
+
+
+@pytest.mark.parametrize("engine", ["h5netcdf", "netcdf4"])
+def test_to_netcdf_matches_the_threaded_scheduler(client, tmp_path, engine):
+    import xarray as xr
+
+    ds = _dataset()
+    with dask.config.set(scheduler="threads"):
+        ds.to_netcdf(tmp_path / "threads.nc", engine=engine)
+    with dask.config.set(scheduler=client.get):
+        ds.to_netcdf(tmp_path / "rankmesh.nc", engine=engine)
+    with (
+        xr.open_dataset(tmp_path / "threads.nc", engine=engine) as expected,
+        xr.open_dataset(tmp_path / "rankmesh.nc", engine=engine) as written,
+    ):
+        xr.testing.assert_identical(written.load(), expected.load())
+        assert float(abs(written.t).sum()) > 0
+
+
+@pytest.mark.parametrize("engine", ["h5netcdf", "netcdf4"])
+def test_save_mfdataset_and_open_mfdataset_parallel(client, tmp_path, engine):
+    import xarray as xr
+
+    ds = _dataset()
+    pieces = [ds.isel(time=slice(i, i + 10)) for i in range(0, 40, 10)]
+    paths = [tmp_path / f"part{i}.nc" for i in range(4)]
+    with dask.config.set(scheduler=client.get):
+        xr.save_mfdataset(pieces, paths, engine=engine)
+        with xr.open_mfdataset(paths, parallel=True, engine=engine) as reopened:
+            on_rankmesh = reopened.load()
+    with xr.open_mfdataset(paths, engine=engine) as reopened:
+        with dask.config.set(scheduler="threads"):
+            on_threads = reopened.load()
+    xr.testing.assert_identical(on_rankmesh, on_threads)
+    xr.testing.assert_allclose(on_rankmesh, ds.load())

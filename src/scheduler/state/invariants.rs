@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 impl Scheduler {
     /// Checks that tasks, workers and counters agree; tests call it after every step.
     pub(super) fn sanity_check(&self) {
+        self.coordination.sanity_check();
         let available = |id: &TaskId| self.tasks.get(id).is_some_and(|t| t.state.is_available());
         let mut processing: BTreeMap<WorkerId, u32> = BTreeMap::new();
         let mut pending_dependents: IdMap<TaskId, u32> = IdMap::default();

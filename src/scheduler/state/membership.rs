@@ -175,6 +175,8 @@ impl Scheduler {
             .collect();
         tracing::info!(client = %client, tasks = owned.len(), "client removed");
         self.cancel(owned, None);
+        self.coordination
+            .client_left(client, &mut self.outbox.to_clients);
         self.outbox.flush(comm);
     }
 }

@@ -2,7 +2,7 @@
 //! format, a `TestEnv` that hands out ids, and one test per behaviour.
 
 use super::*;
-use crate::protocol::{decode, encode, TaskOptions};
+use crate::protocol::{decode, encode, Coordinate, Coordinated, TaskOptions};
 use serde::{de::DeserializeOwned, Serialize};
 use std::collections::{BTreeSet, VecDeque};
 
@@ -1400,9 +1400,7 @@ fn a_task_with_retries_runs_again_after_raising_then_errs_when_they_are_spent() 
         env.worker_msg(worker, FromWorker::Failed { id: x, error });
     };
     let runs_x = |env: &mut TestEnv| {
-        let assigned_x = |msgs: &[ToWorker]| {
-            matches!(msgs, [ToWorker::Compute(tasks)] if tasks.iter().any(|t| t.id == x))
-        };
+        let assigned_x = |msgs: &[ToWorker]| matches!(msgs, [ToWorker::Compute(tasks)] if tasks.iter().any(|t| t.id == x));
         let runs: Vec<WorkerId> = [w1, w2]
             .into_iter()
             .filter(|&w| assigned_x(&env.comm.take_worker(w)))
@@ -1412,7 +1410,10 @@ fn a_task_with_retries_runs_again_after_raising_then_errs_when_they_are_spent() 
     };
     let first = runs_x(&mut env);
     fail(&mut env, first);
-    assert!(env.comm.take_client(c).is_empty(), "a retry is not a failure");
+    assert!(
+        env.comm.take_client(c).is_empty(),
+        "a retry is not a failure"
+    );
     env.schedule();
     let second = runs_x(&mut env);
     fail(&mut env, second);
@@ -1450,7 +1451,11 @@ fn allow_other_workers_prefers_its_workers_and_runs_elsewhere_when_they_are_gone
     };
     env.submit(c, vec![loose(x)], &[x]);
     env.schedule();
-    assert_eq!(env.computed(w2), [x], "its preferred worker, though w1 is as idle");
+    assert_eq!(
+        env.computed(w2),
+        [x],
+        "its preferred worker, though w1 is as idle"
+    );
     env.done(w2, &[x]);
     env.lose_worker(w2);
     env.comm.take_worker(w1);
@@ -1459,4 +1464,204 @@ fn allow_other_workers_prefers_its_workers_and_runs_elsewhere_when_they_are_gone
     env.schedule();
     // Both on w1, not NoWorkerError: y, and x, whose only copy went with w2.
     assert_eq!(sorted(&env.computed(w1)), [x, y]);
+}
+
+// ------------------------------------------------------------------ coordination
+
+fn coordinate(env: &mut TestEnv, client: ClientId, request: u64, op: Coordinate) {
+    env.client_msg(client, FromClient::Coordinate { request, op });
+}
+
+/// The `Coordinated` answers `client` was sent, as (request, reply).
+fn answers(env: &mut TestEnv, client: ClientId) -> Vec<(u64, Coordinated)> {
+    env.comm
+        .take_client(client)
+        .into_iter()
+        .map(|msg| match msg {
+            ToClient::Coordinated { request, reply } => (request, reply),
+            other => panic!("expected Coordinated, got {other:?}"),
+        })
+        .collect()
+}
+
+fn acquire(name: &str, max_leases: u32) -> Coordinate {
+    Coordinate::Acquire {
+        name: name.into(),
+        max_leases,
+    }
+}
+
+#[test]
+fn a_lock_is_granted_in_turn_and_a_client_that_leaves_gives_it_back() {
+    let mut env = TestEnv::new();
+    let [a, b, c] = [env.client(), env.client(), env.client()];
+    coordinate(&mut env, a, 1, acquire("file.nc", 1));
+    assert_eq!(answers(&mut env, a), [(1, Coordinated::Granted)]);
+    coordinate(&mut env, b, 7, acquire("file.nc", 1));
+    coordinate(&mut env, c, 3, acquire("file.nc", 1));
+    assert!(answers(&mut env, b).is_empty() && answers(&mut env, c).is_empty());
+    let held = Coordinate::Leases {
+        name: "file.nc".into(),
+    };
+    coordinate(&mut env, c, 4, held.clone());
+    assert_eq!(answers(&mut env, c), [(4, Coordinated::Count(1))]);
+
+    let release = |lease| Coordinate::Release {
+        name: "file.nc".into(),
+        lease,
+    };
+    coordinate(&mut env, b, 8, release(7));
+    assert!(matches!(
+        &answers(&mut env, b)[..],
+        [(8, Coordinated::Refused(_))]
+    ));
+    coordinate(&mut env, a, 2, release(1));
+    assert_eq!(answers(&mut env, a), [(2, Coordinated::Done)]);
+    assert_eq!(answers(&mut env, b), [(7, Coordinated::Granted)]);
+    // b dies holding it (its connection closed): c gets it.
+    env.scheduler.remove_client(b, &mut env.comm);
+    env.scheduler.sanity_check();
+    assert_eq!(answers(&mut env, c), [(3, Coordinated::Granted)]);
+    coordinate(&mut env, c, 5, release(3));
+    assert_eq!(answers(&mut env, c), [(5, Coordinated::Done)]);
+    coordinate(&mut env, c, 6, held);
+    assert_eq!(answers(&mut env, c), [(6, Coordinated::Count(0))]);
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn a_withdrawn_wait_is_answered_once_and_a_grant_before_it_stands() {
+    let mut env = TestEnv::new();
+    let [a, b] = [env.client(), env.client()];
+    coordinate(&mut env, a, 1, acquire("l", 1));
+    coordinate(&mut env, b, 1, acquire("l", 1));
+    answers(&mut env, a);
+    env.client_msg(b, FromClient::Withdraw(1));
+    assert_eq!(answers(&mut env, b), [(1, Coordinated::Withdrawn)]);
+    env.client_msg(b, FromClient::Withdraw(1)); // answered already: nothing more
+    assert!(answers(&mut env, b).is_empty());
+    // a's grant crossed a's withdraw: a keeps it (it takes the grant it gets).
+    coordinate(&mut env, b, 2, acquire("l", 1));
+    env.client_msg(a, FromClient::Withdraw(1));
+    assert!(answers(&mut env, a).is_empty() && answers(&mut env, b).is_empty());
+    let release = Coordinate::Release {
+        name: "l".into(),
+        lease: 1,
+    };
+    coordinate(&mut env, a, 2, release);
+    assert_eq!(answers(&mut env, a), [(2, Coordinated::Done)]);
+    assert_eq!(answers(&mut env, b), [(2, Coordinated::Granted)]);
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn a_semaphore_grants_its_leases_at_once_then_in_order() {
+    let mut env = TestEnv::new();
+    let a = env.client();
+    for request in 1..=4 {
+        coordinate(&mut env, a, request, acquire("slots", 2));
+    }
+    assert_eq!(
+        answers(&mut env, a),
+        [(1, Coordinated::Granted), (2, Coordinated::Granted)]
+    );
+    let release = |lease| Coordinate::Release {
+        name: "slots".into(),
+        lease,
+    };
+    coordinate(&mut env, a, 5, release(2));
+    assert_eq!(
+        answers(&mut env, a),
+        [(3, Coordinated::Granted), (5, Coordinated::Done)]
+    );
+}
+
+#[test]
+fn events_variables_and_queues_answer_their_waiters() {
+    let mut env = TestEnv::new();
+    let [a, b] = [env.client(), env.client()];
+    let name = || "x".to_string();
+    // Event: waits until set, then answers at once until cleared.
+    coordinate(&mut env, b, 1, Coordinate::EventWait { name: name() });
+    coordinate(&mut env, b, 2, Coordinate::EventIsSet { name: name() });
+    assert_eq!(answers(&mut env, b), [(2, Coordinated::Flag(false))]);
+    coordinate(&mut env, a, 1, Coordinate::EventSet { name: name() });
+    assert_eq!(answers(&mut env, a), [(1, Coordinated::Done)]);
+    assert_eq!(answers(&mut env, b), [(1, Coordinated::Done)]);
+    coordinate(&mut env, b, 3, Coordinate::EventWait { name: name() });
+    assert_eq!(answers(&mut env, b), [(3, Coordinated::Done)]);
+    coordinate(&mut env, a, 2, Coordinate::EventClear { name: name() });
+    coordinate(&mut env, a, 3, Coordinate::EventIsSet { name: name() });
+    assert_eq!(
+        answers(&mut env, a),
+        [(2, Coordinated::Done), (3, Coordinated::Flag(false))]
+    );
+
+    // Variable: a get waits for a value; the last value stays until deleted.
+    let value = |v: &'static [u8]| Bytes::from_static(v);
+    coordinate(&mut env, b, 4, Coordinate::VariableGet { name: name() });
+    assert!(answers(&mut env, b).is_empty());
+    let set = |v| Coordinate::VariableSet {
+        name: name(),
+        value: v,
+    };
+    coordinate(&mut env, a, 4, set(value(b"one")));
+    assert_eq!(
+        answers(&mut env, b),
+        [(4, Coordinated::Value(value(b"one")))]
+    );
+    coordinate(&mut env, a, 5, set(value(b"two")));
+    coordinate(&mut env, a, 6, Coordinate::VariableGet { name: name() });
+    assert_eq!(
+        answers(&mut env, a),
+        [
+            (4, Coordinated::Done),
+            (5, Coordinated::Done),
+            (6, Coordinated::Value(value(b"two")))
+        ]
+    );
+    coordinate(&mut env, a, 7, Coordinate::VariableDelete { name: name() });
+    coordinate(&mut env, a, 8, Coordinate::VariableGet { name: name() });
+    assert_eq!(answers(&mut env, a), [(7, Coordinated::Done)]);
+    env.client_msg(a, FromClient::Withdraw(8));
+    assert_eq!(answers(&mut env, a), [(8, Coordinated::Withdrawn)]);
+
+    // Queue: items in order; a get waits for the next put, first waiter first.
+    let put = |v| Coordinate::QueuePut {
+        name: name(),
+        value: v,
+    };
+    coordinate(&mut env, b, 5, Coordinate::QueueGet { name: name() });
+    coordinate(&mut env, b, 6, Coordinate::QueueGet { name: name() });
+    coordinate(&mut env, a, 9, put(value(b"p")));
+    coordinate(&mut env, a, 10, put(value(b"q")));
+    coordinate(&mut env, a, 11, put(value(b"r")));
+    coordinate(&mut env, a, 12, Coordinate::QueueSize { name: name() });
+    assert_eq!(
+        answers(&mut env, b),
+        [
+            (5, Coordinated::Value(value(b"p"))),
+            (6, Coordinated::Value(value(b"q")))
+        ]
+    );
+    assert_eq!(
+        answers(&mut env, a).last(),
+        Some(&(12, Coordinated::Count(1)))
+    );
+    // A waiter that leaves stops waiting: the next put is kept for the next get.
+    coordinate(&mut env, b, 7, Coordinate::QueueGet { name: name() });
+    assert_eq!(answers(&mut env, b), [(7, Coordinated::Value(value(b"r")))]);
+    coordinate(&mut env, b, 8, Coordinate::QueueGet { name: name() });
+    env.scheduler.remove_client(b, &mut env.comm);
+    env.scheduler.sanity_check();
+    coordinate(&mut env, a, 13, put(value(b"s")));
+    coordinate(&mut env, a, 14, Coordinate::QueueGet { name: name() });
+    assert_eq!(
+        answers(&mut env, a),
+        [
+            (13, Coordinated::Done),
+            (14, Coordinated::Value(value(b"s")))
+        ]
+    );
+    env.comm.emptiness_check();
 }
