@@ -74,8 +74,9 @@ class TaskRunner:
             values = [decode_input(obj) for obj in inputs]
             task = serialize.loads_payload(payload, self.functions, values)
             result = serialize.run_payload(task, values)
+            name = serialize.payload_name(task)
             del task, values  # inputs (and their mappings) go before the result is stored
-            frames, layout = serialize.dumps_result(result)
+            frames, layout = serialize.dumps_result(result, name)
             del result
             stored = self._store(frames, layout)
             status = "ok"

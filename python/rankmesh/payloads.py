@@ -165,6 +165,7 @@ class _Input:
 _DASK_ARRAY = ("dask.array.core", "Array")
 _THREAD_LOCKS = (type(threading.Lock()), type(threading.RLock()))
 _DISTRIBUTED_LOCK = ("distributed.lock", "Lock")
+_P2P_MODULES = ("distributed.shuffle",)
 
 
 class _PayloadReducer:
@@ -200,6 +201,12 @@ class _PayloadReducer:
             # made a 30 MB payload that took hundreds of MB to unpickle in the executor.
             return cls, ({}, obj.name, obj.chunks, None, obj._meta)
         if cls is types.FunctionType or isinstance(obj, type):
+            if (obj.__module__ or "").startswith(_P2P_MODULES):
+                raise NotImplementedError(
+                    f"{obj.__module__}.{obj.__qualname__} is part of distributed's P2P "
+                    "rechunk/shuffle, which needs distributed's workers: use "
+                    "method='tasks' (rankmesh's default for rechunk and shuffle)"
+                )
             func_id = self.registry.func_id(obj)
             if func_id is not None:
                 if func_id not in self.funcs:

@@ -70,8 +70,18 @@ def run_payload(payload: tuple, inputs: Sequence[object]) -> object:
 # ------------------------------------------------------------------------------ results
 
 
-def dumps_result(obj: object) -> tuple[list[Buffer], list[int]]:
-    """Frames (pickle stream, then out-of-band buffers) and their lengths."""
+def payload_name(payload: tuple) -> str:
+    """What a payload runs, for messages: the Dask key of a graph node, else the function."""
+    if payload[0] == NODE:
+        return repr(payload[1].key)
+    if payload[0] == CALL:
+        return getattr(payload[1], "__qualname__", type(payload[1]).__name__)
+    return "scattered data"
+
+
+def dumps_result(obj: object, task: str = "the task") -> tuple[list[Buffer], list[int]]:
+    """Frames (pickle stream, then out-of-band buffers) and their lengths. A result that
+    cannot be pickled raises TypeError naming `task` and the result's type."""
     buffers: list[pickle.PickleBuffer] = []
     try:
         stream = pickle.dumps(obj, protocol=RESULT_PROTOCOL, buffer_callback=buffers.append)
@@ -79,7 +89,17 @@ def dumps_result(obj: object) -> tuple[list[Buffer], list[int]]:
         import cloudpickle
 
         buffers = []
-        stream = cloudpickle.dumps(obj, protocol=RESULT_PROTOCOL, buffer_callback=buffers.append)
+        try:
+            stream = cloudpickle.dumps(
+                obj, protocol=RESULT_PROTOCOL, buffer_callback=buffers.append
+            )
+        except PICKLE_FAILURES as e:
+            kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
+            raise TypeError(
+                f"the result of {task} is a {kind}, which cannot leave the executor process "
+                f"that made it ({e}); every rankmesh result is pickled. Return a picklable "
+                "value instead (a list rather than a generator, data rather than an open file)"
+            ) from e
     frames: list[Buffer] = [stream]
     frames.extend(buffer.raw() for buffer in buffers)
     return frames, [memoryview(frame).nbytes for frame in frames]

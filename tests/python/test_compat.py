@@ -381,3 +381,27 @@ def test_save_mfdataset_and_open_mfdataset_parallel(client, tmp_path, engine):
             on_threads = reopened.load()
     xr.testing.assert_identical(on_rankmesh, on_threads)
     xr.testing.assert_allclose(on_rankmesh, ds.load())
+
+
+# ------------------------------------------------------------- what rankmesh refuses
+
+
+def numbers():
+    yield from range(3)
+
+
+def test_a_result_that_cannot_be_pickled_names_the_task_and_the_type(client):
+    with pytest.raises(TypeError, match=r"result of numbers is a builtins\.generator"):
+        client.submit(numbers, pure=False).result(timeout=60)
+    delayed = dask.delayed(numbers, pure=False)(dask_key_name="my-numbers")
+    with pytest.raises(TypeError, match="result of numbers is a builtins.generator"):
+        dask.compute(delayed, scheduler=client.get)
+
+
+def test_a_p2p_rechunk_is_refused_at_once_naming_method_tasks(client):
+    x = da.ones((100, 100), chunks=10).rechunk((100, 5), method="p2p")
+    with pytest.raises(NotImplementedError, match="method='tasks'"):
+        x.sum().compute(scheduler=client.get)
+    # The default (tasks) gives the same answer as the threaded scheduler.
+    y = da.ones((100, 100), chunks=10).rechunk((100, 5))
+    assert y.sum().compute(scheduler=client.get) == y.sum().compute(scheduler="threads")
