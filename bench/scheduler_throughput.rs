@@ -100,6 +100,7 @@ fn run(workers: u32, specs: Vec<TaskSpec>, wanted: Vec<TaskId>) -> Outcome {
             rank: None,
             topology: None,
             doorbell: None,
+            resources: Default::default(),
         };
         scheduler.add_worker(reg, &mut comm);
     }

@@ -32,10 +32,10 @@ class ClientCore:
         tasks: list[TaskTuple],
         wanted: list[int],
         restrictions: dict[int, list[int]] | None = None,
-        options: dict[int, tuple[int, bool]] | None = None,
+        options: dict[int, tuple[int, bool, list[tuple[str, float]]]] | None = None,
     ) -> None:
         """restrictions: task id -> the only worker ids that may run it; options: task id ->
-        (retries, allow_other_workers)."""
+        (retries, allow_other_workers, resources as (name, amount) pairs)."""
     def want(self, ids: list[int]) -> None:
         """Hold results of tasks submitted earlier again (e.g. a second future on them)."""
     def release(self, ids: list[int]) -> None:

@@ -16,7 +16,7 @@ from .errors import CancelledError, FutureLost
 from .futures import Future
 from .payloads import FunctionRegistry, PayloadEncoder
 from .serialize import loads_error, loads_frames
-from .task_options import TaskAnnotations, annotations_of, refuse_unsupported
+from .task_options import Options, TaskAnnotations, annotations_of, refuse_actors
 
 __all__ = ["Client", "get_client"]
 
@@ -125,7 +125,7 @@ class Client:
         tasks: list,
         wanted: list[int],
         restrictions: dict[int, list[int]] | None = None,
-        options: dict[int, tuple[int, bool]] | None = None,
+        options: dict[int, Options] | None = None,
     ) -> None:
         registry = self._encoder.registry
         # Functions stay shipped here: the tasks about to go may use them.
@@ -136,7 +136,7 @@ class Client:
 
     def _call_annotations(self, **given: Any) -> TaskAnnotations:
         """The options of submitted calls: the keywords given, over `dask.annotate`'s."""
-        refuse_unsupported(given.pop("resources", None), given.pop("actor", False))
+        refuse_actors(given.pop("actor", False))
         defaults = {**dask.get_annotations(), **{k: v for k, v in given.items() if v}}
         return TaskAnnotations({}, self._worker_ids, defaults)
 
@@ -242,11 +242,12 @@ class Client:
         As in `distributed`: `workers` (ids, addresses or host names, see `_worker_ids`)
         are the only workers that may run it, or with allow_other_workers=True the ones it
         prefers; `retries`: runs again this many times after raising; `priority`: higher
-        runs first among waiting tasks; `dask.annotate(...)` around the call sets the same.
-        Unlike `distributed`: pure defaults to False (every call runs); a task whose only
-        allowed workers are all gone fails with NoWorkerError instead of waiting;
-        `resources` and actors are refused (NotImplementedError); `fifo_timeout` is
-        accepted and has no effect."""
+        runs first among waiting tasks; `resources` ({"GPU": 1}): held on its worker while
+        it runs, so it goes only where they are free; `dask.annotate(...)` around the call
+        sets the same. Unlike `distributed`: pure defaults to False (every call runs); a
+        task whose only allowed workers are all gone, or whose resources no connected worker
+        has, fails with NoWorkerError instead of waiting; actors are refused
+        (NotImplementedError); `fifo_timeout` is accepted and has no effect."""
         annotations = self._call_annotations(
             workers=workers,
             retries=retries,
@@ -563,7 +564,7 @@ def get_client() -> Client:
 
 def _options_by_id(
     annotations: TaskAnnotations, ids: list[int]
-) -> tuple[dict[int, list[int]], dict[int, tuple[int, bool]]]:
+) -> tuple[dict[int, list[int]], dict[int, Options]]:
     """Restrictions and (retries, allow_other_workers) of submitted calls, by task id."""
     workers = annotations.restriction(None)
     options = annotations.options(None)
@@ -575,9 +576,8 @@ _GRAPH_OPTIONS = ("workers", "retries", "priority", "allow_other_workers", "reso
 
 
 def _graph_options(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The task options among compute's, persist's or get's keywords; `resources` is
-    refused as in submit."""
-    refuse_unsupported(kwargs.get("resources"), bool(kwargs.get("actors")))
+    """The task options among compute's, persist's or get's keywords."""
+    refuse_actors(bool(kwargs.get("actors")))
     return {name: kwargs[name] for name in _GRAPH_OPTIONS if kwargs.get(name)}
 
 

@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .task_options import resource_pairs
+
 __all__ = ["LocalCluster", "find_binary"]
 
 _PR_SET_PDEATHSIG = 1
@@ -67,7 +69,10 @@ class LocalCluster:
     $TMPDIR, then /tmp); above `memory_pause` a worker takes no new tasks; above
     `memory_terminate` its largest executor restarts. Each threshold may be False. As in
     `distributed`, except that the limit also counts the worker's shared memory and its
-    executors (docs/memory.md)."""
+    executors (docs/memory.md).
+
+    `resources` ({"GPU": 1}) are what each worker offers tasks submitted with
+    `resources=`, as `distributed.LocalCluster(resources=)`."""
 
     def __init__(
         self,
@@ -81,6 +86,7 @@ class LocalCluster:
         memory_pause: float | bool = 0.8,
         memory_terminate: float | bool = 0.95,
         local_directory: str | os.PathLike | None = None,
+        resources: dict[str, float] | None = None,
     ) -> None:
         if n_workers < 1 or threads_per_worker < 1:
             raise ValueError("n_workers and threads_per_worker must be at least 1")
@@ -117,6 +123,9 @@ class LocalCluster:
         ]
         if local_directory is not None:
             command += ["--local-directory", os.fspath(local_directory)]
+        if resources:
+            pairs = resource_pairs(resources)
+            command += ["--resources", ",".join(f"{name}={amount}" for name, amount in pairs)]
         # Like multiprocessing's children, executors see this interpreter's import path, so
         # functions from scripts' sibling modules and test modules unpickle there.
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))

@@ -16,7 +16,7 @@ from dask._task_spec import Alias, GraphNode, convert_legacy_graph
 
 from .futures import Future
 from .payloads import PayloadEncoder
-from .task_options import TaskAnnotations
+from .task_options import Options, TaskAnnotations
 
 # Task-based methods: the P2P ones Dask picks otherwise only run on distributed workers.
 DASK_CONFIG = {"array.rechunk.method": "tasks", "dataframe.shuffle.method": "tasks"}
@@ -89,9 +89,9 @@ def repack(keys: Any, values: Mapping[Key, Any]) -> Any:
 FIRST_CHUNK_TASKS = 256
 MAX_CHUNK_TASKS = 8192
 
-# (tasks, held ids, ids to release, restrictions by id, (retries, loose) by id)
+# (tasks, held ids, ids to release, restrictions by id, task options by id)
 Submit = Callable[
-    [list[TaskTuple], list[int], list[int], dict[int, list[int]], dict[int, tuple[int, bool]]],
+    [list[TaskTuple], list[int], list[int], dict[int, list[int]], dict[int, Options]],
     None,
 ]
 
@@ -138,7 +138,7 @@ def graph_tasks(
     chunk_of: dict[Key, int] = {}  # which chunk each task went out with
     release: list[int] = []
     restrictions: dict[int, list[int]] = {}
-    options: dict[int, tuple[int, bool]] = {}
+    options: dict[int, Options] = {}
     chunk_size = FIRST_CHUNK_TASKS
     chunk_number = 0
 

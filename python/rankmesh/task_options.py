@@ -1,5 +1,5 @@
 """What `submit`'s keywords and Dask's annotations (`dask.annotate`) ask of tasks, in the
-form the scheduler takes: a priority, worker restrictions, retries.
+form the scheduler takes: a priority, worker restrictions, retries, resources.
 
 Dask's priorities run higher first; rankmesh's scheduler runs the lowest value first, so a
 user priority p becomes -p in the high bits and the task's order among equals (Dask's
@@ -16,18 +16,29 @@ Key = Hashable
 WorkerIds = Callable[[Any], list[int]]
 
 _ORDER_BITS = 32
-SUPPORTED = ("priority", "workers", "retries", "allow_other_workers")
+SUPPORTED = ("priority", "workers", "retries", "allow_other_workers", "resources")
+# (retries, allow_other_workers, resources) as the native client takes them
+Options = tuple[int, bool, list[tuple[str, float]]]
 
 
-def refuse_unsupported(resources: Any = None, actor: bool = False) -> None:
-    """Options rankmesh does not honour yet: an error now, not a silently ignored request."""
-    if resources:
-        raise NotImplementedError(
-            f"resources={resources!r}: rankmesh does not schedule by resources yet; restrict "
-            "the task with workers= instead (see docs/compatibility.md)"
-        )
+def refuse_actors(actor: bool) -> None:
+    """An error now rather than a silently ignored request."""
     if actor:
         raise NotImplementedError("rankmesh has no actors; use a future holding the object")
+
+
+def resource_pairs(resources: Any) -> list[tuple[str, float]]:
+    """{"GPU": 1, "MEM": 8e9} as the scheduler takes it; anything else is a clear error."""
+    if not resources:
+        return []
+    if not isinstance(resources, dict):
+        raise TypeError(f"resources must be a dict of name to amount, not {resources!r}")
+    pairs = []
+    for name, amount in resources.items():
+        if not isinstance(amount, int | float) or amount < 0:
+            raise ValueError(f"resources[{name!r}] must be a number of 0 or more, not {amount!r}")
+        pairs.append((str(name), float(amount)))
+    return pairs
 
 
 def priority(user_priority: Any, order: int) -> int:
@@ -47,10 +58,6 @@ class TaskAnnotations:
         defaults: Mapping[str, Any] | None = None,
     ) -> None:
         defaults = dict(defaults or {})
-        refuse_unsupported(defaults.get("resources"))
-        resources = by_type.get("resources")
-        if resources and any(resources.values()):
-            refuse_unsupported(next(value for value in resources.values() if value))
         self._by_type = {name: by_type[name] for name in SUPPORTED if by_type.get(name)}
         self._defaults = {name: defaults[name] for name in SUPPORTED if defaults.get(name)}
         self._worker_ids = worker_ids
@@ -78,13 +85,14 @@ class TaskAnnotations:
             ids = self._resolved[cache_key] = self._worker_ids(workers)
         return ids
 
-    def options(self, key: Key) -> tuple[int, bool] | None:
-        """(retries, allow_other_workers) where either is set, else None."""
+    def options(self, key: Key) -> Options | None:
+        """(retries, allow_other_workers, resources) where any is set, else None."""
         retries = int(self._get("retries", key) or 0)
         loose = bool(self._get("allow_other_workers", key))
+        resources = resource_pairs(self._get("resources", key))
         if retries < 0:
             raise ValueError(f"retries must be 0 or more, not {retries}")
-        return (retries, loose) if retries or loose else None
+        return (retries, loose, resources) if retries or loose or resources else None
 
 
 def annotations_of(dsk: Any) -> dict[str, dict[Key, Any]]:

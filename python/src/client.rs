@@ -8,7 +8,7 @@ use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyTuple};
 use rankmesh::protocol::{
     frame_offsets, ClientId, ClusterInfo, Coordinate, Coordinated, ErrorInfo, FromClient, FuncId,
-    FunctionBlob, Role, TaskId, TaskOptions, TaskSpec, ToClient, Token, WorkerId, WorkerInfo,
+    FunctionBlob, Resources, Role, TaskId, TaskOptions, TaskSpec, ToClient, Token, WorkerId, WorkerInfo,
 };
 use rankmesh::store::HeapAllocator;
 use rankmesh::transport::tcp::{self, TcpTransport};
@@ -204,7 +204,7 @@ impl ClientCore {
     }
 
     /// `restrictions`: task id → the only worker ids that may run it; `options`: task id
-    /// → (retries, allow_other_workers).
+    /// → (retries, allow_other_workers, resources as (name, amount) pairs).
     #[allow(clippy::type_complexity)]
     #[pyo3(signature = (functions, tasks, wanted, restrictions = None, options = None))]
     fn submit(
@@ -213,7 +213,7 @@ impl ClientCore {
         tasks: Vec<(u64, Vec<u64>, Vec<u64>, PyBackedBytes, i64)>,
         wanted: Vec<u64>,
         restrictions: Option<HashMap<u64, Vec<u32>>>,
-        options: Option<HashMap<u64, (u32, bool)>>,
+        options: Option<HashMap<u64, (u32, bool, Vec<(String, f64)>)>>,
     ) -> PyResult<()> {
         let mut restrictions = restrictions.unwrap_or_default();
         let mut options = options.unwrap_or_default();
@@ -246,9 +246,10 @@ impl ClientCore {
                     .unwrap_or_default(),
                 options: options
                     .remove(&id)
-                    .map(|(retries, allow_other_workers)| TaskOptions {
+                    .map(|(retries, allow_other_workers, resources)| TaskOptions {
                         retries,
                         allow_other_workers,
+                        resources: Resources::new(resources),
                     })
                     .unwrap_or_default(),
             });
@@ -651,6 +652,11 @@ impl ClientCore {
             d.set_item("pid", w.pid)?;
             d.set_item("nthreads", w.nthreads)?;
             d.set_item("memory_limit", w.memory_limit)?;
+            let resources = PyDict::new(py);
+            for (name, amount) in w.resources.iter() {
+                resources.set_item(name, amount)?;
+            }
+            d.set_item("resources", resources)?;
             let place = match &w.topology {
                 Some(t) => {
                     let p = PyDict::new(py);

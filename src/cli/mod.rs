@@ -10,7 +10,7 @@ use rankmesh::cluster::local::{self, LocalOptions};
 use rankmesh::cluster::standalone::{self, StandaloneOptions};
 use rankmesh::cluster::SchedulerFile;
 use rankmesh::launch::{self, RunOptions, TransportKind};
-use rankmesh::protocol::Token;
+use rankmesh::protocol::{Resources, Token};
 use rankmesh::scheduler::SchedulerConfig;
 use rankmesh::topology::WorkerPer;
 use rankmesh::worker::{
@@ -127,6 +127,9 @@ enum Command {
         /// Executor crashes a task may cause before it fails.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
         max_crashes: u32,
+        /// What the worker offers tasks that ask for resources: NAME=AMOUNT pairs (GPU=2).
+        #[arg(long, default_value = "")]
+        resources: Resources,
     },
     /// Remove what dead rankmesh workers of yours left on this node (shared-memory and
     /// spill folders); batch jobs run it on every node when they end.
@@ -156,6 +159,10 @@ struct WorkerResources {
     threads_per_worker: Option<u32>,
     #[command(flatten)]
     memory: MemoryArgs,
+    /// What each worker offers tasks that ask for resources, as NAME=AMOUNT pairs
+    /// (GPU=2,MEM=8e9); under `run`, GPU defaults to the GPUs of the worker's place.
+    #[arg(long, default_value = "")]
+    resources: Resources,
 }
 
 /// Each worker's memory: its limit, the thresholds that act on it (fractions of the
@@ -272,6 +279,7 @@ pub fn main() -> ExitCode {
             memory_limit: resources.memory.memory_limit,
             memory_thresholds: resources.memory.thresholds(),
             local_directory: resources.memory.local_directory,
+            resources: resources.resources,
             host,
             scheduler_file,
         })
@@ -334,6 +342,7 @@ async fn run(command: Command) -> Result<i32> {
                 memory_limit: resources.memory.memory_limit,
                 memory_thresholds: resources.memory.thresholds(),
                 local_directory: resources.memory.local_directory,
+                resources: resources.resources,
                 host,
                 python: python.python,
                 scheduler_file,
@@ -365,6 +374,7 @@ async fn run(command: Command) -> Result<i32> {
             python,
             executor,
             max_crashes,
+            resources,
         } => {
             let (scheduler, token) = match (scheduler, scheduler_file) {
                 (_, Some(path)) => {
@@ -406,6 +416,7 @@ async fn run(command: Command) -> Result<i32> {
                 topology: None,
                 executor_env: Vec::new(),
                 doorbell: None,
+                resources,
             };
             worker::run(
                 config,

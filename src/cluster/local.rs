@@ -26,6 +26,8 @@ pub struct LocalOptions {
     pub memory_limit: crate::worker::MemoryLimit,
     pub memory_thresholds: crate::worker::MemoryThresholds,
     pub local_directory: Option<PathBuf>,
+    /// Each worker's resources (the same for all).
+    pub resources: crate::protocol::Resources,
     pub host: String,
     pub python: String,
     pub scheduler_file: Option<PathBuf>,
@@ -144,6 +146,7 @@ fn spawn_worker(options: &LocalOptions, address: &str, token: &Token) -> std::io
         .args(["--memory-terminate", &fraction(thresholds.terminate)])
         .args(["--python", &options.python])
         .args(["--host", &options.host])
+        .args(["--resources", &options.resources.to_string()])
         .args(
             options
                 .local_directory

@@ -23,6 +23,8 @@ pub struct RunOptions {
     pub memory_thresholds: crate::worker::MemoryThresholds,
     /// Where workers spill (default: `$SLURM_TMPDIR`, `$TMPDIR`, /tmp).
     pub local_directory: Option<std::path::PathBuf>,
+    /// Each worker rank's resources, besides the GPUs of its place.
+    pub resources: crate::protocol::Resources,
     /// Host name other ranks reach this one at (default: the MPI processor name).
     pub host: Option<String>,
     pub scheduler_file: Option<std::path::PathBuf>,

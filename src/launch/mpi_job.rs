@@ -177,6 +177,7 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
             advertise_host: host.clone(),
             max_crashes: 3,
             doorbell: None,
+            resources: options.resources.clone(),
         };
         let setup = |e| LaunchError::Worker(WorkerError::Setup(e));
         let shm = Arc::new(ShmDir::create(WORKER_SHM_PREFIX).map_err(setup)?);

@@ -4,11 +4,12 @@
 //! them by id and never runs Python.
 
 use super::ids::{ClientId, FuncId, TaskId, WorkerId};
+use super::resources::Resources;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 9;
+pub const PROTOCOL_VERSION: u32 = 10;
 
 /// What a connecting peer is; the acceptor checks it is one it serves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,13 +66,16 @@ pub struct TaskSpec {
 }
 
 /// What Dask's `submit` keywords (and `dask.annotate`) ask of one task.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TaskOptions {
     /// Runs this many more times after raising, before it errs (Dask's `retries=`).
     pub retries: u32,
     /// `workers` is a preference: any worker may run it while none of them can
     /// (Dask's `allow_other_workers=True`).
     pub allow_other_workers: bool,
+    /// Held on its worker while it runs (Dask's `resources=`): it goes only where they
+    /// are free.
+    pub resources: Resources,
 }
 
 /// A task's exception as the executor caught it.
@@ -224,6 +228,8 @@ pub struct WorkerInfo {
     /// The path of its MPI progress thread's doorbell, which workers on its host ring
     /// after sending it a request (`transport/mpi/doorbell.rs`).
     pub doorbell: Option<String>,
+    /// What tasks may hold of it while they run (`--resources`; GPUs from its placement).
+    pub resources: Resources,
 }
 
 impl std::fmt::Display for WorkerInfo {
@@ -305,6 +311,7 @@ pub struct WorkerRegistration {
     pub rank: Option<u32>,
     pub topology: Option<WorkerTopology>,
     pub doorbell: Option<String>,
+    pub resources: Resources,
 }
 
 /// Where a task's input lives now.

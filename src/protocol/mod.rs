@@ -5,6 +5,7 @@ mod handshake;
 mod ids;
 mod layout;
 mod messages;
+mod resources;
 
 pub use framing::{decode, encode, FrameError, FrameReader, FrameWriter, MAX_FRAME_SIZE};
 pub use handshake::{
@@ -13,3 +14,4 @@ pub use handshake::{
 pub use ids::{ClientId, FuncId, IdHasher, IdMap, IdSet, TaskId, WorkerId, TASK_SEQUENCE_BITS};
 pub use layout::{frame_offsets, ALIGN, INLINE_MAX};
 pub use messages::*;
+pub use resources::Resources;

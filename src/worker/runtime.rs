@@ -9,8 +9,8 @@ use super::memory::{MemoryPolicy, MemorySample};
 use super::state::{SpillOutcome, Wake, WorkerComm, WorkerSettings, WorkerState};
 use crate::heap::{FreedBytes, TRIM_WHEN_IDLE_AFTER};
 use crate::protocol::{
-    FrameReader, FromWorker, FuncId, FunctionBlob, Role, RunTask, TaskId, ToWorker, Token,
-    WorkerId, WorkerInfo, WorkerRegistration, WorkerTopology,
+    FrameReader, FromWorker, FuncId, FunctionBlob, Resources, Role, RunTask, TaskId, ToWorker,
+    Token, WorkerId, WorkerInfo, WorkerRegistration, WorkerTopology,
 };
 use crate::store::{Object, ShmDir, SpillDir, Store, StoreError, WORKER_SHM_PREFIX};
 use crate::transport::tcp::{self, TcpTransport};
@@ -65,6 +65,8 @@ pub struct WorkerConfig {
     pub executor_env: Vec<(String, String)>,
     /// Where its MPI progress thread's doorbell is, when it has one.
     pub doorbell: Option<String>,
+    /// What tasks may hold of it while they run (Dask's worker `--resources`).
+    pub resources: Resources,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +115,7 @@ pub async fn run_with(
         rank: config.rank,
         topology: config.topology.clone(),
         doorbell: config.doorbell.clone(),
+        resources: config.resources.clone(),
     };
     let registered = async {
         writer

@@ -21,10 +21,18 @@ def one_thread_cluster():
         yield cluster
 
 
+def _not_default(client):
+    """A client that is not Dask's default scheduler: a module-wide default would be in the
+    dask config that `distributed` pickles into its worker processes."""
+    try:
+        yield client
+    finally:
+        client.close()
+
+
 @pytest.fixture(scope="module")
 def one_thread(one_thread_cluster):
-    with rankmesh.Client(one_thread_cluster) as client:
-        yield client
+    yield from _not_default(rankmesh.Client(one_thread_cluster))
 
 
 @pytest.fixture(scope="module")
@@ -110,15 +118,54 @@ def test_workers_and_allow_other_workers(client):
     assert set(dask.compute(*placed, scheduler=client.get)) == {ids[-1]}
 
 
-def test_resources_and_actors_are_refused_rather_than_ignored(client):
-    with pytest.raises(NotImplementedError, match="resources"):
-        client.submit(where_am_i, resources={"GPU": 1})
+def test_actors_are_refused_rather_than_ignored(client):
     with pytest.raises(NotImplementedError, match="actors"):
         client.submit(where_am_i, actor=True)
-    with dask.annotate(resources={"GPU": 1}):
+
+
+def hold_resource(log: str, name: str) -> str:
+    return logged(log, f"start {name}") and logged(log, f"end {name}", 0.3)
+
+
+@pytest.fixture(scope="module")
+def gpu_clusters():
+    """Two workers of two threads offering one GPU each, on both systems."""
+    with rankmesh.LocalCluster(n_workers=2, threads_per_worker=2, resources={"GPU": 1}) as ours:
+        with distributed.LocalCluster(
+            n_workers=2, threads_per_worker=2, resources={"GPU": 1}, dashboard_address=None
+        ) as theirs:
+            with distributed.Client(theirs, set_as_default=False) as b:
+                for a in _not_default(rankmesh.Client(ours)):
+                    yield {"rankmesh": a, "distributed": b}
+
+
+@pytest.mark.parametrize("system", ["rankmesh", "distributed"])
+def test_resources_confine_tasks_as_in_distributed(system, gpu_clusters, tmp_path):
+    c = gpu_clusters[system]
+    assert set(c.nthreads().values()) == {2}
+    log = str(tmp_path / "log")
+    futures = [
+        c.submit(hold_resource, log, str(i), resources={"GPU": 1}, pure=False) for i in range(6)
+    ]
+    c.gather(futures)
+    # Two GPUs in the cluster: never more than two tasks hold one at a time, though four
+    # threads could run them.
+    running = peak = 0
+    for line in Path(log).read_text().split("\n")[:-1]:
+        running += 1 if line.startswith("start") else -1
+        peak = max(peak, running)
+    assert peak == 2
+
+
+def test_resources_no_worker_has_fail_at_once(gpu_clusters):
+    c = gpu_clusters["rankmesh"]
+    with pytest.raises(rankmesh.TaskError, match="NoWorkerError.*GPU=2"):
+        c.submit(where_am_i, resources={"GPU": 2}, pure=False).result(timeout=30)
+    with dask.annotate(resources={"TPU": 1}):
         x = dask.delayed(where_am_i)()
-    with pytest.raises(NotImplementedError, match="resources"):
-        x.compute(scheduler=client.get)
+    with pytest.raises(rankmesh.TaskError, match="NoWorkerError.*TPU=1"):
+        x.compute(scheduler=c.get)
+    assert all(w["resources"] == {"GPU": 1.0} for w in c.workers())
 
 
 def test_store_into_a_numpy_array_is_refused_not_silently_lost(client):

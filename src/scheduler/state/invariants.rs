@@ -107,6 +107,34 @@ impl Scheduler {
                 !worker.memory.paused,
                 "load index lags worker {id}"
             );
+            // Resources are held exactly by the tasks assigned there that ask for some,
+            // and never beyond what the worker has.
+            let mut held = crate::protocol::Resources::default();
+            for (task, resources) in &worker.holding {
+                let assigned_here = self.tasks.get(task).is_some_and(|t| {
+                    matches!(t.state, TaskState::Assigned { worker: w } if w == *id)
+                        && t.resources == *resources
+                });
+                assert!(assigned_here, "worker {id} holds resources for task {task}");
+                held.add(resources, 1.0);
+            }
+            assert_eq!(held, worker.resources_used, "resources used on worker {id}");
+            let nothing = crate::protocol::Resources::default();
+            assert!(
+                worker.info.resources.fits(&nothing, &worker.resources_used),
+                "worker {id} over its resources"
+            );
+        }
+        for (id, task) in &self.tasks {
+            if let TaskState::Assigned { worker } = task.state {
+                if !task.resources.is_empty() {
+                    let holds = self
+                        .workers
+                        .get(&worker)
+                        .is_none_or(|w| w.holding.contains_key(id));
+                    assert!(holds, "task {id} runs on {worker} without its resources");
+                }
+            }
         }
         let running = self.workers.values().filter(|w| !w.memory.paused).count();
         assert_eq!(self.load_index.len(), running);

@@ -85,7 +85,7 @@ impl Scheduler {
             task.deps = deps;
             task.dependents = dependents;
         }
-        self.change_processing(worker, false);
+        self.change_processing(worker, id, false);
         let duration_s = done.duration_us as f64 * 1e-6;
         self.avg_task_duration_s += DURATION_EWMA_WEIGHT * (duration_s - self.avg_task_duration_s);
     }
@@ -103,7 +103,7 @@ impl Scheduler {
                 });
                 if retry {
                     tracing::debug!(task = %id, error = %error.type_name, "task failed; retrying");
-                    self.change_processing(worker, false);
+                    self.change_processing(worker, id, false);
                     self.enqueue_if_ready(id);
                 } else {
                     tracing::debug!(task = %id, error = %error.type_name, "task failed");
@@ -149,7 +149,7 @@ impl Scheduler {
                 return;
             }
         }
-        self.change_processing(worker, false);
+        self.change_processing(worker, id, false);
         let mut lost = Vec::new();
         if let Some(TaskState::Memory { holders: held, .. }) =
             self.tasks.get_mut(&input).map(|t| &mut t.state)
@@ -183,10 +183,20 @@ impl Scheduler {
         }
     }
 
-    pub(super) fn change_processing(&mut self, worker: WorkerId, assigned: bool) {
+    /// Task `id` was assigned to `worker` or stopped being: its load, and the resources
+    /// the task holds there while it runs.
+    pub(super) fn change_processing(&mut self, worker: WorkerId, id: TaskId, assigned: bool) {
         let Some(w) = self.workers.get_mut(&worker) else {
             return;
         };
+        if assigned {
+            if let Some(task) = self.tasks.get(&id).filter(|t| !t.resources.is_empty()) {
+                w.resources_used.add(&task.resources, 1.0);
+                w.holding.insert(id, task.resources.clone());
+            }
+        } else if let Some(held) = w.holding.remove(&id) {
+            w.resources_used.add(&held, -1.0);
+        }
         let indexed = !w.memory.paused;
         if indexed {
             self.load_index.remove(&w.load());
@@ -227,7 +237,10 @@ impl Scheduler {
         if let Some(task) = self.tasks.get(&id) {
             if matches!(task.state, TaskState::Ready) {
                 // A restricted root skips the withheld queue: it can go to one place only.
-                if task.deps.is_empty() && task.restricted_to.is_empty() {
+                if task.deps.is_empty()
+                    && task.restricted_to.is_empty()
+                    && task.resources.is_empty()
+                {
                     self.roots.push(task.priority, id);
                 } else {
                     self.ready.push(id);
@@ -332,7 +345,7 @@ impl Scheduler {
         match state {
             TaskState::Assigned { worker } => {
                 self.outbox.cancel(worker, id);
-                self.change_processing(worker, false);
+                self.change_processing(worker, id, false);
             }
             TaskState::Memory { holders, .. } => {
                 for worker in holders {
@@ -387,7 +400,7 @@ impl Scheduler {
                 if id != start {
                     self.outbox.cancel(worker, id);
                 }
-                self.change_processing(worker, false);
+                self.change_processing(worker, id, false);
             }
             for dep in deps {
                 self.dependent_finished_with(dep, &mut unneeded);
@@ -508,7 +521,7 @@ impl Scheduler {
         if let TaskState::Assigned { worker } = previous {
             // It would wait forever on a fetch from the dead worker.
             self.outbox.cancel(worker, id);
-            self.change_processing(worker, false);
+            self.change_processing(worker, id, false);
         }
     }
 }

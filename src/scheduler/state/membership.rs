@@ -3,8 +3,8 @@
 use super::records::{Client, TaskState, Worker};
 use super::{Departure, Scheduler};
 use crate::protocol::{
-    ClientId, ErrorInfo, IdSet, TaskFinished, TaskId, ToClient, ToWorker, WorkerId, WorkerInfo,
-    WorkerMemory, WorkerRegistration,
+    ClientId, ErrorInfo, IdMap, IdSet, Resources, TaskFinished, TaskId, ToClient, ToWorker,
+    WorkerId, WorkerInfo, WorkerMemory, WorkerRegistration, WorkerTopology,
 };
 use crate::scheduler::placement::NodeId;
 use crate::scheduler::Comm;
@@ -27,6 +27,7 @@ impl Scheduler {
             memory_limit: reg.memory_limit,
             rank: reg.rank,
             pid: reg.pid,
+            resources: declared_resources(reg.resources, reg.topology.as_ref()),
             topology: reg.topology,
             doorbell: reg.doorbell,
         };
@@ -52,6 +53,8 @@ impl Scheduler {
             processing: 0,
             sent_funcs: IdSet::default(),
             memory: WorkerMemory::default(),
+            resources_used: Resources::default(),
+            holding: IdMap::default(),
         };
         self.load_index.insert(worker.load());
         self.workers.insert(id, worker);
@@ -179,4 +182,14 @@ impl Scheduler {
             .client_left(client, &mut self.outbox.to_clients);
         self.outbox.flush(comm);
     }
+}
+
+/// What a worker offers tasks: what it declared, and as `GPU` the GPUs of its place when it
+/// declared none.
+fn declared_resources(mut declared: Resources, topology: Option<&WorkerTopology>) -> Resources {
+    let gpus = topology.map_or(0, |t| t.gpus.len());
+    if gpus > 0 && declared.get("GPU") == 0.0 {
+        declared.add(&Resources::new([("GPU".to_string(), gpus as f64)]), 1.0);
+    }
+    declared
 }

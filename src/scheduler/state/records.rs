@@ -2,8 +2,8 @@
 //! and the outbox of messages gathered while one event is handled.
 
 use crate::protocol::{
-    ClientId, ErrorInfo, FuncId, IdSet, TaskFinished, TaskId, ToClient, ToWorker, WorkerId,
-    WorkerInfo, WorkerMemory,
+    ClientId, ErrorInfo, FuncId, IdMap, IdSet, Resources, TaskFinished, TaskId, ToClient, ToWorker,
+    WorkerId, WorkerInfo, WorkerMemory,
 };
 use crate::scheduler::placement::{Load, NodeId};
 use crate::scheduler::Comm;
@@ -66,6 +66,8 @@ pub(super) struct Task {
     pub(super) allow_other_workers: bool,
     /// Times it may still raise and be run again before it errs.
     pub(super) retries_left: u32,
+    /// What it holds of its worker's resources while it runs.
+    pub(super) resources: Resources,
     /// A client holds a future on it.
     pub(super) wanted: bool,
     /// Dependents not computed yet: they still need this task's result.
@@ -113,6 +115,10 @@ pub(super) struct Worker {
     pub(super) sent_funcs: IdSet<FuncId>,
     /// Its last memory report. Paused, it gets no tasks (and is out of the load index).
     pub(super) memory: WorkerMemory,
+    /// What the tasks assigned to it hold of its resources (`info.resources`), in all and
+    /// by task.
+    pub(super) resources_used: Resources,
+    pub(super) holding: IdMap<TaskId, Resources>,
 }
 
 impl Worker {

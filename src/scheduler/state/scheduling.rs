@@ -3,7 +3,7 @@
 use super::records::TaskState;
 use super::Scheduler;
 use crate::protocol::{
-    ComputeTask, ErrorInfo, FunctionBlob, InputLocation, TaskId, ToWorker, WorkerId,
+    ComputeTask, ErrorInfo, FunctionBlob, InputLocation, Resources, TaskId, ToWorker, WorkerId,
 };
 use crate::scheduler::placement::{self, Bandwidths, CandidateCost};
 use crate::scheduler::Comm;
@@ -30,9 +30,16 @@ impl Scheduler {
                 continue; // stale: cancelled, failed or requeued since
             }
             let restricted = !task.restricted_to.is_empty() && !task.allow_other_workers;
+            let unsatisfiable = !task.resources.is_empty()
+                && !self.workers.values().any(|w| {
+                    w.info
+                        .resources
+                        .fits(&Resources::default(), &task.resources)
+                });
             match self.place(id) {
                 Some(worker) => self.assign(id, worker, &mut batches),
                 None if restricted => self.fail_unplaceable(id),
+                None if unsatisfiable => self.fail_unsatisfiable(id),
                 // Every worker is paused: it waits for one to resume.
                 None => waiting_for_room.push(id),
             }
@@ -114,6 +121,28 @@ impl Scheduler {
         self.mark_erred(id, id, Arc::new(error));
     }
 
+    /// No connected worker has the resources `id` asks for, even idle: it fails rather
+    /// than wait for a worker that, inside a job, never comes.
+    fn fail_unsatisfiable(&mut self, id: TaskId) {
+        let Some(task) = self.tasks.get(&id) else {
+            return;
+        };
+        let offered: Vec<String> = self
+            .workers
+            .values()
+            .map(|w| format!("worker {}: {{{}}}", w.info.id, w.info.resources))
+            .collect();
+        let error = ErrorInfo::runtime(
+            "NoWorkerError",
+            format!(
+                "task {id} needs resources {{{}}}, which no connected worker has ({})",
+                task.resources,
+                offered.join("; ")
+            ),
+        );
+        self.mark_erred(id, id, Arc::new(error));
+    }
+
     /// The worker where a non-root task would start soonest. Candidates: the holders of
     /// its inputs, the least loaded worker on each holder's node and the least loaded
     /// worker, or, for a restricted task, its workers.
@@ -147,6 +176,9 @@ impl Scheduler {
             if w.memory.paused && (task.restricted_to.is_empty() || task.allow_other_workers) {
                 return false;
             }
+            if !w.info.resources.fits(&w.resources_used, &task.resources) {
+                return false; // busy with others' resources, or without them
+            }
             let (mut missing_bytes, mut node_bytes, mut held_bytes) = (0, 0, 0);
             for (holders, size) in inputs() {
                 if holders.contains(&worker) {
@@ -172,7 +204,17 @@ impl Scheduler {
             preferred_available |= consider(worker);
         }
         let anywhere = task.restricted_to.is_empty() || task.allow_other_workers;
-        if anywhere && !preferred_available {
+        if anywhere && !preferred_available && !task.resources.is_empty() {
+            // Few workers have a given resource: every one that does is a candidate.
+            let offering: Vec<WorkerId> = workers
+                .values()
+                .filter(|w| !w.info.resources.is_empty())
+                .map(|w| w.info.id)
+                .collect();
+            for worker in offering {
+                consider(worker);
+            }
+        } else if anywhere && !preferred_available {
             for (holders, _) in inputs() {
                 for &holder in holders {
                     consider(holder);
@@ -230,6 +272,6 @@ impl Scheduler {
         if let Some(task) = self.tasks.get_mut(&id) {
             task.state = TaskState::Assigned { worker };
         }
-        self.change_processing(worker, true);
+        self.change_processing(worker, id, true);
     }
 }

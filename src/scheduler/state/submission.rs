@@ -68,6 +68,7 @@ impl Scheduler {
                 restricted_to: spec.workers.into_boxed_slice(),
                 retries_left: spec.options.retries,
                 allow_other_workers: spec.options.allow_other_workers,
+                resources: spec.options.resources,
                 wanted: false,
                 pending_dependents: 0,
                 live_dependents: 0,

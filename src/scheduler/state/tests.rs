@@ -2,7 +2,9 @@
 //! format, a `TestEnv` that hands out ids, and one test per behaviour.
 
 use super::*;
-use crate::protocol::{decode, encode, Coordinate, Coordinated, TaskOptions};
+use crate::protocol::{
+    decode, encode, Coordinate, Coordinated, Resources, TaskOptions, WorkerTopology,
+};
 use serde::{de::DeserializeOwned, Serialize};
 use std::collections::{BTreeSet, VecDeque};
 
@@ -87,6 +89,10 @@ impl TestEnv {
 
     /// Registers a worker on `host` and checks the membership messages it causes.
     fn worker_on(&mut self, host: &str, nthreads: u32) -> WorkerId {
+        self.worker_offering(host, nthreads, Resources::default())
+    }
+
+    fn worker_offering(&mut self, host: &str, nthreads: u32, resources: Resources) -> WorkerId {
         let n = self.scheduler.worker_count() + 1;
         let reg = WorkerRegistration {
             data_address: format!("10.0.0.{n}:7000"),
@@ -97,6 +103,7 @@ impl TestEnv {
             rank: None,
             topology: None,
             doorbell: None,
+            resources,
         };
         let others: Vec<WorkerId> = self.scheduler.workers().map(|w| w.id).collect();
         let clients: Vec<ClientId> = self.scheduler.clients.keys().copied().collect();
@@ -1389,7 +1396,7 @@ fn a_task_with_retries_runs_again_after_raising_then_errs_when_they_are_spent() 
     let retried = TaskSpec {
         options: TaskOptions {
             retries: 2,
-            allow_other_workers: false,
+            ..TaskOptions::default()
         },
         ..spec(x, &[])
     };
@@ -1444,8 +1451,8 @@ fn allow_other_workers_prefers_its_workers_and_runs_elsewhere_when_they_are_gone
     let loose = |id| TaskSpec {
         workers: vec![w2],
         options: TaskOptions {
-            retries: 0,
             allow_other_workers: true,
+            ..TaskOptions::default()
         },
         ..spec(id, &[])
     };
@@ -1664,4 +1671,94 @@ fn events_variables_and_queues_answer_their_waiters() {
         ]
     );
     env.comm.emptiness_check();
+}
+
+// ------------------------------------------------------------------ resources
+
+fn needing(id: TaskId, resources: &str) -> TaskSpec {
+    TaskSpec {
+        options: TaskOptions {
+            resources: resources.parse().expect("valid resources"),
+            ..TaskOptions::default()
+        },
+        ..spec(id, &[])
+    }
+}
+
+#[test]
+fn tasks_needing_resources_go_only_where_they_are_free_one_holder_at_a_time() {
+    let mut env = TestEnv::new();
+    let plain = env.worker_on("a", 4);
+    let gpu = env.worker_offering("b", 4, "GPU=1".parse().expect("valid"));
+    let c = env.client();
+    let [x, y, z] = ids(c, 0..3)[..] else {
+        unreachable!()
+    };
+    env.submit(
+        c,
+        vec![needing(x, "GPU=1"), needing(y, "GPU=1"), spec(z, &[])],
+        &[x, y, z],
+    );
+    env.schedule();
+    // One GPU: x runs there, y waits for it though three threads are idle; z goes anywhere.
+    let on_gpu = env.computed(gpu);
+    let on_plain = env.computed(plain);
+    assert!(on_gpu.contains(&x) && !on_gpu.contains(&y) && !on_plain.contains(&y));
+    assert!(!on_plain.contains(&x));
+    env.done(gpu, &[x]);
+    env.schedule();
+    assert_eq!(env.computed(gpu), [y], "the GPU is free again");
+    if !on_gpu.contains(&z) {
+        env.done(plain, &[z]);
+    } else {
+        env.done(gpu, &[z]);
+    }
+    env.done(gpu, &[y]);
+}
+
+#[test]
+fn a_task_needing_resources_no_worker_has_fails_at_once() {
+    let mut env = TestEnv::new();
+    env.worker_offering("a", 1, "GPU=1".parse().expect("valid"));
+    let c = env.client();
+    let [x] = ids(c, 0..1)[..] else {
+        unreachable!()
+    };
+    env.submit(c, vec![needing(x, "GPU=2")], &[x]);
+    env.schedule();
+    match env.comm.take_client(c).as_slice() {
+        [ToClient::Failed { ids, error, .. }] => {
+            assert_eq!(ids.as_slice(), [x]);
+            assert_eq!(error.type_name, "NoWorkerError");
+            assert!(error.message.contains("GPU=2"), "{}", error.message);
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_worker_placed_on_gpus_offers_them_as_gpu_resources() {
+    let mut env = TestEnv::new();
+    let reg = WorkerRegistration {
+        data_address: "10.0.0.9:7000".into(),
+        host: "gpunode".into(),
+        nthreads: 8,
+        memory_limit: 1 << 30,
+        pid: 1,
+        rank: Some(1),
+        topology: Some(WorkerTopology {
+            gpus: vec!["0".into(), "1".into()],
+            ..WorkerTopology::default()
+        }),
+        doorbell: None,
+        resources: "MEM=4e9".parse().expect("valid"),
+    };
+    let w = env.scheduler.add_worker(reg, &mut env.comm);
+    env.comm.take_worker(w);
+    let info = env
+        .scheduler
+        .workers()
+        .find(|i| i.id == w)
+        .expect("registered");
+    assert_eq!(info.resources.to_string(), "GPU=2,MEM=4000000000");
 }

@@ -168,6 +168,7 @@ fn peer(id: WorkerId) -> WorkerInfo {
         pid: 1,
         topology: None,
         doorbell: None,
+        resources: Default::default(),
     }
 }
 
