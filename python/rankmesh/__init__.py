@@ -35,6 +35,7 @@ _EXPORTS = {
     "wait": "futures",
     "initialize": "mpi",
     "WorkerContext": "worker",
+    "WorkerPlugin": "plugins",
     "get_worker": "worker",
 }
 
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
     )
     from .futures import Future, as_completed, fire_and_forget, futures_of, wait
     from .mpi import initialize
+    from .plugins import WorkerPlugin
     from .worker import WorkerContext, get_worker
 
 
@@ -99,6 +101,7 @@ __all__ = [
     "Variable",
     "WalltimeDrain",
     "WorkerContext",
+    "WorkerPlugin",
     "__version__",
     "as_completed",
     "fire_and_forget",

@@ -36,6 +36,9 @@ class ClientCore:
     ) -> None:
         """restrictions: task id -> the only worker ids that may run it; options: task id ->
         (retries, allow_other_workers, resources as (name, amount) pairs)."""
+    def register_plugin(self, name: str, plugin: bytes) -> None:
+        """A pickled worker plugin every executor sets up, now and when it starts."""
+    def unregister_plugin(self, name: str) -> None: ...
     def want(self, ids: list[int]) -> None:
         """Hold results of tasks submitted earlier again (e.g. a second future on them)."""
     def release(self, ids: list[int]) -> None:

@@ -445,6 +445,35 @@ class Client:
         """A worker as `distributed` names it: its data server's address."""
         return f"tcp://{worker['data_address']}"
 
+    def register_plugin(self, plugin: Any, name: str | None = None, idempotent: Any = None) -> None:
+        """Sets `plugin` up (`plugin.setup(worker=...)`) in every executor process of every
+        worker, and in every one that starts later; one of the same name is torn down first.
+        Unlike `distributed`: it runs in executor processes (one per thread), `worker` is a
+        `rankmesh.WorkerContext`, a setup that raises is reported in the worker's log rather
+        than here, and nothing is returned. Scheduler and nanny plugins are refused."""
+        import cloudpickle
+
+        if not callable(getattr(plugin, "setup", None)):
+            raise TypeError(f"{plugin!r} is not a worker plugin: it has no setup(worker)")
+        kind = type(plugin).__mro__
+        if any(cls.__name__ in ("SchedulerPlugin", "NannyPlugin") for cls in kind):
+            raise NotImplementedError("rankmesh runs worker plugins only")
+        name = name or getattr(plugin, "name", None) or f"{type(plugin).__name__}-{id(plugin):x}"
+        self._core.register_plugin(name, cloudpickle.dumps(plugin))
+
+    register_worker_plugin = register_plugin
+
+    def unregister_worker_plugin(self, name: str) -> None:
+        """Tears the plugin down in every executor; new ones no longer set it up."""
+        self._core.unregister_plugin(name)
+
+    def upload_file(self, filename: str | os.PathLike, load: bool = True) -> None:
+        """Puts a .py, .zip, .egg or .whl file on every executor's import path (now and in
+        executors that start later), importing a module, as `distributed`'s."""
+        from .plugins import UploadFile
+
+        self.register_plugin(UploadFile(filename, load))
+
     def wait_for_workers(self, n_workers: int, timeout: float | None = None) -> None:
         """Blocks until at least `n_workers` workers are connected; TimeoutError after
         `timeout` seconds (None: no limit), as in `distributed`."""

@@ -107,6 +107,8 @@ def serve(link, runner: TaskRunner) -> None:
     """Runs what the worker sends until it says shutdown or the link closes."""
     from ._rankmesh import ConnectionLost
 
+    plugins = None
+
     pending: list[tuple] = []
     last_send = time.monotonic()
     while True:
@@ -120,6 +122,12 @@ def serve(link, runner: TaskRunner) -> None:
                 runner.add_functions(message[1])
             elif kind == "release_functions":
                 runner.release_functions(message[1])
+            elif kind == "plugins":
+                if plugins is None:
+                    from .plugins import PluginHost
+
+                    plugins = PluginHost()
+                plugins.update(message[1], message[2])
             elif kind == "run":
                 for task_id, payload, inputs in message[1]:
                     # Before each task, not after: a long task must not hold back results.

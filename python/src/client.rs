@@ -8,7 +8,8 @@ use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyTuple};
 use rankmesh::protocol::{
     frame_offsets, ClientId, ClusterInfo, Coordinate, Coordinated, ErrorInfo, FromClient, FuncId,
-    FunctionBlob, Resources, Role, TaskId, TaskOptions, TaskSpec, ToClient, Token, WorkerId, WorkerInfo,
+    FunctionBlob, Resources, Role, TaskId, TaskOptions, TaskSpec, ToClient, Token, WorkerId,
+    WorkerInfo,
 };
 use rankmesh::store::HeapAllocator;
 use rankmesh::transport::tcp::{self, TcpTransport};
@@ -270,6 +271,18 @@ impl ClientCore {
             })?;
         }
         Ok(())
+    }
+
+    /// A worker plugin, pickled: every executor sets it up (`FromClient::RegisterPlugin`).
+    fn register_plugin(&self, name: String, plugin: PyBackedBytes) -> PyResult<()> {
+        self.send(FromClient::RegisterPlugin {
+            name,
+            plugin: bytes_of(&plugin),
+        })
+    }
+
+    fn unregister_plugin(&self, name: String) -> PyResult<()> {
+        self.send(FromClient::UnregisterPlugin(name))
     }
 
     fn want(&self, ids: Vec<u64>) -> PyResult<()> {

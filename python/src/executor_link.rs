@@ -70,6 +70,13 @@ impl ExecutorLink {
                     .collect::<Vec<_>>();
                 ("functions", blobs).into_pyobject(py)?
             }
+            Some(ToExecutor::Plugins { setup, teardown }) => {
+                let setup = setup
+                    .iter()
+                    .map(|p| (p.name.clone(), PyBytes::new(py, &p.pickled)))
+                    .collect::<Vec<_>>();
+                ("plugins", setup, teardown).into_pyobject(py)?
+            }
             Some(ToExecutor::ReleaseFunctions(ids)) => {
                 let ids = ids.iter().map(|id| id.0).collect::<Vec<_>>();
                 ("release_functions", ids).into_pyobject(py)?

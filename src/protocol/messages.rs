@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 10;
+pub const PROTOCOL_VERSION: u32 = 11;
 
 /// What a connecting peer is; the acceptor checks it is one it serves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +128,11 @@ pub enum FromClient {
     /// A request on a named synchronisation object, answered once with
     /// `ToClient::Coordinated` carrying the same `request` number.
     Coordinate { request: u64, op: Coordinate },
+    /// A worker plugin (pickled): every executor, present and future, sets it up; one of
+    /// the same name is torn down first.
+    RegisterPlugin { name: String, plugin: Bytes },
+    /// Every executor tears the plugin down; new ones no longer set it up.
+    UnregisterPlugin(String),
     /// The client stopped waiting for `request` (its timeout passed): a request still
     /// waiting is answered `Withdrawn`; one answered already stands.
     Withdraw(u64),
@@ -350,7 +355,18 @@ pub enum ToWorker {
     Cancel(Vec<TaskId>),
     PeerAdded(WorkerInfo),
     PeerRemoved(WorkerId),
+    /// Worker plugins to set up on every executor (replacing any of the same name).
+    Plugins(Vec<Plugin>),
+    /// A worker plugin to tear down on every executor.
+    UnregisterPlugin(String),
     Shutdown,
+}
+
+/// A worker plugin as its client pickled it, by name.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Plugin {
+    pub name: String,
+    pub pickled: Bytes,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -448,6 +464,11 @@ pub enum ToExecutor {
     /// Drop these functions (the worker sends them again if a task needs them).
     ReleaseFunctions(Vec<FuncId>),
     Run(Vec<RunTask>),
+    /// Set these plugins up (after tearing down ones of the same name), tear those down.
+    Plugins {
+        setup: Vec<Plugin>,
+        teardown: Vec<String>,
+    },
     Shutdown,
 }
 

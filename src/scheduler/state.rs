@@ -11,8 +11,8 @@ use super::coordination::Coordination;
 use super::placement::{CandidateCost, LoadIndex, NodeId, RootQueue};
 use super::Comm;
 use crate::protocol::{
-    ClientId, ClusterInfo, FromClient, FromWorker, FuncId, IdMap, TaskId, ToClient, WorkerId,
-    WorkerInfo,
+    ClientId, ClusterInfo, FromClient, FromWorker, FuncId, IdMap, Plugin, TaskId, ToClient,
+    ToWorker, WorkerId, WorkerInfo,
 };
 use records::{Client, Function, Outbox, Task, Worker};
 use std::collections::{BTreeMap, HashMap};
@@ -21,8 +21,7 @@ use std::mem;
 // Names the tests (`use super::*`) use besides those above.
 #[cfg(test)]
 use crate::protocol::{
-    ComputeTask, ErrorInfo, FunctionBlob, InputLocation, TaskDone, TaskSpec, ToWorker,
-    WorkerRegistration,
+    ComputeTask, ErrorInfo, FunctionBlob, InputLocation, TaskDone, TaskSpec, WorkerRegistration,
 };
 #[cfg(test)]
 use bytes::Bytes;
@@ -96,6 +95,9 @@ pub struct Scheduler {
     recomputed_tasks: u64,
     /// Locks, semaphores, events, variables and queues clients share.
     coordination: Coordination,
+    /// Worker plugins, in the order registered: every worker, also one joining later,
+    /// gets them all.
+    plugins: Vec<Plugin>,
 }
 
 impl Scheduler {
@@ -118,6 +120,7 @@ impl Scheduler {
             freed_bytes: 0,
             recomputed_tasks: 0,
             coordination: Coordination::default(),
+            plugins: Vec::new(),
         }
     }
 
@@ -188,6 +191,23 @@ impl Scheduler {
             FromClient::Coordinate { request, op } => {
                 self.coordination
                     .request(client, request, op, &mut self.outbox.to_clients)
+            }
+            FromClient::RegisterPlugin { name, plugin } => {
+                let plugin = Plugin {
+                    name,
+                    pickled: plugin,
+                };
+                self.plugins.retain(|p| p.name != plugin.name);
+                self.plugins.push(plugin.clone());
+                for &worker in self.workers.keys() {
+                    comm.send_worker(worker, ToWorker::Plugins(vec![plugin.clone()]));
+                }
+            }
+            FromClient::UnregisterPlugin(name) => {
+                self.plugins.retain(|p| p.name != name);
+                for &worker in self.workers.keys() {
+                    comm.send_worker(worker, ToWorker::UnregisterPlugin(name.clone()));
+                }
             }
             FromClient::Withdraw(request) => {
                 self.coordination

@@ -9,8 +9,8 @@ use super::memory::{MemoryPolicy, MemorySample};
 use super::state::{SpillOutcome, Wake, WorkerComm, WorkerSettings, WorkerState};
 use crate::heap::{FreedBytes, TRIM_WHEN_IDLE_AFTER};
 use crate::protocol::{
-    FrameReader, FromWorker, FuncId, FunctionBlob, Resources, Role, RunTask, TaskId, ToWorker,
-    Token, WorkerId, WorkerInfo, WorkerRegistration, WorkerTopology,
+    FrameReader, FromWorker, FuncId, FunctionBlob, Plugin, Resources, Role, RunTask, TaskId,
+    ToWorker, Token, WorkerId, WorkerInfo, WorkerRegistration, WorkerTopology,
 };
 use crate::store::{Object, ShmDir, SpillDir, Store, StoreError, WORKER_SHM_PREFIX};
 use crate::transport::tcp::{self, TcpTransport};
@@ -482,6 +482,12 @@ impl WorkerComm for RuntimeComm {
     fn restart_executor(&mut self, slot: usize, generation: u64, reason: String) {
         if let Some(executor) = self.executors.get_mut(slot) {
             executor.restart(generation, reason);
+        }
+    }
+
+    fn plugins(&mut self, slot: usize, generation: u64, setup: Vec<Plugin>, teardown: Vec<String>) {
+        if let Some(executor) = self.executors.get_mut(slot) {
+            executor.plugins(generation, setup, teardown);
         }
     }
 

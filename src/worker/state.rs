@@ -7,8 +7,8 @@ use super::executor::ExecutorEvent;
 use super::memory::{MemoryPolicy, MemorySample, MemoryState, ResultSizes};
 use crate::heap::ShrinkWhenSparse;
 use crate::protocol::{
-    ComputeTask, ErrorInfo, FromWorker, FuncId, FunctionBlob, IdMap, IdSet, ObjectRef, RunTask,
-    TaskDone, TaskId, TaskOutcome, ToWorker, WorkerId, WorkerInfo, WorkerMemory,
+    ComputeTask, ErrorInfo, FromWorker, FuncId, FunctionBlob, IdMap, IdSet, ObjectRef, Plugin,
+    RunTask, TaskDone, TaskId, TaskOutcome, ToWorker, WorkerId, WorkerInfo, WorkerMemory,
 };
 use crate::store::{Object, Store, StoreError};
 use crate::transport::{Fetched, TransportError};
@@ -72,6 +72,9 @@ pub trait WorkerComm {
     fn clear_after(&mut self, slot: usize, generation: u64);
     /// Calls [`WorkerState::woken`] with `wake` after `delay`.
     fn wake_after(&mut self, delay: Duration, wake: Wake);
+    /// Has a slot's executor generation set up and tear down worker plugins, before the
+    /// tasks sent after this.
+    fn plugins(&mut self, slot: usize, generation: u64, setup: Vec<Plugin>, teardown: Vec<String>);
 }
 
 /// Something the worker asked to be reminded of (`WorkerComm::wake_after`).
@@ -149,6 +152,8 @@ pub struct WorkerState {
     ready: BinaryHeap<Reverse<(i64, TaskId)>>,
     /// Tasks that were in flight on an executor that died: each runs alone next time.
     suspects: VecDeque<TaskId>,
+    /// Worker plugins every executor sets up when it starts.
+    plugins: Vec<Plugin>,
     /// Inputs being fetched, and the tasks waiting for them.
     fetching: IdMap<TaskId, Vec<TaskId>>,
     /// Fetches (peer, inputs) not started yet: the worker is paused, or has enough bytes
@@ -188,6 +193,7 @@ impl WorkerState {
             tasks: IdMap::default(),
             ready: BinaryHeap::new(),
             suspects: VecDeque::new(),
+            plugins: Vec::new(),
             fetching: IdMap::default(),
             deferred_fetches: Vec::new(),
             fetch_sizes: IdMap::default(),
@@ -249,6 +255,8 @@ impl WorkerState {
             ToWorker::PeerRemoved(id) => {
                 self.peers.remove(&id);
             }
+            ToWorker::Plugins(plugins) => self.plugins_registered(plugins, comm),
+            ToWorker::UnregisterPlugin(name) => self.plugin_unregistered(name, comm),
             ToWorker::Registered { .. } | ToWorker::Shutdown => {}
         }
         self.after_event(comm);
@@ -261,7 +269,7 @@ impl WorkerState {
                 slot,
                 generation,
                 pid,
-            } => self.executor_ready(slot, generation, pid),
+            } => self.executor_ready(slot, generation, pid, comm),
             ExecutorEvent::Results { slot, outcomes } => {
                 self.executor_finished(slot, outcomes, comm)
             }
@@ -385,6 +393,10 @@ impl WorkerState {
         }
         if self.paused_for_scheduler() != paused_before {
             comm.send(FromWorker::Memory(self.memory_report()));
+        } else {
+            // The counters changed: reported with the next sample rather than up to a
+            // second later, so scheduler_info() right after a computation shows them.
+            self.samples_since_report = SAMPLES_PER_REPORT;
         }
         self.after_event(comm);
     }
@@ -689,11 +701,43 @@ impl WorkerState {
     // ------------------------------------------------------------------ executor events
 
     /// A slot's executor (a new generation of it) is up: work may go to it.
-    fn executor_ready(&mut self, slot: usize, generation: u64, pid: u32) {
-        if let Some(slot) = self.slots.get_mut(slot) {
-            slot.generation = generation;
-            slot.pid = pid;
-            slot.functions_sent.clear();
+    fn executor_ready(
+        &mut self,
+        slot: usize,
+        generation: u64,
+        pid: u32,
+        comm: &mut impl WorkerComm,
+    ) {
+        if let Some(state) = self.slots.get_mut(slot) {
+            state.generation = generation;
+            state.pid = pid;
+            state.functions_sent.clear();
+            if !self.plugins.is_empty() {
+                comm.plugins(slot, generation, self.plugins.clone(), Vec::new());
+            }
+        }
+    }
+
+    /// New or replaced worker plugins: every executor up sets them up now, later ones
+    /// when they start.
+    fn plugins_registered(&mut self, plugins: Vec<Plugin>, comm: &mut impl WorkerComm) {
+        for plugin in &plugins {
+            self.plugins.retain(|p| p.name != plugin.name);
+            self.plugins.push(plugin.clone());
+        }
+        for (index, slot) in self.slots.iter().enumerate() {
+            if slot.generation != 0 {
+                comm.plugins(index, slot.generation, plugins.clone(), Vec::new());
+            }
+        }
+    }
+
+    fn plugin_unregistered(&mut self, name: String, comm: &mut impl WorkerComm) {
+        self.plugins.retain(|p| p.name != name);
+        for (index, slot) in self.slots.iter().enumerate() {
+            if slot.generation != 0 {
+                comm.plugins(index, slot.generation, Vec::new(), vec![name.clone()]);
+            }
         }
     }
 

@@ -267,6 +267,57 @@ def test_closing_a_client_stops_its_running_tasks(one_thread_cluster, one_thread
     assert one_thread.submit(sum, [4, 5], pure=False).result(timeout=60) == 9
 
 
+class MarkProcess(distributed.WorkerPlugin):
+    """Leaves a file named after each process that sets it up: a plugin written for
+    `distributed`, which rankmesh runs too (rankmesh.WorkerPlugin is the same shape)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def setup(self, worker) -> None:
+        import os
+
+        Path(self.folder, str(os.getpid())).touch()
+
+
+@pytest.mark.parametrize("system", ["rankmesh", "distributed"])
+def test_a_worker_plugin_is_set_up_on_every_worker_as_in_distributed(
+    system, client, dask_client, tmp_path
+):
+    import os
+
+    c = client if system == "rankmesh" else dask_client
+    c.register_plugin(MarkProcess(str(tmp_path)), name=f"mark-{tmp_path.name}")
+    workers = set(c.run(os.getpid).values())
+    deadline = time.monotonic() + 30  # rankmesh's executors set plugins up as they come
+    while {int(p.name) for p in tmp_path.iterdir()} != workers and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert {int(p.name) for p in tmp_path.iterdir()} == workers
+    c.unregister_worker_plugin(f"mark-{tmp_path.name}")
+
+
+def call_uploaded(module: str) -> int:
+    import importlib
+
+    return importlib.import_module(module).answer()
+
+
+@pytest.mark.parametrize("system", ["rankmesh", "distributed"])
+def test_upload_file_puts_a_module_on_every_worker(system, client, dask_client, tmp_path):
+    import uuid
+
+    c = client if system == "rankmesh" else dask_client
+    module = f"uploaded_{uuid.uuid4().hex}"
+    source = tmp_path / f"{module}.py"
+    source.write_text("def answer():\n    return 42\n")
+    with pytest.raises(ModuleNotFoundError):
+        c.submit(call_uploaded, module, pure=False).result(timeout=60)
+    c.upload_file(str(source))
+    ids = sorted(c.nthreads())
+    for worker in ids:  # each worker has it
+        assert c.submit(call_uploaded, module, workers=[worker], pure=False).result(60) == 42
+
+
 # ----------------------------------------------------------------- locks and friends
 
 

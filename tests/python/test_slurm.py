@@ -128,12 +128,17 @@ def test_a_job_whose_worker_rank_is_killed_leaves_nothing_on_the_node(cli, tmp_p
 
 
 SPILLS = """
-import glob, os, sys, rankmesh, dask.array as da, numpy as np
+import glob, os, sys, time, rankmesh, dask.array as da, numpy as np
 client = rankmesh.Client()
 x = da.random.RandomState(3).random((6400, 6400), chunks=(800, 800))  # 312 MiB, 64 chunks
 x = client.persist(x)
 rankmesh.wait(x)
-workers = client.scheduler_info()["workers"].values()
+# Workers report their counters with their memory samples (every 50 ms after a spill).
+for _ in range(100):
+    workers = client.scheduler_info()["workers"].values()
+    if all(w["spilled_total"] for w in workers):
+        break
+    time.sleep(0.05)
 print("limits", *sorted({w["memory_limit"] for w in workers}), flush=True)
 print("spilled", sum(w["spilled_total"] for w in workers), flush=True)
 print("folders", len(glob.glob(os.path.join(sys.argv[1], "rankmesh-spill-*"))), flush=True)

@@ -39,6 +39,9 @@ impl Scheduler {
                 peers,
             },
         );
+        if !self.plugins.is_empty() {
+            comm.send_worker(id, ToWorker::Plugins(self.plugins.clone()));
+        }
         for &other in self.workers.keys() {
             comm.send_worker(other, ToWorker::PeerAdded(info.clone()));
         }

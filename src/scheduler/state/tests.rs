@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::protocol::{
-    decode, encode, Coordinate, Coordinated, Resources, TaskOptions, WorkerTopology,
+    decode, encode, Coordinate, Coordinated, Plugin, Resources, TaskOptions, WorkerTopology,
 };
 use serde::{de::DeserializeOwned, Serialize};
 use std::collections::{BTreeSet, VecDeque};
@@ -108,10 +108,17 @@ impl TestEnv {
         let others: Vec<WorkerId> = self.scheduler.workers().map(|w| w.id).collect();
         let clients: Vec<ClientId> = self.scheduler.clients.keys().copied().collect();
         let id = self.scheduler.add_worker(reg, &mut self.comm);
+        let plugins = self.scheduler.plugins.clone();
         match self.comm.take_worker(id).as_slice() {
-            [ToWorker::Registered { worker_id, peers }] => {
+            [ToWorker::Registered { worker_id, peers }, rest @ ..] => {
                 assert_eq!(*worker_id, id);
                 assert_eq!(peers.iter().map(|p| p.id).collect::<Vec<_>>(), others);
+                // Then every registered plugin, if there are any.
+                match rest {
+                    [] => assert!(plugins.is_empty()),
+                    [ToWorker::Plugins(sent)] => assert_eq!(*sent, plugins),
+                    other => panic!("expected the plugins, got {other:?}"),
+                }
             }
             other => panic!("expected Registered, got {other:?}"),
         }
@@ -1761,4 +1768,39 @@ fn a_worker_placed_on_gpus_offers_them_as_gpu_resources() {
         .find(|i| i.id == w)
         .expect("registered");
     assert_eq!(info.resources.to_string(), "GPU=2,MEM=4000000000");
+}
+
+// ------------------------------------------------------------------ plugins
+
+#[test]
+fn plugins_go_to_every_worker_and_to_workers_joining_later() {
+    let mut env = TestEnv::new();
+    let w1 = env.worker(1);
+    let c = env.client();
+    let register = |name: &str| FromClient::RegisterPlugin {
+        name: name.into(),
+        plugin: Bytes::from_static(b"pickled"),
+    };
+    env.client_msg(c, register("setup-env"));
+    let plugin = Plugin {
+        name: "setup-env".into(),
+        pickled: Bytes::from_static(b"pickled"),
+    };
+    assert_eq!(
+        env.comm.take_worker(w1),
+        [ToWorker::Plugins(vec![plugin.clone()])]
+    );
+    // Registered again: replaced, not doubled.
+    env.client_msg(c, register("setup-env"));
+    env.comm.take_worker(w1);
+    let w2 = env.worker(1); // checks that the plugin came right after Registered
+    assert_eq!(env.scheduler.plugins, std::slice::from_ref(&plugin));
+    env.client_msg(c, FromClient::UnregisterPlugin("setup-env".into()));
+    for w in [w1, w2] {
+        assert_eq!(
+            env.comm.take_worker(w),
+            [ToWorker::UnregisterPlugin("setup-env".into())]
+        );
+    }
+    assert!(env.scheduler.plugins.is_empty());
 }

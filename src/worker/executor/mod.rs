@@ -8,7 +8,7 @@ mod shell;
 pub use python::{executor_id, PythonExecutor, PythonExecutorConfig};
 pub use shell::ShellExecutor;
 
-use crate::protocol::{FuncId, FunctionBlob, RunTask, TaskOutcome};
+use crate::protocol::{FuncId, FunctionBlob, Plugin, RunTask, TaskOutcome};
 use tokio::sync::mpsc;
 
 /// What executors tell the worker loop. `generation` counts restarts of a slot: events and
@@ -46,4 +46,7 @@ pub trait Executor: Send {
 
     /// Ends this generation (it is reported `Died` with `reason`, and replaced).
     fn restart(&mut self, generation: u64, reason: String);
+
+    /// Sets worker plugins up and tears them down, before the work queued after this.
+    fn plugins(&mut self, generation: u64, setup: Vec<Plugin>, teardown: Vec<String>);
 }

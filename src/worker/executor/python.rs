@@ -4,8 +4,8 @@
 
 use super::{EventSender, Executor, ExecutorEvent};
 use crate::protocol::{
-    self, FrameReader, FrameWriter, FromExecutor, FuncId, FunctionBlob, Role, RunTask, ToExecutor,
-    Token, TOKEN_ENV,
+    self, FrameReader, FrameWriter, FromExecutor, FuncId, FunctionBlob, Plugin, Role, RunTask,
+    ToExecutor, Token, TOKEN_ENV,
 };
 use std::path::PathBuf;
 use std::process::ExitStatus;
@@ -71,6 +71,11 @@ impl Executor for PythonExecutor {
 
     fn restart(&mut self, generation: u64, reason: String) {
         let _ = self.tx.send(Work::Restart(generation, reason));
+    }
+
+    fn plugins(&mut self, generation: u64, setup: Vec<Plugin>, teardown: Vec<String>) {
+        let plugins = ToExecutor::Plugins { setup, teardown };
+        let _ = self.tx.send(Work::Send(generation, plugins));
     }
 }
 

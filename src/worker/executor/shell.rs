@@ -2,7 +2,9 @@
 //! result is the command's standard output as a pickled `bytes` object.
 
 use super::{EventSender, Executor, ExecutorEvent};
-use crate::protocol::{decode, ErrorInfo, FuncId, FunctionBlob, ObjectRef, RunTask, TaskOutcome};
+use crate::protocol::{
+    decode, ErrorInfo, FuncId, FunctionBlob, ObjectRef, Plugin, RunTask, TaskOutcome,
+};
 use bytes::Bytes;
 use std::time::Instant;
 use tokio::process::Command;
@@ -48,6 +50,9 @@ impl Executor for ShellExecutor {
 
     /// Commands run as they come; the memory they use is counted by nobody.
     fn restart(&mut self, _generation: u64, _reason: String) {}
+
+    /// Plugins are Python: a shell executor has nothing to set up.
+    fn plugins(&mut self, _generation: u64, _setup: Vec<Plugin>, _teardown: Vec<String>) {}
 }
 
 async fn run_command(payload: &[u8]) -> Result<ObjectRef, ErrorInfo> {

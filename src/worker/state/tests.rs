@@ -40,6 +40,7 @@ struct TestComm {
     cleared: VecDeque<(usize, u64)>,
     restarts: VecDeque<(usize, u64, String)>,
     wakes: VecDeque<(Duration, Wake)>,
+    plugins: VecDeque<(usize, u64, Vec<Plugin>, Vec<String>)>,
 }
 
 impl WorkerComm for TestComm {
@@ -104,6 +105,10 @@ impl WorkerComm for TestComm {
         self.wakes.push_back((delay, wake));
     }
 
+    fn plugins(&mut self, slot: usize, generation: u64, setup: Vec<Plugin>, teardown: Vec<String>) {
+        self.plugins.push_back((slot, generation, setup, teardown));
+    }
+
     fn clear_after(&mut self, slot: usize, generation: u64) {
         self.cleared.push_back((slot, generation));
     }
@@ -144,6 +149,11 @@ impl TestComm {
             self.restarts
         );
         assert!(self.wakes.is_empty(), "unexpected wakes: {:?}", self.wakes);
+        assert!(
+            self.plugins.is_empty(),
+            "unexpected plugins: {:?}",
+            self.plugins
+        );
     }
 }
 
@@ -1272,8 +1282,15 @@ fn a_fetch_larger_than_the_transfer_cap_starts_when_nothing_else_is_on_its_way()
 }
 
 #[test]
-fn every_twentieth_sample_reports_memory_to_the_scheduler() {
+fn memory_goes_to_the_scheduler_every_twentieth_sample_and_after_a_spill_with_the_next() {
     let mut env = TestEnv::with_memory(1, limited());
+    let calm = sample(512 * KIB, &[], 5 * MIB);
+    for _ in 1..20 {
+        env.sampled(calm.clone());
+        env.comm.emptiness_check();
+    }
+    env.sampled(calm.clone());
+    assert_eq!(env.memory_report().spilled_total, 0, "the 20th sample");
     env.hold(1..=7, MIB);
     // 7.5 MiB: over the spill threshold, down to the target (2 of 1 MiB for 1.5 MiB).
     env.sampled(sample(512 * KIB, &[], 7 * MIB));
@@ -1282,11 +1299,7 @@ fn every_twentieth_sample_reports_memory_to_the_scheduler() {
     let outcomes = env.write(batch);
     env.spill_finished(outcomes);
     env.store.get(TaskId(1)).expect("a peer reads it back");
-    let calm = sample(512 * KIB, &[], 5 * MIB);
-    for _ in 2..20 {
-        env.sampled(calm.clone());
-        env.comm.emptiness_check();
-    }
+    env.comm.emptiness_check();
     env.sampled(calm.clone());
     let expected = WorkerMemory {
         paused: false,
@@ -1298,11 +1311,11 @@ fn every_twentieth_sample_reports_memory_to_the_scheduler() {
         unspilled_total: MIB,
         paused_seconds: 0.0,
     };
-    assert_eq!(env.memory_report(), expected);
+    assert_eq!(env.memory_report(), expected, "the sample after the spill");
     for _ in 1..20 {
         env.sampled(calm.clone());
+        env.comm.emptiness_check();
     }
-    env.comm.emptiness_check();
     env.sampled(calm);
     assert_eq!(env.memory_report(), expected, "and the next 20th");
     env.comm.emptiness_check();
@@ -1415,4 +1428,45 @@ fn an_input_fetch_waits_for_room_while_a_task_runs() {
     let outcomes = env.write(batch);
     env.spill_finished(outcomes);
     assert_eq!(env.comm.take_fetches(), [(a, ids(&[9]))]);
+}
+
+// ------------------------------------------------------------------ plugins
+
+#[test]
+fn plugins_reach_every_executor_up_and_every_one_that_starts_later() {
+    let mut env = TestEnv::new(2);
+    let plugin = |name: &str| Plugin {
+        name: name.into(),
+        pickled: Bytes::from(name.as_bytes().to_vec()),
+    };
+    env.scheduler(ToWorker::Plugins(vec![plugin("a")]));
+    let sent: Vec<_> = env.comm.plugins.drain(..).collect();
+    assert_eq!(
+        sent,
+        [
+            (0, 1, vec![plugin("a")], vec![]),
+            (1, 1, vec![plugin("a")], vec![])
+        ]
+    );
+    env.scheduler(ToWorker::Plugins(vec![plugin("b")]));
+    env.comm.plugins.clear();
+    // A restarted executor sets up all of them, before any task.
+    env.died(1);
+    env.executor(ExecutorEvent::Ready {
+        slot: 1,
+        generation: 2,
+        pid: 101,
+    });
+    let sent: Vec<_> = env.comm.plugins.drain(..).collect();
+    assert_eq!(sent, [(1, 2, vec![plugin("a"), plugin("b")], vec![])]);
+    env.scheduler(ToWorker::UnregisterPlugin("a".into()));
+    let sent: Vec<_> = env.comm.plugins.drain(..).collect();
+    assert_eq!(
+        sent,
+        [
+            (0, 1, vec![], vec!["a".to_string()]),
+            (1, 2, vec![], vec!["a".to_string()])
+        ]
+    );
+    env.comm.emptiness_check();
 }
