@@ -90,6 +90,14 @@ class Client:
     def __repr__(self) -> str:
         return f"<rankmesh.Client: {self.address}{' (closed)' if self._closed else ''}>"
 
+    # A connection is not data: copies (dask.config is deep-copied with client.get in it
+    # while the client is the default scheduler) are the client itself.
+    def __copy__(self) -> Client:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> Client:
+        return self
+
     # ---------------------------------------------------------------- futures' bookkeeping
 
     def _hold(self, future: Future) -> None:

@@ -201,6 +201,15 @@ def test_store_into_a_zarr_array_on_disk_matches_threads(client, tmp_path):
 # ----------------------------------------------------------------------- client calls
 
 
+def test_dask_config_deep_copies_while_a_client_is_the_default(cluster):
+    import copy
+
+    with rankmesh.Client(cluster) as client:  # as_default: client.get in dask.config
+        copied = copy.deepcopy(dask.config.config)
+        assert copied["scheduler"].__self__ is client
+        assert copy.copy(client) is client
+
+
 @pytest.mark.parametrize("system", ["rankmesh", "distributed"])
 def test_wait_for_workers_nthreads_and_run_as_in_distributed(system, client, dask_client):
     import os
