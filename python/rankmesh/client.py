@@ -482,6 +482,17 @@ class Client:
 
         self.register_plugin(UploadFile(filename, load))
 
+    def restart(self, timeout: float = 30, wait_for_workers: bool = True) -> None:
+        """Cancels every task of every client on the cluster (their futures read
+        "cancelled") and restarts every executor process, as `distributed` restarts its
+        workers: module state and memory that task code left behind are gone. The workers
+        themselves (Rust) stay; tasks submitted next run once executors are back."""
+        self._flush_releases()
+        self._core.restart()
+        self._core.info(timeout)  # answered after the restart: the scheduler has done it
+        if wait_for_workers:
+            self.wait_for_workers(len(self.workers()), timeout)
+
     def wait_for_workers(self, n_workers: int, timeout: float | None = None) -> None:
         """Blocks until at least `n_workers` workers are connected; TimeoutError after
         `timeout` seconds (None: no limit), as in `distributed`."""

@@ -281,6 +281,11 @@ impl ClientCore {
         })
     }
 
+    /// Cancels every client's tasks and restarts every executor (`FromClient::Restart`).
+    fn restart(&self) -> PyResult<()> {
+        self.send(FromClient::Restart)
+    }
+
     fn unregister_plugin(&self, name: String) -> PyResult<()> {
         self.send(FromClient::UnregisterPlugin(name))
     }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 11;
+pub const PROTOCOL_VERSION: u32 = 12;
 
 /// What a connecting peer is; the acceptor checks it is one it serves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +133,9 @@ pub enum FromClient {
     RegisterPlugin { name: String, plugin: Bytes },
     /// Every executor tears the plugin down; new ones no longer set it up.
     UnregisterPlugin(String),
+    /// `Client.restart()`: every client's tasks are cancelled and every worker restarts
+    /// its executors (fresh Python processes).
+    Restart,
     /// The client stopped waiting for `request` (its timeout passed): a request still
     /// waiting is answered `Withdrawn`; one answered already stands.
     Withdraw(u64),
@@ -359,6 +362,8 @@ pub enum ToWorker {
     Plugins(Vec<Plugin>),
     /// A worker plugin to tear down on every executor.
     UnregisterPlugin(String),
+    /// Restart every executor (`Client.restart()`; the tasks were cancelled first).
+    RestartExecutors,
     Shutdown,
 }
 

@@ -209,6 +209,7 @@ impl Scheduler {
                     comm.send_worker(worker, ToWorker::UnregisterPlugin(name.clone()));
                 }
             }
+            FromClient::Restart => self.restart(comm),
             FromClient::Withdraw(request) => {
                 self.coordination
                     .withdraw(client, request, &mut self.outbox.to_clients)

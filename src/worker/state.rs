@@ -256,6 +256,14 @@ impl WorkerState {
                 self.peers.remove(&id);
             }
             ToWorker::Plugins(plugins) => self.plugins_registered(plugins, comm),
+            ToWorker::RestartExecutors => {
+                for (index, slot) in self.slots.iter().enumerate() {
+                    if slot.generation != 0 {
+                        let reason = "restarted: the client asked (Client.restart())".to_string();
+                        comm.restart_executor(index, slot.generation, reason);
+                    }
+                }
+            }
             ToWorker::UnregisterPlugin(name) => self.plugin_unregistered(name, comm),
             ToWorker::Registered { .. } | ToWorker::Shutdown => {}
         }

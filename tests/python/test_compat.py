@@ -276,6 +276,37 @@ def test_closing_a_client_stops_its_running_tasks(one_thread_cluster, one_thread
     assert one_thread.submit(sum, [4, 5], pure=False).result(timeout=60) == 9
 
 
+def remember(value):
+    import builtins
+
+    builtins._rankmesh_remembered = value
+    return value
+
+
+def recall():
+    import builtins
+
+    return getattr(builtins, "_rankmesh_remembered", None)
+
+
+@pytest.mark.parametrize("system", ["rankmesh", "distributed"])
+def test_restart_gives_fresh_worker_processes_as_in_distributed(system, one_thread, dask_client):
+    import os
+
+    c = one_thread if system == "rankmesh" else dask_client
+    assert c.submit(remember, 7, pure=False).result(timeout=60) == 7
+    assert c.submit(recall, pure=False).result(timeout=60) == 7
+    before = set(c.run(os.getpid).values())
+    # On rankmesh, also with a task running at the time (on distributed, the next task
+    # then did not finish within 60 s here; not looked into).
+    held = c.submit(time.sleep, 3600, pure=False) if system == "rankmesh" else None
+    c.restart()
+    assert c.submit(recall, pure=False).result(timeout=60) is None
+    assert set(c.run(os.getpid).values()).isdisjoint(before)
+    if held is not None:
+        assert held.status == "cancelled"
+
+
 class MarkProcess(distributed.WorkerPlugin):
     """Leaves a file named after each process that sets it up: a plugin written for
     `distributed`, which rankmesh runs too (rankmesh.WorkerPlugin is the same shape)."""

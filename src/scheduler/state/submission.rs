@@ -5,8 +5,9 @@ use super::records::{Function, Task, TaskState};
 use super::Scheduler;
 use crate::protocol::{
     ClientId, ErrorInfo, FuncId, FunctionBlob, IdMap, IdSet, TaskFinished, TaskId, TaskSpec,
-    ToClient,
+    ToClient, ToWorker,
 };
+use crate::scheduler::Comm;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -329,6 +330,24 @@ impl Scheduler {
 
     /// Stops and forgets `ids` and everything downstream of them. `notify`: the client
     /// told which of them it wanted (none when the client is gone).
+    /// `Client.restart()`: every client's tasks are cancelled (each client told of its
+    /// own), then every worker restarts its executors.
+    pub(super) fn restart(&mut self, comm: &mut impl Comm) {
+        let mut by_client: BTreeMap<ClientId, Vec<TaskId>> = BTreeMap::new();
+        for &id in self.tasks.keys() {
+            by_client.entry(id.owner()).or_default().push(id);
+        }
+        tracing::info!(tasks = self.tasks.len(), "restart: cancelling every task");
+        for (client, ids) in by_client {
+            let notify = self.clients.contains_key(&client).then_some(client);
+            self.cancel(ids, notify);
+        }
+        self.outbox.flush(comm); // the cancels reach workers before the restart
+        for &worker in self.workers.keys() {
+            comm.send_worker(worker, ToWorker::RestartExecutors);
+        }
+    }
+
     pub(super) fn cancel(&mut self, ids: Vec<TaskId>, notify: Option<ClientId>) {
         let mut doomed: IdSet<TaskId> = IdSet::default();
         let mut stack = ids;

@@ -1804,3 +1804,37 @@ fn plugins_go_to_every_worker_and_to_workers_joining_later() {
     }
     assert!(env.scheduler.plugins.is_empty());
 }
+
+#[test]
+fn restart_cancels_every_clients_tasks_then_restarts_every_workers_executors() {
+    let mut env = TestEnv::new();
+    let [w1, w2] = env.workers(&[1, 1])[..] else {
+        unreachable!()
+    };
+    let (a, b) = (env.client(), env.client());
+    let [x, y] = ids(a, 0..2)[..] else {
+        unreachable!()
+    };
+    let [z] = ids(b, 0..1)[..] else {
+        unreachable!()
+    };
+    env.submit(a, vec![spec(x, &[]), spec(y, &[x])], &[y]);
+    env.submit(b, vec![spec(z, &[])], &[z]);
+    env.schedule();
+    let ran: Vec<WorkerId> = [w1, w2]
+        .into_iter()
+        .filter(|&w| !env.comm.take_worker(w).is_empty())
+        .collect();
+    env.client_msg(b, FromClient::Restart);
+    assert_eq!(env.comm.take_client(a), [ToClient::Cancelled(vec![y])]);
+    assert_eq!(env.comm.take_client(b), [ToClient::Cancelled(vec![z])]);
+    for w in [w1, w2] {
+        let msgs = env.comm.take_worker(w);
+        assert_eq!(msgs.last(), Some(&ToWorker::RestartExecutors), "{msgs:?}");
+        if ran.contains(&w) {
+            assert!(matches!(msgs[0], ToWorker::Cancel(_)), "{msgs:?}");
+        }
+    }
+    assert_eq!(env.scheduler.task_count(), 0);
+    env.comm.emptiness_check();
+}

@@ -1470,3 +1470,16 @@ fn plugins_reach_every_executor_up_and_every_one_that_starts_later() {
     );
     env.comm.emptiness_check();
 }
+
+#[test]
+fn a_restart_restarts_every_executor_up() {
+    let mut env = TestEnv::new(2);
+    env.died(1); // down: nothing to restart there
+    env.scheduler(ToWorker::RestartExecutors);
+    let restarts: Vec<_> = env.comm.restarts.drain(..).collect();
+    assert!(
+        matches!(restarts.as_slice(), [(0, 1, reason)] if reason.contains("Client.restart()")),
+        "{restarts:?}"
+    );
+    env.comm.emptiness_check();
+}
