@@ -142,9 +142,24 @@ class Client:
         functions = registry.submitted(tasks, wanted)
         self._core.submit(functions, tasks, wanted, restrictions or None, options or None)
 
-    def _call_annotations(self, **given: Any) -> TaskAnnotations:
-        """The options of submitted calls: the keywords given, over `dask.annotate`'s."""
-        refuse_actors(given.pop("actor", False))
+    def _call_annotations(
+        self,
+        workers: Any,
+        retries: int | None,
+        priority: int,
+        allow_other_workers: bool,
+        resources: dict | None,
+        actor: bool,
+    ) -> TaskAnnotations:
+        """The options of submitted calls: submit's keywords, over `dask.annotate`'s."""
+        refuse_actors(actor)
+        given = {
+            "workers": workers,
+            "retries": retries,
+            "priority": priority,
+            "allow_other_workers": allow_other_workers,
+            "resources": resources,
+        }
         defaults = {**dask.get_annotations(), **{k: v for k, v in given.items() if v}}
         return TaskAnnotations({}, self._worker_ids, defaults)
 
@@ -256,14 +271,8 @@ class Client:
         task whose only allowed workers are all gone, or whose resources no connected worker
         has, fails with NoWorkerError instead of waiting; actors are refused
         (NotImplementedError); `fifo_timeout` is accepted and has no effect."""
-        annotations = self._call_annotations(
-            workers=workers,
-            retries=retries,
-            priority=priority,
-            allow_other_workers=allow_other_workers,
-            resources=resources,
-            actor=actor or actors,
-        )
+        options = (workers, retries, priority, allow_other_workers, resources, actor or actors)
+        annotations = self._call_annotations(*options)
         if key is None and pure:
             from dask.base import tokenize
 
@@ -299,14 +308,8 @@ class Client:
         """submit() for each tuple of arguments, as one submission, with submit's options
         for every call. `pure` and `batch_size` are accepted for dask.distributed
         compatibility and ignored: every call runs, and the calls go as one message."""
-        annotations = self._call_annotations(
-            workers=workers,
-            retries=retries,
-            priority=priority,
-            allow_other_workers=allow_other_workers,
-            resources=resources,
-            actor=actor or actors,
-        )
+        options = (workers, retries, priority, allow_other_workers, resources, actor or actors)
+        annotations = self._call_annotations(*options)
         calls = list(zip(*iterables, strict=True))
         if not calls:
             return []

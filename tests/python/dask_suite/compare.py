@@ -114,22 +114,19 @@ def main() -> int:
                 found.append((nodeid, other))
         return found
 
-    worse = differences(distributed, rankmesh)
-    out("")
-    out(f"Pass under distributed, fail under rankmesh: {len(worse)}")
-    for nodeid, record in worse:
-        if record is None:
-            out(f"  {nodeid}  [not run under rankmesh]")
-        else:
-            out(f"  {nodeid}  [{record['outcome']}] {record['message'][:200]}")
-    better = differences(rankmesh, distributed)
-    out("")
-    out(f"Pass under rankmesh, fail under distributed: {len(better)}")
-    for nodeid, record in better:
-        if record is None:
-            out(f"  {nodeid}  [not run under distributed]")
-        else:
-            out(f"  {nodeid}  [{record['outcome']}] {record['message'][:200]}")
+    worse = differences(distributed, rankmesh)  # what --fail-on-difference looks at
+    for passing, failing, good, bad in (
+        ("distributed", "rankmesh", distributed, rankmesh),
+        ("rankmesh", "distributed", rankmesh, distributed),
+    ):
+        found = differences(good, bad)
+        out("")
+        out(f"Pass under {passing}, fail under {failing}: {len(found)}")
+        for nodeid, record in found:
+            if record is None:
+                out(f"  {nodeid}  [not run under {failing}]")
+            else:
+                out(f"  {nodeid}  [{record['outcome']}] {record['message'][:200]}")
     skipped_only = [
         n
         for n, r in distributed.items()
