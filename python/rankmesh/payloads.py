@@ -192,7 +192,9 @@ class _PayloadReducer:
                 index = self._dep_index[obj.task_id] = len(self.deps)
                 self.deps.append(obj.task_id)
             return _input, (index,)
-        if cls in _THREAD_LOCKS or (cls.__module__, cls.__name__) == _DISTRIBUTED_LOCK:
+        if cls in _THREAD_LOCKS or (
+            cls.__name__ == "Lock" and (cls.__module__, cls.__name__) == _DISTRIBUTED_LOCK
+        ):
             # One lock for the whole cluster: the same name wherever it is unpickled.
             return Lock, (self.registry.lock_name(obj),)
         if self.graphless_arrays and (cls.__module__, cls.__name__) == _DASK_ARRAY:
