@@ -39,6 +39,8 @@ class ClientCore:
     def register_plugin(self, name: str, plugin: bytes) -> None:
         """A pickled worker plugin every executor sets up, now and when it starts."""
     def unregister_plugin(self, name: str) -> None: ...
+    def retire_workers(self, ids: list[int]) -> None:
+        """These workers leave on purpose (work redone elsewhere) and are not replaced."""
     def restart(self) -> None:
         """Cancel every client's tasks; every worker restarts its executors."""
     def want(self, ids: list[int]) -> None:

@@ -496,6 +496,36 @@ class Client:
         if wait_for_workers:
             self.wait_for_workers(len(self.workers()), timeout)
 
+    def retire_workers(
+        self,
+        workers: Any = None,
+        close_workers: bool = True,
+        remove: bool = True,
+        timeout: float = 30,
+    ) -> dict[str, dict]:
+        """Stops `workers` (ids, addresses or host names; all without an argument) on
+        purpose: what ran there runs again elsewhere, counting against no task, and a local
+        cluster does not replace them. Returns the retired workers' info by address.
+        Unlike `distributed`, results held only on them are recomputed from their lineage
+        rather than copied away first, and workers that are MPI ranks cannot retire (under
+        mpirun a rank that leaves ends the job): NotImplementedError."""
+        known = {w["id"]: w for w in self.workers()}
+        ids = list(known) if workers is None else self._worker_ids(workers)
+        retiring = {i: known[i] for i in ids if i in known}
+        ranks = [w for w in retiring.values() if w.get("rank") is not None]
+        if ranks:
+            raise NotImplementedError(
+                f"workers {[w['id'] for w in ranks]} are MPI ranks: under mpirun a rank that "
+                "leaves ends the job; stop using them with workers= on submit instead"
+            )
+        self._core.retire_workers(list(retiring))
+        deadline = time.monotonic() + timeout
+        while any(w["id"] in retiring for w in self._core.workers()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"workers {list(retiring)} still connected after {timeout} s")
+            time.sleep(0.02)
+        return {self._address(w): w for w in retiring.values()}
+
     def wait_for_workers(self, n_workers: int, timeout: float | None = None) -> None:
         """Blocks until at least `n_workers` workers are connected; TimeoutError after
         `timeout` seconds (None: no limit), as in `distributed`."""

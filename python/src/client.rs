@@ -281,6 +281,13 @@ impl ClientCore {
         })
     }
 
+    /// These workers leave on purpose and are not replaced (`FromClient::RetireWorkers`).
+    fn retire_workers(&self, ids: Vec<u32>) -> PyResult<()> {
+        self.send(FromClient::RetireWorkers(
+            ids.into_iter().map(WorkerId).collect(),
+        ))
+    }
+
     /// Cancels every client's tasks and restarts every executor (`FromClient::Restart`).
     fn restart(&self) -> PyResult<()> {
         self.send(FromClient::Restart)

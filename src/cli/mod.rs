@@ -418,12 +418,15 @@ async fn run(command: Command) -> Result<i32> {
                 doorbell: None,
                 resources,
             };
-            worker::run(
+            let end = worker::run(
                 config,
                 rankmesh::cluster::cancel_on_signal().context("cannot handle signals")?,
             )
             .await?;
-            Ok(0)
+            Ok(match end {
+                worker::WorkerEnd::Retired => worker::RETIRED_EXIT_CODE,
+                worker::WorkerEnd::Stopped => 0,
+            })
         }
     }
 }

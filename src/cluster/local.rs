@@ -55,6 +55,7 @@ pub async fn run(options: LocalOptions) -> Result<i32, ClusterError> {
         token: &token,
         children: Vec::new(),
         started: Vec::new(),
+        retired: Vec::new(),
     };
     for index in 0..options.n_workers {
         workers
@@ -93,6 +94,8 @@ struct LocalWorkers<'a> {
     children: Vec<Child>,
     /// When each was last started.
     started: Vec<Instant>,
+    /// Retired by the scheduler (exited with `RETIRED_EXIT_CODE`): not replaced, not waited on.
+    retired: Vec<bool>,
 }
 
 impl LocalWorkers<'_> {
@@ -104,6 +107,7 @@ impl LocalWorkers<'_> {
         } else {
             self.children.push(child);
             self.started.push(Instant::now());
+            self.retired.push(false);
         }
         Ok(())
     }
@@ -111,12 +115,28 @@ impl LocalWorkers<'_> {
 
 impl WorkerProcesses for LocalWorkers<'_> {
     async fn exited(&mut self) -> (usize, String) {
-        let waits = self.children.iter_mut().map(|w| Box::pin(w.wait()));
-        let (status, index, _) = futures::future::select_all(waits).await;
-        let status = status
-            .map(|s| s.to_string())
-            .unwrap_or_else(|e| e.to_string());
-        (index, status)
+        loop {
+            let waits: Vec<_> = self
+                .children
+                .iter_mut()
+                .enumerate()
+                .filter(|(index, _)| !self.retired[*index])
+                .map(|(index, w)| Box::pin(async move { (index, w.wait().await) }))
+                .collect();
+            if waits.is_empty() {
+                return std::future::pending().await; // every worker retired
+            }
+            let ((index, status), _, _) = futures::future::select_all(waits).await;
+            if matches!(&status, Ok(s) if s.code() == Some(crate::worker::RETIRED_EXIT_CODE)) {
+                eprintln!("rankmesh: worker process {index} retired");
+                self.retired[index] = true;
+                continue;
+            }
+            let status = status
+                .map(|s| s.to_string())
+                .unwrap_or_else(|e| e.to_string());
+            return (index, status);
+        }
     }
 
     async fn replace(&mut self, index: usize) -> std::io::Result<()> {

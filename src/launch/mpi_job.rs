@@ -209,6 +209,8 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
         if let Some(progress) = progress {
             progress.stop();
         }
+        // A rank the scheduler retired ends as one that stopped (clients refuse to
+        // retire ranks: under mpirun a leaving rank ends the job).
         outcome?;
         0
     };

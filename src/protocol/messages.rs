@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 12;
+pub const PROTOCOL_VERSION: u32 = 13;
 
 /// What a connecting peer is; the acceptor checks it is one it serves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,6 +136,9 @@ pub enum FromClient {
     /// `Client.restart()`: every client's tasks are cancelled and every worker restarts
     /// its executors (fresh Python processes).
     Restart,
+    /// `Client.retire_workers()`: these workers leave on purpose (their work is redone
+    /// elsewhere, counting against no task) and are not replaced.
+    RetireWorkers(Vec<WorkerId>),
     /// The client stopped waiting for `request` (its timeout passed): a request still
     /// waiting is answered `Withdrawn`; one answered already stands.
     Withdraw(u64),
@@ -365,6 +368,8 @@ pub enum ToWorker {
     /// Restart every executor (`Client.restart()`; the tasks were cancelled first).
     RestartExecutors,
     Shutdown,
+    /// Stop and exit saying so (`RETIRED_EXIT_CODE`): the scheduler retired the worker.
+    Retire,
 }
 
 /// A worker plugin as its client pickled it, by name.

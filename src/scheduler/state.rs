@@ -210,6 +210,15 @@ impl Scheduler {
                 }
             }
             FromClient::Restart => self.restart(comm),
+            FromClient::RetireWorkers(ids) => {
+                for id in ids {
+                    if self.workers.contains_key(&id) {
+                        tracing::info!(worker = %id, "retiring worker");
+                        comm.send_worker(id, ToWorker::Retire);
+                        self.remove_worker(id, Departure::Planned, comm);
+                    }
+                }
+            }
             FromClient::Withdraw(request) => {
                 self.coordination
                     .withdraw(client, request, &mut self.outbox.to_clients)

@@ -10,5 +10,8 @@ mod state;
 
 pub use memory::{MemoryLimit, MemoryPolicy, MemorySample, MemoryThresholds};
 pub use memory_settings::Threshold;
-pub use runtime::{run, run_with, sweep_node, ExecutorKind, WorkerConfig, WorkerError};
+pub use runtime::{
+    run, run_with, sweep_node, ExecutorKind, WorkerConfig, WorkerEnd, WorkerError,
+    RETIRED_EXIT_CODE,
+};
 pub use state::{SpillOutcome, Stats, Wake, WorkerComm, WorkerSettings, WorkerState};

@@ -26,6 +26,18 @@ use tokio_util::task::TaskTracker;
 
 /// Tells task code which worker runs it (`rankmesh.get_worker()`).
 const WORKER_ID_ENV: &str = "RANKMESH_WORKER_ID";
+/// A retired worker's exit status: `rankmesh local` replaces workers that exit otherwise.
+pub const RETIRED_EXIT_CODE: i32 = 3;
+
+/// How a worker's run ended, when it ended without an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkerEnd {
+    /// Stopped: by the scheduler, a signal, or the scheduler going away.
+    Stopped,
+    /// The scheduler retired it (`Client.retire_workers`).
+    Retired,
+}
+
 /// Where task code reaches the scheduler (`rankmesh.get_client()`, locks and queues).
 const SCHEDULER_ADDRESS_ENV: &str = "RANKMESH_SCHEDULER_ADDRESS";
 /// How long executors get to stop when the worker leaves.
@@ -81,7 +93,10 @@ pub enum WorkerError {
 
 /// Runs a worker that fetches its inputs over TCP until the scheduler says stop, goes
 /// away, or `shutdown` fires.
-pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<(), WorkerError> {
+pub async fn run(
+    config: WorkerConfig,
+    shutdown: CancellationToken,
+) -> Result<WorkerEnd, WorkerError> {
     let transport = Arc::new(TcpTransport::new(config.token.clone()));
     let shm = Arc::new(ShmDir::create(WORKER_SHM_PREFIX)?);
     run_with(config, shm, Store::default(), transport, shutdown).await
@@ -96,7 +111,7 @@ pub async fn run_with(
     store: Store,
     transport: Arc<dyn Transport>,
     shutdown: CancellationToken,
-) -> Result<(), WorkerError> {
+) -> Result<WorkerEnd, WorkerError> {
     let listener = TcpListener::bind((config.listen_host.as_str(), 0)).await?;
     let data_address = format!(
         "{}:{}",
@@ -213,7 +228,7 @@ pub async fn run_with(
         spilled,
         woken,
     };
-    serve(&mut state, &mut comm, &mut reader, channels, &shutdown).await;
+    let end = serve(&mut state, &mut comm, &mut reader, channels, &shutdown).await;
     let stats = state.stats();
     let memory = state.memory_report();
     tracing::info!(
@@ -241,7 +256,7 @@ pub async fn run_with(
     {
         tracing::warn!("worker tasks did not stop within {SHUTDOWN_GRACE:?}");
     }
-    Ok(())
+    Ok(end)
 }
 
 async fn forward_to_scheduler(
@@ -278,7 +293,7 @@ async fn serve(
     scheduler: &mut FrameReader<OwnedReadHalf>,
     mut channels: Channels,
     shutdown: &CancellationToken,
-) {
+) -> WorkerEnd {
     let mut freed = FreedBytes::default();
     let measure_memory = comm.spill_dir.is_some();
     let mut memory_tick = tokio::time::interval(MEMORY_SAMPLE_INTERVAL);
@@ -288,18 +303,22 @@ async fn serve(
             _ = shutdown.cancelled() => {
                 // Stopped on purpose (SIGTERM, SIGINT): its tasks are not to be blamed.
                 comm.send(FromWorker::Leaving);
-                return;
+                return WorkerEnd::Stopped;
             }
             msg = scheduler.recv::<ToWorker>() => match msg {
-                Ok(Some(ToWorker::Shutdown)) => return,
+                Ok(Some(ToWorker::Shutdown)) => return WorkerEnd::Stopped,
+                Ok(Some(ToWorker::Retire)) => {
+                    tracing::info!("retired by the scheduler");
+                    return WorkerEnd::Retired;
+                }
                 Ok(Some(msg)) => state.handle_scheduler(msg, comm),
                 Ok(None) => {
                     tracing::info!("scheduler closed the connection");
-                    return;
+                    return WorkerEnd::Stopped;
                 }
                 Err(e) => {
                     tracing::error!("bad frame from the scheduler: {e}");
-                    return;
+                    return WorkerEnd::Stopped;
                 }
             },
             Some(event) = channels.events.recv() => state.handle_executor(event, comm),

@@ -265,7 +265,7 @@ impl WorkerState {
                 }
             }
             ToWorker::UnregisterPlugin(name) => self.plugin_unregistered(name, comm),
-            ToWorker::Registered { .. } | ToWorker::Shutdown => {}
+            ToWorker::Registered { .. } | ToWorker::Shutdown | ToWorker::Retire => {}
         }
         self.after_event(comm);
     }

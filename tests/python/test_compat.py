@@ -307,6 +307,47 @@ def test_restart_gives_fresh_worker_processes_as_in_distributed(system, one_thre
         assert held.status == "cancelled"
 
 
+def test_retired_workers_leave_for_good_and_their_work_is_redone(tmp_path):
+    import numpy as np
+
+    with rankmesh.LocalCluster(n_workers=3, allowed_failures=1) as cluster:
+        client = rankmesh.Client(cluster)
+        client.wait_for_workers(3, timeout=30)
+        x = client.persist(da.random.RandomState(5).random((400, 400), chunks=50))
+        rankmesh.wait(x)
+        leaving = sorted(client.nthreads())[:2]
+        retired = client.retire_workers(leaving)
+        assert sorted(retired) == leaving
+        assert set(client.nthreads()).isdisjoint(leaving)
+        # Results held only there are recomputed; nothing counted against a task.
+        expected = da.random.RandomState(5).random((400, 400), chunks=50).sum()
+        assert np.isclose(x.sum().compute(scheduler=client.get), expected.compute())
+        time.sleep(3)  # not replaced (a worker that dies is, within a second here)
+        assert len(client.nthreads()) == 1
+        client.close()
+
+
+@pytest.mark.parametrize("system", ["rankmesh", "distributed"])
+def test_retire_workers_returns_them_by_address_as_in_distributed(system):
+    if system == "rankmesh":
+        cluster = rankmesh.LocalCluster(n_workers=2)
+        client = rankmesh.Client(cluster)
+    else:
+        cluster = distributed.LocalCluster(n_workers=2, dashboard_address=None)
+        client = distributed.Client(cluster, set_as_default=False)
+    try:
+        client.wait_for_workers(2, timeout=30)
+        first = sorted(client.nthreads())[0]
+        assert list(client.retire_workers([first])) == [first]
+        deadline = time.monotonic() + 30
+        while len(client.nthreads()) != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(client.nthreads()) != [first] and len(client.nthreads()) == 1
+    finally:
+        client.close()
+        cluster.close()
+
+
 class MarkProcess(distributed.WorkerPlugin):
     """Leaves a file named after each process that sets it up: a plugin written for
     `distributed`, which rankmesh runs too (rankmesh.WorkerPlugin is the same shape)."""

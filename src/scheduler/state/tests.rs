@@ -1838,3 +1838,38 @@ fn restart_cancels_every_clients_tasks_then_restarts_every_workers_executors() {
     assert_eq!(env.scheduler.task_count(), 0);
     env.comm.emptiness_check();
 }
+
+#[test]
+fn a_retired_worker_is_told_and_removed_and_its_work_counts_against_no_task() {
+    let mut env = TestEnv::new();
+    let [w1, w2] = env.workers(&[1, 1])[..] else {
+        unreachable!()
+    };
+    let c = env.client();
+    let [x, y] = ids(c, 0..2)[..] else {
+        unreachable!()
+    };
+    let on_w2 = |id| TaskSpec {
+        workers: vec![w2],
+        options: TaskOptions {
+            allow_other_workers: true,
+            ..TaskOptions::default()
+        },
+        ..spec(id, &[])
+    };
+    env.submit(c, vec![on_w2(x), on_w2(y)], &[x, y]);
+    env.schedule();
+    assert_eq!(sorted(&env.computed(w2)), [x, y]);
+    env.done(w2, &[x]);
+    assert_eq!(env.finished(c), [x]);
+    env.client_msg(c, FromClient::RetireWorkers(vec![w2, WorkerId(99)]));
+    assert_eq!(env.comm.take_worker(w2), [ToWorker::Retire]);
+    assert_eq!(env.comm.take_worker(w1), [ToWorker::PeerRemoved(w2)]);
+    assert_eq!(env.comm.take_client(c), [ToClient::WorkerRemoved(w2)]);
+    // Its running task and its only result are redone on w1, nothing held against them.
+    env.schedule();
+    assert_eq!(sorted(&env.computed(w1)), [x, y]);
+    for id in [x, y] {
+        assert!(env.scheduler.tasks[&id].killed_workers.is_empty());
+    }
+}
