@@ -85,7 +85,7 @@ class Client:
         self._closed = False
         global _latest
         _latest = weakref.ref(self)
-        dask_recognition.install()
+        dask_recognition.install(Client)
 
     def __repr__(self) -> str:
         return f"<rankmesh.Client: {self.address}{' (closed)' if self._closed else ''}>"

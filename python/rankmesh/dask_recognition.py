@@ -20,7 +20,9 @@ from typing import Any
 
 from .import_hooks import when_imported
 
-_installed = False
+# The client class whose `get` is recognised (set by install; this module does not import
+# the client, which imports it).
+_client_class: type | None = None
 
 
 def rankmesh_scheduler_active(
@@ -30,14 +32,13 @@ def rankmesh_scheduler_active(
     given `get` or `scheduler` as dask.base.get_scheduler takes them."""
     from dask.base import get_scheduler
 
-    from .client import Client
-
     collections = None if collection is None else [collection]
     try:
         chosen = get_scheduler(get=get, scheduler=scheduler, collections=collections)
     except Exception:  # noqa: BLE001 - a scheduler Dask cannot name is not ours
         return False
-    return isinstance(getattr(chosen, "__self__", None), Client)
+    owner = getattr(chosen, "__self__", None)
+    return _client_class is not None and isinstance(owner, _client_class)
 
 
 def _cluster_lock() -> Any:
@@ -96,12 +97,13 @@ def _patch_scheduler_lock(module: ModuleType) -> None:
     _wrap(module, "get_scheduler_lock", _dask_scheduler_lock)
 
 
-def install() -> None:
-    """Hooks the modules now or when they are imported; once per process."""
-    global _installed
-    if _installed:
+def install(client_class: type) -> None:
+    """Hooks the modules now or when they are imported, for clients of `client_class`;
+    once per process."""
+    global _client_class
+    if _client_class is not None:
         return
-    _installed = True
+    _client_class = client_class
     when_imported("xarray.backends.locks", _patch_xarray_locks)
     when_imported("xarray.backends.writers", _patch_xarray_writers)
     for module in ("dask.utils", "dask.array.core", "dask.dataframe.io.hdf"):
