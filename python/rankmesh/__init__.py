@@ -14,6 +14,9 @@ _EXPORTS = {
     "submit": "batch",
     "Client": "client",
     "get_client": "client",
+    "rejoin": "client",
+    "secede": "client",
+    "worker_client": "client",
     "Event": "coordination",
     "Lock": "coordination",
     "Queue": "coordination",
@@ -41,7 +44,7 @@ _EXPORTS = {
 
 if TYPE_CHECKING:
     from .batch import BatchError, Job, submit
-    from .client import Client, get_client
+    from .client import Client, get_client, rejoin, secede, worker_client
     from .cluster import LocalCluster
     from .coordination import Event, Lock, Queue, Semaphore, Variable
     from .errors import (
@@ -109,6 +112,9 @@ __all__ = [
     "get_client",
     "get_worker",
     "initialize",
+    "rejoin",
+    "secede",
     "submit",
     "wait",
+    "worker_client",
 ]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import dask.config
@@ -18,7 +19,7 @@ from .payloads import FunctionRegistry, PayloadEncoder
 from .serialize import loads_error, loads_frames
 from .task_options import Options, TaskAnnotations, annotations_of, refuse_actors
 
-__all__ = ["Client", "get_client"]
+__all__ = ["Client", "get_client", "rejoin", "secede", "worker_client"]
 
 # A result whose worker died is recomputed once the scheduler sees the worker go, which takes
 # moments: how long to keep trying a worker that does not answer, and how often.
@@ -641,6 +642,28 @@ def get_client() -> Client:
     if client is None or client._closed:
         raise ValueError("No clients found: create a rankmesh.Client first")
     return client
+
+
+@contextlib.contextmanager
+def worker_client(timeout: float | None = None, separate_thread: bool = True) -> Iterator[Client]:
+    """The client of the task's executor (see get_client), as a context manager, for code
+    written with `distributed.worker_client`. Unlike there, the task does not secede: it
+    keeps its executor while it waits for the tasks it submits, so give workers more than
+    one thread, or send those tasks to other workers (`workers=`)."""
+    yield get_client()
+
+
+def secede() -> None:
+    """Refused: rankmesh cannot yet give a waiting task's executor to other tasks."""
+    raise NotImplementedError(
+        "rankmesh has no secede(): a task keeps its executor while it waits; give workers "
+        "more than one thread, or submit the tasks it waits for with workers= elsewhere"
+    )
+
+
+def rejoin() -> None:
+    """Refused, as secede()."""
+    secede()
 
 
 def _options_by_id(

@@ -504,6 +504,19 @@ def submit_from_a_task(n: int, worker: int) -> int:
     return sum(inner.gather(inner.map(lambda i: i * i, range(n), workers=worker)))
 
 
+def through_worker_client(n: int, worker: int) -> int:
+    with rankmesh.worker_client() as inner:
+        return sum(inner.gather(inner.map(lambda i: i + 1, range(n), workers=worker)))
+
+
+def test_worker_client_works_and_secede_is_refused_clearly(client):
+    first, second = (w["id"] for w in client.workers())
+    outer = client.submit(through_worker_client, 10, second, workers=first, pure=False)
+    assert outer.result(timeout=120) == 55
+    with pytest.raises(NotImplementedError, match="no secede"):
+        client.submit(rankmesh.secede, pure=False).result(timeout=60)
+
+
 def test_a_task_submits_tasks_through_get_client(client):
     # The inner tasks go to the other worker: a task waiting for tasks queued behind it on
     # its own executor would wait forever (rankmesh has no secede() yet).
