@@ -6,7 +6,7 @@ import contextlib
 import os
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import dask.config
@@ -288,6 +288,28 @@ class Client:
         task = (task_id, deps, funcs, payload, annotations.priority(None, 0))
         self._submit([task], [task_id], restrictions, options)
         return Future(self, task_id, key if key is not None else f"{_key_prefix(func)}-{task_id:x}")
+
+    def submit_command(
+        self,
+        args: str | Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        check: bool = True,
+        **options: Any,
+    ) -> Future:
+        """Runs a program (an argument list, or a string for /bin/sh) as a task, as
+        HyperQueue's jobs do; the future's value is a `subprocess.CompletedProcess` with
+        `returncode`, `stdout` and `stderr` (bytes). A non-zero exit makes the task fail
+        with `subprocess.CalledProcessError` (with the output) unless check=False.
+        `options` are submit's (`resources={"GPU": 1}`, `workers=`, `retries=`...). The
+        program gets the executor's environment without its MPI rank variables, plus `env`,
+        so an `mpirun` command starts its own ranks; cancelling the task kills it."""
+        from .commands import run_command
+
+        return self.submit(run_command, args, cwd, env, stdin, timeout, check, **options)
 
     def map(
         self,

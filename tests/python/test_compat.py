@@ -1,6 +1,7 @@
 """What a script written for `distributed` relies on, on rankmesh: the calls, their
 semantics and the Dask and xarray features underneath (issue 15)."""
 
+import subprocess
 import time
 from pathlib import Path
 
@@ -597,3 +598,52 @@ def test_a_p2p_rechunk_is_refused_at_once_naming_method_tasks(client):
     # The default (tasks) gives the same answer as the threaded scheduler.
     y = da.ones((100, 100), chunks=10).rechunk((100, 5))
     assert y.sum().compute(scheduler=client.get) == y.sum().compute(scheduler="threads")
+
+
+def test_submit_command_returns_exit_code_and_output(client):
+    done = client.submit_command(
+        ["sh", "-c", 'echo "out $GREETING"; echo err >&2; exit 3'],
+        env={"GREETING": "hello"},
+        check=False,
+    ).result(timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (3, b"out hello\n", b"err\n")
+    assert client.submit_command("tr a-z A-Z", stdin=b"abc").result(timeout=60).stdout == b"ABC"
+    failing = client.submit_command(["sh", "-c", "echo why >&2; exit 2"])
+    with pytest.raises(subprocess.CalledProcessError) as raised:
+        failing.result(timeout=60)
+    assert (raised.value.returncode, raised.value.stderr) == (2, b"why\n")
+
+
+def test_submit_command_holds_resources(gpu_clusters, tmp_path):
+    c = gpu_clusters["rankmesh"]
+    log = tmp_path / "log"
+    script = f"echo start >> {log}; sleep 0.3; echo end >> {log}"
+    c.gather([c.submit_command(script, resources={"GPU": 1}) for _ in range(6)])
+    running = peak = 0
+    for line in log.read_text().split():
+        running += 1 if line == "start" else -1
+        peak = max(peak, running)
+    assert peak == 2  # two GPUs, four threads
+
+
+def test_cancelling_a_command_kills_its_program(one_thread, tmp_path):
+    pid_file = tmp_path / "pid"
+    sleeper = one_thread.submit_command(f"echo $$ > {pid_file}; exec sleep 3600")
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text().strip()):
+        assert time.monotonic() < deadline, "the command never started"
+        time.sleep(0.05)
+    pid = int(pid_file.read_text())
+    sleeper.cancel()
+    assert one_thread.submit(sum, [1, 2], pure=False).result(timeout=60) == 3
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and _state_of(pid) != "Z":
+        assert time.monotonic() < deadline, f"sleep {pid} outlived its cancelled task"
+        time.sleep(0.1)
+
+
+def _state_of(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return "gone"
