@@ -78,6 +78,17 @@ class ClientCore:
         variable_get, variable_delete, queue_put, queue_get, queue_size). Blocks until
         answered; past `timeout` the request is withdrawn. Returns (kind, value, request
         number); kind: granted, done, value, count, flag, withdrawn or refused."""
+    def dataset(
+        self,
+        op: str,
+        name: str = "",
+        value: bytes | None = None,
+        tasks: list[int] = ...,
+        overwrite: bool = False,
+    ) -> tuple[str, object, int]:
+        """One request on the published datasets (op: publish, unpublish, get, list),
+        answered at once: (kind, value, request number); kind: done, value, names or
+        refused."""
     def workers(self) -> list[dict[str, object]]:
         """id, data_address, host, nthreads, memory_limit of each connected worker."""
     def close(self) -> None: ...

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
+import cloudpickle
 import dask.config
 
 from . import dask_recognition
 from . import graph as graphs
 from .errors import CancelledError, FutureLost
-from .futures import Future
+from .futures import Future, adopting_into
 from .payloads import FunctionRegistry, PayloadEncoder
 from .serialize import loads_error, loads_frames
 from .task_options import Options, TaskAnnotations, annotations_of, refuse_actors
@@ -25,6 +27,7 @@ __all__ = ["Client", "get_client", "rejoin", "secede", "worker_client"]
 # moments: how long to keep trying a worker that does not answer, and how often.
 LOST_RESULT_PATIENCE = 60.0
 LOST_RESULT_RETRY_S = 0.05
+_NO_DEFAULT = object()
 
 
 def _connection_details(
@@ -113,6 +116,13 @@ class Client:
         elif count == 0:
             del self._holds[task_id]
             self._to_release.append(task_id)
+
+    def _adopt(self, task_id: int, key: Any) -> Future:
+        """A future on a task this client may not hold yet (one unpickled here): holding it
+        on the scheduler too keeps the result while this future lives."""
+        if task_id not in self._holds:
+            self._core.want([task_id])
+        return Future(self, task_id, key)
 
     def _flush_releases(self) -> None:
         if not self._closed:
@@ -465,6 +475,53 @@ class Client:
 
     # -------------------------------------------------------------------------- lifecycle
 
+    # ------------------------------------------------------------------ published datasets
+
+    def publish_dataset(
+        self, *args: Any, name: str | None = None, override: bool = False, **kwargs: Any
+    ) -> None:
+        """Publishes values (futures, persisted collections, anything picklable) under
+        names, as `distributed`: `publish_dataset(x, name="x")` or `publish_dataset(x=x)`.
+        The scheduler holds the futures inside until `unpublish_dataset`, also after this
+        client closes; a name taken already raises KeyError unless override=True."""
+        if args:
+            if name is None:
+                raise ValueError("publish_dataset(*args) needs name=")
+            kwargs[name] = args[0] if len(args) == 1 else list(args)
+        from .futures import futures_of
+
+        for dataset_name, value in kwargs.items():
+            tasks = [future.task_id for future in futures_of(value)]
+            pickled = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            kind, why, _ = self._core.dataset("publish", dataset_name, pickled, tasks, override)
+            if kind == "refused":
+                raise (KeyError if "already exists" in why else ValueError)(why)
+
+    def unpublish_dataset(self, name: str) -> None:
+        """Removes a published dataset (if there is one); its results go unless something
+        else holds them."""
+        self._core.dataset("unpublish", name)
+
+    def get_dataset(self, name: str, default: Any = _NO_DEFAULT, **kwargs: Any) -> Any:
+        """A published dataset; its futures become this client's. KeyError (or `default`)
+        if there is none."""
+        kind, value, _ = self._core.dataset("get", name)
+        if kind == "refused":
+            if default is not _NO_DEFAULT:
+                return default
+            raise KeyError(value)
+        with adopting_into(self):
+            return pickle.loads(value)
+
+    def list_datasets(self, **kwargs: Any) -> list[str]:
+        """The names of the published datasets."""
+        return self._core.dataset("list")[1]
+
+    @property
+    def datasets(self) -> Datasets:
+        """The published datasets as a mapping: `client.datasets["x"] = x`, `del ...`."""
+        return Datasets(self)
+
     def as_default(self) -> Client:
         """Makes this client Dask's scheduler until close()."""
         if self._default_config is None:
@@ -647,6 +704,28 @@ _NO_CODE = (lambda: None).__code__
 # this executor process (made when a task first asks).
 _latest: weakref.ref[Client] | None = None
 _task_client: Client | None = None
+
+
+class Datasets(MutableMapping):
+    """`Client.datasets`: the published datasets by name, as in `distributed`."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def __getitem__(self, name: str) -> Any:
+        return self._client.get_dataset(name)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self._client.publish_dataset(value, name=name)
+
+    def __delitem__(self, name: str) -> None:
+        self._client.unpublish_dataset(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._client.list_datasets())
+
+    def __len__(self) -> int:
+        return len(self._client.list_datasets())
 
 
 def get_client() -> Client:

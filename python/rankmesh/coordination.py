@@ -11,12 +11,15 @@ cannot be stored in one (TypeError); `Queue(maxsize=)` is not supported.
 
 from __future__ import annotations
 
+import io
 import pickle
 import threading
 import uuid
 from typing import Any
 
 import cloudpickle
+
+from .futures import Future
 
 __all__ = ["Event", "Lock", "Queue", "Semaphore", "Variable"]
 
@@ -143,8 +146,23 @@ class Event(_Named):
         return self._request("event_wait", timeout=timeout)[0] == "done"
 
 
+class _ValuePickler(cloudpickle.Pickler):
+    """Refuses futures: a Variable or Queue does not hold the results they point to."""
+
+    def reducer_override(self, obj: object) -> object:
+        if isinstance(obj, Future):
+            raise TypeError(
+                "rankmesh cannot keep a Future in a Variable or Queue (it would not hold the "
+                "result); publish it with client.publish_dataset(name=...) and read it with "
+                "get_dataset, or pass the future to the tasks that need it"
+            )
+        return super().reducer_override(obj)
+
+
 def _dumps(value: Any) -> bytes:
-    return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    buffer = io.BytesIO()
+    _ValuePickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    return buffer.getvalue()
 
 
 class Variable(_Named):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -27,7 +28,9 @@ class DoneAndNotDone(NamedTuple):
 class Future(TaskRef):
     """A task's result, held on the cluster while any Future on it is alive.
 
-    A TaskRef to Dask, so a Future inside a Dask graph is a dependency on its task."""
+    A TaskRef to Dask, so a Future inside a Dask graph is a dependency on its task.
+    Pickled, as in `distributed`, it becomes a future of the client where it is unpickled
+    (`get_client()` there), which then holds the result too."""
 
     __slots__ = ("task_id", "_client", "__weakref__")
 
@@ -44,7 +47,7 @@ class Future(TaskRef):
         return f"<Future: {self.status}, key: {self.key!r}>"
 
     def __reduce__(self):
-        raise TypeError("a rankmesh Future is bound to its client and cannot be pickled")
+        return _adopt_future, (self.task_id, self.key)
 
     @property
     def client(self) -> Client:
@@ -100,6 +103,29 @@ class DetachedFuture(TaskRef):
             f"the future on {self.key!r} was shipped inside a task, where it has no client: "
             "pass it as an argument of the task to have its value"
         )
+
+
+_adopting = threading.local()
+
+
+@contextlib.contextmanager
+def adopting_into(client: Client) -> Iterator[None]:
+    """Futures unpickled in this block (on this thread) become `client`'s."""
+    previous = getattr(_adopting, "client", None)
+    _adopting.client = client
+    try:
+        yield
+    finally:
+        _adopting.client = previous
+
+
+def _adopt_future(task_id: int, key: Any) -> Future:
+    client = getattr(_adopting, "client", None)
+    if client is None:
+        from .client import get_client
+
+        client = get_client()
+    return client._adopt(task_id, key)
 
 
 def _group_ids(futures: Iterable[Future]) -> tuple[Client, dict[int, list[Future]]]:

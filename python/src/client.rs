@@ -7,9 +7,9 @@ use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyTuple};
 use rankmesh::protocol::{
-    frame_offsets, ClientId, ClusterInfo, Coordinate, Coordinated, ErrorInfo, FromClient, FuncId,
-    FunctionBlob, Resources, Role, TaskId, TaskOptions, TaskSpec, ToClient, Token, WorkerId,
-    WorkerInfo,
+    frame_offsets, ClientId, ClusterInfo, Coordinate, Coordinated, DatasetOp, ErrorInfo,
+    FromClient, FuncId, FunctionBlob, Resources, Role, TaskId, TaskOptions, TaskSpec, ToClient,
+    Token, WorkerId, WorkerInfo,
 };
 use rankmesh::store::HeapAllocator;
 use rankmesh::transport::tcp::{self, TcpTransport};
@@ -611,56 +611,43 @@ impl ClientCore {
         };
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         self.send(FromClient::Coordinate { request, op })?;
-        let mut deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
-        let reply = loop {
-            let outcome = py.detach(|| {
-                let slice_end = Instant::now() + SIGNAL_CHECK;
-                let mut state = self.shared.lock();
-                loop {
-                    if let Some(reply) = state.coordinated.remove(&request) {
-                        return Ok(Some(reply));
-                    }
-                    if let Some(reason) = &state.lost {
-                        return Err(ConnectionLost::new_err(reason.clone()));
-                    }
-                    let now = Instant::now();
-                    if deadline.is_some_and(|d| now >= d) || now >= slice_end {
-                        return Ok(None);
-                    }
-                    let until = deadline.map_or(slice_end, |d| d.min(slice_end));
-                    state = self
-                        .shared
-                        .changed
-                        .wait_timeout(state, until - now)
-                        .map(|(s, _)| s)
-                        .unwrap_or_else(|p| p.into_inner().0);
-                }
-            })?;
-            if let Some(reply) = outcome {
-                break reply;
-            }
-            if let Err(interrupted) = py.check_signals() {
-                self.send(FromClient::Withdraw(request))?;
-                return Err(interrupted);
-            }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                // Answered exactly once: Withdrawn, or what came first.
-                self.send(FromClient::Withdraw(request))?;
-                deadline = None;
-            }
-        };
+        let reply = self.await_reply(py, request, timeout)?;
+        reply_tuple(py, request, reply)
+    }
 
-        let (kind, value): (&str, Bound<'py, PyAny>) = match reply {
-            Coordinated::Granted => ("granted", py.None().into_bound(py)),
-            Coordinated::Done => ("done", py.None().into_bound(py)),
-            Coordinated::Value(bytes) => ("value", PyBytes::new(py, &bytes).into_any()),
-            Coordinated::Count(n) => ("count", n.into_pyobject(py)?.into_any()),
-            Coordinated::Flag(set) => ("flag", set.into_pyobject(py)?.to_owned().into_any()),
-            Coordinated::Withdrawn => ("withdrawn", py.None().into_bound(py)),
-            Coordinated::Refused(why) => ("refused", why.into_pyobject(py)?.into_any()),
+    /// One request on the published datasets (`DatasetOp`): "publish" (value, tasks,
+    /// overwrite), "unpublish", "get" or "list". Answered at once; returns what
+    /// `coordinate` returns, and ("names", list, request) for "list".
+    #[pyo3(signature = (op, name = String::new(), value = None, tasks = Vec::new(), overwrite = false))]
+    fn dataset<'py>(
+        &self,
+        py: Python<'py>,
+        op: &str,
+        name: String,
+        value: Option<PyBackedBytes>,
+        tasks: Vec<u64>,
+        overwrite: bool,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let op = match op {
+            "publish" => DatasetOp::Publish {
+                name,
+                value: value.as_ref().map(bytes_of).unwrap_or_default(),
+                tasks: tasks.into_iter().map(TaskId).collect(),
+                overwrite,
+            },
+            "unpublish" => DatasetOp::Unpublish { name },
+            "get" => DatasetOp::Get { name },
+            "list" => DatasetOp::List,
+            other => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "unknown dataset request {other:?}"
+                )))
+            }
         };
-        let request = request.into_pyobject(py)?.into_any();
-        PyTuple::new(py, [kind.into_pyobject(py)?.into_any(), value, request])
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        self.send(FromClient::Dataset { request, op })?;
+        let reply = self.await_reply(py, request, None)?;
+        reply_tuple(py, request, reply)
     }
 
     fn workers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
@@ -707,6 +694,55 @@ impl ClientCore {
 }
 
 impl ClientCore {
+    /// Waits for the answer to `request`; after `timeout` seconds the request is withdrawn
+    /// and its answer (which may still be a grant or a value) awaited.
+    fn await_reply(
+        &self,
+        py: Python<'_>,
+        request: u64,
+        timeout: Option<f64>,
+    ) -> PyResult<Coordinated> {
+        let mut deadline = timeout.map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
+        let reply = loop {
+            let outcome = py.detach(|| {
+                let slice_end = Instant::now() + SIGNAL_CHECK;
+                let mut state = self.shared.lock();
+                loop {
+                    if let Some(reply) = state.coordinated.remove(&request) {
+                        return Ok(Some(reply));
+                    }
+                    if let Some(reason) = &state.lost {
+                        return Err(ConnectionLost::new_err(reason.clone()));
+                    }
+                    let now = Instant::now();
+                    if deadline.is_some_and(|d| now >= d) || now >= slice_end {
+                        return Ok(None);
+                    }
+                    let until = deadline.map_or(slice_end, |d| d.min(slice_end));
+                    state = self
+                        .shared
+                        .changed
+                        .wait_timeout(state, until - now)
+                        .map(|(s, _)| s)
+                        .unwrap_or_else(|p| p.into_inner().0);
+                }
+            })?;
+            if let Some(reply) = outcome {
+                break reply;
+            }
+            if let Err(interrupted) = py.check_signals() {
+                self.send(FromClient::Withdraw(request))?;
+                return Err(interrupted);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                // Answered exactly once: Withdrawn, or what came first.
+                self.send(FromClient::Withdraw(request))?;
+                deadline = None;
+            }
+        };
+        Ok(reply)
+    }
+
     fn send(&self, msg: FromClient) -> PyResult<()> {
         if let Some(reason) = &self.shared.lock().lost {
             return Err(ConnectionLost::new_err(reason.clone()));
@@ -725,4 +761,24 @@ impl Drop for ClientCore {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// A reply as Python sees it: (kind, value, request number).
+fn reply_tuple<'py>(
+    py: Python<'py>,
+    request: u64,
+    reply: Coordinated,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let (kind, value): (&str, Bound<'py, PyAny>) = match reply {
+        Coordinated::Granted => ("granted", py.None().into_bound(py)),
+        Coordinated::Done => ("done", py.None().into_bound(py)),
+        Coordinated::Value(bytes) => ("value", PyBytes::new(py, &bytes).into_any()),
+        Coordinated::Count(n) => ("count", n.into_pyobject(py)?.into_any()),
+        Coordinated::Flag(set) => ("flag", set.into_pyobject(py)?.to_owned().into_any()),
+        Coordinated::Withdrawn => ("withdrawn", py.None().into_bound(py)),
+        Coordinated::Refused(why) => ("refused", why.into_pyobject(py)?.into_any()),
+        Coordinated::Names(names) => ("names", PyList::new(py, names)?.into_any()),
+    };
+    let request = request.into_pyobject(py)?.into_any();
+    PyTuple::new(py, [kind.into_pyobject(py)?.into_any(), value, request])
 }

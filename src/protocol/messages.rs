@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 13;
+pub const PROTOCOL_VERSION: u32 = 14;
 
 /// What a connecting peer is; the acceptor checks it is one it serves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +128,8 @@ pub enum FromClient {
     /// A request on a named synchronisation object, answered once with
     /// `ToClient::Coordinated` carrying the same `request` number.
     Coordinate { request: u64, op: Coordinate },
+    /// A request on the published datasets, numbered as `Coordinate` requests are.
+    Dataset { request: u64, op: DatasetOp },
     /// A worker plugin (pickled): every executor, present and future, sets it up; one of
     /// the same name is torn down first.
     RegisterPlugin { name: String, plugin: Bytes },
@@ -201,6 +203,26 @@ pub enum Coordinate {
     },
 }
 
+/// Published datasets, answered at once with `ToClient::Coordinated`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DatasetOp {
+    /// `Client.publish_dataset`: `value` (pickled) under `name`; the scheduler holds
+    /// `tasks` (the futures inside it) until it is unpublished. `Refused` if the name is
+    /// taken and not `overwrite`, or a task is not live.
+    Publish {
+        name: String,
+        value: Bytes,
+        tasks: Vec<TaskId>,
+        overwrite: bool,
+    },
+    /// `Done` (also if there is no such dataset, as in `distributed`).
+    Unpublish { name: String },
+    /// `Value`, or `Refused` if there is no such dataset.
+    Get { name: String },
+    /// `Names` of the published datasets.
+    List,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Coordinated {
     Granted,
@@ -208,6 +230,7 @@ pub enum Coordinated {
     Value(Bytes),
     Count(u64),
     Flag(bool),
+    Names(Vec<String>),
     /// The client withdrew the request before it could be answered otherwise.
     Withdrawn,
     Refused(String),

@@ -1,7 +1,7 @@
 //! The scheduler's state — tasks, workers, clients — and how each event changes it.
 //!
-//! A task's result lives until nothing needs it: no client wants it (holds a future on it)
-//! and no pending dependent still needs it. Then the workers holding it are told to drop
+//! A task's result lives until nothing needs it: no client wants it (holds a future on it),
+//! no published dataset holds it and no pending dependent still needs it. Then the workers holding it are told to drop
 //! it, and the task is forgotten, or, while a dependent lives, kept as `Released`: its
 //! lineage, from which a dependent whose result is lost with a worker is recomputed.
 //! Clients number their own tasks (`TaskId::owner`) from a counter, so an id is never
@@ -14,6 +14,7 @@ use crate::protocol::{
     ClientId, ClusterInfo, FromClient, FromWorker, FuncId, IdMap, Plugin, TaskId, ToClient,
     ToWorker, WorkerId, WorkerInfo,
 };
+use datasets::Dataset;
 use records::{Client, Function, Outbox, Task, Worker};
 use std::collections::{BTreeMap, HashMap};
 use std::mem;
@@ -26,6 +27,7 @@ use crate::protocol::{
 #[cfg(test)]
 use bytes::Bytes;
 
+mod datasets;
 mod lifecycle;
 mod membership;
 mod records;
@@ -98,6 +100,8 @@ pub struct Scheduler {
     /// Worker plugins, in the order registered: every worker, also one joining later,
     /// gets them all.
     plugins: Vec<Plugin>,
+    /// Published datasets by name; their tasks are held while they are published.
+    datasets: BTreeMap<String, Dataset>,
 }
 
 impl Scheduler {
@@ -121,6 +125,7 @@ impl Scheduler {
             recomputed_tasks: 0,
             coordination: Coordination::default(),
             plugins: Vec::new(),
+            datasets: BTreeMap::new(),
         }
     }
 
@@ -169,14 +174,7 @@ impl Scheduler {
             FromClient::Release(ids) => self.release(client, &ids),
             FromClient::ReleaseFunctions(ids) => self.release_functions(client, &ids),
             FromClient::Want(ids) => self.want(client, &ids),
-            FromClient::Cancel(ids) => {
-                let (owned, foreign): (Vec<TaskId>, Vec<TaskId>) =
-                    ids.into_iter().partition(|id| id.owner() == client);
-                if !foreign.is_empty() {
-                    tracing::warn!(client = %client, ?foreign, "cancel of other clients' tasks ignored");
-                }
-                self.cancel(owned, Some(client));
-            }
+            FromClient::Cancel(ids) => self.cancel_from(client, ids),
             FromClient::Info => {
                 let info = ClusterInfo {
                     workers: self
@@ -192,6 +190,7 @@ impl Scheduler {
                 self.coordination
                     .request(client, request, op, &mut self.outbox.to_clients)
             }
+            FromClient::Dataset { request, op } => self.dataset_request(client, request, op),
             FromClient::RegisterPlugin { name, plugin } => {
                 let plugin = Plugin {
                     name,

@@ -647,3 +647,42 @@ def _state_of(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, IndexError):
         return "gone"
+
+
+@pytest.mark.parametrize("system", ["rankmesh", "distributed"])
+def test_published_datasets_outlive_their_client_as_in_distributed(system, cluster, dask_client):
+    def connect():
+        if system == "rankmesh":
+            return rankmesh.Client(cluster)
+        return distributed.Client(dask_client.scheduler.address, set_as_default=False)
+
+    name = f"published-{system}-{time.monotonic_ns()}"
+    expected = (da.arange(1000, chunks=100) ** 2).sum().compute(scheduler="threads")
+    with connect() as publisher:
+        persisted = publisher.persist(da.arange(1000, chunks=100) ** 2)
+        total = publisher.submit(sum, [1, 2, 3], pure=False)
+        publisher.publish_dataset(persisted, name=name)
+        publisher.publish_dataset(**{f"{name}-total": total})
+        with pytest.raises(KeyError, match="already exists"):
+            publisher.publish_dataset(total, name=name)
+        assert name in publisher.list_datasets()
+    # The publisher is gone; the results it published are not.
+    with connect() as reader:
+        found = reader.get_dataset(name)
+        assert found.sum().compute(scheduler=reader.get) == expected
+        assert reader.datasets[f"{name}-total"].result(timeout=60) == 6
+        assert reader.get_dataset("nothing", default=None) is None
+        with pytest.raises(KeyError):
+            reader.get_dataset("nothing")
+        del reader.datasets[f"{name}-total"]
+        reader.unpublish_dataset(name)
+        assert not {name, f"{name}-total"} & set(reader.list_datasets())
+        reader.unpublish_dataset(name)  # gone already: nothing to do, no error
+        # The reader's own future keeps its result after the dataset is gone.
+        assert found.sum().compute(scheduler=reader.get) == expected
+
+
+def test_a_variable_refuses_a_future_and_says_what_to_use(client):
+    base = client.submit(sum, [1, 2], pure=False)
+    with pytest.raises(TypeError, match="publish_dataset"):
+        rankmesh.Variable(client=client).set(base)

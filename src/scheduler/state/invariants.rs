@@ -15,9 +15,18 @@ impl Scheduler {
         let mut live_dependents: IdMap<TaskId, u32> = IdMap::default();
         for (&id, task) in &self.tasks {
             assert!(
-                self.clients.contains_key(&id.owner()),
-                "task {id} outlived its client"
+                self.clients.contains_key(&id.owner())
+                    || task.published > 0
+                    || !task.wanted_by.is_empty()
+                    || task.live_dependents > 0,
+                "task {id} outlived its client though nothing else holds it"
             );
+            for client in &task.wanted_by {
+                assert!(
+                    self.clients.contains_key(client),
+                    "task {id} wanted by gone client {client}"
+                );
+            }
             assert!(task.is_kept(), "task {id} kept though nothing needs it");
             for dep in &task.deps {
                 assert!(
@@ -139,6 +148,25 @@ impl Scheduler {
         let running = self.workers.values().filter(|w| !w.memory.paused).count();
         assert_eq!(self.load_index.len(), running);
         self.check_functions();
+        self.check_datasets();
+    }
+
+    /// Every task counts the published datasets that hold it, and those tasks are live.
+    fn check_datasets(&self) {
+        let mut holds: IdMap<TaskId, u32> = IdMap::default();
+        for (name, dataset) in &self.datasets {
+            for id in &dataset.tasks {
+                assert!(
+                    self.tasks.contains_key(id),
+                    "dataset {name:?} holds forgotten task {id}"
+                );
+                *holds.entry(*id).or_default() += 1;
+            }
+        }
+        for (id, task) in &self.tasks {
+            let expected = holds.get(id).copied().unwrap_or(0);
+            assert_eq!(task.published, expected, "published count of task {id}");
+        }
     }
 
     /// Every function is kept exactly while something uses it, and workers were only

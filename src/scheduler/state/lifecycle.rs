@@ -48,18 +48,12 @@ impl Scheduler {
             holders: vec![worker],
             size: done.size,
         };
-        if task.wanted {
-            let finished = TaskFinished {
-                id,
-                worker,
-                size: done.size,
-            };
-            self.outbox
-                .finished
-                .entry(id.owner())
-                .or_default()
-                .push(finished);
-        }
+        let finished = TaskFinished {
+            id,
+            worker,
+            size: done.size,
+        };
+        self.outbox.finished(&task.wanted_by, finished);
         if !task.is_needed() {
             unneeded.push(id);
         }
@@ -385,8 +379,8 @@ impl Scheduler {
                     error: error.clone(),
                 },
             );
-            if task.wanted {
-                wanted.entry(id.owner()).or_default().push(id);
+            for client in &task.wanted_by {
+                wanted.entry(*client).or_default().push(id);
             }
             unneeded.push(id);
             stack.extend_from_slice(&task.dependents);

@@ -96,19 +96,14 @@ impl Scheduler {
                         match holders.first() {
                             None => lost.push(id),
                             // The client may have been told the result is on `worker`.
-                            Some(&holder) if task.wanted => {
+                            Some(&holder) => {
                                 let finished = TaskFinished {
                                     id,
                                     worker: holder,
                                     size: *size,
                                 };
-                                self.outbox
-                                    .finished
-                                    .entry(id.owner())
-                                    .or_default()
-                                    .push(finished);
+                                self.outbox.finished(&task.wanted_by, finished);
                             }
-                            Some(_) => {}
                         }
                     }
                 }
@@ -163,8 +158,9 @@ impl Scheduler {
         id
     }
 
-    /// A client left: all its tasks are cancelled, their results released and the
-    /// functions it shipped given up.
+    /// A client left: its futures are dropped, its tasks that nothing else holds (another
+    /// client's future or a published dataset, directly or as an input) are cancelled, and
+    /// the functions it shipped are given up.
     pub fn remove_client(&mut self, client: ClientId, comm: &mut impl Comm) {
         let Some(removed) = self.clients.remove(&client) else {
             tracing::warn!(client = %client, "removing an unknown client");
@@ -173,17 +169,44 @@ impl Scheduler {
         for func in removed.functions {
             self.unref_function(func);
         }
+        let mut dropped = Vec::new();
+        let mut held_elsewhere = Vec::new();
+        for (&id, task) in self.tasks.iter_mut() {
+            if let Some(at) = task.wanted_by.iter().position(|c| *c == client) {
+                task.wanted_by.swap_remove(at);
+                dropped.push(id);
+            }
+            if !task.wanted_by.is_empty() || task.published > 0 {
+                held_elsewhere.push(id);
+            }
+        }
+        let kept = self.with_inputs(held_elsewhere);
         let owned: Vec<TaskId> = self
             .tasks
             .keys()
-            .filter(|id| id.owner() == client)
+            .filter(|id| id.owner() == client && !kept.contains(id))
             .copied()
             .collect();
         tracing::info!(client = %client, tasks = owned.len(), "client removed");
-        self.cancel(owned, None);
+        self.cancel(owned);
+        self.release_unneeded(dropped);
         self.coordination
             .client_left(client, &mut self.outbox.to_clients);
         self.outbox.flush(comm);
+    }
+
+    /// `ids` and, transitively, the tasks they were computed from.
+    fn with_inputs(&self, ids: Vec<TaskId>) -> IdSet<TaskId> {
+        let mut found = IdSet::default();
+        let mut stack = ids;
+        while let Some(id) = stack.pop() {
+            if found.insert(id) {
+                if let Some(task) = self.tasks.get(&id) {
+                    stack.extend_from_slice(&task.deps);
+                }
+            }
+        }
+        found
     }
 }
 

@@ -68,8 +68,10 @@ pub(super) struct Task {
     pub(super) retries_left: u32,
     /// What it holds of its worker's resources while it runs.
     pub(super) resources: Resources,
-    /// A client holds a future on it.
-    pub(super) wanted: bool,
+    /// Clients holding futures on it (the owner, and others that received one).
+    pub(super) wanted_by: Vec<ClientId>,
+    /// Published datasets that hold it (`Client.publish_dataset`).
+    pub(super) published: u32,
     /// Dependents not computed yet: they still need this task's result.
     pub(super) pending_dependents: u32,
     /// Dependents in the task table, in any state: while there are some, this task is
@@ -81,7 +83,7 @@ pub(super) struct Task {
 
 impl Task {
     pub(super) fn is_needed(&self) -> bool {
-        self.wanted || self.pending_dependents > 0
+        !self.wanted_by.is_empty() || self.published > 0 || self.pending_dependents > 0
     }
 
     /// Kept in the table: needed, or the lineage of a live dependent.
@@ -144,6 +146,13 @@ pub(super) struct Outbox {
 }
 
 impl Outbox {
+    /// Tells each client in `clients` that the task is in memory on `done.worker`.
+    pub(super) fn finished(&mut self, clients: &[ClientId], done: TaskFinished) {
+        for client in clients {
+            self.finished.entry(*client).or_default().push(done.clone());
+        }
+    }
+
     pub(super) fn cancel(&mut self, worker: WorkerId, id: TaskId) {
         self.cancels.entry(worker).or_default().push(id);
     }

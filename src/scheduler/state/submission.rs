@@ -70,7 +70,8 @@ impl Scheduler {
                 retries_left: spec.options.retries,
                 allow_other_workers: spec.options.allow_other_workers,
                 resources: spec.options.resources,
-                wanted: false,
+                wanted_by: Vec::new(),
+                published: 0,
                 pending_dependents: 0,
                 live_dependents: 0,
                 killed_workers: Vec::new(),
@@ -114,20 +115,19 @@ impl Scheduler {
             }
         }
         for &id in wanted {
-            if id.owner() != client || !(index.contains_key(&id) || self.is_live(id)) {
+            if !(index.contains_key(&id) || self.is_live(id)) {
                 return Err(format!(
-                    "wanted task {id} is neither in this submit nor a live task of this client"
+                    "wanted task {id} is neither in this submit nor a live task"
                 ));
             }
         }
-        self.order_dependencies_first(client, specs, &index)
+        self.order_dependencies_first(specs, &index)
     }
 
     /// Depth-first post-order over the submit's own edges, checking each outside dependency
     /// on the way; fails on a cycle, which would never run.
     fn order_dependencies_first(
         &self,
-        client: ClientId,
         specs: &[TaskSpec],
         index: &IdMap<TaskId, usize>,
     ) -> Result<Vec<usize>, String> {
@@ -170,13 +170,6 @@ impl Scheduler {
                         }
                         Mark::Done => {}
                     },
-                    None if dep.owner() != client => {
-                        return Err(format!(
-                            "task {} depends on task {dep} of another client ({})",
-                            spec.id,
-                            dep.owner()
-                        ));
-                    }
                     None if !self.is_live(dep) => {
                         return Err(format!(
                             "task {} depends on task {dep}, which is unknown (never submitted, or released)",
@@ -220,20 +213,17 @@ impl Scheduler {
         }
     }
 
-    /// Sets `wanted` on the client's tasks and re-sends outcomes already known.
+    /// The client holds futures on these tasks (its own, or another client's it was given):
+    /// it is told their outcomes, those known already at once.
     pub(super) fn want(&mut self, client: ClientId, ids: &[TaskId]) {
         let mut failed: BTreeMap<TaskId, (Arc<ErrorInfo>, Vec<TaskId>)> = BTreeMap::new();
         for &id in ids {
             let task = match self.tasks.get_mut(&id) {
-                Some(task)
-                    if id.owner() == client && !matches!(task.state, TaskState::Released) =>
-                {
-                    task
-                }
+                Some(task) if !matches!(task.state, TaskState::Released) => task,
                 _ => {
                     let error = ErrorInfo::runtime(
                         "UnknownTask",
-                        format!("task {id} is not a live task of this client (released or never submitted)"),
+                        format!("task {id} is not a live task (released, or never submitted)"),
                     );
                     let msg = ToClient::Failed {
                         ids: vec![id],
@@ -244,7 +234,9 @@ impl Scheduler {
                     continue;
                 }
             };
-            task.wanted = true;
+            if !task.wanted_by.contains(&client) {
+                task.wanted_by.push(client);
+            }
             match &task.state {
                 TaskState::Memory { holders, size } => {
                     if let Some(&worker) = holders.first() {
@@ -253,11 +245,7 @@ impl Scheduler {
                             worker,
                             size: *size,
                         };
-                        self.outbox
-                            .finished
-                            .entry(client)
-                            .or_default()
-                            .push(finished);
+                        self.outbox.finished(&[client], finished);
                     }
                 }
                 TaskState::Erred { origin, error } => {
@@ -280,18 +268,36 @@ impl Scheduler {
         }
     }
 
+    /// The client dropped its futures on these tasks.
     pub(super) fn release(&mut self, client: ClientId, ids: &[TaskId]) {
         let mut released = Vec::with_capacity(ids.len());
         for &id in ids {
-            match self.tasks.get_mut(&id) {
-                Some(task) if id.owner() == client => {
-                    task.wanted = false;
-                    released.push(id);
-                }
-                _ => tracing::debug!(client = %client, task = %id, "release of an unknown task"),
+            let held = self.tasks.get_mut(&id).and_then(|task| {
+                let at = task.wanted_by.iter().position(|c| *c == client)?;
+                task.wanted_by.swap_remove(at);
+                Some(())
+            });
+            match held {
+                Some(()) => released.push(id),
+                None => tracing::debug!(client = %client, task = %id, "release of a task not held"),
             }
         }
         self.release_unneeded(released);
+    }
+
+    /// `Client.cancel`: the client's own tasks are stopped with everything downstream;
+    /// on another client's task it only gives up its hold (the owner still wants it), and
+    /// reads it as cancelled.
+    pub(super) fn cancel_from(&mut self, client: ClientId, ids: Vec<TaskId>) {
+        let (owned, foreign): (Vec<TaskId>, Vec<TaskId>) =
+            ids.into_iter().partition(|id| id.owner() == client);
+        self.release(client, &foreign);
+        if !foreign.is_empty() {
+            self.outbox
+                .to_clients
+                .push((client, ToClient::Cancelled(foreign)));
+        }
+        self.cancel(owned);
     }
 
     /// Registers the functions a client shipped; it may refer to them until it releases
@@ -328,27 +334,22 @@ impl Scheduler {
         }
     }
 
-    /// Stops and forgets `ids` and everything downstream of them. `notify`: the client
-    /// told which of them it wanted (none when the client is gone).
-    /// `Client.restart()`: every client's tasks are cancelled (each client told of its
-    /// own), then every worker restarts its executors.
+    /// `Client.restart()`: every task is cancelled (each holder told), then every worker
+    /// restarts its executors.
     pub(super) fn restart(&mut self, comm: &mut impl Comm) {
-        let mut by_client: BTreeMap<ClientId, Vec<TaskId>> = BTreeMap::new();
-        for &id in self.tasks.keys() {
-            by_client.entry(id.owner()).or_default().push(id);
-        }
         tracing::info!(tasks = self.tasks.len(), "restart: cancelling every task");
-        for (client, ids) in by_client {
-            let notify = self.clients.contains_key(&client).then_some(client);
-            self.cancel(ids, notify);
-        }
+        self.unpublish_all();
+        let all: Vec<TaskId> = self.tasks.keys().copied().collect();
+        self.cancel(all);
         self.outbox.flush(comm); // the cancels reach workers before the restart
         for &worker in self.workers.keys() {
             comm.send_worker(worker, ToWorker::RestartExecutors);
         }
     }
 
-    pub(super) fn cancel(&mut self, ids: Vec<TaskId>, notify: Option<ClientId>) {
+    /// Stops and forgets `ids` and everything downstream of them; the clients holding
+    /// futures on them are told.
+    pub(super) fn cancel(&mut self, ids: Vec<TaskId>) {
         let mut doomed: IdSet<TaskId> = IdSet::default();
         let mut stack = ids;
         while let Some(id) = stack.pop() {
@@ -361,23 +362,21 @@ impl Scheduler {
         // Sorted, so workers and clients see ids in a stable order.
         let mut doomed: Vec<TaskId> = doomed.into_iter().collect();
         doomed.sort_unstable();
-        let mut cancelled = Vec::new();
+        let mut cancelled: BTreeMap<ClientId, Vec<TaskId>> = BTreeMap::new();
         let mut unneeded = Vec::new();
         for &id in &doomed {
             let Some(task) = self.take_task(id) else {
                 continue;
             };
-            if task.wanted {
-                cancelled.push(id);
+            for client in &task.wanted_by {
+                cancelled.entry(*client).or_default().push(id);
             }
             self.forget(id, task, &mut unneeded);
         }
-        if let Some(client) = notify {
-            if !cancelled.is_empty() {
-                self.outbox
-                    .to_clients
-                    .push((client, ToClient::Cancelled(cancelled)));
-            }
+        for (client, ids) in cancelled {
+            self.outbox
+                .to_clients
+                .push((client, ToClient::Cancelled(ids)));
         }
         self.release_unneeded(unneeded);
     }

@@ -3,7 +3,8 @@
 
 use super::*;
 use crate::protocol::{
-    decode, encode, Coordinate, Coordinated, Plugin, Resources, TaskOptions, WorkerTopology,
+    decode, encode, Coordinate, Coordinated, DatasetOp, Plugin, Resources, TaskOptions,
+    WorkerTopology,
 };
 use serde::{de::DeserializeOwned, Serialize};
 use std::collections::{BTreeSet, VecDeque};
@@ -1872,4 +1873,167 @@ fn a_retired_worker_is_told_and_removed_and_its_work_counts_against_no_task() {
     for id in [x, y] {
         assert!(env.scheduler.tasks[&id].killed_workers.is_empty());
     }
+}
+
+#[test]
+fn a_future_another_client_holds_keeps_the_result_and_its_inputs_past_the_owner() {
+    let mut env = TestEnv::new();
+    let w = env.worker(1);
+    let (owner, other) = (env.client(), env.client());
+    let [a, b, pending] = ids(owner, 0..3)[..] else {
+        unreachable!()
+    };
+    env.submit(owner, vec![spec(a, &[]), spec(b, &[a])], &[b]);
+    env.schedule();
+    let ran = env.computed(w);
+    env.done(w, &ran);
+    env.schedule();
+    let ran = env.computed(w);
+    env.done(w, &ran);
+    assert_eq!(env.finished(owner), [b]);
+    env.comm.take_worker(w); // `a` released: its dependent is computed
+                             // A future on `b` reached the other client (pickled into a task, a dataset...).
+    env.client_msg(other, FromClient::Want(vec![b]));
+    assert_eq!(env.finished(other), [b]);
+    // The other client builds on a task of the owner's that has not run yet.
+    env.submit(owner, vec![spec(pending, &[b])], &[pending]);
+    let mine = TaskId::new(other, 0);
+    env.submit(other, vec![spec(mine, &[pending])], &[mine]);
+    env.scheduler.remove_client(owner, &mut env.comm);
+    env.scheduler.sanity_check();
+    env.comm.emptiness_check(); // nothing cancelled, nothing released
+    env.schedule();
+    assert_eq!(env.computed(w), [pending]);
+    env.done(w, &[pending]);
+    env.schedule();
+    assert_eq!(env.computed(w), [mine]);
+    env.done(w, &[mine]);
+    assert_eq!(env.finished(other), [mine]);
+    assert_eq!(env.released(w), [pending]);
+    env.client_msg(other, FromClient::Release(vec![b, mine]));
+    assert_eq!(env.released(w), [b, mine]);
+    assert_eq!(env.scheduler.task_count(), 0);
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn cancelling_another_clients_task_only_gives_up_the_hold() {
+    let mut env = TestEnv::new();
+    let w = env.worker(1);
+    let (owner, other) = (env.client(), env.client());
+    let a = TaskId::new(owner, 0);
+    env.submit(owner, vec![spec(a, &[])], &[a]);
+    env.client_msg(other, FromClient::Want(vec![a]));
+    env.client_msg(other, FromClient::Cancel(vec![a]));
+    assert_eq!(env.comm.take_client(other), [ToClient::Cancelled(vec![a])]);
+    env.schedule();
+    assert_eq!(env.computed(w), [a]);
+    env.done(w, &[a]);
+    assert_eq!(env.finished(owner), [a]);
+    // The owner's cancel stops it for every holder.
+    env.client_msg(other, FromClient::Want(vec![a]));
+    assert_eq!(env.finished(other), [a]);
+    env.client_msg(owner, FromClient::Cancel(vec![a]));
+    assert_eq!(env.comm.take_client(owner), [ToClient::Cancelled(vec![a])]);
+    assert_eq!(env.comm.take_client(other), [ToClient::Cancelled(vec![a])]);
+    assert_eq!(env.released(w), [a]);
+    env.comm.emptiness_check();
+}
+
+fn dataset(env: &mut TestEnv, client: ClientId, request: u64, op: DatasetOp) {
+    env.client_msg(client, FromClient::Dataset { request, op });
+}
+
+fn publish(name: &str, tasks: &[TaskId], overwrite: bool) -> DatasetOp {
+    DatasetOp::Publish {
+        name: name.into(),
+        value: Bytes::from(name.as_bytes().to_vec()),
+        tasks: tasks.to_vec(),
+        overwrite,
+    }
+}
+
+#[test]
+fn a_published_dataset_holds_its_tasks_until_unpublished() {
+    let mut env = TestEnv::new();
+    let w = env.worker(1);
+    let (owner, reader) = (env.client(), env.client());
+    let [a, b] = ids(owner, 0..2)[..] else {
+        unreachable!()
+    };
+    env.submit(owner, vec![spec(a, &[]), spec(b, &[])], &[a, b]);
+    env.schedule();
+    let ran = env.computed(w);
+    env.done(w, &ran);
+    assert_eq!(env.finished(owner), [a, b]);
+    dataset(&mut env, owner, 1, publish("x", &[a], false));
+    dataset(&mut env, owner, 2, publish("x", &[b], false));
+    dataset(
+        &mut env,
+        owner,
+        3,
+        publish("y", &[TaskId::new(owner, 9)], false),
+    );
+    let replies = answers(&mut env, owner);
+    assert_eq!(replies[0], (1, Coordinated::Done));
+    assert!(
+        matches!(&replies[1], (2, Coordinated::Refused(why)) if why.contains("already exists"))
+    );
+    assert!(matches!(&replies[2], (3, Coordinated::Refused(why)) if why.contains("not live")));
+    // The owner drops its futures and leaves: `b` goes, the published `a` stays.
+    env.client_msg(owner, FromClient::Release(vec![a, b]));
+    assert_eq!(env.released(w), [b]);
+    env.scheduler.remove_client(owner, &mut env.comm);
+    env.scheduler.sanity_check();
+    env.comm.emptiness_check();
+    dataset(&mut env, reader, 4, DatasetOp::List);
+    dataset(&mut env, reader, 5, DatasetOp::Get { name: "x".into() });
+    assert_eq!(
+        answers(&mut env, reader),
+        [
+            (4, Coordinated::Names(vec!["x".into()])),
+            (5, Coordinated::Value(Bytes::from_static(b"x")))
+        ]
+    );
+    env.client_msg(reader, FromClient::Want(vec![a]));
+    assert_eq!(env.finished(reader), [a]);
+    dataset(
+        &mut env,
+        reader,
+        6,
+        DatasetOp::Unpublish { name: "x".into() },
+    );
+    assert_eq!(answers(&mut env, reader), [(6, Coordinated::Done)]);
+    env.client_msg(reader, FromClient::Release(vec![a]));
+    assert_eq!(env.released(w), [a]);
+    dataset(&mut env, reader, 7, DatasetOp::Get { name: "x".into() });
+    assert!(
+        matches!(&answers(&mut env, reader)[..], [(7, Coordinated::Refused(why))] if why.contains("not found"))
+    );
+    assert_eq!(env.scheduler.task_count(), 0);
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn republishing_a_name_with_overwrite_moves_the_hold() {
+    let mut env = TestEnv::new();
+    let w = env.worker(1);
+    let c = env.client();
+    let [a, b] = ids(c, 0..2)[..] else {
+        unreachable!()
+    };
+    env.submit(c, vec![spec(a, &[]), spec(b, &[])], &[a, b]);
+    env.schedule();
+    let ran = env.computed(w);
+    env.done(w, &ran);
+    env.finished(c);
+    dataset(&mut env, c, 1, publish("x", &[a, a], false));
+    dataset(&mut env, c, 2, publish("x", &[b], true));
+    assert_eq!(
+        answers(&mut env, c),
+        [(1, Coordinated::Done), (2, Coordinated::Done)]
+    );
+    env.client_msg(c, FromClient::Release(vec![a, b]));
+    assert_eq!(env.released(w), [a]);
+    env.comm.emptiness_check();
 }
