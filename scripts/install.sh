@@ -28,9 +28,10 @@ die() { printf '[install] error: %s\n' "$*" >&2; exit 1; }
 
 # Later issues (MPI launch, hwloc topology) build against these; they are cheap to add now.
 # python3, passwd (useradd) and util-linux (setpriv): the security tests run an attacker
-# as a second Unix user with Debian's own interpreter.
+# as a second Unix user with Debian's own interpreter. chromium (headless) and a font: the
+# dashboard tests look at its pages as a person would.
 APT_PACKAGES=(pkg-config build-essential libopenmpi-dev openmpi-bin libhwloc-dev libudev-dev
-              libclang-dev clang hwloc python3 passwd util-linux)
+              libclang-dev clang hwloc python3 passwd util-linux chromium fonts-dejavu-core)
 
 # ---------------------------------------------------------------- system packages
 missing=()

@@ -11,6 +11,8 @@
 //!   written (`Allocate`).
 //! - [`transport`]: how results move between processes (TCP, MPI point-to-point) and how
 //!   every TCP server accepts connections (`listen`).
+//! - [`dashboard`]: the scheduler's HTTP port: live status page and metrics, from
+//!   scheduler snapshots.
 //! - [`cluster`]: scheduler files, the local cluster (`rankmesh local`), a scheduler on
 //!   its own, hosting a script.
 //! - [`launch`]: inside an MPI job (`mpirun rankmesh run`): rank roles and bootstrap.
@@ -26,6 +28,7 @@
 #[cfg(feature = "batch")]
 pub mod batch;
 pub mod cluster;
+pub mod dashboard;
 pub mod heap;
 pub mod launch;
 pub mod private_files;

@@ -23,11 +23,13 @@ async fn start() -> Scheduler {
     let token = Token::generate().unwrap();
     let shutdown = CancellationToken::new();
     let (workers, _) = tokio::sync::watch::channel(Vec::new());
+    let (_no_dashboard, monitor_requests) = rankmesh::scheduler::monitor::monitor();
     tokio::spawn(server::serve(
         listener,
         token.clone(),
         SchedulerConfig::default(),
         workers,
+        monitor_requests,
         shutdown.clone(),
     ));
     Scheduler {

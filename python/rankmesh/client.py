@@ -15,6 +15,7 @@ import dask.config
 
 from . import dask_recognition
 from . import graph as graphs
+from .dashboard_links import cluster_html, dashboard_link, format_bytes
 from .errors import CancelledError, FutureLost
 from .futures import Future, adopting_into
 from .payloads import FunctionRegistry, PayloadEncoder
@@ -32,7 +33,9 @@ _NO_DEFAULT = object()
 
 def _connection_details(
     address: Any, scheduler_file: str | None, token: str | None
-) -> tuple[str, str]:
+) -> tuple[str, str, str | None]:
+    """(scheduler address, token, dashboard address if known)."""
+    dashboard = None
     if address is not None and not isinstance(address, str):
         scheduler_file = address.scheduler_file  # a LocalCluster
         address = None
@@ -43,7 +46,7 @@ def _connection_details(
 
         # Refused unless ours and writable by nobody else: a planted file would send the
         # client, and the code it submits, to someone else's scheduler.
-        address, file_token = read_scheduler_file(os.fspath(scheduler_file))
+        address, file_token, dashboard = read_scheduler_file(os.fspath(scheduler_file))
         token = token or file_token
     if address is None:
         raise ValueError(
@@ -55,7 +58,7 @@ def _connection_details(
         raise ValueError(
             f"no token for {address}: pass token=, use a scheduler file, or set RANKMESH_TOKEN"
         )
-    return address, token
+    return address, token, dashboard
 
 
 def _key_prefix(func: Callable) -> str:
@@ -78,8 +81,9 @@ class Client:
     ) -> None:
         from ._rankmesh import ClientCore
 
-        self.address, token = _connection_details(address, scheduler_file, token)
+        self.address, token, dashboard = _connection_details(address, scheduler_file, token)
         self._core = ClientCore(self.address, token, timeout)
+        self._dashboard_link = dashboard_link(dashboard, token)
         self._encoder = PayloadEncoder(FunctionRegistry())
         # Futures alive per task id; at zero the id waits in _to_release for the next call.
         self._holds: dict[int, int] = {}
@@ -93,6 +97,28 @@ class Client:
 
     def __repr__(self) -> str:
         return f"<rankmesh.Client: {self.address}{' (closed)' if self._closed else ''}>"
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The live status page, with the cluster token in it (opening it sets a cookie and
+        drops the token from the address bar); through jupyter-server-proxy under JupyterHub.
+        None when the client was given an address rather than a scheduler file or cluster,
+        or the cluster has no dashboard. Keep it to yourself: it opens the cluster."""
+        return self._dashboard_link
+
+    def _repr_html_(self) -> str:
+        workers = [] if self._closed else self.workers()
+        memory = sum(int(w.get("memory_limit", 0)) for w in workers)
+        return cluster_html(
+            "Client",
+            self.address,
+            self._dashboard_link,
+            [
+                ("workers", len(workers)),
+                ("threads", sum(int(w["nthreads"]) for w in workers)),
+                ("memory", format_bytes(memory) if memory else "no limit"),
+            ],
+        )
 
     # A connection is not data: copies (dask.config is deep-copied with client.get in it
     # while the client is the default scheduler) are the client itself.

@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .dashboard_links import cluster_html, dashboard_link
 from .task_options import resource_pairs
 
 __all__ = ["LocalCluster", "find_binary"]
@@ -72,7 +73,11 @@ class LocalCluster:
     executors (docs/memory.md).
 
     `resources` ({"GPU": 1}) are what each worker offers tasks submitted with
-    `resources=`, as `distributed.LocalCluster(resources=)`."""
+    `resources=`, as `distributed.LocalCluster(resources=)`.
+
+    `dashboard_address` ("HOST:PORT", None for no dashboard): unlike `distributed`, an
+    empty host (":8787") means 127.0.0.1, not every interface; a taken port moves to the
+    next free one; every request needs the cluster token (`dashboard_link` carries it)."""
 
     def __init__(
         self,
@@ -87,6 +92,7 @@ class LocalCluster:
         memory_terminate: float | bool = 0.95,
         local_directory: str | os.PathLike | None = None,
         resources: dict[str, float] | None = None,
+        dashboard_address: str | None = ":8787",
     ) -> None:
         if n_workers < 1 or threads_per_worker < 1:
             raise ValueError("n_workers and threads_per_worker must be at least 1")
@@ -121,6 +127,10 @@ class LocalCluster:
             "--python",
             sys.executable,
         ]
+        if dashboard_address is None:
+            command.append("--no-dashboard")
+        else:
+            command += ["--dashboard-address", dashboard_address]
         if local_directory is not None:
             command += ["--local-directory", os.fspath(local_directory)]
         if resources:
@@ -151,6 +161,22 @@ class LocalCluster:
         from ._rankmesh import read_scheduler_file
 
         return read_scheduler_file(self.scheduler_file)[0]
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The status page, with the cluster token (see `Client.dashboard_link`)."""
+        from ._rankmesh import read_scheduler_file
+
+        _, token, dashboard = read_scheduler_file(self.scheduler_file)
+        return dashboard_link(dashboard, token)
+
+    def _repr_html_(self) -> str:
+        return cluster_html(
+            "LocalCluster",
+            self.address,
+            self.dashboard_link,
+            [("workers", self.n_workers), ("threads per worker", self.threads_per_worker)],
+        )
 
     @property
     def pid(self) -> int:

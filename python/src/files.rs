@@ -13,11 +13,12 @@ pub fn runtime_base() -> PathBuf {
     private_files::runtime_base()
 }
 
-/// `(address, token)` from a scheduler file that is ours and writable by nobody else.
+/// `(address, token, dashboard address or None)` from a scheduler file that is ours and
+/// writable by nobody else.
 #[pyfunction]
-pub fn read_scheduler_file(path: PathBuf) -> PyResult<(String, String)> {
+pub fn read_scheduler_file(path: PathBuf) -> PyResult<(String, String, Option<String>)> {
     match SchedulerFile::read(&path) {
-        Ok(file) => Ok((file.address, file.token)),
+        Ok(file) => Ok((file.address, file.token, file.dashboard)),
         Err(SchedulerFileError::File(PrivateFileError::Io { source, .. })) => {
             let message = format!("{}: {source}", path.display());
             Err(std::io::Error::new(source.kind(), message).into())

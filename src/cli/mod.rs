@@ -202,16 +202,27 @@ impl MemoryArgs {
     }
 }
 
-/// How the scheduler treats trouble.
+/// How the scheduler treats trouble, and where it shows itself.
 #[derive(clap::Args, Debug)]
 struct SchedulerSettings {
     /// Workers that may die while a task is assigned to them before it fails with
     /// KilledWorker (workers stopped on purpose do not count).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     allowed_failures: u32,
+    /// Where the dashboard listens, HOST:PORT (the next free port if taken; port 0: any).
+    /// Only this machine can reach the default: others go through `ssh -L`.
+    #[arg(long, default_value = rankmesh::dashboard::DEFAULT_ADDRESS)]
+    dashboard_address: String,
+    /// No dashboard (no HTTP port at all).
+    #[arg(long, conflicts_with = "dashboard_address")]
+    no_dashboard: bool,
 }
 
 impl SchedulerSettings {
+    fn dashboard(&self) -> Option<String> {
+        (!self.no_dashboard).then(|| self.dashboard_address.clone())
+    }
+
     fn config(&self) -> SchedulerConfig {
         SchedulerConfig {
             allowed_failures: self.allowed_failures,
@@ -266,6 +277,7 @@ pub fn main() -> ExitCode {
             scheduler,
             script,
         } => launch::run(RunOptions {
+            dashboard: scheduler.dashboard(),
             scheduler: scheduler.config(),
             tune_mpi: !no_mpi_tuning,
             worker_per: (!no_bind).then_some(worker_per),
@@ -336,6 +348,7 @@ async fn run(command: Command) -> Result<i32> {
             script,
         } => {
             let options = LocalOptions {
+                dashboard: scheduler.dashboard(),
                 scheduler: scheduler.config(),
                 n_workers,
                 threads_per_worker: resources.threads_per_worker.unwrap_or(1),
@@ -357,6 +370,7 @@ async fn run(command: Command) -> Result<i32> {
             scheduler,
         } => {
             let options = StandaloneOptions {
+                dashboard: scheduler.dashboard(),
                 scheduler: scheduler.config(),
                 host,
                 port,

@@ -34,6 +34,8 @@ pub struct LocalOptions {
     /// A script and its arguments to run against the cluster.
     pub script: Vec<String>,
     pub scheduler: SchedulerConfig,
+    /// Where the dashboard listens (`HOST:PORT`); none: no dashboard.
+    pub dashboard: Option<String>,
 }
 
 /// Runs the cluster; returns the script's exit code (0 without a script).
@@ -46,6 +48,10 @@ pub async fn run(options: LocalOptions) -> Result<i32, ClusterError> {
         "tcp://{}",
         listener.local_addr().map_err(ClusterError::Scheduler)?
     );
+    let dashboard = match &options.dashboard {
+        Some(at) => Some(crate::dashboard::bind(at).await?),
+        None => None,
+    };
     let scheduler_file = SchedulerFilePlace::chosen_or_default(options.scheduler_file.clone())?;
     // The script's imports overlap the workers' start.
     let script = PendingScript::start(&options.python, &options.script, scheduler_file.path())?;
@@ -71,6 +77,7 @@ pub async fn run(options: LocalOptions) -> Result<i32, ClusterError> {
         end_on_worker_loss: false,
         drain_at: None,
         scheduler: options.scheduler.clone(),
+        dashboard,
     };
     let outcome = host.run(listener, token.clone(), &mut workers).await;
     for worker in &mut workers.children {

@@ -48,14 +48,65 @@ pub enum ClusterError {
     Interrupted,
     #[error("worker {worker} left while the script ran; ending the job")]
     WorkerLost { worker: String },
+    #[error(transparent)]
+    Dashboard(#[from] crate::dashboard::DashboardError),
+}
+
+/// The scheduler and, when it has one, its dashboard, served until `shutdown`.
+async fn serve_scheduler(
+    listener: tokio::net::TcpListener,
+    token: Token,
+    config: crate::scheduler::SchedulerConfig,
+    workers: tokio::sync::watch::Sender<Vec<crate::protocol::WorkerInfo>>,
+    dashboard: Option<(crate::dashboard::Listening, String)>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let (monitor, requests) = crate::scheduler::monitor::monitor();
+    let dashboard = dashboard.map(|(listening, scheduler_address)| {
+        tokio::spawn(crate::dashboard::serve(
+            listening,
+            token.clone(),
+            monitor,
+            scheduler_address,
+            shutdown.clone(),
+        ))
+    });
+    crate::scheduler::server::serve(listener, token, config, workers, requests, shutdown).await;
+    if let Some(dashboard) = dashboard {
+        let _ = dashboard.await;
+    }
+}
+
+/// Tells the person starting the cluster where its dashboard is. The link carries the token
+/// only on a terminal: a batch job's output file may be readable by others.
+fn announce_dashboard(url: &str, token: &Token) {
+    let port = url.rsplit(':').next().unwrap_or("8787");
+    let host = url
+        .trim_start_matches("http://")
+        .rsplit_once(':')
+        .map_or("localhost", |(host, _)| host);
+    let node = crate::dashboard::this_host();
+    let link = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        format!("{url}/status?token={}", token.as_str())
+    } else {
+        format!("{url}/status (its token: client.dashboard_link, or the scheduler file)")
+    };
+    eprintln!("rankmesh: dashboard at {link}");
+    eprintln!("rankmesh: from your machine: ssh -L {port}:{host}:{port} {node}, then open it on localhost:{port}");
 }
 
 /// Writes the scheduler file of this process's scheduler at `address` with `token`.
-fn publish_scheduler_file(address: &str, token: &Token, path: &Path) -> Result<(), ClusterError> {
+fn publish_scheduler_file(
+    address: &str,
+    token: &Token,
+    dashboard: Option<String>,
+    path: &Path,
+) -> Result<(), ClusterError> {
     let file = SchedulerFile {
         address: address.to_string(),
         token: token.as_str().to_string(),
         pid: std::process::id(),
+        dashboard,
     };
     file.write(path)
         .map_err(|source| ClusterError::SchedulerFile {

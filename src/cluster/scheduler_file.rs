@@ -12,6 +12,9 @@ pub struct SchedulerFile {
     pub address: String,
     pub token: String,
     pub pid: u32,
+    /// The dashboard's address (`http://host:port`), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dashboard: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +92,7 @@ mod tests {
             address: "tcp://127.0.0.1:1".into(),
             token: "t".into(),
             pid: 1,
+            dashboard: None,
         };
         file.write(&path).unwrap();
         assert_eq!(

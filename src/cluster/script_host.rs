@@ -2,9 +2,13 @@
 //! script a scheduler file, run it, then stop everything. Shared by `rankmesh local` and by
 //! rank 0 of `rankmesh run`.
 
-use super::{publish_scheduler_file, ClusterError, SchedulerFilePlace, SCHEDULER_FILE_ENV};
+use super::{
+    announce_dashboard, publish_scheduler_file, serve_scheduler, ClusterError, SchedulerFilePlace,
+    SCHEDULER_FILE_ENV,
+};
+use crate::dashboard::Listening;
 use crate::protocol::{Token, WorkerInfo, TOKEN_ENV};
-use crate::scheduler::{server, SchedulerConfig};
+use crate::scheduler::SchedulerConfig;
 use std::cell::Cell;
 use std::future::Future;
 use std::io::Write;
@@ -39,6 +43,8 @@ pub struct ScriptHost {
     /// When to drain the job if no SIGUSR1 (the batch system's walltime warning) came first.
     pub drain_at: Option<SystemTime>,
     pub scheduler: SchedulerConfig,
+    /// The dashboard's port, bound; none: no dashboard.
+    pub dashboard: Option<Listening>,
 }
 
 impl ScriptHost {
@@ -53,14 +59,19 @@ impl ScriptHost {
     ) -> Result<i32, ClusterError> {
         let shutdown = CancellationToken::new();
         let (workers_tx, registered) = watch::channel(Vec::new());
-        let scheduler = tokio::spawn(server::serve(
+        let dashboard = self.dashboard.take();
+        let dashboard_url = dashboard.as_ref().map(Listening::url);
+        let scheduler = tokio::spawn(serve_scheduler(
             listener,
             token.clone(),
             self.scheduler.clone(),
             workers_tx,
+            dashboard.map(|listening| (listening, self.address.clone())),
             shutdown.clone(),
         ));
-        let outcome = self.until_script_ends(&token, registered, workers).await;
+        let outcome = self
+            .until_script_ends(&token, dashboard_url, registered, workers)
+            .await;
         shutdown.cancel();
         if tokio::time::timeout(STOP_GRACE, scheduler).await.is_err() {
             tracing::warn!("the scheduler did not stop within {STOP_GRACE:?}");
@@ -71,6 +82,7 @@ impl ScriptHost {
     async fn until_script_ends(
         &mut self,
         token: &Token,
+        dashboard_url: Option<String>,
         mut registered: watch::Receiver<Vec<WorkerInfo>>,
         workers: &mut impl WorkerProcesses,
     ) -> Result<i32, ClusterError> {
@@ -91,13 +103,16 @@ impl ScriptHost {
             _ = interrupt.recv() => return Err(ClusterError::Interrupted),
             _ = terminate.recv() => return Err(ClusterError::Interrupted),
         }
-        publish_scheduler_file(&self.address, token, &path)?;
+        publish_scheduler_file(&self.address, token, dashboard_url.clone(), &path)?;
         eprintln!(
             "rankmesh: {} workers ready at {} (scheduler file {})",
             self.expected_workers,
             self.address,
             path.display()
         );
+        if let Some(url) = &dashboard_url {
+            announce_dashboard(url, token);
+        }
         let ready = registered.borrow_and_update().clone();
         // Set once the job is being stopped (SIGINT, SIGTERM): workers leaving is then
         // expected (scancel signals every rank), not a loss to end the job over.

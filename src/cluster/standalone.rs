@@ -2,9 +2,11 @@
 //! tooling or by another launcher. Its token comes from `RANKMESH_TOKEN` or is made here;
 //! its address and token go into the scheduler file until it stops.
 
-use super::{cancel_on_signal, publish_scheduler_file, ClusterError};
+use super::{
+    announce_dashboard, cancel_on_signal, publish_scheduler_file, serve_scheduler, ClusterError,
+};
 use crate::protocol::Token;
-use crate::scheduler::{server, SchedulerConfig};
+use crate::scheduler::SchedulerConfig;
 use std::path::PathBuf;
 use tokio::net::TcpListener;
 
@@ -15,6 +17,8 @@ pub struct StandaloneOptions {
     pub port: u16,
     pub scheduler_file: PathBuf,
     pub scheduler: SchedulerConfig,
+    /// Where the dashboard listens (`HOST:PORT`); none: no dashboard.
+    pub dashboard: Option<String>,
 }
 
 /// Serves until SIGINT or SIGTERM, then removes the scheduler file.
@@ -34,15 +38,32 @@ pub async fn serve(options: StandaloneOptions) -> Result<(), ClusterError> {
         "tcp://{}",
         listener.local_addr().map_err(ClusterError::Scheduler)?
     );
+    let dashboard = match &options.dashboard {
+        Some(at) => Some(crate::dashboard::bind(at).await?),
+        None => None,
+    };
+    let dashboard_url = dashboard.as_ref().map(crate::dashboard::Listening::url);
     let path = options.scheduler_file;
-    publish_scheduler_file(&address, &token, &path)?;
+    publish_scheduler_file(&address, &token, dashboard_url.clone(), &path)?;
     eprintln!(
         "rankmesh: scheduler at {address} (scheduler file {})",
         path.display()
     );
+    if let Some(url) = &dashboard_url {
+        announce_dashboard(url, &token);
+    }
     let shutdown = cancel_on_signal().map_err(ClusterError::Signals)?;
     let (workers, _) = tokio::sync::watch::channel(Vec::new());
-    server::serve(listener, token, options.scheduler, workers, shutdown).await;
+    let dashboard = dashboard.map(|listening| (listening, address.clone()));
+    serve_scheduler(
+        listener,
+        token,
+        options.scheduler,
+        workers,
+        dashboard,
+        shutdown,
+    )
+    .await;
     let _ = std::fs::remove_file(&path);
     Ok(())
 }

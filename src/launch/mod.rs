@@ -34,6 +34,8 @@ pub struct RunOptions {
     /// Fill in the Open MPI settings that nobody else chose (`open_mpi.rs`).
     pub tune_mpi: bool,
     pub scheduler: crate::scheduler::SchedulerConfig,
+    /// Where rank 0's dashboard listens (`HOST:PORT`); none: no dashboard.
+    pub dashboard: Option<String>,
 }
 
 /// How worker ranks move results between each other (clients always use TCP).

@@ -124,7 +124,16 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
                 place
             }
         };
+        let dashboard = match &options.dashboard {
+            Some(at) => Some(
+                runtime
+                    .block_on(crate::dashboard::bind(at))
+                    .map_err(ClusterError::from)?,
+            ),
+            None => None,
+        };
         let script_host = ScriptHost {
+            dashboard,
             address: bootstrap.scheduler,
             expected_workers: (size - 1) as u32,
             script,

@@ -50,7 +50,7 @@ impl Token {
     }
 
     /// Compares in time independent of where the first difference is.
-    fn matches(&self, offered: &str) -> bool {
+    pub fn matches(&self, offered: &str) -> bool {
         let (a, b) = (self.0.as_bytes(), offered.as_bytes());
         a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
     }

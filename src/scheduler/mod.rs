@@ -3,9 +3,11 @@
 //! `state` holds tasks, workers and clients and reacts to events; what it wants sent is
 //! handed to a [`Comm`], which the server (`server`) implements over sockets and tests
 //! implement as a recorder. `placement` picks workers; `coordination` keeps the locks,
-//! events, variables and queues clients share.
+//! events, variables and queues clients share; `monitor` hands snapshots of the state to
+//! the dashboard.
 
 mod coordination;
+pub mod monitor;
 mod placement;
 pub mod server;
 mod state;

@@ -1,6 +1,7 @@
 //! The scheduler's I/O edge: accepts connections, checks their token, and feeds their
 //! messages to the state machine, which runs on one task that owns it.
 
+use super::monitor::MonitorRequests;
 use super::{Comm, Departure, Scheduler, SchedulerConfig};
 use crate::heap::{FreedBytes, TRIM_WHEN_IDLE_AFTER};
 use crate::protocol::{
@@ -9,7 +10,7 @@ use crate::protocol::{
 };
 use crate::transport::listen::{Admission, Authenticated};
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -36,16 +37,18 @@ enum Event {
     WorkerGone(WorkerId),
 }
 
-/// Serves until `shutdown`; `workers` follows the registered workers.
+/// Serves until `shutdown`; `workers` follows the registered workers, `monitor` asks for
+/// snapshots (the dashboard).
 pub async fn serve(
     listener: TcpListener,
     token: Token,
     config: SchedulerConfig,
     workers: watch::Sender<Vec<WorkerInfo>>,
+    monitor: MonitorRequests,
     shutdown: CancellationToken,
 ) {
     let (events_tx, events) = mpsc::unbounded_channel();
-    let core = tokio::spawn(run_core(config, events, workers, shutdown.clone()));
+    let core = tokio::spawn(run_core(config, events, workers, monitor, shutdown.clone()));
     let events = events_tx.clone();
     let connections = Admission::new(token, &[Role::Client, Role::Worker])
         .serve(listener, &shutdown, move |connection| {
@@ -69,14 +72,28 @@ async fn run_core(
     config: SchedulerConfig,
     mut events: mpsc::UnboundedReceiver<Event>,
     workers: watch::Sender<Vec<WorkerInfo>>,
+    MonitorRequests(mut monitor): MonitorRequests,
     shutdown: CancellationToken,
 ) {
     let mut scheduler = Scheduler::new(config);
     let mut comm = OutboxComm::default();
     let mut freed = FreedBytes::default();
+    let started = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let mut monitored = true;
     loop {
         let event = tokio::select! {
             _ = shutdown.cancelled() => break,
+            request = monitor.recv(), if monitored => {
+                match request {
+                    Some(reply) => {
+                        let _ = reply.send(scheduler.snapshot(started));
+                    }
+                    None => monitored = false, // no dashboard
+                }
+                continue;
+            }
             event = events.recv() => match event {
                 Some(event) => event,
                 None => break,

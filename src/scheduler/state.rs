@@ -32,6 +32,7 @@ mod lifecycle;
 mod membership;
 mod records;
 mod scheduling;
+mod snapshot;
 mod submission;
 
 #[cfg(test)]
@@ -102,6 +103,8 @@ pub struct Scheduler {
     plugins: Vec<Plugin>,
     /// Published datasets by name; their tasks are held while they are published.
     datasets: BTreeMap<String, Dataset>,
+    /// Counters kept for snapshots (`monitor`).
+    observed: snapshot::Observed,
 }
 
 impl Scheduler {
@@ -126,6 +129,7 @@ impl Scheduler {
             coordination: Coordination::default(),
             plugins: Vec::new(),
             datasets: BTreeMap::new(),
+            observed: snapshot::Observed::default(),
         }
     }
 

@@ -648,10 +648,38 @@ def listening_ports(cluster) -> list[int]:
     return sorted(ports)
 
 
+HTTP_KNOCK = """
+import json, sys, urllib.error, urllib.request
+job = json.load(sys.stdin)
+codes = {}
+for path in job["paths"]:
+    for name, headers in [("none", {}), ("wrong", {"Authorization": "Bearer " + job["wrong"]}),
+                          ("cookie", {"Cookie": job["cookie"]})]:
+        request = urllib.request.Request(job["base"] + path, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                codes[path + " " + name] = [response.status, response.read(200).decode()]
+        except urllib.error.HTTPError as refused:
+            codes[path + " " + name] = [refused.code, ""]
+print(json.dumps(codes))
+"""
+
+
 def test_every_port_refuses_a_connection_without_the_token(attacker):
     with rankmesh.LocalCluster(n_workers=2) as cluster, rankmesh.Client(cluster) as client:
-        ports = listening_ports(cluster)
+        dashboard = int(client.dashboard_link.split("/status")[0].rsplit(":", 1)[1])
+        ports = [port for port in listening_ports(cluster) if port != dashboard]
         assert len(ports) == 3, "the scheduler and two data servers"
+        # The dashboard speaks HTTP: another user gets 403 on every page, whatever it sends.
+        paths = ["/", "/status", "/events", "/health", "/metrics", "/json/counts.json"]
+        job = {
+            "base": client.dashboard_link.split("/status")[0],
+            "paths": paths + ["/status?token=guess"],
+            "wrong": "0" * 64,
+            "cookie": f"rankmesh-token-{dashboard}={'0' * 64}",
+        }
+        codes = attacker.run(HTTP_KNOCK, job)
+        assert {tuple(v) for v in codes.values()} == {(403, "")}, codes
         future = client.submit(make, 3)
         assert future.result(timeout=60)[0] == 3.0
         job = {
@@ -740,7 +768,7 @@ def test_more_connections_than_the_file_limit(tmp_path):
         while not scheduler_file.exists():
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
-        address, token = read_scheduler_file(str(scheduler_file))
+        address, token, _ = read_scheduler_file(str(scheduler_file))
         port = int(address.rsplit(":", 1)[1])
         scheduler = psutil.Process(process.pid)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

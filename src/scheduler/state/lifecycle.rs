@@ -81,6 +81,7 @@ impl Scheduler {
         }
         self.change_processing(worker, id, false);
         let duration_s = done.duration_us as f64 * 1e-6;
+        self.observed.durations.record(duration_s);
         self.avg_task_duration_s += DURATION_EWMA_WEIGHT * (duration_s - self.avg_task_duration_s);
     }
 

@@ -61,6 +61,7 @@ impl Scheduler {
         };
         self.load_index.insert(worker.load());
         self.workers.insert(id, worker);
+        self.observed.workers_added += 1;
         tracing::info!(worker = %id, "worker registered");
         id
     }
@@ -74,6 +75,7 @@ impl Scheduler {
             tracing::debug!(worker = %worker, "removing a worker already removed");
             return;
         };
+        self.observed.workers_removed += 1;
         self.load_index.remove(&removed.load());
         let mut requeued = Vec::new();
         let mut killed = Vec::new();
