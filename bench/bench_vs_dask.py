@@ -5,7 +5,10 @@ Clusters (both up for the whole run, repetitions alternate between them):
             dashboard_address=None), scheduler worker-saturation --worker-saturation
             (default inf, as in the Dask anchors: no scheduler-side queuing; Dask's own
             default is 1.1, which caps no-op throughput near 600 tasks/s on 2 cores)
-  rankmesh  rankmesh.LocalCluster(n_workers=2, threads_per_worker=1)
+  rankmesh  rankmesh.LocalCluster(n_workers=2, threads_per_worker=1) (dashboard on, unwatched)
+  rankmesh-watched  the same with a status page open throughout (a reader of its event
+            stream, which takes a snapshot every 0.5 s) (noop and tree only)
+  rankmesh-nodash  the same with dashboard_address=None (noop and tree only)
   threads   Dask's threaded scheduler, num_workers=2 (xarray workload only, in-process)
 
 Workloads:
@@ -208,24 +211,46 @@ def start_dask(worker_saturation: str) -> System:
     )
 
 
-def start_rankmesh() -> System:
+def start_rankmesh(name: str = "rankmesh", dashboard: str = "on") -> System:
     import rankmesh
 
-    cluster = rankmesh.LocalCluster(n_workers=N_WORKERS, threads_per_worker=1)
+    address = None if dashboard == "off" else ":8787"
+    cluster = rankmesh.LocalCluster(
+        n_workers=N_WORKERS, threads_per_worker=1, dashboard_address=address
+    )
     client = rankmesh.Client(cluster)
+    stop_watching = threading.Event()
+    if dashboard == "watched":
+        watch_status_page(client.dashboard_link, stop_watching)
 
     def close() -> None:
+        stop_watching.set()
         client.close()
         cluster.close()
 
     return System(
-        name="rankmesh",
+        name=name,
         client=client,
         compute_kwargs={"scheduler": client.get},
         map_kwargs={},
         worker_pids=partial(rankmesh_worker_pids, cluster.pid),
         close=close,
     )
+
+
+def watch_status_page(link: str, stop: threading.Event) -> None:
+    """Reads the dashboard's event stream in a thread, as an open status page does."""
+    import urllib.request
+
+    base, token = link.split("/status?token=")
+    request = urllib.request.Request(base + "/events", headers={"Authorization": f"Bearer {token}"})
+
+    def read() -> None:
+        with urllib.request.urlopen(request) as events:
+            while not stop.is_set() and events.readline():
+                pass
+
+    threading.Thread(target=read, daemon=True).start()
 
 
 def start_threads() -> System:
@@ -313,6 +338,8 @@ def workloads(sizes: dict[str, int], systems: list[str]) -> list[Workload]:
     n, levels, days = sizes["noop_n"], sizes["tree_levels"], sizes["xarray_days"]
     build_xarray = partial(xarray_series, chunk_days=sizes["xarray_chunk_days"])
     with_client = [s for s in systems if s != "threads"]
+    # The dashboard variants answer one question: what watching costs the scheduler.
+    main_systems = [s for s in systems if not s.startswith("rankmesh-")]
     return [
         Workload(
             name="noop",
@@ -341,7 +368,7 @@ def workloads(sizes: dict[str, int], systems: list[str]) -> list[Workload]:
             size=days,
             warmup_size=min(30, days),
             n_tasks=len(build_xarray(days, "count").__dask_graph__()),
-            systems=systems,
+            systems=main_systems,
             check=check_xarray(days),
         ),
     ]
@@ -427,6 +454,13 @@ def print_table(rows: list[Row], notes: dict[str, str]) -> None:
     for workload, note in notes.items():
         print(f"{workload}: {note}")
     print("speedup = Dask distributed wall / this system's wall (higher: faster than Dask)")
+    walls = {(row.workload, row.system): row.median for row in rows}
+    for workload in dict.fromkeys(row.workload for row in rows):
+        off = walls.get((workload, "rankmesh-nodash"))
+        for system in ("rankmesh", "rankmesh-watched"):
+            on = walls.get((workload, system))
+            if off and on:
+                print(f"{workload}: {system} wall / rankmesh-nodash wall = {on / off:.3f}")
 
 
 def main() -> int:
@@ -440,7 +474,7 @@ def main() -> int:
     parser.add_argument(
         "--systems",
         default="dask,rankmesh,threads",
-        help="comma-separated subset of dask,rankmesh,threads",
+        help="comma-separated subset of dask,rankmesh,rankmesh-watched,rankmesh-nodash,threads",
     )
     parser.add_argument(
         "--workloads", default="noop,tree,xarray", help="comma-separated subset of noop,tree,xarray"
@@ -465,6 +499,8 @@ def main() -> int:
     starters = {
         "dask": partial(start_dask, args.worker_saturation),
         "rankmesh": start_rankmesh,
+        "rankmesh-watched": partial(start_rankmesh, "rankmesh-watched", "watched"),
+        "rankmesh-nodash": partial(start_rankmesh, "rankmesh-nodash", "off"),
         "threads": start_threads,
     }
     systems: dict[str, System] = {}

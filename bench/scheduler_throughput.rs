@@ -51,6 +51,7 @@ fn spec(id: TaskId, deps: Vec<TaskId>) -> TaskSpec {
         priority: 0,
         workers: vec![],
         options: TaskOptions::default(),
+        prefix: 0,
     }
 }
 
@@ -114,6 +115,7 @@ fn run(workers: u32, specs: Vec<TaskSpec>, wanted: Vec<TaskId>) -> Outcome {
         functions: Vec::new(),
         tasks: specs,
         wanted: wanted.clone(),
+        prefixes: vec!["noop".to_string()],
     };
     scheduler.handle_client(client, submit, &mut comm);
     let mut rounds = 0;

@@ -3,7 +3,7 @@
 from typing import Literal
 
 # One task as submitted: (id, dependency ids in payload order, function ids, payload, priority)
-TaskTuple = tuple[int, list[int], list[int], bytes, int]
+TaskTuple = tuple[int, list[int], list[int], bytes, int, str]
 # A stored object as an executor sees it:
 #   ("inline", data: bytes, layout: list[int]) or ("shm", path: str, layout: list[int])
 # layout = lengths of the object's frames (pickle stream, then out-of-band buffers); where
@@ -34,7 +34,8 @@ class ClientCore:
         restrictions: dict[int, list[int]] | None = None,
         options: dict[int, tuple[int, bool, list[tuple[str, float]]]] | None = None,
     ) -> None:
-        """restrictions: task id -> the only worker ids that may run it; options: task id ->
+        """tasks: (id, deps, function ids, payload, priority, prefix). restrictions: task id
+        -> the only worker ids that may run it; options: task id ->
         (retries, allow_other_workers, resources as (name, amount) pairs)."""
     def register_plugin(self, name: str, plugin: bytes) -> None:
         """A pickled worker plugin every executor sets up, now and when it starts."""

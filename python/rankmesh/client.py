@@ -12,6 +12,7 @@ from typing import Any
 
 import cloudpickle
 import dask.config
+from dask.utils import key_split
 
 from . import dask_recognition
 from . import graph as graphs
@@ -321,9 +322,10 @@ class Client:
         task_id = self._core.next_task_id(1)
         payload, deps, funcs = self._encoder.call(func, args, kwargs)
         restrictions, options = _options_by_id(annotations, [task_id])
-        task = (task_id, deps, funcs, payload, annotations.priority(None, 0))
+        prefix = key_split(key) if key is not None else _key_prefix(func)
+        task = (task_id, deps, funcs, payload, annotations.priority(None, 0), prefix)
         self._submit([task], [task_id], restrictions, options)
-        return Future(self, task_id, key if key is not None else f"{_key_prefix(func)}-{task_id:x}")
+        return Future(self, task_id, key if key is not None else f"{prefix}-{task_id:x}")
 
     def submit_command(
         self,
@@ -374,16 +376,17 @@ class Client:
             return []
         first = self._core.next_task_id(len(calls))
         encode = self._encoder.call
+        prefix = key if isinstance(key, str) else _key_prefix(func)
         tasks = []
         for offset, args in enumerate(calls):
             payload, deps, funcs = encode(func, args, kwargs)
-            tasks.append((first + offset, deps, funcs, payload, annotations.priority(None, offset)))
+            task_priority = annotations.priority(None, offset)
+            tasks.append((first + offset, deps, funcs, payload, task_priority, prefix))
         ids = [task[0] for task in tasks]
         self._submit(tasks, ids, *_options_by_id(annotations, ids))
         if isinstance(key, list):
             keys = key
         else:
-            prefix = key if key is not None else _key_prefix(func)
             keys = [f"{prefix}-{task_id:x}" for task_id in ids]
         return [Future(self, task_id, k) for task_id, k in zip(ids, keys, strict=True)]
 
@@ -399,7 +402,7 @@ class Client:
         tasks = []
         for offset, value in enumerate(values):
             payload, _, funcs = self._encoder.data(value)
-            tasks.append((first + offset, [], funcs, payload, offset))
+            tasks.append((first + offset, [], funcs, payload, offset, "data"))
         ids = [task[0] for task in tasks]
         self._submit(tasks, ids)
         futures = [Future(self, task_id, f"data-{task_id:x}") for task_id in ids]

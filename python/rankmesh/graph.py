@@ -13,6 +13,7 @@ from typing import Any
 import dask.config
 import dask.order
 from dask._task_spec import Alias, GraphNode, convert_legacy_graph
+from dask.utils import key_split
 
 from .futures import Future
 from .payloads import PayloadEncoder
@@ -26,8 +27,9 @@ DASK_CONFIG = {"array.rechunk.method": "tasks", "dataframe.shuffle.method": "tas
 ORDER_MAX_TASKS = 5000
 
 Key = Hashable
-# (id, dependency ids in payload order, function ids, payload, priority)
-TaskTuple = tuple[int, list[int], list[int], bytes, int]
+# (id, dependency ids in payload order, function ids, payload, priority, prefix: its kind,
+# as the dashboard and progress bars group tasks)
+TaskTuple = tuple[int, list[int], list[int], bytes, int, str]
 
 
 @dataclass
@@ -175,7 +177,8 @@ def graph_tasks(
             task_options = annotations.options(key)
             if task_options is not None:
                 options[task_id] = task_options
-        tasks.append((task_id, [key_ids[dep] for dep in dep_keys], funcs, payload, task_priority))
+        dep_ids = [key_ids[dep] for dep in dep_keys]
+        tasks.append((task_id, dep_ids, funcs, payload, task_priority, key_split(key)))
         chunk_keys.append(key)
         chunk_of[key] = chunk_number
         for dep in inputs_of[key]:

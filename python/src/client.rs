@@ -4,7 +4,7 @@
 use crate::convert::{bytes_of, error_to_py, transport_error};
 use crate::{ConnectionLost, RankmeshError};
 use pyo3::prelude::*;
-use pyo3::pybacked::PyBackedBytes;
+use pyo3::pybacked::{PyBackedBytes, PyBackedStr};
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyTuple};
 use rankmesh::protocol::{
     frame_offsets, ClientId, ClusterInfo, Coordinate, Coordinated, DatasetOp, ErrorInfo,
@@ -204,14 +204,15 @@ impl ClientCore {
         TaskId::new(ClientId(self.client_id), first).0
     }
 
-    /// `restrictions`: task id → the only worker ids that may run it; `options`: task id
-    /// → (retries, allow_other_workers, resources as (name, amount) pairs).
+    /// `tasks`: (id, deps, function ids, payload, priority, prefix); `restrictions`: task id
+    /// → the only worker ids that may run it; `options`: task id → (retries,
+    /// allow_other_workers, resources as (name, amount) pairs).
     #[allow(clippy::type_complexity)]
     #[pyo3(signature = (functions, tasks, wanted, restrictions = None, options = None))]
     fn submit(
         &self,
         functions: Vec<(u64, PyBackedBytes)>,
-        tasks: Vec<(u64, Vec<u64>, Vec<u64>, PyBackedBytes, i64)>,
+        tasks: Vec<(u64, Vec<u64>, Vec<u64>, PyBackedBytes, i64, PyBackedStr)>,
         wanted: Vec<u64>,
         restrictions: Option<HashMap<u64, Vec<u32>>>,
         options: Option<HashMap<u64, (u32, bool, Vec<(String, f64)>)>>,
@@ -229,12 +230,25 @@ impl ClientCore {
         let mut chunk_bytes = 0;
         let wanted: std::collections::HashSet<u64> = wanted.into_iter().collect();
         let mut chunk_wanted = Vec::new();
+        // Each chunk names the prefixes its tasks use; tasks refer to them by index.
+        let mut prefixes: Vec<String> = Vec::new();
+        let mut prefix_index: HashMap<String, u32> = HashMap::new();
         let total = tasks.len();
-        for (index, (id, deps, funcs, payload, priority)) in tasks.into_iter().enumerate() {
+        for (index, (id, deps, funcs, payload, priority, prefix)) in tasks.into_iter().enumerate() {
             chunk_bytes += payload.len() + 8 * (deps.len() + funcs.len()) + 32;
             if wanted.contains(&id) {
                 chunk_wanted.push(TaskId(id));
             }
+            let prefix: &str = &prefix;
+            let prefix = match prefix_index.get(prefix) {
+                Some(&at) => at,
+                None => {
+                    let at = prefixes.len() as u32;
+                    prefixes.push(prefix.to_string());
+                    prefix_index.insert(prefix.to_string(), at);
+                    at
+                }
+            };
             chunk.push(TaskSpec {
                 id: TaskId(id),
                 deps: deps.into_iter().map(TaskId).collect(),
@@ -253,13 +267,16 @@ impl ClientCore {
                         resources: Resources::new(resources),
                     })
                     .unwrap_or_default(),
+                prefix,
             });
             if chunk_bytes >= SUBMIT_CHUNK_BYTES || index + 1 == total {
                 self.send(FromClient::Submit {
                     functions: std::mem::take(&mut functions),
                     tasks: std::mem::take(&mut chunk),
                     wanted: std::mem::take(&mut chunk_wanted),
+                    prefixes: std::mem::take(&mut prefixes),
                 })?;
+                prefix_index.clear();
                 chunk_bytes = 0;
             }
         }
@@ -268,6 +285,7 @@ impl ClientCore {
                 functions,
                 tasks: vec![],
                 wanted: vec![],
+                prefixes: vec![],
             })?;
         }
         Ok(())

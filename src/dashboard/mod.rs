@@ -251,7 +251,7 @@ fn offered_tokens(headers: &HeaderMap, port: u16) -> Vec<String> {
 }
 
 async fn snapshot(shared: &Shared) -> Result<Snapshot, Response> {
-    shared.monitor.snapshot().await.ok_or_else(|| {
+    shared.monitor.snapshot(u64::MAX).await.ok_or_else(|| {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "the scheduler is stopping or busy\n",
@@ -289,11 +289,14 @@ async fn events(
     State(shared): State<Arc<Shared>>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let ticks = tokio::time::interval(EVENT_INTERVAL);
-    let stream = futures::stream::unfold((ticks, shared), |(mut ticks, shared)| async move {
+    // Each event carries the task stream's entries the page has not had yet.
+    let start = (ticks, shared, 0);
+    let stream = futures::stream::unfold(start, |(mut ticks, shared, since)| async move {
         ticks.tick().await;
-        let snapshot = shared.monitor.snapshot().await?;
+        let snapshot = shared.monitor.snapshot(since).await?;
+        let since = snapshot.stream.last().map_or(since, |e| e.sequence + 1);
         let data = serde_json::to_string(&snapshot).ok()?;
-        Some((Ok(Event::default().data(data)), (ticks, shared)))
+        Some((Ok(Event::default().data(data)), (ticks, shared, since)))
     });
     Sse::new(stream).keep_alive(KeepAlive::default())
 }

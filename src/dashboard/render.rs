@@ -192,23 +192,56 @@ fn worker_memory(out: &mut String, workers: &[WorkerSnapshot]) {
 }
 
 fn durations(out: &mut String, snapshot: &Snapshot) {
-    let name = "rankmesh_task_duration_seconds";
-    family(out, name, "histogram", "How long computed tasks ran");
-    let histogram = &snapshot.durations;
-    let mut cumulative = 0;
-    for (bound, count) in DURATION_BUCKETS_S.iter().zip(&histogram.counts) {
-        cumulative += count;
-        let le = bound.to_string();
-        sample(out, &format!("{name}_bucket"), &[("le", &le)], cumulative);
-    }
-    sample(
+    let name = "dask_scheduler_prefix_state_totals_total";
+    family(
         out,
-        &format!("{name}_bucket"),
-        &[("le", "+Inf")],
-        histogram.count,
+        name,
+        "counter",
+        "Accumulated count of task prefix in each state",
     );
-    sample(out, &format!("{name}_sum"), &[], histogram.sum_s);
-    sample(out, &format!("{name}_count"), &[], histogram.count);
+    for prefix in &snapshot.prefixes {
+        for (state, count) in [
+            ("memory", prefix.done),
+            ("erred", prefix.erred),
+            ("forgotten", prefix.forgotten),
+        ] {
+            let labels = [("task_prefix_name", prefix.name.as_str()), ("state", state)];
+            sample(out, name, &labels, count);
+        }
+    }
+    let name = "dask_scheduler_tasks_compute_seconds_total";
+    family(
+        out,
+        name,
+        "counter",
+        "Total amount of compute time spent in each prefix",
+    );
+    for prefix in &snapshot.prefixes {
+        let labels = [("task_prefix_name", prefix.name.as_str())];
+        sample(out, name, &labels, prefix.durations.sum_s);
+    }
+    let name = "rankmesh_task_duration_seconds";
+    family(
+        out,
+        name,
+        "histogram",
+        "How long computed tasks ran, by prefix",
+    );
+    for prefix in &snapshot.prefixes {
+        let histogram = &prefix.durations;
+        let mut cumulative = 0;
+        for (bound, count) in DURATION_BUCKETS_S.iter().zip(&histogram.counts) {
+            cumulative += count;
+            let le = bound.to_string();
+            let labels = [("prefix", prefix.name.as_str()), ("le", le.as_str())];
+            sample(out, &format!("{name}_bucket"), &labels, cumulative);
+        }
+        let labels = [("prefix", prefix.name.as_str()), ("le", "+Inf")];
+        sample(out, &format!("{name}_bucket"), &labels, histogram.count);
+        let labels = [("prefix", prefix.name.as_str())];
+        sample(out, &format!("{name}_sum"), &labels, histogram.sum_s);
+        sample(out, &format!("{name}_count"), &labels, histogram.count);
+    }
 }
 
 /// More tasks than threads: `distributed` calls such a worker saturated.
@@ -241,7 +274,7 @@ fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: impl std
 mod tests {
     use super::*;
     use crate::protocol::{Resources, WorkerId, WorkerInfo, WorkerMemory};
-    use crate::scheduler::monitor::{DurationHistogram, TaskCounts};
+    use crate::scheduler::monitor::{PrefixStats, TaskCounts};
 
     fn snapshot() -> Snapshot {
         let worker = |id: u32, processing: u32, paused: bool| WorkerSnapshot {
@@ -267,9 +300,12 @@ mod tests {
             },
             processing,
         };
-        let mut durations = DurationHistogram::default();
-        durations.record(0.5);
-        durations.record(0.0001);
+        let mut inc = PrefixStats::new("inc".into());
+        inc.submitted = 3;
+        inc.done = 2;
+        inc.erred = 1;
+        inc.durations.record(0.5);
+        inc.durations.record(0.0001);
         Snapshot {
             started: 1.5,
             clients: 2,
@@ -285,7 +321,9 @@ mod tests {
             recomputed_tasks: 9,
             workers_added: 4,
             workers_removed: 1,
-            durations,
+            prefixes: vec![inc],
+            stream: Vec::new(),
+            now_ms: 0.0,
         }
     }
 
@@ -326,10 +364,12 @@ mod tests {
             "dask_scheduler_tasks{state=\"erred\"} 6",
             "dask_scheduler_workers_added_total 4",
             "rankmesh_worker_memory_bytes{worker=\"2\",kind=\"managed\"} 200",
-            "rankmesh_task_duration_seconds_bucket{le=\"0.001\"} 1",
-            "rankmesh_task_duration_seconds_bucket{le=\"1\"} 2",
-            "rankmesh_task_duration_seconds_bucket{le=\"+Inf\"} 2",
-            "rankmesh_task_duration_seconds_count 2",
+            "rankmesh_task_duration_seconds_bucket{prefix=\"inc\",le=\"0.001\"} 1",
+            "rankmesh_task_duration_seconds_bucket{prefix=\"inc\",le=\"1\"} 2",
+            "rankmesh_task_duration_seconds_bucket{prefix=\"inc\",le=\"+Inf\"} 2",
+            "rankmesh_task_duration_seconds_count{prefix=\"inc\"} 2",
+            "dask_scheduler_prefix_state_totals_total{task_prefix_name=\"inc\",state=\"erred\"} 1",
+            "dask_scheduler_tasks_compute_seconds_total{task_prefix_name=\"inc\"} 0.5001",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 14;
+pub const PROTOCOL_VERSION: u32 = 15;
 
 /// What a connecting peer is; the acceptor checks it is one it serves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +63,8 @@ pub struct TaskSpec {
     /// Only these workers may run it (Dask's `workers=`); empty: any worker.
     pub workers: Vec<WorkerId>,
     pub options: TaskOptions,
+    /// Its kind, for progress and the dashboard: an index into the submit's `prefixes`.
+    pub prefix: u32,
 }
 
 /// What Dask's `submit` keywords (and `dask.annotate`) ask of one task.
@@ -108,11 +110,13 @@ impl ErrorInfo {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[cfg_attr(test, derive(PartialEq))]
 pub enum FromClient {
-    /// New tasks; `wanted` are those the client holds futures on.
+    /// New tasks; `wanted` are those the client holds futures on; `prefixes` name the
+    /// tasks' kinds (Dask's key prefixes: `inc`, `rechunk-merge`...).
     Submit {
         functions: Vec<FunctionBlob>,
         tasks: Vec<TaskSpec>,
         wanted: Vec<TaskId>,
+        prefixes: Vec<String>,
     },
     /// The client dropped its futures on these tasks.
     Release(Vec<TaskId>),

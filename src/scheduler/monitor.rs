@@ -23,8 +23,106 @@ pub struct Snapshot {
     pub recomputed_tasks: u64,
     pub workers_added: u64,
     pub workers_removed: u64,
-    /// How long computed tasks ran (each computation counts, recomputations too).
+    /// Every task kind submitted so far, in the order first seen.
+    pub prefixes: Vec<PrefixStats>,
+    /// Tasks that finished recently, after the sequence number the request gave.
+    pub stream: Vec<StreamEntry>,
+    /// Milliseconds since the scheduler started, now (the stream's clock).
+    pub now_ms: f64,
+}
+
+/// How the tasks of one kind (Dask's key prefix) fared.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct PrefixStats {
+    pub name: String,
+    pub submitted: u64,
+    /// Computed once at least (a recomputation does not count again).
+    pub done: u64,
+    pub erred: u64,
+    /// Left the scheduler neither computed nor erred (cancelled, released before running).
+    pub forgotten: u64,
+    /// How long its computations ran (each one counts, recomputations too).
     pub durations: DurationHistogram,
+}
+
+impl PrefixStats {
+    pub fn new(name: String) -> Self {
+        PrefixStats {
+            name,
+            submitted: 0,
+            done: 0,
+            erred: 0,
+            forgotten: 0,
+            durations: DurationHistogram::default(),
+        }
+    }
+}
+
+/// A task that finished on a worker: the task stream's bar.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+pub struct StreamEntry {
+    /// Numbers entries from the scheduler's start; a request asks for those after one.
+    pub sequence: u64,
+    pub worker: u32,
+    /// An index into `Snapshot::prefixes`.
+    pub prefix: u32,
+    /// Milliseconds since the scheduler started, when the worker reported it (the bar
+    /// ends there: it started `duration_ms` earlier).
+    pub end_ms: f64,
+    pub duration_ms: f64,
+}
+
+/// What the scheduler reports about a finished task for the stream; the server adds the
+/// time it heard of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskRan {
+    pub worker: u32,
+    pub prefix: u32,
+    pub duration_us: u64,
+}
+
+/// The last minute of finished tasks (at most [`STREAM_ENTRIES`]), kept by the server.
+#[derive(Default)]
+pub struct TaskStream {
+    entries: std::collections::VecDeque<StreamEntry>,
+    next_sequence: u64,
+}
+
+/// Entries kept for the task stream, whatever the minute held.
+pub const STREAM_ENTRIES: usize = 20_000;
+const STREAM_WINDOW_MS: f64 = 60_000.0;
+
+impl TaskStream {
+    /// Adds tasks heard of at `now_ms` and forgets what is older than the window.
+    pub fn record(&mut self, ran: impl IntoIterator<Item = TaskRan>, now_ms: f64) {
+        for task in ran {
+            self.entries.push_back(StreamEntry {
+                sequence: self.next_sequence,
+                worker: task.worker,
+                prefix: task.prefix,
+                end_ms: now_ms,
+                duration_ms: task.duration_us as f64 / 1000.0,
+            });
+            self.next_sequence += 1;
+        }
+        while self.entries.len() > STREAM_ENTRIES
+            || self
+                .entries
+                .front()
+                .is_some_and(|e| e.end_ms < now_ms - STREAM_WINDOW_MS)
+        {
+            self.entries.pop_front();
+        }
+    }
+
+    /// Entries numbered `since` and later.
+    pub fn since(&self, since: u64) -> Vec<StreamEntry> {
+        let skip = self
+            .entries
+            .front()
+            .map_or(0, |first| since.saturating_sub(first.sequence) as usize);
+        self.entries.iter().skip(skip).copied().collect()
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -76,14 +174,20 @@ impl DurationHistogram {
     }
 }
 
+/// A request for a snapshot with the task stream's entries numbered `since` and later.
+pub struct SnapshotRequest {
+    pub since: u64,
+    pub reply: oneshot::Sender<Snapshot>,
+}
+
 /// Asks the scheduler for snapshots; cheap to clone.
 #[derive(Clone)]
 pub struct Monitor {
-    requests: mpsc::Sender<oneshot::Sender<Snapshot>>,
+    requests: mpsc::Sender<SnapshotRequest>,
 }
 
 /// The scheduler's end: requests to answer with a snapshot.
-pub struct MonitorRequests(pub(super) mpsc::Receiver<oneshot::Sender<Snapshot>>);
+pub struct MonitorRequests(pub(super) mpsc::Receiver<SnapshotRequest>);
 
 pub fn monitor() -> (Monitor, MonitorRequests) {
     let (requests, receiver) = mpsc::channel(MAX_WAITING_REQUESTS);
@@ -91,10 +195,13 @@ pub fn monitor() -> (Monitor, MonitorRequests) {
 }
 
 impl Monitor {
-    /// The scheduler's state now; `None` if it stopped or too many requests wait.
-    pub async fn snapshot(&self) -> Option<Snapshot> {
+    /// The scheduler's state now, with the task stream from entry `since` on; `None` if
+    /// it stopped or too many requests wait.
+    pub async fn snapshot(&self, since: u64) -> Option<Snapshot> {
         let (reply, answer) = oneshot::channel();
-        self.requests.try_send(reply).ok()?;
+        self.requests
+            .try_send(SnapshotRequest { since, reply })
+            .ok()?;
         answer.await.ok()
     }
 }
@@ -102,6 +209,26 @@ impl Monitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stream_keeps_the_last_minute_and_answers_from_a_sequence() {
+        let mut stream = TaskStream::default();
+        let ran = |worker| TaskRan {
+            worker,
+            prefix: 0,
+            duration_us: 1500,
+        };
+        stream.record([ran(1), ran(2)], 1_000.0);
+        stream.record([ran(3)], 30_000.0);
+        assert_eq!(stream.since(0).len(), 3);
+        assert_eq!(stream.since(2)[0].worker, 3);
+        assert_eq!(stream.since(2)[0].duration_ms, 1.5);
+        stream.record([ran(4)], 70_000.0); // the first two are over a minute old
+        let kept: Vec<u32> = stream.since(0).iter().map(|e| e.worker).collect();
+        assert_eq!(kept, [3, 4]);
+        assert_eq!(stream.since(3).len(), 1);
+        assert!(stream.since(9).is_empty());
+    }
 
     #[test]
     fn durations_fall_in_the_first_bucket_that_holds_them() {

@@ -1,7 +1,7 @@
 //! The scheduler's I/O edge: accepts connections, checks their token, and feeds their
 //! messages to the state machine, which runs on one task that owns it.
 
-use super::monitor::MonitorRequests;
+use super::monitor::{MonitorRequests, TaskStream};
 use super::{Comm, Departure, Scheduler, SchedulerConfig};
 use crate::heap::{FreedBytes, TRIM_WHEN_IDLE_AFTER};
 use crate::protocol::{
@@ -10,7 +10,7 @@ use crate::protocol::{
 };
 use crate::transport::listen::{Admission, Authenticated};
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -81,14 +81,19 @@ async fn run_core(
     let started = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
+    let clock = Instant::now();
+    let mut stream = TaskStream::default();
     let mut monitored = true;
     loop {
         let event = tokio::select! {
             _ = shutdown.cancelled() => break,
             request = monitor.recv(), if monitored => {
                 match request {
-                    Some(reply) => {
-                        let _ = reply.send(scheduler.snapshot(started));
+                    Some(request) => {
+                        let entries = stream.since(request.since);
+                        let now_ms = clock.elapsed().as_secs_f64() * 1e3;
+                        let snapshot = scheduler.snapshot(started, entries, now_ms);
+                        let _ = request.reply.send(snapshot);
                     }
                     None => monitored = false, // no dashboard
                 }
@@ -112,6 +117,7 @@ async fn run_core(
         }
         scheduler.schedule(&mut comm);
         freed.note(scheduler.take_freed_bytes());
+        stream.record(scheduler.take_ran(), clock.elapsed().as_secs_f64() * 1e3);
         // Membership changes rarely: rebuild the list only when the count moved.
         workers.send_if_modified(|known| {
             let changed = known.len() != scheduler.worker_count();

@@ -172,8 +172,9 @@ impl Scheduler {
                 functions,
                 tasks,
                 wanted,
+                prefixes,
             } => {
-                self.submit(client, functions, tasks, &wanted);
+                self.submit(client, functions, tasks, &wanted, &prefixes);
             }
             FromClient::Release(ids) => self.release(client, &ids),
             FromClient::ReleaseFunctions(ids) => self.release_functions(client, &ids),

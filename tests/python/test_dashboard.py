@@ -5,6 +5,7 @@ status page as a browser draws it."""
 import json
 import os
 import shutil
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -93,7 +94,22 @@ def test_endpoints_report_a_known_computation(client):
     metrics = fetch(base + "/metrics", token)[1].decode()
     samples = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if not line.startswith("#"))
     assert float(samples['dask_scheduler_tasks{state="memory"}']) >= 16
-    assert float(samples["rankmesh_task_duration_seconds_count"]) >= 16
+    counted = {
+        k: float(v)
+        for k, v in samples.items()
+        if k.startswith("rankmesh_task_duration_seconds_count{")
+    }
+    assert sum(counted.values()) >= 16, counted
+    prefixes = {k.split('"')[1] for k in counted}
+    done = sum(
+        float(
+            samples[
+                f'dask_scheduler_prefix_state_totals_total{{task_prefix_name="{p}",state="memory"}}'
+            ]
+        )
+        for p in prefixes
+    )
+    assert done >= 16
     assert float(samples['dask_scheduler_workers{state="idle"}']) == 2
     assert (
         sum(
@@ -127,7 +143,12 @@ def test_links_go_through_jupyterhubs_proxy(monkeypatch, cluster):
         assert "rankmesh.Client" in html and "workers</th><td" in html
 
 
-def test_the_status_page_draws_memory_bars_in_a_browser(client, tmp_path):
+def slow_square(i: int) -> int:
+    time.sleep(0.3)
+    return i * i
+
+
+def test_the_status_page_draws_progress_memory_and_the_task_stream(client, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")
     chromium = shutil.which("chromium")
     if chromium is None:
@@ -136,21 +157,30 @@ def test_the_status_page_draws_memory_bars_in_a_browser(client, tmp_path):
     rankmesh.wait(rankmesh.futures_of(held))
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1100, "height": 420})
+        page = browser.new_page(viewport={"width": 1100, "height": 700})
+        squares = client.map(slow_square, range(12))  # about 2 s on two workers
         page.goto(client.dashboard_link)
         # The token went into a cookie and out of the address bar.
         assert "token" not in page.url
+        page.wait_for_selector('.prefix-progress[data-prefix="slow_square"]')
+        assert client.gather(squares) == [i * i for i in range(12)]
         # Bars fill once each worker's memory report reaches the scheduler (every second).
         page.wait_for_function(
             "document.querySelectorAll('.worker-memory .managed:not([style=\"width:0%\"])')"
             ".length === 2",
             timeout=30_000,
         )
+        page.wait_for_function(
+            "document.querySelector('.prefix-progress[data-prefix=\"slow_square\"] .label')"
+            ".textContent === '12 / 12'"
+        )
+        done = page.locator('.prefix-progress[data-prefix="slow_square"] .done')
+        assert done.get_attribute("style") == "width:100%"
+        page.wait_for_function("Number(document.getElementById('stream').dataset.bars) >= 28")
+        assert "slow_square" in page.inner_text("#stream-legend")
         assert page.locator(".worker-occupancy").count() == 2
         summary = page.inner_text("#summary")
-        assert "workers: 2" in summary and "in memory: 16" in summary
-        updates = int(page.get_attribute("body", "data-updates"))
-        page.wait_for_function(f"Number(document.body.dataset.updates) > {updates}")
+        assert "workers: 2" in summary and "erred: 0" in summary
         screenshot = tmp_path / "dashboard-status.png"
         page.screenshot(path=str(screenshot), full_page=True)
         browser.close()
@@ -158,4 +188,4 @@ def test_the_status_page_draws_memory_bars_in_a_browser(client, tmp_path):
     if os.environ.get("RANKMESH_SCREENSHOTS"):
         DOCS_IMAGES.mkdir(exist_ok=True)
         shutil.copy(screenshot, DOCS_IMAGES / screenshot.name)
-    del held
+    del held, squares

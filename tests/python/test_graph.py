@@ -49,7 +49,8 @@ class InProcessCluster:
         released too early fails a later chunk."""
         self.runner.add_functions(self.encoder.registry.submitted(tasks, held))
         self.chunks += 1
-        for task_id, deps, funcs, payload, _priority in tasks:
+        for task_id, deps, funcs, payload, _priority, prefix in tasks:
+            assert prefix and isinstance(prefix, str)
             assert set(funcs) <= set(self.runner.functions)
             inputs = [self.stored[dep] for dep in deps]  # dependencies came first
             _, _, status, stored = self.runner.run(task_id, payload, inputs)
@@ -155,7 +156,7 @@ def test_keys_held_by_futures_are_inputs_not_tasks(cluster):
     cluster.stored[7] = cluster.runner.run(7, cluster.encoder.data(np.arange(4))[0], [])[3]
     dsk = {"x": Future(HoldingNothing(), 7, "x"), "y": (np.sum, "x")}
     assert cluster.get(dsk, ["y"]) == [6]
-    assert [deps for _, deps, _, _, _ in cluster.last_tasks] == [[7]]
+    assert [task[1] for task in cluster.last_tasks] == [[7]]
     with pytest.raises(KeyError, match="neither in the graph"):
         cluster.get({"y": Task("y", np.sum, TaskRef("x"))}, ["y"])
 

@@ -48,6 +48,9 @@ impl Scheduler {
             holders: vec![worker],
             size: done.size,
         };
+        let first = !mem::replace(&mut task.computed, true);
+        self.observed
+            .computed(task.prefix, worker, done.duration_us, first);
         let finished = TaskFinished {
             id,
             worker,
@@ -81,7 +84,6 @@ impl Scheduler {
         }
         self.change_processing(worker, id, false);
         let duration_s = done.duration_us as f64 * 1e-6;
-        self.observed.durations.record(duration_s);
         self.avg_task_duration_s += DURATION_EWMA_WEIGHT * (duration_s - self.avg_task_duration_s);
     }
 
@@ -284,6 +286,9 @@ impl Scheduler {
     /// Removes a task from the table; the functions it used lose a user.
     pub(super) fn take_task(&mut self, id: TaskId) -> Option<Task> {
         let task = self.tasks.remove(&id)?;
+        if !task.computed && !matches!(task.state, TaskState::Erred { .. }) {
+            self.observed.forgotten(task.prefix);
+        }
         self.tasks.shrink_when_sparse();
         self.freed_bytes += task.payload.len() as u64;
         for &func in &task.funcs {
@@ -380,6 +385,9 @@ impl Scheduler {
                     error: error.clone(),
                 },
             );
+            if !task.computed {
+                self.observed.erred(task.prefix);
+            }
             for client in &task.wanted_by {
                 wanted.entry(*client).or_default().push(id);
             }

@@ -72,6 +72,10 @@ pub(super) struct Task {
     pub(super) wanted_by: Vec<ClientId>,
     /// Published datasets that hold it (`Client.publish_dataset`).
     pub(super) published: u32,
+    /// Its kind (Dask's key prefix), an id of the dashboard's counters.
+    pub(super) prefix: u32,
+    /// Computed at least once (a recomputation is not new progress).
+    pub(super) computed: bool,
     /// Dependents not computed yet: they still need this task's result.
     pub(super) pending_dependents: u32,
     /// Dependents in the task table, in any state: while there are some, this task is

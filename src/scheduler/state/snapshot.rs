@@ -1,21 +1,89 @@
-//! Snapshots of the state for the dashboard and metrics (`scheduler::monitor`).
+//! What the dashboard sees of the state (`scheduler::monitor`): snapshots, and the counters
+//! kept for them as tasks come and go.
 
 use super::records::TaskState;
 use super::Scheduler;
-use crate::scheduler::monitor::{DurationHistogram, Snapshot, TaskCounts, WorkerSnapshot};
+use crate::protocol::WorkerId;
+use crate::scheduler::monitor::{
+    PrefixStats, Snapshot, StreamEntry, TaskCounts, TaskRan, WorkerSnapshot,
+};
+use std::collections::HashMap;
 
 /// What snapshots report that the state does not keep otherwise.
 #[derive(Default)]
 pub(super) struct Observed {
     pub(super) workers_added: u64,
     pub(super) workers_removed: u64,
-    pub(super) durations: DurationHistogram,
+    /// By prefix id (`Task::prefix`), in the order first submitted.
+    prefixes: Vec<PrefixStats>,
+    prefix_ids: HashMap<String, u32>,
+    /// Tasks computed since the server last took them (`Scheduler::take_ran`).
+    ran: Vec<TaskRan>,
+}
+
+impl Observed {
+    /// Ids of a submit's prefix names, new ones added.
+    pub(super) fn prefix_ids(&mut self, names: &[String]) -> Vec<u32> {
+        names
+            .iter()
+            .map(|name| match self.prefix_ids.get(name) {
+                Some(&id) => id,
+                None => {
+                    let id = self.prefixes.len() as u32;
+                    self.prefixes.push(PrefixStats::new(name.clone()));
+                    self.prefix_ids.insert(name.clone(), id);
+                    id
+                }
+            })
+            .collect()
+    }
+
+    fn stats(&mut self, prefix: u32) -> Option<&mut PrefixStats> {
+        self.prefixes.get_mut(prefix as usize)
+    }
+
+    pub(super) fn submitted(&mut self, prefix: u32) {
+        if let Some(stats) = self.stats(prefix) {
+            stats.submitted += 1;
+        }
+    }
+
+    /// A computation finished; `first`: the task's first (not a recomputation).
+    pub(super) fn computed(
+        &mut self,
+        prefix: u32,
+        worker: WorkerId,
+        duration_us: u64,
+        first: bool,
+    ) {
+        if let Some(stats) = self.stats(prefix) {
+            stats.done += u64::from(first);
+            stats.durations.record(duration_us as f64 * 1e-6);
+        }
+        self.ran.push(TaskRan {
+            worker: worker.0,
+            prefix,
+            duration_us,
+        });
+    }
+
+    pub(super) fn erred(&mut self, prefix: u32) {
+        if let Some(stats) = self.stats(prefix) {
+            stats.erred += 1;
+        }
+    }
+
+    pub(super) fn forgotten(&mut self, prefix: u32) {
+        if let Some(stats) = self.stats(prefix) {
+            stats.forgotten += 1;
+        }
+    }
 }
 
 impl Scheduler {
-    /// The state now; `started` is when the scheduler started (Unix seconds). Costs one pass
-    /// over the task table.
-    pub fn snapshot(&self, started: f64) -> Snapshot {
+    /// The state now, with `stream` (kept by the server, which knows the time: `now_ms`
+    /// since `started`, in Unix seconds). Costs one pass over the task table.
+    pub fn snapshot(&self, started: f64, stream: Vec<StreamEntry>, now_ms: f64) -> Snapshot {
         let mut tasks = TaskCounts::default();
         for task in self.tasks.values() {
             let count = match task.state {
@@ -45,7 +113,14 @@ impl Scheduler {
             recomputed_tasks: self.recomputed_tasks,
             workers_added: self.observed.workers_added,
             workers_removed: self.observed.workers_removed,
-            durations: self.observed.durations.clone(),
+            prefixes: self.observed.prefixes.clone(),
+            stream,
+            now_ms,
         }
+    }
+
+    /// Tasks computed since the last call, for the task stream.
+    pub fn take_ran(&mut self) -> Vec<TaskRan> {
+        std::mem::take(&mut self.observed.ran)
     }
 }

@@ -20,10 +20,11 @@ impl Scheduler {
         functions: Vec<FunctionBlob>,
         specs: Vec<TaskSpec>,
         wanted: &[TaskId],
+        prefixes: &[String],
     ) {
         // Kept even if the tasks are rejected: the client counts them as shipped.
         self.pin_functions(client, functions);
-        let order = match self.validate_submit(client, &specs, wanted) {
+        let order = match self.validate_submit(client, &specs, wanted, prefixes.len()) {
             Ok(order) => order,
             Err(reason) => {
                 tracing::warn!(client = %client, %reason, "submit rejected");
@@ -33,6 +34,7 @@ impl Scheduler {
                 return;
             }
         };
+        let prefix_ids = self.observed.prefix_ids(prefixes);
         let mut specs: Vec<Option<TaskSpec>> = specs.into_iter().map(Some).collect();
         let mut erred = Vec::new();
         // Dependencies first, so every dep's state is known when its dependent is added.
@@ -51,7 +53,10 @@ impl Scheduler {
                     }
                 }
             }
+            let prefix = prefix_ids[spec.prefix as usize];
+            self.observed.submitted(prefix);
             if matches!(state, TaskState::Erred { .. }) {
+                self.observed.erred(prefix);
                 erred.push(spec.id);
             }
             for func in &spec.funcs {
@@ -72,6 +77,8 @@ impl Scheduler {
                 resources: spec.options.resources,
                 wanted_by: Vec::new(),
                 published: 0,
+                prefix,
+                computed: false,
                 pending_dependents: 0,
                 live_dependents: 0,
                 killed_workers: Vec::new(),
@@ -91,6 +98,7 @@ impl Scheduler {
         client: ClientId,
         specs: &[TaskSpec],
         wanted: &[TaskId],
+        prefixes: usize,
     ) -> Result<Vec<usize>, String> {
         let mut index: IdMap<TaskId, usize> = IdMap::default();
         index.reserve(specs.len());
@@ -104,6 +112,12 @@ impl Scheduler {
             }
             if self.tasks.contains_key(&spec.id) || index.insert(spec.id, i).is_some() {
                 return Err(format!("task {} was submitted twice", spec.id));
+            }
+            if spec.prefix as usize >= prefixes {
+                return Err(format!(
+                    "task {} names prefix {} of a submit that has {prefixes}",
+                    spec.id, spec.prefix
+                ));
             }
         }
         for spec in specs {

@@ -162,6 +162,7 @@ impl TestEnv {
             functions: Vec::new(),
             tasks,
             wanted: wanted.to_vec(),
+            prefixes: prefixes(),
         };
         self.client_msg(client, msg);
     }
@@ -235,6 +236,11 @@ fn sorted(ids: &[TaskId]) -> Vec<TaskId> {
     ids
 }
 
+/// The task kinds every test submit names: one, `task`.
+fn prefixes() -> Vec<String> {
+    vec!["task".to_string()]
+}
+
 fn spec(id: TaskId, deps: &[TaskId]) -> TaskSpec {
     TaskSpec {
         id,
@@ -244,6 +250,7 @@ fn spec(id: TaskId, deps: &[TaskId]) -> TaskSpec {
         priority: 0,
         workers: vec![],
         options: TaskOptions::default(),
+        prefix: 0,
     }
 }
 
@@ -718,6 +725,7 @@ fn a_broken_submit_is_rejected_whole() {
                 functions,
                 tasks,
                 wanted: vec![a],
+                prefixes: prefixes(),
             },
         );
         match env.comm.take_client(c).as_slice() {
@@ -935,6 +943,7 @@ fn functions_are_sent_once_per_worker() {
         functions: vec![blob.clone(), blob.clone()],
         tasks: first.iter().map(|&id| uses_func(id)).collect(),
         wanted: first.clone(),
+        prefixes: prefixes(),
     };
     env.client_msg(c, msg);
     env.schedule();
@@ -980,6 +989,7 @@ fn a_function_lives_while_a_task_or_a_client_needs_it() {
         functions,
         tasks,
         wanted,
+        prefixes: prefixes(),
     };
     env.client_msg(c, submit(vec![uses_func(a)], vec![blob.clone()], vec![a]));
     env.schedule();
@@ -2036,4 +2046,114 @@ fn republishing_a_name_with_overwrite_moves_the_hold() {
     env.client_msg(c, FromClient::Release(vec![a, b]));
     assert_eq!(env.released(w), [a]);
     env.comm.emptiness_check();
+}
+
+#[test]
+fn progress_is_counted_by_prefix_once_per_task() {
+    let mut env = TestEnv::new();
+    let [w1, w2] = env.workers(&[1, 1])[..] else {
+        unreachable!()
+    };
+    let c = env.client();
+    let [a, b, failing, downstream, cancelled] = ids(c, 0..5)[..] else {
+        unreachable!()
+    };
+    let kind = |id, deps: &[TaskId], prefix| TaskSpec {
+        prefix,
+        ..spec(id, deps)
+    };
+    let msg = FromClient::Submit {
+        functions: Vec::new(),
+        tasks: vec![
+            kind(a, &[], 0),
+            kind(b, &[a], 1),
+            kind(failing, &[], 0),
+            kind(downstream, &[failing], 1),
+            kind(cancelled, &[b], 1),
+        ],
+        wanted: vec![b, downstream, cancelled],
+        prefixes: vec!["load".into(), "sum".into()],
+    };
+    env.client_msg(c, msg);
+    env.schedule();
+    let on_w1 = env.computed(w1);
+    let on_w2 = env.computed(w2);
+    let (a_worker, failing_worker) = if on_w1.contains(&a) {
+        (w1, w2)
+    } else {
+        (w2, w1)
+    };
+    assert!(on_w1.len() + on_w2.len() == 2);
+    env.done(a_worker, &[a]);
+    let error = ErrorInfo::runtime("ValueError", "no".into());
+    env.worker_msg(failing_worker, FromWorker::Failed { id: failing, error });
+    env.schedule();
+    let b_worker = if env.computed(w1).contains(&b) {
+        w1
+    } else {
+        w2
+    };
+    env.done(b_worker, &[b]);
+    env.client_msg(c, FromClient::Cancel(vec![cancelled]));
+    // The worker holding `b` is lost: what is recomputed is not new progress.
+    env.lose_worker(b_worker);
+    let survivor = if b_worker == w1 { w2 } else { w1 };
+    let mut recomputed = Vec::new();
+    loop {
+        env.schedule();
+        let sent: Vec<TaskId> = env
+            .comm
+            .take_worker(survivor)
+            .into_iter()
+            .flat_map(|msg| match msg {
+                ToWorker::Compute(tasks) => tasks.into_iter().map(|t| t.id).collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        if sent.is_empty() {
+            break;
+        }
+        env.done(survivor, &sent);
+        recomputed.extend(sent);
+    }
+    assert!(recomputed.contains(&b), "{recomputed:?}");
+
+    let snapshot = env.scheduler.snapshot(0.0, Vec::new(), 0.0);
+    let counts: Vec<(&str, u64, u64, u64, u64)> = snapshot
+        .prefixes
+        .iter()
+        .map(|p| (p.name.as_str(), p.submitted, p.done, p.erred, p.forgotten))
+        .collect();
+    assert_eq!(counts, [("load", 2, 1, 1, 0), ("sum", 3, 1, 1, 1)]);
+    let ran: Vec<(u32, u32)> = env
+        .scheduler
+        .take_ran()
+        .iter()
+        .map(|r| (r.worker, r.prefix))
+        .collect();
+    assert_eq!(ran[..2], [(a_worker.0, 0), (b_worker.0, 1)]);
+    assert_eq!(ran.len(), 2 + recomputed.len());
+    assert!(env.scheduler.take_ran().is_empty());
+}
+
+#[test]
+fn a_submit_naming_a_prefix_it_does_not_carry_is_rejected() {
+    let mut env = TestEnv::new();
+    let c = env.client();
+    let a = TaskId::new(c, 0);
+    let msg = FromClient::Submit {
+        functions: Vec::new(),
+        tasks: vec![TaskSpec {
+            prefix: 1,
+            ..spec(a, &[])
+        }],
+        wanted: vec![a],
+        prefixes: prefixes(),
+    };
+    env.client_msg(c, msg);
+    match env.comm.take_client(c).as_slice() {
+        [ToClient::SubmitRejected { reason }] => assert!(reason.contains("prefix 1"), "{reason}"),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_eq!(env.scheduler.task_count(), 0);
 }
