@@ -33,6 +33,7 @@ _EXPORTS = {
     "WalltimeDrain": "errors",
     "Future": "futures",
     "fire_and_forget": "futures",
+    "progress": "progress",
     "as_completed": "futures",
     "futures_of": "futures",
     "wait": "futures",
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
     from .futures import Future, as_completed, fire_and_forget, futures_of, wait
     from .mpi import initialize
     from .plugins import WorkerPlugin
+    from .progress import progress
     from .worker import WorkerContext, get_worker
 
 
@@ -108,6 +110,7 @@ __all__ = [
     "__version__",
     "as_completed",
     "fire_and_forget",
+    "progress",
     "futures_of",
     "get_client",
     "get_worker",

@@ -40,6 +40,11 @@ class ClientCore:
     def register_plugin(self, name: str, plugin: bytes) -> None:
         """A pickled worker plugin every executor sets up, now and when it starts."""
     def unregister_plugin(self, name: str) -> None: ...
+    def watch_progress(self, on: bool) -> None:
+        """Whether the scheduler keeps computed() up to date."""
+    def computed(self) -> int | None:
+        """Tasks of this client computed since watch_progress(True); None before the
+        scheduler's first answer to it."""
     def retire_workers(self, ids: list[int]) -> None:
         """These workers leave on purpose (work redone elsewhere) and are not replaced."""
     def restart(self) -> None:

@@ -17,6 +17,7 @@ from dask.utils import key_split
 from . import dask_recognition
 from . import graph as graphs
 from .dashboard_links import cluster_html, dashboard_link, format_bytes
+from .dask_callbacks import dask_callbacks
 from .errors import CancelledError, FutureLost
 from .futures import Future, adopting_into
 from .payloads import FunctionRegistry, PayloadEncoder
@@ -463,16 +464,22 @@ class Client:
 
     def get(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
         """Dask's scheduler entry point: `dask.compute(x, scheduler=client.get)`. Takes
-        submit's `workers`, `retries`, `priority`, `allow_other_workers` for every task."""
+        submit's `workers`, `retries`, `priority`, `allow_other_workers` for every task.
+        Active `dask.callbacks` (`dask.diagnostics.ProgressBar`) are run as Dask's local
+        schedulers run them, except the per-task hooks (see dask_callbacks.py)."""
         outputs = graphs.flatten_keys(keys)
-        built, wanted = self._submit_graph(dsk, outputs, _graph_options(kwargs))
-        try:
-            values = self._collect([built.key_ids[key] for key in outputs], None)
-        except KeyboardInterrupt:
-            self._core.cancel([task[0] for task in built.tasks])
-            raise
-        finally:
-            self._to_release.extend(wanted)
+        with dask_callbacks(self._core, dsk) as follow:
+            built, wanted = self._submit_graph(dsk, outputs, _graph_options(kwargs))
+            if follow is not None:
+                submitted = {task[0] for task in built.tasks}
+                follow([key for key, task_id in built.key_ids.items() if task_id in submitted])
+            try:
+                values = self._collect([built.key_ids[key] for key in outputs], None)
+            except KeyboardInterrupt:
+                self._core.cancel([task[0] for task in built.tasks])
+                raise
+            finally:
+                self._to_release.extend(wanted)
         return graphs.repack(keys, {key: values[built.key_ids[key]] for key in outputs})
 
     def compute(

@@ -44,6 +44,9 @@ struct State {
     info_replies: u64,
     /// Answers to `coordinate` requests not collected yet, by request number.
     coordinated: HashMap<u64, Coordinated>,
+    /// This client's tasks computed (first computations) when it started watching progress
+    /// and as last heard since; None until the scheduler's first answer.
+    computed: Option<(u64, u64)>,
 }
 
 #[derive(Default)]
@@ -96,6 +99,10 @@ impl Shared {
             }
             ToClient::Coordinated { request, reply } => {
                 state.coordinated.insert(request, reply);
+            }
+            ToClient::Computed(count) => {
+                let first = state.computed.map_or(count, |(first, _)| first);
+                state.computed = Some((first, count));
             }
         }
         drop(state);
@@ -309,6 +316,21 @@ impl ClientCore {
     /// Cancels every client's tasks and restarts every executor (`FromClient::Restart`).
     fn restart(&self) -> PyResult<()> {
         self.send(FromClient::Restart)
+    }
+
+    /// Whether the scheduler should keep `computed()` up to date (progress bars are open).
+    fn watch_progress(&self, on: bool) -> PyResult<()> {
+        self.shared.lock().computed = None;
+        self.send(FromClient::WatchProgress(on))
+    }
+
+    /// Tasks of this client computed since `watch_progress(True)`: the scheduler answers it
+    /// before it handles what is submitted after it. None before that answer.
+    fn computed(&self) -> Option<u64> {
+        self.shared
+            .lock()
+            .computed
+            .map(|(first, latest)| latest - first)
     }
 
     fn unregister_plugin(&self, name: String) -> PyResult<()> {

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 15;
+pub const PROTOCOL_VERSION: u32 = 16;
 
 /// What a connecting peer is; the acceptor checks it is one it serves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,6 +148,8 @@ pub enum FromClient {
     /// The client stopped waiting for `request` (its timeout passed): a request still
     /// waiting is answered `Withdrawn`; one answered already stands.
     Withdraw(u64),
+    /// Whether the client wants `ToClient::Computed` (progress bars are open).
+    WatchProgress(bool),
 }
 
 /// Cluster-wide synchronisation objects, named by clients, kept by the scheduler: Dask's
@@ -325,6 +327,9 @@ pub enum ToClient {
         request: u64,
         reply: Coordinated,
     },
+    /// How many of the client's tasks have been computed since it joined (recomputations
+    /// not counted); sent while it watches progress, at most once per scheduler event.
+    Computed(u64),
 }
 
 /// Counters of the whole cluster, for `Client.scheduler_info()`.

@@ -223,6 +223,15 @@ impl Scheduler {
                     }
                 }
             }
+            FromClient::WatchProgress(on) => {
+                if let Some(watcher) = self.clients.get_mut(&client) {
+                    watcher.watching_progress = on;
+                    if on {
+                        let msg = ToClient::Computed(watcher.computed);
+                        self.outbox.to_clients.push((client, msg));
+                    }
+                }
+            }
             FromClient::Withdraw(request) => {
                 self.coordination
                     .withdraw(client, request, &mut self.outbox.to_clients)

@@ -51,6 +51,12 @@ impl Scheduler {
         let first = !mem::replace(&mut task.computed, true);
         self.observed
             .computed(task.prefix, worker, done.duration_us, first);
+        if let Some(owner) = self.clients.get_mut(&id.owner()).filter(|_| first) {
+            owner.computed += 1;
+            if owner.watching_progress {
+                self.outbox.computed.insert(id.owner(), owner.computed);
+            }
+        }
         let finished = TaskFinished {
             id,
             worker,

@@ -109,6 +109,10 @@ pub(super) struct Client {
     /// Functions it shipped and may refer to without shipping them again, until it
     /// releases them (`FromClient::ReleaseFunctions`).
     pub(super) functions: IdSet<FuncId>,
+    /// Its tasks computed so far (first computations).
+    pub(super) computed: u64,
+    /// It wants `ToClient::Computed` as the count moves.
+    pub(super) watching_progress: bool,
 }
 
 pub(super) struct Worker {
@@ -146,6 +150,8 @@ pub(super) struct Outbox {
     releases: BTreeMap<WorkerId, Vec<TaskId>>,
     pub(super) released_functions: BTreeMap<WorkerId, Vec<FuncId>>,
     pub(super) finished: BTreeMap<ClientId, Vec<TaskFinished>>,
+    /// The latest computed count of clients watching progress.
+    pub(super) computed: BTreeMap<ClientId, u64>,
     pub(super) to_clients: Vec<(ClientId, ToClient)>,
 }
 
@@ -177,6 +183,9 @@ impl Outbox {
         }
         for (client, finished) in mem::take(&mut self.finished) {
             comm.send_client(client, ToClient::Finished(finished));
+        }
+        for (client, count) in mem::take(&mut self.computed) {
+            comm.send_client(client, ToClient::Computed(count));
         }
         for (client, msg) in self.to_clients.drain(..) {
             comm.send_client(client, msg);

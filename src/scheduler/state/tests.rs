@@ -3,8 +3,8 @@
 
 use super::*;
 use crate::protocol::{
-    decode, encode, Coordinate, Coordinated, DatasetOp, Plugin, Resources, TaskOptions,
-    WorkerTopology,
+    decode, encode, Coordinate, Coordinated, DatasetOp, Plugin, Resources, TaskFinished,
+    TaskOptions, WorkerTopology,
 };
 use serde::{de::DeserializeOwned, Serialize};
 use std::collections::{BTreeSet, VecDeque};
@@ -2156,4 +2156,48 @@ fn a_submit_naming_a_prefix_it_does_not_carry_is_rejected() {
         other => panic!("expected a rejection, got {other:?}"),
     }
     assert_eq!(env.scheduler.task_count(), 0);
+}
+
+#[test]
+fn a_client_watching_progress_hears_its_computed_count() {
+    let mut env = TestEnv::new();
+    let w = env.worker(2);
+    let (c, other) = (env.client(), env.client());
+    let [a, b, d] = ids(c, 0..3)[..] else {
+        unreachable!()
+    };
+    env.client_msg(c, FromClient::WatchProgress(true));
+    assert_eq!(env.comm.take_client(c), [ToClient::Computed(0)]);
+    env.submit(c, vec![spec(a, &[]), spec(b, &[])], &[a, b]);
+    let x = TaskId::new(other, 0);
+    env.submit(other, vec![spec(x, &[])], &[x]);
+    env.schedule();
+    assert_eq!(env.computed(w).len(), 3);
+    env.done(w, &[a, b, x]);
+    assert_eq!(
+        env.comm.take_client(c),
+        [
+            ToClient::Finished(vec![
+                TaskFinished {
+                    id: a,
+                    worker: w,
+                    size: SIZE
+                },
+                TaskFinished {
+                    id: b,
+                    worker: w,
+                    size: SIZE
+                },
+            ]),
+            ToClient::Computed(2)
+        ]
+    );
+    assert_eq!(env.finished(other), [x]); // the other client did not ask
+    env.client_msg(c, FromClient::WatchProgress(false));
+    env.submit(c, vec![spec(d, &[])], &[d]);
+    env.schedule();
+    env.computed(w);
+    env.done(w, &[d]);
+    assert_eq!(env.finished(c), [d]);
+    env.comm.emptiness_check();
 }
