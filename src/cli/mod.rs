@@ -131,6 +131,18 @@ enum Command {
         #[arg(long, default_value = "")]
         resources: Resources,
     },
+    /// The dashboard's counts, live, in this terminal: workers, their memory and load,
+    /// tasks by state, progress by task prefix. Reads the cluster's scheduler file (its
+    /// dashboard address and token).
+    Top {
+        scheduler_file: PathBuf,
+        /// Seconds between two screens.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Print one screen and exit (for scripts and logs).
+        #[arg(long)]
+        once: bool,
+    },
     /// Remove what dead rankmesh workers of yours left on this node (shared-memory and
     /// spill folders); batch jobs run it on every node when they end.
     Sweep {
@@ -327,6 +339,36 @@ async fn run(command: Command) -> Result<i32> {
         }
         #[cfg(feature = "hwloc")]
         Command::Topology(args) => topology::run(args),
+        Command::Top {
+            scheduler_file,
+            interval,
+            once,
+        } => {
+            let file = SchedulerFile::read(&scheduler_file)?;
+            let Some(url) = file.dashboard else {
+                bail!(
+                    "the cluster of {} has no dashboard (started with --no-dashboard)",
+                    scheduler_file.display()
+                );
+            };
+            if !(interval.is_finite() && interval > 0.0) {
+                bail!("--interval must be a positive number of seconds, not {interval}");
+            }
+            let interval = std::time::Duration::from_secs_f64(interval);
+            // Blocking HTTP and sleeps: off the runtime's thread.
+            tokio::task::spawn_blocking(move || {
+                rankmesh::dashboard::top::watch(
+                    &url,
+                    &file.token,
+                    interval,
+                    once,
+                    &mut std::io::stdout(),
+                )
+            })
+            .await
+            .context("rankmesh top stopped")??;
+            Ok(0)
+        }
         Command::Sweep { local_directory } => {
             worker::sweep_node(local_directory);
             Ok(0)

@@ -8,6 +8,7 @@
 
 mod capped;
 mod render;
+pub mod top;
 
 use crate::protocol::Token;
 use crate::scheduler::monitor::{Monitor, Snapshot};
@@ -149,6 +150,7 @@ pub async fn serve(
         .route("/events", get(events))
         .route("/json/counts.json", get(counts))
         .route("/json/identity.json", get(identity))
+        .route("/json/snapshot.json", get(full_snapshot))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(
             shared.clone(),
@@ -271,6 +273,11 @@ async fn identity(State(shared): State<Arc<Shared>>) -> Result<Json<serde_json::
         &shared.scheduler_address,
         shared.port,
     )))
+}
+
+/// Everything a snapshot holds but the task stream (`rankmesh top` reads it).
+async fn full_snapshot(State(shared): State<Arc<Shared>>) -> Result<Json<Snapshot>, Response> {
+    Ok(Json(snapshot(&shared).await?))
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Result<Response, Response> {

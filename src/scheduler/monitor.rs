@@ -3,7 +3,7 @@
 //! is computed for them while nobody asks, beyond a few counters.
 
 use crate::protocol::{WorkerInfo, WorkerMemory};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 /// Upper bounds (seconds) of the task duration histogram's buckets; a last one is +Inf.
@@ -12,7 +12,7 @@ pub const DURATION_BUCKETS_S: [f64; 8] = [0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600
 /// flood of HTTP requests cannot grow the scheduler's memory.
 const MAX_WAITING_REQUESTS: usize = 64;
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Snapshot {
     /// When the scheduler started, in seconds since the Unix epoch.
     pub started: f64,
@@ -32,7 +32,7 @@ pub struct Snapshot {
 }
 
 /// How the tasks of one kind (Dask's key prefix) fared.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct PrefixStats {
     pub name: String,
     pub submitted: u64,
@@ -59,7 +59,7 @@ impl PrefixStats {
 }
 
 /// A task that finished on a worker: the task stream's bar.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct StreamEntry {
     /// Numbers entries from the scheduler's start; a request asks for those after one.
     pub sequence: u64,
@@ -125,7 +125,7 @@ impl TaskStream {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WorkerSnapshot {
     pub info: WorkerInfo,
     pub memory: WorkerMemory,
@@ -134,7 +134,7 @@ pub struct WorkerSnapshot {
 }
 
 /// Tasks in the scheduler's table by state.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TaskCounts {
     /// Waiting for inputs.
     pub waiting: u64,
@@ -155,7 +155,7 @@ impl TaskCounts {
 
 /// Counts of durations at most each bound of [`DURATION_BUCKETS_S`] (not cumulative; the
 /// last count is above every bound), their sum and count.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct DurationHistogram {
     pub counts: [u64; DURATION_BUCKETS_S.len() + 1],
     pub sum_s: f64,

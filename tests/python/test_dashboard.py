@@ -5,6 +5,7 @@ status page as a browser draws it."""
 import json
 import os
 import shutil
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -14,6 +15,7 @@ import dask.array as da
 import psutil
 import pytest
 import rankmesh
+from rankmesh.cluster import find_binary
 
 ENDPOINTS = ["/health", "/status", "/metrics", "/json/counts.json", "/json/identity.json"]
 # The screenshot docs/dashboard.md shows is the one this test takes, copied there when
@@ -189,3 +191,37 @@ def test_the_status_page_draws_progress_memory_and_the_task_stream(client, tmp_p
         DOCS_IMAGES.mkdir(exist_ok=True)
         shutil.copy(screenshot, DOCS_IMAGES / screenshot.name)
     del held, squares
+
+
+def cube(i: int) -> int:
+    return i * i * i
+
+
+def test_rankmesh_top_shows_the_cluster_in_a_terminal(cluster, client):
+    squares = client.map(cube, range(4))
+    assert client.gather(squares) == [0, 1, 8, 27]
+    shown = subprocess.run(
+        [find_binary(), "top", "--once", cluster.scheduler_file],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    screen = shown.stdout
+    assert "workers 2" in screen and "threads 2" in screen, screen
+    rows = [line for line in screen.splitlines() if line.startswith("cube ")]
+    assert rows and " 4/4 " in rows[0] + " ", screen
+    worker_rows = [line for line in screen.splitlines() if "running" in line]
+    assert len(worker_rows) == 2 and all("1.0 GiB" in row for row in worker_rows), screen
+
+
+def test_rankmesh_top_says_why_it_cannot_show_a_cluster_without_dashboard(tmp_path):
+    with rankmesh.LocalCluster(n_workers=1, dashboard_address=None) as cluster:
+        shown = subprocess.run(
+            [find_binary(), "top", "--once", cluster.scheduler_file],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert shown.returncode == 1
+    assert "has no dashboard" in shown.stderr
