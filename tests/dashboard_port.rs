@@ -23,13 +23,14 @@ async fn start() -> Dashboard {
     let (monitor, requests) = monitor::monitor();
     let listening = dashboard::bind("127.0.0.1:0").await.unwrap();
     let port = listening.address.port();
-    tokio::spawn(dashboard::serve(
+    let history = dashboard::history::record(monitor.clone(), shutdown.clone());
+    let serving = dashboard::Serving {
         listening,
-        token.clone(),
         monitor,
-        "tcp://127.0.0.1:1".into(),
-        shutdown.clone(),
-    ));
+        history,
+        scheduler_address: "tcp://127.0.0.1:1".into(),
+    };
+    tokio::spawn(dashboard::serve(serving, token.clone(), shutdown.clone()));
     tokio::spawn(server::serve(
         listener,
         token.clone(),
@@ -76,6 +77,8 @@ async fn every_endpoint_refuses_a_missing_or_wrong_token() {
         "/metrics",
         "/json/counts.json",
         "/json/identity.json",
+        "/json/snapshot.json",
+        "/report.html",
         "/nothing",
     ] {
         assert_eq!(

@@ -33,6 +33,7 @@ _EXPORTS = {
     "WalltimeDrain": "errors",
     "Future": "futures",
     "fire_and_forget": "futures",
+    "performance_report": "reports",
     "progress": "progress",
     "as_completed": "futures",
     "futures_of": "futures",
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
     from .mpi import initialize
     from .plugins import WorkerPlugin
     from .progress import progress
+    from .reports import performance_report
     from .worker import WorkerContext, get_worker
 
 
@@ -110,6 +112,7 @@ __all__ = [
     "__version__",
     "as_completed",
     "fire_and_forget",
+    "performance_report",
     "progress",
     "futures_of",
     "get_client",

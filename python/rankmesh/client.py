@@ -86,6 +86,7 @@ class Client:
         self.address, token, dashboard = _connection_details(address, scheduler_file, token)
         self._core = ClientCore(self.address, token, timeout)
         self._dashboard_link = dashboard_link(dashboard, token)
+        self._dashboard = (dashboard, token) if dashboard is not None else None
         self._encoder = PayloadEncoder(FunctionRegistry())
         # Futures alive per task id; at zero the id waits in _to_release for the next call.
         self._holds: dict[int, int] = {}
@@ -93,8 +94,7 @@ class Client:
         self._by_key: weakref.WeakValueDictionary[Any, Future] = weakref.WeakValueDictionary()
         self._default_config: Any = None
         self._closed = False
-        global _latest
-        _latest = weakref.ref(self)
+        _created.append(weakref.ref(self))
         dask_recognition.install(Client)
 
     def __repr__(self) -> str:
@@ -736,9 +736,9 @@ class Client:
 
 _NO_CODE = (lambda: None).__code__
 
-# The most recently created client (get_client's answer outside tasks), and the client of
-# this executor process (made when a task first asks).
-_latest: weakref.ref[Client] | None = None
+# The clients created here, oldest first (get_client's answer outside tasks: the newest
+# still open), and the client of this executor process (made when a task first asks).
+_created: list[weakref.ref[Client]] = []
 _task_client: Client | None = None
 
 
@@ -775,10 +775,12 @@ def get_client() -> Client:
         if _task_client is None or _task_client._closed:
             _task_client = Client(address, token=os.environ.get("RANKMESH_TOKEN"))
         return _task_client
-    client = _latest() if _latest is not None else None
-    if client is None or client._closed:
-        raise ValueError("No clients found: create a rankmesh.Client first")
-    return client
+    while _created:
+        client = _created[-1]()
+        if client is not None and not client._closed:
+            return client
+        _created.pop()
+    raise ValueError("No clients found: create a rankmesh.Client first")
 
 
 @contextlib.contextmanager

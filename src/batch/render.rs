@@ -69,6 +69,8 @@ pub struct JobSpec {
     pub worker_flags: Vec<String>,
     /// Where workers spill, to be expanded by the job's shell.
     pub local_directory: Option<String>,
+    /// Where the job writes its report (`rankmesh run --report`), an absolute path.
+    pub report: Option<String>,
     /// The script (absolute path) and its arguments.
     pub command: Vec<String>,
 }
@@ -191,6 +193,7 @@ impl JobSpec {
             umask: format!("{:04o}", env.umask & 0o777),
             worker_flags: worker_flags(settings, &fail)?,
             local_directory: settings.local_directory.clone(),
+            report: None,
             command: std::iter::once(path.display().to_string())
                 .chain(args.iter().cloned())
                 .collect(),

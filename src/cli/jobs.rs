@@ -139,6 +139,9 @@ pub struct SubmitArgs {
     /// The batch system (auto: sbatch on PATH means SLURM, else qsub means PBS).
     #[arg(long, value_parser = ["slurm", "pbs", "auto"])]
     system: Option<String>,
+    /// Write a report of the job (one self-contained HTML file) here when it ends.
+    #[arg(long, value_name = "FILE.html")]
+    report: Option<std::path::PathBuf>,
     /// Print the job script; submit nothing.
     #[arg(long)]
     dry_run: bool,
@@ -277,7 +280,16 @@ fn submit(args: SubmitArgs) -> Result<i32> {
         stamp: stamp.clone(),
         umask: rankmesh::private_files::current_umask(),
     };
-    let spec = JobSpec::new(&resolved, system, &args.script, &env)?;
+    let mut spec = JobSpec::new(&resolved, system, &args.script, &env)?;
+    spec.report = match &args.report {
+        Some(path) => Some(
+            std::path::absolute(path)
+                .with_context(|| format!("report path {}", path.display()))?
+                .display()
+                .to_string(),
+        ),
+        None => None,
+    };
     let script = batch::render(&spec)?;
     if args.dry_run {
         if args.json {

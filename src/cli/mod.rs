@@ -228,6 +228,10 @@ struct SchedulerSettings {
     /// No dashboard (no HTTP port at all).
     #[arg(long, conflicts_with = "dashboard_address")]
     no_dashboard: bool,
+    /// Write a report of the run (one self-contained HTML file: task stream, memory over
+    /// time per worker, time per task prefix) here when the script ends.
+    #[arg(long, value_name = "FILE.html")]
+    report: Option<PathBuf>,
 }
 
 impl SchedulerSettings {
@@ -290,6 +294,7 @@ pub fn main() -> ExitCode {
             script,
         } => launch::run(RunOptions {
             dashboard: scheduler.dashboard(),
+            report: scheduler.report.clone(),
             scheduler: scheduler.config(),
             tune_mpi: !no_mpi_tuning,
             worker_per: (!no_bind).then_some(worker_per),
@@ -391,6 +396,7 @@ async fn run(command: Command) -> Result<i32> {
         } => {
             let options = LocalOptions {
                 dashboard: scheduler.dashboard(),
+                report: scheduler.report.clone(),
                 scheduler: scheduler.config(),
                 n_workers,
                 threads_per_worker: resources.threads_per_worker.unwrap_or(1),
@@ -411,6 +417,9 @@ async fn run(command: Command) -> Result<i32> {
             scheduler_file,
             scheduler,
         } => {
+            if scheduler.report.is_some() {
+                bail!("--report is for runs with a script (`rankmesh local` or `run`); around part of a script, use rankmesh.performance_report");
+            }
             let options = StandaloneOptions {
                 dashboard: scheduler.dashboard(),
                 scheduler: scheduler.config(),

@@ -36,6 +36,8 @@ pub struct LocalOptions {
     pub scheduler: SchedulerConfig,
     /// Where the dashboard listens (`HOST:PORT`); none: no dashboard.
     pub dashboard: Option<String>,
+    /// Where to write the run's report (HTML) when the script ends.
+    pub report: Option<PathBuf>,
 }
 
 /// Runs the cluster; returns the script's exit code (0 without a script).
@@ -78,6 +80,7 @@ pub async fn run(options: LocalOptions) -> Result<i32, ClusterError> {
         drain_at: None,
         scheduler: options.scheduler.clone(),
         dashboard,
+        report: options.report.clone(),
     };
     let outcome = host.run(listener, token.clone(), &mut workers).await;
     for worker in &mut workers.children {

@@ -52,22 +52,69 @@ pub enum ClusterError {
     Dashboard(#[from] crate::dashboard::DashboardError),
 }
 
+/// What watches a scheduler: its monitor, and the run's history while a dashboard or a
+/// report will read it (recording costs a snapshot a second).
+struct Watchers {
+    monitor: crate::scheduler::monitor::Monitor,
+    history: Option<crate::dashboard::history::SharedHistory>,
+}
+
+impl Watchers {
+    /// Call inside the runtime: recording starts at once and ends with `shutdown`. The
+    /// requests go to the scheduler.
+    fn new(
+        record: bool,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> (Watchers, crate::scheduler::monitor::MonitorRequests) {
+        let (monitor, requests) = crate::scheduler::monitor::monitor();
+        let history =
+            record.then(|| crate::dashboard::history::record(monitor.clone(), shutdown.clone()));
+        (Watchers { monitor, history }, requests)
+    }
+
+    /// What a dashboard on `listening` serves from (a dashboard always records).
+    fn serving(
+        &self,
+        listening: crate::dashboard::Listening,
+        scheduler_address: String,
+    ) -> Option<crate::dashboard::Serving> {
+        Some(crate::dashboard::Serving {
+            listening,
+            monitor: self.monitor.clone(),
+            history: self.history.clone()?,
+            scheduler_address,
+        })
+    }
+
+    /// Writes the run's report to `path` (readable by its owner only), after one last
+    /// snapshot. A failure is reported, not fatal: the job's own outcome stands.
+    async fn write_report(&self, path: &Path) {
+        let Some(history) = &self.history else {
+            return;
+        };
+        history.sample(&self.monitor).await;
+        let page = crate::dashboard::report::render(&history.lock());
+        match crate::private_files::write_private_atomically(path, page.as_bytes()) {
+            Ok(()) => eprintln!("rankmesh: report written to {}", path.display()),
+            Err(e) => eprintln!("rankmesh: cannot write the report {}: {e}", path.display()),
+        }
+    }
+}
+
 /// The scheduler and, when it has one, its dashboard, served until `shutdown`.
 async fn serve_scheduler(
     listener: tokio::net::TcpListener,
     token: Token,
     config: crate::scheduler::SchedulerConfig,
     workers: tokio::sync::watch::Sender<Vec<crate::protocol::WorkerInfo>>,
-    dashboard: Option<(crate::dashboard::Listening, String)>,
+    requests: crate::scheduler::monitor::MonitorRequests,
+    dashboard: Option<crate::dashboard::Serving>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    let (monitor, requests) = crate::scheduler::monitor::monitor();
-    let dashboard = dashboard.map(|(listening, scheduler_address)| {
+    let dashboard = dashboard.map(|serving| {
         tokio::spawn(crate::dashboard::serve(
-            listening,
+            serving,
             token.clone(),
-            monitor,
-            scheduler_address,
             shutdown.clone(),
         ))
     });

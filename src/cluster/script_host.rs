@@ -4,7 +4,7 @@
 
 use super::{
     announce_dashboard, publish_scheduler_file, serve_scheduler, ClusterError, SchedulerFilePlace,
-    SCHEDULER_FILE_ENV,
+    Watchers, SCHEDULER_FILE_ENV,
 };
 use crate::dashboard::Listening;
 use crate::protocol::{Token, WorkerInfo, TOKEN_ENV};
@@ -45,6 +45,8 @@ pub struct ScriptHost {
     pub scheduler: SchedulerConfig,
     /// The dashboard's port, bound; none: no dashboard.
     pub dashboard: Option<Listening>,
+    /// Where to write the run's report when the script ends.
+    pub report: Option<std::path::PathBuf>,
 }
 
 impl ScriptHost {
@@ -61,17 +63,24 @@ impl ScriptHost {
         let (workers_tx, registered) = watch::channel(Vec::new());
         let dashboard = self.dashboard.take();
         let dashboard_url = dashboard.as_ref().map(Listening::url);
+        let record = dashboard.is_some() || self.report.is_some();
+        let (watchers, requests) = Watchers::new(record, &shutdown);
+        let serving = dashboard.and_then(|l| watchers.serving(l, self.address.clone()));
         let scheduler = tokio::spawn(serve_scheduler(
             listener,
             token.clone(),
             self.scheduler.clone(),
             workers_tx,
-            dashboard.map(|listening| (listening, self.address.clone())),
+            requests,
+            serving,
             shutdown.clone(),
         ));
         let outcome = self
             .until_script_ends(&token, dashboard_url, registered, workers)
             .await;
+        if let Some(path) = &self.report {
+            watchers.write_report(path).await;
+        }
         shutdown.cancel();
         if tokio::time::timeout(STOP_GRACE, scheduler).await.is_err() {
             tracing::warn!("the scheduler did not stop within {STOP_GRACE:?}");

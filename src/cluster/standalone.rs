@@ -4,6 +4,7 @@
 
 use super::{
     announce_dashboard, cancel_on_signal, publish_scheduler_file, serve_scheduler, ClusterError,
+    Watchers,
 };
 use crate::protocol::Token;
 use crate::scheduler::SchedulerConfig;
@@ -54,13 +55,15 @@ pub async fn serve(options: StandaloneOptions) -> Result<(), ClusterError> {
     }
     let shutdown = cancel_on_signal().map_err(ClusterError::Signals)?;
     let (workers, _) = tokio::sync::watch::channel(Vec::new());
-    let dashboard = dashboard.map(|listening| (listening, address.clone()));
+    let (watchers, requests) = Watchers::new(dashboard.is_some(), &shutdown);
+    let serving = dashboard.and_then(|l| watchers.serving(l, address.clone()));
     serve_scheduler(
         listener,
         token,
         options.scheduler,
         workers,
-        dashboard,
+        requests,
+        serving,
         shutdown,
     )
     .await;

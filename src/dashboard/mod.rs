@@ -7,7 +7,9 @@
 //! (`scheduler::monitor`); nothing is fetched from elsewhere.
 
 mod capped;
+pub mod history;
 mod render;
+pub mod report;
 pub mod top;
 
 use crate::protocol::Token;
@@ -121,25 +123,36 @@ pub async fn bind(address: &str) -> Result<Listening, DashboardError> {
     })
 }
 
+/// What a dashboard serves from.
+pub struct Serving {
+    pub listening: Listening,
+    pub monitor: Monitor,
+    /// The run so far, for `/report.html`.
+    pub history: history::SharedHistory,
+    /// The scheduler's address, as identity.json reports it.
+    pub scheduler_address: String,
+}
+
 struct Shared {
     token: Token,
     monitor: Monitor,
-    /// The scheduler's address, as identity.json reports it.
+    history: history::SharedHistory,
     scheduler_address: String,
     port: u16,
 }
 
 /// Serves until `shutdown`.
-pub async fn serve(
-    listening: Listening,
-    token: Token,
-    monitor: Monitor,
-    scheduler_address: String,
-    shutdown: CancellationToken,
-) {
+pub async fn serve(serving: Serving, token: Token, shutdown: CancellationToken) {
+    let Serving {
+        listening,
+        monitor,
+        history,
+        scheduler_address,
+    } = serving;
     let shared = Arc::new(Shared {
         token,
         monitor,
+        history,
         scheduler_address,
         port: listening.address.port(),
     });
@@ -151,6 +164,7 @@ pub async fn serve(
         .route("/json/counts.json", get(counts))
         .route("/json/identity.json", get(identity))
         .route("/json/snapshot.json", get(full_snapshot))
+        .route("/report.html", get(report_page))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(
             shared.clone(),
@@ -273,6 +287,23 @@ async fn identity(State(shared): State<Arc<Shared>>) -> Result<Json<serde_json::
         &shared.scheduler_address,
         shared.port,
     )))
+}
+
+#[derive(serde::Deserialize)]
+struct ReportQuery {
+    /// Only what happened from then on (ms since the scheduler started; see `now_ms`).
+    #[serde(default)]
+    since_ms: f64,
+}
+
+/// The run so far as one self-contained page (`performance_report` saves it).
+async fn report_page(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Query(query): axum::extract::Query<ReportQuery>,
+) -> axum::response::Html<String> {
+    shared.history.sample(&shared.monitor).await;
+    let part = shared.history.lock().since(query.since_ms);
+    axum::response::Html(report::render(&part))
 }
 
 /// Everything a snapshot holds but the task stream (`rankmesh top` reads it).

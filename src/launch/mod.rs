@@ -36,6 +36,8 @@ pub struct RunOptions {
     pub scheduler: crate::scheduler::SchedulerConfig,
     /// Where rank 0's dashboard listens (`HOST:PORT`); none: no dashboard.
     pub dashboard: Option<String>,
+    /// Where rank 0 writes the run's report (HTML) when the script ends.
+    pub report: Option<std::path::PathBuf>,
 }
 
 /// How worker ranks move results between each other (clients always use TCP).

@@ -134,6 +134,7 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
         };
         let script_host = ScriptHost {
             dashboard,
+            report: options.report.clone(),
             address: bootstrap.scheduler,
             expected_workers: (size - 1) as u32,
             script,

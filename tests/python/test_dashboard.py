@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -15,6 +16,7 @@ import dask.array as da
 import psutil
 import pytest
 import rankmesh
+from browser import read_report
 from rankmesh.cluster import find_binary
 
 ENDPOINTS = ["/health", "/status", "/metrics", "/json/counts.json", "/json/identity.json"]
@@ -225,3 +227,50 @@ def test_rankmesh_top_says_why_it_cannot_show_a_cluster_without_dashboard(tmp_pa
         )
     assert shown.returncode == 1
     assert "has no dashboard" in shown.stderr
+
+
+def test_performance_report_around_a_block(client, tmp_path):
+    report = tmp_path / "block.html"
+    with rankmesh.performance_report(str(report)):
+        assert client.gather(client.map(cube, range(30))) == [i**3 for i in range(30)]
+    assert report.stat().st_mode & 0o777 == 0o600
+    seen = read_report(report)
+    assert seen["errors"] == []
+    assert sorted(seen["workers"]) == sorted(str(w["id"]) for w in client.workers())
+    assert "cube" in seen["prefixes"]
+    assert seen["bars"] >= 30 and seen["lines"] == 2
+
+
+def test_a_local_run_writes_its_report_when_the_script_ends(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import dask.array as da, rankmesh\n"
+        "client = rankmesh.get_client()\n"
+        "x = da.ones((1000, 1000), chunks=100) + 1\n"
+        "print(float(x.sum().compute(scheduler=client.get)))\n"
+    )
+    report = tmp_path / "job.html"
+    shown = subprocess.run(
+        [
+            find_binary(),
+            "local",
+            "-n",
+            "2",
+            "--report",
+            str(report),
+            "--python",
+            sys.executable,
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip() == "2000000.0"
+    assert f"report written to {report}" in shown.stderr
+    seen = read_report(report, tmp_path / "report.png")
+    assert seen["errors"] == []
+    assert len(seen["workers"]) == 2 and seen["lines"] == 2
+    assert seen["bars"] >= 100
+    assert {"ones_like", "add", "sum"} & set(seen["prefixes"]), seen["prefixes"]

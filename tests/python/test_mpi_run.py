@@ -12,6 +12,7 @@ import uuid
 
 import psutil
 import pytest
+from browser import read_report
 from rankmesh.cluster import find_binary
 
 # Open MPI's mpirun by default; scripts/check-mpich.sh runs these tests again under MPICH's
@@ -113,6 +114,25 @@ def test_the_script_runs_once_every_worker_rank_has_registered(tmp_path):
     result = mpirun(4, script)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["3"]
+
+
+def test_the_report_of_a_job_shows_every_worker_in_a_browser(tmp_path):
+    script = write(
+        tmp_path,
+        "job.py",
+        "import dask.array as da, rankmesh\n"
+        "client = rankmesh.Client()\n"
+        "x = da.random.random((2000, 2000), chunks=200) + 1\n"
+        "print(float(x.mean().compute()) > 1)\n",
+    )
+    report = tmp_path / "job.html"
+    result = mpirun(4, script, flags=("--report", str(report)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True"]
+    seen = read_report(report, tmp_path / "report.png")
+    assert seen["errors"] == []
+    assert sorted(seen["workers"]) == ["1", "2", "3"], seen  # ranks 1-3
+    assert seen["lines"] == 3 and seen["bars"] >= 100, seen
 
 
 @TRANSPORTS

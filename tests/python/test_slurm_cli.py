@@ -185,3 +185,11 @@ def test_the_example_profiles_render(tmp_path, profile):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("#!/bin/bash\n")
     assert f"{EXAMPLE_JOB} out.npy" in result.stdout
+
+
+@pytest.mark.parametrize("system", ["slurm", "pbs"])
+def test_a_report_flag_reaches_the_jobs_run_line_as_an_absolute_path(cli, system):
+    result = cli("submit", "--dry-run", "--system", system, "--report", "out/my job.html", "ok.py")
+    assert result.returncode == 0, result.stderr
+    run = next(line for line in result.stdout.splitlines() if " run --python " in line)
+    assert f"--report '{cli.workdir / 'out/my job.html'}' {cli.workdir / 'ok.py'}" in run, run

@@ -1,0 +1,48 @@
+"""`performance_report`: a self-contained HTML report of what the cluster did during a
+block, as `distributed.performance_report`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+__all__ = ["performance_report"]
+
+
+def _get(client: Any, path: str) -> bytes:
+    if client._dashboard is None:
+        raise RuntimeError(
+            "performance_report needs the cluster's dashboard: connect through a scheduler "
+            "file or LocalCluster of a cluster started with one (not --no-dashboard)"
+        )
+    base, token = client._dashboard
+    request = urllib.request.Request(base + path, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.read()
+
+
+@contextlib.contextmanager
+def performance_report(
+    filename: str | os.PathLike = "dask-report.html", client: Any = None, **kwargs: Any
+) -> Iterator[None]:
+    """Writes `filename` when the block ends: the task stream, each worker's memory over
+    time and the time per task prefix, from the block's start (the scheduler samples once
+    a second). Unlike `distributed`, it is drawn by rankmesh's own page (no Bokeh), the
+    file is readable by its owner only, and `stacklevel`, `mode` and `storage_options` are
+    accepted and ignored."""
+    if client is None:
+        from .client import get_client
+
+        client = get_client()
+    started = json.loads(_get(client, "/json/snapshot.json"))["now_ms"]
+    yield
+    page = _get(client, f"/report.html?since_ms={started}")
+    descriptor = os.open(
+        os.fspath(filename), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600
+    )
+    with os.fdopen(descriptor, "wb") as out:
+        out.write(page)
