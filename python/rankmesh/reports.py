@@ -6,11 +6,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 __all__ = ["performance_report"]
+
+# Workers report their counters once a second: the report waits for the last ones.
+SETTLE_S = 1.2
 
 
 def _get(client: Any, path: str) -> bytes:
@@ -31,15 +35,17 @@ def performance_report(
 ) -> Iterator[None]:
     """Writes `filename` when the block ends: the task stream, each worker's memory over
     time and the time per task prefix, from the block's start (the scheduler samples once
-    a second). Unlike `distributed`, it is drawn by rankmesh's own page (no Bokeh), the
-    file is readable by its owner only, and `stacklevel`, `mode` and `storage_options` are
-    accepted and ignored."""
+    a second; at the end it waits SETTLE_S for every worker's last counters). Unlike
+    `distributed`, it is drawn by rankmesh's own page (no Bokeh), the file is readable by
+    its owner only, and `stacklevel`, `mode` and `storage_options` are accepted and
+    ignored."""
     if client is None:
         from .client import get_client
 
         client = get_client()
     started = json.loads(_get(client, "/json/snapshot.json"))["now_ms"]
     yield
+    time.sleep(SETTLE_S)
     page = _get(client, f"/report.html?since_ms={started}")
     descriptor = os.open(
         os.fspath(filename), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600

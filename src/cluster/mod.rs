@@ -92,6 +92,8 @@ impl Watchers {
         let Some(history) = &self.history else {
             return;
         };
+        // Workers report their counters once a second: wait for the last ones.
+        tokio::time::sleep(crate::dashboard::history::SETTLE).await;
         history.sample(&self.monitor).await;
         let page = crate::dashboard::report::render(&history.lock());
         match crate::private_files::write_private_atomically(path, page.as_bytes()) {

@@ -12,6 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 /// How often the history takes a snapshot.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a report waits for every worker's last once-a-second counters to arrive.
+pub const SETTLE: Duration = Duration::from_millis(1200);
 /// Task stream bars kept; past it, every other one is dropped (and `stream_every` doubles).
 const MAX_STREAM: usize = 200_000;
 /// Memory points kept per worker, likewise.

@@ -160,6 +160,7 @@ pub fn metrics(snapshot: &Snapshot) -> String {
         sample(&mut out, "dask_scheduler_tasks", &[("state", state)], count);
     }
     worker_memory(&mut out, workers);
+    transfers(&mut out, workers);
     durations(&mut out, snapshot);
     out
 }
@@ -188,6 +189,23 @@ fn worker_memory(out: &mut String, workers: &[WorkerSnapshot]) {
     for w in workers {
         let id = w.info.id.0.to_string();
         sample(out, name, &[("worker", &id)], w.info.memory_limit);
+    }
+}
+
+fn transfers(out: &mut String, workers: &[WorkerSnapshot]) {
+    let name = "rankmesh_transferred_bytes_total";
+    family(
+        out,
+        name,
+        "counter",
+        "Bytes of results workers received from each other, by transport",
+    );
+    let mut by_transport: std::collections::BTreeMap<&str, u64> = Default::default();
+    for w in workers {
+        *by_transport.entry(w.memory.transport.name()).or_default() += w.memory.fetched_bytes;
+    }
+    for (transport, bytes) in by_transport {
+        sample(out, name, &[("transport", transport)], bytes);
     }
 }
 
@@ -273,7 +291,7 @@ fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: impl std
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Resources, WorkerId, WorkerInfo, WorkerMemory};
+    use crate::protocol::{DataTransport, Resources, WorkerId, WorkerInfo, WorkerMemory};
     use crate::scheduler::monitor::{PrefixStats, TaskCounts};
 
     fn snapshot() -> Snapshot {
@@ -296,6 +314,12 @@ mod tests {
                 process_bytes: 300,
                 managed_bytes: 100 * u64::from(id),
                 spilled_bytes: 7,
+                fetched_bytes: if id == 1 { 5 } else { 15 },
+                transport: if id == 1 {
+                    DataTransport::Tcp
+                } else {
+                    DataTransport::Mpi
+                },
                 ..WorkerMemory::default()
             },
             processing,
@@ -370,6 +394,8 @@ mod tests {
             "rankmesh_task_duration_seconds_count{prefix=\"inc\"} 2",
             "dask_scheduler_prefix_state_totals_total{task_prefix_name=\"inc\",state=\"erred\"} 1",
             "dask_scheduler_tasks_compute_seconds_total{task_prefix_name=\"inc\"} 0.5001",
+            "rankmesh_transferred_bytes_total{transport=\"mpi\"} 30",
+            "rankmesh_transferred_bytes_total{transport=\"tcp\"} 5",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

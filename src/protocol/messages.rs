@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 16;
+pub const PROTOCOL_VERSION: u32 = 17;
 
 /// What a connecting peer is; the acceptor checks it is one it serves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -445,7 +445,25 @@ pub enum FromWorker {
     Memory(WorkerMemory),
 }
 
-/// A worker's memory, as its memory management sees it ([`crate::worker`]'s `memory.rs`).
+/// How a worker receives results from its peers.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum DataTransport {
+    #[default]
+    Tcp,
+    Mpi,
+}
+
+impl DataTransport {
+    pub fn name(self) -> &'static str {
+        match self {
+            DataTransport::Tcp => "tcp",
+            DataTransport::Mpi => "mpi",
+        }
+    }
+}
+
+/// A worker's memory, as its memory management sees it ([`crate::worker`]'s `memory.rs`),
+/// and what it received from peers.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct WorkerMemory {
     /// Above its pause threshold: it takes no new tasks.
@@ -463,6 +481,9 @@ pub struct WorkerMemory {
     /// Spilled bytes read back (for a task or a peer) since the start.
     pub unspilled_total: u64,
     pub paused_seconds: f64,
+    /// Bytes of results received from peers since the start, over `transport`.
+    pub fetched_bytes: u64,
+    pub transport: DataTransport,
 }
 
 // ---------------------------------------------------------------- peer data server

@@ -45,6 +45,9 @@ pub type Fetched = Vec<(TaskId, Option<Object>)>;
 
 /// Fetches task results from the worker that holds them.
 pub trait Transport: Send + Sync + 'static {
+    /// What it is, for the worker's reports.
+    fn kind(&self) -> crate::protocol::DataTransport;
+
     fn fetch<'a>(
         &'a self,
         from: &'a WorkerInfo,

@@ -135,6 +135,10 @@ impl TcpTransport {
 }
 
 impl Transport for TcpTransport {
+    fn kind(&self) -> crate::protocol::DataTransport {
+        crate::protocol::DataTransport::Tcp
+    }
+
     fn fetch<'a>(
         &'a self,
         from: &'a WorkerInfo,

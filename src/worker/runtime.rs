@@ -210,6 +210,7 @@ pub async fn run_with(
         slots,
         max_crashes: config.max_crashes,
         memory: config.memory.clone(),
+        transport: transport.kind(),
     };
     let mut state = WorkerState::new(settings, store, peers);
     let mut comm = RuntimeComm {

@@ -7,8 +7,9 @@ use super::executor::ExecutorEvent;
 use super::memory::{MemoryPolicy, MemorySample, MemoryState, ResultSizes};
 use crate::heap::ShrinkWhenSparse;
 use crate::protocol::{
-    ComputeTask, ErrorInfo, FromWorker, FuncId, FunctionBlob, IdMap, IdSet, ObjectRef, Plugin,
-    RunTask, TaskDone, TaskId, TaskOutcome, ToWorker, WorkerId, WorkerInfo, WorkerMemory,
+    ComputeTask, DataTransport, ErrorInfo, FromWorker, FuncId, FunctionBlob, IdMap, IdSet,
+    ObjectRef, Plugin, RunTask, TaskDone, TaskId, TaskOutcome, ToWorker, WorkerId, WorkerInfo,
+    WorkerMemory,
 };
 use crate::store::{Object, Store, StoreError};
 use crate::transport::{Fetched, TransportError};
@@ -96,6 +97,8 @@ pub struct WorkerSettings {
     /// How often a task may take its executor down before it fails.
     pub max_crashes: u32,
     pub memory: MemoryPolicy,
+    /// How it receives results from peers (reported with its memory).
+    pub transport: DataTransport,
 }
 
 /// An assigned task, from arrival until its result is stored or it fails.
@@ -182,6 +185,7 @@ pub struct WorkerState {
     /// Samples to wait before the next spill after one failed.
     spill_backoff: u32,
     samples_since_report: u32,
+    transport: DataTransport,
 }
 
 impl WorkerState {
@@ -215,6 +219,7 @@ impl WorkerState {
             spill_error: None,
             spill_backoff: 0,
             samples_since_report: 0,
+            transport: settings.transport,
         }
     }
 
@@ -337,6 +342,8 @@ impl WorkerState {
             spilled_total: self.stats.spilled_bytes,
             unspilled_total: bytes.unspilled,
             paused_seconds: counters.paused_for.as_secs_f64(),
+            fetched_bytes: self.stats.fetched_bytes,
+            transport: self.transport,
         }
     }
 

@@ -34,6 +34,7 @@ def read_report(report: Path, screenshot: Path | None = None) -> dict[str, objec
             ],
             "bars": int(page.get_attribute("#stream", "data-bars")),
             "lines": int(page.get_attribute("#memory", "data-lines")),
+            "moved": page.inner_text("#moved"),
         }
         if screenshot is not None:
             page.screenshot(path=str(screenshot), full_page=True)

@@ -115,6 +115,7 @@ def test_endpoints_report_a_known_computation(client):
     )
     assert done >= 16
     assert float(samples['dask_scheduler_workers{state="idle"}']) == 2
+    assert 'rankmesh_transferred_bytes_total{transport="tcp"}' in samples
     assert (
         sum(
             float(samples[f'rankmesh_worker_memory_limit_bytes{{worker="{w["id"]}"}}'])

@@ -133,6 +133,8 @@ def test_the_report_of_a_job_shows_every_worker_in_a_browser(tmp_path):
     assert seen["errors"] == []
     assert sorted(seen["workers"]) == ["1", "2", "3"], seen  # ranks 1-3
     assert seen["lines"] == 3 and seen["bars"] >= 100, seen
+    # The reduction moved chunks between worker ranks, over MPI.
+    assert " over mpi" in seen["moved"] and ": 0 B" not in seen["moved"], seen["moved"]
 
 
 @TRANSPORTS

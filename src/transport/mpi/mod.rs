@@ -314,6 +314,10 @@ impl MpiTransport {
 }
 
 impl Transport for MpiTransport {
+    fn kind(&self) -> crate::protocol::DataTransport {
+        crate::protocol::DataTransport::Mpi
+    }
+
     fn fetch<'a>(
         &'a self,
         from: &'a WorkerInfo,

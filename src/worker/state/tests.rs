@@ -209,6 +209,7 @@ impl TestEnv {
             slots,
             max_crashes: 3,
             memory,
+            transport: DataTransport::Tcp,
         };
         let peers = PEERS.iter().map(|&id| peer(id)).collect();
         let mut env = TestEnv {
@@ -477,6 +478,11 @@ fn a_task_runs_once_all_its_inputs_arrived_and_the_copies_are_reported() {
     assert_eq!(env.ran(), [(0, ids(&[10]))]);
     assert_eq!(env.comm.take_sent(), [FromWorker::Replicated(ids(&[2]))]);
     assert_eq!(env.state.stats().fetched_objects, 2);
+    let report = env.state.memory_report();
+    assert_eq!(
+        (report.fetched_bytes, report.transport),
+        (128, DataTransport::Tcp)
+    );
     env.comm.emptiness_check();
 }
 
@@ -1310,6 +1316,8 @@ fn memory_goes_to_the_scheduler_every_twentieth_sample_and_after_a_spill_with_th
         spilled_total: 2 * MIB,
         unspilled_total: MIB,
         paused_seconds: 0.0,
+        fetched_bytes: 0,
+        transport: DataTransport::Tcp,
     };
     assert_eq!(env.memory_report(), expected, "the sample after the spill");
     for _ in 1..20 {
