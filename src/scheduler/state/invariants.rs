@@ -17,13 +17,13 @@ impl Scheduler {
             assert!(
                 self.clients.contains_key(&id.owner())
                     || task.published > 0
-                    || !task.wanted_by.is_empty()
+                    || !task.holders.is_empty()
                     || task.live_dependents > 0,
                 "task {id} outlived its client though nothing else holds it"
             );
-            for client in &task.wanted_by {
+            for client in task.holders.of(id) {
                 assert!(
-                    self.clients.contains_key(client),
+                    self.clients.contains_key(&client),
                     "task {id} wanted by gone client {client}"
                 );
             }

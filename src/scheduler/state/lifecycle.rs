@@ -62,7 +62,7 @@ impl Scheduler {
             worker,
             size: done.size,
         };
-        self.outbox.finished(&task.wanted_by, finished);
+        self.outbox.finished(task.holders.of(id), finished);
         if !task.is_needed() {
             unneeded.push(id);
         }
@@ -394,8 +394,8 @@ impl Scheduler {
             if !task.computed {
                 self.observed.erred(task.prefix);
             }
-            for client in &task.wanted_by {
-                wanted.entry(*client).or_default().push(id);
+            for client in task.holders.of(id) {
+                wanted.entry(client).or_default().push(id);
             }
             unneeded.push(id);
             stack.extend_from_slice(&task.dependents);

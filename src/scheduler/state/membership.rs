@@ -104,7 +104,7 @@ impl Scheduler {
                                     worker: holder,
                                     size: *size,
                                 };
-                                self.outbox.finished(&task.wanted_by, finished);
+                                self.outbox.finished(task.holders.of(id), finished);
                             }
                         }
                     }
@@ -174,11 +174,10 @@ impl Scheduler {
         let mut dropped = Vec::new();
         let mut held_elsewhere = Vec::new();
         for (&id, task) in self.tasks.iter_mut() {
-            if let Some(at) = task.wanted_by.iter().position(|c| *c == client) {
-                task.wanted_by.swap_remove(at);
+            if task.holders.remove(id, client) {
                 dropped.push(id);
             }
-            if !task.wanted_by.is_empty() || task.published > 0 {
+            if !task.holders.is_empty() || task.published > 0 {
                 held_elsewhere.push(id);
             }
         }

@@ -69,7 +69,7 @@ pub(super) struct Task {
     /// What it holds of its worker's resources while it runs.
     pub(super) resources: Resources,
     /// Clients holding futures on it (the owner, and others that received one).
-    pub(super) wanted_by: Vec<ClientId>,
+    pub(super) holders: Holders,
     /// Published datasets that hold it (`Client.publish_dataset`).
     pub(super) published: u32,
     /// Its kind (Dask's key prefix), an id of the dashboard's counters.
@@ -87,12 +87,60 @@ pub(super) struct Task {
 
 impl Task {
     pub(super) fn is_needed(&self) -> bool {
-        !self.wanted_by.is_empty() || self.published > 0 || self.pending_dependents > 0
+        !self.holders.is_empty() || self.published > 0 || self.pending_dependents > 0
     }
 
     /// Kept in the table: needed, or the lineage of a live dependent.
     pub(super) fn is_kept(&self) -> bool {
         self.is_needed() || self.live_dependents > 0
+    }
+}
+
+/// The clients holding futures on a task: nearly always only the client that submitted
+/// it (`TaskId::owner`), which is a flag, so the common case allocates nothing.
+#[derive(Default)]
+pub(super) struct Holders {
+    owner: bool,
+    others: Vec<ClientId>,
+}
+
+impl Holders {
+    pub(super) fn is_empty(&self) -> bool {
+        !self.owner && self.others.is_empty()
+    }
+
+    /// `client` holds task `id` now; false if it did already.
+    pub(super) fn add(&mut self, id: TaskId, client: ClientId) -> bool {
+        if client == id.owner() {
+            !std::mem::replace(&mut self.owner, true)
+        } else if self.others.contains(&client) {
+            false
+        } else {
+            self.others.push(client);
+            true
+        }
+    }
+
+    /// `client` no longer holds task `id`; false if it did not.
+    pub(super) fn remove(&mut self, id: TaskId, client: ClientId) -> bool {
+        if client == id.owner() {
+            return std::mem::replace(&mut self.owner, false);
+        }
+        match self.others.iter().position(|c| *c == client) {
+            Some(at) => {
+                self.others.swap_remove(at);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The holders of task `id`.
+    pub(super) fn of(&self, id: TaskId) -> impl Iterator<Item = ClientId> + '_ {
+        self.owner
+            .then(|| id.owner())
+            .into_iter()
+            .chain(self.others.iter().copied())
     }
 }
 
@@ -157,9 +205,9 @@ pub(super) struct Outbox {
 
 impl Outbox {
     /// Tells each client in `clients` that the task is in memory on `done.worker`.
-    pub(super) fn finished(&mut self, clients: &[ClientId], done: TaskFinished) {
+    pub(super) fn finished(&mut self, clients: impl Iterator<Item = ClientId>, done: TaskFinished) {
         for client in clients {
-            self.finished.entry(*client).or_default().push(done.clone());
+            self.finished.entry(client).or_default().push(done.clone());
         }
     }
 

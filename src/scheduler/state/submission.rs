@@ -1,7 +1,7 @@
 //! Client events: submitting tasks (checked, ordered, given their first state), wanting
 //! and releasing results and functions, and cancelling.
 
-use super::records::{Function, Task, TaskState};
+use super::records::{Function, Holders, Task, TaskState};
 use super::Scheduler;
 use crate::protocol::{
     ClientId, ErrorInfo, FuncId, FunctionBlob, IdMap, IdSet, TaskFinished, TaskId, TaskSpec,
@@ -75,7 +75,7 @@ impl Scheduler {
                 retries_left: spec.options.retries,
                 allow_other_workers: spec.options.allow_other_workers,
                 resources: spec.options.resources,
-                wanted_by: Vec::new(),
+                holders: Holders::default(),
                 published: 0,
                 prefix,
                 computed: false,
@@ -248,9 +248,7 @@ impl Scheduler {
                     continue;
                 }
             };
-            if !task.wanted_by.contains(&client) {
-                task.wanted_by.push(client);
-            }
+            task.holders.add(id, client);
             match &task.state {
                 TaskState::Memory { holders, size } => {
                     if let Some(&worker) = holders.first() {
@@ -259,7 +257,7 @@ impl Scheduler {
                             worker,
                             size: *size,
                         };
-                        self.outbox.finished(&[client], finished);
+                        self.outbox.finished(std::iter::once(client), finished);
                     }
                 }
                 TaskState::Erred { origin, error } => {
@@ -286,14 +284,14 @@ impl Scheduler {
     pub(super) fn release(&mut self, client: ClientId, ids: &[TaskId]) {
         let mut released = Vec::with_capacity(ids.len());
         for &id in ids {
-            let held = self.tasks.get_mut(&id).and_then(|task| {
-                let at = task.wanted_by.iter().position(|c| *c == client)?;
-                task.wanted_by.swap_remove(at);
-                Some(())
-            });
-            match held {
-                Some(()) => released.push(id),
-                None => tracing::debug!(client = %client, task = %id, "release of a task not held"),
+            let held = self
+                .tasks
+                .get_mut(&id)
+                .is_some_and(|task| task.holders.remove(id, client));
+            if held {
+                released.push(id);
+            } else {
+                tracing::debug!(client = %client, task = %id, "release of a task not held");
             }
         }
         self.release_unneeded(released);
@@ -382,8 +380,8 @@ impl Scheduler {
             let Some(task) = self.take_task(id) else {
                 continue;
             };
-            for client in &task.wanted_by {
-                cancelled.entry(*client).or_default().push(id);
+            for client in task.holders.of(id) {
+                cancelled.entry(client).or_default().push(id);
             }
             self.forget(id, task, &mut unneeded);
         }
