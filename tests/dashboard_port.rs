@@ -130,6 +130,10 @@ async fn the_token_opens_the_endpoints_and_the_link_sets_a_cookie() {
     let (status, page) = get(d.port, "/status", &[format!("Cookie: {cookie}")]).await;
     assert_eq!(status, 200);
     assert!(page.contains("EventSource(\"events\")"), "{page}");
+    assert!(
+        page.contains("function bytes") && !page.contains("/*PAGE_"),
+        "{page}"
+    );
     d.shutdown.cancel();
 }
 

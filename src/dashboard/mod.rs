@@ -24,7 +24,7 @@ use axum::{Json, Router};
 use futures::Stream;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -36,7 +36,14 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// How often an open status page gets a snapshot.
 const EVENT_INTERVAL: Duration = Duration::from_millis(500);
 /// The status page; its script draws what `/events` sends.
-const STATUS_PAGE: &str = include_str!("status.html");
+static STATUS_PAGE: LazyLock<String> = LazyLock::new(|| page(include_str!("status.html")));
+
+/// A page template with what every page shares (styles, script helpers) put in.
+fn page(template: &str) -> String {
+    template
+        .replacen("/*PAGE_CSS*/", include_str!("page.css"), 1)
+        .replacen("/*PAGE_JS*/", include_str!("page.js"), 1)
+}
 /// Ports after a taken one that are tried before giving up.
 const PORTS_TO_TRY: u16 = 100;
 
@@ -319,7 +326,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Result<Response, Response
 
 /// The live page: static, drawn in the browser from `/events`.
 async fn status() -> axum::response::Html<&'static str> {
-    axum::response::Html(STATUS_PAGE)
+    axum::response::Html(STATUS_PAGE.as_str())
 }
 
 /// Snapshots as server-sent events, every [`EVENT_INTERVAL`], while the page is open.

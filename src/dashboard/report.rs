@@ -11,7 +11,7 @@ pub fn render(history: &History) -> String {
     let data = serde_json::to_string(history)
         .unwrap_or_else(|_| "{}".to_string())
         .replace("</", "<\\/");
-    TEMPLATE.replacen(DATA_MARK, &data, 1)
+    super::page(TEMPLATE).replacen(DATA_MARK, &data, 1)
 }
 
 #[cfg(test)]
@@ -26,7 +26,11 @@ mod tests {
             .prefixes
             .push(PrefixStats::new("</script><b>".into()));
         let page = render(&history);
-        assert!(!page.contains(DATA_MARK));
+        assert!(!page.contains(DATA_MARK) && !page.contains("/*PAGE_"));
+        assert!(
+            page.contains("function prefixColor"),
+            "the shared script is in"
+        );
         assert!(page.contains(r#""name":"<\/script><b>""#), "{page}");
         assert_eq!(page.matches("</script>").count(), 2);
     }
