@@ -171,7 +171,9 @@ mod tests {
         StreamEntry {
             sequence,
             worker: 1,
-            prefix: 0,
+            prefix: Some(0),
+            from: None,
+            bytes: 0,
             end_ms: sequence as f64,
             duration_ms: 1.0,
         }

@@ -17,3 +17,20 @@ function swatch(legend, name, color) {
   span.append(square, name);
   legend.append(span);
 }
+const TRANSFER_COLOR = "#d62728";
+// One entry of the task stream on its worker's row: a task as a bar in its prefix's colour;
+// results received from a peer as a thin red bar along the bottom of the receiver's row.
+function drawStreamEntry(ctx, e, x, top, height, prefixes, seen) {
+  const left = x(e.end_ms - e.duration_ms);
+  const width = Math.max(1, x(e.end_ms) - left);
+  if (e.prefix === null) {
+    seen.set("transfer", TRANSFER_COLOR);
+    ctx.fillStyle = TRANSFER_COLOR;
+    ctx.fillRect(left, top + height - 4, width, 4);
+    return;
+  }
+  const name = (prefixes[e.prefix] || {name: "?"}).name;
+  seen.set(name, prefixColor(e.prefix));
+  ctx.fillStyle = prefixColor(e.prefix);
+  ctx.fillRect(left, top, width, height);
+}

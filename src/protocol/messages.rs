@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 17;
+pub const PROTOCOL_VERSION: u32 = 18;
 
 /// What a connecting peer is; the acceptor checks it is one it serves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -443,6 +443,16 @@ pub enum FromWorker {
     /// How the worker's memory stands: sent when it pauses or resumes, and at most once a
     /// second when something changed.
     Memory(WorkerMemory),
+    /// Fetches from peers that ended since the last message, for the task stream.
+    Transferred(Vec<Transfer>),
+}
+
+/// Results a worker received from one peer in one fetch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transfer {
+    pub from: WorkerId,
+    pub bytes: u64,
+    pub duration_us: u64,
 }
 
 /// How a worker receives results from its peers.

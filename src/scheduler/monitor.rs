@@ -58,26 +58,32 @@ impl PrefixStats {
     }
 }
 
-/// A task that finished on a worker: the task stream's bar.
+/// A task that finished on a worker, or results it received from a peer: the task
+/// stream's bar.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct StreamEntry {
     /// Numbers entries from the scheduler's start; a request asks for those after one.
     pub sequence: u64,
     pub worker: u32,
-    /// An index into `Snapshot::prefixes`.
-    pub prefix: u32,
+    /// A task: an index into `Snapshot::prefixes`.
+    pub prefix: Option<u32>,
+    /// A transfer: the peer the worker received `bytes` from.
+    pub from: Option<u32>,
+    pub bytes: u64,
     /// Milliseconds since the scheduler started, when the worker reported it (the bar
     /// ends there: it started `duration_ms` earlier).
     pub end_ms: f64,
     pub duration_ms: f64,
 }
 
-/// What the scheduler reports about a finished task for the stream; the server adds the
-/// time it heard of it.
+/// What the scheduler reports for the stream (a computation, or a transfer); the server
+/// adds the time it heard of it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TaskRan {
     pub worker: u32,
-    pub prefix: u32,
+    pub prefix: Option<u32>,
+    pub from: Option<u32>,
+    pub bytes: u64,
     pub duration_us: u64,
 }
 
@@ -100,6 +106,8 @@ impl TaskStream {
                 sequence: self.next_sequence,
                 worker: task.worker,
                 prefix: task.prefix,
+                from: task.from,
+                bytes: task.bytes,
                 end_ms: now_ms,
                 duration_ms: task.duration_us as f64 / 1000.0,
             });
@@ -215,7 +223,9 @@ mod tests {
         let mut stream = TaskStream::default();
         let ran = |worker| TaskRan {
             worker,
-            prefix: 0,
+            prefix: Some(0),
+            from: None,
+            bytes: 0,
             duration_us: 1500,
         };
         stream.record([ran(1), ran(2)], 1_000.0);

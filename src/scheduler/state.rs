@@ -257,6 +257,11 @@ impl Scheduler {
             }
             FromWorker::Leaving => self.remove_worker(worker, Departure::Planned, comm),
             FromWorker::Memory(memory) => self.worker_memory(worker, memory),
+            FromWorker::Transferred(transfers) => {
+                for transfer in transfers {
+                    self.observed.transferred(worker, transfer);
+                }
+            }
         }
         self.outbox.flush(comm);
     }

@@ -8,8 +8,8 @@ use super::memory::{MemoryPolicy, MemorySample, MemoryState, ResultSizes};
 use crate::heap::ShrinkWhenSparse;
 use crate::protocol::{
     ComputeTask, DataTransport, ErrorInfo, FromWorker, FuncId, FunctionBlob, IdMap, IdSet,
-    ObjectRef, Plugin, RunTask, TaskDone, TaskId, TaskOutcome, ToWorker, WorkerId, WorkerInfo,
-    WorkerMemory,
+    ObjectRef, Plugin, RunTask, TaskDone, TaskId, TaskOutcome, ToWorker, Transfer, WorkerId,
+    WorkerInfo, WorkerMemory,
 };
 use crate::store::{Object, Store, StoreError};
 use crate::transport::{Fetched, TransportError};
@@ -186,6 +186,8 @@ pub struct WorkerState {
     spill_backoff: u32,
     samples_since_report: u32,
     transport: DataTransport,
+    /// Fetches ended since the last flush.
+    transferred: Vec<Transfer>,
 }
 
 impl WorkerState {
@@ -220,6 +222,7 @@ impl WorkerState {
             spill_backoff: 0,
             samples_since_report: 0,
             transport: settings.transport,
+            transferred: Vec::new(),
         }
     }
 
@@ -312,6 +315,15 @@ impl WorkerState {
         }
         match result {
             Ok(objects) => {
+                let bytes = objects
+                    .iter()
+                    .filter_map(|(_, object)| object.as_ref().map(Object::size))
+                    .sum();
+                self.transferred.push(Transfer {
+                    from: peer,
+                    bytes,
+                    duration_us: elapsed.as_micros() as u64,
+                });
                 for (id, object) in objects {
                     match object {
                         Some(object) => self.input_fetched(id, object),
@@ -1078,6 +1090,11 @@ impl WorkerState {
         }
         if !self.replicated.is_empty() {
             comm.send(FromWorker::Replicated(std::mem::take(&mut self.replicated)));
+        }
+        if !self.transferred.is_empty() {
+            comm.send(FromWorker::Transferred(std::mem::take(
+                &mut self.transferred,
+            )));
         }
     }
 

@@ -35,6 +35,7 @@ def read_report(report: Path, screenshot: Path | None = None) -> dict[str, objec
             "bars": int(page.get_attribute("#stream", "data-bars")),
             "lines": int(page.get_attribute("#memory", "data-lines")),
             "moved": page.inner_text("#moved"),
+            "stream_legend": page.inner_text("#stream-legend"),
         }
         if screenshot is not None:
             page.screenshot(path=str(screenshot), full_page=True)

@@ -135,6 +135,7 @@ def test_the_report_of_a_job_shows_every_worker_in_a_browser(tmp_path):
     assert seen["lines"] == 3 and seen["bars"] >= 100, seen
     # The reduction moved chunks between worker ranks, over MPI.
     assert " over mpi" in seen["moved"] and ": 0 B" not in seen["moved"], seen["moved"]
+    assert "transfer" in seen["stream_legend"], seen["stream_legend"]
 
 
 @TRANSPORTS

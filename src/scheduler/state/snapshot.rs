@@ -3,7 +3,7 @@
 
 use super::records::TaskState;
 use super::Scheduler;
-use crate::protocol::WorkerId;
+use crate::protocol::{Transfer, WorkerId};
 use crate::scheduler::monitor::{
     PrefixStats, Snapshot, StreamEntry, TaskCounts, TaskRan, WorkerSnapshot,
 };
@@ -62,8 +62,21 @@ impl Observed {
         }
         self.ran.push(TaskRan {
             worker: worker.0,
-            prefix,
+            prefix: Some(prefix),
+            from: None,
+            bytes: 0,
             duration_us,
+        });
+    }
+
+    /// `worker` received results from a peer.
+    pub(super) fn transferred(&mut self, worker: WorkerId, transfer: Transfer) {
+        self.ran.push(TaskRan {
+            worker: worker.0,
+            prefix: None,
+            from: Some(transfer.from.0),
+            bytes: transfer.bytes,
+            duration_us: transfer.duration_us,
         });
     }
 
@@ -119,7 +132,7 @@ impl Scheduler {
         }
     }
 
-    /// Tasks computed since the last call, for the task stream.
+    /// Tasks computed and transfers ended since the last call, for the task stream.
     pub fn take_ran(&mut self) -> Vec<TaskRan> {
         std::mem::take(&mut self.observed.ran)
     }

@@ -2125,13 +2125,13 @@ fn progress_is_counted_by_prefix_once_per_task() {
         .map(|p| (p.name.as_str(), p.submitted, p.done, p.erred, p.forgotten))
         .collect();
     assert_eq!(counts, [("load", 2, 1, 1, 0), ("sum", 3, 1, 1, 1)]);
-    let ran: Vec<(u32, u32)> = env
+    let ran: Vec<(u32, Option<u32>)> = env
         .scheduler
         .take_ran()
         .iter()
         .map(|r| (r.worker, r.prefix))
         .collect();
-    assert_eq!(ran[..2], [(a_worker.0, 0), (b_worker.0, 1)]);
+    assert_eq!(ran[..2], [(a_worker.0, Some(0)), (b_worker.0, Some(1))]);
     assert_eq!(ran.len(), 2 + recomputed.len());
     assert!(env.scheduler.take_ran().is_empty());
 }
@@ -2199,5 +2199,32 @@ fn a_client_watching_progress_hears_its_computed_count() {
     env.computed(w);
     env.done(w, &[d]);
     assert_eq!(env.finished(c), [d]);
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn transfers_workers_report_join_the_task_stream() {
+    let mut env = TestEnv::new();
+    let [w1, w2] = env.workers(&[1, 1])[..] else {
+        unreachable!()
+    };
+    let transfer = crate::protocol::Transfer {
+        from: w1,
+        bytes: 4096,
+        duration_us: 250,
+    };
+    env.worker_msg(w2, FromWorker::Transferred(vec![transfer]));
+    let ran = env.scheduler.take_ran();
+    assert_eq!(ran.len(), 1);
+    assert_eq!(
+        (
+            ran[0].worker,
+            ran[0].prefix,
+            ran[0].from,
+            ran[0].bytes,
+            ran[0].duration_us
+        ),
+        (w2.0, None, Some(w1.0), 4096, 250)
+    );
     env.comm.emptiness_check();
 }

@@ -25,6 +25,9 @@ struct Ran {
 #[derive(Default)]
 struct TestComm {
     sent: VecDeque<FromWorker>,
+    /// `FromWorker::Transferred`, kept apart: they only feed the dashboard's task stream,
+    /// so tests about fetching need not list them (`a_fetch_reports_its_transfer` does).
+    transfers: Vec<Transfer>,
     fetches: VecDeque<(WorkerId, Vec<TaskId>)>,
     runs: VecDeque<Ran>,
     released_functions: VecDeque<(usize, u64, Vec<FuncId>)>,
@@ -45,7 +48,10 @@ struct TestComm {
 
 impl WorkerComm for TestComm {
     fn send(&mut self, msg: FromWorker) {
-        self.sent.push_back(round_trip(&msg));
+        match round_trip(&msg) {
+            FromWorker::Transferred(transfers) => self.transfers.extend(transfers),
+            msg => self.sent.push_back(msg),
+        }
     }
 
     fn fetch(&mut self, peer: &WorkerInfo, ids: Vec<TaskId>) {
@@ -484,6 +490,22 @@ fn a_task_runs_once_all_its_inputs_arrived_and_the_copies_are_reported() {
         (128, DataTransport::Tcp)
     );
     env.comm.emptiness_check();
+}
+
+#[test]
+fn a_fetch_reports_its_transfer() {
+    let mut env = TestEnv::new(1);
+    let [a, _] = PEERS;
+    env.compute(vec![task(10, &[(1, &[a]), (2, &[a])])]);
+    env.comm.take_fetches();
+    let objects = vec![(TaskId(1), Some(small(1))), (TaskId(2), Some(small(2)))];
+    env.fetched(a, ids(&[1, 2]), Ok(objects));
+    let transfer = Transfer {
+        from: a,
+        bytes: 128,
+        duration_us: 1000,
+    };
+    assert_eq!(env.comm.transfers, [transfer]);
 }
 
 #[test]
