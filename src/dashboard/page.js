@@ -5,9 +5,11 @@ function bytes(n) {
   return (i ? n.toFixed(1) : n) + " " + units[i];
 }
 // Kinds (and workers) in the order first seen, a golden angle apart on the colour wheel:
-// neighbours always differ, and a kind keeps its colour.
+// neighbours always differ, and a kind keeps its colour. Reds are left out: they mean
+// errors and transfers.
 function prefixColor(index) {
-  return "hsl(" + Math.round((210 + index * 137.508) % 360) + ",65%,48%)";
+  const turn = (210 + index * 137.508) % 360;
+  return "hsl(" + Math.round(25 + turn * 310 / 360) + ",65%,48%)";
 }
 function swatch(legend, name, color) {
   const span = document.createElement("span");
