@@ -115,6 +115,10 @@ class ExecutorLink:
 def runtime_base() -> str:
     """Where this user's runtime folders go: $XDG_RUNTIME_DIR, else $TMPDIR, else /tmp."""
 
-def read_scheduler_file(path: str) -> tuple[str, str]:
-    """(address, token) of a scheduler file that is ours and writable by nobody else;
-    PermissionError otherwise."""
+def read_scheduler_file(path: str) -> tuple[str, str, str | None]:
+    """(address, token, dashboard address or None) of a scheduler file that is ours and
+    writable by nobody else; PermissionError otherwise."""
+
+def write_private(path: str, data: bytes) -> None:
+    """Writes data to path readable by its owner only, as a whole; a link or another
+    user's file at path is refused (PermissionError)."""

@@ -85,7 +85,7 @@ class Client:
 
         self.address, token, dashboard = _connection_details(address, scheduler_file, token)
         self._core = ClientCore(self.address, token, timeout)
-        self._dashboard_link = dashboard_link(dashboard, token)
+        # The dashboard's address and the token its requests carry.
         self._dashboard = (dashboard, token) if dashboard is not None else None
         self._encoder = PayloadEncoder(FunctionRegistry())
         # Futures alive per task id; at zero the id waits in _to_release for the next call.
@@ -94,6 +94,8 @@ class Client:
         self._by_key: weakref.WeakValueDictionary[Any, Future] = weakref.WeakValueDictionary()
         self._default_config: Any = None
         self._closed = False
+        # Clients that are gone need no place in the list.
+        _created[:] = [ref for ref in _created if ref() is not None]
         _created.append(weakref.ref(self))
         dask_recognition.install(Client)
 
@@ -106,7 +108,7 @@ class Client:
         drops the token from the address bar); through jupyter-server-proxy under JupyterHub.
         None when the client was given an address rather than a scheduler file or cluster,
         or the cluster has no dashboard. Keep it to yourself: it opens the cluster."""
-        return self._dashboard_link
+        return dashboard_link(*self._dashboard) if self._dashboard is not None else None
 
     def _repr_html_(self) -> str:
         workers = [] if self._closed else self.workers()
@@ -114,7 +116,7 @@ class Client:
         return cluster_html(
             "Client",
             self.address,
-            self._dashboard_link,
+            self.dashboard_link,
             [
                 ("workers", len(workers)),
                 ("threads", sum(int(w["nthreads"]) for w in workers)),

@@ -11,12 +11,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from .children import dying_with_parent
 from .dashboard_links import cluster_html, dashboard_link
 from .task_options import resource_pairs
 
 __all__ = ["LocalCluster", "find_binary"]
-
-_PR_SET_PDEATHSIG = 1
 
 
 def find_binary() -> str:
@@ -45,14 +44,6 @@ def _parse_memory(limit: int | str | None) -> str:
 
 def _fraction(value: float | bool) -> str:
     return "false" if value is False else str(value)
-
-
-def _die_with_parent() -> None:
-    # Linux only: the cluster is killed if this Python dies without closing it.
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class LocalCluster:
@@ -140,7 +131,11 @@ class LocalCluster:
         # functions from scripts' sibling modules and test modules unpickle there.
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         self._process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_parent
+            command,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            # The cluster stops (SIGTERM) if this Python dies without closing it.
+            preexec_fn=dying_with_parent(signal.SIGTERM),
         )
         self._wait_until_ready(timeout)
 

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
+
+from .children import dying_with_parent
 
 __all__ = ["run_command"]
 
 # An executor rank's MPI identity must not leak into the programs it starts: an `mpirun`
 # inside would take itself for a rank of the job and fail to start its own ranks.
 _MPI_ENVIRONMENT_PREFIXES = ("OMPI_", "PMIX_", "PMI_")
-_PR_SET_PDEATHSIG = 1
 
 
 def run_command(
@@ -42,10 +42,5 @@ def run_command(
         capture_output=True,
         timeout=timeout,
         check=check,
-        preexec_fn=_die_with_parent,
+        preexec_fn=dying_with_parent(signal.SIGKILL),
     )
-
-
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)

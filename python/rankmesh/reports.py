@@ -46,9 +46,6 @@ def performance_report(
     started = json.loads(_get(client, "/json/snapshot.json"))["now_ms"]
     yield
     time.sleep(SETTLE_S)
-    page = _get(client, f"/report.html?since_ms={started}")
-    descriptor = os.open(
-        os.fspath(filename), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600
-    )
-    with os.fdopen(descriptor, "wb") as out:
-        out.write(page)
+    from ._rankmesh import write_private
+
+    write_private(os.fspath(filename), _get(client, f"/report.html?since_ms={started}"))

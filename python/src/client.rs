@@ -649,10 +649,11 @@ impl ClientCore {
                 )))
             }
         };
-        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
-        self.send(FromClient::Coordinate { request, op })?;
-        let reply = self.await_reply(py, request, timeout)?;
-        reply_tuple(py, request, reply)
+        self.ask(
+            py,
+            |request| FromClient::Coordinate { request, op },
+            timeout,
+        )
     }
 
     /// One request on the published datasets (`DatasetOp`): "publish" (value, tasks,
@@ -684,10 +685,7 @@ impl ClientCore {
                 )))
             }
         };
-        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
-        self.send(FromClient::Dataset { request, op })?;
-        let reply = self.await_reply(py, request, None)?;
-        reply_tuple(py, request, reply)
+        self.ask(py, |request| FromClient::Dataset { request, op }, None)
     }
 
     fn workers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
@@ -734,6 +732,20 @@ impl ClientCore {
 }
 
 impl ClientCore {
+    /// Sends the request `message` makes of a new request number, waits for its answer
+    /// (see `await_reply`) and returns it as Python sees it.
+    fn ask<'py>(
+        &self,
+        py: Python<'py>,
+        message: impl FnOnce(u64) -> FromClient,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        self.send(message(request))?;
+        let reply = self.await_reply(py, request, timeout)?;
+        reply_tuple(py, request, reply)
+    }
+
     /// Waits for the answer to `request`; after `timeout` seconds the request is withdrawn
     /// and its answer (which may still be a grant or a value) awaited.
     fn await_reply(

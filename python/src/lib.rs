@@ -25,5 +25,6 @@ fn _rankmesh(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<executor_link::ExecutorLink>()?;
     m.add_function(wrap_pyfunction!(files::runtime_base, m)?)?;
     m.add_function(wrap_pyfunction!(files::read_scheduler_file, m)?)?;
+    m.add_function(wrap_pyfunction!(files::write_private, m)?)?;
     Ok(())
 }

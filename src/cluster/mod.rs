@@ -56,46 +56,46 @@ pub enum ClusterError {
 /// report will read it (recording costs a snapshot a second).
 struct Watchers {
     monitor: crate::scheduler::monitor::Monitor,
-    history: Option<crate::dashboard::history::SharedHistory>,
+    history: crate::dashboard::history::SharedHistory,
 }
 
 impl Watchers {
-    /// Call inside the runtime: recording starts at once and ends with `shutdown`. The
-    /// requests go to the scheduler.
+    /// Call inside the runtime. With `watched` (a dashboard or a report), recording starts
+    /// at once and ends with `shutdown`; without, no one holds the monitor and the
+    /// scheduler keeps no task stream. The requests go to the scheduler.
     fn new(
-        record: bool,
+        watched: bool,
         shutdown: &tokio_util::sync::CancellationToken,
-    ) -> (Watchers, crate::scheduler::monitor::MonitorRequests) {
+    ) -> (Option<Watchers>, crate::scheduler::monitor::MonitorRequests) {
         let (monitor, requests) = crate::scheduler::monitor::monitor();
-        let history =
-            record.then(|| crate::dashboard::history::record(monitor.clone(), shutdown.clone()));
-        (Watchers { monitor, history }, requests)
+        let watchers = watched.then(|| Watchers {
+            history: crate::dashboard::history::record(monitor.clone(), shutdown.clone()),
+            monitor,
+        });
+        (watchers, requests)
     }
 
-    /// What a dashboard on `listening` serves from (a dashboard always records).
+    /// What a dashboard on `listening` serves from.
     fn serving(
         &self,
         listening: crate::dashboard::Listening,
         scheduler_address: String,
-    ) -> Option<crate::dashboard::Serving> {
-        Some(crate::dashboard::Serving {
+    ) -> crate::dashboard::Serving {
+        crate::dashboard::Serving {
             listening,
             monitor: self.monitor.clone(),
-            history: self.history.clone()?,
+            history: self.history.clone(),
             scheduler_address,
-        })
+        }
     }
 
     /// Writes the run's report to `path` (readable by its owner only), after one last
     /// snapshot. A failure is reported, not fatal: the job's own outcome stands.
     async fn write_report(&self, path: &Path) {
-        let Some(history) = &self.history else {
-            return;
-        };
         // Workers report their counters once a second: wait for the last ones.
         tokio::time::sleep(crate::dashboard::history::SETTLE).await;
-        history.sample(&self.monitor).await;
-        let page = crate::dashboard::report::render(&history.lock());
+        self.history.sample(&self.monitor).await;
+        let page = crate::dashboard::report::render(&self.history.lock());
         match crate::private_files::write_private_atomically(path, page.as_bytes()) {
             Ok(()) => eprintln!("rankmesh: report written to {}", path.display()),
             Err(e) => eprintln!("rankmesh: cannot write the report {}: {e}", path.display()),

@@ -65,7 +65,9 @@ impl ScriptHost {
         let dashboard_url = dashboard.as_ref().map(Listening::url);
         let record = dashboard.is_some() || self.report.is_some();
         let (watchers, requests) = Watchers::new(record, &shutdown);
-        let serving = dashboard.and_then(|l| watchers.serving(l, self.address.clone()));
+        let serving = dashboard
+            .zip(watchers.as_ref())
+            .map(|(listening, w)| w.serving(listening, self.address.clone()));
         let scheduler = tokio::spawn(serve_scheduler(
             listener,
             token.clone(),
@@ -78,7 +80,7 @@ impl ScriptHost {
         let outcome = self
             .until_script_ends(&token, dashboard_url, registered, workers)
             .await;
-        if let Some(path) = &self.report {
+        if let (Some(path), Some(watchers)) = (&self.report, &watchers) {
             watchers.write_report(path).await;
         }
         shutdown.cancel();

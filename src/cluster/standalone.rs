@@ -56,7 +56,9 @@ pub async fn serve(options: StandaloneOptions) -> Result<(), ClusterError> {
     let shutdown = cancel_on_signal().map_err(ClusterError::Signals)?;
     let (workers, _) = tokio::sync::watch::channel(Vec::new());
     let (watchers, requests) = Watchers::new(dashboard.is_some(), &shutdown);
-    let serving = dashboard.and_then(|l| watchers.serving(l, address.clone()));
+    let serving = dashboard
+        .zip(watchers.as_ref())
+        .map(|(listening, w)| w.serving(listening, address.clone()));
     serve_scheduler(
         listener,
         token,

@@ -28,9 +28,8 @@ pub struct History {
     pub started: f64,
     pub now_ms: f64,
     pub workers: BTreeMap<u32, WorkerSnapshot>,
+    /// Each series is thinned on its own (every other point) when it passes its cap.
     pub memory: BTreeMap<u32, Vec<MemoryPoint>>,
-    /// Every `memory_every`th point of each series is kept.
-    pub memory_every: u32,
     pub stream: Vec<StreamEntry>,
     /// Every `stream_every`th bar is kept.
     pub stream_every: u32,
@@ -41,7 +40,6 @@ pub struct History {
 impl History {
     pub fn new() -> Self {
         History {
-            memory_every: 1,
             stream_every: 1,
             ..History::default()
         }
@@ -65,7 +63,6 @@ impl History {
             series.push(point);
             if series.len() > MAX_POINTS {
                 halve(series);
-                self.memory_every *= 2;
             }
             self.workers.insert(id, worker);
         }

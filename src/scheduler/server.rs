@@ -117,7 +117,10 @@ async fn run_core(
         }
         scheduler.schedule(&mut comm);
         freed.note(scheduler.take_freed_bytes());
-        stream.record(scheduler.take_ran(), clock.elapsed().as_secs_f64() * 1e3);
+        let ran = scheduler.take_ran();
+        if monitored {
+            stream.record(ran, clock.elapsed().as_secs_f64() * 1e3);
+        }
         // Membership changes rarely: rebuild the list only when the count moved.
         workers.send_if_modified(|known| {
             let changed = known.len() != scheduler.worker_count();

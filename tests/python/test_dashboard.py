@@ -232,9 +232,16 @@ def test_rankmesh_top_says_why_it_cannot_show_a_cluster_without_dashboard(tmp_pa
 
 def test_performance_report_around_a_block(client, tmp_path):
     report = tmp_path / "block.html"
+    report.write_text("an older report, readable by all")
+    report.chmod(0o644)
     with rankmesh.performance_report(str(report)):
         assert client.gather(client.map(cube, range(30))) == [i**3 for i in range(30)]
-    assert report.stat().st_mode & 0o777 == 0o600
+    assert report.stat().st_mode & 0o777 == 0o600  # replaced, not rewritten in place
+    planted = tmp_path / "planted.html"
+    planted.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(PermissionError), rankmesh.performance_report(str(planted)):
+        pass
+    assert not (tmp_path / "elsewhere").exists()
     seen = read_report(report)
     assert seen["errors"] == []
     assert sorted(seen["workers"]) == sorted(str(w["id"]) for w in client.workers())
