@@ -45,7 +45,7 @@ stage "cargo test"
 cargo test --workspace --quiet
 
 stage "ruff check"
-"$VENV/bin/ruff" check python tests bench examples jobscripts
+"$VENV/bin/ruff" check python tests bench examples jobscripts docs
 
 stage "pytest tests/python"
 "$VENV/bin/python" -m pytest tests/python -q --timeout 300

@@ -21,7 +21,7 @@ fn rendered(profile: Option<&str>, system: System, flags: Profile) -> String {
         workdir: data_dir(),
         rankmesh: "/opt/rankmesh/bin/rankmesh".into(),
         python: "/home/alice/.venv/bin/python3".into(),
-        exit_dir: "/home/alice/.local/state/rankmesh/jobs".into(),
+        state_dir: "/home/alice/.local/state/rankmesh/jobs".into(),
         stamp: "1700000000-4242".into(),
         umask: 0o022,
     };

@@ -3,7 +3,8 @@
 #![allow(clippy::unwrap_used)] // test helpers: a failed setup should panic loudly
 
 use rankmesh::protocol::{
-    self, FrameReader, FrameWriter, FromClient, HandshakeError, HelloReply, Role, Token,
+    self, FrameReader, FrameWriter, FromClient, FromMonitor, HandshakeError, HelloReply, Role,
+    Snapshot, Token,
 };
 use rankmesh::scheduler::{server, SchedulerConfig};
 use std::time::Duration;
@@ -39,13 +40,37 @@ async fn start() -> Scheduler {
     }
 }
 
+type Connection = (
+    FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    FrameWriter<tokio::net::tcp::OwnedWriteHalf>,
+);
+
+async fn connect_as(
+    address: &str,
+    token: &Token,
+    role: Role,
+) -> Result<(Connection, Option<protocol::ClientId>), HandshakeError> {
+    let (r, w) = TcpStream::connect(address).await.unwrap().into_split();
+    let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
+    let client_id = protocol::connect(&mut reader, &mut writer, token, role).await?;
+    Ok(((reader, writer), client_id))
+}
+
 async fn handshake(
     address: &str,
     token: &Token,
 ) -> Result<Option<protocol::ClientId>, HandshakeError> {
-    let (r, w) = TcpStream::connect(address).await.unwrap().into_split();
-    let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
-    protocol::connect(&mut reader, &mut writer, token, Role::Client).await
+    connect_as(address, token, Role::Client)
+        .await
+        .map(|(_, client_id)| client_id)
+}
+
+async fn ask_snapshot((reader, writer): &mut Connection) -> Option<Snapshot> {
+    writer
+        .send(&FromMonitor::Snapshot { since: u64::MAX })
+        .await
+        .ok()?;
+    reader.recv::<Snapshot>().await.ok()?
 }
 
 /// Sends raw bytes and returns what the scheduler answered before closing the connection.
@@ -178,5 +203,42 @@ async fn executors_may_not_connect_to_the_scheduler() {
         matches!(result, Err(HandshakeError::Refused(ref r)) if r.contains("Executor")),
         "{result:?}"
     );
+    scheduler.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_monitor_proves_the_token_then_gets_snapshots_and_nothing_else() {
+    let scheduler = start().await;
+    let refused = connect_as(&scheduler.address, &Token::new("guess"), Role::Monitor).await;
+    assert!(
+        matches!(refused, Err(HandshakeError::Refused(ref r)) if r.contains("token")),
+        "{:?}",
+        refused.map(|(_, id)| id)
+    );
+    let (mut monitor, client_id) = connect_as(&scheduler.address, &scheduler.token, Role::Monitor)
+        .await
+        .unwrap();
+    assert_eq!(client_id, None, "a monitor is no client");
+    let before = ask_snapshot(&mut monitor).await.expect("a snapshot");
+    assert_eq!((before.clients, before.workers.len()), (0, 0));
+    let ((_reader, _client_writer), _) =
+        connect_as(&scheduler.address, &scheduler.token, Role::Client)
+            .await
+            .unwrap();
+    let after = ask_snapshot(&mut monitor).await.expect("a snapshot");
+    assert_eq!(
+        after.clients, 1,
+        "the new client counts, the monitor does not"
+    );
+    assert!(after.stream.is_empty() && after.now_ms >= before.now_ms);
+    // A client's message on a monitor connection ends that connection only.
+    let (reader, writer) = &mut monitor;
+    writer.send(&FromClient::Release(vec![])).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(15), reader.recv::<Snapshot>()).await;
+    assert!(
+        matches!(ended, Ok(Ok(None)) | Ok(Err(_))),
+        "the connection stays open"
+    );
+    assert_still_serving(&scheduler).await;
     scheduler.shutdown.cancel();
 }

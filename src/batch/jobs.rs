@@ -104,6 +104,38 @@ impl Jobs {
         text.trim().parse().ok()
     }
 
+    /// Where job `id`'s rank 0 writes its scheduler file: beside the job's record, on the
+    /// file system the nodes share, so `rankmesh top JOB_ID` finds it from the login node.
+    /// The script host removes it when the job ends, the job script if the run crashed.
+    pub fn scheduler_file(&self, id: &str) -> Result<PathBuf, BatchError> {
+        self.file(id, "scheduler")
+    }
+
+    /// The scheduler file of job `id` once its scheduler runs; with `wait`, waits for it
+    /// while the job is queued or starting.
+    pub fn running_scheduler(&self, id: &str, wait: bool) -> Result<PathBuf, BatchError> {
+        let record = self
+            .load(id)
+            .ok_or_else(|| BatchError::UnknownJob(id.into()))?;
+        let path = self.scheduler_file(&record.id)?;
+        let mut interval = Duration::from_millis(250);
+        loop {
+            if path.exists() {
+                return Ok(path);
+            }
+            let status = self.status(&record.id, Some(record.system))?;
+            let (id, state) = (record.id.clone(), status.state.to_string());
+            if status.state.is_final() {
+                return Err(BatchError::SchedulerGone { id, state });
+            }
+            if !wait {
+                return Err(BatchError::SchedulerNotYet { id, state });
+            }
+            std::thread::sleep(interval);
+            interval = (interval * 2).min(Duration::from_secs(5));
+        }
+    }
+
     /// The id names a file here; an id with a path separator is no job of ours.
     fn file(&self, id: &str, extension: &str) -> Result<PathBuf, BatchError> {
         if id.is_empty() || id.contains('/') || id.starts_with('.') {

@@ -123,6 +123,12 @@ pub enum BatchError {
     UnknownJob(String),
     #[error("job {id} has already ended ({state}): nothing to cancel")]
     AlreadyEnded { id: String, state: String },
+    #[error("job {id} has ended ({state}): its scheduler is gone")]
+    SchedulerGone { id: String, state: String },
+    #[error(
+        "job {id} has not started its scheduler yet ({state}); without --once, `top` waits for it"
+    )]
+    SchedulerNotYet { id: String, state: String },
     #[error("{0}")]
     Config(String),
     #[error("cannot render the job script: {0}")]

@@ -24,8 +24,8 @@ pub struct SubmitEnv {
     pub rankmesh: PathBuf,
     /// The interpreter `submit` runs with, unless a profile activates another environment.
     pub python: String,
-    /// Where the job script writes its exit code (rankmesh's job records).
-    pub exit_dir: PathBuf,
+    /// rankmesh's job records: the job writes its scheduler file and exit code there.
+    pub state_dir: PathBuf,
     /// Makes PBS output file names unique (PBS does not expand a job-id pattern).
     pub stamp: String,
     /// The submitter's umask: the job's log is created private (the batch system is
@@ -62,7 +62,7 @@ pub struct JobSpec {
     pub launcher_flags: Vec<String>,
     pub pbs_resources: String,
     pub workdir: String,
-    pub exit_dir: String,
+    pub state_dir: String,
     /// The submitter's umask in octal (`0022`), restored first thing in the script.
     pub umask: String,
     /// `rankmesh run` flags from the memory settings (`--memory-limit`, `4GiB`, ...).
@@ -189,7 +189,7 @@ impl JobSpec {
                 .unwrap_or_else(|| default_flags.iter().map(|f| f.to_string()).collect()),
             pbs_resources,
             workdir: env.workdir.display().to_string(),
-            exit_dir: env.exit_dir.display().to_string(),
+            state_dir: env.state_dir.display().to_string(),
             umask: format!("{:04o}", env.umask & 0o777),
             worker_flags: worker_flags(settings, &fail)?,
             local_directory: settings.local_directory.clone(),

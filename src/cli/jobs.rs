@@ -276,7 +276,7 @@ fn submit(args: SubmitArgs) -> Result<i32> {
             .filter(|p| !p.is_empty())
             .or_else(|| batch::tool::on_path("python3").map(|p| p.display().to_string()))
             .unwrap_or_else(|| "python3".into()),
-        exit_dir: jobs.dir().to_path_buf(),
+        state_dir: jobs.dir().to_path_buf(),
         stamp: stamp.clone(),
         umask: rankmesh::private_files::current_umask(),
     };

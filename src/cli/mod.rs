@@ -6,6 +6,7 @@ mod topology;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use rankmesh::batch;
 use rankmesh::cluster::local::{self, LocalOptions};
 use rankmesh::cluster::standalone::{self, StandaloneOptions};
 use rankmesh::cluster::SchedulerFile;
@@ -132,10 +133,13 @@ enum Command {
         resources: Resources,
     },
     /// The dashboard's counts, live, in this terminal: workers, their memory and load,
-    /// tasks by state, progress by task prefix. Reads the cluster's scheduler file (its
-    /// dashboard address and token).
+    /// tasks by state, progress by task prefix. Asks the scheduler over its own port, with
+    /// the token of its scheduler file.
     Top {
-        scheduler_file: PathBuf,
+        /// A cluster's scheduler file, or the id of a job `rankmesh submit` started (its
+        /// scheduler file is in the job records; `top` waits for a queued job to start).
+        #[arg(value_name = "SCHEDULER_FILE|JOB_ID")]
+        target: PathBuf,
         /// Seconds between two screens.
         #[arg(long, default_value_t = 1.0)]
         interval: f64,
@@ -345,33 +349,34 @@ async fn run(command: Command) -> Result<i32> {
         #[cfg(feature = "hwloc")]
         Command::Topology(args) => topology::run(args),
         Command::Top {
-            scheduler_file,
+            target,
             interval,
             once,
         } => {
-            let file = SchedulerFile::read(&scheduler_file)?;
-            let Some(url) = file.dashboard else {
-                bail!(
-                    "the cluster of {} has no dashboard (started with --no-dashboard)",
-                    scheduler_file.display()
-                );
-            };
             if !(interval.is_finite() && interval > 0.0) {
                 bail!("--interval must be a positive number of seconds, not {interval}");
             }
-            let interval = std::time::Duration::from_secs_f64(interval);
-            // Blocking HTTP and sleeps: off the runtime's thread.
-            tokio::task::spawn_blocking(move || {
-                rankmesh::dashboard::top::watch(
-                    &url,
-                    &file.token,
-                    interval,
-                    once,
-                    &mut std::io::stdout(),
-                )
-            })
-            .await
-            .context("rankmesh top stopped")??;
+            let scheduler_file = if target.is_file() {
+                target
+            } else if target.components().count() > 1 || target.exists() {
+                bail!("{}: no such scheduler file", target.display());
+            } else {
+                let id = target.to_string_lossy().into_owned();
+                // Polls the batch system while the job is queued: off the runtime's thread.
+                tokio::task::spawn_blocking(move || {
+                    batch::Jobs::open()?.running_scheduler(&id, !once)
+                })
+                .await??
+            };
+            let file = SchedulerFile::read(&scheduler_file)?;
+            rankmesh::dashboard::top::watch(
+                &file.address,
+                &Token::new(file.token),
+                std::time::Duration::from_secs_f64(interval),
+                once,
+                &mut std::io::stdout(),
+            )
+            .await?;
             Ok(0)
         }
         Command::Sweep { local_directory } => {

@@ -3,7 +3,8 @@
 //! second. Bounded: past its caps a series keeps every other point, so an hours-long job
 //! costs the scheduler a few MiB.
 
-use crate::scheduler::monitor::{Monitor, PrefixStats, Snapshot, StreamEntry, WorkerSnapshot};
+use crate::protocol::{PrefixStats, Snapshot, StreamEntry, WorkerSnapshot};
+use crate::scheduler::monitor::Monitor;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -147,7 +148,7 @@ pub fn record(monitor: Monitor, shutdown: CancellationToken) -> SharedHistory {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scheduler::monitor::TaskCounts;
+    use crate::protocol::TaskCounts;
 
     fn snapshot(now_ms: f64, stream: Vec<StreamEntry>) -> Snapshot {
         Snapshot {

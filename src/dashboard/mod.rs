@@ -12,8 +12,9 @@ mod render;
 pub mod report;
 pub mod top;
 
+use crate::protocol::Snapshot;
 use crate::protocol::Token;
-use crate::scheduler::monitor::{Monitor, Snapshot};
+use crate::scheduler::monitor::Monitor;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};

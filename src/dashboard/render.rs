@@ -1,7 +1,7 @@
 //! Snapshots as the dashboard's endpoints show them: `distributed`'s JSON fields and
 //! Prometheus metric names, so tools written for it work, plus rankmesh's own.
 
-use crate::scheduler::monitor::{Snapshot, WorkerSnapshot, DURATION_BUCKETS_S};
+use crate::protocol::{Snapshot, WorkerSnapshot, DURATION_BUCKETS_S};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::fmt::Write;
@@ -292,7 +292,7 @@ fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: impl std
 mod tests {
     use super::*;
     use crate::protocol::{DataTransport, Resources, WorkerId, WorkerInfo, WorkerMemory};
-    use crate::scheduler::monitor::{PrefixStats, TaskCounts};
+    use crate::protocol::{PrefixStats, TaskCounts};
 
     fn snapshot() -> Snapshot {
         let worker = |id: u32, processing: u32, paused: bool| WorkerSnapshot {

@@ -17,7 +17,7 @@ pub fn render(history: &History) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scheduler::monitor::PrefixStats;
+    use crate::protocol::PrefixStats;
 
     #[test]
     fn the_history_goes_into_the_page_and_cannot_close_its_script() {

@@ -1,71 +1,61 @@
-//! `rankmesh top`: the dashboard's numbers, live, in a terminal. It reads
-//! `/json/snapshot.json` with the cluster token, as any tool would.
+//! `rankmesh top`: the dashboard's numbers, live, in a terminal. It asks the scheduler over
+//! its own port (a `Monitor` connection proving the cluster token), which a login node
+//! reaches where a batch job's dashboard, bound to the compute node's loopback, is not.
 
-use crate::scheduler::monitor::Snapshot;
+use crate::protocol::{FromMonitor, Role, Snapshot, Token};
+use crate::transport::tcp;
 use std::io::Write;
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TopError {
-    #[error("cannot reach the dashboard at {url}: {reason}")]
-    Unreachable { url: String, reason: String },
-    #[error("the dashboard at {url} sent what is not a snapshot: {reason}")]
-    Malformed { url: String, reason: String },
+    #[error("cannot reach the scheduler at {address}: {reason}")]
+    Unreachable { address: String, reason: String },
     #[error("cannot write to the terminal: {0}")]
     Output(#[from] std::io::Error),
 }
 
-/// One snapshot from the dashboard at `url` (`http://host:port`).
-pub fn fetch(url: &str, token: &str) -> Result<Snapshot, TopError> {
-    let endpoint = format!("{url}/json/snapshot.json");
-    let unreachable = |reason: String| TopError::Unreachable {
-        url: url.to_string(),
-        reason,
-    };
-    let mut response = ureq::get(&endpoint)
-        .header("Authorization", &format!("Bearer {token}"))
-        .call()
-        .map_err(|e| unreachable(e.to_string()))?;
-    let body = response
-        .body_mut()
-        .read_to_string()
-        .map_err(|e| unreachable(e.to_string()))?;
-    serde_json::from_str(&body).map_err(|e| TopError::Malformed {
-        url: url.to_string(),
-        reason: e.to_string(),
-    })
-}
-
-/// Draws snapshots every `interval` until the scheduler goes away (then returns Ok), or
-/// once with `once` (no screen clearing: for scripts and logs).
-pub fn watch(
-    url: &str,
-    token: &str,
+/// Draws snapshots of the scheduler at `address` every `interval` until it goes away (then
+/// returns Ok), or once with `once` (no screen clearing: for scripts and logs).
+pub async fn watch(
+    address: &str,
+    token: &Token,
     interval: Duration,
     once: bool,
     out: &mut impl Write,
 ) -> Result<(), TopError> {
-    let mut shown = false;
+    let unreachable = |reason: String| TopError::Unreachable {
+        address: address.to_string(),
+        reason,
+    };
+    let (mut reader, mut writer, _) = tcp::connect(address, token, Role::Monitor)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let ask = FromMonitor::Snapshot { since: u64::MAX };
     loop {
-        let snapshot = match fetch(url, token) {
-            Ok(snapshot) => snapshot,
+        let answered = match writer.send(&ask).await {
+            Ok(()) => reader.recv::<Snapshot>().await,
+            Err(e) => Err(e),
+        };
+        let snapshot = match answered {
+            Ok(Some(snapshot)) => snapshot,
             // It answered before: the cluster ended, which is how `top` ends too.
-            Err(TopError::Unreachable { .. }) if shown => {
+            Ok(None) | Err(_) if !once => {
                 writeln!(out, "rankmesh top: the scheduler is gone")?;
                 return Ok(());
             }
-            Err(e) => return Err(e),
+            Ok(None) => return Err(unreachable("it closed the connection".into())),
+            Err(e) => return Err(unreachable(e.to_string())),
         };
         if !once {
             write!(out, "\x1b[H\x1b[2J")?; // home, clear
         }
         out.write_all(render(&snapshot).as_bytes())?;
         out.flush()?;
-        shown = true;
         if once {
             return Ok(());
         }
-        std::thread::sleep(interval);
+        tokio::time::sleep(interval).await;
     }
 }
 
@@ -175,8 +165,8 @@ fn bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::{PrefixStats, TaskCounts, WorkerSnapshot};
     use crate::protocol::{Resources, WorkerId, WorkerInfo, WorkerMemory};
-    use crate::scheduler::monitor::{PrefixStats, TaskCounts, WorkerSnapshot};
 
     #[test]
     fn the_screen_shows_workers_tasks_and_prefixes() {

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 18;
+pub const PROTOCOL_VERSION: u32 = 19;
 
 /// What a connecting peer is; the acceptor checks it is one it serves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,6 +19,8 @@ pub enum Role {
     /// A worker or client fetching task results from a worker's data server.
     Peer,
     Executor,
+    /// A tool watching the scheduler (`rankmesh top`): it asks for snapshots, nothing else.
+    Monitor,
 }
 
 /// The first frame on every connection: nothing else is read before it checks out.
@@ -339,6 +341,16 @@ pub struct ClusterInfo {
     pub workers: Vec<(WorkerId, WorkerMemory)>,
     /// Tasks computed again because a result was lost with its worker.
     pub recomputed_tasks: u64,
+}
+
+// ---------------------------------------------------------------- monitor <-> scheduler
+
+/// What a `Monitor` connection asks; each request gets one [`super::Snapshot`] back.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum FromMonitor {
+    /// The state now, with the task stream's entries numbered `since` and later
+    /// (`u64::MAX`: none).
+    Snapshot { since: u64 },
 }
 
 // ---------------------------------------------------------------- worker <-> scheduler

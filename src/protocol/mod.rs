@@ -6,6 +6,7 @@ mod ids;
 mod layout;
 mod messages;
 mod resources;
+mod snapshot;
 
 pub use framing::{decode, encode, FrameError, FrameReader, FrameWriter, MAX_FRAME_SIZE};
 pub use handshake::{
@@ -15,3 +16,7 @@ pub use ids::{ClientId, FuncId, IdHasher, IdMap, IdSet, TaskId, WorkerId, TASK_S
 pub use layout::{frame_offsets, ALIGN, INLINE_MAX};
 pub use messages::*;
 pub use resources::Resources;
+pub use snapshot::{
+    DurationHistogram, PrefixStats, Snapshot, StreamEntry, TaskCounts, WorkerSnapshot,
+    DURATION_BUCKETS_S,
+};

@@ -1,12 +1,12 @@
 //! The scheduler's I/O edge: accepts connections, checks their token, and feeds their
 //! messages to the state machine, which runs on one task that owns it.
 
-use super::monitor::{MonitorRequests, TaskStream};
+use super::monitor::{MonitorRequests, SnapshotRequest, TaskStream};
 use super::{Comm, Departure, Scheduler, SchedulerConfig};
 use crate::heap::{FreedBytes, TRIM_WHEN_IDLE_AFTER};
 use crate::protocol::{
-    self, ClientId, FrameReader, FrameWriter, FromClient, FromWorker, Role, ToClient, ToWorker,
-    Token, WorkerId, WorkerInfo,
+    self, ClientId, FrameReader, FrameWriter, FromClient, FromMonitor, FromWorker, Role, ToClient,
+    ToWorker, Token, WorkerId, WorkerInfo,
 };
 use crate::transport::listen::{Admission, Authenticated};
 use std::collections::HashMap;
@@ -35,10 +35,12 @@ enum Event {
     },
     FromWorker(WorkerId, FromWorker),
     WorkerGone(WorkerId),
+    /// A `Monitor` connection (`rankmesh top`) asks for the state.
+    SnapshotWanted(SnapshotRequest),
 }
 
 /// Serves until `shutdown`; `workers` follows the registered workers, `monitor` asks for
-/// snapshots (the dashboard).
+/// snapshots (the dashboard), as `Monitor` connections do.
 pub async fn serve(
     listener: TcpListener,
     token: Token,
@@ -50,7 +52,7 @@ pub async fn serve(
     let (events_tx, events) = mpsc::unbounded_channel();
     let core = tokio::spawn(run_core(config, events, workers, monitor, shutdown.clone()));
     let events = events_tx.clone();
-    let connections = Admission::new(token, &[Role::Client, Role::Worker])
+    let connections = Admission::new(token, &[Role::Client, Role::Worker, Role::Monitor])
         .serve(listener, &shutdown, move |connection| {
             serve_connection(connection, events.clone())
         })
@@ -78,23 +80,14 @@ async fn run_core(
     let mut scheduler = Scheduler::new(config);
     let mut comm = OutboxComm::default();
     let mut freed = FreedBytes::default();
-    let started = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
-    let clock = Instant::now();
-    let mut stream = TaskStream::default();
+    let mut observed = Observed::new();
     let mut monitored = true;
     loop {
         let event = tokio::select! {
             _ = shutdown.cancelled() => break,
             request = monitor.recv(), if monitored => {
                 match request {
-                    Some(request) => {
-                        let entries = stream.since(request.since);
-                        let now_ms = clock.elapsed().as_secs_f64() * 1e3;
-                        let snapshot = scheduler.snapshot(started, entries, now_ms);
-                        let _ = request.reply.send(snapshot);
-                    }
+                    Some(request) => observed.answer(&scheduler, request),
                     None => monitored = false, // no dashboard
                 }
                 continue;
@@ -108,10 +101,10 @@ async fn run_core(
                 continue;
             }
         };
-        apply(&mut scheduler, &mut comm, event);
+        apply(&mut scheduler, &mut comm, &observed, event);
         for _ in 1..MAX_EVENTS_PER_PASS {
             match events.try_recv() {
-                Ok(event) => apply(&mut scheduler, &mut comm, event),
+                Ok(event) => apply(&mut scheduler, &mut comm, &observed, event),
                 Err(_) => break,
             }
         }
@@ -119,7 +112,7 @@ async fn run_core(
         freed.note(scheduler.take_freed_bytes());
         let ran = scheduler.take_ran();
         if monitored {
-            stream.record(ran, clock.elapsed().as_secs_f64() * 1e3);
+            observed.record(ran);
         }
         // Membership changes rarely: rebuild the list only when the count moved.
         workers.send_if_modified(|known| {
@@ -136,7 +129,42 @@ async fn run_core(
     }
 }
 
-fn apply(scheduler: &mut Scheduler, comm: &mut OutboxComm, event: Event) {
+/// What the server adds to the state machine's own snapshot: its start, its clock, and the
+/// task stream (recorded only while a dashboard or report watches).
+struct Observed {
+    started: f64,
+    clock: Instant,
+    stream: TaskStream,
+}
+
+impl Observed {
+    fn new() -> Self {
+        Observed {
+            started: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            clock: Instant::now(),
+            stream: TaskStream::default(),
+        }
+    }
+
+    fn now_ms(&self) -> f64 {
+        self.clock.elapsed().as_secs_f64() * 1e3
+    }
+
+    fn record(&mut self, ran: Vec<super::monitor::TaskRan>) {
+        let now_ms = self.now_ms();
+        self.stream.record(ran, now_ms);
+    }
+
+    fn answer(&self, scheduler: &Scheduler, request: SnapshotRequest) {
+        let entries = self.stream.since(request.since);
+        let snapshot = scheduler.snapshot(self.started, entries, self.now_ms());
+        let _ = request.reply.send(snapshot);
+    }
+}
+
+fn apply(scheduler: &mut Scheduler, comm: &mut OutboxComm, observed: &Observed, event: Event) {
     match event {
         Event::ClientConnected { outbox, reply } => {
             let id = scheduler.add_client(comm);
@@ -164,6 +192,7 @@ fn apply(scheduler: &mut Scheduler, comm: &mut OutboxComm, event: Event) {
             scheduler.remove_worker(id, Departure::Lost, comm);
             comm.workers.remove(&id);
         }
+        Event::SnapshotWanted(request) => observed.answer(scheduler, request),
     }
 }
 
@@ -223,6 +252,7 @@ async fn serve_connection(connection: Authenticated, events: mpsc::UnboundedSend
     } = connection;
     let result = match role {
         Role::Client => serve_client(reader, writer, &events).await,
+        Role::Monitor => serve_monitor(reader, writer, &events).await,
         _ => serve_worker(reader, writer, &events).await,
     };
     if let Err(e) = result {
@@ -305,6 +335,31 @@ async fn serve_worker(
     };
     let _ = events.send(Event::WorkerGone(id));
     result
+}
+
+/// Answers each request of a monitor with a snapshot, until it hangs up.
+async fn serve_monitor(
+    mut reader: FrameReader<OwnedReadHalf>,
+    mut writer: FrameWriter<OwnedWriteHalf>,
+    events: &mpsc::UnboundedSender<Event>,
+) -> Result<(), String> {
+    protocol::welcome(&mut writer, None)
+        .await
+        .map_err(|e| e.to_string())?;
+    while let Some(FromMonitor::Snapshot { since }) =
+        reader.recv().await.map_err(|e| e.to_string())?
+    {
+        let (reply, answer) = oneshot::channel();
+        if events
+            .send(Event::SnapshotWanted(SnapshotRequest { since, reply }))
+            .is_err()
+        {
+            break;
+        }
+        let Ok(snapshot) = answer.await else { break };
+        writer.send(&snapshot).await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// Writes queued messages until the outbox closes or the peer goes away.

@@ -218,7 +218,8 @@ def test_rankmesh_top_shows_the_cluster_in_a_terminal(cluster, client):
     assert len(worker_rows) == 2 and all("1.0 GiB" in row for row in worker_rows), screen
 
 
-def test_rankmesh_top_says_why_it_cannot_show_a_cluster_without_dashboard(tmp_path):
+def test_rankmesh_top_needs_no_dashboard_and_names_a_missing_file(tmp_path):
+    # `top` asks the scheduler over its own port, as a batch job's login node must.
     with rankmesh.LocalCluster(n_workers=1, dashboard_address=None) as cluster:
         shown = subprocess.run(
             [find_binary(), "top", "--once", cluster.scheduler_file],
@@ -226,8 +227,16 @@ def test_rankmesh_top_says_why_it_cannot_show_a_cluster_without_dashboard(tmp_pa
             text=True,
             timeout=60,
         )
-    assert shown.returncode == 1
-    assert "has no dashboard" in shown.stderr
+    assert shown.returncode == 0, shown.stderr
+    assert "workers 1" in shown.stdout, shown.stdout
+    missing = subprocess.run(
+        [find_binary(), "top", "--once", str(tmp_path / "gone.json")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode == 1
+    assert "gone.json: no such scheduler file" in missing.stderr
 
 
 def test_performance_report_around_a_block(client, tmp_path):

@@ -57,7 +57,8 @@ def test_a_pbs_job_drains_itself_before_its_walltime(cli, tmp_path):
     cli.config.write_text(TORQUE + 'walltime = "1"\ndrain_seconds = 50\n')
     (tmp_path / "long.py").write_text(COMPUTES_FOREVER)
     job = cli.submit("--profile", "torque", "long.py")
-    assert cli("wait", job).returncode == WALLTIME_DRAIN_EXIT
+    waited = cli("wait", job)
+    assert waited.returncode == WALLTIME_DRAIN_EXIT, cli("logs", job).stdout
     status = cli.status(job)
     assert (status["state"], status["exit_code"]) == ("drained", WALLTIME_DRAIN_EXIT)
     logs = cli("logs", job).stdout

@@ -4,6 +4,7 @@ pipeline on 3 tasks, exit codes, cancel and the walltime drain, end to end."""
 import json
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import dask.array as da
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import rankmesh
 from batch_helpers import (
+    BINARY,
     COMPUTES_FOREVER,
     ROOT,
     Rankmesh,
@@ -94,6 +96,55 @@ def test_cancel_stops_a_running_job_and_all_its_processes(cli, tmp_path):
     assert_no_processes_left(job)
 
 
+COMPUTES_THEN_WAITS = """
+import time, rankmesh
+client = rankmesh.Client()
+assert client.gather(client.map(abs, range(-3, 3))) == [3, 2, 1, 0, 1, 2]
+print("computed", flush=True)
+time.sleep(600)
+"""
+
+
+def test_top_shows_a_running_job_by_its_id_until_it_ends(cli, tmp_path):
+    """The job's rank 0 writes its scheduler file (private) into the job records; `top`
+    asks the scheduler over its own port, which a login node reaches."""
+    (tmp_path / "waits.py").write_text(COMPUTES_THEN_WAITS)
+    job = cli.submit("--ntasks-per-node", "3", "waits.py")
+    cli.wait_for_output(job, "computed")
+    scheduler_file = tmp_path / "state" / f"{job}.scheduler"
+    assert stat.S_IMODE(os.lstat(scheduler_file).st_mode) == 0o600
+    shown = cli("top", "--once", job)
+    assert shown.returncode == 0, shown.stderr
+    # Clients: the default one the job sets up for the script, and the script's own.
+    assert "workers 2" in shown.stdout and "clients 2" in shown.stdout, shown.stdout
+    rows = [line for line in shown.stdout.splitlines() if line.startswith("abs ")]
+    assert rows and " 6/6 " in rows[0], shown.stdout
+    live = subprocess.Popen(
+        [BINARY, "top", "--interval", "0.2", job],
+        cwd=tmp_path,
+        env=cli.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        cli.wait_for_output(job, "computed")  # the live view drew meanwhile
+        assert live.poll() is None, live.communicate()
+        assert cli("cancel", job).returncode == 0
+        out, err = live.communicate(timeout=60)
+    finally:
+        live.kill()
+    assert live.returncode == 0, err
+    assert "workers 2" in out and out.rstrip().endswith("rankmesh top: the scheduler is gone")
+    cli("wait", job)
+    assert not scheduler_file.exists()
+    ended = cli("top", "--once", job)
+    assert ended.returncode == 1
+    assert f"job {job} has ended (cancelled): its scheduler is gone" in ended.stderr
+    unknown = cli("top", "--once", "999999")
+    assert unknown.returncode == 1 and "job 999999 is unknown" in unknown.stderr
+
+
 KILL_A_WORKER = """
 import glob, os, signal, time, rankmesh
 client = rankmesh.Client()
@@ -175,7 +226,8 @@ def test_a_job_near_its_walltime_drains_and_exits_with_the_drain_code(tmp_path):
     (tmp_path / "long.py").write_text(COMPUTES_FOREVER)
     job = cli.submit("--profile", "short", "long.py")
     assert "--signal=USR1@50" in (tmp_path / "state" / f"{job}.sh").read_text()
-    assert cli("wait", job).returncode == WALLTIME_DRAIN_EXIT
+    waited = cli("wait", job)
+    assert waited.returncode == WALLTIME_DRAIN_EXIT, cli("logs", job).stdout
     status = cli.status(job)
     assert (status["state"], status["exit_code"]) == ("drained", WALLTIME_DRAIN_EXIT)
     logs = cli("logs", job).stdout

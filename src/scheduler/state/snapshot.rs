@@ -3,10 +3,9 @@
 
 use super::records::TaskState;
 use super::Scheduler;
+use crate::protocol::{PrefixStats, Snapshot, StreamEntry, TaskCounts, WorkerSnapshot};
 use crate::protocol::{Transfer, WorkerId};
-use crate::scheduler::monitor::{
-    PrefixStats, Snapshot, StreamEntry, TaskCounts, TaskRan, WorkerSnapshot,
-};
+use crate::scheduler::monitor::TaskRan;
 use std::collections::HashMap;
 
 /// What snapshots report that the state does not keep otherwise.

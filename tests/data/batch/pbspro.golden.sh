@@ -22,8 +22,10 @@ if [ "$(id -u)" = 0 ]; then
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 fi
 mpiexec -n 8 --bind-to none \
-  /opt/rankmesh/bin/rankmesh run --python /home/alice/.venv/bin/python3 /home/alice/project/analysis.py --year '2020 2021'
+  /opt/rankmesh/bin/rankmesh run --python /home/alice/.venv/bin/python3 --scheduler-file /home/alice/.local/state/rankmesh/jobs/"$PBS_JOBID".scheduler /home/alice/project/analysis.py --year '2020 2021'
 code=$?
+# Rank 0 removes its scheduler file when it ends; not when it was killed.
+rm -f /home/alice/.local/state/rankmesh/jobs/"$PBS_JOBID".scheduler
 # However the run ended (a rank killed, MPI aborted), nothing of its workers stays on the
 # nodes: their /dev/shm and spill folders go, on every node (pbsdsh -u: once per node).
 pbsdsh -u /opt/rankmesh/bin/rankmesh sweep || /opt/rankmesh/bin/rankmesh sweep

@@ -14,8 +14,10 @@ umask 0022
 cd /home/alice/project || exit 1
 
 srun --mpi=pmix --cpu-bind=none \
-  /opt/rankmesh/bin/rankmesh run --python /home/alice/.venv/bin/python3 /home/alice/project/analysis.py --year '2020 2021'
+  /opt/rankmesh/bin/rankmesh run --python /home/alice/.venv/bin/python3 --scheduler-file /home/alice/.local/state/rankmesh/jobs/"$SLURM_JOB_ID".scheduler /home/alice/project/analysis.py --year '2020 2021'
 code=$?
+# Rank 0 removes its scheduler file when it ends; not when it was killed.
+rm -f /home/alice/.local/state/rankmesh/jobs/"$SLURM_JOB_ID".scheduler
 # However the run ended (a rank killed, MPI aborted), nothing of its workers stays on the
 # nodes: their /dev/shm and spill folders go, on every node.
 srun --overlap --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 /opt/rankmesh/bin/rankmesh sweep || true
