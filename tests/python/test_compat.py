@@ -253,8 +253,11 @@ def test_done_callbacks_and_fire_and_forget(system, client, dask_client, tmp_pat
     assert called.wait(30) and seen == ["finished"]
     log = str(tmp_path / "log")
     forget(c.submit(logged, log, "forgotten", 0.3, pure=False))  # no future kept
+    # The file appears before its line does: wait for the line.
     deadline = time.monotonic() + 30
-    while not Path(log).exists() and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        if Path(log).exists() and Path(log).read_text().endswith("\n"):
+            break
         time.sleep(0.05)
     assert Path(log).read_text() == "forgotten\n"
 
