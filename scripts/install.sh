@@ -14,7 +14,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 VENV=$ROOT/.venv
 PYTHON=${PYTHON:-python3}
-# One build cache for cargo and for maturin (run by pip), so the crate compiles once.
+# One build cache for `cargo` here and for the builds `pip install .` runs.
 export CARGO_TARGET_DIR=$ROOT/target
 
 RUN_EXAMPLE=0
@@ -26,12 +26,15 @@ fi
 step() { printf '[install] %s\n' "$*"; }
 die() { printf '[install] error: %s\n' "$*" >&2; exit 1; }
 
-# Later issues (MPI launch, hwloc topology) build against these; they are cheap to add now.
-# python3, passwd (useradd) and util-linux (setpriv): the security tests run an attacker
-# as a second Unix user with Debian's own interpreter. chromium (headless) and a font: the
-# dashboard tests look at its pages as a person would.
+# MPI, hwloc and libclang (rsmpi's bindings): what the binary builds against.
+# python3 and python3-venv, passwd (useradd) and util-linux (setpriv, runuser): the security
+# tests run an attacker as a second Unix user with Debian's own interpreter, and the
+# install test builds rankmesh as a user without root in a venv of it. chromium (headless)
+# and a font: the dashboard tests look at its pages as a person would. git: the install
+# test builds from a clean clone.
 APT_PACKAGES=(pkg-config build-essential libopenmpi-dev openmpi-bin libhwloc-dev libudev-dev
-              libclang-dev clang hwloc python3 passwd util-linux chromium fonts-dejavu-core)
+              libclang-dev clang hwloc python3 python3-venv passwd util-linux chromium
+              fonts-dejavu-core git)
 
 # ---------------------------------------------------------------- system packages
 missing=()
@@ -39,10 +42,6 @@ for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' \
     || missing+=("$pkg")
 done
-# Debian's own python3 can only make venvs with python3-venv installed.
-if ! "$PYTHON" -c 'import ensurepip' 2>/dev/null; then
-  missing+=(python3-venv)
-fi
 if [ ${#missing[@]} -eq 0 ]; then
   step "apt packages: already installed"
 else
@@ -66,7 +65,7 @@ command -v cargo >/dev/null || die "cargo not found (install Rust 1.89 or newer)
   || die "$PYTHON is older than 3.11"
 
 # ---------------------------------------------------------------- virtual environment
-# The venv's tools first: maturin's build backend runs `maturin` from PATH.
+# The venv's tools first.
 export PATH=$VENV/bin:$PATH
 if [ -x "$VENV/bin/python" ]; then
   step "venv: $VENV exists"
@@ -87,34 +86,23 @@ else
 fi
 
 # ---------------------------------------------------------------- rankmesh binary
-step "rankmesh binary: cargo build --release --bin rankmesh"
-cargo build --release --quiet --bin rankmesh
-if cmp -s "$CARGO_TARGET_DIR/release/rankmesh" "$VENV/bin/rankmesh"; then
-  step "rankmesh binary: $VENV/bin/rankmesh is current"
-else
-  install -m 755 "$CARGO_TARGET_DIR/release/rankmesh" "$VENV/bin/rankmesh"
-  step "rankmesh binary: installed $VENV/bin/rankmesh"
-fi
-
-# ---------------------------------------------------------------- rankmesh Python package
-# Everything the wheel is built from; pip rebuilds a local directory on every call, so
-# skip it while none of these changed.
+# The same `pip install .` a user runs on a cluster (setup.py): the package, its native
+# part and the binary, built into the venv. Skipped when nothing it builds from changed.
 package_inputs=()
-for path in Cargo.toml Cargo.lock rustfmt.toml src python; do
+for path in Cargo.toml Cargo.lock setup.py pyproject.toml src python jobscripts; do
   [ -e "$path" ] && package_inputs+=("$path")
 done
 package_hash=$(find "${package_inputs[@]}" -type f -not -path '*/__pycache__/*' \
-                 -not -path 'python/target/*' -not -name '*.so' -print0 \
+                 -not -name '*.so' -print0 \
                | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
 package_stamp=$VENV/.rankmesh-package.sha256
 if [ "$(cat "$package_stamp" 2>/dev/null)" = "$package_hash" ] \
-   && "$VENV/bin/python" -c 'import rankmesh' 2>/dev/null; then
-  step "python package: up to date"
+   && [ -x "$VENV/bin/rankmesh" ] && "$VENV/bin/python" -c 'import rankmesh' 2>/dev/null; then
+  step "rankmesh: up to date"
 else
-  step "python package: pip install ./python (maturin, release build)"
-  # Dependencies come from requirements-dev.txt above; maturin is already in the venv.
+  step "rankmesh: pip install . (cargo release builds of the binary and the package)"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
-    --no-build-isolation --no-deps --force-reinstall ./python
+    --no-build-isolation --no-deps --force-reinstall .
   echo "$package_hash" >"$package_stamp"
 fi
 

@@ -20,6 +20,7 @@
 //! - [`batch`] (feature `batch`): job scripts, submission to SLURM and PBS, job records.
 //! - [`private_files`]: files and folders only their owner can use (everything rankmesh
 //!   creates on disk or in shared memory).
+//! - [`doctor`]: `rankmesh doctor`, what this machine and environment offer rankmesh.
 //! - [`heap`]: giving freed heap memory back to the system.
 //! - [`process`]: what every child process needs (dying with its parent).
 //!
@@ -29,6 +30,7 @@
 pub mod batch;
 pub mod cluster;
 pub mod dashboard;
+pub mod doctor;
 pub mod heap;
 pub mod launch;
 pub mod private_files;

@@ -147,6 +147,21 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Check and explain what this machine offers rankmesh: MPI and its threading level,
+    /// Open MPI's transports and UCX, the hwloc topology and default placement, the batch
+    /// system and job, /dev/shm, node-local disk, open-file limits. Exits 1 when a part
+    /// cannot work that is needed here (MPI inside an MPI launch) or that --require names.
+    Doctor {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Parts that must work, comma-separated: a missing one fails the report.
+        #[arg(long, value_enum, value_delimiter = ',')]
+        require: Vec<rankmesh::doctor::Requirement>,
+        /// Internal: initialize MPI in this process and print what it granted.
+        #[arg(long, hide = true, conflicts_with_all = ["json", "require"])]
+        probe_mpi: bool,
+    },
     /// Remove what dead rankmesh workers of yours left on this node (shared-memory and
     /// spill folders); batch jobs run it on every node when they end.
     Sweep {
@@ -319,6 +334,12 @@ pub fn main() -> ExitCode {
         .map_err(anyhow::Error::from),
         // Batch-system commands run the system's tools and need no runtime.
         Command::Batch(command) => jobs::run(command),
+        // The MPI probe initializes MPI, which wants to come up before any other thread.
+        Command::Doctor {
+            json,
+            require,
+            probe_mpi,
+        } => doctor(json, &require, probe_mpi),
         command => in_runtime(command),
     };
     match result {
@@ -341,10 +362,26 @@ fn in_runtime(command: Command) -> Result<i32> {
     runtime.block_on(run(command))
 }
 
+fn doctor(json: bool, require: &[rankmesh::doctor::Requirement], probe_mpi: bool) -> Result<i32> {
+    if probe_mpi {
+        let probe =
+            rankmesh::doctor::mpi_probe::probe().context("this rankmesh was built without MPI")?;
+        println!("{}", serde_json::to_string(&probe)?);
+        return Ok(0);
+    }
+    let report = rankmesh::doctor::examine(require, &std::env::current_exe()?);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(report.exit_code())
+}
+
 async fn run(command: Command) -> Result<i32> {
     match command {
-        Command::Run { .. } | Command::Batch(_) => {
-            unreachable!("`run` and batch commands are handled before a runtime exists")
+        Command::Run { .. } | Command::Batch(_) | Command::Doctor { .. } => {
+            unreachable!("`run`, `doctor` and batch commands are handled before a runtime exists")
         }
         #[cfg(feature = "hwloc")]
         Command::Topology(args) => topology::run(args),

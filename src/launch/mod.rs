@@ -5,7 +5,7 @@
 #[cfg(feature = "mpi")]
 mod mpi_job;
 #[cfg(feature = "mpi")]
-mod open_mpi;
+pub mod open_mpi;
 
 use crate::cluster::ClusterError;
 use crate::topology::WorkerPer;
@@ -56,7 +56,10 @@ pub enum LaunchError {
     NotUnderMpi { vars: String },
     #[error("rankmesh run needs at least 2 MPI ranks (a scheduler and a worker), got {0}")]
     TooFewRanks(i32),
-    #[error("this rankmesh was built without MPI support (cargo feature `mpi`)")]
+    #[error(
+        "this rankmesh was built without MPI (RANKMESH_NO_MPI): `rankmesh run` needs an MPI \
+         build; load your MPI module and reinstall (`pip install .`, see docs/install.md)"
+    )]
     NoMpiSupport,
     #[error("MPI initialization failed: {0}")]
     MpiInit(String),

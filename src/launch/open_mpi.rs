@@ -134,6 +134,24 @@ fn choose(circumstances: &Circumstances) -> Vec<Setting> {
     settings
 }
 
+/// What `rankmesh doctor` shows: the node's fabric devices, the parameters somebody chose
+/// (variables, then parameter files) and the settings `run` would add.
+pub struct Explained {
+    pub fabric_devices: Vec<String>,
+    pub chosen: Vec<(String, String)>,
+    pub settings: Vec<Setting>,
+}
+
+pub fn explain_this_node() -> Explained {
+    let library = mpi::environment::library_version().unwrap_or_default();
+    let circumstances = Circumstances::of_this_node(library);
+    Explained {
+        settings: choose(&circumstances),
+        fabric_devices: circumstances.fabric_devices,
+        chosen: circumstances.chosen,
+    }
+}
+
 /// The settings to make on this node, given this process's environment.
 pub fn for_this_node() -> Vec<Setting> {
     let library = mpi::environment::library_version().unwrap_or_default();

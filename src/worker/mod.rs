@@ -11,7 +11,7 @@ mod state;
 pub use memory::{MemoryLimit, MemoryPolicy, MemorySample, MemoryThresholds};
 pub use memory_settings::Threshold;
 pub use runtime::{
-    run, run_with, sweep_node, ExecutorKind, WorkerConfig, WorkerEnd, WorkerError,
-    RETIRED_EXIT_CODE,
+    local_directory_default, run, run_with, sweep_node, ExecutorKind, WorkerConfig, WorkerEnd,
+    WorkerError, RETIRED_EXIT_CODE,
 };
 pub use state::{SpillOutcome, Stats, Wake, WorkerComm, WorkerSettings, WorkerState};

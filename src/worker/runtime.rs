@@ -361,7 +361,7 @@ pub fn sweep_node(local_directory: Option<PathBuf>) {
 }
 
 /// Where results are spilled by default: the job's node-local folder, else the temp one.
-fn local_directory_default() -> PathBuf {
+pub fn local_directory_default() -> PathBuf {
     ["SLURM_TMPDIR", "TMPDIR"]
         .iter()
         .find_map(|name| std::env::var_os(name).filter(|v| !v.is_empty()))

@@ -1,0 +1,134 @@
+"""`rankmesh doctor` on this machine and inside a job of the local SLURM: its JSON fields
+against what the machine says for itself, and its exit code when a part cannot work."""
+
+import json
+import os
+import resource
+import subprocess
+import time
+
+import psutil
+import pytest
+import rankmesh
+from batch_helpers import BINARY, require_slurm
+
+CHECKS = [
+    "build",
+    "mpi",
+    "open_mpi",
+    "topology",
+    "batch",
+    "shared_memory",
+    "local_directory",
+    "open_files",
+]
+
+
+def doctor(*args: str, env: dict | None = None) -> tuple[int, dict]:
+    ran = subprocess.run(
+        [BINARY, "doctor", "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    return ran.returncode, json.loads(ran.stdout)
+
+
+def by_name(report: dict) -> dict:
+    return {check["name"]: check for check in report["checks"]}
+
+
+def test_the_report_matches_what_this_machine_says_of_itself():
+    code, report = doctor()
+    assert code == 0, report
+    assert report["version"] == rankmesh.__version__
+    assert isinstance(report["protocol"], int) and report["status"] == "ok"
+    checks = by_name(report)
+    assert [c["name"] for c in report["checks"]] == CHECKS
+    mpi = checks["mpi"]["facts"]
+    assert mpi["library"].startswith("Open MPI v")  # Debian's MPI, as installed
+    assert mpi["threading"] in ("Serialized", "Multiple") and mpi["processes"] == 1
+    assert mpi["launched"] is False
+    open_mpi = checks["open_mpi"]["facts"]
+    assert {"ob1"} <= set(open_mpi["pml"]) and {"self", "tcp", "vader"} <= set(open_mpi["btl"])
+    assert any(
+        line.startswith("btl_vader_single_copy_mechanism=")
+        for line in open_mpi["rankmesh_run_adds"]
+    )
+    topology = checks["topology"]["facts"]
+    assert topology["cpus"] == psutil.cpu_count(logical=True)
+    assert topology["cores"] == psutil.cpu_count(logical=False)
+    shm = checks["shared_memory"]["facts"]
+    statvfs = os.statvfs("/dev/shm")
+    assert shm["path"] == "/dev/shm" and shm["total_bytes"] == statvfs.f_blocks * statvfs.f_frsize
+    files = checks["open_files"]["facts"]
+    assert (files["soft"], files["hard"]) == resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert checks["build"]["facts"]["features"] == ["mpi", "hwloc", "batch"]
+
+
+def test_the_text_report_names_every_part():
+    ran = subprocess.run([BINARY, "doctor"], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    for name in CHECKS:
+        assert f"] {name}: " in ran.stdout, ran.stdout
+    assert "[  ok] mpi: Open MPI v" in ran.stdout
+
+
+def test_a_spill_folder_that_cannot_be_written_fails_the_report(tmp_path):
+    # Under a file, so that nobody can create it (Open MPI makes its session folder in
+    # $TMPDIR, creating a missing one).
+    (tmp_path / "a-file").write_text("")
+    unwritable = tmp_path / "a-file" / "spill"
+    env = dict(os.environ, TMPDIR=str(unwritable))
+    env.pop("SLURM_TMPDIR", None)
+    code, report = doctor(env=env)
+    assert code == 1 and report["status"] == "fail"
+    local = by_name(report)["local_directory"]
+    assert local["status"] == "fail" and local["facts"]["path"] == str(unwritable)
+    assert "--local-directory" in local["hint"]
+
+
+def test_a_required_part_that_is_missing_fails_the_report():
+    if os.path.exists("/dev/nvidia0") or os.path.exists("/dev/kfd"):
+        pytest.skip("this machine has a GPU")
+    code, report = doctor("--require", "gpu")
+    assert code == 1
+    topology = by_name(report)["topology"]
+    assert topology["status"] == "fail" and topology["facts"]["gpus"] == 0
+    unknown = subprocess.run(
+        [BINARY, "doctor", "--require", "infiniband"], capture_output=True, text=True, timeout=60
+    )
+    assert unknown.returncode == 2 and "invalid value 'infiniband'" in unknown.stderr
+
+
+def test_inside_a_slurm_job_the_report_names_the_job(tmp_path):
+    require_slurm()
+    out = tmp_path / "doctor.json"
+    submitted = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--output",
+            str(tmp_path / "job.log"),
+            "--wrap",
+            f"{BINARY} doctor --json > {out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        queued = subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True)
+        if not queued.stdout.strip():
+            break
+        time.sleep(0.5)
+    report = json.loads(out.read_text())
+    checks = by_name(report)
+    assert f"SLURM_JOB_ID={job}" in checks["batch"]["facts"]["job"], checks["batch"]
+    assert checks["batch"]["summary"].endswith("inside a job")
+    assert checks["mpi"]["status"] == "ok", checks["mpi"]
