@@ -271,9 +271,7 @@ async fn serve_client(
         .send(Event::ClientConnected { outbox, reply })
         .map_err(|_| "scheduler is stopping")?;
     let id = id.await.map_err(|_| "scheduler is stopping")?;
-    protocol::welcome(&mut writer, Some(id))
-        .await
-        .map_err(|e| e.to_string())?;
+    welcome(&mut writer, Some(id)).await?;
     let sender = tokio::spawn(write_outbox(writer, inbox));
     let result = loop {
         match reader.recv::<FromClient>().await {
@@ -296,9 +294,7 @@ async fn serve_worker(
     mut writer: FrameWriter<OwnedWriteHalf>,
     events: &mpsc::UnboundedSender<Event>,
 ) -> Result<(), String> {
-    protocol::welcome(&mut writer, None)
-        .await
-        .map_err(|e| e.to_string())?;
+    welcome(&mut writer, None).await?;
     let registration = match reader
         .recv::<FromWorker>()
         .await
@@ -343,9 +339,7 @@ async fn serve_monitor(
     mut writer: FrameWriter<OwnedWriteHalf>,
     events: &mpsc::UnboundedSender<Event>,
 ) -> Result<(), String> {
-    protocol::welcome(&mut writer, None)
-        .await
-        .map_err(|e| e.to_string())?;
+    welcome(&mut writer, None).await?;
     while let Some(FromMonitor::Snapshot { since }) =
         reader.recv().await.map_err(|e| e.to_string())?
     {
@@ -360,6 +354,16 @@ async fn serve_monitor(
         writer.send(&snapshot).await.map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// Accepts the peer, naming its client id if it is one.
+async fn welcome(
+    writer: &mut FrameWriter<OwnedWriteHalf>,
+    client: Option<ClientId>,
+) -> Result<(), String> {
+    protocol::welcome(writer, client)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Writes queued messages until the outbox closes or the peer goes away.
