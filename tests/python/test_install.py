@@ -213,6 +213,12 @@ def test_with_mpi_hidden_the_build_names_what_is_missing_or_builds_without_it(bu
     run = hidden("cd ~ && PMI_RANK=0 PMI_SIZE=1 ~/venv-no-mpi/bin/rankmesh run job.py")
     assert run.returncode == 1
     assert "built without MPI" in run.stderr and "docs/install.md" in run.stderr
+    # Batch submission needs no MPI on the login node: the job script it would submit.
+    script = hidden(
+        "cd ~ && RANKMESH_STATE_DIR=~/state ~/venv-no-mpi/bin/rankmesh submit --dry-run job.py"
+    )
+    assert script.returncode == 0, script.stderr
+    assert "#SBATCH --ntasks-per-node" in script.stdout and " run --python " in script.stdout
     doctor = hidden("~/venv-no-mpi/bin/rankmesh doctor --json")
     report = json.loads(doctor.stdout)
     checks = {check["name"]: check for check in report["checks"]}
