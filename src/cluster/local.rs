@@ -10,7 +10,6 @@ use crate::scheduler::SchedulerConfig;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 
 /// How long workers get to leave after the scheduler told them to, before they are killed.
@@ -43,7 +42,7 @@ pub struct LocalOptions {
 /// Runs the cluster; returns the script's exit code (0 without a script).
 pub async fn run(options: LocalOptions) -> Result<i32, ClusterError> {
     let token = Token::generate().map_err(ClusterError::Scheduler)?;
-    let listener = TcpListener::bind((options.host.as_str(), 0))
+    let listener = crate::transport::listen::bind((options.host.as_str(), 0))
         .await
         .map_err(ClusterError::Scheduler)?;
     let address = format!(

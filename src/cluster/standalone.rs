@@ -9,7 +9,6 @@ use super::{
 use crate::protocol::Token;
 use crate::scheduler::SchedulerConfig;
 use std::path::PathBuf;
-use tokio::net::TcpListener;
 
 #[derive(Clone, Debug)]
 pub struct StandaloneOptions {
@@ -28,13 +27,12 @@ pub async fn serve(options: StandaloneOptions) -> Result<(), ClusterError> {
         .map_or_else(Token::generate, Ok)
         .map_err(ClusterError::Scheduler)?;
     let (host, port) = (options.host.as_str(), options.port);
-    let listener =
-        TcpListener::bind((host, port))
-            .await
-            .map_err(|source| ClusterError::Listen {
-                address: format!("{host}:{port}"),
-                source,
-            })?;
+    let listener = crate::transport::listen::bind((host, port))
+        .await
+        .map_err(|source| ClusterError::Listen {
+            address: format!("{host}:{port}"),
+            source,
+        })?;
     let address = format!(
         "tcp://{}",
         listener.local_addr().map_err(ClusterError::Scheduler)?

@@ -19,7 +19,6 @@ use mpi::traits::{Communicator, CommunicatorCollectives, Root};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
 
 /// What rank 0 tells the others.
 #[derive(Serialize, Deserialize)]
@@ -103,7 +102,7 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
     let code = if rank == 0 {
         let token = Token::generate().map_err(LaunchError::Runtime)?;
         let listener = runtime
-            .block_on(TcpListener::bind(("0.0.0.0", 0)))
+            .block_on(crate::transport::listen::bind(("0.0.0.0", 0)))
             .map_err(ClusterError::Scheduler)?;
         let port = listener
             .local_addr()

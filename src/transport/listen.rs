@@ -6,8 +6,11 @@
 //! [`pending_cap`] connections may be in their handshake at once. When that many are,
 //! the oldest is evicted, but only once it had [`EVICT_AFTER`] to prove the token: a
 //! token holder sends it in its first frame, so whatever it arrives among, it is admitted
-//! in turn and given that time; a flood delays it without keeping it out. Until then the
-//! loop accepts nothing (the kernel's backlog holds the rest). What goes wrong per
+//! in turn and given that time; a flood delays it without keeping it out. A connection
+//! whose whole hello already waits unread is not silent: only this process is slow to
+//! read it (a busy runtime while thousands of workers register at once), so it keeps its
+//! place. Until there is room the loop accepts nothing: the kernel's backlog
+//! ([`LISTEN_BACKLOG`], see [`bind`]) holds the rest. What goes wrong per
 //! connection (a wrong
 //! token, a timeout, an eviction, a failed accept) is logged at most once per
 //! [`LOG_INTERVAL`] and kind, with a count, so a flood cannot fill a disk with logs.
@@ -16,10 +19,11 @@ use crate::protocol::{self, FrameReader, FrameWriter, Role, Token};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket, ToSocketAddrs};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -33,6 +37,39 @@ const MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// token holder's hello is usually waiting in the socket when it is admitted; with 1,100
 /// strangers ahead of it and room for 64, it waits ~3.5 s (the handshake allows 10).
 pub const EVICT_AFTER: Duration = Duration::from_millis(200);
+/// With every old handshake's hello waiting unread, how long until the loop looks again
+/// (a finished handshake wakes it sooner).
+const RECHECK_AFTER: Duration = Duration::from_millis(10);
+/// Connections the kernel queues before they are accepted: a start-up storm of thousands
+/// of workers (Linux caps it at `net.core.somaxconn`, 4096 by default). tokio's default,
+/// 1024, and mio's 128 overflow, and each overflowed connection waits a 1 s SYN retry.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a listening port with a backlog of [`LISTEN_BACKLOG`], on the first address
+/// `addr` resolves to that works.
+pub async fn bind(addr: impl ToSocketAddrs) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for address in tokio::net::lookup_host(addr).await? {
+        let socket = if address.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        };
+        let bound = socket.and_then(|socket| {
+            // As std and tokio do: a restarted server may take its port back at once.
+            socket.set_reuseaddr(true)?;
+            socket.bind(address)?;
+            socket.listen(LISTEN_BACKLOG)
+        });
+        match bound {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to bind")
+    }))
+}
 
 /// A connection whose peer proved the cluster token.
 pub struct Authenticated {
@@ -43,7 +80,9 @@ pub struct Authenticated {
 }
 
 /// How many connections may be in their handshake at once: a quarter of the descriptors
-/// this process may open, between 16 and 256, so the rest stay for token holders.
+/// this process may open, between 16 and 4,096, so the rest stay for token holders. The
+/// upper bound lets a start-up storm of thousands of workers in at once where the limit
+/// allows (256 evicted workers whose hello a loaded client had not sent within 200 ms).
 pub fn pending_cap() -> usize {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -57,7 +96,7 @@ pub fn pending_cap() -> usize {
     };
     usize::try_from(soft / 4)
         .unwrap_or(usize::MAX)
-        .clamp(16, 256)
+        .clamp(16, 4096)
 }
 
 /// Who may connect, and how many strangers may be in their handshake at once.
@@ -102,7 +141,7 @@ impl Admission {
         let serve = Arc::new(serve);
         let mut backoff = Duration::ZERO;
         loop {
-            let room = lock(&pending).make_room(Instant::now());
+            let room = lock(&pending).make_room(Instant::now(), hello_waiting);
             match room {
                 Room::Free => {}
                 Room::Evicted => {
@@ -138,7 +177,7 @@ impl Admission {
                     }
                     // Out of descriptors: a stranger silent for long enough gives its back.
                     let now = Instant::now();
-                    if out_of_descriptors(&e) && lock(&pending).evict_silent(now) {
+                    if out_of_descriptors(&e) && lock(&pending).evict_silent(now, hello_waiting) {
                         tokio::time::sleep(Duration::from_millis(1)).await;
                         continue;
                     }
@@ -149,7 +188,7 @@ impl Admission {
                     }
                 }
             };
-            let (ticket, evicted) = lock(&pending).admit(Instant::now());
+            let (ticket, evicted) = lock(&pending).admit(Instant::now(), stream.as_raw_fd());
             let _ = stream.set_nodelay(true);
             let (pending, room_freed, logs, serve, token) = (
                 pending.clone(),
@@ -226,7 +265,16 @@ fn out_of_descriptors(e: &std::io::Error) -> bool {
 struct PendingHandshakes {
     cap: usize,
     next: u64,
-    entries: VecDeque<(u64, Instant, CancellationToken)>,
+    entries: VecDeque<Pending>,
+}
+
+/// A connection in its handshake.
+struct Pending {
+    ticket: u64,
+    admitted: Instant,
+    /// Its socket: while the entry exists, its task holds the stream open.
+    fd: RawFd,
+    evicted: CancellationToken,
 }
 
 /// Whether another connection may be admitted now.
@@ -248,47 +296,82 @@ impl PendingHandshakes {
         }
     }
 
-    fn make_room(&mut self, now: Instant) -> Room {
+    /// `hello_waiting` tells whether a socket holds a whole hello its task has not read.
+    fn make_room(&mut self, now: Instant, hello_waiting: impl Fn(RawFd) -> bool) -> Room {
         if self.entries.len() < self.cap {
             return Room::Free;
         }
-        if self.evict_silent(now) {
+        if self.evict_silent(now, hello_waiting) {
             return Room::Evicted;
         }
-        let oldest = self
-            .entries
-            .front()
-            .map_or(now, |(_, admitted, _)| *admitted);
-        Room::WaitFor(EVICT_AFTER.saturating_sub(now.duration_since(oldest)))
+        let oldest = self.entries.front().map_or(now, |p| p.admitted);
+        let left = EVICT_AFTER.saturating_sub(now.duration_since(oldest));
+        Room::WaitFor(if left.is_zero() { RECHECK_AFTER } else { left })
     }
 
-    fn admit(&mut self, now: Instant) -> (u64, CancellationToken) {
+    fn admit(&mut self, now: Instant, fd: RawFd) -> (u64, CancellationToken) {
         let ticket = self.next;
         self.next += 1;
         let evicted = CancellationToken::new();
-        self.entries.push_back((ticket, now, evicted.clone()));
+        self.entries.push_back(Pending {
+            ticket,
+            admitted: now,
+            fd,
+            evicted: evicted.clone(),
+        });
         (ticket, evicted)
     }
 
-    /// Ends the oldest handshake if it has gone on for [`EVICT_AFTER`].
-    fn evict_silent(&mut self, now: Instant) -> bool {
-        match self.entries.front() {
-            Some((_, admitted, _)) if now.duration_since(*admitted) >= EVICT_AFTER => {
-                if let Some((_, _, evicted)) = self.entries.pop_front() {
-                    evicted.cancel();
-                }
+    /// Ends the oldest handshake that has gone on for [`EVICT_AFTER`] without its hello
+    /// arriving.
+    fn evict_silent(&mut self, now: Instant, hello_waiting: impl Fn(RawFd) -> bool) -> bool {
+        let silent = self
+            .entries
+            .iter()
+            .take_while(|p| now.duration_since(p.admitted) >= EVICT_AFTER)
+            .position(|p| !hello_waiting(p.fd));
+        match silent.and_then(|index| self.entries.remove(index)) {
+            Some(pending) => {
+                pending.evicted.cancel();
                 true
             }
-            _ => false,
+            None => false,
         }
     }
 
     fn finish(&mut self, ticket: u64) {
         // Tickets ascend, so the entry (if not evicted) is found by binary search.
-        if let Ok(index) = self.entries.binary_search_by_key(&ticket, |(t, _, _)| *t) {
+        if let Ok(index) = self.entries.binary_search_by_key(&ticket, |p| p.ticket) {
             self.entries.remove(index);
         }
     }
+}
+
+/// Whether a whole hello frame (length prefix and body, within [`protocol::MAX_HELLO_SIZE`])
+/// waits unread on `fd`. A stranger that trickles bytes never gets there; a worker whose
+/// hello sits behind a busy runtime does.
+fn hello_waiting(fd: RawFd) -> bool {
+    let mut prefix = [0u8; 4];
+    // SAFETY: a peek of at most 4 bytes into `prefix`; it neither blocks nor consumes.
+    let peeked = unsafe {
+        libc::recv(
+            fd,
+            prefix.as_mut_ptr().cast(),
+            prefix.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if peeked != 4 {
+        return false;
+    }
+    let length = u32::from_be_bytes(prefix) as usize;
+    if length > protocol::MAX_HELLO_SIZE {
+        return false;
+    }
+    let mut unread: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int, the bytes waiting to be read.
+    let asked = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut unread) };
+    asked == 0 && usize::try_from(unread).is_ok_and(|n| n >= 4 + length)
 }
 
 /// One [`Throttle`] per kind of per-connection problem.
@@ -403,27 +486,97 @@ mod tests {
         assert_eq!(throttle.note_at(start + LOG_INTERVAL), None);
     }
 
+    /// No socket has a hello waiting: the policy by age alone.
+    fn silent(_: RawFd) -> bool {
+        false
+    }
+
     #[test]
     fn a_full_queue_evicts_its_oldest_only_after_its_time() {
         let start = Instant::now();
         let mut pending = PendingHandshakes::new(2);
-        let (first, first_evicted) = pending.admit(start);
-        assert_eq!(pending.make_room(start), Room::Free);
-        let (_, second_evicted) = pending.admit(start + Duration::from_millis(100));
+        let (first, first_evicted) = pending.admit(start, 10);
+        assert_eq!(pending.make_room(start, silent), Room::Free);
+        let (_, second_evicted) = pending.admit(start + Duration::from_millis(100), 11);
         assert_eq!(
-            pending.make_room(start + Duration::from_millis(150)),
+            pending.make_room(start + Duration::from_millis(150), silent),
             Room::WaitFor(EVICT_AFTER - Duration::from_millis(150))
         );
         assert!(!first_evicted.is_cancelled());
-        assert_eq!(pending.make_room(start + EVICT_AFTER), Room::Evicted);
+        assert_eq!(
+            pending.make_room(start + EVICT_AFTER, silent),
+            Room::Evicted
+        );
         assert!(first_evicted.is_cancelled() && !second_evicted.is_cancelled());
         pending.finish(first); // already gone: nothing happens
-        let (third, _) = pending.admit(start + EVICT_AFTER);
+        let (third, _) = pending.admit(start + EVICT_AFTER, 12);
         pending.finish(third);
         assert_eq!(pending.entries.len(), 1);
-        assert_eq!(pending.make_room(start + EVICT_AFTER), Room::Free);
-        assert!(!pending.evict_silent(start + Duration::from_millis(250)));
-        assert!(pending.evict_silent(start + Duration::from_millis(300)));
+        assert_eq!(pending.make_room(start + EVICT_AFTER, silent), Room::Free);
+        assert!(!pending.evict_silent(start + Duration::from_millis(250), silent));
+        assert!(pending.evict_silent(start + Duration::from_millis(300), silent));
         assert!(second_evicted.is_cancelled());
+    }
+
+    #[test]
+    fn a_connection_whose_hello_waits_unread_keeps_its_place() {
+        let start = Instant::now();
+        let mut pending = PendingHandshakes::new(2);
+        let (_, spoke_evicted) = pending.admit(start, 10);
+        let (_, silent_evicted) = pending.admit(start, 11);
+        let only_10_spoke = |fd: RawFd| fd == 10;
+        let later = start + EVICT_AFTER;
+        assert_eq!(pending.make_room(later, only_10_spoke), Room::Evicted);
+        assert!(silent_evicted.is_cancelled() && !spoke_evicted.is_cancelled());
+        pending.admit(later, 12);
+        // Full again, the old one spoke and the new one is within its time.
+        assert_eq!(
+            pending.make_room(later, only_10_spoke),
+            Room::WaitFor(RECHECK_AFTER)
+        );
+        assert!(!spoke_evicted.is_cancelled());
+    }
+
+    /// Waits until `n` bytes are readable on `fd` (loopback delivers at once, mostly).
+    fn wait_unread(fd: RawFd, n: usize) {
+        for _ in 0..10_000 {
+            let mut unread: libc::c_int = 0;
+            // SAFETY: FIONREAD writes one int.
+            if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut unread) } == 0
+                && usize::try_from(unread).is_ok_and(|u| u >= n)
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("{n} bytes never arrived");
+    }
+
+    #[test]
+    fn a_whole_hello_in_the_socket_counts_as_spoken_a_part_does_not() {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let mut peer = std::net::TcpStream::connect(listener.local_addr().expect("its address"))
+            .expect("connected");
+        let (ours, _) = listener.accept().expect("accepted");
+        assert!(!hello_waiting(ours.as_raw_fd()), "nothing sent yet");
+        let body = [7u8; 40];
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        peer.write_all(&frame[..20]).expect("sent");
+        wait_unread(ours.as_raw_fd(), 20);
+        assert!(!hello_waiting(ours.as_raw_fd()), "half a frame");
+        peer.write_all(&frame[20..]).expect("sent");
+        wait_unread(ours.as_raw_fd(), frame.len());
+        assert!(hello_waiting(ours.as_raw_fd()), "the whole frame");
+        let oversized = (protocol::MAX_HELLO_SIZE as u32 + 1).to_be_bytes();
+        let (mut other_peer, other) = {
+            let peer = std::net::TcpStream::connect(listener.local_addr().expect("its address"))
+                .expect("connected");
+            (peer, listener.accept().expect("accepted").0)
+        };
+        other_peer.write_all(&oversized).expect("sent");
+        wait_unread(other.as_raw_fd(), 4);
+        assert!(!hello_waiting(other.as_raw_fd()), "no hello is that long");
     }
 }

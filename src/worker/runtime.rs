@@ -19,7 +19,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::tcp::OwnedReadHalf;
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -112,7 +111,7 @@ pub async fn run_with(
     transport: Arc<dyn Transport>,
     shutdown: CancellationToken,
 ) -> Result<WorkerEnd, WorkerError> {
-    let listener = TcpListener::bind((config.listen_host.as_str(), 0)).await?;
+    let listener = crate::transport::listen::bind((config.listen_host.as_str(), 0)).await?;
     let data_address = format!(
         "{}:{}",
         config.advertise_host,
