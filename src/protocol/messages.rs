@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 19;
+pub const PROTOCOL_VERSION: u32 = 20;
 
 /// What a connecting peer is; the acceptor checks it is one it serves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -391,9 +391,11 @@ pub struct ComputeTask {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[cfg_attr(test, derive(PartialEq))]
 pub enum ToWorker {
+    /// Peers are introduced later, each before the first task that reads from it
+    /// (`PeerAdded`): a worker learns only the peers it fetches from, and thousands of
+    /// workers registering at once cost O(N) messages, not O(N^2).
     Registered {
         worker_id: WorkerId,
-        peers: Vec<WorkerInfo>,
     },
     Functions(Vec<FunctionBlob>),
     Compute(Vec<ComputeTask>),

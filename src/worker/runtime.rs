@@ -137,11 +137,11 @@ pub async fn run_with(
             .await
             .map_err(|e| e.to_string())?;
         match reader.recv::<ToWorker>().await.map_err(|e| e.to_string())? {
-            Some(ToWorker::Registered { worker_id, peers }) => Ok((worker_id, peers)),
+            Some(ToWorker::Registered { worker_id }) => Ok(worker_id),
             other => Err(format!("expected Registered, got {other:?}")),
         }
     };
-    let (worker_id, peers) = registered.await.map_err(WorkerError::Registration)?;
+    let worker_id = registered.await.map_err(WorkerError::Registration)?;
     tracing::info!(%worker_id, "registered with the scheduler");
 
     let tasks = TaskTracker::new();
@@ -211,7 +211,7 @@ pub async fn run_with(
         memory: config.memory.clone(),
         transport: transport.kind(),
     };
-    let mut state = WorkerState::new(settings, store, peers);
+    let mut state = WorkerState::new(settings, store);
     let mut comm = RuntimeComm {
         to_scheduler,
         transport,

@@ -191,10 +191,10 @@ pub struct WorkerState {
 }
 
 impl WorkerState {
-    pub fn new(settings: WorkerSettings, store: Store, peers: Vec<WorkerInfo>) -> Self {
+    pub fn new(settings: WorkerSettings, store: Store) -> Self {
         WorkerState {
             store,
-            peers: peers.into_iter().map(|p| (p.id, p)).collect(),
+            peers: IdMap::default(),
             functions: IdMap::default(),
             tasks: IdMap::default(),
             ready: BinaryHeap::new(),

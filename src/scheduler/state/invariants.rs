@@ -116,6 +116,13 @@ impl Scheduler {
                 !worker.memory.paused,
                 "load index lags worker {id}"
             );
+            // Told of live workers only (a leaving one is forgotten), never of itself.
+            for peer in &worker.known_peers {
+                assert!(
+                    peer != id && self.workers.contains_key(peer),
+                    "worker {id} is thought to know worker {peer}"
+                );
+            }
             // Resources are held exactly by the tasks assigned there that ask for some,
             // and never beyond what the worker has.
             let mut held = crate::protocol::Resources::default();

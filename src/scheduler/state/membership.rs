@@ -13,8 +13,8 @@ use std::sync::Arc;
 impl Scheduler {
     // ------------------------------------------------------------------ membership
 
-    /// Registers a worker: sends it `Registered` with the other workers, `PeerAdded` to
-    /// the other workers and `WorkerAdded` to every client.
+    /// Registers a worker: sends it `Registered` and `WorkerAdded` to every client. Other
+    /// workers hear of it when they first need its results (`scheduling.rs`).
     pub fn add_worker(&mut self, reg: WorkerRegistration, comm: &mut impl Comm) -> WorkerId {
         let id = WorkerId(self.next_worker_id);
         self.next_worker_id += 1;
@@ -31,19 +31,9 @@ impl Scheduler {
             topology: reg.topology,
             doorbell: reg.doorbell,
         };
-        let peers = self.workers().cloned().collect();
-        comm.send_worker(
-            id,
-            ToWorker::Registered {
-                worker_id: id,
-                peers,
-            },
-        );
+        comm.send_worker(id, ToWorker::Registered { worker_id: id });
         if !self.plugins.is_empty() {
             comm.send_worker(id, ToWorker::Plugins(self.plugins.clone()));
-        }
-        for &other in self.workers.keys() {
-            comm.send_worker(other, ToWorker::PeerAdded(info.clone()));
         }
         for &client in self.clients.keys() {
             comm.send_client(client, ToClient::WorkerAdded(info.clone()));
@@ -55,6 +45,7 @@ impl Scheduler {
             node,
             processing: 0,
             sent_funcs: IdSet::default(),
+            known_peers: IdSet::default(),
             memory: WorkerMemory::default(),
             resources_used: Resources::default(),
             holding: IdMap::default(),
@@ -123,8 +114,10 @@ impl Scheduler {
         for id in killed {
             self.fail_killed_worker(id);
         }
-        for &other in self.workers.keys() {
-            comm.send_worker(other, ToWorker::PeerRemoved(worker));
+        for (&other, record) in &mut self.workers {
+            if record.known_peers.remove(&worker) {
+                comm.send_worker(other, ToWorker::PeerRemoved(worker));
+            }
         }
         for &client in self.clients.keys() {
             comm.send_client(client, ToClient::WorkerRemoved(worker));

@@ -171,6 +171,8 @@ pub(super) struct Worker {
     pub(super) processing: u32,
     /// Function blobs it has been sent.
     pub(super) sent_funcs: IdSet<FuncId>,
+    /// Workers it has been told of (`PeerAdded`), as holders of inputs of its tasks.
+    pub(super) known_peers: IdSet<WorkerId>,
     /// Its last memory report. Paused, it gets no tasks (and is out of the load index).
     pub(super) memory: WorkerMemory,
     /// What the tasks assigned to it hold of its resources (`info.resources`), in all and

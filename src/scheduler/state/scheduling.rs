@@ -68,6 +68,7 @@ impl Scheduler {
             }
         }
         for (worker_id, batch) in batches {
+            self.introduce_holders(worker_id, &batch, comm);
             let Some(worker) = self.workers.get_mut(&worker_id) else {
                 continue;
             };
@@ -89,6 +90,27 @@ impl Scheduler {
         }
         // Unplaceable tasks failed above.
         self.outbox.flush(comm);
+    }
+
+    /// Tells `worker` of the holders of `batch`'s inputs it has not heard of yet, before
+    /// the tasks that fetch from them.
+    fn introduce_holders(&mut self, worker: WorkerId, batch: &[ComputeTask], comm: &mut impl Comm) {
+        let Some(record) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        let holders = batch
+            .iter()
+            .flat_map(|t| &t.inputs)
+            .flat_map(|i| &i.workers);
+        let unknown: Vec<WorkerId> = holders
+            .filter(|&&holder| holder != worker && record.known_peers.insert(holder))
+            .copied()
+            .collect();
+        for holder in unknown {
+            if let Some(peer) = self.workers.get(&holder) {
+                comm.send_worker(worker, ToWorker::PeerAdded(peer.info.clone()));
+            }
+        }
     }
 
     fn pop_ready_root(&mut self) -> Option<TaskId> {

@@ -18,14 +18,46 @@ fn round_trip<T: Serialize + DeserializeOwned>(msg: &T) -> T {
 struct TestComm {
     workers: BTreeMap<WorkerId, VecDeque<ToWorker>>,
     clients: BTreeMap<ClientId, VecDeque<ToClient>>,
+    /// The peers each worker was told of (`PeerAdded`, `PeerRemoved`), kept apart from
+    /// its other messages and checked as a worker would rely on them.
+    known_peers: BTreeMap<WorkerId, BTreeSet<WorkerId>>,
 }
 
 impl Comm for TestComm {
     fn send_worker(&mut self, worker: WorkerId, msg: ToWorker) {
-        self.workers
-            .entry(worker)
-            .or_default()
-            .push_back(round_trip(&msg));
+        let known = self.known_peers.entry(worker).or_default();
+        match round_trip(&msg) {
+            ToWorker::PeerAdded(info) => {
+                assert!(
+                    info.id != worker,
+                    "worker {worker} was introduced to itself"
+                );
+                assert!(
+                    known.insert(info.id),
+                    "worker {worker} was told of {} twice",
+                    info.id
+                );
+            }
+            ToWorker::PeerRemoved(peer) => {
+                assert!(known.remove(&peer), "worker {worker} never heard of {peer}");
+            }
+            msg => {
+                // A worker fetches only from holders it has been told of.
+                if let ToWorker::Compute(tasks) = &msg {
+                    for holder in tasks
+                        .iter()
+                        .flat_map(|t| &t.inputs)
+                        .flat_map(|i| &i.workers)
+                    {
+                        assert!(
+                            *holder == worker || known.contains(holder),
+                            "worker {worker} was sent inputs on {holder} before hearing of it"
+                        );
+                    }
+                }
+                self.workers.entry(worker).or_default().push_back(msg);
+            }
+        }
     }
 
     fn send_client(&mut self, client: ClientId, msg: ToClient) {
@@ -42,6 +74,13 @@ impl TestComm {
             .remove(&worker)
             .map(Vec::from)
             .unwrap_or_default()
+    }
+
+    /// Whether `worker` was told of `peer` (and not told it left since).
+    fn knows(&self, worker: WorkerId, peer: WorkerId) -> bool {
+        self.known_peers
+            .get(&worker)
+            .is_some_and(|known| known.contains(&peer))
     }
 
     fn take_client(&mut self, client: ClientId) -> Vec<ToClient> {
@@ -111,9 +150,8 @@ impl TestEnv {
         let id = self.scheduler.add_worker(reg, &mut self.comm);
         let plugins = self.scheduler.plugins.clone();
         match self.comm.take_worker(id).as_slice() {
-            [ToWorker::Registered { worker_id, peers }, rest @ ..] => {
+            [ToWorker::Registered { worker_id }, rest @ ..] => {
                 assert_eq!(*worker_id, id);
-                assert_eq!(peers.iter().map(|p| p.id).collect::<Vec<_>>(), others);
                 // Then every registered plugin, if there are any.
                 match rest {
                     [] => assert!(plugins.is_empty()),
@@ -123,10 +161,9 @@ impl TestEnv {
             }
             other => panic!("expected Registered, got {other:?}"),
         }
+        // Other workers hear of it only when they need its results.
         for other in others {
-            assert!(
-                matches!(self.comm.take_worker(other).as_slice(), [ToWorker::PeerAdded(info)] if info.id == id)
-            );
+            assert_eq!(self.comm.take_worker(other), []);
         }
         for client in clients {
             assert!(
@@ -816,7 +853,8 @@ fn a_lost_worker_has_its_tasks_reassigned_and_results_recomputed() {
     assert_eq!(env.computed(w1), [sum], "next to its big input");
 
     env.lose_worker(w1);
-    assert_eq!(env.comm.take_worker(w2), [ToWorker::PeerRemoved(w1)]);
+    assert_eq!(env.comm.take_worker(w2), []);
+    assert!(!env.comm.knows(w2, w1), "w2 was told w1 left");
     assert_eq!(env.comm.take_client(c), [ToClient::WorkerRemoved(w1)]);
     env.schedule();
     assert_eq!(env.computed(w2), [a], "lost input recomputed first");
@@ -852,7 +890,8 @@ fn a_lost_result_is_recomputed_from_inputs_released_before() {
     }
     assert_eq!(env.finished(c), [z]);
     env.lose_worker(w1);
-    assert_eq!(env.comm.take_worker(w2), [ToWorker::PeerRemoved(w1)]);
+    assert_eq!(env.comm.take_worker(w2), []);
+    assert!(!env.comm.knows(w2, w1), "w2 was told w1 left");
     assert_eq!(env.comm.take_client(c), [ToClient::WorkerRemoved(w1)]);
     // The whole chain runs again, each input dropped again once used.
     for (task, input) in [(x, None), (y, Some(x)), (z, Some(y))] {
@@ -910,7 +949,8 @@ fn a_lost_result_whose_input_failed_on_recompute_fails_too() {
     );
     // Now y is lost as well: its input cannot be recomputed, so it fails with x's error.
     env.lose_worker(w2);
-    assert_eq!(env.comm.take_worker(w3), [ToWorker::PeerRemoved(w2)]);
+    assert_eq!(env.comm.take_worker(w3), []);
+    assert!(!env.comm.knows(w3, w2), "w3 was told w2 left");
     match env.comm.take_client(c).as_slice() {
         [ToClient::WorkerRemoved(_), ToClient::Failed { ids, origin, error }] => {
             assert_eq!((ids.as_slice(), *origin), ([y].as_slice(), x));
@@ -1389,7 +1429,8 @@ fn a_wanted_result_kept_elsewhere_is_announced_again_when_a_holder_dies() {
     assert_eq!(env.finished(c), [x]);
     env.worker_msg(w2, FromWorker::Replicated(vec![x]));
     env.lose_worker(w1);
-    assert_eq!(env.comm.take_worker(w2), [ToWorker::PeerRemoved(w1)]);
+    assert_eq!(env.comm.take_worker(w2), []);
+    assert!(!env.comm.knows(w2, w1), "w2 was told w1 left");
     match env.comm.take_client(c).as_slice() {
         [ToClient::WorkerRemoved(gone), ToClient::Finished(finished)] => {
             assert_eq!(*gone, w1);
@@ -1875,7 +1916,8 @@ fn a_retired_worker_is_told_and_removed_and_its_work_counts_against_no_task() {
     assert_eq!(env.finished(c), [x]);
     env.client_msg(c, FromClient::RetireWorkers(vec![w2, WorkerId(99)]));
     assert_eq!(env.comm.take_worker(w2), [ToWorker::Retire]);
-    assert_eq!(env.comm.take_worker(w1), [ToWorker::PeerRemoved(w2)]);
+    assert_eq!(env.comm.take_worker(w1), []);
+    assert!(!env.comm.knows(w1, w2), "w1 was told w2 left");
     assert_eq!(env.comm.take_client(c), [ToClient::WorkerRemoved(w2)]);
     // Its running task and its only result are redone on w1, nothing held against them.
     env.schedule();
@@ -2227,4 +2269,46 @@ fn transfers_workers_report_join_the_task_stream() {
         (w2.0, None, Some(w1.0), 4096, 250)
     );
     env.comm.emptiness_check();
+}
+
+#[test]
+fn workers_hear_of_a_peer_once_before_they_first_read_from_it_and_only_they_of_its_loss() {
+    let mut env = TestEnv::new();
+    // Registering sends other workers nothing (checked by `worker`).
+    let [w1, w2, w3] = env.workers(&[1, 1, 1])[..] else {
+        unreachable!()
+    };
+    let c = env.client();
+    let [a, b, c1, c2] = ids(c, 0..4)[..] else {
+        unreachable!()
+    };
+    env.submit(c, vec![spec(a, &[]), spec(b, &[])], &[a, b]);
+    env.schedule();
+    assert_eq!(env.computed(w1), [a]);
+    assert_eq!(env.computed(w2), [b]);
+    env.done(w1, &[a]);
+    assert_eq!(env.finished(c), [a]);
+    env.done(w2, &[b]);
+    assert_eq!(env.finished(c), [b]);
+    // Both read a and b: whoever runs them fetches from the other holder.
+    env.submit(c, vec![spec(c1, &[a, b]), spec(c2, &[a, b])], &[c1, c2]);
+    env.schedule();
+    let (w1_runs, w2_runs) = (env.computed(w1), env.computed(w2));
+    assert_eq!(w1_runs.len() + w2_runs.len(), 2, "{w1_runs:?} {w2_runs:?}");
+    for (worker, holder, runs) in [(w1, w2, &w1_runs), (w2, w1, &w2_runs)] {
+        assert_eq!(env.comm.knows(worker, holder), !runs.is_empty());
+    }
+    assert!(
+        !env.comm.knows(w3, w1) && !env.comm.knows(w3, w2),
+        "w3 read nothing"
+    );
+    let reader = if w1_runs.is_empty() { w2 } else { w1 };
+    let holder = if reader == w1 { w2 } else { w1 };
+    env.lose_worker(holder);
+    assert!(
+        !env.comm.knows(reader, holder),
+        "the reader was told the holder left"
+    );
+    // The fake refuses a PeerRemoved to a worker that never heard of the peer: w3 got none.
+    assert_eq!(env.comm.take_worker(w3), []);
 }

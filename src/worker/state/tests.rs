@@ -217,13 +217,15 @@ impl TestEnv {
             memory,
             transport: DataTransport::Tcp,
         };
-        let peers = PEERS.iter().map(|&id| peer(id)).collect();
         let mut env = TestEnv {
-            state: WorkerState::new(settings, store.clone(), peers),
+            state: WorkerState::new(settings, store.clone()),
             comm: TestComm::default(),
             store,
             spill: None,
         };
+        for &id in &PEERS {
+            env.scheduler(ToWorker::PeerAdded(peer(id)));
+        }
         for slot in 0..slots {
             env.executor(ExecutorEvent::Ready {
                 slot,
