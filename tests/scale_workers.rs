@@ -37,7 +37,8 @@ async fn two_thousand_workers_register_at_once_and_finish_a_large_graph() {
             workers_per_host: 16,
             task_us: 0,
             result_bytes: 8,
-            // As the real worker: a dropped connection fails the test.
+            // Stricter than the real worker (which tries a dropped handshake again): the
+            // scheduler must drop none.
             connect_retries: 0,
         },
         shape: Shape::Map,

@@ -70,7 +70,8 @@ struct Args {
     #[arg(long, default_value_t = 16)]
     workers_per_host: u32,
     /// Times a worker whose connection or handshake fails tries again (after 100 ms).
-    /// The real worker does not; the table counts the retries.
+    /// The real worker tries a dropped handshake again for a minute; the table counts
+    /// the retries.
     #[arg(long, default_value_t = 0)]
     connect_retries: u32,
     /// Run the scheduler in this process rather than in a `rankmesh scheduler` child: its

@@ -11,6 +11,7 @@ use crate::store::Store;
 use futures::future::BoxFuture;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -47,6 +48,67 @@ pub async fn connect(
             source,
         })?;
     Ok((reader, writer, client_id))
+}
+
+/// How long a worker keeps trying to reach and register with its scheduler.
+pub const REGISTER_PATIENCE: Duration = Duration::from_secs(60);
+const FIRST_RETRY: Duration = Duration::from_millis(50);
+const LONGEST_RETRY: Duration = Duration::from_secs(2);
+
+/// [`connect`], tried again while the failure may pass: the scheduler closing or timing
+/// out the handshake while thousands of workers arrive at once. Nobody listening fails
+/// at once (a wrong address should say so), as does a refusal (wrong token, version or
+/// role). Waits grow from 50 ms to 2 s,
+/// each shortened by a random part so that a storm of workers does not retry in step;
+/// after `patience` the last error is returned.
+pub async fn connect_patiently(
+    address: &str,
+    token: &Token,
+    role: Role,
+    patience: Duration,
+) -> Result<
+    (
+        FrameReader<OwnedReadHalf>,
+        FrameWriter<OwnedWriteHalf>,
+        Option<protocol::ClientId>,
+    ),
+    TransportError,
+> {
+    let deadline = Instant::now() + patience;
+    let mut wait = FIRST_RETRY;
+    let mut tries = 1u32;
+    loop {
+        match connect(address, token, role).await {
+            Err(e) if may_pass(&e) && Instant::now() + wait < deadline => {
+                tracing::info!(tries, "{e}; trying again");
+                tokio::time::sleep(jittered(wait)).await;
+                wait = (wait * 2).min(LONGEST_RETRY);
+                tries += 1;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+fn may_pass(e: &TransportError) -> bool {
+    use protocol::HandshakeError;
+    match e {
+        TransportError::Handshake { source, .. } => matches!(
+            source,
+            HandshakeError::Closed | HandshakeError::Timeout | HandshakeError::Io(_)
+        ),
+        _ => false,
+    }
+}
+
+/// Between half of `wait` and all of it.
+fn jittered(wait: Duration) -> Duration {
+    let mut byte = [0u8; 1];
+    let fraction = match getrandom::fill(&mut byte) {
+        Ok(()) => 0.5 + f64::from(byte[0]) / 510.0,
+        Err(_) => 1.0,
+    };
+    wait.mul_f64(fraction)
 }
 
 /// `tcp://host:port` and `host:port` both name a TCP endpoint.
@@ -209,4 +271,91 @@ async fn serve_peer(connection: Authenticated, store: &Store) -> Result<(), Stri
         writer.flush().await.map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::HandshakeError;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A server that closes its first `dropped` connections after reading their hello (as
+    /// an overloaded scheduler evicting handshakes), then welcomes with `token`.
+    async fn server(dropped: u32, token: Token) -> (String, Arc<AtomicU32>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
+        let address = listener.local_addr().expect("its address").to_string();
+        let connections = Arc::new(AtomicU32::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let n = counted.fetch_add(1, Ordering::SeqCst);
+                let (r, w) = stream.into_split();
+                let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
+                if n < dropped {
+                    let _ = reader.recv_bytes().await;
+                    continue; // dropped: the connection closes
+                }
+                let token = token.clone();
+                tokio::spawn(async move {
+                    if protocol::accept(&mut reader, &mut writer, &token, &[Role::Worker])
+                        .await
+                        .is_ok()
+                    {
+                        let _ = protocol::welcome(&mut writer, None).await;
+                    }
+                    let _ = reader.recv_bytes().await; // hold it until the peer leaves
+                });
+            }
+        });
+        (address, connections)
+    }
+
+    #[tokio::test]
+    async fn a_dropped_handshake_is_tried_again_until_it_is_welcomed() {
+        let token = Token::new("secret");
+        let (address, connections) = server(2, token.clone()).await;
+        let connected = connect_patiently(&address, &token, Role::Worker, REGISTER_PATIENCE).await;
+        assert!(connected.is_ok(), "{:?}", connected.err());
+        assert_eq!(connections.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_refusal_or_nobody_listening_is_not_tried_again() {
+        let (address, connections) = server(0, Token::new("theirs")).await;
+        let refused = connect_patiently(
+            &address,
+            &Token::new("ours"),
+            Role::Worker,
+            REGISTER_PATIENCE,
+        )
+        .await;
+        assert!(
+            matches!(
+                refused,
+                Err(TransportError::Handshake {
+                    source: HandshakeError::Refused(_),
+                    ..
+                })
+            ),
+            "{:?}",
+            refused.err()
+        );
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
+        let nobody = connect_patiently(
+            "127.0.0.1:9",
+            &Token::new("ours"),
+            Role::Worker,
+            REGISTER_PATIENCE,
+        )
+        .await;
+        assert!(matches!(nobody, Err(TransportError::Connect { .. })));
+    }
+
+    #[test]
+    fn retries_wait_between_half_and_all_of_their_time() {
+        for _ in 0..100 {
+            let waited = jittered(Duration::from_millis(100));
+            assert!((Duration::from_millis(50)..=Duration::from_millis(100)).contains(&waited));
+        }
+    }
 }

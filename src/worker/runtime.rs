@@ -118,8 +118,13 @@ pub async fn run_with(
         listener.local_addr()?.port()
     );
 
-    let (mut reader, mut writer, _) =
-        tcp::connect(&config.scheduler, &config.token, Role::Worker).await?;
+    let (mut reader, mut writer, _) = tcp::connect_patiently(
+        &config.scheduler,
+        &config.token,
+        Role::Worker,
+        tcp::REGISTER_PATIENCE,
+    )
+    .await?;
     let registration = WorkerRegistration {
         data_address,
         host: config.advertise_host.clone(),
