@@ -17,20 +17,19 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 type DataConnection = (FrameReader<OwnedReadHalf>, FrameWriter<OwnedWriteHalf>);
+/// A connection past its handshake, with the client id the other side named, if any.
+pub type Connected = (
+    FrameReader<OwnedReadHalf>,
+    FrameWriter<OwnedWriteHalf>,
+    Option<protocol::ClientId>,
+);
 
 /// Connects to `address` and proves the token as `role`.
 pub async fn connect(
     address: &str,
     token: &Token,
     role: Role,
-) -> Result<
-    (
-        FrameReader<OwnedReadHalf>,
-        FrameWriter<OwnedWriteHalf>,
-        Option<protocol::ClientId>,
-    ),
-    TransportError,
-> {
+) -> Result<Connected, TransportError> {
     let address = strip_scheme(address);
     let stream = TcpStream::connect(address)
         .await
@@ -58,22 +57,14 @@ const LONGEST_RETRY: Duration = Duration::from_secs(2);
 /// [`connect`], tried again while the failure may pass: the scheduler closing or timing
 /// out the handshake while thousands of workers arrive at once. Nobody listening fails
 /// at once (a wrong address should say so), as does a refusal (wrong token, version or
-/// role). Waits grow from 50 ms to 2 s,
-/// each shortened by a random part so that a storm of workers does not retry in step;
-/// after `patience` the last error is returned.
+/// role). Waits grow from 50 ms to 2 s, each shortened by a random part so that a storm
+/// of workers does not retry in step; after `patience` the last error is returned.
 pub async fn connect_patiently(
     address: &str,
     token: &Token,
     role: Role,
     patience: Duration,
-) -> Result<
-    (
-        FrameReader<OwnedReadHalf>,
-        FrameWriter<OwnedWriteHalf>,
-        Option<protocol::ClientId>,
-    ),
-    TransportError,
-> {
+) -> Result<Connected, TransportError> {
     let deadline = Instant::now() + patience;
     let mut wait = FIRST_RETRY;
     let mut tries = 1u32;
