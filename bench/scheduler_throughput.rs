@@ -116,6 +116,7 @@ fn run(workers: u32, specs: Vec<TaskSpec>, wanted: Vec<TaskId>) -> Outcome {
         tasks: specs,
         wanted: wanted.clone(),
         prefixes: vec!["noop".to_string()],
+        more: false,
     };
     scheduler.handle_client(client, submit, &mut comm);
     let mut rounds = 0;

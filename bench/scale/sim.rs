@@ -23,7 +23,7 @@ use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// Submits are split as the Python client splits them, so no frame nears the limit.
-const SUBMIT_CHUNK_BYTES: usize = 32 << 20;
+const SUBMIT_CHUNK_BYTES: usize = 8 << 20;
 /// Bytes the length prefix adds to each frame on the wire.
 const FRAME_PREFIX_BYTES: u64 = 4;
 /// How long a worker whose connection failed waits before it tries again.
@@ -448,6 +448,7 @@ impl Client {
                     tasks: std::mem::take(&mut chunk),
                     wanted: chunk_wanted,
                     prefixes: graph.prefixes.clone(),
+                    more: index + 1 != total,
                 })?;
                 bytes += frame.len() as u64 + FRAME_PREFIX_BYTES;
                 self.writer.send_bytes(frame).await?;

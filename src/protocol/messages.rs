@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 20;
+pub const PROTOCOL_VERSION: u32 = 21;
 
 /// What a connecting peer is; the acceptor checks it is one it serves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +119,10 @@ pub enum FromClient {
         tasks: Vec<TaskSpec>,
         wanted: Vec<TaskId>,
         prefixes: Vec<String>,
+        /// More parts of this graph follow (a graph too big for one frame is sent in
+        /// parts, which run as they arrive). What this part's tasks compute is kept until
+        /// the part with `more: false`, since a later part may name it as an input.
+        more: bool,
     },
     /// The client dropped its futures on these tasks.
     Release(Vec<TaskId>),

@@ -10,6 +10,9 @@ use std::str::FromStr;
 pub struct Resources(Vec<(String, f64)>);
 
 impl Resources {
+    /// Nothing: what a task that asks for no resources holds.
+    pub const NONE: Resources = Resources(Vec::new());
+
     /// From (name, amount) pairs; a name given twice keeps its last amount.
     pub fn new(pairs: impl IntoIterator<Item = (String, f64)>) -> Resources {
         let mut amounts: Vec<(String, f64)> = Vec::new();

@@ -15,9 +15,10 @@ use crate::protocol::{
     ToWorker, WorkerId, WorkerInfo,
 };
 use datasets::Dataset;
-use records::{Client, Function, Outbox, Task, Worker};
+use records::{Client, Function, Outbox, Worker};
 use std::collections::{BTreeMap, HashMap};
 use std::mem;
+use table::TaskTable;
 
 // Names the tests (`use super::*`) use besides those above.
 #[cfg(test)]
@@ -34,6 +35,7 @@ mod records;
 mod scheduling;
 mod snapshot;
 mod submission;
+mod table;
 
 #[cfg(test)]
 mod invariants;
@@ -76,7 +78,7 @@ impl Default for SchedulerConfig {
 
 pub struct Scheduler {
     config: SchedulerConfig,
-    tasks: IdMap<TaskId, Task>,
+    tasks: TaskTable,
     functions: IdMap<FuncId, Function>,
     workers: BTreeMap<WorkerId, Worker>,
     clients: BTreeMap<ClientId, Client>,
@@ -112,7 +114,7 @@ impl Scheduler {
         Scheduler {
             avg_task_duration_s: config.initial_task_duration_s,
             config,
-            tasks: IdMap::default(),
+            tasks: TaskTable::default(),
             functions: IdMap::default(),
             workers: BTreeMap::new(),
             clients: BTreeMap::new(),
@@ -173,8 +175,9 @@ impl Scheduler {
                 tasks,
                 wanted,
                 prefixes,
+                more,
             } => {
-                self.submit(client, functions, tasks, &wanted, &prefixes);
+                self.submit(client, functions, tasks, &wanted, &prefixes, more);
             }
             FromClient::Release(ids) => self.release(client, &ids),
             FromClient::ReleaseFunctions(ids) => self.release_functions(client, &ids),

@@ -28,6 +28,14 @@ impl Scheduler {
                 );
             }
             assert!(task.is_kept(), "task {id} kept though nothing needs it");
+            if task.held_for_submit {
+                assert!(
+                    self.clients
+                        .get(&id.owner())
+                        .is_some_and(|c| c.open_submit.contains(&id)),
+                    "task {id} held for a submit its client has not open"
+                );
+            }
             for dep in &task.deps {
                 assert!(
                     self.tasks.contains_key(dep),
@@ -129,7 +137,7 @@ impl Scheduler {
             for (task, resources) in &worker.holding {
                 let assigned_here = self.tasks.get(task).is_some_and(|t| {
                     matches!(t.state, TaskState::Assigned { worker: w } if w == *id)
-                        && t.resources == *resources
+                        && *t.resources() == *resources
                 });
                 assert!(assigned_here, "worker {id} holds resources for task {task}");
                 held.add(resources, 1.0);
@@ -143,7 +151,7 @@ impl Scheduler {
         }
         for (id, task) in &self.tasks {
             if let TaskState::Assigned { worker } = task.state {
-                if !task.resources.is_empty() {
+                if !task.resources().is_empty() {
                     let holds = self
                         .workers
                         .get(&worker)

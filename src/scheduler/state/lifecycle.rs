@@ -2,10 +2,11 @@
 //! through its life: dependents, forgetting, errors and recovering lost results.
 
 use super::records::{Task, TaskState};
+use super::table::TaskTable;
 use super::Scheduler;
 use crate::heap::ShrinkWhenSparse;
 use crate::protocol::{
-    ClientId, ErrorInfo, FuncId, IdMap, IdSet, TaskDone, TaskFinished, TaskId, ToClient, WorkerId,
+    ClientId, ErrorInfo, FuncId, IdSet, TaskDone, TaskFinished, TaskId, ToClient, WorkerId,
     WorkerMemory,
 };
 use std::collections::BTreeMap;
@@ -45,7 +46,7 @@ impl Scheduler {
             }
         }
         task.state = TaskState::Memory {
-            holders: vec![worker],
+            holders: smallvec::smallvec![worker],
             size: done.size,
         };
         let first = !mem::replace(&mut task.computed, true);
@@ -193,9 +194,9 @@ impl Scheduler {
             return;
         };
         if assigned {
-            if let Some(task) = self.tasks.get(&id).filter(|t| !t.resources.is_empty()) {
-                w.resources_used.add(&task.resources, 1.0);
-                w.holding.insert(id, task.resources.clone());
+            if let Some(task) = self.tasks.get(&id).filter(|t| !t.resources().is_empty()) {
+                w.resources_used.add(task.resources(), 1.0);
+                w.holding.insert(id, task.resources().clone());
             }
         } else if let Some(held) = w.holding.remove(&id) {
             w.resources_used.add(&held, -1.0);
@@ -241,8 +242,8 @@ impl Scheduler {
             if matches!(task.state, TaskState::Ready) {
                 // A restricted root skips the withheld queue: it can go to one place only.
                 if task.deps.is_empty()
-                    && task.restricted_to.is_empty()
-                    && task.resources.is_empty()
+                    && task.restricted_to().is_empty()
+                    && task.resources().is_empty()
                 {
                     self.roots.push(task.priority, id);
                 } else {
@@ -295,7 +296,6 @@ impl Scheduler {
         if !task.computed && !matches!(task.state, TaskState::Erred { .. }) {
             self.observed.forgotten(task.prefix);
         }
-        self.tasks.shrink_when_sparse();
         self.freed_bytes += task.payload.len() as u64;
         for &func in &task.funcs {
             self.unref_function(func);
@@ -402,7 +402,7 @@ impl Scheduler {
             let deps = if pending {
                 task.deps.clone()
             } else {
-                Vec::new()
+                Box::default()
             };
             if let TaskState::Assigned { worker } = previous {
                 // `start` failed on its worker; a dependent assigned elsewhere is stopped.
@@ -431,7 +431,7 @@ impl Scheduler {
     /// their lineage, inputs released since included, transitively; erred where an input
     /// failed since (recomputed after an earlier loss).
     pub(super) fn recover_lost_results(&mut self, lost: Vec<TaskId>) {
-        let must_recompute = |tasks: &IdMap<TaskId, Task>, id: &TaskId| {
+        let must_recompute = |tasks: &TaskTable, id: &TaskId| {
             tasks.get(id).is_some_and(|t| match &t.state {
                 TaskState::Memory { holders, .. } => holders.is_empty(),
                 TaskState::Released => true,

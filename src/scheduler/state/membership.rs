@@ -77,8 +77,8 @@ impl Scheduler {
                     task.state = TaskState::Ready;
                     requeued.push(id);
                     if departure == Departure::Lost {
-                        task.killed_workers.push(removed.info.to_string());
-                        if task.killed_workers.len() >= self.config.allowed_failures as usize {
+                        let killed_by = task.killed(removed.info.to_string());
+                        if killed_by >= self.config.allowed_failures as usize {
                             killed.push(id);
                         }
                     }
@@ -134,9 +134,9 @@ impl Scheduler {
         let message = format!(
             "task {id} was on {} workers when each of them died (allowed_failures = {}), \
              so it fails rather than take down another; they were: {}",
-            task.killed_workers.len(),
+            task.killed_workers().len(),
             self.config.allowed_failures,
-            task.killed_workers.join("; ")
+            task.killed_workers().join("; ")
         );
         let error = Arc::new(ErrorInfo::runtime("KilledWorker", message));
         self.mark_erred(id, id, error);
@@ -164,7 +164,12 @@ impl Scheduler {
         for func in removed.functions {
             self.unref_function(func);
         }
-        let mut dropped = Vec::new();
+        let mut dropped = removed.open_submit;
+        for id in &dropped {
+            if let Some(task) = self.tasks.get_mut(id) {
+                task.held_for_submit = false;
+            }
+        }
         let mut held_elsewhere = Vec::new();
         for (&id, task) in self.tasks.iter_mut() {
             if task.holders.remove(id, client) {

@@ -8,9 +8,13 @@ use crate::protocol::{
 use crate::scheduler::placement::{Load, NodeId};
 use crate::scheduler::Comm;
 use bytes::Bytes;
+use smallvec::SmallVec;
 use std::collections::BTreeMap;
 use std::mem;
 use std::sync::Arc;
+
+/// The workers holding a result: nearly always one, so no allocation in the common case.
+pub(super) type ResultHolders = SmallVec<[WorkerId; 2]>;
 
 pub(super) enum TaskState {
     /// Some inputs are not computed yet.
@@ -23,7 +27,7 @@ pub(super) enum TaskState {
         worker: WorkerId,
     },
     Memory {
-        holders: Vec<WorkerId>,
+        holders: ResultHolders,
         size: u64,
     },
     /// `origin` (this task or one upstream) raised `error`.
@@ -51,23 +55,19 @@ impl TaskState {
     }
 }
 
+/// A task as the scheduler keeps it. Graphs reach 10^7 tasks, so it is kept small: what
+/// few tasks have lives in `extras`, boxed.
 pub(super) struct Task {
     pub(super) state: TaskState,
     pub(super) payload: Bytes,
-    pub(super) funcs: Vec<FuncId>,
+    pub(super) funcs: SmallVec<[FuncId; 1]>,
     /// Inputs in payload order; may repeat an id, and every count below counts repeats.
-    pub(super) deps: Vec<TaskId>,
+    pub(super) deps: Box<[TaskId]>,
     /// May name forgotten tasks: they are skipped, and pruned when nothing pends on this.
     pub(super) dependents: Vec<TaskId>,
     pub(super) priority: i64,
-    /// Only these workers may run it; empty: any.
-    pub(super) restricted_to: Box<[WorkerId]>,
-    /// `restricted_to` is a preference: others may run it while none of those can.
-    pub(super) allow_other_workers: bool,
     /// Times it may still raise and be run again before it errs.
     pub(super) retries_left: u32,
-    /// What it holds of its worker's resources while it runs.
-    pub(super) resources: Resources,
     /// Clients holding futures on it (the owner, and others that received one).
     pub(super) holders: Holders,
     /// Published datasets that hold it (`Client.publish_dataset`).
@@ -76,23 +76,86 @@ pub(super) struct Task {
     pub(super) prefix: u32,
     /// Computed at least once (a recomputation is not new progress).
     pub(super) computed: bool,
+    /// Its submit's later parts may name it as an input: kept until the last part is in
+    /// (`FromClient::Submit::more`).
+    pub(super) held_for_submit: bool,
     /// Dependents not computed yet: they still need this task's result.
     pub(super) pending_dependents: u32,
     /// Dependents in the task table, in any state: while there are some, this task is
     /// kept (as `Released` if nothing needs it) to recompute them from.
     pub(super) live_dependents: u32,
+    pub(super) extras: Option<Box<TaskExtras>>,
+}
+
+/// What few tasks have: placement constraints, resources, workers that died running it.
+#[derive(Default)]
+pub(super) struct TaskExtras {
+    /// Only these workers may run it; empty: any.
+    pub(super) restricted_to: Box<[WorkerId]>,
+    /// `restricted_to` is a preference: others may run it while none of those can.
+    pub(super) allow_other_workers: bool,
+    /// What it holds of its worker's resources while it runs.
+    pub(super) resources: Resources,
     /// The workers that died while it was assigned to them (`WorkerInfo` described).
     pub(super) killed_workers: Vec<String>,
 }
 
+impl TaskExtras {
+    /// `None` when there is nothing to keep, as for most tasks.
+    pub(super) fn boxed(self) -> Option<Box<TaskExtras>> {
+        let nothing = self.restricted_to.is_empty()
+            && !self.allow_other_workers
+            && self.resources.is_empty()
+            && self.killed_workers.is_empty();
+        (!nothing).then(|| Box::new(self))
+    }
+}
+
+static NO_RESOURCES: Resources = Resources::NONE;
+
 impl Task {
     pub(super) fn is_needed(&self) -> bool {
-        !self.holders.is_empty() || self.published > 0 || self.pending_dependents > 0
+        !self.holders.is_empty()
+            || self.published > 0
+            || self.pending_dependents > 0
+            || self.held_for_submit
     }
 
     /// Kept in the table: needed, or the lineage of a live dependent.
     pub(super) fn is_kept(&self) -> bool {
         self.is_needed() || self.live_dependents > 0
+    }
+
+    /// Only these workers may run it; empty: any.
+    pub(super) fn restricted_to(&self) -> &[WorkerId] {
+        self.extras.as_ref().map_or(&[], |e| &e.restricted_to)
+    }
+
+    /// `restricted_to` is a preference: others may run it while none of those can.
+    pub(super) fn allow_other_workers(&self) -> bool {
+        self.extras.as_ref().is_some_and(|e| e.allow_other_workers)
+    }
+
+    /// It may run on workers outside `restricted_to` (or it names none).
+    pub(super) fn may_run_anywhere(&self) -> bool {
+        self.restricted_to().is_empty() || self.allow_other_workers()
+    }
+
+    /// What it holds of its worker's resources while it runs.
+    pub(super) fn resources(&self) -> &Resources {
+        self.extras.as_ref().map_or(&NO_RESOURCES, |e| &e.resources)
+    }
+
+    /// The workers that died while it was assigned to them.
+    pub(super) fn killed_workers(&self) -> &[String] {
+        self.extras.as_ref().map_or(&[], |e| &e.killed_workers)
+    }
+
+    /// `worker` died while the task was assigned to it; returns how many have.
+    pub(super) fn killed(&mut self, worker: String) -> usize {
+        let extras = self.extras.get_or_insert_with(Box::default);
+        extras.killed_workers.push(worker);
+        extras.killed_workers.len()
     }
 }
 
@@ -101,23 +164,29 @@ impl Task {
 #[derive(Default)]
 pub(super) struct Holders {
     owner: bool,
-    others: Vec<ClientId>,
+    #[expect(
+        clippy::box_collection,
+        reason = "one word in every task instead of three; few tasks have other holders"
+    )]
+    others: Option<Box<Vec<ClientId>>>,
 }
 
 impl Holders {
     pub(super) fn is_empty(&self) -> bool {
-        !self.owner && self.others.is_empty()
+        !self.owner && self.others.is_none()
     }
 
     /// `client` holds task `id` now; false if it did already.
     pub(super) fn add(&mut self, id: TaskId, client: ClientId) -> bool {
         if client == id.owner() {
             !std::mem::replace(&mut self.owner, true)
-        } else if self.others.contains(&client) {
-            false
         } else {
-            self.others.push(client);
-            true
+            let others = self.others.get_or_insert_with(Box::default);
+            let new = !others.contains(&client);
+            if new {
+                others.push(client);
+            }
+            new
         }
     }
 
@@ -126,13 +195,17 @@ impl Holders {
         if client == id.owner() {
             return std::mem::replace(&mut self.owner, false);
         }
-        match self.others.iter().position(|c| *c == client) {
-            Some(at) => {
-                self.others.swap_remove(at);
-                true
-            }
-            None => false,
+        let Some(others) = self.others.as_mut() else {
+            return false;
+        };
+        let Some(at) = others.iter().position(|c| *c == client) else {
+            return false;
+        };
+        others.swap_remove(at);
+        if others.is_empty() {
+            self.others = None;
         }
+        true
     }
 
     /// The holders of task `id`.
@@ -140,7 +213,7 @@ impl Holders {
         self.owner
             .then(|| id.owner())
             .into_iter()
-            .chain(self.others.iter().copied())
+            .chain(self.others.iter().flat_map(|others| others.iter().copied()))
     }
 }
 
@@ -161,6 +234,8 @@ pub(super) struct Client {
     pub(super) computed: u64,
     /// It wants `ToClient::Computed` as the count moves.
     pub(super) watching_progress: bool,
+    /// The tasks of the parts of a submit sent so far, while more parts are to come.
+    pub(super) open_submit: Vec<TaskId>,
 }
 
 pub(super) struct Worker {

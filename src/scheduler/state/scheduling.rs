@@ -29,12 +29,12 @@ impl Scheduler {
             if !matches!(task.state, TaskState::Ready) {
                 continue; // stale: cancelled, failed or requeued since
             }
-            let restricted = !task.restricted_to.is_empty() && !task.allow_other_workers;
-            let unsatisfiable = !task.resources.is_empty()
+            let restricted = !task.restricted_to().is_empty() && !task.allow_other_workers();
+            let unsatisfiable = !task.resources().is_empty()
                 && !self.workers.values().any(|w| {
                     w.info
                         .resources
-                        .fits(&Resources::default(), &task.resources)
+                        .fits(&Resources::default(), task.resources())
                 });
             match self.place(id) {
                 Some(worker) => self.assign(id, worker, &mut batches),
@@ -132,7 +132,7 @@ impl Scheduler {
         let Some(task) = self.tasks.get(&id) else {
             return;
         };
-        let names: Vec<String> = task.restricted_to.iter().map(|w| w.to_string()).collect();
+        let names: Vec<String> = task.restricted_to().iter().map(|w| w.to_string()).collect();
         let error = ErrorInfo::runtime(
             "NoWorkerError",
             format!(
@@ -158,7 +158,7 @@ impl Scheduler {
             "NoWorkerError",
             format!(
                 "task {id} needs resources {{{}}}, which no connected worker has ({})",
-                task.resources,
+                task.resources(),
                 offered.join("; ")
             ),
         );
@@ -195,10 +195,10 @@ impl Scheduler {
                 return false;
             };
             // A paused worker takes no new tasks, unless it is the only place allowed.
-            if w.memory.paused && (task.restricted_to.is_empty() || task.allow_other_workers) {
+            if w.memory.paused && (task.may_run_anywhere()) {
                 return false;
             }
-            if !w.info.resources.fits(&w.resources_used, &task.resources) {
+            if !w.info.resources.fits(&w.resources_used, task.resources()) {
                 return false; // busy with others' resources, or without them
             }
             let (mut missing_bytes, mut node_bytes, mut held_bytes) = (0, 0, 0);
@@ -222,11 +222,11 @@ impl Scheduler {
             true
         };
         let mut preferred_available = false;
-        for &worker in task.restricted_to.iter() {
+        for &worker in task.restricted_to().iter() {
             preferred_available |= consider(worker);
         }
-        let anywhere = task.restricted_to.is_empty() || task.allow_other_workers;
-        if anywhere && !preferred_available && !task.resources.is_empty() {
+        let anywhere = task.may_run_anywhere();
+        if anywhere && !preferred_available && !task.resources().is_empty() {
             // Few workers have a given resource: every one that does is a candidate.
             let offering: Vec<WorkerId> = workers
                 .values()
@@ -272,7 +272,7 @@ impl Scheduler {
             .map(|&dep| match self.tasks.get(&dep).map(|t| &t.state) {
                 Some(TaskState::Memory { holders, size }) => InputLocation {
                     id: dep,
-                    workers: holders.clone(),
+                    workers: holders.to_vec(),
                     size: *size,
                 },
                 // Ready means every input is in memory; `sanity_check` holds us to it.
@@ -285,7 +285,7 @@ impl Scheduler {
             .collect();
         let compute = ComputeTask {
             id,
-            funcs: task.funcs.clone(),
+            funcs: task.funcs.to_vec(),
             payload: task.payload.clone(),
             inputs,
             priority: task.priority,

@@ -1,7 +1,7 @@
 //! Client events: submitting tasks (checked, ordered, given their first state), wanting
 //! and releasing results and functions, and cancelling.
 
-use super::records::{Function, Holders, Task, TaskState};
+use super::records::{Function, Holders, Task, TaskExtras, TaskState};
 use super::Scheduler;
 use crate::protocol::{
     ClientId, ErrorInfo, FuncId, FunctionBlob, IdMap, IdSet, TaskFinished, TaskId, TaskSpec,
@@ -21,6 +21,7 @@ impl Scheduler {
         specs: Vec<TaskSpec>,
         wanted: &[TaskId],
         prefixes: &[String],
+        more: bool,
     ) {
         // Kept even if the tasks are rejected: the client counts them as shipped.
         self.pin_functions(client, functions);
@@ -31,6 +32,9 @@ impl Scheduler {
                 self.outbox
                     .to_clients
                     .push((client, ToClient::SubmitRejected { reason }));
+                if !more {
+                    self.close_submit(client);
+                }
                 return;
             }
         };
@@ -67,28 +71,54 @@ impl Scheduler {
             let task = Task {
                 state,
                 payload: spec.payload,
-                funcs: spec.funcs,
-                deps: spec.deps,
+                funcs: spec.funcs.into(),
+                deps: spec.deps.into(),
                 dependents: Vec::new(),
                 priority: spec.priority,
-                restricted_to: spec.workers.into_boxed_slice(),
                 retries_left: spec.options.retries,
-                allow_other_workers: spec.options.allow_other_workers,
-                resources: spec.options.resources,
                 holders: Holders::default(),
                 published: 0,
                 prefix,
                 computed: false,
+                held_for_submit: more,
                 pending_dependents: 0,
                 live_dependents: 0,
-                killed_workers: Vec::new(),
+                extras: TaskExtras {
+                    restricted_to: spec.workers.into(),
+                    allow_other_workers: spec.options.allow_other_workers,
+                    resources: spec.options.resources,
+                    killed_workers: Vec::new(),
+                }
+                .boxed(),
             };
             self.tasks.insert(spec.id, task);
             self.enqueue_if_ready(spec.id);
+            if more {
+                if let Some(record) = self.clients.get_mut(&client) {
+                    record.open_submit.push(spec.id);
+                }
+            }
         }
         self.want(client, wanted);
         // Erred on arrival (an input had failed) and not wanted: nothing will ever need it.
         self.release_unneeded(erred);
+        if !more {
+            self.close_submit(client);
+        }
+    }
+
+    /// The last part of a submit is in: its earlier parts' tasks are held no longer.
+    pub(super) fn close_submit(&mut self, client: ClientId) {
+        let Some(record) = self.clients.get_mut(&client) else {
+            return;
+        };
+        let held = std::mem::take(&mut record.open_submit);
+        for id in &held {
+            if let Some(task) = self.tasks.get_mut(id) {
+                task.held_for_submit = false;
+            }
+        }
+        self.release_unneeded(held);
     }
 
     /// Checks a submit against the rules and returns the order to add its tasks in

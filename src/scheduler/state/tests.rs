@@ -200,6 +200,7 @@ impl TestEnv {
             tasks,
             wanted: wanted.to_vec(),
             prefixes: prefixes(),
+            more: false,
         };
         self.client_msg(client, msg);
     }
@@ -455,6 +456,108 @@ fn intermediates_are_released_as_a_chain_runs() {
     env.client_msg(c, FromClient::Release(vec![chain[3]]));
     assert_eq!(env.released(w), [chain[3]]);
     assert_eq!(env.scheduler.task_count(), 0, "and forgotten with it");
+    env.comm.emptiness_check();
+}
+
+impl TestEnv {
+    /// One part of a submit sent in parts; `more`: others follow.
+    fn submit_part(
+        &mut self,
+        client: ClientId,
+        tasks: Vec<TaskSpec>,
+        wanted: &[TaskId],
+        more: bool,
+    ) {
+        let msg = FromClient::Submit {
+            functions: Vec::new(),
+            tasks,
+            wanted: wanted.to_vec(),
+            prefixes: prefixes(),
+            more,
+        };
+        self.client_msg(client, msg);
+    }
+}
+
+#[test]
+fn a_result_of_an_early_part_of_a_submit_waits_for_the_parts_that_use_it() {
+    let mut env = TestEnv::new();
+    let w = env.worker(1);
+    let c = env.client();
+    let [a, b, d] = ids(c, 0..3)[..] else {
+        unreachable!()
+    };
+    env.submit_part(c, vec![spec(a, &[])], &[], true);
+    env.schedule();
+    assert_eq!(env.computed(w), [a]);
+    env.done(w, &[a]);
+    assert_eq!(
+        env.scheduler.task_count(),
+        1,
+        "a later part may still name it"
+    );
+    env.comm.emptiness_check();
+    env.submit_part(c, vec![spec(b, &[a])], &[], true);
+    env.submit_part(c, vec![spec(d, &[b])], &[d], false);
+    env.schedule();
+    assert_eq!(env.computed(w), [b]);
+    env.done(w, &[b]);
+    assert_eq!(env.released(w), [a], "held until its last dependent ran");
+    env.schedule();
+    assert_eq!(env.computed(w), [d]);
+    env.done(w, &[d]);
+    assert_eq!(env.released(w), [b]);
+    assert_eq!(env.finished(c), [d]);
+    env.client_msg(c, FromClient::Release(vec![d]));
+    assert_eq!(env.released(w), [d]);
+    assert_eq!(env.scheduler.task_count(), 0);
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn a_client_that_leaves_mid_submit_leaves_nothing_held() {
+    let mut env = TestEnv::new();
+    let w = env.worker(1);
+    let c = env.client();
+    let other = env.client();
+    let [a, b] = ids(c, 0..2)[..] else {
+        unreachable!()
+    };
+    env.submit_part(c, vec![spec(a, &[]), spec(b, &[])], &[b], true);
+    env.schedule();
+    assert_eq!(sorted(&env.computed(w)), [a, b]);
+    env.done(w, &[a, b]);
+    assert_eq!(env.finished(c), [b]);
+    // Another client holds `b` too: it outlives `c`, `a` does not.
+    env.client_msg(other, FromClient::Want(vec![b]));
+    assert_eq!(env.finished(other), [b]);
+    env.scheduler.remove_client(c, &mut env.comm);
+    env.scheduler.sanity_check();
+    assert_eq!(env.released(w), [a]);
+    assert_eq!(env.scheduler.task_count(), 1);
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn a_rejected_last_part_still_ends_the_submit() {
+    let mut env = TestEnv::new();
+    let w = env.worker(1);
+    let c = env.client();
+    let [a, b] = ids(c, 0..2)[..] else {
+        unreachable!()
+    };
+    let unknown = TaskId::new(c, 99);
+    env.submit_part(c, vec![spec(a, &[])], &[], true);
+    env.schedule();
+    assert_eq!(env.computed(w), [a]);
+    env.done(w, &[a]);
+    env.submit_part(c, vec![spec(b, &[unknown])], &[b], false);
+    assert!(matches!(
+        env.comm.take_client(c).as_slice(),
+        [ToClient::SubmitRejected { .. }]
+    ));
+    assert_eq!(env.released(w), [a]);
+    assert_eq!(env.scheduler.task_count(), 0);
     env.comm.emptiness_check();
 }
 
@@ -763,6 +866,7 @@ fn a_broken_submit_is_rejected_whole() {
                 tasks,
                 wanted: vec![a],
                 prefixes: prefixes(),
+                more: false,
             },
         );
         match env.comm.take_client(c).as_slice() {
@@ -984,6 +1088,7 @@ fn functions_are_sent_once_per_worker() {
         tasks: first.iter().map(|&id| uses_func(id)).collect(),
         wanted: first.clone(),
         prefixes: prefixes(),
+        more: false,
     };
     env.client_msg(c, msg);
     env.schedule();
@@ -1030,6 +1135,7 @@ fn a_function_lives_while_a_task_or_a_client_needs_it() {
         tasks,
         wanted,
         prefixes: prefixes(),
+        more: false,
     };
     env.client_msg(c, submit(vec![uses_func(a)], vec![blob.clone()], vec![a]));
     env.schedule();
@@ -1923,7 +2029,7 @@ fn a_retired_worker_is_told_and_removed_and_its_work_counts_against_no_task() {
     env.schedule();
     assert_eq!(sorted(&env.computed(w1)), [x, y]);
     for id in [x, y] {
-        assert!(env.scheduler.tasks[&id].killed_workers.is_empty());
+        assert!(env.scheduler.tasks[&id].killed_workers().is_empty());
     }
 }
 
@@ -2115,6 +2221,7 @@ fn progress_is_counted_by_prefix_once_per_task() {
         ],
         wanted: vec![b, downstream, cancelled],
         prefixes: vec!["load".into(), "sum".into()],
+        more: false,
     };
     env.client_msg(c, msg);
     env.schedule();
@@ -2191,6 +2298,7 @@ fn a_submit_naming_a_prefix_it_does_not_carry_is_rejected() {
         }],
         wanted: vec![a],
         prefixes: prefixes(),
+        more: false,
     };
     env.client_msg(c, msg);
     match env.comm.take_client(c).as_slice() {
@@ -2311,4 +2419,13 @@ fn workers_hear_of_a_peer_once_before_they_first_read_from_it_and_only_they_of_i
     );
     // The fake refuses a PeerRemoved to a worker that never heard of the peer: w3 got none.
     assert_eq!(env.comm.take_worker(w3), []);
+}
+#[test]
+fn zz_sizes() {
+    eprintln!(
+        "Task {} TaskState {} Holders {}",
+        std::mem::size_of::<records::Task>(),
+        std::mem::size_of::<records::TaskState>(),
+        std::mem::size_of::<records::Holders>()
+    );
 }
