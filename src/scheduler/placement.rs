@@ -13,7 +13,7 @@
 //!   least loaded worker overall, so placing a task costs O(inputs) whatever the number
 //!   of workers.
 
-use crate::protocol::{TaskId, WorkerId};
+use crate::protocol::{IdMap, TaskId, WorkerId};
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
 
@@ -144,6 +144,58 @@ pub(super) struct Bandwidths {
     pub(super) network_bytes_per_s: f64,
     /// Between workers on one node.
     pub(super) node_bytes_per_s: f64,
+}
+
+/// A task's input bytes by where they are, tallied in one pass over the inputs so that
+/// costing a candidate is O(1): a wide merge (a rechunk) has hundreds of inputs and as
+/// many candidates, and costing each against every input was quadratic. Kept by the
+/// scheduler between tasks, so its tables are allocated once.
+#[derive(Default)]
+pub(super) struct InputBytes {
+    total: u64,
+    /// Input bytes each worker holds already.
+    held: IdMap<WorkerId, u64>,
+    /// Input bytes with at least one holder on each node.
+    on_node: HashMap<NodeId, u64>,
+    /// Scratch: the distinct nodes of one input's holders.
+    nodes: Vec<NodeId>,
+}
+
+impl InputBytes {
+    pub(super) fn clear(&mut self) {
+        self.total = 0;
+        self.held.clear();
+        self.on_node.clear();
+    }
+
+    /// One input (a repeated input counts each time) of `size` bytes, held by these
+    /// workers, each on its node.
+    pub(super) fn add(&mut self, size: u64, holders: impl Iterator<Item = (WorkerId, NodeId)>) {
+        self.total += size;
+        self.nodes.clear();
+        for (worker, node) in holders {
+            *self.held.entry(worker).or_default() += size;
+            if !self.nodes.contains(&node) {
+                self.nodes.push(node);
+            }
+        }
+        for node in &self.nodes {
+            *self.on_node.entry(*node).or_default() += size;
+        }
+    }
+
+    /// What running the task on `load`'s worker would cost in transfers.
+    pub(super) fn cost(&self, load: Load) -> CandidateCost {
+        let held_bytes = self.held.get(&load.worker).copied().unwrap_or(0);
+        // Every input the worker holds has a holder on its node: take those out.
+        let node_bytes = self.on_node.get(&load.node).copied().unwrap_or(0) - held_bytes;
+        CandidateCost {
+            load,
+            missing_bytes: self.total - held_bytes,
+            node_bytes,
+            held_bytes,
+        }
+    }
 }
 
 impl CandidateCost {
@@ -327,5 +379,49 @@ mod tests {
         index.remove(&on(2, 3, 1));
         assert_eq!(index.least_loaded_on(NodeId(1)), None);
         assert_eq!(index.least_loaded(), Some(on(1, 0, 0)));
+    }
+
+    #[test]
+    fn input_bytes_cost_each_candidate_as_a_pass_over_the_inputs_would() {
+        // (size, holders as (worker, node)); input 1 is named twice by the task.
+        let inputs: [(u64, &[(u32, u32)]); 4] = [
+            (100, &[(1, 0)]),
+            (10, &[(2, 0), (3, 1)]),
+            (10, &[(2, 0), (3, 1)]),
+            (1000, &[(4, 1), (5, 1)]),
+        ];
+        let mut tally = InputBytes::default();
+        for (size, holders) in inputs {
+            let holders = holders.iter().map(|&(w, n)| (WorkerId(w), NodeId(n)));
+            tally.add(size, holders);
+        }
+        for worker in 1..=6 {
+            let node = if worker <= 2 { 0 } else { 1 };
+            let (mut missing, mut on_node, mut held) = (0, 0, 0);
+            for (size, holders) in inputs {
+                if holders.iter().any(|&(w, _)| w == worker) {
+                    held += size;
+                } else {
+                    missing += size;
+                    if holders.iter().any(|&(_, n)| n == node) {
+                        on_node += size;
+                    }
+                }
+            }
+            let load = Load {
+                processing: 0,
+                nthreads: 1,
+                worker: WorkerId(worker),
+                node: NodeId(node),
+            };
+            let cost = tally.cost(load);
+            assert_eq!(
+                (cost.missing_bytes, cost.node_bytes, cost.held_bytes),
+                (missing, on_node, held),
+                "worker {worker}"
+            );
+        }
+        tally.clear();
+        assert_eq!(tally.cost(load(1, 0, 1)).missing_bytes, 0);
     }
 }

@@ -8,7 +8,7 @@
 //! reused once forgotten.
 
 use super::coordination::Coordination;
-use super::placement::{CandidateCost, LoadIndex, NodeId, RootQueue};
+use super::placement::{CandidateCost, InputBytes, LoadIndex, NodeId, RootQueue};
 use super::Comm;
 use crate::protocol::{
     ClientId, ClusterInfo, FromClient, FromWorker, FuncId, IdMap, Plugin, TaskId, ToClient,
@@ -92,8 +92,11 @@ pub struct Scheduler {
     ready: Vec<TaskId>,
     avg_task_duration_s: f64,
     outbox: Outbox,
-    /// Scratch space for placement, kept to avoid allocating per task.
+    /// Scratch space for placement, kept to avoid allocating per task: the candidates,
+    /// whether each worker considered was one, and where the inputs are.
     candidates: Vec<CandidateCost>,
+    considered: IdMap<WorkerId, bool>,
+    input_bytes: InputBytes,
     /// Bytes of payloads and function code dropped since the server last asked.
     freed_bytes: u64,
     /// Tasks computed again because a result was lost with its worker.
@@ -126,6 +129,8 @@ impl Scheduler {
             ready: Vec::new(),
             outbox: Outbox::default(),
             candidates: Vec::new(),
+            considered: IdMap::default(),
+            input_bytes: InputBytes::default(),
             freed_bytes: 0,
             recomputed_tasks: 0,
             coordination: Coordination::default(),

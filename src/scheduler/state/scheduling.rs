@@ -5,7 +5,7 @@ use super::Scheduler;
 use crate::protocol::{
     ComputeTask, ErrorInfo, FunctionBlob, InputLocation, Resources, TaskId, ToWorker, WorkerId,
 };
-use crate::scheduler::placement::{self, Bandwidths, CandidateCost};
+use crate::scheduler::placement::{self, Bandwidths};
 use crate::scheduler::Comm;
 use std::collections::BTreeMap;
 use std::mem;
@@ -174,6 +174,8 @@ impl Scheduler {
             workers,
             load_index,
             candidates,
+            considered,
+            input_bytes,
             config,
             avg_task_duration_s,
             ..
@@ -185,41 +187,33 @@ impl Scheduler {
                 _ => None,
             })
         };
+        input_bytes.clear();
+        for (holders, size) in inputs() {
+            let placed = holders
+                .iter()
+                .filter_map(|h| workers.get(h).map(|w| (*h, w.node)));
+            input_bytes.add(size, placed);
+        }
         candidates.clear();
+        considered.clear();
         // Whether `worker` is a candidate now.
         let mut consider = |worker: WorkerId| -> bool {
-            if candidates.iter().any(|c| c.load.worker == worker) {
-                return true;
+            if let Some(&eligible) = considered.get(&worker) {
+                return eligible;
             }
-            let Some(w) = workers.get(&worker) else {
-                return false;
-            };
-            // A paused worker takes no new tasks, unless it is the only place allowed.
-            if w.memory.paused && (task.may_run_anywhere()) {
-                return false;
-            }
-            if !w.info.resources.fits(&w.resources_used, task.resources()) {
-                return false; // busy with others' resources, or without them
-            }
-            let (mut missing_bytes, mut node_bytes, mut held_bytes) = (0, 0, 0);
-            for (holders, size) in inputs() {
-                if holders.contains(&worker) {
-                    held_bytes += size;
-                } else {
-                    missing_bytes += size;
-                    let on_node = |h: &WorkerId| workers.get(h).is_some_and(|h| h.node == w.node);
-                    if holders.iter().any(on_node) {
-                        node_bytes += size;
-                    }
+            let eligible = match workers.get(&worker) {
+                // A paused worker takes no new tasks, unless it is the only place allowed.
+                Some(w) if w.memory.paused && task.may_run_anywhere() => false,
+                // Busy with others' resources, or without them.
+                Some(w) if !w.info.resources.fits(&w.resources_used, task.resources()) => false,
+                Some(w) => {
+                    candidates.push(input_bytes.cost(w.load()));
+                    true
                 }
-            }
-            candidates.push(CandidateCost {
-                load: w.load(),
-                missing_bytes,
-                node_bytes,
-                held_bytes,
-            });
-            true
+                None => false,
+            };
+            considered.insert(worker, eligible);
+            eligible
         };
         let mut preferred_available = false;
         for &worker in task.restricted_to().iter() {
