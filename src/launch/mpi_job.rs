@@ -225,16 +225,41 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
     };
     drop(runtime);
     exit_if_finalize_hangs(rank, code);
+    wait_for_every_rank(&world);
     drop(universe); // MPI_Finalize
     Ok(code)
 }
 
-/// How long MPI_Finalize may take before this rank exits without it.
+/// How long waiting for the other ranks and MPI_Finalize may take before this rank exits
+/// without finalizing.
 const FINALIZE_DEADLINE: Duration = Duration::from_secs(20);
 
-/// MPI_Finalize waits for every rank: one that is stuck (stopped, in a driver, on a dead
-/// file system) would hold the whole job until its walltime. Past the deadline this rank
-/// exits without finalizing, and the launcher ends the job.
+/// The longest sleep between two looks at the barrier before MPI_Finalize.
+const FINALIZE_BARRIER_MAX_SLEEP: Duration = Duration::from_millis(10);
+
+/// Waits until every rank is done, looking at a non-blocking barrier between ever longer
+/// sleeps. MPI_Finalize waits for every rank too, but Open MPI's looks every 100 µs: with
+/// more ranks than cores, the ranks done first took the cores from those still stopping
+/// (63 ranks waiting in it used 1.5 of this VM's 2 cores, and a 64-rank job sometimes
+/// passed the finalize deadline). Here each uses 1-2% of a core, and the ranks enter
+/// MPI_Finalize together, so its own wait is short.
+fn wait_for_every_rank(world: &impl CommunicatorCollectives) {
+    let mut barrier = world.immediate_barrier();
+    let mut sleep = Duration::from_micros(100);
+    loop {
+        match barrier.test() {
+            Ok(_) => return,
+            Err(pending) => barrier = pending,
+        }
+        std::thread::sleep(sleep);
+        sleep = (sleep * 2).min(FINALIZE_BARRIER_MAX_SLEEP);
+    }
+}
+
+/// MPI_Finalize (and the barrier before it) waits for every rank: one that is stuck
+/// (stopped, in a driver, on a dead file system) would hold the whole job until its
+/// walltime. Past the deadline this rank exits without finalizing, and the launcher ends
+/// the job.
 fn exit_if_finalize_hangs(rank: i32, code: i32) {
     let watchdog = std::thread::Builder::new()
         .name("rankmesh-finalize".into())
@@ -276,14 +301,16 @@ fn place_this_worker(
 ) -> Result<(NodeTopology, Place), LaunchError> {
     let node = topology::summarize(hwloc);
     let mut plan = topology::plan(&node, workers, per)?;
-    let planned = plan.swap_remove(index.min(plan.len() - 1));
-    if planned.shared {
+    // Every worker rank of the node computes the same plan: its first one says it once
+    // (64 ranks on 2 cores used to print 63 copies of this line).
+    if index == 0 && plan.iter().any(|place| place.shared) {
         tracing::warn!(
             workers,
             cores = node.cores.len(),
             "more worker ranks than cores on this node: ranks share cores"
         );
     }
+    let planned = plan.swap_remove(index.min(plan.len() - 1));
     let place = bind::bind_this_process(hwloc, &node, planned)?;
     Ok((node, place))
 }

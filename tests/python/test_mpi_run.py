@@ -1,6 +1,8 @@
 """`mpirun -n N rankmesh run script.py`: rank 0 hosts the scheduler and the script, the
 other ranks are workers; the job's exit code is the script's and no process outlives it."""
 
+import glob
+import json
 import os
 import shutil
 import signal
@@ -114,6 +116,39 @@ def test_the_script_runs_once_every_worker_rank_has_registered(tmp_path):
     result = mpirun(4, script)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["3"]
+
+
+def test_more_ranks_than_cores_start_compute_and_leave_nothing(tmp_path):
+    # Issue 19: a job oversubscribed many times over (16 ranks; the test VM has 2 cores).
+    ranks = 16
+    script = write(
+        tmp_path,
+        "many.py",
+        "import json, os, dask.array as da, rankmesh\n"
+        "client = rankmesh.Client()\n"
+        "squares = client.gather(client.map(lambda i: i * i, range(1000)))\n"
+        "x = (da.arange(200_000, chunks=1_000) % 7) ** 2  # 200 chunks over the workers\n"
+        "print(json.dumps({\n"
+        "    'workers': client.workers(),\n"
+        "    'squares': squares,\n"
+        "    'sum': int(x.sum().compute()),\n"
+        "    'sum_threads': int(x.sum().compute(scheduler='threads')),\n"
+        "    'scheduler_file': os.environ['RANKMESH_SCHEDULER_FILE'],\n"
+        "}))\n",
+    )
+    result = mpirun(ranks, script, timeout=300)
+    assert result.returncode == 0, result.stderr[-5000:]
+    seen = json.loads(result.stdout.splitlines()[-1])
+    assert sorted(w["rank"] for w in seen["workers"]) == list(range(1, ranks))
+    assert seen["squares"] == [i * i for i in range(1000)]
+    assert seen["sum"] == seen["sum_threads"] == sum((i % 7) ** 2 for i in range(200_000))
+    # Every rank of the node computes the same placement: one of them says it is shared.
+    assert result.stderr.count("more worker ranks than cores") <= 1, result.stderr
+    # Processes: the job_tag fixture. Files: the scheduler file's folder, and each worker
+    # rank's shared-memory folder (named after its pid).
+    assert not os.path.exists(os.path.dirname(seen["scheduler_file"]))
+    pids = [w["pid"] for w in seen["workers"]]
+    assert [f for pid in pids for f in glob.glob(f"/dev/shm/rankmesh-{pid}-*")] == []
 
 
 def test_the_report_of_a_job_shows_every_worker_in_a_browser(tmp_path):
@@ -233,13 +268,25 @@ def test_a_stuck_worker_rank_cannot_hold_the_job_at_exit(tmp_path, job_tag):
     )
     job = mpirun(3, script, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert job.stdout.readline().strip() == "started"
-    stuck = next(p for p in job_processes(job_tag) if p.name() == "rankmesh" and rank_of(p) == "2")
-    stuck.suspend()
+    ranks = {rank_of(p): p for p in job_processes(job_tag) if p.name() == "rankmesh"}
+    ranks["2"].suspend()
     started = time.monotonic()
+    # The others wait without taking the cores (Open MPI's own wait in MPI_Finalize would:
+    # on more ranks than cores, those still stopping got slower, the more ranks were done).
+    time.sleep(8)  # the script ends after 2 s; rank 0 waits after the scheduler, 3-8 s
+    before = {rank: cpu_seconds(ranks[rank]) for rank in ["0", "1"]}
+    time.sleep(5)
+    used = {rank: cpu_seconds(ranks[rank]) - before[rank] for rank in ["0", "1"]}
+    assert all(seconds < 0.25 for seconds in used.values()), used  # 10-15% of a core before
     out, err = job.communicate(timeout=90)
     assert time.monotonic() - started < 60
     assert job.returncode != 0
     assert "MPI_Finalize did not return" in err, out + err
+
+
+def cpu_seconds(process):
+    times = process.cpu_times()
+    return times.user + times.system
 
 
 def test_initialize_keeps_dask_mpi_habits(tmp_path):
