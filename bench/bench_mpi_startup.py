@@ -26,6 +26,7 @@ count or the ones after it (dask-mpi's 62 Python workers on 2 cores take minutes
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shutil
@@ -140,6 +141,7 @@ def main() -> int:
     except ImportError:
         systems = ["rankmesh"]
     folder = tempfile.mkdtemp(prefix="rankmesh-bench-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # a failed job too
     paths = {}
     for kind, script in [("dask-mpi", DASK_JOB), ("rankmesh", RANKMESH_JOB)]:
         paths[kind] = os.path.join(folder, f"{kind}.py")
@@ -204,7 +206,6 @@ def main() -> int:
             else:
                 print(f"{system}: not tried (timed out at -np {timed_out[system]})")
         sys.stdout.flush()
-    shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 
