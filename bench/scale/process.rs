@@ -13,8 +13,10 @@ use tokio::time::{sleep, timeout_at, Instant};
 
 /// How often the scheduler file is looked for while the child starts.
 const POLL: Duration = Duration::from_millis(20);
-/// How long the child gets to stop after SIGTERM before it is killed.
-const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long the child gets to stop after SIGTERM before it is killed. Generous: with 10^7
+/// tasks the client's departure (its futures dropped, every task forgotten) takes the
+/// scheduler several seconds, and SIGTERM is handled after it.
+const STOP_GRACE: Duration = Duration::from_secs(60);
 
 /// A `rankmesh scheduler` child process, killed if this process goes away.
 pub struct ChildScheduler {

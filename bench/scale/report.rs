@@ -110,11 +110,13 @@ impl Row {
     }
 }
 
-/// Messages to workers appear as `count/MiB`; `before MiB` is the RSS before the submit.
+/// Messages to workers appear as `count/MiB`; `before MiB` is the RSS before the submit;
+/// `1st task s`: from the submit until a worker got the first task (a big graph goes in
+/// parts, which run as they arrive); `send s`: until the client had sent the last part.
 pub fn header() -> String {
     let mut line = format!(
         "{:<10} {:>7} {:>7} {:>7} {:<7} {:>7} {:>7} {:>8} {:>7} {:>7} {:>8} {:>7} {:>7} {:>10} {:>8} {:>7} {:>8}",
-        "scheduler", "workers", "tasks", "edges", "shape", "reg s", "retries", "submit s",
+        "scheduler", "workers", "tasks", "edges", "shape", "reg s", "retries", "1st task s",
         "send s", "run s", "tasks/s", "cpu reg", "cpu run", "before MiB", "peak MiB", "B/task",
         "sub MiB",
     );
