@@ -23,8 +23,11 @@ use tokio_util::sync::CancellationToken;
 
 /// How often a blocked wait wakes up to let Python handle Ctrl-C.
 const SIGNAL_CHECK: Duration = Duration::from_millis(100);
-/// Submits are split so no message nears the frame limit.
-const SUBMIT_CHUNK_BYTES: usize = 32 << 20;
+/// Submits are split into parts (`FromClient::Submit::more`) of about this size: no
+/// message nears the frame limit, the scheduler decodes one part at a time (its transient
+/// memory is that of a part, not of the graph), and the first tasks run while the rest
+/// of a big graph is still on its way.
+const SUBMIT_CHUNK_BYTES: usize = 8 << 20;
 
 enum Status {
     Finished(WorkerId),
@@ -282,6 +285,7 @@ impl ClientCore {
                     tasks: std::mem::take(&mut chunk),
                     wanted: std::mem::take(&mut chunk_wanted),
                     prefixes: std::mem::take(&mut prefixes),
+                    more: index + 1 != total,
                 })?;
                 prefix_index.clear();
                 chunk_bytes = 0;
@@ -293,6 +297,7 @@ impl ClientCore {
                 tasks: vec![],
                 wanted: vec![],
                 prefixes: vec![],
+                more: false,
             })?;
         }
         Ok(())
