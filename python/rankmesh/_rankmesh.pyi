@@ -1,6 +1,7 @@
 """The native part of rankmesh (Rust, PyO3). Private: use the `rankmesh` package API."""
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 # One task as submitted: (id, dependency ids in payload order, function ids, payload, priority)
 TaskTuple = tuple[int, list[int], list[int], bytes, int, str]
@@ -56,6 +57,21 @@ class ClientCore:
     def release_functions(self, ids: list[int]) -> None:
         """The client will ship these functions again before a task uses them."""
     def cancel(self, ids: list[int]) -> None: ...
+    def submit_calls(
+        self,
+        functions: list[tuple[int, bytes]],
+        first_id: int,
+        payloads: list[bytes],
+        deps: list[list[int]],
+        funcs: list[list[int]],
+        first_priority: int,
+        prefix: str,
+        restriction: list[int] | None = None,
+        options: tuple[int, bool, list[tuple[str, float]]] | None = None,
+    ) -> None:
+        """Many calls at once, all held (`client.map`): task first_id + i has payloads[i],
+        deps[i], funcs[i] (one list object may stand for many tasks) and priority
+        first_priority + i; all share prefix, restriction and options."""
     def wait(
         self,
         ids: list[int],
@@ -65,12 +81,21 @@ class ClientCore:
         """Blocks (GIL released, Ctrl-C honoured) until all / any of `ids` ended (finished,
         erred or cancelled) or the timeout passed; returns the ids that have ended."""
     def state(self, id: int) -> Literal["pending", "finished", "error", "cancelled", "lost"]: ...
+    def unfinished(self, ids: list[int]) -> list[int]:
+        """Those of ids without a result (erred, cancelled or pending), in order."""
     def error(self, id: int) -> ErrorTuple | None: ...
     def location(self, id: int) -> int | None:
         """The worker id holding a finished task's result (as last announced)."""
-    def fetch(self, ids: list[int]) -> list[tuple[bytes, list[bytearray]]]:
+    def fetch(self, ids: list[int]) -> list[tuple[bytes, tuple[bytearray, ...]] | str]:
         """Results straight from the workers holding them: per id, (pickle stream,
-        out-of-band buffers). Raises RankmeshError if a result is not (or no longer) held."""
+        out-of-band buffers), or why it could not be fetched (its worker is gone,
+        unreachable or no longer holds it). Raises RankmeshError for a task that has not
+        finished."""
+    def fetch_loaded(
+        self, ids: list[int], loads: Callable[[bytes, tuple[bytearray, ...]], Any]
+    ) -> tuple[list[Any], dict[int, str]]:
+        """fetch, each result turned into loads(stream, buffers) as it is read: (values in
+        order, None for those not fetched; {id: why} for those)."""
     def coordinate(
         self,
         op: str,

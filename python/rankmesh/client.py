@@ -8,6 +8,7 @@ import pickle
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from itertools import islice, repeat
 from typing import Any
 
 import cloudpickle
@@ -63,6 +64,11 @@ def _connection_details(
     return address, token, dashboard
 
 
+# client.map submits in chunks: small first, so the cluster starts at once, then larger.
+MAP_FIRST_CHUNK = 1024
+MAP_MAX_CHUNK = 16384
+
+
 def _key_prefix(func: Callable) -> str:
     return getattr(func, "__name__", type(func).__name__)
 
@@ -91,7 +97,9 @@ class Client:
         # Futures alive per task id; at zero the id waits in _to_release for the next call.
         self._holds: dict[int, int] = {}
         self._to_release: list[int] = []
-        self._by_key: weakref.WeakValueDictionary[Any, Future] = weakref.WeakValueDictionary()
+        # The task of each key a future of this client holds (the latest one made with that
+        # key). An entry whose task is no longer in _holds is stale: ignored, pruned.
+        self._by_key: dict[Any, int] = {}
         self._default_config: Any = None
         self._closed = False
         # Clients that are gone need no place in the list.
@@ -136,9 +144,14 @@ class Client:
 
     def _hold(self, future: Future) -> None:
         self._holds[future.task_id] = self._holds.get(future.task_id, 0) + 1
-        self._by_key[future.key] = future
+        self._by_key[future.key] = future.task_id
 
-    def _drop(self, task_id: int) -> None:
+    def _hold_new(self, ids: list[int], keys: list[Any]) -> None:
+        """_hold for one new future on each of `ids`, tasks no future holds yet."""
+        self._holds.update(zip(ids, repeat(1)))
+        self._by_key.update(zip(keys, ids, strict=True))
+
+    def _drop(self, task_id: int, key: Any) -> None:
         # Runs in Future.__del__: no native call here, only a note for the next call.
         count = self._holds.get(task_id, 0) - 1
         if count > 0:
@@ -146,6 +159,13 @@ class Client:
         elif count == 0:
             del self._holds[task_id]
             self._to_release.append(task_id)
+            if self._by_key.get(key) == task_id:
+                self._by_key.pop(key, None)
+
+    def _held_task(self, key: Any) -> int | None:
+        """The task of a future of this client with this key, if one is alive."""
+        task_id = self._by_key.get(key)
+        return task_id if task_id is not None and task_id in self._holds else None
 
     def _adopt(self, task_id: int, key: Any) -> Future:
         """A future on a task this client may not hold yet (one unpickled here): holding it
@@ -158,6 +178,10 @@ class Client:
         if not self._closed:
             ids, self._to_release = self._to_release, []
             self._release(ids)
+        if len(self._by_key) > 2 * len(self._holds) + 1024:
+            # Keys another key's future replaced (aliases of one task, a key reused).
+            holds = self._holds
+            self._by_key = {k: i for k, i in self._by_key.items() if i in holds}
 
     def _release(self, task_ids: list[int]) -> None:
         """Releases tasks on the scheduler, and the functions no held task uses."""
@@ -247,11 +271,11 @@ class Client:
             return FutureLost(f"the result of task {task_id} was lost")
         return None
 
-    def _collect(self, ids: list[int], timeout: float | None) -> dict[int, Any]:
-        """Values of tasks by id: one wait and one fetch for all of them. A result whose
-        worker died meanwhile is waited for again (the scheduler recomputes it or names
-        another copy); one whose worker does not answer and is not seen to go either, for
-        LOST_RESULT_PATIENCE seconds."""
+    def _collect(self, ids: list[int], timeout: float | None, ordered: bool = False) -> Any:
+        """Values of tasks by id (with `ordered`, a list in the order of `ids`): one wait
+        and one fetch for all of them. A result whose worker died meanwhile is waited for
+        again (the scheduler recomputes it or names another copy); one whose worker does
+        not answer and is not seen to go either, for LOST_RESULT_PATIENCE seconds."""
         unique = list(dict.fromkeys(ids))
         values: dict[int, Any] = {}
         wanted = unique
@@ -261,17 +285,25 @@ class Client:
             if len(ended) < len(wanted):
                 pending = len(wanted) - len(ended)
                 raise TimeoutError(f"{pending} of {len(unique)} tasks still pending")
-            for task_id in wanted:
+            for task_id in self._core.unfinished(wanted):
                 failure = self._failure(task_id)
                 if failure is not None:
                     raise failure
-            missing: dict[int, str] = {}
-            for task_id, fetched in zip(wanted, self._core.fetch(wanted), strict=True):
-                if isinstance(fetched, str):
-                    missing[task_id] = fetched
-                else:
-                    values[task_id] = loads_frames(*fetched)
+            fetched, missing = self._core.fetch_loaded(wanted, loads_frames)
+            if not missing and not values:  # all at the first try, in the order of unique
+                if ordered and len(unique) == len(ids):
+                    return fetched
+                values = dict(zip(wanted, fetched, strict=True))
+                return [values[task_id] for task_id in ids] if ordered else values
+            values.update(
+                (task_id, value)
+                for task_id, value in zip(wanted, fetched, strict=True)
+                if task_id not in missing
+            )
+            del fetched
             if not missing:
+                if ordered:
+                    return [values[task_id] for task_id in ids]
                 return {task_id: values[task_id] for task_id in unique}
             patience = patience or time.monotonic() + LOST_RESULT_PATIENCE
             if time.monotonic() > patience:
@@ -319,9 +351,9 @@ class Client:
 
             key = f"{_key_prefix(func)}-{tokenize(func, args, kwargs)}"
         if key is not None:
-            existing = self._by_key.get(key)
+            existing = self._held_task(key)
             if existing is not None:
-                return Future(self, existing.task_id, key)
+                return Future(self, existing, key)
         task_id = self._core.next_task_id(1)
         payload, deps, funcs = self._encoder.call(func, args, kwargs)
         restrictions, options = _options_by_id(annotations, [task_id])
@@ -369,29 +401,82 @@ class Client:
         batch_size: int | None = None,
         **kwargs: Any,
     ) -> list:
-        """submit() for each tuple of arguments, as one submission, with submit's options
-        for every call. `pure` and `batch_size` are accepted for dask.distributed
-        compatibility and ignored: every call runs, and the calls go as one message."""
+        """submit() for each tuple of arguments, with submit's options for every call.
+        `pure` and `batch_size` are accepted for dask.distributed compatibility and
+        ignored: every call runs. The calls go in chunks (`MAP_FIRST_CHUNK` doubling up to
+        `MAP_MAX_CHUNK`) while the rest are being encoded, so the cluster starts at once
+        and 10^6 encoded calls are never all here at the same time."""
         options = (workers, retries, priority, allow_other_workers, resources, actor or actors)
         annotations = self._call_annotations(*options)
-        calls = list(zip(*iterables, strict=True))
-        if not calls:
-            return []
-        first = self._core.next_task_id(len(calls))
-        encode = self._encoder.call
+        restriction = annotations.restriction(None)
+        task_options = annotations.options(None)
+        first_priority = annotations.priority(None, 0)
         prefix = key if isinstance(key, str) else _key_prefix(func)
-        tasks = []
-        for offset, args in enumerate(calls):
-            payload, deps, funcs = encode(func, args, kwargs)
-            task_priority = annotations.priority(None, offset)
-            tasks.append((first + offset, deps, funcs, payload, task_priority, prefix))
-        ids = [task[0] for task in tasks]
-        self._submit(tasks, ids, *_options_by_id(annotations, ids))
-        if isinstance(key, list):
-            keys = key
-        else:
-            keys = [f"{prefix}-{task_id:x}" for task_id in ids]
-        return [Future(self, task_id, k) for task_id, k in zip(ids, keys, strict=True)]
+        keys = iter(key) if isinstance(key, list) else None
+        calls = zip(*iterables, strict=True)
+        futures: list[Future] = []
+        size = MAP_FIRST_CHUNK
+        encode = None
+        with graphs.gc_paused():
+            while chunk := list(islice(calls, size)):
+                if encode is None:  # not before there is a call: it registers func
+                    encode = self._encoder.calls(func, kwargs)
+                first = self._core.next_task_id(len(chunk))
+                ids = list(range(first, first + len(chunk)))  # one int object per id, shared
+                payloads, deps, funcs = encode(chunk)
+                del chunk
+                self._submit_calls(
+                    first,
+                    ids,
+                    payloads,
+                    deps,
+                    funcs,
+                    first_priority + len(futures),
+                    prefix,
+                    restriction,
+                    task_options,
+                )
+                del payloads
+                if keys is None:
+                    chunk_keys = [f"{prefix}-{task_id:x}" for task_id in ids]
+                else:
+                    chunk_keys = list(islice(keys, len(ids)))
+                try:
+                    futures.extend(Future._many(self, ids, chunk_keys))
+                except ValueError:  # fewer keys than calls: no future holds these tasks
+                    self._release(ids)
+                    raise
+                size = min(2 * size, MAP_MAX_CHUNK)
+        return futures
+
+    def _submit_calls(
+        self,
+        first: int,
+        ids: list[int],
+        payloads: list[bytes],
+        deps: list[list[int]],
+        funcs: list[list[int]],
+        first_priority: int,
+        prefix: str,
+        restriction: list[int] | None,
+        options: Options | None,
+    ) -> None:
+        """Submits calls `ids` (consecutive from `first`), all held: `_submit` in columns."""
+        registry = self._encoder.registry
+        with registry.deferring_releases():
+            self._flush_releases()
+        functions = registry.calls_submitted(ids, funcs)
+        self._core.submit_calls(
+            functions,
+            first,
+            payloads,
+            deps,
+            funcs,
+            first_priority,
+            prefix,
+            restriction,
+            options,
+        )
 
     def scatter(self, data: Any) -> Any:
         """Futures on data placed on the cluster: one per item of a list, tuple or dict."""
@@ -413,6 +498,9 @@ class Client:
 
     def gather(self, futures: Any, timeout: float | None = None) -> Any:
         """Values for futures, in the same nesting (lists, tuples, sets, dicts)."""
+        if type(futures) is list and all(type(future) is Future for future in futures):
+            ids = [future.task_id for future in futures]  # a map's futures: no walk
+            return self._collect(ids, timeout, ordered=True)
         ids: list[int] = []
         _walk_futures(futures, lambda future: ids.append(future.task_id))
         values = self._collect(ids, timeout)
@@ -430,6 +518,12 @@ class Client:
         """Submits what `outputs` need; returns the tasks and the new ids among the outputs.
         Each task's options: its annotations in the graph, else `options` (compute's and
         persist's keywords), else `dask.annotate`'s around the call."""
+        with graphs.gc_paused():
+            return self._submit_graph_now(dsk, outputs, options)
+
+    def _submit_graph_now(
+        self, dsk: Any, outputs: list, options: Mapping[str, Any] | None
+    ) -> tuple[graphs.GraphTasks, list[int]]:
         annotations = TaskAnnotations(
             annotations_of(dsk),
             self._worker_ids,
@@ -440,8 +534,7 @@ class Client:
         def external(key: Any) -> int | None:
             if key in held:
                 return held[key]
-            future = self._by_key.get(key)
-            return future.task_id if future is not None else None
+            return self._held_task(key)
 
         def submit(tasks: list, held: list[int], release: list[int], *options: dict) -> None:
             self._submit(tasks, held, *options)
@@ -459,9 +552,8 @@ class Client:
                 submit,
                 annotations,
             )
-        new_ids = {task[0] for task in built.tasks}
         wanted = list(dict.fromkeys(built.key_ids[key] for key in outputs))
-        wanted = [task_id for task_id in wanted if task_id in new_ids]
+        wanted = [task_id for task_id in wanted if task_id in built.task_ids]
         return built, wanted
 
     def get(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
@@ -473,12 +565,12 @@ class Client:
         with dask_callbacks(self._core, dsk) as follow:
             built, wanted = self._submit_graph(dsk, outputs, _graph_options(kwargs))
             if follow is not None:
-                submitted = {task[0] for task in built.tasks}
+                submitted = built.task_ids
                 follow([key for key, task_id in built.key_ids.items() if task_id in submitted])
             try:
                 values = self._collect([built.key_ids[key] for key in outputs], None)
             except KeyboardInterrupt:
-                self._core.cancel([task[0] for task in built.tasks])
+                self._core.cancel(list(built.task_ids))
                 raise
             finally:
                 self._to_release.extend(wanted)
@@ -491,7 +583,7 @@ class Client:
         Takes submit's `workers`, `retries`, `priority`, `allow_other_workers`."""
         single = not isinstance(collections, list | tuple)
         collections = [collections] if single else list(collections)
-        with dask.config.set(graphs.DASK_CONFIG):
+        with dask.config.set(graphs.DASK_CONFIG), graphs.gc_paused():
             expr, keys = graphs.compute_expression(collections, optimize_graph)
         built, _ = self._submit_graph(expr, keys, _graph_options(kwargs))
         futures = [Future(self, built.key_ids[key], key) for key in keys]
@@ -503,7 +595,7 @@ class Client:
         Takes submit's `workers`, `retries`, `priority`, `allow_other_workers`."""
         single = not isinstance(collections, list | tuple)
         collections = [collections] if single else list(collections)
-        with dask.config.set(graphs.DASK_CONFIG):
+        with dask.config.set(graphs.DASK_CONFIG), graphs.gc_paused():
             expr, keys, rebuild = graphs.persist_expression(collections, optimize_graph)
         outputs = [key for collection_keys in keys for key in collection_keys]
         built, _ = self._submit_graph(expr, outputs, _graph_options(kwargs))
@@ -669,15 +761,16 @@ class Client:
         without an argument); empty for a result not computed. Unlike `distributed`, it
         names the one holder this client was told of, not every replica."""
         if futures is None:
-            held = list(self._by_key.values())
+            holds = self._holds
+            held = [(key, task_id) for key, task_id in self._by_key.items() if task_id in holds]
         else:
             held = []
-            _walk_futures(futures, held.append)
+            _walk_futures(futures, lambda future: held.append((future.key, future.task_id)))
         addresses = {w["id"]: self._address(w) for w in self.workers()}
         located = {}
-        for future in held:
-            worker = self._core.location(future.task_id)
-            located[future.key] = [addresses[worker]] if worker in addresses else []
+        for key, task_id in held:
+            worker = self._core.location(task_id)
+            located[key] = [addresses[worker]] if worker in addresses else []
         return located
 
     def has_what(self) -> dict[str, list[Any]]:

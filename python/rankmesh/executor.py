@@ -11,7 +11,6 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
-import pickle
 import sys
 import time
 from collections.abc import Sequence
@@ -56,16 +55,13 @@ class TaskRunner:
         self._shm_dir = shm_dir
         self._executor_id = executor_id
         self._sequence = 0
-        self.functions: dict[int, object] = {}
+        self.functions = serialize.Functions()
 
     def add_functions(self, blobs: Sequence[tuple[int, bytes]]) -> None:
-        for func_id, blob in blobs:
-            if func_id not in self.functions:
-                self.functions[func_id] = pickle.loads(blob)
+        self.functions.add(blobs)
 
     def release_functions(self, func_ids: Sequence[int]) -> None:
-        for func_id in func_ids:
-            self.functions.pop(func_id, None)
+        self.functions.release(func_ids)
 
     def run(self, task_id: int, payload: bytes, inputs: Sequence[tuple]) -> tuple:
         """(task_id, duration_us, "ok", ObjectTuple) or (..., "err", ErrorTuple)."""

@@ -14,8 +14,9 @@ from dask._task_spec import TaskRef
 if TYPE_CHECKING:
     from .client import Client
 
-# What futures ask of their client (named, so the client's insides can change): _hold and
-# _drop as futures come and go, _task_state, _wait_ids, _error_of, gather and cancel.
+# What futures ask of their client (named, so the client's insides can change): _hold,
+# _hold_new and _drop as futures come and go, _task_state, _wait_ids, _error_of, gather and
+# cancel.
 
 __all__ = ["DoneAndNotDone", "Future", "as_completed", "fire_and_forget", "futures_of", "wait"]
 
@@ -40,8 +41,24 @@ class Future(TaskRef):
         self._client = client
         client._hold(self)
 
+    @classmethod
+    def _many(cls, client: Client, ids: list[int], keys: list[Any]) -> list[Future]:
+        """Futures on new tasks (ids no future of `client` holds yet), one per id, made
+        without a call per future (`client.map` makes 10^6 of them)."""
+        new = cls.__new__
+        made = []
+        append = made.append
+        for task_id, key in zip(ids, keys, strict=True):
+            future = new(cls)
+            future.key = key
+            future.task_id = task_id
+            future._client = client
+            append(future)
+        client._hold_new(ids, keys)
+        return made
+
     def __del__(self) -> None:
-        self._client._drop(self.task_id)
+        self._client._drop(self.task_id, self.key)
 
     def __repr__(self) -> str:
         return f"<Future: {self.status}, key: {self.key!r}>"

@@ -43,6 +43,44 @@ def _function(func_id: int) -> object:
     return _loading.functions[func_id]
 
 
+class Functions(dict):
+    """An executor's callables (and shared objects) by function id. A blob is unpickled
+    when it arrives, or, where it refers to one not here yet (a shared subgraph calling a
+    function shipped with it), when a payload or another blob first uses it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blobs: dict[int, bytes] = {}
+
+    def add(self, blobs: Sequence[tuple[int, bytes]]) -> None:
+        for func_id, blob in blobs:
+            if func_id not in self:
+                self.blobs[func_id] = blob
+        for func_id, _ in blobs:
+            if func_id in self.blobs:
+                try:
+                    self[func_id]
+                except Exception:  # noqa: BLE001 - tried again, and reported, when used
+                    pass
+
+    def release(self, func_ids: Sequence[int]) -> None:
+        for func_id in func_ids:
+            self.pop(func_id, None)
+            self.blobs.pop(func_id, None)
+
+    def __missing__(self, func_id: int) -> object:
+        blob = self.blobs[func_id]
+        previous = getattr(_loading, "functions", None)
+        _loading.functions = self
+        try:
+            value = pickle.loads(blob)
+        finally:
+            _loading.functions = previous
+        del self.blobs[func_id]
+        self[func_id] = value
+        return value
+
+
 def loads_payload(payload: Buffer, functions: dict[int, object], inputs: Sequence[object]):
     """Unpickles a payload, resolving function ids and input placeholders."""
     _loading.functions = functions

@@ -23,7 +23,7 @@ class HoldingNothing:
     def _hold(self, future):
         pass
 
-    def _drop(self, task_id):
+    def _drop(self, task_id, key):
         pass
 
 
@@ -49,6 +49,7 @@ class InProcessCluster:
         released too early fails a later chunk."""
         self.runner.add_functions(self.encoder.registry.submitted(tasks, held))
         self.chunks += 1
+        self.last_tasks.extend(tasks)
         for task_id, deps, funcs, payload, _priority, prefix in tasks:
             assert prefix and isinstance(prefix, str)
             assert set(funcs) <= set(self.runner.functions)
@@ -67,10 +68,11 @@ class InProcessCluster:
         nodes, held = graph.materialize(dsk)
         outputs = graph.flatten_keys(keys)
         self.chunks = 0
+        self.last_tasks = []
         built = graph.graph_tasks(
             nodes, outputs, held.get, self.next_task_id, self.encoder, self.check_submit
         )
-        self.last_tasks = built.tasks
+        assert [task[0] for task in self.last_tasks] == list(built.task_ids)
         values = {key: decode_input(self.stored[built.key_ids[key]]) for key in outputs}
         return graph.repack(keys, values)
 
