@@ -166,33 +166,50 @@ def report(record: dict, part: str, **values: object) -> None:
     print(f"  {part}: {shown}", flush=True)
 
 
+def measured_run(record: dict, part: str, cluster, tasks: int, submit, wait):
+    """Runs `wait(submit())` on rankmesh and reports its times, CPU and memory as `part`."""
+    with PeakRss({"client": os.getpid(), "scheduler": cluster.pid}) as rss:
+        cluster_start = cluster_cpu_s(cluster)
+        start, cpu_start = time.perf_counter(), cpu_s()
+        handle = submit()
+        submitted, cpu_submitted = time.perf_counter(), cpu_s()
+        value = wait(handle)
+        done, cpu_done = time.perf_counter(), cpu_s()
+        cluster_used = cluster_cpu_s(cluster) - cluster_start
+        del handle
+    report(
+        record,
+        part,
+        submit_s=submitted - start,
+        total_s=done - start,
+        client_cpu_submit_s=cpu_submitted - cpu_start,
+        client_cpu_total_s=cpu_done - cpu_start,
+        cluster_cpu_s=cluster_used,
+        tasks_per_s=round(tasks / (done - start)),
+        client_peak=mib(rss.peak["client"]),
+        client_growth=mib(rss.growth("client")),
+        scheduler_growth_B_per_task=round(rss.growth("scheduler") / tasks),
+    )
+    return value
+
+
 # ---------------------------------------------------------------- client.map
 
 
 def rankmesh_map(client, cluster, n: int, record: dict) -> int:
     client.gather(client.map(inc, range(100)))  # warm-up: executors have the function
     gc.collect()
-    with PeakRss({"client": os.getpid(), "scheduler": cluster.pid}) as rss:
-        cluster_start = cluster_cpu_s(cluster)
-        start, cpu_start = time.perf_counter(), cpu_s()
-        futures = client.map(inc, range(n))
-        submitted, cpu_submitted = time.perf_counter(), cpu_s()
-        total = sum(client.gather(futures))
-        done, cpu_done = time.perf_counter(), cpu_s()
-        cluster_used = cluster_cpu_s(cluster) - cluster_start
-        del futures
+    total = measured_run(
+        record,
+        "rankmesh map",
+        cluster,
+        n,
+        submit=lambda: client.map(inc, range(n)),
+        wait=lambda futures: sum(client.gather(futures)),
+    )
     report(
         record,
         "rankmesh map",
-        submit_s=submitted - start,
-        total_s=done - start,
-        client_cpu_submit_s=cpu_submitted - cpu_start,
-        client_cpu_total_s=cpu_done - cpu_start,
-        cluster_cpu_s=cluster_used,
-        tasks_per_s=round(n / (done - start)),
-        client_peak=mib(rss.peak["client"]),
-        client_growth=mib(rss.growth("client")),
-        scheduler_growth_B_per_task=round(rss.growth("scheduler") / n),
         ru_maxrss=mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
     )
     return total
@@ -301,28 +318,14 @@ def rankmesh_graph(client, cluster, n: int, tasks: int, record: dict) -> float:
     ]
     gc.collect()
     with Stages().timing(targets) as stages:
-        with PeakRss({"client": os.getpid(), "scheduler": cluster.pid}) as rss:
-            cluster_start = cluster_cpu_s(cluster)
-            start, cpu_start = time.perf_counter(), cpu_s()
-            future = client.compute(array_sum(n, "inc-rankmesh"))
-            submitted, cpu_submitted = time.perf_counter(), cpu_s()
-            value = future.result()
-            done, cpu_done = time.perf_counter(), cpu_s()
-            cluster_used = cluster_cpu_s(cluster) - cluster_start
-            del future
-    report(
-        record,
-        "rankmesh graph",
-        submit_s=submitted - start,
-        total_s=done - start,
-        client_cpu_submit_s=cpu_submitted - cpu_start,
-        client_cpu_total_s=cpu_done - cpu_start,
-        cluster_cpu_s=cluster_used,
-        tasks_per_s=round(tasks / (done - start)),
-        client_peak=mib(rss.peak["client"]),
-        client_growth=mib(rss.growth("client")),
-        scheduler_growth_B_per_task=round(rss.growth("scheduler") / tasks),
-    )
+        value = measured_run(
+            record,
+            "rankmesh graph",
+            cluster,
+            tasks,
+            submit=lambda: client.compute(array_sum(n, "inc-rankmesh")),
+            wait=lambda future: future.result(),
+        )
     report(record, "rankmesh graph stages", **{k: round(v, 2) for k, v in stages.seconds.items()})
     return value
 
