@@ -78,6 +78,10 @@ struct Args {
     /// CPU time and memory then include the simulated workers and client.
     #[arg(long)]
     in_process: bool,
+    /// Workers dropped at once after the run, while the client holds the results: times
+    /// the scheduler's handling of lost workers.
+    #[arg(long, default_value_t = 0)]
+    depart: u32,
     /// Seconds each run may take in all; a run past it says what was missing and fails.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
@@ -203,7 +207,7 @@ async fn run_one(args: &Args, scenario: &Scenario) -> Result<Row> {
             eprintln!("the scheduler's log ends with:\n{}", child.log_tail());
         }
     }
-    let outcome = ran?;
+    let mut outcome = ran?;
     let after = process.sample()?;
     let (before_submit, peak_since_submit) =
         before_submit.context("the run ended before the submit")??;
@@ -213,7 +217,13 @@ async fn run_one(args: &Args, scenario: &Scenario) -> Result<Row> {
         after,
         peak_since_submit,
     };
-    let row = Row::new(scheduler.label(), scenario, &outcome, &samples);
+    let mut row = Row::new(scheduler.label(), scenario, &outcome, &samples);
+    if args.depart > 0 {
+        let count = args.depart.min(scenario.workers);
+        let wall = outcome.depart(count, deadline).await?;
+        let cpu = process.sample()?.cpu.saturating_sub(after.cpu);
+        row.departed(count, wall, cpu);
+    }
     // The scheduler first: it tells every worker to shut down, where workers leaving
     // first would each make it tell all the others (N² `PeerRemoved`).
     scheduler.stop().await?;

@@ -42,6 +42,11 @@ pub struct Row {
     pub peak_since_submit: bool,
     /// (peak RSS − RSS before the submit) / tasks.
     pub bytes_per_task: f64,
+    /// Workers dropped at once after the run (`--depart`), the time until the client
+    /// heard of every departure, and the scheduler's CPU time meanwhile.
+    pub departed: u32,
+    pub depart_s: f64,
+    pub cpu_depart_s: f64,
     pub to_workers: Vec<MessageCount>,
 }
 
@@ -91,6 +96,9 @@ impl Row {
             peak_mib: samples.after.peak_rss_bytes as f64 / MIB,
             peak_since_submit: samples.peak_since_submit,
             bytes_per_task: grown as f64 / outcome.tasks.max(1) as f64,
+            departed: 0,
+            depart_s: 0.0,
+            cpu_depart_s: 0.0,
             to_workers: Kind::ALL
                 .iter()
                 .map(|&kind| {
@@ -105,6 +113,13 @@ impl Row {
         }
     }
 
+    /// `count` workers departed in `wall`, taking `cpu` of the scheduler's time.
+    pub fn departed(&mut self, count: u32, wall: Duration, cpu: Duration) {
+        self.departed = count;
+        self.depart_s = seconds(wall);
+        self.cpu_depart_s = seconds(cpu);
+    }
+
     pub fn json(&self) -> String {
         serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
     }
@@ -112,13 +127,15 @@ impl Row {
 
 /// Messages to workers appear as `count/MiB`; `before MiB` is the RSS before the submit;
 /// `1st task s`: from the submit until a worker got the first task (a big graph goes in
-/// parts, which run as they arrive); `send s`: until the client had sent the last part.
+/// parts, which run as they arrive); `send s`: until the client had sent the last part;
+/// `left`, `left s`, `cpu left`: workers dropped after the run (`--depart`), until the
+/// client heard of them all, and the scheduler's CPU time meanwhile.
 pub fn header() -> String {
     let mut line = format!(
-        "{:<10} {:>7} {:>7} {:>7} {:<7} {:>7} {:>7} {:>8} {:>7} {:>7} {:>8} {:>7} {:>7} {:>10} {:>8} {:>7} {:>8}",
+        "{:<10} {:>7} {:>7} {:>7} {:<7} {:>7} {:>7} {:>8} {:>7} {:>7} {:>8} {:>7} {:>7} {:>10} {:>8} {:>7} {:>8} {:>5} {:>7} {:>8}",
         "scheduler", "workers", "tasks", "edges", "shape", "reg s", "retries", "1st task s",
         "send s", "run s", "tasks/s", "cpu reg", "cpu run", "before MiB", "peak MiB", "B/task",
-        "sub MiB",
+        "sub MiB", "left", "left s", "cpu left",
     );
     for kind in Kind::ALL {
         line += &format!(" {:>15}", kind.name());
@@ -128,7 +145,7 @@ pub fn header() -> String {
 
 pub fn table_line(row: &Row) -> String {
     let mut line = format!(
-        "{:<10} {:>7} {:>7} {:>7} {:<7} {:>7.2} {:>7} {:>8.3} {:>7.3} {:>7.2} {:>8.0} {:>7.2} {:>7.2} {:>10.1} {:>8.1} {:>7.0} {:>8.2}",
+        "{:<10} {:>7} {:>7} {:>7} {:<7} {:>7.2} {:>7} {:>8.3} {:>7.3} {:>7.2} {:>8.0} {:>7.2} {:>7.2} {:>10.1} {:>8.1} {:>7.0} {:>8.2} {:>5} {:>7.3} {:>8.3}",
         row.scheduler,
         row.workers,
         row.tasks,
@@ -146,6 +163,9 @@ pub fn table_line(row: &Row) -> String {
         row.peak_mib,
         row.bytes_per_task,
         row.submit_bytes as f64 / MIB,
+        row.departed,
+        row.depart_s,
+        row.cpu_depart_s,
     );
     for count in &row.to_workers {
         line += &format!(

@@ -18,12 +18,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// Submits are split as the Python client splits them, so no frame nears the limit.
-const SUBMIT_CHUNK_BYTES: usize = 8 << 20;
+const SUBMIT_CHUNK_BYTES: usize = 4 << 20;
 /// Bytes the length prefix adds to each frame on the wire.
 const FRAME_PREFIX_BYTES: u64 = 4;
 /// How long a worker whose connection failed waits before it tries again.
@@ -228,6 +228,8 @@ enum WorkerEvent {
 /// The simulated workers; dropping it closes their connections.
 pub struct Swarm {
     workers: JoinSet<()>,
+    /// Each worker's task, to drop some workers and keep the others.
+    handles: Vec<AbortHandle>,
     events: mpsc::UnboundedReceiver<WorkerEvent>,
     pub traffic: Arc<Traffic>,
 }
@@ -238,19 +240,22 @@ impl Swarm {
         let traffic = Arc::new(Traffic::default());
         let (events_tx, events) = mpsc::unbounded_channel();
         let mut workers = JoinSet::new();
+        let mut handles = Vec::new();
         for index in 0..count {
             let (target, settings) = (target.clone(), settings.clone());
             let (traffic, events) = (traffic.clone(), events_tx.clone());
-            workers.spawn(async move {
+            let handle = workers.spawn(async move {
                 if let Err(error) =
                     simulate_worker(index, &target, &settings, &traffic, &events).await
                 {
                     let _ = events.send(WorkerEvent::Failed { index, error });
                 }
             });
+            handles.push(handle);
         }
         Swarm {
             workers,
+            handles,
             events,
             traffic,
         }
@@ -287,6 +292,13 @@ impl Swarm {
                 Some(WorkerEvent::Registered) => {}
                 None => std::future::pending::<()>().await,
             }
+        }
+    }
+
+    /// Closes the connections of the first `count` workers at once, as if they died.
+    fn drop_workers(&mut self, count: u32) {
+        for handle in self.handles.iter().take(count as usize) {
+            handle.abort();
         }
     }
 
@@ -462,6 +474,19 @@ impl Client {
     }
 
     /// Reads until every task in `remaining` is reported finished, removing each.
+    /// Reads until the scheduler has reported `count` workers removed.
+    async fn wait_removed(&mut self, count: u32) -> Result<()> {
+        let mut removed = 0;
+        while removed < count {
+            match self.reader.recv::<ToClient>().await? {
+                None => bail!("the scheduler closed the client's connection"),
+                Some(ToClient::WorkerRemoved(_)) => removed += 1,
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
     async fn wait_finished(&mut self, remaining: &mut HashSet<TaskId>) -> Result<()> {
         while !remaining.is_empty() {
             match self.reader.recv::<ToClient>().await? {
@@ -514,6 +539,22 @@ pub struct Outcome {
     pub wanted: usize,
     pub submit_bytes: u64,
     pub swarm: Swarm,
+    /// Still connected, holding the wanted results.
+    client: Client,
+}
+
+impl Outcome {
+    /// Drops `count` workers at once while the client holds every result, and times
+    /// until the client has heard of every departure: the scheduler's work per lost
+    /// worker (its tasks requeued, its results' lineage recomputed).
+    pub async fn depart(&mut self, count: u32, deadline: Instant) -> Result<Duration> {
+        let started = Instant::now();
+        self.swarm.drop_workers(count);
+        timeout_at(deadline, self.client.wait_removed(count))
+            .await
+            .context("timed out while workers departed")??;
+        Ok(started.elapsed())
+    }
 }
 
 /// Registers the workers, then submits the graph and waits for it; `before_submit` runs
@@ -581,5 +622,6 @@ pub async fn run_scenario(
         wanted,
         submit_bytes: submitted.bytes,
         swarm,
+        client,
     })
 }

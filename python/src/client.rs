@@ -28,7 +28,7 @@ const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 /// message nears the frame limit, the scheduler decodes one part at a time (its transient
 /// memory is that of a part, not of the graph), and the first tasks run while the rest
 /// of a big graph is still on its way.
-const SUBMIT_CHUNK_BYTES: usize = 8 << 20;
+const SUBMIT_CHUNK_BYTES: usize = 4 << 20;
 
 enum Status {
     Finished(WorkerId),

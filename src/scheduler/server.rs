@@ -10,23 +10,30 @@ use crate::protocol::{
 };
 use crate::transport::listen::{Admission, Authenticated};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 /// Events handled per pass of the state machine before it schedules and flushes.
 const MAX_EVENTS_PER_PASS: usize = 1024;
 /// How long connections get to drain their last messages at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// Bytes of a client's frames read but not yet handled by the state machine. A submit
+/// part (about 4 MiB) takes all of it, so the next part waits in the socket, encoded,
+/// instead of piling up decoded (several times larger) in front of the state machine;
+/// small messages still queue by the thousand.
+const CLIENT_BACKLOG_BYTES: usize = 4 << 20;
 
 enum Event {
     ClientConnected {
         outbox: mpsc::UnboundedSender<ToClient>,
         reply: oneshot::Sender<ClientId>,
     },
-    FromClient(ClientId, FromClient),
+    /// The permit holds the message's share of its client's backlog until it is handled.
+    FromClient(ClientId, FromClient, OwnedSemaphorePermit),
     ClientGone(ClientId),
     WorkerConnected {
         registration: protocol::WorkerRegistration,
@@ -88,7 +95,11 @@ async fn run_core(
             request = monitor.recv(), if monitored => {
                 match request {
                     Some(request) => observed.answer(&scheduler, request),
-                    None => monitored = false, // no dashboard
+                    None => {
+                        // No dashboard.
+                        monitored = false;
+                        scheduler.task_stream_unwatched();
+                    }
                 }
                 continue;
             }
@@ -172,7 +183,7 @@ fn apply(scheduler: &mut Scheduler, comm: &mut OutboxComm, observed: &Observed, 
             comm.flush();
             let _ = reply.send(id);
         }
-        Event::FromClient(id, msg) => scheduler.handle_client(id, msg, comm),
+        Event::FromClient(id, msg, _backlog) => scheduler.handle_client(id, msg, comm),
         Event::ClientGone(id) => {
             scheduler.remove_client(id, comm);
             comm.clients.remove(&id);
@@ -273,15 +284,24 @@ async fn serve_client(
     let id = id.await.map_err(|_| "scheduler is stopping")?;
     welcome(&mut writer, Some(id)).await?;
     let sender = tokio::spawn(write_outbox(writer, inbox));
+    let backlog = Arc::new(Semaphore::new(CLIENT_BACKLOG_BYTES));
     let result = loop {
-        match reader.recv::<FromClient>().await {
-            Ok(Some(msg)) => {
-                if events.send(Event::FromClient(id, msg)).is_err() {
-                    break Ok(());
-                }
-            }
+        let frame = match reader.recv_bytes().await {
+            Ok(Some(frame)) => frame,
             Ok(None) => break Ok(()),
             Err(e) => break Err(e.to_string()),
+        };
+        let share = frame.len().clamp(1, CLIENT_BACKLOG_BYTES) as u32;
+        let Ok(permit) = backlog.clone().acquire_many_owned(share).await else {
+            break Ok(()); // never closed
+        };
+        let msg = match protocol::decode::<FromClient>(&frame) {
+            Ok(msg) => msg,
+            Err(e) => break Err(e.to_string()),
+        };
+        drop(frame);
+        if events.send(Event::FromClient(id, msg, permit)).is_err() {
+            break Ok(());
         }
     };
     let _ = events.send(Event::ClientGone(id));

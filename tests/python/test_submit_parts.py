@@ -1,4 +1,4 @@
-"""A graph bigger than one submit part (about 8 MiB) goes to the scheduler in parts, which
+"""A graph bigger than one submit part (about 4 MiB) goes to the scheduler in parts, which
 run as they arrive: a result of an early part that only a later part uses must survive
 until that part is in (before protocol 21 it could be forgotten first, and the later part
 was rejected as naming an unknown task). Whether a leaf finishes before the next part
@@ -8,7 +8,7 @@ parts end to end through the real client."""
 import dask
 from dask import delayed
 
-BLOB = 200_000  # bytes each leaf carries in its payload: 120 leaves make 3 parts or more
+BLOB = 200_000  # bytes each leaf carries in its payload: 120 leaves make 5 parts or more
 LEAVES = 120
 
 

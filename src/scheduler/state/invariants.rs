@@ -3,7 +3,7 @@
 use super::records::TaskState;
 use super::Scheduler;
 use crate::protocol::{FuncId, IdMap, TaskId, WorkerId};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 impl Scheduler {
     /// Checks that tasks, workers and counters agree; tests call it after every step.
@@ -13,6 +13,17 @@ impl Scheduler {
         let mut processing: BTreeMap<WorkerId, u32> = BTreeMap::new();
         let mut pending_dependents: IdMap<TaskId, u32> = IdMap::default();
         let mut live_dependents: IdMap<TaskId, u32> = IdMap::default();
+        let noted: HashSet<(WorkerId, TaskId)> = self
+            .workers
+            .iter()
+            .flat_map(|(&w, worker)| worker.tasks.noted().iter().map(move |&id| (w, id)))
+            .collect();
+        let noted_on = |worker: WorkerId, id: TaskId| {
+            assert!(
+                noted.contains(&(worker, id)),
+                "task {id} on worker {worker} is not in its task list"
+            );
+        };
         for (&id, task) in &self.tasks {
             assert!(
                 self.clients.contains_key(&id.owner())
@@ -65,6 +76,7 @@ impl Scheduler {
                         "assigned task {id} lacks inputs"
                     );
                     *processing.entry(*worker).or_default() += 1;
+                    noted_on(*worker, id);
                 }
                 TaskState::Memory { holders, .. } => {
                     assert!(!holders.is_empty(), "task {id} in memory nowhere");
@@ -77,6 +89,7 @@ impl Scheduler {
                             !holders[..i].contains(holder),
                             "task {id} holder listed twice"
                         );
+                        noted_on(*holder, id);
                     }
                     assert!(task.is_needed(), "task {id} kept in memory though unneeded");
                 }

@@ -1,7 +1,7 @@
 //! Worker events (tasks done, failed, replicated) and the bookkeeping that follows a task
 //! through its life: dependents, forgetting, errors and recovering lost results.
 
-use super::records::{Task, TaskState};
+use super::records::{ResultHolders, Task, TaskState};
 use super::table::TaskTable;
 use super::Scheduler;
 use crate::heap::ShrinkWhenSparse;
@@ -46,7 +46,7 @@ impl Scheduler {
             }
         }
         task.state = TaskState::Memory {
-            holders: smallvec::smallvec![worker],
+            holders: ResultHolders::One(worker),
             size: done.size,
         };
         let first = !mem::replace(&mut task.computed, true);
@@ -125,7 +125,8 @@ impl Scheduler {
             match self.tasks.get_mut(&id).map(|t| &mut t.state) {
                 Some(TaskState::Memory { holders, .. }) => {
                     if !holders.contains(&worker) {
-                        holders.push(worker);
+                        holders.add(worker);
+                        self.note_on_worker(worker, id);
                     }
                 }
                 // Forgotten since the worker fetched it: nobody needs the copy.
@@ -159,11 +160,8 @@ impl Scheduler {
             self.tasks.get_mut(&input).map(|t| &mut t.state)
         {
             for holder in holders {
-                if let Some(pos) = held.iter().position(|h| h == holder) {
-                    held.remove(pos);
-                    if self.workers.contains_key(holder) {
-                        self.outbox.release(*holder, input);
-                    }
+                if held.remove(*holder) && self.workers.contains_key(holder) {
+                    self.outbox.release(*holder, input);
                 }
             }
             if held.is_empty() {
@@ -189,6 +187,19 @@ impl Scheduler {
 
     /// Task `id` was assigned to `worker` or stopped being: its load, and the resources
     /// the task holds there while it runs.
+    /// `worker` runs or holds task `id` now: noted for its departure.
+    pub(super) fn note_on_worker(&mut self, worker: WorkerId, id: TaskId) {
+        let Some(record) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        if record.tasks.note(id) {
+            let tasks = &self.tasks;
+            record
+                .tasks
+                .compact(|id| tasks.get(&id).is_some_and(|task| task.is_on(worker)));
+        }
+    }
+
     pub(super) fn change_processing(&mut self, worker: WorkerId, id: TaskId, assigned: bool) {
         let Some(w) = self.workers.get_mut(&worker) else {
             return;
@@ -354,7 +365,7 @@ impl Scheduler {
                 self.change_processing(worker, id, false);
             }
             TaskState::Memory { holders, .. } => {
-                for worker in holders {
+                for &worker in holders.iter() {
                     self.outbox.release(worker, id);
                 }
             }

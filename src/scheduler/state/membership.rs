@@ -1,6 +1,6 @@
 //! Membership events: workers and clients joining and leaving.
 
-use super::records::{Client, TaskState, Worker};
+use super::records::{Client, TaskState, Worker, WorkerTasks};
 use super::{Departure, Scheduler};
 use crate::protocol::{
     ClientId, ErrorInfo, IdMap, IdSet, Resources, TaskFinished, TaskId, ToClient, ToWorker,
@@ -49,6 +49,7 @@ impl Scheduler {
             memory: WorkerMemory::default(),
             resources_used: Resources::default(),
             holding: IdMap::default(),
+            tasks: WorkerTasks::default(),
         };
         self.load_index.insert(worker.load());
         self.workers.insert(id, worker);
@@ -71,7 +72,10 @@ impl Scheduler {
         let mut requeued = Vec::new();
         let mut killed = Vec::new();
         let mut lost = Vec::new();
-        for (&id, task) in &mut self.tasks {
+        for id in removed.tasks.into_noted() {
+            let Some(task) = self.tasks.get_mut(&id) else {
+                continue; // forgotten since
+            };
             match &mut task.state {
                 TaskState::Assigned { worker: w } if *w == worker => {
                     task.state = TaskState::Ready;
@@ -84,19 +88,19 @@ impl Scheduler {
                     }
                 }
                 TaskState::Memory { holders, size } => {
-                    if let Some(pos) = holders.iter().position(|&h| h == worker) {
-                        holders.remove(pos);
-                        match holders.first() {
-                            None => lost.push(id),
-                            // The client may have been told the result is on `worker`.
-                            Some(&holder) => {
-                                let finished = TaskFinished {
-                                    id,
-                                    worker: holder,
-                                    size: *size,
-                                };
-                                self.outbox.finished(task.holders.of(id), finished);
-                            }
+                    if !holders.remove(worker) {
+                        continue; // a stale entry: released there since
+                    }
+                    match holders.first() {
+                        None => lost.push(id),
+                        // The client may have been told the result is on `worker`.
+                        Some(&holder) => {
+                            let finished = TaskFinished {
+                                id,
+                                worker: holder,
+                                size: *size,
+                            };
+                            self.outbox.finished(task.holders.of(id), finished);
                         }
                     }
                 }
@@ -164,7 +168,7 @@ impl Scheduler {
         for func in removed.functions {
             self.unref_function(func);
         }
-        let mut dropped = removed.open_submit;
+        let mut dropped: Vec<TaskId> = removed.open_submit.iter().collect();
         for id in &dropped {
             if let Some(task) = self.tasks.get_mut(id) {
                 task.held_for_submit = false;

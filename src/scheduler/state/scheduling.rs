@@ -232,7 +232,7 @@ impl Scheduler {
             }
         } else if anywhere && !preferred_available {
             for (holders, _) in inputs() {
-                for &holder in holders {
+                for &holder in holders.iter() {
                     consider(holder);
                     let node = workers.get(&holder).map(|h| h.node);
                     if let Some(least) = node.and_then(|n| load_index.least_loaded_on(n)) {
@@ -289,5 +289,6 @@ impl Scheduler {
             task.state = TaskState::Assigned { worker };
         }
         self.change_processing(worker, id, true);
+        self.note_on_worker(worker, id);
     }
 }

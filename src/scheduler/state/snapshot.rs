@@ -18,6 +18,8 @@ pub(super) struct Observed {
     prefix_ids: HashMap<String, u32>,
     /// Tasks computed since the server last took them (`Scheduler::take_ran`).
     ran: Vec<TaskRan>,
+    /// Nobody can watch the task stream (no dashboard): `ran` stays empty.
+    unwatched: bool,
 }
 
 impl Observed {
@@ -59,6 +61,9 @@ impl Observed {
             stats.done += u64::from(first);
             stats.durations.record(duration_us as f64 * 1e-6);
         }
+        if self.unwatched {
+            return;
+        }
         self.ran.push(TaskRan {
             worker: worker.0,
             prefix: Some(prefix),
@@ -70,6 +75,9 @@ impl Observed {
 
     /// `worker` received results from a peer.
     pub(super) fn transferred(&mut self, worker: WorkerId, transfer: Transfer) {
+        if self.unwatched {
+            return;
+        }
         self.ran.push(TaskRan {
             worker: worker.0,
             prefix: None,
@@ -129,6 +137,13 @@ impl Scheduler {
             stream,
             now_ms,
         }
+    }
+
+    /// Nobody will ever watch the task stream (the scheduler has no dashboard): stop
+    /// recording it, which at 10^5 completions in a pass was megabytes each pass.
+    pub fn task_stream_unwatched(&mut self) {
+        self.observed.unwatched = true;
+        self.observed.ran = Vec::new();
     }
 
     /// Tasks computed and transfers ended since the last call, for the task stream.

@@ -8,8 +8,10 @@ use crate::protocol::{
     ToClient, ToWorker,
 };
 use crate::scheduler::Comm;
+use bytes::BytesMut;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use thin_vec::ThinVec;
 
 impl Scheduler {
     // ------------------------------------------------------------------ client events
@@ -18,7 +20,7 @@ impl Scheduler {
         &mut self,
         client: ClientId,
         functions: Vec<FunctionBlob>,
-        specs: Vec<TaskSpec>,
+        mut specs: Vec<TaskSpec>,
         wanted: &[TaskId],
         prefixes: &[String],
         more: bool,
@@ -39,6 +41,7 @@ impl Scheduler {
             }
         };
         let prefix_ids = self.observed.prefix_ids(prefixes);
+        pack_small_payloads(&mut specs);
         let mut specs: Vec<Option<TaskSpec>> = specs.into_iter().map(Some).collect();
         let mut erred = Vec::new();
         // Dependencies first, so every dep's state is known when its dependent is added.
@@ -73,7 +76,7 @@ impl Scheduler {
                 payload: spec.payload,
                 funcs: spec.funcs.into(),
                 deps: spec.deps.into(),
-                dependents: Vec::new(),
+                dependents: ThinVec::new(),
                 priority: spec.priority,
                 retries_left: spec.options.retries,
                 holders: Holders::default(),
@@ -113,12 +116,16 @@ impl Scheduler {
             return;
         };
         let held = std::mem::take(&mut record.open_submit);
-        for id in &held {
-            if let Some(task) = self.tasks.get_mut(id) {
+        let mut unneeded = Vec::new();
+        for id in held.iter() {
+            if let Some(task) = self.tasks.get_mut(&id) {
                 task.held_for_submit = false;
+                if !task.is_needed() {
+                    unneeded.push(id);
+                }
             }
         }
-        self.release_unneeded(held);
+        self.release_unneeded(unneeded);
     }
 
     /// Checks a submit against the rules and returns the order to add its tasks in
@@ -421,5 +428,33 @@ impl Scheduler {
                 .push((client, ToClient::Cancelled(ids)));
         }
         self.release_unneeded(unneeded);
+    }
+}
+
+/// Payloads up to this size share one buffer per submit part (`pack_small_payloads`).
+const PACKED_PAYLOAD_MAX: usize = 1024;
+
+/// Moves a submit part's small payloads into one buffer, each task keeping a slice of it.
+/// An allocation per payload cost more than a typical payload: 48 bytes for 32, and 32 more
+/// for the shared header that its first send to a worker added. The buffer lives until the
+/// last task of its part is forgotten: a part's small payloads are a few MiB at most, and
+/// large payloads keep their own allocation.
+fn pack_small_payloads(specs: &mut [TaskSpec]) {
+    let is_small = |spec: &TaskSpec| spec.payload.len() <= PACKED_PAYLOAD_MAX;
+    let total: usize = specs
+        .iter()
+        .filter(|spec| is_small(spec))
+        .map(|spec| spec.payload.len())
+        .sum();
+    let mut packed = BytesMut::with_capacity(total);
+    for spec in specs.iter().filter(|spec| is_small(spec)) {
+        packed.extend_from_slice(&spec.payload);
+    }
+    let packed = packed.freeze();
+    let mut start = 0;
+    for spec in specs.iter_mut().filter(|spec| is_small(spec)) {
+        let end = start + spec.payload.len();
+        spec.payload = packed.slice(start..end);
+        start = end;
     }
 }

@@ -2420,12 +2420,90 @@ fn workers_hear_of_a_peer_once_before_they_first_read_from_it_and_only_they_of_i
     // The fake refuses a PeerRemoved to a worker that never heard of the peer: w3 got none.
     assert_eq!(env.comm.take_worker(w3), []);
 }
+/// Schedules and completes whatever the workers are sent until nothing more is; returns
+/// the tasks run, sorted.
+fn run_everything(env: &mut TestEnv, workers: &[WorkerId]) -> Vec<TaskId> {
+    let mut ran = Vec::new();
+    loop {
+        env.schedule();
+        let before = ran.len();
+        for &worker in workers {
+            for msg in env.comm.take_worker(worker) {
+                if let ToWorker::Compute(tasks) = msg {
+                    let ids: Vec<TaskId> = tasks.iter().map(|t| t.id).collect();
+                    env.done(worker, &ids);
+                    ran.extend(ids);
+                }
+            }
+        }
+        if ran.len() == before {
+            return sorted(&ran);
+        }
+    }
+}
+
 #[test]
-fn zz_sizes() {
-    eprintln!(
-        "Task {} TaskState {} Holders {}",
-        std::mem::size_of::<records::Task>(),
-        std::mem::size_of::<records::TaskState>(),
-        std::mem::size_of::<records::Holders>()
+fn a_task_record_stays_small() {
+    // 10^7-task graphs: each byte here is 10 MB of scheduler memory (issue 19).
+    assert!(std::mem::size_of::<records::Task>() <= 152);
+}
+
+#[test]
+fn a_workers_task_list_stays_within_twice_its_tasks_and_its_departure_finds_them() {
+    let mut env = TestEnv::new();
+    let [w1, w2] = env.workers(&[1, 1])[..] else {
+        unreachable!()
+    };
+    let c = env.client();
+    let mut kept = Vec::new();
+    for round in 0..50u64 {
+        let batch = ids(c, round * 100..round * 100 + 100);
+        let specs = batch.iter().map(|&id| spec(id, &[])).collect();
+        env.submit(c, specs, &batch);
+        run_everything(&mut env, &[w1, w2]);
+        env.comm.take_client(c);
+        // The client keeps one result of each round and lets go of the others.
+        kept.push(batch[0]);
+        env.client_msg(c, FromClient::Release(batch[1..].to_vec()));
+        env.comm.take_worker(w1);
+        env.comm.take_worker(w2);
+    }
+    let noted = env.scheduler.workers[&w1].tasks.noted().len();
+    assert!(
+        noted <= 2 * kept.len() + 1024,
+        "{noted} entries for {} tasks",
+        kept.len()
     );
+
+    let on_w1: Vec<TaskId> = kept
+        .iter()
+        .copied()
+        .filter(|id| env.scheduler.tasks[id].is_on(w1))
+        .collect();
+    assert!(!on_w1.is_empty());
+    env.lose_worker(w1);
+    env.comm.take_client(c);
+    assert_eq!(
+        run_everything(&mut env, &[w2]),
+        sorted(&on_w1),
+        "only w1's results are recomputed"
+    );
+}
+
+#[test]
+fn the_tasks_of_an_open_submit_take_a_run_per_gap_in_their_ids() {
+    let c = ClientId(1);
+    let mut runs = records::IdRuns::default();
+    for id in ids(c, 0..1000).into_iter().chain(ids(c, 2000..2010)) {
+        runs.push(id);
+    }
+    runs.push(TaskId::new(c, 5));
+    assert_eq!(runs.runs(), 3);
+    let expected: Vec<TaskId> = ids(c, 0..1000)
+        .into_iter()
+        .chain(ids(c, 2000..2010))
+        .chain([TaskId::new(c, 5)])
+        .collect();
+    assert_eq!(runs.iter().collect::<Vec<_>>(), expected);
+    assert!(runs.contains(&TaskId::new(c, 2009)) && !runs.contains(&TaskId::new(c, 2010)));
 }
