@@ -15,7 +15,7 @@
 
 use crate::protocol::{IdMap, TaskId, WorkerId};
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 
 /// Tasks queued per worker thread: enough for `target_queued_work_s` of work at the
 /// current average task duration, so tiny tasks get deep queues and long ones two.
@@ -30,26 +30,53 @@ pub(super) fn queue_depth(target_queued_work_s: f64, avg_task_duration_s: f64) -
     depth.clamp(MIN_DEPTH, MAX_DEPTH) as u32
 }
 
+/// Below this many entries of room, the root queue keeps its room as it empties.
+const SHRINK_ROOTS_ABOVE: usize = 4096;
+
 /// Root tasks withheld until a worker has room: lowest priority value first, then lowest id.
 #[derive(Default)]
 pub(super) struct RootQueue {
+    /// Entries pushed in order, each not before the one pushed last: clients list a
+    /// graph's roots in priority order, so nearly all land here, at O(1) a push and a pop
+    /// (a heap's pop at 10^6 roots was 6% of the scheduler's time).
+    in_order: VecDeque<(i64, TaskId)>,
+    /// The others.
     heap: BinaryHeap<Reverse<(i64, TaskId)>>,
 }
 
 impl RootQueue {
     pub(super) fn push(&mut self, priority: i64, id: TaskId) {
-        self.heap.push(Reverse((priority, id)));
+        let entry = (priority, id);
+        if self.in_order.back().is_none_or(|&last| last <= entry) {
+            self.in_order.push_back(entry);
+        } else {
+            self.heap.push(Reverse(entry));
+        }
     }
 
     /// Entries are not removed when a task stops being ready (cancelled, assigned after a
     /// worker loss requeued it twice); the caller skips those it pops.
     pub(super) fn pop(&mut self) -> Option<TaskId> {
-        self.heap.pop().map(|Reverse((_, id))| id)
+        let from_heap = match (self.in_order.front(), self.heap.peek()) {
+            (Some(first), Some(Reverse(top))) => top < first,
+            (None, _) => true,
+            (Some(_), None) => false,
+        };
+        if from_heap {
+            self.heap.pop().map(|Reverse((_, id))| id)
+        } else {
+            let id = self.in_order.pop_front().map(|(_, id)| id);
+            let room = self.in_order.capacity();
+            if room > SHRINK_ROOTS_ABOVE && self.in_order.len() < room / 4 {
+                self.in_order.shrink_to(self.in_order.len() * 2);
+            }
+            id
+        }
     }
 
     /// Queued entries, stale ones included.
     pub(super) fn len(&self) -> usize {
-        self.heap.len()
+        self.in_order.len() + self.heap.len()
     }
 }
 
@@ -233,6 +260,34 @@ pub(super) fn cheapest(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn roots_come_out_by_priority_then_id_whatever_order_they_went_in() {
+        let id = |n| TaskId::new(crate::protocol::ClientId(1), n);
+        let pushed = [
+            (0, 1),
+            (0, 2),
+            (5, 3),
+            (1, 4),
+            (5, 5),
+            (-1, 6),
+            (7, 7),
+            (5, 8),
+            (0, 9),
+        ];
+        let mut queue = RootQueue::default();
+        for (priority, n) in pushed {
+            queue.push(priority, id(n));
+        }
+        assert_eq!(queue.len(), pushed.len());
+        let mut expected = pushed.to_vec();
+        expected.sort_unstable();
+        let popped: Vec<TaskId> = std::iter::from_fn(|| queue.pop()).collect();
+        assert_eq!(
+            popped,
+            expected.iter().map(|&(_, n)| id(n)).collect::<Vec<_>>()
+        );
+    }
 
     const BANDWIDTHS: Bandwidths = Bandwidths {
         network_bytes_per_s: 1e9,
