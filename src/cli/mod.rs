@@ -521,7 +521,9 @@ async fn run(command: Command) -> Result<i32> {
                 max_crashes,
                 rank: None,
                 topology: None,
-                executor_env: Vec::new(),
+                executor_env: rankmesh::topology::env::unplaced_executor_env(|var| {
+                    std::env::var_os(var).is_some()
+                }),
                 doorbell: None,
                 resources,
             };
