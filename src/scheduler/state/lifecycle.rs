@@ -21,28 +21,34 @@ impl Scheduler {
 
     pub(super) fn tasks_done(&mut self, worker: WorkerId, done: Vec<TaskDone>) {
         let mut unneeded = Vec::new();
+        let mut finished = Vec::with_capacity(done.len());
         for done in done {
-            self.task_done(worker, done, &mut unneeded);
+            let id = done.id;
+            if self.task_done(worker, done, &mut unneeded) {
+                finished.push(id);
+            }
         }
+        self.change_processing(worker, &finished, false);
         self.release_unneeded(unneeded);
     }
 
-    fn task_done(&mut self, worker: WorkerId, done: TaskDone, unneeded: &mut Vec<TaskId>) {
+    /// True when it finished a task assigned to `worker`, whose load the caller lowers.
+    fn task_done(&mut self, worker: WorkerId, done: TaskDone, unneeded: &mut Vec<TaskId>) -> bool {
         let id = done.id;
         let Some(task) = self.tasks.get_mut(&id) else {
             // Cancelled or forgotten while it ran: the worker should drop the result.
             self.outbox.release(worker, id);
-            return;
+            return false;
         };
         match &task.state {
             TaskState::Assigned { worker: w } if *w == worker => {}
             TaskState::Memory { holders, .. } if holders.contains(&worker) => {
                 tracing::debug!(worker = %worker, task = %id, "duplicate completion ignored");
-                return;
+                return false;
             }
             _ => {
                 self.outbox.release(worker, id);
-                return;
+                return false;
             }
         }
         task.state = TaskState::Memory {
@@ -89,9 +95,9 @@ impl Scheduler {
             task.deps = deps;
             task.dependents = dependents;
         }
-        self.change_processing(worker, id, false);
         let duration_s = done.duration_us as f64 * 1e-6;
         self.avg_task_duration_s += DURATION_EWMA_WEIGHT * (duration_s - self.avg_task_duration_s);
+        true
     }
 
     pub(super) fn task_failed(&mut self, worker: WorkerId, id: TaskId, error: ErrorInfo) {
@@ -107,7 +113,7 @@ impl Scheduler {
                 });
                 if retry {
                     tracing::debug!(task = %id, error = %error.type_name, "task failed; retrying");
-                    self.change_processing(worker, id, false);
+                    self.change_processing(worker, &[id], false);
                     self.enqueue_if_ready(id);
                 } else {
                     tracing::debug!(task = %id, error = %error.type_name, "task failed");
@@ -154,7 +160,7 @@ impl Scheduler {
                 return;
             }
         }
-        self.change_processing(worker, id, false);
+        self.change_processing(worker, &[id], false);
         let mut lost = Vec::new();
         if let Some(TaskState::Memory { holders: held, .. }) =
             self.tasks.get_mut(&input).map(|t| &mut t.state)
@@ -200,26 +206,32 @@ impl Scheduler {
         }
     }
 
-    pub(super) fn change_processing(&mut self, worker: WorkerId, id: TaskId, assigned: bool) {
+    /// Tasks `ids` were assigned to `worker` (`assigned`) or are no longer: its load and
+    /// the resources they hold change, and its place in the load index moves once for
+    /// them all (a batch of completions moved it once per task).
+    pub(super) fn change_processing(&mut self, worker: WorkerId, ids: &[TaskId], assigned: bool) {
         let Some(w) = self.workers.get_mut(&worker) else {
             return;
         };
-        if assigned {
-            if let Some(task) = self.tasks.get(&id).filter(|t| !t.resources().is_empty()) {
-                w.resources_used.add(task.resources(), 1.0);
-                w.holding.insert(id, task.resources().clone());
+        for id in ids {
+            if assigned {
+                if let Some(task) = self.tasks.get(id).filter(|t| !t.resources().is_empty()) {
+                    w.resources_used.add(task.resources(), 1.0);
+                    w.holding.insert(*id, task.resources().clone());
+                }
+            } else if let Some(held) = w.holding.remove(id) {
+                w.resources_used.add(&held, -1.0);
             }
-        } else if let Some(held) = w.holding.remove(&id) {
-            w.resources_used.add(&held, -1.0);
         }
         let indexed = !w.memory.paused;
         if indexed {
             self.load_index.remove(&w.load());
         }
+        let count = ids.len() as u32;
         if assigned {
-            w.processing += 1;
+            w.processing += count;
         } else {
-            w.processing = w.processing.saturating_sub(1);
+            w.processing = w.processing.saturating_sub(count);
         }
         if indexed {
             self.load_index.insert(w.load());
@@ -362,7 +374,7 @@ impl Scheduler {
         match state {
             TaskState::Assigned { worker } => {
                 self.outbox.cancel(worker, id);
-                self.change_processing(worker, id, false);
+                self.change_processing(worker, &[id], false);
             }
             TaskState::Memory { holders, .. } => {
                 for &worker in holders.iter() {
@@ -420,7 +432,7 @@ impl Scheduler {
                 if id != start {
                     self.outbox.cancel(worker, id);
                 }
-                self.change_processing(worker, id, false);
+                self.change_processing(worker, &[id], false);
             }
             for dep in deps {
                 self.dependent_finished_with(dep, &mut unneeded);
@@ -541,7 +553,7 @@ impl Scheduler {
         if let TaskState::Assigned { worker } = previous {
             // It would wait forever on a fetch from the dead worker.
             self.outbox.cancel(worker, id);
-            self.change_processing(worker, id, false);
+            self.change_processing(worker, &[id], false);
         }
     }
 }

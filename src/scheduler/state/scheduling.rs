@@ -288,7 +288,7 @@ impl Scheduler {
         if let Some(task) = self.tasks.get_mut(&id) {
             task.state = TaskState::Assigned { worker };
         }
-        self.change_processing(worker, id, true);
+        self.change_processing(worker, &[id], true);
         self.note_on_worker(worker, id);
     }
 }
