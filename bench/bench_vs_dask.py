@@ -585,18 +585,25 @@ def graph_tasks(build: Callable[[int, str], object], size: int) -> int:
 
 def workloads(sizes: dict[str, int], systems: list[str]) -> list[Workload]:
     n, levels, days = sizes["noop_n"], sizes["tree_levels"], sizes["xarray_days"]
-    build_xarray = partial(xarray_series, chunk_days=sizes["xarray_chunk_days"])
-    build_rolling = partial(rolling_quantile, chunk_days=sizes["rolling_chunk_days"])
     # The dashboard variants answer one question: what watching costs the scheduler.
     main_systems = [s for s in systems if not s.startswith("rankmesh-")]
-    rechunk = dict(
-        build=rechunk_std,
-        run=run_collection,
-        warmup_size=2 * RECHUNK_FROM_DAYS,
-        systems=main_systems,
-        check=check_rechunk,
-        tolerance=FLOAT32_RELATIVE_TOLERANCE,
-    )
+
+    def collection(name: str, build, size: int, warmup_size: int, check, **compare) -> Workload:
+        """A Dask collection through dask.compute on the main systems."""
+        return Workload(
+            name=name,
+            build=build,
+            run=run_collection,
+            size=size,
+            warmup_size=warmup_size,
+            count_tasks=partial(graph_tasks, build, size),
+            systems=main_systems,
+            check=check,
+            **compare,
+        )
+
+    float32 = {"tolerance": FLOAT32_RELATIVE_TOLERANCE}
+    float64 = {"tolerance": FLOAT64_RELATIVE_TOLERANCE}
     return [
         Workload(
             name="noop",
@@ -618,62 +625,54 @@ def workloads(sizes: dict[str, int], systems: list[str]) -> list[Workload]:
             systems=systems,
             check=check_tree(levels),
         ),
-        Workload(
-            name="xarray",
-            build=build_xarray,
-            run=run_collection,
-            size=days,
-            warmup_size=min(30, days),
-            count_tasks=partial(graph_tasks, build_xarray, days),
-            systems=main_systems,
-            check=check_xarray(days),
+        collection(
+            "xarray",
+            partial(xarray_series, chunk_days=sizes["xarray_chunk_days"]),
+            days,
+            min(30, days),
+            check_xarray(days),
             tolerance=XARRAY_RELATIVE_TOLERANCE,
         ),
-        Workload(
-            name="rechunk",
-            size=sizes["rechunk_days"],
-            count_tasks=partial(graph_tasks, rechunk_std, sizes["rechunk_days"]),
-            **rechunk,
+        collection(
+            "rechunk",
+            rechunk_std,
+            sizes["rechunk_days"],
+            2 * RECHUNK_FROM_DAYS,
+            check_rechunk,
+            **float32,
         ),
-        Workload(
-            name="rechunk4x",
-            size=sizes["rechunk4x_days"],
-            count_tasks=partial(graph_tasks, rechunk_std, sizes["rechunk4x_days"]),
-            **rechunk,
+        collection(
+            "rechunk4x",
+            rechunk_std,
+            sizes["rechunk4x_days"],
+            2 * RECHUNK_FROM_DAYS,
+            check_rechunk,
+            **float32,
         ),
-        Workload(
-            name="svd",
-            build=svd_summary,
-            run=run_collection,
-            size=sizes["svd_rows"],
-            warmup_size=SVD_CHUNKS * 2 * SVD_COLUMNS,
-            count_tasks=partial(graph_tasks, svd_summary, sizes["svd_rows"]),
-            systems=main_systems,
-            check=check_svd,
-            tolerance=FLOAT64_RELATIVE_TOLERANCE,
+        collection(
+            "svd",
+            svd_summary,
+            sizes["svd_rows"],
+            SVD_CHUNKS * 2 * SVD_COLUMNS,
+            check_svd,
+            **float64,
         ),
-        Workload(
-            name="groupby",
-            build=groupby_apply,
-            run=run_collection,
-            size=sizes["groupby_rows"],
-            warmup_size=20 * GROUPBY_ROWS_PER_KEY,
-            count_tasks=partial(graph_tasks, groupby_apply, sizes["groupby_rows"]),
-            systems=main_systems,
-            check=check_groupby(sizes["groupby_rows"]),
+        collection(
+            "groupby",
+            groupby_apply,
+            sizes["groupby_rows"],
+            20 * GROUPBY_ROWS_PER_KEY,
+            check_groupby(sizes["groupby_rows"]),
             values=sorted_by_key,
-            tolerance=FLOAT64_RELATIVE_TOLERANCE,
+            **float64,
         ),
-        Workload(
-            name="rolling",
-            build=build_rolling,
-            run=run_collection,
-            size=sizes["rolling_days"],
-            warmup_size=min(31, sizes["rolling_days"]),
-            count_tasks=partial(graph_tasks, build_rolling, sizes["rolling_days"]),
-            systems=main_systems,
-            check=check_rolling,
-            tolerance=FLOAT32_RELATIVE_TOLERANCE,
+        collection(
+            "rolling",
+            partial(rolling_quantile, chunk_days=sizes["rolling_chunk_days"]),
+            sizes["rolling_days"],
+            min(31, sizes["rolling_days"]),
+            check_rolling,
+            **float32,
         ),
     ]
 
