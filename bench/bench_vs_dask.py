@@ -765,15 +765,18 @@ def versions() -> dict[str, str]:
     return found
 
 
+def print_header(columns: str) -> None:
+    print(columns)
+    print("-" * len(columns))
+
+
 def print_table(rows: list[Row], notes: dict[str, str]) -> None:
     dask_wall = {row.workload: row.median for row in rows if row.system == "dask"}
     threads_wall = {row.workload: row.median for row in rows if row.system == "threads"}
-    header = (
+    print_header(
         f"{'workload':<9} {'system':<9} {'tasks':>7} {'wall s':>8} {'tasks/s':>9} "
         f"{'worker PSS MiB':>14} {'speedup':>8} {'vs threads':>10}"
     )
-    print(header)
-    print("-" * len(header))
     for row in rows:
         memory = f"{row.peak_memory / 2**20:.0f}" if row.peak_memory else "-"
         speedup = (
@@ -810,12 +813,10 @@ def print_cpu_breakdown(breakdowns: dict[str, dict[str, dict[str, object]]]) -> 
                 f"\nCPU per process, {workload} on {system}: one rep, "
                 f"wall {found['wall_s']:.3f} s, CPU {total:.3f} s in all"
             )
-            header = (
+            print_header(
                 f"{'process':<28} {'pid':>7} {'user s':>8} {'system s':>9} "
                 f"{'minor faults':>12} {'ctx switches':>12}"
             )
-            print(header)
-            print("-" * len(header))
             for p in processes:
                 print(
                     f"{p['role']:<28} {p['pid']:>7} {p['user_s']:>8.3f} {p['system_s']:>9.3f} "
