@@ -130,8 +130,7 @@ impl Scheduler {
         for &id in ids {
             match self.tasks.get_mut(&id).map(|t| &mut t.state) {
                 Some(TaskState::Memory { holders, .. }) => {
-                    if !holders.contains(&worker) {
-                        holders.add(worker);
+                    if holders.add(worker) {
                         self.note_on_worker(worker, id);
                     }
                 }

@@ -168,12 +168,7 @@ impl Scheduler {
         for func in removed.functions {
             self.unref_function(func);
         }
-        let mut dropped: Vec<TaskId> = removed.open_submit.iter().collect();
-        for id in &dropped {
-            if let Some(task) = self.tasks.get_mut(id) {
-                task.held_for_submit = false;
-            }
-        }
+        let mut dropped = self.end_submit_hold(&removed.open_submit);
         let mut held_elsewhere = Vec::new();
         for (&id, task) in self.tasks.iter_mut() {
             if task.holders.remove(id, client) {

@@ -29,16 +29,17 @@ pub(super) type ResultHolders = OneOrMore<WorkerId>;
 pub(super) type FuncIds = OneOrMore<FuncId>;
 
 impl<T: Copy + PartialEq> OneOrMore<T> {
-    /// Adds `item` unless it is there already.
-    pub(super) fn add(&mut self, item: T) {
+    /// Adds `item` unless it is there already; false if it was.
+    pub(super) fn add(&mut self, item: T) -> bool {
         if self.contains(&item) {
-            return;
+            return false;
         }
         match self {
             OneOrMore::One(first) => *self = OneOrMore::Other(thin_vec::thin_vec![*first, item]),
             OneOrMore::Other(items) if items.is_empty() => *self = OneOrMore::One(item),
             OneOrMore::Other(items) => items.push(item),
         }
+        true
     }
 
     /// Removes `item`; false if it was not there.

@@ -1,7 +1,7 @@
 //! Client events: submitting tasks (checked, ordered, given their first state), wanting
 //! and releasing results and functions, and cancelling.
 
-use super::records::{Function, Holders, Task, TaskExtras, TaskState};
+use super::records::{Function, Holders, IdRuns, Task, TaskExtras, TaskState};
 use super::Scheduler;
 use crate::protocol::{
     ClientId, ErrorInfo, FuncId, FunctionBlob, IdMap, IdSet, TaskFinished, TaskId, TaskSpec,
@@ -116,6 +116,13 @@ impl Scheduler {
             return;
         };
         let held = std::mem::take(&mut record.open_submit);
+        let unneeded = self.end_submit_hold(&held);
+        self.release_unneeded(unneeded);
+    }
+
+    /// The tasks of `held` are held for their submit no longer; returns those that
+    /// nothing else needs.
+    pub(super) fn end_submit_hold(&mut self, held: &IdRuns) -> Vec<TaskId> {
         let mut unneeded = Vec::new();
         for id in held.iter() {
             if let Some(task) = self.tasks.get_mut(&id) {
@@ -125,7 +132,7 @@ impl Scheduler {
                 }
             }
         }
-        self.release_unneeded(unneeded);
+        unneeded
     }
 
     /// Checks a submit against the rules and returns the order to add its tasks in
