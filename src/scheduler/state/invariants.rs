@@ -9,6 +9,7 @@ impl Scheduler {
     /// Checks that tasks, workers and counters agree; tests call it after every step.
     pub(super) fn sanity_check(&self) {
         self.coordination.sanity_check();
+        self.tasks.check_index();
         let available = |id: &TaskId| self.tasks.get(id).is_some_and(|t| t.state.is_available());
         let mut processing: BTreeMap<WorkerId, u32> = BTreeMap::new();
         let mut pending_dependents: IdMap<TaskId, u32> = IdMap::default();

@@ -9,6 +9,7 @@ use crate::protocol::{
     ClientId, ErrorInfo, FuncId, IdSet, TaskDone, TaskFinished, TaskId, ToClient, WorkerId,
     WorkerMemory,
 };
+use crate::scheduler::placement::RootQueue;
 use std::collections::BTreeMap;
 use std::mem;
 use std::sync::Arc;
@@ -222,16 +223,36 @@ impl Scheduler {
                 w.resources_used.add(&held, -1.0);
             }
         }
+        if assigned {
+            self.add_load(worker, ids.len());
+        } else {
+            self.remove_load(worker, ids.len());
+        }
+    }
+
+    /// `count` more tasks are assigned to `worker`: its place in the load index moves once.
+    pub(super) fn add_load(&mut self, worker: WorkerId, count: usize) {
+        self.move_load(worker, |processing| processing.saturating_add(count as u32));
+    }
+
+    fn remove_load(&mut self, worker: WorkerId, count: usize) {
+        self.move_load(worker, |processing| processing.saturating_sub(count as u32));
+    }
+
+    fn move_load(&mut self, worker: WorkerId, change: impl FnOnce(u32) -> u32) {
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        let processing = change(w.processing);
+        if processing == w.processing {
+            return;
+        }
+        // A paused worker is out of the index until it resumes.
         let indexed = !w.memory.paused;
         if indexed {
             self.load_index.remove(&w.load());
         }
-        let count = ids.len() as u32;
-        if assigned {
-            w.processing += count;
-        } else {
-            w.processing = w.processing.saturating_sub(count);
-        }
+        w.processing = processing;
         if indexed {
             self.load_index.insert(w.load());
         }
@@ -260,19 +281,20 @@ impl Scheduler {
     /// Queues a ready task: roots are withheld for [`Self::schedule`] to hand out as
     /// capacity frees up, other tasks are placed at the next `schedule`.
     pub(super) fn enqueue_if_ready(&mut self, id: TaskId) {
-        if let Some(task) = self.tasks.get(&id) {
-            if matches!(task.state, TaskState::Ready) {
-                // A restricted root skips the withheld queue: it can go to one place only.
-                if task.deps.is_empty()
-                    && task.restricted_to().is_empty()
-                    && task.resources().is_empty()
-                {
-                    self.roots.push(task.priority, id);
-                } else {
-                    self.ready.push(id);
-                }
-            }
+        let Scheduler {
+            tasks,
+            roots,
+            ready,
+            ..
+        } = self;
+        if let Some(task) = tasks.get(&id) {
+            queue_ready(roots, ready, id, task);
         }
+    }
+
+    /// The same for a task not yet in the table.
+    pub(super) fn queue_if_ready(&mut self, id: TaskId, task: &Task) {
+        queue_ready(&mut self.roots, &mut self.ready, id, task);
     }
 
     /// Drops the result of every task among `candidates` (and, in turn, of its inputs) that
@@ -553,6 +575,17 @@ impl Scheduler {
             // It would wait forever on a fetch from the dead worker.
             self.outbox.cancel(worker, id);
             self.change_processing(worker, &[id], false);
+        }
+    }
+}
+
+fn queue_ready(roots: &mut RootQueue, ready: &mut Vec<TaskId>, id: TaskId, task: &Task) {
+    if matches!(task.state, TaskState::Ready) {
+        // A restricted root skips the withheld queue: it can go to one place only.
+        if task.deps.is_empty() && task.restricted_to().is_empty() && task.resources().is_empty() {
+            roots.push(task.priority, id);
+        } else {
+            ready.push(id);
         }
     }
 }

@@ -37,7 +37,12 @@ impl Scheduler {
                         .fits(&Resources::default(), task.resources())
                 });
             match self.place(id) {
-                Some(worker) => self.assign(id, worker, &mut batches),
+                Some(worker) => {
+                    let batch = batches.entry(worker).or_default();
+                    if self.assign(id, worker, batch) {
+                        self.change_processing(worker, &[id], true);
+                    }
+                }
                 None if restricted => self.fail_unplaceable(id),
                 None if unsatisfiable => self.fail_unsatisfiable(id),
                 // Every worker is paused: it waits for one to resume.
@@ -47,7 +52,7 @@ impl Scheduler {
         self.ready = waiting_for_room;
         let depth =
             placement::queue_depth(self.config.target_queued_work_s, self.avg_task_duration_s);
-        'roots: while let Some(least) = self.load_index.least_loaded() {
+        while let Some(least) = self.load_index.least_loaded() {
             // The least loaded worker is full, so all are.
             let room = least
                 .nthreads
@@ -60,14 +65,27 @@ impl Scheduler {
             // task combining them finds its inputs on one worker. A run is at most an even
             // share of what is queued, so a few roots still spread over all workers.
             let share = self.roots.len().div_ceil(self.workers.len()).max(1);
-            for _ in 0..(room as usize).min(share) {
-                let Some(id) = self.pop_ready_root() else {
-                    break 'roots;
-                };
-                self.assign(id, least.worker, &mut batches);
+            let run = (room as usize).min(share);
+            let batch = batches.entry(least.worker).or_default();
+            let mut assigned = 0;
+            let mut queue_empty = false;
+            while assigned < run {
+                match self.roots.pop() {
+                    Some(id) => assigned += usize::from(self.assign(id, least.worker, batch)),
+                    None => {
+                        queue_empty = true;
+                        break;
+                    }
+                }
+            }
+            // Queued roots hold no resources (`enqueue_if_ready`): only the load moves.
+            self.add_load(least.worker, assigned);
+            if queue_empty {
+                break;
             }
         }
-        for (worker_id, batch) in batches {
+        // A run of roots that were all stale leaves an empty batch.
+        for (worker_id, batch) in batches.into_iter().filter(|(_, b)| !b.is_empty()) {
             self.introduce_holders(worker_id, &batch, comm);
             let Some(worker) = self.workers.get_mut(&worker_id) else {
                 continue;
@@ -111,19 +129,6 @@ impl Scheduler {
                 comm.send_worker(worker, ToWorker::PeerAdded(peer.info.clone()));
             }
         }
-    }
-
-    fn pop_ready_root(&mut self) -> Option<TaskId> {
-        while let Some(id) = self.roots.pop() {
-            if self
-                .tasks
-                .get(&id)
-                .is_some_and(|t| matches!(t.state, TaskState::Ready))
-            {
-                return Some(id);
-            }
-        }
-        None
     }
 
     /// A restricted task none of whose workers is connected: failing it is better than
@@ -251,44 +256,50 @@ impl Scheduler {
         placement::cheapest(candidates, *avg_task_duration_s, bandwidths)
     }
 
-    fn assign(
-        &mut self,
-        id: TaskId,
-        worker: WorkerId,
-        batches: &mut BTreeMap<WorkerId, Vec<ComputeTask>>,
-    ) {
-        let Some(task) = self.tasks.get(&id) else {
-            return;
+    /// Hands `id` to `worker` if it is still ready; false if it is stale (cancelled,
+    /// failed or requeued since it was queued). Raising the worker's load is the caller's:
+    /// a run of roots raises it once.
+    fn assign(&mut self, id: TaskId, worker: WorkerId, batch: &mut Vec<ComputeTask>) -> bool {
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return false;
         };
-        let inputs = task
-            .deps
-            .iter()
-            .map(|&dep| match self.tasks.get(&dep).map(|t| &t.state) {
-                Some(TaskState::Memory { holders, size }) => InputLocation {
-                    id: dep,
-                    workers: holders.to_vec(),
-                    size: *size,
-                },
-                // Ready means every input is in memory; `sanity_check` holds us to it.
-                _ => InputLocation {
-                    id: dep,
-                    workers: Vec::new(),
-                    size: 0,
-                },
-            })
-            .collect();
-        let compute = ComputeTask {
+        if !matches!(task.state, TaskState::Ready) {
+            return false;
+        }
+        task.state = TaskState::Assigned { worker };
+        let mut compute = ComputeTask {
             id,
             funcs: task.funcs.to_vec(),
             payload: task.payload.clone(),
-            inputs,
+            inputs: Vec::new(),
             priority: task.priority,
         };
-        batches.entry(worker).or_default().push(compute);
-        if let Some(task) = self.tasks.get_mut(&id) {
-            task.state = TaskState::Assigned { worker };
+        // A root is looked up once; a task with inputs once more, to give its deps back.
+        if !task.deps.is_empty() {
+            let deps = mem::take(&mut task.deps);
+            compute.inputs = deps.iter().map(|&dep| self.input_location(dep)).collect();
+            if let Some(task) = self.tasks.get_mut(&id) {
+                task.deps = deps;
+            }
         }
-        self.change_processing(worker, &[id], true);
+        batch.push(compute);
         self.note_on_worker(worker, id);
+        true
+    }
+
+    fn input_location(&self, dep: TaskId) -> InputLocation {
+        match self.tasks.get(&dep).map(|t| &t.state) {
+            Some(TaskState::Memory { holders, size }) => InputLocation {
+                id: dep,
+                workers: holders.to_vec(),
+                size: *size,
+            },
+            // Ready means every input is in memory; `sanity_check` holds us to it.
+            _ => InputLocation {
+                id: dep,
+                workers: Vec::new(),
+                size: 0,
+            },
+        }
     }
 }

@@ -13,6 +13,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use thin_vec::ThinVec;
 
+/// A submit that keeps the rules.
+struct CheckedSubmit {
+    /// The order to add its tasks in: dependencies first.
+    order: Vec<usize>,
+    /// By position in the submit: whether the client wants the task (marked as it is
+    /// added, saving a lookup per task).
+    wanted_here: Vec<bool>,
+    /// Wanted tasks from earlier submits.
+    wanted_elsewhere: Vec<TaskId>,
+}
+
 impl Scheduler {
     // ------------------------------------------------------------------ client events
 
@@ -27,8 +38,8 @@ impl Scheduler {
     ) {
         // Kept even if the tasks are rejected: the client counts them as shipped.
         self.pin_functions(client, functions);
-        let order = match self.validate_submit(client, &specs, wanted, prefixes.len()) {
-            Ok(order) => order,
+        let checked = match self.validate_submit(client, &specs, wanted, prefixes.len()) {
+            Ok(checked) => checked,
             Err(reason) => {
                 tracing::warn!(client = %client, %reason, "submit rejected");
                 self.outbox
@@ -44,6 +55,11 @@ impl Scheduler {
         pack_small_payloads(&mut specs);
         let mut specs: Vec<Option<TaskSpec>> = specs.into_iter().map(Some).collect();
         let mut erred = Vec::new();
+        let CheckedSubmit {
+            order,
+            wanted_here,
+            mut wanted_elsewhere,
+        } = checked;
         // Dependencies first, so every dep's state is known when its dependent is added.
         for index in order {
             let Some(spec) = specs[index].take() else {
@@ -71,7 +87,7 @@ impl Scheduler {
                     function.users += 1;
                 }
             }
-            let task = Task {
+            let mut task = Task {
                 state,
                 payload: spec.payload,
                 funcs: spec.funcs.into(),
@@ -94,15 +110,23 @@ impl Scheduler {
                 }
                 .boxed(),
             };
+            if wanted_here[index] {
+                if matches!(task.state, TaskState::Erred { .. }) {
+                    // `want` tells the client of the failure.
+                    wanted_elsewhere.push(spec.id);
+                } else {
+                    task.holders.add(spec.id, client);
+                }
+            }
+            self.queue_if_ready(spec.id, &task);
             self.tasks.insert(spec.id, task);
-            self.enqueue_if_ready(spec.id);
             if more {
                 if let Some(record) = self.clients.get_mut(&client) {
                     record.open_submit.push(spec.id);
                 }
             }
         }
-        self.want(client, wanted);
+        self.want(client, &wanted_elsewhere);
         // Erred on arrival (an input had failed) and not wanted: nothing will ever need it.
         self.release_unneeded(erred);
         if !more {
@@ -136,14 +160,15 @@ impl Scheduler {
     }
 
     /// Checks a submit against the rules and returns the order to add its tasks in
-    /// (dependencies first). A broken rule rejects the whole submit.
+    /// (dependencies first) and where its wanted tasks are. A broken rule rejects the
+    /// whole submit.
     fn validate_submit(
         &self,
         client: ClientId,
         specs: &[TaskSpec],
         wanted: &[TaskId],
         prefixes: usize,
-    ) -> Result<Vec<usize>, String> {
+    ) -> Result<CheckedSubmit, String> {
         let mut index: IdMap<TaskId, usize> = IdMap::default();
         index.reserve(specs.len());
         for (i, spec) in specs.iter().enumerate() {
@@ -172,14 +197,24 @@ impl Scheduler {
                 ));
             }
         }
+        let mut wanted_here = vec![false; specs.len()];
+        let mut wanted_elsewhere = Vec::new();
         for &id in wanted {
-            if !(index.contains_key(&id) || self.is_live(id)) {
-                return Err(format!(
-                    "wanted task {id} is neither in this submit nor a live task"
-                ));
+            match index.get(&id) {
+                Some(&at) => wanted_here[at] = true,
+                None if self.is_live(id) => wanted_elsewhere.push(id),
+                None => {
+                    return Err(format!(
+                        "wanted task {id} is neither in this submit nor a live task"
+                    ))
+                }
             }
         }
-        self.order_dependencies_first(specs, &index)
+        Ok(CheckedSubmit {
+            order: self.order_dependencies_first(specs, &index)?,
+            wanted_here,
+            wanted_elsewhere,
+        })
     }
 
     /// Depth-first post-order over the submit's own edges, checking each outside dependency

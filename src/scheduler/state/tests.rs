@@ -2443,6 +2443,50 @@ fn run_everything(env: &mut TestEnv, workers: &[WorkerId]) -> Vec<TaskId> {
 }
 
 #[test]
+fn the_task_table_finds_tasks_across_pages_and_clients_and_drops_emptied_pages() {
+    let mut env = TestEnv::new();
+    let [w] = env.workers(&[1])[..] else {
+        unreachable!()
+    };
+    let (c1, c2) = (env.client(), env.client());
+    // Ids over several pages of the index, with gaps, in two clients' namespaces.
+    let first: Vec<TaskId> = ids(c1, 0..1300)
+        .into_iter()
+        .filter(|id| id.0 % 7 != 3)
+        .collect();
+    let second = ids(c2, 250..900);
+    for (client, batch) in [(c1, &first), (c2, &second)] {
+        let specs = batch.iter().map(|&id| spec(id, &[])).collect();
+        env.submit(client, specs, batch);
+    }
+    run_everything(&mut env, &[w]);
+    assert!(env.scheduler.tasks.pages() >= 8);
+    // Released out of order: records from other pages move into the holes.
+    let (gone, kept): (Vec<TaskId>, Vec<TaskId>) =
+        first.iter().chain(&second).partition(|id| id.0 % 5 < 2);
+    for client in [c1, c2] {
+        let mine = |list: &[TaskId]| -> Vec<TaskId> {
+            list.iter()
+                .copied()
+                .filter(|id| id.owner() == client)
+                .collect()
+        };
+        env.client_msg(client, FromClient::Release(mine(&gone)));
+    }
+    for id in &kept {
+        // A test task's payload is its id.
+        assert_eq!(env.scheduler.tasks[id].payload[..], id.0.to_le_bytes());
+    }
+    assert!(gone.iter().all(|id| !env.scheduler.tasks.contains_key(id)));
+    for client in [c1, c2] {
+        let mine = kept.iter().copied().filter(|id| id.owner() == client);
+        env.client_msg(client, FromClient::Release(mine.collect()));
+    }
+    assert_eq!(env.scheduler.tasks.len(), 0);
+    assert_eq!(env.scheduler.tasks.pages(), 0);
+}
+
+#[test]
 fn a_task_record_stays_small() {
     // 10^7-task graphs: each byte here is 10 MB of scheduler memory (issue 19).
     assert!(std::mem::size_of::<records::Task>() <= 152);
