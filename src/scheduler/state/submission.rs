@@ -15,13 +15,66 @@ use thin_vec::ThinVec;
 
 /// A submit that keeps the rules.
 struct CheckedSubmit {
-    /// The order to add its tasks in: dependencies first.
-    order: Vec<usize>,
+    /// The order to add its tasks in (dependencies first); `None`: as listed, which
+    /// clients do as a rule.
+    order: Option<Vec<usize>>,
     /// By position in the submit: whether the client wants the task (marked as it is
     /// added, saving a lookup per task).
     wanted_here: Vec<bool>,
     /// Wanted tasks from earlier submits.
     wanted_elsewhere: Vec<TaskId>,
+}
+
+/// What adding a submit's tasks one by one gathers, and what each needs.
+struct Adding {
+    client: ClientId,
+    /// More parts of the submit are to come.
+    more: bool,
+    /// The scheduler's ids of the submit's prefixes.
+    prefix_ids: Vec<u32>,
+    /// Tasks erred on arrival (an input had failed).
+    erred: Vec<TaskId>,
+    /// Wanted tasks `want` is to see to.
+    wanted_elsewhere: Vec<TaskId>,
+}
+
+/// Where each task of a submit is, by id.
+enum SubmitIndex<'a> {
+    /// Ids ascending, as clients number them: found by binary search, no table built.
+    Ascending(&'a [TaskSpec]),
+    Hashed(IdMap<TaskId, usize>),
+}
+
+impl<'a> SubmitIndex<'a> {
+    /// Fails with an id listed twice.
+    fn new(specs: &'a [TaskSpec]) -> Result<Self, TaskId> {
+        if specs.windows(2).all(|pair| pair[0].id < pair[1].id) {
+            return Ok(SubmitIndex::Ascending(specs));
+        }
+        let mut index: IdMap<TaskId, usize> = IdMap::default();
+        index.reserve(specs.len());
+        for (i, spec) in specs.iter().enumerate() {
+            if index.insert(spec.id, i).is_some() {
+                return Err(spec.id);
+            }
+        }
+        Ok(SubmitIndex::Hashed(index))
+    }
+
+    fn position(&self, id: TaskId) -> Option<usize> {
+        match self {
+            SubmitIndex::Ascending(specs) => specs.binary_search_by_key(&id, |s| s.id).ok(),
+            SubmitIndex::Hashed(index) => index.get(&id).copied(),
+        }
+    }
+}
+
+fn submitted_twice(id: TaskId) -> String {
+    format!("task {id} was submitted twice")
+}
+
+fn unknown_dependency(task: TaskId, dep: TaskId) -> String {
+    format!("task {task} depends on task {dep}, which is unknown (never submitted, or released)")
 }
 
 impl Scheduler {
@@ -53,84 +106,108 @@ impl Scheduler {
         };
         let prefix_ids = self.observed.prefix_ids(prefixes);
         pack_small_payloads(&mut specs);
-        let mut specs: Vec<Option<TaskSpec>> = specs.into_iter().map(Some).collect();
-        let mut erred = Vec::new();
         let CheckedSubmit {
             order,
             wanted_here,
-            mut wanted_elsewhere,
+            wanted_elsewhere,
         } = checked;
+        let mut adding = Adding {
+            client,
+            more,
+            prefix_ids,
+            erred: Vec::new(),
+            wanted_elsewhere,
+        };
         // Dependencies first, so every dep's state is known when its dependent is added.
-        for index in order {
-            let Some(spec) = specs[index].take() else {
-                continue;
-            };
-            let state = self.initial_state(&spec.deps);
-            let pending = state.is_pending();
-            for dep in &spec.deps {
-                if let Some(dep) = self.tasks.get_mut(dep) {
-                    dep.dependents.push(spec.id);
-                    dep.live_dependents += 1;
-                    if pending {
-                        dep.pending_dependents += 1;
+        match order {
+            None => {
+                for (spec, wanted) in specs.into_iter().zip(wanted_here) {
+                    self.add_task(&mut adding, spec, wanted);
+                }
+            }
+            Some(order) => {
+                let mut specs: Vec<Option<TaskSpec>> = specs.into_iter().map(Some).collect();
+                for index in order {
+                    if let Some(spec) = specs[index].take() {
+                        self.add_task(&mut adding, spec, wanted_here[index]);
                     }
                 }
             }
-            let prefix = prefix_ids[spec.prefix as usize];
-            self.observed.submitted(prefix);
-            if matches!(state, TaskState::Erred { .. }) {
-                self.observed.erred(prefix);
-                erred.push(spec.id);
-            }
-            for func in &spec.funcs {
-                if let Some(function) = self.functions.get_mut(func) {
-                    function.users += 1;
-                }
-            }
-            let mut task = Task {
-                state,
-                payload: spec.payload,
-                funcs: spec.funcs.into(),
-                deps: spec.deps.into(),
-                dependents: ThinVec::new(),
-                priority: spec.priority,
-                retries_left: spec.options.retries,
-                holders: Holders::default(),
-                published: 0,
-                prefix,
-                computed: false,
-                held_for_submit: more,
-                pending_dependents: 0,
-                live_dependents: 0,
-                extras: TaskExtras {
-                    restricted_to: spec.workers.into(),
-                    allow_other_workers: spec.options.allow_other_workers,
-                    resources: spec.options.resources,
-                    killed_workers: Vec::new(),
-                }
-                .boxed(),
-            };
-            if wanted_here[index] {
-                if matches!(task.state, TaskState::Erred { .. }) {
-                    // `want` tells the client of the failure.
-                    wanted_elsewhere.push(spec.id);
-                } else {
-                    task.holders.add(spec.id, client);
-                }
-            }
-            self.queue_if_ready(spec.id, &task);
-            self.tasks.insert(spec.id, task);
-            if more {
-                if let Some(record) = self.clients.get_mut(&client) {
-                    record.open_submit.push(spec.id);
-                }
-            }
         }
+        let Adding {
+            erred,
+            wanted_elsewhere,
+            ..
+        } = adding;
         self.want(client, &wanted_elsewhere);
         // Erred on arrival (an input had failed) and not wanted: nothing will ever need it.
         self.release_unneeded(erred);
         if !more {
             self.close_submit(client);
+        }
+    }
+
+    /// Adds one task of a checked submit, its dependencies already in.
+    fn add_task(&mut self, adding: &mut Adding, spec: TaskSpec, wanted: bool) {
+        let state = self.initial_state(&spec.deps);
+        let pending = state.is_pending();
+        for dep in &spec.deps {
+            if let Some(dep) = self.tasks.get_mut(dep) {
+                dep.dependents.push(spec.id);
+                dep.live_dependents += 1;
+                if pending {
+                    dep.pending_dependents += 1;
+                }
+            }
+        }
+        let prefix = adding.prefix_ids[spec.prefix as usize];
+        self.observed.submitted(prefix);
+        if matches!(state, TaskState::Erred { .. }) {
+            self.observed.erred(prefix);
+            adding.erred.push(spec.id);
+        }
+        for func in &spec.funcs {
+            if let Some(function) = self.functions.get_mut(func) {
+                function.users += 1;
+            }
+        }
+        let mut task = Task {
+            state,
+            payload: spec.payload,
+            funcs: spec.funcs.into(),
+            deps: spec.deps.into(),
+            dependents: ThinVec::new(),
+            priority: spec.priority,
+            retries_left: spec.options.retries,
+            holders: Holders::default(),
+            published: 0,
+            prefix,
+            computed: false,
+            held_for_submit: adding.more,
+            pending_dependents: 0,
+            live_dependents: 0,
+            extras: TaskExtras {
+                restricted_to: spec.workers.into(),
+                allow_other_workers: spec.options.allow_other_workers,
+                resources: spec.options.resources,
+                killed_workers: Vec::new(),
+            }
+            .boxed(),
+        };
+        if wanted {
+            if matches!(task.state, TaskState::Erred { .. }) {
+                // `want` tells the client of the failure.
+                adding.wanted_elsewhere.push(spec.id);
+            } else {
+                task.holders.add(spec.id, adding.client);
+            }
+        }
+        self.queue_if_ready(spec.id, &task);
+        self.tasks.insert(spec.id, task);
+        if adding.more {
+            if let Some(record) = self.clients.get_mut(&adding.client) {
+                record.open_submit.push(spec.id);
+            }
         }
     }
 
@@ -169,9 +246,8 @@ impl Scheduler {
         wanted: &[TaskId],
         prefixes: usize,
     ) -> Result<CheckedSubmit, String> {
-        let mut index: IdMap<TaskId, usize> = IdMap::default();
-        index.reserve(specs.len());
-        for (i, spec) in specs.iter().enumerate() {
+        let index = SubmitIndex::new(specs).map_err(submitted_twice)?;
+        for spec in specs {
             if spec.id.owner() != client {
                 return Err(format!(
                     "task {} lies in client {}'s id namespace, not in this client's ({client})",
@@ -179,8 +255,8 @@ impl Scheduler {
                     spec.id.owner()
                 ));
             }
-            if self.tasks.contains_key(&spec.id) || index.insert(spec.id, i).is_some() {
-                return Err(format!("task {} was submitted twice", spec.id));
+            if self.tasks.contains_key(&spec.id) {
+                return Err(submitted_twice(spec.id));
             }
             if spec.prefix as usize >= prefixes {
                 return Err(format!(
@@ -200,8 +276,8 @@ impl Scheduler {
         let mut wanted_here = vec![false; specs.len()];
         let mut wanted_elsewhere = Vec::new();
         for &id in wanted {
-            match index.get(&id) {
-                Some(&at) => wanted_here[at] = true,
+            match index.position(id) {
+                Some(at) => wanted_here[at] = true,
                 None if self.is_live(id) => wanted_elsewhere.push(id),
                 None => {
                     return Err(format!(
@@ -217,13 +293,18 @@ impl Scheduler {
         })
     }
 
-    /// Depth-first post-order over the submit's own edges, checking each outside dependency
-    /// on the way; fails on a cycle, which would never run.
+    /// `None` where the submit lists every task after its dependencies in it (clients do
+    /// as a rule), else the order to add them in: a depth-first post-order over the
+    /// submit's own edges. Checks each outside dependency on the way; fails on a cycle,
+    /// which would never run.
     fn order_dependencies_first(
         &self,
         specs: &[TaskSpec],
-        index: &IdMap<TaskId, usize>,
-    ) -> Result<Vec<usize>, String> {
+        index: &SubmitIndex,
+    ) -> Result<Option<Vec<usize>>, String> {
+        if self.listed_dependencies_first(specs, index)? {
+            return Ok(None);
+        }
         #[derive(Copy, Clone, PartialEq)]
         enum Mark {
             New,
@@ -249,8 +330,8 @@ impl Scheduler {
                     continue;
                 };
                 *next_dep += 1;
-                match index.get(&dep) {
-                    Some(&j) => match marks[j] {
+                match index.position(dep) {
+                    Some(j) => match marks[j] {
                         Mark::New => {
                             marks[j] = Mark::OnPath;
                             path.push((j, 0));
@@ -263,17 +344,32 @@ impl Scheduler {
                         }
                         Mark::Done => {}
                     },
-                    None if !self.is_live(dep) => {
-                        return Err(format!(
-                            "task {} depends on task {dep}, which is unknown (never submitted, or released)",
-                            spec.id
-                        ));
-                    }
+                    None if !self.is_live(dep) => return Err(unknown_dependency(spec.id, dep)),
                     None => {}
                 }
             }
         }
-        Ok(order)
+        Ok(Some(order))
+    }
+
+    /// Whether each task's dependencies in the submit come before it; checks that the
+    /// others are live.
+    fn listed_dependencies_first(
+        &self,
+        specs: &[TaskSpec],
+        index: &SubmitIndex,
+    ) -> Result<bool, String> {
+        for (at, spec) in specs.iter().enumerate() {
+            for &dep in &spec.deps {
+                match index.position(dep) {
+                    Some(dep_at) if dep_at < at => {}
+                    Some(_) => return Ok(false),
+                    None if !self.is_live(dep) => return Err(unknown_dependency(spec.id, dep)),
+                    None => {}
+                }
+            }
+        }
+        Ok(true)
     }
 
     /// In the table and not merely kept as lineage: a client that released a task may

@@ -539,6 +539,47 @@ fn a_client_that_leaves_mid_submit_leaves_nothing_held() {
 }
 
 #[test]
+fn a_submit_listing_a_task_before_its_dependencies_adds_them_first() {
+    let mut env = TestEnv::new();
+    let w = env.worker(1);
+    let c = env.client();
+    let [a, b, d, x, y] = ids(c, 0..5)[..] else {
+        unreachable!()
+    };
+    // Ids descending (indexed by a table) and ascending (by binary search), each listing
+    // a dependent before what it depends on.
+    let submits = [
+        vec![spec(d, &[a, b]), spec(b, &[a]), spec(a, &[])],
+        vec![spec(x, &[y]), spec(y, &[])],
+    ];
+    for (tasks, last) in submits.into_iter().zip([d, x]) {
+        env.submit(c, tasks, &[last]);
+        let mut order = Vec::new();
+        loop {
+            env.schedule();
+            let ran: Vec<TaskId> = env
+                .comm
+                .take_worker(w)
+                .into_iter()
+                .filter_map(|msg| match msg {
+                    ToWorker::Compute(tasks) => Some(tasks),
+                    _ => None,
+                })
+                .flatten()
+                .map(|task| task.id)
+                .collect();
+            if ran.is_empty() {
+                break;
+            }
+            env.done(w, &ran);
+            order.extend(ran);
+        }
+        assert_eq!(order, if last == d { vec![a, b, d] } else { vec![y, x] });
+        assert_eq!(env.finished(c), [last]);
+    }
+}
+
+#[test]
 fn a_rejected_last_part_still_ends_the_submit() {
     let mut env = TestEnv::new();
     let w = env.worker(1);
