@@ -46,7 +46,7 @@ fn spec(id: TaskId, deps: Vec<TaskId>) -> TaskSpec {
     TaskSpec {
         id,
         deps,
-        funcs: Vec::new(),
+        funcs: Default::default(),
         payload: Bytes::from_static(b"pickled task payload"),
         priority: 0,
         workers: vec![],

@@ -72,7 +72,7 @@ impl Builder {
         self.tasks.push(TaskSpec {
             id,
             deps,
-            funcs: vec![FUNCTION],
+            funcs: smallvec::smallvec![FUNCTION],
             payload: self.payload.clone(),
             priority: sequence as i64,
             workers: Vec::new(),

@@ -81,14 +81,12 @@ impl<'a, T> IntoIterator for &'a OneOrMore<T> {
     }
 }
 
-impl<T> From<Vec<T>> for OneOrMore<T> {
-    fn from(mut items: Vec<T>) -> Self {
-        if items.len() == 1 {
-            if let Some(item) = items.pop() {
-                return OneOrMore::One(item);
-            }
+impl<T: Copy> From<&[T]> for OneOrMore<T> {
+    fn from(items: &[T]) -> Self {
+        match items {
+            [item] => OneOrMore::One(*item),
+            _ => OneOrMore::Other(items.iter().copied().collect()),
         }
-        OneOrMore::Other(items.into_iter().collect())
     }
 }
 

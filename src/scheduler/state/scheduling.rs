@@ -269,7 +269,7 @@ impl Scheduler {
         task.state = TaskState::Assigned { worker };
         let mut compute = ComputeTask {
             id,
-            funcs: task.funcs.to_vec(),
+            funcs: task.funcs.iter().copied().collect(),
             payload: task.payload.clone(),
             inputs: Vec::new(),
             priority: task.priority,

@@ -174,7 +174,7 @@ impl Scheduler {
         let mut task = Task {
             state,
             payload: spec.payload,
-            funcs: spec.funcs.into(),
+            funcs: spec.funcs.as_slice().into(),
             deps: spec.deps.into(),
             dependents: ThinVec::new(),
             priority: spec.priority,

@@ -283,7 +283,7 @@ fn spec(id: TaskId, deps: &[TaskId]) -> TaskSpec {
     TaskSpec {
         id,
         deps: deps.to_vec(),
-        funcs: Vec::new(),
+        funcs: Default::default(),
         payload: Bytes::from(id.0.to_le_bytes().to_vec()),
         priority: 0,
         workers: vec![],
@@ -891,7 +891,7 @@ fn a_broken_submit_is_rejected_whole() {
             vec![
                 spec(a, &[]),
                 TaskSpec {
-                    funcs: vec![FuncId(8)],
+                    funcs: smallvec::smallvec![FuncId(8)],
                     ..spec(b, &[])
                 },
             ],
@@ -925,7 +925,7 @@ fn a_broken_submit_is_rejected_whole() {
     env.submit(
         c,
         vec![TaskSpec {
-            funcs: vec![func],
+            funcs: smallvec::smallvec![func],
             ..spec(a, &[])
         }],
         &[a],
@@ -1120,7 +1120,7 @@ fn functions_are_sent_once_per_worker() {
         bytes: Bytes::from_static(b"def f(): ..."),
     };
     let uses_func = |id| TaskSpec {
-        funcs: vec![func],
+        funcs: smallvec::smallvec![func],
         ..spec(id, &[])
     };
     let first = ids(c, 0..2);
@@ -1165,7 +1165,7 @@ fn a_function_lives_while_a_task_or_a_client_needs_it() {
         bytes: Bytes::from(vec![7u8; 100_000]),
     };
     let uses_func = |id| TaskSpec {
-        funcs: vec![func],
+        funcs: smallvec::smallvec![func],
         ..spec(id, &[])
     };
     let [a, b] = ids(c, 0..2)[..] else {

@@ -306,7 +306,7 @@ impl TestEnv {
 fn task(id: u64, inputs: &[(u64, &[WorkerId])]) -> ComputeTask {
     ComputeTask {
         id: TaskId(id),
-        funcs: Vec::new(),
+        funcs: Default::default(),
         payload: Bytes::from(format!("payload {id}")),
         inputs: inputs
             .iter()
@@ -709,7 +709,7 @@ fn a_new_executor_generation_gets_the_functions_again() {
         bytes: Bytes::from_static(b"code"),
     }]));
     let uses_f = |id| ComputeTask {
-        funcs: vec![f],
+        funcs: smallvec::smallvec![f],
         ..task(id, &[])
     };
     env.compute(vec![uses_f(1)]);
@@ -743,7 +743,7 @@ fn released_functions_leave_the_executors_that_have_them() {
     });
     env.scheduler(ToWorker::Functions(blobs.to_vec()));
     env.compute(vec![ComputeTask {
-        funcs: vec![f],
+        funcs: smallvec::smallvec![f],
         ..task(1, &[])
     }]);
     env.comm.take_runs();
