@@ -554,26 +554,7 @@ fn a_submit_listing_a_task_before_its_dependencies_adds_them_first() {
     ];
     for (tasks, last) in submits.into_iter().zip([d, x]) {
         env.submit(c, tasks, &[last]);
-        let mut order = Vec::new();
-        loop {
-            env.schedule();
-            let ran: Vec<TaskId> = env
-                .comm
-                .take_worker(w)
-                .into_iter()
-                .filter_map(|msg| match msg {
-                    ToWorker::Compute(tasks) => Some(tasks),
-                    _ => None,
-                })
-                .flatten()
-                .map(|task| task.id)
-                .collect();
-            if ran.is_empty() {
-                break;
-            }
-            env.done(w, &ran);
-            order.extend(ran);
-        }
+        let order = run_in_order(&mut env, &[w]);
         assert_eq!(order, if last == d { vec![a, b, d] } else { vec![y, x] });
         assert_eq!(env.finished(c), [last]);
     }
@@ -2464,6 +2445,12 @@ fn workers_hear_of_a_peer_once_before_they_first_read_from_it_and_only_they_of_i
 /// Schedules and completes whatever the workers are sent until nothing more is; returns
 /// the tasks run, sorted.
 fn run_everything(env: &mut TestEnv, workers: &[WorkerId]) -> Vec<TaskId> {
+    sorted(&run_in_order(env, workers))
+}
+
+/// Runs every task handed out, round after round, until none is; returns them in the
+/// order they were handed out.
+fn run_in_order(env: &mut TestEnv, workers: &[WorkerId]) -> Vec<TaskId> {
     let mut ran = Vec::new();
     loop {
         env.schedule();
@@ -2478,7 +2465,7 @@ fn run_everything(env: &mut TestEnv, workers: &[WorkerId]) -> Vec<TaskId> {
             }
         }
         if ran.len() == before {
-            return sorted(&ran);
+            return ran;
         }
     }
 }
