@@ -1,8 +1,11 @@
 //! Length-prefixed msgpack frames, and raw byte runs between them for bulk data.
 
+use std::cell::RefCell;
+
 use bytes::{Buf, Bytes};
 use futures::{SinkExt, StreamExt};
-use serde::{de::DeserializeOwned, Serialize};
+use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
+use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec, LengthDelimitedCodecError};
 
@@ -199,6 +202,60 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FrameError> {
     rmp_serde::from_slice(bytes).map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
+thread_local! {
+    /// The frame [`decode_sharing`] is decoding on this thread.
+    static DECODING: RefCell<Option<Bytes>> = const { RefCell::new(None) };
+}
+
+/// Decodes like [`decode`], but the byte fields read with [`shared_bytes`] become slices
+/// of `frame` rather than copies: a 10^6-task submit costs no allocation per payload. The
+/// frame's buffer lives as long as any such slice.
+pub fn decode_sharing<T: DeserializeOwned>(frame: &Bytes) -> Result<T, FrameError> {
+    struct Finished;
+    impl Drop for Finished {
+        fn drop(&mut self) {
+            DECODING.with(|decoding| decoding.borrow_mut().take());
+        }
+    }
+    DECODING.with(|decoding| *decoding.borrow_mut() = Some(frame.clone()));
+    let _finished = Finished;
+    decode(frame)
+}
+
+/// `#[serde(deserialize_with)]` for a `Bytes` field: a slice of the frame when decoded by
+/// [`decode_sharing`], a copy otherwise.
+pub fn shared_bytes<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Bytes, D::Error> {
+    struct SharedBytes;
+    impl<'de> Visitor<'de> for SharedBytes {
+        type Value = Bytes;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("bytes")
+        }
+
+        fn visit_borrowed_bytes<E: de::Error>(self, v: &'de [u8]) -> Result<Bytes, E> {
+            Ok(DECODING.with(|decoding| match decoding.borrow().as_ref() {
+                Some(frame)
+                    if frame.as_ptr_range().start <= v.as_ptr_range().start
+                        && v.as_ptr_range().end <= frame.as_ptr_range().end =>
+                {
+                    frame.slice_ref(v)
+                }
+                _ => Bytes::copy_from_slice(v),
+            }))
+        }
+
+        fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Bytes, E> {
+            Ok(Bytes::copy_from_slice(v))
+        }
+
+        fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
+            Ok(Bytes::from(v))
+        }
+    }
+    deserializer.deserialize_bytes(SharedBytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +290,33 @@ mod tests {
             reader.recv::<FromClient>().await.unwrap(),
             Some(FromClient::Cancel(vec![TaskId(2)]))
         );
+    }
+
+    #[test]
+    fn decode_sharing_slices_payloads_from_the_frame_and_decode_copies_them() {
+        let spec = crate::protocol::TaskSpec {
+            id: TaskId(1),
+            deps: vec![],
+            funcs: Default::default(),
+            payload: Bytes::from_static(b"a payload"),
+            priority: 0,
+            workers: vec![],
+            options: Default::default(),
+            prefix: 0,
+        };
+        let frame = encode(&spec).unwrap();
+        let within = |payload: &Bytes| {
+            let (outer, inner) = (frame.as_ptr_range(), payload.as_ptr_range());
+            outer.start <= inner.start && inner.end <= outer.end
+        };
+        let shared: crate::protocol::TaskSpec = decode_sharing(&frame).unwrap();
+        let copied: crate::protocol::TaskSpec = decode(&frame).unwrap();
+        assert_eq!(shared, spec);
+        assert_eq!(copied, spec);
+        assert!(within(&shared.payload) && !within(&copied.payload));
+        // The frame is no longer the thread's: a later plain decode copies.
+        let after: crate::protocol::TaskSpec = decode(&frame).unwrap();
+        assert!(!within(&after.payload));
     }
 
     #[tokio::test]

@@ -65,6 +65,8 @@ pub struct TaskSpec {
     pub deps: Vec<TaskId>,
     /// Callables the payload refers to (their blobs come in the same or an earlier submit).
     pub funcs: FuncIds,
+    /// A slice of its submit frame when the scheduler decoded it (`decode_sharing`).
+    #[serde(deserialize_with = "super::framing::shared_bytes")]
     pub payload: Bytes,
     /// Lower runs first among ready tasks (Dask's `order`).
     pub priority: i64,

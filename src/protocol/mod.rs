@@ -8,7 +8,9 @@ mod messages;
 mod resources;
 mod snapshot;
 
-pub use framing::{decode, encode, FrameError, FrameReader, FrameWriter, MAX_FRAME_SIZE};
+pub use framing::{
+    decode, decode_sharing, encode, FrameError, FrameReader, FrameWriter, MAX_FRAME_SIZE,
+};
 pub use handshake::{
     accept, connect, welcome, HandshakeError, Token, HANDSHAKE_TIMEOUT, MAX_HELLO_SIZE, TOKEN_ENV,
 };

@@ -295,7 +295,7 @@ async fn serve_client(
         let Ok(permit) = backlog.clone().acquire_many_owned(share).await else {
             break Ok(()); // never closed
         };
-        let msg = match protocol::decode::<FromClient>(&frame) {
+        let msg = match protocol::decode_sharing::<FromClient>(&frame) {
             Ok(msg) => msg,
             Err(e) => break Err(e.to_string()),
         };

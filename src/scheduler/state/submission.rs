@@ -8,7 +8,7 @@ use crate::protocol::{
     ToClient, ToWorker,
 };
 use crate::scheduler::Comm;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use thin_vec::ThinVec;
@@ -61,6 +61,16 @@ impl<'a> SubmitIndex<'a> {
         Ok(SubmitIndex::Hashed(index))
     }
 
+    /// `position`, trying `near` first.
+    fn position_near(&self, id: TaskId, near: usize) -> Option<usize> {
+        match self {
+            SubmitIndex::Ascending(specs) if specs.get(near).is_some_and(|s| s.id == id) => {
+                Some(near)
+            }
+            _ => self.position(id),
+        }
+    }
+
     fn position(&self, id: TaskId) -> Option<usize> {
         match self {
             SubmitIndex::Ascending(specs) => specs.binary_search_by_key(&id, |s| s.id).ok(),
@@ -105,7 +115,7 @@ impl Scheduler {
             }
         };
         let prefix_ids = self.observed.prefix_ids(prefixes);
-        pack_small_payloads(&mut specs);
+        pack_payloads(&mut specs);
         let CheckedSubmit {
             order,
             wanted_here,
@@ -275,9 +285,14 @@ impl Scheduler {
         }
         let mut wanted_here = vec![false; specs.len()];
         let mut wanted_elsewhere = Vec::new();
+        // Clients list wanted tasks in submit order: each is looked for after the last.
+        let mut next = 0;
         for &id in wanted {
-            match index.position(id) {
-                Some(at) => wanted_here[at] = true,
+            match index.position_near(id, next) {
+                Some(at) => {
+                    wanted_here[at] = true;
+                    next = at + 1;
+                }
                 None if self.is_live(id) => wanted_elsewhere.push(id),
                 None => {
                     return Err(format!(
@@ -569,15 +584,16 @@ impl Scheduler {
     }
 }
 
-/// Payloads up to this size share one buffer per submit part (`pack_small_payloads`).
+/// Payloads up to this size share one buffer per submit part (`pack_payloads`).
 const PACKED_PAYLOAD_MAX: usize = 1024;
 
-/// Moves a submit part's small payloads into one buffer, each task keeping a slice of it.
-/// An allocation per payload cost more than a typical payload: 48 bytes for 32, and 32 more
-/// for the shared header that its first send to a worker added. The buffer lives until the
-/// last task of its part is forgotten: a part's small payloads are a few MiB at most, and
-/// large payloads keep their own allocation.
-fn pack_small_payloads(specs: &mut [TaskSpec]) {
+/// Moves a submit part's payloads out of the frame they were decoded from (whole, it would
+/// live as long as any task of the part): small ones into one buffer, each task keeping a
+/// slice of it, large ones each into its own allocation. An allocation per small payload
+/// cost more than a typical payload: 48 bytes for 32, and 32 more for the shared header
+/// that its first send to a worker added. The buffer lives until the last task of its part
+/// is forgotten: a part's small payloads are a few MiB at most.
+fn pack_payloads(specs: &mut [TaskSpec]) {
     let is_small = |spec: &TaskSpec| spec.payload.len() <= PACKED_PAYLOAD_MAX;
     let total: usize = specs
         .iter()
@@ -585,14 +601,20 @@ fn pack_small_payloads(specs: &mut [TaskSpec]) {
         .map(|spec| spec.payload.len())
         .sum();
     let mut packed = BytesMut::with_capacity(total);
-    for spec in specs.iter().filter(|spec| is_small(spec)) {
-        packed.extend_from_slice(&spec.payload);
+    for spec in specs.iter() {
+        if is_small(spec) {
+            packed.extend_from_slice(&spec.payload);
+        }
     }
     let packed = packed.freeze();
     let mut start = 0;
-    for spec in specs.iter_mut().filter(|spec| is_small(spec)) {
-        let end = start + spec.payload.len();
-        spec.payload = packed.slice(start..end);
-        start = end;
+    for spec in specs.iter_mut() {
+        if is_small(spec) {
+            let end = start + spec.payload.len();
+            spec.payload = packed.slice(start..end);
+            start = end;
+        } else {
+            spec.payload = Bytes::copy_from_slice(&spec.payload);
+        }
     }
 }

@@ -3,8 +3,8 @@
 
 use super::*;
 use crate::protocol::{
-    decode, encode, Coordinate, Coordinated, DatasetOp, Plugin, Resources, TaskFinished,
-    TaskOptions, WorkerTopology,
+    decode, decode_sharing, encode, Coordinate, Coordinated, DatasetOp, Plugin, Resources,
+    TaskFinished, TaskOptions, WorkerTopology,
 };
 use serde::{de::DeserializeOwned, Serialize};
 use std::collections::{BTreeSet, VecDeque};
@@ -189,7 +189,10 @@ impl TestEnv {
         id
     }
 
+    /// Through the codec, as the server decodes it (payloads are slices of the frame).
     fn client_msg(&mut self, client: ClientId, msg: FromClient) {
+        let frame = encode(&msg).expect("message encodes");
+        let msg = decode_sharing(&frame).expect("message decodes");
         self.scheduler.handle_client(client, msg, &mut self.comm);
         self.scheduler.sanity_check();
     }
@@ -2512,6 +2515,36 @@ fn the_task_table_finds_tasks_across_pages_and_clients_and_drops_emptied_pages()
     }
     assert_eq!(env.scheduler.tasks.len(), 0);
     assert_eq!(env.scheduler.tasks.pages(), 0);
+}
+
+#[test]
+fn a_submits_payloads_leave_its_frame_small_ones_packed_together() {
+    let mut env = TestEnv::new();
+    let c = env.client();
+    let mut tasks: Vec<TaskSpec> = ids(c, 0..4).iter().map(|&id| spec(id, &[])).collect();
+    tasks[2].payload = Bytes::from(vec![7u8; 4096]);
+    let frame = encode(&FromClient::Submit {
+        functions: Vec::new(),
+        tasks,
+        wanted: ids(c, 0..4),
+        prefixes: prefixes(),
+        more: false,
+    })
+    .unwrap();
+    let msg = decode_sharing(&frame).unwrap();
+    env.scheduler.handle_client(c, msg, &mut env.comm);
+    env.scheduler.sanity_check();
+    // No task keeps a slice of the frame (it would hold the whole part's bytes).
+    assert!(frame.is_unique());
+    let payload = |seq: u64| env.scheduler.tasks[&TaskId::new(c, seq)].payload.clone();
+    assert_eq!(payload(2), vec![7u8; 4096]);
+    let small: Vec<Bytes> = [0, 1, 3].into_iter().map(payload).collect();
+    for (seq, bytes) in [0, 1, 3].into_iter().zip(&small) {
+        assert_eq!(bytes[..], TaskId::new(c, seq).0.to_le_bytes());
+    }
+    // One buffer, in submit order.
+    assert_eq!(small[0].as_ptr_range().end, small[1].as_ptr_range().start);
+    assert_eq!(small[1].as_ptr_range().end, small[2].as_ptr_range().start);
 }
 
 #[test]
