@@ -192,6 +192,7 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
         let shm = Arc::new(ShmDir::create(WORKER_SHM_PREFIX).map_err(setup)?);
         let store = Store::default();
         let mut progress = None;
+        let tcp = TcpTransport::new(config.token.clone()).linking_on(config.advertise_host.clone());
         let transport: Arc<dyn Transport> = match options.transport {
             TransportKind::Mpi if mpi_transport::threading_suffices(threading) => {
                 let (thread, transport) =
@@ -205,9 +206,9 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
                     ?threading,
                     "MPI grants less than MPI_THREAD_SERIALIZED: worker data goes over TCP"
                 );
-                Arc::new(TcpTransport::new(config.token.clone()))
+                Arc::new(tcp)
             }
-            TransportKind::Tcp => Arc::new(TcpTransport::new(config.token.clone())),
+            TransportKind::Tcp => Arc::new(tcp),
         };
         let outcome = runtime.block_on(async {
             let shutdown = crate::cluster::cancel_on_signal().map_err(LaunchError::Runtime)?;

@@ -528,6 +528,13 @@ pub struct WorkerMemory {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum PeerRequest {
     Fetch(Vec<TaskId>),
+    /// From a worker on the server's node, run by the same user: results in shared
+    /// memory are answered with their file's path (`ObjectHeader::shared`), for it to
+    /// hard-link, instead of their bytes. The server keeps those objects (their files
+    /// cannot be reused) until the next `Linked` on the connection, or its end.
+    FetchOrLink(Vec<TaskId>),
+    /// The fetcher holds its own link (and lock) on every file named since the last one.
+    Linked,
 }
 
 /// Precedes each object's raw bytes on a data connection (one per requested id, in order).
@@ -535,8 +542,11 @@ pub enum PeerRequest {
 pub struct ObjectHeader {
     pub id: TaskId,
     /// `None`: the server does not hold it. Otherwise the lengths of the object's frames
-    /// (pickle stream, then out-of-band buffers); their bytes follow back to back.
+    /// (pickle stream, then out-of-band buffers); their bytes follow back to back, unless
+    /// `shared` names the file they are in.
     pub layout: Option<Vec<u64>>,
+    /// For `FetchOrLink`: the shared-memory file holding the object; no bytes follow.
+    pub shared: Option<String>,
 }
 
 // ---------------------------------------------------------------- worker <-> executor

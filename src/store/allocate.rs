@@ -9,6 +9,11 @@ pub trait Allocate: Send + Sync {
     /// The same where that takes no fresh memory, for a thread that must not stall;
     /// `Ok(None)` otherwise.
     fn allocate_at_hand(&self, layout: &[u64]) -> Result<Option<ObjectBuilder>, StoreError>;
+    /// The shared-memory folder objects land in, where a peer's files on this node can be
+    /// linked rather than copied ([`ShmDir::link`]); `None` for the heap.
+    fn shm_dir(&self) -> Option<&ShmDir> {
+        None
+    }
 }
 
 /// Clients have no shared-memory folder: everything they fetch lands on the heap.
@@ -34,5 +39,9 @@ impl Allocate for ShmDir {
 
     fn allocate_at_hand(&self, layout: &[u64]) -> Result<Option<ObjectBuilder>, StoreError> {
         ShmDir::allocate_at_hand(self, layout)
+    }
+
+    fn shm_dir(&self) -> Option<&ShmDir> {
+        Some(self)
     }
 }

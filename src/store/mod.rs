@@ -34,6 +34,8 @@ pub enum StoreError {
     },
     #[error("object file {0} is outside this worker's shared-memory folder")]
     ForeignPath(PathBuf),
+    #[error("object file {0} is not another of this user's workers' private files")]
+    NotLinkable(PathBuf),
     #[error("shared memory {path}: {source}")]
     Io {
         path: PathBuf,
@@ -105,6 +107,15 @@ impl Object {
         matches!(self.data, ObjectData::Shm(_))
     }
 
+    /// The shared-memory file holding the object, for a worker on this node to link
+    /// ([`ShmDir::link`]); `None` for objects on the heap or spilled.
+    pub fn shared_path(&self) -> Option<&Path> {
+        match &self.data {
+            ObjectData::Shm(segment) if segment.map.is_some() => Some(&segment.path),
+            _ => None,
+        }
+    }
+
     /// Whether the object was spilled to disk.
     pub fn is_spilled(&self) -> bool {
         matches!(self.data, ObjectData::Disk(_))
@@ -156,6 +167,10 @@ enum Mapping {
         file: File,
         pool: Arc<SegmentPool>,
     },
+    /// Another worker's file on this node, hard-linked into our folder and mapped
+    /// read-only. Never reused: the other worker may still hold it. `file` keeps a shared
+    /// lock on it, so the other worker's pool does not reuse it either.
+    Linked { map: Mmap, _locked: File },
 }
 
 impl std::fmt::Debug for ShmSegment {
@@ -170,7 +185,7 @@ impl std::fmt::Debug for ShmSegment {
 impl ShmSegment {
     fn bytes(&self) -> &[u8] {
         match &self.map {
-            Some(Mapping::Adopted(map)) => map,
+            Some(Mapping::Adopted(map) | Mapping::Linked { map, .. }) => map,
             Some(Mapping::Received { map, .. }) => map,
             None => &[],
         }
@@ -332,6 +347,69 @@ impl ShmDir {
         })
     }
 
+    /// Takes another worker's object file on this node as an object of ours, without a
+    /// copy: a hard link into this folder, locked shared and mapped read-only. The path
+    /// comes from a peer, so it must be a regular file in a folder beside ours, this
+    /// user's and private (0600), of the layout's size. The other worker keeps the file
+    /// unchanged until we hold the lock (`PeerRequest::FetchOrLink`).
+    pub fn link(&self, path: &Path, layout: Vec<u64>) -> Result<Object, StoreError> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let total = total_size(&layout)?;
+        let not_linkable = || StoreError::NotLinkable(path.to_path_buf());
+        let beside_ours = path.parent().and_then(Path::parent) == self.dir.parent()
+            && path.is_absolute()
+            && path.components().all(|c| {
+                matches!(
+                    c,
+                    std::path::Component::RootDir | std::path::Component::Normal(_)
+                )
+            });
+        if !beside_ours || path.parent() == Some(self.dir.as_path()) {
+            return Err(not_linkable());
+        }
+        let own = self.next_path();
+        let io = |source| StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        // linkat without AT_SYMLINK_FOLLOW: a planted symlink is linked as itself, and
+        // then refused by O_NOFOLLOW.
+        std::fs::hard_link(path, &own).map_err(io)?;
+        // From here on the segment owns our link, so it is removed on every error path.
+        let mut segment = ShmSegment {
+            path: own,
+            map: None,
+        };
+        let file = File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&segment.path)
+            .map_err(io)?;
+        let meta = file.metadata().map_err(io)?;
+        let private = meta.permissions().mode() & 0o077 == 0;
+        if !meta.is_file() || meta.uid() != private_files::my_uid() || !private {
+            return Err(not_linkable());
+        }
+        if meta.len() != total {
+            return Err(StoreError::SizeMismatch {
+                path: path.to_path_buf(),
+                expected: total,
+                actual: meta.len(),
+            });
+        }
+        file.try_lock_shared().map_err(|_| not_linkable())?;
+        if total > 0 {
+            // SAFETY: read-only; the owner neither writes nor reuses the file while our
+            // shared lock holds (its pool takes only segments it can lock exclusively).
+            let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+            segment.map = Some(Mapping::Linked { map, _locked: file });
+        }
+        Ok(Object {
+            layout,
+            data: ObjectData::Shm(segment),
+        })
+    }
+
     /// A buffer that takes no fresh memory, quick enough for a thread that must not stall:
     /// the heap for a small object, a released segment of the same size for a large one.
     /// `Ok(None)`: neither is at hand.
@@ -458,7 +536,7 @@ impl ObjectBuilder {
             Target::Heap(v) => v,
             Target::Shm(segment) => match &mut segment.map {
                 Some(Mapping::Received { map, .. }) => map,
-                Some(Mapping::Adopted(_)) | None => &mut [],
+                Some(Mapping::Adopted(_) | Mapping::Linked { .. }) | None => &mut [],
             },
         }
     }
@@ -764,6 +842,59 @@ mod tests {
         let mut seen = Vec::new();
         std::io::Read::read_to_end(&mut &executor, &mut seen).unwrap();
         assert!(seen.iter().all(|&b| b == 1));
+    }
+
+    #[test]
+    fn a_linked_object_shares_the_owners_file_and_blocks_its_reuse_until_released() {
+        let (owner, fetcher) = (
+            ShmDir::create("rankmesh-test").unwrap(),
+            ShmDir::create("rankmesh-test").unwrap(),
+        );
+        let size = 4 * INLINE_MAX;
+        let original = received(&owner, size, 5);
+        let source = original.shared_path().unwrap().to_path_buf();
+        let linked = fetcher.link(&source, vec![size]).unwrap();
+        assert!(linked.bytes().iter().all(|&b| b == 5));
+        let ours = PathBuf::from(shm_path(&linked));
+        assert_eq!(ours.parent(), Some(fetcher.path()));
+        // The owner lets its object go: its segment cannot be reused while we hold ours.
+        drop(original);
+        assert_eq!(files_in(&owner), 0, "removed, not kept for reuse");
+        assert!(received(&owner, size, 9).bytes().iter().all(|&b| b == 9));
+        assert!(linked.bytes().iter().all(|&b| b == 5));
+        // Ours is never kept for reuse either (the owner might still hold the file).
+        drop(linked);
+        assert!(!ours.exists());
+        assert_eq!(files_in(&fetcher), 0);
+    }
+
+    #[test]
+    fn only_this_users_private_files_beside_our_folder_are_linked() {
+        use std::os::unix::fs::PermissionsExt;
+        let (owner, fetcher) = (
+            ShmDir::create("rankmesh-test").unwrap(),
+            ShmDir::create("rankmesh-test").unwrap(),
+        );
+        let size = 4 * INLINE_MAX;
+        let object = received(&owner, size, 5);
+        let source = object.shared_path().unwrap().to_path_buf();
+        let refused = |path: &Path, layout: Vec<u64>| fetcher.link(path, layout).is_err();
+        // A file anywhere else, our own folder, a path with `..`, a wrong size.
+        assert!(refused(Path::new("/etc/passwd"), vec![size]));
+        assert!(refused(&fetcher.path().join("in-0"), vec![size]));
+        let dotted = owner.path().join("..").join(owner.path().file_name().unwrap());
+        assert!(refused(&dotted.join(source.file_name().unwrap()), vec![size]));
+        assert!(refused(&source, vec![size + 1]));
+        // A symlink planted beside our folder, and a file others may read.
+        let planted = owner.path().join("planted");
+        std::os::unix::fs::symlink(&source, &planted).unwrap();
+        assert!(refused(&planted, vec![size]));
+        std::fs::set_permissions(&source, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(refused(&source, vec![size]));
+        std::fs::set_permissions(&source, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(fetcher.link(&source, vec![size]).is_ok());
+        // Every refusal left nothing behind in our folder.
+        assert_eq!(files_in(&fetcher), 0);
     }
 
     #[test]

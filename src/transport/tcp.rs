@@ -111,6 +111,9 @@ pub fn strip_scheme(address: &str) -> &str {
 pub struct TcpTransport {
     token: Token,
     idle: Mutex<HashMap<String, Vec<DataConnection>>>,
+    /// The host this process's data server advertises: from peers advertising the same,
+    /// results in shared memory are linked rather than sent (a worker's fetches).
+    linking_host: Option<String>,
 }
 
 impl TcpTransport {
@@ -118,7 +121,17 @@ impl TcpTransport {
         TcpTransport {
             token,
             idle: Mutex::new(HashMap::new()),
+            linking_host: None,
         }
+    }
+
+    /// Links the shared-memory results of peers that advertise `host` ([`ShmDir::link`])
+    /// into the fetcher's folder instead of copying their bytes over a socket.
+    ///
+    /// [`ShmDir::link`]: crate::store::ShmDir::link
+    pub fn linking_on(mut self, host: String) -> TcpTransport {
+        self.linking_host = Some(host);
+        self
     }
 
     async fn checkout(&self, address: &str) -> Result<DataConnection, TransportError> {
@@ -147,44 +160,112 @@ impl TcpTransport {
 
     async fn fetch_from(
         &self,
-        address: &str,
+        from: &WorkerInfo,
         ids: Vec<TaskId>,
         alloc: Arc<dyn Allocate>,
     ) -> Result<Fetched, TransportError> {
-        let (mut reader, mut writer) = self.checkout(address).await?;
-        let frame = |source| TransportError::Frame {
-            address: address.to_string(),
-            source,
+        let address = from.data_address.as_str();
+        let linking =
+            alloc.shm_dir().is_some() && self.linking_host.as_deref() == Some(from.host.as_str());
+        let mut connection = self.checkout(address).await?;
+        let request = if linking {
+            PeerRequest::FetchOrLink(ids.clone())
+        } else {
+            PeerRequest::Fetch(ids.clone())
         };
-        writer
-            .send(&PeerRequest::Fetch(ids.clone()))
-            .await
-            .map_err(frame)?;
-        let mut objects = Vec::with_capacity(ids.len());
-        for expected in ids {
-            let header: ObjectHeader = reader.recv().await.map_err(frame)?.ok_or_else(|| {
+        let mut objects = receive(&mut connection, address, request, ids, alloc.as_ref()).await?;
+        if linking {
+            let (_, writer) = &mut connection;
+            let frame = |source| frame_error(address, source);
+            writer.send(&PeerRequest::Linked).await.map_err(frame)?;
+            // Where a link failed (another file system, a file that is not ours), the
+            // bytes come after all.
+            let unlinked: Vec<TaskId> = objects
+                .iter()
+                .filter(|(_, object)| matches!(object, Some(Received::Unlinked)))
+                .map(|(id, _)| *id)
+                .collect();
+            if !unlinked.is_empty() {
+                let request = PeerRequest::Fetch(unlinked.clone());
+                let sent = receive(&mut connection, address, request, unlinked, alloc.as_ref());
+                let mut sent = sent.await?.into_iter();
+                for (_, object) in objects.iter_mut() {
+                    if matches!(object, Some(Received::Unlinked)) {
+                        *object = sent.next().and_then(|(_, sent)| sent);
+                    }
+                }
+            }
+        }
+        self.checkin(address, connection);
+        Ok(objects
+            .into_iter()
+            .map(|(id, object)| match object {
+                Some(Received::Object(object)) => (id, Some(object)),
+                Some(Received::Unlinked) | None => (id, None),
+            })
+            .collect())
+    }
+}
+
+fn frame_error(address: &str, source: protocol::FrameError) -> TransportError {
+    TransportError::Frame {
+        address: address.to_string(),
+        source,
+    }
+}
+
+/// What came for one id.
+enum Received {
+    Object(crate::store::Object),
+    /// The server named a file that could not be linked.
+    Unlinked,
+}
+
+/// Sends `request` for `ids` and reads the answer: per id, the object (its bytes, or a
+/// link to its file) or `None` where the server does not hold it.
+async fn receive(
+    (reader, writer): &mut DataConnection,
+    address: &str,
+    request: PeerRequest,
+    ids: Vec<TaskId>,
+    alloc: &dyn Allocate,
+) -> Result<Vec<(TaskId, Option<Received>)>, TransportError> {
+    let frame = |source| frame_error(address, source);
+    writer.send(&request).await.map_err(frame)?;
+    let mut objects = Vec::with_capacity(ids.len());
+    for expected in ids {
+        let header: ObjectHeader =
+            reader.recv().await.map_err(frame)?.ok_or_else(|| {
                 frame(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into())
             })?;
-            if header.id != expected {
-                return Err(TransportError::OutOfOrder {
-                    address: address.to_string(),
-                    expected,
-                    got: header.id,
-                });
-            }
-            let object = match header.layout {
-                None => None,
-                Some(layout) => {
-                    let mut builder = alloc.allocate(layout)?;
-                    reader.read_raw(builder.buffer()).await.map_err(frame)?;
-                    Some(builder.finish())
-                }
-            };
-            objects.push((expected, object));
+        if header.id != expected {
+            return Err(TransportError::OutOfOrder {
+                address: address.to_string(),
+                expected,
+                got: header.id,
+            });
         }
-        self.checkin(address, (reader, writer));
-        Ok(objects)
+        let object = match (header.layout, header.shared, alloc.shm_dir()) {
+            (None, _, _) => None,
+            (Some(layout), Some(path), Some(shm)) => {
+                Some(match shm.link(std::path::Path::new(&path), layout) {
+                    Ok(object) => Received::Object(object),
+                    Err(e) => {
+                        tracing::debug!(%address, "cannot link {path}: {e}");
+                        Received::Unlinked
+                    }
+                })
+            }
+            (Some(_), Some(_), None) => Some(Received::Unlinked),
+            (Some(layout), None, _) => {
+                let mut builder = alloc.allocate(layout)?;
+                reader.read_raw(builder.buffer()).await.map_err(frame)?;
+                Some(Received::Object(builder.finish()))
+            }
+        };
+        objects.push((expected, object));
     }
+    Ok(objects)
 }
 
 impl Transport for TcpTransport {
@@ -198,7 +279,7 @@ impl Transport for TcpTransport {
         ids: Vec<TaskId>,
         alloc: Arc<dyn Allocate>,
     ) -> BoxFuture<'a, Result<Fetched, TransportError>> {
-        Box::pin(self.fetch_from(&from.data_address, ids, alloc))
+        Box::pin(self.fetch_from(from, ids, alloc))
     }
 }
 
@@ -235,15 +316,34 @@ async fn serve_peer(connection: Authenticated, store: &Store) -> Result<(), Stri
     protocol::welcome(&mut writer, None)
         .await
         .map_err(|e| e.to_string())?;
-    while let Some(PeerRequest::Fetch(ids)) = reader.recv().await.map_err(|e| e.to_string())? {
+    // Objects whose files a fetcher on this node is linking: kept (so their segments are
+    // not reused) until it says it holds its own link.
+    let mut being_linked = Vec::new();
+    while let Some(request) = reader.recv().await.map_err(|e| e.to_string())? {
+        let (ids, may_link) = match request {
+            PeerRequest::Fetch(ids) => (ids, false),
+            PeerRequest::FetchOrLink(ids) => (ids, true),
+            PeerRequest::Linked => {
+                being_linked.clear();
+                continue;
+            }
+        };
         for id in ids {
             let object = store.get(id);
+            let shared = object
+                .as_ref()
+                .filter(|_| may_link)
+                .and_then(|o| o.shared_path())
+                .map(|path| path.to_string_lossy().into_owned());
             let header = ObjectHeader {
                 id,
                 layout: object.as_ref().map(|o| o.layout.clone()),
+                shared,
             };
             writer.feed(&header).await.map_err(|e| e.to_string())?;
-            if let Some(object) = object {
+            if header.shared.is_some() {
+                being_linked.extend(object);
+            } else if let Some(object) = object {
                 // A spilled result goes out a piece at a time, each piece's pages let go
                 // once sent: serving peers does not map a whole result back in.
                 let piece = if object.is_spilled() {
@@ -340,6 +440,67 @@ mod tests {
         )
         .await;
         assert!(matches!(nobody, Err(TransportError::Connect { .. })));
+    }
+
+    fn data_server_info(address: String) -> WorkerInfo {
+        WorkerInfo {
+            id: crate::protocol::WorkerId(1),
+            data_address: address,
+            host: "127.0.0.1".into(),
+            nthreads: 1,
+            memory_limit: 0,
+            rank: None,
+            pid: std::process::id(),
+            topology: None,
+            doorbell: None,
+            resources: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn results_in_shared_memory_are_linked_on_this_host_and_sent_elsewhere() {
+        use crate::store::{ShmDir, Store, WORKER_SHM_PREFIX};
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let token = Token::new("secret");
+        let (owner, fetcher) = (
+            ShmDir::create(WORKER_SHM_PREFIX).unwrap(),
+            Arc::new(ShmDir::create(WORKER_SHM_PREFIX).unwrap()),
+        );
+        let store = Store::default();
+        let size = 4 * crate::protocol::INLINE_MAX;
+        for (seq, fill) in [(1u64, 5u8), (2, 6)] {
+            let mut builder = owner.allocate(vec![size]).unwrap();
+            builder.buffer().fill(fill);
+            store.insert(TaskId(seq), builder.finish());
+        }
+        let inode = |path: &std::path::Path| std::fs::metadata(path).unwrap().ino();
+        let owners_file = |seq| store.get(TaskId(seq)).unwrap().shared_path().unwrap().to_owned();
+        // Task 2's file is readable by others: not linked, its bytes come instead.
+        std::fs::set_permissions(owners_file(2), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let info = data_server_info(listener.local_addr().unwrap().to_string());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve_data(listener, token.clone(), store.clone(), shutdown.clone()));
+        let ids = vec![TaskId(1), TaskId(2), TaskId(3)];
+
+        let here = TcpTransport::new(token.clone()).linking_on("127.0.0.1".into());
+        let fetched = here.fetch(&info, ids.clone(), fetcher.clone()).await.unwrap();
+        assert!(fetched[2].1.is_none(), "task 3 is not held");
+        let [linked, sent] = [&fetched[0].1, &fetched[1].1].map(|o| o.as_ref().unwrap());
+        assert!(linked.bytes().iter().all(|&b| b == 5));
+        assert!(sent.bytes().iter().all(|&b| b == 6));
+        let linked_path = linked.shared_path().unwrap();
+        assert_eq!(linked_path.parent(), Some(fetcher.path()));
+        assert_eq!(inode(linked_path), inode(&owners_file(1)), "the same file");
+        assert_ne!(inode(sent.shared_path().unwrap()), inode(&owners_file(2)));
+
+        // From another host everything is sent.
+        let elsewhere = TcpTransport::new(token).linking_on("node7".into());
+        let fetched = elsewhere.fetch(&info, ids, fetcher.clone()).await.unwrap();
+        let copy = fetched[0].1.as_ref().unwrap();
+        assert!(copy.bytes().iter().all(|&b| b == 5));
+        assert_ne!(inode(copy.shared_path().unwrap()), inode(&owners_file(1)));
+        shutdown.cancel();
     }
 
     #[test]

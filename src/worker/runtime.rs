@@ -96,7 +96,8 @@ pub async fn run(
     config: WorkerConfig,
     shutdown: CancellationToken,
 ) -> Result<WorkerEnd, WorkerError> {
-    let transport = Arc::new(TcpTransport::new(config.token.clone()));
+    let transport =
+        Arc::new(TcpTransport::new(config.token.clone()).linking_on(config.advertise_host.clone()));
     let shm = Arc::new(ShmDir::create(WORKER_SHM_PREFIX)?);
     run_with(config, shm, Store::default(), transport, shutdown).await
 }
