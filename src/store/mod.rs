@@ -882,8 +882,14 @@ mod tests {
         // A file anywhere else, our own folder, a path with `..`, a wrong size.
         assert!(refused(Path::new("/etc/passwd"), vec![size]));
         assert!(refused(&fetcher.path().join("in-0"), vec![size]));
-        let dotted = owner.path().join("..").join(owner.path().file_name().unwrap());
-        assert!(refused(&dotted.join(source.file_name().unwrap()), vec![size]));
+        let dotted = owner
+            .path()
+            .join("..")
+            .join(owner.path().file_name().unwrap());
+        assert!(refused(
+            &dotted.join(source.file_name().unwrap()),
+            vec![size]
+        ));
         assert!(refused(&source, vec![size + 1]));
         // A symlink planted beside our folder, and a file others may read.
         let planted = owner.path().join("planted");
@@ -892,6 +898,12 @@ mod tests {
         std::fs::set_permissions(&source, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(refused(&source, vec![size]));
         std::fs::set_permissions(&source, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // Another user's file (only root can make one here).
+        if private_files::my_uid() == 0 {
+            std::os::unix::fs::chown(&source, Some(65534), None).unwrap();
+            assert!(refused(&source, vec![size]));
+            std::os::unix::fs::chown(&source, Some(0), None).unwrap();
+        }
         assert!(fetcher.link(&source, vec![size]).is_ok());
         // Every refusal left nothing behind in our folder.
         assert_eq!(files_in(&fetcher), 0);

@@ -474,17 +474,32 @@ mod tests {
             store.insert(TaskId(seq), builder.finish());
         }
         let inode = |path: &std::path::Path| std::fs::metadata(path).unwrap().ino();
-        let owners_file = |seq| store.get(TaskId(seq)).unwrap().shared_path().unwrap().to_owned();
+        let owners_file = |seq| {
+            store
+                .get(TaskId(seq))
+                .unwrap()
+                .shared_path()
+                .unwrap()
+                .to_owned()
+        };
         // Task 2's file is readable by others: not linked, its bytes come instead.
         std::fs::set_permissions(owners_file(2), std::fs::Permissions::from_mode(0o644)).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let info = data_server_info(listener.local_addr().unwrap().to_string());
         let shutdown = CancellationToken::new();
-        tokio::spawn(serve_data(listener, token.clone(), store.clone(), shutdown.clone()));
+        tokio::spawn(serve_data(
+            listener,
+            token.clone(),
+            store.clone(),
+            shutdown.clone(),
+        ));
         let ids = vec![TaskId(1), TaskId(2), TaskId(3)];
 
         let here = TcpTransport::new(token.clone()).linking_on("127.0.0.1".into());
-        let fetched = here.fetch(&info, ids.clone(), fetcher.clone()).await.unwrap();
+        let fetched = here
+            .fetch(&info, ids.clone(), fetcher.clone())
+            .await
+            .unwrap();
         assert!(fetched[2].1.is_none(), "task 3 is not held");
         let [linked, sent] = [&fetched[0].1, &fetched[1].1].map(|o| o.as_ref().unwrap());
         assert!(linked.bytes().iter().all(|&b| b == 5));
