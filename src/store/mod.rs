@@ -844,12 +844,13 @@ mod tests {
         assert!(seen.iter().all(|&b| b == 1));
     }
 
+    fn shm_dir() -> ShmDir {
+        ShmDir::create("rankmesh-test").unwrap()
+    }
+
     #[test]
     fn a_linked_object_shares_the_owners_file_and_blocks_its_reuse_until_released() {
-        let (owner, fetcher) = (
-            ShmDir::create("rankmesh-test").unwrap(),
-            ShmDir::create("rankmesh-test").unwrap(),
-        );
+        let (owner, fetcher) = (shm_dir(), shm_dir());
         let size = 4 * INLINE_MAX;
         let original = received(&owner, size, 5);
         let source = original.shared_path().unwrap().to_path_buf();
@@ -871,10 +872,7 @@ mod tests {
     #[test]
     fn only_this_users_private_files_beside_our_folder_are_linked() {
         use std::os::unix::fs::PermissionsExt;
-        let (owner, fetcher) = (
-            ShmDir::create("rankmesh-test").unwrap(),
-            ShmDir::create("rankmesh-test").unwrap(),
-        );
+        let (owner, fetcher) = (shm_dir(), shm_dir());
         let size = 4 * INLINE_MAX;
         let object = received(&owner, size, 5);
         let source = object.shared_path().unwrap().to_path_buf();
