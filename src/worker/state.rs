@@ -941,18 +941,21 @@ impl WorkerState {
                     self.ready.push(Reverse((priority, id)));
                     continue;
                 }
-                let working = self.working_bytes + dealt_need;
+                // Inputs on their way count as the results they will be once stored.
+                let working = self.working_bytes + self.fetching_bytes + dealt_need;
                 let managed = self.store.bytes().in_memory;
                 let room = self.memory.room_for(managed, working, need.unwrap_or(0));
                 if let Err(spill) = room {
                     self.spill(spill, comm);
-                    // It waits for running tasks or spills to make room, or a while for
-                    // results peers are being sent (they cannot be spilled under the
-                    // send); then it starts, or nothing would ever run.
+                    // It waits for running tasks, fetches or spills to make room (a
+                    // fetch's input is spillable once stored), or a while for results
+                    // peers are being sent (they cannot be spilled under the send); then
+                    // it starts, or nothing would ever run.
                     let held_results = self.samples_waited_for_room
                         < SAMPLES_WAITING_FOR_HELD_RESULTS
                         && self.store.has_pinned_shared();
-                    if busy || self.memory.is_spilling() || held_results {
+                    let fetching = self.fetching_bytes > 0;
+                    if busy || fetching || self.memory.is_spilling() || held_results {
                         self.ready.push(Reverse((priority, id)));
                         self.waiting_for_room = true;
                         break 'deal;

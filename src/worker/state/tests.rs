@@ -1080,24 +1080,24 @@ fn results_being_spilled_count_in_full_against_the_excess() {
     env.compute(vec![task_sized(11, &[(9, &[a])], 32 * KIB)]);
     assert_eq!(env.comm.take_fetches(), [(a, ids(&[9]))]);
     env.hold(1..=6, MIB); // at the target
+                          // The input on its way puts a task 32 KiB over: 1 (1 MiB) goes to disk for it.
     env.compute(vec![task(10, &[])]);
-    assert_eq!(env.ran(), [(0, ids(&[10]))]);
-    // A small result: 32 KiB over the target, for which 1 (1 MiB) goes to disk.
-    env.results(0, vec![inline_result(10, 32 * KIB)]);
-    // A small input: 64 KiB over, which the MiB on its way to disk covers.
+    assert!(env.ran().is_empty());
+    let handed: Vec<_> = env.comm.spills.drain(..).flatten().collect();
+    assert_eq!(spilled_ids(&handed), ids(&[1]), "a MiB to disk for 32 KiB");
+    // The input comes: the MiB on its way covers it, nothing more is spilled.
     let input = Object::inline(Bytes::from(vec![9u8; 32 * KIB as usize]), vec![32 * KIB]);
     env.fetched(a, ids(&[9]), Ok(vec![(TaskId(9), input.ok())]));
-    let handed: Vec<_> = env.comm.spills.drain(..).flatten().collect();
-    assert_eq!(
-        spilled_ids(&handed),
-        ids(&[1]),
-        "a MiB more to disk for 32 KiB"
-    );
-    // Once written: 64 KiB of results over 5 MiB, not a MiB less.
+    env.comm.take_sent();
+    assert!(env.comm.spills.is_empty() && env.ran().is_empty());
     let outcomes = env.write(handed);
     env.spill_finished(outcomes);
+    assert_eq!(env.ran(), [(0, ids(&[10]))]);
+    // A small result: 64 KiB of results over 5 MiB, not a MiB less; under the target.
+    env.results(0, vec![inline_result(10, 32 * KIB)]);
     assert_eq!(env.store.bytes().in_memory, 5 * MIB + 64 * KIB);
     assert!(env.comm.spills.is_empty());
+    assert_eq!(env.ran(), [(0, ids(&[11]))]);
 }
 
 #[test]
@@ -1460,6 +1460,30 @@ fn an_input_fetch_waits_for_room_while_a_task_runs() {
     let outcomes = env.write(batch);
     env.spill_finished(outcomes);
     assert_eq!(env.comm.take_fetches(), [(a, ids(&[9]))]);
+}
+
+#[test]
+fn a_task_waits_for_room_while_an_input_is_on_its_way() {
+    let mut env = TestEnv::with_memory(1, limited());
+    let [a, _] = PEERS;
+    env.learn_result_size(10, 4 * MIB);
+    // The fetch fits (3 of a 6 MiB target); a task making 4 MiB beside it does not, and
+    // nothing can be spilled for it until the input is stored.
+    env.compute(vec![task_sized(12, &[(9, &[a])], 3 * MIB)]);
+    assert_eq!(env.comm.take_fetches(), [(a, ids(&[9]))]);
+    env.compute(vec![task(11, &[])]);
+    assert!(env.ran().is_empty(), "it waits for the fetch");
+    assert!(env.comm.spills.is_empty(), "nothing in memory to spill");
+    let input = Object::inline(Bytes::from(vec![9; 3 * MIB as usize]), vec![3 * MIB])
+        .expect("a valid layout");
+    env.fetched(a, ids(&[9]), Ok(vec![(TaskId(9), Some(input))]));
+    env.comm.take_sent();
+    // Stored, the input can go to disk for the task that came first.
+    let batch = env.spill_batch();
+    assert_eq!(spilled_ids(&batch), ids(&[9]));
+    let outcomes = env.write(batch);
+    env.spill_finished(outcomes);
+    assert_eq!(env.ran(), [(0, ids(&[11]))]);
 }
 
 // ------------------------------------------------------------------ plugins
