@@ -43,3 +43,30 @@ def assert_all_gone(processes: list[psutil.Process], timeout: float = 10) -> Non
 def pytest_configure(config):
     # Executors are started with this interpreter; keep stray site configuration out.
     os.environ.setdefault("RANKMESH_LOG", "warn")
+
+
+_INSTALL_TESTS = pytest.StashKey()
+
+
+def _is_install_test(item) -> bool:
+    return item.path.name == "test_install.py"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    # The install tests wait on cold cargo builds as a second user: run them last, so that
+    # the builds (started below) compile while the other tests run.
+    items.sort(key=_is_install_test)
+
+
+def pytest_collection_finish(session):
+    install = next((item for item in session.items if _is_install_test(item)), None)
+    if install is not None and len(session.items) > 1:
+        session.config.stash[_INSTALL_TESTS] = install.module
+        install.module.start_builds()
+
+
+def pytest_sessionfinish(session):
+    install = session.config.stash.get(_INSTALL_TESTS, None)
+    if install is not None:
+        install.stop_builds()
