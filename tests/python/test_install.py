@@ -66,6 +66,10 @@ class User:
         nice = ["nice", "-n", "19"] if niced else []
         return subprocess.run(
             [*nice, "runuser", "-u", USER, "--", "env", "-i", *variables, "bash", "-c", script],
+            # Not this process's environment: a build started in the background would
+            # carry whatever a test running meanwhile has set (test_mpi_run.py finds its
+            # jobs' processes by a variable).
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
             cwd="/",
             capture_output=True,
             text=True,
