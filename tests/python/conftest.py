@@ -63,10 +63,10 @@ def pytest_collection_finish(session):
     install = next((item for item in session.items if _is_install_test(item)), None)
     if install is not None and len(session.items) > 1:
         session.config.stash[_INSTALL_TESTS] = install.module
-        install.module.start_builds()
+        install.module.Builds.start()
 
 
 def pytest_sessionfinish(session):
     install = session.config.stash.get(_INSTALL_TESTS, None)
     if install is not None:
-        install.stop_builds()
+        install.Builds.stop()

@@ -3,7 +3,7 @@ and MPI on PATH the way modules offer them. Then everything runs from that venv.
 user with MPI hidden gets a clear message, or with RANKMESH_NO_MPI=1 a build without MPI.
 
 Slow (cold cargo builds as the user): conftest.py starts the builds when the session
-begins (`start_builds`), niced, in a thread, so they compile while the other tests wait on
+begins (`Builds.start`), niced, in a thread, so they compile while the other tests wait on
 their clusters, and runs this file's tests last."""
 
 import json
@@ -176,8 +176,10 @@ def _build_sdist_without_mpi(user: User) -> list[subprocess.CompletedProcess]:
     return [sdist, made]
 
 
-class _Builds:
-    """The user's two builds, started once per session, one after the other in a thread."""
+class Builds:
+    """The user's two builds (with MPI, then the sdist without), one after the other in a
+    thread, started once per session: conftest.py starts them once the session's tests are
+    collected, so that they compile beside the other tests, and stops them at its end."""
 
     user: User | None = None
     with_mpi: Future
@@ -203,24 +205,14 @@ class _Builds:
             subprocess.run(["pkill", "-KILL", "-u", USER], capture_output=True)
 
 
-def start_builds() -> None:
-    """Starts the builds the tests of this file check, so that they compile beside the
-    session's other tests (conftest.py calls this once the session's tests are collected)."""
-    _Builds.start()
-
-
-def stop_builds() -> None:
-    _Builds.stop()
-
-
 @pytest.fixture(scope="module")
 def built() -> User:
     _needs_root()
-    _Builds.start()
-    made = _Builds.with_mpi.result(timeout=BUILD_TIMEOUT)
+    Builds.start()
+    made = Builds.with_mpi.result(timeout=BUILD_TIMEOUT)
     assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-5000:]
-    assert _Builds.user is not None
-    return _Builds.user
+    assert Builds.user is not None
+    return Builds.user
 
 
 @pytest.mark.timeout(BUILD_TIMEOUT + 300)
@@ -284,7 +276,7 @@ def test_with_mpi_hidden_the_build_names_what_is_missing_or_builds_without_it(bu
     assert "no `mpicc` on PATH" in message and "RANKMESH_NO_MPI=1" in message
     assert "hwloc:" not in message, "hwloc is there: only MPI is missing"
 
-    steps = _Builds.without_mpi.result(timeout=2 * BUILD_TIMEOUT)
+    steps = Builds.without_mpi.result(timeout=2 * BUILD_TIMEOUT)
     for step in steps:
         assert step.returncode == 0, step.stdout[-3000:] + step.stderr[-5000:]
     assert len(steps) == 2

@@ -1080,7 +1080,8 @@ fn results_being_spilled_count_in_full_against_the_excess() {
     env.compute(vec![task_sized(11, &[(9, &[a])], 32 * KIB)]);
     assert_eq!(env.comm.take_fetches(), [(a, ids(&[9]))]);
     env.hold(1..=6, MIB); // at the target
-                          // The input on its way puts a task 32 KiB over: 1 (1 MiB) goes to disk for it.
+
+    // The input on its way puts a task 32 KiB over: 1 (1 MiB) goes to disk for it.
     env.compute(vec![task(10, &[])]);
     assert!(env.ran().is_empty());
     let handed: Vec<_> = env.comm.spills.drain(..).flatten().collect();
