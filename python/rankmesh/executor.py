@@ -4,6 +4,12 @@ The worker sends function blobs and batches of tasks over a Unix socket; inputs 
 inline or as shared-memory files that are mapped copy-on-write, so arrays are read in
 place and still writable. Results go back inline when small, else written once into a
 new shared-memory file that the worker then owns.
+
+Input files stay mapped from task to task while they exist (`MappedInputs`), so the
+tasks that read one chunk fault its pages in once. Unlike a fresh mapping per task, this
+means tasks on one executor share an input's pages: a task that changes an input array in
+place changes it for later tasks of that executor that read the same input, as tasks on
+one worker share objects in Dask distributed. The stored object itself never changes.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import mmap
 import os
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from . import in_memory_targets, serialize
@@ -20,6 +27,9 @@ from ._layout import INLINE_MAX, object_offsets
 
 # Finished results wait at most this long for others to share a message with.
 SEND_INTERVAL_S = 0.001
+
+# Input files kept mapped between tasks, at most (the most recently used).
+MAX_KEPT_MAPPINGS = 16
 
 # Frames of the runtime itself, left out of the tracebacks tasks send back.
 _RUNTIME_FILES = (__file__, serialize.__file__)
@@ -34,18 +44,90 @@ def decode_input(obj: tuple[str, object, list[int]]) -> object:
             data = bytearray(data)
         return serialize.loads_result(data, layout)
     if kind == "shm":
-        fd = os.open(data, os.O_RDONLY)
+        fd = _open_locked(data)
         try:
-            # While the mapping lives (it keeps a duplicate of fd, and with it this lock),
-            # the worker will not reuse the file's pages for another object.
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            # MAP_PRIVATE: writes land in private pages, the stored object stays intact.
-            # (Not MAP_POPULATE: on a private writable mapping it copies every page.)
-            mapped = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            return serialize.loads_result(_map(fd), layout)
         finally:
             os.close(fd)
-        return serialize.loads_result(mapped, layout)
     raise ValueError(f"unknown object kind {kind!r}")
+
+
+def _open_locked(path: str) -> int:
+    """The file, locked shared: while the lock holds (a mapping keeps a duplicate of the
+    descriptor, and with it the lock), the worker will not reuse its pages for another
+    object."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _map(fd: int) -> mmap.mmap:
+    # MAP_PRIVATE: writes land in private pages, the stored object stays intact.
+    # (Not MAP_POPULATE: on a private writable mapping it copies every page.)
+    return mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+class MappedInputs:
+    """Shared-memory input files kept mapped between tasks, by path: the tasks that read
+    one chunk (a rechunk's slices of it) fault its pages in once, and nothing is unmapped in
+    between. Only files in the worker's shared-memory folder, whose memory the worker
+    counts whether mapped or not: a spilled result mapped back from disk is unmapped after
+    each task, so that its pages leave memory.
+
+    A file is locked shared only while a task reads it, so the worker may recycle a kept
+    file once it lets the object go; it then removes or renames the file, and `forget_gone`
+    (on the worker's notice, and before each batch) unmaps whatever no longer exists. Object
+    file names are never used twice, so a mapping found by path is of that same object.
+    """
+
+    def __init__(self, shm_dir: str) -> None:
+        self._shm_dir = os.path.join(shm_dir, "")
+        self._kept: OrderedDict[str, tuple[int, mmap.mmap]] = OrderedDict()
+        self._locked: list[str] = []
+
+    def value(self, obj: tuple[str, object, list[int]]) -> object:
+        kind, path, layout = obj
+        if kind != "shm" or not path.startswith(self._shm_dir):
+            return decode_input(obj)
+        kept = self._kept.get(path)
+        if kept is None:
+            fd = _open_locked(path)
+            try:
+                kept = (fd, _map(fd))
+            except BaseException:
+                os.close(fd)
+                raise
+            self._kept[path] = kept
+            while len(self._kept) > MAX_KEPT_MAPPINGS:
+                self._forget(next(iter(self._kept)))
+        else:
+            self._kept.move_to_end(path)
+            fcntl.flock(kept[0], fcntl.LOCK_SH)
+        self._locked.append(path)
+        return serialize.loads_result(kept[1], layout)
+
+    def task_done(self) -> None:
+        """The task's inputs are no longer read: their files may be recycled."""
+        for path in self._locked:
+            kept = self._kept.get(path)
+            if kept is not None:
+                fcntl.flock(kept[0], fcntl.LOCK_UN)
+        self._locked.clear()
+
+    def forget_gone(self) -> None:
+        """Unmaps the files the worker removed or recycled."""
+        for path in [path for path in self._kept if not os.path.exists(path)]:
+            self._forget(path)
+
+    def _forget(self, path: str) -> None:
+        # The mapping goes with its last reference: at once, or when the arrays of a running
+        # task that read it go (its duplicate descriptor keeps the lock until then).
+        fd, _ = self._kept.pop(path)
+        os.close(fd)
 
 
 class TaskRunner:
@@ -56,6 +138,7 @@ class TaskRunner:
         self._executor_id = executor_id
         self._sequence = 0
         self.functions = serialize.Functions()
+        self.inputs = MappedInputs(shm_dir)
 
     def add_functions(self, blobs: Sequence[tuple[int, bytes]]) -> None:
         self.functions.add(blobs)
@@ -67,11 +150,11 @@ class TaskRunner:
         """(task_id, duration_us, "ok", ObjectTuple) or (..., "err", ErrorTuple)."""
         start = time.perf_counter_ns()
         try:
-            values = [decode_input(obj) for obj in inputs]
+            values = [self.inputs.value(obj) for obj in inputs]
             task = serialize.loads_payload(payload, self.functions, values)
             result = serialize.run_payload(task, values)
             name = serialize.payload_name(task)
-            del task, values  # inputs (and their mappings) go before the result is stored
+            del task, values  # inputs go before the result is stored
             frames, layout = serialize.dumps_result(result, name)
             del result
             stored = self._store(frames, layout)
@@ -79,6 +162,8 @@ class TaskRunner:
         except Exception as exc:  # noqa: BLE001 - every task error goes back to the client
             stored = serialize.dumps_error(exc, _RUNTIME_FILES)
             status = "err"
+        finally:
+            self.inputs.task_done()
         return task_id, (time.perf_counter_ns() - start) // 1000, status, stored
 
     def _store(self, frames: list, layout: list[int]) -> tuple[str, object, list[int]]:
@@ -124,7 +209,10 @@ def serve(link, runner: TaskRunner) -> None:
 
                     plugins = PluginHost()
                 plugins.update(message[1], message[2])
+            elif kind == "objects_released":
+                runner.inputs.forget_gone()
             elif kind == "run":
+                runner.inputs.forget_gone()
                 for task_id, payload, inputs in message[1]:
                     # Before each task, not after: a long task must not hold back results.
                     if pending and time.monotonic() - last_send > SEND_INTERVAL_S:

@@ -63,6 +63,7 @@ impl ExecutorLink {
         })?;
         let item: Bound<'py, PyTuple> = match msg {
             None | Some(ToExecutor::Shutdown) => PyTuple::new(py, ["shutdown"])?,
+            Some(ToExecutor::ObjectsReleased) => PyTuple::new(py, ["objects_released"])?,
             Some(ToExecutor::Functions(blobs)) => {
                 let blobs = blobs
                     .iter()

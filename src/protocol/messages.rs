@@ -578,6 +578,9 @@ pub enum ToExecutor {
         setup: Vec<Plugin>,
         teardown: Vec<String>,
     },
+    /// Objects in shared memory or on disk were let go: mappings the executor keeps of
+    /// inputs whose files are gone are dropped.
+    ObjectsReleased,
     Shutdown,
 }
 

@@ -216,6 +216,7 @@ pub async fn run_with(
         max_crashes: config.max_crashes,
         memory: config.memory.clone(),
         transport: transport.kind(),
+        host: config.advertise_host.clone(),
     };
     let mut state = WorkerState::new(settings, store);
     let mut comm = RuntimeComm {
@@ -513,6 +514,12 @@ impl WorkerComm for RuntimeComm {
     fn plugins(&mut self, slot: usize, generation: u64, setup: Vec<Plugin>, teardown: Vec<String>) {
         if let Some(executor) = self.executors.get_mut(slot) {
             executor.plugins(generation, setup, teardown);
+        }
+    }
+
+    fn objects_released(&mut self, slot: usize, generation: u64) {
+        if let Some(executor) = self.executors.get_mut(slot) {
+            executor.objects_released(generation);
         }
     }
 

@@ -76,6 +76,9 @@ pub trait WorkerComm {
     /// Has a slot's executor generation set up and tear down worker plugins, before the
     /// tasks sent after this.
     fn plugins(&mut self, slot: usize, generation: u64, setup: Vec<Plugin>, teardown: Vec<String>);
+    /// Tells a slot's executor generation that results in files were let go, so that it
+    /// unmaps the inputs it kept mapped whose files are gone.
+    fn objects_released(&mut self, slot: usize, generation: u64);
 }
 
 /// Something the worker asked to be reminded of (`WorkerComm::wake_after`).
@@ -99,6 +102,8 @@ pub struct WorkerSettings {
     pub memory: MemoryPolicy,
     /// How it receives results from peers (reported with its memory).
     pub transport: DataTransport,
+    /// The host it advertises: peers on it link its results rather than read their bytes.
+    pub host: String,
 }
 
 /// An assigned task, from arrival until its result is stored or it fails.
@@ -186,6 +191,7 @@ pub struct WorkerState {
     spill_backoff: u32,
     samples_since_report: u32,
     transport: DataTransport,
+    host: String,
     /// Fetches ended since the last flush.
     transferred: Vec<Transfer>,
 }
@@ -222,6 +228,7 @@ impl WorkerState {
             spill_backoff: 0,
             samples_since_report: 0,
             transport: settings.transport,
+            host: settings.host,
             transferred: Vec::new(),
         }
     }
@@ -254,7 +261,7 @@ impl WorkerState {
         match msg {
             ToWorker::Compute(tasks) => self.tasks_assigned(tasks, comm),
             ToWorker::Functions(blobs) => self.functions_received(blobs),
-            ToWorker::Release(ids) => self.results_released(&ids),
+            ToWorker::Release(ids) => self.results_released(&ids, comm),
             ToWorker::ReleaseFunctions(ids) => self.functions_released(&ids, comm),
             ToWorker::Cancel(ids) => self.tasks_cancelled(&ids, comm),
             ToWorker::PeerAdded(info) => {
@@ -394,6 +401,7 @@ impl WorkerState {
     /// tasks it cannot take rather than hold them forever.
     pub fn spill_finished(&mut self, outcomes: Vec<SpillOutcome>, comm: &mut impl WorkerComm) {
         let paused_before = self.paused_for_scheduler();
+        let mut files_released = false;
         for (id, original, result) in outcomes {
             self.memory.spill_ended(original.size());
             match result {
@@ -402,7 +410,9 @@ impl WorkerState {
                     if self.store.replace_spilled(id, &original, spilled) {
                         self.stats.spilled_objects += 1;
                         self.stats.spilled_bytes += size;
-                        if !original.is_shared() {
+                        if original.is_shared() {
+                            files_released = true;
+                        } else {
                             self.freed_bytes += size; // heap to give back
                         }
                     }
@@ -417,6 +427,9 @@ impl WorkerState {
                     self.spill_backoff = SAMPLES_BEFORE_SPILL_RETRY;
                 }
             }
+        }
+        if files_released {
+            self.files_released(comm);
         }
         if self.paused_for_scheduler() != paused_before {
             comm.send(FromWorker::Memory(self.memory_report()));
@@ -605,10 +618,27 @@ impl WorkerState {
     }
 
     /// Drops results from the store (a peer still sending one keeps it until done).
-    fn results_released(&mut self, ids: &[TaskId]) {
+    fn results_released(&mut self, ids: &[TaskId], comm: &mut impl WorkerComm) {
+        let mut files_released = false;
         for object in ids.iter().filter_map(|&id| self.store.remove(id)) {
-            if !object.is_shared() {
+            if object.is_shared() || object.is_spilled() {
+                files_released = true;
+            } else {
                 self.freed_bytes += object.size();
+            }
+        }
+        if files_released {
+            self.files_released(comm);
+        }
+    }
+
+    /// Executors keep the files of inputs mapped from task to task (a chunk that several
+    /// tasks read is faulted in once): once files go, each executor drops what it mapped
+    /// of them, so that their memory goes too.
+    fn files_released(&self, comm: &mut impl WorkerComm) {
+        for (index, slot) in self.slots.iter().enumerate() {
+            if slot.generation != 0 {
+                comm.objects_released(index, slot.generation);
             }
         }
     }
@@ -819,7 +849,7 @@ impl WorkerState {
                     duration_us: outcome.duration_us,
                 });
                 let object = self.store.insert(outcome.id, object);
-                if object.is_shared() {
+                if object.is_shared() && self.peers_read_bytes() {
                     comm.map_in(object);
                 }
             }
@@ -828,6 +858,13 @@ impl WorkerState {
                 self.fail(outcome.id, error, comm);
             }
         }
+    }
+
+    /// Whether peers may read this worker's results as bytes (over MPI, or over TCP from
+    /// another host), so that a new result's pages are worth mapping in ahead of a send.
+    /// Peers on this host link the file instead, and never touch this worker's mapping.
+    fn peers_read_bytes(&self) -> bool {
+        self.transport == DataTransport::Mpi || self.peers.values().any(|p| p.host != self.host)
     }
 
     /// Whatever the executor had in flight is lost. Alone on it, a task is to blame (and

@@ -19,20 +19,35 @@ from conftest import cluster_processes
 MIB = 1 << 20
 
 
-def pss(pid: int) -> int:
-    """Proportional set size: private pages plus a share of shared ones."""
+def pss_outside_shm(pid: int) -> int:
+    """Proportional set size without shared memory (counted from the files instead):
+    private pages, and a share of mapped files (libraries, spilled results mapped back)."""
+    total = 0
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
+                if line.startswith(("Pss_Anon:", "Pss_File:")):
+                    total += int(line.split()[1]) * 1024
     except (FileNotFoundError, ProcessLookupError):
         pass
-    return 0
+    return total
+
+
+def shm_bytes(worker_pid: int) -> int:
+    """Memory in a worker's shared-memory folder, its files mapped by anyone or no one."""
+    total = 0
+    for path in glob.glob(f"/dev/shm/rankmesh-{worker_pid}-*/*"):
+        try:
+            total += os.stat(path).st_blocks * 512
+        except FileNotFoundError:
+            pass
+    return total
 
 
 class WorkerMemoryWatch:
-    """Samples each worker's memory (the worker and its executors, PSS) every 50 ms."""
+    """Samples each worker's memory every 50 ms: the PSS of the worker and its executors,
+    with the files in its shared-memory folder in place of what they map of them (results
+    there take memory whether a process maps them or not)."""
 
     def __init__(self, cluster) -> None:
         self.cluster = cluster
@@ -48,7 +63,8 @@ class WorkerMemoryWatch:
                     pids = [worker.pid] + [p.pid for p in worker.children()]
                 except psutil.NoSuchProcess:
                     continue
-                self.peak = max(self.peak, sum(pss(pid) for pid in pids))
+                memory = sum(pss_outside_shm(pid) for pid in pids) + shm_bytes(worker.pid)
+                self.peak = max(self.peak, memory)
             time.sleep(0.05)
 
     def __enter__(self):

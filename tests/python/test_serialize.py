@@ -1,6 +1,8 @@
 """Payloads, results and errors round-trip through rankmesh.payloads, rankmesh.serialize
 and the executor's task runner, without a cluster."""
 
+import fcntl
+import os
 import pickle
 import threading
 import traceback
@@ -196,6 +198,63 @@ def test_runner_passes_inputs_to_calls(tmp_path, encoder):
     _, _, status, result = runner.run(2, payload, [stored])
     assert status == "ok"
     assert decode_input(result) == 10
+
+
+def locked_by_another(array):
+    """Whether an exclusive lock on the file behind `array`'s memory is refused (as the
+    worker's pool asks before it reuses a segment)."""
+    import fcntl
+
+    path = next(line.split()[-1] for line in open("/proc/self/maps") if "/7-1" in line)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def add_in_place(array):
+    array += 1
+    return float(array[0])
+
+
+def mapped_paths():
+    return {line.split()[-1] for line in open("/proc/self/maps") if "/7-" in line}
+
+
+def test_inputs_stay_mapped_between_tasks_locked_only_while_one_runs(tmp_path, encoder):
+    runner = TaskRunner(str(tmp_path), "7")
+    payload, _, _ = encoder.data(np.zeros(INLINE_MAX))  # 8 x INLINE_MAX bytes
+    _, _, _, stored = runner.run(1, payload, [])
+    path = stored[1]
+    assert path == str(tmp_path / "7-1") and path not in mapped_paths()
+
+    def call(func):
+        payload, _, funcs = encoder.call(func, (future(1),), {})
+        runner.add_functions(submitted(encoder, funcs))
+        status, value = runner.run(2, payload, [stored])[2:]
+        assert status == "ok", value
+        return decode_input(value)
+
+    assert call(locked_by_another) is True, "locked while a task reads it"
+    assert path in mapped_paths(), "kept mapped after the task"
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # not locked between tasks
+    os.close(fd)
+    # Tasks on this executor share the kept pages (as tasks of a Dask worker share an
+    # object); the stored object stays as it was.
+    assert call(add_in_place) == 1.0
+    assert call(add_in_place) == 2.0
+    assert np.all(decode_input(stored) == 0)
+    # The worker lets the object go (its file removed or recycled): unmapped on its notice.
+    runner.inputs.forget_gone()
+    assert path in mapped_paths()
+    os.unlink(path)
+    runner.inputs.forget_gone()
+    assert not any(p.startswith(path) for p in mapped_paths())
 
 
 def raise_value_error(x):

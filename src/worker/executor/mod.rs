@@ -49,4 +49,7 @@ pub trait Executor: Send {
 
     /// Sets worker plugins up and tears them down, before the work queued after this.
     fn plugins(&mut self, generation: u64, setup: Vec<Plugin>, teardown: Vec<String>);
+
+    /// Results in files were let go: the executor stops mapping those it kept mapped.
+    fn objects_released(&mut self, generation: u64);
 }

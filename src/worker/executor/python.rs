@@ -77,6 +77,11 @@ impl Executor for PythonExecutor {
         let plugins = ToExecutor::Plugins { setup, teardown };
         let _ = self.tx.send(Work::Send(generation, plugins));
     }
+
+    fn objects_released(&mut self, generation: u64) {
+        let released = ToExecutor::ObjectsReleased;
+        let _ = self.tx.send(Work::Send(generation, released));
+    }
 }
 
 /// Starts, serves and restarts one executor slot until shutdown.

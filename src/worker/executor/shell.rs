@@ -53,6 +53,9 @@ impl Executor for ShellExecutor {
 
     /// Plugins are Python: a shell executor has nothing to set up.
     fn plugins(&mut self, _generation: u64, _setup: Vec<Plugin>, _teardown: Vec<String>) {}
+
+    /// Commands read no objects.
+    fn objects_released(&mut self, _generation: u64) {}
 }
 
 async fn run_command(payload: &[u8]) -> Result<ObjectRef, ErrorInfo> {

@@ -44,6 +44,8 @@ struct TestComm {
     restarts: VecDeque<(usize, u64, String)>,
     wakes: VecDeque<(Duration, Wake)>,
     plugins: VecDeque<(usize, u64, Vec<Plugin>, Vec<String>)>,
+    /// Executor generations told that results in files were let go.
+    objects_released: VecDeque<(usize, u64)>,
 }
 
 impl WorkerComm for TestComm {
@@ -107,6 +109,13 @@ impl WorkerComm for TestComm {
         self.restarts.push_back((slot, generation, reason));
     }
 
+    fn objects_released(&mut self, slot: usize, generation: u64) {
+        let ToExecutor::ObjectsReleased = round_trip(&ToExecutor::ObjectsReleased) else {
+            unreachable!("ObjectsReleased stays ObjectsReleased")
+        };
+        self.objects_released.push_back((slot, generation));
+    }
+
     fn wake_after(&mut self, delay: Duration, wake: Wake) {
         self.wakes.push_back((delay, wake));
     }
@@ -148,6 +157,12 @@ impl TestComm {
         );
         assert!(self.runs.is_empty(), "unexpected runs: {:?}", self.runs);
         assert!(self.released_functions.is_empty());
+        assert!(
+            self.objects_released.is_empty(),
+            "unexpected release notices: {:?}",
+            self.objects_released
+        );
+
         assert!(self.spills.is_empty(), "unexpected spills");
         assert!(
             self.restarts.is_empty(),
@@ -216,6 +231,7 @@ impl TestEnv {
             max_crashes: 3,
             memory,
             transport: DataTransport::Tcp,
+            host: "node".into(),
         };
         let mut env = TestEnv {
             state: WorkerState::new(settings, store.clone()),
@@ -282,6 +298,11 @@ impl TestEnv {
             .into_iter()
             .map(|r| (r.slot, r.tasks))
             .collect()
+    }
+
+    /// The executor generations told that results in files were let go, since the last look.
+    fn release_notices(&mut self) -> Vec<(usize, u64)> {
+        self.comm.objects_released.drain(..).collect()
     }
 
     fn done_ids(&mut self) -> Vec<TaskId> {
@@ -391,31 +412,49 @@ fn executors_get_no_more_than_their_queue_depth() {
 }
 
 #[test]
-fn a_large_result_is_taken_over_and_mapped_in() {
+fn a_large_result_is_taken_over_and_mapped_in_once_a_peer_reads_bytes() {
     let mut env = TestEnv::new(1);
     let shm = ShmDir::create("rankmesh-test").expect("a shared-memory folder");
-    // What the executor wrote: its file, of the layout's size.
-    let path = shm.path().join("0.1-1");
-    std::fs::write(&path, vec![5u8; 100_032]).expect("written");
+    // What the executor wrote: its files, of the layout's size.
+    let written: Vec<PathBuf> = (1..=2)
+        .map(|i| {
+            let path = shm.path().join(format!("0.1-{i}"));
+            std::fs::write(&path, vec![5u8; 100_032]).expect("written");
+            path
+        })
+        .collect();
     env.comm.shm = Some(shm);
-    env.compute(vec![task(1, &[])]);
-    env.ran();
-    let outcome = TaskOutcome {
-        result: Ok(ObjectRef::Shm {
-            path: path.display().to_string(),
-            layout: vec![100_000],
-        }),
-        ..ok(1)
+    let finish = |env: &mut TestEnv, id: u64, path: &Path| {
+        env.compute(vec![task(id, &[])]);
+        env.ran();
+        let outcome = TaskOutcome {
+            result: Ok(ObjectRef::Shm {
+                path: path.display().to_string(),
+                layout: vec![100_000],
+            }),
+            ..ok(id)
+        };
+        env.results(0, vec![outcome]);
+        assert_eq!(env.done_ids(), ids(&[id]));
     };
-    env.results(0, vec![outcome]);
-    assert_eq!(env.comm.adopted, [path]);
+    finish(&mut env, 1, &written[0]);
+    assert_eq!(env.comm.adopted, [written[0].clone()]);
     assert_eq!(
-        env.comm.mapped_in, 1,
-        "its pages are mapped in off the loop"
+        env.comm.mapped_in, 0,
+        "peers on this host link the file: its pages stay where the executor wrote them"
     );
     let stored = env.store.get(TaskId(1)).expect("stored");
     assert!(stored.is_shared() && stored.bytes()[..100_000].iter().all(|&b| b == 5));
-    assert_eq!(env.done_ids(), ids(&[1]));
+    let elsewhere = WorkerInfo {
+        host: "node2".into(),
+        ..peer(WorkerId(9))
+    };
+    env.scheduler(ToWorker::PeerAdded(elsewhere));
+    finish(&mut env, 2, &written[1]);
+    assert_eq!(
+        env.comm.mapped_in, 1,
+        "a peer on another host reads bytes: they are mapped in off the loop"
+    );
     env.comm.emptiness_check();
 }
 
@@ -1044,6 +1083,27 @@ fn above_the_target_the_least_recently_used_idle_results_are_spilled() {
     assert!(spilled.is_spilled() && spilled.bytes().iter().all(|&b| b == 5));
     assert!(being_sent.is_shared(), "the busy ones stay in memory");
     assert!(env.store.get(TaskId(2)).is_some_and(|o| o.is_shared()));
+    assert_eq!(env.release_notices(), [(0, 1)], "files went");
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn executors_hear_when_results_in_files_are_released() {
+    let mut env = TestEnv::with_memory(2, limited());
+    env.store.insert(TaskId(1), small(1));
+    env.scheduler(ToWorker::Release(ids(&[1])));
+    assert!(
+        env.release_notices().is_empty(),
+        "a result on the heap is mapped by no one"
+    );
+    env.hold(2..=3, MIB);
+    env.died(1);
+    env.scheduler(ToWorker::Release(ids(&[2, 3])));
+    assert_eq!(
+        env.release_notices(),
+        [(0, 1)],
+        "one notice for the event, to each executor that is up"
+    );
     env.comm.emptiness_check();
 }
 
@@ -1070,6 +1130,7 @@ fn a_result_released_while_it_is_spilled_is_not_counted_as_spilled() {
     let (dir, _) = env.spill.as_ref().expect("a spill folder");
     let files = std::fs::read_dir(dir.path()).expect("readable").count();
     assert_eq!(files, 0, "its copy on disk is removed");
+    assert_eq!(env.release_notices(), [(0, 1)], "files went");
     env.comm.emptiness_check();
 }
 
@@ -1227,6 +1288,7 @@ fn after_a_failed_spill_spilling_waits_a_second_of_samples_then_resumes_and_repa
     assert!(env.memory_report().paused);
     env.compute(vec![task(1, &[])]);
     assert!(env.ran().is_empty());
+    assert_eq!(env.release_notices(), [(0, 1)], "files went");
     env.comm.emptiness_check();
 }
 
@@ -1330,6 +1392,11 @@ fn memory_goes_to_the_scheduler_every_twentieth_sample_and_after_a_spill_with_th
     let outcomes = env.write(batch);
     env.spill_finished(outcomes);
     env.store.get(TaskId(1)).expect("a peer reads it back");
+    assert_eq!(
+        env.release_notices(),
+        [(0, 1)],
+        "their files in memory went"
+    );
     env.comm.emptiness_check();
     env.sampled(calm.clone());
     let expected = WorkerMemory {
