@@ -28,7 +28,8 @@ from ._layout import INLINE_MAX, object_offsets
 # Finished results wait at most this long for others to share a message with.
 SEND_INTERVAL_S = 0.001
 
-# Input files kept mapped between tasks, at most (the most recently used).
+# Input files kept mapped between tasks, at most (the most recently used); a worker with
+# a memory limit also caps their bytes (RANKMESH_KEEP_MAPPED_BYTES).
 MAX_KEPT_MAPPINGS = 16
 
 # Frames of the runtime itself, left out of the tracebacks tasks send back.
@@ -84,9 +85,11 @@ class MappedInputs:
     file names are never used twice, so a mapping found by path is of that same object.
     """
 
-    def __init__(self, shm_dir: str) -> None:
+    def __init__(self, shm_dir: str, max_bytes: int | None) -> None:
         self._shm_dir = os.path.join(shm_dir, "")
+        self._max_bytes = max_bytes
         self._kept: OrderedDict[str, tuple[int, mmap.mmap]] = OrderedDict()
+        self._kept_bytes = 0
         self._locked: list[str] = []
 
     def value(self, obj: tuple[str, object, list[int]]) -> object:
@@ -102,7 +105,10 @@ class MappedInputs:
                 os.close(fd)
                 raise
             self._kept[path] = kept
-            while len(self._kept) > MAX_KEPT_MAPPINGS:
+            self._kept_bytes += len(kept[1])
+            while len(self._kept) > MAX_KEPT_MAPPINGS or (
+                self._max_bytes is not None and self._kept_bytes > self._max_bytes
+            ):
                 self._forget(next(iter(self._kept)))
         else:
             self._kept.move_to_end(path)
@@ -126,19 +132,22 @@ class MappedInputs:
     def _forget(self, path: str) -> None:
         # The mapping goes with its last reference: at once, or when the arrays of a running
         # task that read it go (its duplicate descriptor keeps the lock until then).
-        fd, _ = self._kept.pop(path)
+        fd, mapped = self._kept.pop(path)
+        self._kept_bytes -= len(mapped)
         os.close(fd)
 
 
 class TaskRunner:
     """Runs tasks and turns their results into ObjectTuples or ErrorTuples."""
 
-    def __init__(self, shm_dir: str, executor_id: str) -> None:
+    def __init__(
+        self, shm_dir: str, executor_id: str, keep_mapped_bytes: int | None = None
+    ) -> None:
         self._shm_dir = shm_dir
         self._executor_id = executor_id
         self._sequence = 0
         self.functions = serialize.Functions()
-        self.inputs = MappedInputs(shm_dir)
+        self.inputs = MappedInputs(shm_dir, keep_mapped_bytes)
 
     def add_functions(self, blobs: Sequence[tuple[int, bytes]]) -> None:
         self.functions.add(blobs)
@@ -243,7 +252,8 @@ def main() -> int:
     shm_dir, executor_id = os.environ["RANKMESH_SHM_DIR"], os.environ["RANKMESH_EXECUTOR_ID"]
     report_fatal_signals(os.path.join(shm_dir, f"{executor_id}.fault"))
     in_memory_targets.install()
-    runner = TaskRunner(shm_dir, executor_id)
+    keep = os.environ.get("RANKMESH_KEEP_MAPPED_BYTES")
+    runner = TaskRunner(shm_dir, executor_id, None if keep is None else int(keep))
     serve(link, runner)
     return 0
 

@@ -25,6 +25,10 @@ use tokio_util::task::TaskTracker;
 
 /// Tells task code which worker runs it (`rankmesh.get_worker()`).
 const WORKER_ID_ENV: &str = "RANKMESH_WORKER_ID";
+/// The bytes of input files an executor may keep mapped between tasks (`executor.py`): a
+/// file the worker spills or releases stays in memory until the executor hears of it,
+/// after its current task, so a worker with a limit lets its executors keep a tenth of it.
+const KEEP_MAPPED_BYTES_ENV: &str = "RANKMESH_KEEP_MAPPED_BYTES";
 /// A retired worker's exit status: `rankmesh local` replaces workers that exit otherwise.
 pub const RETIRED_EXIT_CODE: i32 = 3;
 
@@ -162,7 +166,7 @@ pub async fn run_with(
     tasks.spawn(forward_to_scheduler(writer, outbound));
 
     let (events_tx, events) = mpsc::unbounded_channel();
-    let executor_config = PythonExecutorConfig {
+    let mut executor_config = PythonExecutorConfig {
         python: config.python.clone(),
         token: config.token.clone(),
         shm_dir: shm.path().to_path_buf(),
@@ -177,6 +181,10 @@ pub async fn run_with(
             .collect(),
     };
     let slots = config.nthreads.max(1) as usize;
+    if config.memory.limit > 0 {
+        let keep = config.memory.limit / 10 / slots as u64;
+        (executor_config.env).push((KEEP_MAPPED_BYTES_ENV.to_string(), keep.to_string()));
+    }
     let executors = (0..slots)
         .map(|slot| -> Box<dyn Executor> {
             match config.executor {

@@ -257,6 +257,16 @@ def test_inputs_stay_mapped_between_tasks_locked_only_while_one_runs(tmp_path, e
     assert not any(p.startswith(path) for p in mapped_paths())
 
 
+def test_a_worker_with_a_memory_limit_caps_the_bytes_kept_mapped(tmp_path, encoder):
+    runner = TaskRunner(str(tmp_path), "7", keep_mapped_bytes=INLINE_MAX)
+    payload, _, _ = encoder.data(np.zeros(INLINE_MAX))  # 8 x INLINE_MAX bytes
+    stored = runner.run(1, payload, [])[3]
+    payload, _, funcs = encoder.call(np.sum, (future(1),), {})
+    runner.add_functions(submitted(encoder, funcs))
+    assert decode_input(runner.run(2, payload, [stored])[3]) == 0
+    assert stored[1] not in mapped_paths(), "over the cap: unmapped after the task"
+
+
 def raise_value_error(x):
     raise ValueError(f"bad value {x}")
 
