@@ -166,7 +166,12 @@ pub async fn run_with(
     tasks.spawn(forward_to_scheduler(writer, outbound));
 
     let (events_tx, events) = mpsc::unbounded_channel();
-    let mut executor_config = PythonExecutorConfig {
+    let slots = config.nthreads.max(1) as usize;
+    let keep_mapped = (config.memory.limit > 0).then(|| {
+        let bytes = config.memory.limit / 10 / slots as u64;
+        (KEEP_MAPPED_BYTES_ENV.to_string(), bytes.to_string())
+    });
+    let executor_config = PythonExecutorConfig {
         python: config.python.clone(),
         token: config.token.clone(),
         shm_dir: shm.path().to_path_buf(),
@@ -178,13 +183,9 @@ pub async fn run_with(
                 (WORKER_ID_ENV.to_string(), worker_id.0.to_string()),
                 (SCHEDULER_ADDRESS_ENV.to_string(), config.scheduler.clone()),
             ])
+            .chain(keep_mapped)
             .collect(),
     };
-    let slots = config.nthreads.max(1) as usize;
-    if config.memory.limit > 0 {
-        let keep = config.memory.limit / 10 / slots as u64;
-        (executor_config.env).push((KEEP_MAPPED_BYTES_ENV.to_string(), keep.to_string()));
-    }
     let executors = (0..slots)
         .map(|slot| -> Box<dyn Executor> {
             match config.executor {

@@ -192,6 +192,8 @@ pub struct WorkerState {
     samples_since_report: u32,
     transport: DataTransport,
     host: String,
+    /// Peers on another host than `host` (kept with `peers`: asked after every result).
+    peers_elsewhere: usize,
     /// Fetches ended since the last flush.
     transferred: Vec<Transfer>,
 }
@@ -229,6 +231,7 @@ impl WorkerState {
             samples_since_report: 0,
             transport: settings.transport,
             host: settings.host,
+            peers_elsewhere: 0,
             transferred: Vec::new(),
         }
     }
@@ -265,10 +268,14 @@ impl WorkerState {
             ToWorker::ReleaseFunctions(ids) => self.functions_released(&ids, comm),
             ToWorker::Cancel(ids) => self.tasks_cancelled(&ids, comm),
             ToWorker::PeerAdded(info) => {
-                self.peers.insert(info.id, info);
+                let elsewhere = info.host != self.host;
+                let replaced = self.peers.insert(info.id, info);
+                self.peers_elsewhere += usize::from(elsewhere);
+                self.peers_elsewhere -= usize::from(replaced.is_some_and(|p| p.host != self.host));
             }
             ToWorker::PeerRemoved(id) => {
-                self.peers.remove(&id);
+                let removed = self.peers.remove(&id);
+                self.peers_elsewhere -= usize::from(removed.is_some_and(|p| p.host != self.host));
             }
             ToWorker::Plugins(plugins) => self.plugins_registered(plugins, comm),
             ToWorker::RestartExecutors => {
@@ -621,7 +628,7 @@ impl WorkerState {
     fn results_released(&mut self, ids: &[TaskId], comm: &mut impl WorkerComm) {
         let mut files_released = false;
         for object in ids.iter().filter_map(|&id| self.store.remove(id)) {
-            if object.is_shared() || object.is_spilled() {
+            if object.is_shared() {
                 files_released = true;
             } else {
                 self.freed_bytes += object.size();
@@ -632,9 +639,9 @@ impl WorkerState {
         }
     }
 
-    /// Executors keep the files of inputs mapped from task to task (a chunk that several
-    /// tasks read is faulted in once): once files go, each executor drops what it mapped
-    /// of them, so that their memory goes too.
+    /// Executors keep the shared-memory files of inputs mapped from task to task (a chunk
+    /// that several tasks read is faulted in once): once files go, each executor drops what
+    /// it mapped of them, so that their memory goes too. (Spilled files are not kept.)
     fn files_released(&self, comm: &mut impl WorkerComm) {
         for (index, slot) in self.slots.iter().enumerate() {
             if slot.generation != 0 {
@@ -864,7 +871,7 @@ impl WorkerState {
     /// another host), so that a new result's pages are worth mapping in ahead of a send.
     /// Peers on this host link the file instead, and never touch this worker's mapping.
     fn peers_read_bytes(&self) -> bool {
-        self.transport == DataTransport::Mpi || self.peers.values().any(|p| p.host != self.host)
+        self.transport == DataTransport::Mpi || self.peers_elsewhere > 0
     }
 
     /// Whatever the executor had in flight is lost. Alone on it, a task is to blame (and
@@ -1212,6 +1219,8 @@ impl WorkerState {
                 assert_eq!(task.working, 0, "task {id} counts memory but does not run");
             }
         }
+        let elsewhere = self.peers.values().filter(|p| p.host != self.host).count();
+        assert_eq!(elsewhere, self.peers_elsewhere, "peers on other hosts");
         let working: u64 = self.tasks.values().map(|t| t.working).sum();
         assert_eq!(
             working, self.working_bytes,
