@@ -398,6 +398,9 @@ pub struct ComputeTask {
     pub payload: Bytes,
     pub inputs: Vec<InputLocation>,
     pub priority: i64,
+    /// Tasks still to run will read its result; false: only a client wants it (a chunk
+    /// being persisted, a final result), so under memory pressure it is spilled first.
+    pub read_by_tasks: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -15,6 +15,7 @@ use crate::protocol::{frame_offsets, ObjectRef, TaskId, INLINE_MAX};
 use bytes::Bytes;
 use memmap2::{Mmap, MmapMut};
 use pool::SegmentPool;
+use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
@@ -674,21 +675,26 @@ impl Store {
     }
 
     /// Objects in memory nobody but the store holds (no task reads them, no peer is being
-    /// sent them), least recently used first, until they add up to `bytes`. Small heap
-    /// objects too: thousands of them (a reduction's pieces) can fill a worker as surely
-    /// as a few large ones.
-    pub fn spill_candidates(&self, bytes: u64) -> Vec<(TaskId, Arc<Object>)> {
+    /// sent them), until they add up to `bytes`: those `needed_at` says are needed last
+    /// first (a larger value is later), then the least recently used. Small heap objects
+    /// too: thousands of them (a reduction's pieces) can fill a worker as surely as a few
+    /// large ones.
+    pub fn spill_candidates(
+        &self,
+        bytes: u64,
+        needed_at: impl Fn(TaskId) -> i64,
+    ) -> Vec<(TaskId, Arc<Object>)> {
         let objects = self.lock();
-        let mut idle: Vec<(u64, TaskId, &Arc<Object>)> = objects
+        let mut idle: Vec<(Reverse<i64>, u64, TaskId, &Arc<Object>)> = objects
             .entries
             .iter()
             .filter(|(_, e)| !e.object.is_spilled() && Arc::strong_count(&e.object) == 1)
-            .map(|(id, e)| (e.last_used, *id, &e.object))
+            .map(|(id, e)| (Reverse(needed_at(*id)), e.last_used, *id, &e.object))
             .collect();
-        idle.sort_unstable_by_key(|(last_used, ..)| *last_used);
+        idle.sort_unstable_by_key(|(needed, last_used, ..)| (*needed, *last_used));
         let mut total = 0;
         let mut chosen = Vec::new();
-        for (_, id, object) in idle {
+        for (.., id, object) in idle {
             if total >= bytes {
                 break;
             }

@@ -5,19 +5,26 @@
 use super::{Object, ObjectData, StoreError};
 use crate::private_files;
 use memmap2::Mmap;
-use std::io::Write;
+use std::fs::File;
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Spill folders are named `{SPILL_PREFIX}-{pid}-{random}`, so that a sweep finds those of
 /// dead workers.
 pub const SPILL_PREFIX: &str = "rankmesh-spill";
 
-/// A spilled object's file, mapped; removed when dropped.
+/// Emptied files kept for the next spills at most: empty inodes, nothing on disk.
+const MAX_EMPTIED_FILES: usize = 4096;
+
+/// A spilled object's file, mapped; emptied for reuse when dropped (or removed).
 #[derive(Debug)]
 pub(super) struct DiskFile {
     path: PathBuf,
     map: Option<Mmap>,
+    file: Option<File>,
+    emptied: Arc<EmptiedFiles>,
 }
 
 impl DiskFile {
@@ -46,7 +53,69 @@ impl DiskFile {
 
 impl Drop for DiskFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        self.map = None;
+        let kept = self
+            .file
+            .take()
+            .is_some_and(|file| self.emptied.keep(&self.path, file));
+        if !kept {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Files of released results, emptied, to write the next spills into. A spill used to
+/// create a file and a release remove it; on ext4, creating an inode soon after others
+/// were deleted scans the inode table for recently deleted ones (`recently_deleted`):
+/// 7% of all CPU time in bench_memory.py's rechunk, 4% with files kept.
+#[derive(Debug, Default)]
+struct EmptiedFiles {
+    free: Mutex<Vec<(PathBuf, File)>>,
+    renamed: AtomicU64,
+}
+
+impl EmptiedFiles {
+    /// Empties `file` (at `path`) and keeps it, unless an executor still maps it (it holds
+    /// a shared lock then, and the file is removed instead: its pages live on for that
+    /// mapping) or enough are kept. Renamed first: a late reader of the object's name
+    /// finds no file rather than another object's bytes.
+    fn keep(&self, path: &Path, file: File) -> bool {
+        if file.try_lock().is_err() || file.unlock().is_err() {
+            return false;
+        }
+        let mut free = self.lock();
+        if free.len() >= MAX_EMPTIED_FILES {
+            return false;
+        }
+        let n = self.renamed.fetch_add(1, Ordering::Relaxed);
+        let free_path = path.with_file_name(format!("free-{n}"));
+        if std::fs::rename(path, &free_path).is_err() {
+            return false;
+        }
+        if file.set_len(0).is_err() {
+            let _ = std::fs::remove_file(&free_path);
+            return true; // gone either way
+        }
+        free.push((free_path, file));
+        true
+    }
+
+    /// A kept file, renamed to `path`.
+    fn take(&self, path: &Path) -> Option<File> {
+        while let Some((free_path, mut file)) = self.lock().pop() {
+            if std::fs::rename(&free_path, path).is_ok() && file.rewind().is_ok() {
+                return Some(file);
+            }
+            let _ = std::fs::remove_file(&free_path);
+        }
+        None
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(PathBuf, File)>> {
+        // A panic while holding this lock leaves the list consistent (single pushes/pops).
+        self.free
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -55,6 +124,7 @@ impl Drop for DiskFile {
 pub struct SpillDir {
     dir: PathBuf,
     next: AtomicU64,
+    emptied: Arc<EmptiedFiles>,
 }
 
 impl SpillDir {
@@ -65,6 +135,7 @@ impl SpillDir {
         Ok(SpillDir {
             dir,
             next: AtomicU64::new(0),
+            emptied: Arc::default(),
         })
     }
 
@@ -82,27 +153,49 @@ impl SpillDir {
             path: path.clone(),
             source,
         };
-        let written = private_files::new_file_options()
-            .open(&path)
-            .and_then(|mut file| {
-                file.write_all(object.bytes())?;
-                Ok(file)
-            });
-        // From here on the file is owned, so every error path below removes it.
+        let mut file = match self.emptied.take(&path) {
+            Some(file) => file,
+            None => private_files::new_file_options().open(&path).map_err(io)?,
+        };
+        let mapped = write_object(object, &mut file).and_then(|()| match object.size() {
+            0 => Ok(None),
+            // SAFETY: the file is ours, in a private folder, and nobody writes it again.
+            _ => unsafe { Mmap::map(&file) }.map(Some),
+        });
+        // Owned from here, so an error below empties or removes the file.
         let mut disk = DiskFile {
             path: path.clone(),
             map: None,
+            file: Some(file),
+            emptied: self.emptied.clone(),
         };
-        let file = written.map_err(io)?;
-        if object.size() > 0 {
-            // SAFETY: the file is ours, in a private folder, and nobody writes it again.
-            disk.map = Some(unsafe { Mmap::map(&file) }.map_err(io)?);
-        }
+        disk.map = mapped.map_err(io)?;
         Ok(Object {
             layout: object.layout.clone(),
             data: ObjectData::Disk(disk),
         })
     }
+}
+
+/// Writes `object`'s bytes to `file`. One in shared memory is copied file to file by the
+/// kernel (`sendfile`), not through this process's mapping of it: reading a mapping the
+/// worker had not faulted in made each write stop short, zero what it had prepared and
+/// fault the source in (zeroing alone was 5.5% of all CPU time in bench_memory.py's
+/// rechunk).
+fn write_object(object: &Object, file: &mut File) -> std::io::Result<()> {
+    let Some(shared) = object.shared_path() else {
+        return file.write_all(object.bytes());
+    };
+    let mut source = File::open(shared)?.take(object.size());
+    let copied = std::io::copy(&mut source, file)?;
+    if copied != object.size() {
+        let message = format!("copied {copied} of {} bytes", object.size());
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            message,
+        ));
+    }
+    Ok(())
 }
 
 impl Drop for SpillDir {
@@ -142,7 +235,7 @@ mod tests {
     }
 
     #[test]
-    fn the_store_spills_the_least_recently_used_idle_objects_and_counts_bytes() {
+    fn the_store_spills_idle_objects_needed_last_then_least_recently_used_and_counts_bytes() {
         let local = tempfile::tempdir().unwrap();
         let spill = SpillDir::create(local.path()).unwrap();
         let shm = ShmDir::create("rankmesh-test").unwrap();
@@ -154,7 +247,12 @@ mod tests {
         store.get(TaskId(0)); // used again: now the most recent
         let in_use = store.get(TaskId(1)); // held by a task: not to be spilled
         assert_eq!(store.bytes().in_memory, 3 * size);
-        let chosen = store.spill_candidates(2 * size);
+        // What is needed later goes first, whenever it was last used.
+        let needed_at = |id| if id == TaskId(0) { 9 } else { 1 };
+        let needed_last = store.spill_candidates(size, needed_at);
+        assert_eq!(needed_last[0].0, TaskId(0));
+        drop(needed_last);
+        let chosen = store.spill_candidates(2 * size, |_| 0);
         let ids: Vec<TaskId> = chosen.iter().map(|(id, _)| *id).collect();
         assert_eq!(
             ids,
@@ -176,7 +274,16 @@ mod tests {
         let late = spill.spill(original).unwrap();
         store.remove(*id);
         assert!(!store.replace_spilled(*id, original, late));
-        assert_eq!(std::fs::read_dir(spill.path()).unwrap().count(), 1);
+        let names = std::fs::read_dir(spill.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name());
+        let (emptied, objects): (Vec<_>, Vec<_>) =
+            names.partition(|name| name.to_string_lossy().starts_with("free-"));
+        assert_eq!(
+            (emptied.len(), objects.len()),
+            (1, 1),
+            "kept empty for reuse"
+        );
         // Read back for a task: counted.
         assert!(store
             .get(TaskId(2))
@@ -189,13 +296,56 @@ mod tests {
     }
 
     #[test]
+    fn a_released_spill_file_is_emptied_and_written_again_unless_an_executor_maps_it() {
+        use std::os::unix::fs::MetadataExt;
+        let local = tempfile::tempdir().unwrap();
+        let spill = SpillDir::create(local.path()).unwrap();
+        let shm = ShmDir::create("rankmesh-test").unwrap();
+        let files = || -> Vec<(String, u64, u64)> {
+            let mut found: Vec<_> = std::fs::read_dir(spill.path())
+                .unwrap()
+                .map(|e| {
+                    let e = e.unwrap();
+                    let meta = e.metadata().unwrap();
+                    (e.file_name().into_string().unwrap(), meta.ino(), meta.len())
+                })
+                .collect();
+            found.sort();
+            found
+        };
+        let first = spill.spill(&shm_object(&shm, 1)).unwrap();
+        let [(name, inode, len)] = files().try_into().unwrap();
+        assert_eq!(len, first.size());
+        drop(first);
+        assert_eq!(
+            files(),
+            [("free-0".to_string(), inode, 0)],
+            "renamed, emptied"
+        );
+        let second = spill.spill(&shm_object(&shm, 2)).unwrap();
+        let [(second_name, second_inode, _)] = files().try_into().unwrap();
+        assert_eq!(second_inode, inode, "the same file");
+        assert_ne!(second_name, name, "under a new name");
+        assert!(second.bytes().iter().all(|&b| b == 2));
+        // An executor maps it (holding a shared lock): removed, not reused under it.
+        let ObjectRef::Shm { path, .. } = second.to_ref() else {
+            panic!("a path")
+        };
+        let reader = File::open(&path).unwrap();
+        reader.lock_shared().unwrap();
+        drop(second);
+        assert!(files().is_empty());
+        drop(reader);
+    }
+
+    #[test]
     fn small_heap_objects_are_spilled_too_and_mapped_back_by_path() {
         let local = tempfile::tempdir().unwrap();
         let spill = SpillDir::create(local.path()).unwrap();
         let store = Store::default();
         let small = Object::inline(bytes::Bytes::from(vec![7u8; 128]), vec![128]).unwrap();
         store.insert(TaskId(1), small);
-        let chosen = store.spill_candidates(1);
+        let chosen = store.spill_candidates(1, |_| 0);
         assert_eq!(chosen.len(), 1);
         let (id, original) = &chosen[0];
         let spilled = spill.spill(original).unwrap();

@@ -196,6 +196,8 @@ pub struct WorkerState {
     peers_elsewhere: usize,
     /// Fetches ended since the last flush.
     transferred: Vec<Transfer>,
+    /// Results made here that no task will read (`ComputeTask::read_by_tasks`).
+    unread: IdSet<TaskId>,
 }
 
 impl WorkerState {
@@ -233,6 +235,7 @@ impl WorkerState {
             host: settings.host,
             peers_elsewhere: 0,
             transferred: Vec::new(),
+            unread: IdSet::default(),
         }
     }
 
@@ -461,8 +464,8 @@ impl WorkerState {
         self.shrink_tables();
     }
 
-    /// Hands `bytes` of idle results, least recently used first, to be spilled (none for
-    /// a while after a spill failed).
+    /// Hands `bytes` of idle results to be spilled (none for a while after a spill
+    /// failed), in the order of [`Self::spill_order`].
     fn spill(&mut self, bytes: u64, comm: &mut impl WorkerComm) {
         if bytes == 0 {
             return;
@@ -471,7 +474,7 @@ impl WorkerState {
             self.memory.spill_ended(bytes);
             return;
         }
-        let chosen = self.store.spill_candidates(bytes);
+        let chosen = self.store.spill_candidates(bytes, self.spill_order());
         let found: u64 = chosen.iter().map(|(_, o)| o.size()).sum();
         // Counted as on their way: what was handed out (whole results, often more than
         // asked for); what cannot be spilled now is asked for again at the next event.
@@ -626,6 +629,9 @@ impl WorkerState {
 
     /// Drops results from the store (a peer still sending one keeps it until done).
     fn results_released(&mut self, ids: &[TaskId], comm: &mut impl WorkerComm) {
+        for id in ids {
+            self.unread.remove(id);
+        }
         let mut files_released = false;
         for object in ids.iter().filter_map(|&id| self.store.remove(id)) {
             if object.is_shared() {
@@ -855,6 +861,9 @@ impl WorkerState {
                     size: object.size(),
                     duration_us: outcome.duration_us,
                 });
+                if !task.compute.read_by_tasks {
+                    self.unread.insert(outcome.id);
+                }
                 let object = self.store.insert(outcome.id, object);
                 if object.is_shared() && self.peers_read_bytes() {
                     comm.map_in(object);
@@ -1069,6 +1078,24 @@ impl WorkerState {
         Some(result.max(largest_input) + spilled)
     }
 
+    /// Which results to spill first (a larger value sooner; least recently used among
+    /// equals): those no task will read (only a client wants them: a persist keeps every
+    /// chunk it makes, and least recently used would spill the chunks still being read
+    /// instead), last the inputs of tasks waiting here. Ordering all results by when the
+    /// graph's order says they are read next spilled more, not less (docs/memory.md).
+    fn spill_order(&self) -> impl Fn(TaskId) -> i64 + '_ {
+        let waiting: IdSet<TaskId> = (self.tasks.values().filter(|t| !t.running))
+            .flat_map(|t| t.compute.inputs.iter().map(|i| i.id))
+            .collect();
+        move |id| {
+            if waiting.contains(&id) {
+                -1
+            } else {
+                i64::from(self.unread.contains(&id))
+            }
+        }
+    }
+
     fn pop_ready(&mut self) -> Option<Reverse<(i64, TaskId)>> {
         while let Some(entry) = self.ready.pop() {
             if self.tasks.get(&entry.0 .1).is_some_and(|t| !t.running) {
@@ -1218,6 +1245,9 @@ impl WorkerState {
             } else {
                 assert_eq!(task.working, 0, "task {id} counts memory but does not run");
             }
+        }
+        for id in &self.unread {
+            assert!(self.store.contains(*id), "{id} counted unread, not held");
         }
         let elsewhere = self.peers.values().filter(|p| p.host != self.host).count();
         assert_eq!(elsewhere, self.peers_elsewhere, "peers on other hosts");

@@ -273,6 +273,7 @@ impl Scheduler {
             payload: task.payload.clone(),
             inputs: Vec::new(),
             priority: task.priority,
+            read_by_tasks: task.pending_dependents > 0,
         };
         // A root is looked up once; a task with inputs once more, to give its deps back.
         if !task.deps.is_empty() {

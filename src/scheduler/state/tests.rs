@@ -440,7 +440,13 @@ fn intermediates_are_released_as_a_chain_runs() {
     env.submit(c, tasks, &[chain[3]]);
     for i in 0..4 {
         env.schedule();
-        assert_eq!(env.computed(w), [chain[i]]);
+        let compute = env.compute_tasks(w);
+        assert_eq!(compute.iter().map(|t| t.id).collect::<Vec<_>>(), [chain[i]]);
+        assert_eq!(
+            compute[0].read_by_tasks,
+            i < 3,
+            "the worker hears which results only a client wants"
+        );
         env.done(w, &[chain[i]]);
         if i > 0 {
             assert_eq!(

@@ -338,6 +338,7 @@ fn task(id: u64, inputs: &[(u64, &[WorkerId])]) -> ComputeTask {
             })
             .collect(),
         priority: id as i64,
+        read_by_tasks: true,
     }
 }
 
@@ -1088,6 +1089,46 @@ fn above_the_target_the_least_recently_used_idle_results_are_spilled() {
 }
 
 #[test]
+fn results_no_task_reads_are_spilled_first_and_inputs_of_waiting_tasks_last() {
+    let mut env = TestEnv::with_memory(1, limited());
+    let [a, _] = PEERS;
+    // Makes a result of 1 MiB here: a task that would take the worker over its 6 MiB
+    // target waits for results to be spilled first; those are returned.
+    let make = |env: &mut TestEnv, id: u64, read_by_tasks: bool| {
+        env.compute(vec![ComputeTask {
+            read_by_tasks,
+            ..task(id, &[])
+        }]);
+        let mut spilled = Vec::new();
+        if let Some(batch) = env.comm.spills.pop_front() {
+            spilled = spilled_ids(&batch);
+            let outcomes = env.write(batch);
+            env.spill_finished(outcomes);
+        }
+        assert_eq!(env.ran(), [(0, ids(&[id]))]);
+        env.results(0, vec![inline_result(id, MIB)]);
+        env.comm.take_sent();
+        spilled
+    };
+    make(&mut env, 1, true);
+    make(&mut env, 2, false); // only a client wants it (a persisted chunk)
+    make(&mut env, 3, true); // task 20 waits here for it and another input
+    env.compute(vec![task_sized(20, &[(3, &[]), (99, &[a])], 0)]);
+    assert_eq!(env.comm.take_fetches().len(), 1);
+    for id in 4..=6 {
+        assert!(make(&mut env, id, true).is_empty(), "up to the target");
+    }
+    let spilled: Vec<TaskId> = (7..=11).flat_map(|id| make(&mut env, id, true)).collect();
+    assert_eq!(
+        spilled,
+        ids(&[2, 1, 4, 5, 6]),
+        "the unread one, then the least recently used, not 3 (a waiting task's input)"
+    );
+    env.scheduler(ToWorker::Release(ids(&[2])));
+    env.comm.emptiness_check();
+}
+
+#[test]
 fn executors_hear_when_results_in_files_are_released() {
     let mut env = TestEnv::with_memory(2, limited());
     env.store.insert(TaskId(1), small(1));
@@ -1128,8 +1169,13 @@ fn a_result_released_while_it_is_spilled_is_not_counted_as_spilled() {
     );
     assert_eq!(env.state.stats().spilled_objects, 0);
     let (dir, _) = env.spill.as_ref().expect("a spill folder");
-    let files = std::fs::read_dir(dir.path()).expect("readable").count();
-    assert_eq!(files, 0, "its copy on disk is removed");
+    let bytes_on_disk: u64 = (std::fs::read_dir(dir.path()).expect("readable"))
+        .map(|e| e.expect("an entry").metadata().expect("its size").len())
+        .sum();
+    assert_eq!(
+        bytes_on_disk, 0,
+        "its copy on disk is emptied (kept for the next)"
+    );
     assert_eq!(env.release_notices(), [(0, 1)], "files went");
     env.comm.emptiness_check();
 }
