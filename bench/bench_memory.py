@@ -15,11 +15,12 @@ Workloads (both against a cluster holding 2 x LIMIT):
             dataset of 4x the cluster's memory, persisted first
 
 Reported per workload and system: wall seconds, peak memory (PSS of the workers and
-their children, summed, sampled every 50 ms), bytes spilled (Dask: the spill buffers'
-disk-write metric; rankmesh: scheduler_info's spilled_total), and Dask's wall divided by
-rankmesh's. A system that fails a workload (killed workers, an error) is reported as such.
-A run still going after --timeout seconds (default 900) is reported as not finished.
-Results are compared between systems; a mismatch exits 1.
+their children, summed, sampled every 50 ms), bytes spilled and read back (Dask: the spill
+buffers' disk-write and disk-read metrics; rankmesh: scheduler_info's spilled_total and
+unspilled_total), and Dask's wall divided by rankmesh's. A system that fails a workload
+(killed workers, an error) is reported as such. A run still going after --timeout seconds
+(default 900) is reported as not finished. Results are compared between systems; a
+mismatch exits 1.
 
     .venv/bin/python bench/bench_memory.py                 # 512 MiB workers, 4 GiB cube
     .venv/bin/python bench/bench_memory.py --quick         # 256 MiB workers, 2 GiB cube
@@ -95,14 +96,14 @@ def start(system: str, limit: int, directory: str):
         client.wait_for_workers(N_WORKERS)
         pids = list(client.run(os.getpid).values())
 
-        def spilled() -> int:
-            def disk_writes(dask_worker) -> float:
+        def spilled() -> tuple[int, int]:
+            def disk_bytes(dask_worker) -> tuple[float, float]:
                 metrics = getattr(dask_worker.data, "cumulative_metrics", {}).items()
-                return sum(
-                    v for (label, unit), v in metrics if label == "disk-write" and unit == "bytes"
-                )
+                moved = {label: v for (label, unit), v in metrics if unit == "bytes"}
+                return moved.get("disk-write", 0), moved.get("disk-read", 0)
 
-            return int(sum(client.run(disk_writes).values()))
+            per_worker = client.run(disk_bytes).values()
+            return int(sum(w for w, _ in per_worker)), int(sum(r for _, r in per_worker))
 
         return cluster, client, lambda: pids, spilled
     import rankmesh
@@ -112,8 +113,9 @@ def start(system: str, limit: int, directory: str):
     )
     client = rankmesh.Client(cluster)
 
-    def spilled() -> int:
-        return sum(w["spilled_total"] for w in client.scheduler_info()["workers"].values())
+    def spilled() -> tuple[int, int]:
+        workers = client.scheduler_info()["workers"].values()
+        return sum(w["spilled_total"] for w in workers), sum(w["unspilled_total"] for w in workers)
 
     return cluster, client, lambda: rankmesh_worker_pids(cluster.pid), spilled
 
@@ -177,22 +179,23 @@ def main() -> int:
     limit = (args.limit_mib or (256 if args.quick else 512)) * MIB
     systems = args.systems.split(",")
     print(f"# {N_WORKERS} workers x {limit // MIB} MiB; load {loadavg()}", flush=True)
-    print("| workload | system | wall s | peak MiB | spilled MiB | dask/rankmesh |")
-    print("|---|---|---|---|---|---|")
+    print("| workload | system | wall s | peak MiB | spilled MiB | read back MiB | dask/rankmesh |")
+    print("|---|---|---|---|---|---|---|")
     mismatch = False
     for workload in args.workloads.split(","):
         ok = {}
         for system in systems:  # each row as soon as it is measured: runs can be long
             o = measure(system, workload, limit, args.timeout)
             if "error" in o:
-                print(f"| {workload} | {system} | failed: {o['error']} | | | |", flush=True)
+                print(f"| {workload} | {system} | failed: {o['error']} | | | | |", flush=True)
                 continue
             ok[system] = o
             ratio = ""
             if system == "rankmesh" and "dask" in ok:
                 ratio = f"{ok['dask']['wall'] / o['wall']:.2f}x"
-            peak, spilled = o["peak"] / MIB, o["spilled"] / MIB
-            cells = [workload, system, f"{o['wall']:.1f}", f"{peak:.0f}", f"{spilled:.0f}", ratio]
+            peak, (written, read) = o["peak"] / MIB, (b / MIB for b in o["spilled"])
+            cells = [workload, system, f"{o['wall']:.1f}", f"{peak:.0f}", f"{written:.0f}"]
+            cells += [f"{read:.0f}", ratio]
             print("| " + " | ".join(cells) + " |", flush=True)
         if len(ok) == 2 and not same(*(o["result"] for o in ok.values())):
             mismatch = True

@@ -196,7 +196,8 @@ pub struct WorkerState {
     peers_elsewhere: usize,
     /// Fetches ended since the last flush.
     transferred: Vec<Transfer>,
-    /// Results made here that no task will read (`ComputeTask::read_by_tasks`).
+    /// Results made here that no task will read (`ComputeTask::read_by_tasks`), until a
+    /// task of a later graph does.
     unread: IdSet<TaskId>,
 }
 
@@ -583,6 +584,8 @@ impl WorkerState {
         let id = compute.id;
         let mut missing = 0;
         for input in &compute.inputs {
+            // A later graph reads it (a persisted chunk): no longer only a client's.
+            self.unread.remove(&input.id);
             if self.store.contains(input.id) {
                 continue;
             }
