@@ -109,7 +109,8 @@ impl Object {
     }
 
     /// The shared-memory file holding the object, for a worker on this node to link
-    /// ([`ShmDir::link`]); `None` for objects on the heap or spilled.
+    /// ([`ShmDir::link`]) or a spill to copy from; `None` for objects on the heap or
+    /// spilled.
     pub fn shared_path(&self) -> Option<&Path> {
         match &self.data {
             ObjectData::Shm(segment) if segment.map.is_some() => Some(&segment.path),

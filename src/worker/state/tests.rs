@@ -1129,7 +1129,7 @@ fn results_no_task_reads_are_spilled_first_and_inputs_of_waiting_tasks_last() {
         ids(&[2, 1, 4, 5, 6]),
         "the unread one, then the least recently used, not 3 (a waiting task's input)"
     );
-    // A later graph reads 11 (made unread): it is spilled as others are from then on.
+    // 12 is made unread, then a later task reads it: from then on it is spilled by last use.
     assert_eq!(make(&mut env, 12, false), ids(&[7]));
     assert_eq!(run(&mut env, task(13, &[(12, &[])])), ids(&[8]));
     assert_eq!(
