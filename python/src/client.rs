@@ -1035,7 +1035,9 @@ fn object_frames<'py>(
 ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyTuple>)> {
     let (offsets, _) = frame_offsets(&object.layout)
         .ok_or_else(|| RankmeshError::new_err(format!("task {id} has a bad layout")))?;
-    let bytes = object.bytes();
+    // A client's fetched objects are never spilled.
+    let bytes = (object.bytes())
+        .ok_or_else(|| RankmeshError::new_err(format!("task {id} is not in memory")))?;
     let frame = |i: usize| {
         let start = offsets[i] as usize;
         &bytes[start..start + object.layout[i] as usize]

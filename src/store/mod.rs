@@ -60,8 +60,8 @@ pub struct Object {
 enum ObjectData {
     Heap(Bytes),
     Shm(ShmSegment),
-    /// Spilled: a file on a local disk, mapped (its pages come from the page cache, which
-    /// the kernel can drop, not from the worker's memory).
+    /// Spilled: a file on a local disk, mapped only while read (its pages come from the
+    /// page cache, which the kernel can drop, not from the worker's memory).
     Disk(spill::DiskFile),
 }
 
@@ -76,16 +76,29 @@ impl Object {
         }
     }
 
-    pub fn bytes(&self) -> &[u8] {
+    /// The bytes of an object in memory; `None` once spilled ([`Object::read`] maps those).
+    pub fn bytes(&self) -> Option<&[u8]> {
         match &self.data {
-            ObjectData::Heap(b) => b,
-            ObjectData::Shm(s) => s.bytes(),
-            ObjectData::Disk(d) => d.bytes(),
+            ObjectData::Heap(b) => Some(b),
+            ObjectData::Shm(s) => Some(s.bytes()),
+            ObjectData::Disk(_) => None,
+        }
+    }
+
+    /// The object's bytes, wherever it is: a spilled one's file is mapped for as long as
+    /// the returned value lives.
+    pub fn read(self: &Arc<Self>) -> Result<ObjectBytes, StoreError> {
+        match &self.data {
+            ObjectData::Disk(disk) if disk.size() > 0 => Ok(ObjectBytes::Mapped(disk.map()?)),
+            _ => Ok(ObjectBytes::InMemory(self.clone())),
         }
     }
 
     pub fn size(&self) -> u64 {
-        self.bytes().len() as u64
+        match &self.data {
+            ObjectData::Disk(disk) => disk.size(),
+            _ => self.bytes().map_or(0, |b| b.len() as u64),
+        }
     }
 
     /// Maps all pages of an object an executor wrote into this process at once. Sending
@@ -123,15 +136,6 @@ impl Object {
         matches!(self.data, ObjectData::Disk(_))
     }
 
-    /// After sending a spilled object (or the `range` of its bytes just sent): those pages
-    /// leave this process's memory (they stay in the page cache while the kernel has
-    /// room). Nothing for objects in memory.
-    pub fn forget_pages(&self, range: std::ops::Range<usize>) {
-        if let ObjectData::Disk(disk) = &self.data {
-            disk.forget_pages(range);
-        }
-    }
-
     /// How an executor on this worker reads the object.
     pub fn to_ref(&self) -> ObjectRef {
         match &self.data {
@@ -148,6 +152,42 @@ impl Object {
                 path: d.path().to_string_lossy().into_owned(),
                 layout: self.layout.clone(),
             },
+        }
+    }
+}
+
+/// An object's bytes, readable while this lives: the object itself while it is in memory,
+/// a mapping of its spill file made for this read once spilled.
+pub enum ObjectBytes {
+    InMemory(Arc<Object>),
+    Mapped(Mmap),
+}
+
+impl ObjectBytes {
+    /// After sending the `range` of a spilled object's bytes: those pages leave this
+    /// process's memory (they stay in the page cache while the kernel has room), so
+    /// serving a large result does not map it all back in. Nothing for objects in memory.
+    pub fn forget_pages(&self, range: std::ops::Range<usize>) {
+        if let ObjectBytes::Mapped(map) = self {
+            let end = range.end.min(map.len());
+            let start = range.start.min(end);
+            // SAFETY: a read-only shared mapping of a file nobody writes: pages dropped
+            // from it are read back from the file on the next access, unchanged.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+            };
+        }
+    }
+}
+
+impl std::ops::Deref for ObjectBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            // A spilled object with no bytes maps nothing.
+            ObjectBytes::InMemory(object) => object.bytes().unwrap_or_default(),
+            ObjectBytes::Mapped(map) => map,
         }
     }
 }
@@ -812,7 +852,7 @@ mod tests {
             .unwrap()
             .expect("the released segment");
         assert!(
-            reused.finish().bytes().iter().all(|&b| b == 1),
+            reused.finish().bytes().unwrap().iter().all(|&b| b == 1),
             "its old pages"
         );
         assert!(
@@ -844,7 +884,7 @@ mod tests {
         drop(object);
         assert_eq!(files_in(&dir), 0, "removed, not kept");
         let fresh = dir.allocate(vec![size]).unwrap().finish();
-        assert!(fresh.bytes().iter().all(|&b| b == 0));
+        assert!(fresh.bytes().unwrap().iter().all(|&b| b == 0));
         // The executor's view is intact.
         let mut seen = Vec::new();
         std::io::Read::read_to_end(&mut &executor, &mut seen).unwrap();
@@ -862,14 +902,18 @@ mod tests {
         let original = received(&owner, size, 5);
         let source = original.shared_path().unwrap().to_path_buf();
         let linked = fetcher.link(&source, vec![size]).unwrap();
-        assert!(linked.bytes().iter().all(|&b| b == 5));
+        assert!(linked.bytes().unwrap().iter().all(|&b| b == 5));
         let ours = PathBuf::from(shm_path(&linked));
         assert_eq!(ours.parent(), Some(fetcher.path()));
         // The owner lets its object go: its segment cannot be reused while we hold ours.
         drop(original);
         assert_eq!(files_in(&owner), 0, "removed, not kept for reuse");
-        assert!(received(&owner, size, 9).bytes().iter().all(|&b| b == 9));
-        assert!(linked.bytes().iter().all(|&b| b == 5));
+        assert!(received(&owner, size, 9)
+            .bytes()
+            .unwrap()
+            .iter()
+            .all(|&b| b == 9));
+        assert!(linked.bytes().unwrap().iter().all(|&b| b == 5));
         // Ours is never kept for reuse either (the owner might still hold the file).
         drop(linked);
         assert!(!ours.exists());
@@ -972,7 +1016,7 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["0.10-1", "0.2-1", "1.1-1", "in-0"]);
-        assert_eq!(kept.bytes(), [1u8; 64]);
+        assert_eq!(kept.bytes().unwrap(), [1u8; 64]);
     }
 
     #[test]

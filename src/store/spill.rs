@@ -14,34 +14,35 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// dead workers.
 pub const SPILL_PREFIX: &str = "rankmesh-spill";
 
-/// A spilled object's file, mapped; removed when dropped.
+/// A spilled object's file, removed when dropped. It keeps no mapping and no descriptor:
+/// tens of thousands of results can be on disk at once (an xarray pipeline's small
+/// pieces), and a mapping each neared the kernel's limit of 65,530 per process and made
+/// every walk of the worker's mappings (`/proc/<pid>/smaps_rollup`, `munmap`) slow.
+/// [`DiskFile::map`] maps it for one read.
 #[derive(Debug)]
 pub(super) struct DiskFile {
     path: PathBuf,
-    map: Option<Mmap>,
+    size: u64,
 }
 
 impl DiskFile {
-    pub(super) fn bytes(&self) -> &[u8] {
-        self.map.as_deref().unwrap_or(&[])
+    pub(super) fn size(&self) -> u64 {
+        self.size
     }
 
     pub(super) fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Unmaps the pages of `range` a read brought in: they stay in the page cache, which
-    /// the kernel may drop, but no longer count as this process's memory.
-    pub(super) fn forget_pages(&self, range: std::ops::Range<usize>) {
-        if let Some(map) = &self.map {
-            let end = range.end.min(map.len());
-            let start = range.start.min(end);
-            // SAFETY: a read-only shared mapping of a file nobody writes: pages dropped
-            // from it are read back from the file on the next access, unchanged.
-            let _ = unsafe {
-                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
-            };
-        }
+    /// The file, mapped read-only for as long as the mapping lives.
+    pub(super) fn map(&self) -> Result<Mmap, StoreError> {
+        let io = |source| StoreError::Spill {
+            path: self.path.clone(),
+            source,
+        };
+        let file = File::open(&self.path).map_err(io)?;
+        // SAFETY: the file is ours, in a private folder, and nobody writes it again.
+        unsafe { Mmap::map(&file) }.map_err(io)
     }
 }
 
@@ -79,29 +80,19 @@ impl SpillDir {
         let path = self
             .dir
             .join(self.next.fetch_add(1, Ordering::Relaxed).to_string());
-        let io = |source| StoreError::Spill {
-            path: path.clone(),
-            source,
-        };
         let written = private_files::new_file_options()
             .open(&path)
-            .and_then(|mut file| {
-                write_object(object, &mut file)?;
-                Ok(file)
-            });
-        // From here on the file is owned, so every error path below removes it.
-        let mut disk = DiskFile {
-            path: path.clone(),
-            map: None,
-        };
-        let file = written.map_err(io)?;
-        if object.size() > 0 {
-            // SAFETY: the file is ours, in a private folder, and nobody writes it again.
-            disk.map = Some(unsafe { Mmap::map(&file) }.map_err(io)?);
+            .and_then(|mut file| write_object(object, &mut file));
+        if let Err(source) = written {
+            let _ = std::fs::remove_file(&path);
+            return Err(StoreError::Spill { path, source });
         }
         Ok(Object {
             layout: object.layout.clone(),
-            data: ObjectData::Disk(disk),
+            data: ObjectData::Disk(DiskFile {
+                path,
+                size: object.size(),
+            }),
         })
     }
 }
@@ -113,7 +104,10 @@ impl SpillDir {
 /// rechunk).
 fn write_object(object: &Object, file: &mut File) -> std::io::Result<()> {
     let Some(shared) = object.shared_path() else {
-        return file.write_all(object.bytes());
+        let bytes = object.bytes().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "already spilled")
+        })?;
+        return file.write_all(bytes);
     };
     let mut source = File::open(shared)?.take(object.size());
     let copied = std::io::copy(&mut source, file)?;
@@ -138,6 +132,7 @@ mod tests {
     use super::super::{ShmDir, Store};
     use super::*;
     use crate::protocol::{ObjectRef, TaskId, INLINE_MAX};
+    use std::sync::Arc;
 
     fn shm_object(shm: &ShmDir, fill: u8) -> Object {
         let mut builder = shm.allocate(vec![4 * INLINE_MAX]).unwrap();
@@ -151,8 +146,9 @@ mod tests {
         let spill = SpillDir::create(local.path()).unwrap();
         let shm = ShmDir::create("rankmesh-test").unwrap();
         let object = shm_object(&shm, 9);
-        let spilled = spill.spill(&object).unwrap();
-        assert_eq!(spilled.bytes(), object.bytes());
+        let spilled = Arc::new(spill.spill(&object).unwrap());
+        assert_eq!(&*spilled.read().unwrap(), object.bytes().unwrap());
+        assert_eq!(spilled.bytes(), None, "not in memory");
         assert_eq!(spilled.layout, object.layout);
         assert!(spilled.is_spilled() && !spilled.is_shared());
         let ObjectRef::Shm { path, .. } = spilled.to_ref() else {
@@ -208,7 +204,8 @@ mod tests {
         assert!(store
             .get(TaskId(2))
             .unwrap()
-            .bytes()
+            .read()
+            .unwrap()
             .iter()
             .all(|&b| b == 2));
         assert_eq!(store.bytes().unspilled, size);
@@ -216,20 +213,32 @@ mod tests {
     }
 
     #[test]
-    fn spilled_objects_hold_no_open_files() {
+    fn spilled_objects_hold_no_open_files_or_mappings_but_while_read() {
         // Tens of thousands of results can be on disk at once (an xarray pipeline's small
-        // pieces): a descriptor each would run out of them.
+        // pieces): a descriptor each would run out of them, a mapping each would near
+        // the kernel's limit on mappings.
         let open_files = || std::fs::read_dir("/proc/self/fd").unwrap().count();
         let local = tempfile::tempdir().unwrap();
         let spill = SpillDir::create(local.path()).unwrap();
+        let mappings_of_spills = || {
+            let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+            let folder = spill.path().to_str().unwrap().to_owned();
+            maps.lines().filter(|line| line.contains(&folder)).count()
+        };
         let shm = ShmDir::create("rankmesh-test").unwrap();
         let before = open_files();
-        let spilled: Vec<Object> = (0..200)
-            .map(|i| spill.spill(&shm_object(&shm, i as u8)).unwrap())
+        let spilled: Vec<Arc<Object>> = (0..200)
+            .map(|i| Arc::new(spill.spill(&shm_object(&shm, i as u8)).unwrap()))
             .collect();
         // (Other tests of this process open files meanwhile: far fewer than 200.)
         assert!(open_files() < before + 100, "{before} -> {}", open_files());
         assert!(spilled.iter().all(|o| o.is_spilled()));
+        assert_eq!(mappings_of_spills(), 0);
+        let reading = spilled[7].read().unwrap();
+        assert!(reading.iter().all(|&b| b == 7));
+        assert_eq!(mappings_of_spills(), 1, "mapped while read");
+        drop(reading);
+        assert_eq!(mappings_of_spills(), 0);
     }
 
     #[test]
@@ -246,7 +255,7 @@ mod tests {
         assert!(matches!(spilled.to_ref(), ObjectRef::Shm { .. }));
         assert!(store.replace_spilled(*id, original, spilled));
         assert_eq!((store.bytes().in_memory, store.bytes().on_disk), (0, 128));
-        assert_eq!(store.get(TaskId(1)).unwrap().bytes(), &[7u8; 128][..]);
+        assert_eq!(*store.get(TaskId(1)).unwrap().read().unwrap(), [7u8; 128]);
     }
 
     #[test]

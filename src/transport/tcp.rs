@@ -7,7 +7,7 @@ use crate::protocol::{
     self, FrameReader, FrameWriter, ObjectHeader, PeerRequest, Role, TaskId, Token, WorkerInfo,
 };
 use crate::store::Allocate;
-use crate::store::Store;
+use crate::store::{ObjectBytes, Store};
 use futures::future::BoxFuture;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -335,27 +335,39 @@ async fn serve_peer(connection: Authenticated, store: &Store) -> Result<(), Stri
                 .filter(|_| may_link)
                 .and_then(|o| o.shared_path())
                 .map(|path| path.to_string_lossy().into_owned());
+            // Read before the header: a result whose spill file cannot be read is
+            // reported missing (the fetcher's worker then says so), not half sent.
+            let bytes = match (&object, &shared) {
+                (Some(object), None) => object
+                    .read()
+                    .inspect_err(|e| tracing::error!("cannot serve {id:?}: {e}"))
+                    .ok(),
+                _ => None,
+            };
             let header = ObjectHeader {
                 id,
-                layout: object.as_ref().map(|o| o.layout.clone()),
+                layout: object
+                    .as_ref()
+                    .filter(|_| shared.is_some() || bytes.is_some())
+                    .map(|o| o.layout.clone()),
                 shared,
             };
             writer.feed(&header).await.map_err(|e| e.to_string())?;
             if header.shared.is_some() {
                 being_linked.extend(object);
-            } else if let Some(object) = object {
+            } else if let Some(bytes) = bytes {
                 // A spilled result goes out a piece at a time, each piece's pages let go
                 // once sent: serving peers does not map a whole result back in.
-                let piece = if object.is_spilled() {
+                let piece = if matches!(bytes, ObjectBytes::Mapped(_)) {
                     SPILLED_SEND_PIECE
                 } else {
                     usize::MAX
                 };
                 let mut sent = 0;
-                for bytes in object.bytes().chunks(piece) {
-                    writer.write_raw(bytes).await.map_err(|e| e.to_string())?;
-                    object.forget_pages(sent..sent + bytes.len());
-                    sent += bytes.len();
+                for piece in bytes.chunks(piece) {
+                    writer.write_raw(piece).await.map_err(|e| e.to_string())?;
+                    bytes.forget_pages(sent..sent + piece.len());
+                    sent += piece.len();
                 }
             }
         }
@@ -502,8 +514,8 @@ mod tests {
             .unwrap();
         assert!(fetched[2].1.is_none(), "task 3 is not held");
         let [linked, sent] = [&fetched[0].1, &fetched[1].1].map(|o| o.as_ref().unwrap());
-        assert!(linked.bytes().iter().all(|&b| b == 5));
-        assert!(sent.bytes().iter().all(|&b| b == 6));
+        assert!(linked.bytes().unwrap().iter().all(|&b| b == 5));
+        assert!(sent.bytes().unwrap().iter().all(|&b| b == 6));
         let linked_path = linked.shared_path().unwrap();
         assert_eq!(linked_path.parent(), Some(fetcher.path()));
         assert_eq!(inode(linked_path), inode(&owners_file(1)), "the same file");
@@ -513,7 +525,7 @@ mod tests {
         let elsewhere = TcpTransport::new(token).linking_on("node7".into());
         let fetched = elsewhere.fetch(&info, ids, fetcher.clone()).await.unwrap();
         let copy = fetched[0].1.as_ref().unwrap();
-        assert!(copy.bytes().iter().all(|&b| b == 5));
+        assert!(copy.bytes().unwrap().iter().all(|&b| b == 5));
         assert_ne!(inode(copy.shared_path().unwrap()), inode(&owners_file(1)));
         shutdown.cancel();
     }

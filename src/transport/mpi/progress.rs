@@ -22,7 +22,7 @@ use super::{
 };
 use crate::protocol::{decode, encode, TaskId};
 use crate::store::Allocate;
-use crate::store::{Object, ObjectBuilder, Store};
+use crate::store::{ObjectBuilder, ObjectBytes, Store};
 use crate::transport::TransportError;
 use bytes::Bytes;
 use mpi::point_to_point::MatchedReceiveVec;
@@ -48,15 +48,15 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 /// A send's bytes, kept alive until MPI is done with them.
 enum Outbound {
     Message(Bytes),
-    /// A piece of a stored object.
-    Piece(Arc<Object>, Range<usize>),
+    /// A piece of a stored object (its pieces share one read of it).
+    Piece(Arc<ObjectBytes>, Range<usize>),
 }
 
 impl Drop for Outbound {
     fn drop(&mut self) {
         // MPI is done with it: a spilled object's pages need not stay mapped here.
-        if let Outbound::Piece(object, _) = self {
-            object.forget_pages(0..usize::MAX);
+        if let Outbound::Piece(bytes, range) = self {
+            bytes.forget_pages(range.clone());
         }
     }
 }
@@ -65,7 +65,7 @@ impl AsRef<[u8]> for Outbound {
     fn as_ref(&self) -> &[u8] {
         match self {
             Outbound::Message(bytes) => bytes,
-            Outbound::Piece(object, range) => &object.bytes()[range.clone()],
+            Outbound::Piece(bytes, range) => &bytes[range.clone()],
         }
     }
 }
@@ -93,7 +93,7 @@ struct Receiving {
 struct Answering {
     rank: i32,
     tag: Tag,
-    objects: Vec<Arc<Object>>,
+    objects: Vec<Arc<ObjectBytes>>,
 }
 
 struct Progress {
@@ -277,11 +277,20 @@ impl Progress {
     }
 
     fn answer(&mut self, rank: i32, request: Request) {
-        let objects: Vec<_> = request.ids.iter().map(|id| self.store.get(*id)).collect();
+        // Each object is read now (a spilled one mapped): one whose spill file cannot be
+        // read is reported missing, as one released.
+        let objects: Vec<_> = (request.ids.iter())
+            .map(|id| {
+                let object = self.store.get(*id)?;
+                let bytes = (object.read())
+                    .inspect_err(|e| tracing::error!(rank, "cannot serve {id:?}: {e}"))
+                    .ok()?;
+                Some((object.layout.clone(), Arc::new(bytes)))
+            })
+            .collect();
         let reply = Reply {
-            layouts: objects
-                .iter()
-                .map(|o| o.as_ref().map(|o| o.layout.clone()))
+            layouts: (objects.iter())
+                .map(|o| o.as_ref().map(|(layout, _)| layout.clone()))
                 .collect(),
         };
         match encode(&reply) {
@@ -294,7 +303,11 @@ impl Progress {
         self.answering.push(Answering {
             rank,
             tag: request.reply_tag,
-            objects: objects.into_iter().flatten().collect(),
+            objects: objects
+                .into_iter()
+                .flatten()
+                .map(|(_, bytes)| bytes)
+                .collect(),
         });
     }
 
@@ -308,12 +321,12 @@ impl Progress {
             if word != [GO] {
                 continue; // the fetch failed at the fetcher
             }
-            for object in answer.objects {
-                let size = object.bytes().len();
+            for bytes in answer.objects {
+                let size = bytes.len();
                 for start in (0..size).step_by(MAX_PIECE) {
-                    let piece = Outbound::Piece(object.clone(), start..size.min(start + MAX_PIECE));
-                    // SAFETY: a piece is part of a stored object (a mapping or a heap
-                    // block, never changed) that its owner keeps alive.
+                    let piece = Outbound::Piece(bytes.clone(), start..size.min(start + MAX_PIECE));
+                    // SAFETY: a piece is part of an object's bytes (a mapping or a heap
+                    // block, never changed) that the piece itself keeps alive.
                     unsafe { self.sends.send(piece, answer.rank, answer.tag) };
                     self.pieces_out += 1;
                 }

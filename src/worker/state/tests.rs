@@ -445,7 +445,7 @@ fn a_large_result_is_taken_over_and_mapped_in_once_a_peer_reads_bytes() {
         "peers on this host link the file: its pages stay where the executor wrote them"
     );
     let stored = env.store.get(TaskId(1)).expect("stored");
-    assert!(stored.is_shared() && stored.bytes()[..100_000].iter().all(|&b| b == 5));
+    assert!(stored.is_shared() && stored.bytes().unwrap()[..100_000].iter().all(|&b| b == 5));
     let elsewhere = WorkerInfo {
         host: "node2".into(),
         ..peer(WorkerId(9))
@@ -670,7 +670,7 @@ fn a_peer_asking_for_an_object_being_released_gets_it_whole_or_not_at_all() {
         "a new request finds nothing"
     );
     assert!(
-        being_sent.bytes().iter().all(|&b| b == 9),
+        being_sent.bytes().unwrap().iter().all(|&b| b == 9),
         "the send in progress is intact"
     );
     env.comm.emptiness_check();
@@ -1081,7 +1081,7 @@ fn above_the_target_the_least_recently_used_idle_results_are_spilled() {
         (6 * MIB, 2 * MIB, 2 * MIB)
     );
     let spilled = env.store.get(TaskId(5)).expect("still there");
-    assert!(spilled.is_spilled() && spilled.bytes().iter().all(|&b| b == 5));
+    assert!(spilled.is_spilled() && spilled.read().unwrap().iter().all(|&b| b == 5));
     assert!(being_sent.is_shared(), "the busy ones stay in memory");
     assert!(env.store.get(TaskId(2)).is_some_and(|o| o.is_shared()));
     assert_eq!(env.release_notices(), [(0, 1)], "files went");
