@@ -530,6 +530,54 @@ mod tests {
         shutdown.cancel();
     }
 
+    #[tokio::test]
+    async fn spilled_results_are_sent_from_their_files_and_an_unreadable_one_is_missing() {
+        use crate::protocol::ObjectRef;
+        use crate::store::{ShmDir, SpillDir, Store, WORKER_SHM_PREFIX};
+        let token = Token::new("secret");
+        let shm = ShmDir::create(WORKER_SHM_PREFIX).unwrap();
+        let fetcher = Arc::new(ShmDir::create(WORKER_SHM_PREFIX).unwrap());
+        let local = tempfile::tempdir().unwrap();
+        let spill = SpillDir::create(local.path()).unwrap();
+        let store = Store::default();
+        // Larger than a send piece: sent in pieces from one mapping.
+        let size = SPILLED_SEND_PIECE + 12_800;
+        for (seq, fill) in [(1u64, 5u8), (2, 6), (3, 7)] {
+            let mut builder = shm.allocate(vec![size as u64]).unwrap();
+            builder.buffer().fill(fill);
+            let object = builder.finish();
+            let object = if seq < 3 {
+                spill.spill(&object).unwrap()
+            } else {
+                object
+            };
+            store.insert(TaskId(seq), object);
+        }
+        let Some(ObjectRef::Shm { path, .. }) = store.get(TaskId(2)).map(|o| o.to_ref()) else {
+            panic!("a spilled object is read by path")
+        };
+        std::fs::remove_file(path).unwrap(); // the disk lost it
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let info = data_server_info(listener.local_addr().unwrap().to_string());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve_data(listener, token.clone(), store, shutdown.clone()));
+
+        let transport = TcpTransport::new(token).linking_on("127.0.0.1".into());
+        let ids = vec![TaskId(1), TaskId(2), TaskId(3)];
+        let fetched = transport.fetch(&info, ids, fetcher).await.unwrap();
+        // (length, whether every byte is `fill`)
+        let seen = |i: usize, fill: u8| {
+            (fetched[i].1.as_ref()).map(|o| {
+                let bytes = o.bytes().unwrap();
+                (bytes.len(), bytes.iter().all(|&b| b == fill))
+            })
+        };
+        assert_eq!(seen(0, 5), Some((size, true)), "sent from its file");
+        assert_eq!(seen(1, 6), None, "reported missing, not half sent");
+        assert_eq!(seen(2, 7), Some((size, true)), "the connection goes on");
+        shutdown.cancel();
+    }
+
     #[test]
     fn retries_wait_between_half_and_all_of_their_time() {
         for _ in 0..100 {
