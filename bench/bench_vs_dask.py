@@ -34,9 +34,11 @@ system runs the same graph; rechunks and shuffles use Dask's task-based methods)
 Reported per workload and system: wall seconds (median of --reps, after an untimed
 warm-up; building the inputs is not timed, dask.compute's graph work is), tasks/s (tasks /
 median wall), peak worker memory (the sum of PSS over the worker processes and their
-children, sampled every 50 ms, the highest over all reps; the threaded scheduler runs in
-this process, so it has none), the speedup (Dask distributed's wall divided by this
-system's) and vs threads (the threaded scheduler's wall divided by this system's).
+children, sampled every 50 ms over one more rep, untimed: reading a process's PSS walks
+its page tables, and on 2 cores the sampler's CPU slowed the systems it sampled and not
+the threaded scheduler, which runs in this process and has no figure), the speedup (Dask
+distributed's wall divided by this system's) and vs threads (the threaded scheduler's wall
+divided by this system's).
 Results are checked and compared between systems; any mismatch exits 1.
 --cpu-breakdown adds one untimed rep per workload and system with the CPU seconds of each
 process (client, scheduler, workers, executors) over it.
@@ -709,17 +711,31 @@ def run_workload(workload: Workload, systems: dict[str, System], reps: int) -> l
             system, row = systems[name], rows[name]
             job = workload.build(workload.size, f"rep{rep}")
             gc.collect()
-            with PeakMemory(system.worker_pids) as memory:
-                start = time.perf_counter()
-                result = workload.run(system, job)
-                row.walls.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            result = workload.run(system, job)
+            row.walls.append(time.perf_counter() - start)
             workload.check(result)
-            row.peak_memory = max(row.peak_memory, memory.peak_bytes)
             row.result = result
             system.after_rep()
             log(f"{workload.name} {name} rep{rep}: {row.walls[-1]:.3f} s")
             del job, result
+    for name in workload.systems:
+        rows[name].peak_memory = memory_rep(workload, systems[name])
     return list(rows.values())
+
+
+def memory_rep(workload: Workload, system: System) -> int:
+    """The peak PSS of `system`'s workers over one untimed rep (0 for the threaded
+    scheduler, which has no worker processes)."""
+    if not system.worker_pids():
+        return 0
+    job = workload.build(workload.size, "memory")
+    gc.collect()
+    with PeakMemory(system.worker_pids) as memory:
+        result = workload.run(system, job)
+    workload.check(result)
+    system.after_rep()
+    return memory.peak_bytes
 
 
 def cpu_breakdown_rep(workload: Workload, system: System) -> dict[str, object]:
