@@ -19,7 +19,10 @@ from conftest import cluster_processes
 
 
 def produce(i):
-    time.sleep(0.001)
+    # 1,000 of these sleep 5 s in all: at least 1.7 s on three one-thread workers however
+    # fast the machine, so a kill 0.3-1.2 s in lands in the middle (at 1 ms a fast VM
+    # finished the graph first).
+    time.sleep(0.005)
     return np.full(20_000, float(i))  # 160 kB: written to shared memory by the executor
 
 
