@@ -76,6 +76,30 @@ fn slurm_conda_profile_with_its_own_launcher_flags_and_a_flag_override() {
     );
 }
 
+/// The srun line of a SLURM job rendered with `launcher`.
+fn slurm_launch_line(launcher: &str) -> String {
+    let flags = Profile {
+        launcher: Some(launcher.into()),
+        ..Profile::default()
+    };
+    let script = rendered(None, System::Slurm, flags);
+    let line = script.lines().find(|l| l.starts_with(launcher));
+    line.unwrap_or_else(|| panic!("no line starts with {launcher}:\n{script}"))
+        .to_owned()
+}
+
+#[test]
+fn srun_ends_the_step_when_a_rank_fails_and_other_launchers_get_no_srun_flag() {
+    for srun in ["srun", "/usr/bin/srun"] {
+        let line = slurm_launch_line(srun);
+        assert!(line.contains(" --kill-on-bad-exit=1 --mpi=pmix"), "{line}");
+    }
+    for other in ["mpirun", "/opt/openmpi/bin/mpiexec"] {
+        let line = slurm_launch_line(other);
+        assert!(!line.contains("kill-on-bad-exit"), "{line}");
+    }
+}
+
 #[test]
 fn pbs_pro_select_syntax() {
     check(

@@ -59,6 +59,9 @@ pub struct JobSpec {
     pub python: String,
     pub rankmesh: String,
     pub launcher: String,
+    /// Flags the launcher always gets, before the site's `launcher_flags` (which may
+    /// override them): srun's `--kill-on-bad-exit=1`.
+    pub launcher_guards: Vec<String>,
     pub launcher_flags: Vec<String>,
     pub pbs_resources: String,
     pub workdir: String,
@@ -154,6 +157,7 @@ impl JobSpec {
             System::Slurm => ("srun", &["--mpi=pmix", "--cpu-bind=none"]),
             System::Pbs => ("mpiexec", &[]),
         };
+        let launcher = settings.launcher.clone().unwrap_or(launcher.into());
         let activates_environment = settings.venv.is_some() || settings.conda_env.is_some();
         let python = match &settings.python {
             Some(python) => python.clone(),
@@ -182,7 +186,8 @@ impl JobSpec {
             conda_env: settings.conda_env.clone(),
             python,
             rankmesh: env.rankmesh.display().to_string(),
-            launcher: settings.launcher.clone().unwrap_or(launcher.into()),
+            launcher_guards: launcher_guards(system, &launcher),
+            launcher,
             launcher_flags: settings
                 .launcher_flags
                 .clone()
@@ -234,6 +239,17 @@ impl JobSpec {
             return Err(fail("local_directory", format!("one line, got {dir:?}")));
         }
         Ok(())
+    }
+}
+
+/// A rank that dies before MPI is up (a crash in start-up) leaves the others waiting for
+/// it in MPI until the walltime: srun ends the whole step when any rank fails. mpirun and
+/// mpiexec do so by default; another launcher is left alone.
+fn launcher_guards(system: System, launcher: &str) -> Vec<String> {
+    let is_srun = Path::new(launcher).file_name() == Some("srun".as_ref());
+    match system {
+        System::Slurm if is_srun => vec!["--kill-on-bad-exit=1".into()],
+        _ => Vec::new(),
     }
 }
 

@@ -51,13 +51,12 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
         script = PendingScript::start(&options.python, &options.script, place.path())?;
         scheduler_file = Some(place);
     }
-    // A worker rank reads its node's topology (~45 ms of hwloc here) while MPI starts.
+    // A worker rank reads its node's topology before MPI starts, not beside it: hwloc
+    // reads the environment while MPI_Init (PMIx) writes it, and glibc's getenv then
+    // faults (seen under srun: a worker rank's SIGSEGV in getenv, the job hung).
     let topology = match (launcher_rank, options.worker_per) {
         (Some(0), _) | (_, None) => None,
-        _ => std::thread::Builder::new()
-            .name("rankmesh-topology".into())
-            .spawn(|| topology::load(&Source::ThisMachine))
-            .ok(),
+        _ => Some(topology::load(&Source::ThisMachine)),
     };
     // Worker data over MPI needs one thread at a time calling MPI (the progress thread,
     // after start-up); asking for no more spares Open MPI the locking of THREAD_MULTIPLE.
@@ -79,10 +78,7 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
     // threads come later), so they and the executors inherit it.
     let placed = match options.worker_per {
         Some(per) if rank != 0 => {
-            let hwloc = match topology.map(std::thread::JoinHandle::join) {
-                Some(Ok(loaded)) => loaded,
-                _ => topology::load(&Source::ThisMachine),
-            };
+            let hwloc = topology.unwrap_or_else(|| topology::load(&Source::ThisMachine));
             match hwloc
                 .map_err(LaunchError::from)
                 .and_then(|hwloc| place_this_worker(&hwloc, per, node_index, node_workers))

@@ -82,6 +82,20 @@ class Rankmesh:
         assert result.returncode == 0, result.stderr
         return result.stdout.strip()
 
+    def wait(self, job: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+        """`rankmesh wait JOB`; a job still running after `timeout` seconds is cancelled
+        and fails the test with its log, so that a hung job shows why (pytest-timeout's
+        300 s would show only this process's stacks)."""
+        try:
+            return self("wait", job, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            logs = self("logs", job).stdout
+            left = job_processes(job)
+            self("cancel", job)
+            raise AssertionError(
+                f"job {job} still ran after {timeout} s; its processes {left}; log:\n{logs}"
+            ) from None
+
     def status(self, job: str) -> dict:
         result = self("status", job, "--json")
         assert result.returncode == 0, result.stderr

@@ -32,7 +32,7 @@ def test_a_pbs_job_reports_its_exit_code(cli, tmp_path):
     job = cli.submit("--profile", "torque", "five.py")
     script = (tmp_path / "state" / f"{job}.sh").read_text()
     assert "#PBS -l nodes=1:ppn=3" in script and "mpirun -n 3 --bind-to none" in script
-    assert cli("wait", job).returncode == 5
+    assert cli.wait(job).returncode == 5
     status = cli.status(job)
     assert (status["state"], status["exit_code"]) == ("failed", 5)
     assert "pbs job ran" in cli("logs", job).stdout
@@ -47,7 +47,7 @@ def test_qdel_cancels_a_running_pbs_job(cli, tmp_path):
     cli.wait_for_output(job, "started")
     assert cli.status(job)["state"] == "running"  # qstat's job_state R
     assert cli("cancel", job).returncode == 0
-    assert cli("wait", job).returncode != 0
+    assert cli.wait(job).returncode != 0
     assert cli.status(job)["state"] == "cancelled"
     assert_no_processes_left(job)  # the wrapper's jobs are SLURM jobs underneath
 
@@ -57,7 +57,7 @@ def test_a_pbs_job_drains_itself_before_its_walltime(cli, tmp_path):
     cli.config.write_text(TORQUE + 'walltime = "1"\ndrain_seconds = 50\n')
     (tmp_path / "long.py").write_text(COMPUTES_FOREVER)
     job = cli.submit("--profile", "torque", "long.py")
-    waited = cli("wait", job)
+    waited = cli.wait(job)
     assert waited.returncode == WALLTIME_DRAIN_EXIT, cli("logs", job).stdout
     status = cli.status(job)
     assert (status["state"], status["exit_code"]) == ("drained", WALLTIME_DRAIN_EXIT)

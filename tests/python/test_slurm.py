@@ -38,7 +38,7 @@ def test_xarray_pipeline_on_three_tasks_matches_threads(cli, tmp_path):
 
     example = ROOT / "jobscripts" / "examples" / "xarray_job.py"
     job = cli.submit("--ntasks-per-node", "3", "--walltime", "10", str(example), "result.npy")
-    waited = cli("wait", job)
+    waited = cli.wait(job)
     logs = cli("logs", job).stdout
     assert waited.returncode == 0, logs
     status = cli.status(job)
@@ -55,7 +55,7 @@ def test_xarray_pipeline_on_three_tasks_matches_threads(cli, tmp_path):
 def test_a_failing_script_fails_the_job_with_its_exit_code(cli, tmp_path):
     (tmp_path / "five.py").write_text("import sys\nprint('about to fail')\nsys.exit(5)\n")
     job = cli.submit("five.py")
-    assert cli("wait", job).returncode == 5
+    assert cli.wait(job).returncode == 5
     status = cli.status(job)
     assert (status["state"], status["exit_code"]) == ("failed", 5)
     assert "about to fail" in cli("logs", job).stdout
@@ -66,7 +66,7 @@ def test_a_failing_script_fails_the_job_with_its_exit_code(cli, tmp_path):
 def test_the_log_and_records_are_private_and_the_jobs_own_files_are_not(cli, tmp_path):
     (tmp_path / "writes.py").write_text("open('result.txt', 'w').write('ok')\nprint('wrote')\n")
     job = cli.submit("writes.py")
-    assert cli("wait", job).returncode == 0
+    assert cli.wait(job).returncode == 0
     mode = lambda path: stat.S_IMODE(os.lstat(path).st_mode)  # noqa: E731
     state = tmp_path / "state"
     record = json.loads((state / f"{job}.json").read_text())
@@ -92,7 +92,7 @@ def test_cancel_stops_a_running_job_and_all_its_processes(cli, tmp_path):
     assert cli.status(job)["state"] == "running"
     cancelled = cli("cancel", job)
     assert cancelled.returncode == 0, cancelled.stderr
-    assert cli("wait", job).returncode != 0
+    assert cli.wait(job).returncode != 0
     assert cli.status(job)["state"] == "cancelled"
     assert_no_processes_left(job)
 
@@ -137,7 +137,7 @@ def test_top_shows_a_running_job_by_its_id_until_it_ends(cli, tmp_path):
         live.kill()
     assert live.returncode == 0, err
     assert "workers 2" in out and out.rstrip().endswith("rankmesh top: the scheduler is gone")
-    cli("wait", job)
+    cli.wait(job)
     assert not scheduler_file.exists()
     ended = cli("top", "--once", job)
     assert ended.returncode == 1
@@ -163,7 +163,7 @@ def test_a_job_whose_worker_rank_is_killed_leaves_nothing_on_the_node(cli, tmp_p
     rank's /dev/shm and spill folders on every node, though none could clean up."""
     (tmp_path / "kill_a_worker.py").write_text(KILL_A_WORKER)
     job = cli.submit("--ntasks-per-node", "3", "kill_a_worker.py")
-    assert cli("wait", job).returncode != 0
+    assert cli.wait(job).returncode != 0
     logs = cli("logs", job).stdout
     started = [line for line in logs.splitlines() if line.startswith("workers ")]
     assert started, logs
@@ -212,7 +212,7 @@ def test_memory_settings_from_a_profile_hold_in_the_job(tmp_path):
     cli.env["SCRATCH_BASE"] = str(spill)  # sbatch exports the submitter's environment
     (tmp_path / "spills.py").write_text(SPILLS)
     job = cli.submit("--profile", "small", "--ntasks-per-node", "3", "spills.py", str(spill))
-    waited = cli("wait", job)
+    waited = cli.wait(job)
     logs = cli("logs", job).stdout
     assert waited.returncode == 0, logs
     lines = {line.split()[0]: line.split()[1:] for line in logs.splitlines() if line}
@@ -231,7 +231,7 @@ def test_a_job_near_its_walltime_drains_and_exits_with_the_drain_code(tmp_path):
     (tmp_path / "long.py").write_text(COMPUTES_FOREVER)
     job = cli.submit("--profile", "short", "long.py")
     assert "--signal=USR1@50" in (tmp_path / "state" / f"{job}.sh").read_text()
-    waited = cli("wait", job)
+    waited = cli.wait(job)
     assert waited.returncode == WALLTIME_DRAIN_EXIT, cli("logs", job).stdout
     status = cli.status(job)
     assert (status["state"], status["exit_code"]) == ("drained", WALLTIME_DRAIN_EXIT)

@@ -15,7 +15,7 @@ cd /home/alice/project || exit 1
 eval "$(conda shell.bash hook)"
 conda activate pangeo
 
-srun --mpi=pmi2 --cpu-bind=none \
+srun --kill-on-bad-exit=1 --mpi=pmi2 --cpu-bind=none \
   /opt/rankmesh/bin/rankmesh run --python python3 --scheduler-file /home/alice/.local/state/rankmesh/jobs/"$SLURM_JOB_ID".scheduler /home/alice/project/analysis.py --year '2020 2021'
 code=$?
 # Rank 0 removes its scheduler file when it ends; not when it was killed.

@@ -13,7 +13,7 @@
 umask 0022
 cd /home/alice/project || exit 1
 
-srun --mpi=pmix --cpu-bind=none \
+srun --kill-on-bad-exit=1 --mpi=pmix --cpu-bind=none \
   /opt/rankmesh/bin/rankmesh run --python /home/alice/.venv/bin/python3 --scheduler-file /home/alice/.local/state/rankmesh/jobs/"$SLURM_JOB_ID".scheduler /home/alice/project/analysis.py --year '2020 2021'
 code=$?
 # Rank 0 removes its scheduler file when it ends; not when it was killed.

@@ -24,7 +24,7 @@ source /home/alice/venvs/rankmesh/bin/activate
 export OMP_NUM_THREADS=2
 ulimit -n 8192
 
-srun --mpi=pmix --cpu-bind=none \
+srun --kill-on-bad-exit=1 --mpi=pmix --cpu-bind=none \
   /opt/rankmesh/bin/rankmesh run --python python3 --scheduler-file /home/alice/.local/state/rankmesh/jobs/"$SLURM_JOB_ID".scheduler /home/alice/project/analysis.py --year '2020 2021'
 code=$?
 # Rank 0 removes its scheduler file when it ends; not when it was killed.
