@@ -200,6 +200,12 @@ impl std::ops::Deref for ObjectBytes {
     }
 }
 
+/// Larger results an executor wrote are not kept for reuse when released: with 126 MB
+/// chunks kept free, other allocations of the 1,460-day rechunk met memory the host had not
+/// backed yet and it ran slower (docs/performance.md). Received segments are kept at any
+/// size (64 MiB transfers come back warm).
+const MAX_REUSED_RESULT: u64 = 64 << 20;
+
 /// A file in the worker's shared-memory folder, mapped; when dropped, kept in the pool
 /// for reuse if it is the worker's own (and not spilled), else removed.
 struct ShmSegment {
@@ -384,6 +390,9 @@ impl ShmDir {
         };
         // From here on the segment owns the file, so it is removed on every error path too.
         let mut segment = ShmSegment::new(path.to_path_buf());
+        segment
+            .reusable
+            .store(total <= MAX_REUSED_RESULT, Ordering::Relaxed);
         let file = File::options()
             .read(true)
             .write(true)
@@ -876,9 +885,13 @@ mod tests {
         let transfer = dir.allocate_at_hand(&[2 * size]).unwrap();
         assert!(transfer.is_some(), "and transfers take them too");
         assert_eq!(dir.free_segment_bytes(), 0);
-        // Segments over 64 MiB are not kept.
-        drop(received(&dir, (64 << 20) + INLINE_MAX, 1));
+        // Results over 64 MiB are not kept; received segments of any size are.
+        let large = (64 << 20) + INLINE_MAX;
+        let result = executor_writes(&dir, "0.1-4", large, 4);
+        drop(dir.adopt(&result, vec![large]).unwrap());
         assert_eq!(dir.free_segment_bytes(), 0);
+        drop(received(&dir, large, 1));
+        assert_eq!(dir.free_segment_bytes(), large);
     }
 
     fn inode(object: &Object) -> u64 {

@@ -28,11 +28,6 @@ use std::sync::Mutex;
 /// Most bytes kept free per worker: enough for a batch of large chunks in flight.
 const MAX_FREE_BYTES: u64 = 1 << 30;
 
-/// Larger segments are not kept: with 126 MB chunks kept free, other allocations of the
-/// 1,460-day rechunk met memory the host had not backed yet and it ran slower
-/// (docs/performance.md), and few graphs have many chunks of one such size.
-const MAX_KEPT_SEGMENT: u64 = 64 << 20;
-
 /// Where free segments wait, in the worker's folder: `free/<size>/<n>`.
 const FREE_FOLDER: &str = "free";
 
@@ -74,7 +69,7 @@ impl SegmentPool {
     pub(super) fn offer(&self, path: &Path, file: File, map: MmapMut) -> bool {
         use std::os::unix::fs::MetadataExt;
         let size = map.len() as u64;
-        if size == 0 || size > MAX_KEPT_SEGMENT || file.try_lock().is_err() {
+        if size == 0 || file.try_lock().is_err() {
             return false;
         }
         let Ok(inode) = file.metadata().map(|m| m.ino()) else {
