@@ -892,6 +892,12 @@ mod tests {
         assert_eq!(dir.free_segment_bytes(), 0);
         drop(received(&dir, large, 1));
         assert_eq!(dir.free_segment_bytes(), large);
+        // A segment released after its worker's folder went (at exit) leaves nothing.
+        let late = received(&dir, size, 5);
+        let folder = dir.path().to_path_buf();
+        drop(dir);
+        drop(late);
+        assert!(!folder.exists(), "the folder is not made again");
     }
 
     fn inode(object: &Object) -> u64 {

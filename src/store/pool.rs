@@ -86,18 +86,20 @@ impl SegmentPool {
         // The object's name goes with the object: a late reader finds no file rather than
         // someone else's bytes.
         free.renamed += 1;
-        let Some(folder) = path
-            .parent()
-            .map(|p| p.join(FREE_FOLDER).join(size.to_string()))
-        else {
+        let Some(free_folder) = path.parent().map(|p| p.join(FREE_FOLDER)) else {
             return false;
         };
+        let folder = free_folder.join(size.to_string());
         let free_path = folder.join(free.renamed.to_string());
+        // Not `create_dir_all`: a segment released after its worker's folder was removed
+        // (at exit) must not make that folder again.
         let moved = std::fs::rename(path, &free_path).or_else(|_| {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&folder)?;
+            for dir in [&free_folder, &folder] {
+                match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+                    Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+                    _ => {}
+                }
+            }
             std::fs::rename(path, &free_path)
         });
         if moved.is_err() {
