@@ -171,9 +171,10 @@ def test_a_job_whose_worker_rank_is_killed_leaves_nothing_on_the_node(cli, tmp_p
     pids, folders = words[1:-4], int(words[-3])
     assert len(pids) == 2 and folders == 2, started
     # Who names the dead rank first is a race: rank 0 ("worker N left while the script
-    # ran") or SLURM, whose PMIx plugin kills the whole step the moment one task dies
-    # without finalizing, rank 0 included, before it may have run again on a busy node.
-    named_by_slurm = re.search(r"srun: error: \S+: task 1: Killed", logs)
+    # ran") or SLURM, which ends the whole step the moment one task dies (the PMIx plugin,
+    # and --kill-on-bad-exit), rank 0 included, before it may have run again on a busy
+    # node. The killed worker is task 1 or 2, whichever reported its pid first.
+    named_by_slurm = re.search(r"srun: error: \S+: task [12]: Killed", logs)
     assert "left while the script ran" in logs or named_by_slurm, logs
     bases = {"/dev/shm", "/tmp", os.environ.get("TMPDIR", "/tmp")}
     for pid in pids:
