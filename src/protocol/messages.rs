@@ -420,7 +420,9 @@ pub enum ToWorker {
     ReleaseFunctions(Vec<FuncId>),
     /// Do not run these (a result that arrives anyway is dropped).
     Cancel(Vec<TaskId>),
-    PeerAdded(WorkerInfo),
+    /// Boxed: the largest variant by far, it would set the size of every message queued
+    /// for a worker (216 bytes a slot in each worker's outbox instead of 32).
+    PeerAdded(Box<WorkerInfo>),
     PeerRemoved(WorkerId),
     /// Worker plugins to set up on every executor (replacing any of the same name).
     Plugins(Vec<Plugin>),

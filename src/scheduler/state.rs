@@ -35,6 +35,7 @@ mod records;
 mod scheduling;
 mod snapshot;
 mod submission;
+mod submitted;
 mod table;
 
 #[cfg(test)]

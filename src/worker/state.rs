@@ -273,7 +273,7 @@ impl WorkerState {
             ToWorker::Cancel(ids) => self.tasks_cancelled(&ids, comm),
             ToWorker::PeerAdded(info) => {
                 let elsewhere = info.host != self.host;
-                let replaced = self.peers.insert(info.id, info);
+                let replaced = self.peers.insert(info.id, *info);
                 self.peers_elsewhere += usize::from(elsewhere);
                 self.peers_elsewhere -= usize::from(replaced.is_some_and(|p| p.host != self.host));
             }

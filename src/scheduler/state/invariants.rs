@@ -29,11 +29,11 @@ impl Scheduler {
             assert!(
                 self.clients.contains_key(&id.owner())
                     || task.published > 0
-                    || !task.holders.is_empty()
+                    || task.has_holders()
                     || task.live_dependents > 0,
                 "task {id} outlived its client though nothing else holds it"
             );
-            for client in task.holders.of(id) {
+            for client in task.holders(id) {
                 assert!(
                     self.clients.contains_key(&client),
                     "task {id} wanted by gone client {client}"
@@ -48,7 +48,7 @@ impl Scheduler {
                     "task {id} held for a submit its client has not open"
                 );
             }
-            for dep in &task.deps {
+            for dep in task.submitted.deps() {
                 assert!(
                     self.tasks.contains_key(dep),
                     "task {id} lost its lineage: {dep} was forgotten"
@@ -57,13 +57,18 @@ impl Scheduler {
             }
             match &task.state {
                 TaskState::Waiting { unfinished_deps } => {
-                    let expected = task.deps.iter().filter(|d| !available(d)).count() as u32;
+                    let expected = task
+                        .submitted
+                        .deps()
+                        .iter()
+                        .filter(|d| !available(d))
+                        .count() as u32;
                     assert_eq!(*unfinished_deps, expected, "waiting count of task {id}");
                     assert!(expected > 0, "task {id} waits on nothing");
                 }
                 TaskState::Ready => {
                     assert!(
-                        task.deps.iter().all(available),
+                        task.submitted.deps().iter().all(available),
                         "ready task {id} lacks inputs"
                     );
                 }
@@ -73,7 +78,7 @@ impl Scheduler {
                         "task {id} on unknown worker"
                     );
                     assert!(
-                        task.deps.iter().all(available),
+                        task.submitted.deps().iter().all(available),
                         "assigned task {id} lacks inputs"
                     );
                     *processing.entry(*worker).or_default() += 1;
@@ -102,7 +107,7 @@ impl Scheduler {
                 }
             }
             if task.state.is_pending() {
-                for dep in &task.deps {
+                for dep in task.submitted.deps() {
                     let dep_task = self
                         .tasks
                         .get(dep)
@@ -202,7 +207,7 @@ impl Scheduler {
     /// sent functions still kept.
     fn check_functions(&self) {
         let mut users: IdMap<FuncId, u32> = IdMap::default();
-        let task_funcs = self.tasks.values().flat_map(|t| &t.funcs);
+        let task_funcs = self.tasks.values().flat_map(|t| t.submitted.funcs());
         let pinned = self.clients.values().flat_map(|c| &c.functions);
         for func in task_funcs.chain(pinned) {
             *users.entry(*func).or_default() += 1;

@@ -2,6 +2,7 @@
 //! through its life: dependents, forgetting, errors and recovering lost results.
 
 use super::records::{ResultHolders, Task, TaskState};
+use super::submitted::Submitted;
 use super::table::TaskTable;
 use super::Scheduler;
 use crate::heap::ShrinkWhenSparse;
@@ -70,11 +71,12 @@ impl Scheduler {
             worker,
             size: done.size,
         };
-        self.outbox.finished(task.holders.of(id), finished);
+        self.outbox.finished(task.holders(id), finished);
         if !task.is_needed() {
             unneeded.push(id);
         }
-        let deps = mem::take(&mut task.deps);
+        // Only a task with inputs pays for the clone (an atomic count), to read them below.
+        let submitted = (!task.submitted.deps().is_empty()).then(|| task.submitted.clone());
         let dependents = mem::take(&mut task.dependents);
 
         for dependent_id in &dependents {
@@ -89,11 +91,10 @@ impl Scheduler {
                 }
             }
         }
-        for dep in &deps {
-            self.dependent_finished_with(*dep, unneeded);
+        for &dep in submitted.iter().flat_map(Submitted::deps) {
+            self.dependent_finished_with(dep, unneeded);
         }
         if let Some(task) = self.tasks.get_mut(&id) {
-            task.deps = deps;
             task.dependents = dependents;
         }
         let duration_s = done.duration_us as f64 * 1e-6;
@@ -320,11 +321,8 @@ impl Scheduler {
             if task.live_dependents > 0 {
                 if !matches!(task.state, TaskState::Released) {
                     let previous = mem::replace(&mut task.state, TaskState::Released);
-                    let deps = mem::take(&mut task.deps);
-                    self.stop(id, previous, &deps, &mut candidates);
-                    if let Some(task) = self.tasks.get_mut(&id) {
-                        task.deps = deps;
-                    }
+                    let submitted = task.submitted.clone();
+                    self.stop(id, previous, submitted.deps(), &mut candidates);
                 }
                 continue;
             }
@@ -340,8 +338,8 @@ impl Scheduler {
         if !task.computed && !matches!(task.state, TaskState::Erred { .. }) {
             self.observed.forgotten(task.prefix);
         }
-        self.freed_bytes += task.payload.len() as u64;
-        for &func in &task.funcs {
+        self.freed_bytes += task.submitted.payload_len() as u64;
+        for &func in task.submitted.funcs() {
             self.unref_function(func);
         }
         Some(task)
@@ -376,8 +374,8 @@ impl Scheduler {
     /// Undoes a task just removed from `tasks`: what its state had going stops, and its
     /// inputs lose a dependent (those no longer kept go to `unneeded`).
     pub(super) fn forget(&mut self, id: TaskId, task: Task, unneeded: &mut Vec<TaskId>) {
-        self.stop(id, task.state, &task.deps, unneeded);
-        for dep in &task.deps {
+        self.stop(id, task.state, task.submitted.deps(), unneeded);
+        for dep in task.submitted.deps() {
             if let Some(dep_task) = self.tasks.get_mut(dep) {
                 dep_task.live_dependents = dep_task.live_dependents.saturating_sub(1);
                 if !dep_task.is_kept() {
@@ -438,16 +436,12 @@ impl Scheduler {
             if !task.computed {
                 self.observed.erred(task.prefix);
             }
-            for client in task.holders.of(id) {
+            for client in task.holders(id) {
                 wanted.entry(client).or_default().push(id);
             }
             unneeded.push(id);
             stack.extend_from_slice(&task.dependents);
-            let deps = if pending {
-                task.deps.clone()
-            } else {
-                Box::default()
-            };
+            let submitted = pending.then(|| task.submitted.clone());
             if let TaskState::Assigned { worker } = previous {
                 // `start` failed on its worker; a dependent assigned elsewhere is stopped.
                 if id != start {
@@ -455,7 +449,7 @@ impl Scheduler {
                 }
                 self.change_processing(worker, &[id], false);
             }
-            for dep in deps {
+            for &dep in submitted.iter().flat_map(Submitted::deps) {
                 self.dependent_finished_with(dep, &mut unneeded);
             }
         }
@@ -496,12 +490,15 @@ impl Scheduler {
             let Some(task) = self.tasks.get(&id) else {
                 continue;
             };
-            let deps = task.deps.clone();
+            let submitted = task.submitted.clone();
             if let Some((origin, error)) =
-                deps.iter().find_map(|d| match &self.tasks.get(d)?.state {
-                    TaskState::Erred { origin, error } => Some((*origin, error.clone())),
-                    _ => None,
-                })
+                submitted
+                    .deps()
+                    .iter()
+                    .find_map(|d| match &self.tasks.get(d)?.state {
+                        TaskState::Erred { origin, error } => Some((*origin, error.clone())),
+                        _ => None,
+                    })
             {
                 unrecoverable.push((id, origin, error));
                 continue;
@@ -510,7 +507,7 @@ impl Scheduler {
                 task.state = TaskState::Waiting { unfinished_deps: 0 };
             }
             recompute.insert(id);
-            for dep in deps {
+            for &dep in submitted.deps() {
                 if let Some(dep_task) = self.tasks.get_mut(&dep) {
                     dep_task.pending_dependents += 1;
                 }
@@ -525,7 +522,8 @@ impl Scheduler {
                 continue;
             };
             let unfinished_deps = task
-                .deps
+                .submitted
+                .deps()
                 .iter()
                 .filter(|d| !self.tasks.get(d).is_some_and(|t| t.state.is_available()))
                 .count() as u32;
@@ -582,7 +580,10 @@ impl Scheduler {
 fn queue_ready(roots: &mut RootQueue, ready: &mut Vec<TaskId>, id: TaskId, task: &Task) {
     if matches!(task.state, TaskState::Ready) {
         // A restricted root skips the withheld queue: it can go to one place only.
-        if task.deps.is_empty() && task.restricted_to().is_empty() && task.resources().is_empty() {
+        if task.submitted.deps().is_empty()
+            && task.restricted_to().is_empty()
+            && task.resources().is_empty()
+        {
             roots.push(task.priority, id);
         } else {
             ready.push(id);

@@ -100,7 +100,7 @@ impl Scheduler {
                                 worker: holder,
                                 size: *size,
                             };
-                            self.outbox.finished(task.holders.of(id), finished);
+                            self.outbox.finished(task.holders(id), finished);
                         }
                     }
                 }
@@ -171,10 +171,10 @@ impl Scheduler {
         let mut dropped = self.end_submit_hold(&removed.open_submit);
         let mut held_elsewhere = Vec::new();
         for (&id, task) in self.tasks.iter_mut() {
-            if task.holders.remove(id, client) {
+            if task.remove_holder(id, client) {
                 dropped.push(id);
             }
-            if !task.holders.is_empty() || task.published > 0 {
+            if task.has_holders() || task.published > 0 {
                 held_elsewhere.push(id);
             }
         }
@@ -200,7 +200,7 @@ impl Scheduler {
         while let Some(id) = stack.pop() {
             if found.insert(id) {
                 if let Some(task) = self.tasks.get(&id) {
-                    stack.extend_from_slice(&task.deps);
+                    stack.extend_from_slice(task.submitted.deps());
                 }
             }
         }

@@ -1,6 +1,7 @@
 //! The records the scheduler keeps: a task and its state, a function, a client, a worker,
 //! and the outbox of messages gathered while one event is handled.
 
+use super::submitted::Submitted;
 use crate::protocol::{
     ClientId, ErrorInfo, FuncId, IdMap, IdSet, Resources, TaskFinished, TaskId, ToClient, ToWorker,
     WorkerId, WorkerInfo, WorkerMemory,
@@ -24,9 +25,6 @@ pub(super) enum OneOrMore<T> {
 
 /// The workers holding a result.
 pub(super) type ResultHolders = OneOrMore<WorkerId>;
-
-/// A task's functions.
-pub(super) type FuncIds = OneOrMore<FuncId>;
 
 impl<T: Copy + PartialEq> OneOrMore<T> {
     /// Adds `item` unless it is there already; false if it was.
@@ -133,18 +131,24 @@ impl TaskState {
 /// few tasks have lives in `extras`, boxed.
 pub(super) struct Task {
     pub(super) state: TaskState,
-    pub(super) payload: Bytes,
-    pub(super) funcs: FuncIds,
-    /// Inputs in payload order; may repeat an id, and every count below counts repeats.
-    pub(super) deps: Box<[TaskId]>,
+    /// Its payload, inputs and functions. Its inputs may repeat an id, and every count
+    /// below counts repeats.
+    pub(super) submitted: Submitted,
     /// May name forgotten tasks: they are skipped, and pruned when nothing pends on this.
     /// One word in the record (many tasks have none).
     pub(super) dependents: ThinVec<TaskId>,
     pub(super) priority: i64,
     /// Times it may still raise and be run again before it errs.
     pub(super) retries_left: u32,
-    /// Clients holding futures on it (the owner, and others that received one).
-    pub(super) holders: Holders,
+    /// The client that submitted it (`TaskId::owner`) holds a future on it: nearly always
+    /// its only holder, so the common case allocates nothing (`add_holder`).
+    pub(super) held_by_owner: bool,
+    /// Other clients holding futures on it (they received one).
+    #[expect(
+        clippy::box_collection,
+        reason = "one word in every task instead of three; few tasks have other holders"
+    )]
+    pub(super) other_holders: Option<Box<Vec<ClientId>>>,
     /// Published datasets that hold it (`Client.publish_dataset`).
     pub(super) published: u32,
     /// Its kind (Dask's key prefix), an id of the dashboard's counters.
@@ -190,7 +194,7 @@ static NO_RESOURCES: Resources = Resources::NONE;
 
 impl Task {
     pub(super) fn is_needed(&self) -> bool {
-        !self.holders.is_empty()
+        self.has_holders()
             || self.published > 0
             || self.pending_dependents > 0
             || self.held_for_submit
@@ -203,6 +207,51 @@ impl Task {
             TaskState::Memory { holders, .. } => holders.contains(&worker),
             _ => false,
         }
+    }
+
+    /// A client holds a future on it.
+    pub(super) fn has_holders(&self) -> bool {
+        self.held_by_owner || self.other_holders.is_some()
+    }
+
+    /// `client` holds task `id` (this task) now; false if it did already.
+    pub(super) fn add_holder(&mut self, id: TaskId, client: ClientId) -> bool {
+        if client == id.owner() {
+            return !mem::replace(&mut self.held_by_owner, true);
+        }
+        let others = self.other_holders.get_or_insert_with(Box::default);
+        let new = !others.contains(&client);
+        if new {
+            others.push(client);
+        }
+        new
+    }
+
+    /// `client` no longer holds task `id` (this task); false if it did not.
+    pub(super) fn remove_holder(&mut self, id: TaskId, client: ClientId) -> bool {
+        if client == id.owner() {
+            return mem::replace(&mut self.held_by_owner, false);
+        }
+        let Some(others) = self.other_holders.as_mut() else {
+            return false;
+        };
+        let Some(at) = others.iter().position(|c| *c == client) else {
+            return false;
+        };
+        others.swap_remove(at);
+        if others.is_empty() {
+            self.other_holders = None;
+        }
+        true
+    }
+
+    /// The clients holding task `id` (this task).
+    pub(super) fn holders(&self, id: TaskId) -> impl Iterator<Item = ClientId> + '_ {
+        self.held_by_owner.then(|| id.owner()).into_iter().chain(
+            self.other_holders
+                .iter()
+                .flat_map(|others| others.iter().copied()),
+        )
     }
 
     /// Kept in the table: needed, or the lineage of a live dependent.
@@ -240,64 +289,6 @@ impl Task {
         let extras = self.extras.get_or_insert_with(Box::default);
         extras.killed_workers.push(worker);
         extras.killed_workers.len()
-    }
-}
-
-/// The clients holding futures on a task: nearly always only the client that submitted
-/// it (`TaskId::owner`), which is a flag, so the common case allocates nothing.
-#[derive(Default)]
-pub(super) struct Holders {
-    owner: bool,
-    #[expect(
-        clippy::box_collection,
-        reason = "one word in every task instead of three; few tasks have other holders"
-    )]
-    others: Option<Box<Vec<ClientId>>>,
-}
-
-impl Holders {
-    pub(super) fn is_empty(&self) -> bool {
-        !self.owner && self.others.is_none()
-    }
-
-    /// `client` holds task `id` now; false if it did already.
-    pub(super) fn add(&mut self, id: TaskId, client: ClientId) -> bool {
-        if client == id.owner() {
-            !std::mem::replace(&mut self.owner, true)
-        } else {
-            let others = self.others.get_or_insert_with(Box::default);
-            let new = !others.contains(&client);
-            if new {
-                others.push(client);
-            }
-            new
-        }
-    }
-
-    /// `client` no longer holds task `id`; false if it did not.
-    pub(super) fn remove(&mut self, id: TaskId, client: ClientId) -> bool {
-        if client == id.owner() {
-            return std::mem::replace(&mut self.owner, false);
-        }
-        let Some(others) = self.others.as_mut() else {
-            return false;
-        };
-        let Some(at) = others.iter().position(|c| *c == client) else {
-            return false;
-        };
-        others.swap_remove(at);
-        if others.is_empty() {
-            self.others = None;
-        }
-        true
-    }
-
-    /// The holders of task `id`.
-    pub(super) fn of(&self, id: TaskId) -> impl Iterator<Item = ClientId> + '_ {
-        self.owner
-            .then(|| id.owner())
-            .into_iter()
-            .chain(self.others.iter().flat_map(|others| others.iter().copied()))
     }
 }
 

@@ -126,7 +126,7 @@ impl Scheduler {
             .collect();
         for holder in unknown {
             if let Some(peer) = self.workers.get(&holder) {
-                comm.send_worker(worker, ToWorker::PeerAdded(peer.info.clone()));
+                comm.send_worker(worker, ToWorker::PeerAdded(Box::new(peer.info.clone())));
             }
         }
     }
@@ -187,10 +187,13 @@ impl Scheduler {
         } = self;
         let task = tasks.get(&id)?;
         let inputs = || {
-            task.deps.iter().filter_map(|d| match &tasks.get(d)?.state {
-                TaskState::Memory { holders, size } => Some((holders, *size)),
-                _ => None,
-            })
+            task.submitted
+                .deps()
+                .iter()
+                .filter_map(|d| match &tasks.get(d)?.state {
+                    TaskState::Memory { holders, size } => Some((holders, *size)),
+                    _ => None,
+                })
         };
         input_bytes.clear();
         for (holders, size) in inputs() {
@@ -267,21 +270,20 @@ impl Scheduler {
             return false;
         }
         task.state = TaskState::Assigned { worker };
+        let has_inputs = !task.submitted.deps().is_empty();
         let mut compute = ComputeTask {
             id,
-            funcs: task.funcs.iter().copied().collect(),
-            payload: task.payload.clone(),
+            funcs: task.submitted.funcs().iter().copied().collect(),
+            payload: task.submitted.payload(),
             inputs: Vec::new(),
             priority: task.priority,
             read_by_tasks: task.pending_dependents > 0,
         };
-        // A root is looked up once; a task with inputs once more, to give its deps back.
-        if !task.deps.is_empty() {
-            let deps = mem::take(&mut task.deps);
-            compute.inputs = deps.iter().map(|&dep| self.input_location(dep)).collect();
-            if let Some(task) = self.tasks.get_mut(&id) {
-                task.deps = deps;
-            }
+        // A root is looked up once; a task with inputs once more, to read them.
+        if let Some(task) = self.tasks.get(&id).filter(|_| has_inputs) {
+            compute.inputs = (task.submitted.deps().iter())
+                .map(|&dep| self.input_location(dep))
+                .collect();
         }
         batch.push(compute);
         self.note_on_worker(worker, id);

@@ -1,14 +1,14 @@
 //! Client events: submitting tasks (checked, ordered, given their first state), wanting
 //! and releasing results and functions, and cancelling.
 
-use super::records::{Function, Holders, IdRuns, Task, TaskExtras, TaskState};
+use super::records::{Function, IdRuns, Task, TaskExtras, TaskState};
+use super::submitted::{self, Submitted};
 use super::Scheduler;
 use crate::protocol::{
     ClientId, ErrorInfo, FuncId, FunctionBlob, IdMap, IdSet, TaskFinished, TaskId, TaskSpec,
     ToClient, ToWorker,
 };
 use crate::scheduler::Comm;
-use bytes::{Bytes, BytesMut};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use thin_vec::ThinVec;
@@ -94,7 +94,7 @@ impl Scheduler {
         &mut self,
         client: ClientId,
         functions: Vec<FunctionBlob>,
-        mut specs: Vec<TaskSpec>,
+        specs: Vec<TaskSpec>,
         wanted: &[TaskId],
         prefixes: &[String],
         more: bool,
@@ -115,7 +115,7 @@ impl Scheduler {
             }
         };
         let prefix_ids = self.observed.prefix_ids(prefixes);
-        pack_payloads(&mut specs);
+        let submitted = submitted::pack(&specs);
         let CheckedSubmit {
             order,
             wanted_here,
@@ -129,17 +129,18 @@ impl Scheduler {
             wanted_elsewhere,
         };
         // Dependencies first, so every dep's state is known when its dependent is added.
+        let tasks = specs.into_iter().zip(submitted);
         match order {
             None => {
-                for (spec, wanted) in specs.into_iter().zip(wanted_here) {
-                    self.add_task(&mut adding, spec, wanted);
+                for (task, wanted) in tasks.zip(wanted_here) {
+                    self.add_task(&mut adding, task, wanted);
                 }
             }
             Some(order) => {
-                let mut specs: Vec<Option<TaskSpec>> = specs.into_iter().map(Some).collect();
+                let mut tasks: Vec<Option<_>> = tasks.map(Some).collect();
                 for index in order {
-                    if let Some(spec) = specs[index].take() {
-                        self.add_task(&mut adding, spec, wanted_here[index]);
+                    if let Some(task) = tasks[index].take() {
+                        self.add_task(&mut adding, task, wanted_here[index]);
                     }
                 }
             }
@@ -158,10 +159,15 @@ impl Scheduler {
     }
 
     /// Adds one task of a checked submit, its dependencies already in.
-    fn add_task(&mut self, adding: &mut Adding, spec: TaskSpec, wanted: bool) {
-        let state = self.initial_state(&spec.deps);
+    fn add_task(
+        &mut self,
+        adding: &mut Adding,
+        (spec, submitted): (TaskSpec, Submitted),
+        wanted: bool,
+    ) {
+        let state = self.initial_state(submitted.deps());
         let pending = state.is_pending();
-        for dep in &spec.deps {
+        for dep in submitted.deps() {
             if let Some(dep) = self.tasks.get_mut(dep) {
                 dep.dependents.push(spec.id);
                 dep.live_dependents += 1;
@@ -176,20 +182,19 @@ impl Scheduler {
             self.observed.erred(prefix);
             adding.erred.push(spec.id);
         }
-        for func in &spec.funcs {
+        for func in submitted.funcs() {
             if let Some(function) = self.functions.get_mut(func) {
                 function.users += 1;
             }
         }
         let mut task = Task {
             state,
-            payload: spec.payload,
-            funcs: spec.funcs.as_slice().into(),
-            deps: spec.deps.into(),
+            submitted,
             dependents: ThinVec::new(),
             priority: spec.priority,
             retries_left: spec.options.retries,
-            holders: Holders::default(),
+            held_by_owner: false,
+            other_holders: None,
             published: 0,
             prefix,
             computed: false,
@@ -209,7 +214,7 @@ impl Scheduler {
                 // `want` tells the client of the failure.
                 adding.wanted_elsewhere.push(spec.id);
             } else {
-                task.holders.add(spec.id, adding.client);
+                task.add_holder(spec.id, adding.client);
             }
         }
         self.queue_if_ready(spec.id, &task);
@@ -257,6 +262,7 @@ impl Scheduler {
         prefixes: usize,
     ) -> Result<CheckedSubmit, String> {
         let index = SubmitIndex::new(specs).map_err(submitted_twice)?;
+        submitted::check_part_size(specs)?;
         for spec in specs {
             if spec.id.owner() != client {
                 return Err(format!(
@@ -438,7 +444,7 @@ impl Scheduler {
                     continue;
                 }
             };
-            task.holders.add(id, client);
+            task.add_holder(id, client);
             match &task.state {
                 TaskState::Memory { holders, size } => {
                     if let Some(&worker) = holders.first() {
@@ -477,7 +483,7 @@ impl Scheduler {
             let held = self
                 .tasks
                 .get_mut(&id)
-                .is_some_and(|task| task.holders.remove(id, client));
+                .is_some_and(|task| task.remove_holder(id, client));
             if held {
                 released.push(id);
             } else {
@@ -570,7 +576,7 @@ impl Scheduler {
             let Some(task) = self.take_task(id) else {
                 continue;
             };
-            for client in task.holders.of(id) {
+            for client in task.holders(id) {
                 cancelled.entry(client).or_default().push(id);
             }
             self.forget(id, task, &mut unneeded);
@@ -581,40 +587,5 @@ impl Scheduler {
                 .push((client, ToClient::Cancelled(ids)));
         }
         self.release_unneeded(unneeded);
-    }
-}
-
-/// Payloads up to this size share one buffer per submit part (`pack_payloads`).
-const PACKED_PAYLOAD_MAX: usize = 1024;
-
-/// Moves a submit part's payloads out of the frame they were decoded from (whole, it would
-/// live as long as any task of the part): small ones into one buffer, each task keeping a
-/// slice of it, large ones each into its own allocation. An allocation per small payload
-/// cost more than a typical payload: 48 bytes for 32, and 32 more for the shared header
-/// that its first send to a worker added. The buffer lives until the last task of its part
-/// is forgotten: a part's small payloads are a few MiB at most.
-fn pack_payloads(specs: &mut [TaskSpec]) {
-    let is_small = |spec: &TaskSpec| spec.payload.len() <= PACKED_PAYLOAD_MAX;
-    let total: usize = specs
-        .iter()
-        .filter(|spec| is_small(spec))
-        .map(|spec| spec.payload.len())
-        .sum();
-    let mut packed = BytesMut::with_capacity(total);
-    for spec in specs.iter() {
-        if is_small(spec) {
-            packed.extend_from_slice(&spec.payload);
-        }
-    }
-    let packed = packed.freeze();
-    let mut start = 0;
-    for spec in specs.iter_mut() {
-        if is_small(spec) {
-            let end = start + spec.payload.len();
-            spec.payload = packed.slice(start..end);
-            start = end;
-        } else {
-            spec.payload = Bytes::copy_from_slice(&spec.payload);
-        }
     }
 }

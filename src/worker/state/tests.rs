@@ -240,7 +240,7 @@ impl TestEnv {
             spill: None,
         };
         for &id in &PEERS {
-            env.scheduler(ToWorker::PeerAdded(peer(id)));
+            env.scheduler(ToWorker::PeerAdded(Box::new(peer(id))));
         }
         for slot in 0..slots {
             env.executor(ExecutorEvent::Ready {
@@ -450,7 +450,7 @@ fn a_large_result_is_taken_over_and_mapped_in_once_a_peer_reads_bytes() {
         host: "node2".into(),
         ..peer(WorkerId(9))
     };
-    env.scheduler(ToWorker::PeerAdded(elsewhere));
+    env.scheduler(ToWorker::PeerAdded(Box::new(elsewhere)));
     finish(&mut env, 2, &written[1]);
     assert_eq!(
         env.comm.mapped_in, 1,
@@ -976,7 +976,7 @@ impl TestEnv {
     /// An event that changes nothing memory management sees: the worker acts on what
     /// its store holds, as after any event.
     fn any_event(&mut self) {
-        self.scheduler(ToWorker::PeerAdded(peer(WorkerId(4))));
+        self.scheduler(ToWorker::PeerAdded(Box::new(peer(WorkerId(4)))));
     }
 
     fn sampled(&mut self, sample: MemorySample) {
