@@ -3,6 +3,8 @@
 from collections.abc import Callable
 from typing import Any, Literal
 
+from typing_extensions import Buffer
+
 # One task as submitted: (id, dependency ids in payload order, function ids, payload, priority)
 TaskTuple = tuple[int, list[int], list[int], bytes, int, str]
 # A stored object as an executor sees it:
@@ -136,6 +138,16 @@ class ExecutorLink:
     def send_results(self, results: list[tuple]) -> None:
         """Each result: (task_id, duration_us, "ok", ObjectTuple) or
         (task_id, duration_us, "err", ErrorTuple)."""
+
+class MappedView:
+    """A mapping's bytes (any buffer: an mmap) lent as a buffer, writable where the
+    mapping is, with a count of the buffers lent and not given back."""
+
+    def __init__(self, mapping: Buffer) -> None: ...
+    @property
+    def exports(self) -> int: ...
+    def __len__(self) -> int: ...
+    def __buffer__(self, flags: int) -> memoryview: ...
 
 def runtime_base() -> str:
     """Where this user's runtime folders go: $XDG_RUNTIME_DIR, else $TMPDIR, else /tmp."""

@@ -21,9 +21,11 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from . import in_memory_targets, serialize
 from ._layout import INLINE_MAX, object_offsets
+from ._rankmesh import MappedView
 
 # Finished results wait at most this long for others to share a message with.
 SEND_INTERVAL_S = 0.001
@@ -79,18 +81,24 @@ class MappedInputs:
     counts whether mapped or not: a spilled result mapped back from disk is unmapped after
     each task, so that its pages leave memory.
 
-    A file is locked shared only while a task reads it, so the worker may recycle a kept
-    file once it lets the object go; it then removes or renames the file, and `forget_gone`
-    (on the worker's notice, and before each batch) unmaps whatever no longer exists. Object
-    file names are never used twice, so a mapping found by path is of that same object.
+    A file is locked shared while a task reads it and while anything built on its bytes
+    lives on after the task (an array a task kept in a global, say): each mapping is lent
+    through a `MappedView`, which counts the buffers still out. The worker may recycle a
+    file only when no executor holds that lock (the pages of a received array carry the
+    next one of its size), so bytes a task still sees are never overwritten. Once it lets
+    the object go, the worker removes or renames the file, and `forget_gone` (on the
+    worker's notice, and before each batch) drops whatever no longer exists. Object file
+    names are never used twice, so a mapping found by path is of that same object.
     """
 
     def __init__(self, shm_dir: str, max_bytes: int | None) -> None:
         self._shm_dir = os.path.join(shm_dir, "")
         self._max_bytes = max_bytes
-        self._kept: OrderedDict[str, tuple[int, mmap.mmap]] = OrderedDict()
+        self._kept: OrderedDict[str, _Kept] = OrderedDict()
         self._kept_bytes = 0
+        # Locked by the running task, and locked for what earlier tasks left behind.
         self._locked: list[str] = []
+        self._held: set[str] = set()
 
     def value(self, obj: tuple[str, object, list[int]]) -> object:
         kind, path, layout = obj
@@ -100,29 +108,32 @@ class MappedInputs:
         if kept is None:
             fd = _open_locked(path)
             try:
-                kept = (fd, _map(fd))
+                kept = _Kept(fd, MappedView(_map(fd)))
             except BaseException:
                 os.close(fd)
                 raise
             self._kept[path] = kept
-            self._kept_bytes += len(kept[1])
+            self._kept_bytes += len(kept.view)
             while len(self._kept) > MAX_KEPT_MAPPINGS or (
                 self._max_bytes is not None and self._kept_bytes > self._max_bytes
             ):
                 self._forget(next(iter(self._kept)))
         else:
             self._kept.move_to_end(path)
-            fcntl.flock(kept[0], fcntl.LOCK_SH)
+            fcntl.flock(kept.fd, fcntl.LOCK_SH)
         self._locked.append(path)
-        return serialize.loads_result(kept[1], layout)
+        return serialize.loads_result(kept.view, layout)
 
     def task_done(self) -> None:
-        """The task's inputs are no longer read: their files may be recycled."""
-        for path in self._locked:
-            kept = self._kept.get(path)
-            if kept is not None:
-                fcntl.flock(kept[0], fcntl.LOCK_UN)
+        """The task reads its inputs no more: each file is unlocked, so that the worker may
+        recycle it, unless something built on its bytes is still alive; those are looked
+        at again after each later task."""
+        # One forgotten meanwhile keeps its lock through its mapping's own descriptor.
+        self._held.update(path for path in self._locked if path in self._kept)
         self._locked.clear()
+        for path in [path for path in self._held if self._kept[path].view.exports == 0]:
+            fcntl.flock(self._kept[path].fd, fcntl.LOCK_UN)
+            self._held.discard(path)
 
     def forget_gone(self) -> None:
         """Unmaps the files the worker removed or recycled."""
@@ -130,11 +141,20 @@ class MappedInputs:
             self._forget(path)
 
     def _forget(self, path: str) -> None:
-        # The mapping goes with its last reference: at once, or when the arrays of a running
-        # task that read it go (its duplicate descriptor keeps the lock until then).
-        fd, mapped = self._kept.pop(path)
-        self._kept_bytes -= len(mapped)
-        os.close(fd)
+        # The mapping goes with its last reference: at once, or when the last array built
+        # on it goes. A file still locked stays locked until then: the mapping's duplicate
+        # of the descriptor holds the lock.
+        kept = self._kept.pop(path)
+        self._kept_bytes -= len(kept.view)
+        self._held.discard(path)
+        os.close(kept.fd)
+
+
+class _Kept(NamedTuple):
+    """A kept input file: its descriptor (which holds the lock) and its counted view."""
+
+    fd: int
+    view: MappedView
 
 
 class TaskRunner:
@@ -159,6 +179,16 @@ class TaskRunner:
         """(task_id, duration_us, "ok", ObjectTuple) or (..., "err", ErrorTuple)."""
         start = time.perf_counter_ns()
         try:
+            status, stored = self._outcome(payload, inputs)
+        finally:
+            # After `_outcome` returned: what it held on the inputs (the values after an
+            # error, a result's frames that are views of one) went with it.
+            self.inputs.task_done()
+        return task_id, (time.perf_counter_ns() - start) // 1000, status, stored
+
+    def _outcome(self, payload: bytes, inputs: Sequence[tuple]) -> tuple[str, tuple]:
+        """("ok", ObjectTuple) or ("err", ErrorTuple)."""
+        try:
             values = [self.inputs.value(obj) for obj in inputs]
             task = serialize.loads_payload(payload, self.functions, values)
             result = serialize.run_payload(task, values)
@@ -166,14 +196,9 @@ class TaskRunner:
             del task, values  # inputs go before the result is stored
             frames, layout = serialize.dumps_result(result, name)
             del result
-            stored = self._store(frames, layout)
-            status = "ok"
+            return "ok", self._store(frames, layout)
         except Exception as exc:  # noqa: BLE001 - every task error goes back to the client
-            stored = serialize.dumps_error(exc, _RUNTIME_FILES)
-            status = "err"
-        finally:
-            self.inputs.task_done()
-        return task_id, (time.perf_counter_ns() - start) // 1000, status, stored
+            return "err", serialize.dumps_error(exc, _RUNTIME_FILES)
 
     def _store(self, frames: list, layout: list[int]) -> tuple[str, object, list[int]]:
         _, total = object_offsets(layout)

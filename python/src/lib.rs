@@ -1,10 +1,11 @@
 //! `rankmesh._rankmesh`: the client's connection to the scheduler, the executor's link
-//! to its worker, and the private-file rules. The public API is the pure-Python `rankmesh` package around it.
+//! to its worker and its counted views of mapped inputs, and the private-file rules. The public API is the pure-Python `rankmesh` package around it.
 
 mod client;
 mod convert;
 mod executor_link;
 mod files;
+mod mapped_view;
 
 use pyo3::prelude::*;
 
@@ -23,6 +24,7 @@ fn _rankmesh(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ConnectionLost", py.get_type::<ConnectionLost>())?;
     m.add_class::<client::ClientCore>()?;
     m.add_class::<executor_link::ExecutorLink>()?;
+    m.add_class::<mapped_view::MappedView>()?;
     m.add_function(wrap_pyfunction!(files::runtime_base, m)?)?;
     m.add_function(wrap_pyfunction!(files::read_scheduler_file, m)?)?;
     m.add_function(wrap_pyfunction!(files::write_private, m)?)?;

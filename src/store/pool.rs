@@ -5,10 +5,11 @@
 //! MPI into mapped pages took ~11 ms. Dask arrays come in chunks of one size, so a
 //! released segment, still mapped, is usually the right one for the next transfer.
 //!
-//! A segment is reused only when no executor maps it any more: executors hold a shared
-//! `flock` on every object file they map (for as long as the mapping lives), and the pool
-//! takes a segment only if an exclusive lock succeeds, so bytes a task still sees are
-//! never overwritten.
+//! A segment is reused only when nothing in an executor reads it any more: executors hold
+//! a shared `flock` on an object file while a task reads it and while anything built on
+//! its bytes outlives the task (`MappedInputs` in executor.py), and the pool takes a
+//! segment only if an exclusive lock succeeds, so bytes a task still sees are never
+//! overwritten.
 
 use memmap2::MmapMut;
 use std::collections::HashMap;

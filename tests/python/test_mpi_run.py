@@ -429,6 +429,44 @@ def test_a_received_arrays_memory_carries_the_next_one_of_its_size(tmp_path, tra
         assert len(allocated) == 1, "only the first needs fresh memory"
 
 
+def test_an_input_a_task_keeps_is_not_overwritten_by_the_next_array_received(tmp_path):
+    # Over MPI a released array's memory carries the next one of its size (above); a task
+    # that keeps its input past its end (here in a module global) holds those pages, so
+    # they must not be reused while it does.
+    script = write(
+        tmp_path,
+        "kept.py",
+        "import sys, numpy as np, rankmesh\n"
+        "client = rankmesh.Client()\n"
+        "a, b = client.workers()\n"
+        "def make(i):\n"
+        "    return np.full(1_000_000, float(i))\n"
+        "def keep(x):\n"
+        "    sys.modules['numpy'].kept_by_test = x\n"
+        "    return float(x[0])\n"
+        "def kept():\n"
+        "    x = sys.modules['numpy'].kept_by_test\n"
+        "    return [float(x.min()), float(x.max())]\n"
+        "def spread(x):\n"
+        "    return [float(x.min()), float(x.max())]\n"
+        "first = client.submit(make, 1, workers=[a])\n"
+        "print('held', client.submit(keep, first, workers=[b]).result())\n"
+        "del first\n"
+        "seen = []\n"
+        "for i in range(2, 5):\n"
+        "    x = client.submit(make, i, workers=[a])\n"
+        "    seen.append(client.submit(spread, x, workers=[b]).result())\n"
+        "    del x\n"
+        "print('seen', seen)\n"
+        "print('kept', client.submit(kept, workers=[b], pure=False).result())\n",
+    )
+    result = mpirun(3, script, flags=["--threads-per-worker", "1"])
+    assert result.returncode == 0, result.stderr
+    assert "held 1.0" in result.stdout
+    assert f"seen {[[float(i)] * 2 for i in range(2, 5)]}" in result.stdout
+    assert "kept [1.0, 1.0]" in result.stdout, result.stdout
+
+
 OPEN_MPI_SETTINGS = (
     "OMPI_MCA_pml",
     "OMPI_MCA_btl_vader_single_copy_mechanism",

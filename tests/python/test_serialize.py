@@ -257,6 +257,45 @@ def test_inputs_stay_mapped_between_tasks_locked_only_while_one_runs(tmp_path, e
     assert not any(p.startswith(path) for p in mapped_paths())
 
 
+_kept_by_task = []
+
+
+def keep_input(array):
+    _kept_by_task.append(array)  # a task that holds on to its input after it returns
+    return float(array[0])
+
+
+def test_an_input_kept_past_its_task_stays_locked_until_nothing_reads_it(tmp_path, encoder):
+    runner = TaskRunner(str(tmp_path), "7")
+    payload, _, _ = encoder.data(np.zeros(INLINE_MAX))
+    stored = runner.run(1, payload, [])[3]
+
+    def locked():
+        fd = os.open(stored[1], os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # also gives up the lock just taken
+        return False
+
+    payload, _, funcs = encoder.call(keep_input, (future(1),), {})
+    runner.add_functions(submitted(encoder, funcs))
+    assert runner.run(2, payload, [stored])[2] == "ok"
+    assert locked(), "an array built on the file outlives the task"
+    assert runner.run(3, encoder.data(1)[0], [])[2] == "ok"
+    assert locked(), "looked at again after a later task: still read"
+    _kept_by_task.clear()
+    assert runner.run(4, encoder.data(2)[0], [])[2] == "ok"
+    assert not locked(), "nothing reads it any more: the worker may recycle it"
+    # A task that fails leaves nothing reading its input either.
+    payload, _, funcs = encoder.call(raise_value_error, (future(1),), {})
+    runner.add_functions(submitted(encoder, funcs))
+    assert runner.run(5, payload, [stored])[2] == "err"
+    assert not locked()
+
+
 def test_a_worker_with_a_memory_limit_caps_the_bytes_kept_mapped(tmp_path, encoder):
     runner = TaskRunner(str(tmp_path), "7", keep_mapped_bytes=INLINE_MAX)
     payload, _, _ = encoder.data(np.zeros(INLINE_MAX))  # 8 x INLINE_MAX bytes
