@@ -3,7 +3,8 @@
 The worker sends function blobs and batches of tasks over a Unix socket; inputs arrive
 inline or as shared-memory files that are mapped copy-on-write, so arrays are read in
 place and still writable. Results go back inline when small, else written once into a
-new shared-memory file that the worker then owns.
+shared-memory file that the worker then owns: a released segment of the same size that
+the worker keeps free, when there is one (its pages exist), else a new file.
 
 Input files stay mapped from task to task while they exist (`MappedInputs`), so the
 tasks that read one chunk fault its pages in once. Unlike a fresh mapping per task, this
@@ -33,6 +34,9 @@ SEND_INTERVAL_S = 0.001
 # Input files kept mapped between tasks, at most (the most recently used); a worker with
 # a memory limit also caps their bytes (RANKMESH_KEEP_MAPPED_BYTES).
 MAX_KEPT_MAPPINGS = 16
+
+# Where the worker keeps released segments for reuse, by size (src/store/pool.rs).
+FREE_FOLDER = "free"
 
 # Frames of the runtime itself, left out of the tracebacks tasks send back.
 _RUNTIME_FILES = (__file__, serialize.__file__)
@@ -206,16 +210,36 @@ class TaskRunner:
             return "inline", serialize.join_frames(frames, layout), layout
         self._sequence += 1
         path = os.path.join(self._shm_dir, f"{self._executor_id}-{self._sequence}")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        if self._claim_free_segment(total, path):
+            flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        else:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(path, flags, 0o600)
         try:
             # One gathered write: the kernel copies each frame once into the file's pages.
-            written = os.writev(fd, serialize.padded_frames(frames, layout))
+            written = os.pwritev(fd, serialize.padded_frames(frames, layout), 0)
         finally:
             os.close(fd)
         if written != total:
             raise OSError(f"wrote {written} of {total} bytes to {path}")
         return "shm", path, layout
+
+    def _claim_free_segment(self, total: int, path: str) -> bool:
+        """Renames a free segment of exactly `total` bytes that the worker keeps (in
+        `free/<size>/`) to `path`: its pages exist, so writing the result allocates none.
+        False when there is none (or others claimed them first)."""
+        folder = os.path.join(self._shm_dir, FREE_FOLDER, str(total))
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            return False
+        for name in names:
+            try:
+                os.rename(os.path.join(folder, name), path)
+            except FileNotFoundError:
+                continue  # taken by the worker or another executor meanwhile
+            return True
+        return False
 
 
 def serve(link, runner: TaskRunner) -> None:

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +107,7 @@ impl Object {
     /// worker does it off its event loop, once an object is stored.
     pub fn map_in(&self) {
         if let ObjectData::Shm(ShmSegment {
-            map: Some(Mapping::Adopted(map)),
+            map: Some(Mapping::Own { map, .. }),
             ..
         }) = &self.data
         {
@@ -128,6 +128,14 @@ impl Object {
         match &self.data {
             ObjectData::Shm(segment) if segment.map.is_some() => Some(&segment.path),
             _ => None,
+        }
+    }
+
+    /// Its shared memory goes back to the system when the object goes, rather than to the
+    /// pool of free segments: it was spilled to make room.
+    fn not_for_reuse(&self) {
+        if let ObjectData::Shm(segment) = &self.data {
+            segment.reusable.store(false, Ordering::Relaxed);
         }
     }
 
@@ -192,19 +200,26 @@ impl std::ops::Deref for ObjectBytes {
     }
 }
 
-/// A file in the worker's shared-memory folder, mapped; removed when dropped, or kept in
-/// the pool for reuse if it was received (and so is writable by this process).
+/// Larger results an executor wrote are not kept for reuse when released: with 126 MB
+/// chunks kept free, other allocations of the 1,460-day rechunk met memory the host had not
+/// backed yet and it ran slower (docs/performance.md). Received segments are kept at any
+/// size (64 MiB transfers come back warm).
+const MAX_REUSED_RESULT: u64 = 64 << 20;
+
+/// A file in the worker's shared-memory folder, mapped; when dropped, kept in the pool
+/// for reuse if it is the worker's own (and not spilled), else removed.
 struct ShmSegment {
     path: PathBuf,
     map: Option<Mapping>,
+    /// Cleared when the object was spilled: its memory is to be given back.
+    reusable: AtomicBool,
 }
 
 enum Mapping {
-    /// Written by an executor, mapped read-only.
-    Adopted(Mmap),
-    /// Received from a peer into a mapping of ours. Only `&[u8]` is ever handed out, so it
-    /// stays writable without risk, and reuse needs no `mprotect` (~1.5 ms for 64 MiB).
-    Received {
+    /// The worker's own file: written by one of its executors, or received from a peer
+    /// into this mapping. Only `&[u8]` is ever handed out, so it stays writable without
+    /// risk, and reuse needs no `mprotect` (~1.5 ms for 64 MiB).
+    Own {
         map: MmapMut,
         file: File,
         pool: Arc<SegmentPool>,
@@ -225,10 +240,19 @@ impl std::fmt::Debug for ShmSegment {
 }
 
 impl ShmSegment {
+    /// A segment of the file at `path`, not mapped yet.
+    fn new(path: PathBuf) -> ShmSegment {
+        ShmSegment {
+            path,
+            map: None,
+            reusable: AtomicBool::new(true),
+        }
+    }
+
     fn bytes(&self) -> &[u8] {
         match &self.map {
-            Some(Mapping::Adopted(map) | Mapping::Linked { map, .. }) => map,
-            Some(Mapping::Received { map, .. }) => map,
+            Some(Mapping::Linked { map, .. }) => map,
+            Some(Mapping::Own { map, .. }) => map,
             None => &[],
         }
     }
@@ -236,8 +260,8 @@ impl ShmSegment {
 
 impl Drop for ShmSegment {
     fn drop(&mut self) {
-        if let Some(Mapping::Received { map, file, pool }) = self.map.take() {
-            if pool.offer(&self.path, file, map) {
+        if let Some(Mapping::Own { map, file, pool }) = self.map.take() {
+            if self.reusable.load(Ordering::Relaxed) && pool.offer(&self.path, file, map) {
                 return;
             }
         }
@@ -345,10 +369,17 @@ impl ShmDir {
         self.pool.clear()
     }
 
-    /// Takes over a file an executor wrote into this folder: it is renamed to a name of
-    /// the worker's, so that whatever is left under the executor's names when it dies is
-    /// known to be unreported or partial ([`remove_leftovers`]).
+    /// Bytes of released segments kept for reuse (in `free/`, beside the objects).
+    pub fn free_segment_bytes(&self) -> u64 {
+        self.pool.bytes()
+    }
+
+    /// Takes over a file an executor wrote into this folder (a new one, or a free segment
+    /// it claimed): it is renamed to a name of the worker's, so that whatever is left under
+    /// the executor's names when it dies is known to be unreported or partial
+    /// ([`remove_leftovers`]).
     pub fn adopt(&self, path: &Path, layout: Vec<u64>) -> Result<Object, StoreError> {
+        use std::os::unix::fs::MetadataExt;
         let total = total_size(&layout)?;
         if path.parent() != Some(self.dir.as_path()) {
             return Err(StoreError::ForeignPath(path.to_path_buf()));
@@ -358,16 +389,19 @@ impl ShmDir {
             source,
         };
         // From here on the segment owns the file, so it is removed on every error path too.
-        let mut segment = ShmSegment {
-            path: path.to_path_buf(),
-            map: None,
-        };
+        let mut segment = ShmSegment::new(path.to_path_buf());
+        segment
+            .reusable
+            .store(total <= MAX_REUSED_RESULT, Ordering::Relaxed);
         let file = File::options()
             .read(true)
+            .write(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)
             .map_err(io)?;
-        let actual = file.metadata().map_err(io)?.len();
+        let meta = file.metadata().map_err(io)?;
+        self.pool.claimed(meta.ino(), meta.len());
+        let actual = meta.len();
         if actual != total {
             return Err(StoreError::SizeMismatch {
                 path: path.to_path_buf(),
@@ -380,8 +414,10 @@ impl ShmDir {
         segment.path = own;
         if total > 0 {
             // SAFETY: the file is private to this worker's folder and no one writes it after
-            // the executor handed it over.
-            segment.map = Some(Mapping::Adopted(unsafe { Mmap::map(&file) }.map_err(io)?));
+            // the executor handed it over (the pool reuses it only once it is released).
+            let map = unsafe { MmapMut::map_mut(&file) }.map_err(io)?;
+            let pool = self.pool.clone();
+            segment.map = Some(Mapping::Own { map, file, pool });
         }
         Ok(Object {
             layout,
@@ -418,10 +454,7 @@ impl ShmDir {
         // then refused by O_NOFOLLOW.
         std::fs::hard_link(path, &own).map_err(io)?;
         // From here on the segment owns our link, so it is removed on every error path.
-        let mut segment = ShmSegment {
-            path: own,
-            map: None,
-        };
+        let mut segment = ShmSegment::new(own);
         let file = File::options()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
@@ -464,15 +497,10 @@ impl ShmDir {
         if total <= INLINE_MAX {
             return Some(ObjectBuilder::heap(layout.to_vec(), total));
         }
-        let free = self.pool.take(total)?;
-        let path = self.next_path();
-        if let Err(e) = std::fs::rename(&free.path, &path) {
-            tracing::warn!(path = %free.path.display(), "cannot reuse segment: {e}");
-            return None;
-        }
+        let free = self.pool.take(total, &self.next_path())?;
         Some(ObjectBuilder {
             layout: layout.to_vec(),
-            target: Target::Shm(self.received_segment(path, free.file, free.map)),
+            target: Target::Shm(self.received_segment(free.path, free.file, free.map)),
         })
     }
 
@@ -480,10 +508,9 @@ impl ShmDir {
     /// fetch failed), it goes back to the pool.
     fn received_segment(&self, path: PathBuf, file: File, map: MmapMut) -> ShmSegment {
         let pool = self.pool.clone();
-        ShmSegment {
-            path,
-            map: Some(Mapping::Received { map, file, pool }),
-        }
+        let mut segment = ShmSegment::new(path);
+        segment.map = Some(Mapping::Own { map, file, pool });
+        segment
     }
 
     /// A name no object in this folder has had.
@@ -577,8 +604,8 @@ impl ObjectBuilder {
         match &mut self.target {
             Target::Heap(v) => v,
             Target::Shm(segment) => match &mut segment.map {
-                Some(Mapping::Received { map, .. }) => map,
-                Some(Mapping::Adopted(_) | Mapping::Linked { .. }) | None => &mut [],
+                Some(Mapping::Own { map, .. }) => map,
+                Some(Mapping::Linked { .. }) | None => &mut [],
             },
         }
     }
@@ -753,6 +780,7 @@ impl Store {
             Some(entry) if Arc::ptr_eq(&entry.object, original) => entry.object.clone(),
             _ => return false,
         };
+        current.not_for_reuse();
         objects.count(&current, -1);
         objects.count(&spilled, 1);
         if let Some(entry) = objects.entries.get_mut(&id) {
@@ -787,8 +815,96 @@ mod tests {
         assert!(!Path::new(&path).exists());
     }
 
+    /// Files in the worker's folder, free segments (in subfolders) included.
     fn files_in(dir: &ShmDir) -> usize {
-        std::fs::read_dir(dir.path()).unwrap().count()
+        fn count(folder: &Path) -> usize {
+            let entries = std::fs::read_dir(folder)
+                .unwrap()
+                .map(|e| e.unwrap().path());
+            entries
+                .map(|p| if p.is_dir() { count(&p) } else { 1 })
+                .sum()
+        }
+        count(dir.path())
+    }
+
+    /// What an executor does with a result of `size` bytes: claims a free segment of that
+    /// size if the worker keeps one, else writes a new file; returns its path.
+    fn executor_writes(dir: &ShmDir, name: &str, size: u64, fill: u8) -> PathBuf {
+        let path = dir.path().join(name);
+        let free = dir.path().join("free").join(size.to_string());
+        let claimed = std::fs::read_dir(&free)
+            .into_iter()
+            .flatten()
+            .any(|e| std::fs::rename(e.unwrap().path(), &path).is_ok());
+        let mut file = File::options()
+            .write(true)
+            .create_new(!claimed)
+            .open(&path)
+            .unwrap();
+        std::io::Write::write_all(&mut file, &vec![fill; size as usize]).unwrap();
+        path
+    }
+
+    #[test]
+    fn executors_write_results_into_released_ones_and_spilled_ones_are_not_kept() {
+        let dir = shm_dir();
+        let size = 4 * INLINE_MAX;
+        let first = dir
+            .adopt(&executor_writes(&dir, "0.1-1", size, 1), vec![size])
+            .unwrap();
+        let first_inode = inode(&first);
+        drop(first);
+        assert_eq!(dir.free_segment_bytes(), size, "kept: free/<size>/");
+        assert_eq!(files_in(&dir), 1);
+        // The executor's next result of that size goes into the same pages.
+        let second = dir
+            .adopt(&executor_writes(&dir, "0.1-2", size, 2), vec![size])
+            .unwrap();
+        assert_eq!(inode(&second), first_inode);
+        assert!(second.bytes().unwrap().iter().all(|&b| b == 2));
+        assert_eq!(dir.free_segment_bytes(), 0, "no longer free");
+        assert_eq!(files_in(&dir), 1);
+        // A transfer finds nothing free now; another size gets a new file.
+        assert!(dir.allocate_at_hand(&[size]).unwrap().is_none());
+        let other = dir
+            .adopt(&executor_writes(&dir, "0.1-3", 2 * size, 3), vec![2 * size])
+            .unwrap();
+        assert_ne!(inode(&other), first_inode);
+        // A spilled object's memory is given back, not kept.
+        let store = Store::default();
+        let second = store.insert(TaskId(1), second);
+        let spill = SpillDir::create(&std::env::temp_dir()).unwrap();
+        let spilled = spill.spill(&second).unwrap();
+        assert!(store.replace_spilled(TaskId(1), &second, spilled));
+        drop(second);
+        assert_eq!(dir.free_segment_bytes(), 0);
+        assert_eq!(files_in(&dir), 1, "only the other result's file");
+        drop(other);
+        assert_eq!(dir.free_segment_bytes(), 2 * size);
+        let transfer = dir.allocate_at_hand(&[2 * size]).unwrap();
+        assert!(transfer.is_some(), "and transfers take them too");
+        assert_eq!(dir.free_segment_bytes(), 0);
+        // Results over 64 MiB are not kept; received segments of any size are.
+        let large = (64 << 20) + INLINE_MAX;
+        let result = executor_writes(&dir, "0.1-4", large, 4);
+        drop(dir.adopt(&result, vec![large]).unwrap());
+        assert_eq!(dir.free_segment_bytes(), 0);
+        drop(received(&dir, large, 1));
+        assert_eq!(dir.free_segment_bytes(), large);
+        // A segment released after its worker's folder went (at exit) leaves nothing.
+        let late = received(&dir, size, 5);
+        let folder = dir.path().to_path_buf();
+        drop(dir);
+        drop(late);
+        assert!(!folder.exists(), "the folder is not made again");
+    }
+
+    fn inode(object: &Object) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(object.shared_path().unwrap())
+            .unwrap()
+            .ino()
     }
 
     fn received(dir: &ShmDir, size: u64, fill: u8) -> Object {

@@ -1,19 +1,27 @@
-//! Received shared-memory segments kept for the next object of the same size.
+//! Released shared-memory segments kept for the next object of the same size.
 //!
 //! A fresh tmpfs file must have every 4 KiB page allocated, zeroed and mapped before data
 //! lands in it: for 64 MiB that took ~38 ms on the test VM, while receiving the bytes over
-//! MPI into mapped pages took ~11 ms. Dask arrays come in chunks of one size, so a
-//! released segment, still mapped, is usually the right one for the next transfer.
+//! MPI into mapped pages took ~11 ms; an executor's 1.3 MB result took 0.6-1.3 ms into a
+//! new file against 0.1-0.2 ms into an existing one. Dask arrays come in chunks of one
+//! size, so a released segment is usually the right one for the next transfer or result.
 //!
-//! A segment is reused only when nothing in an executor reads it any more: executors hold
-//! a shared `flock` on an object file while a task reads it and while anything built on
-//! its bytes outlives the task (`MappedInputs` in executor.py), and the pool takes a
-//! segment only if an exclusive lock succeeds, so bytes a task still sees are never
-//! overwritten.
+//! Free segments wait in `free/<size>/` in the worker's folder. The worker takes one for
+//! a transfer ([`SegmentPool::take`]); an executor claims one for a result by renaming it
+//! to its own result name, and the worker, adopting that result, forgets the entry
+//! ([`SegmentPool::claimed`]). A rename moves a file once, so a segment goes to one of
+//! them; the other finds it gone.
+//!
+//! A segment is kept only when nothing reads it any more: executors hold a shared `flock`
+//! on an object file while a task reads it and while anything built on its bytes outlives
+//! the task (`MappedInputs` in executor.py), same-node peers on every file they link, and
+//! the pool takes a segment only if an exclusive lock succeeds, so bytes a task still
+//! sees are never overwritten.
 
 use memmap2::MmapMut;
 use std::collections::HashMap;
 use std::fs::File;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -21,11 +29,16 @@ use std::sync::Mutex;
 /// Most bytes kept free per worker: enough for a batch of large chunks in flight.
 const MAX_FREE_BYTES: u64 = 1 << 30;
 
+/// Where free segments wait, in the worker's folder: `free/<size>/<n>`.
+const FREE_FOLDER: &str = "free";
+
 /// A free segment: its file (under a name no object uses) and its writable mapping.
 pub(super) struct FreeSegment {
     pub(super) path: PathBuf,
     pub(super) file: File,
     pub(super) map: MmapMut,
+    /// Names the file whichever name it has (an executor may have renamed it).
+    inode: u64,
 }
 
 pub(super) struct SegmentPool {
@@ -55,10 +68,14 @@ impl SegmentPool {
     /// Keeps a released segment if no one maps it and there is room. `false`: not kept,
     /// the caller removes the file.
     pub(super) fn offer(&self, path: &Path, file: File, map: MmapMut) -> bool {
+        use std::os::unix::fs::MetadataExt;
         let size = map.len() as u64;
         if size == 0 || file.try_lock().is_err() {
             return false;
         }
+        let Ok(inode) = file.metadata().map(|m| m.ino()) else {
+            return false;
+        };
         let mut free = self.lock();
         if free.bytes + size > self.capacity.load(Ordering::Relaxed) {
             return false;
@@ -70,8 +87,23 @@ impl SegmentPool {
         // The object's name goes with the object: a late reader finds no file rather than
         // someone else's bytes.
         free.renamed += 1;
-        let free_path = path.with_file_name(format!("free-{}", free.renamed));
-        if std::fs::rename(path, &free_path).is_err() {
+        let Some(free_folder) = path.parent().map(|p| p.join(FREE_FOLDER)) else {
+            return false;
+        };
+        let folder = free_folder.join(size.to_string());
+        let free_path = folder.join(free.renamed.to_string());
+        // Not `create_dir_all`: a segment released after its worker's folder was removed
+        // (at exit) must not make that folder again.
+        let moved = std::fs::rename(path, &free_path).or_else(|_| {
+            for dir in [&free_folder, &folder] {
+                match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+                    Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+                    _ => {}
+                }
+            }
+            std::fs::rename(path, &free_path)
+        });
+        if moved.is_err() {
             return false;
         }
         free.bytes += size;
@@ -79,16 +111,43 @@ impl SegmentPool {
             path: free_path,
             file,
             map,
+            inode,
         });
         true
     }
 
-    /// A free segment of exactly `size` bytes, if one is kept.
-    pub(super) fn take(&self, size: u64) -> Option<FreeSegment> {
+    /// A free segment of exactly `size` bytes, if one is kept, renamed to `path`. One an
+    /// executor claimed meanwhile is forgotten on the way.
+    pub(super) fn take(&self, size: u64, path: &Path) -> Option<FreeSegment> {
         let mut free = self.lock();
-        let segment = free.by_size.get_mut(&size)?.pop()?;
-        free.bytes -= size;
-        Some(segment)
+        while let Some(segment) = free.by_size.get_mut(&size)?.pop() {
+            free.bytes -= size;
+            if std::fs::rename(&segment.path, path).is_ok() {
+                return Some(FreeSegment {
+                    path: path.to_path_buf(),
+                    ..segment
+                });
+            }
+        }
+        None
+    }
+
+    /// An executor wrote a result into the free segment `inode` of `size` bytes: it is
+    /// no longer free.
+    pub(super) fn claimed(&self, inode: u64, size: u64) {
+        let mut free = self.lock();
+        let Some(segments) = free.by_size.get_mut(&size) else {
+            return;
+        };
+        if let Some(at) = segments.iter().position(|s| s.inode == inode) {
+            segments.swap_remove(at);
+            free.bytes -= size;
+        }
+    }
+
+    /// Bytes kept free.
+    pub(super) fn bytes(&self) -> u64 {
+        self.lock().bytes
     }
 
     /// Keeps at most `bytes` from now on.

@@ -351,7 +351,7 @@ async fn serve(
                         .into_iter()
                         .map(|(slot, pid)| (slot, private_bytes(pid)))
                         .collect(),
-                    shared: allocated_bytes(comm.shm.path()),
+                    shared: allocated_bytes(comm.shm.path()) + comm.shm.free_segment_bytes(),
                     elapsed: last_sample.elapsed(),
                 };
                 last_sample = Instant::now();
@@ -401,7 +401,8 @@ fn private_bytes(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// Memory the files in `folder` take (tmpfs pages allocated to them).
+/// Memory the files in `folder` take (tmpfs pages allocated to them); not its
+/// subfolders (free segments, which the pool counts).
 fn allocated_bytes(folder: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(folder) else {

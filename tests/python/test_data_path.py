@@ -27,15 +27,11 @@ def backing_objects(*arrays):
 
 
 def shm_files(worker_pids):
-    """Files holding objects (released segments a worker keeps for reuse are `free-*`; the
-    executors' sockets and crash reports live in the same private folder)."""
+    """Files holding objects (released segments a worker keeps for reuse wait in its
+    `free/` folder; the executors' sockets and crash reports live beside the objects)."""
     files = [f for pid in worker_pids for f in glob.glob(f"/dev/shm/rankmesh-{pid}-*/*")]
     name = os.path.basename
-    return [
-        f
-        for f in files
-        if not (name(f).startswith("free-") or name(f).endswith((".sock", ".fault")))
-    ]
+    return [f for f in files if not (name(f) == "free" or name(f).endswith((".sock", ".fault")))]
 
 
 def test_large_inputs_are_mapped_not_copied_and_freed_on_release():

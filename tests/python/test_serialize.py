@@ -189,6 +189,33 @@ def test_runner_stores_small_results_inline_and_large_ones_in_shared_memory(tmp_
     np.testing.assert_array_equal(decode_input(stored), large)
 
 
+def test_runner_writes_a_large_result_into_a_free_segment_of_its_size(tmp_path, encoder):
+    """The worker keeps released segments in free/<size>/; a result of that size takes
+    one (renamed to the executor's name, its pages reused), others get new files."""
+    runner = TaskRunner(str(tmp_path), "7")
+    value = np.arange(INLINE_MAX, dtype=np.int64)
+    payload, _, _ = encoder.data(value)
+    stored = runner.run(1, payload, [])[3]
+    size = os.path.getsize(stored[1])
+    free = tmp_path / "free" / str(size)
+    free.mkdir(parents=True)
+    segment = free / "1"
+    segment.write_bytes(b"\xff" * size)
+    inode = segment.stat().st_ino
+    other = tmp_path / "free" / str(size + 64)
+    other.mkdir()
+    (other / "2").write_bytes(b"\xff" * (size + 64))
+    stored = runner.run(2, payload, [])[3]
+    assert stored[1] == str(tmp_path / "7-2")
+    assert os.stat(stored[1]).st_ino == inode and not segment.exists()
+    np.testing.assert_array_equal(decode_input(stored), value)
+    # None of that size left: a new file; the other size's segment is untouched.
+    stored = runner.run(3, payload, [])[3]
+    assert os.stat(stored[1]).st_ino != inode
+    np.testing.assert_array_equal(decode_input(stored), value)
+    assert (other / "2").exists()
+
+
 def test_runner_passes_inputs_to_calls(tmp_path, encoder):
     runner = TaskRunner(str(tmp_path), "1")
     frames, layout = dumps_result(np.arange(5))
