@@ -31,6 +31,8 @@ impl ExecutorLink {
                 let stream = UnixStream::connect(path).await?;
                 let (r, w) = stream.into_split();
                 let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
+                reader.keep_buffers(protocol::EXECUTOR_LINK_BUFFER);
+                writer.keep_buffers(protocol::EXECUTOR_LINK_BUFFER);
                 protocol::connect(&mut reader, &mut writer, &token, Role::Executor)
                     .await
                     .map_err(|e| std::io::Error::other(e.to_string()))?;

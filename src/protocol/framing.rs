@@ -2,7 +2,7 @@
 
 use std::cell::RefCell;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, BufMut, Bytes};
 use futures::{SinkExt, StreamExt};
 use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
 use serde::Serialize;
@@ -20,6 +20,13 @@ const SMALL_RAW: usize = 64 * 1024;
 /// (and its size would follow the largest message so far). Past this size buffers are
 /// mapped on their own (`heap::tune_allocator`), so giving one back unmaps it.
 const KEEP_BUFFER: usize = 64 << 10;
+/// What an executor link keeps (`keep_buffers`): its frames carry batches of inline
+/// objects of up to 64 KiB each, and mapping fresh pages for each cost more than the copy.
+pub const EXECUTOR_LINK_BUFFER: usize = 8 << 20;
+/// Queued frames past this many bytes are written before the next is added.
+const WRITE_BATCH: usize = 8 << 10;
+/// The length prefix of a frame, as `LengthDelimitedCodec` reads it (big-endian u32).
+const LENGTH_PREFIX: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -42,13 +49,22 @@ fn codec(max: usize) -> LengthDelimitedCodec {
 /// The reading half of a connection.
 pub struct FrameReader<R> {
     inner: FramedRead<R, LengthDelimitedCodec>,
+    /// A read buffer up to this size is kept for the next frame (`KEEP_BUFFER`).
+    keep_buffer: usize,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(io: R) -> Self {
         FrameReader {
             inner: FramedRead::new(io, codec(MAX_FRAME_SIZE)),
+            keep_buffer: KEEP_BUFFER,
         }
+    }
+
+    /// Keeps a read buffer of up to `bytes` from frame to frame, for a connection with
+    /// few peers and many large frames (`EXECUTOR_LINK_BUFFER`).
+    pub fn keep_buffers(&mut self, bytes: usize) {
+        self.keep_buffer = bytes;
     }
 
     /// Lowers (for a handshake) or restores the frame size limit.
@@ -66,7 +82,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             None => Ok(None),
             Some(Ok(frame)) => {
                 let buffer = self.inner.read_buffer_mut();
-                if frame.len() > KEEP_BUFFER && buffer.len() <= KEEP_BUFFER {
+                if frame.len() > self.keep_buffer && buffer.len() <= self.keep_buffer {
                     // The frame shares the buffer's allocation: the buffer moves to a new
                     // one (with the little read ahead), so dropping the frame frees it all.
                     *buffer = bytes::BytesMut::from(&buffer[..]);
@@ -117,17 +133,27 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 /// The writing half of a connection.
 pub struct FrameWriter<W> {
     inner: FramedWrite<W, LengthDelimitedCodec>,
+    /// A write buffer up to this size is kept after a flush (`KEEP_BUFFER`).
+    keep_buffer: usize,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub fn new(io: W) -> Self {
         FrameWriter {
             inner: FramedWrite::new(io, codec(MAX_FRAME_SIZE)),
+            keep_buffer: KEEP_BUFFER,
         }
     }
 
+    /// Keeps a write buffer of up to `bytes` after each flush (see
+    /// [`FrameReader::keep_buffers`]).
+    pub fn keep_buffers(&mut self, bytes: usize) {
+        self.keep_buffer = bytes;
+    }
+
     pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), FrameError> {
-        self.send_bytes(encode(msg)?).await
+        self.feed(msg).await?;
+        self.flush().await
     }
 
     /// Sends an already encoded message (see [`encode`]).
@@ -145,16 +171,40 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     /// After a flush: a write buffer that grew for a big message is given back.
     fn shrink_write_buffer(&mut self) {
+        let keep = self.keep_buffer;
         let buffer = self.inner.write_buffer_mut();
-        if buffer.is_empty() && buffer.capacity() > KEEP_BUFFER {
+        if buffer.is_empty() && buffer.capacity() > keep {
             *buffer = bytes::BytesMut::new();
         }
     }
 
-    /// Queues a message without flushing; call [`FrameWriter::flush`] after a batch.
+    /// Queues a message without flushing; call [`FrameWriter::flush`] after a batch. The
+    /// message is encoded straight into the write buffer, behind its length: no
+    /// allocation of its own, and one copy fewer than handing the codec an encoded frame.
     pub async fn feed<T: Serialize>(&mut self, msg: &T) -> Result<(), FrameError> {
-        self.inner.feed(encode(msg)?).await?;
-        Ok(())
+        if self.inner.write_buffer().len() >= WRITE_BATCH {
+            SinkExt::<Bytes>::flush(&mut self.inner).await?;
+        }
+        let buffer = self.inner.write_buffer_mut();
+        let start = buffer.len();
+        buffer.put_u32(0);
+        let encoded = rmp_serde::encode::write(&mut (&mut *buffer).writer(), msg);
+        let len = buffer.len() - start - LENGTH_PREFIX;
+        let error = match encoded {
+            Err(e) => FrameError::Encode(e.to_string()),
+            Ok(()) if len > MAX_FRAME_SIZE => FrameError::TooLarge {
+                len,
+                max: MAX_FRAME_SIZE,
+            },
+            Ok(()) => {
+                // Fits: MAX_FRAME_SIZE is below u32::MAX.
+                let prefix = (len as u32).to_be_bytes();
+                buffer[start..start + LENGTH_PREFIX].copy_from_slice(&prefix);
+                return Ok(());
+            }
+        };
+        buffer.truncate(start);
+        Err(error)
     }
 
     pub async fn flush(&mut self) -> Result<(), FrameError> {
@@ -290,6 +340,40 @@ mod tests {
             reader.recv::<FromClient>().await.unwrap(),
             Some(FromClient::Cancel(vec![TaskId(2)]))
         );
+    }
+
+    #[tokio::test]
+    async fn fed_frames_are_the_encoded_messages_and_a_link_keeps_its_buffers() {
+        let messages: Vec<FromClient> = [3, 20_000, 1, 50_000]
+            .into_iter()
+            .map(|n| FromClient::Release((0..n).map(TaskId).collect()))
+            .collect();
+        for keep in [None, Some(EXECUTOR_LINK_BUFFER)] {
+            let (a, b) = tokio::io::duplex(1 << 20);
+            let (mut writer, mut reader) = (FrameWriter::new(a), FrameReader::new(b));
+            if let Some(bytes) = keep {
+                writer.keep_buffers(bytes);
+                reader.keep_buffers(bytes);
+            }
+            let reading = tokio::spawn(async move {
+                let mut frames = Vec::new();
+                while let Some(frame) = reader.recv_bytes().await.unwrap() {
+                    frames.push(frame);
+                }
+                frames
+            });
+            for msg in &messages {
+                writer.feed(msg).await.unwrap();
+            }
+            writer.flush().await.unwrap();
+            // The largest frame is over 64 KiB: only a link keeps a buffer that size.
+            let kept = writer.inner.write_buffer().capacity();
+            assert_eq!(kept > KEEP_BUFFER, keep.is_some(), "{kept} bytes kept");
+            drop(writer);
+            let frames = reading.await.unwrap();
+            let expected: Vec<Bytes> = messages.iter().map(|m| encode(m).unwrap()).collect();
+            assert_eq!(frames, expected);
+        }
     }
 
     #[test]
