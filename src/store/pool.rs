@@ -18,6 +18,7 @@
 //! the pool takes a segment only if an exclusive lock succeeds, so bytes a task still
 //! sees are never overwritten.
 
+use indexmap::IndexMap;
 use memmap2::MmapMut;
 use std::collections::HashMap;
 use std::fs::File;
@@ -37,8 +38,6 @@ pub(super) struct FreeSegment {
     pub(super) path: PathBuf,
     pub(super) file: File,
     pub(super) map: MmapMut,
-    /// Names the file whichever name it has (an executor may have renamed it).
-    inode: u64,
 }
 
 pub(super) struct SegmentPool {
@@ -58,7 +57,9 @@ impl Default for SegmentPool {
 
 #[derive(Default)]
 struct Free {
-    by_size: HashMap<u64, Vec<FreeSegment>>,
+    /// By size, then by inode, which names a file whichever name it has (an executor may
+    /// have renamed it): a claim finds its entry without a scan.
+    by_size: HashMap<u64, IndexMap<u64, FreeSegment>>,
     bytes: u64,
     /// Numbers free segments' names.
     renamed: u64,
@@ -107,12 +108,14 @@ impl SegmentPool {
             return false;
         }
         free.bytes += size;
-        free.by_size.entry(size).or_default().push(FreeSegment {
-            path: free_path,
-            file,
-            map,
+        free.by_size.entry(size).or_default().insert(
             inode,
-        });
+            FreeSegment {
+                path: free_path,
+                file,
+                map,
+            },
+        );
         true
     }
 
@@ -120,7 +123,7 @@ impl SegmentPool {
     /// executor claimed meanwhile is forgotten on the way.
     pub(super) fn take(&self, size: u64, path: &Path) -> Option<FreeSegment> {
         let mut free = self.lock();
-        while let Some(segment) = free.by_size.get_mut(&size)?.pop() {
+        while let Some((_, segment)) = free.by_size.get_mut(&size)?.pop() {
             free.bytes -= size;
             if std::fs::rename(&segment.path, path).is_ok() {
                 return Some(FreeSegment {
@@ -136,11 +139,11 @@ impl SegmentPool {
     /// no longer free.
     pub(super) fn claimed(&self, inode: u64, size: u64) {
         let mut free = self.lock();
-        let Some(segments) = free.by_size.get_mut(&size) else {
-            return;
-        };
-        if let Some(at) = segments.iter().position(|s| s.inode == inode) {
-            segments.swap_remove(at);
+        let claimed = free
+            .by_size
+            .get_mut(&size)
+            .and_then(|segments| segments.swap_remove(&inode));
+        if claimed.is_some() {
             free.bytes -= size;
         }
     }
@@ -159,7 +162,7 @@ impl SegmentPool {
     /// Gives every kept segment back to the system; returns the bytes freed.
     pub(super) fn clear(&self) -> u64 {
         let mut free = self.lock();
-        for segment in free.by_size.drain().flat_map(|(_, s)| s) {
+        for segment in free.by_size.drain().flat_map(|(_, s)| s.into_values()) {
             let _ = std::fs::remove_file(&segment.path);
         }
         std::mem::take(&mut free.bytes)
@@ -173,7 +176,7 @@ impl SegmentPool {
 
 impl Drop for SegmentPool {
     fn drop(&mut self) {
-        for segment in self.lock().by_size.values().flatten() {
+        for segment in self.lock().by_size.values().flat_map(IndexMap::values) {
             let _ = std::fs::remove_file(&segment.path);
         }
     }

@@ -280,7 +280,7 @@ impl Scheduler {
             read_by_tasks: task.pending_dependents > 0,
         };
         // A root is looked up once; a task with inputs once more, to read them.
-        if let Some(task) = self.tasks.get(&id).filter(|_| has_inputs) {
+        if let Some(task) = has_inputs.then(|| self.tasks.get(&id)).flatten() {
             compute.inputs = (task.submitted.deps().iter())
                 .map(|&dep| self.input_location(dep))
                 .collect();
