@@ -20,8 +20,10 @@ const SMALL_RAW: usize = 64 * 1024;
 /// (and its size would follow the largest message so far). Past this size buffers are
 /// mapped on their own (`heap::tune_allocator`), so giving one back unmaps it.
 const KEEP_BUFFER: usize = 64 << 10;
-/// What an executor link keeps (`keep_buffers`): its frames carry batches of inline
-/// objects of up to 64 KiB each, and mapping fresh pages for each cost more than the copy.
+/// What an executor keeps of its link's buffers (`keep_buffers`): its frames carry batches
+/// of inline objects of up to 64 KiB each, and mapping fresh pages for each cost more than
+/// the copy. The worker's end keeps 64 KiB: its memory must come back after a burst (a
+/// batch of large callables kept 12 MB in it).
 pub const EXECUTOR_LINK_BUFFER: usize = 8 << 20;
 /// Queued frames past this many bytes are written before the next is added.
 const WRITE_BATCH: usize = 8 << 10;

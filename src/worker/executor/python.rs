@@ -163,8 +163,6 @@ async fn run_generation(
     };
     let (r, w) = stream.into_split();
     let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
-    reader.keep_buffers(protocol::EXECUTOR_LINK_BUFFER);
-    writer.keep_buffers(protocol::EXECUTOR_LINK_BUFFER);
     let hello = async {
         protocol::accept(&mut reader, &mut writer, &config.token, &[Role::Executor]).await?;
         protocol::welcome(&mut writer, None).await?;
