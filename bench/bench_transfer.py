@@ -7,7 +7,9 @@ Parts (sizes: --count arrays of --size-mib MiB, float64; GB = 1e9 bytes):
              twice: with Open MPI's settings as they are (the anchor's method), and with
              the settings `rankmesh run` fills in (`rankmesh mpi-settings`); the better
              of the two is the ceiling the ratios use.
-  rankmesh   `mpirun -np 3 rankmesh run --transport T`: workers A and B (ranks 1, 2).
+  rankmesh   `mpirun -np 3 rankmesh run --transport T`: workers A and B (ranks 1, 2), on
+             one node, so by default B links A's shared-memory file ("linked"); with
+             `--no-same-node-links` the bytes go over T as between nodes ("over T").
              Each array is made on A (workers=[A]) and consumed (x.sum()) by a task
              pinned to B twice: the first time B fetches it from A, the second time B
              has it. Transfer = t(first) - t(second): everything the fetch adds, from the
@@ -20,8 +22,8 @@ Parts (sizes: --count arrays of --size-mib MiB, float64; GB = 1e9 bytes):
   dask       distributed.LocalCluster(2 workers x 1 thread, processes) with the same
              pinning (workers=[A], allow_other_workers=False) over its TCP comm.
 The ceiling is the best ping-pong of a run before the rest and one after.
-Each of the rankmesh variants (MPI with Open MPI's ob1 PML, MPI with the UCX PML, TCP)
-runs as its own job; the raw ping-pong is repeated with the UCX PML for the UCX row.
+Each of the rankmesh variants (MPI with Open MPI's ob1 PML, MPI with the UCX PML, TCP;
+linked and not) runs as its own job; the raw ping-pong is repeated with the UCX PML for the UCX row.
 Ratio = GB/s / raw MPI GB/s of the same PML (higher is better; 1.0 = the MPI ceiling).
 
 The raw MPI part needs mpi4py built against the system MPI (bench/requirements.txt);
@@ -159,10 +161,12 @@ def raw_mpi(args, env: dict[str, str]) -> dict | None:
     return run_child(command, env, args.timeout)
 
 
-def rankmesh_job(args, transport: str, env: dict[str, str]) -> dict:
+def rankmesh_job(args, transport: str, env: dict[str, str], links: bool = True) -> dict:
     from rankmesh.cluster import find_binary
 
     runner = [find_binary(), "run", "--transport", transport, "--python", sys.executable]
+    if not links:
+        runner.insert(2, "--no-same-node-links")
     me = os.path.abspath(__file__)
     command = [*mpirun_base(3), *runner, me, "--rankmesh-child", *child_args(args)]
     return run_child(command, env, args.timeout)
@@ -219,10 +223,14 @@ def main() -> int:
         for settings in ("as is", "rankmesh's settings")
     }
     raw_before = {variant: raw_mpi(args, env) for variant, env in variants.items()}
+    no_links = {"links": False}
     rows = [
-        ("rankmesh, MPI (ob1)", "ob1", rankmesh_job(args, "mpi", {})),
-        ("rankmesh, MPI (UCX PML)", "ucx", rankmesh_job(args, "mpi", UCX_ENV)),
-        ("rankmesh, TCP", "ob1", rankmesh_job(args, "tcp", {})),
+        ("rankmesh, MPI job (ob1), linked", "ob1", rankmesh_job(args, "mpi", {})),
+        ("rankmesh, MPI job (UCX PML), linked", "ucx", rankmesh_job(args, "mpi", UCX_ENV)),
+        ("rankmesh, over MPI (ob1)", "ob1", rankmesh_job(args, "mpi", {}, **no_links)),
+        ("rankmesh, over MPI (UCX PML)", "ucx", rankmesh_job(args, "mpi", UCX_ENV, **no_links)),
+        ("rankmesh, TCP, linked", "ob1", rankmesh_job(args, "tcp", {})),
+        ("rankmesh, over TCP", "ob1", rankmesh_job(args, "tcp", {}, **no_links)),
     ]
     if not args.skip_dask:
         rows.append(("dask distributed, TCP", "ob1", dask_cluster(args)))

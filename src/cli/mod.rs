@@ -65,6 +65,10 @@ enum Command {
         /// How worker ranks move results between each other.
         #[arg(long, value_enum, default_value = "mpi")]
         transport: TransportArg,
+        /// Send results between worker ranks on one node over --transport too, instead of
+        /// linking the holder's shared-memory file (to measure or test the transport).
+        #[arg(long)]
+        no_same_node_links: bool,
         /// What each worker rank is placed and bound on; the ranks on a node share it out.
         #[arg(long, value_enum, default_value_t = WorkerPer::Numa)]
         worker_per: WorkerPer,
@@ -306,6 +310,7 @@ pub fn main() -> ExitCode {
             scheduler_file,
             serve: _, // an empty script means serve
             transport,
+            no_same_node_links,
             worker_per,
             no_bind,
             no_mpi_tuning,
@@ -321,6 +326,7 @@ pub fn main() -> ExitCode {
                 TransportArg::Mpi => TransportKind::Mpi,
                 TransportArg::Tcp => TransportKind::Tcp,
             },
+            same_node_links: !no_same_node_links,
             python: python.python,
             script,
             threads_per_worker: resources.threads_per_worker,

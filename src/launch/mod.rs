@@ -29,6 +29,9 @@ pub struct RunOptions {
     pub host: Option<String>,
     pub scheduler_file: Option<std::path::PathBuf>,
     pub transport: TransportKind,
+    /// Worker ranks on one node link each other's results from shared memory (no copy)
+    /// rather than send them over `transport`.
+    pub same_node_links: bool,
     /// How worker ranks are placed and bound; `None`: unbound.
     pub worker_per: Option<WorkerPer>,
     /// Fill in the Open MPI settings that nobody else chose (`open_mpi.rs`).

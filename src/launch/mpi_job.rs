@@ -188,23 +188,32 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
         let shm = Arc::new(ShmDir::create(WORKER_SHM_PREFIX).map_err(setup)?);
         let store = Store::default();
         let mut progress = None;
-        let tcp = TcpTransport::new(config.token.clone()).linking_on(config.advertise_host.clone());
+        let tcp = || {
+            let tcp = TcpTransport::new(config.token.clone());
+            match options.same_node_links {
+                true => tcp.linking_on(host.clone()),
+                false => tcp,
+            }
+        };
         let transport: Arc<dyn Transport> = match options.transport {
             TransportKind::Mpi if mpi_transport::threading_suffices(threading) => {
                 let (thread, transport) =
                     MpiProgress::start(store.clone(), shm.path(), &host).map_err(setup)?;
                 config.doorbell = Some(thread.doorbell().to_string_lossy().into_owned());
                 progress = Some(thread);
-                Arc::new(transport)
+                match options.same_node_links {
+                    true => Arc::new(transport.linking_same_node(tcp())),
+                    false => Arc::new(transport),
+                }
             }
             TransportKind::Mpi => {
                 tracing::warn!(
                     ?threading,
                     "MPI grants less than MPI_THREAD_SERIALIZED: worker data goes over TCP"
                 );
-                Arc::new(tcp)
+                Arc::new(tcp())
             }
-            TransportKind::Tcp => Arc::new(tcp),
+            TransportKind::Tcp => Arc::new(tcp()),
         };
         let outcome = runtime.block_on(async {
             let shutdown = crate::cluster::cancel_on_signal().map_err(LaunchError::Runtime)?;

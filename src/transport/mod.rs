@@ -48,6 +48,10 @@ pub trait Transport: Send + Sync + 'static {
     /// What it is, for the worker's reports.
     fn kind(&self) -> crate::protocol::DataTransport;
 
+    /// Whether peers on this worker's own host read its results as bytes; if not, they
+    /// link the results' shared-memory files and never read through its mappings.
+    fn same_host_reads_bytes(&self) -> bool;
+
     fn fetch<'a>(
         &'a self,
         from: &'a WorkerInfo,

@@ -185,6 +185,11 @@ impl TcpTransport {
                 .filter(|(_, object)| matches!(object, Some(Received::Unlinked)))
                 .map(|(id, _)| *id)
                 .collect();
+            let linked = objects
+                .iter()
+                .filter(|(_, object)| matches!(object, Some(Received::Object(_))))
+                .count();
+            tracing::debug!(%address, linked, "linked from a peer on this host");
             if !unlinked.is_empty() {
                 let request = PeerRequest::Fetch(unlinked.clone());
                 let sent = receive(&mut connection, address, request, unlinked, alloc.as_ref());
@@ -271,6 +276,10 @@ async fn receive(
 impl Transport for TcpTransport {
     fn kind(&self) -> crate::protocol::DataTransport {
         crate::protocol::DataTransport::Tcp
+    }
+
+    fn same_host_reads_bytes(&self) -> bool {
+        self.linking_host.is_none()
     }
 
     fn fetch<'a>(

@@ -225,6 +225,7 @@ pub async fn run_with(
         max_crashes: config.max_crashes,
         memory: config.memory.clone(),
         transport: transport.kind(),
+        same_host_reads_bytes: transport.same_host_reads_bytes(),
         host: config.advertise_host.clone(),
     };
     let mut state = WorkerState::new(settings, store);

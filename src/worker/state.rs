@@ -102,6 +102,8 @@ pub struct WorkerSettings {
     pub memory: MemoryPolicy,
     /// How it receives results from peers (reported with its memory).
     pub transport: DataTransport,
+    /// Whether peers on its own host read its results as bytes rather than link them.
+    pub same_host_reads_bytes: bool,
     /// The host it advertises: peers on it link its results rather than read their bytes.
     pub host: String,
 }
@@ -191,6 +193,7 @@ pub struct WorkerState {
     spill_backoff: u32,
     samples_since_report: u32,
     transport: DataTransport,
+    same_host_reads_bytes: bool,
     host: String,
     /// Peers on another host than `host` (kept with `peers`: asked after every result).
     peers_elsewhere: usize,
@@ -233,6 +236,7 @@ impl WorkerState {
             spill_backoff: 0,
             samples_since_report: 0,
             transport: settings.transport,
+            same_host_reads_bytes: settings.same_host_reads_bytes,
             host: settings.host,
             peers_elsewhere: 0,
             transferred: Vec::new(),
@@ -879,11 +883,12 @@ impl WorkerState {
         }
     }
 
-    /// Whether peers may read this worker's results as bytes (over MPI, or over TCP from
-    /// another host), so that a new result's pages are worth mapping in ahead of a send.
-    /// Peers on this host link the file instead, and never touch this worker's mapping.
+    /// Whether peers may read this worker's results as bytes (from another host, or on
+    /// this one where the transport does not link), so that a new result's pages are
+    /// worth mapping in ahead of a send. Peers that link the file never touch this
+    /// worker's mapping.
     fn peers_read_bytes(&self) -> bool {
-        self.transport == DataTransport::Mpi || self.peers_elsewhere > 0
+        self.same_host_reads_bytes || self.peers_elsewhere > 0
     }
 
     /// Whatever the executor had in flight is lost. Alone on it, a task is to blame (and

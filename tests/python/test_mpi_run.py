@@ -343,11 +343,25 @@ def test_serve_needs_a_scheduler_file():
 # Open MPI's UCX layer, as on InfiniBand clusters; without IB devices it needs every transport.
 UCX_PML = {"OMPI_MCA_pml": "ucx", "OMPI_MCA_pml_ucx_tls": "any", "OMPI_MCA_pml_ucx_devices": "any"}
 
+# Every worker rank of these tests is on one node, where ranks link each other's results
+# by default: the tests of a transport's own data path send them over it, as between nodes.
+NO_LINKS = ("--no-same-node-links",)
+# The data path under test: MPI as between nodes, MPI with same-node links (the default
+# of `rankmesh run`), TCP (which links too).
+DATA_PATHS = pytest.mark.parametrize(
+    ("transport", "flags"),
+    [("mpi", NO_LINKS), ("mpi", ()), ("tcp", ())],
+    ids=["mpi", "mpi-linked", "tcp"],
+)
+LINKED = "linked from a peer on this host"
+
 
 @pytest.mark.parametrize(
-    ("transport", "mca"), [("mpi", {}), ("mpi", UCX_PML), ("tcp", {})], ids=["mpi", "ucx", "tcp"]
+    ("transport", "mca", "flags"),
+    [("mpi", {}, NO_LINKS), ("mpi", UCX_PML, NO_LINKS), ("mpi", {}, ()), ("tcp", {}, ())],
+    ids=["mpi", "ucx", "mpi-linked", "tcp"],
 )
-def test_large_arrays_move_between_worker_ranks(tmp_path, transport, mca):
+def test_large_arrays_move_between_worker_ranks(tmp_path, transport, mca, flags):
     if mca and os.environ.get("RANKMESH_TEST_MPI") == "mpich":
         pytest.skip("the UCX PML is Open MPI's")
     script = write(
@@ -366,15 +380,23 @@ def test_large_arrays_move_between_worker_ranks(tmp_path, transport, mca):
         "print('ranks', sorted([a['rank'], b['rank']]))\n",
     )
     # An explicitly selected PML that cannot start aborts the job: passing proves it ran.
-    result = mpirun(3, script, transport=transport, env={**os.environ, **mca})
+    env = {**os.environ, **mca, "RANKMESH_LOG": "rankmesh::transport=debug"}
+    result = mpirun(3, script, transport=transport, env=env, flags=flags)
     assert result.returncode == 0, result.stderr
     expected = [3_999_999.0 * (i + 1) for i in range(6)]
     assert f"last {expected}" in result.stdout
     assert "ranks [1, 2]" in result.stdout
+    # Which path the six arrays took: MPI's, or links to the holder's files (all six).
+    links = flags != NO_LINKS
+    assert ("fetched over MPI" in result.stderr) == (transport == "mpi" and not links)
+    counts = [
+        line.split("linked=")[1].split()[0] for line in result.stderr.splitlines() if LINKED in line
+    ]
+    assert sum(map(int, counts)) == (6 if links else 0), result.stderr
 
 
-@TRANSPORTS
-def test_worker_ranks_fetch_from_each_other_at_once(tmp_path, transport):
+@DATA_PATHS
+def test_worker_ranks_fetch_from_each_other_at_once(tmp_path, transport, flags):
     # Both ranks ask and answer at the same time, many fetches in flight each way.
     script = write(
         tmp_path,
@@ -391,7 +413,7 @@ def test_worker_ranks_fetch_from_each_other_at_once(tmp_path, transport):
         "crossed += [client.submit(np.sum, x, workers=[a]) for x in on_b]\n"
         "print('sums', [int(s) for s in client.gather(crossed)])\n",
     )
-    result = mpirun(3, script, transport=transport)
+    result = mpirun(3, script, transport=transport, flags=flags)
     assert result.returncode == 0, result.stderr
     assert f"sums {[i * 1_000_000 for i in range(12)]}" in result.stdout
 
@@ -418,7 +440,7 @@ def test_a_received_arrays_memory_carries_the_next_one_of_its_size(tmp_path, tra
         "print('seen', seen)\n",
     )
     env = {**os.environ, "RANKMESH_LOG": "rankmesh::transport=debug"}
-    result = mpirun(3, script, transport=transport, env=env)
+    result = mpirun(3, script, transport=transport, env=env, flags=NO_LINKS)
     assert result.returncode == 0, result.stderr
     assert f"seen {[[float(i)] * 2 for i in range(5)]}" in result.stdout
     assert "\x1b[" not in result.stderr, "a log read from a file has no colour codes"
@@ -460,7 +482,7 @@ def test_an_input_a_task_keeps_is_not_overwritten_by_the_next_array_received(tmp
         "print('seen', seen)\n"
         "print('kept', client.submit(kept, workers=[b], pure=False).result())\n",
     )
-    result = mpirun(3, script, flags=["--threads-per-worker", "1"])
+    result = mpirun(3, script, flags=["--threads-per-worker", "1", *NO_LINKS])
     assert result.returncode == 0, result.stderr
     assert "held 1.0" in result.stdout
     assert f"seen {[[float(i)] * 2 for i in range(2, 5)]}" in result.stdout

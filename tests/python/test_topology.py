@@ -216,8 +216,10 @@ def test_unbound_workers_keep_the_whole_node(tmp_path):
 @needs_mpirun
 def test_worker_data_on_one_node_goes_through_mpis_shared_memory(tmp_path, monkeypatch):
     # Only Open MPI's self and shared-memory (vader) transports are allowed, so a 32 MB
-    # array can move between the two worker ranks only through shared memory.
+    # array can move between the two worker ranks only through shared memory (sent over
+    # MPI as between nodes: by default ranks on one node link each other's files).
     monkeypatch.setenv("OMPI_MCA_btl", "self,vader")
+    monkeypatch.setenv("RANKMESH_LOG", "rankmesh::transport=debug")
     script = write(
         tmp_path,
         "across.py",
@@ -229,10 +231,12 @@ def test_worker_data_on_one_node_goes_through_mpis_shared_memory(tmp_path, monke
         "    assert total.result(timeout=60) == 8_000_000.0\n",
     )
     command = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n", "3"]
-    command += [BINARY, "run", "--transport", "mpi", "--python", sys.executable, script]
+    command += [BINARY, "run", "--transport", "mpi", "--no-same-node-links"]
+    command += ["--python", sys.executable, script]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "worker data goes over TCP" not in result.stderr, "MPI must carry it"
+    assert "fetched over MPI" in result.stderr
 
 
 def make(i):

@@ -25,6 +25,7 @@ mod requests;
 
 use doorbell::Doorbell;
 
+use super::tcp::TcpTransport;
 use super::{Fetched, Transport, TransportError};
 use crate::protocol::{TaskId, WorkerInfo};
 use crate::store::Allocate;
@@ -222,6 +223,7 @@ impl MpiProgress {
                     commands: commands.clone(),
                     host: host.to_string(),
                     doorbells: Mutex::default(),
+                    same_node: None,
                 };
                 (
                     MpiProgress {
@@ -250,16 +252,28 @@ impl MpiProgress {
     }
 }
 
-/// Fetches from other worker ranks through the progress thread.
+/// Fetches from other worker ranks through the progress thread, or, from ranks on this
+/// node once [`MpiTransport::linking_same_node`] says so, by linking their files.
 pub struct MpiTransport {
     commands: Commands,
     /// This rank's host: holders on it have doorbells this rank can ring.
     host: String,
     /// Peers' doorbells by path, once mapped (`None`: it could not be).
     doorbells: Mutex<HashMap<String, Option<Arc<Doorbell>>>>,
+    /// Fetches from ranks on this host, which link the holder's shared-memory file.
+    same_node: Option<TcpTransport>,
 }
 
 impl MpiTransport {
+    /// Results of ranks on this node are linked from their shared-memory files through
+    /// `tcp`'s link requests (to their data servers) instead of copied over MPI: no byte
+    /// moves and the node keeps one copy, where MPI's shared-memory path copies each
+    /// object twice (into and out of its fragments). `tcp` must link on this rank's host.
+    pub fn linking_same_node(mut self, tcp: TcpTransport) -> MpiTransport {
+        self.same_node = Some(tcp);
+        self
+    }
+
     /// The doorbell of `holder`, if it is on this node.
     fn doorbell_of(&self, holder: &WorkerInfo) -> Option<Arc<Doorbell>> {
         let path = holder
@@ -318,12 +332,19 @@ impl Transport for MpiTransport {
         crate::protocol::DataTransport::Mpi
     }
 
+    fn same_host_reads_bytes(&self) -> bool {
+        self.same_node.is_none()
+    }
+
     fn fetch<'a>(
         &'a self,
         from: &'a WorkerInfo,
         ids: Vec<TaskId>,
         alloc: Arc<dyn Allocate>,
     ) -> BoxFuture<'a, Result<Fetched, TransportError>> {
+        if let Some(tcp) = self.same_node.as_ref().filter(|_| from.host == self.host) {
+            return tcp.fetch(from, ids, alloc);
+        }
         Box::pin(async move {
             let rank = from.rank.ok_or(TransportError::NoRank(from.id))? as i32;
             let doorbell = self.doorbell_of(from);

@@ -210,13 +210,19 @@ fn small(fill: u8) -> Object {
 impl TestEnv {
     /// A worker with `slots` executors, all up (generation 1), and no memory limit.
     fn new(slots: usize) -> Self {
-        Self::build(slots, MemoryPolicy::default())
+        Self::build(slots, MemoryPolicy::default(), false)
+    }
+
+    /// A worker as [`TestEnv::new`] whose peers on its own host read its results as bytes
+    /// (an MPI job run with `--no-same-node-links`).
+    fn read_as_bytes_on_its_host(slots: usize) -> Self {
+        Self::build(slots, MemoryPolicy::default(), true)
     }
 
     /// A worker as [`TestEnv::new`] under `memory`: its results live in a shared-memory
     /// folder of its own, and are spilled for real to a folder in a temp folder.
     fn with_memory(slots: usize, memory: MemoryPolicy) -> Self {
-        let mut env = Self::build(slots, memory);
+        let mut env = Self::build(slots, memory, false);
         env.comm.shm = Some(ShmDir::create("rankmesh-test").expect("a shared-memory folder"));
         let local = tempfile::tempdir().expect("a temp folder");
         let spill = SpillDir::create(local.path()).expect("a spill folder");
@@ -224,13 +230,14 @@ impl TestEnv {
         env
     }
 
-    fn build(slots: usize, memory: MemoryPolicy) -> Self {
+    fn build(slots: usize, memory: MemoryPolicy, same_host_reads_bytes: bool) -> Self {
         let store = Store::default();
         let settings = WorkerSettings {
             slots,
             max_crashes: 3,
             memory,
             transport: DataTransport::Tcp,
+            same_host_reads_bytes,
             host: "node".into(),
         };
         let mut env = TestEnv {
@@ -412,12 +419,11 @@ fn executors_get_no_more_than_their_queue_depth() {
     env.comm.emptiness_check();
 }
 
-#[test]
-fn a_large_result_is_taken_over_and_mapped_in_once_a_peer_reads_bytes() {
-    let mut env = TestEnv::new(1);
+/// `count` result files as an executor writes them (a 100,000-byte frame, padded), in a
+/// shared-memory folder the worker takes files over from for real.
+fn results_in_files(env: &mut TestEnv, count: u64) -> Vec<PathBuf> {
     let shm = ShmDir::create("rankmesh-test").expect("a shared-memory folder");
-    // What the executor wrote: its files, of the layout's size.
-    let written: Vec<PathBuf> = (1..=2)
+    let written: Vec<PathBuf> = (1..=count)
         .map(|i| {
             let path = shm.path().join(format!("0.1-{i}"));
             std::fs::write(&path, vec![5u8; 100_032]).expect("written");
@@ -425,20 +431,29 @@ fn a_large_result_is_taken_over_and_mapped_in_once_a_peer_reads_bytes() {
         })
         .collect();
     env.comm.shm = Some(shm);
-    let finish = |env: &mut TestEnv, id: u64, path: &Path| {
-        env.compute(vec![task(id, &[])]);
-        env.ran();
-        let outcome = TaskOutcome {
-            result: Ok(ObjectRef::Shm {
-                path: path.display().to_string(),
-                layout: vec![100_000],
-            }),
-            ..ok(id)
-        };
-        env.results(0, vec![outcome]);
-        assert_eq!(env.done_ids(), ids(&[id]));
+    written
+}
+
+/// Runs task `id` and finishes it with the result file at `path`.
+fn finish_with_file(env: &mut TestEnv, id: u64, path: &Path) {
+    env.compute(vec![task(id, &[])]);
+    env.ran();
+    let outcome = TaskOutcome {
+        result: Ok(ObjectRef::Shm {
+            path: path.display().to_string(),
+            layout: vec![100_000],
+        }),
+        ..ok(id)
     };
-    finish(&mut env, 1, &written[0]);
+    env.results(0, vec![outcome]);
+    assert_eq!(env.done_ids(), ids(&[id]));
+}
+
+#[test]
+fn a_large_result_is_taken_over_and_mapped_in_once_a_peer_reads_bytes() {
+    let mut env = TestEnv::new(1);
+    let written = results_in_files(&mut env, 2);
+    finish_with_file(&mut env, 1, &written[0]);
     assert_eq!(env.comm.adopted, [written[0].clone()]);
     assert_eq!(
         env.comm.mapped_in, 0,
@@ -451,10 +466,22 @@ fn a_large_result_is_taken_over_and_mapped_in_once_a_peer_reads_bytes() {
         ..peer(WorkerId(9))
     };
     env.scheduler(ToWorker::PeerAdded(Box::new(elsewhere)));
-    finish(&mut env, 2, &written[1]);
+    finish_with_file(&mut env, 2, &written[1]);
     assert_eq!(
         env.comm.mapped_in, 1,
         "a peer on another host reads bytes: they are mapped in off the loop"
+    );
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn a_large_result_is_mapped_in_where_peers_on_its_host_read_bytes() {
+    let mut env = TestEnv::read_as_bytes_on_its_host(1);
+    let written = results_in_files(&mut env, 1);
+    finish_with_file(&mut env, 1, &written[0]);
+    assert_eq!(
+        env.comm.mapped_in, 1,
+        "its peers on this host do not link its files"
     );
     env.comm.emptiness_check();
 }
