@@ -26,6 +26,9 @@ const WORKERS_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_SIGNAL_GRACE: Duration = Duration::from_secs(1);
 /// How long the scheduler gets to tell workers to stop and drain its connections.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long a script told to stop (SIGINT) gets to end before it is killed: its own
+/// cleanup, within SLURM's default 30 s between SIGTERM and SIGKILL with the cluster's.
+const SCRIPT_STOP_GRACE: Duration = Duration::from_secs(15);
 
 pub struct ScriptHost {
     /// Where workers and clients reach the scheduler (`tcp://host:port`).
@@ -219,14 +222,26 @@ impl ScriptHost {
         };
         tokio::pin!(drain_timer);
         let mut drained = false;
+        // Armed once the script is told to stop.
+        let kill_timer = tokio::time::sleep(Duration::MAX);
+        tokio::pin!(kill_timer);
+        let mut killed = false;
         // A script that already died gets no word; its exit status tells why.
         let _ = go.write_all(GO);
         drop(go);
         let status = loop {
             tokio::select! {
                 status = child.wait() => break status.map_err(|e| name.error(e))?,
-                _ = interrupt.recv() => stop(&child, stopping),
-                _ = terminate.recv() => stop(&child, stopping),
+                _ = interrupt.recv() => stop(&child, stopping, kill_timer.as_mut()),
+                _ = terminate.recv() => stop(&child, stopping, kill_timer.as_mut()),
+                _ = &mut kill_timer, if stopping.get() && !killed => {
+                    killed = true;
+                    eprintln!(
+                        "rankmesh: the script did not stop within {SCRIPT_STOP_GRACE:?} of \
+                         SIGINT; killing it"
+                    );
+                    let _ = child.start_kill();
+                }
                 _ = warning.recv() => {
                     drain(&child, &mut drained, "the batch system's walltime warning (SIGUSR1)");
                 }
@@ -293,7 +308,7 @@ impl PendingScript {
             .env_remove(TOKEN_ENV)
             .kill_on_drop(true);
         // SAFETY: fcntl and signal are async-signal-safe; in the child they only let the
-        // pipe's read end survive exec and set one signal's disposition.
+        // pipe's read end survive exec and set two signals' dispositions.
         unsafe {
             command.pre_exec(move || {
                 if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
@@ -303,6 +318,10 @@ impl PendingScript {
                 // kill the script (SIGUSR1's default); an ignored signal stays ignored
                 // across exec.
                 libc::signal(libc::SIGUSR1, libc::SIG_IGN);
+                // The host stops the script with SIGINT, which Python turns into a
+                // KeyboardInterrupt only if it starts with SIGINT's default: not the
+                // ignored SIGINT a shell gives background jobs (`rankmesh local ... &`).
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
                 Ok(())
             });
         }
@@ -349,9 +368,12 @@ async fn replace_exited(workers: &mut impl WorkerProcesses) -> std::convert::Inf
 const START_FD_ENV: &str = "RANKMESH_START_FD";
 const GO: &[u8] = b"go";
 
-/// The job is being stopped: the script gets SIGINT (a KeyboardInterrupt in Python).
-fn stop(child: &Child, stopping: &Cell<bool>) {
-    stopping.set(true);
+/// The job is being stopped: the script gets SIGINT (a KeyboardInterrupt in Python), and
+/// `kill_timer` runs from the first time.
+fn stop(child: &Child, stopping: &Cell<bool>, kill_timer: std::pin::Pin<&mut tokio::time::Sleep>) {
+    if !stopping.replace(true) {
+        kill_timer.reset(tokio::time::Instant::now() + SCRIPT_STOP_GRACE);
+    }
     forward(child, libc::SIGINT);
 }
 

@@ -81,6 +81,54 @@ def test_sigterm_reaches_the_script_and_everything_stops(tmp_path):
     assert not alive, f"left behind: {alive}"
 
 
+def test_a_script_started_in_the_background_still_stops_on_sigterm(tmp_path):
+    # A shell starts background jobs with SIGINT ignored, and an ignored signal stays
+    # ignored across exec: the host, which stops its script with SIGINT, sets it back.
+    script = write(
+        tmp_path,
+        "wait.py",
+        "import time\n"
+        "try:\n"
+        "    print('started', flush=True)\n"
+        "    time.sleep(60)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n"
+        "    raise SystemExit(7)\n",
+    )
+    command = f"trap '' INT; exec {BINARY} local -n 1 --python {sys.executable} {script}"
+    proc = subprocess.Popen(["bash", "-c", command], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "started"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert "interrupted" in out
+    assert proc.returncode == 7
+
+
+def test_a_script_that_ignores_its_interrupt_is_killed_after_a_grace(tmp_path):
+    script = write(
+        tmp_path,
+        "stubborn.py",
+        "import signal, time\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "print('started', flush=True)\n"
+        "time.sleep(120)\n",
+    )
+    proc = subprocess.Popen(
+        [BINARY, "local", "-n", "1", "--python", sys.executable, script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "started"
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert "the script did not stop within 15s of SIGINT; killing it" in err
+    assert proc.returncode == 128 + signal.SIGKILL
+    _, alive = psutil.wait_procs(tree, timeout=10)
+    assert not alive, f"left behind: {alive}"
+
+
 def test_bad_flags_are_refused_with_usage():
     result = run("local", "-n", "0")
     assert result.returncode == 2
