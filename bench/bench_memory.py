@@ -7,6 +7,10 @@ Clusters (one at a time, each for all its workloads; the order alternates per re
             thresholds (target 0.6, spill 0.7, pause 0.8, terminate 0.95)
   rankmesh  rankmesh.LocalCluster(n_workers=2, threads_per_worker=1, memory_limit=LIMIT,
             local_directory=a fresh temp folder); the same thresholds by default
+  threads   (a reference, not by default) Dask's threaded scheduler, 2 threads in this
+            process, with no memory limit at all: nothing spilled, the machine's memory
+            holding everything. How fast the graph runs when memory is no constraint;
+            its peak is this process's PSS
 
 Workloads (both against a cluster holding 2 x LIMIT):
   rechunk   a float64 cube of 4x the cluster's memory, (T, Y, X) in (1, Y, X) chunks,
@@ -17,13 +21,14 @@ Workloads (both against a cluster holding 2 x LIMIT):
 Reported per workload and system: wall seconds, peak memory (PSS of the workers and
 their children, summed, sampled every 50 ms), bytes spilled and read back (Dask: the spill
 buffers' disk-write and disk-read metrics; rankmesh: scheduler_info's spilled_total and
-unspilled_total), and Dask's wall divided by rankmesh's. A system that fails a workload
+unspilled_total), and Dask's wall divided by this system's. A system that fails a workload
 (killed workers, an error) is reported as such. A run still going after --timeout seconds
 (default 900) is reported as not finished. Results are compared between systems; a
 mismatch exits 1.
 
     .venv/bin/python bench/bench_memory.py                 # 512 MiB workers, 4 GiB cube
     .venv/bin/python bench/bench_memory.py --quick         # 256 MiB workers, 2 GiB cube
+    .venv/bin/python bench/bench_memory.py --systems dask,rankmesh,threads  # and the reference
 """
 
 from __future__ import annotations
@@ -67,7 +72,14 @@ def dataset(cluster_bytes: int):
     return synthetic_dataset(days=days, chunk_days=max(days // 128, 1), seed=3)
 
 
+# The threaded reference's scheduler (`--systems threads`).
+THREADS = {"scheduler": "threads", "num_workers": N_WORKERS}
+
+
 def run_rechunk(client, cluster_bytes: int) -> float:
+    if client is None:
+        persisted = cube(cluster_bytes).persist(**THREADS)
+        return float(persisted.sum().compute(**THREADS))
     persisted = client.persist(cube(cluster_bytes))
     total = float(client.compute(persisted.sum()).result())
     del persisted
@@ -75,12 +87,17 @@ def run_rechunk(client, cluster_bytes: int) -> float:
 
 
 def run_xarray(client, cluster_bytes: int) -> np.ndarray:
+    if client is None:
+        ds = dataset(cluster_bytes).persist(**THREADS)
+        return np.asarray(anomaly_pipeline(ds).compute(**THREADS))
     ds = client.persist(dataset(cluster_bytes))
     result = client.compute(anomaly_pipeline(ds)).result()
     return np.asarray(result)
 
 
 def start(system: str, limit: int, directory: str):
+    if system == "threads":
+        return None, None, lambda: [os.getpid()], lambda: (0, 0)
     if system == "dask":
         import distributed
 
@@ -154,8 +171,9 @@ def measure(system: str, workload: str, limit: int, timeout: float):
                 "result": outcome["result"],
             }
         finally:
-            client.close()
-            cluster.close()
+            if client is not None:
+                client.close()
+                cluster.close()
     except Exception as e:  # a failed run is a result here
         return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     finally:
@@ -179,7 +197,7 @@ def main() -> int:
     limit = (args.limit_mib or (256 if args.quick else 512)) * MIB
     systems = args.systems.split(",")
     print(f"# {N_WORKERS} workers x {limit // MIB} MiB; load {loadavg()}", flush=True)
-    print("| workload | system | wall s | peak MiB | spilled MiB | read back MiB | dask/rankmesh |")
+    print("| workload | system | wall s | peak MiB | spilled MiB | read back MiB | dask/this |")
     print("|---|---|---|---|---|---|---|")
     mismatch = False
     for workload in args.workloads.split(","):
@@ -191,13 +209,14 @@ def main() -> int:
                 continue
             ok[system] = o
             ratio = ""
-            if system == "rankmesh" and "dask" in ok:
+            if system in ("rankmesh", "threads") and "dask" in ok:
                 ratio = f"{ok['dask']['wall'] / o['wall']:.2f}x"
             peak, (written, read) = o["peak"] / MIB, (b / MIB for b in o["spilled"])
             cells = [workload, system, f"{o['wall']:.1f}", f"{peak:.0f}", f"{written:.0f}"]
             cells += [f"{read:.0f}", ratio]
             print("| " + " | ".join(cells) + " |", flush=True)
-        if len(ok) == 2 and not same(*(o["result"] for o in ok.values())):
+        results = [o["result"] for o in ok.values()]
+        if any(not same(results[0], other) for other in results[1:]):
             mismatch = True
             print(f"# {workload}: results differ between systems", flush=True)
     print(f"# load after: {loadavg()}")
