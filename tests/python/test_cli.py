@@ -53,28 +53,41 @@ def test_a_failing_script_shows_its_traceback(tmp_path):
     assert "RuntimeError: no data" in result.stderr and "analysis" in result.stderr
 
 
-def test_sigterm_reaches_the_script_and_everything_stops(tmp_path):
-    script = write(
-        tmp_path,
-        "wait.py",
-        "import time\n"
-        "try:\n"
-        "    print('started', flush=True)\n"
-        "    time.sleep(60)\n"
-        "except KeyboardInterrupt:\n"
-        "    print('interrupted', flush=True)\n"
-        "    raise SystemExit(7)\n",
-    )
-    proc = subprocess.Popen(
-        [BINARY, "local", "-n", "2", "--python", sys.executable, script],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+# Says it started, then exits 7 on its KeyboardInterrupt (SIGINT).
+INTERRUPTIBLE = (
+    "import time\n"
+    "try:\n"
+    "    print('started', flush=True)\n"
+    "    time.sleep(60)\n"
+    "except KeyboardInterrupt:\n"
+    "    print('interrupted', flush=True)\n"
+    "    raise SystemExit(7)\n"
+)
+
+
+def local_script(script, n_workers=1, shell_prefix=""):
+    """`rankmesh local` running `script`, its output piped; with `shell_prefix`, started
+    by a shell that runs the prefix first (then execs rankmesh)."""
+    command = [BINARY, "local", "-n", str(n_workers), "--python", sys.executable, str(script)]
+    if shell_prefix:
+        command = ["bash", "-c", f"{shell_prefix}; exec {' '.join(command)}"]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    return subprocess.Popen(command, text=True, **pipes)
+
+
+def terminate_once_started(proc, timeout):
+    """Sends SIGTERM once the script said it started; (stdout, stderr, the processes
+    there were then)."""
     assert proc.stdout.readline().strip() == "started"
     tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
+    out, err = proc.communicate(timeout=timeout)
+    return out, err, tree
+
+
+def test_sigterm_reaches_the_script_and_everything_stops(tmp_path):
+    proc = local_script(write(tmp_path, "wait.py", INTERRUPTIBLE), n_workers=2)
+    out, _, tree = terminate_once_started(proc, timeout=30)
     assert "interrupted" in out
     assert proc.returncode == 7
     _, alive = psutil.wait_procs(tree, timeout=10)
@@ -84,22 +97,9 @@ def test_sigterm_reaches_the_script_and_everything_stops(tmp_path):
 def test_a_script_started_in_the_background_still_stops_on_sigterm(tmp_path):
     # A shell starts background jobs with SIGINT ignored, and an ignored signal stays
     # ignored across exec: the host, which stops its script with SIGINT, sets it back.
-    script = write(
-        tmp_path,
-        "wait.py",
-        "import time\n"
-        "try:\n"
-        "    print('started', flush=True)\n"
-        "    time.sleep(60)\n"
-        "except KeyboardInterrupt:\n"
-        "    print('interrupted', flush=True)\n"
-        "    raise SystemExit(7)\n",
-    )
-    command = f"trap '' INT; exec {BINARY} local -n 1 --python {sys.executable} {script}"
-    proc = subprocess.Popen(["bash", "-c", command], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "started"
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
+    script = write(tmp_path, "wait.py", INTERRUPTIBLE)
+    proc = local_script(script, shell_prefix="trap '' INT")
+    out, _, _ = terminate_once_started(proc, timeout=30)
     assert "interrupted" in out
     assert proc.returncode == 7
 
@@ -113,16 +113,8 @@ def test_a_script_that_ignores_its_interrupt_is_killed_after_a_grace(tmp_path):
         "print('started', flush=True)\n"
         "time.sleep(120)\n",
     )
-    proc = subprocess.Popen(
-        [BINARY, "local", "-n", "1", "--python", sys.executable, script],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout.readline().strip() == "started"
-    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    proc = local_script(script)
+    _, err, tree = terminate_once_started(proc, timeout=60)
     assert "the script did not stop within 15s of SIGINT; killing it" in err
     assert proc.returncode == 128 + signal.SIGKILL
     _, alive = psutil.wait_procs(tree, timeout=10)
