@@ -223,14 +223,13 @@ def main() -> int:
         for settings in ("as is", "rankmesh's settings")
     }
     raw_before = {variant: raw_mpi(args, env) for variant, env in variants.items()}
-    no_links = {"links": False}
     rows = [
         ("rankmesh, MPI job (ob1), linked", "ob1", rankmesh_job(args, "mpi", {})),
         ("rankmesh, MPI job (UCX PML), linked", "ucx", rankmesh_job(args, "mpi", UCX_ENV)),
-        ("rankmesh, over MPI (ob1)", "ob1", rankmesh_job(args, "mpi", {}, **no_links)),
-        ("rankmesh, over MPI (UCX PML)", "ucx", rankmesh_job(args, "mpi", UCX_ENV, **no_links)),
+        ("rankmesh, over MPI (ob1)", "ob1", rankmesh_job(args, "mpi", {}, links=False)),
+        ("rankmesh, over MPI (UCX PML)", "ucx", rankmesh_job(args, "mpi", UCX_ENV, links=False)),
         ("rankmesh, TCP, linked", "ob1", rankmesh_job(args, "tcp", {})),
-        ("rankmesh, over TCP", "ob1", rankmesh_job(args, "tcp", {}, **no_links)),
+        ("rankmesh, over TCP", "ob1", rankmesh_job(args, "tcp", {}, links=False)),
     ]
     if not args.skip_dask:
         rows.append(("dask distributed, TCP", "ob1", dask_cluster(args)))

@@ -190,9 +190,10 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
         let mut progress = None;
         let tcp = || {
             let tcp = TcpTransport::new(config.token.clone());
-            match options.same_node_links {
-                true => tcp.linking_on(host.clone()),
-                false => tcp,
+            if options.same_node_links {
+                tcp.linking_on(host.clone())
+            } else {
+                tcp
             }
         };
         let transport: Arc<dyn Transport> = match options.transport {
@@ -201,9 +202,10 @@ pub fn run(options: RunOptions) -> Result<i32, LaunchError> {
                     MpiProgress::start(store.clone(), shm.path(), &host).map_err(setup)?;
                 config.doorbell = Some(thread.doorbell().to_string_lossy().into_owned());
                 progress = Some(thread);
-                match options.same_node_links {
-                    true => Arc::new(transport.linking_same_node(tcp())),
-                    false => Arc::new(transport),
+                if options.same_node_links {
+                    Arc::new(transport.linking_same_node(tcp()))
+                } else {
+                    Arc::new(transport)
                 }
             }
             TransportKind::Mpi => {

@@ -185,11 +185,15 @@ impl TcpTransport {
                 .filter(|(_, object)| matches!(object, Some(Received::Unlinked)))
                 .map(|(id, _)| *id)
                 .collect();
-            let linked = objects
-                .iter()
-                .filter(|(_, object)| matches!(object, Some(Received::Object(_))))
-                .count();
-            tracing::debug!(%address, linked, "linked from a peer on this host");
+            // Counted only where the debug log is on.
+            tracing::debug!(
+                %address,
+                linked = objects
+                    .iter()
+                    .filter(|(_, object)| matches!(object, Some(Received::Object(_))))
+                    .count(),
+                "linked from a peer on this host"
+            );
             if !unlinked.is_empty() {
                 let request = PeerRequest::Fetch(unlinked.clone());
                 let sent = receive(&mut connection, address, request, unlinked, alloc.as_ref());
