@@ -65,12 +65,9 @@ INTERRUPTIBLE = (
 )
 
 
-def local_script(script, n_workers=1, shell_prefix=""):
-    """`rankmesh local` running `script`, its output piped; with `shell_prefix`, started
-    by a shell that runs the prefix first (then execs rankmesh)."""
+def local_script(script, n_workers=1):
+    """`rankmesh local` running `script`, its output piped."""
     command = [BINARY, "local", "-n", str(n_workers), "--python", sys.executable, str(script)]
-    if shell_prefix:
-        command = ["bash", "-c", f"{shell_prefix}; exec {' '.join(command)}"]
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
     return subprocess.Popen(command, text=True, **pipes)
 
@@ -92,16 +89,6 @@ def test_sigterm_reaches_the_script_and_everything_stops(tmp_path):
     assert proc.returncode == 7
     _, alive = psutil.wait_procs(tree, timeout=10)
     assert not alive, f"left behind: {alive}"
-
-
-def test_a_script_started_in_the_background_still_stops_on_sigterm(tmp_path):
-    # A shell starts background jobs with SIGINT ignored, and an ignored signal stays
-    # ignored across exec: the host, which stops its script with SIGINT, sets it back.
-    script = write(tmp_path, "wait.py", INTERRUPTIBLE)
-    proc = local_script(script, shell_prefix="trap '' INT")
-    out, _, _ = terminate_once_started(proc, timeout=30)
-    assert "interrupted" in out
-    assert proc.returncode == 7
 
 
 def test_a_script_that_ignores_its_interrupt_is_killed_after_a_grace(tmp_path):
