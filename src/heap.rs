@@ -41,6 +41,35 @@ pub fn tune_allocator() {
     }
 }
 
+/// Lets the process keep up to `bytes` of freed heap for reuse, the opposite of
+/// [`tune_allocator`]: for executors, whose tasks allocate and free the same large
+/// arrays (numpy's temporaries, results being pickled) over and over. Allocations under
+/// half of `bytes` then come from the heap and reuse its pages, where each would
+/// otherwise be a fresh mapping, faulted in page by page and unmapped after the task.
+/// What a task leaves free past `bytes` at the heap's top goes back at once; holes
+/// below it, with [`trim`].
+pub fn keep_freed(bytes: u64) {
+    let keep = i32::try_from(bytes).unwrap_or(i32::MAX);
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, keep / 2);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, keep);
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = keep;
+}
+
+/// Bytes the allocator holds free (free chunks anywhere in the heap, and its top), whether
+/// their pages are resident or were given back.
+pub fn free_bytes() -> u64 {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallinfo2 only reads the allocator's own bookkeeping.
+    return unsafe { libc::mallinfo2() }.fordblks as u64;
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    0
+}
+
 /// Counts freed bytes; trims the heap once [`TRIM_AFTER_BYTES`] were freed, or when the
 /// owner says it is idle.
 #[derive(Default)]
@@ -68,7 +97,8 @@ impl FreedBytes {
     }
 }
 
-fn trim() {
+/// Gives the pages of every free chunk back to the system.
+pub fn trim() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only rearranges the allocator's own free lists.
     unsafe {

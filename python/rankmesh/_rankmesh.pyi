@@ -159,3 +159,12 @@ def read_scheduler_file(path: str) -> tuple[str, str, str | None]:
 def write_private(path: str, data: bytes) -> None:
     """Writes data to path readable by its owner only, as a whole; a link or another
     user's file at path is refused (PermissionError)."""
+
+def keep_freed_heap(bytes: int) -> None:
+    """Lets this process keep up to `bytes` of freed heap for reuse (glibc)."""
+
+def heap_free_bytes() -> int:
+    """Bytes the allocator holds free, their pages resident or given back (glibc)."""
+
+def trim_heap() -> None:
+    """Gives the pages of every free chunk of the heap back to the system (glibc)."""

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 from . import in_memory_targets, serialize
 from ._layout import INLINE_MAX, object_offsets
-from ._rankmesh import MappedView
+from ._rankmesh import MappedView, heap_free_bytes, keep_freed_heap, trim_heap
 
 # Finished results wait at most this long for others to share a message with.
 SEND_INTERVAL_S = 0.001
@@ -34,6 +34,9 @@ SEND_INTERVAL_S = 0.001
 # Input files kept mapped between tasks, at most (the most recently used); a worker with
 # a memory limit also caps their bytes (RANKMESH_KEEP_MAPPED_BYTES).
 MAX_KEPT_MAPPINGS = 16
+
+# How often, at most, the executor looks for freed heap past its budget to give back.
+HEAP_CHECK_INTERVAL_S = 1.0
 
 # Where the worker keeps released segments for reuse, by size (src/store/pool.rs).
 FREE_FOLDER = "free"
@@ -161,6 +164,36 @@ class _Kept(NamedTuple):
     view: MappedView
 
 
+class KeptHeap:
+    """Freed heap the executor keeps for its tasks to reuse, up to a budget the worker sets
+    from its memory limit (`RANKMESH_KEEP_HEAP_BYTES`): numpy's temporaries and the arrays
+    of results being stored then come from pages already there, where each would be a
+    fresh mapping, faulted in page by page and unmapped at the end of its task. The
+    threaded scheduler's one process keeps its heap the same way. glibc gives back what is
+    free past the budget at the heap's top by itself; free holes below it are given back
+    here, looked for at most once a second, after a batch of tasks."""
+
+    def __init__(self, budget: int | None) -> None:
+        self._budget = budget
+        self._next_check = 0.0
+        # What was free when last given back: the same again means nothing came back in.
+        self._free_when_trimmed = -1
+        if budget is not None:
+            keep_freed_heap(budget)
+
+    def batch_done(self) -> None:
+        if self._budget is None:
+            return
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + HEAP_CHECK_INTERVAL_S
+        free = heap_free_bytes()
+        if free > self._budget and free != self._free_when_trimmed:
+            trim_heap()
+            self._free_when_trimmed = free
+
+
 class TaskRunner:
     """Runs tasks and turns their results into ObjectTuples or ErrorTuples."""
 
@@ -242,7 +275,7 @@ class TaskRunner:
         return False
 
 
-def serve(link, runner: TaskRunner) -> None:
+def serve(link, runner: TaskRunner, heap: KeptHeap) -> None:
     """Runs what the worker sends until it says shutdown or the link closes."""
     from ._rankmesh import ConnectionLost
 
@@ -281,6 +314,7 @@ def serve(link, runner: TaskRunner) -> None:
                 link.send_results(pending)
                 pending = []
                 last_send = time.monotonic()
+                heap.batch_done()
             elif kind == "shutdown":
                 return
 
@@ -301,9 +335,10 @@ def main() -> int:
     shm_dir, executor_id = os.environ["RANKMESH_SHM_DIR"], os.environ["RANKMESH_EXECUTOR_ID"]
     report_fatal_signals(os.path.join(shm_dir, f"{executor_id}.fault"))
     in_memory_targets.install()
-    keep = os.environ.get("RANKMESH_KEEP_MAPPED_BYTES")
-    runner = TaskRunner(shm_dir, executor_id, None if keep is None else int(keep))
-    serve(link, runner)
+    keep_mapped = os.environ.get("RANKMESH_KEEP_MAPPED_BYTES")
+    keep_heap = os.environ.get("RANKMESH_KEEP_HEAP_BYTES")
+    runner = TaskRunner(shm_dir, executor_id, None if keep_mapped is None else int(keep_mapped))
+    serve(link, runner, KeptHeap(None if keep_heap is None else int(keep_heap)))
     return 0
 
 

@@ -1,10 +1,12 @@
 //! `rankmesh._rankmesh`: the client's connection to the scheduler, the executor's link
-//! to its worker and its counted views of mapped inputs, and the private-file rules. The public API is the pure-Python `rankmesh` package around it.
+//! to its worker, its counted views of mapped inputs and its heap, and the private-file
+//! rules. The public API is the pure-Python `rankmesh` package around it.
 
 mod client;
 mod convert;
 mod executor_link;
 mod files;
+mod heap;
 mod mapped_view;
 
 use pyo3::prelude::*;
@@ -28,5 +30,8 @@ fn _rankmesh(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(files::runtime_base, m)?)?;
     m.add_function(wrap_pyfunction!(files::read_scheduler_file, m)?)?;
     m.add_function(wrap_pyfunction!(files::write_private, m)?)?;
+    m.add_function(wrap_pyfunction!(heap::keep_freed_heap, m)?)?;
+    m.add_function(wrap_pyfunction!(heap::heap_free_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(heap::trim_heap, m)?)?;
     Ok(())
 }

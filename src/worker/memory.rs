@@ -65,7 +65,28 @@ impl MemoryLimit {
     }
 }
 
+/// Each executor may keep this share of its worker's memory limit for speed, twice: in
+/// input files kept mapped between tasks, and in freed heap kept for reuse. Both count in
+/// the worker's process memory, so they cost spilling sooner, never more than the limit.
+const EXECUTOR_KEPT_SHARE: u64 = 10;
+/// Freed heap an executor keeps at most (with no limit, or a large one): enough for a
+/// task's few temporaries of a large chunk.
+pub const MAX_EXECUTOR_KEPT_HEAP: u64 = 512 << 20;
+
 impl MemoryPolicy {
+    /// Bytes of input files an executor of `slots` may keep mapped; `None` with no limit.
+    pub fn executor_kept_mappings(&self, slots: usize) -> Option<u64> {
+        (self.limit > 0).then(|| self.limit / EXECUTOR_KEPT_SHARE / slots.max(1) as u64)
+    }
+
+    /// Freed heap an executor of `slots` keeps for its tasks to reuse.
+    pub fn executor_kept_heap(&self, slots: usize) -> u64 {
+        self.executor_kept_mappings(slots)
+            .map_or(MAX_EXECUTOR_KEPT_HEAP, |share| {
+                share.min(MAX_EXECUTOR_KEPT_HEAP)
+            })
+    }
+
     fn bytes(&self, fraction: Option<f64>) -> Option<u64> {
         match (self.limit, fraction) {
             (0, _) | (_, None) => None,
@@ -306,6 +327,25 @@ mod tests {
             shared,
             elapsed: Duration::from_millis(200),
         }
+    }
+
+    #[test]
+    fn executors_keep_a_share_of_the_limit_and_a_bounded_heap_without_one() {
+        let limited = MemoryPolicy {
+            limit: 1000 * MIB,
+            ..MemoryPolicy::default()
+        };
+        assert_eq!(limited.executor_kept_mappings(2), Some(50 * MIB));
+        assert_eq!(limited.executor_kept_heap(2), 50 * MIB);
+        let large = MemoryPolicy {
+            limit: 64 << 30,
+            ..MemoryPolicy::default()
+        };
+        assert_eq!(large.executor_kept_heap(1), MAX_EXECUTOR_KEPT_HEAP);
+        let unlimited = MemoryPolicy::default();
+        assert_eq!(unlimited.limit, 0);
+        assert_eq!(unlimited.executor_kept_mappings(4), None);
+        assert_eq!(unlimited.executor_kept_heap(4), MAX_EXECUTOR_KEPT_HEAP);
     }
 
     #[test]

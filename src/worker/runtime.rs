@@ -27,8 +27,11 @@ use tokio_util::task::TaskTracker;
 const WORKER_ID_ENV: &str = "RANKMESH_WORKER_ID";
 /// The bytes of input files an executor may keep mapped between tasks (`executor.py`): a
 /// file the worker spills or releases stays in memory until the executor hears of it,
-/// after its current task, so a worker with a limit lets its executors keep a tenth of it.
+/// after its current task ([`MemoryPolicy::executor_kept_mappings`]).
 const KEEP_MAPPED_BYTES_ENV: &str = "RANKMESH_KEEP_MAPPED_BYTES";
+/// The freed heap an executor keeps for its tasks to reuse (`executor.py`,
+/// [`MemoryPolicy::executor_kept_heap`]).
+const KEEP_HEAP_BYTES_ENV: &str = "RANKMESH_KEEP_HEAP_BYTES";
 /// A retired worker's exit status: `rankmesh local` replaces workers that exit otherwise.
 pub const RETIRED_EXIT_CODE: i32 = 3;
 
@@ -167,10 +170,11 @@ pub async fn run_with(
 
     let (events_tx, events) = mpsc::unbounded_channel();
     let slots = config.nthreads.max(1) as usize;
-    let keep_mapped = (config.memory.limit > 0).then(|| {
-        let bytes = config.memory.limit / 10 / slots as u64;
-        (KEEP_MAPPED_BYTES_ENV.to_string(), bytes.to_string())
-    });
+    let keep_mapped = config
+        .memory
+        .executor_kept_mappings(slots)
+        .map(|bytes| (KEEP_MAPPED_BYTES_ENV.to_string(), bytes.to_string()));
+    let keep_heap = config.memory.executor_kept_heap(slots);
     let executor_config = PythonExecutorConfig {
         python: config.python.clone(),
         token: config.token.clone(),
@@ -182,6 +186,7 @@ pub async fn run_with(
             .chain([
                 (WORKER_ID_ENV.to_string(), worker_id.0.to_string()),
                 (SCHEDULER_ADDRESS_ENV.to_string(), config.scheduler.clone()),
+                (KEEP_HEAP_BYTES_ENV.to_string(), keep_heap.to_string()),
             ])
             .chain(keep_mapped)
             .collect(),

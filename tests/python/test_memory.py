@@ -169,3 +169,51 @@ def test_a_full_local_directory_is_a_clear_task_error_and_no_crash(tiny_disk):
         small = da.ones((1_000, 1_000), chunks=500)
         assert float(client.compute(small.sum(), sync=True)) == 1e6
         np.testing.assert_array_equal(client.compute(small[:2, :2], sync=True), np.ones((2, 2)))
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (in a task: its executor's)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+HEAP_ARRAY = 48 * MIB  # over the 32 MiB up to which glibc would keep it by itself
+
+
+def freed_array_stays_resident() -> int:
+    """Makes and frees an array of HEAP_ARRAY bytes; the bytes it left resident."""
+    before = resident_bytes()
+    array = np.ones(HEAP_ARRAY // 8)
+    del array
+    return resident_bytes() - before
+
+
+def holes_in_the_heap(count: int) -> int:
+    """Frees `count` arrays of HEAP_ARRAY bytes, each below a small buffer kept (in a
+    global) after it, so that none is at the heap's top; the bytes left resident."""
+    before = resident_bytes()
+    arrays, kept = [], []
+    for _ in range(count):
+        arrays.append(np.ones(HEAP_ARRAY // 8))
+        kept.append(np.ones(4096))
+    holes_in_the_heap.kept = kept
+    del arrays
+    return resident_bytes() - before
+
+
+def test_executors_keep_freed_heap_for_their_tasks_within_a_budget():
+    # 1 GiB limit, one executor: it keeps up to a tenth (107 MB) of freed heap, arrays
+    # up to half of that come from the heap.
+    with (
+        rankmesh.LocalCluster(n_workers=1, threads_per_worker=1, memory_limit="1GiB") as cluster,
+        rankmesh.Client(cluster) as client,
+    ):
+        kept = client.submit(freed_array_stays_resident, pure=False).result()
+        assert kept >= HEAP_ARRAY - 4 * MIB, f"{kept / MIB:.1f} MiB kept"
+        held = client.submit(holes_in_the_heap, 3, pure=False).result()
+        assert held >= 2 * HEAP_ARRAY, f"{held / MIB:.1f} MiB held in holes"
+        high = client.submit(resident_bytes, pure=False).result()
+        time.sleep(1.2)  # past the executor's next look at its heap, after a batch
+        client.submit(int, 0, pure=False).result()
+        low = client.submit(resident_bytes, pure=False).result()
+        assert high - low >= 2 * HEAP_ARRAY, f"{high / MIB:.0f} -> {low / MIB:.0f} MiB"
