@@ -1,6 +1,7 @@
 """`rankmesh` on the command line: `local` runs a script against a fresh cluster, and bad
 input gets a clear error."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -78,15 +79,23 @@ def terminate_once_started(proc, timeout):
     assert proc.stdout.readline().strip() == "started"
     tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=timeout)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as timed_out:
+        for process in tree:  # the script too, or it keeps the pipes open
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        out, err = proc.communicate(timeout=10)
+        message = f"running {timeout}s after SIGTERM; out {out!r}, err {err!r}"
+        raise AssertionError(message) from timed_out
     return out, err, tree
 
 
 def test_sigterm_reaches_the_script_and_everything_stops(tmp_path):
     proc = local_script(write(tmp_path, "wait.py", INTERRUPTIBLE), n_workers=2)
-    out, _, tree = terminate_once_started(proc, timeout=30)
-    assert "interrupted" in out
-    assert proc.returncode == 7
+    out, err, tree = terminate_once_started(proc, timeout=30)
+    assert "interrupted" in out, (proc.returncode, out, err)
+    assert proc.returncode == 7, (out, err)
     _, alive = psutil.wait_procs(tree, timeout=10)
     assert not alive, f"left behind: {alive}"
 
