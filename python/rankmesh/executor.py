@@ -171,7 +171,8 @@ class KeptHeap:
     fresh mapping, faulted in page by page and unmapped at the end of its task. The
     threaded scheduler's one process keeps its heap the same way. glibc gives back what is
     free past the budget at the heap's top by itself; free holes below it are given back
-    here, looked for at most once a second, after a batch of tasks."""
+    here, looked for at most once a second after a batch of tasks, and all of it when the
+    worker is over its spill threshold (`drop_reserves`)."""
 
     def __init__(self, budget: int | None) -> None:
         self._budget = budget
@@ -188,8 +189,15 @@ class KeptHeap:
         if now < self._next_check:
             return
         self._next_check = now + HEAP_CHECK_INTERVAL_S
+        self._give_back_over(self._budget)
+
+    def drop_reserves(self) -> None:
+        if self._budget is not None:
+            self._give_back_over(0)
+
+    def _give_back_over(self, kept: int) -> None:
         free = heap_free_bytes()
-        if free > self._budget and free != self._free_when_trimmed:
+        if free > kept and free != self._free_when_trimmed:
             trim_heap()
             self._free_when_trimmed = free
 
@@ -302,6 +310,8 @@ def serve(link, runner: TaskRunner, heap: KeptHeap) -> None:
                 plugins.update(message[1], message[2])
             elif kind == "objects_released":
                 runner.inputs.forget_gone()
+            elif kind == "drop_reserves":
+                heap.drop_reserves()
             elif kind == "run":
                 runner.inputs.forget_gone()
                 for task_id, payload, inputs in message[1]:

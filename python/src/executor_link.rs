@@ -66,6 +66,7 @@ impl ExecutorLink {
         let item: Bound<'py, PyTuple> = match msg {
             None | Some(ToExecutor::Shutdown) => PyTuple::new(py, ["shutdown"])?,
             Some(ToExecutor::ObjectsReleased) => PyTuple::new(py, ["objects_released"])?,
+            Some(ToExecutor::DropReserves) => PyTuple::new(py, ["drop_reserves"])?,
             Some(ToExecutor::Functions(blobs)) => {
                 let blobs = blobs
                     .iter()

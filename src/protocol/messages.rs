@@ -15,7 +15,7 @@ use smallvec::SmallVec;
 pub type FuncIds = SmallVec<[FuncId; 1]>;
 
 /// Bumped whenever a message changes shape; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 22;
+pub const PROTOCOL_VERSION: u32 = 23;
 
 /// What a connecting peer is; the acceptor checks it is one it serves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -586,6 +586,8 @@ pub enum ToExecutor {
     /// Objects in shared memory or on disk were let go: mappings the executor keeps of
     /// inputs whose files are gone are dropped.
     ObjectsReleased,
+    /// The worker is over its spill threshold: give back the freed heap kept for reuse.
+    DropReserves,
     Shutdown,
 }
 

@@ -521,6 +521,12 @@ impl WorkerComm for RuntimeComm {
         }
     }
 
+    fn drop_executor_reserves(&mut self, slot: usize, generation: u64) {
+        if let Some(executor) = self.executors.get_mut(slot) {
+            executor.drop_reserves(generation);
+        }
+    }
+
     fn restart_executor(&mut self, slot: usize, generation: u64, reason: String) {
         if let Some(executor) = self.executors.get_mut(slot) {
             executor.restart(generation, reason);

@@ -68,6 +68,9 @@ pub trait WorkerComm {
     fn restart_executor(&mut self, slot: usize, generation: u64, reason: String);
     /// Gives back memory kept only to go faster (released shared-memory segments).
     fn drop_reserves(&mut self);
+    /// Has a slot's executor generation give back what it keeps only to go faster (freed
+    /// heap kept for its tasks).
+    fn drop_executor_reserves(&mut self, slot: usize, generation: u64);
     /// Removes what a dead executor generation wrote and never reported (or half wrote).
     /// Called once every result it reported has been taken over.
     fn clear_after(&mut self, slot: usize, generation: u64);
@@ -390,6 +393,11 @@ impl WorkerState {
         let actions = self.memory.sampled(&sample, managed);
         if actions.relieve {
             comm.drop_reserves();
+            for (index, slot) in self.slots.iter().enumerate() {
+                if slot.generation != 0 {
+                    comm.drop_executor_reserves(index, slot.generation);
+                }
+            }
         }
         self.spill(actions.spill, comm);
         if let Some(index) = actions.restart {

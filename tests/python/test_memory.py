@@ -217,3 +217,32 @@ def test_executors_keep_freed_heap_for_their_tasks_within_a_budget():
         client.submit(int, 0, pure=False).result()
         low = client.submit(resident_bytes, pure=False).result()
         assert high - low >= 2 * HEAP_ARRAY, f"{high / MIB:.0f} -> {low / MIB:.0f} MiB"
+
+
+def hold_and_keep_freed(mib: int) -> int:
+    """Holds `mib` MiB in a global, then frees an array of HEAP_ARRAY bytes (kept as freed
+    heap); this process's resident bytes then."""
+    hold_and_keep_freed.held = np.ones(mib * MIB // 8)
+    freed_array_stays_resident()
+    return resident_bytes()
+
+
+def let_go() -> None:
+    hold_and_keep_freed.held = None
+
+
+def test_over_the_spill_threshold_executors_give_back_their_kept_heap():
+    # Spill threshold 307 MiB: holding 320 MiB takes the worker over it; the 48 MiB of
+    # freed heap the executor kept (under its 107 MB budget) must then go back.
+    thresholds = {"memory_spill": 0.3, "memory_pause": False, "memory_terminate": False}
+    with (
+        rankmesh.LocalCluster(
+            n_workers=1, threads_per_worker=1, memory_limit="1GiB", **thresholds
+        ) as cluster,
+        rankmesh.Client(cluster) as client,
+    ):
+        high = client.submit(hold_and_keep_freed, 320, pure=False).result()
+        time.sleep(0.5)  # samples every 50 ms; the executor is idle
+        low = client.submit(resident_bytes, pure=False).result()
+        client.submit(let_go, pure=False).result()
+        assert high - low >= HEAP_ARRAY - 8 * MIB, f"{high / MIB:.0f} -> {low / MIB:.0f} MiB"

@@ -52,4 +52,8 @@ pub trait Executor: Send {
 
     /// Results in files were let go: the executor stops mapping those it kept mapped.
     fn objects_released(&mut self, generation: u64);
+
+    /// The worker needs memory back: the executor gives back what it keeps only to go
+    /// faster (freed heap).
+    fn drop_reserves(&mut self, generation: u64);
 }

@@ -82,6 +82,12 @@ impl Executor for PythonExecutor {
         let released = ToExecutor::ObjectsReleased;
         let _ = self.tx.send(Work::Send(generation, released));
     }
+
+    fn drop_reserves(&mut self, generation: u64) {
+        let _ = self
+            .tx
+            .send(Work::Send(generation, ToExecutor::DropReserves));
+    }
 }
 
 /// Starts, serves and restarts one executor slot until shutdown.

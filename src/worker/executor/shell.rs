@@ -56,6 +56,8 @@ impl Executor for ShellExecutor {
 
     /// Commands read no objects.
     fn objects_released(&mut self, _generation: u64) {}
+
+    fn drop_reserves(&mut self, _generation: u64) {}
 }
 
 async fn run_command(payload: &[u8]) -> Result<ObjectRef, ErrorInfo> {

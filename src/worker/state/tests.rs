@@ -39,6 +39,8 @@ struct TestComm {
     shm: Option<ShmDir>,
     spills: VecDeque<Vec<(TaskId, Arc<Object>)>>,
     reserves_dropped: usize,
+    /// Executor generations told to give back their reserves.
+    executor_reserves_dropped: VecDeque<(usize, u64)>,
     /// Dead executor generations whose leftovers were to be removed.
     cleared: VecDeque<(usize, u64)>,
     restarts: VecDeque<(usize, u64, String)>,
@@ -130,6 +132,13 @@ impl WorkerComm for TestComm {
 
     fn drop_reserves(&mut self) {
         self.reserves_dropped += 1;
+    }
+
+    fn drop_executor_reserves(&mut self, slot: usize, generation: u64) {
+        let ToExecutor::DropReserves = round_trip(&ToExecutor::DropReserves) else {
+            unreachable!("DropReserves stays DropReserves")
+        };
+        self.executor_reserves_dropped.push_back((slot, generation));
     }
 }
 
@@ -1248,8 +1257,19 @@ fn over_the_spill_threshold_memory_kept_in_reserve_is_given_back() {
     let mut env = TestEnv::with_memory(1, limited());
     env.sampled(sample(MIB, &[(0, 5 * MIB)], 0)); // 6 MiB
     assert_eq!(env.comm.reserves_dropped, 0);
+    assert!(env.comm.executor_reserves_dropped.is_empty());
     env.sampled(sample(MIB, &[(0, 6 * MIB + 512 * KIB)], 0)); // 7.5 MiB
     assert_eq!(env.comm.reserves_dropped, 1);
+    let generation = env.state.slots[0].generation;
+    assert!(generation > 0, "the executor is up");
+    assert_eq!(
+        env.comm
+            .executor_reserves_dropped
+            .drain(..)
+            .collect::<Vec<_>>(),
+        [(0, generation)],
+        "its executor gives back its kept heap"
+    );
     env.comm.emptiness_check();
 }
 
