@@ -24,6 +24,10 @@ pub const TRIM_WHEN_IDLE_AFTER: std::time::Duration = std::time::Duration::from_
 /// keeps small things only.
 const MMAP_THRESHOLD: i32 = 64 << 10;
 
+/// The least freed heap worth keeping on purpose: twice glibc's first mmap threshold
+/// (128 KiB), which it raises by itself as large blocks are freed.
+const MIN_KEPT_HEAP: u64 = 256 << 10;
+
 /// Arenas glibc may use. Its default (8 per core) lets each thread that ever allocated
 /// keep its own partly used heap; rankmesh's processes run one event loop and a few helper
 /// threads, for which two arenas suffice.
@@ -47,8 +51,11 @@ pub fn tune_allocator() {
 /// half of `bytes` then come from the heap and reuse its pages, where each would
 /// otherwise be a fresh mapping, faulted in page by page and unmapped after the task.
 /// What a task leaves free past `bytes` at the heap's top goes back at once; holes
-/// below it, with [`trim`].
+/// below it, with [`trim`]. Under [`MIN_KEPT_HEAP`] glibc's own rules are better and stay.
 pub fn keep_freed(bytes: u64) {
+    if bytes < MIN_KEPT_HEAP {
+        return;
+    }
     let keep = i32::try_from(bytes).unwrap_or(i32::MAX);
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters.

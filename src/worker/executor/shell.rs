@@ -57,6 +57,7 @@ impl Executor for ShellExecutor {
     /// Commands read no objects.
     fn objects_released(&mut self, _generation: u64) {}
 
+    /// Commands keep nothing for speed.
     fn drop_reserves(&mut self, _generation: u64) {}
 }
 
