@@ -1,6 +1,7 @@
 """rankmesh against Dask distributed, side by side, in one invocation on one machine.
 
-Clusters (both up for the whole run, repetitions alternate between them):
+Clusters (both up for the whole run, repetitions alternate between them; --workers sets
+the 2 below):
   dask      distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
             dashboard_address=None), scheduler worker-saturation --worker-saturation
             (default inf, as in the Dask anchors: no scheduler-side queuing; Dask's own
@@ -841,6 +842,7 @@ def print_cpu_breakdown(breakdowns: dict[str, dict[str, dict[str, object]]]) -> 
 
 
 def main() -> int:
+    global N_WORKERS  # every system of the run uses the one count
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -869,8 +871,15 @@ def main() -> int:
         help="after the timed reps of each workload, one more rep per system with the CPU "
         "seconds, minor page faults and context switches of each of its processes",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=N_WORKERS,
+        help="workers of one thread each (dask, rankmesh), threads of the threaded scheduler",
+    )
     parser.add_argument("--json", type=Path, help="append one JSON record of the run to this file")
     args = parser.parse_args()
+    N_WORKERS = args.workers
     load_start = loadavg()
     started = time.perf_counter()
     sizes = QUICK_SIZES if args.quick else FULL_SIZES

@@ -8,10 +8,12 @@ from typing_extensions import Buffer
 # One task as submitted: (id, dependency ids in payload order, function ids, payload, priority)
 TaskTuple = tuple[int, list[int], list[int], bytes, int, str]
 # A stored object as an executor sees it:
-#   ("inline", data: bytes, layout: list[int]) or ("shm", path: str, layout: list[int])
+#   ("inline", data: bytes, layout: list[int]) or ("shm", path: str, layout: list[int]);
+#   a result the executor keeps: ("held", (key, spans), layout) from it, ("held", key,
+#   layout) back to it as an input
 # layout = lengths of the object's frames (pickle stream, then out-of-band buffers); where
 # each frame starts is rankmesh._layout.object_offsets (mirrored by the Rust side).
-ObjectTuple = tuple[str, bytes | str, list[int]]
+ObjectTuple = tuple[str, object, list[int]]
 # An error: (type_name, message, traceback_text, pickled_exception_or_empty)
 ErrorTuple = tuple[str, str, str, bytes]
 
@@ -134,6 +136,8 @@ class ExecutorLink:
         """Blocks (GIL released) for the next messages:
         ("functions", [(func_id, bytes), ...])
         ("run", [(task_id, payload: bytes, inputs: list[ObjectTuple]), ...])
+        ("objects_released", [held key, ...])
+        ("hold_results", keep: bool)
         ("shutdown",)"""
     def send_results(self, results: list[tuple]) -> None:
         """Each result: (task_id, duration_us, "ok", ObjectTuple) or
@@ -168,3 +172,7 @@ def heap_free_bytes() -> int:
 
 def trim_heap() -> None:
     """Gives the pages of every free chunk of the heap back to the system (glibc)."""
+
+def frame_spans(frames: list[Buffer]) -> list[tuple[int, int]] | None:
+    """(address, length) of each frame's bytes in this process, for the worker to copy a
+    result the executor keeps; None when a frame is not contiguous."""

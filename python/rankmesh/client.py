@@ -804,7 +804,8 @@ class Client:
         Like `distributed`'s, keyed by worker; each worker's entry also holds its memory
         counters (`memory_limit`, `managed_bytes`, `spilled_bytes` now on disk, `spilled_total` and
         `unspilled_total` since its start, `process_bytes`, `paused`, `paused_seconds`), and
-        `recomputed_tasks` counts tasks computed again after a worker was lost."""
+        `recomputed_tasks` counts tasks computed again after a worker was lost, or an
+        executor with the results it kept (rankmesh only)."""
         self._flush_releases()  # what it reports should reflect futures let go
         recomputed, memory = self._core.info(timeout)
         workers = {}

@@ -6,6 +6,13 @@ place and still writable. Results go back inline when small, else written once i
 shared-memory file that the worker then owns: a released segment of the same size that
 the worker keeps free, when there is one (its pages exist), else a new file.
 
+Where the worker can read this process's memory (it says so: `hold_results`), a large
+result is not written at all: the executor keeps its pickled frames (`HeldResults`), and
+reports where they are. Its own later tasks read it as it is; the worker copies it into
+its file only when something else needs the bytes (a peer, a client, a spill). Tasks of
+this executor then share a kept result's arrays, as tasks on one worker share objects in
+Dask distributed: a task that changes an input in place changes what later readers get.
+
 Input files stay mapped from task to task while they exist (`MappedInputs`), so the
 tasks that read one chunk fault its pages in once. Unlike a fresh mapping per task, this
 means tasks on one executor share an input's pages: a task that changes an input array in
@@ -18,6 +25,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import pickle
 import sys
 import time
 from collections import OrderedDict
@@ -26,7 +34,7 @@ from typing import NamedTuple
 
 from . import in_memory_targets, serialize
 from ._layout import INLINE_MAX, object_offsets
-from ._rankmesh import MappedView, heap_free_bytes, keep_freed_heap, trim_heap
+from ._rankmesh import MappedView, frame_spans, heap_free_bytes, keep_freed_heap, trim_heap
 
 # Finished results wait at most this long for others to share a message with.
 SEND_INTERVAL_S = 0.001
@@ -40,6 +48,10 @@ HEAP_CHECK_INTERVAL_S = 1.0
 
 # Where the worker keeps released segments for reuse, by size (src/store/pool.rs).
 FREE_FOLDER = "free"
+
+# A kept result does not keep alive an array this many times larger than itself (a slice
+# of a chunk): such a result is copied out of it instead.
+MAX_KEPT_BASE_RATIO = 2
 
 # Frames of the runtime itself, left out of the tracebacks tasks send back.
 _RUNTIME_FILES = (__file__, serialize.__file__)
@@ -202,6 +214,53 @@ class KeptHeap:
             self._free_when_trimmed = free
 
 
+class HeldResults:
+    """Large results kept in this process rather than written (`ObjectRef::Held`), by key:
+    their pickled frames, which must stay alive and unchanged until the worker says the
+    result is released or copied out (it may be reading them meanwhile)."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self._frames: dict[int, list] = {}
+
+    def keep(self, key: int, frames: list) -> list[tuple[int, int]] | None:
+        """Keeps `frames` under `key`; their (address, length) spans, or None (nothing
+        kept) when a frame is not contiguous."""
+        frames = [frames[0], *(_detached(frame) for frame in frames[1:])]
+        spans = frame_spans(frames)
+        if spans is not None:
+            self._frames[key] = frames
+        return spans
+
+    def value(self, key: int) -> object:
+        frames = self._frames.get(key)
+        if frames is None:
+            raise RuntimeError(f"the result this executor kept under key {key} is gone")
+        return serialize.loads_frames(frames[0], frames[1:])
+
+    def release(self, keys: Sequence[int]) -> None:
+        for key in keys:
+            self._frames.pop(key, None)
+
+
+def _detached(frame: object) -> object:
+    """The frame, or a copy of it where it is a small view of a much larger array, which
+    keeping the frame would keep alive whole."""
+    raw = frame.raw() if isinstance(frame, pickle.PickleBuffer) else memoryview(frame)
+    root = raw.obj
+    while getattr(root, "base", None) is not None:
+        root = root.base
+    if root is raw.obj:
+        return frame
+    try:
+        root_bytes = memoryview(root).nbytes
+    except TypeError:
+        root_bytes = None
+    if root_bytes is None or root_bytes > MAX_KEPT_BASE_RATIO * raw.nbytes:
+        return bytearray(raw)  # writable, as arrays read from shared memory are
+    return frame
+
+
 class TaskRunner:
     """Runs tasks and turns their results into ObjectTuples or ErrorTuples."""
 
@@ -213,6 +272,7 @@ class TaskRunner:
         self._sequence = 0
         self.functions = serialize.Functions()
         self.inputs = MappedInputs(shm_dir, keep_mapped_bytes)
+        self.held = HeldResults()
 
     def add_functions(self, blobs: Sequence[tuple[int, bytes]]) -> None:
         self.functions.add(blobs)
@@ -234,7 +294,10 @@ class TaskRunner:
     def _outcome(self, payload: bytes, inputs: Sequence[tuple]) -> tuple[str, tuple]:
         """("ok", ObjectTuple) or ("err", ErrorTuple)."""
         try:
-            values = [self.inputs.value(obj) for obj in inputs]
+            values = [
+                self.held.value(obj[1]) if obj[0] == "held" else self.inputs.value(obj)
+                for obj in inputs
+            ]
             task = serialize.loads_payload(payload, self.functions, values)
             result = serialize.run_payload(task, values)
             name = serialize.payload_name(task)
@@ -250,6 +313,10 @@ class TaskRunner:
         if total <= INLINE_MAX:
             return "inline", serialize.join_frames(frames, layout), layout
         self._sequence += 1
+        if self.held.enabled:
+            spans = self.held.keep(self._sequence, frames)
+            if spans is not None:
+                return "held", (self._sequence, spans), layout
         path = os.path.join(self._shm_dir, f"{self._executor_id}-{self._sequence}")
         if self._claim_free_segment(total, path):
             flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -309,7 +376,10 @@ def serve(link, runner: TaskRunner, heap: KeptHeap) -> None:
                     plugins = PluginHost()
                 plugins.update(message[1], message[2])
             elif kind == "objects_released":
+                runner.held.release(message[1])
                 runner.inputs.forget_gone()
+            elif kind == "hold_results":
+                runner.held.enabled = message[1]
             elif kind == "drop_reserves":
                 heap.drop_reserves()
             elif kind == "run":

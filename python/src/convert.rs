@@ -19,6 +19,7 @@ pub fn object_to_py<'py>(py: Python<'py>, object: &ObjectRef) -> PyResult<Bound<
             ("inline", PyBytes::new(py, data), layout.clone()).into_pyobject(py)
         }
         ObjectRef::Shm { path, layout } => ("shm", path.as_str(), layout.clone()).into_pyobject(py),
+        ObjectRef::Held { key, layout, .. } => ("held", *key, layout.clone()).into_pyobject(py),
     }
 }
 
@@ -36,6 +37,11 @@ pub fn object_from_py(
             path: data.extract()?,
             layout,
         }),
+        // (key, spans): a result the executor keeps.
+        "held" => {
+            let (key, spans): (u64, Vec<(u64, u64)>) = data.extract()?;
+            Ok(ObjectRef::Held { key, layout, spans })
+        }
         other => Err(RankmeshError::new_err(format!(
             "unknown object kind {other:?}"
         ))),

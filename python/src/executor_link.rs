@@ -11,6 +11,10 @@ use std::sync::Mutex;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 
+/// What the worker reads at the address the executor reports as ready, to learn whether it
+/// may copy results out of this process (`ObjectRef::Held`).
+static PROBE: [u8; 16] = protocol::EXECUTOR_PROBE;
+
 #[pyclass(module = "rankmesh._rankmesh")]
 pub struct ExecutorLink {
     runtime: tokio::runtime::Runtime,
@@ -39,6 +43,7 @@ impl ExecutorLink {
                 writer
                     .send(&FromExecutor::Ready {
                         pid: std::process::id(),
+                        probe: PROBE.as_ptr() as u64,
                     })
                     .await
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -65,7 +70,10 @@ impl ExecutorLink {
         })?;
         let item: Bound<'py, PyTuple> = match msg {
             None | Some(ToExecutor::Shutdown) => PyTuple::new(py, ["shutdown"])?,
-            Some(ToExecutor::ObjectsReleased) => PyTuple::new(py, ["objects_released"])?,
+            Some(ToExecutor::ObjectsReleased { held }) => {
+                ("objects_released", held).into_pyobject(py)?
+            }
+            Some(ToExecutor::HoldResults(hold)) => ("hold_results", hold).into_pyobject(py)?,
             Some(ToExecutor::DropReserves) => PyTuple::new(py, ["drop_reserves"])?,
             Some(ToExecutor::Functions(blobs)) => {
                 let blobs = blobs

@@ -1,12 +1,13 @@
 //! `rankmesh._rankmesh`: the client's connection to the scheduler, the executor's link
-//! to its worker, its counted views of mapped inputs and its heap, and the private-file
-//! rules. The public API is the pure-Python `rankmesh` package around it.
+//! to its worker, its counted views of mapped inputs, its heap and the results it keeps,
+//! and the private-file rules. The public API is the pure-Python `rankmesh` package around it.
 
 mod client;
 mod convert;
 mod executor_link;
 mod files;
 mod heap;
+mod held;
 mod mapped_view;
 
 use pyo3::prelude::*;
@@ -33,5 +34,6 @@ fn _rankmesh(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(heap::keep_freed_heap, m)?)?;
     m.add_function(wrap_pyfunction!(heap::heap_free_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(heap::trim_heap, m)?)?;
+    m.add_function(wrap_pyfunction!(held::frame_spans, m)?)?;
     Ok(())
 }

@@ -15,7 +15,7 @@ use smallvec::SmallVec;
 pub type FuncIds = SmallVec<[FuncId; 1]>;
 
 /// Bumped whenever a message changes shape; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 23;
+pub const PROTOCOL_VERSION: u32 = 24;
 
 /// What a connecting peer is; the acceptor checks it is one it serves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -468,6 +468,11 @@ pub enum FromWorker {
         input: TaskId,
         holders: Vec<WorkerId>,
     },
+    /// Results the worker reported done are gone from it (kept by an executor that died
+    /// before anything copied them out), and the tasks here that were to read them were
+    /// dropped: the scheduler recomputes those with no other copy and places the tasks
+    /// again.
+    ResultsLost(Vec<TaskId>),
     /// The worker is leaving on purpose (told to stop, or SIGTERM): the tasks it had are
     /// placed again without counting against them.
     Leaving,
@@ -563,6 +568,16 @@ pub enum ObjectRef {
     Inline { data: Bytes, layout: Vec<u64> },
     /// Large objects live in a shared-memory file the executor maps.
     Shm { path: String, layout: Vec<u64> },
+    /// A large result the executor keeps in its own memory rather than writing it
+    /// (`ToExecutor::HoldResults`): `key` names it to the executor, and `spans` are the
+    /// addresses and lengths of its frames in the executor's memory, from which the worker
+    /// copies it into shared memory when anything else needs its bytes. Back to the
+    /// executor that keeps it, as an input: `spans` is empty.
+    Held {
+        key: u64,
+        layout: Vec<u64>,
+        spans: Vec<(u64, u64)>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -584,12 +599,22 @@ pub enum ToExecutor {
         teardown: Vec<String>,
     },
     /// Objects in shared memory or on disk were let go: mappings the executor keeps of
-    /// inputs whose files are gone are dropped.
-    ObjectsReleased,
+    /// inputs whose files are gone are dropped, and so are the results it holds under
+    /// these keys (released, or copied out by the worker).
+    ObjectsReleased {
+        held: Vec<u64>,
+    },
+    /// Keep large results (`ObjectRef::Held`) rather than write them (`true`: the worker
+    /// can copy results out of this executor's memory, and has memory to spare), or write
+    /// them again (`false`).
+    HoldResults(bool),
     /// The worker is over its spill threshold: give back the freed heap kept for reuse.
     DropReserves,
     Shutdown,
 }
+
+/// Bytes every executor keeps at the address it reports in `FromExecutor::Ready`.
+pub const EXECUTOR_PROBE: [u8; 16] = *b"rankmesh-probe\x00\x01";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TaskOutcome {
@@ -600,6 +625,11 @@ pub struct TaskOutcome {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum FromExecutor {
-    Ready { pid: u32 },
+    /// `probe`: the address of [`EXECUTOR_PROBE`] in the executor, which the worker reads
+    /// to learn whether it may copy results out of the executor's memory.
+    Ready {
+        pid: u32,
+        probe: u64,
+    },
     Results(Vec<TaskOutcome>),
 }

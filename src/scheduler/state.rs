@@ -264,6 +264,7 @@ impl Scheduler {
             FromWorker::InputMissing { id, input, holders } => {
                 self.input_missing(worker, id, input, &holders)
             }
+            FromWorker::ResultsLost(ids) => self.results_lost(worker, &ids),
             FromWorker::Leaving => self.remove_worker(worker, Departure::Planned, comm),
             FromWorker::Memory(memory) => self.worker_memory(worker, memory),
             FromWorker::Transferred(transfers) => {

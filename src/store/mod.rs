@@ -4,10 +4,13 @@
 //! into it (`Allocate`), and clients fetch onto the heap.
 
 mod allocate;
+mod held;
 mod pool;
 mod spill;
 
 pub use allocate::{Allocate, HeapAllocator};
+use held::Held;
+pub use held::{Holder, ProcessMemory};
 pub use spill::{SpillDir, SPILL_PREFIX};
 
 use crate::private_files;
@@ -47,6 +50,8 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot copy a result out of the executor that keeps it: {0}")]
+    Publish(std::io::Error),
 }
 
 /// A result: its frame layout and its bytes.
@@ -63,6 +68,10 @@ enum ObjectData {
     /// Spilled: a file on a local disk, mapped only while read (its pages come from the
     /// page cache, which the kernel can drop, not from the worker's memory).
     Disk(spill::DiskFile),
+    /// Kept by the executor that made it, copied into shared memory only when something
+    /// other than that executor needs the bytes ([`Object::publish`]). The executor keeps
+    /// its copy until told the object was released or spilled.
+    Held(Held),
 }
 
 impl Object {
@@ -76,18 +85,39 @@ impl Object {
         }
     }
 
-    /// The bytes of an object in memory; `None` once spilled ([`Object::read`] maps those).
+    /// A result executor `holder` keeps in its memory at `spans` (one per frame); a copy,
+    /// when something else needs the bytes, goes into `dir`, and is noted in `published`.
+    pub fn held(
+        layout: Vec<u64>,
+        holder: Holder,
+        source: Arc<ProcessMemory>,
+        spans: Vec<(u64, u64)>,
+        dir: Arc<ShmDir>,
+        published: Published,
+    ) -> Result<Object, StoreError> {
+        total_size(&layout)?;
+        let held = Held::new(holder, source, spans, &layout, dir, published)?;
+        Ok(Object {
+            layout,
+            data: ObjectData::Held(held),
+        })
+    }
+
+    /// The bytes of an object in memory; `None` once spilled ([`Object::read`] maps those)
+    /// and while only its executor has them ([`Object::publish`]).
     pub fn bytes(&self) -> Option<&[u8]> {
         match &self.data {
             ObjectData::Heap(b) => Some(b),
             ObjectData::Shm(s) => Some(s.bytes()),
+            ObjectData::Held(h) => h.published().map(|s| s.bytes()),
             ObjectData::Disk(_) => None,
         }
     }
 
     /// The object's bytes, wherever it is: a spilled one's file is mapped for as long as
-    /// the returned value lives.
+    /// the returned value lives; one its executor keeps is copied out first.
     pub fn read(self: &Arc<Self>) -> Result<ObjectBytes, StoreError> {
+        self.publish()?;
         match &self.data {
             ObjectData::Disk(disk) if disk.size() > 0 => Ok(ObjectBytes::Mapped(disk.map()?)),
             _ => Ok(ObjectBytes::InMemory(self.clone())),
@@ -96,8 +126,41 @@ impl Object {
 
     pub fn size(&self) -> u64 {
         match &self.data {
+            ObjectData::Heap(b) => b.len() as u64,
+            ObjectData::Shm(s) => s.bytes().len() as u64,
             ObjectData::Disk(disk) => disk.size(),
-            _ => self.bytes().map_or(0, |b| b.len() as u64),
+            ObjectData::Held(_) => total_size(&self.layout).unwrap_or(0),
+        }
+    }
+
+    /// The executor that keeps a copy of this result (whether or not the worker has the
+    /// bytes too), to be told when the object goes.
+    pub fn held_by(&self) -> Option<Holder> {
+        match &self.data {
+            ObjectData::Held(held) => Some(held.holder),
+            _ => None,
+        }
+    }
+
+    /// Whether only its executor has the bytes: they cannot be read here until published.
+    pub fn is_unpublished(&self) -> bool {
+        self.unpublished().is_some()
+    }
+
+    /// The result an executor keeps, while only it has the bytes.
+    fn unpublished(&self) -> Option<&Held> {
+        match &self.data {
+            ObjectData::Held(held) if held.published().is_none() => Some(held),
+            _ => None,
+        }
+    }
+
+    /// Copies a result its executor keeps into shared memory, once: before anything but
+    /// that executor reads it (a peer, a client, a spill). Nothing to do for other objects.
+    pub fn publish(&self) -> Result<(), StoreError> {
+        match &self.data {
+            ObjectData::Held(held) => held.publish(&self.layout).map(|_| ()),
+            _ => Ok(()),
         }
     }
 
@@ -116,25 +179,33 @@ impl Object {
         }
     }
 
-    /// Whether the object lives in a shared-memory file (large ones do, until spilled).
+    /// Whether the object lives in a shared-memory file (large ones do, until spilled),
+    /// or is kept by an executor (which is told when it goes, as files going are).
     pub fn is_shared(&self) -> bool {
-        matches!(self.data, ObjectData::Shm(_))
+        matches!(self.data, ObjectData::Shm(_) | ObjectData::Held(_))
     }
 
     /// The shared-memory file holding the object, for a worker on this node to link
     /// ([`ShmDir::link`]) or a spill to copy from; `None` for objects on the heap or
-    /// spilled.
+    /// spilled, and while only its executor has the bytes.
     pub fn shared_path(&self) -> Option<&Path> {
+        let segment = self.segment()?;
+        segment.map.is_some().then_some(segment.path.as_path())
+    }
+
+    /// Its shared-memory segment: its own, or the copy of a result an executor keeps.
+    fn segment(&self) -> Option<&ShmSegment> {
         match &self.data {
-            ObjectData::Shm(segment) if segment.map.is_some() => Some(&segment.path),
-            _ => None,
+            ObjectData::Shm(segment) => Some(segment),
+            ObjectData::Held(held) => held.published(),
+            ObjectData::Heap(_) | ObjectData::Disk(_) => None,
         }
     }
 
     /// Its shared memory goes back to the system when the object goes, rather than to the
     /// pool of free segments: it was spilled to make room.
     fn not_for_reuse(&self) {
-        if let ObjectData::Shm(segment) = &self.data {
+        if let Some(segment) = self.segment() {
             segment.reusable.store(false, Ordering::Relaxed);
         }
     }
@@ -144,23 +215,44 @@ impl Object {
         matches!(self.data, ObjectData::Disk(_))
     }
 
-    /// How an executor on this worker reads the object.
-    pub fn to_ref(&self) -> ObjectRef {
-        match &self.data {
+    /// How executor `slot` of `generation` reads the object: the one that keeps it by its
+    /// key until it is copied out (and that executor told to drop it), any other from
+    /// shared memory (copied out of the executor first).
+    pub fn to_ref_for(&self, slot: usize, generation: u64) -> Result<ObjectRef, StoreError> {
+        let layout = self.layout.clone();
+        Ok(match &self.data {
             ObjectData::Heap(b) => ObjectRef::Inline {
                 data: b.clone(),
-                layout: self.layout.clone(),
+                layout,
+            },
+            ObjectData::Held(held)
+                if (held.holder.slot, held.holder.generation) == (slot, generation)
+                    && held.published().is_none() =>
+            {
+                ObjectRef::Held {
+                    key: held.holder.key,
+                    layout,
+                    spans: Vec::new(),
+                }
+            }
+            ObjectData::Held(held) => ObjectRef::Shm {
+                path: held
+                    .publish(&self.layout)?
+                    .path
+                    .to_string_lossy()
+                    .into_owned(),
+                layout,
             },
             ObjectData::Shm(s) => ObjectRef::Shm {
                 path: s.path.to_string_lossy().into_owned(),
-                layout: self.layout.clone(),
+                layout,
             },
             // Executors map a spilled file as they map shared memory.
             ObjectData::Disk(d) => ObjectRef::Shm {
                 path: d.path().to_string_lossy().into_owned(),
-                layout: self.layout.clone(),
+                layout,
             },
-        }
+        })
     }
 }
 
@@ -199,6 +291,10 @@ impl std::ops::Deref for ObjectBytes {
         }
     }
 }
+
+/// What [`ShmDir::write_new`] writes at a time: small enough to stay in the cache between
+/// being filled and written.
+const WRITE_WINDOW: usize = 256 << 10;
 
 /// Larger results an executor wrote are not kept for reuse when released: with 126 MB
 /// chunks kept free, other allocations of the 1,460-day rechunk met memory the host had not
@@ -519,6 +615,49 @@ impl ShmDir {
             .join(format!("in-{}", self.next.fetch_add(1, Ordering::Relaxed)))
     }
 
+    /// A new segment for an object of `layout` whose bytes `fill` writes, a window at a
+    /// time (`fill(window, offset)`): a released segment of the same size when the pool has
+    /// one, written in place, else a new file written through a small buffer. Writing a
+    /// new tmpfs file allocates its pages without zeroing them first, which mapping it
+    /// would (1.3-1.4 GB/s here for fresh pages mapped and filled).
+    fn write_new(
+        &self,
+        layout: &[u64],
+        mut fill: impl FnMut(&mut [u8], u64) -> std::io::Result<()>,
+    ) -> Result<ShmSegment, StoreError> {
+        use std::os::unix::fs::FileExt;
+        let total = total_size(layout)?;
+        let path = self.next_path();
+        let io = |source| StoreError::Io {
+            path: path.clone(),
+            source,
+        };
+        if let Some(mut free) = self.pool.take(total, &path) {
+            fill(&mut free.map, 0).map_err(StoreError::Publish)?;
+            return Ok(self.received_segment(free.path, free.file, free.map));
+        }
+        let file = private_files::new_file_options().open(&path).map_err(io)?;
+        let written = (|| {
+            let mut window = vec![0u8; WRITE_WINDOW.min(total as usize)];
+            let mut start = 0;
+            while start < total {
+                let length = window.len().min((total - start) as usize);
+                fill(&mut window[..length], start).map_err(StoreError::Publish)?;
+                file.write_all_at(&window[..length], start).map_err(io)?;
+                start += length as u64;
+            }
+            // SAFETY: our new file, written whole; nobody else maps it yet.
+            unsafe { MmapMut::map_mut(&file) }.map_err(io)
+        })();
+        match written {
+            Ok(map) => Ok(self.received_segment(path.clone(), file, map)),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path); // no stray file in a full /dev/shm
+                Err(e)
+            }
+        }
+    }
+
     /// A writable buffer for an object arriving from the network: shared memory when
     /// large (executors then map it), the heap when small. Fresh shared memory takes long
     /// (allocated, zeroed and mapped: ~30 ms per 64 MiB here).
@@ -628,7 +767,13 @@ impl ObjectBuilder {
 #[derive(Default, Clone)]
 pub struct Store {
     objects: Arc<Mutex<Objects>>,
+    /// Results executors keep that were copied out since the worker last looked: their
+    /// executors may drop their copies.
+    published: Published,
 }
+
+/// Where a result kept by an executor notes that it was copied out.
+pub type Published = Arc<Mutex<Vec<Holder>>>;
 
 #[derive(Default)]
 struct Objects {
@@ -772,6 +917,40 @@ impl Store {
         chosen
     }
 
+    /// Removes the results executor `slot` of `generation` kept and no file has yet: that
+    /// executor is gone, and the bytes with it.
+    pub fn remove_unpublished(&self, slot: usize, generation: u64) -> Vec<(TaskId, Arc<Object>)> {
+        let mut objects = self.lock();
+        let lost: Vec<TaskId> = objects
+            .entries
+            .iter()
+            .filter(|(_, e)| {
+                e.object
+                    .held_by()
+                    .is_some_and(|h| (h.slot, h.generation) == (slot, generation))
+                    && e.object.is_unpublished()
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        lost.into_iter()
+            .filter_map(|id| {
+                let entry = objects.entries.remove(&id)?;
+                objects.count(&entry.object, -1);
+                Some((id, entry.object))
+            })
+            .collect()
+    }
+
+    /// Where results executors keep note that they were copied out ([`Object::held`]).
+    pub fn published_notices(&self) -> Published {
+        self.published.clone()
+    }
+
+    /// The executors' results copied out since the last call: they may drop their copies.
+    pub fn take_published(&self) -> Vec<Holder> {
+        std::mem::take(&mut *lock(&self.published))
+    }
+
     /// Puts `spilled` in place of `id`'s object if that is still `original` (not released
     /// or replaced meanwhile); false, and `spilled` dropped (its file removed), otherwise.
     pub fn replace_spilled(&self, id: TaskId, original: &Arc<Object>, spilled: Object) -> bool {
@@ -791,10 +970,15 @@ impl Store {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Objects> {
         // A panic while holding this lock leaves the map consistent (single inserts/removes).
-        self.objects
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.objects)
     }
+}
+
+/// Our mutexes hold plain data that a panic cannot leave half changed.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
@@ -807,7 +991,7 @@ mod tests {
         let mut builder = dir.allocate(vec![10, INLINE_MAX]).unwrap();
         builder.buffer()[64] = 7;
         let object = builder.finish();
-        let ObjectRef::Shm { path, .. } = object.to_ref() else {
+        let ObjectRef::Shm { path, .. } = object.to_ref_for(0, 0).unwrap() else {
             panic!("large object must be in shm")
         };
         assert_eq!(std::fs::read(&path).unwrap()[64], 7);
@@ -914,9 +1098,9 @@ mod tests {
     }
 
     fn shm_path(object: &Object) -> String {
-        match object.to_ref() {
+        match object.to_ref_for(0, 0).unwrap() {
             ObjectRef::Shm { path, .. } => path,
-            ObjectRef::Inline { .. } => panic!("large object must be in shm"),
+            other => panic!("a large object must be in shm, not {other:?}"),
         }
     }
 
@@ -955,7 +1139,10 @@ mod tests {
         let dir = ShmDir::create("rankmesh-test").unwrap();
         let small = dir.allocate_at_hand(&[INLINE_MAX]).unwrap();
         let small = small.expect("small objects go on the heap").finish();
-        assert!(matches!(small.to_ref(), ObjectRef::Inline { .. }));
+        assert!(matches!(
+            small.to_ref_for(0, 0).unwrap(),
+            ObjectRef::Inline { .. }
+        ));
         let size = 4 * INLINE_MAX;
         assert!(
             dir.allocate_at_hand(&[size]).unwrap().is_none(),
@@ -1105,7 +1292,7 @@ mod tests {
         let adopted = dir.adopt(&inside, vec![100]).unwrap();
         assert_eq!(adopted.size(), 128);
         assert!(!inside.exists(), "renamed to a name of the worker's");
-        let ObjectRef::Shm { path, .. } = adopted.to_ref() else {
+        let ObjectRef::Shm { path, .. } = adopted.to_ref_for(0, 0).unwrap() else {
             panic!("a file stays a file")
         };
         assert_eq!(std::fs::read(path).unwrap(), [1u8; 128]);
@@ -1139,7 +1326,10 @@ mod tests {
     fn small_objects_stay_on_the_heap() {
         let dir = ShmDir::create("rankmesh-test").unwrap();
         let object = dir.allocate(vec![5]).unwrap().finish();
-        assert!(matches!(object.to_ref(), ObjectRef::Inline { .. }));
+        assert!(matches!(
+            object.to_ref_for(0, 0).unwrap(),
+            ObjectRef::Inline { .. }
+        ));
         assert!(Object::inline(Bytes::from_static(b"abc"), vec![4]).is_err());
     }
 }

@@ -2,7 +2,7 @@
 //! memory, no re-encoding), to files in a private folder on a node-local disk, and mapped
 //! from there when a task or a peer needs them.
 
-use super::{Object, ObjectData, StoreError};
+use super::{Held, Object, ObjectData, StoreError};
 use crate::private_files;
 use memmap2::Mmap;
 use std::fs::File;
@@ -81,7 +81,18 @@ impl SpillDir {
         let path = self
             .dir
             .join(self.next.fetch_add(1, Ordering::Relaxed).to_string());
-        let written = write_object(object, &path);
+        let written = match object.unpublished() {
+            // Straight from the executor's memory to the disk, not through shared memory.
+            Some(held) => match write_held(held, &object.layout, &path) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    let _ = std::fs::remove_file(&path);
+                    object.publish()?;
+                    write_object(object, &path)
+                }
+                written => written,
+            },
+            None => write_object(object, &path),
+        };
         if let Err(source) = written {
             let _ = std::fs::remove_file(&path);
             return Err(StoreError::Spill { path, source });
@@ -139,7 +150,9 @@ fn write_object(object: &Object, path: &Path) -> std::io::Result<()> {
 /// of 512-byte and of 4 KiB logical blocks.
 const DIRECT_ALIGN: usize = 4096;
 
-/// The last, partial block of a direct write, padded with zeros.
+/// A block direct I/O can write from; the last, partial block of a direct write, padded
+/// with zeros.
+#[derive(Clone)]
 #[repr(C, align(4096))]
 struct LastBlock([u8; DIRECT_ALIGN]);
 
@@ -166,6 +179,37 @@ fn write_direct(bytes: &[u8], path: &Path) -> std::io::Result<()> {
         file.set_len(bytes.len() as u64)?;
     }
     Ok(())
+}
+
+/// What [`write_held`] writes at a time.
+const HELD_WRITE_CHUNK: usize = 4 << 20;
+
+/// Writes a result an executor keeps to a new file at `path` with direct I/O, copied out
+/// of the executor a chunk at a time. `EINVAL`: no direct I/O here.
+fn write_held(held: &Held, layout: &[u64], path: &Path) -> std::io::Result<()> {
+    let Some((offsets, total)) = crate::protocol::frame_offsets(layout) else {
+        return Err(std::io::Error::other("a bad layout"));
+    };
+    let file = private_files::new_file_options()
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_DIRECT)
+        .open(path)?;
+    let mut blocks = vec![LastBlock([0; DIRECT_ALIGN]); HELD_WRITE_CHUNK / DIRECT_ALIGN];
+    // SAFETY: the blocks are plain bytes back to back (their size is their alignment),
+    // borrowed only through this slice.
+    let chunk = unsafe {
+        std::slice::from_raw_parts_mut(blocks.as_mut_ptr().cast::<u8>(), HELD_WRITE_CHUNK)
+    };
+    let mut start = 0;
+    while start < total {
+        let length = HELD_WRITE_CHUNK.min((total - start) as usize);
+        let padded = length.next_multiple_of(DIRECT_ALIGN);
+        held.read(&offsets, &mut chunk[..length], start)?;
+        chunk[length..padded].fill(0);
+        file.write_all_at(&chunk[..padded], start)?;
+        start += length as u64;
+    }
+    held.check_alive()?;
+    file.set_len(total)
 }
 
 impl Drop for SpillDir {
@@ -198,12 +242,68 @@ mod tests {
         assert_eq!(spilled.bytes(), None, "not in memory");
         assert_eq!(spilled.layout, object.layout);
         assert!(spilled.is_spilled() && !spilled.is_shared());
-        let ObjectRef::Shm { path, .. } = spilled.to_ref() else {
+        let ObjectRef::Shm { path, .. } = spilled.to_ref_for(0, 0).unwrap() else {
             panic!("executors map a spilled object by its path")
         };
         assert!(path.starts_with(spill.path().to_str().unwrap()));
         drop(spilled);
         assert!(!Path::new(&path).exists());
+    }
+
+    #[test]
+    fn a_result_an_executor_keeps_is_spilled_straight_from_its_memory() {
+        use super::super::{Holder, ProcessMemory, Published};
+        static PROBE: [u8; 16] = *b"spill-held-probe";
+        let local = tempfile::tempdir().unwrap();
+        let spill = SpillDir::create(local.path()).unwrap();
+        let shm = Arc::new(ShmDir::create("rankmesh-test").unwrap());
+        // Over one chunk, and not a whole number of blocks.
+        let frames = [
+            b"0123456789".to_vec(),
+            (0..5_000_001u32).map(|i| i as u8).collect(),
+        ];
+        let layout: Vec<u64> = frames.iter().map(|f| f.len() as u64).collect();
+        let spans = frames
+            .iter()
+            .map(|f| (f.as_ptr() as u64, f.len() as u64))
+            .collect();
+        let memory = ProcessMemory::open(std::process::id(), PROBE.as_ptr() as u64, &PROBE);
+        let holder = Holder {
+            slot: 0,
+            generation: 1,
+            key: 1,
+        };
+        let published = Published::default();
+        let source = Arc::new(memory.unwrap());
+        let held = Object::held(
+            layout.clone(),
+            holder,
+            source,
+            spans,
+            shm.clone(),
+            published.clone(),
+        );
+        let held = held.unwrap();
+        let spilled = Arc::new(spill.spill(&held).unwrap());
+        let bytes = spilled.read().unwrap();
+        let (offsets, total) = crate::protocol::frame_offsets(&layout).unwrap();
+        assert_eq!(bytes.len() as u64, total);
+        assert_eq!(&bytes[..10], b"0123456789");
+        let start = offsets[1] as usize;
+        assert!(
+            bytes[start..start + frames[1].len()] == frames[1][..],
+            "the frame read back"
+        );
+        assert!(
+            bytes[start + frames[1].len()..].iter().all(|&b| b == 0),
+            "padding"
+        );
+        assert!(
+            held.is_unpublished(),
+            "not copied into shared memory on the way"
+        );
+        assert!(published.lock().unwrap().is_empty());
+        assert_eq!(std::fs::read_dir(shm.path()).unwrap().count(), 0);
     }
 
     /// Whether `path` is on a tmpfs, which takes direct I/O through its page cache.
@@ -240,7 +340,7 @@ mod tests {
         }
         let object = builder.finish();
         let spilled = Arc::new(spill.spill(&object).unwrap());
-        let ObjectRef::Shm { path, .. } = spilled.to_ref() else {
+        let ObjectRef::Shm { path, .. } = spilled.to_ref_for(0, 0).unwrap() else {
             panic!("a spilled object has a file")
         };
         let path = PathBuf::from(path);
@@ -354,7 +454,10 @@ mod tests {
         assert_eq!(chosen.len(), 1);
         let (id, original) = &chosen[0];
         let spilled = spill.spill(original).unwrap();
-        assert!(matches!(spilled.to_ref(), ObjectRef::Shm { .. }));
+        assert!(matches!(
+            spilled.to_ref_for(0, 0).unwrap(),
+            ObjectRef::Shm { .. }
+        ));
         assert!(store.replace_spilled(*id, original, spilled));
         assert_eq!((store.bytes().in_memory, store.bytes().on_disk), (0, 128));
         assert_eq!(*store.get(TaskId(1)).unwrap().read().unwrap(), [7u8; 128]);

@@ -7,7 +7,7 @@ use crate::protocol::{
     self, FrameReader, FrameWriter, ObjectHeader, PeerRequest, Role, TaskId, Token, WorkerInfo,
 };
 use crate::store::Allocate;
-use crate::store::{ObjectBytes, Store};
+use crate::store::{Object, ObjectBytes, Store};
 use futures::future::BoxFuture;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -342,7 +342,7 @@ async fn serve_peer(connection: Authenticated, store: &Store) -> Result<(), Stri
             }
         };
         for id in ids {
-            let object = store.get(id);
+            let object = published(store.get(id)).await;
             let shared = object
                 .as_ref()
                 .filter(|_| may_link)
@@ -387,6 +387,27 @@ async fn serve_peer(connection: Authenticated, store: &Store) -> Result<(), Stri
         writer.flush().await.map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// The object, with its bytes copied out of the executor that keeps them first (off the
+/// event loop); `None` when that fails (the executor died): the object is reported missing.
+async fn published(object: Option<Arc<Object>>) -> Option<Arc<Object>> {
+    let object = object?;
+    if !object.is_unpublished() {
+        return Some(object);
+    }
+    let copying = object.clone();
+    match tokio::task::spawn_blocking(move || copying.publish()).await {
+        Ok(Ok(())) => Some(object),
+        Ok(Err(e)) => {
+            tracing::error!("cannot serve a result: {e}");
+            None
+        }
+        Err(e) => {
+            tracing::error!("cannot serve a result: the copy failed ({e})");
+            None
+        }
+    }
 }
 
 #[cfg(test)]
@@ -566,7 +587,9 @@ mod tests {
             };
             store.insert(TaskId(seq), object);
         }
-        let Some(ObjectRef::Shm { path, .. }) = store.get(TaskId(2)).map(|o| o.to_ref()) else {
+        let Some(ObjectRef::Shm { path, .. }) =
+            store.get(TaskId(2)).and_then(|o| o.to_ref_for(0, 0).ok())
+        else {
             panic!("a spilled object is read by path")
         };
         std::fs::remove_file(path).unwrap(); // the disk lost it

@@ -127,6 +127,9 @@ pub struct MemoryActions {
     pub restart: Option<usize>,
     /// Over the spill threshold: give back memory kept in reserve (free segments).
     pub relieve: bool,
+    /// Executors are to keep their results (`Some(true)`) or write them (`Some(false)`);
+    /// `None`: as they do.
+    pub hold: Option<bool>,
 }
 
 /// Counters for `scheduler_info()` and the exit log.
@@ -141,6 +144,8 @@ pub struct MemoryCounters {
 pub struct MemoryState {
     policy: MemoryPolicy,
     paused: bool,
+    /// Executors keep their results in their own memory, rather than write them.
+    executors_hold: bool,
     /// Bytes handed to spilling and not yet back.
     spilling: u64,
     counters: MemoryCounters,
@@ -151,6 +156,7 @@ impl MemoryState {
         MemoryState {
             policy,
             paused: false,
+            executors_hold: true,
             spilling: 0,
             counters: MemoryCounters::default(),
         }
@@ -162,6 +168,14 @@ impl MemoryState {
 
     pub fn is_paused(&self) -> bool {
         self.paused
+    }
+
+    /// Whether executors keep their results (where the worker can read their memory):
+    /// while its memory is under the target. Over it, results go to shared memory, which
+    /// the worker spills and gives back whole, where memory an executor frees may stay in
+    /// its heap; they are kept again once memory is under half the target.
+    pub fn executors_hold(&self) -> bool {
+        self.executors_hold
     }
 
     /// Results are on their way to disk.
@@ -237,6 +251,16 @@ impl MemoryState {
         if pause != self.paused {
             self.paused = pause;
             actions.pause = Some(pause);
+        }
+        if let Some(target) = self.policy.bytes(self.policy.thresholds.target) {
+            let hold = match self.executors_hold {
+                true => process < target,
+                false => process < target / 2,
+            };
+            if hold != self.executors_hold {
+                self.executors_hold = hold;
+                actions.hold = Some(hold);
+            }
         }
         let threshold = self
             .policy
@@ -382,6 +406,26 @@ mod tests {
         assert_eq!(memory.room_for(20 * MIB, 20 * MIB, 20 * MIB), Ok(()));
         let mut unlimited = MemoryState::new(MemoryPolicy::default());
         assert_eq!(unlimited.room_for(u64::MAX, u64::MAX, u64::MAX), Ok(()));
+    }
+
+    #[test]
+    fn executors_keep_results_under_the_target_and_again_under_half_of_it() {
+        let mut memory = state();
+        assert!(memory.executors_hold());
+        // The worker's own 5 MiB and 50 MiB in an executor: under the 60 MiB target.
+        let actions = memory.sampled(&sample(&[(0, 50 * MIB)], 0), 0);
+        assert_eq!(actions.hold, None);
+        let actions = memory.sampled(&sample(&[(0, 56 * MIB)], 0), 0);
+        assert_eq!(actions.hold, Some(false), "61 MiB: over the target");
+        let actions = memory.sampled(&sample(&[(0, 40 * MIB)], 0), 0);
+        assert_eq!(actions.hold, None, "45 MiB: not yet under half of it");
+        assert!(!memory.executors_hold());
+        let actions = memory.sampled(&sample(&[(0, 20 * MIB)], 0), 0);
+        assert_eq!(actions.hold, Some(true), "25 MiB");
+        let mut unlimited = MemoryState::new(MemoryPolicy::default());
+        let actions = unlimited.sampled(&sample(&[(0, u64::MAX / 2)], 0), 0);
+        assert_eq!(actions.hold, None);
+        assert!(unlimited.executors_hold());
     }
 
     #[test]

@@ -12,7 +12,10 @@ use crate::protocol::{
     FrameReader, FromWorker, FuncId, FunctionBlob, Plugin, Resources, Role, RunTask, TaskId,
     ToWorker, Token, WorkerId, WorkerInfo, WorkerRegistration, WorkerTopology,
 };
-use crate::store::{Object, ShmDir, SpillDir, Store, StoreError, WORKER_SHM_PREFIX};
+use crate::store::{
+    Holder, Object, ProcessMemory, Published, ShmDir, SpillDir, Store, StoreError,
+    WORKER_SHM_PREFIX,
+};
 use crate::transport::tcp::{self, TcpTransport};
 use crate::transport::{Transport, TransportError};
 use std::path::{Path, PathBuf};
@@ -481,6 +484,17 @@ impl WorkerComm for RuntimeComm {
         self.shm.adopt(path, layout)
     }
 
+    fn adopt_held(
+        &mut self,
+        layout: Vec<u64>,
+        holder: Holder,
+        source: Arc<ProcessMemory>,
+        spans: Vec<(u64, u64)>,
+        published: Published,
+    ) -> Result<Object, StoreError> {
+        Object::held(layout, holder, source, spans, self.shm.clone(), published)
+    }
+
     fn map_in(&mut self, object: Arc<Object>) {
         tokio::task::spawn_blocking(move || object.map_in());
     }
@@ -539,9 +553,15 @@ impl WorkerComm for RuntimeComm {
         }
     }
 
-    fn objects_released(&mut self, slot: usize, generation: u64) {
+    fn objects_released(&mut self, slot: usize, generation: u64, held: Vec<u64>) {
         if let Some(executor) = self.executors.get_mut(slot) {
-            executor.objects_released(generation);
+            executor.objects_released(generation, held);
+        }
+    }
+
+    fn hold_results(&mut self, slot: usize, generation: u64, hold: bool) {
+        if let Some(executor) = self.executors.get_mut(slot) {
+            executor.hold_results(generation, hold);
         }
     }
 

@@ -11,7 +11,7 @@ use crate::protocol::{
     ObjectRef, Plugin, RunTask, TaskDone, TaskId, TaskOutcome, ToWorker, Transfer, WorkerId,
     WorkerInfo, WorkerMemory,
 };
-use crate::store::{Object, Store, StoreError};
+use crate::store::{Holder, Object, ProcessMemory, Published, Store, StoreError};
 use crate::transport::{Fetched, TransportError};
 use bytes::Bytes;
 use std::cmp::Reverse;
@@ -58,6 +58,16 @@ pub trait WorkerComm {
     fn release_functions(&mut self, slot: usize, generation: u64, ids: Vec<FuncId>);
     /// Takes over a result file an executor wrote into the worker's folder.
     fn adopt(&mut self, path: &Path, layout: Vec<u64>) -> Result<Object, StoreError>;
+    /// A result an executor keeps in its memory (`source`, at `spans`), as an object that
+    /// notes in `published` when it is copied out.
+    fn adopt_held(
+        &mut self,
+        layout: Vec<u64>,
+        holder: Holder,
+        source: Arc<ProcessMemory>,
+        spans: Vec<(u64, u64)>,
+        published: Published,
+    ) -> Result<Object, StoreError>;
     /// Maps a stored shared-memory object's pages in, off the event loop.
     fn map_in(&mut self, object: Arc<Object>);
     /// Writes results to disk, off the event loop; the outcome comes back to
@@ -80,8 +90,12 @@ pub trait WorkerComm {
     /// tasks sent after this.
     fn plugins(&mut self, slot: usize, generation: u64, setup: Vec<Plugin>, teardown: Vec<String>);
     /// Tells a slot's executor generation that results in files were let go, so that it
-    /// unmaps the inputs it kept mapped whose files are gone.
-    fn objects_released(&mut self, slot: usize, generation: u64);
+    /// unmaps the inputs it kept mapped whose files are gone, and drops the results it
+    /// keeps under the `held` keys.
+    fn objects_released(&mut self, slot: usize, generation: u64, held: Vec<u64>);
+    /// Has a slot's executor generation keep its large results in its memory, or write
+    /// them (`hold` false).
+    fn hold_results(&mut self, slot: usize, generation: u64, hold: bool);
 }
 
 /// Something the worker asked to be reminded of (`WorkerComm::wake_after`).
@@ -136,6 +150,8 @@ struct Slot {
     generation: u64,
     /// Its process while it is up, 0 otherwise (or when it is not a process).
     pid: u32,
+    /// Its memory, where the worker may copy results out of it: it then keeps them.
+    memory: Option<Arc<ProcessMemory>>,
     in_flight: Vec<TaskId>,
     functions_sent: IdSet<FuncId>,
     /// Runs one suspect task alone, so a crash can be blamed on it.
@@ -310,7 +326,8 @@ impl WorkerState {
                 slot,
                 generation,
                 pid,
-            } => self.executor_ready(slot, generation, pid, comm),
+                memory,
+            } => self.executor_ready(slot, generation, pid, memory, comm),
             ExecutorEvent::Results { slot, outcomes } => {
                 self.executor_finished(slot, outcomes, comm)
             }
@@ -399,6 +416,13 @@ impl WorkerState {
                 }
             }
         }
+        if let Some(hold) = actions.hold {
+            for (index, slot) in self.slots.iter().enumerate() {
+                if slot.generation != 0 && slot.memory.is_some() {
+                    comm.hold_results(index, slot.generation, hold);
+                }
+            }
+        }
         self.spill(actions.spill, comm);
         if let Some(index) = actions.restart {
             if let Some(slot) = self.slots.get(index).filter(|s| s.generation != 0) {
@@ -425,6 +449,7 @@ impl WorkerState {
     pub fn spill_finished(&mut self, outcomes: Vec<SpillOutcome>, comm: &mut impl WorkerComm) {
         let paused_before = self.paused_for_scheduler();
         let mut files_released = false;
+        let mut held = Vec::new();
         for (id, original, result) in outcomes {
             self.memory.spill_ended(original.size());
             match result {
@@ -433,6 +458,7 @@ impl WorkerState {
                     if self.store.replace_spilled(id, &original, spilled) {
                         self.stats.spilled_objects += 1;
                         self.stats.spilled_bytes += size;
+                        held.extend(original.held_by());
                         if original.is_shared() {
                             files_released = true;
                         } else {
@@ -452,7 +478,7 @@ impl WorkerState {
             }
         }
         if files_released {
-            self.files_released(comm);
+            self.objects_released(&held, true, comm);
         }
         if self.paused_for_scheduler() != paused_before {
             comm.send(FromWorker::Memory(self.memory_report()));
@@ -467,6 +493,11 @@ impl WorkerState {
     /// Every event ends here: results beyond the memory target go to disk, ready tasks to
     /// executors, reports to the scheduler.
     fn after_event(&mut self, comm: &mut impl WorkerComm) {
+        let published = self.store.take_published();
+        if !published.is_empty() {
+            // Copied out for a peer, a client or another executor: the file serves them all.
+            self.objects_released(&published, false, comm);
+        }
         let spill = self
             .memory
             .stored(self.store.bytes().in_memory, self.working_bytes);
@@ -648,7 +679,9 @@ impl WorkerState {
             self.unread.remove(id);
         }
         let mut files_released = false;
+        let mut held = Vec::new();
         for object in ids.iter().filter_map(|&id| self.store.remove(id)) {
+            held.extend(object.held_by());
             if object.is_shared() {
                 files_released = true;
             } else {
@@ -656,17 +689,26 @@ impl WorkerState {
             }
         }
         if files_released {
-            self.files_released(comm);
+            self.objects_released(&held, true, comm);
         }
     }
 
     /// Executors keep the shared-memory files of inputs mapped from task to task (a chunk
     /// that several tasks read is faulted in once): once files go, each executor drops what
-    /// it mapped of them, so that their memory goes too. (Spilled files are not kept.)
-    fn files_released(&self, comm: &mut impl WorkerComm) {
+    /// it mapped of them, so that their memory goes too (spilled files are not kept), and
+    /// the results it kept (`held`) that were released, spilled or copied out. Without
+    /// `files` gone, only the executors that kept some of `held` are told.
+    fn objects_released(&self, held: &[Holder], files: bool, comm: &mut impl WorkerComm) {
         for (index, slot) in self.slots.iter().enumerate() {
             if slot.generation != 0 {
-                comm.objects_released(index, slot.generation);
+                let keys: Vec<u64> = held
+                    .iter()
+                    .filter(|h| (h.slot, h.generation) == (index, slot.generation))
+                    .map(|h| h.key)
+                    .collect();
+                if files || !keys.is_empty() {
+                    comm.objects_released(index, slot.generation, keys);
+                }
             }
         }
     }
@@ -791,12 +833,20 @@ impl WorkerState {
         slot: usize,
         generation: u64,
         pid: u32,
+        memory: Option<Arc<ProcessMemory>>,
         comm: &mut impl WorkerComm,
     ) {
+        // With one executor, every task here reads what it keeps; with several, a result
+        // read by another would be copied out on the worker's loop (not yet done off it).
+        let hold = memory.is_some() && self.slots.len() == 1;
         if let Some(state) = self.slots.get_mut(slot) {
             state.generation = generation;
             state.pid = pid;
+            state.memory = memory.filter(|_| hold);
             state.functions_sent.clear();
+            if hold && self.memory.executors_hold() {
+                comm.hold_results(slot, generation, true);
+            }
             if !self.plugins.is_empty() {
                 comm.plugins(slot, generation, self.plugins.clone(), Vec::new());
             }
@@ -838,11 +888,11 @@ impl WorkerState {
             slot.exclusive &= !slot.in_flight.is_empty();
         }
         for outcome in outcomes {
-            self.task_finished(outcome, comm);
+            self.task_finished(slot, outcome, comm);
         }
     }
 
-    fn task_finished(&mut self, outcome: TaskOutcome, comm: &mut impl WorkerComm) {
+    fn task_finished(&mut self, slot: usize, outcome: TaskOutcome, comm: &mut impl WorkerComm) {
         let task = self.tasks.remove(&outcome.id);
         if let Some(task) = &task {
             self.working_bytes -= task.working;
@@ -859,9 +909,16 @@ impl WorkerState {
             }
             Ok(ObjectRef::Inline { data, layout }) => Object::inline(data, layout),
             Ok(ObjectRef::Shm { path, layout }) => comm.adopt(Path::new(&path), layout),
+            Ok(ObjectRef::Held { key, layout, spans }) => {
+                self.adopt_held(slot, key, layout, spans, comm)
+            }
         };
         let Some(task) = task.filter(|t| !t.cancelled) else {
-            return; // dropping the object removes its file
+            // Dropping the object removes its file; the executor is told to drop its copy.
+            if let Some(holder) = object.as_ref().ok().and_then(|o| o.held_by()) {
+                self.objects_released(&[holder], false, comm);
+            }
+            return;
         };
         match object {
             Ok(object) => {
@@ -891,6 +948,39 @@ impl WorkerState {
         }
     }
 
+    /// A result executor `slot` keeps, its bytes left where they are. One from an executor
+    /// whose memory the worker cannot read (never asked to keep results) is refused, and
+    /// the executor told to drop it.
+    fn adopt_held(
+        &mut self,
+        slot: usize,
+        key: u64,
+        layout: Vec<u64>,
+        spans: Vec<(u64, u64)>,
+        comm: &mut impl WorkerComm,
+    ) -> Result<Object, StoreError> {
+        let (generation, memory) = self
+            .slots
+            .get(slot)
+            .map_or((0, None), |s| (s.generation, s.memory.clone()));
+        let holder = Holder {
+            slot,
+            generation,
+            key,
+        };
+        let Some(memory) = memory else {
+            comm.objects_released(slot, generation, vec![key]);
+            let why = std::io::Error::other("the executor was not asked to keep results");
+            return Err(StoreError::Publish(why));
+        };
+        let published = self.store.published_notices();
+        let adopted = comm.adopt_held(layout, holder, memory, spans, published);
+        if adopted.is_err() {
+            comm.objects_released(slot, generation, vec![key]);
+        }
+        adopted
+    }
+
     /// Whether peers may read this worker's results as bytes (from another host, or on
     /// this one where the transport does not link), so that a new result's pages are
     /// worth mapping in ahead of a send. Peers that link the file never touch this
@@ -912,11 +1002,12 @@ impl WorkerState {
         let Some(slot) = self.slots.get_mut(index) else {
             return;
         };
-        if slot.generation != 0 {
-            comm.clear_after(index, slot.generation);
+        let generation = std::mem::take(&mut slot.generation);
+        if generation != 0 {
+            comm.clear_after(index, generation);
         }
-        slot.generation = 0;
         slot.pid = 0;
+        slot.memory = None;
         slot.exclusive = false;
         let lost = std::mem::take(&mut slot.in_flight);
         let blamed = (lost.len() == 1).then(|| lost[0]);
@@ -950,6 +1041,44 @@ impl WorkerState {
                 self.suspects.push_back(id);
             }
         }
+        if generation != 0 {
+            self.held_results_lost(index, generation, comm);
+        }
+    }
+
+    /// The results a dead executor kept and nothing copied out are gone: the tasks here
+    /// that were to read them are dropped, and the scheduler told, which places those
+    /// again and recomputes the results that have no other copy.
+    fn held_results_lost(&mut self, slot: usize, generation: u64, comm: &mut impl WorkerComm) {
+        let lost: IdSet<TaskId> = self
+            .store
+            .remove_unpublished(slot, generation)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        if lost.is_empty() {
+            return;
+        }
+        for id in &lost {
+            self.unread.remove(id);
+        }
+        let readers: Vec<TaskId> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.compute.inputs.iter().any(|i| lost.contains(&i.id)))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in readers {
+            if let Some(task) = self.tasks.remove(&id) {
+                // Not running: the executor that could have run it is the one that died.
+                self.working_bytes -= task.working;
+            }
+        }
+        tracing::warn!(
+            lost = lost.len(),
+            "results kept by a dead executor are lost; the scheduler recomputes them"
+        );
+        comm.send(FromWorker::ResultsLost(lost.into_iter().collect()));
     }
 
     // ------------------------------------------------------------------ bookkeeping
@@ -1125,6 +1254,7 @@ impl WorkerState {
         let mut functions = Vec::new();
         let mut run = Vec::with_capacity(batch.len());
         let mut released_inputs = Vec::new();
+        let mut unreadable_inputs = Vec::new();
         let slot = &mut self.slots[index];
         for (id, need) in batch {
             let Some(task) = self.tasks.get_mut(&id) else {
@@ -1140,7 +1270,17 @@ impl WorkerState {
                 released_inputs.push(id);
                 continue;
             };
-            let inputs = held.iter().map(|o| o.to_ref()).collect();
+            let inputs = held
+                .iter()
+                .map(|o| o.to_ref_for(index, slot.generation))
+                .collect::<Result<Vec<_>, _>>();
+            let inputs = match inputs {
+                Ok(inputs) => inputs,
+                Err(e) => {
+                    unreadable_inputs.push((id, e.to_string()));
+                    continue;
+                }
+            };
             task.held_inputs = held;
             task.running = true;
             task.working = need;
@@ -1170,6 +1310,9 @@ impl WorkerState {
         for id in released_inputs {
             let message = format!("an input of task {id} was released before it ran");
             self.fail(id, ErrorInfo::runtime("FetchError", message), comm);
+        }
+        for (id, why) in unreadable_inputs {
+            self.fail(id, ErrorInfo::runtime("StoreError", why), comm);
         }
     }
 

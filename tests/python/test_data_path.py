@@ -1,5 +1,6 @@
-"""Large results live in shared memory: written once by the producing executor, read in
-place by consumers on the same worker and after a network fetch, freed when released."""
+"""Large results stay in the executor that made them until something else reads them,
+then live in shared memory: copied once, read in place by consumers on the same worker and
+after a network fetch, freed when released."""
 
 import glob
 import os
@@ -41,11 +42,13 @@ def test_large_inputs_are_mapped_not_copied_and_freed_on_release():
         workers = [p for p in cluster_processes(cluster) if p.name() == "rankmesh"][1:]
         worker_pids = [p.pid for p in workers]
         parts = client.map(make, range(6))
-        # Six 8 MB inputs spread over both workers: some arrive over the network. Each is
-        # read in place, through the executor's counted view of the file's mapping.
-        mapped = [("MappedView", True)] * 6
-        assert client.submit(backing_objects, *parts).result(timeout=60) == mapped
-        gathered = client.gather(parts)
+        # Six 8 MB inputs spread over both workers: some arrive from the other one. Each is
+        # read in place: the array the executor made and kept (one executor per worker),
+        # or through the executor's counted view of the file's mapping.
+        backing = client.submit(backing_objects, *parts).result(timeout=60)
+        assert set(backing) <= {("ndarray", True), ("MappedView", True)}, backing
+        assert ("MappedView", True) in backing, "one made on the other worker"
+        gathered = client.gather(parts)  # copied out of the executors that keep them
         np.testing.assert_array_equal(gathered[3], np.full(1_000_000, 3.0))
         assert gathered[0].flags.writeable
         assert len(shm_files(worker_pids)) >= 6
@@ -60,6 +63,26 @@ def test_large_inputs_are_mapped_not_copied_and_freed_on_release():
         # Not /proc/<pid>: CI's concurrent builds start processes fast enough to reuse a
         # pid; psutil compares the start time too.
         assert not worker.is_running()
+
+
+def test_results_only_their_own_executor_reads_are_never_written():
+    from conftest import cluster_processes
+
+    with rankmesh.LocalCluster(n_workers=1) as cluster, rankmesh.Client(cluster) as client:
+        worker_pids = [p.pid for p in cluster_processes(cluster) if p.name() == "rankmesh"][1:]
+        made = client.submit(make, 1)
+        doubled = client.submit(np.multiply, made, 2.0)
+        total = client.submit(np.sum, doubled)
+        assert total.result(timeout=60) == 2_000_000.0
+        # Two 8 MB results, each read only by the executor that made and kept it.
+        assert shm_files(worker_pids) == []
+        np.testing.assert_array_equal(doubled.result(timeout=60), np.full(1_000_000, 2.0))
+        assert len(shm_files(worker_pids)) == 1, "copied out for the client, once"
+        np.testing.assert_array_equal(doubled.result(timeout=60), np.full(1_000_000, 2.0))
+        assert len(shm_files(worker_pids)) == 1
+        # Read after it was copied out, it is read from the copy.
+        assert client.submit(backing_objects, doubled).result(timeout=60) == [("MappedView", True)]
+        assert client.submit(backing_objects, made).result(timeout=60) == [("ndarray", True)]
 
 
 _kept = []

@@ -180,6 +180,50 @@ impl Scheduler {
         self.enqueue_if_ready(id);
     }
 
+    /// Results `worker` reported are gone from it (the executor keeping them died): it no
+    /// longer holds them, the tasks assigned there that read them (which it dropped) are
+    /// placed again, and those with no copy left are recomputed, as for a lost worker.
+    pub(super) fn results_lost(&mut self, worker: WorkerId, ids: &[TaskId]) {
+        let mut lost = Vec::new();
+        let mut dropped = Vec::new();
+        for &id in ids {
+            let Some(task) = self.tasks.get_mut(&id) else {
+                continue;
+            };
+            let TaskState::Memory { holders, .. } = &mut task.state else {
+                continue;
+            };
+            if !holders.remove(worker) {
+                continue;
+            }
+            if holders.is_empty() {
+                lost.push(id);
+            }
+            let dependents = task.dependents.clone();
+            for &dependent in dependents.iter() {
+                let assigned_here = self.tasks.get(&dependent).is_some_and(
+                    |t| matches!(t.state, TaskState::Assigned { worker: w } if w == worker),
+                );
+                if assigned_here {
+                    dropped.push(dependent);
+                }
+            }
+        }
+        dropped.sort_unstable();
+        dropped.dedup();
+        for &id in &dropped {
+            if let Some(task) = self.tasks.get_mut(&id) {
+                task.state = TaskState::Ready;
+            }
+        }
+        self.change_processing(worker, &dropped, false);
+        tracing::info!(worker = %worker, lost = lost.len(), replaced = dropped.len(), "results lost");
+        self.recover_lost_results(lost);
+        for id in dropped {
+            self.enqueue_if_ready(id);
+        }
+    }
+
     // ------------------------------------------------------------------ bookkeeping
 
     /// One pending dependent of `dep` no longer needs it (it finished, erred or left).

@@ -1552,6 +1552,57 @@ fn an_input_a_worker_could_not_fetch_is_recomputed_and_the_task_placed_again() {
 }
 
 #[test]
+fn results_a_worker_lost_are_recomputed_and_the_tasks_it_dropped_placed_again() {
+    let mut env = TestEnv::new();
+    let [w1, w2] = env.workers(&[1, 1])[..] else {
+        unreachable!()
+    };
+    let c = env.client();
+    let [x, y, z] = ids(c, 0..3)[..] else {
+        unreachable!()
+    };
+    let on_w1 = |spec: TaskSpec| TaskSpec {
+        workers: vec![w1],
+        ..spec
+    };
+    env.submit(
+        c,
+        vec![
+            on_w1(spec(x, &[])),
+            on_w1(spec(z, &[])),
+            on_w1(spec(y, &[x, z])),
+        ],
+        &[y],
+    );
+    env.schedule();
+    assert_eq!(sorted(&env.computed(w1)), sorted(&[x, z]));
+    env.done(w1, &[x, z]);
+    env.worker_msg(w2, FromWorker::Replicated(vec![z]));
+    env.schedule();
+    assert_eq!(env.computed(w1), [y]);
+    // The executor keeping x and z on w1 died: w1 dropped y, which read them.
+    let lost = FromWorker::ResultsLost(vec![x, z]);
+    env.worker_msg(w1, round_trip(&lost));
+    env.schedule();
+    assert_eq!(
+        env.computed(w1),
+        [x],
+        "x had no other copy; z is still on w2"
+    );
+    assert_eq!(env.scheduler.recomputed_tasks(), 1);
+    env.done(w1, &[x]);
+    env.schedule();
+    assert_eq!(env.computed(w1), [y], "y placed again once x is back");
+    env.done(w1, &[y]);
+    assert_eq!(env.finished(c), [y]);
+    assert_eq!(env.released(w1), [x]);
+    assert_eq!(env.released(w2), [z]);
+    // Reported again, or for a task it does not hold: nothing changes.
+    env.worker_msg(w2, FromWorker::ResultsLost(vec![x]));
+    env.comm.emptiness_check();
+}
+
+#[test]
 fn a_wanted_result_kept_elsewhere_is_announced_again_when_a_holder_dies() {
     let mut env = TestEnv::new();
     let [w1, w2] = env.workers(&[1, 1])[..] else {

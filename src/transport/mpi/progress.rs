@@ -277,8 +277,8 @@ impl Progress {
     }
 
     fn answer(&mut self, rank: i32, request: Request) {
-        // Each object is read now (a spilled one mapped): one whose spill file cannot be
-        // read is reported missing, as one released.
+        // Each object is read now (a spilled one mapped, one its executor keeps copied out
+        // first): one that cannot be read is reported missing, as one released.
         let objects: Vec<_> = (request.ids.iter())
             .map(|id| {
                 let object = self.store.get(*id)?;

@@ -9,6 +9,8 @@ pub use python::{executor_id, PythonExecutor, PythonExecutorConfig};
 pub use shell::ShellExecutor;
 
 use crate::protocol::{FuncId, FunctionBlob, Plugin, RunTask, TaskOutcome};
+use crate::store::ProcessMemory;
+use std::sync::Arc;
 use tokio::sync::mpsc;
 
 /// What executors tell the worker loop. `generation` counts restarts of a slot: events and
@@ -20,6 +22,8 @@ pub enum ExecutorEvent {
         generation: u64,
         /// Its process (0 for an executor that is not one), whose memory the worker counts.
         pid: u32,
+        /// Its memory, where the worker may copy results out of it (`ObjectRef::Held`).
+        memory: Option<Arc<ProcessMemory>>,
     },
     Results {
         slot: usize,
@@ -50,8 +54,13 @@ pub trait Executor: Send {
     /// Sets worker plugins up and tears them down, before the work queued after this.
     fn plugins(&mut self, generation: u64, setup: Vec<Plugin>, teardown: Vec<String>);
 
-    /// Results in files were let go: the executor stops mapping those it kept mapped.
-    fn objects_released(&mut self, generation: u64);
+    /// Results in files were let go: the executor stops mapping those it kept mapped, and
+    /// drops the results it holds under the `held` keys.
+    fn objects_released(&mut self, generation: u64, held: Vec<u64>);
+
+    /// The executor keeps its large results in its memory (the worker can copy them out),
+    /// or writes them (`hold` false).
+    fn hold_results(&mut self, generation: u64, hold: bool);
 
     /// The worker needs memory back: the executor gives back what it keeps only to go
     /// faster (freed heap).

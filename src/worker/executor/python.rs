@@ -7,8 +7,10 @@ use crate::protocol::{
     self, FrameReader, FrameWriter, FromExecutor, FuncId, FunctionBlob, Plugin, Role, RunTask,
     ToExecutor, Token, TOKEN_ENV,
 };
+use crate::store::ProcessMemory;
 use std::path::PathBuf;
 use std::process::ExitStatus;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::UnixListener;
 use tokio::process::{Child, Command};
@@ -78,9 +80,15 @@ impl Executor for PythonExecutor {
         let _ = self.tx.send(Work::Send(generation, plugins));
     }
 
-    fn objects_released(&mut self, generation: u64) {
-        let released = ToExecutor::ObjectsReleased;
+    fn objects_released(&mut self, generation: u64, held: Vec<u64>) {
+        let released = ToExecutor::ObjectsReleased { held };
         let _ = self.tx.send(Work::Send(generation, released));
+    }
+
+    fn hold_results(&mut self, generation: u64, hold: bool) {
+        let _ = self
+            .tx
+            .send(Work::Send(generation, ToExecutor::HoldResults(hold)));
     }
 
     fn drop_reserves(&mut self, generation: u64) {
@@ -178,11 +186,31 @@ async fn run_generation(
         let _ = child.kill().await;
         return Err(format!("executor (pid {pid}) failed its handshake: {e}"));
     }
+    let probe = match tokio::time::timeout(START_TIMEOUT, reader.recv::<FromExecutor>()).await {
+        Ok(Ok(Some(FromExecutor::Ready { probe, .. }))) => probe,
+        other => {
+            let _ = child.kill().await;
+            return Err(format!(
+                "executor (pid {pid}) did not say it was ready: {other:?}"
+            ));
+        }
+    };
+    let memory = match ProcessMemory::open(pid, probe, &protocol::EXECUTOR_PROBE) {
+        Ok(memory) => Some(Arc::new(memory)),
+        Err(e) => {
+            tracing::debug!(
+                slot,
+                "the executor's memory cannot be read, so it writes its results: {e}"
+            );
+            None
+        }
+    };
     if events
         .send(ExecutorEvent::Ready {
             slot,
             generation,
             pid,
+            memory,
         })
         .is_err()
     {
@@ -222,7 +250,9 @@ async fn run_generation(
                 Ok(Some(FromExecutor::Results(outcomes))) => {
                     let _ = events.send(ExecutorEvent::Results { slot, outcomes });
                 }
-                Ok(Some(FromExecutor::Ready { .. })) => {}
+                Ok(Some(FromExecutor::Ready { .. })) => {
+                    break reap(child, pid, "said it was ready twice").await;
+                }
                 Ok(None) => break reap(child, pid, "closed its connection").await,
                 Err(e) => break reap(child, pid, &format!("sent a bad frame ({e})")).await,
             },

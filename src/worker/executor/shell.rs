@@ -20,6 +20,7 @@ impl ShellExecutor {
             slot,
             generation: 1,
             pid: 0,
+            memory: None,
         });
         ShellExecutor { slot, events }
     }
@@ -55,7 +56,10 @@ impl Executor for ShellExecutor {
     fn plugins(&mut self, _generation: u64, _setup: Vec<Plugin>, _teardown: Vec<String>) {}
 
     /// Commands read no objects.
-    fn objects_released(&mut self, _generation: u64) {}
+    fn objects_released(&mut self, _generation: u64, _held: Vec<u64>) {}
+
+    /// Never asked: a shell executor's memory is not read (its results are inline).
+    fn hold_results(&mut self, _generation: u64, _hold: bool) {}
 
     /// Commands keep nothing for speed.
     fn drop_reserves(&mut self, _generation: u64) {}

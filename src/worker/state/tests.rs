@@ -20,6 +20,8 @@ struct Ran {
     generation: u64,
     functions: Vec<FuncId>,
     tasks: Vec<TaskId>,
+    /// How each task reads its inputs.
+    inputs: Vec<Vec<ObjectRef>>,
 }
 
 #[derive(Default)]
@@ -36,7 +38,7 @@ struct TestComm {
     /// Result files that cannot be taken over.
     unadoptable: Vec<PathBuf>,
     /// Where result files are taken over from for real, if set.
-    shm: Option<ShmDir>,
+    shm: Option<Arc<ShmDir>>,
     spills: VecDeque<Vec<(TaskId, Arc<Object>)>>,
     reserves_dropped: usize,
     /// Executor generations told to give back their reserves.
@@ -48,6 +50,10 @@ struct TestComm {
     plugins: VecDeque<(usize, u64, Vec<Plugin>, Vec<String>)>,
     /// Executor generations told that results in files were let go.
     objects_released: VecDeque<(usize, u64)>,
+    /// (slot, generation, key) of the results executors were told to drop.
+    held_released: Vec<(usize, u64, u64)>,
+    /// Executor generations told to keep their large results, or write them.
+    holding: VecDeque<(usize, u64, bool)>,
 }
 
 impl WorkerComm for TestComm {
@@ -80,6 +86,7 @@ impl WorkerComm for TestComm {
             generation,
             functions: functions.iter().map(|f| f.id).collect(),
             tasks: tasks.iter().map(|t| t.id).collect(),
+            inputs: tasks.into_iter().map(|t| t.inputs).collect(),
         });
     }
 
@@ -99,6 +106,21 @@ impl WorkerComm for TestComm {
         Object::inline(Bytes::from(vec![0u8; total as usize]), layout)
     }
 
+    fn adopt_held(
+        &mut self,
+        layout: Vec<u64>,
+        holder: Holder,
+        source: Arc<ProcessMemory>,
+        spans: Vec<(u64, u64)>,
+        published: Published,
+    ) -> Result<Object, StoreError> {
+        let shm = self
+            .shm
+            .clone()
+            .expect("tests of kept results have a folder");
+        Object::held(layout, holder, source, spans, shm, published)
+    }
+
     fn map_in(&mut self, _object: Arc<Object>) {
         self.mapped_in += 1;
     }
@@ -111,11 +133,22 @@ impl WorkerComm for TestComm {
         self.restarts.push_back((slot, generation, reason));
     }
 
-    fn objects_released(&mut self, slot: usize, generation: u64) {
-        let ToExecutor::ObjectsReleased = round_trip(&ToExecutor::ObjectsReleased) else {
+    fn objects_released(&mut self, slot: usize, generation: u64, held: Vec<u64>) {
+        let ToExecutor::ObjectsReleased { held } =
+            round_trip(&ToExecutor::ObjectsReleased { held })
+        else {
             unreachable!("ObjectsReleased stays ObjectsReleased")
         };
         self.objects_released.push_back((slot, generation));
+        self.held_released
+            .extend(held.into_iter().map(|key| (slot, generation, key)));
+    }
+
+    fn hold_results(&mut self, slot: usize, generation: u64, hold: bool) {
+        let ToExecutor::HoldResults(hold) = round_trip(&ToExecutor::HoldResults(hold)) else {
+            unreachable!("HoldResults stays HoldResults")
+        };
+        self.holding.push_back((slot, generation, hold));
     }
 
     fn wake_after(&mut self, delay: Duration, wake: Wake) {
@@ -232,7 +265,9 @@ impl TestEnv {
     /// folder of its own, and are spilled for real to a folder in a temp folder.
     fn with_memory(slots: usize, memory: MemoryPolicy) -> Self {
         let mut env = Self::build(slots, memory, false);
-        env.comm.shm = Some(ShmDir::create("rankmesh-test").expect("a shared-memory folder"));
+        env.comm.shm = Some(Arc::new(
+            ShmDir::create("rankmesh-test").expect("a shared-memory folder"),
+        ));
         let local = tempfile::tempdir().expect("a temp folder");
         let spill = SpillDir::create(local.path()).expect("a spill folder");
         env.spill = Some((spill, local));
@@ -263,6 +298,7 @@ impl TestEnv {
                 slot,
                 generation: 1,
                 pid: 100,
+                memory: None,
             });
         }
         env
@@ -439,7 +475,7 @@ fn results_in_files(env: &mut TestEnv, count: u64) -> Vec<PathBuf> {
             path
         })
         .collect();
-    env.comm.shm = Some(shm);
+    env.comm.shm = Some(Arc::new(shm));
     written
 }
 
@@ -728,6 +764,7 @@ fn a_crash_among_several_tasks_reruns_each_alone() {
         slot: 0,
         generation: 2,
         pid: 100,
+        memory: None,
     });
     // Each suspect runs alone on an idle slot.
     let runs = env.comm.take_runs();
@@ -754,6 +791,7 @@ fn a_task_that_keeps_killing_its_executor_fails_after_the_limit() {
             slot: 0,
             generation,
             pid: 100,
+            memory: None,
         });
     }
     assert_eq!(env.ran(), [(0, ids(&[1]))]);
@@ -772,6 +810,7 @@ fn a_task_that_keeps_killing_its_executor_fails_after_the_limit() {
         slot: 0,
         generation: 4,
         pid: 100,
+        memory: None,
     });
     env.comm.emptiness_check();
 }
@@ -799,6 +838,7 @@ fn a_new_executor_generation_gets_the_functions_again() {
         slot: 0,
         generation: 2,
         pid: 100,
+        memory: None,
     });
     let runs = env.comm.take_runs();
     assert_eq!(
@@ -879,6 +919,7 @@ fn a_cancelled_task_still_running_after_its_grace_has_its_executor_restarted() {
         slot: 1,
         generation: 2,
         pid: 101,
+        memory: None,
     });
     env.compute(vec![task(3, &[])]);
     let ran: Vec<TaskId> = env.ran().into_iter().flat_map(|(_, ids)| ids).collect();
@@ -901,6 +942,7 @@ fn a_task_cancelled_before_it_ran_is_forgotten() {
         slot: 0,
         generation: 2,
         pid: 100,
+        memory: None,
     });
     assert_eq!(env.ran(), [(0, ids(&[2]))]);
     env.comm.emptiness_check();
@@ -918,6 +960,7 @@ fn a_cancelled_task_lost_with_its_executor_is_not_retried() {
         slot: 0,
         generation: 2,
         pid: 100,
+        memory: None,
     });
     assert_eq!(env.ran(), [(0, ids(&[2]))], "only the live suspect reruns");
     env.comm.emptiness_check();
@@ -1531,6 +1574,7 @@ fn a_dead_executors_leftovers_are_cleared_once_it_is_down() {
         slot: 1,
         generation: 2,
         pid: 100,
+        memory: None,
     });
     env.died(1);
     assert_eq!(env.comm.cleared.drain(..).collect::<Vec<_>>(), [(1, 2)]);
@@ -1681,6 +1725,7 @@ fn plugins_reach_every_executor_up_and_every_one_that_starts_later() {
         slot: 1,
         generation: 2,
         pid: 101,
+        memory: None,
     });
     let sent: Vec<_> = env.comm.plugins.drain(..).collect();
     assert_eq!(sent, [(1, 2, vec![plugin("a"), plugin("b")], vec![])]);
@@ -1707,4 +1752,234 @@ fn a_restart_restarts_every_executor_up() {
         "{restarts:?}"
     );
     env.comm.emptiness_check();
+}
+
+// ------------------------------------------------------------------ results kept by executors
+
+/// What a test executor reports as ready: the probe is in this process, whose memory the
+/// worker may read (it reads its own), as it reads a real executor's.
+static PROBE: [u8; 16] = crate::protocol::EXECUTOR_PROBE;
+
+fn this_process() -> Arc<ProcessMemory> {
+    let probe = PROBE.as_ptr() as u64;
+    let memory = ProcessMemory::open(std::process::id(), probe, &PROBE);
+    Arc::new(memory.expect("a process may read its own memory"))
+}
+
+/// A frame a test executor keeps, and the outcome that reports it kept under `key`.
+fn kept(id: u64, key: u64, frame: &[u8]) -> TaskOutcome {
+    TaskOutcome {
+        result: Ok(ObjectRef::Held {
+            key,
+            layout: vec![frame.len() as u64],
+            spans: vec![(frame.as_ptr() as u64, frame.len() as u64)],
+        }),
+        ..ok(id)
+    }
+}
+
+impl TestEnv {
+    /// A worker whose `slots` executors are replaced by readable ones (generation 2).
+    fn with_readable_executors(slots: usize) -> Self {
+        let mut env = Self::new(slots);
+        env.comm.shm = Some(Arc::new(
+            ShmDir::create("rankmesh-test").expect("a shared-memory folder"),
+        ));
+        for slot in 0..slots {
+            env.readable_executor_replaces(slot, 2);
+        }
+        env
+    }
+
+    /// Executor `slot` dies and `generation`, whose memory can be read, replaces it.
+    fn readable_executor_replaces(&mut self, slot: usize, generation: u64) {
+        self.died(slot);
+        self.executor(ExecutorEvent::Ready {
+            slot,
+            generation,
+            pid: 100,
+            memory: Some(this_process()),
+        });
+        self.comm.cleared.clear();
+    }
+}
+
+#[test]
+fn a_lone_executor_whose_memory_can_be_read_keeps_its_results() {
+    let mut env = TestEnv::with_readable_executors(1);
+    assert_eq!(
+        env.comm.holding.drain(..).collect::<Vec<_>>(),
+        [(0, 2, true)]
+    );
+    env.comm.emptiness_check();
+    // Several executors: a result one keeps would be copied out on the worker's loop for
+    // the others, so they write theirs.
+    let mut env = TestEnv::with_readable_executors(2);
+    assert!(env.comm.holding.is_empty());
+    let frame = vec![7u8; 100_000];
+    env.compute(vec![task(1, &[])]);
+    env.ran();
+    env.results(0, vec![kept(1, 5, &frame)]);
+    match env.comm.take_sent().as_slice() {
+        [FromWorker::Failed { id, error }] => {
+            assert_eq!((*id, error.type_name.as_str()), (TaskId(1), "StoreError"));
+            assert!(
+                error.message.contains("not asked to keep"),
+                "{}",
+                error.message
+            );
+        }
+        other => panic!("a result it was not asked to keep fails its task, got {other:?}"),
+    }
+    assert_eq!(
+        env.comm.held_released,
+        [(0, 2, 5)],
+        "and the executor drops it"
+    );
+}
+
+#[test]
+fn a_kept_result_is_read_by_key_until_copied_out_then_from_the_copy() {
+    let mut env = TestEnv::with_readable_executors(1);
+    env.comm.holding.clear();
+    let frame = vec![7u8; 100_000];
+    env.compute(vec![task(1, &[])]);
+    env.ran();
+    env.results(0, vec![kept(1, 5, &frame)]);
+    assert_eq!(env.done_ids(), ids(&[1]));
+    let object = env.store.get(TaskId(1)).expect("stored");
+    assert!(object.is_unpublished() && object.bytes().is_none() && object.shared_path().is_none());
+    assert_eq!(object.size(), 100_032, "padded to 64 bytes, as in a file");
+    assert_eq!(env.store.bytes().in_memory, 100_032, "counted as in memory");
+    env.compute(vec![task(2, &[(1, &[])])]);
+    let run = env.comm.take_runs();
+    assert!(matches!(
+        run[0].inputs[0][..],
+        [ObjectRef::Held { key: 5, .. }]
+    ));
+    // A peer asks for it: the data server copies it out.
+    let bytes = object.read().expect("copied out");
+    assert!(bytes[..100_000].iter().all(|&b| b == 7));
+    assert!(object.shared_path().is_some());
+    env.results(0, vec![ok(2)]);
+    assert_eq!(env.done_ids(), ids(&[2]));
+    assert_eq!(
+        env.comm.held_released,
+        [(0, 2, 5)],
+        "the executor may drop its copy"
+    );
+    env.comm.objects_released.clear();
+    env.compute(vec![task(3, &[(1, &[])])]);
+    let run = env.comm.take_runs();
+    assert!(matches!(run[0].inputs[0][..], [ObjectRef::Shm { .. }]));
+    drop((bytes, object));
+    env.scheduler(ToWorker::Release(ids(&[1])));
+    assert_eq!(env.release_notices(), [(0, 2)], "its file went");
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn a_released_or_spilled_kept_result_is_dropped_by_its_executor() {
+    let mut env = TestEnv::with_memory(1, limited());
+    env.readable_executor_replaces(0, 2);
+    env.comm.holding.clear();
+    let frames = [vec![1u8; 3_000_000], vec![2u8; 4_000_000]];
+    env.compute(vec![task(1, &[]), task(2, &[])]);
+    for (i, frame) in frames.iter().enumerate() {
+        let id = i as u64 + 1;
+        while env.comm.take_runs().is_empty() {
+            env.compute(vec![]);
+        }
+        env.results(0, vec![kept(id, 10 + id, frame)]);
+    }
+    env.comm.take_sent();
+    // 7 MB is over the target (0.6 of 10 MiB): the older result goes to disk, copied
+    // straight out of the executor.
+    let batch = env.comm.spills.pop_front().expect("a spill");
+    assert_eq!(batch.iter().map(|(id, _)| id.0).collect::<Vec<_>>(), [1]);
+    let outcomes = env.write(batch);
+    env.spill_finished(outcomes);
+    let spilled = env.store.get(TaskId(1)).expect("still held");
+    assert!(spilled.is_spilled());
+    assert_eq!(&*spilled.read().expect("read back"), &frames[0][..]);
+    assert!(env.comm.held_released.contains(&(0, 2, 11)));
+    env.comm.held_released.clear();
+    env.scheduler(ToWorker::Release(ids(&[2])));
+    assert_eq!(env.comm.held_released, [(0, 2, 12)]);
+}
+
+#[test]
+fn results_kept_by_an_executor_that_died_are_lost_and_the_tasks_reading_them_dropped() {
+    let mut env = TestEnv::with_readable_executors(1);
+    env.comm.holding.clear();
+    let (lost, copied) = (vec![1u8; 100_000], vec![2u8; 100_000]);
+    env.compute(vec![task(1, &[]), task(2, &[]), task(3, &[])]);
+    assert_eq!(env.ran(), [(0, ids(&[1, 2, 3]))]);
+    env.results(0, vec![kept(1, 1, &lost), kept(2, 2, &copied), ok(3)]);
+    env.comm.take_sent();
+    env.store
+        .get(TaskId(2))
+        .expect("stored")
+        .read()
+        .expect("copied out");
+    // Task 4 reads the lost result and is running; 5 reads one copied out and 3's inline
+    // one; 6 reads the lost one and waits.
+    env.compute(vec![
+        task(4, &[(1, &[])]),
+        task(5, &[(2, &[]), (3, &[])]),
+        task(6, &[(1, &[]), (3, &[])]),
+    ]);
+    env.comm.take_runs();
+    env.comm.held_released.clear();
+    env.comm.objects_released.clear();
+    env.died(0);
+    assert_eq!(
+        env.comm.take_sent(),
+        [FromWorker::ResultsLost(ids(&[1]))],
+        "the scheduler places 4 and 6 again and recomputes 1"
+    );
+    assert!(!env.store.contains(TaskId(1)));
+    assert!(env.store.contains(TaskId(2)) && env.store.contains(TaskId(3)));
+    env.executor(ExecutorEvent::Ready {
+        slot: 0,
+        generation: 3,
+        pid: 101,
+        memory: Some(this_process()),
+    });
+    assert_eq!(
+        env.comm.holding.drain(..).collect::<Vec<_>>(),
+        [(0, 3, true)]
+    );
+    assert_eq!(env.ran(), [(0, ids(&[5]))], "only 5 runs again");
+}
+
+#[test]
+fn over_the_target_executors_write_their_results_until_memory_is_under_half_of_it() {
+    let mut env = TestEnv::with_memory(1, limited());
+    env.readable_executor_replaces(0, 2);
+    assert_eq!(
+        env.comm.holding.drain(..).collect::<Vec<_>>(),
+        [(0, 2, true)]
+    );
+    // The target is 6 MiB of the 10 MiB limit.
+    env.sampled(sample(MIB, &[(0, 6 * MIB)], 0));
+    assert_eq!(
+        env.comm.holding.drain(..).collect::<Vec<_>>(),
+        [(0, 2, false)]
+    );
+    env.sampled(sample(MIB, &[(0, 3 * MIB)], 0));
+    assert!(
+        env.comm.holding.is_empty(),
+        "4 MiB: not under half the target yet"
+    );
+    env.readable_executor_replaces(0, 3);
+    assert!(
+        env.comm.holding.is_empty(),
+        "a new executor writes its results too"
+    );
+    env.sampled(sample(MIB, &[(0, MIB)], 0));
+    assert_eq!(
+        env.comm.holding.drain(..).collect::<Vec<_>>(),
+        [(0, 3, true)]
+    );
 }

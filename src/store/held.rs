@@ -1,0 +1,360 @@
+//! Results an executor keeps in its own memory (`ObjectRef::Held`): tasks on that
+//! executor read them as they are, and the worker copies one into its shared memory
+//! ([`Held::publish`]) only when something else needs its bytes: a peer, a client, a spill,
+//! another executor. Most results of a rechunk or a reduction are read by the executor that
+//! made them, and were written into shared memory for nothing.
+
+use super::{Published, ShmDir, ShmSegment, StoreError};
+use crate::protocol::frame_offsets;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Which executor keeps a result, and under what key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Holder {
+    pub slot: usize,
+    pub generation: u64,
+    pub key: u64,
+}
+
+/// An executor process whose memory the worker may read: its child, checked once
+/// ([`ProcessMemory::open`]). Held through a pidfd, so a copy that overlapped the process's
+/// end (after which its pid may name another process) is detected and discarded.
+#[derive(Debug)]
+pub struct ProcessMemory {
+    pid: libc::pid_t,
+    pidfd: OwnedFd,
+}
+
+impl ProcessMemory {
+    /// Process `pid`, if this process may read its memory and finds `expected` at `probe`:
+    /// Yama (`ptrace_scope` 1) lets a parent read its children, and a container's seccomp
+    /// profile or `ptrace_scope` 2 may refuse it; then executors write their results.
+    pub fn open(pid: u32, probe: u64, expected: &[u8]) -> io::Result<ProcessMemory> {
+        let pid = libc::pid_t::try_from(pid).map_err(io::Error::other)?;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor just returned to us, owned by nothing else.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let memory = ProcessMemory { pid, pidfd };
+        let mut found = vec![0u8; expected.len()];
+        memory.copy(probe, &mut found)?;
+        if found != expected || memory.ended() {
+            return Err(io::Error::other("the executor's probe reads differently"));
+        }
+        Ok(memory)
+    }
+
+    /// Fills `dest` with bytes `start..start + dest.len()` of an object laid out as the
+    /// spans (address, length) of the process's memory, each at its offset; bytes between
+    /// them are zero.
+    pub fn read(
+        &self,
+        spans: &[(u64, u64)],
+        offsets: &[u64],
+        dest: &mut [u8],
+        start: u64,
+    ) -> io::Result<()> {
+        if spans.len() != offsets.len() {
+            return Err(io::Error::other("spans and offsets differ in number"));
+        }
+        dest.fill(0);
+        let end = start + dest.len() as u64;
+        for (&(address, length), &offset) in spans.iter().zip(offsets) {
+            let (from, to) = (offset.max(start), (offset + length).min(end));
+            if from >= to {
+                continue;
+            }
+            let target = &mut dest[(from - start) as usize..(to - start) as usize];
+            self.copy(address + (from - offset), target)?;
+        }
+        Ok(())
+    }
+
+    /// Copies the process's memory at `address` into `target`.
+    fn copy(&self, address: u64, target: &mut [u8]) -> io::Result<()> {
+        let mut done = 0;
+        while done < target.len() {
+            let local = libc::iovec {
+                iov_base: target[done..].as_mut_ptr().cast(),
+                iov_len: target.len() - done,
+            };
+            let remote = libc::iovec {
+                iov_base: (address as usize + done) as *mut libc::c_void,
+                iov_len: target.len() - done,
+            };
+            // SAFETY: `local` is memory we own exclusively (`target`); `remote` is only read,
+            // in the other process, by the kernel, which checks it.
+            let n = unsafe { libc::process_vm_readv(self.pid, &local, 1, &remote, 1, 0) };
+            match n {
+                n if n > 0 => done += n as usize,
+                0 => return Err(io::Error::other("the executor's memory ended early")),
+                _ => return Err(io::Error::last_os_error()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the process has ended (its pidfd turns readable): bytes read from its pid
+    /// before this turned true may be another process's.
+    fn ended(&self) -> bool {
+        let mut poll = libc::pollfd {
+            fd: self.pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd, no wait.
+        unsafe { libc::poll(&mut poll, 1, 0) != 0 }
+    }
+}
+
+/// A result an executor keeps: where its bytes are, and, once something other than that
+/// executor needed them, the worker's shared-memory segment they were copied into.
+pub struct Held {
+    pub holder: Holder,
+    source: Arc<ProcessMemory>,
+    spans: Vec<(u64, u64)>,
+    /// Where a copy goes: a released segment of the same size when the pool has one (its
+    /// pages exist), else a new one.
+    dir: Arc<ShmDir>,
+    /// Where a copy is noted, for the worker to tell the executor it may drop its own.
+    notices: Published,
+    published: OnceLock<ShmSegment>,
+    /// Held during the copy, so that two readers wait for one copy.
+    copying: Mutex<()>,
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held")
+            .field("holder", &self.holder)
+            .field("published", &self.published.get().is_some())
+            .finish()
+    }
+}
+
+impl Held {
+    /// A result of `layout` in `source` at `spans`, one span per frame of the frame's
+    /// length (the executor's word, checked).
+    pub fn new(
+        holder: Holder,
+        source: Arc<ProcessMemory>,
+        spans: Vec<(u64, u64)>,
+        layout: &[u64],
+        dir: Arc<ShmDir>,
+        notices: Published,
+    ) -> Result<Held, StoreError> {
+        let lengths_match = spans.len() == layout.len()
+            && spans
+                .iter()
+                .zip(layout)
+                .all(|(&(_, length), &l)| length == l);
+        if !lengths_match {
+            return Err(StoreError::BadLayout(layout.to_vec()));
+        }
+        Ok(Held {
+            holder,
+            source,
+            spans,
+            dir,
+            notices,
+            published: OnceLock::new(),
+            copying: Mutex::new(()),
+        })
+    }
+
+    /// The segment holding the copy, once made.
+    pub(super) fn published(&self) -> Option<&ShmSegment> {
+        self.published.get()
+    }
+
+    /// Fills `window` with bytes `start..` of the result (laid out at `offsets`). Only
+    /// once [`Held::check_alive`] says so afterwards are they the executor's.
+    pub(super) fn read(&self, offsets: &[u64], window: &mut [u8], start: u64) -> io::Result<()> {
+        self.source.read(&self.spans, offsets, window, start)
+    }
+
+    /// Whether the executor lived through the copies made so far.
+    pub(super) fn check_alive(&self) -> io::Result<()> {
+        match self.source.ended() {
+            true => Err(io::Error::other("the executor ended during the copy")),
+            false => Ok(()),
+        }
+    }
+
+    /// Copies the bytes into a segment of the worker's folder, once.
+    pub(super) fn publish(&self, layout: &[u64]) -> Result<&ShmSegment, StoreError> {
+        let _copying = super::lock(&self.copying);
+        if let Some(segment) = self.published.get() {
+            return Ok(segment);
+        }
+        let (offsets, _) =
+            frame_offsets(layout).ok_or_else(|| StoreError::BadLayout(layout.to_vec()))?;
+        let segment = self
+            .dir
+            .write_new(layout, |window, start| self.read(&offsets, window, start))?;
+        self.check_alive().map_err(StoreError::Publish)?;
+        super::lock(&self.notices).push(self.holder);
+        Ok(self.published.get_or_init(|| segment))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PROBE: [u8; 16] = *b"held-probe-bytes";
+
+    fn own_memory() -> ProcessMemory {
+        ProcessMemory::open(std::process::id(), PROBE.as_ptr() as u64, &PROBE).unwrap()
+    }
+
+    #[test]
+    fn a_process_is_readable_only_where_its_probe_matches() {
+        let memory = own_memory();
+        let source = b"some bytes far away";
+        let spans = [(source.as_ptr() as u64, source.len() as u64)];
+        let mut dest = vec![1u8; 32];
+        memory.read(&spans, &[8], &mut dest, 0).unwrap();
+        assert_eq!(&dest[8..8 + source.len()], source);
+        assert_eq!(&dest[..8], &[0; 8], "bytes between frames are zero");
+        let mut window = vec![1u8; 6];
+        memory.read(&spans, &[8], &mut window, 5).unwrap();
+        assert_eq!(
+            window,
+            [0, 0, 0, b's', b'o', b'm'],
+            "a window of the object"
+        );
+        let other = *b"another probe!!!";
+        let refused = ProcessMemory::open(std::process::id(), other.as_ptr() as u64, &PROBE);
+        assert!(
+            refused.is_err(),
+            "a probe that reads differently is refused"
+        );
+    }
+
+    #[test]
+    fn spans_of_unmapped_memory_fail_cleanly() {
+        let memory = own_memory();
+        let mut dest = vec![0u8; 8];
+        let source = [1u8; 16];
+        let spans = [(source.as_ptr() as u64, 16)];
+        memory.read(&spans, &[0], &mut dest, 0).unwrap();
+        assert_eq!(
+            dest, [1; 8],
+            "a window shorter than the object gets its part"
+        );
+        assert!(memory.read(&spans, &[0, 8], &mut dest, 0).is_err());
+        let unmapped = memory.read(&[(8, 4)], &[0], &mut dest, 0);
+        assert!(unmapped.is_err(), "address 8 is never mapped");
+    }
+
+    #[test]
+    fn a_process_that_ended_is_seen_to_have() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // SAFETY: as in `open`.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        assert!(fd >= 0);
+        // SAFETY: as in `open`.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let running = ProcessMemory {
+            pid: pid as libc::pid_t,
+            pidfd,
+        };
+        child.wait().unwrap();
+        assert!(running.ended());
+        let mut dest = [0u8; 4];
+        assert!(running.copy(PROBE.as_ptr() as u64, &mut dest).is_err());
+    }
+
+    fn held(source: ProcessMemory, frames: &[Vec<u8>], dir: &Arc<ShmDir>) -> (Held, Published) {
+        let layout: Vec<u64> = frames.iter().map(|f| f.len() as u64).collect();
+        let spans = frames
+            .iter()
+            .map(|f| (f.as_ptr() as u64, f.len() as u64))
+            .collect();
+        let holder = Holder {
+            slot: 0,
+            generation: 1,
+            key: 7,
+        };
+        let notices = Published::default();
+        let held = Held::new(
+            holder,
+            Arc::new(source),
+            spans,
+            &layout,
+            dir.clone(),
+            notices.clone(),
+        );
+        (held.unwrap(), notices)
+    }
+
+    #[test]
+    fn publishing_copies_once_into_a_segment_of_the_folder_and_says_so() {
+        let dir = Arc::new(ShmDir::create("rankmesh-test").unwrap());
+        // Larger than the write window, so that it is copied in several windows.
+        let frames = vec![vec![3u8; 10], vec![5u8; WINDOWS * (256 << 10)]];
+        let layout: Vec<u64> = frames.iter().map(|f| f.len() as u64).collect();
+        let (held, notices) = held(own_memory(), &frames, &dir);
+        assert!(held.published().is_none());
+        let first = held.publish(&layout).unwrap().path.clone();
+        let again = held.publish(&layout).unwrap();
+        assert_eq!(again.path, first, "copied once");
+        assert_eq!(*notices.lock().unwrap(), vec![held.holder], "noted once");
+        assert!(first.starts_with(dir.path()));
+        let (offsets, total) = frame_offsets(&layout).unwrap();
+        let bytes = again.bytes();
+        assert_eq!(bytes.len() as u64, total);
+        assert_eq!(&bytes[..10], &[3; 10]);
+        assert!(bytes[10..offsets[1] as usize].iter().all(|&b| b == 0));
+        assert!(bytes[offsets[1] as usize..].iter().all(|&b| b == 5));
+    }
+
+    const WINDOWS: usize = 3;
+
+    #[test]
+    fn spans_that_do_not_match_the_layout_are_refused() {
+        let dir = Arc::new(ShmDir::create("rankmesh-test").unwrap());
+        let frame = [1u8; 10];
+        let source = Arc::new(own_memory());
+        let short = vec![(frame.as_ptr() as u64, 9)];
+        let holder = Holder {
+            slot: 0,
+            generation: 1,
+            key: 7,
+        };
+        let refused = Held::new(holder, source, short, &[10], dir, Published::default());
+        assert!(refused.is_err());
+    }
+
+    #[test]
+    fn a_failed_copy_leaves_no_file_and_no_notice() {
+        let dir = Arc::new(ShmDir::create("rankmesh-test").unwrap());
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        // SAFETY: as in `open`.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
+        // SAFETY: as in `open`.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let gone = ProcessMemory {
+            pid: child.id() as libc::pid_t,
+            pidfd,
+        };
+        child.wait().unwrap();
+        let frames = vec![vec![3u8; 100_000]];
+        let (held, notices) = held(gone, &frames, &dir);
+        assert!(matches!(
+            held.publish(&[100_000]),
+            Err(StoreError::Publish(_))
+        ));
+        assert!(held.published().is_none());
+        assert!(notices.lock().unwrap().is_empty());
+        let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+        assert!(files.is_empty(), "left {files:?}");
+    }
+}
