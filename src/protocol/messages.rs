@@ -15,7 +15,7 @@ use smallvec::SmallVec;
 pub type FuncIds = SmallVec<[FuncId; 1]>;
 
 /// Bumped whenever a message changes shape; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 24;
+pub const PROTOCOL_VERSION: u32 = 25;
 
 /// What a connecting peer is; the acceptor checks it is one it serves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -401,6 +401,10 @@ pub struct ComputeTask {
     /// Tasks still to run will read its result; false: only a client wants it (a chunk
     /// being persisted, a final result), so under memory pressure it is spilled first.
     pub read_by_tasks: bool,
+    /// Other workers were connected when it was assigned: a large result may well be read
+    /// on one of them, so an executor that keeps it has it copied out at once, as it would
+    /// have written it, rather than when a peer asks.
+    pub other_workers: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -499,6 +499,18 @@ impl WorkerComm for RuntimeComm {
         tokio::task::spawn_blocking(move || object.map_in());
     }
 
+    fn copy_out(&mut self, id: TaskId, object: Arc<Object>) {
+        let woken = self.woken_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = object.publish() {
+                // Its executor died (the worker hears of it and reports the result lost), or
+                // shared memory is full (a peer's read will say so).
+                tracing::debug!("a kept result was not copied out: {e}");
+            }
+            let _ = woken.send(Wake::CopiedOut(id));
+        });
+    }
+
     fn spill(&mut self, objects: Vec<(TaskId, Arc<Object>)>) {
         let Some(dir) = self.spill_dir.clone() else {
             return;

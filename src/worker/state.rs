@@ -39,6 +39,13 @@ const SAMPLES_PER_REPORT: u32 = 20;
 /// Spilled results: (task, the object as it was in memory, its copy on disk or why not).
 pub type SpillOutcome = (TaskId, Arc<Object>, Result<Object, StoreError>);
 
+/// A result an executor keeps, at least this large, in a cluster of several workers, is
+/// copied out at once rather than when a peer asks: a peer reading it would wait for the
+/// copy (64 MiB: ~30 ms into new shared memory), which the executor used to make before it
+/// reported the result. Smaller ones are read mostly where they were made (a rechunk's
+/// pieces, by the task that joins them).
+const COPY_OUT_AT_ONCE: u64 = 16 << 20;
+
 /// Every effect of the worker's state machine.
 pub trait WorkerComm {
     /// A message to the scheduler.
@@ -70,6 +77,10 @@ pub trait WorkerComm {
     ) -> Result<Object, StoreError>;
     /// Maps a stored shared-memory object's pages in, off the event loop.
     fn map_in(&mut self, object: Arc<Object>);
+    /// Copies result `id`, which an executor keeps, out of it off the event loop (the
+    /// executor is then told to drop its copy: [`Store::take_published`]), then calls
+    /// [`WorkerState::woken`] with [`Wake::CopiedOut`], whether the copy was made or not.
+    fn copy_out(&mut self, id: TaskId, object: Arc<Object>);
     /// Writes results to disk, off the event loop; the outcome comes back to
     /// [`WorkerState::spill_finished`].
     fn spill(&mut self, objects: Vec<(TaskId, Arc<Object>)>);
@@ -98,7 +109,8 @@ pub trait WorkerComm {
     fn hold_results(&mut self, slot: usize, generation: u64, hold: bool);
 }
 
-/// Something the worker asked to be reminded of (`WorkerComm::wake_after`).
+/// Something the worker asked to be reminded of (`WorkerComm::wake_after`), or to hear of
+/// when done (`WorkerComm::copy_out`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Wake {
     /// `task` was cancelled while it ran on the slot's executor generation.
@@ -107,6 +119,8 @@ pub enum Wake {
         generation: u64,
         task: TaskId,
     },
+    /// Result `0`, which an executor keeps, was copied out of it (or its executor died).
+    CopiedOut(TaskId),
 }
 
 /// How a worker is set up.
@@ -221,6 +235,9 @@ pub struct WorkerState {
     /// Results made here that no task will read (`ComputeTask::read_by_tasks`), until a
     /// task of a later graph does.
     unread: IdSet<TaskId>,
+    /// Results being copied out of the executors that keep them ([`COPY_OUT_AT_ONCE`]),
+    /// reported done once copied.
+    copying_out: IdMap<TaskId, TaskDone>,
 }
 
 impl WorkerState {
@@ -260,6 +277,7 @@ impl WorkerState {
             peers_elsewhere: 0,
             transferred: Vec::new(),
             unread: IdSet::default(),
+            copying_out: IdMap::default(),
         }
     }
 
@@ -783,6 +801,12 @@ impl WorkerState {
                     comm.restart_executor(slot, generation, reason);
                 }
             }
+            Wake::CopiedOut(id) => {
+                // Gone with its executor meanwhile: reported done and lost then.
+                if let Some(done) = self.copying_out.remove(&id) {
+                    self.done.push(done);
+                }
+            }
         }
         self.after_event(comm);
     }
@@ -928,15 +952,25 @@ impl WorkerState {
                 self.stats.task_us += outcome.duration_us;
                 let duration_s = outcome.duration_us as f64 * 1e-6;
                 self.task_duration_s = 0.9 * self.task_duration_s + 0.1 * duration_s;
-                self.done.push(TaskDone {
+                let done = TaskDone {
                     id: outcome.id,
                     size: object.size(),
                     duration_us: outcome.duration_us,
-                });
+                };
                 if !task.compute.read_by_tasks {
                     self.unread.insert(outcome.id);
                 }
                 let object = self.store.insert(outcome.id, object);
+                let copy_out = object.is_unpublished()
+                    && task.compute.other_workers
+                    && object.size() >= COPY_OUT_AT_ONCE;
+                if copy_out {
+                    // Reported once copied, as it was once written: its executor goes on.
+                    self.copying_out.insert(outcome.id, done);
+                    comm.copy_out(outcome.id, object);
+                    return;
+                }
+                self.done.push(done);
                 if object.is_shared() && self.peers_read_bytes() {
                     comm.map_in(object);
                 }
@@ -1061,7 +1095,12 @@ impl WorkerState {
         }
         for id in &lost {
             self.unread.remove(id);
+            // Never reported: it is now, and lost with the rest.
+            if let Some(done) = self.copying_out.remove(id) {
+                self.done.push(done);
+            }
         }
+        self.flush(comm);
         let readers: Vec<TaskId> = self
             .tasks
             .iter()
@@ -1407,6 +1446,9 @@ impl WorkerState {
         }
         for id in &self.unread {
             assert!(self.store.contains(*id), "{id} counted unread, not held");
+        }
+        for id in self.copying_out.keys() {
+            assert!(self.store.contains(*id), "{id} copied out, not held");
         }
         let elsewhere = self.peers.values().filter(|p| p.host != self.host).count();
         assert_eq!(elsewhere, self.peers_elsewhere, "peers on other hosts");

@@ -263,6 +263,7 @@ impl Scheduler {
     /// failed or requeued since it was queued). Raising the worker's load is the caller's:
     /// a run of roots raises it once.
     fn assign(&mut self, id: TaskId, worker: WorkerId, batch: &mut Vec<ComputeTask>) -> bool {
+        let other_workers = self.workers.len() > 1;
         let Some(task) = self.tasks.get_mut(&id) else {
             return false;
         };
@@ -278,6 +279,7 @@ impl Scheduler {
             inputs: Vec::new(),
             priority: task.priority,
             read_by_tasks: task.pending_dependents > 0,
+            other_workers,
         };
         // A root is looked up once; a task with inputs once more, to read them.
         if let Some(task) = has_inputs.then(|| self.tasks.get(&id)).flatten() {

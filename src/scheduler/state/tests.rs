@@ -447,6 +447,7 @@ fn intermediates_are_released_as_a_chain_runs() {
             i < 3,
             "the worker hears which results only a client wants"
         );
+        assert!(!compute[0].other_workers, "and that it is alone");
         env.done(w, &[chain[i]]);
         if i > 0 {
             assert_eq!(
@@ -1575,7 +1576,12 @@ fn results_a_worker_lost_are_recomputed_and_the_tasks_it_dropped_placed_again() 
         &[y],
     );
     env.schedule();
-    assert_eq!(sorted(&env.computed(w1)), sorted(&[x, z]));
+    let compute = env.compute_tasks(w1);
+    assert_eq!(
+        sorted(&compute.iter().map(|t| t.id).collect::<Vec<_>>()),
+        sorted(&[x, z])
+    );
+    assert!(compute.iter().all(|t| t.other_workers), "w2 may read them");
     env.done(w1, &[x, z]);
     env.worker_msg(w2, FromWorker::Replicated(vec![z]));
     env.schedule();

@@ -35,6 +35,8 @@ struct TestComm {
     released_functions: VecDeque<(usize, u64, Vec<FuncId>)>,
     adopted: Vec<PathBuf>,
     mapped_in: usize,
+    /// Kept results to copy out of their executors at once.
+    copied_out: Vec<(TaskId, Arc<Object>)>,
     /// Result files that cannot be taken over.
     unadoptable: Vec<PathBuf>,
     /// Where result files are taken over from for real, if set.
@@ -123,6 +125,10 @@ impl WorkerComm for TestComm {
 
     fn map_in(&mut self, _object: Arc<Object>) {
         self.mapped_in += 1;
+    }
+
+    fn copy_out(&mut self, id: TaskId, object: Arc<Object>) {
+        self.copied_out.push((id, object));
     }
 
     fn spill(&mut self, objects: Vec<(TaskId, Arc<Object>)>) {
@@ -391,6 +397,7 @@ fn task(id: u64, inputs: &[(u64, &[WorkerId])]) -> ComputeTask {
             .collect(),
         priority: id as i64,
         read_by_tasks: true,
+        other_workers: false,
     }
 }
 
@@ -1982,4 +1989,66 @@ fn over_the_target_executors_write_their_results_until_memory_is_under_half_of_i
         env.comm.holding.drain(..).collect::<Vec<_>>(),
         [(0, 3, true)]
     );
+}
+
+#[test]
+fn a_large_kept_result_is_copied_out_at_once_where_other_workers_may_read_it() {
+    let mut env = TestEnv::with_readable_executors(1);
+    let large = vec![3u8; COPY_OUT_AT_ONCE as usize];
+    let small = vec![4u8; 100_000];
+    let with_peers = |id| ComputeTask {
+        other_workers: true,
+        ..task(id, &[])
+    };
+    env.compute(vec![with_peers(1), with_peers(2), task(3, &[])]);
+    assert_eq!(env.ran(), [(0, ids(&[1, 2, 3]))]);
+    let outcomes = vec![kept(1, 1, &large), kept(2, 2, &small), kept(3, 3, &large)];
+    env.results(0, outcomes);
+    assert_eq!(
+        env.done_ids(),
+        ids(&[2, 3]),
+        "the large one once copied, as if written"
+    );
+    let copied: Vec<_> = env.comm.copied_out.drain(..).collect();
+    assert_eq!(
+        copied.len(),
+        1,
+        "only the large one, and only with other workers"
+    );
+    let (id, object) = &copied[0];
+    assert_eq!(*id, TaskId(1));
+    assert!(Arc::ptr_eq(object, &env.store.get(TaskId(1)).unwrap()));
+    object.publish().expect("copied out");
+    env.state.woken(Wake::CopiedOut(TaskId(1)), &mut env.comm);
+    env.state.sanity_check();
+    assert_eq!(env.done_ids(), ids(&[1]));
+    assert_eq!(
+        env.comm.held_released,
+        [(0, 2, 1)],
+        "the executor drops its copy"
+    );
+}
+
+#[test]
+fn a_result_lost_while_it_was_copied_out_is_reported_done_then_lost() {
+    let mut env = TestEnv::with_readable_executors(1);
+    let large = vec![3u8; COPY_OUT_AT_ONCE as usize];
+    env.compute(vec![ComputeTask {
+        other_workers: true,
+        ..task(1, &[])
+    }]);
+    env.ran();
+    env.results(0, vec![kept(1, 1, &large)]);
+    assert_eq!(env.comm.take_sent(), []);
+    env.died(0);
+    match env.comm.take_sent().as_slice() {
+        [FromWorker::Done(done), FromWorker::ResultsLost(lost)] => {
+            assert_eq!((done[0].id, lost.as_slice()), (TaskId(1), &ids(&[1])[..]));
+        }
+        other => panic!("expected Done, then ResultsLost, got {other:?}"),
+    }
+    // The copy ends, failed: nothing more to say.
+    env.state.woken(Wake::CopiedOut(TaskId(1)), &mut env.comm);
+    env.state.sanity_check();
+    assert_eq!(env.comm.take_sent(), []);
 }
