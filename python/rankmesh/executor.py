@@ -9,7 +9,8 @@ the worker keeps free, when there is one (its pages exist), else a new file.
 Where the worker can read this process's memory (it says so: `hold_results`), a large
 result is not written at all: the executor keeps its pickled frames (`HeldResults`), and
 reports where they are. Its own later tasks read it as it is; the worker copies it into
-its file only when something else needs the bytes (a peer, a client, a spill). Tasks of
+shared memory (or a spill file) only when something else needs the bytes, or at once when
+it is large and other workers may read it. Tasks of
 this executor then share a kept result's arrays, as tasks on one worker share objects in
 Dask distributed: a task that changes an input in place changes what later readers get.
 
