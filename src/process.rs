@@ -58,3 +58,44 @@ mod tests {
         assert!(bytes > 64 << 20 && bytes < 1 << 50, "{bytes}");
     }
 }
+
+/// For threads a library starts in someone else's process (the Python client's): blocks the
+/// signals a program stops or steers by, so the kernel delivers them to a thread that does
+/// not block them, the main one. Python runs its handlers in its main thread, but a signal
+/// the kernel hands another thread does not wake the main thread from a blocking call: a
+/// script in `time.sleep` went on sleeping through the SIGINT that `rankmesh local` sends
+/// it to stop (test_cli's SIGTERM test, 1 run in about 30).
+pub fn leave_signals_to_the_main_thread() {
+    // SAFETY: a local signal set, filled, then applied to the calling thread alone.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in [
+            libc::SIGINT,
+            libc::SIGTERM,
+            libc::SIGHUP,
+            libc::SIGQUIT,
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+            libc::SIGALRM,
+        ] {
+            libc::sigaddset(&mut set, signal);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+#[test]
+fn a_thread_that_leaves_signals_to_the_main_thread_blocks_them() {
+    let blocked = std::thread::spawn(|| {
+        leave_signals_to_the_main_thread();
+        // SAFETY: reads this thread's mask into a local set.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut set);
+            [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1]
+                .map(|signal| libc::sigismember(&set, signal) == 1)
+        }
+    });
+    assert_eq!(blocked.join().unwrap(), [true; 3]);
+}

@@ -140,6 +140,7 @@ impl ClientCore {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("rankmesh-client")
+            .on_thread_start(rankmesh::process::leave_signals_to_the_main_thread)
             .enable_all()
             .build()?;
         let token = Token::new(token);

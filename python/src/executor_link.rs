@@ -27,6 +27,7 @@ impl ExecutorLink {
     #[new]
     fn new(py: Python<'_>, path: &str, token: &str) -> PyResult<Self> {
         let runtime = tokio::runtime::Builder::new_current_thread()
+            .on_thread_start(rankmesh::process::leave_signals_to_the_main_thread)
             .enable_all()
             .build()?;
         let token = Token::new(token);
