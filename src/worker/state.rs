@@ -516,14 +516,21 @@ impl WorkerState {
             // Copied out for a peer, a client or another executor: the file serves them all.
             self.objects_released(&published, false, comm);
         }
-        let spill = self
-            .memory
-            .stored(self.store.bytes().in_memory, self.working_bytes);
+        let spill = self.memory.stored(
+            self.store.bytes().in_memory,
+            self.working_bytes + self.copying_out_bytes(),
+        );
         self.spill(spill, comm);
         self.start_fetches(comm);
         self.dispatch(comm);
         self.flush(comm);
         self.shrink_tables();
+    }
+
+    /// Kept results being copied out are in memory twice until the copy ends and their
+    /// executor drops its own (few at a time: a sum is cheap).
+    fn copying_out_bytes(&self) -> u64 {
+        self.copying_out.values().map(|done| done.size).sum()
     }
 
     /// Hands `bytes` of idle results to be spilled (none for a while after a spill
@@ -612,10 +619,14 @@ impl WorkerState {
             // room (spilled for it, or left by running tasks), unless nothing else could
             // make any.
             let managed = self.store.bytes().in_memory;
-            let working = self.working_bytes + self.fetching_bytes;
+            let working = self.working_bytes + self.fetching_bytes + self.copying_out_bytes();
             if let Err(spill) = self.memory.room_for(managed, working, bytes) {
                 self.spill(spill, comm);
-                if running || self.fetching_bytes > 0 || self.memory.is_spilling() {
+                if running
+                    || self.fetching_bytes > 0
+                    || !self.copying_out.is_empty()
+                    || self.memory.is_spilling()
+                {
                     later.push((peer, ids));
                     continue;
                 }
@@ -1179,7 +1190,10 @@ impl WorkerState {
                     continue;
                 }
                 // Inputs on their way count as the results they will be once stored.
-                let working = self.working_bytes + self.fetching_bytes + dealt_need;
+                let working = self.working_bytes
+                    + self.fetching_bytes
+                    + self.copying_out_bytes()
+                    + dealt_need;
                 let managed = self.store.bytes().in_memory;
                 let room = self.memory.room_for(managed, working, need.unwrap_or(0));
                 if let Err(spill) = room {
@@ -1191,7 +1205,7 @@ impl WorkerState {
                     let held_results = self.samples_waited_for_room
                         < SAMPLES_WAITING_FOR_HELD_RESULTS
                         && self.store.has_pinned_shared();
-                    let fetching = self.fetching_bytes > 0;
+                    let fetching = self.fetching_bytes > 0 || !self.copying_out.is_empty();
                     if busy || fetching || self.memory.is_spilling() || held_results {
                         self.ready.push(Reverse((priority, id)));
                         self.waiting_for_room = true;

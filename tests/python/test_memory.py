@@ -52,6 +52,8 @@ class WorkerMemoryWatch:
     def __init__(self, cluster) -> None:
         self.cluster = cluster
         self.peak = 0
+        # What made up the peak, MiB: ("worker"/"executor", pid) -> PSS, and "shm".
+        self.peak_parts: dict[object, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -63,8 +65,15 @@ class WorkerMemoryWatch:
                     pids = [worker.pid] + [p.pid for p in worker.children()]
                 except psutil.NoSuchProcess:
                     continue
-                memory = sum(pss_outside_shm(pid) for pid in pids) + shm_bytes(worker.pid)
-                self.peak = max(self.peak, memory)
+                parts = {
+                    ("worker" if pid == worker.pid else "executor", pid): pss_outside_shm(pid)
+                    for pid in pids
+                }
+                parts["shm"] = shm_bytes(worker.pid)
+                memory = sum(parts.values())
+                if memory > self.peak:
+                    self.peak = memory
+                    self.peak_parts = {part: b // MIB for part, b in parts.items()}
             time.sleep(0.05)
 
     def __enter__(self):
@@ -105,11 +114,12 @@ def test_an_array_five_times_the_cluster_memory_persists_and_computes_within_the
         assert sum(w["unspilled_total"] for w in info.values()) > 0, info
         del persisted
     print(f"peak worker PSS {watch.peak / MIB:.0f} MiB of a {limit / MIB:.0f} MiB limit")
+    print(f"made of (MiB): {watch.peak_parts}")
     # Without spilling each worker would hold at least 768 MiB (2.56x). A (x + x.T) task
     # alone maps two 64 MiB inputs and makes a third: the worker starts it only once the
     # rest of its results are on disk and no input is on its way, and fetches an input
     # only when there is room for it (docs/memory.md).
-    assert watch.peak <= 1.15 * limit, f"{watch.peak / MIB:.0f} MiB"
+    assert watch.peak <= 1.15 * limit, f"{watch.peak / MIB:.0f} MiB: {watch.peak_parts}"
     assert glob.glob(str(tmp_path / "rankmesh-spill-*")) == [], "spill folders removed"
 
 

@@ -2052,3 +2052,35 @@ fn a_result_lost_while_it_was_copied_out_is_reported_done_then_lost() {
     env.state.sanity_check();
     assert_eq!(env.comm.take_sent(), []);
 }
+
+#[test]
+fn a_kept_result_being_copied_out_counts_twice_against_the_memory_target() {
+    // A 100 MiB limit: a 60 MiB target, over which two 24 MiB copies of one result and
+    // the next task's expected 24 MiB would go.
+    let policy = MemoryPolicy {
+        limit: 100 * MIB,
+        thresholds: MemoryThresholds::default(),
+    };
+    let mut env = TestEnv::with_memory(1, policy);
+    env.readable_executor_replaces(0, 2);
+    let large = vec![3u8; 24 * MIB as usize];
+    let with_peers = |id| ComputeTask {
+        other_workers: true,
+        ..task(id, &[])
+    };
+    env.compute(vec![with_peers(1), with_peers(2)]);
+    assert_eq!(
+        env.ran(),
+        [(0, ids(&[1]))],
+        "one until results show their size"
+    );
+    env.results(0, vec![kept(1, 1, &large)]);
+    assert_eq!(env.comm.copied_out.len(), 1);
+    assert_eq!(env.ran(), [], "2 waits while 1 is in memory twice");
+    let (_, object) = env.comm.copied_out.remove(0);
+    object.publish().expect("copied out");
+    env.state.woken(Wake::CopiedOut(TaskId(1)), &mut env.comm);
+    env.state.sanity_check();
+    assert_eq!(env.done_ids(), ids(&[1]));
+    assert_eq!(env.ran(), [(0, ids(&[2]))], "then it runs");
+}
