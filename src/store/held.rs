@@ -62,16 +62,24 @@ impl ProcessMemory {
         if spans.len() != offsets.len() {
             return Err(io::Error::other("spans and offsets differ in number"));
         }
-        dest.fill(0);
         let end = start + dest.len() as u64;
+        // Only the gaps are zeroed: `dest` may be a whole pooled segment, which zeroing
+        // first would write (and fault in) once more.
+        let mut zeroed_to = start;
         for (&(address, length), &offset) in spans.iter().zip(offsets) {
             let (from, to) = (offset.max(start), (offset + length).min(end));
             if from >= to {
                 continue;
             }
+            if from < zeroed_to {
+                return Err(io::Error::other("frames overlap or are out of order"));
+            }
+            dest[(zeroed_to - start) as usize..(from - start) as usize].fill(0);
             let target = &mut dest[(from - start) as usize..(to - start) as usize];
             self.copy(address + (from - offset), target)?;
+            zeroed_to = to;
         }
+        dest[(zeroed_to - start) as usize..].fill(0);
         Ok(())
     }
 
@@ -222,6 +230,7 @@ mod tests {
         memory.read(&spans, &[8], &mut dest, 0).unwrap();
         assert_eq!(&dest[8..8 + source.len()], source);
         assert_eq!(&dest[..8], &[0; 8], "bytes between frames are zero");
+        assert_eq!(&dest[8 + source.len()..], &[0; 5], "and after the last");
         let mut window = vec![1u8; 6];
         memory.read(&spans, &[8], &mut window, 5).unwrap();
         assert_eq!(
