@@ -14,6 +14,7 @@ use crate::protocol::{
 use crate::store::{Holder, Object, ProcessMemory, Published, Store, StoreError};
 use crate::transport::{Fetched, TransportError};
 use bytes::Bytes;
+use smallvec::SmallVec;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::path::Path;
@@ -238,6 +239,9 @@ pub struct WorkerState {
     /// Results being copied out of the executors that keep them ([`COPY_OUT_AT_ONCE`]),
     /// reported done once copied.
     copying_out: IdMap<TaskId, TaskDone>,
+    /// Kept results being copied out for another executor here, with the tasks that
+    /// wait for the copy to run there (counted in their `missing`).
+    awaiting_copy: IdMap<TaskId, Vec<TaskId>>,
 }
 
 impl WorkerState {
@@ -278,6 +282,7 @@ impl WorkerState {
             transferred: Vec::new(),
             unread: IdSet::default(),
             copying_out: IdMap::default(),
+            awaiting_copy: IdMap::default(),
         }
     }
 
@@ -817,6 +822,21 @@ impl WorkerState {
                 if let Some(done) = self.copying_out.remove(&id) {
                     self.done.push(done);
                 }
+                // Lost meanwhile, their readers were dropped; still unpublished, the copy
+                // failed (a full /dev/shm), and they fail rather than ask again.
+                let failed = self.store.get(id).is_some_and(|o| o.is_unpublished());
+                for waiter in self.awaiting_copy.remove(&id).unwrap_or_default() {
+                    let Some(task) = self.tasks.get_mut(&waiter) else {
+                        continue;
+                    };
+                    task.missing -= 1;
+                    if failed {
+                        let why = format!("input {id} could not be copied out of its executor");
+                        self.fail(waiter, ErrorInfo::runtime("StoreError", why), comm);
+                    } else if task.missing == 0 {
+                        self.ready.push(Reverse((task.compute.priority, waiter)));
+                    }
+                }
             }
         }
         self.after_event(comm);
@@ -871,9 +891,9 @@ impl WorkerState {
         memory: Option<Arc<ProcessMemory>>,
         comm: &mut impl WorkerComm,
     ) {
-        // With one executor, every task here reads what it keeps; with several, a result
-        // read by another would be copied out on the worker's loop (not yet done off it).
-        let hold = memory.is_some() && self.slots.len() == 1;
+        // With several, a result another executor here reads is copied out off the loop
+        // before that task is handed over (`dispatch`).
+        let hold = memory.is_some();
         if let Some(state) = self.slots.get_mut(slot) {
             state.generation = generation;
             state.pid = pid;
@@ -973,7 +993,7 @@ impl WorkerState {
                 }
                 let object = self.store.insert(outcome.id, object);
                 let copy_out = object.is_unpublished()
-                    && task.compute.other_workers
+                    && (task.compute.other_workers || self.slots.len() > 1)
                     && object.size() >= COPY_OUT_AT_ONCE;
                 if copy_out {
                     // Reported once copied, as it was once written: its executor goes on.
@@ -1214,11 +1234,22 @@ impl WorkerState {
                 }
                 self.waiting_for_room = false;
                 self.samples_waited_for_room = 0;
+                // Where its inputs are kept, if that executor has room; else here, once
+                // inputs another one keeps are copied out (off the loop).
+                let target = self
+                    .keeper_of_inputs(id)
+                    .filter(|&k| {
+                        open[k] && self.slots[k].in_flight.len() + batches[k].len() < depth
+                    })
+                    .unwrap_or(index);
+                dealt = true;
+                if self.await_copies_for(id, target, comm) {
+                    continue;
+                }
                 let need = need.unwrap_or(0);
-                batches[index].push((id, need));
+                batches[target].push((id, need));
                 dealt_need += need;
                 busy = true;
-                dealt = true;
             }
             if !dealt {
                 break;
@@ -1281,6 +1312,63 @@ impl WorkerState {
     /// chunk it makes, and least recently used would spill the chunks still being read
     /// instead), last the inputs of tasks waiting here. Ordering all results by when the
     /// graph's order says they are read next spilled more, not less (docs/memory.md).
+    /// The executor keeping the most bytes of the task's inputs, if any keeps some.
+    fn keeper_of_inputs(&self, id: TaskId) -> Option<usize> {
+        let task = self.tasks.get(&id)?;
+        let mut kept: SmallVec<[(usize, u64); 2]> = SmallVec::new();
+        for input in &task.compute.inputs {
+            let Some(object) = self.store.get(input.id) else {
+                continue;
+            };
+            let Some(holder) = object.held_by().filter(|_| object.is_unpublished()) else {
+                continue;
+            };
+            match kept.iter_mut().find(|(slot, _)| *slot == holder.slot) {
+                Some((_, bytes)) => *bytes += object.size(),
+                None => kept.push((holder.slot, object.size())),
+            }
+        }
+        kept.into_iter()
+            .max_by_key(|(_, bytes)| *bytes)
+            .map(|(slot, _)| slot)
+    }
+
+    /// Inputs of the task that another executor than `slot`'s keeps are copied out for
+    /// it, off the loop; the task waits for them (true) or may run now (false).
+    fn await_copies_for(&mut self, id: TaskId, slot: usize, comm: &mut impl WorkerComm) -> bool {
+        let generation = self.slots[slot].generation;
+        let Some(task) = self.tasks.get(&id) else {
+            return false;
+        };
+        let elsewhere: Vec<(TaskId, Arc<Object>)> = task
+            .compute
+            .inputs
+            .iter()
+            .filter_map(|input| Some((input.id, self.store.get(input.id)?)))
+            .filter(|(_, object)| {
+                object.is_unpublished()
+                    && object
+                        .held_by()
+                        .is_some_and(|h| (h.slot, h.generation) != (slot, generation))
+            })
+            .collect();
+        if elsewhere.is_empty() {
+            return false;
+        }
+        let count = elsewhere.len();
+        for (input, object) in elsewhere {
+            let waiters = self.awaiting_copy.entry(input).or_default();
+            if waiters.is_empty() && !self.copying_out.contains_key(&input) {
+                comm.copy_out(input, object);
+            }
+            waiters.push(id);
+        }
+        if let Some(task) = self.tasks.get_mut(&id) {
+            task.missing += count;
+        }
+        true
+    }
+
     fn spill_order(&self) -> impl Fn(TaskId) -> i64 + '_ {
         let waiting: IdSet<TaskId> = (self.tasks.values().filter(|t| !t.running))
             .flat_map(|t| t.compute.inputs.iter().map(|i| i.id))
@@ -1414,6 +1502,11 @@ impl WorkerState {
             assert!(!waiters.is_empty(), "fetch of {input} for nobody");
             assert!(!self.store.contains(*input), "{input} is here and fetched");
             for waiter in waiters {
+                *waiting.entry(*waiter).or_default() += 1;
+            }
+        }
+        for waiters in self.awaiting_copy.values() {
+            for waiter in waiters.iter().filter(|w| self.tasks.contains_key(w)) {
                 *waiting.entry(*waiter).or_default() += 1;
             }
         }

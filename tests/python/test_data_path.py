@@ -85,6 +85,40 @@ def test_results_only_their_own_executor_reads_are_never_written():
         assert client.submit(backing_objects, made).result(timeout=60) == [("ndarray", True)]
 
 
+def executor_pid(_input):
+    return os.getpid()
+
+
+def test_a_worker_of_two_executors_runs_tasks_where_their_inputs_are_kept():
+    import dask.array as da
+    from conftest import cluster_processes
+
+    with (
+        rankmesh.LocalCluster(n_workers=1, threads_per_worker=2) as cluster,
+        rankmesh.Client(cluster) as client,
+    ):
+        worker_pids = [p.pid for p in cluster_processes(cluster) if p.name() == "rankmesh"][1:]
+        made = client.submit(make, 1)
+        doubled = client.submit(np.multiply, made, 2.0)
+        total = client.submit(np.sum, doubled)
+        assert total.result(timeout=60) == 2_000_000.0
+        assert shm_files(worker_pids) == [], "each step ran where its input was kept"
+        # Results kept by both executors, joined by one: the other's are copied out for it.
+        parts = [client.submit(make, i) for i in range(8)]
+        ran_on = client.gather([client.submit(executor_pid, part) for part in parts])
+        assert len(set(ran_on)) == 2, "the parts' readers ran on both executors"
+        joined = client.submit(np.concatenate, parts)
+        np.testing.assert_array_equal(
+            joined.result(timeout=60), np.concatenate([make(i) for i in range(8)])
+        )
+        copies = len(shm_files(worker_pids))
+        assert 1 <= copies <= 9, f"{copies} files: some parts copied out, once each"
+        # A rechunk across both executors equals the threaded scheduler's.
+        cube = da.random.default_rng(0).standard_normal((60, 90, 90), chunks=(5, 90, 90))
+        std = cube.rechunk((60, 30, 30)).std(axis=0)
+        np.testing.assert_allclose(client.compute(std, sync=True), std.compute(scheduler="threads"))
+
+
 _kept = []
 
 

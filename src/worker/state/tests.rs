@@ -1812,16 +1812,15 @@ impl TestEnv {
 }
 
 #[test]
-fn a_lone_executor_whose_memory_can_be_read_keeps_its_results() {
-    let mut env = TestEnv::with_readable_executors(1);
+fn executors_whose_memory_can_be_read_keep_their_results_and_others_are_not_asked() {
+    let mut env = TestEnv::with_readable_executors(2);
     assert_eq!(
         env.comm.holding.drain(..).collect::<Vec<_>>(),
-        [(0, 2, true)]
+        [(0, 2, true), (1, 2, true)]
     );
     env.comm.emptiness_check();
-    // Several executors: a result one keeps would be copied out on the worker's loop for
-    // the others, so they write theirs.
-    let mut env = TestEnv::with_readable_executors(2);
+    // An executor the worker cannot read is never asked to keep results.
+    let mut env = TestEnv::new(1);
     assert!(env.comm.holding.is_empty());
     let frame = vec![7u8; 100_000];
     env.compute(vec![task(1, &[])]);
@@ -1840,8 +1839,72 @@ fn a_lone_executor_whose_memory_can_be_read_keeps_its_results() {
     }
     assert_eq!(
         env.comm.held_released,
-        [(0, 2, 5)],
+        [(0, 1, 5)],
         "and the executor drops it"
+    );
+}
+
+/// A result executor `slot` keeps, of a task that took 0.1 s (so that executors are
+/// handed one task at a time).
+fn kept_slowly(id: u64, key: u64, frame: &[u8]) -> TaskOutcome {
+    TaskOutcome {
+        duration_us: 100_000,
+        ..kept(id, key, frame)
+    }
+}
+
+#[test]
+fn a_task_goes_to_the_executor_that_keeps_its_inputs() {
+    let mut env = TestEnv::with_readable_executors(2);
+    env.comm.holding.clear();
+    let (one, two) = (vec![1u8; 100_000], vec![2u8; 100_000]);
+    env.compute(vec![task(1, &[]), task(2, &[])]);
+    assert_eq!(env.ran(), [(0, ids(&[1])), (1, ids(&[2]))]);
+    env.results(0, vec![kept_slowly(1, 11, &one)]);
+    env.results(1, vec![kept_slowly(2, 12, &two)]);
+    env.comm.take_sent();
+    // Dealt from executor 0 on, 3 comes first: it reads what 1 keeps.
+    env.compute(vec![task(3, &[(2, &[])]), task(4, &[(1, &[])])]);
+    let runs = env.comm.take_runs();
+    let placed: Vec<_> = runs.iter().map(|r| (r.slot, r.tasks.clone())).collect();
+    assert_eq!(placed, [(0, ids(&[4])), (1, ids(&[3]))]);
+    for run in &runs {
+        assert!(
+            matches!(run.inputs[0][..], [ObjectRef::Held { .. }]),
+            "read by key, no copy"
+        );
+    }
+    assert!(env.comm.copied_out.is_empty());
+}
+
+#[test]
+fn an_input_another_executor_keeps_is_copied_out_off_the_loop_before_the_task_runs() {
+    let mut env = TestEnv::with_readable_executors(2);
+    env.comm.holding.clear();
+    let frame = vec![1u8; 100_000];
+    env.compute(vec![task(1, &[]), task(9, &[])]);
+    assert_eq!(env.ran(), [(0, ids(&[1])), (1, ids(&[9]))]);
+    env.results(0, vec![kept_slowly(1, 11, &frame)]);
+    env.comm.take_sent();
+    // Executor 0, which keeps 1, is busy with a long task; executor 1 is free.
+    env.compute(vec![task(5, &[])]);
+    assert_eq!(env.ran(), [(0, ids(&[5]))]);
+    env.results(1, vec![ok(9)]);
+    env.comm.take_sent();
+    env.compute(vec![task(2, &[(1, &[])])]);
+    assert_eq!(env.ran(), [], "2 waits for its input's copy");
+    let (id, object) = env.comm.copied_out.remove(0);
+    assert_eq!(id, TaskId(1));
+    object.publish().expect("copied out");
+    env.state.woken(Wake::CopiedOut(TaskId(1)), &mut env.comm);
+    env.state.sanity_check();
+    let runs = env.comm.take_runs();
+    assert_eq!((runs[0].slot, runs[0].tasks.clone()), (1, ids(&[2])));
+    assert!(matches!(runs[0].inputs[0][..], [ObjectRef::Shm { .. }]));
+    assert_eq!(
+        env.comm.held_released,
+        [(0, 2, 11)],
+        "executor 0 drops its copy"
     );
 }
 
