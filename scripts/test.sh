@@ -13,6 +13,12 @@ START=$SECONDS
 stage() { printf '\n[test] ==== %s (at %ds)\n' "$*" $((SECONDS - START)); }
 
 stage "install (scripts/install.sh)"
+# A fresh clone's builds take about 3.3 GB (target/ and .venv/); with less free, the build
+# may stop half-way on "No space left on device", so say so first.
+free_kib=$(df -Pk "$ROOT" | awk 'NR == 2 { print $4 }')
+if [ "${free_kib:-0}" -lt $((4 * 1024 * 1024)) ]; then
+  echo "[test] warning: only $((free_kib / 1024)) MiB free under $ROOT; the builds need about 3.3 GB" >&2
+fi
 bash scripts/install.sh
 
 VENV=$ROOT/.venv
