@@ -146,8 +146,11 @@ struct Pending {
     /// Its inputs while it runs: an executor is reading them, so they are not spilled
     /// (nor their files removed) under it.
     held_inputs: Vec<Arc<Object>>,
-    /// Inputs still being fetched.
+    /// Inputs still being fetched, or copied out of another executor here.
     missing: usize,
+    /// Of those, the inputs being copied out for it (`WorkerState::awaiting_copy`): a copy
+    /// that ends after the task was dropped, and sent again, is not counted for the new one.
+    awaiting_copies: SmallVec<[TaskId; 2]>,
     crashes: u32,
     /// Handed to an executor (and in exactly one slot's `in_flight`).
     running: bool,
@@ -691,6 +694,7 @@ impl WorkerState {
                 compute,
                 held_inputs: Vec::new(),
                 missing,
+                awaiting_copies: SmallVec::new(),
                 crashes: 0,
                 running: false,
                 working: 0,
@@ -829,6 +833,10 @@ impl WorkerState {
                     let Some(task) = self.tasks.get_mut(&waiter) else {
                         continue;
                     };
+                    let Some(at) = task.awaiting_copies.iter().position(|i| *i == id) else {
+                        continue; // dropped meanwhile, and sent again since
+                    };
+                    task.awaiting_copies.swap_remove(at);
                     task.missing -= 1;
                     if failed {
                         let why = format!("input {id} could not be copied out of its executor");
@@ -1355,16 +1363,24 @@ impl WorkerState {
         if elsewhere.is_empty() {
             return false;
         }
-        let count = elsewhere.len();
+        let mut awaited: SmallVec<[TaskId; 2]> = SmallVec::new();
         for (input, object) in elsewhere {
+            if awaited.contains(&input) {
+                continue; // an input named twice
+            }
             let waiters = self.awaiting_copy.entry(input).or_default();
             if waiters.is_empty() && !self.copying_out.contains_key(&input) {
                 comm.copy_out(input, object);
             }
-            waiters.push(id);
+            // Named already where a task of this id was dropped while it waited.
+            if !waiters.contains(&id) {
+                waiters.push(id);
+            }
+            awaited.push(input);
         }
         if let Some(task) = self.tasks.get_mut(&id) {
-            task.missing += count;
+            task.missing += awaited.len();
+            task.awaiting_copies = awaited;
         }
         true
     }
@@ -1505,9 +1521,15 @@ impl WorkerState {
                 *waiting.entry(*waiter).or_default() += 1;
             }
         }
-        for waiters in self.awaiting_copy.values() {
-            for waiter in waiters.iter().filter(|w| self.tasks.contains_key(w)) {
-                *waiting.entry(*waiter).or_default() += 1;
+        for (id, task) in &self.tasks {
+            for input in &task.awaiting_copies {
+                assert!(
+                    self.awaiting_copy
+                        .get(input)
+                        .is_some_and(|w| w.contains(id)),
+                    "task {id} awaits a copy of {input} nobody makes for it"
+                );
+                *waiting.entry(*id).or_default() += 1;
             }
         }
         let mut in_flight: IdMap<TaskId, usize> = IdMap::default();

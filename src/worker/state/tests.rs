@@ -2147,3 +2147,38 @@ fn a_kept_result_being_copied_out_counts_twice_against_the_memory_target() {
     assert_eq!(env.done_ids(), ids(&[1]));
     assert_eq!(env.ran(), [(0, ids(&[2]))], "then it runs");
 }
+
+#[test]
+fn a_copy_ending_after_its_reader_was_dropped_and_sent_again_leaves_the_new_one_waiting() {
+    let mut env = TestEnv::with_readable_executors(2);
+    env.comm.holding.clear();
+    let frame = vec![1u8; 100_000];
+    env.compute(vec![task(1, &[]), task(9, &[])]);
+    env.ran();
+    env.results(0, vec![kept_slowly(1, 11, &frame)]);
+    env.compute(vec![task(5, &[])]);
+    env.ran();
+    env.results(1, vec![ok(9)]);
+    env.comm.take_sent();
+    env.compute(vec![task(2, &[(1, &[])])]);
+    assert_eq!(env.ran(), [], "2 waits for a copy of 1 out of executor 0");
+    // Executor 0 dies with 1; 2, its reader, is dropped, and sent again by the scheduler
+    // with 1 recomputed on a peer.
+    env.died(0);
+    env.comm.take_sent();
+    env.compute(vec![task(2, &[(1, &[PEERS[0]])])]);
+    assert_eq!(env.comm.take_fetches(), [(PEERS[0], ids(&[1]))]);
+    // The old copy ends, failed.
+    env.state.woken(Wake::CopiedOut(TaskId(1)), &mut env.comm);
+    env.state.sanity_check();
+    let ran = env.ran();
+    assert!(
+        !ran.iter().any(|(_, tasks)| tasks.contains(&TaskId(2))),
+        "2 still waits for its fetch, ran {ran:?}"
+    );
+    let sent = env.comm.take_sent();
+    assert!(
+        !sent.iter().any(|m| matches!(m, FromWorker::Failed { .. })),
+        "{sent:?}"
+    );
+}
