@@ -1315,11 +1315,6 @@ impl WorkerState {
         Some(result.max(largest_input) + spilled)
     }
 
-    /// Which results to spill first (a larger value sooner; least recently used among
-    /// equals): those no task will read (only a client wants them: a persist keeps every
-    /// chunk it makes, and least recently used would spill the chunks still being read
-    /// instead), last the inputs of tasks waiting here. Ordering all results by when the
-    /// graph's order says they are read next spilled more, not less (docs/memory.md).
     /// The executor keeping the most bytes of the task's inputs, if any keeps some.
     fn keeper_of_inputs(&self, id: TaskId) -> Option<usize> {
         let task = self.tasks.get(&id)?;
@@ -1385,6 +1380,11 @@ impl WorkerState {
         true
     }
 
+    /// Which results to spill first (a larger value sooner; least recently used among
+    /// equals): those no task will read (only a client wants them: a persist keeps every
+    /// chunk it makes, and least recently used would spill the chunks still being read
+    /// instead), last the inputs of tasks waiting here. Ordering all results by when the
+    /// graph's order says they are read next spilled more, not less (docs/memory.md).
     fn spill_order(&self) -> impl Fn(TaskId) -> i64 + '_ {
         let waiting: IdSet<TaskId> = (self.tasks.values().filter(|t| !t.running))
             .flat_map(|t| t.compute.inputs.iter().map(|i| i.id))
