@@ -90,14 +90,22 @@ def cube(n=14_480, chunk=2_896):
     return da.random.RandomState(0).random((n, n), chunks=chunk)
 
 
-def test_an_array_five_times_the_cluster_memory_persists_and_computes_within_the_limit(tmp_path):
-    limit = 300 * MIB
+# Two workers of one executor, and one of two executors (which keep results and copy them
+# out for each other) with the same memory per executor.
+@pytest.mark.parametrize(
+    "n_workers, threads_per_worker, limit_mib", [(2, 1, 300), (1, 2, 600)], ids=["2x1", "1x2"]
+)
+def test_an_array_five_times_the_cluster_memory_persists_and_computes_within_the_limit(
+    tmp_path, n_workers, threads_per_worker, limit_mib
+):
+    limit = limit_mib * MIB
     x = cube()
     expected_sum = x.sum().compute(scheduler="threads")
     expected_mean = (x + x.T).mean().compute(scheduler="threads")
-    spilling = {"memory_limit": "300MiB", "local_directory": tmp_path}
+    spilling = {"memory_limit": f"{limit_mib}MiB", "local_directory": tmp_path}
+    shape = {"n_workers": n_workers, "threads_per_worker": threads_per_worker}
     with (
-        rankmesh.LocalCluster(n_workers=2, **spilling) as cluster,
+        rankmesh.LocalCluster(**shape, **spilling) as cluster,
         rankmesh.Client(cluster) as client,
         WorkerMemoryWatch(cluster) as watch,
     ):
@@ -106,7 +114,7 @@ def test_an_array_five_times_the_cluster_memory_persists_and_computes_within_the
         info = client.scheduler_info()["workers"]
         assert sum(w["spilled_bytes"] for w in info.values()) > 0, info
         spill_folders = glob.glob(str(tmp_path / "rankmesh-spill-*"))
-        assert len(spill_folders) == 2, spill_folders
+        assert len(spill_folders) == n_workers, spill_folders
         assert client.compute(persisted.sum(), sync=True) == pytest.approx(expected_sum)
         mean = client.compute((persisted + persisted.T).mean(), sync=True)
         assert mean == pytest.approx(expected_mean)
