@@ -147,6 +147,11 @@ impl Object {
         self.unpublished().is_some()
     }
 
+    /// The executor that alone has the bytes, until they are copied out.
+    pub fn kept_only_by(&self) -> Option<Holder> {
+        self.unpublished().map(|held| held.holder)
+    }
+
     /// The result an executor keeps, while only it has the bytes.
     fn unpublished(&self) -> Option<&Held> {
         match &self.data {
@@ -933,9 +938,8 @@ impl Store {
             .iter()
             .filter(|(_, e)| {
                 e.object
-                    .held_by()
+                    .kept_only_by()
                     .is_some_and(|h| (h.slot, h.generation) == (slot, generation))
-                    && e.object.is_unpublished()
             })
             .map(|(id, _)| *id)
             .collect();

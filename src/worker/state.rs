@@ -1242,17 +1242,20 @@ impl WorkerState {
                 }
                 self.waiting_for_room = false;
                 self.samples_waited_for_room = 0;
-                // Where its inputs are kept, if that executor has room; else here, once
-                // inputs another one keeps are copied out (off the loop).
-                let target = self
-                    .keeper_of_inputs(id)
-                    .filter(|&k| {
-                        open[k] && self.slots[k].in_flight.len() + batches[k].len() < depth
-                    })
-                    .unwrap_or(index);
                 dealt = true;
-                if self.await_copies_for(id, target, comm) {
-                    continue;
+                let mut target = index;
+                // With several executors: where its inputs are kept, if that one has room;
+                // else here, once inputs another one keeps are copied out (off the loop).
+                if self.slots.len() > 1 {
+                    target = self
+                        .keeper_of_inputs(id)
+                        .filter(|&k| {
+                            open[k] && self.slots[k].in_flight.len() + batches[k].len() < depth
+                        })
+                        .unwrap_or(index);
+                    if self.await_copies_for(id, target, comm) {
+                        continue;
+                    }
                 }
                 let need = need.unwrap_or(0);
                 batches[target].push((id, need));
@@ -1323,7 +1326,7 @@ impl WorkerState {
             let Some(object) = self.store.get(input.id) else {
                 continue;
             };
-            let Some(holder) = object.held_by().filter(|_| object.is_unpublished()) else {
+            let Some(holder) = object.kept_only_by() else {
                 continue;
             };
             match kept.iter_mut().find(|(slot, _)| *slot == holder.slot) {
@@ -1349,10 +1352,9 @@ impl WorkerState {
             .iter()
             .filter_map(|input| Some((input.id, self.store.get(input.id)?)))
             .filter(|(_, object)| {
-                object.is_unpublished()
-                    && object
-                        .held_by()
-                        .is_some_and(|h| (h.slot, h.generation) != (slot, generation))
+                object
+                    .kept_only_by()
+                    .is_some_and(|h| (h.slot, h.generation) != (slot, generation))
             })
             .collect();
         if elsewhere.is_empty() {
