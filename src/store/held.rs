@@ -206,8 +206,11 @@ impl Held {
             .dir
             .write_new(layout, |window, start| self.read(&offsets, window, start))?;
         self.check_alive().map_err(StoreError::Publish)?;
+        // The copy first, then the notice: a worker that saw the notice (and told the
+        // executor to drop its frames) must not hand a task the executor's key after it.
+        let segment = self.published.get_or_init(|| segment);
         super::lock(&self.notices).push(self.holder);
-        Ok(self.published.get_or_init(|| segment))
+        Ok(segment)
     }
 }
 
