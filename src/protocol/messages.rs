@@ -401,10 +401,12 @@ pub struct ComputeTask {
     /// Tasks still to run will read its result; false: only a client wants it (a chunk
     /// being persisted, a final result), so under memory pressure it is spilled first.
     pub read_by_tasks: bool,
-    /// Other workers were connected when it was assigned: a large result may well be read
-    /// on one of them, so an executor that keeps it has it copied out at once, as it would
-    /// have written it, rather than when a peer asks.
-    pub other_workers: bool,
+    /// Results of its kind have lately been read by tasks on other workers (the
+    /// scheduler's `Kinds`): a large one is likely to be too, so an executor that keeps it
+    /// has it copied out at once rather than when a peer asks. False for a kind read where
+    /// it was made (a rechunk's intermediates, sliced by their holder), whose copy would
+    /// be for nothing.
+    pub read_elsewhere: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

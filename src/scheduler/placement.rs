@@ -5,7 +5,8 @@
 //!   Handing them all out at once would let input-reading tasks fill every worker's memory
 //!   before anything downstream runs.
 //! - Other tasks go out as soon as they are ready, to the candidate with the earliest
-//!   estimated start ([`cheapest`]): its queue plus fetching the inputs it lacks, where
+//!   estimated start ([`cheapest`]): its queue (what its assigned tasks are expected to
+//!   take, by kind: [`Kinds`], [`QueuedKinds`]) plus fetching the inputs it lacks, where
 //!   inputs held on the same node (host) come at shared-memory speed. So among idle
 //!   workers the one holding the most input bytes wins, then one on the same node as the
 //!   inputs, then the least loaded; a long queue can outweigh a transfer. Candidates are the workers
@@ -152,10 +153,134 @@ impl LoadIndex {
     }
 }
 
+/// What the scheduler has learned of each kind of task (Dask's key prefix, `Task::prefix`).
+///
+/// How long one takes, a running average: a worker's queue is what its tasks are expected
+/// to take (Dask's occupancy), not their number times the average of all tasks. The 72
+/// slices of a rechunk's 126 MB intermediate, under a millisecond each, queued on the
+/// worker holding it, looked like 72 average tasks (the merges and the random chunks
+/// before them took tens), so some went to the other worker, which fetched all 126 MB.
+///
+/// Where its results are read: whether tasks on other workers read them lately
+/// ([`Kinds::read_elsewhere`]). A large one of such a kind is copied out of the executor
+/// that keeps it at once, before a peer asks; one read where it was made is left alone.
+#[derive(Default)]
+pub(super) struct Kinds {
+    by_kind: Vec<KindRecord>,
+}
+
+#[derive(Clone, Copy)]
+struct KindRecord {
+    /// Seconds; NaN: none computed yet.
+    duration_s: f64,
+    /// Reads of its results by tasks, and of those, by tasks on another worker than a
+    /// holder, both halved once `reads` reaches [`RECENT_READS`].
+    reads: u32,
+    reads_elsewhere: u32,
+}
+
+/// Reads of a kind's results that [`Kinds::read_elsewhere`] weighs (older ones fade).
+const RECENT_READS: u32 = 64;
+
+impl Kinds {
+    fn record_mut(&mut self, kind: u32) -> &mut KindRecord {
+        let kind = kind as usize;
+        if kind >= self.by_kind.len() {
+            let unknown = KindRecord {
+                duration_s: f64::NAN,
+                reads: 0,
+                reads_elsewhere: 0,
+            };
+            self.by_kind.resize(kind + 1, unknown);
+        }
+        &mut self.by_kind[kind]
+    }
+
+    /// A task of `kind` took `seconds`; `weight`: that of the newest in the average.
+    pub(super) fn computed(&mut self, kind: u32, seconds: f64, weight: f64) {
+        let average = &mut self.record_mut(kind).duration_s;
+        *average = match average.is_nan() {
+            true => seconds,
+            false => *average + weight * (seconds - *average),
+        };
+    }
+
+    /// Seconds a task of `kind` is expected to take: `unknown` if none has been computed.
+    pub(super) fn expected_duration(&self, kind: u32, unknown: f64) -> f64 {
+        match self.by_kind.get(kind as usize) {
+            Some(record) if !record.duration_s.is_nan() => record.duration_s,
+            _ => unknown,
+        }
+    }
+
+    /// A task was assigned that reads a result of `kind`; `elsewhere`: on a worker that
+    /// does not hold it.
+    pub(super) fn read(&mut self, kind: u32, elsewhere: bool) {
+        let record = self.record_mut(kind);
+        if record.reads >= RECENT_READS {
+            record.reads /= 2;
+            record.reads_elsewhere /= 2;
+        }
+        record.reads += 1;
+        record.reads_elsewhere += u32::from(elsewhere);
+    }
+
+    /// Whether a quarter or more of the recent reads of `kind`'s results were by tasks on
+    /// other workers; false while none has been read.
+    pub(super) fn read_elsewhere(&self, kind: u32) -> bool {
+        self.by_kind
+            .get(kind as usize)
+            .is_some_and(|r| r.reads_elsewhere > 0 && r.reads_elsewhere * 4 >= r.reads)
+    }
+}
+
+/// The tasks assigned to a worker, counted by kind, so that its queue is priced with each
+/// kind's current duration (a count times a duration at assignment would drift as the
+/// averages move). Few kinds are assigned to a worker at a time: a list.
+#[derive(Default, Debug, PartialEq, Eq)]
+pub(super) struct QueuedKinds(Vec<(u32, u32)>);
+
+impl QueuedKinds {
+    pub(super) fn add(&mut self, kind: u32) {
+        match self.0.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, count)) => *count += 1,
+            None => self.0.push((kind, 1)),
+        }
+    }
+
+    pub(super) fn remove(&mut self, kind: u32) {
+        if let Some(at) = self.0.iter().position(|&(k, _)| k == kind) {
+            self.0[at].1 -= 1;
+            if self.0[at].1 == 0 {
+                self.0.swap_remove(at);
+            }
+        }
+    }
+
+    /// Seconds of work queued: each kind's count times its expected duration (`unknown`
+    /// where none of it has been computed).
+    pub(super) fn seconds(&self, kinds: &Kinds, unknown: f64) -> f64 {
+        self.0
+            .iter()
+            .map(|&(kind, count)| f64::from(count) * kinds.expected_duration(kind, unknown))
+            .sum()
+    }
+
+    /// Counts by kind, sorted.
+    #[cfg(test)]
+    pub(super) fn counts(&self) -> Vec<(u32, u32)> {
+        let mut counts = self.0.clone();
+        counts.sort_unstable();
+        counts
+    }
+}
+
 /// What placing one task on one candidate worker would cost.
 #[derive(Copy, Clone, Debug)]
 pub(super) struct CandidateCost {
     pub(super) load: Load,
+    /// Seconds of work assigned to the worker ([`QueuedKinds::seconds`]), all threads.
+    pub(super) queued_s: f64,
     /// Bytes of the task's inputs the worker would have to fetch.
     pub(super) missing_bytes: u64,
     /// Of those, bytes another worker on its node holds (a shared-memory copy).
@@ -211,13 +336,15 @@ impl InputBytes {
         }
     }
 
-    /// What running the task on `load`'s worker would cost in transfers.
-    pub(super) fn cost(&self, load: Load) -> CandidateCost {
+    /// What running the task on `load`'s worker, `queued_s` of work assigned to it, would
+    /// cost in transfers.
+    pub(super) fn cost(&self, load: Load, queued_s: f64) -> CandidateCost {
         let held_bytes = self.held.get(&load.worker).copied().unwrap_or(0);
         // Every input the worker holds has a holder on its node: take those out.
         let node_bytes = self.on_node.get(&load.node).copied().unwrap_or(0) - held_bytes;
         CandidateCost {
             load,
+            queued_s,
             missing_bytes: self.total - held_bytes,
             node_bytes,
             held_bytes,
@@ -227,9 +354,8 @@ impl InputBytes {
 
 impl CandidateCost {
     /// Seconds until the task could start there: the worker's queue, then the transfers.
-    fn estimated_start(&self, avg_task_duration_s: f64, bandwidths: Bandwidths) -> f64 {
-        let queue_s =
-            f64::from(self.load.processing) / f64::from(self.load.nthreads) * avg_task_duration_s;
+    fn estimated_start(&self, bandwidths: Bandwidths) -> f64 {
+        let queue_s = self.queued_s / f64::from(self.load.nthreads);
         let remote_bytes = self.missing_bytes - self.node_bytes;
         queue_s
             + remote_bytes as f64 / bandwidths.network_bytes_per_s
@@ -240,14 +366,10 @@ impl CandidateCost {
 /// The candidate with the earliest estimated start; ties go to the one holding more of the
 /// inputs, then to the less loaded, then to the lower worker id. `None` only when there
 /// are no candidates.
-pub(super) fn cheapest(
-    candidates: &[CandidateCost],
-    avg_task_duration_s: f64,
-    bandwidths: Bandwidths,
-) -> Option<WorkerId> {
+pub(super) fn cheapest(candidates: &[CandidateCost], bandwidths: Bandwidths) -> Option<WorkerId> {
     candidates
         .iter()
-        .map(|c| (c.estimated_start(avg_task_duration_s, bandwidths), c))
+        .map(|c| (c.estimated_start(bandwidths), c))
         .min_by(|(start_a, a), (start_b, b)| {
             start_a
                 .total_cmp(start_b)
@@ -303,9 +425,11 @@ mod tests {
         }
     }
 
+    /// Tasks of 1 ms each.
     fn cost(worker: u32, processing: u32, missing_bytes: u64, held_bytes: u64) -> CandidateCost {
         CandidateCost {
             load: load(worker, processing, 1),
+            queued_s: f64::from(processing) * 1e-3,
             missing_bytes,
             node_bytes: 0,
             held_bytes,
@@ -353,29 +477,23 @@ mod tests {
         // 1 ms per task, 1 GB/s: 2 tasks queued (2 ms) beat fetching 10 MB (10 ms).
         let holder = cost(1, 2, 0, 10_000_000);
         let idle = cost(2, 0, 10_000_000, 0);
-        assert_eq!(
-            cheapest(&[idle, holder], 1e-3, BANDWIDTHS),
-            Some(WorkerId(1))
-        );
+        assert_eq!(cheapest(&[idle, holder], BANDWIDTHS), Some(WorkerId(1)));
         // With 20 tasks queued on the holder, fetching is quicker.
         let busy_holder = cost(1, 20, 0, 10_000_000);
         assert_eq!(
-            cheapest(&[busy_holder, idle], 1e-3, BANDWIDTHS),
+            cheapest(&[busy_holder, idle], BANDWIDTHS),
             Some(WorkerId(2))
         );
-        assert_eq!(cheapest(&[], 1e-3, BANDWIDTHS), None);
+        assert_eq!(cheapest(&[], BANDWIDTHS), None);
     }
 
     #[test]
     fn cheapest_breaks_ties_by_held_bytes_then_id() {
         let a = cost(3, 0, 0, 0);
         let b = cost(2, 0, 0, 0);
-        assert_eq!(cheapest(&[a, b], 1e-3, BANDWIDTHS), Some(WorkerId(2)));
+        assert_eq!(cheapest(&[a, b], BANDWIDTHS), Some(WorkerId(2)));
         let holds_more = CandidateCost { held_bytes: 5, ..a };
-        assert_eq!(
-            cheapest(&[holds_more, b], 1e-3, BANDWIDTHS),
-            Some(WorkerId(3))
-        );
+        assert_eq!(cheapest(&[holds_more, b], BANDWIDTHS), Some(WorkerId(3)));
     }
 
     #[test]
@@ -388,17 +506,15 @@ mod tests {
             ..cost(2, 0, 10_000_000, 0)
         };
         assert_eq!(
-            cheapest(&[remote, same_node], 1e-3, BANDWIDTHS),
+            cheapest(&[remote, same_node], BANDWIDTHS),
             Some(WorkerId(2))
         );
         let queued = CandidateCost {
             load: load(2, 5, 1),
+            queued_s: 5e-3,
             ..same_node
         };
-        assert_eq!(
-            cheapest(&[remote, queued], 1e-3, BANDWIDTHS),
-            Some(WorkerId(2))
-        );
+        assert_eq!(cheapest(&[remote, queued], BANDWIDTHS), Some(WorkerId(2)));
     }
 
     #[test]
@@ -410,12 +526,15 @@ mod tests {
         };
         let remote = cost(1, 0, 1, 0);
         let all = [remote, neighbour, holder];
-        assert_eq!(cheapest(&all, 1e-3, BANDWIDTHS), Some(WorkerId(3)));
-        assert_eq!(cheapest(&all[..2], 1e-3, BANDWIDTHS), Some(WorkerId(2)));
+        assert_eq!(cheapest(&all, BANDWIDTHS), Some(WorkerId(3)));
+        assert_eq!(cheapest(&all[..2], BANDWIDTHS), Some(WorkerId(2)));
         // Equal starts (no duration known yet, nothing to fetch): the less loaded.
-        let busy = cost(1, 5, 0, 0);
+        let busy = CandidateCost {
+            queued_s: 0.0,
+            ..cost(1, 5, 0, 0)
+        };
         let idle = cost(4, 0, 0, 0);
-        assert_eq!(cheapest(&[busy, idle], 0.0, BANDWIDTHS), Some(WorkerId(4)));
+        assert_eq!(cheapest(&[busy, idle], BANDWIDTHS), Some(WorkerId(4)));
     }
 
     #[test]
@@ -469,7 +588,7 @@ mod tests {
                 worker: WorkerId(worker),
                 node: NodeId(node),
             };
-            let cost = tally.cost(load);
+            let cost = tally.cost(load, 0.0);
             assert_eq!(
                 (cost.missing_bytes, cost.node_bytes, cost.held_bytes),
                 (missing, on_node, held),
@@ -477,6 +596,48 @@ mod tests {
             );
         }
         tally.clear();
-        assert_eq!(tally.cost(load(1, 0, 1)).missing_bytes, 0);
+        assert_eq!(tally.cost(load(1, 0, 1), 0.0).missing_bytes, 0);
+    }
+
+    #[test]
+    fn a_queue_is_priced_by_what_each_kind_takes() {
+        let mut kinds = Kinds::default();
+        kinds.computed(0, 1.0, 0.2);
+        kinds.computed(0, 2.0, 0.2);
+        assert!((kinds.expected_duration(0, 9.0) - 1.2).abs() < 1e-12);
+        assert_eq!(kinds.expected_duration(3, 9.0), 9.0, "never computed");
+        kinds.computed(2, 1e-3, 0.2);
+        let mut queued = QueuedKinds::default();
+        for kind in [0, 2, 2, 3] {
+            queued.add(kind);
+        }
+        assert!((queued.seconds(&kinds, 9.0) - (1.2 + 2e-3 + 9.0)).abs() < 1e-12);
+        queued.remove(3);
+        queued.remove(2);
+        queued.remove(7); // never added: nothing to take away
+        assert_eq!(queued.counts(), vec![(0, 1), (2, 1)]);
+        queued.remove(0);
+        queued.remove(2);
+        assert_eq!(queued, QueuedKinds::default());
+    }
+
+    #[test]
+    fn a_kind_is_read_elsewhere_while_a_quarter_of_its_recent_reads_are() {
+        let mut kinds = Kinds::default();
+        assert!(!kinds.read_elsewhere(0), "never read");
+        for _ in 0..3 {
+            kinds.read(0, false);
+        }
+        assert!(!kinds.read_elsewhere(0), "read only where made");
+        kinds.read(0, true);
+        assert!(kinds.read_elsewhere(0), "one read of four elsewhere");
+        // Then only local reads: the one elsewhere fades as they halve.
+        let mut reads = 0;
+        while kinds.read_elsewhere(0) {
+            kinds.read(0, false);
+            reads += 1;
+            assert!(reads < 4 * RECENT_READS, "never faded");
+        }
+        assert!(!kinds.read_elsewhere(1), "kinds are apart");
     }
 }

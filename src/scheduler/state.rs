@@ -8,7 +8,7 @@
 //! reused once forgotten.
 
 use super::coordination::Coordination;
-use super::placement::{CandidateCost, InputBytes, LoadIndex, NodeId, RootQueue};
+use super::placement::{CandidateCost, InputBytes, Kinds, LoadIndex, NodeId, RootQueue};
 use super::Comm;
 use crate::protocol::{
     ClientId, ClusterInfo, FromClient, FromWorker, FuncId, IdMap, Plugin, TaskId, ToClient,
@@ -45,7 +45,9 @@ mod invariants;
 pub struct SchedulerConfig {
     /// Assumed network bandwidth between workers, to weigh transfers against queueing.
     pub bandwidth_bytes_per_s: f64,
-    /// Assumed bandwidth between workers on one node (shared memory).
+    /// Assumed bandwidth between workers on one node: what a result's move between
+    /// processes costs, its copy out of the executor that keeps it and the reader's page
+    /// faults (a 64 MiB result took 26-35 ms, about 2 GB/s), not the link itself.
     pub node_bandwidth_bytes_per_s: f64,
     /// Work each worker thread should have queued; sets how many root tasks go out.
     pub target_queued_work_s: f64,
@@ -69,7 +71,7 @@ impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig {
             bandwidth_bytes_per_s: 1e9,
-            node_bandwidth_bytes_per_s: 1e10,
+            node_bandwidth_bytes_per_s: 2e9,
             target_queued_work_s: 1e-3,
             initial_task_duration_s: 1e-4,
             allowed_failures: 3,
@@ -92,6 +94,8 @@ pub struct Scheduler {
     /// Non-root tasks that became ready since the last `schedule` (some may be stale).
     ready: Vec<TaskId>,
     avg_task_duration_s: f64,
+    /// What each kind of task takes, and where its results are read.
+    kinds: Kinds,
     outbox: Outbox,
     /// Scratch space for placement, kept to avoid allocating per task: the candidates,
     /// whether each worker considered was one, and where the inputs are.
@@ -117,6 +121,7 @@ impl Scheduler {
     pub fn new(config: SchedulerConfig) -> Self {
         Scheduler {
             avg_task_duration_s: config.initial_task_duration_s,
+            kinds: Kinds::default(),
             config,
             tasks: TaskTable::default(),
             functions: IdMap::default(),

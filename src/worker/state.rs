@@ -40,11 +40,12 @@ const SAMPLES_PER_REPORT: u32 = 20;
 /// Spilled results: (task, the object as it was in memory, its copy on disk or why not).
 pub type SpillOutcome = (TaskId, Arc<Object>, Result<Object, StoreError>);
 
-/// A result an executor keeps, at least this large, in a cluster of several workers, is
-/// copied out at once rather than when a peer asks: a peer reading it would wait for the
-/// copy (64 MiB: ~30 ms into new shared memory), which the executor used to make before it
-/// reported the result. Smaller ones are read mostly where they were made (a rechunk's
-/// pieces, by the task that joins them).
+/// A result an executor keeps, at least this large, of a kind whose results other workers
+/// have been reading (`ComputeTask::read_elsewhere`), is copied out at once rather than
+/// when a peer asks: a peer reading it would wait for the copy (64 MiB: ~30 ms into new
+/// shared memory), which the executor used to make before it reported the result. Smaller
+/// ones are read mostly where they were made (a rechunk's pieces, by the task that joins
+/// them).
 const COPY_OUT_AT_ONCE: u64 = 16 << 20;
 
 /// Every effect of the worker's state machine.
@@ -1001,7 +1002,7 @@ impl WorkerState {
                 }
                 let object = self.store.insert(outcome.id, object);
                 let copy_out = object.is_unpublished()
-                    && (task.compute.other_workers || self.slots.len() > 1)
+                    && (task.compute.read_elsewhere || self.slots.len() > 1)
                     && object.size() >= COPY_OUT_AT_ONCE;
                 if copy_out {
                     // Reported once copied, as it was once written: its executor goes on.

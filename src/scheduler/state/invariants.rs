@@ -3,6 +3,7 @@
 use super::records::TaskState;
 use super::Scheduler;
 use crate::protocol::{FuncId, IdMap, TaskId, WorkerId};
+use crate::scheduler::placement::QueuedKinds;
 use std::collections::{BTreeMap, HashSet};
 
 impl Scheduler {
@@ -12,6 +13,7 @@ impl Scheduler {
         self.tasks.check_index();
         let available = |id: &TaskId| self.tasks.get(id).is_some_and(|t| t.state.is_available());
         let mut processing: BTreeMap<WorkerId, u32> = BTreeMap::new();
+        let mut queued: BTreeMap<WorkerId, QueuedKinds> = BTreeMap::new();
         let mut pending_dependents: IdMap<TaskId, u32> = IdMap::default();
         let mut live_dependents: IdMap<TaskId, u32> = IdMap::default();
         let noted: HashSet<(WorkerId, TaskId)> = self
@@ -82,6 +84,7 @@ impl Scheduler {
                         "assigned task {id} lacks inputs"
                     );
                     *processing.entry(*worker).or_default() += 1;
+                    queued.entry(*worker).or_default().add(task.prefix);
                     noted_on(*worker, id);
                 }
                 TaskState::Memory { holders, .. } => {
@@ -137,6 +140,11 @@ impl Scheduler {
                 worker.processing,
                 processing.get(id).copied().unwrap_or(0),
                 "processing of worker {id}"
+            );
+            assert_eq!(
+                worker.queued.counts(),
+                queued.get(id).map(QueuedKinds::counts).unwrap_or_default(),
+                "tasks by kind queued on worker {id}"
             );
             assert_eq!(
                 self.load_index.contains(&worker.load()),

@@ -23,34 +23,43 @@ impl Scheduler {
 
     pub(super) fn tasks_done(&mut self, worker: WorkerId, done: Vec<TaskDone>) {
         let mut unneeded = Vec::new();
-        let mut finished = Vec::with_capacity(done.len());
+        let mut finished = 0;
         for done in done {
             let id = done.id;
-            if self.task_done(worker, done, &mut unneeded) {
-                finished.push(id);
+            if let Some(kind) = self.task_done(worker, done, &mut unneeded) {
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    w.unbook(id, Some(kind));
+                }
+                finished += 1;
             }
         }
-        self.change_processing(worker, &finished, false);
+        self.remove_load(worker, finished);
         self.release_unneeded(unneeded);
     }
 
-    /// True when it finished a task assigned to `worker`, whose load the caller lowers.
-    fn task_done(&mut self, worker: WorkerId, done: TaskDone, unneeded: &mut Vec<TaskId>) -> bool {
+    /// The task's kind when it finished a task assigned to `worker`, whose load the caller
+    /// lowers.
+    fn task_done(
+        &mut self,
+        worker: WorkerId,
+        done: TaskDone,
+        unneeded: &mut Vec<TaskId>,
+    ) -> Option<u32> {
         let id = done.id;
         let Some(task) = self.tasks.get_mut(&id) else {
             // Cancelled or forgotten while it ran: the worker should drop the result.
             self.outbox.release(worker, id);
-            return false;
+            return None;
         };
         match &task.state {
             TaskState::Assigned { worker: w } if *w == worker => {}
             TaskState::Memory { holders, .. } if holders.contains(&worker) => {
                 tracing::debug!(worker = %worker, task = %id, "duplicate completion ignored");
-                return false;
+                return None;
             }
             _ => {
                 self.outbox.release(worker, id);
-                return false;
+                return None;
             }
         }
         task.state = TaskState::Memory {
@@ -58,6 +67,7 @@ impl Scheduler {
             size: done.size,
         };
         let first = !mem::replace(&mut task.computed, true);
+        let kind = task.prefix;
         self.observed
             .computed(task.prefix, worker, done.duration_us, first);
         if let Some(owner) = self.clients.get_mut(&id.owner()).filter(|_| first) {
@@ -99,7 +109,8 @@ impl Scheduler {
         }
         let duration_s = done.duration_us as f64 * 1e-6;
         self.avg_task_duration_s += DURATION_EWMA_WEIGHT * (duration_s - self.avg_task_duration_s);
-        true
+        self.kinds.computed(kind, duration_s, DURATION_EWMA_WEIGHT);
+        Some(kind)
     }
 
     pub(super) fn task_failed(&mut self, worker: WorkerId, id: TaskId, error: ErrorInfo) {
@@ -255,28 +266,30 @@ impl Scheduler {
     /// the resources they hold change, and its place in the load index moves once for
     /// them all (a batch of completions moved it once per task).
     pub(super) fn change_processing(&mut self, worker: WorkerId, ids: &[TaskId], assigned: bool) {
+        if !assigned {
+            if let Some(w) = self.workers.get_mut(&worker) {
+                for id in ids {
+                    w.unbook(*id, self.tasks.get(id).map(|t| t.prefix));
+                }
+            }
+            self.remove_load(worker, ids.len());
+            return;
+        }
         let Some(w) = self.workers.get_mut(&worker) else {
             return;
         };
-        for id in ids {
-            if assigned {
-                if let Some(task) = self.tasks.get(id).filter(|t| !t.resources().is_empty()) {
-                    w.resources_used.add(task.resources(), 1.0);
-                    w.holding.insert(*id, task.resources().clone());
-                }
-            } else if let Some(held) = w.holding.remove(id) {
-                w.resources_used.add(&held, -1.0);
+        for (id, task) in ids.iter().filter_map(|id| Some((id, self.tasks.get(id)?))) {
+            w.queued.add(task.prefix);
+            if !task.resources().is_empty() {
+                w.resources_used.add(task.resources(), 1.0);
+                w.holding.insert(*id, task.resources().clone());
             }
         }
-        if assigned {
-            self.add_load(worker, ids.len());
-        } else {
-            self.remove_load(worker, ids.len());
-        }
+        self.add_load(worker, ids.len());
     }
 
     /// `count` more tasks are assigned to `worker`: its place in the load index moves once.
-    pub(super) fn add_load(&mut self, worker: WorkerId, count: usize) {
+    fn add_load(&mut self, worker: WorkerId, count: usize) {
         self.move_load(worker, |processing| processing.saturating_add(count as u32));
     }
 
@@ -365,8 +378,8 @@ impl Scheduler {
             if task.live_dependents > 0 {
                 if !matches!(task.state, TaskState::Released) {
                     let previous = mem::replace(&mut task.state, TaskState::Released);
-                    let submitted = task.submitted.clone();
-                    self.stop(id, previous, submitted.deps(), &mut candidates);
+                    let (kind, submitted) = (task.prefix, task.submitted.clone());
+                    self.stop(id, kind, previous, submitted.deps(), &mut candidates);
                 }
                 continue;
             }
@@ -418,7 +431,7 @@ impl Scheduler {
     /// Undoes a task just removed from `tasks`: what its state had going stops, and its
     /// inputs lose a dependent (those no longer kept go to `unneeded`).
     pub(super) fn forget(&mut self, id: TaskId, task: Task, unneeded: &mut Vec<TaskId>) {
-        self.stop(id, task.state, task.submitted.deps(), unneeded);
+        self.stop(id, task.prefix, task.state, task.submitted.deps(), unneeded);
         for dep in task.submitted.deps() {
             if let Some(dep_task) = self.tasks.get_mut(dep) {
                 dep_task.live_dependents = dep_task.live_dependents.saturating_sub(1);
@@ -429,15 +442,25 @@ impl Scheduler {
         }
     }
 
-    /// A task leaves `state`: its worker stops it or its holders drop the result, and, if
-    /// it was pending, its inputs lose a pending dependent (those no longer needed go to
-    /// `unneeded`).
-    fn stop(&mut self, id: TaskId, state: TaskState, deps: &[TaskId], unneeded: &mut Vec<TaskId>) {
+    /// A task of `kind` leaves `state`: its worker stops it or its holders drop the result,
+    /// and, if it was pending, its inputs lose a pending dependent (those no longer needed
+    /// go to `unneeded`).
+    fn stop(
+        &mut self,
+        id: TaskId,
+        kind: u32,
+        state: TaskState,
+        deps: &[TaskId],
+        unneeded: &mut Vec<TaskId>,
+    ) {
         let pending = state.is_pending();
         match state {
             TaskState::Assigned { worker } => {
                 self.outbox.cancel(worker, id);
-                self.change_processing(worker, &[id], false);
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    w.unbook(id, Some(kind));
+                }
+                self.remove_load(worker, 1);
             }
             TaskState::Memory { holders, .. } => {
                 for &worker in holders.iter() {

@@ -6,7 +6,7 @@ use crate::protocol::{
     ClientId, ErrorInfo, IdMap, IdSet, Resources, TaskFinished, TaskId, ToClient, ToWorker,
     WorkerId, WorkerInfo, WorkerMemory, WorkerRegistration, WorkerTopology,
 };
-use crate::scheduler::placement::NodeId;
+use crate::scheduler::placement::{NodeId, QueuedKinds};
 use crate::scheduler::Comm;
 use std::sync::Arc;
 
@@ -44,6 +44,7 @@ impl Scheduler {
             info,
             node,
             processing: 0,
+            queued: QueuedKinds::default(),
             sent_funcs: IdSet::default(),
             known_peers: IdSet::default(),
             memory: WorkerMemory::default(),

@@ -6,7 +6,7 @@ use crate::protocol::{
     ClientId, ErrorInfo, FuncId, IdMap, IdSet, Resources, TaskFinished, TaskId, ToClient, ToWorker,
     WorkerId, WorkerInfo, WorkerMemory,
 };
-use crate::scheduler::placement::{Load, NodeId};
+use crate::scheduler::placement::{Load, NodeId, QueuedKinds};
 use crate::scheduler::Comm;
 use bytes::Bytes;
 use std::collections::BTreeMap;
@@ -354,6 +354,8 @@ pub(super) struct Worker {
     pub(super) node: NodeId,
     /// Tasks assigned to it and not finished.
     pub(super) processing: u32,
+    /// The same tasks by kind, to price its queue.
+    pub(super) queued: QueuedKinds,
     /// Function blobs it has been sent.
     pub(super) sent_funcs: IdSet<FuncId>,
     /// Workers it has been told of (`PeerAdded`), as holders of inputs of its tasks.
@@ -411,6 +413,18 @@ impl WorkerTasks {
 }
 
 impl Worker {
+    /// Task `id`, of `kind` (`None`: unknown, it left the table), no longer runs here: it
+    /// leaves the queue by kind and gives back its resources. Its load is the caller's to
+    /// lower (a batch of tasks moves it once).
+    pub(super) fn unbook(&mut self, id: TaskId, kind: Option<u32>) {
+        if let Some(kind) = kind {
+            self.queued.remove(kind);
+        }
+        if let Some(held) = self.holding.remove(&id) {
+            self.resources_used.add(&held, -1.0);
+        }
+    }
+
     pub(super) fn load(&self) -> Load {
         Load {
             processing: self.processing,

@@ -1,6 +1,7 @@
 //! Placement: handing ready tasks to workers.
 
-use super::records::TaskState;
+use super::records::{Task, TaskState};
+use super::table::TaskTable;
 use super::Scheduler;
 use crate::protocol::{
     ComputeTask, ErrorInfo, FunctionBlob, InputLocation, Resources, TaskId, ToWorker, WorkerId,
@@ -67,19 +68,17 @@ impl Scheduler {
             let share = self.roots.len().div_ceil(self.workers.len()).max(1);
             let run = (room as usize).min(share);
             let batch = batches.entry(least.worker).or_default();
-            let mut assigned = 0;
+            let first = batch.len();
             let mut queue_empty = false;
-            while assigned < run {
-                match self.roots.pop() {
-                    Some(id) => assigned += usize::from(self.assign(id, least.worker, batch)),
-                    None => {
-                        queue_empty = true;
-                        break;
-                    }
-                }
+            while batch.len() - first < run {
+                let Some(id) = self.roots.pop() else {
+                    queue_empty = true;
+                    break;
+                };
+                self.assign(id, least.worker, batch);
             }
-            // Queued roots hold no resources (`enqueue_if_ready`): only the load moves.
-            self.add_load(least.worker, assigned);
+            let run: Vec<TaskId> = batch[first..].iter().map(|t| t.id).collect();
+            self.change_processing(least.worker, &run, true);
             if queue_empty {
                 break;
             }
@@ -183,6 +182,7 @@ impl Scheduler {
             input_bytes,
             config,
             avg_task_duration_s,
+            kinds,
             ..
         } = self;
         let task = tasks.get(&id)?;
@@ -215,7 +215,8 @@ impl Scheduler {
                 // Busy with others' resources, or without them.
                 Some(w) if !w.info.resources.fits(&w.resources_used, task.resources()) => false,
                 Some(w) => {
-                    candidates.push(input_bytes.cost(w.load()));
+                    let queued_s = w.queued.seconds(kinds, *avg_task_duration_s);
+                    candidates.push(input_bytes.cost(w.load(), queued_s));
                     true
                 }
                 None => false,
@@ -256,7 +257,7 @@ impl Scheduler {
             network_bytes_per_s: config.bandwidth_bytes_per_s,
             node_bytes_per_s: config.node_bandwidth_bytes_per_s,
         };
-        placement::cheapest(candidates, *avg_task_duration_s, bandwidths)
+        placement::cheapest(candidates, bandwidths)
     }
 
     /// Hands `id` to `worker` if it is still ready; false if it is stale (cancelled,
@@ -264,7 +265,8 @@ impl Scheduler {
     /// a run of roots raises it once.
     fn assign(&mut self, id: TaskId, worker: WorkerId, batch: &mut Vec<ComputeTask>) -> bool {
         let other_workers = self.workers.len() > 1;
-        let Some(task) = self.tasks.get_mut(&id) else {
+        let Scheduler { tasks, kinds, .. } = self;
+        let Some(task) = tasks.get_mut(&id) else {
             return false;
         };
         if !matches!(task.state, TaskState::Ready) {
@@ -279,32 +281,49 @@ impl Scheduler {
             inputs: Vec::new(),
             priority: task.priority,
             read_by_tasks: task.pending_dependents > 0,
-            other_workers,
+            read_elsewhere: other_workers && kinds.read_elsewhere(task.prefix),
         };
         // A root is looked up once; a task with inputs once more, to read them.
-        if let Some(task) = has_inputs.then(|| self.tasks.get(&id)).flatten() {
+        if let Some(task) = has_inputs.then(|| tasks.get(&id)).flatten() {
             compute.inputs = (task.submitted.deps().iter())
-                .map(|&dep| self.input_location(dep))
+                .map(|&dep| {
+                    let (input, kind) = input_location(tasks, dep);
+                    if let Some(kind) = kind {
+                        kinds.read(kind, !input.workers.contains(&worker));
+                    }
+                    input
+                })
                 .collect();
         }
         batch.push(compute);
         self.note_on_worker(worker, id);
         true
     }
+}
 
-    fn input_location(&self, dep: TaskId) -> InputLocation {
-        match self.tasks.get(&dep).map(|t| &t.state) {
-            Some(TaskState::Memory { holders, size }) => InputLocation {
+/// Where input `dep` is, and its kind.
+fn input_location(tasks: &TaskTable, dep: TaskId) -> (InputLocation, Option<u32>) {
+    match tasks.get(&dep) {
+        Some(Task {
+            state: TaskState::Memory { holders, size },
+            prefix,
+            ..
+        }) => {
+            let input = InputLocation {
                 id: dep,
                 workers: holders.to_vec(),
                 size: *size,
-            },
-            // Ready means every input is in memory; `sanity_check` holds us to it.
-            _ => InputLocation {
+            };
+            (input, Some(*prefix))
+        }
+        // Ready means every input is in memory; `sanity_check` holds us to it.
+        _ => {
+            let input = InputLocation {
                 id: dep,
                 workers: Vec::new(),
                 size: 0,
-            },
+            };
+            (input, None)
         }
     }
 }

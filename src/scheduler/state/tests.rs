@@ -447,7 +447,10 @@ fn intermediates_are_released_as_a_chain_runs() {
             i < 3,
             "the worker hears which results only a client wants"
         );
-        assert!(!compute[0].other_workers, "and that it is alone");
+        assert!(
+            !compute[0].read_elsewhere,
+            "and that no other worker reads its kind"
+        );
         env.done(w, &[chain[i]]);
         if i > 0 {
             assert_eq!(
@@ -1403,19 +1406,122 @@ fn work_overflowing_a_busy_holder_goes_to_its_node_before_the_network() {
     env.submit(c, vec![spec(big, &[])], &[big]);
     env.schedule();
     assert_eq!(env.computed(w1), [big]);
-    env.done_sized(w1, &[(big, 100_000_000)]);
+    env.done_sized(w1, &[(big, 20_000_000)]);
     assert_eq!(env.finished(c), [big]);
     let specs = consumers.iter().map(|&id| spec(id, &[big])).collect();
     env.submit(c, specs, consumers);
     env.schedule();
-    // At 0.1 ms per task, w1's queue beats a 10 ms copy from its node's shared memory up
-    // to ~100 tasks; after that w3 (same node) takes the rest. 100 MB over the network
-    // would take 100 ms, so w2 gets nothing.
+    // At 0.1 ms per task, w1's queue beats a 10 ms copy of 20 MB from its node's shared
+    // memory up to ~100 tasks; after that w3 (same node) takes the rest. Over the network
+    // it would take 20 ms, so w2 gets nothing.
     let on_w1 = env.computed(w1).len();
     let on_w3 = env.computed(w3).len();
     assert_eq!(on_w1 + on_w3, 150);
     assert!(on_w1 >= 100 && on_w3 >= 20, "w1 {on_w1}, w3 {on_w3}");
     assert!(env.comm.take_worker(w2).is_empty());
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn short_tasks_stay_with_the_holder_of_their_big_input_whatever_the_average_task() {
+    // A rechunk: a merge makes a 126 MB intermediate (1 s), then 72 slices of it (0.5 ms
+    // each) are ready at once. The average task is long, but the slices' own duration is
+    // known: all 72 queued on the holder (36 ms) start before a copy of 126 MB to its
+    // neighbour would end (63 ms), so none goes there.
+    let mut env = TestEnv::new();
+    let w1 = env.worker_on("a", 1);
+    let w2 = env.worker_on("a", 1);
+    let c = env.client();
+    let ids = ids(c, 0..74);
+    let (merge, first_slice, slices) = (ids[0], ids[1], &ids[2..]);
+    let kind = |id, deps: &[TaskId], prefix| TaskSpec {
+        prefix,
+        ..spec(id, deps)
+    };
+    let submit = |env: &mut TestEnv, tasks: Vec<TaskSpec>, wanted: &[TaskId]| {
+        let msg = FromClient::Submit {
+            functions: Vec::new(),
+            tasks,
+            wanted: wanted.to_vec(),
+            prefixes: vec!["rechunk-merge".into(), "rechunk-split".into()],
+            more: false,
+        };
+        env.client_msg(c, msg);
+        env.schedule();
+    };
+    let done = |env: &mut TestEnv, id, size, duration_us| {
+        let done = TaskDone {
+            id,
+            size,
+            duration_us,
+        };
+        env.worker_msg(w1, FromWorker::Done(vec![done]));
+        assert_eq!(env.finished(c), [id]);
+    };
+    submit(&mut env, vec![kind(merge, &[], 0)], &[merge]);
+    assert_eq!(env.computed(w1), [merge]);
+    done(&mut env, merge, 126_000_000, 1_000_000);
+    submit(
+        &mut env,
+        vec![kind(first_slice, &[merge], 1)],
+        &[first_slice],
+    );
+    assert_eq!(env.computed(w1), [first_slice]);
+    done(&mut env, first_slice, 1_750_000, 500);
+    let specs = slices.iter().map(|&id| kind(id, &[merge], 1)).collect();
+    submit(&mut env, specs, slices);
+    assert_eq!(env.computed(w1).len(), slices.len());
+    assert!(env.comm.take_worker(w2).is_empty(), "a slice went to w2");
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn results_of_a_kind_other_workers_read_are_marked_for_copying_out_at_once() {
+    // Kind 0 is made on w1 and read on w2 (an array made on one rank, summed on another);
+    // kind 1 is made and read on w1 (a rechunk's intermediate, sliced where it is).
+    let mut env = TestEnv::new();
+    let [w1, w2] = env.workers(&[1, 1])[..] else {
+        unreachable!()
+    };
+    let c = env.client();
+    let on = |worker, id, deps: &[TaskId], prefix| TaskSpec {
+        workers: vec![worker],
+        prefix,
+        ..spec(id, deps)
+    };
+    let run = |env: &mut TestEnv, round: u64| -> (bool, bool) {
+        let [made, sliced, read, slice] = ids(c, 4 * round..4 * round + 4)[..] else {
+            unreachable!()
+        };
+        let msg = FromClient::Submit {
+            functions: Vec::new(),
+            tasks: vec![
+                on(w1, made, &[], 0),
+                on(w1, sliced, &[], 1),
+                on(w2, read, &[made], 2),
+                on(w1, slice, &[sliced], 2),
+            ],
+            wanted: vec![read, slice],
+            prefixes: vec!["make".into(), "merge".into(), "use".into()],
+            more: false,
+        };
+        env.client_msg(c, msg);
+        env.schedule();
+        let compute = env.compute_tasks(w1);
+        let marked = |id| compute.iter().find(|t| t.id == id).unwrap().read_elsewhere;
+        let marks = (marked(made), marked(sliced));
+        env.done(w1, &[made, sliced]);
+        env.schedule();
+        assert_eq!(env.computed(w1), [slice]);
+        assert_eq!(env.computed(w2), [read]);
+        env.done(w2, &[read]);
+        env.done(w1, &[slice]);
+        let _ = env.comm.take_client(c);
+        let _ = (env.comm.take_worker(w1), env.comm.take_worker(w2));
+        marks
+    };
+    assert_eq!(run(&mut env, 0), (false, false), "nothing known yet");
+    assert_eq!(run(&mut env, 1), (true, false));
     env.comm.emptiness_check();
 }
 
@@ -1581,7 +1687,6 @@ fn results_a_worker_lost_are_recomputed_and_the_tasks_it_dropped_placed_again() 
         sorted(&compute.iter().map(|t| t.id).collect::<Vec<_>>()),
         sorted(&[x, z])
     );
-    assert!(compute.iter().all(|t| t.other_workers), "w2 may read them");
     env.done(w1, &[x, z]);
     env.worker_msg(w2, FromWorker::Replicated(vec![z]));
     env.schedule();

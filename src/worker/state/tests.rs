@@ -397,7 +397,7 @@ fn task(id: u64, inputs: &[(u64, &[WorkerId])]) -> ComputeTask {
             .collect(),
         priority: id as i64,
         read_by_tasks: true,
-        other_workers: false,
+        read_elsewhere: false,
     }
 }
 
@@ -2055,12 +2055,12 @@ fn over_the_target_executors_write_their_results_until_memory_is_under_half_of_i
 }
 
 #[test]
-fn a_large_kept_result_is_copied_out_at_once_where_other_workers_may_read_it() {
+fn a_large_kept_result_is_copied_out_at_once_where_other_workers_read_its_kind() {
     let mut env = TestEnv::with_readable_executors(1);
     let large = vec![3u8; COPY_OUT_AT_ONCE as usize];
     let small = vec![4u8; 100_000];
     let with_peers = |id| ComputeTask {
-        other_workers: true,
+        read_elsewhere: true,
         ..task(id, &[])
     };
     env.compute(vec![with_peers(1), with_peers(2), task(3, &[])]);
@@ -2097,7 +2097,7 @@ fn a_result_lost_while_it_was_copied_out_is_reported_done_then_lost() {
     let mut env = TestEnv::with_readable_executors(1);
     let large = vec![3u8; COPY_OUT_AT_ONCE as usize];
     env.compute(vec![ComputeTask {
-        other_workers: true,
+        read_elsewhere: true,
         ..task(1, &[])
     }]);
     env.ran();
@@ -2128,7 +2128,7 @@ fn a_kept_result_being_copied_out_counts_twice_against_the_memory_target() {
     env.readable_executor_replaces(0, 2);
     let large = vec![3u8; 24 * MIB as usize];
     let with_peers = |id| ComputeTask {
-        other_workers: true,
+        read_elsewhere: true,
         ..task(id, &[])
     };
     env.compute(vec![with_peers(1), with_peers(2)]);
