@@ -23,6 +23,12 @@ use std::time::Duration;
 
 /// Work queued per executor, in seconds of average task time (tiny tasks get deep queues).
 const TARGET_QUEUED_WORK_S: f64 = 1e-3;
+/// Below this average task time an executor is handed its next task while it runs one (a
+/// queue of at least two): between two tasks it would otherwise wait for its results to
+/// reach the worker and the next task to come back, about 0.3 ms, which at 2 x 1 was a
+/// tenth of rechunk4x's wall. Longer tasks pay that rarely enough, and a task queued behind
+/// one of them might wait while another executor of the worker comes free.
+const QUEUE_NEXT_BELOW_S: f64 = 10e-3;
 /// How long a cancelled task may go on running before its executor is restarted to stop
 /// it (Python code cannot be interrupted from outside its process): most tasks end sooner.
 pub const CANCEL_GRACE: Duration = Duration::from_secs(2);
@@ -1174,8 +1180,13 @@ impl WorkerState {
             self.fail_ready_if_stuck(comm);
             return;
         }
+        let least = if self.task_duration_s < QUEUE_NEXT_BELOW_S {
+            2
+        } else {
+            1
+        };
         let depth = ((TARGET_QUEUED_WORK_S / self.task_duration_s.max(1e-7)).ceil() as usize)
-            .clamp(1, MAX_EXECUTOR_DEPTH);
+            .clamp(least, MAX_EXECUTOR_DEPTH);
         // (task, the bytes it is expected to add), per slot.
         let mut batches: Vec<Vec<(TaskId, u64)>> = vec![Vec::new(); self.slots.len()];
         for (index, slot) in self.slots.iter_mut().enumerate() {

@@ -1846,11 +1846,45 @@ fn executors_whose_memory_can_be_read_keep_their_results_and_others_are_not_aske
 
 /// A result executor `slot` keeps, of a task that took 0.1 s (so that executors are
 /// handed one task at a time).
-fn kept_slowly(id: u64, key: u64, frame: &[u8]) -> TaskOutcome {
+/// The outcome of a task of 0.1 s.
+fn slow(outcome: TaskOutcome) -> TaskOutcome {
     TaskOutcome {
         duration_us: 100_000,
-        ..kept(id, key, frame)
+        ..outcome
     }
+}
+
+fn kept_slowly(id: u64, key: u64, frame: &[u8]) -> TaskOutcome {
+    slow(kept(id, key, frame))
+}
+
+#[test]
+fn an_executor_of_short_tasks_is_handed_its_next_while_it_runs_one() {
+    let mut env = TestEnv::new(1);
+    env.compute(vec![task(1, &[])]);
+    assert_eq!(env.ran(), [(0, ids(&[1]))]);
+    // Tasks of about 5 ms: 1 ms of queued work would be one task.
+    let five_ms = |id| TaskOutcome {
+        duration_us: 50_000,
+        ..ok(id)
+    };
+    env.results(0, vec![five_ms(1)]);
+    env.comm.take_sent();
+    env.compute(vec![task(2, &[]), task(3, &[]), task(4, &[])]);
+    assert_eq!(
+        env.ran(),
+        [(0, ids(&[2, 3]))],
+        "the next one at hand, no more"
+    );
+    // Tasks of over 10 ms: one at a time.
+    env.results(0, vec![slow(ok(2)), slow(ok(3))]);
+    env.comm.take_sent();
+    assert_eq!(env.ran(), [(0, ids(&[4]))]);
+    env.compute(vec![task(5, &[])]);
+    assert_eq!(env.ran(), [], "5 waits for the executor");
+    env.results(0, vec![slow(ok(4))]);
+    env.comm.take_sent();
+    assert_eq!(env.ran(), [(0, ids(&[5]))]);
 }
 
 #[test]
@@ -1886,10 +1920,11 @@ fn an_input_another_executor_keeps_is_copied_out_off_the_loop_before_the_task_ru
     assert_eq!(env.ran(), [(0, ids(&[1])), (1, ids(&[9]))]);
     env.results(0, vec![kept_slowly(1, 11, &frame)]);
     env.comm.take_sent();
-    // Executor 0, which keeps 1, is busy with a long task; executor 1 is free.
+    // Executor 0, which keeps 1, is busy with a long task (tasks take 0.1 s here, so
+    // none queues behind another); executor 1 is free.
     env.compute(vec![task(5, &[])]);
     assert_eq!(env.ran(), [(0, ids(&[5]))]);
-    env.results(1, vec![ok(9)]);
+    env.results(1, vec![slow(ok(9))]);
     env.comm.take_sent();
     env.compute(vec![task(2, &[(1, &[])])]);
     assert_eq!(env.ran(), [], "2 waits for its input's copy");
@@ -2158,7 +2193,7 @@ fn a_copy_ending_after_its_reader_was_dropped_and_sent_again_leaves_the_new_one_
     env.results(0, vec![kept_slowly(1, 11, &frame)]);
     env.compute(vec![task(5, &[])]);
     env.ran();
-    env.results(1, vec![ok(9)]);
+    env.results(1, vec![slow(ok(9))]);
     env.comm.take_sent();
     env.compute(vec![task(2, &[(1, &[])])]);
     assert_eq!(env.ran(), [], "2 waits for a copy of 1 out of executor 0");
