@@ -194,6 +194,19 @@ impl Held {
         }
     }
 
+    /// Runs `read` on the executor's bytes unless they were copied out, holding off any
+    /// copy (and with it the notice that has the executor drop its frames) until `read`
+    /// ends. `None`: copied already, so the executor may have dropped its frames: read the
+    /// copy. A spill that read the executor's memory while a peer's copy ended and the
+    /// executor dropped its frames wrote what then lay there (or failed with `EFAULT`).
+    pub(super) fn while_unpublished<R>(&self, read: impl FnOnce(&Held) -> R) -> Option<R> {
+        let _copying = super::lock(&self.copying);
+        match self.published.get() {
+            Some(_) => None,
+            None => Some(read(self)),
+        }
+    }
+
     /// Copies the bytes into a segment of the worker's folder, once.
     pub(super) fn publish(&self, layout: &[u64]) -> Result<&ShmSegment, StoreError> {
         let _copying = super::lock(&self.copying);

@@ -152,6 +152,14 @@ impl Object {
         self.unpublished().map(|held| held.holder)
     }
 
+    /// The result an executor keeps, copied out or not.
+    fn kept(&self) -> Option<&Held> {
+        match &self.data {
+            ObjectData::Held(held) => Some(held),
+            _ => None,
+        }
+    }
+
     /// The result an executor keeps, while only it has the bytes.
     fn unpublished(&self) -> Option<&Held> {
         match &self.data {
@@ -964,6 +972,16 @@ impl Store {
 
     /// Puts `spilled` in place of `id`'s object if that is still `original` (not released
     /// or replaced meanwhile); false, and `spilled` dropped (its file removed), otherwise.
+    /// Whether `object` is still what the store holds under `id` (not released, spilled or
+    /// replaced since it was handed out).
+    pub fn still_holds(&self, id: TaskId, object: &Arc<Object>) -> bool {
+        let objects = self.lock();
+        objects
+            .entries
+            .get(&id)
+            .is_some_and(|entry| Arc::ptr_eq(&entry.object, object))
+    }
+
     pub fn replace_spilled(&self, id: TaskId, original: &Arc<Object>, spilled: Object) -> bool {
         let mut objects = self.lock();
         let current = match objects.entries.get(&id) {

@@ -81,16 +81,18 @@ impl SpillDir {
         let path = self
             .dir
             .join(self.next.fetch_add(1, Ordering::Relaxed).to_string());
-        let written = match object.unpublished() {
-            // Straight from the executor's memory to the disk, not through shared memory.
-            Some(held) => match write_held(held, &object.layout, &path) {
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    let _ = std::fs::remove_file(&path);
-                    object.publish()?;
-                    write_object(object, &path)
-                }
-                written => written,
-            },
+        // Straight from the executor's memory to the disk, not through shared memory,
+        // unless it was copied out (then its executor may have dropped its frames).
+        let from_executor = object.kept().and_then(|held| {
+            held.while_unpublished(|held| write_held(held, &object.layout, &path))
+        });
+        let written = match from_executor {
+            Some(Err(e)) if e.raw_os_error() == Some(libc::EINVAL) => {
+                let _ = std::fs::remove_file(&path);
+                object.publish()?;
+                write_object(object, &path)
+            }
+            Some(written) => written,
             None => write_object(object, &path),
         };
         if let Err(source) = written {
@@ -304,6 +306,45 @@ mod tests {
         );
         assert!(published.lock().unwrap().is_empty());
         assert_eq!(std::fs::read_dir(shm.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_kept_result_copied_out_during_its_spill_is_dropped_only_after_it() {
+        // A peer's copy-out ends, and the executor drops its frames (overwritten here),
+        // while the spill reads them from its memory: the copy waits for the spill.
+        use super::super::{Holder, ProcessMemory, Published};
+        static PROBE: [u8; 16] = *b"spill-race-probe";
+        let local = tempfile::tempdir().unwrap();
+        let spill = SpillDir::create(local.path()).unwrap();
+        let shm = Arc::new(ShmDir::create("rankmesh-test").unwrap());
+        let frame: Vec<u8> = (0..64u32 << 20).map(|i| (i % 251) as u8).collect();
+        let expected = frame.clone();
+        let layout = vec![frame.len() as u64];
+        let spans = vec![(frame.as_ptr() as u64, frame.len() as u64)];
+        let memory = ProcessMemory::open(std::process::id(), PROBE.as_ptr() as u64, &PROBE);
+        let holder = Holder {
+            slot: 0,
+            generation: 1,
+            key: 1,
+        };
+        let source = Arc::new(memory.unwrap());
+        let object = Object::held(layout, holder, source, spans, shm, Published::default());
+        let object = Arc::new(object.unwrap());
+        let (address, length) = (frame.as_ptr() as usize, frame.len());
+        let spilled = std::thread::scope(|scope| {
+            let spilling = scope.spawn(|| Arc::new(spill.spill(&object).unwrap()));
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            object.publish().unwrap();
+            // SAFETY: the frame stays allocated until the end of the test, and nothing in
+            // Rust reads it meanwhile: only the kernel, for the spill's process_vm_readv.
+            unsafe { std::ptr::write_bytes(address as *mut u8, 0xEE, length) };
+            spilling.join().unwrap()
+        });
+        assert!(
+            spilled.read().unwrap()[..] == expected[..],
+            "the spill wrote the frames as they were"
+        );
+        drop(frame);
     }
 
     /// Whether `path` is on a tmpfs, which takes direct I/O through its page cache.

@@ -500,6 +500,11 @@ impl WorkerState {
                     }
                     self.spill_error = None;
                 }
+                // Released meanwhile (its executor may have dropped the frames being
+                // read): nothing was lost, and it says nothing about the disk.
+                Err(e) if !self.store.still_holds(id, &original) => {
+                    tracing::debug!(task = %id, "spill of a released result failed: {e}");
+                }
                 Err(e) => {
                     self.stats.spill_failures += 1;
                     if self.spill_error.is_none() {

@@ -1414,6 +1414,38 @@ fn a_spill_failing_while_paused_fails_the_waiting_tasks_and_unpauses_the_worker_
 }
 
 #[test]
+fn a_spill_failing_for_results_released_meanwhile_says_nothing_about_the_disk() {
+    let mut env = TestEnv::with_memory(1, limited());
+    env.hold(1..=6, MIB);
+    env.compute(vec![task(10, &[])]);
+    assert_eq!(env.ran(), [(0, ids(&[10]))]);
+    env.sampled(sample(MIB, &[(0, 2 * MIB)], 6 * MIB));
+    assert!(env.memory_report().paused);
+    let batch = env.spill_batch();
+    assert_eq!(spilled_ids(&batch), ids(&[1, 2, 3]));
+    env.compute(vec![task(11, &[])]);
+    assert!(env.ran().is_empty(), "11 waits for memory to come down");
+    // Released while being written (an executor keeping them may drop their frames
+    // under the spill, which then fails reading them): the writes fail.
+    env.scheduler(ToWorker::Release(ids(&[1, 2, 3])));
+    let efault = |(id, object): (TaskId, Arc<Object>)| {
+        let error = StoreError::Spill {
+            path: PathBuf::from(format!("/local/rankmesh-spill-1-x/{id}")),
+            source: std::io::Error::from_raw_os_error(libc::EFAULT),
+        };
+        (id, object, Err(error))
+    };
+    env.spill_finished(batch.into_iter().map(efault).collect());
+    assert_eq!(env.state.stats().spill_failures, 0);
+    assert!(env.failed_with().is_empty(), "no task fails for it");
+    env.sampled(sample(MIB, &[(0, 2 * MIB)], 3 * MIB));
+    assert!(
+        !env.memory_report().paused,
+        "and memory came down with the release"
+    );
+}
+
+#[test]
 fn after_a_failed_spill_spilling_waits_a_second_of_samples_then_resumes_and_repauses() {
     let mut env = TestEnv::with_memory(1, limited());
     env.hold(1..=6, MIB);
