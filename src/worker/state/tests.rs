@@ -1359,18 +1359,26 @@ fn above_pause_no_task_runs_and_no_fetch_starts_until_memory_is_back_under() {
     env.comm.emptiness_check();
 }
 
+impl TestEnv {
+    /// A worker of one executor running task 10, paused at 9 MiB (6 of them results,
+    /// 1..=6), and the batch of 3 MiB of results it spills to come down.
+    fn paused_spilling() -> (TestEnv, Vec<(TaskId, Arc<Object>)>) {
+        let mut env = TestEnv::with_memory(1, limited());
+        env.hold(1..=6, MIB);
+        env.compute(vec![task(10, &[])]);
+        assert_eq!(env.ran(), [(0, ids(&[10]))]);
+        env.sampled(sample(MIB, &[(0, 2 * MIB)], 6 * MIB));
+        assert!(env.memory_report().paused);
+        let batch = env.spill_batch();
+        assert_eq!(spilled_ids(&batch), ids(&[1, 2, 3]));
+        (env, batch)
+    }
+}
+
 #[test]
 fn a_spill_failing_while_paused_fails_the_waiting_tasks_and_unpauses_the_worker_for_the_scheduler()
 {
-    let mut env = TestEnv::with_memory(1, limited());
-    env.hold(1..=6, MIB);
-    env.compute(vec![task(10, &[])]);
-    assert_eq!(env.ran(), [(0, ids(&[10]))]);
-    // 9 MiB (6 of them results): paused, and 3 MiB of results to spill.
-    env.sampled(sample(MIB, &[(0, 2 * MIB)], 6 * MIB));
-    assert!(env.memory_report().paused);
-    let batch = env.spill_batch();
-    assert_eq!(spilled_ids(&batch), ids(&[1, 2, 3]));
+    let (mut env, batch) = TestEnv::paused_spilling();
     env.compute(vec![task(11, &[]), task(12, &[(20, &[PEERS[0]])])]);
     assert!(env.ran().is_empty() && env.comm.take_fetches().is_empty());
     env.comm.emptiness_check(); // they wait for memory to come down
@@ -1415,14 +1423,7 @@ fn a_spill_failing_while_paused_fails_the_waiting_tasks_and_unpauses_the_worker_
 
 #[test]
 fn a_spill_failing_for_results_released_meanwhile_says_nothing_about_the_disk() {
-    let mut env = TestEnv::with_memory(1, limited());
-    env.hold(1..=6, MIB);
-    env.compute(vec![task(10, &[])]);
-    assert_eq!(env.ran(), [(0, ids(&[10]))]);
-    env.sampled(sample(MIB, &[(0, 2 * MIB)], 6 * MIB));
-    assert!(env.memory_report().paused);
-    let batch = env.spill_batch();
-    assert_eq!(spilled_ids(&batch), ids(&[1, 2, 3]));
+    let (mut env, batch) = TestEnv::paused_spilling();
     env.compute(vec![task(11, &[])]);
     assert!(env.ran().is_empty(), "11 waits for memory to come down");
     // Released while being written (an executor keeping them may drop their frames
