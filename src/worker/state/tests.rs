@@ -1944,23 +1944,31 @@ fn a_task_goes_to_the_executor_that_keeps_its_inputs() {
     assert!(env.comm.copied_out.is_empty());
 }
 
+impl TestEnv {
+    /// Two readable executors: 0 keeps result 1 (its frame returned, for the spans to stay
+    /// valid) and runs a long task, 5 (tasks take 0.1 s here, so none queues behind
+    /// another); 1 is free. Task 2, which reads 1, waits for 1's copy out of executor 0.
+    fn reader_waiting_for_a_copy() -> (TestEnv, Vec<u8>) {
+        let mut env = TestEnv::with_readable_executors(2);
+        env.comm.holding.clear();
+        let frame = vec![1u8; 100_000];
+        env.compute(vec![task(1, &[]), task(9, &[])]);
+        assert_eq!(env.ran(), [(0, ids(&[1])), (1, ids(&[9]))]);
+        env.results(0, vec![kept_slowly(1, 11, &frame)]);
+        env.comm.take_sent();
+        env.compute(vec![task(5, &[])]);
+        assert_eq!(env.ran(), [(0, ids(&[5]))]);
+        env.results(1, vec![slow(ok(9))]);
+        env.comm.take_sent();
+        env.compute(vec![task(2, &[(1, &[])])]);
+        assert_eq!(env.ran(), [], "2 waits for a copy of 1 out of executor 0");
+        (env, frame)
+    }
+}
+
 #[test]
 fn an_input_another_executor_keeps_is_copied_out_off_the_loop_before_the_task_runs() {
-    let mut env = TestEnv::with_readable_executors(2);
-    env.comm.holding.clear();
-    let frame = vec![1u8; 100_000];
-    env.compute(vec![task(1, &[]), task(9, &[])]);
-    assert_eq!(env.ran(), [(0, ids(&[1])), (1, ids(&[9]))]);
-    env.results(0, vec![kept_slowly(1, 11, &frame)]);
-    env.comm.take_sent();
-    // Executor 0, which keeps 1, is busy with a long task (tasks take 0.1 s here, so
-    // none queues behind another); executor 1 is free.
-    env.compute(vec![task(5, &[])]);
-    assert_eq!(env.ran(), [(0, ids(&[5]))]);
-    env.results(1, vec![slow(ok(9))]);
-    env.comm.take_sent();
-    env.compute(vec![task(2, &[(1, &[])])]);
-    assert_eq!(env.ran(), [], "2 waits for its input's copy");
+    let (mut env, _frame) = TestEnv::reader_waiting_for_a_copy();
     let (id, object) = env.comm.copied_out.remove(0);
     assert_eq!(id, TaskId(1));
     object.publish().expect("copied out");
@@ -2218,18 +2226,7 @@ fn a_kept_result_being_copied_out_counts_twice_against_the_memory_target() {
 
 #[test]
 fn a_copy_ending_after_its_reader_was_dropped_and_sent_again_leaves_the_new_one_waiting() {
-    let mut env = TestEnv::with_readable_executors(2);
-    env.comm.holding.clear();
-    let frame = vec![1u8; 100_000];
-    env.compute(vec![task(1, &[]), task(9, &[])]);
-    env.ran();
-    env.results(0, vec![kept_slowly(1, 11, &frame)]);
-    env.compute(vec![task(5, &[])]);
-    env.ran();
-    env.results(1, vec![slow(ok(9))]);
-    env.comm.take_sent();
-    env.compute(vec![task(2, &[(1, &[])])]);
-    assert_eq!(env.ran(), [], "2 waits for a copy of 1 out of executor 0");
+    let (mut env, _frame) = TestEnv::reader_waiting_for_a_copy();
     // Executor 0 dies with 1; 2, its reader, is dropped, and sent again by the scheduler
     // with 1 recomputed on a peer.
     env.died(0);
