@@ -48,6 +48,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from _shared_memory import shared_memory  # noqa: E402
 from bench_vs_dask import PeakMemory, loadavg, rankmesh_worker_pids  # noqa: E402
 from xarray_anomaly import anomaly_pipeline, synthetic_dataset  # noqa: E402
 
@@ -196,7 +197,10 @@ def main() -> int:
     args = parser.parse_args()
     limit = (args.limit_mib or (256 if args.quick else 512)) * MIB
     systems = args.systems.split(",")
-    print(f"# {N_WORKERS} workers x {limit // MIB} MiB; load {loadavg()}", flush=True)
+    print(
+        f"# {N_WORKERS} workers x {limit // MIB} MiB; load {loadavg()}; {shared_memory()}",
+        flush=True,
+    )
     print("| workload | system | wall s | peak MiB | spilled MiB | read back MiB | dask/this |")
     print("|---|---|---|---|---|---|---|")
     mismatch = False

@@ -41,6 +41,7 @@ import sys
 import time
 
 from _mpi import UCX_ENV, mpirun_base, rankmesh_mpi_settings
+from _shared_memory import shared_memory
 
 MiB = 1 << 20
 
@@ -251,7 +252,7 @@ def main() -> int:
         f"worker -> worker transfer, {args.size_mib} MiB arrays; one at a time: median of "
         f"{args.count * args.reps}; all at once: {args.count} arrays, median of {args.reps}"
     )
-    print(f"load average at start {load_start}, at end {os.getloadavg()}")
+    print(f"load average at start {load_start}, at end {os.getloadavg()}; {shared_memory()}")
     print(
         f"{'':44}{'one: s':>9}{'GB/s':>7}{'x raw':>7}{'all: GB/s':>11}{'x raw':>7}"
         f"{'cold GB/s':>11}{'x raw':>7}"

@@ -68,6 +68,7 @@ import pandas as pd
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from _shared_memory import shared_memory  # noqa: E402
 from xarray_anomaly import LAT, LON, anomaly_pipeline, synthetic_dataset  # noqa: E402
 
 N_WORKERS = 2
@@ -931,7 +932,7 @@ def main() -> int:
         f"rankmesh vs Dask, {N_WORKERS} workers x 1 thread, median of {reps} rep(s), "
         f"{os.cpu_count()} CPUs, Dask worker-saturation {args.worker_saturation}"
     )
-    print(f"load average at start {load_start}, at end {load_end}")
+    print(f"load average at start {load_start}, at end {load_end}; {shared_memory()}")
     print_table(rows, notes)
     print_cpu_breakdown(breakdowns)
     if args.json:

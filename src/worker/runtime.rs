@@ -93,11 +93,19 @@ pub struct WorkerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error("cannot set up the worker: {0}")]
-    Setup(#[from] std::io::Error),
+    Setup(std::io::Error),
     #[error(transparent)]
     Connect(#[from] TransportError),
     #[error("scheduler did not answer the registration: {0}")]
     Registration(String),
+}
+
+// Not thiserror's `#[from]`, which makes the error a source too: the message carries it,
+// and a printed chain would say it twice.
+impl From<std::io::Error> for WorkerError {
+    fn from(e: std::io::Error) -> WorkerError {
+        WorkerError::Setup(e)
+    }
 }
 
 /// Runs a worker that fetches its inputs over TCP until the scheduler says stop, goes

@@ -1,7 +1,9 @@
 """Cluster fixtures: one LocalCluster per test module keeps the suite fast; tests that
 break workers on purpose start their own."""
 
+import contextlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,6 +40,18 @@ def assert_all_gone(processes: list[psutil.Process], timeout: float = 10) -> Non
     gone, alive = psutil.wait_procs(processes, timeout=timeout)
     leftovers = [f"{p.pid} {p.name()}" for p in alive]
     assert not leftovers, f"processes left behind: {leftovers}"
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, options: str):
+    """A tmpfs mounted on `folder` (made here) with mount `options` while in the block: a
+    tiny disk that fills, a site's shared memory of huge pages."""
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def pytest_configure(config):

@@ -4,10 +4,15 @@ after a network fetch, freed when released."""
 
 import glob
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
+import pytest
 import rankmesh
+
+MIB = 1 << 20
 
 
 def make(i):
@@ -27,10 +32,10 @@ def backing_objects(*arrays):
     return found
 
 
-def shm_files(worker_pids):
+def shm_files(worker_pids, base="/dev/shm"):
     """Files holding objects (released segments a worker keeps for reuse wait in its
     `free/` folder; the executors' sockets and crash reports live beside the objects)."""
-    files = [f for pid in worker_pids for f in glob.glob(f"/dev/shm/rankmesh-{pid}-*/*")]
+    files = [f for pid in worker_pids for f in glob.glob(f"{base}/rankmesh-{pid}-*/*")]
     name = os.path.basename
     return [f for f in files if not (name(f) == "free" or name(f).endswith((".sock", ".fault")))]
 
@@ -117,6 +122,59 @@ def test_a_worker_of_two_executors_runs_tasks_where_their_inputs_are_kept():
         cube = da.random.default_rng(0).standard_normal((60, 90, 90), chunks=(5, 90, 90))
         std = cube.rechunk((60, 30, 30)).std(axis=0)
         np.testing.assert_allclose(client.compute(std, sync=True), std.compute(scheduler="threads"))
+
+
+def huge_page_bytes() -> int:
+    """Bytes of tmpfs files on huge pages, on the whole machine."""
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["ShmemHugePages"].split()[0]) * 1024
+
+
+def test_results_live_under_the_shared_memory_base_given_and_on_its_huge_pages(monkeypatch):
+    import dask.array as da
+    from conftest import cluster_processes, tmpfs
+
+    # As a site may mount /dev/shm: files of a tmpfs mounted huge=within_size get 2 MiB
+    # pages where they are long enough, which readers map in one fault each. (Not in
+    # tmp_path: executors' sockets in it would need longer paths than sockets take.)
+    with (
+        tempfile.TemporaryDirectory(prefix="rankmesh-test-") as folder,
+        tmpfs(Path(folder) / "huge", "size=1g,mode=1777,huge=within_size") as base,
+    ):
+        monkeypatch.setenv("RANKMESH_SHM_BASE", str(base))
+        with rankmesh.LocalCluster(n_workers=2) as cluster, rankmesh.Client(cluster) as client:
+            workers = [p for p in cluster_processes(cluster) if p.name() == "rankmesh"][1:]
+            worker_pids = [p.pid for p in workers]
+            for pid in worker_pids:
+                assert len(glob.glob(f"{base}/rankmesh-{pid}-*")) == 1
+                assert not glob.glob(f"/dev/shm/rankmesh-{pid}-*")
+            before = huge_page_bytes()
+            parts = client.map(make, range(6))
+            gathered = client.gather(parts)  # each copied out into a file of 8 MB
+            np.testing.assert_array_equal(gathered[5], np.full(1_000_000, 5.0))
+            assert len(shm_files(worker_pids, base)) >= 6
+            # Written whole 2 MiB pages at a time: each file's length is set first (a file
+            # that grows with each write gets small pages).
+            assert huge_page_bytes() - before >= 6 * 6 * MIB
+            cube = da.random.default_rng(1).standard_normal((60, 90, 90), chunks=(5, 90, 90))
+            std = cube.rechunk((60, 30, 30)).std(axis=0)
+            expected = std.compute(scheduler="threads")
+            np.testing.assert_allclose(client.compute(std, sync=True), expected)
+        for worker in workers:
+            assert not worker.is_running()
+            assert not glob.glob(f"{base}/rankmesh-{worker.pid}-*"), "folder left behind"
+
+
+def test_a_shared_memory_base_too_long_for_sockets_stops_the_cluster_with_why(
+    tmp_path, monkeypatch, capfd
+):
+    long = tmp_path / ("a-site-folder-" * 4)
+    long.mkdir()
+    monkeypatch.setenv("RANKMESH_SHM_BASE", str(long))
+    with pytest.raises(RuntimeError, match="while starting"):
+        rankmesh.LocalCluster(n_workers=1)
+    assert "too long a path for the sockets made in it" in capfd.readouterr().err
 
 
 _kept = []

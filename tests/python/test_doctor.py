@@ -62,9 +62,37 @@ def test_the_report_matches_what_this_machine_says_of_itself():
     shm = checks["shared_memory"]["facts"]
     statvfs = os.statvfs("/dev/shm")
     assert shm["path"] == "/dev/shm" and shm["total_bytes"] == statvfs.f_blocks * statvfs.f_frsize
+    assert shm["huge_pages"] == dev_shm_huge_pages()
     files = checks["open_files"]["facts"]
     assert (files["soft"], files["hard"]) == resource.getrlimit(resource.RLIMIT_NOFILE)
     assert checks["build"]["facts"]["features"] == ["mpi", "hwloc", "batch"]
+
+
+def dev_shm_huge_pages() -> str:
+    """The `huge=` option of the mount on top at /dev/shm, as its tmpfs has it."""
+    with open("/proc/self/mountinfo") as f:
+        on_top = [line.split(" - ")[1] for line in f if line.split()[4] == "/dev/shm"][-1]
+    options = dict(o.partition("=")[::2] for o in on_top.split()[2].split(","))
+    return options.get("huge", "never")
+
+
+def test_the_shared_memory_base_given_is_checked_and_its_huge_pages_named(tmp_path):
+    from conftest import tmpfs
+
+    with tmpfs(tmp_path / "huge", "size=2g,mode=1777,huge=within_size") as base:
+        code, report = doctor(env=dict(os.environ, RANKMESH_SHM_BASE=str(base)))
+    shm = by_name(report)["shared_memory"]
+    assert code == 0 and shm["status"] == "ok", shm
+    assert shm["facts"]["path"] == str(base) and shm["facts"]["huge_pages"] == "within_size"
+    assert "hint" not in shm, "nothing to do about it"
+    unsafe = tmp_path / "open-to-all"
+    unsafe.mkdir()
+    unsafe.chmod(0o777)
+    code, report = doctor(env=dict(os.environ, RANKMESH_SHM_BASE=str(unsafe)))
+    shm = by_name(report)["shared_memory"]
+    assert code == 1 and shm["status"] == "fail", shm
+    assert "lets other users replace" in shm["facts"]["error"]
+    assert "RANKMESH_SHM_BASE" in shm["hint"]
 
 
 def test_the_text_report_names_every_part():

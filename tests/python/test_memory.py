@@ -5,7 +5,6 @@ disk is a clear error, not a crash."""
 import gc
 import glob
 import os
-import subprocess
 import threading
 import time
 
@@ -14,7 +13,7 @@ import numpy as np
 import psutil
 import pytest
 import rankmesh
-from conftest import cluster_processes
+from conftest import cluster_processes, tmpfs
 
 MIB = 1 << 20
 
@@ -155,12 +154,8 @@ def test_a_worker_killed_leaves_no_spill_folder_for_long(tmp_path):
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 16 MiB tmpfs: spilling into it runs out of room."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    options = "size=16m,mode=0700"
-    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with tmpfs(tmp_path / "tiny", "size=16m,mode=0700") as mount:
+        yield mount
 
 
 def test_a_full_local_directory_is_a_clear_task_error_and_no_crash(tiny_disk):
