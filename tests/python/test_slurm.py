@@ -6,6 +6,7 @@ import os
 import re
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
 import dask.array as da
@@ -199,20 +200,29 @@ for _ in range(100):
 print("limits", *sorted({w["memory_limit"] for w in workers}), flush=True)
 print("spilled", sum(w["spilled_total"] for w in workers), flush=True)
 print("folders", len(glob.glob(os.path.join(sys.argv[1], "rankmesh-spill-*"))), flush=True)
+print("shm", len(glob.glob(os.path.join(sys.argv[2], "rankmesh-*"))), flush=True)
 np.save("sum.npy", client.compute(x.sum()).result())
 """
 
 
 def test_memory_settings_from_a_profile_hold_in_the_job(tmp_path):
     """A site profile's memory limit reaches every worker, its local directory (with a
-    variable the job expands) receives the spilled results, and nothing is left there."""
+    variable the job expands) receives the spilled results, its setup's shared-memory base
+    the workers' folders, and nothing is left in either."""
     spill = tmp_path / "scratch"
     spill.mkdir(mode=0o700)
-    site = '[profile.small]\nmemory_limit = "160MiB"\nlocal_directory = "$SCRATCH_BASE"\n'
+    # Short: the executors' sockets live in the workers' folders under it.
+    shm = Path(tempfile.mkdtemp(prefix="rm-shm-"))
+    site = (
+        '[profile.small]\nmemory_limit = "160MiB"\nlocal_directory = "$SCRATCH_BASE"\n'
+        f'setup = ["export RANKMESH_SHM_BASE={shm}"]\n'
+    )
     cli = Rankmesh(tmp_path, site)
     cli.env["SCRATCH_BASE"] = str(spill)  # sbatch exports the submitter's environment
     (tmp_path / "spills.py").write_text(SPILLS)
-    job = cli.submit("--profile", "small", "--ntasks-per-node", "3", "spills.py", str(spill))
+    job = cli.submit(
+        "--profile", "small", "--ntasks-per-node", "3", "spills.py", str(spill), str(shm)
+    )
     waited = cli.wait(job)
     logs = cli("logs", job).stdout
     assert waited.returncode == 0, logs
@@ -220,9 +230,12 @@ def test_memory_settings_from_a_profile_hold_in_the_job(tmp_path):
     assert lines["limits"] == [str(160 << 20)], logs
     assert int(lines["spilled"][0]) > 0, logs
     assert int(lines["folders"][0]) == 2, logs  # one per worker, where the profile said
+    assert int(lines["shm"][0]) == 2, logs
     x = da.random.RandomState(3).random((6400, 6400), chunks=(800, 800))
     assert np.load(tmp_path / "sum.npy") == pytest.approx(x.sum().compute(scheduler="threads"))
     assert list(spill.iterdir()) == []
+    assert list(shm.iterdir()) == []
+    shm.rmdir()
 
 
 def test_a_job_near_its_walltime_drains_and_exits_with_the_drain_code(tmp_path):
