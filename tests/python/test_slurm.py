@@ -205,14 +205,20 @@ np.save("sum.npy", client.compute(x.sum()).result())
 """
 
 
-def test_memory_settings_from_a_profile_hold_in_the_job(tmp_path):
+@pytest.fixture
+def short_folder():
+    """A folder of a short path (executors' sockets live in workers' folders under it)."""
+    with tempfile.TemporaryDirectory(prefix="rm-shm-") as folder:
+        yield Path(folder)
+
+
+def test_memory_settings_from_a_profile_hold_in_the_job(tmp_path, short_folder):
     """A site profile's memory limit reaches every worker, its local directory (with a
     variable the job expands) receives the spilled results, its setup's shared-memory base
     the workers' folders, and nothing is left in either."""
     spill = tmp_path / "scratch"
     spill.mkdir(mode=0o700)
-    # Short: the executors' sockets live in the workers' folders under it.
-    shm = Path(tempfile.mkdtemp(prefix="rm-shm-"))
+    shm = short_folder
     site = (
         '[profile.small]\nmemory_limit = "160MiB"\nlocal_directory = "$SCRATCH_BASE"\n'
         f'setup = ["export RANKMESH_SHM_BASE={shm}"]\n'
@@ -235,7 +241,6 @@ def test_memory_settings_from_a_profile_hold_in_the_job(tmp_path):
     assert np.load(tmp_path / "sum.npy") == pytest.approx(x.sum().compute(scheduler="threads"))
     assert list(spill.iterdir()) == []
     assert list(shm.iterdir()) == []
-    shm.rmdir()
 
 
 def test_a_job_near_its_walltime_drains_and_exits_with_the_drain_code(tmp_path):
