@@ -411,7 +411,7 @@ pub fn shared_memory() -> Check {
         _ => check.hint(format!(
             "its tmpfs gives 4 KiB pages to files written: mounted with huge=within_size (an \
              administrator's `mount -o remount,huge=within_size {}`), results move between \
-             processes on the node several times faster (docs/install.md)",
+             processes on the node several times faster (docs/memory.md)",
             mount_point_of(&mountinfo, &base).unwrap_or(base).display()
         )),
     }
