@@ -1,5 +1,5 @@
 """What the benchmarks say of the shared memory rankmesh's workers keep results in: the
-folder, and whether its tmpfs gives huge pages (docs/install.md), which decides how fast
+folder, and whether its tmpfs gives huge pages (docs/memory.md), which decides how fast
 results move between processes on a node."""
 
 from __future__ import annotations

@@ -399,7 +399,11 @@ pub fn shared_memory() -> Check {
     let shmem_enabled =
         std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
             .unwrap_or_default();
-    let Some(huge) = tmpfs_huge_pages(&mountinfo, &shmem_enabled, &base) else {
+    let Some((mount_point, huge)) =
+        mount_of(&mountinfo, &base).and_then(|(point, kind, options)| {
+            Some((point, huge_pages(kind, options, &shmem_enabled)?))
+        })
+    else {
         return check.fact("huge_pages", "not a tmpfs");
     };
     let check = Check {
@@ -412,16 +416,15 @@ pub fn shared_memory() -> Check {
             "its tmpfs gives 4 KiB pages to files written: mounted with huge=within_size (an \
              administrator's `mount -o remount,huge=within_size {}`), results move between \
              processes on the node several times faster (docs/memory.md)",
-            mount_point_of(&mountinfo, &base).unwrap_or(base).display()
+            mount_point.display()
         )),
     }
 }
 
-/// How the tmpfs holding `folder` gives files huge pages (its `huge=` option, unless the
-/// kernel's `shmem_enabled` denies or forces them for all), or None when `folder` is not on
-/// a tmpfs. `mountinfo` is /proc/self/mountinfo.
-fn tmpfs_huge_pages(mountinfo: &str, shmem_enabled: &str, folder: &Path) -> Option<&'static str> {
-    let (_, kind, options) = mount_of(mountinfo, folder)?;
+/// How a mount of file-system `kind` with super-block `options` gives files huge pages
+/// (its `huge=` option, unless the kernel's `shmem_enabled` denies or forces them for all),
+/// or None when it is not a tmpfs.
+fn huge_pages(kind: &str, options: &str, shmem_enabled: &str) -> Option<&'static str> {
     if kind != "tmpfs" {
         return None;
     }
@@ -438,10 +441,6 @@ fn tmpfs_huge_pages(mountinfo: &str, shmem_enabled: &str, folder: &Path) -> Opti
         Some("advise") => "advise",
         _ => "never",
     })
-}
-
-fn mount_point_of(mountinfo: &str, folder: &Path) -> Option<std::path::PathBuf> {
-    mount_of(mountinfo, folder).map(|(point, ..)| point)
 }
 
 /// The mount `folder` is on: its mount point, file-system type and super-block options.
@@ -621,10 +620,15 @@ mod tests {
 41 22 0:31 / /scratch/fast\\040shm rw - tmpfs tmpfs rw,huge=advise
 ";
 
+    /// What the check reads for `folder`: how the tmpfs it is on gives huge pages.
+    fn tmpfs_huge_pages(mountinfo: &str, enabled: &str, folder: &str) -> Option<&'static str> {
+        let (_, kind, options) = mount_of(mountinfo, Path::new(folder))?;
+        huge_pages(kind, options, enabled)
+    }
+
     #[test]
     fn the_tmpfs_on_top_says_how_it_gives_huge_pages() {
-        let on =
-            |folder: &str, enabled: &str| tmpfs_huge_pages(MOUNTINFO, enabled, Path::new(folder));
+        let on = |folder: &str, enabled: &str| tmpfs_huge_pages(MOUNTINFO, enabled, folder);
         let madvise = "always within_size advise [never] deny force";
         assert_eq!(on("/dev/shm/a-worker", madvise), Some("within_size"));
         assert_eq!(on("/scratch/fast shm/x", madvise), Some("advise"));
@@ -641,12 +645,9 @@ mod tests {
             .filter(|l| !l.starts_with('#'))
             .collect::<Vec<_>>()
             .join("\n");
+        assert_eq!(tmpfs_huge_pages(&older, madvise, "/dev/shm"), Some("never"));
         assert_eq!(
-            tmpfs_huge_pages(&older, madvise, Path::new("/dev/shm")),
-            Some("never")
-        );
-        assert_eq!(
-            mount_point_of(MOUNTINFO, Path::new("/dev/shm/x")).unwrap(),
+            mount_of(MOUNTINFO, Path::new("/dev/shm/x")).unwrap().0,
             Path::new("/dev/shm")
         );
     }

@@ -403,7 +403,7 @@ const SOCKET_PATH_MAX: usize = 107;
 pub const WORKER_SHM_PREFIX: &str = "rankmesh";
 
 /// Names the folder workers make their shared-memory folders in, in place of /dev/shm:
-/// a tmpfs the site mounts with huge pages, say (docs/install.md).
+/// a tmpfs the site mounts with huge pages, say (docs/memory.md).
 pub const SHM_BASE_ENV: &str = "RANKMESH_SHM_BASE";
 
 /// `$RANKMESH_SHM_BASE` when set (checked where it is used: one that is not a safe place
@@ -675,25 +675,34 @@ impl ShmDir {
 
     /// A new segment for an object of `layout` whose bytes `fill` writes, a window at a
     /// time (`fill(window, offset)`): a released segment of the same size when the pool has
-    /// one, written in place, else a new file written through a small buffer. Writing a
-    /// new tmpfs file allocates its pages without zeroing them first, which mapping it
-    /// would (1.3-1.4 GB/s here for fresh pages mapped and filled).
+    /// one, written in place, else a new file ([`ShmDir::write_file`]).
     fn write_new(
         &self,
         layout: &[u64],
         mut fill: impl FnMut(&mut [u8], u64) -> std::io::Result<()>,
     ) -> Result<ShmSegment, StoreError> {
-        use std::os::unix::fs::FileExt;
         let total = total_size(layout)?;
+        if let Some(mut free) = self.pool.take(total, &self.next_path()) {
+            fill(&mut free.map, 0).map_err(StoreError::Publish)?;
+            return Ok(self.received_segment(free.path, free.file, free.map));
+        }
+        self.write_file(total, fill)
+    }
+
+    /// A new file of `total` bytes that `fill` writes through a small buffer, mapped.
+    /// Writing a new tmpfs file allocates its pages without zeroing them first, which
+    /// mapping it would (1.3-1.4 GB/s here for fresh pages mapped and filled).
+    fn write_file(
+        &self,
+        total: u64,
+        mut fill: impl FnMut(&mut [u8], u64) -> std::io::Result<()>,
+    ) -> Result<ShmSegment, StoreError> {
+        use std::os::unix::fs::FileExt;
         let path = self.next_path();
         let io = |source| StoreError::Io {
             path: path.clone(),
             source,
         };
-        if let Some(mut free) = self.pool.take(total, &path) {
-            fill(&mut free.map, 0).map_err(StoreError::Publish)?;
-            return Ok(self.received_segment(free.path, free.file, free.map));
-        }
         let file = private_files::new_file_options().open(&path).map_err(io)?;
         let written = WINDOW.with_borrow_mut(|window| {
             // Its length first: a tmpfs mounted huge=within_size then gives it huge pages
@@ -731,7 +740,7 @@ impl ShmDir {
         // pages: 64 MiB took 21 against 41 ms on 4 KiB pages here, and 2 against 160 ms
         // on a tmpfs of huge pages.
         let mut zeroed = false;
-        let segment = self.write_new(&layout, |window, _| {
+        let segment = self.write_file(total, |window, _| {
             if !zeroed {
                 window.fill(0);
                 zeroed = true;

@@ -407,6 +407,23 @@ def test_job_records_refuse_a_folder_that_is_not_ours(attacker, tmp_path):
         shutil.rmtree(shared, ignore_errors=True)
 
 
+def test_a_shared_memory_base_that_is_not_ours_stops_the_worker(
+    attacker, shared_tmp, capfd, monkeypatch
+):
+    """`RANKMESH_SHM_BASE` naming another user's folder, or a link to it, is refused when
+    the worker starts, with the reason; nothing is made in it."""
+    theirs = shared_tmp / "theirs"
+    link = shared_tmp / "link"
+    attacker.run(PLANT, {"paths": [(str(theirs), "folder")], "as": "file"})
+    attacker.run(PLANT, {"paths": [(str(link), "file")], "as": "link", "target": str(theirs)})
+    for base in (theirs, link):
+        monkeypatch.setenv("RANKMESH_SHM_BASE", str(base))
+        with pytest.raises(RuntimeError, match="while starting"):
+            rankmesh.LocalCluster(n_workers=1)
+        assert "belongs to user id" in capfd.readouterr().err
+    assert os.listdir(theirs) == []
+
+
 # ------------------------------------------------------ spill folders in a shared folder
 
 SPILL_PREFIX = "rankmesh-spill"
