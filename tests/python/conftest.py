@@ -36,6 +36,12 @@ def cluster_processes(cluster) -> list[psutil.Process]:
     return [root, *root.children(recursive=True)]
 
 
+def cluster_workers(cluster) -> list[psutil.Process]:
+    """The workers of a LocalCluster: `rankmesh local`'s own children. (Not every process
+    below it named rankmesh: an executor being started is one until its exec.)"""
+    return [p for p in psutil.Process(cluster.pid).children() if p.name() == "rankmesh"]
+
+
 def assert_all_gone(processes: list[psutil.Process], timeout: float = 10) -> None:
     gone, alive = psutil.wait_procs(processes, timeout=timeout)
     leftovers = [f"{p.pid} {p.name()}" for p in alive]

@@ -41,10 +41,10 @@ def shm_files(worker_pids, base="/dev/shm"):
 
 
 def test_large_inputs_are_mapped_not_copied_and_freed_on_release():
-    from conftest import cluster_processes
+    from conftest import cluster_workers
 
     with rankmesh.LocalCluster(n_workers=2) as cluster, rankmesh.Client(cluster) as client:
-        workers = [p for p in cluster_processes(cluster) if p.name() == "rankmesh"][1:]
+        workers = cluster_workers(cluster)
         worker_pids = [p.pid for p in workers]
         parts = client.map(make, range(6))
         # Six 8 MB inputs spread over both workers: some arrive from the other one. Each is
@@ -71,10 +71,10 @@ def test_large_inputs_are_mapped_not_copied_and_freed_on_release():
 
 
 def test_results_only_their_own_executor_reads_are_never_written():
-    from conftest import cluster_processes
+    from conftest import cluster_workers
 
     with rankmesh.LocalCluster(n_workers=1) as cluster, rankmesh.Client(cluster) as client:
-        worker_pids = [p.pid for p in cluster_processes(cluster) if p.name() == "rankmesh"][1:]
+        worker_pids = [p.pid for p in cluster_workers(cluster)]
         made = client.submit(make, 1)
         doubled = client.submit(np.multiply, made, 2.0)
         total = client.submit(np.sum, doubled)
@@ -96,13 +96,13 @@ def executor_pid(_input):
 
 def test_a_worker_of_two_executors_runs_tasks_where_their_inputs_are_kept():
     import dask.array as da
-    from conftest import cluster_processes
+    from conftest import cluster_workers
 
     with (
         rankmesh.LocalCluster(n_workers=1, threads_per_worker=2) as cluster,
         rankmesh.Client(cluster) as client,
     ):
-        worker_pids = [p.pid for p in cluster_processes(cluster) if p.name() == "rankmesh"][1:]
+        worker_pids = [p.pid for p in cluster_workers(cluster)]
         made = client.submit(make, 1)
         doubled = client.submit(np.multiply, made, 2.0)
         total = client.submit(np.sum, doubled)
@@ -133,7 +133,7 @@ def huge_page_bytes() -> int:
 
 def test_results_live_under_the_shared_memory_base_given_and_on_its_huge_pages(monkeypatch):
     import dask.array as da
-    from conftest import cluster_processes, tmpfs
+    from conftest import cluster_workers, tmpfs
 
     # As a site may mount /dev/shm: files of a tmpfs mounted huge=within_size get 2 MiB
     # pages where they are long enough, which readers map in one fault each. (Not in
@@ -144,7 +144,7 @@ def test_results_live_under_the_shared_memory_base_given_and_on_its_huge_pages(m
     ):
         monkeypatch.setenv("RANKMESH_SHM_BASE", str(base))
         with rankmesh.LocalCluster(n_workers=2) as cluster, rankmesh.Client(cluster) as client:
-            workers = [p for p in cluster_processes(cluster) if p.name() == "rankmesh"][1:]
+            workers = cluster_workers(cluster)
             worker_pids = [p.pid for p in workers]
             for pid in worker_pids:
                 assert len(glob.glob(f"{base}/rankmesh-{pid}-*")) == 1

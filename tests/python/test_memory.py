@@ -13,7 +13,7 @@ import numpy as np
 import psutil
 import pytest
 import rankmesh
-from conftest import cluster_processes, tmpfs
+from conftest import cluster_processes, cluster_workers, tmpfs
 
 MIB = 1 << 20
 
@@ -139,7 +139,7 @@ def test_a_worker_killed_leaves_no_spill_folder_for_long(tmp_path):
     ):
         x = client.persist(da.ones((4_096, 4_096), chunks=1_024))  # 128 MiB: some spill
         rankmesh.wait(x)
-        (worker,) = [p for p in cluster_processes(cluster)[1:] if p.name() == "rankmesh"]
+        (worker,) = cluster_workers(cluster)
         folder = glob.glob(str(tmp_path / f"rankmesh-spill-{worker.pid}-*"))
         assert folder, os.listdir(tmp_path)
         worker.kill()
@@ -202,13 +202,17 @@ def freed_array_stays_resident() -> int:
 
 
 def holes_in_the_heap(count: int) -> int:
-    """Frees `count` arrays of HEAP_ARRAY bytes, each below a small buffer kept (in a
-    global) after it, so that none is at the heap's top; the bytes left resident."""
+    """Frees `count` arrays of HEAP_ARRAY bytes, each below a buffer kept (in a global)
+    after it, so that none is at the heap's top; the bytes left resident. Each buffer is
+    larger than all the heap free at the time, so it cannot fill a hole lower down and
+    leave its array at the top."""
+    from rankmesh._rankmesh import heap_free_bytes
+
     before = resident_bytes()
     arrays, kept = [], []
     for _ in range(count):
         arrays.append(np.ones(HEAP_ARRAY // 8))
-        kept.append(np.ones(4096))
+        kept.append(np.ones(heap_free_bytes() // 8 + 1))
     holes_in_the_heap.kept = kept
     del arrays
     return resident_bytes() - before

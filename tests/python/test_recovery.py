@@ -15,7 +15,7 @@ import numpy as np
 import psutil
 import pytest
 import rankmesh
-from conftest import cluster_processes
+from conftest import cluster_processes, cluster_workers
 
 
 def produce(i):
@@ -42,10 +42,6 @@ def graph(n=1000):
 
 def executors(cluster) -> list[psutil.Process]:
     return [p for p in cluster_processes(cluster) if p.name() != "rankmesh"]
-
-
-def workers(cluster) -> list[psutil.Process]:
-    return [p for p in psutil.Process(cluster.pid).children() if p.name() == "rankmesh"]
 
 
 def wait_for_workers(client, n: int) -> None:
@@ -79,7 +75,7 @@ def test_an_executor_killed_in_the_middle_of_a_graph_costs_nothing_but_time():
 
 
 def worker_folders(cluster) -> list[str]:
-    workers = [p.pid for p in cluster_processes(cluster) if p.name() == "rankmesh"]
+    workers = [p.pid for p in cluster_workers(cluster)]
     folders = [f for pid in workers for f in glob.glob(f"/dev/shm/rankmesh-{pid}-*")]
     assert len(folders) == 2
     return folders
@@ -94,7 +90,7 @@ def test_a_worker_killed_in_the_middle_of_a_graph_costs_nothing_but_time():
             future = client.compute(graph())
             time.sleep(rng.uniform(0.3, 1.2))
             assert future.status == "pending", "the kill must land in the middle"
-            os.kill(rng.choice(workers(cluster)).pid, signal.SIGKILL)
+            os.kill(rng.choice(cluster_workers(cluster)).pid, signal.SIGKILL)
             assert future.result(timeout=300) == expected, f"attempt {attempt}"
             del future
         # The dead workers were replaced, and the replacements work.
@@ -158,7 +154,7 @@ def test_scattered_data_lost_with_every_worker_is_placed_again():
         scattered = client.scatter(arrays)
         sums = client.map(np.sum, scattered)
         assert client.gather(sums) == [a.sum() for a in arrays]
-        for worker in workers(cluster):
+        for worker in cluster_workers(cluster):
             os.kill(worker.pid, signal.SIGKILL)
         back = client.gather(scattered, timeout=120)
         assert all(np.array_equal(a, b) for a, b in zip(arrays, back, strict=True))

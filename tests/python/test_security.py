@@ -30,7 +30,7 @@ import numpy as np
 import psutil
 import pytest
 import rankmesh
-from conftest import cluster_processes
+from conftest import cluster_processes, cluster_workers
 from rankmesh._rankmesh import PROTOCOL_VERSION, read_scheduler_file
 from rankmesh.cluster import find_binary
 
@@ -462,7 +462,7 @@ def wait_until_spilled(client, timeout: float = 60) -> None:
 
 def check_spilling_into_own_folders(cluster, folders: set[Path]) -> None:
     """One fresh private folder per worker, `rankmesh-spill-{pid}-{random}`, with files."""
-    workers = {p.pid for p in cluster_processes(cluster)[1:] if p.name() == "rankmesh"}
+    workers = {p.pid for p in cluster_workers(cluster)}
     assert len(workers) == 2 and len(folders) == 2, (workers, folders)
     pids = set()
     for folder in folders:
