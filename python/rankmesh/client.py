@@ -801,16 +801,17 @@ class Client:
     def scheduler_info(self, timeout: float = 30) -> dict[str, object]:
         """The scheduler's address, its workers and counters, asked of the scheduler.
 
-        Like `distributed`'s, keyed by worker; each worker's entry also holds its memory
-        counters (`memory_limit`, `managed_bytes`, `spilled_bytes` now on disk, `spilled_total` and
-        `unspilled_total` since its start, `process_bytes`, `paused`, `paused_seconds`), and
-        `recomputed_tasks` counts tasks computed again after a worker was lost, or an
-        executor with the results it kept (rankmesh only)."""
+        Like `distributed`'s, keyed by worker address (what `workers=` takes); each
+        worker's entry also holds its memory counters (`memory_limit`, `managed_bytes`,
+        `spilled_bytes` now on disk, `spilled_total` and `unspilled_total` since its start,
+        `process_bytes`, `paused`, `paused_seconds`), and `recomputed_tasks` counts tasks
+        computed again after a worker was lost, or an executor with the results it kept
+        (rankmesh only)."""
         self._flush_releases()  # what it reports should reflect futures let go
         recomputed, memory = self._core.info(timeout)
         workers = {}
         for worker in self.workers():
-            workers[str(worker["id"])] = {**worker, **memory.get(worker["id"], {})}
+            workers[self._address(worker)] = {**worker, **memory.get(worker["id"], {})}
         return {"address": self.address, "workers": workers, "recomputed_tasks": recomputed}
 
     def close(self) -> None:

@@ -1,6 +1,7 @@
 """What a script written for `distributed` relies on, on rankmesh: the calls, their
 semantics and the Dask and xarray features underneath (issue 15)."""
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -224,6 +225,17 @@ def test_wait_for_workers_nthreads_and_run_as_in_distributed(system, client, das
     pids = c.run(os.getpid)
     assert set(pids) == set(c.nthreads()) and len(set(pids.values())) == n
     assert os.getpid() not in pids.values()
+
+
+@pytest.mark.parametrize("system", ["rankmesh", "distributed"])
+def test_scheduler_info_keys_workers_by_the_address_workers_takes(system, client, dask_client):
+    c = client if system == "rankmesh" else dask_client
+    workers = c.scheduler_info()["workers"]
+    assert set(workers) == set(c.nthreads())
+    for address, worker in workers.items():
+        assert worker["nthreads"] == 1 and worker["memory_limit"] >= 0
+        there = c.submit(os.getpid, workers=[address], allow_other_workers=False, pure=False)
+        assert there.result(timeout=30) == c.run(os.getpid, workers=[address])[address]
 
 
 @pytest.mark.parametrize("system", ["rankmesh", "distributed"])
