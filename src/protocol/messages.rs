@@ -545,9 +545,10 @@ pub struct WorkerMemory {
 pub enum PeerRequest {
     Fetch(Vec<TaskId>),
     /// From a worker on the server's node, run by the same user: results in shared
-    /// memory are answered with their file's path (`ObjectHeader::shared`), for it to
-    /// hard-link, instead of their bytes. The server keeps those objects (their files
-    /// cannot be reused) until the next `Linked` on the connection, or its end.
+    /// memory or spilled to disk are answered with their file's path
+    /// (`ObjectHeader::file`), for it to hard-link, instead of their bytes. The server
+    /// keeps those objects (their files are neither reused nor removed) until the next
+    /// `Linked` on the connection, or its end.
     FetchOrLink(Vec<TaskId>),
     /// The fetcher holds its own link (and lock) on every file named since the last one.
     Linked,
@@ -559,10 +560,21 @@ pub struct ObjectHeader {
     pub id: TaskId,
     /// `None`: the server does not hold it. Otherwise the lengths of the object's frames
     /// (pickle stream, then out-of-band buffers); their bytes follow back to back, unless
-    /// `shared` names the file they are in.
+    /// `file` names the file they are in.
     pub layout: Option<Vec<u64>>,
-    /// For `FetchOrLink`: the shared-memory file holding the object; no bytes follow.
-    pub shared: Option<String>,
+    /// For `FetchOrLink`: the file holding the object; no bytes follow.
+    pub file: Option<ObjectFile>,
+}
+
+/// A server's file holding an object, for a fetcher on its node to hard-link into its own
+/// folder of the same kind.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ObjectFile {
+    /// In its shared-memory folder: the fetcher maps it.
+    SharedMemory(String),
+    /// In its spill folder on the node's local disk: the fetcher holds it as spilled,
+    /// taking none of its memory.
+    Spilled(String),
 }
 
 // ---------------------------------------------------------------- worker <-> executor

@@ -1,7 +1,10 @@
 //! Where fetched objects are written: the receiver decides (shared memory on a worker,
 //! the heap in a client).
 
-use super::{ObjectBuilder, ShmDir, StoreError};
+use super::{Object, ObjectBuilder, ShmDir, SpillDir, StoreError};
+use crate::protocol::ObjectFile;
+use std::path::Path;
+use std::sync::Arc;
 
 pub trait Allocate: Send + Sync {
     /// A buffer for an object of `layout`; may take long (fresh shared memory).
@@ -9,10 +12,21 @@ pub trait Allocate: Send + Sync {
     /// The same where that takes no fresh memory, for a thread that must not stall;
     /// `Ok(None)` otherwise.
     fn allocate_at_hand(&self, layout: &[u64]) -> Result<Option<ObjectBuilder>, StoreError>;
-    /// The shared-memory folder objects land in, where a peer's files on this node can be
-    /// linked rather than copied ([`ShmDir::link`]); `None` for the heap.
-    fn shm_dir(&self) -> Option<&ShmDir> {
-        None
+    /// Whether a peer's object files on this node can be linked here rather than their
+    /// bytes copied ([`Allocate::link`]): not into the heap.
+    fn links(&self) -> bool {
+        false
+    }
+    /// Takes a peer's object `file` on this node as an object of ours, by a hard link into
+    /// our folder of its kind.
+    fn link(&self, file: &ObjectFile, _layout: Vec<u64>) -> Result<Object, StoreError> {
+        Err(StoreError::NotLinkable(file_path(file).into()))
+    }
+}
+
+fn file_path(file: &ObjectFile) -> &Path {
+    match file {
+        ObjectFile::SharedMemory(path) | ObjectFile::Spilled(path) => Path::new(path),
     }
 }
 
@@ -32,6 +46,7 @@ impl Allocate for HeapAllocator {
     }
 }
 
+/// A shared-memory folder alone links peers' shared-memory files ([`ShmDir::link`]).
 impl Allocate for ShmDir {
     fn allocate(&self, layout: Vec<u64>) -> Result<ObjectBuilder, StoreError> {
         ShmDir::allocate(self, layout)
@@ -41,7 +56,43 @@ impl Allocate for ShmDir {
         ShmDir::allocate_at_hand(self, layout)
     }
 
-    fn shm_dir(&self) -> Option<&ShmDir> {
-        Some(self)
+    fn links(&self) -> bool {
+        true
+    }
+
+    fn link(&self, file: &ObjectFile, layout: Vec<u64>) -> Result<Object, StoreError> {
+        match file {
+            ObjectFile::SharedMemory(path) => ShmDir::link(self, Path::new(path), layout),
+            ObjectFile::Spilled(path) => Err(StoreError::NotLinkable(path.into())),
+        }
+    }
+}
+
+/// A worker's folders: objects land in its shared memory; peers' spilled results are
+/// linked into its spill folder (it has one with a memory limit), where they take none of
+/// its memory.
+pub struct WorkerFolders {
+    pub shm: Arc<ShmDir>,
+    pub spill: Option<Arc<SpillDir>>,
+}
+
+impl Allocate for WorkerFolders {
+    fn allocate(&self, layout: Vec<u64>) -> Result<ObjectBuilder, StoreError> {
+        self.shm.allocate(layout)
+    }
+
+    fn allocate_at_hand(&self, layout: &[u64]) -> Result<Option<ObjectBuilder>, StoreError> {
+        self.shm.allocate_at_hand(layout)
+    }
+
+    fn links(&self) -> bool {
+        true
+    }
+
+    fn link(&self, file: &ObjectFile, layout: Vec<u64>) -> Result<Object, StoreError> {
+        match (file, &self.spill) {
+            (ObjectFile::Spilled(path), Some(spill)) => spill.link(Path::new(path), layout),
+            _ => Allocate::link(self.shm.as_ref(), file, layout),
+        }
     }
 }

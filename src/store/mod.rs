@@ -8,7 +8,7 @@ mod held;
 mod pool;
 mod spill;
 
-pub use allocate::{Allocate, HeapAllocator};
+pub use allocate::{Allocate, HeapAllocator, WorkerFolders};
 use held::Held;
 pub use held::{Holder, ProcessMemory};
 pub use spill::{SpillDir, SPILL_PREFIX};
@@ -228,6 +228,15 @@ impl Object {
         matches!(self.data, ObjectData::Disk(_))
     }
 
+    /// The spill file holding the object, for a worker on this node to link
+    /// ([`SpillDir::link`]); `None` while it is in memory.
+    pub fn spill_path(&self) -> Option<&Path> {
+        match &self.data {
+            ObjectData::Disk(disk) => Some(disk.path()),
+            _ => None,
+        }
+    }
+
     /// How executor `slot` of `generation` reads the object: the one that keeps it by its
     /// key until it is copied out (and that executor told to drop it), any other from
     /// shared memory (copied out of the executor first).
@@ -423,6 +432,59 @@ pub fn shm_base() -> PathBuf {
     }
 }
 
+/// Hard-links `path`, another worker's object file on this node, to `own` in our folder
+/// `ours`, and opens our link. The path comes from a peer, so it must be absolute, in a
+/// folder beside `ours` (not in it), and name a regular file of this user's, private
+/// (0600), of `total` bytes. On an error nothing is left at `own`.
+fn link_peer_file(
+    ours: &Path,
+    path: &Path,
+    own: &Path,
+    total: u64,
+    io: impl Fn(std::io::Error) -> StoreError,
+) -> Result<File, StoreError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let not_linkable = || StoreError::NotLinkable(path.to_path_buf());
+    let beside_ours = path.parent().and_then(Path::parent) == ours.parent()
+        && path.is_absolute()
+        && path.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::RootDir | std::path::Component::Normal(_)
+            )
+        });
+    if !beside_ours || path.parent() == Some(ours) {
+        return Err(not_linkable());
+    }
+    // linkat without AT_SYMLINK_FOLLOW: a planted symlink is linked as itself, and then
+    // refused by O_NOFOLLOW.
+    std::fs::hard_link(path, own).map_err(&io)?;
+    let opened = File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(own)
+        .map_err(&io)
+        .and_then(|file| {
+            let meta = file.metadata().map_err(&io)?;
+            let private = meta.permissions().mode() & 0o077 == 0;
+            if !meta.is_file() || meta.uid() != private_files::my_uid() || !private {
+                return Err(not_linkable());
+            }
+            if meta.len() != total {
+                return Err(StoreError::SizeMismatch {
+                    path: path.to_path_buf(),
+                    expected: total,
+                    actual: meta.len(),
+                });
+            }
+            Ok(file)
+        });
+    if opened.is_err() {
+        let _ = std::fs::remove_file(own);
+    }
+    opened
+}
+
 /// Removes the files in a worker's `folder` whose names start with `prefix`: what a dead
 /// executor generation wrote and the worker never took over (results it died before
 /// reporting, a file half written).
@@ -580,53 +642,21 @@ impl ShmDir {
     }
 
     /// Takes another worker's object file on this node as an object of ours, without a
-    /// copy: a hard link into this folder, locked shared and mapped read-only. The path
-    /// comes from a peer, so it must be a regular file in a folder beside ours, this
-    /// user's and private (0600), of the layout's size. The other worker keeps the file
-    /// unchanged until we hold the lock (`PeerRequest::FetchOrLink`).
+    /// copy: a hard link into this folder ([`link_peer_file`]), locked shared and mapped
+    /// read-only. The other worker keeps the file unchanged until we hold the lock
+    /// (`PeerRequest::FetchOrLink`).
     pub fn link(&self, path: &Path, layout: Vec<u64>) -> Result<Object, StoreError> {
-        use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let total = total_size(&layout)?;
-        let not_linkable = || StoreError::NotLinkable(path.to_path_buf());
-        let beside_ours = path.parent().and_then(Path::parent) == self.dir.parent()
-            && path.is_absolute()
-            && path.components().all(|c| {
-                matches!(
-                    c,
-                    std::path::Component::RootDir | std::path::Component::Normal(_)
-                )
-            });
-        if !beside_ours || path.parent() == Some(self.dir.as_path()) {
-            return Err(not_linkable());
-        }
         let own = self.next_path();
         let io = |source| StoreError::Io {
             path: path.to_path_buf(),
             source,
         };
-        // linkat without AT_SYMLINK_FOLLOW: a planted symlink is linked as itself, and
-        // then refused by O_NOFOLLOW.
-        std::fs::hard_link(path, &own).map_err(io)?;
+        let file = link_peer_file(&self.dir, path, &own, total, io)?;
         // From here on the segment owns our link, so it is removed on every error path.
         let mut segment = ShmSegment::new(own);
-        let file = File::options()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&segment.path)
-            .map_err(io)?;
-        let meta = file.metadata().map_err(io)?;
-        let private = meta.permissions().mode() & 0o077 == 0;
-        if !meta.is_file() || meta.uid() != private_files::my_uid() || !private {
-            return Err(not_linkable());
-        }
-        if meta.len() != total {
-            return Err(StoreError::SizeMismatch {
-                path: path.to_path_buf(),
-                expected: total,
-                actual: meta.len(),
-            });
-        }
-        file.try_lock_shared().map_err(|_| not_linkable())?;
+        file.try_lock_shared()
+            .map_err(|_| StoreError::NotLinkable(path.to_path_buf()))?;
         if total > 0 {
             // SAFETY: read-only; the owner neither writes nor reuses the file while our
             // shared lock holds (its pool takes only segments it can lock exclusively).
@@ -881,15 +911,26 @@ impl Store {
         object
     }
 
-    /// The object, counted as a use (a task's input, a peer's fetch).
+    /// The object, counted as a use (a task's input, a peer's fetch), and as a read of
+    /// its bytes where it is spilled.
     pub fn get(&self, id: TaskId) -> Option<Arc<Object>> {
+        self.used(id, true)
+    }
+
+    /// [`Store::get`] for a peer on this node that may link the object's file: not a read
+    /// if it is spilled (what it sends instead of the file is counted where it is read).
+    pub fn get_to_link(&self, id: TaskId) -> Option<Arc<Object>> {
+        self.used(id, false)
+    }
+
+    fn used(&self, id: TaskId, read: bool) -> Option<Arc<Object>> {
         let mut objects = self.lock();
         objects.clock += 1;
         let clock = objects.clock;
         let entry = objects.entries.get_mut(&id)?;
         entry.last_used = clock;
         let object = entry.object.clone();
-        if object.is_spilled() {
+        if read && object.is_spilled() {
             objects.unspilled += object.size();
         }
         Some(object)
@@ -999,8 +1040,6 @@ impl Store {
         std::mem::take(&mut *lock(&self.published))
     }
 
-    /// Puts `spilled` in place of `id`'s object if that is still `original` (not released
-    /// or replaced meanwhile); false, and `spilled` dropped (its file removed), otherwise.
     /// Whether `object` is still what the store holds under `id` (not released, spilled or
     /// replaced since it was handed out).
     pub fn still_holds(&self, id: TaskId, object: &Arc<Object>) -> bool {
@@ -1011,6 +1050,8 @@ impl Store {
             .is_some_and(|entry| Arc::ptr_eq(&entry.object, object))
     }
 
+    /// Puts `spilled` in place of `id`'s object if that is still `original` (not released
+    /// or replaced meanwhile); false, and `spilled` dropped (its file removed), otherwise.
     pub fn replace_spilled(&self, id: TaskId, original: &Arc<Object>, spilled: Object) -> bool {
         let mut objects = self.lock();
         let current = match objects.entries.get(&id) {
@@ -1283,40 +1324,67 @@ mod tests {
 
     #[test]
     fn only_this_users_private_files_beside_our_folder_are_linked() {
-        use std::os::unix::fs::PermissionsExt;
         let (owner, fetcher) = (shm_dir(), shm_dir());
         let size = 4 * INLINE_MAX;
         let object = received(&owner, size, 5);
-        let source = object.shared_path().unwrap().to_path_buf();
-        let refused = |path: &Path, layout: Vec<u64>| fetcher.link(path, layout).is_err();
+        let source = object.shared_path().unwrap();
+        only_private_files_beside_are_linked(source, size, fetcher.path(), |path, layout| {
+            fetcher.link(path, layout)
+        });
+        assert_eq!(files_in(&fetcher), 0);
+    }
+
+    #[test]
+    fn only_this_users_private_spill_files_beside_our_spill_folder_are_linked() {
+        let local = tempfile::tempdir().unwrap();
+        let (owner, fetcher) = (
+            SpillDir::create(local.path()).unwrap(),
+            SpillDir::create(local.path()).unwrap(),
+        );
+        let size = 4 * INLINE_MAX;
+        let object = owner.spill(&received(&shm_dir(), size, 5)).unwrap();
+        let source = object.spill_path().unwrap();
+        only_private_files_beside_are_linked(source, size, fetcher.path(), |path, layout| {
+            fetcher.link(path, layout)
+        });
+        assert_eq!(std::fs::read_dir(fetcher.path()).unwrap().count(), 0);
+    }
+
+    /// `link` refuses every path a peer could name but `source` (a private file of `size`
+    /// bytes in another worker's folder beside `ours`), and links that one.
+    fn only_private_files_beside_are_linked(
+        source: &Path,
+        size: u64,
+        ours: &Path,
+        link: impl Fn(&Path, Vec<u64>) -> Result<Object, StoreError>,
+    ) {
+        use std::os::unix::fs::PermissionsExt;
+        let owners = source.parent().unwrap();
+        let refused = |path: &Path, layout: Vec<u64>| link(path, layout).is_err();
         // A file anywhere else, our own folder, a path with `..`, a wrong size.
         assert!(refused(Path::new("/etc/passwd"), vec![size]));
-        assert!(refused(&fetcher.path().join("in-0"), vec![size]));
-        let dotted = owner
-            .path()
-            .join("..")
-            .join(owner.path().file_name().unwrap());
+        assert!(refused(&ours.join("in-0"), vec![size]));
+        let dotted = owners.join("..").join(owners.file_name().unwrap());
         assert!(refused(
             &dotted.join(source.file_name().unwrap()),
             vec![size]
         ));
-        assert!(refused(&source, vec![size + 1]));
+        assert!(refused(source, vec![size + 1]));
         // A symlink planted beside our folder, and a file others may read.
-        let planted = owner.path().join("planted");
-        std::os::unix::fs::symlink(&source, &planted).unwrap();
+        let planted = owners.join("planted");
+        std::os::unix::fs::symlink(source, &planted).unwrap();
         assert!(refused(&planted, vec![size]));
-        std::fs::set_permissions(&source, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(refused(&source, vec![size]));
-        std::fs::set_permissions(&source, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(source, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(refused(source, vec![size]));
+        std::fs::set_permissions(source, std::fs::Permissions::from_mode(0o600)).unwrap();
         // Another user's file (only root can make one here).
         if private_files::my_uid() == 0 {
-            std::os::unix::fs::chown(&source, Some(65534), None).unwrap();
-            assert!(refused(&source, vec![size]));
-            std::os::unix::fs::chown(&source, Some(0), None).unwrap();
+            std::os::unix::fs::chown(source, Some(65534), None).unwrap();
+            assert!(refused(source, vec![size]));
+            std::os::unix::fs::chown(source, Some(0), None).unwrap();
         }
-        assert!(fetcher.link(&source, vec![size]).is_ok());
-        // Every refusal left nothing behind in our folder.
-        assert_eq!(files_in(&fetcher), 0);
+        let linked = link(source, vec![size]).unwrap();
+        assert_eq!(linked.size(), size);
     }
 
     #[test]

@@ -75,12 +75,38 @@ impl SpillDir {
         &self.dir
     }
 
+    /// Takes another worker's spill file on this node (in a folder beside ours: the same
+    /// local directory, so the same file system) as a spilled object of ours, without
+    /// reading it: a hard link into this folder ([`super::link_peer_file`]). Spill files
+    /// are written once and never changed, so the link needs no lock; the other worker
+    /// keeps its own until we hold ours (`PeerRequest::FetchOrLink`).
+    pub fn link(&self, path: &Path, layout: Vec<u64>) -> Result<Object, StoreError> {
+        let total = super::total_size(&layout)?;
+        let own = self.next_path();
+        let io = |source| StoreError::Spill {
+            path: path.to_path_buf(),
+            source,
+        };
+        super::link_peer_file(&self.dir, path, &own, total, io)?;
+        Ok(Object {
+            layout,
+            data: ObjectData::Disk(DiskFile {
+                path: own,
+                size: total,
+            }),
+        })
+    }
+
+    /// A name no file in this folder has had.
+    fn next_path(&self) -> PathBuf {
+        self.dir
+            .join(self.next.fetch_add(1, Ordering::Relaxed).to_string())
+    }
+
     /// Writes `object` to a new file here and returns it as a spilled object. Blocking (a
     /// disk write): call off the event loop. A full disk is an error, and leaves no file.
     pub fn spill(&self, object: &Object) -> Result<Object, StoreError> {
-        let path = self
-            .dir
-            .join(self.next.fetch_add(1, Ordering::Relaxed).to_string());
+        let path = self.next_path();
         // Straight from the executor's memory to the disk, not through shared memory,
         // unless it was copied out (then its executor may have dropped its frames).
         let from_executor = object.kept().and_then(|held| {

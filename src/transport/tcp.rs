@@ -4,7 +4,8 @@
 use super::listen::{Admission, Authenticated};
 use super::{Fetched, Transport, TransportError};
 use crate::protocol::{
-    self, FrameReader, FrameWriter, ObjectHeader, PeerRequest, Role, TaskId, Token, WorkerInfo,
+    self, FrameReader, FrameWriter, ObjectFile, ObjectHeader, PeerRequest, Role, TaskId, Token,
+    WorkerInfo,
 };
 use crate::store::Allocate;
 use crate::store::{Object, ObjectBytes, Store};
@@ -112,7 +113,8 @@ pub struct TcpTransport {
     token: Token,
     idle: Mutex<HashMap<String, Vec<DataConnection>>>,
     /// The host this process's data server advertises: from peers advertising the same,
-    /// results in shared memory are linked rather than sent (a worker's fetches).
+    /// results in shared memory or spilled are linked rather than sent (a worker's
+    /// fetches).
     linking_host: Option<String>,
 }
 
@@ -125,10 +127,9 @@ impl TcpTransport {
         }
     }
 
-    /// Links the shared-memory results of peers that advertise `host` ([`ShmDir::link`])
-    /// into the fetcher's folder instead of copying their bytes over a socket.
-    ///
-    /// [`ShmDir::link`]: crate::store::ShmDir::link
+    /// Links the files of results of peers that advertise `host` (in shared memory or
+    /// spilled: [`Allocate::link`]) into the fetcher's folders instead of copying their
+    /// bytes over a socket.
     pub fn linking_on(mut self, host: String) -> TcpTransport {
         self.linking_host = Some(host);
         self
@@ -165,8 +166,7 @@ impl TcpTransport {
         alloc: Arc<dyn Allocate>,
     ) -> Result<Fetched, TransportError> {
         let address = from.data_address.as_str();
-        let linking =
-            alloc.shm_dir().is_some() && self.linking_host.as_deref() == Some(from.host.as_str());
+        let linking = alloc.links() && self.linking_host.as_deref() == Some(from.host.as_str());
         let mut connection = self.checkout(address).await?;
         let request = if linking {
             PeerRequest::FetchOrLink(ids.clone())
@@ -254,19 +254,16 @@ async fn receive(
                 got: header.id,
             });
         }
-        let object = match (header.layout, header.shared, alloc.shm_dir()) {
-            (None, _, _) => None,
-            (Some(layout), Some(path), Some(shm)) => {
-                Some(match shm.link(std::path::Path::new(&path), layout) {
-                    Ok(object) => Received::Object(object),
-                    Err(e) => {
-                        tracing::debug!(%address, "cannot link {path}: {e}");
-                        Received::Unlinked
-                    }
-                })
-            }
-            (Some(_), Some(_), None) => Some(Received::Unlinked),
-            (Some(layout), None, _) => {
+        let object = match (header.layout, header.file) {
+            (None, _) => None,
+            (Some(layout), Some(file)) => Some(match alloc.link(&file, layout) {
+                Ok(object) => Received::Object(object),
+                Err(e) => {
+                    tracing::debug!(%address, "cannot link {file:?}: {e}");
+                    Received::Unlinked
+                }
+            }),
+            (Some(layout), None) => {
                 let mut builder = alloc.allocate(layout)?;
                 reader.read_raw(builder.buffer()).await.map_err(frame)?;
                 Some(Received::Object(builder.finish()))
@@ -342,15 +339,15 @@ async fn serve_peer(connection: Authenticated, store: &Store) -> Result<(), Stri
             }
         };
         for id in ids {
-            let object = published(store.get(id)).await;
-            let shared = object
-                .as_ref()
-                .filter(|_| may_link)
-                .and_then(|o| o.shared_path())
-                .map(|path| path.to_string_lossy().into_owned());
+            let object = match may_link {
+                true => store.get_to_link(id),
+                false => store.get(id),
+            };
+            let object = published(object).await;
+            let file = object.as_deref().filter(|_| may_link).and_then(object_file);
             // Read before the header: a result whose spill file cannot be read is
             // reported missing (the fetcher's worker then says so), not half sent.
-            let bytes = match (&object, &shared) {
+            let bytes = match (&object, &file) {
                 (Some(object), None) => object
                     .read()
                     .inspect_err(|e| tracing::error!("cannot serve {id:?}: {e}"))
@@ -361,12 +358,12 @@ async fn serve_peer(connection: Authenticated, store: &Store) -> Result<(), Stri
                 id,
                 layout: object
                     .as_ref()
-                    .filter(|_| shared.is_some() || bytes.is_some())
+                    .filter(|_| file.is_some() || bytes.is_some())
                     .map(|o| o.layout.clone()),
-                shared,
+                file,
             };
             writer.feed(&header).await.map_err(|e| e.to_string())?;
-            if header.shared.is_some() {
+            if header.file.is_some() {
                 being_linked.extend(object);
             } else if let Some(bytes) = bytes {
                 // A spilled result goes out a piece at a time, each piece's pages let go
@@ -387,6 +384,17 @@ async fn serve_peer(connection: Authenticated, store: &Store) -> Result<(), Stri
         writer.flush().await.map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// The file a fetcher on this node may link in place of `object`'s bytes: its
+/// shared-memory file, or its spill file.
+fn object_file(object: &Object) -> Option<ObjectFile> {
+    let path = |path: &std::path::Path| path.to_string_lossy().into_owned();
+    match (object.shared_path(), object.spill_path()) {
+        (Some(shared), _) => Some(ObjectFile::SharedMemory(path(shared))),
+        (None, Some(spilled)) => Some(ObjectFile::Spilled(path(spilled))),
+        (None, None) => None,
+    }
 }
 
 /// The object, with its bytes copied out of the executor that keeps them first (off the
@@ -611,6 +619,87 @@ mod tests {
         assert_eq!(seen(0, 5), Some((size, true)), "sent from its file");
         assert_eq!(seen(1, 6), None, "reported missing, not half sent");
         assert_eq!(seen(2, 7), Some((size, true)), "the connection goes on");
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn spilled_results_are_linked_into_a_spill_folder_beside_and_sent_to_one_elsewhere() {
+        use crate::store::{ShmDir, SpillDir, Store, WorkerFolders, WORKER_SHM_PREFIX};
+        use std::os::unix::fs::MetadataExt;
+        let token = Token::new("secret");
+        let owner = ShmDir::create(WORKER_SHM_PREFIX).unwrap();
+        let (local, other_local) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let owners_spill = SpillDir::create(local.path()).unwrap();
+        let folders = |local: &std::path::Path| {
+            Arc::new(WorkerFolders {
+                shm: Arc::new(ShmDir::create(WORKER_SHM_PREFIX).unwrap()),
+                spill: Some(Arc::new(SpillDir::create(local).unwrap())),
+            })
+        };
+        let (beside, elsewhere) = (folders(local.path()), folders(other_local.path()));
+        let store = Store::default();
+        let size = 4 * crate::protocol::INLINE_MAX;
+        let mut builder = owner.allocate(vec![size]).unwrap();
+        builder.buffer().fill(5);
+        store.insert(TaskId(1), owners_spill.spill(&builder.finish()).unwrap());
+        let owners_file = store
+            .get(TaskId(1))
+            .unwrap()
+            .spill_path()
+            .unwrap()
+            .to_owned();
+        let unspilled_before = store.bytes().unspilled;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let info = data_server_info(listener.local_addr().unwrap().to_string());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve_data(
+            listener,
+            token.clone(),
+            store.clone(),
+            shutdown.clone(),
+        ));
+        let transport = TcpTransport::new(token).linking_on("127.0.0.1".into());
+        let inode = |path: &std::path::Path| std::fs::metadata(path).unwrap().ino();
+        let all_five = |object: crate::store::Object| {
+            let bytes = Arc::new(object).read().unwrap();
+            bytes.len() as u64 == size && bytes.iter().all(|&b| b == 5)
+        };
+
+        let mut fetched = transport.fetch(&info, vec![TaskId(1)], beside.clone());
+        let linked = fetched.await.unwrap().remove(0).1.unwrap();
+        assert!(
+            linked.is_spilled(),
+            "held as spilled: none of the fetcher's memory"
+        );
+        let ours = linked.spill_path().unwrap().to_owned();
+        assert_eq!(ours.parent(), beside.spill.as_ref().map(|s| s.path()));
+        assert_eq!(inode(&ours), inode(&owners_file), "the same file");
+        assert_eq!(
+            store.bytes().unspilled,
+            unspilled_before,
+            "not read to be linked"
+        );
+        // The owner lets its file go (once the server has read `Linked`): ours stays.
+        drop(store.remove(TaskId(1)));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while owners_file.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the server still holds the owner's file"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(all_five(linked));
+        assert!(!ours.exists(), "our link goes with our object");
+
+        // Spilled into another local directory: the fetcher gets the bytes.
+        let mut builder = owner.allocate(vec![size]).unwrap();
+        builder.buffer().fill(5);
+        store.insert(TaskId(2), owners_spill.spill(&builder.finish()).unwrap());
+        fetched = transport.fetch(&info, vec![TaskId(2)], elsewhere);
+        let sent = fetched.await.unwrap().remove(0).1.unwrap();
+        assert!(!sent.is_spilled() && sent.shared_path().is_some());
+        assert!(all_five(sent));
         shutdown.cancel();
     }
 

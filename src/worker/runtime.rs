@@ -13,7 +13,7 @@ use crate::protocol::{
     ToWorker, Token, WorkerId, WorkerInfo, WorkerRegistration, WorkerTopology,
 };
 use crate::store::{
-    Holder, Object, ProcessMemory, Published, ShmDir, SpillDir, Store, StoreError,
+    Holder, Object, ProcessMemory, Published, ShmDir, SpillDir, Store, StoreError, WorkerFolders,
     WORKER_SHM_PREFIX,
 };
 use crate::transport::tcp::{self, TcpTransport};
@@ -248,8 +248,10 @@ pub async fn run_with(
     let mut comm = RuntimeComm {
         to_scheduler,
         transport,
-        shm,
-        spill_dir,
+        folders: Arc::new(WorkerFolders {
+            shm,
+            spill: spill_dir,
+        }),
         fetched_tx,
         spilled_tx,
         woken_tx,
@@ -328,7 +330,7 @@ async fn serve(
     shutdown: &CancellationToken,
 ) -> WorkerEnd {
     let mut freed = FreedBytes::default();
-    let measure_memory = comm.spill_dir.is_some();
+    let measure_memory = comm.folders.spill.is_some();
     let mut memory_tick = tokio::time::interval(MEMORY_SAMPLE_INTERVAL);
     let mut last_sample = Instant::now();
     loop {
@@ -368,7 +370,7 @@ async fn serve(
                         .into_iter()
                         .map(|(slot, pid)| (slot, private_bytes(pid)))
                         .collect(),
-                    shared: allocated_bytes(comm.shm.path()) + comm.shm.free_segment_bytes(),
+                    shared: allocated_bytes(comm.folders.shm.path()) + comm.folders.shm.free_segment_bytes(),
                     elapsed: last_sample.elapsed(),
                 };
                 last_sample = Instant::now();
@@ -437,9 +439,9 @@ fn allocated_bytes(folder: &Path) -> u64 {
 struct RuntimeComm {
     to_scheduler: mpsc::UnboundedSender<FromWorker>,
     transport: Arc<dyn Transport>,
-    shm: Arc<ShmDir>,
-    /// Where results are spilled; none without a memory limit.
-    spill_dir: Option<Arc<SpillDir>>,
+    /// Where objects land, and where results are spilled (no spill folder without a
+    /// memory limit).
+    folders: Arc<WorkerFolders>,
     fetched_tx: mpsc::UnboundedSender<FetchDone>,
     spilled_tx: mpsc::UnboundedSender<Vec<SpillOutcome>>,
     woken_tx: mpsc::UnboundedSender<Wake>,
@@ -452,15 +454,15 @@ impl WorkerComm for RuntimeComm {
     }
 
     fn fetch(&mut self, peer: &WorkerInfo, ids: Vec<TaskId>) {
-        let (transport, shm, done) = (
+        let (transport, folders, done) = (
             self.transport.clone(),
-            self.shm.clone(),
+            self.folders.clone(),
             self.fetched_tx.clone(),
         );
         let info = peer.clone();
         tokio::spawn(async move {
             let started = std::time::Instant::now();
-            let result = transport.fetch(&info, ids.clone(), shm).await;
+            let result = transport.fetch(&info, ids.clone(), folders).await;
             let _ = done.send(FetchDone {
                 peer: info.id,
                 ids,
@@ -489,7 +491,7 @@ impl WorkerComm for RuntimeComm {
     }
 
     fn adopt(&mut self, path: &Path, layout: Vec<u64>) -> Result<Object, StoreError> {
-        self.shm.adopt(path, layout)
+        self.folders.shm.adopt(path, layout)
     }
 
     fn adopt_held(
@@ -500,7 +502,14 @@ impl WorkerComm for RuntimeComm {
         spans: Vec<(u64, u64)>,
         published: Published,
     ) -> Result<Object, StoreError> {
-        Object::held(layout, holder, source, spans, self.shm.clone(), published)
+        Object::held(
+            layout,
+            holder,
+            source,
+            spans,
+            self.folders.shm.clone(),
+            published,
+        )
     }
 
     fn map_in(&mut self, object: Arc<Object>) {
@@ -520,7 +529,7 @@ impl WorkerComm for RuntimeComm {
     }
 
     fn spill(&mut self, objects: Vec<(TaskId, Arc<Object>)>) {
-        let Some(dir) = self.spill_dir.clone() else {
+        let Some(dir) = self.folders.spill.clone() else {
             return;
         };
         let done = self.spilled_tx.clone();
@@ -538,7 +547,7 @@ impl WorkerComm for RuntimeComm {
 
     fn clear_after(&mut self, slot: usize, generation: u64) {
         let id = super::executor::executor_id(slot, generation);
-        let removed = crate::store::remove_leftovers(self.shm.path(), &format!("{id}-"));
+        let removed = crate::store::remove_leftovers(self.folders.shm.path(), &format!("{id}-"));
         if removed > 0 {
             tracing::info!(
                 executor = id,
@@ -549,7 +558,7 @@ impl WorkerComm for RuntimeComm {
     }
 
     fn drop_reserves(&mut self) {
-        let freed = self.shm.drop_free_segments();
+        let freed = self.folders.shm.drop_free_segments();
         if freed > 0 {
             tracing::debug!(freed, "gave back free shared-memory segments");
         }

@@ -2,6 +2,7 @@
 local directory, pausing and resuming; results equal Dask's threaded scheduler; a full
 disk is a clear error, not a crash."""
 
+import contextlib
 import gc
 import glob
 import os
@@ -149,6 +150,59 @@ def test_a_worker_killed_leaves_no_spill_folder_for_long(tmp_path):
             assert time.monotonic() < deadline, os.listdir(tmp_path)
             time.sleep(0.1)
         assert float(client.compute(x.sum(), sync=True)) == 4_096 * 4_096
+
+
+def sum_when_told(marker: str, array) -> float:
+    """Holds its input until `marker` exists."""
+    while not os.path.exists(marker):
+        time.sleep(0.01)
+    return float(array.sum())
+
+
+def files_in_two_spill_folders(local) -> list[set[str]]:
+    """Spill files that are one file in two workers' spill folders (a hard link)."""
+    folders_of: dict[int, set[str]] = {}
+    for path in glob.glob(f"{local}/rankmesh-spill-*/*"):
+        with contextlib.suppress(FileNotFoundError):
+            folders_of.setdefault(os.stat(path).st_ino, set()).add(os.path.dirname(path))
+    return [folders for folders in folders_of.values() if len(folders) == 2]
+
+
+def test_a_result_spilled_by_one_worker_is_linked_by_another_on_its_node(tmp_path):
+    """A peer on the node takes a spilled result by a hard link to its file: no bytes over
+    a socket into its memory, no second write to disk."""
+    local, marker = tmp_path / "local", tmp_path / "go"
+    local.mkdir()
+    spilling = {"memory_limit": "300MiB", "local_directory": local}
+    with (
+        rankmesh.LocalCluster(n_workers=2, threads_per_worker=1, **spilling) as cluster,
+        rankmesh.Client(cluster) as client,
+    ):
+        a, b = client.scheduler_info()["workers"]
+        # Five 48 MiB results on a, over its target (180 MiB): the least recently used, the
+        # first, go to disk first.
+        parts = []
+        for i in range(5):
+            parts.append(client.submit(np.full, 6 * MIB, float(i + 1), workers=[a]))
+            rankmesh.wait(parts[-1])
+        deadline = time.monotonic() + 30
+        while client.scheduler_info()["workers"][a]["spilled_bytes"] < 48 * MIB:
+            assert time.monotonic() < deadline, client.scheduler_info()["workers"][a]
+            time.sleep(0.05)
+        total = client.submit(sum_when_told, str(marker), parts[0], workers=[b])
+        while not files_in_two_spill_folders(local):
+            assert time.monotonic() < deadline, glob.glob(f"{local}/*/*")
+            time.sleep(0.05)
+        marker.touch()
+        assert total.result(timeout=60) == np.full(6 * MIB, 1.0).sum()
+        assert client.scheduler_info()["workers"][b]["spilled_total"] == 0
+        del total, parts
+        client.scheduler_info()  # the releases go out with the client's next call
+        # Released: b's link goes with its copy, a's file with the result.
+        deadline = time.monotonic() + 30
+        while glob.glob(f"{local}/*/*"):
+            assert time.monotonic() < deadline, glob.glob(f"{local}/*/*")
+            time.sleep(0.05)
 
 
 @pytest.fixture
