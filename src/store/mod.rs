@@ -228,6 +228,15 @@ impl Object {
         matches!(self.data, ObjectData::Disk(_))
     }
 
+    /// Asks the kernel to read a spilled object's file into the page cache, without
+    /// waiting for it: a task about to map it then finds its pages there, or on their way,
+    /// where faulting them in one readahead window at a time waits on the disk for each.
+    pub fn read_ahead(&self) {
+        if let ObjectData::Disk(disk) = &self.data {
+            disk.read_ahead();
+        }
+    }
+
     /// The spill file holding the object, for a worker on this node to link
     /// ([`SpillDir::link`]); `None` while it is in memory.
     pub fn spill_path(&self) -> Option<&Path> {

@@ -35,6 +35,16 @@ impl DiskFile {
         &self.path
     }
 
+    /// Starts reading the file into the page cache (`POSIX_FADV_WILLNEED`: the reads are
+    /// queued, not waited for); a file gone meanwhile is left alone.
+    pub(super) fn read_ahead(&self) {
+        use std::os::fd::AsRawFd;
+        if let Ok(file) = File::open(&self.path) {
+            // SAFETY: advice on a descriptor this function owns; it changes no memory.
+            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
+        }
+    }
+
     /// The file, mapped read-only for as long as the mapping lives.
     pub(super) fn map(&self) -> Result<Mmap, StoreError> {
         let io = |source| StoreError::Spill {

@@ -516,6 +516,10 @@ impl WorkerComm for RuntimeComm {
         tokio::task::spawn_blocking(move || object.map_in());
     }
 
+    fn read_ahead(&mut self, objects: Vec<Arc<Object>>) {
+        tokio::task::spawn_blocking(move || objects.iter().for_each(|o| o.read_ahead()));
+    }
+
     fn copy_out(&mut self, id: TaskId, object: Arc<Object>) {
         let woken = self.woken_tx.clone();
         tokio::task::spawn_blocking(move || {

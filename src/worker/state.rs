@@ -85,6 +85,10 @@ pub trait WorkerComm {
     ) -> Result<Object, StoreError>;
     /// Maps a stored shared-memory object's pages in, off the event loop.
     fn map_in(&mut self, object: Arc<Object>);
+    /// Starts reading spilled objects, inputs of tasks just sent to an executor, back from
+    /// disk off the event loop, so that their pages are in memory, or on their way, when
+    /// the task maps them.
+    fn read_ahead(&mut self, objects: Vec<Arc<Object>>);
     /// Copies result `id`, which an executor keeps, out of it off the event loop (the
     /// executor is then told to drop its copy: [`Store::take_published`]), then calls
     /// [`WorkerState::woken`] with [`Wake::CopiedOut`], whether the copy was made or not.
@@ -1431,6 +1435,7 @@ impl WorkerState {
         let mut run = Vec::with_capacity(batch.len());
         let mut released_inputs = Vec::new();
         let mut unreadable_inputs = Vec::new();
+        let mut spilled_inputs = Vec::new();
         let slot = &mut self.slots[index];
         for (id, need) in batch {
             let Some(task) = self.tasks.get_mut(&id) else {
@@ -1457,6 +1462,7 @@ impl WorkerState {
                     continue;
                 }
             };
+            spilled_inputs.extend(held.iter().filter(|o| o.is_spilled()).cloned());
             task.held_inputs = held;
             task.running = true;
             task.working = need;
@@ -1479,6 +1485,9 @@ impl WorkerState {
                 payload: task.compute.payload.clone(),
                 inputs,
             });
+        }
+        if !spilled_inputs.is_empty() {
+            comm.read_ahead(spilled_inputs);
         }
         if !run.is_empty() {
             comm.run(index, slot.generation, functions, run);

@@ -35,6 +35,8 @@ struct TestComm {
     released_functions: VecDeque<(usize, u64, Vec<FuncId>)>,
     adopted: Vec<PathBuf>,
     mapped_in: usize,
+    /// Spilled inputs read ahead of their tasks.
+    read_ahead: Vec<Arc<Object>>,
     /// Kept results to copy out of their executors at once.
     copied_out: Vec<(TaskId, Arc<Object>)>,
     /// Result files that cannot be taken over.
@@ -127,6 +129,10 @@ impl WorkerComm for TestComm {
         self.mapped_in += 1;
     }
 
+    fn read_ahead(&mut self, objects: Vec<Arc<Object>>) {
+        self.read_ahead.extend(objects);
+    }
+
     fn copy_out(&mut self, id: TaskId, object: Arc<Object>) {
         self.copied_out.push((id, object));
     }
@@ -212,6 +218,7 @@ impl TestComm {
         );
 
         assert!(self.spills.is_empty(), "unexpected spills");
+        assert!(self.read_ahead.is_empty(), "unexpected reads ahead");
         assert!(
             self.restarts.is_empty(),
             "unexpected restarts: {:?}",
@@ -1171,6 +1178,33 @@ fn above_the_target_the_least_recently_used_idle_results_are_spilled() {
     assert!(being_sent.is_shared(), "the busy ones stay in memory");
     assert!(env.store.get(TaskId(2)).is_some_and(|o| o.is_shared()));
     assert_eq!(env.release_notices(), [(0, 1)], "files went");
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn spilled_inputs_are_read_ahead_as_their_task_goes_to_its_executor() {
+    let mut env = TestEnv::with_memory(1, limited());
+    env.hold(1..=8, MIB); // 2 MiB over the target: 1 and 2 go to disk
+    env.any_event();
+    let batch = env.spill_batch();
+    assert_eq!(spilled_ids(&batch), ids(&[1, 2]));
+    let outcomes = env.write(batch);
+    env.spill_finished(outcomes);
+    env.compute(vec![task(21, &[(1, &PEERS), (3, &PEERS)])]);
+    assert_eq!(env.ran(), [(0, ids(&[21]))]);
+    let read_ahead: Vec<_> = env.comm.read_ahead.drain(..).collect();
+    let spilled = env.store.get(TaskId(1)).expect("stored");
+    assert_eq!(
+        read_ahead.len(),
+        1,
+        "the spilled input, not the one in memory"
+    );
+    assert!(Arc::ptr_eq(&read_ahead[0], &spilled));
+    assert_eq!(
+        env.release_notices(),
+        [(0, 1)],
+        "the spilled results' files went"
+    );
     env.comm.emptiness_check();
 }
 
