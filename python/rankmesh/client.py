@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from itertools import islice, repeat
 from typing import Any
@@ -73,6 +75,31 @@ def _key_prefix(func: Callable) -> str:
     return getattr(func, "__name__", type(func).__name__)
 
 
+# How often the tasks of dropped futures go to the scheduler between the client's calls.
+RELEASE_INTERVAL_S = 0.05
+
+
+def _drain(queue: deque) -> list:
+    """Everything in `queue`, taken out one by one: others may append meanwhile."""
+    taken = []
+    with contextlib.suppress(IndexError):
+        while True:
+            taken.append(queue.popleft())
+    return taken
+
+
+def _release_dropped(core: Any, dropped: deque, released: deque, stop: threading.Event) -> None:
+    """Releases the tasks of dropped futures on the scheduler while the client makes no
+    calls (a notebook after `del x`), as `distributed` does at once: the workers' memory
+    does not wait for the next call. The function registry is the client's own, so the
+    ids are left in `released` for its next call to note there."""
+    while not stop.wait(RELEASE_INTERVAL_S):
+        ids = _drain(dropped)
+        if ids:
+            core.release(ids)
+            released.extend(ids)
+
+
 class Client:
     """A connection to a rankmesh cluster, with dask.distributed's method names.
 
@@ -94,9 +121,21 @@ class Client:
         # The dashboard's address and the token its requests carry.
         self._dashboard = (dashboard, token) if dashboard is not None else None
         self._encoder = PayloadEncoder(FunctionRegistry())
-        # Futures alive per task id; at zero the id waits in _to_release for the next call.
+        # Futures alive per task id; at zero the id waits in _to_release (a deque: futures
+        # are dropped on any thread) for the next call or the releasing thread, which
+        # leaves what it released in _released_meanwhile.
         self._holds: dict[int, int] = {}
-        self._to_release: list[int] = []
+        self._to_release: deque[int] = deque()
+        self._released_meanwhile: deque[int] = deque()
+        self._stop_releasing = threading.Event()
+        self._releasing = threading.Thread(
+            target=_release_dropped,
+            args=(self._core, self._to_release, self._released_meanwhile, self._stop_releasing),
+            name="rankmesh-client-releases",
+            daemon=True,
+        )
+        self._releasing.start()
+        weakref.finalize(self, self._stop_releasing.set)
         # The task of each key a future of this client holds (the latest one made with that
         # key). An entry whose task is no longer in _holds is stale: ignored, pruned.
         self._by_key: dict[Any, int] = {}
@@ -152,7 +191,8 @@ class Client:
         self._by_key.update(zip(keys, ids, strict=True))
 
     def _drop(self, task_id: int, key: Any) -> None:
-        # Runs in Future.__del__: no native call here, only a note for the next call.
+        # Runs in Future.__del__: no native call here, only a note for the next call or
+        # the releasing thread.
         count = self._holds.get(task_id, 0) - 1
         if count > 0:
             self._holds[task_id] = count
@@ -176,19 +216,20 @@ class Client:
 
     def _flush_releases(self) -> None:
         if not self._closed:
-            ids, self._to_release = self._to_release, []
-            self._release(ids)
+            self._release(_drain(self._to_release), _drain(self._released_meanwhile))
         if len(self._by_key) > 2 * len(self._holds) + 1024:
             # Keys another key's future replaced (aliases of one task, a key reused).
             holds = self._holds
             self._by_key = {k: i for k, i in self._by_key.items() if i in holds}
 
-    def _release(self, task_ids: list[int]) -> None:
-        """Releases tasks on the scheduler, and the functions no held task uses."""
+    def _release(self, task_ids: list[int], released: list[int]) -> None:
+        """Releases tasks on the scheduler (`released`: already done there), and the
+        functions no held task uses."""
         registry = self._encoder.registry
         if task_ids:
             self._core.release(task_ids)
-            registry.released(task_ids)
+        if task_ids or released:
+            registry.released(task_ids + released)
         unused = registry.take_unused()
         if unused:
             self._core.release_functions(unused)
@@ -444,7 +485,7 @@ class Client:
                 try:
                     futures.extend(Future._many(self, ids, chunk_keys))
                 except ValueError:  # fewer keys than calls: no future holds these tasks
-                    self._release(ids)
+                    self._release(ids, [])
                     raise
                 size = min(2 * size, MAP_MAX_CHUNK)
         return futures
@@ -539,7 +580,7 @@ class Client:
         def submit(tasks: list, held: list[int], release: list[int], *options: dict) -> None:
             self._submit(tasks, held, *options)
             if release:
-                self._release(release)
+                self._release(release, [])
 
         # The graph's chunks share functions: none is released until all are submitted.
         with self._encoder.registry.deferring_releases():
@@ -820,6 +861,8 @@ class Client:
         if self._default_config is not None:
             self._default_config.__exit__(None, None, None)
             self._default_config = None
+        self._stop_releasing.set()
+        self._releasing.join(timeout=5)
         self._flush_releases()
         self._closed = True
         self._core.close()

@@ -70,6 +70,21 @@ def test_large_inputs_are_mapped_not_copied_and_freed_on_release():
         assert not worker.is_running()
 
 
+def test_a_dropped_future_frees_its_result_with_no_further_call_from_the_client():
+    from conftest import cluster_workers
+
+    with rankmesh.LocalCluster(n_workers=1) as cluster, rankmesh.Client(cluster) as client:
+        worker_pids = [p.pid for p in cluster_workers(cluster)]
+        made = client.submit(make, 1)
+        np.testing.assert_array_equal(made.result(timeout=60), np.full(1_000_000, 1.0))
+        assert len(shm_files(worker_pids)) == 1, "copied out to be sent"
+        del made  # and nothing more asked of the client: a notebook's user reading
+        deadline = time.monotonic() + 10
+        while shm_files(worker_pids):
+            assert time.monotonic() < deadline, "still held"
+            time.sleep(0.05)
+
+
 def test_results_only_their_own_executor_reads_are_never_written():
     from conftest import cluster_workers
 
