@@ -496,6 +496,16 @@ mod tests {
         assert!(matches!(nobody, Err(TransportError::Connect { .. })));
     }
 
+    /// A data server for `store` on a loopback port, and what stops it.
+    async fn serving(store: &Store, token: &Token) -> (WorkerInfo, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let info = data_server_info(listener.local_addr().unwrap().to_string());
+        let shutdown = CancellationToken::new();
+        let server = serve_data(listener, token.clone(), store.clone(), shutdown.clone());
+        tokio::spawn(server);
+        (info, shutdown)
+    }
+
     fn data_server_info(address: String) -> WorkerInfo {
         WorkerInfo {
             id: crate::protocol::WorkerId(1),
@@ -538,15 +548,7 @@ mod tests {
         };
         // Task 2's file is readable by others: not linked, its bytes come instead.
         std::fs::set_permissions(owners_file(2), std::fs::Permissions::from_mode(0o644)).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let info = data_server_info(listener.local_addr().unwrap().to_string());
-        let shutdown = CancellationToken::new();
-        tokio::spawn(serve_data(
-            listener,
-            token.clone(),
-            store.clone(),
-            shutdown.clone(),
-        ));
+        let (info, shutdown) = serving(&store, &token).await;
         let ids = vec![TaskId(1), TaskId(2), TaskId(3)];
 
         let here = TcpTransport::new(token.clone()).linking_on("127.0.0.1".into());
@@ -601,10 +603,7 @@ mod tests {
             panic!("a spilled object is read by path")
         };
         std::fs::remove_file(path).unwrap(); // the disk lost it
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let info = data_server_info(listener.local_addr().unwrap().to_string());
-        let shutdown = CancellationToken::new();
-        tokio::spawn(serve_data(listener, token.clone(), store, shutdown.clone()));
+        let (info, shutdown) = serving(&store, &token).await;
 
         let transport = TcpTransport::new(token).linking_on("127.0.0.1".into());
         let ids = vec![TaskId(1), TaskId(2), TaskId(3)];
@@ -649,15 +648,7 @@ mod tests {
             .unwrap()
             .to_owned();
         let unspilled_before = store.bytes().unspilled;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let info = data_server_info(listener.local_addr().unwrap().to_string());
-        let shutdown = CancellationToken::new();
-        tokio::spawn(serve_data(
-            listener,
-            token.clone(),
-            store.clone(),
-            shutdown.clone(),
-        ));
+        let (info, shutdown) = serving(&store, &token).await;
         let transport = TcpTransport::new(token).linking_on("127.0.0.1".into());
         let inode = |path: &std::path::Path| std::fs::metadata(path).unwrap().ino();
         let all_five = |object: crate::store::Object| {
