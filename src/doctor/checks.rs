@@ -399,11 +399,10 @@ pub fn shared_memory() -> Check {
     let shmem_enabled =
         std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
             .unwrap_or_default();
-    let Some((mount_point, huge)) =
-        mount_of(&mountinfo, &base).and_then(|(point, kind, options)| {
-            Some((point, huge_pages(kind, options, &shmem_enabled)?))
-        })
-    else {
+    let Some((mount_point, huge)) = mount_of(&mountinfo, &base).and_then(|mount| {
+        let huge = huge_pages(mount.kind, mount.options, &shmem_enabled)?;
+        Some((mount.point, huge))
+    }) else {
         return check.fact("huge_pages", "not a tmpfs");
     };
     let check = Check {
@@ -443,12 +442,17 @@ fn huge_pages(kind: &str, options: &str, shmem_enabled: &str) -> Option<&'static
     })
 }
 
-/// The mount `folder` is on: its mount point, file-system type and super-block options.
-/// The last of the longest mount points above it is the one on top.
-fn mount_of<'a>(
-    mountinfo: &'a str,
-    folder: &Path,
-) -> Option<(std::path::PathBuf, &'a str, &'a str)> {
+/// A line of /proc/self/mountinfo.
+struct Mount<'a> {
+    point: std::path::PathBuf,
+    kind: &'a str,
+    source: &'a str,
+    options: &'a str,
+}
+
+/// The mount `folder` is on. The last of the longest mount points above it is the one on
+/// top.
+fn mount_of<'a>(mountinfo: &'a str, folder: &Path) -> Option<Mount<'a>> {
     let folder = std::fs::canonicalize(folder).unwrap_or_else(|_| folder.to_path_buf());
     mountinfo
         .lines()
@@ -457,15 +461,24 @@ fn mount_of<'a>(
             let mut fields = line.split(' ');
             let point = fields.nth(4)?.replace("\\040", " ");
             let mut after = fields.skip_while(|field| *field != "-").skip(1);
-            let (kind, _source) = (after.next()?, after.next()?);
-            Some((
-                std::path::PathBuf::from(point),
-                kind,
-                after.next().unwrap_or(""),
-            ))
+            Some(Mount {
+                point: std::path::PathBuf::from(point),
+                kind: after.next()?,
+                source: after.next()?,
+                options: after.next().unwrap_or(""),
+            })
         })
-        .filter(|(point, ..)| folder.starts_with(point))
-        .max_by_key(|(point, ..)| point.as_os_str().len())
+        .filter(|mount| folder.starts_with(&mount.point))
+        .max_by_key(|mount| mount.point.as_os_str().len())
+}
+
+/// Whether the ext4 on block device `source` has a journal, as the kernel says
+/// (`/sys/fs/ext4/<device>/journal_task` reads `<none>` without one); None if unknown.
+fn ext4_has_journal(source: &str) -> Option<bool> {
+    let device = std::fs::canonicalize(source).ok()?;
+    let name = device.file_name()?.to_str()?;
+    let task = std::fs::read_to_string(format!("/sys/fs/ext4/{name}/journal_task")).ok()?;
+    Some(task.trim() != "<none>")
 }
 
 /// Where workers spill results by default.
@@ -487,6 +500,24 @@ pub fn local_directory() -> Check {
              file system; set $TMPDIR or --local-directory to a node-local disk",
             folder.display()
         )),
+        _ if check.status == Status::Ok => journal_hint(check, &folder),
+        _ => check,
+    }
+}
+
+/// Notes an ext4 without a journal: its inode allocator skips the inodes deleted in the
+/// last minutes one by one on each create, and spilling makes and removes a file per
+/// result (docs/memory.md).
+fn journal_hint(check: Check, folder: &Path) -> Check {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let Some(mount) = mount_of(&mountinfo, folder).filter(|mount| mount.kind == "ext4") else {
+        return check;
+    };
+    match ext4_has_journal(mount.source) {
+        Some(false) => check.fact("file_system", "ext4 without a journal").hint(
+            "spill files are made slowly there once many were removed (an ext4 without a \
+             journal): a journaled ext4 or XFS local disk spills faster (docs/memory.md)",
+        ),
         _ => check,
     }
 }
@@ -622,8 +653,8 @@ mod tests {
 
     /// What the check reads for `folder`: how the tmpfs it is on gives huge pages.
     fn tmpfs_huge_pages(mountinfo: &str, enabled: &str, folder: &str) -> Option<&'static str> {
-        let (_, kind, options) = mount_of(mountinfo, Path::new(folder))?;
-        huge_pages(kind, options, enabled)
+        let mount = mount_of(mountinfo, Path::new(folder))?;
+        huge_pages(mount.kind, mount.options, enabled)
     }
 
     #[test]
@@ -646,9 +677,12 @@ mod tests {
             .collect::<Vec<_>>()
             .join("\n");
         assert_eq!(tmpfs_huge_pages(&older, madvise, "/dev/shm"), Some("never"));
+        let shm = mount_of(MOUNTINFO, Path::new("/dev/shm/x")).unwrap();
         assert_eq!(
-            mount_of(MOUNTINFO, Path::new("/dev/shm/x")).unwrap().0,
-            Path::new("/dev/shm")
+            (shm.point.as_path(), shm.source),
+            (Path::new("/dev/shm"), "tmpfs")
         );
+        let root = mount_of(MOUNTINFO, Path::new("/scratch/fast")).unwrap();
+        assert_eq!((root.kind, root.source), ("ext4", "/dev/vda"));
     }
 }

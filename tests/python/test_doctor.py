@@ -63,9 +63,27 @@ def test_the_report_matches_what_this_machine_says_of_itself():
     statvfs = os.statvfs("/dev/shm")
     assert shm["path"] == "/dev/shm" and shm["total_bytes"] == statvfs.f_blocks * statvfs.f_frsize
     assert shm["huge_pages"] == dev_shm_huge_pages()
+    local = checks["local_directory"]["facts"]
+    without_journal = local.get("file_system") == "ext4 without a journal"
+    assert without_journal == (ext4_journal_task(local["path"]) == "<none>"), local
     files = checks["open_files"]["facts"]
     assert (files["soft"], files["hard"]) == resource.getrlimit(resource.RLIMIT_NOFILE)
     assert checks["build"]["facts"]["features"] == ["mpi", "hwloc", "batch"]
+
+
+def ext4_journal_task(folder: str) -> str | None:
+    """What the kernel says of the journal of the ext4 on top at `folder` (`<none>`: it has
+    none); None if that is not an ext4."""
+    folder = os.path.realpath(folder)
+    with open("/proc/self/mountinfo") as f:
+        mounts = [(line.split()[4], line.split(" - ")[1].split()) for line in f]
+    above = [m for m in mounts if folder == m[0] or folder.startswith(m[0].rstrip("/") + "/")]
+    point, (kind, source, *_) = max(reversed(above), key=lambda m: len(m[0]))  # on top
+    if kind != "ext4":
+        return None
+    device = os.path.basename(os.path.realpath(source))
+    with open(f"/sys/fs/ext4/{device}/journal_task") as f:
+        return f.read().strip()
 
 
 def dev_shm_huge_pages() -> str:
