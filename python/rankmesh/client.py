@@ -222,14 +222,14 @@ class Client:
             holds = self._holds
             self._by_key = {k: i for k, i in self._by_key.items() if i in holds}
 
-    def _release(self, task_ids: list[int], released: list[int]) -> None:
+    def _release(self, task_ids: list[int], released: Sequence[int] = ()) -> None:
         """Releases tasks on the scheduler (`released`: already done there), and the
         functions no held task uses."""
         registry = self._encoder.registry
         if task_ids:
             self._core.release(task_ids)
         if task_ids or released:
-            registry.released(task_ids + released)
+            registry.released([*task_ids, *released])
         unused = registry.take_unused()
         if unused:
             self._core.release_functions(unused)
@@ -485,7 +485,7 @@ class Client:
                 try:
                     futures.extend(Future._many(self, ids, chunk_keys))
                 except ValueError:  # fewer keys than calls: no future holds these tasks
-                    self._release(ids, [])
+                    self._release(ids)
                     raise
                 size = min(2 * size, MAP_MAX_CHUNK)
         return futures
@@ -580,7 +580,7 @@ class Client:
         def submit(tasks: list, held: list[int], release: list[int], *options: dict) -> None:
             self._submit(tasks, held, *options)
             if release:
-                self._release(release, [])
+                self._release(release)
 
         # The graph's chunks share functions: none is released until all are submitted.
         with self._encoder.registry.deferring_releases():

@@ -577,6 +577,14 @@ pub enum ObjectFile {
     Spilled(String),
 }
 
+impl ObjectFile {
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            ObjectFile::SharedMemory(path) | ObjectFile::Spilled(path) => path.as_ref(),
+        }
+    }
+}
+
 // ---------------------------------------------------------------- worker <-> executor
 
 /// A stored object as an executor sees it.

@@ -20,13 +20,7 @@ pub trait Allocate: Send + Sync {
     /// Takes a peer's object `file` on this node as an object of ours, by a hard link into
     /// our folder of its kind.
     fn link(&self, file: &ObjectFile, _layout: Vec<u64>) -> Result<Object, StoreError> {
-        Err(StoreError::NotLinkable(file_path(file).into()))
-    }
-}
-
-fn file_path(file: &ObjectFile) -> &Path {
-    match file {
-        ObjectFile::SharedMemory(path) | ObjectFile::Spilled(path) => Path::new(path),
+        Err(StoreError::NotLinkable(file.path().into()))
     }
 }
 
