@@ -88,16 +88,19 @@ def _drain(queue: deque) -> list:
     return taken
 
 
-def _release_dropped(core: Any, dropped: deque, released: deque, stop: threading.Event) -> None:
+def _release_dropped(
+    core: Any, dropped: deque, released: deque, lock: threading.Lock, stop: threading.Event
+) -> None:
     """Releases the tasks of dropped futures on the scheduler while the client makes no
     calls (a notebook after `del x`), as `distributed` does at once: the workers' memory
     does not wait for the next call. The function registry is the client's own, so the
     ids are left in `released` for its next call to note there."""
     while not stop.wait(RELEASE_INTERVAL_S):
-        ids = _drain(dropped)
-        if ids:
-            core.release(ids)
-            released.extend(ids)
+        with lock:
+            ids = _drain(dropped)
+            if ids:
+                core.release(ids)
+                released.extend(ids)
 
 
 class Client:
@@ -123,14 +126,23 @@ class Client:
         self._encoder = PayloadEncoder(FunctionRegistry())
         # Futures alive per task id; at zero the id waits in _to_release (a deque: futures
         # are dropped on any thread) for the next call or the releasing thread, which
-        # leaves what it released in _released_meanwhile.
+        # leaves what it released in _released_meanwhile. Taking ids out of _to_release and
+        # releasing them is one step under _releasing_lock, so that a future made again
+        # on a dropped task (`_adopt`) can take its id back before the release is sent.
         self._holds: dict[int, int] = {}
         self._to_release: deque[int] = deque()
         self._released_meanwhile: deque[int] = deque()
+        self._releasing_lock = threading.Lock()
         self._stop_releasing = threading.Event()
         self._releasing = threading.Thread(
             target=_release_dropped,
-            args=(self._core, self._to_release, self._released_meanwhile, self._stop_releasing),
+            args=(
+                self._core,
+                self._to_release,
+                self._released_meanwhile,
+                self._releasing_lock,
+                self._stop_releasing,
+            ),
             name="rankmesh-client-releases",
             daemon=True,
         )
@@ -209,14 +221,21 @@ class Client:
 
     def _adopt(self, task_id: int, key: Any) -> Future:
         """A future on a task this client may not hold yet (one unpickled here): holding it
-        on the scheduler too keeps the result while this future lives."""
+        on the scheduler too keeps the result while this future lives. A task whose last
+        future was dropped here and whose release is not sent yet is simply not released
+        (`distributed` sends that release after the new hold, and loses the task)."""
         if task_id not in self._holds:
-            self._core.want([task_id])
+            with self._releasing_lock:
+                try:
+                    self._to_release.remove(task_id)
+                except ValueError:
+                    self._core.want([task_id])
         return Future(self, task_id, key)
 
     def _flush_releases(self) -> None:
         if not self._closed:
-            self._release(_drain(self._to_release), _drain(self._released_meanwhile))
+            with self._releasing_lock:
+                self._release(_drain(self._to_release), _drain(self._released_meanwhile))
         if len(self._by_key) > 2 * len(self._holds) + 1024:
             # Keys another key's future replaced (aliases of one task, a key reused).
             holds = self._holds

@@ -252,6 +252,29 @@ def test_who_has_and_has_what_name_the_holding_worker(system, client, dask_clien
         assert any(future.key in keys for keys in what.values())
 
 
+def test_a_future_dropped_then_unpickled_keeps_its_result(client):
+    """The task of a future dropped and unpickled again before its release was sent stays
+    held. (`distributed` 2024.x loses it here: its release, queued on the client's loop by
+    the dropped future, runs after the new future's hold, and `result()` waits forever.)"""
+    import pickle
+
+    for n in range(5):
+        made = client.submit(abs, -n, pure=False)
+        assert made.result(timeout=60) == n
+        pickled = pickle.dumps(made)
+        del made  # its last future: the task is released unless a new one holds it
+        again = pickle.loads(pickled)  # bound to get_client()
+        time.sleep(0.2)  # past the releasing thread's interval
+        assert again.result(timeout=60) == n
+    # Loaded only after the release was sent, it says so rather than waiting.
+    made = client.submit(abs, -7, pure=False)
+    pickled = pickle.dumps(made)
+    del made
+    time.sleep(0.5)
+    with pytest.raises(rankmesh.TaskError, match="not a live task"):
+        pickle.loads(pickled).result(timeout=60)
+
+
 @pytest.mark.parametrize("system", ["rankmesh", "distributed"])
 def test_done_callbacks_and_fire_and_forget(system, client, dask_client, tmp_path):
     import threading
