@@ -945,6 +945,14 @@ impl Store {
         Some(object)
     }
 
+    /// The object, for bookkeeping: not a use, nor a read if it is spilled.
+    pub fn peek(&self, id: TaskId) -> Option<Arc<Object>> {
+        self.lock()
+            .entries
+            .get(&id)
+            .map(|entry| entry.object.clone())
+    }
+
     pub fn contains(&self, id: TaskId) -> bool {
         self.lock().entries.contains_key(&id)
     }

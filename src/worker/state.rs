@@ -844,7 +844,7 @@ impl WorkerState {
                 }
                 // Lost meanwhile, their readers were dropped; still unpublished, the copy
                 // failed (a full /dev/shm), and they fail rather than ask again.
-                let failed = self.store.get(id).is_some_and(|o| o.is_unpublished());
+                let failed = self.store.peek(id).is_some_and(|o| o.is_unpublished());
                 for waiter in self.awaiting_copy.remove(&id).unwrap_or_default() {
                     let Some(task) = self.tasks.get_mut(&waiter) else {
                         continue;
