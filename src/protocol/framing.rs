@@ -27,6 +27,9 @@ const KEEP_BUFFER: usize = 64 << 10;
 pub const EXECUTOR_LINK_BUFFER: usize = 8 << 20;
 /// Queued frames past this many bytes are written before the next is added.
 const WRITE_BATCH: usize = 8 << 10;
+/// What a read buffer has room for at least, as `FramedRead` starts with: a burst of small
+/// frames is read in one go.
+const READ_AHEAD: usize = 8 << 10;
 /// The length prefix of a frame, as `LengthDelimitedCodec` reads it (big-endian u32).
 const LENGTH_PREFIX: usize = 4;
 
@@ -87,7 +90,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 if frame.len() > self.keep_buffer && buffer.len() <= self.keep_buffer {
                     // The frame shares the buffer's allocation: the buffer moves to a new
                     // one (with the little read ahead), so dropping the frame frees it all.
-                    *buffer = bytes::BytesMut::from(&buffer[..]);
+                    // With room to read ahead: the codec asks for what it lacks, and the
+                    // buffer grows by no more than that while frames share it, so one
+                    // without room read every later frame in two reads, length and body.
+                    let mut moved = bytes::BytesMut::with_capacity(READ_AHEAD.max(buffer.len()));
+                    moved.extend_from_slice(buffer);
+                    *buffer = moved;
                 }
                 Ok(Some(frame.freeze()))
             }
@@ -376,6 +384,54 @@ mod tests {
             let expected: Vec<Bytes> = messages.iter().map(|m| encode(m).unwrap()).collect();
             assert_eq!(frames, expected);
         }
+    }
+
+    /// Counts the reads that returned bytes.
+    struct CountingReads<R> {
+        inner: R,
+        reads: usize,
+    }
+
+    impl<R: AsyncRead + Unpin> AsyncRead for CountingReads<R> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let before = buf.filled().len();
+            let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+            if buf.filled().len() > before {
+                self.reads += 1;
+            }
+            polled
+        }
+    }
+
+    #[tokio::test]
+    async fn small_frames_after_a_large_one_are_read_many_at_a_time() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut writer = FrameWriter::new(a);
+        let counting = CountingReads { inner: b, reads: 0 };
+        let mut reader = FrameReader::new(counting);
+        let large = FromClient::Release((0..30_000).map(TaskId).collect());
+        writer.send(&large).await.unwrap();
+        assert!(reader.recv_bytes().await.unwrap().unwrap().len() > KEEP_BUFFER);
+        for id in 0..200 {
+            writer
+                .feed(&FromClient::Release(vec![TaskId(id)]))
+                .await
+                .unwrap();
+        }
+        writer.flush().await.unwrap();
+        let before = reader.inner.get_ref().reads;
+        // Frames kept alive (as messages decoded sharing their frame's bytes are).
+        let mut frames = Vec::new();
+        for _ in 0..200 {
+            frames.push(reader.recv_bytes().await.unwrap().unwrap());
+        }
+        let reads = reader.inner.get_ref().reads - before;
+        // About 3 KB in all: a length and a body read apart per frame were 400 reads.
+        assert!(reads <= 10, "{reads} reads for 200 small frames");
     }
 
     #[test]
