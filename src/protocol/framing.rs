@@ -22,9 +22,12 @@ const SMALL_RAW: usize = 64 * 1024;
 const KEEP_BUFFER: usize = 64 << 10;
 /// What an executor keeps of its link's buffers (`keep_buffers`): its frames carry batches
 /// of inline objects of up to 64 KiB each, and mapping fresh pages for each cost more than
-/// the copy. The worker's end keeps 64 KiB: its memory must come back after a burst (a
-/// batch of large callables kept 12 MB in it).
+/// the copy.
 pub const EXECUTOR_LINK_BUFFER: usize = 8 << 20;
+/// What the worker's end of an executor link keeps while tasks flow
+/// (`keep_buffers_while_busy`), given back once the link is idle: its memory must come
+/// back after a burst (a batch of large callables kept 12 MB in it once).
+pub const EXECUTOR_LINK_BUSY_BUFFER: usize = 1 << 20;
 /// Queued frames past this many bytes are written before the next is added.
 const WRITE_BATCH: usize = 8 << 10;
 /// What a read buffer has room for at least, as `FramedRead` starts with: a burst of small
@@ -56,6 +59,8 @@ pub struct FrameReader<R> {
     inner: FramedRead<R, LengthDelimitedCodec>,
     /// A read buffer up to this size is kept for the next frame (`KEEP_BUFFER`).
     keep_buffer: usize,
+    /// A frame over `KEEP_BUFFER` was read into the buffer kept since.
+    kept_large: bool,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -63,7 +68,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         FrameReader {
             inner: FramedRead::new(io, codec(MAX_FRAME_SIZE)),
             keep_buffer: KEEP_BUFFER,
+            kept_large: false,
         }
+    }
+
+    /// Whether the read buffer may hold more than `KEEP_BUFFER` (see
+    /// [`FrameReader::give_back_buffer`]).
+    pub fn keeps_large_buffer(&self) -> bool {
+        self.kept_large
+    }
+
+    /// Gives back a read buffer kept for large frames (with [`FrameReader::keep_buffers`]),
+    /// once the connection is idle: what was read ahead moves to a small one.
+    pub fn give_back_buffer(&mut self) {
+        move_to_new_buffer(self.inner.read_buffer_mut());
+        self.kept_large = false;
     }
 
     /// Keeps a read buffer of up to `bytes` from frame to frame, for a connection with
@@ -86,16 +105,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         match self.inner.next().await {
             None => Ok(None),
             Some(Ok(frame)) => {
+                self.kept_large |= frame.len() > KEEP_BUFFER && frame.len() <= self.keep_buffer;
                 let buffer = self.inner.read_buffer_mut();
                 if frame.len() > self.keep_buffer && buffer.len() <= self.keep_buffer {
                     // The frame shares the buffer's allocation: the buffer moves to a new
                     // one (with the little read ahead), so dropping the frame frees it all.
-                    // With room to read ahead: the codec asks for what it lacks, and the
-                    // buffer grows by no more than that while frames share it, so one
-                    // without room read every later frame in two reads, length and body.
-                    let mut moved = bytes::BytesMut::with_capacity(READ_AHEAD.max(buffer.len()));
-                    moved.extend_from_slice(buffer);
-                    *buffer = moved;
+                    move_to_new_buffer(buffer);
                 }
                 Ok(Some(frame.freeze()))
             }
@@ -140,11 +155,30 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
+/// Moves what a read buffer holds (bytes read ahead) to a new allocation of its own, with
+/// room to read ahead: the codec asks for only what it lacks, and the buffer grows by no
+/// more than that while frames share it, so one without room read every later frame in
+/// two reads, its length and its body.
+fn move_to_new_buffer(buffer: &mut bytes::BytesMut) {
+    let mut moved = bytes::BytesMut::with_capacity(READ_AHEAD.max(buffer.len()));
+    moved.extend_from_slice(buffer);
+    *buffer = moved;
+}
+
+/// Whether an empty buffer's allocation holds more than `bytes`. Its capacity alone does
+/// not say: after a flush it is only the room past what was sent.
+fn allocated_over(buffer: &mut bytes::BytesMut, bytes: usize) -> bool {
+    buffer.is_empty() && buffer.try_reclaim(bytes + 1)
+}
+
 /// The writing half of a connection.
 pub struct FrameWriter<W> {
     inner: FramedWrite<W, LengthDelimitedCodec>,
     /// A write buffer up to this size is kept after a flush (`KEEP_BUFFER`).
     keep_buffer: usize,
+    /// With `keep_buffers_while_busy`: how long `forward` waits for a message before it
+    /// gives a buffer kept past `KEEP_BUFFER` back.
+    give_back_after: Option<std::time::Duration>,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
@@ -152,6 +186,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         FrameWriter {
             inner: FramedWrite::new(io, codec(MAX_FRAME_SIZE)),
             keep_buffer: KEEP_BUFFER,
+            give_back_after: None,
         }
     }
 
@@ -159,6 +194,38 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// [`FrameReader::keep_buffers`]).
     pub fn keep_buffers(&mut self, bytes: usize) {
         self.keep_buffer = bytes;
+    }
+
+    /// Keeps a write buffer of up to `bytes` while [`FrameWriter::forward`] has messages to
+    /// send, and gives it back (to `KEEP_BUFFER`) once none came for `idle`: for an end of
+    /// a link whose memory must come back after a burst.
+    pub fn keep_buffers_while_busy(&mut self, bytes: usize, idle: std::time::Duration) {
+        self.keep_buffer = bytes;
+        self.give_back_after = Some(idle);
+    }
+
+    /// Gives back a write buffer kept past `KEEP_BUFFER`, if nothing waits in it.
+    fn give_back_buffer(&mut self) {
+        let buffer = self.inner.write_buffer_mut();
+        if allocated_over(buffer, KEEP_BUFFER) {
+            *buffer = bytes::BytesMut::new();
+        }
+    }
+
+    /// The next message of `outbox`, `None` once it closes. A buffer kept while busy goes
+    /// back once no message came for the idle time set.
+    async fn next_to_send<T>(
+        &mut self,
+        outbox: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
+    ) -> Option<T> {
+        let kept = allocated_over(self.inner.write_buffer_mut(), KEEP_BUFFER);
+        if let Some(idle) = self.give_back_after.filter(|_| kept) {
+            match tokio::time::timeout(idle, outbox.recv()).await {
+                Ok(msg) => return msg,
+                Err(_) => self.give_back_buffer(),
+            }
+        }
+        outbox.recv().await
     }
 
     pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), FrameError> {
@@ -183,7 +250,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     fn shrink_write_buffer(&mut self) {
         let keep = self.keep_buffer;
         let buffer = self.inner.write_buffer_mut();
-        if buffer.is_empty() && buffer.capacity() > keep {
+        if allocated_over(buffer, keep) {
             *buffer = bytes::BytesMut::new();
         }
     }
@@ -229,7 +296,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         &mut self,
         outbox: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
     ) -> Result<(), FrameError> {
-        while let Some(msg) = outbox.recv().await {
+        while let Some(msg) = self.next_to_send(outbox).await {
             self.feed(&msg).await?;
             while let Ok(more) = outbox.try_recv() {
                 self.feed(&more).await?;
@@ -377,8 +444,8 @@ mod tests {
             }
             writer.flush().await.unwrap();
             // The largest frame is over 64 KiB: only a link keeps a buffer that size.
-            let kept = writer.inner.write_buffer().capacity();
-            assert_eq!(kept > KEEP_BUFFER, keep.is_some(), "{kept} bytes kept");
+            let kept = allocated_over(writer.inner.write_buffer_mut(), KEEP_BUFFER);
+            assert_eq!(kept, keep.is_some());
             drop(writer);
             let frames = reading.await.unwrap();
             let expected: Vec<Bytes> = messages.iter().map(|m| encode(m).unwrap()).collect();
@@ -432,6 +499,38 @@ mod tests {
         let reads = reader.inner.get_ref().reads - before;
         // About 3 KB in all: a length and a body read apart per frame were 400 reads.
         assert!(reads <= 10, "{reads} reads for 200 small frames");
+    }
+
+    #[tokio::test]
+    async fn a_link_kept_busy_gives_its_buffers_back_once_idle() {
+        let idle = std::time::Duration::from_millis(20);
+        let (a, b) = tokio::io::duplex(4 << 20);
+        let (mut writer, mut reader) = (FrameWriter::new(a), FrameReader::new(b));
+        writer.keep_buffers_while_busy(EXECUTOR_LINK_BUSY_BUFFER, idle);
+        reader.keep_buffers(EXECUTOR_LINK_BUSY_BUFFER);
+        let large = FromClient::Release((0..30_000).map(TaskId).collect());
+        writer.send(&large).await.unwrap();
+        assert!(allocated_over(writer.inner.write_buffer_mut(), KEEP_BUFFER));
+        assert!(reader.recv_bytes().await.unwrap().unwrap().len() > KEEP_BUFFER);
+        assert!(reader.keeps_large_buffer());
+        // A message within the idle time: the buffer stays.
+        let (outbox, mut queued) = tokio::sync::mpsc::unbounded_channel();
+        outbox.send(FromClient::Release(vec![TaskId(1)])).unwrap();
+        assert!(writer.next_to_send(&mut queued).await.is_some());
+        assert!(allocated_over(writer.inner.write_buffer_mut(), KEEP_BUFFER));
+        // None for longer: given back, and the wait for the next message goes on.
+        let waited = tokio::time::timeout(10 * idle, writer.next_to_send(&mut queued)).await;
+        assert!(waited.is_err());
+        assert!(!allocated_over(
+            writer.inner.write_buffer_mut(),
+            KEEP_BUFFER
+        ));
+        reader.give_back_buffer();
+        assert!(!reader.keeps_large_buffer());
+        assert!(reader.inner.read_buffer().capacity() <= KEEP_BUFFER);
+        let small = FromClient::Release(vec![TaskId(2)]);
+        writer.send(&small).await.unwrap();
+        assert_eq!(reader.recv::<FromClient>().await.unwrap(), Some(small));
     }
 
     #[test]

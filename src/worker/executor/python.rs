@@ -21,6 +21,9 @@ use tokio_util::sync::CancellationToken;
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long an executor asked to stop may take before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(2);
+/// After this long without a message, the link's buffers kept while busy go back (as the
+/// worker's heap is trimmed when idle).
+const LINK_IDLE: Duration = crate::heap::TRIM_WHEN_IDLE_AFTER;
 
 #[derive(Clone, Debug)]
 pub struct PythonExecutorConfig {
@@ -177,6 +180,9 @@ async fn run_generation(
     };
     let (r, w) = stream.into_split();
     let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
+    // Batches of inline inputs and results would otherwise each fault in a fresh buffer.
+    reader.keep_buffers(protocol::EXECUTOR_LINK_BUSY_BUFFER);
+    writer.keep_buffers_while_busy(protocol::EXECUTOR_LINK_BUSY_BUFFER, LINK_IDLE);
     let hello = async {
         protocol::accept(&mut reader, &mut writer, &config.token, &[Role::Executor]).await?;
         protocol::welcome(&mut writer, None).await?;
@@ -257,6 +263,9 @@ async fn run_generation(
                 Err(e) => break reap(child, pid, &format!("sent a bad frame ({e})")).await,
             },
             status = child.wait() => break describe_exit(pid, status, "while running tasks"),
+            _ = tokio::time::sleep(LINK_IDLE), if reader.keeps_large_buffer() => {
+                reader.give_back_buffer();
+            }
         }
     };
     writing.abort();
