@@ -33,6 +33,10 @@ const QUEUE_NEXT_BELOW_S: f64 = 10e-3;
 /// it (Python code cannot be interrupted from outside its process): most tasks end sooner.
 pub const CANCEL_GRACE: Duration = Duration::from_secs(2);
 const MAX_EXECUTOR_DEPTH: usize = 64;
+/// Executor generations in a row that end before they are ready (a Python that cannot
+/// import rankmesh, a broken environment), after which a slot counts as one that cannot
+/// start. When none can, the worker's tasks fail with the reason instead of waiting.
+const FAILED_STARTS_BEFORE_GIVING_UP: u32 = 3;
 /// Memory samples to let pass after a failed spill before spilling again (a second at
 /// the runtime's 50 ms): a full disk must not turn the event loop into a retry loop.
 const SAMPLES_BEFORE_SPILL_RETRY: u32 = 20;
@@ -185,6 +189,9 @@ struct Slot {
     functions_sent: IdSet<FuncId>,
     /// Runs one suspect task alone, so a crash can be blamed on it.
     exclusive: bool,
+    /// Why its executors keep ending before they are ready, once that happened
+    /// `FAILED_STARTS_BEFORE_GIVING_UP` times in a row; cleared when one is.
+    cannot_start: Option<String>,
 }
 
 /// What the worker did, logged when it leaves.
@@ -372,7 +379,15 @@ impl WorkerState {
                 slot,
                 reason,
                 traceback,
-            } => self.executor_died(slot, &reason, traceback, comm),
+                failed_starts,
+            } => {
+                if failed_starts >= FAILED_STARTS_BEFORE_GIVING_UP {
+                    if let Some(state) = self.slots.get_mut(slot) {
+                        state.cannot_start = Some(reason.clone());
+                    }
+                }
+                self.executor_died(slot, &reason, traceback, comm)
+            }
         }
         self.after_event(comm);
     }
@@ -920,6 +935,7 @@ impl WorkerState {
         let hold = memory.is_some();
         if let Some(state) = self.slots.get_mut(slot) {
             state.generation = generation;
+            state.cannot_start = None;
             state.pid = pid;
             state.memory = memory.filter(|_| hold);
             state.functions_sent.clear();
@@ -1185,6 +1201,14 @@ impl WorkerState {
     /// Hands ready tasks to executors: suspects alone to idle executors, then the rest
     /// dealt round-robin up to each executor's queue depth.
     fn dispatch(&mut self, comm: &mut impl WorkerComm) {
+        if let Some(why) = self.executors_cannot_start() {
+            let message = format!(
+                "no executor of this worker could start ({FAILED_STARTS_BEFORE_GIVING_UP} \
+                 tries each; check the Python it runs, its --python or RANKMESH_PYTHON): {why}"
+            );
+            self.fail_waiting(&ErrorInfo::runtime("ExecutorCannotStart", message), comm);
+            return;
+        }
         if self.memory.is_paused() {
             self.fail_ready_if_stuck(comm);
             return;
@@ -1308,6 +1332,11 @@ impl WorkerState {
              and it cannot spill results to disk: {why}",
             report.process_bytes, report.limit
         );
+        self.fail_waiting(&ErrorInfo::runtime("SpillError", message), comm);
+    }
+
+    /// Fails every task here that is not running (nor cancelled) with `error`.
+    fn fail_waiting(&mut self, error: &ErrorInfo, comm: &mut impl WorkerComm) {
         let waiting: Vec<TaskId> = self
             .tasks
             .iter()
@@ -1315,8 +1344,20 @@ impl WorkerState {
             .map(|(id, _)| *id)
             .collect();
         for id in waiting {
-            self.fail(id, ErrorInfo::runtime("SpillError", message.clone()), comm);
+            self.fail(id, error.clone(), comm);
         }
+    }
+
+    /// Why no executor here can start, when none is up and every slot gave up starting.
+    fn executors_cannot_start(&self) -> Option<&str> {
+        let mut why = None;
+        for slot in &self.slots {
+            if slot.generation != 0 {
+                return None;
+            }
+            why = Some(slot.cannot_start.as_deref()?);
+        }
+        why
     }
 
     /// Paused as the scheduler should see it: not while spilling fails (see

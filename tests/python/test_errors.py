@@ -141,6 +141,44 @@ def test_killed_python_leaves_no_cluster_behind(tmp_path):
     assert_all_gone(processes)
 
 
+def test_executors_that_cannot_start_fail_tasks_with_the_reason(tmp_path):
+    """A worker whose Python cannot run rankmesh (not installed in the environment the
+    compute nodes see, say) fails its tasks within seconds, saying why, and tries the
+    executors again ever more slowly rather than thousands of times a second."""
+    from rankmesh.cluster import find_binary
+
+    python = tmp_path / "python-without-rankmesh"
+    python.write_text(
+        "#!/bin/sh\necho \"ModuleNotFoundError: No module named 'rankmesh'\" >&2\nexit 1\n"
+    )
+    python.chmod(0o700)
+    scheduler_file = tmp_path / "scheduler.json"
+    log = tmp_path / "cluster.log"
+    command = [find_binary(), "local", "-n", "1", "--threads-per-worker", "2", "--python"]
+    command += [str(python), "--no-dashboard", "--scheduler-file", str(scheduler_file)]
+    with open(log, "w") as out:
+        cluster = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not scheduler_file.exists():
+            assert time.monotonic() < deadline and cluster.poll() is None, log.read_text()
+            time.sleep(0.1)
+        with rankmesh.Client(scheduler_file=str(scheduler_file)) as client:
+            started = time.monotonic()
+            with pytest.raises(rankmesh.TaskError, match="ExecutorCannotStart") as info:
+                client.submit(abs, -1).result(timeout=60)
+            assert "exited with status 1 before connecting" in str(info.value)
+            assert "--python" in str(info.value)
+            assert time.monotonic() - started < 30
+            time.sleep(2)
+        tries = log.read_text().count("executor died")
+        # Two slots, each retried after 0.1, 0.2, 0.4, 0.8, 1.6, 3.2 s: about a dozen.
+        assert 6 <= tries <= 30, f"{tries} executor starts"
+    finally:
+        cluster.terminate()
+        cluster.wait(timeout=30)
+
+
 def test_executor_exit_and_memory_limit_are_reported(tmp_path):
     def exit_now():
         os._exit(1)

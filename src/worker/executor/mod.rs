@@ -36,6 +36,9 @@ pub enum ExecutorEvent {
         reason: String,
         /// Where Python was when it crashed, if it could say (a fatal signal it caught).
         traceback: String,
+        /// Generations in a row, this one included, that ended before they were ready (a
+        /// Python that cannot import rankmesh, say); 0 when this one had been ready.
+        failed_starts: u32,
     },
 }
 

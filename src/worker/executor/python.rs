@@ -119,36 +119,58 @@ async fn supervise(
     let listener = match bound {
         Ok(listener) => listener,
         Err(e) => {
+            // No generation can ever start here.
             let _ = events.send(ExecutorEvent::Died {
                 slot,
                 reason: format!("cannot listen on {}: {e}", socket.display()),
                 traceback: String::new(),
+                failed_starts: u32::MAX,
             });
             return;
         }
     };
     let mut generation = 0u64;
+    let mut failed_starts = 0u32;
     while !shutdown.is_cancelled() {
         generation += 1;
+        let mut ready = false;
         let reason = match run_generation(
             slot, generation, &config, &socket, &listener, &mut work, &events, &shutdown,
+            &mut ready,
         )
         .await
         {
             Ok(()) => return,
             Err(reason) => reason,
         };
+        failed_starts = if ready { 0 } else { failed_starts + 1 };
         tracing::warn!(slot, "executor died: {reason}");
         let traceback = take_fault_report(&config.shm_dir, &executor_id(slot, generation));
         let died = ExecutorEvent::Died {
             slot,
             reason,
             traceback,
+            failed_starts,
         };
         if events.send(died).is_err() {
             return;
         }
+        if failed_starts > 0 {
+            // One that cannot start (a Python without rankmesh) is tried again ever
+            // more slowly, not thousands of times a second.
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(start_backoff(failed_starts)) => {}
+            }
+        }
     }
+}
+
+/// How long to wait before starting an executor again after `failed_starts` generations
+/// in a row ended before they were ready: 0.1 s, doubling, at most 5 s.
+fn start_backoff(failed_starts: u32) -> Duration {
+    let doublings = failed_starts.saturating_sub(1).min(6);
+    (Duration::from_millis(100) * 2u32.pow(doublings)).min(Duration::from_secs(5))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -161,6 +183,7 @@ async fn run_generation(
     work: &mut mpsc::UnboundedReceiver<Work>,
     events: &EventSender,
     shutdown: &CancellationToken,
+    ready: &mut bool,
 ) -> Result<(), String> {
     let mut child = spawn(slot, generation, config, socket)
         .map_err(|e| format!("cannot start `{} -m rankmesh.executor`: {e}", config.python))?;
@@ -222,6 +245,7 @@ async fn run_generation(
     {
         return stop(child).await;
     }
+    *ready = true;
     // Writing runs on its own task: an executor blocked sending results must never wait
     // on a worker blocked sending it work.
     let (to_executor, mut outgoing) = mpsc::unbounded_channel::<ToExecutor>();

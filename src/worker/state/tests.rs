@@ -353,6 +353,7 @@ impl TestEnv {
             slot,
             reason: "killed by signal 9".into(),
             traceback: "Fatal Python error: Segmentation fault\n  File \"task.py\", line 3".into(),
+            failed_starts: 0,
         });
     }
 
@@ -791,6 +792,58 @@ fn a_crash_among_several_tasks_reruns_each_alone() {
     env.results(1, vec![ok(2)]);
     env.results(0, vec![ok(3)]);
     env.comm.take_sent();
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn tasks_fail_with_the_reason_when_no_executor_can_start_and_run_once_one_does() {
+    let mut env = TestEnv::new(2);
+    let never_ready = |slot, failed_starts| ExecutorEvent::Died {
+        slot,
+        reason: "executor process (pid 7) exited with status 1 before connecting".into(),
+        traceback: String::new(),
+        failed_starts,
+    };
+    // Both executors die, and their replacements keep ending before they are ready.
+    for slot in 0..2 {
+        env.executor(never_ready(slot, 0));
+    }
+    env.compute(vec![task(1, &[])]);
+    for failed_starts in 1..FAILED_STARTS_BEFORE_GIVING_UP {
+        env.executor(never_ready(0, failed_starts));
+        env.executor(never_ready(1, failed_starts));
+    }
+    env.comm.emptiness_check(); // still waiting: they may yet start
+    env.executor(never_ready(0, FAILED_STARTS_BEFORE_GIVING_UP));
+    env.comm.emptiness_check(); // the other slot may yet start
+    env.executor(never_ready(1, FAILED_STARTS_BEFORE_GIVING_UP));
+    let failed = env.comm.take_sent();
+    assert!(
+        matches!(
+            failed.as_slice(),
+            [FromWorker::Failed { id, error }]
+                if *id == TaskId(1) && error.type_name == "ExecutorCannotStart"
+                    && error.message.contains("exited with status 1 before connecting")
+        ),
+        "{failed:?}"
+    );
+    // New tasks fail at once while none can start.
+    env.compute(vec![task(2, &[])]);
+    assert_eq!(
+        env.failed(),
+        [(TaskId(2), "ExecutorCannotStart".to_string())]
+    );
+    // One starts after all (the environment was mended): tasks run there again.
+    env.executor(ExecutorEvent::Ready {
+        slot: 1,
+        generation: 9,
+        pid: 100,
+        memory: None,
+    });
+    env.compute(vec![task(3, &[])]);
+    assert_eq!(env.ran(), [(1, ids(&[3]))]);
+    env.results(1, vec![ok(3)]);
+    assert_eq!(env.done_ids(), ids(&[3]));
     env.comm.emptiness_check();
 }
 
