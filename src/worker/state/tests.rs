@@ -307,14 +307,19 @@ impl TestEnv {
             env.scheduler(ToWorker::PeerAdded(Box::new(peer(id))));
         }
         for slot in 0..slots {
-            env.executor(ExecutorEvent::Ready {
-                slot,
-                generation: 1,
-                pid: 100,
-                memory: None,
-            });
+            env.ready(slot, 1);
         }
         env
+    }
+
+    /// A new generation of the executor in `slot` is up (no readable memory).
+    fn ready(&mut self, slot: usize, generation: u64) {
+        self.executor(ExecutorEvent::Ready {
+            slot,
+            generation,
+            pid: 100,
+            memory: None,
+        });
     }
 
     fn scheduler(&mut self, msg: ToWorker) {
@@ -375,6 +380,14 @@ impl TestEnv {
         match self.comm.take_sent().as_slice() {
             [FromWorker::Done(done)] => done.iter().map(|d| d.id).collect(),
             other => panic!("expected one Done, got {other:?}"),
+        }
+    }
+
+    /// The one message sent since the last look, a task's failure.
+    fn one_failure(&mut self) -> (TaskId, ErrorInfo) {
+        match self.comm.take_sent().as_slice() {
+            [FromWorker::Failed { id, error }] => (*id, error.clone()),
+            other => panic!("expected one Failed, got {other:?}"),
         }
     }
 
@@ -775,12 +788,7 @@ fn a_crash_among_several_tasks_reruns_each_alone() {
         env.ran().is_empty(),
         "its slot waits for the next generation"
     );
-    env.executor(ExecutorEvent::Ready {
-        slot: 0,
-        generation: 2,
-        pid: 100,
-        memory: None,
-    });
+    env.ready(0, 2);
     // Each suspect runs alone on an idle slot.
     let runs = env.comm.take_runs();
     assert_eq!(runs.len(), 1);
@@ -817,16 +825,14 @@ fn tasks_fail_with_the_reason_when_no_executor_can_start_and_run_once_one_does()
     env.executor(never_ready(0, FAILED_STARTS_BEFORE_GIVING_UP));
     env.comm.emptiness_check(); // the other slot may yet start
     env.executor(never_ready(1, FAILED_STARTS_BEFORE_GIVING_UP));
-    let failed = env.comm.take_sent();
-    assert!(
-        matches!(
-            failed.as_slice(),
-            [FromWorker::Failed { id, error }]
-                if *id == TaskId(1) && error.type_name == "ExecutorCannotStart"
-                    && error.message.contains("exited with status 1 before connecting")
-        ),
-        "{failed:?}"
+    let (id, error) = env.one_failure();
+    assert_eq!(
+        (id, error.type_name.as_str()),
+        (TaskId(1), "ExecutorCannotStart")
     );
+    assert!(error
+        .message
+        .contains("exited with status 1 before connecting"));
     // New tasks fail at once while none can start.
     env.compute(vec![task(2, &[])]);
     assert_eq!(
@@ -834,12 +840,7 @@ fn tasks_fail_with_the_reason_when_no_executor_can_start_and_run_once_one_does()
         [(TaskId(2), "ExecutorCannotStart".to_string())]
     );
     // One starts after all (the environment was mended): tasks run there again.
-    env.executor(ExecutorEvent::Ready {
-        slot: 1,
-        generation: 9,
-        pid: 100,
-        memory: None,
-    });
+    env.ready(1, 9);
     env.compute(vec![task(3, &[])]);
     assert_eq!(env.ran(), [(1, ids(&[3]))]);
     env.results(1, vec![ok(3)]);
@@ -854,31 +855,17 @@ fn a_task_that_keeps_killing_its_executor_fails_after_the_limit() {
     for generation in 2..=3 {
         assert_eq!(env.ran(), [(0, ids(&[1]))]);
         env.died(0);
-        env.executor(ExecutorEvent::Ready {
-            slot: 0,
-            generation,
-            pid: 100,
-            memory: None,
-        });
+        env.ready(0, generation);
     }
     assert_eq!(env.ran(), [(0, ids(&[1]))]);
     env.died(0);
-    let failed = env.comm.take_sent();
-    assert!(
-        matches!(
-            failed.as_slice(),
-            [FromWorker::Failed { id, error }]
-                if *id == TaskId(1) && error.type_name == "ExecutorCrashed"
-                    && error.message.contains("died 3 times") && error.message.contains("signal 9")
-        ),
-        "{failed:?}"
+    let (id, error) = env.one_failure();
+    assert_eq!(
+        (id, error.type_name.as_str()),
+        (TaskId(1), "ExecutorCrashed")
     );
-    env.executor(ExecutorEvent::Ready {
-        slot: 0,
-        generation: 4,
-        pid: 100,
-        memory: None,
-    });
+    assert!(error.message.contains("died 3 times") && error.message.contains("signal 9"));
+    env.ready(0, 4);
     env.comm.emptiness_check();
 }
 
@@ -901,12 +888,7 @@ fn a_new_executor_generation_gets_the_functions_again() {
     env.compute(vec![uses_f(2)]);
     assert!(env.comm.take_runs()[0].functions.is_empty(), "it has it");
     env.died(0);
-    env.executor(ExecutorEvent::Ready {
-        slot: 0,
-        generation: 2,
-        pid: 100,
-        memory: None,
-    });
+    env.ready(0, 2);
     let runs = env.comm.take_runs();
     assert_eq!(
         (runs[0].generation, runs[0].functions.clone()),
@@ -1005,12 +987,7 @@ fn a_task_cancelled_before_it_ran_is_forgotten() {
     env.died(0); // nothing can run until the executor is back
     env.compute(vec![task(1, &[]), task(2, &[])]);
     env.scheduler(ToWorker::Cancel(ids(&[1])));
-    env.executor(ExecutorEvent::Ready {
-        slot: 0,
-        generation: 2,
-        pid: 100,
-        memory: None,
-    });
+    env.ready(0, 2);
     assert_eq!(env.ran(), [(0, ids(&[2]))]);
     env.comm.emptiness_check();
 }
@@ -1023,12 +1000,7 @@ fn a_cancelled_task_lost_with_its_executor_is_not_retried() {
     env.scheduler(ToWorker::Cancel(ids(&[1])));
     env.comm.wakes.clear();
     env.died(0);
-    env.executor(ExecutorEvent::Ready {
-        slot: 0,
-        generation: 2,
-        pid: 100,
-        memory: None,
-    });
+    env.ready(0, 2);
     assert_eq!(env.ran(), [(0, ids(&[2]))], "only the live suspect reruns");
     env.comm.emptiness_check();
 }
@@ -1697,12 +1669,7 @@ fn a_dead_executors_leftovers_are_cleared_once_it_is_down() {
     let mut env = TestEnv::new(2);
     env.died(1);
     assert_eq!(env.comm.cleared.drain(..).collect::<Vec<_>>(), [(1, 1)]);
-    env.executor(ExecutorEvent::Ready {
-        slot: 1,
-        generation: 2,
-        pid: 100,
-        memory: None,
-    });
+    env.ready(1, 2);
     env.died(1);
     assert_eq!(env.comm.cleared.drain(..).collect::<Vec<_>>(), [(1, 2)]);
     env.died(1); // reported twice: nothing left of a generation to clear
