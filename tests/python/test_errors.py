@@ -167,8 +167,10 @@ def test_executors_that_cannot_start_fail_tasks_with_the_reason(tmp_path):
             started = time.monotonic()
             with pytest.raises(rankmesh.TaskError, match="ExecutorCannotStart") as info:
                 client.submit(abs, -1).result(timeout=60)
-            assert "exited with status 1 before connecting" in str(info.value)
-            assert "--python" in str(info.value)
+            said = str(info.value)
+            assert "exited with status 1 before connecting" in said
+            assert "No module named 'rankmesh'" in said, "what the Python itself said"
+            assert "--python" in said
             assert time.monotonic() - started < 30
             time.sleep(2)
         tries = log.read_text().count("executor died")

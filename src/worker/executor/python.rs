@@ -144,6 +144,20 @@ async fn supervise(
             Err(reason) => reason,
         };
         failed_starts = if ready { 0 } else { failed_starts + 1 };
+        let reason = if ready {
+            reason
+        } else {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                said = import_check(&config) => match said {
+                    Some(said) => format!(
+                        "{reason}; `{} -c 'import rankmesh.executor'` says: {said}",
+                        config.python
+                    ),
+                    None => reason,
+                },
+            }
+        };
         tracing::warn!(slot, "executor died: {reason}");
         let traceback = take_fault_report(&config.shm_dir, &executor_id(slot, generation));
         let died = ExecutorEvent::Died {
@@ -164,6 +178,40 @@ async fn supervise(
             }
         }
     }
+}
+
+/// Lines of what `import_check` printed that a reason quotes, at most.
+const IMPORT_CHECK_LINES: usize = 4;
+/// How long `import_check` may take.
+const IMPORT_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The last lines `python -c "import rankmesh.executor"` printed, when that fails: after
+/// an executor ended before it was ready, what usually tells why (a Python without
+/// rankmesh where the worker runs), which its exit status alone does not.
+async fn import_check(config: &PythonExecutorConfig) -> Option<String> {
+    let mut command = Command::new(&config.python);
+    command
+        .args(["-c", "import rankmesh.executor"])
+        .envs(config.env.iter().map(|(k, v)| (k, v)))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(IMPORT_CHECK_TIMEOUT, command.output())
+        .await
+        .ok()?
+        .ok()?;
+    if output.status.success() {
+        return None;
+    }
+    let printed = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = printed.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(IMPORT_CHECK_LINES)..].join(" / ");
+    Some(if tail.is_empty() {
+        format!("it {}", output.status)
+    } else {
+        tail
+    })
 }
 
 /// How long to wait before starting an executor again after `failed_starts` generations
