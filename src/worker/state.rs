@@ -380,14 +380,7 @@ impl WorkerState {
                 reason,
                 traceback,
                 failed_starts,
-            } => {
-                if failed_starts >= FAILED_STARTS_BEFORE_GIVING_UP {
-                    if let Some(state) = self.slots.get_mut(slot) {
-                        state.cannot_start = Some(reason.clone());
-                    }
-                }
-                self.executor_died(slot, &reason, traceback, comm)
-            }
+            } => self.executor_died(slot, &reason, traceback, failed_starts, comm),
         }
         self.after_event(comm);
     }
@@ -1096,17 +1089,23 @@ impl WorkerState {
 
     /// Whatever the executor had in flight is lost. Alone on it, a task is to blame (and
     /// fails after `max_crashes`); among several, each reruns alone to find the culprit.
+    /// After `FAILED_STARTS_BEFORE_GIVING_UP` generations in a row that never were ready,
+    /// the slot counts as one that cannot start (`dispatch`).
     fn executor_died(
         &mut self,
         slot: usize,
         reason: &str,
         traceback: String,
+        failed_starts: u32,
         comm: &mut impl WorkerComm,
     ) {
         let index = slot;
         let Some(slot) = self.slots.get_mut(index) else {
             return;
         };
+        if failed_starts >= FAILED_STARTS_BEFORE_GIVING_UP {
+            slot.cannot_start = Some(reason.to_string());
+        }
         let generation = std::mem::take(&mut slot.generation);
         if generation != 0 {
             comm.clear_after(index, generation);

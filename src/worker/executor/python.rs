@@ -131,6 +131,8 @@ async fn supervise(
     };
     let mut generation = 0u64;
     let mut failed_starts = 0u32;
+    // What `import_check` said, once per run of generations that never became ready.
+    let mut diagnosis = None;
     while !shutdown.is_cancelled() {
         generation += 1;
         let mut ready = false;
@@ -144,19 +146,18 @@ async fn supervise(
             Err(reason) => reason,
         };
         failed_starts = if ready { 0 } else { failed_starts + 1 };
-        let reason = if ready {
-            reason
-        } else {
-            tokio::select! {
+        if failed_starts == 1 {
+            diagnosis = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                said = import_check(&config) => match said {
-                    Some(said) => format!(
-                        "{reason}; `{} -c 'import rankmesh.executor'` says: {said}",
-                        config.python
-                    ),
-                    None => reason,
-                },
-            }
+                said = import_check(&config) => said,
+            };
+        }
+        let reason = match diagnosis.as_ref().filter(|_| !ready) {
+            Some(said) => format!(
+                "{reason}; `{} -c 'import rankmesh.executor'` says: {said}",
+                config.python
+            ),
+            None => reason,
         };
         tracing::warn!(slot, "executor died: {reason}");
         let traceback = take_fault_report(&config.shm_dir, &executor_id(slot, generation));
