@@ -58,6 +58,12 @@ pub type SpillOutcome = (TaskId, Arc<Object>, Result<Object, StoreError>);
 /// them).
 const COPY_OUT_AT_ONCE: u64 = 16 << 20;
 
+/// Ready tasks next in line whose spilled inputs are read back from disk while the
+/// executors still run what they have: read only once a task was sent (as before), its
+/// inputs came in while its executor waited, blocked on the disk (3-5 s of a 26 s
+/// memory-limited rechunk per executor).
+const READ_AHEAD_TASKS: usize = 2;
+
 /// Every effect of the worker's state machine.
 pub trait WorkerComm {
     /// A message to the scheduler.
@@ -263,6 +269,9 @@ pub struct WorkerState {
     /// Kept results being copied out for another executor here, with the tasks that
     /// wait for the copy to run there (counted in their `missing`).
     awaiting_copy: IdMap<TaskId, Vec<TaskId>>,
+    /// Spilled results being read back ahead of the tasks next in line
+    /// ([`READ_AHEAD_TASKS`]), so that they are asked for once.
+    read_ahead: IdSet<TaskId>,
 }
 
 impl WorkerState {
@@ -304,6 +313,7 @@ impl WorkerState {
             unread: IdSet::default(),
             copying_out: IdMap::default(),
             awaiting_copy: IdMap::default(),
+            read_ahead: IdSet::default(),
         }
     }
 
@@ -739,6 +749,7 @@ impl WorkerState {
     fn results_released(&mut self, ids: &[TaskId], comm: &mut impl WorkerComm) {
         for id in ids {
             self.unread.remove(id);
+            self.read_ahead.remove(id);
         }
         let mut files_released = false;
         let mut held = Vec::new();
@@ -1315,6 +1326,41 @@ impl WorkerState {
                 self.send_batch(index, batch, comm);
             }
         }
+        self.read_ahead_of_next(comm);
+    }
+
+    /// Starts reading back the spilled inputs of the tasks next in line, so that the disk
+    /// works while the executors do.
+    fn read_ahead_of_next(&mut self, comm: &mut impl WorkerComm) {
+        if self.store.bytes().on_disk == 0 {
+            return;
+        }
+        let mut next: SmallVec<[Reverse<(i64, TaskId)>; READ_AHEAD_TASKS]> = SmallVec::new();
+        while next.len() < READ_AHEAD_TASKS {
+            match self.pop_ready() {
+                Some(entry) => next.push(entry),
+                None => break,
+            }
+        }
+        let mut spilled = Vec::new();
+        for Reverse((_, id)) in &next {
+            let Some(task) = self.tasks.get(id) else {
+                continue;
+            };
+            for input in &task.compute.inputs {
+                // Not a use: the task has not read it yet.
+                let Some(object) = self.store.peek(input.id) else {
+                    continue;
+                };
+                if object.is_spilled() && self.read_ahead.insert(input.id) {
+                    spilled.push(object);
+                }
+            }
+        }
+        self.ready.extend(next);
+        if !spilled.is_empty() {
+            comm.read_ahead(spilled);
+        }
     }
 
     /// Paused, and results cannot go to disk: memory will not come down on its own, so
@@ -1502,7 +1548,11 @@ impl WorkerState {
                     continue;
                 }
             };
-            spilled_inputs.extend(held.iter().filter(|o| o.is_spilled()).cloned());
+            for (input, object) in task.compute.inputs.iter().zip(&held) {
+                if object.is_spilled() && !self.read_ahead.remove(&input.id) {
+                    spilled_inputs.push(object.clone());
+                }
+            }
             task.held_inputs = held;
             task.running = true;
             task.working = need;
@@ -1643,6 +1693,9 @@ impl WorkerState {
         }
         for id in &self.unread {
             assert!(self.store.contains(*id), "{id} counted unread, not held");
+        }
+        for id in &self.read_ahead {
+            assert!(self.store.contains(*id), "{id} read ahead, not held");
         }
         for id in self.copying_out.keys() {
             assert!(self.store.contains(*id), "{id} copied out, not held");

@@ -1234,6 +1234,42 @@ fn spilled_inputs_are_read_ahead_as_their_task_goes_to_its_executor() {
 }
 
 #[test]
+fn spilled_inputs_of_the_tasks_next_in_line_are_read_ahead_once() {
+    let mut env = TestEnv::with_memory(1, limited());
+    env.hold(1..=8, MIB); // 2 MiB over the target: 1 and 2 go to disk
+    env.any_event();
+    let batch = env.spill_batch();
+    let outcomes = env.write(batch);
+    env.spill_finished(outcomes);
+    env.scheduler(ToWorker::Release(ids(&[5, 6, 7, 8]))); // room for the tasks below
+    env.release_notices();
+    // Until a result shows what tasks make here, none queues behind another: 22 and 23
+    // wait for 21, and their spilled inputs are read meanwhile.
+    env.compute(vec![
+        task(21, &[(3, &PEERS)]),
+        task(22, &[(1, &PEERS)]),
+        task(23, &[(2, &PEERS)]),
+    ]);
+    assert_eq!(env.ran(), [(0, ids(&[21]))]);
+    let read_ahead: Vec<_> = env.comm.read_ahead.drain(..).collect();
+    let spilled = [1, 2].map(|id| env.store.peek(TaskId(id)).expect("stored"));
+    assert_eq!(read_ahead.len(), 2, "the spilled inputs of 22 and 23");
+    for object in &spilled {
+        assert!(read_ahead.iter().any(|o| Arc::ptr_eq(o, object)));
+    }
+    assert_eq!(
+        env.store.bytes().unspilled,
+        0,
+        "not read by a task yet, nor their use counted"
+    );
+    env.results(0, vec![inline_result(21, 128)]);
+    assert_eq!(env.done_ids(), ids(&[21]));
+    assert_eq!(env.ran(), [(0, ids(&[22, 23]))]);
+    assert!(env.comm.read_ahead.is_empty(), "asked for once");
+    env.comm.emptiness_check();
+}
+
+#[test]
 fn results_no_task_reads_are_spilled_first_and_inputs_of_waiting_tasks_last() {
     let mut env = TestEnv::with_memory(1, limited());
     let [a, _] = PEERS;
