@@ -138,10 +138,15 @@ class ExecutorLink:
         ("run", [(task_id, payload: bytes, inputs: list[ObjectTuple]), ...])
         ("objects_released", [held key, ...])
         ("hold_results", keep: bool)
+        ("borrow", request: int, pid: int, probe: int, spans: list[(address, length)],
+         layout: list[int])
         ("shutdown",)"""
     def send_results(self, results: list[tuple]) -> None:
         """Each result: (task_id, duration_us, "ok", ObjectTuple) or
         (task_id, duration_us, "err", ErrorTuple)."""
+    def send_borrowed(self, request: int, ok: bool, value: tuple) -> None:
+        """A lent result copied and kept (ok: its ObjectTuple), or why not (message,
+        refused)."""
 
 class MappedView:
     """A mapping's bytes (any buffer: an mmap) lent as a buffer, writable where the
@@ -176,3 +181,7 @@ def trim_heap() -> None:
 def frame_spans(frames: list[Buffer]) -> list[tuple[int, int]] | None:
     """(address, length) of each frame's bytes in this process, for the worker to copy a
     result the executor keeps; None when a frame is not contiguous."""
+
+def read_lent_frames(pid: int, probe: int, spans: list[tuple[int, int]]) -> list[bytearray]:
+    """Copies the frames a peer's executor lends, checking its probe at `probe` before and
+    after; PermissionError where this process may not read that one."""

@@ -35,7 +35,14 @@ from typing import NamedTuple
 
 from . import in_memory_targets, serialize
 from ._layout import INLINE_MAX, object_offsets
-from ._rankmesh import MappedView, frame_spans, heap_free_bytes, keep_freed_heap, trim_heap
+from ._rankmesh import (
+    MappedView,
+    frame_spans,
+    heap_free_bytes,
+    keep_freed_heap,
+    read_lent_frames,
+    trim_heap,
+)
 
 # Finished results wait at most this long for others to share a message with.
 SEND_INTERVAL_S = 0.001
@@ -347,6 +354,21 @@ class TaskRunner:
             raise OSError(f"wrote {written} of {total} bytes to {path}")
         return "shm", path, layout
 
+    def borrow(self, pid: int, probe: int, spans: list, layout: list[int]) -> tuple[bool, tuple]:
+        """Copies a result a peer's executor lends (`ToExecutor::Borrow`) and keeps it as a
+        result of this executor: (True, ObjectTuple), or (False, (why, refused))."""
+        try:
+            frames = read_lent_frames(pid, probe, spans)
+        except PermissionError as exc:
+            return False, (str(exc), True)
+        except OSError as exc:
+            return False, (str(exc), False)
+        self._sequence += 1
+        kept = self.held.keep(self._sequence, frames)
+        if kept is None:
+            return False, ("its frames are not contiguous here", False)
+        return True, ("held", (self._sequence, kept), layout)
+
     def _claim_free_segment(self, total: int, path: str) -> bool:
         """Renames a free segment of exactly `total` bytes that the worker keeps (in
         `free/<size>/`) to `path`: its pages exist, so writing the result allocates none.
@@ -397,6 +419,9 @@ def serve(link, runner: TaskRunner, heap: KeptHeap) -> None:
                 runner.held.enabled = message[1]
             elif kind == "drop_reserves":
                 heap.drop_reserves()
+            elif kind == "borrow":
+                request, pid, probe, spans, layout = message[1:]
+                link.send_borrowed(request, *runner.borrow(pid, probe, spans, layout))
             elif kind == "run":
                 runner.inputs.forget_gone_lately()
                 for task_id, payload, inputs in message[1]:

@@ -5,7 +5,8 @@ use crate::{ConnectionLost, RankmeshError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 use rankmesh::protocol::{
-    self, FrameReader, FrameWriter, FromExecutor, Role, TaskId, TaskOutcome, ToExecutor, Token,
+    self, BorrowFailure, FrameReader, FrameWriter, FromExecutor, Role, TaskId, TaskOutcome,
+    ToExecutor, Token,
 };
 use std::sync::Mutex;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -76,6 +77,13 @@ impl ExecutorLink {
             }
             Some(ToExecutor::HoldResults(hold)) => ("hold_results", hold).into_pyobject(py)?,
             Some(ToExecutor::DropReserves) => PyTuple::new(py, ["drop_reserves"])?,
+            Some(ToExecutor::Borrow {
+                request,
+                loan,
+                layout,
+            }) => {
+                ("borrow", request, loan.pid, loan.probe, loan.spans, layout).into_pyobject(py)?
+            }
             Some(ToExecutor::Functions(blobs)) => {
                 let blobs = blobs
                     .iter()
@@ -112,6 +120,28 @@ impl ExecutorLink {
         PyList::new(py, [item])
     }
 
+    /// A lent result copied and kept (`ok`: `("held", (key, spans), layout)`), or why not
+    /// (`ok` false: `(message, refused)`).
+    fn send_borrowed(
+        &self,
+        py: Python<'_>,
+        request: u64,
+        ok: bool,
+        value: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let outcome = match ok {
+            true => {
+                let (kind, data, layout): (String, Bound<'_, PyAny>, Vec<u64>) = value.extract()?;
+                Ok(object_from_py(&kind, &data, layout)?)
+            }
+            false => {
+                let (message, refused): (String, bool) = value.extract()?;
+                Err(BorrowFailure { message, refused })
+            }
+        };
+        self.send(py, FromExecutor::Borrowed { request, outcome })
+    }
+
     /// Results: `(task_id, duration_us, "ok", (kind, data, layout))` or
     /// `(task_id, duration_us, "err", (type_name, message, traceback, pickled))`.
     fn send_results(&self, py: Python<'_>, results: &Bound<'_, PyList>) -> PyResult<()> {
@@ -138,13 +168,19 @@ impl ExecutorLink {
                 result,
             });
         }
+        self.send(py, FromExecutor::Results(outcomes))
+    }
+}
+
+impl ExecutorLink {
+    fn send(&self, py: Python<'_>, message: FromExecutor) -> PyResult<()> {
         py.detach(|| {
             let mut writer = self
                 .writer
                 .lock()
                 .map_err(|_| RankmeshError::new_err("link poisoned"))?;
             self.runtime
-                .block_on(writer.send(&FromExecutor::Results(outcomes)))
+                .block_on(writer.send(&message))
                 .map_err(|e| ConnectionLost::new_err(e.to_string()))
         })
     }

@@ -35,5 +35,6 @@ fn _rankmesh(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(heap::heap_free_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(heap::trim_heap, m)?)?;
     m.add_function(wrap_pyfunction!(held::frame_spans, m)?)?;
+    m.add_function(wrap_pyfunction!(held::read_lent_frames, m)?)?;
     Ok(())
 }

@@ -550,7 +550,15 @@ pub enum PeerRequest {
     /// keeps those objects (their files are neither reused nor removed) until the next
     /// `Linked` on the connection, or its end.
     FetchOrLink(Vec<TaskId>),
-    /// The fetcher holds its own link (and lock) on every file named since the last one.
+    /// `FetchOrLink`, from a worker whose executors can copy what a peer's executor keeps
+    /// (same user, `ptrace` allowed): a result only the server's executor has is answered
+    /// with where it lies (`ObjectHeader::loan`), for the fetcher's executor to copy
+    /// straight into its own memory, rather than copied out into shared memory first. The
+    /// server's executor keeps those frames until the next `Linked` on the connection, or
+    /// its end.
+    FetchOrBorrow(Vec<TaskId>),
+    /// The fetcher holds its own link (and lock) on every file named since the last one,
+    /// and its own copy of every result lent.
     Linked,
 }
 
@@ -564,6 +572,20 @@ pub struct ObjectHeader {
     pub layout: Option<Vec<u64>>,
     /// For `FetchOrLink`: the file holding the object; no bytes follow.
     pub file: Option<ObjectFile>,
+    /// For `FetchOrBorrow`: where the server's executor keeps the object; no bytes follow.
+    pub loan: Option<ObjectLoan>,
+}
+
+/// Where a result an executor keeps lies, for a reader in another process on the node to
+/// copy it from there (`PeerRequest::FetchOrBorrow`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ObjectLoan {
+    pub pid: u32,
+    /// The address of the executor's [`EXECUTOR_PROBE`], which the reader checks after it
+    /// opens the process and after it copies, so that it read that executor and no other.
+    pub probe: u64,
+    /// (address, length) of each frame.
+    pub spans: Vec<(u64, u64)>,
 }
 
 /// A server's file holding an object, for a fetcher on its node to hard-link into its own
@@ -636,6 +658,14 @@ pub enum ToExecutor {
     HoldResults(bool),
     /// The worker is over its spill threshold: give back the freed heap kept for reuse.
     DropReserves,
+    /// Copy a result a peer's executor on this node lends (`PeerRequest::FetchOrBorrow`)
+    /// into this executor's memory and keep it as its own (`ObjectRef::Held`); answered
+    /// with `FromExecutor::Borrowed` under `request`.
+    Borrow {
+        request: u64,
+        loan: ObjectLoan,
+        layout: Vec<u64>,
+    },
     Shutdown,
 }
 
@@ -658,4 +688,18 @@ pub enum FromExecutor {
         probe: u64,
     },
     Results(Vec<TaskOutcome>),
+    /// A lent result copied and kept (`ObjectRef::Held`), or why not.
+    Borrowed {
+        request: u64,
+        outcome: Result<ObjectRef, BorrowFailure>,
+    },
+}
+
+/// Why an executor could not copy a lent result.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BorrowFailure {
+    pub message: String,
+    /// The system refused to let it read the other process (another user's, or a `ptrace`
+    /// policy): no later loan would fare better.
+    pub refused: bool,
 }

@@ -2,7 +2,8 @@
 //! the heap in a client).
 
 use super::{Object, ObjectBuilder, ShmDir, SpillDir, StoreError};
-use crate::protocol::ObjectFile;
+use crate::protocol::{ObjectFile, ObjectLoan};
+use futures::future::BoxFuture;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -22,6 +23,35 @@ pub trait Allocate: Send + Sync {
     fn link(&self, file: &ObjectFile, _layout: Vec<u64>) -> Result<Object, StoreError> {
         Err(StoreError::NotLinkable(file.path().into()))
     }
+    /// Whether results a peer's executor on this node keeps can be copied straight into
+    /// an executor here ([`Allocate::borrow`]).
+    fn borrows(&self) -> bool {
+        false
+    }
+    /// Has an executor here copy a result a peer's executor lends (`loan`), and takes
+    /// that copy as an object of ours.
+    fn borrow(
+        &self,
+        _loan: ObjectLoan,
+        _layout: Vec<u64>,
+    ) -> BoxFuture<'static, Result<Object, StoreError>> {
+        Box::pin(std::future::ready(Err(StoreError::Borrow(
+            "nothing here copies from a peer's executor".into(),
+        ))))
+    }
+}
+
+/// Copies results peers' executors lend into one of this worker's executors (the
+/// worker's loop picks it): set up by the worker runtime, which answers each request.
+pub trait Borrower: Send + Sync {
+    /// Whether to ask peers for loans: false once an executor here could not read a
+    /// peer's (another user's processes, or a `ptrace` policy that forbids it).
+    fn borrows(&self) -> bool;
+    fn borrow(
+        &self,
+        loan: ObjectLoan,
+        layout: Vec<u64>,
+    ) -> BoxFuture<'static, Result<Object, StoreError>>;
 }
 
 /// Clients have no shared-memory folder: everything they fetch lands on the heap.
@@ -68,6 +98,8 @@ impl Allocate for ShmDir {
 pub struct WorkerFolders {
     pub shm: Arc<ShmDir>,
     pub spill: Option<Arc<SpillDir>>,
+    /// Has results peers' executors lend copied into this worker's executors.
+    pub borrower: Option<Arc<dyn Borrower>>,
 }
 
 impl Allocate for WorkerFolders {
@@ -87,6 +119,23 @@ impl Allocate for WorkerFolders {
         match (file, &self.spill) {
             (ObjectFile::Spilled(path), Some(spill)) => spill.link(Path::new(path), layout),
             _ => Allocate::link(self.shm.as_ref(), file, layout),
+        }
+    }
+
+    fn borrows(&self) -> bool {
+        self.borrower.as_ref().is_some_and(|b| b.borrows())
+    }
+
+    fn borrow(
+        &self,
+        loan: ObjectLoan,
+        layout: Vec<u64>,
+    ) -> BoxFuture<'static, Result<Object, StoreError>> {
+        match &self.borrower {
+            Some(borrower) => borrower.borrow(loan, layout),
+            None => Box::pin(std::future::ready(Err(StoreError::Borrow(
+                "this worker does not copy from peers' executors".into(),
+            )))),
         }
     }
 }

@@ -5,7 +5,7 @@
 //! made them, and were written into shared memory for nothing.
 
 use super::{Published, ShmDir, ShmSegment, StoreError};
-use crate::protocol::frame_offsets;
+use crate::protocol::{frame_offsets, ObjectLoan};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -25,6 +25,9 @@ pub struct Holder {
 pub struct ProcessMemory {
     pid: libc::pid_t,
     pidfd: OwnedFd,
+    /// Where the probe lies, for a reader in another process to check it
+    /// ([`Held::lend`]).
+    probe: u64,
 }
 
 impl ProcessMemory {
@@ -40,7 +43,7 @@ impl ProcessMemory {
         }
         // SAFETY: a descriptor just returned to us, owned by nothing else.
         let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let memory = ProcessMemory { pid, pidfd };
+        let memory = ProcessMemory { pid, pidfd, probe };
         let mut found = vec![0u8; expected.len()];
         memory.copy(probe, &mut found)?;
         if found != expected || memory.ended() {
@@ -107,6 +110,15 @@ impl ProcessMemory {
         Ok(())
     }
 
+    /// Fails if the process has ended: bytes read from its pid before then may be another
+    /// process's.
+    pub fn check_alive(&self) -> io::Result<()> {
+        match self.ended() {
+            true => Err(io::Error::other("the process ended during the copy")),
+            false => Ok(()),
+        }
+    }
+
     /// Whether the process has ended (its pidfd turns readable): bytes read from its pid
     /// before this turned true may be another process's.
     fn ended(&self) -> bool {
@@ -134,6 +146,21 @@ pub struct Held {
     published: OnceLock<ShmSegment>,
     /// Held during the copy, so that two readers wait for one copy.
     copying: Mutex<()>,
+    /// Lent to readers in other processes, who copy the frames themselves.
+    lending: Mutex<Lending>,
+}
+
+/// Who reads a kept result's frames from outside the worker, and whether the executor
+/// was to drop them meanwhile.
+#[derive(Debug, Default)]
+struct Lending {
+    /// Readers copying the frames now ([`Held::lend`]).
+    lent: u32,
+    /// The executor is to drop its frames (the result was released, spilled or copied
+    /// out): no new loans.
+    dropping: bool,
+    /// Its notice waits for the last reader to finish.
+    notice_deferred: bool,
 }
 
 impl std::fmt::Debug for Held {
@@ -172,7 +199,45 @@ impl Held {
             notices,
             published: OnceLock::new(),
             copying: Mutex::new(()),
+            lending: Mutex::default(),
         })
+    }
+
+    /// Lends the frames to a reader in another process: where they are, and a promise
+    /// that the executor keeps them until [`Held::returned`]. `None` once they are to go.
+    pub(super) fn lend(&self) -> Option<ObjectLoan> {
+        let pid = u32::try_from(self.source.pid).ok()?;
+        let mut lending = super::lock(&self.lending);
+        if lending.dropping || self.published.get().is_some() {
+            return None;
+        }
+        lending.lent += 1;
+        Some(ObjectLoan {
+            pid,
+            probe: self.source.probe,
+            spans: self.spans.clone(),
+        })
+    }
+
+    /// A reader is done with its loan; the last one sends a notice held back meanwhile.
+    pub(super) fn returned(&self) {
+        let mut lending = super::lock(&self.lending);
+        lending.lent = lending.lent.saturating_sub(1);
+        if lending.lent == 0 && std::mem::take(&mut lending.notice_deferred) {
+            super::lock(&self.notices).push(self.holder);
+        }
+    }
+
+    /// The executor may drop its frames: the holder to tell now, or `None` while they are
+    /// lent (the notice goes out when the last loan comes back, [`Held::returned`]).
+    pub(super) fn drop_notice(&self) -> Option<Holder> {
+        let mut lending = super::lock(&self.lending);
+        lending.dropping = true;
+        if lending.lent > 0 {
+            lending.notice_deferred = true;
+            return None;
+        }
+        Some(self.holder)
     }
 
     /// The segment holding the copy, once made.
@@ -222,7 +287,9 @@ impl Held {
         // The copy first, then the notice: a worker that saw the notice (and told the
         // executor to drop its frames) must not hand a task the executor's key after it.
         let segment = self.published.get_or_init(|| segment);
-        super::lock(&self.notices).push(self.holder);
+        if let Some(holder) = self.drop_notice() {
+            super::lock(&self.notices).push(holder);
+        }
         Ok(segment)
     }
 }
@@ -290,6 +357,7 @@ mod tests {
         let running = ProcessMemory {
             pid: pid as libc::pid_t,
             pidfd,
+            probe: 0,
         };
         child.wait().unwrap();
         assert!(running.ended());
@@ -341,6 +409,48 @@ mod tests {
         assert!(bytes[offsets[1] as usize..].iter().all(|&b| b == 5));
     }
 
+    #[test]
+    fn a_lent_result_stays_until_its_last_loan_returns() {
+        let dir = Arc::new(ShmDir::create("rankmesh-test").unwrap());
+        let frames = vec![vec![3u8; 10], vec![5u8; 100]];
+        let (held, notices) = held(own_memory(), &frames, &dir);
+        let loan = held.lend().expect("lent");
+        assert_eq!(loan.pid, std::process::id());
+        assert_eq!(loan.probe, PROBE.as_ptr() as u64);
+        assert_eq!(loan.spans, held.spans);
+        assert!(held.lend().is_some(), "to two readers");
+        assert_eq!(held.drop_notice(), None, "released while lent: not yet");
+        assert!(held.lend().is_none(), "no new loan once it is to go");
+        held.returned();
+        assert!(
+            notices.lock().unwrap().is_empty(),
+            "one reader still copies"
+        );
+        held.returned();
+        assert_eq!(*notices.lock().unwrap(), vec![held.holder], "now");
+        assert_eq!(
+            held.drop_notice(),
+            Some(held.holder),
+            "nothing lent any more"
+        );
+    }
+
+    #[test]
+    fn a_result_copied_out_while_lent_is_dropped_after_the_loan() {
+        let dir = Arc::new(ShmDir::create("rankmesh-test").unwrap());
+        let frames = vec![vec![3u8; 100]];
+        let (held, notices) = held(own_memory(), &frames, &dir);
+        assert!(held.lend().is_some());
+        held.publish(&[100]).unwrap();
+        assert!(
+            notices.lock().unwrap().is_empty(),
+            "the reader copies still"
+        );
+        assert!(held.lend().is_none(), "copied out: readers link the copy");
+        held.returned();
+        assert_eq!(*notices.lock().unwrap(), vec![held.holder]);
+    }
+
     const WINDOWS: usize = 3;
 
     #[test]
@@ -369,6 +479,7 @@ mod tests {
         let gone = ProcessMemory {
             pid: child.id() as libc::pid_t,
             pidfd,
+            probe: 0,
         };
         child.wait().unwrap();
         let frames = vec![vec![3u8; 100_000]];

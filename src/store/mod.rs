@@ -8,7 +8,7 @@ mod held;
 mod pool;
 mod spill;
 
-pub use allocate::{Allocate, HeapAllocator, WorkerFolders};
+pub use allocate::{Allocate, Borrower, HeapAllocator, WorkerFolders};
 use held::Held;
 pub use held::{Holder, ProcessMemory};
 pub use spill::{SpillDir, SPILL_PREFIX};
@@ -52,6 +52,10 @@ pub enum StoreError {
     },
     #[error("cannot copy a result out of the executor that keeps it: {0}")]
     Publish(std::io::Error),
+    #[error("cannot copy a peer executor's result here: {0}")]
+    Borrow(String),
+    #[error("not allowed to read a peer executor's memory: {0}")]
+    BorrowRefused(String),
 }
 
 /// A result: its frame layout and its bytes.
@@ -134,12 +138,26 @@ impl Object {
     }
 
     /// The executor that keeps a copy of this result (whether or not the worker has the
-    /// bytes too), to be told when the object goes.
-    pub fn held_by(&self) -> Option<Holder> {
+    /// bytes too), to be told now that it may drop it: the result is going (released,
+    /// spilled). `None` for other objects, and while a reader in another process copies
+    /// the frames ([`Object::lend`]): the notice then waits for the loan to come back.
+    pub fn drop_notice(&self) -> Option<Holder> {
         match &self.data {
-            ObjectData::Held(held) => Some(held.holder),
+            ObjectData::Held(held) => held.drop_notice(),
             _ => None,
         }
+    }
+
+    /// Lends the frames of a result only its executor has to a reader in another process
+    /// on this node (a peer worker's executor), which copies them itself: no copy here.
+    /// The executor keeps them (and the result cannot be spilled) until the returned
+    /// [`OnLoan`] is dropped. `None` for other objects, and for one on its way out.
+    pub fn lend(self: &Arc<Self>) -> Option<(crate::protocol::ObjectLoan, OnLoan)> {
+        let ObjectData::Held(held) = &self.data else {
+            return None;
+        };
+        let loan = held.lend()?;
+        Some((loan, OnLoan(self.clone())))
     }
 
     /// Whether only its executor has the bytes: they cannot be read here until published.
@@ -862,6 +880,17 @@ pub struct Store {
 
 /// Where a result kept by an executor notes that it was copied out.
 pub type Published = Arc<Mutex<Vec<Holder>>>;
+
+/// A result lent to a reader in another process ([`Object::lend`]); returned on drop.
+pub struct OnLoan(Arc<Object>);
+
+impl Drop for OnLoan {
+    fn drop(&mut self) {
+        if let ObjectData::Held(held) = &self.0.data {
+            held.returned();
+        }
+    }
+}
 
 #[derive(Default)]
 struct Objects {

@@ -4,8 +4,8 @@
 use super::listen::{Admission, Authenticated};
 use super::{Fetched, Transport, TransportError};
 use crate::protocol::{
-    self, FrameReader, FrameWriter, ObjectFile, ObjectHeader, PeerRequest, Role, TaskId, Token,
-    WorkerInfo,
+    self, FrameReader, FrameWriter, IdMap, ObjectFile, ObjectHeader, PeerRequest, Role, TaskId,
+    Token, WorkerInfo,
 };
 use crate::store::Allocate;
 use crate::store::{Object, ObjectBytes, Store};
@@ -167,52 +167,74 @@ impl TcpTransport {
     ) -> Result<Fetched, TransportError> {
         let address = from.data_address.as_str();
         let linking = alloc.links() && self.linking_host.as_deref() == Some(from.host.as_str());
-        let mut connection = self.checkout(address).await?;
-        let request = if linking {
-            PeerRequest::FetchOrLink(ids.clone())
-        } else {
-            PeerRequest::Fetch(ids.clone())
+        let mut way = match (linking, alloc.borrows()) {
+            (true, true) => Way::Borrow,
+            (true, false) => Way::Link,
+            (false, _) => Way::Bytes,
         };
-        let mut objects = receive(&mut connection, address, request, ids, alloc.as_ref()).await?;
-        if linking {
-            let (_, writer) = &mut connection;
-            let frame = |source| frame_error(address, source);
-            writer.send(&PeerRequest::Linked).await.map_err(frame)?;
-            // Where a link failed (another file system, a file that is not ours), the
-            // bytes come after all.
-            let unlinked: Vec<TaskId> = objects
-                .iter()
-                .filter(|(_, object)| matches!(object, Some(Received::Unlinked)))
-                .map(|(id, _)| *id)
-                .collect();
-            // Counted only where the debug log is on.
-            tracing::debug!(
-                %address,
-                linked = objects
-                    .iter()
-                    .filter(|(_, object)| matches!(object, Some(Received::Object(_))))
-                    .count(),
-                "linked from a peer on this host"
-            );
-            if !unlinked.is_empty() {
-                let request = PeerRequest::Fetch(unlinked.clone());
-                let sent = receive(&mut connection, address, request, unlinked, alloc.as_ref());
-                let mut sent = sent.await?.into_iter();
-                for (_, object) in objects.iter_mut() {
-                    if matches!(object, Some(Received::Unlinked)) {
-                        *object = sent.next().and_then(|(_, sent)| sent);
+        let mut connection = self.checkout(address).await?;
+        let mut got: IdMap<TaskId, Object> = IdMap::default();
+        let mut asking = ids.clone();
+        loop {
+            let request = way.request(asking.clone());
+            let answers = receive(&mut connection, address, request, asking, alloc.as_ref());
+            let answers = answers.await?;
+            if way != Way::Bytes {
+                let (_, writer) = &mut connection;
+                let frame = |source| frame_error(address, source);
+                writer.send(&PeerRequest::Linked).await.map_err(frame)?;
+            }
+            // Where a copy from the peer's executor failed (none here keeps results now,
+            // an executor gone), the file is linked instead; where a link failed (another
+            // file system, a file that is not ours), the bytes come after all.
+            let mut again = Vec::new();
+            for (id, answer) in answers {
+                match answer {
+                    Some(Received::Object(object)) => {
+                        got.insert(id, object);
                     }
+                    Some(Received::Unlinked) => again.push(id),
+                    None => {}
                 }
+            }
+            // Counted only where the debug log is on.
+            tracing::debug!(%address, ?way, got = got.len(), again = again.len(), "fetched");
+            match way.next() {
+                Some(next) if !again.is_empty() => (way, asking) = (next, again),
+                _ => break,
             }
         }
         self.checkin(address, connection);
-        Ok(objects
-            .into_iter()
-            .map(|(id, object)| match object {
-                Some(Received::Object(object)) => (id, Some(object)),
-                Some(Received::Unlinked) | None => (id, None),
-            })
-            .collect())
+        Ok(ids.into_iter().map(|id| (id, got.remove(&id))).collect())
+    }
+}
+
+/// How a fetcher on the server's node asks for objects, best first ([`Way::next`] after
+/// one failed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Way {
+    /// Results only the server's executor has are copied by an executor here.
+    Borrow,
+    /// Files are hard-linked.
+    Link,
+    Bytes,
+}
+
+impl Way {
+    fn request(self, ids: Vec<TaskId>) -> PeerRequest {
+        match self {
+            Way::Borrow => PeerRequest::FetchOrBorrow(ids),
+            Way::Link => PeerRequest::FetchOrLink(ids),
+            Way::Bytes => PeerRequest::Fetch(ids),
+        }
+    }
+
+    fn next(self) -> Option<Way> {
+        match self {
+            Way::Borrow => Some(Way::Link),
+            Way::Link => Some(Way::Bytes),
+            Way::Bytes => None,
+        }
     }
 }
 
@@ -226,7 +248,8 @@ fn frame_error(address: &str, source: protocol::FrameError) -> TransportError {
 /// What came for one id.
 enum Received {
     Object(crate::store::Object),
-    /// The server named a file that could not be linked.
+    /// The server named a file that could not be linked, or lent a result that could
+    /// not be copied.
     Unlinked,
 }
 
@@ -254,16 +277,23 @@ async fn receive(
                 got: header.id,
             });
         }
-        let object = match (header.layout, header.file) {
-            (None, _) => None,
-            (Some(layout), Some(file)) => Some(match alloc.link(&file, layout) {
+        let object = match (header.layout, header.file, header.loan) {
+            (None, _, _) => None,
+            (Some(layout), _, Some(loan)) => Some(match alloc.borrow(loan, layout).await {
+                Ok(object) => Received::Object(object),
+                Err(e) => {
+                    tracing::debug!(%address, "cannot copy a lent result: {e}");
+                    Received::Unlinked
+                }
+            }),
+            (Some(layout), Some(file), None) => Some(match alloc.link(&file, layout) {
                 Ok(object) => Received::Object(object),
                 Err(e) => {
                     tracing::debug!(%address, "cannot link {file:?}: {e}");
                     Received::Unlinked
                 }
             }),
-            (Some(layout), None) => {
+            (Some(layout), None, None) => {
                 let mut builder = alloc.allocate(layout)?;
                 reader.read_raw(builder.buffer()).await.map_err(frame)?;
                 Some(Received::Object(builder.finish()))
@@ -327,14 +357,17 @@ async fn serve_peer(connection: Authenticated, store: &Store) -> Result<(), Stri
         .await
         .map_err(|e| e.to_string())?;
     // Objects whose files a fetcher on this node is linking: kept (so their segments are
-    // not reused) until it says it holds its own link.
+    // not reused) until it says it holds its own link. Likewise results lent to it.
     let mut being_linked = Vec::new();
+    let mut on_loan = Vec::new();
     while let Some(request) = reader.recv().await.map_err(|e| e.to_string())? {
-        let (ids, may_link) = match request {
-            PeerRequest::Fetch(ids) => (ids, false),
-            PeerRequest::FetchOrLink(ids) => (ids, true),
+        let (ids, may_link, may_borrow) = match request {
+            PeerRequest::Fetch(ids) => (ids, false, false),
+            PeerRequest::FetchOrLink(ids) => (ids, true, false),
+            PeerRequest::FetchOrBorrow(ids) => (ids, true, true),
             PeerRequest::Linked => {
                 being_linked.clear();
+                on_loan.clear();
                 continue;
             }
         };
@@ -343,6 +376,22 @@ async fn serve_peer(connection: Authenticated, store: &Store) -> Result<(), Stri
                 true => store.get_to_link(id),
                 false => store.get(id),
             };
+            // A result only its executor has is lent as it is, not copied out first.
+            let lent = object.as_ref().filter(|_| may_borrow).and_then(|o| {
+                let (loan, lent) = o.lend()?;
+                Some((o.layout.clone(), loan, lent))
+            });
+            if let Some((layout, loan, lent)) = lent {
+                let header = ObjectHeader {
+                    id,
+                    layout: Some(layout),
+                    file: None,
+                    loan: Some(loan),
+                };
+                writer.feed(&header).await.map_err(|e| e.to_string())?;
+                on_loan.push(lent);
+                continue;
+            }
             let object = published(object).await;
             let file = object.as_deref().filter(|_| may_link).and_then(object_file);
             // Read before the header: a result whose spill file cannot be read is
@@ -361,6 +410,7 @@ async fn serve_peer(connection: Authenticated, store: &Store) -> Result<(), Stri
                     .filter(|_| file.is_some() || bytes.is_some())
                     .map(|o| o.layout.clone()),
                 file,
+                loan: None,
             };
             writer.feed(&header).await.map_err(|e| e.to_string())?;
             if header.file.is_some() {
@@ -631,6 +681,7 @@ mod tests {
         let owners_spill = SpillDir::create(local.path()).unwrap();
         let folders = |local: &std::path::Path| {
             Arc::new(WorkerFolders {
+                borrower: None,
                 shm: Arc::new(ShmDir::create(WORKER_SHM_PREFIX).unwrap()),
                 spill: Some(Arc::new(SpillDir::create(local).unwrap())),
             })
@@ -691,6 +742,113 @@ mod tests {
         let sent = fetched.await.unwrap().remove(0).1.unwrap();
         assert!(!sent.is_spilled() && sent.shared_path().is_some());
         assert!(all_five(sent));
+        shutdown.cancel();
+    }
+
+    /// Copies lent results as an executor here would (or fails to, as one not allowed to
+    /// read the lender), onto the heap.
+    struct CopyingBorrower {
+        fails: bool,
+        /// The lender's store: each loan is checked to hold back its result's drop notice.
+        lender: Store,
+    }
+
+    impl crate::store::Borrower for CopyingBorrower {
+        fn borrows(&self) -> bool {
+            true
+        }
+
+        fn borrow(
+            &self,
+            loan: protocol::ObjectLoan,
+            layout: Vec<u64>,
+        ) -> BoxFuture<'static, Result<Object, crate::store::StoreError>> {
+            use crate::store::{ProcessMemory, StoreError};
+            let lent = self.lender.peek(TaskId(1)).unwrap();
+            assert_eq!(lent.drop_notice(), None, "no drop notice while lent");
+            let copied = match self.fails {
+                true => Err(StoreError::Borrow("not allowed".into())),
+                false => {
+                    let memory = ProcessMemory::open(loan.pid, loan.probe, &EXECUTOR_PROBE);
+                    let memory = memory.unwrap();
+                    let (address, length) = loan.spans[0];
+                    let mut bytes = vec![0u8; length as usize];
+                    memory
+                        .read(&[(address, length)], &[0], &mut bytes, 0)
+                        .unwrap();
+                    Object::inline(bytes.into(), layout)
+                }
+            };
+            Box::pin(std::future::ready(copied))
+        }
+    }
+
+    static EXECUTOR_PROBE: [u8; 16] = protocol::EXECUTOR_PROBE;
+
+    #[tokio::test]
+    async fn results_an_executor_keeps_are_lent_on_this_host_and_linked_where_a_copy_fails() {
+        use crate::store::WORKER_SHM_PREFIX;
+        use crate::store::{Holder, ProcessMemory, Published, ShmDir, WorkerFolders};
+        let token = Token::new("secret");
+        // This process stands for the executor that keeps the result.
+        let probe = EXECUTOR_PROBE.as_ptr() as u64;
+        let source = ProcessMemory::open(std::process::id(), probe, &EXECUTOR_PROBE);
+        let source = Arc::new(source.unwrap());
+        let frame = vec![7u8; 4 * protocol::INLINE_MAX as usize];
+        let size = frame.len() as u64;
+        let owner = Arc::new(ShmDir::create(WORKER_SHM_PREFIX).unwrap());
+        let notices = Published::default();
+        let holder = Holder {
+            slot: 0,
+            generation: 1,
+            key: 9,
+        };
+        let kept = || {
+            let spans = vec![(frame.as_ptr() as u64, size)];
+            let (source, dir, notices) = (source.clone(), owner.clone(), notices.clone());
+            Object::held(vec![size], holder, source, spans, dir, notices).unwrap()
+        };
+        let store = Store::default();
+        store.insert(TaskId(1), kept());
+        let (info, shutdown) = serving(&store, &token).await;
+        let transport = TcpTransport::new(token).linking_on("127.0.0.1".into());
+        let folders = |fails| {
+            Arc::new(WorkerFolders {
+                shm: Arc::new(ShmDir::create(WORKER_SHM_PREFIX).unwrap()),
+                spill: None,
+                borrower: Some(Arc::new(CopyingBorrower {
+                    fails,
+                    lender: store.clone(),
+                })),
+            })
+        };
+
+        let fetched = transport.fetch(&info, vec![TaskId(1)], folders(false));
+        let copied = fetched.await.unwrap().remove(0).1.unwrap();
+        assert_eq!(copied.bytes(), Some(&frame[..]), "copied from the keeper");
+        assert!(
+            store.peek(TaskId(1)).unwrap().is_unpublished(),
+            "nothing copied out of the keeper for it"
+        );
+        // The notice held back during the loan goes out once the fetcher says it is done.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while notices.lock().unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "the loan never came back");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(*notices.lock().unwrap(), [holder]);
+        notices.lock().unwrap().clear();
+
+        // A fetcher whose executor cannot copy it links a copy the keeper makes instead.
+        store.insert(TaskId(1), kept());
+        let fetched = transport.fetch(&info, vec![TaskId(1)], folders(true));
+        let linked = fetched.await.unwrap().remove(0).1.unwrap();
+        assert!(linked.shared_path().is_some(), "linked, not sent");
+        assert_eq!(linked.bytes(), Some(&frame[..]));
+        assert!(
+            !store.peek(TaskId(1)).unwrap().is_unpublished(),
+            "copied out"
+        );
         shutdown.cancel();
     }
 

@@ -9,20 +9,22 @@ use super::memory::{MemoryPolicy, MemorySample};
 use super::state::{SpillOutcome, Wake, WorkerComm, WorkerSettings, WorkerState};
 use crate::heap::{FreedBytes, TRIM_WHEN_IDLE_AFTER};
 use crate::protocol::{
-    FrameReader, FromWorker, FuncId, FunctionBlob, Plugin, Resources, Role, RunTask, TaskId,
-    ToWorker, Token, WorkerId, WorkerInfo, WorkerRegistration, WorkerTopology,
+    FrameReader, FromWorker, FuncId, FunctionBlob, IdMap, ObjectLoan, Plugin, Resources, Role,
+    RunTask, TaskId, ToWorker, Token, WorkerId, WorkerInfo, WorkerRegistration, WorkerTopology,
 };
 use crate::store::{
-    Holder, Object, ProcessMemory, Published, ShmDir, SpillDir, Store, StoreError, WorkerFolders,
-    WORKER_SHM_PREFIX,
+    Borrower, Holder, Object, ProcessMemory, Published, ShmDir, SpillDir, Store, StoreError,
+    WorkerFolders, WORKER_SHM_PREFIX,
 };
 use crate::transport::tcp::{self, TcpTransport};
 use crate::transport::{Transport, TransportError};
+use futures::future::BoxFuture;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::tcp::OwnedReadHalf;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -236,6 +238,15 @@ pub async fn run_with(
     };
     let (spilled_tx, spilled) = mpsc::unbounded_channel();
     let (woken_tx, woken) = mpsc::unbounded_channel();
+    let (borrow_tx, borrows) = mpsc::unbounded_channel();
+    let borrow_refused = Arc::new(AtomicBool::new(false));
+    // Shell executors keep no results to copy lent ones into.
+    let borrower = (config.executor == ExecutorKind::Python).then(|| {
+        Arc::new(ExecutorBorrower {
+            requests: borrow_tx,
+            refused: borrow_refused.clone(),
+        }) as Arc<dyn Borrower>
+    });
     let settings = WorkerSettings {
         slots,
         max_crashes: config.max_crashes,
@@ -251,17 +262,22 @@ pub async fn run_with(
         folders: Arc::new(WorkerFolders {
             shm,
             spill: spill_dir,
+            borrower,
         }),
         fetched_tx,
         spilled_tx,
         woken_tx,
         executors,
+        borrows: IdMap::default(),
+        next_borrow: 0,
+        borrow_refused,
     };
     let channels = Channels {
         events,
         fetched,
         spilled,
         woken,
+        borrows,
     };
     let end = serve(&mut state, &mut comm, &mut reader, channels, &shutdown).await;
     let stats = state.stats();
@@ -317,6 +333,51 @@ struct Channels {
     fetched: mpsc::UnboundedReceiver<FetchDone>,
     spilled: mpsc::UnboundedReceiver<Vec<SpillOutcome>>,
     woken: mpsc::UnboundedReceiver<Wake>,
+    borrows: mpsc::UnboundedReceiver<BorrowRequest>,
+}
+
+/// A fetch's request to have a result a peer's executor lends copied into an executor
+/// here, and where the answer goes.
+struct BorrowRequest {
+    loan: ObjectLoan,
+    layout: Vec<u64>,
+    reply: oneshot::Sender<Result<Object, StoreError>>,
+}
+
+/// The fetches' way to this worker's executors ([`Borrower`]): requests go to the event
+/// loop, which has the state machine pick the executor.
+struct ExecutorBorrower {
+    requests: mpsc::UnboundedSender<BorrowRequest>,
+    /// An executor here was not allowed to read a peer's memory: loans are not asked for
+    /// again.
+    refused: Arc<AtomicBool>,
+}
+
+impl Borrower for ExecutorBorrower {
+    fn borrows(&self) -> bool {
+        !self.refused.load(Ordering::Relaxed)
+    }
+
+    fn borrow(
+        &self,
+        loan: ObjectLoan,
+        layout: Vec<u64>,
+    ) -> BoxFuture<'static, Result<Object, StoreError>> {
+        let (reply, answer) = oneshot::channel();
+        let request = BorrowRequest {
+            loan,
+            layout,
+            reply,
+        };
+        let sent = self.requests.send(request).is_ok();
+        Box::pin(async move {
+            let gone = || StoreError::Borrow("the worker is stopping".into());
+            match sent {
+                true => answer.await.unwrap_or_else(|_| Err(gone())),
+                false => Err(gone()),
+            }
+        })
+    }
 }
 
 /// Feeds events to the state machine, one at a time, until the scheduler says stop, goes
@@ -362,6 +423,12 @@ async fn serve(
                 state.fetch_finished(done.peer, done.ids, done.result, done.elapsed, comm);
             }
             Some(outcomes) = channels.spilled.recv() => state.spill_finished(outcomes, comm),
+            Some(request) = channels.borrows.recv() => {
+                comm.next_borrow += 1;
+                let id = comm.next_borrow;
+                comm.borrows.insert(id, request.reply);
+                state.borrow_asked(id, request.loan, request.layout, comm);
+            }
             _ = memory_tick.tick(), if measure_memory => {
                 let sample = MemorySample {
                     worker_private: private_bytes(std::process::id()),
@@ -446,6 +513,10 @@ struct RuntimeComm {
     spilled_tx: mpsc::UnboundedSender<Vec<SpillOutcome>>,
     woken_tx: mpsc::UnboundedSender<Wake>,
     executors: Vec<Box<dyn Executor>>,
+    /// Fetches waiting for a lent result to be copied here, by request.
+    borrows: IdMap<u64, oneshot::Sender<Result<Object, StoreError>>>,
+    next_borrow: u64,
+    borrow_refused: Arc<AtomicBool>,
 }
 
 impl WorkerComm for RuntimeComm {
@@ -595,6 +666,30 @@ impl WorkerComm for RuntimeComm {
     fn hold_results(&mut self, slot: usize, generation: u64, hold: bool) {
         if let Some(executor) = self.executors.get_mut(slot) {
             executor.hold_results(generation, hold);
+        }
+    }
+
+    fn borrow(
+        &mut self,
+        slot: usize,
+        generation: u64,
+        request: u64,
+        loan: ObjectLoan,
+        layout: Vec<u64>,
+    ) {
+        if let Some(executor) = self.executors.get_mut(slot) {
+            executor.borrow(generation, request, loan, layout);
+        }
+    }
+
+    fn borrowed(&mut self, request: u64, result: Result<Object, StoreError>) {
+        if let Err(StoreError::BorrowRefused(why)) = &result {
+            if !self.borrow_refused.swap(true, Ordering::Relaxed) {
+                tracing::info!("peers' results are copied out for this worker: {why}");
+            }
+        }
+        if let Some(reply) = self.borrows.remove(&request) {
+            let _ = reply.send(result);
         }
     }
 

@@ -7,9 +7,9 @@ use super::executor::ExecutorEvent;
 use super::memory::{MemoryPolicy, MemorySample, MemoryState, ResultSizes};
 use crate::heap::ShrinkWhenSparse;
 use crate::protocol::{
-    ComputeTask, DataTransport, ErrorInfo, FromWorker, FuncId, FunctionBlob, IdMap, IdSet,
-    ObjectRef, Plugin, RunTask, TaskDone, TaskId, TaskOutcome, ToWorker, Transfer, WorkerId,
-    WorkerInfo, WorkerMemory,
+    BorrowFailure, ComputeTask, DataTransport, ErrorInfo, FromWorker, FuncId, FunctionBlob, IdMap,
+    IdSet, ObjectLoan, ObjectRef, Plugin, RunTask, TaskDone, TaskId, TaskOutcome, ToWorker,
+    Transfer, WorkerId, WorkerInfo, WorkerMemory,
 };
 use crate::store::{Holder, Object, ProcessMemory, Published, Store, StoreError};
 use crate::transport::{Fetched, TransportError};
@@ -129,6 +129,19 @@ pub trait WorkerComm {
     /// Has a slot's executor generation keep its large results in its memory, or write
     /// them (`hold` false).
     fn hold_results(&mut self, slot: usize, generation: u64, hold: bool);
+    /// Has a slot's executor generation copy a result a peer's executor lends and keep it
+    /// ([`WorkerState::executor_borrowed`] follows).
+    fn borrow(
+        &mut self,
+        slot: usize,
+        generation: u64,
+        request: u64,
+        loan: ObjectLoan,
+        layout: Vec<u64>,
+    );
+    /// Answers the fetch that asked for a lent result to be copied here
+    /// ([`WorkerState::borrow_asked`]): the object now kept here, or why not.
+    fn borrowed(&mut self, request: u64, result: Result<Object, StoreError>);
 }
 
 /// Something the worker asked to be reminded of (`WorkerComm::wake_after`), or to hear of
@@ -272,6 +285,8 @@ pub struct WorkerState {
     /// Spilled results being read back ahead of the tasks next in line
     /// ([`READ_AHEAD_TASKS`]), so that they are asked for once.
     read_ahead: IdSet<TaskId>,
+    /// Lent results being copied into an executor here, by request: (slot, generation).
+    borrowing: IdMap<u64, (usize, u64)>,
 }
 
 impl WorkerState {
@@ -314,6 +329,7 @@ impl WorkerState {
             copying_out: IdMap::default(),
             awaiting_copy: IdMap::default(),
             read_ahead: IdSet::default(),
+            borrowing: IdMap::default(),
         }
     }
 
@@ -385,6 +401,11 @@ impl WorkerState {
             ExecutorEvent::Results { slot, outcomes } => {
                 self.executor_finished(slot, outcomes, comm)
             }
+            ExecutorEvent::Borrowed {
+                slot,
+                request,
+                outcome,
+            } => self.executor_borrowed(slot, request, outcome, comm),
             ExecutorEvent::Died {
                 slot,
                 reason,
@@ -513,7 +534,7 @@ impl WorkerState {
                     if self.store.replace_spilled(id, &original, spilled) {
                         self.stats.spilled_objects += 1;
                         self.stats.spilled_bytes += size;
-                        held.extend(original.held_by());
+                        held.extend(original.drop_notice());
                         if original.is_shared() {
                             files_released = true;
                         } else {
@@ -754,7 +775,7 @@ impl WorkerState {
         let mut files_released = false;
         let mut held = Vec::new();
         for object in ids.iter().filter_map(|&id| self.store.remove(id)) {
-            held.extend(object.held_by());
+            held.extend(object.drop_notice());
             if object.is_shared() {
                 files_released = true;
             } else {
@@ -1014,7 +1035,7 @@ impl WorkerState {
         };
         let Some(task) = task.filter(|t| !t.cancelled) else {
             // Dropping the object removes its file; the executor is told to drop its copy.
-            if let Some(holder) = object.as_ref().ok().and_then(|o| o.held_by()) {
+            if let Some(holder) = object.as_ref().ok().and_then(|o| o.drop_notice()) {
                 self.objects_released(&[holder], false, comm);
             }
             return;
@@ -1060,6 +1081,64 @@ impl WorkerState {
     /// A result executor `slot` keeps, its bytes left where they are. One from an executor
     /// whose memory the worker cannot read (never asked to keep results) is refused, and
     /// the executor told to drop it.
+    /// A fetch was lent a result a peer's executor on this node keeps: an executor here
+    /// that keeps results (the one with the least in flight) copies it into its own
+    /// memory. Refused (the fetch then has the bytes sent) where none keeps results now.
+    pub fn borrow_asked(
+        &mut self,
+        request: u64,
+        loan: ObjectLoan,
+        layout: Vec<u64>,
+        comm: &mut impl WorkerComm,
+    ) {
+        let keeper = (self.memory.executors_hold())
+            .then(|| {
+                (self.slots.iter().enumerate())
+                    .filter(|(_, s)| s.generation != 0 && s.memory.is_some())
+                    .min_by_key(|(_, s)| s.in_flight.len())
+                    .map(|(index, s)| (index, s.generation))
+            })
+            .flatten();
+        let Some((slot, generation)) = keeper else {
+            let why = "no executor here keeps results now".to_string();
+            comm.borrowed(request, Err(StoreError::Borrow(why)));
+            return;
+        };
+        self.borrowing.insert(request, (slot, generation));
+        comm.borrow(slot, generation, request, loan, layout);
+    }
+
+    /// An executor copied a lent result (it keeps it now, as one of its results), or
+    /// could not.
+    fn executor_borrowed(
+        &mut self,
+        slot: usize,
+        request: u64,
+        outcome: Result<ObjectRef, BorrowFailure>,
+        comm: &mut impl WorkerComm,
+    ) {
+        let asked = self.borrowing.remove(&request);
+        let result = match outcome {
+            Ok(ObjectRef::Held { key, layout, spans }) if asked.is_some() => {
+                self.adopt_held(slot, key, layout, spans, comm)
+            }
+            Ok(ObjectRef::Held { key, .. }) => {
+                // Asked of an earlier generation (none can answer after it died).
+                let generation = self.slots.get(slot).map_or(0, |s| s.generation);
+                comm.objects_released(slot, generation, vec![key]);
+                return;
+            }
+            Ok(other) => Err(StoreError::Borrow(format!(
+                "the executor answered a loan with {other:?}"
+            ))),
+            Err(failure) if failure.refused => Err(StoreError::BorrowRefused(failure.message)),
+            Err(failure) => Err(StoreError::Borrow(failure.message)),
+        };
+        if asked.is_some() {
+            comm.borrowed(request, result);
+        }
+    }
+
     fn adopt_held(
         &mut self,
         slot: usize,
@@ -1121,6 +1200,18 @@ impl WorkerState {
         if generation != 0 {
             comm.clear_after(index, generation);
         }
+        let unanswered: Vec<u64> = (self.borrowing.iter())
+            .filter(|(_, &(s, g))| (s, g) == (index, generation))
+            .map(|(&request, _)| request)
+            .collect();
+        for request in unanswered {
+            self.borrowing.remove(&request);
+            let why = format!("the executor copying it ended: {reason}");
+            comm.borrowed(request, Err(StoreError::Borrow(why)));
+        }
+        let Some(slot) = self.slots.get_mut(index) else {
+            return;
+        };
         slot.pid = 0;
         slot.memory = None;
         slot.exclusive = false;
@@ -1696,6 +1787,14 @@ impl WorkerState {
         }
         for id in &self.read_ahead {
             assert!(self.store.contains(*id), "{id} read ahead, not held");
+        }
+        for (request, &(slot, generation)) in &self.borrowing {
+            assert!(
+                self.slots
+                    .get(slot)
+                    .is_some_and(|s| s.generation == generation),
+                "loan {request} is being copied by a gone executor"
+            );
         }
         for id in self.copying_out.keys() {
             assert!(self.store.contains(*id), "{id} copied out, not held");

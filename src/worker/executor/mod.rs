@@ -8,7 +8,9 @@ mod shell;
 pub use python::{executor_id, PythonExecutor, PythonExecutorConfig};
 pub use shell::ShellExecutor;
 
-use crate::protocol::{FuncId, FunctionBlob, Plugin, RunTask, TaskOutcome};
+use crate::protocol::{
+    BorrowFailure, FuncId, FunctionBlob, ObjectLoan, ObjectRef, Plugin, RunTask, TaskOutcome,
+};
 use crate::store::ProcessMemory;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -28,6 +30,12 @@ pub enum ExecutorEvent {
     Results {
         slot: usize,
         outcomes: Vec<TaskOutcome>,
+    },
+    /// A lent result copied into the executor ([`Executor::borrow`]), or why not.
+    Borrowed {
+        slot: usize,
+        request: u64,
+        outcome: Result<ObjectRef, BorrowFailure>,
     },
     /// The executor died (crashed, was killed, or was restarted for the worker's memory);
     /// everything it had in flight is lost. A new generation follows.
@@ -68,4 +76,8 @@ pub trait Executor: Send {
     /// The worker needs memory back: the executor gives back what it keeps only to go
     /// faster (freed heap).
     fn drop_reserves(&mut self, generation: u64);
+
+    /// Copies a result a peer's executor lends into this one, which keeps it; answered
+    /// with [`ExecutorEvent::Borrowed`] under `request`.
+    fn borrow(&mut self, generation: u64, request: u64, loan: ObjectLoan, layout: Vec<u64>);
 }

@@ -4,8 +4,8 @@
 
 use super::{EventSender, Executor, ExecutorEvent};
 use crate::protocol::{
-    self, FrameReader, FrameWriter, FromExecutor, FuncId, FunctionBlob, Plugin, Role, RunTask,
-    ToExecutor, Token, TOKEN_ENV,
+    self, FrameReader, FrameWriter, FromExecutor, FuncId, FunctionBlob, ObjectLoan, Plugin, Role,
+    RunTask, ToExecutor, Token, TOKEN_ENV,
 };
 use crate::store::ProcessMemory;
 use std::path::PathBuf;
@@ -98,6 +98,15 @@ impl Executor for PythonExecutor {
         let _ = self
             .tx
             .send(Work::Send(generation, ToExecutor::DropReserves));
+    }
+
+    fn borrow(&mut self, generation: u64, request: u64, loan: ObjectLoan, layout: Vec<u64>) {
+        let borrow = ToExecutor::Borrow {
+            request,
+            loan,
+            layout,
+        };
+        let _ = self.tx.send(Work::Send(generation, borrow));
     }
 }
 
@@ -328,6 +337,9 @@ async fn run_generation(
             frame = reader.recv::<FromExecutor>() => match frame {
                 Ok(Some(FromExecutor::Results(outcomes))) => {
                     let _ = events.send(ExecutorEvent::Results { slot, outcomes });
+                }
+                Ok(Some(FromExecutor::Borrowed { request, outcome })) => {
+                    let _ = events.send(ExecutorEvent::Borrowed { slot, request, outcome });
                 }
                 Ok(Some(FromExecutor::Ready { .. })) => {
                     break reap(child, pid, "said it was ready twice").await;

@@ -3,7 +3,8 @@
 
 use super::{EventSender, Executor, ExecutorEvent};
 use crate::protocol::{
-    decode, ErrorInfo, FuncId, FunctionBlob, ObjectRef, Plugin, RunTask, TaskOutcome,
+    decode, BorrowFailure, ErrorInfo, FuncId, FunctionBlob, ObjectLoan, ObjectRef, Plugin, RunTask,
+    TaskOutcome,
 };
 use bytes::Bytes;
 use std::time::Instant;
@@ -63,6 +64,20 @@ impl Executor for ShellExecutor {
 
     /// Commands keep nothing for speed.
     fn drop_reserves(&mut self, _generation: u64) {}
+
+    /// Commands keep no results.
+    fn borrow(&mut self, _generation: u64, request: u64, _loan: ObjectLoan, _layout: Vec<u64>) {
+        let outcome = Err(BorrowFailure {
+            message: "a shell executor keeps no results".into(),
+            refused: true,
+        });
+        let slot = self.slot;
+        let _ = self.events.send(ExecutorEvent::Borrowed {
+            slot,
+            request,
+            outcome,
+        });
+    }
 }
 
 async fn run_command(payload: &[u8]) -> Result<ObjectRef, ErrorInfo> {

@@ -58,6 +58,10 @@ struct TestComm {
     held_released: Vec<(usize, u64, u64)>,
     /// Executor generations told to keep their large results, or write them.
     holding: VecDeque<(usize, u64, bool)>,
+    /// Lent results executors were asked to copy: (slot, generation, request, loan).
+    borrows: VecDeque<(usize, u64, u64, ObjectLoan)>,
+    /// Answers to fetches that asked for lent results to be copied here.
+    borrowed: VecDeque<(u64, Result<Object, StoreError>)>,
 }
 
 impl WorkerComm for TestComm {
@@ -163,6 +167,29 @@ impl WorkerComm for TestComm {
         self.holding.push_back((slot, generation, hold));
     }
 
+    fn borrow(
+        &mut self,
+        slot: usize,
+        generation: u64,
+        request: u64,
+        loan: ObjectLoan,
+        layout: Vec<u64>,
+    ) {
+        let message = ToExecutor::Borrow {
+            request,
+            loan,
+            layout,
+        };
+        let ToExecutor::Borrow { request, loan, .. } = round_trip(&message) else {
+            unreachable!("Borrow stays Borrow")
+        };
+        self.borrows.push_back((slot, generation, request, loan));
+    }
+
+    fn borrowed(&mut self, request: u64, result: Result<Object, StoreError>) {
+        self.borrowed.push_back((request, result));
+    }
+
     fn wake_after(&mut self, delay: Duration, wake: Wake) {
         self.wakes.push_back((delay, wake));
     }
@@ -219,6 +246,8 @@ impl TestComm {
 
         assert!(self.spills.is_empty(), "unexpected spills");
         assert!(self.read_ahead.is_empty(), "unexpected reads ahead");
+        assert!(self.borrows.is_empty(), "unexpected loans to copy");
+        assert!(self.borrowed.is_empty(), "unexpected answers to loans");
         assert!(
             self.restarts.is_empty(),
             "unexpected restarts: {:?}",
@@ -2335,5 +2364,104 @@ fn a_copy_ending_after_its_reader_was_dropped_and_sent_again_leaves_the_new_one_
     assert!(
         !sent.iter().any(|m| matches!(m, FromWorker::Failed { .. })),
         "{sent:?}"
+    );
+}
+
+// ------------------------------------------------------------------ results lent by peers
+
+/// Where a peer's executor keeps `frame`, as its worker lends it.
+fn loan_of(frame: &[u8]) -> ObjectLoan {
+    ObjectLoan {
+        pid: 4242,
+        probe: 0x1000,
+        spans: vec![(frame.as_ptr() as u64, frame.len() as u64)],
+    }
+}
+
+#[test]
+fn a_lent_result_is_copied_by_the_least_busy_executor_and_kept_there() {
+    let mut env = TestEnv::with_readable_executors(2);
+    env.comm.holding.clear();
+    env.compute(vec![task(1, &[])]);
+    assert_eq!(env.ran(), [(0, ids(&[1]))]);
+    let frame = vec![3u8; 100_000];
+    let layout = vec![frame.len() as u64];
+    env.state
+        .borrow_asked(7, loan_of(&frame), layout.clone(), &mut env.comm);
+    env.state.sanity_check();
+    let (slot, generation, request, loan) = env.comm.borrows.pop_front().expect("asked");
+    assert_eq!((slot, generation, request), (1, 2, 7), "the idle executor");
+    assert_eq!(loan, loan_of(&frame));
+    // It copied the frame into its memory and keeps it under its key 40.
+    let copy = frame.clone();
+    env.executor(ExecutorEvent::Borrowed {
+        slot: 1,
+        request: 7,
+        outcome: Ok(ObjectRef::Held {
+            key: 40,
+            layout,
+            spans: vec![(copy.as_ptr() as u64, copy.len() as u64)],
+        }),
+    });
+    let (request, object) = env.comm.borrowed.pop_front().expect("answered");
+    assert_eq!(request, 7);
+    let object = object.expect("kept here");
+    let holder = Holder {
+        slot: 1,
+        generation: 2,
+        key: 40,
+    };
+    assert_eq!(object.kept_only_by(), Some(holder));
+    let read = Arc::new(object)
+        .read()
+        .expect("read out of the executor that copied it");
+    assert!(read[..frame.len()] == frame[..], "the copy's bytes");
+    env.comm.emptiness_check();
+}
+
+#[test]
+fn a_loan_no_executor_here_can_copy_fails_and_so_does_one_whose_copier_died() {
+    let frame = vec![3u8; 100_000];
+    let layout = vec![frame.len() as u64];
+    // An executor the worker cannot read keeps no results, nor lent ones.
+    let mut env = TestEnv::new(1);
+    env.state
+        .borrow_asked(1, loan_of(&frame), layout.clone(), &mut env.comm);
+    let (request, result) = env.comm.borrowed.pop_front().expect("answered at once");
+    assert_eq!(request, 1);
+    assert!(matches!(result, Err(StoreError::Borrow(_))), "{result:?}");
+    env.comm.emptiness_check();
+
+    let mut env = TestEnv::with_readable_executors(1);
+    env.comm.holding.clear();
+    env.state
+        .borrow_asked(2, loan_of(&frame), layout.clone(), &mut env.comm);
+    assert_eq!(env.comm.borrows.len(), 1);
+    env.comm.borrows.clear();
+    env.died(0);
+    let (request, result) = env.comm.borrowed.pop_front().expect("answered");
+    assert_eq!(request, 2);
+    let why = result.expect_err("failed").to_string();
+    assert!(why.contains("ended: killed by signal 9"), "{why}");
+
+    // Refused by the system: told apart, as no later loan would fare better.
+    env.readable_executor_replaces(0, 3);
+    env.comm.holding.clear();
+    env.state
+        .borrow_asked(3, loan_of(&frame), layout, &mut env.comm);
+    env.comm.borrows.clear();
+    env.executor(ExecutorEvent::Borrowed {
+        slot: 0,
+        request: 3,
+        outcome: Err(BorrowFailure {
+            message: "Operation not permitted".into(),
+            refused: true,
+        }),
+    });
+    let (request, result) = env.comm.borrowed.pop_front().expect("answered");
+    assert_eq!(request, 3);
+    assert!(
+        matches!(result, Err(StoreError::BorrowRefused(_))),
+        "{result:?}"
     );
 }
