@@ -188,17 +188,22 @@ impl TcpTransport {
             // an executor gone), the file is linked instead; where a link failed (another
             // file system, a file that is not ours), the bytes come after all.
             let mut again = Vec::new();
+            let mut received = 0;
             for (id, answer) in answers {
                 match answer {
                     Some(Received::Object(object)) => {
                         got.insert(id, object);
+                        received += 1;
                     }
                     Some(Received::Unlinked) => again.push(id),
                     None => {}
                 }
             }
-            // Counted only where the debug log is on.
-            tracing::debug!(%address, ?way, got = got.len(), again = again.len(), "fetched");
+            if way != Way::Bytes {
+                // Counted only where the debug log is on.
+                let again = again.len();
+                tracing::debug!(%address, ?way, received, again, "fetched from a peer on this host");
+            }
             match way.next() {
                 Some(next) if !again.is_empty() => (way, asking) = (next, again),
                 _ => break,

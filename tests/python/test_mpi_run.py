@@ -353,7 +353,7 @@ DATA_PATHS = pytest.mark.parametrize(
     [("mpi", NO_LINKS), ("mpi", ()), ("tcp", ())],
     ids=["mpi", "mpi-linked", "tcp"],
 )
-LINKED = "linked from a peer on this host"
+SAME_NODE = "fetched from a peer on this host"
 
 
 @pytest.mark.parametrize(
@@ -386,11 +386,14 @@ def test_large_arrays_move_between_worker_ranks(tmp_path, transport, mca, flags)
     expected = [3_999_999.0 * (i + 1) for i in range(6)]
     assert f"last {expected}" in result.stdout
     assert "ranks [1, 2]" in result.stdout
-    # Which path the six arrays took: MPI's, or links to the holder's files (all six).
+    # Which path the six arrays took: MPI's, or (all six) a copy straight from the
+    # holder's executor or a link to its file.
     links = flags != NO_LINKS
     assert ("fetched over MPI" in result.stderr) == (transport == "mpi" and not links)
     counts = [
-        line.split("linked=")[1].split()[0] for line in result.stderr.splitlines() if LINKED in line
+        line.split("received=")[1].split()[0]
+        for line in result.stderr.splitlines()
+        if SAME_NODE in line
     ]
     assert sum(map(int, counts)) == (6 if links else 0), result.stderr
 

@@ -125,7 +125,7 @@ def check_private(paths: list[Path]) -> None:
 
 
 def make(i):
-    return np.full(1_000_000, float(i))  # 8 MB: lives in shared memory
+    return np.full(1_000_000, float(i))  # 8 MB: kept by its executor, a file once gathered
 
 
 def total(*parts):
@@ -181,9 +181,11 @@ def test_nothing_rankmesh_creates_is_readable_by_another_user(attacker):
     before = rankmesh_entries()
     with rankmesh.LocalCluster(n_workers=2) as cluster, rankmesh.Client(cluster) as client:
         parts = client.map(make, range(4))
-        # A consumer needs parts from both workers: some arrive over the network, so
-        # received objects exist as well as written ones.
+        # A consumer needs parts from both workers: some cross to the other worker (copied
+        # from its executor), and gathering them copies each out of its executor into a
+        # shared-memory file to be sent.
         assert client.submit(total, *parts).result(timeout=60) == sum(1e6 * i for i in range(4))
+        assert [float(p[-1]) for p in client.gather(parts)] == [0.0, 1.0, 2.0, 3.0]
         created = everything_under(rankmesh_entries() - before)
         pids = [p.pid for p in cluster_processes(cluster)]
         token = read_scheduler_file(cluster.scheduler_file)[1]
