@@ -5,8 +5,8 @@ use crate::{ConnectionLost, RankmeshError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 use rankmesh::protocol::{
-    self, BorrowFailure, FrameReader, FrameWriter, FromExecutor, Role, TaskId, TaskOutcome,
-    ToExecutor, Token,
+    self, BorrowFailure, FrameReader, FrameWriter, FromExecutor, LoanToCopy, Role, TaskId,
+    TaskOutcome, ToExecutor, Token,
 };
 use std::sync::Mutex;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -77,11 +77,11 @@ impl ExecutorLink {
             }
             Some(ToExecutor::HoldResults(hold)) => ("hold_results", hold).into_pyobject(py)?,
             Some(ToExecutor::DropReserves) => PyTuple::new(py, ["drop_reserves"])?,
-            Some(ToExecutor::Borrow {
+            Some(ToExecutor::Borrow(LoanToCopy {
                 request,
                 loan,
                 layout,
-            }) => {
+            })) => {
                 ("borrow", request, loan.pid, loan.probe, loan.spans, layout).into_pyobject(py)?
             }
             Some(ToExecutor::Functions(blobs)) => {

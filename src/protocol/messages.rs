@@ -660,12 +660,8 @@ pub enum ToExecutor {
     DropReserves,
     /// Copy a result a peer's executor on this node lends (`PeerRequest::FetchOrBorrow`)
     /// into this executor's memory and keep it as its own (`ObjectRef::Held`); answered
-    /// with `FromExecutor::Borrowed` under `request`.
-    Borrow {
-        request: u64,
-        loan: ObjectLoan,
-        layout: Vec<u64>,
-    },
+    /// with `FromExecutor::Borrowed`.
+    Borrow(LoanToCopy),
     Shutdown,
 }
 
@@ -693,6 +689,15 @@ pub enum FromExecutor {
         request: u64,
         outcome: Result<ObjectRef, BorrowFailure>,
     },
+}
+
+/// A lent result for an executor to copy, and the request its answer names.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LoanToCopy {
+    pub request: u64,
+    pub loan: ObjectLoan,
+    /// The lengths of its frames.
+    pub layout: Vec<u64>,
 }
 
 /// Why an executor could not copy a lent result.

@@ -9,8 +9,9 @@ use super::memory::{MemoryPolicy, MemorySample};
 use super::state::{SpillOutcome, Wake, WorkerComm, WorkerSettings, WorkerState};
 use crate::heap::{FreedBytes, TRIM_WHEN_IDLE_AFTER};
 use crate::protocol::{
-    FrameReader, FromWorker, FuncId, FunctionBlob, IdMap, ObjectLoan, Plugin, Resources, Role,
-    RunTask, TaskId, ToWorker, Token, WorkerId, WorkerInfo, WorkerRegistration, WorkerTopology,
+    FrameReader, FromWorker, FuncId, FunctionBlob, IdMap, LoanToCopy, ObjectLoan, Plugin,
+    Resources, Role, RunTask, TaskId, ToWorker, Token, WorkerId, WorkerInfo, WorkerRegistration,
+    WorkerTopology,
 };
 use crate::store::{
     Borrower, Holder, Object, ProcessMemory, Published, ShmDir, SpillDir, Store, StoreError,
@@ -427,7 +428,12 @@ async fn serve(
                 comm.next_borrow += 1;
                 let id = comm.next_borrow;
                 comm.borrows.insert(id, request.reply);
-                state.borrow_asked(id, request.loan, request.layout, comm);
+                let copy = LoanToCopy {
+                    request: id,
+                    loan: request.loan,
+                    layout: request.layout,
+                };
+                state.borrow_asked(copy, comm);
             }
             _ = memory_tick.tick(), if measure_memory => {
                 let sample = MemorySample {
@@ -669,16 +675,9 @@ impl WorkerComm for RuntimeComm {
         }
     }
 
-    fn borrow(
-        &mut self,
-        slot: usize,
-        generation: u64,
-        request: u64,
-        loan: ObjectLoan,
-        layout: Vec<u64>,
-    ) {
+    fn borrow(&mut self, slot: usize, generation: u64, copy: LoanToCopy) {
         if let Some(executor) = self.executors.get_mut(slot) {
-            executor.borrow(generation, request, loan, layout);
+            executor.borrow(generation, copy);
         }
     }
 

@@ -8,7 +8,7 @@ use super::memory::{MemoryPolicy, MemorySample, MemoryState, ResultSizes};
 use crate::heap::ShrinkWhenSparse;
 use crate::protocol::{
     BorrowFailure, ComputeTask, DataTransport, ErrorInfo, FromWorker, FuncId, FunctionBlob, IdMap,
-    IdSet, ObjectLoan, ObjectRef, Plugin, RunTask, TaskDone, TaskId, TaskOutcome, ToWorker,
+    IdSet, LoanToCopy, ObjectRef, Plugin, RunTask, TaskDone, TaskId, TaskOutcome, ToWorker,
     Transfer, WorkerId, WorkerInfo, WorkerMemory,
 };
 use crate::store::{Holder, Object, ProcessMemory, Published, Store, StoreError};
@@ -131,14 +131,7 @@ pub trait WorkerComm {
     fn hold_results(&mut self, slot: usize, generation: u64, hold: bool);
     /// Has a slot's executor generation copy a result a peer's executor lends and keep it
     /// ([`WorkerState::executor_borrowed`] follows).
-    fn borrow(
-        &mut self,
-        slot: usize,
-        generation: u64,
-        request: u64,
-        loan: ObjectLoan,
-        layout: Vec<u64>,
-    );
+    fn borrow(&mut self, slot: usize, generation: u64, copy: LoanToCopy);
     /// Answers the fetch that asked for a lent result to be copied here
     /// ([`WorkerState::borrow_asked`]): the object now kept here, or why not.
     fn borrowed(&mut self, request: u64, result: Result<Object, StoreError>);
@@ -1084,13 +1077,7 @@ impl WorkerState {
     /// A fetch was lent a result a peer's executor on this node keeps: an executor here
     /// that keeps results (the one with the least in flight) copies it into its own
     /// memory. Refused (the fetch then has the bytes sent) where none keeps results now.
-    pub fn borrow_asked(
-        &mut self,
-        request: u64,
-        loan: ObjectLoan,
-        layout: Vec<u64>,
-        comm: &mut impl WorkerComm,
-    ) {
+    pub fn borrow_asked(&mut self, copy: LoanToCopy, comm: &mut impl WorkerComm) {
         let keeper = (self.memory.executors_hold())
             .then(|| {
                 (self.slots.iter().enumerate())
@@ -1101,11 +1088,11 @@ impl WorkerState {
             .flatten();
         let Some((slot, generation)) = keeper else {
             let why = "no executor here keeps results now".to_string();
-            comm.borrowed(request, Err(StoreError::Borrow(why)));
+            comm.borrowed(copy.request, Err(StoreError::Borrow(why)));
             return;
         };
-        self.borrowing.insert(request, (slot, generation));
-        comm.borrow(slot, generation, request, loan, layout);
+        self.borrowing.insert(copy.request, (slot, generation));
+        comm.borrow(slot, generation, copy);
     }
 
     /// An executor copied a lent result (it keeps it now, as one of its results), or

@@ -9,7 +9,7 @@ pub use python::{executor_id, PythonExecutor, PythonExecutorConfig};
 pub use shell::ShellExecutor;
 
 use crate::protocol::{
-    BorrowFailure, FuncId, FunctionBlob, ObjectLoan, ObjectRef, Plugin, RunTask, TaskOutcome,
+    BorrowFailure, FuncId, FunctionBlob, LoanToCopy, ObjectRef, Plugin, RunTask, TaskOutcome,
 };
 use crate::store::ProcessMemory;
 use std::sync::Arc;
@@ -78,6 +78,6 @@ pub trait Executor: Send {
     fn drop_reserves(&mut self, generation: u64);
 
     /// Copies a result a peer's executor lends into this one, which keeps it; answered
-    /// with [`ExecutorEvent::Borrowed`] under `request`.
-    fn borrow(&mut self, generation: u64, request: u64, loan: ObjectLoan, layout: Vec<u64>);
+    /// with [`ExecutorEvent::Borrowed`].
+    fn borrow(&mut self, generation: u64, copy: LoanToCopy);
 }

@@ -4,7 +4,7 @@
 
 use super::{EventSender, Executor, ExecutorEvent};
 use crate::protocol::{
-    self, FrameReader, FrameWriter, FromExecutor, FuncId, FunctionBlob, ObjectLoan, Plugin, Role,
+    self, FrameReader, FrameWriter, FromExecutor, FuncId, FunctionBlob, LoanToCopy, Plugin, Role,
     RunTask, ToExecutor, Token, TOKEN_ENV,
 };
 use crate::store::ProcessMemory;
@@ -100,13 +100,10 @@ impl Executor for PythonExecutor {
             .send(Work::Send(generation, ToExecutor::DropReserves));
     }
 
-    fn borrow(&mut self, generation: u64, request: u64, loan: ObjectLoan, layout: Vec<u64>) {
-        let borrow = ToExecutor::Borrow {
-            request,
-            loan,
-            layout,
-        };
-        let _ = self.tx.send(Work::Send(generation, borrow));
+    fn borrow(&mut self, generation: u64, copy: LoanToCopy) {
+        let _ = self
+            .tx
+            .send(Work::Send(generation, ToExecutor::Borrow(copy)));
     }
 }
 

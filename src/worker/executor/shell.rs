@@ -3,7 +3,7 @@
 
 use super::{EventSender, Executor, ExecutorEvent};
 use crate::protocol::{
-    decode, BorrowFailure, ErrorInfo, FuncId, FunctionBlob, ObjectLoan, ObjectRef, Plugin, RunTask,
+    decode, BorrowFailure, ErrorInfo, FuncId, FunctionBlob, LoanToCopy, ObjectRef, Plugin, RunTask,
     TaskOutcome,
 };
 use bytes::Bytes;
@@ -66,12 +66,13 @@ impl Executor for ShellExecutor {
     fn drop_reserves(&mut self, _generation: u64) {}
 
     /// Commands keep no results.
-    fn borrow(&mut self, _generation: u64, request: u64, _loan: ObjectLoan, _layout: Vec<u64>) {
+    fn borrow(&mut self, _generation: u64, copy: LoanToCopy) {
         let outcome = Err(BorrowFailure {
             message: "a shell executor keeps no results".into(),
             refused: true,
         });
         let slot = self.slot;
+        let request = copy.request;
         let _ = self.events.send(ExecutorEvent::Borrowed {
             slot,
             request,

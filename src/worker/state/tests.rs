@@ -3,7 +3,7 @@
 //! behaviour. No process is started.
 
 use super::*;
-use crate::protocol::{decode, encode, frame_offsets, InputLocation, ToExecutor};
+use crate::protocol::{decode, encode, frame_offsets, InputLocation, ObjectLoan, ToExecutor};
 use crate::store::{ShmDir, SpillDir, StoreBytes, StoreError};
 use crate::worker::memory::{MemoryPolicy, MemoryThresholds};
 use serde::{de::DeserializeOwned, Serialize};
@@ -167,23 +167,12 @@ impl WorkerComm for TestComm {
         self.holding.push_back((slot, generation, hold));
     }
 
-    fn borrow(
-        &mut self,
-        slot: usize,
-        generation: u64,
-        request: u64,
-        loan: ObjectLoan,
-        layout: Vec<u64>,
-    ) {
-        let message = ToExecutor::Borrow {
-            request,
-            loan,
-            layout,
-        };
-        let ToExecutor::Borrow { request, loan, .. } = round_trip(&message) else {
+    fn borrow(&mut self, slot: usize, generation: u64, copy: LoanToCopy) {
+        let ToExecutor::Borrow(copy) = round_trip(&ToExecutor::Borrow(copy)) else {
             unreachable!("Borrow stays Borrow")
         };
-        self.borrows.push_back((slot, generation, request, loan));
+        self.borrows
+            .push_back((slot, generation, copy.request, copy.loan));
     }
 
     fn borrowed(&mut self, request: u64, result: Result<Object, StoreError>) {
@@ -1235,15 +1224,24 @@ fn above_the_target_the_least_recently_used_idle_results_are_spilled() {
     env.comm.emptiness_check();
 }
 
+impl TestEnv {
+    /// A worker with a memory limit holding results 1 to 8 of a MiB each, 2 MiB over its
+    /// target, that spilled 1 and 2.
+    fn with_1_and_2_spilled() -> TestEnv {
+        let mut env = TestEnv::with_memory(1, limited());
+        env.hold(1..=8, MIB);
+        env.any_event();
+        let batch = env.spill_batch();
+        assert_eq!(spilled_ids(&batch), ids(&[1, 2]));
+        let outcomes = env.write(batch);
+        env.spill_finished(outcomes);
+        env
+    }
+}
+
 #[test]
 fn spilled_inputs_are_read_ahead_as_their_task_goes_to_its_executor() {
-    let mut env = TestEnv::with_memory(1, limited());
-    env.hold(1..=8, MIB); // 2 MiB over the target: 1 and 2 go to disk
-    env.any_event();
-    let batch = env.spill_batch();
-    assert_eq!(spilled_ids(&batch), ids(&[1, 2]));
-    let outcomes = env.write(batch);
-    env.spill_finished(outcomes);
+    let mut env = TestEnv::with_1_and_2_spilled();
     env.compute(vec![task(21, &[(1, &PEERS), (3, &PEERS)])]);
     assert_eq!(env.ran(), [(0, ids(&[21]))]);
     let read_ahead: Vec<_> = env.comm.read_ahead.drain(..).collect();
@@ -1264,12 +1262,7 @@ fn spilled_inputs_are_read_ahead_as_their_task_goes_to_its_executor() {
 
 #[test]
 fn spilled_inputs_of_the_tasks_next_in_line_are_read_ahead_once() {
-    let mut env = TestEnv::with_memory(1, limited());
-    env.hold(1..=8, MIB); // 2 MiB over the target: 1 and 2 go to disk
-    env.any_event();
-    let batch = env.spill_batch();
-    let outcomes = env.write(batch);
-    env.spill_finished(outcomes);
+    let mut env = TestEnv::with_1_and_2_spilled();
     env.scheduler(ToWorker::Release(ids(&[5, 6, 7, 8]))); // room for the tasks below
     env.release_notices();
     // Until a result shows what tasks make here, none queues behind another: 22 and 23
@@ -2369,6 +2362,15 @@ fn a_copy_ending_after_its_reader_was_dropped_and_sent_again_leaves_the_new_one_
 
 // ------------------------------------------------------------------ results lent by peers
 
+/// A request to copy `frame`, kept by a peer's executor, as its worker lends it.
+fn copy_of(request: u64, frame: &[u8], layout: Vec<u64>) -> LoanToCopy {
+    LoanToCopy {
+        request,
+        loan: loan_of(frame),
+        layout,
+    }
+}
+
 /// Where a peer's executor keeps `frame`, as its worker lends it.
 fn loan_of(frame: &[u8]) -> ObjectLoan {
     ObjectLoan {
@@ -2387,7 +2389,7 @@ fn a_lent_result_is_copied_by_the_least_busy_executor_and_kept_there() {
     let frame = vec![3u8; 100_000];
     let layout = vec![frame.len() as u64];
     env.state
-        .borrow_asked(7, loan_of(&frame), layout.clone(), &mut env.comm);
+        .borrow_asked(copy_of(7, &frame, layout.clone()), &mut env.comm);
     env.state.sanity_check();
     let (slot, generation, request, loan) = env.comm.borrows.pop_front().expect("asked");
     assert_eq!((slot, generation, request), (1, 2, 7), "the idle executor");
@@ -2426,7 +2428,7 @@ fn a_loan_no_executor_here_can_copy_fails_and_so_does_one_whose_copier_died() {
     // An executor the worker cannot read keeps no results, nor lent ones.
     let mut env = TestEnv::new(1);
     env.state
-        .borrow_asked(1, loan_of(&frame), layout.clone(), &mut env.comm);
+        .borrow_asked(copy_of(1, &frame, layout.clone()), &mut env.comm);
     let (request, result) = env.comm.borrowed.pop_front().expect("answered at once");
     assert_eq!(request, 1);
     assert!(matches!(result, Err(StoreError::Borrow(_))), "{result:?}");
@@ -2435,7 +2437,7 @@ fn a_loan_no_executor_here_can_copy_fails_and_so_does_one_whose_copier_died() {
     let mut env = TestEnv::with_readable_executors(1);
     env.comm.holding.clear();
     env.state
-        .borrow_asked(2, loan_of(&frame), layout.clone(), &mut env.comm);
+        .borrow_asked(copy_of(2, &frame, layout.clone()), &mut env.comm);
     assert_eq!(env.comm.borrows.len(), 1);
     env.comm.borrows.clear();
     env.died(0);
@@ -2448,7 +2450,7 @@ fn a_loan_no_executor_here_can_copy_fails_and_so_does_one_whose_copier_died() {
     env.readable_executor_replaces(0, 3);
     env.comm.holding.clear();
     env.state
-        .borrow_asked(3, loan_of(&frame), layout, &mut env.comm);
+        .borrow_asked(copy_of(3, &frame, layout), &mut env.comm);
     env.comm.borrows.clear();
     env.executor(ExecutorEvent::Borrowed {
         slot: 0,
