@@ -204,14 +204,6 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.give_back_after = Some(idle);
     }
 
-    /// Gives back a write buffer kept past `KEEP_BUFFER`, if nothing waits in it.
-    fn give_back_buffer(&mut self) {
-        let buffer = self.inner.write_buffer_mut();
-        if allocated_over(buffer, KEEP_BUFFER) {
-            *buffer = bytes::BytesMut::new();
-        }
-    }
-
     /// The next message of `outbox`, `None` once it closes. A buffer kept while busy goes
     /// back once no message came for the idle time set.
     async fn next_to_send<T>(
@@ -222,7 +214,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         if let Some(idle) = self.give_back_after.filter(|_| kept) {
             match tokio::time::timeout(idle, outbox.recv()).await {
                 Ok(msg) => return msg,
-                Err(_) => self.give_back_buffer(),
+                Err(_) => self.drop_write_buffer_over(KEEP_BUFFER),
             }
         }
         outbox.recv().await
@@ -248,9 +240,14 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     /// After a flush: a write buffer that grew for a big message is given back.
     fn shrink_write_buffer(&mut self) {
-        let keep = self.keep_buffer;
+        self.drop_write_buffer_over(self.keep_buffer);
+    }
+
+    /// Gives back a write buffer whose allocation holds more than `bytes`, if nothing
+    /// waits in it.
+    fn drop_write_buffer_over(&mut self, bytes: usize) {
         let buffer = self.inner.write_buffer_mut();
-        if allocated_over(buffer, keep) {
+        if allocated_over(buffer, bytes) {
             *buffer = bytes::BytesMut::new();
         }
     }

@@ -35,10 +35,14 @@ pub trait Allocate: Send + Sync {
         _loan: ObjectLoan,
         _layout: Vec<u64>,
     ) -> BoxFuture<'static, Result<Object, StoreError>> {
-        Box::pin(std::future::ready(Err(StoreError::Borrow(
-            "nothing here copies from a peer's executor".into(),
-        ))))
+        no_borrower()
     }
+}
+
+/// The answer to a loan where nothing copies from a peer's executor.
+fn no_borrower() -> BoxFuture<'static, Result<Object, StoreError>> {
+    let why = "nothing here copies from a peer's executor";
+    Box::pin(std::future::ready(Err(StoreError::Borrow(why.into()))))
 }
 
 /// Copies results peers' executors lend into one of this worker's executors (the
@@ -133,9 +137,7 @@ impl Allocate for WorkerFolders {
     ) -> BoxFuture<'static, Result<Object, StoreError>> {
         match &self.borrower {
             Some(borrower) => borrower.borrow(loan, layout),
-            None => Box::pin(std::future::ready(Err(StoreError::Borrow(
-                "this worker does not copy from peers' executors".into(),
-            )))),
+            None => no_borrower(),
         }
     }
 }

@@ -1071,12 +1071,10 @@ impl WorkerState {
         }
     }
 
-    /// A result executor `slot` keeps, its bytes left where they are. One from an executor
-    /// whose memory the worker cannot read (never asked to keep results) is refused, and
-    /// the executor told to drop it.
     /// A fetch was lent a result a peer's executor on this node keeps: an executor here
     /// that keeps results (the one with the least in flight) copies it into its own
-    /// memory. Refused (the fetch then has the bytes sent) where none keeps results now.
+    /// memory. Refused (the fetch then links the lender's file) where none keeps results
+    /// now.
     pub fn borrow_asked(&mut self, copy: LoanToCopy, comm: &mut impl WorkerComm) {
         let keeper = (self.memory.executors_hold())
             .then(|| {
@@ -1126,6 +1124,9 @@ impl WorkerState {
         }
     }
 
+    /// A result executor `slot` keeps, its bytes left where they are. One from an executor
+    /// whose memory the worker cannot read (never asked to keep results) is refused, and
+    /// the executor told to drop it.
     fn adopt_held(
         &mut self,
         slot: usize,
@@ -1187,18 +1188,6 @@ impl WorkerState {
         if generation != 0 {
             comm.clear_after(index, generation);
         }
-        let unanswered: Vec<u64> = (self.borrowing.iter())
-            .filter(|(_, &(s, g))| (s, g) == (index, generation))
-            .map(|(&request, _)| request)
-            .collect();
-        for request in unanswered {
-            self.borrowing.remove(&request);
-            let why = format!("the executor copying it ended: {reason}");
-            comm.borrowed(request, Err(StoreError::Borrow(why)));
-        }
-        let Some(slot) = self.slots.get_mut(index) else {
-            return;
-        };
         slot.pid = 0;
         slot.memory = None;
         slot.exclusive = false;
@@ -1236,6 +1225,27 @@ impl WorkerState {
         }
         if generation != 0 {
             self.held_results_lost(index, generation, comm);
+            self.loans_unanswered(index, generation, reason, comm);
+        }
+    }
+
+    /// The lent results a dead executor generation was copying: their fetches hear why
+    /// (and link the lender's file instead).
+    fn loans_unanswered(
+        &mut self,
+        slot: usize,
+        generation: u64,
+        reason: &str,
+        comm: &mut impl WorkerComm,
+    ) {
+        let unanswered: Vec<u64> = (self.borrowing.iter())
+            .filter(|(_, &copier)| copier == (slot, generation))
+            .map(|(&request, _)| request)
+            .collect();
+        for request in unanswered {
+            self.borrowing.remove(&request);
+            let why = format!("the executor copying it ended: {reason}");
+            comm.borrowed(request, Err(StoreError::Borrow(why)));
         }
     }
 
