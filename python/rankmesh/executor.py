@@ -67,6 +67,10 @@ FREE_FOLDER = "free"
 # of a chunk): such a result is copied out of it instead.
 MAX_KEPT_BASE_RATIO = 2
 
+# A kept result's value is kept beside its frames only where its pickle stream, which the
+# value copies, is at most this share of the bytes (HeldResults).
+MAX_IN_BAND_SHARE = 0.25
+
 # Frames of the runtime itself, left out of the tracebacks tasks send back.
 _RUNTIME_FILES = (__file__, serialize.__file__)
 
@@ -239,30 +243,57 @@ class KeptHeap:
 class HeldResults:
     """Large results kept in this process rather than written (`ObjectRef::Held`), by key:
     their pickled frames, which must stay alive and unchanged until the worker says the
-    result is released or copied out (it may be reading them meanwhile)."""
+    result is released or copied out (it may be reading them meanwhile).
+
+    Tasks here read a kept result as the value itself, as tasks of one `distributed`
+    worker share the object in its memory, not a fresh unpickling for each: the 20
+    slices a shuffle takes of one partition's groups each unpickled all of them. Only
+    where the value holds little more than the frames do (its buffers are the frames, not
+    copies): a value whose pickle carries its data in-band would double it."""
 
     def __init__(self) -> None:
         self.enabled = False
         self._frames: dict[int, list] = {}
+        self._values: dict[int, object] = {}
 
-    def keep(self, key: int, frames: list) -> list[tuple[int, int]] | None:
-        """Keeps `frames` under `key`; their (address, length) spans, or None (nothing
-        kept) when a frame is not contiguous."""
-        frames = [frames[0], *(_detached(frame) for frame in frames[1:])]
-        spans = frame_spans(frames)
-        if spans is not None:
-            self._frames[key] = frames
+    def keep(self, key: int, frames: list, value: object = None) -> list[tuple[int, int]] | None:
+        """Keeps `frames` under `key`, and `value`, the object they were pickled from, where
+        it shares their memory; their (address, length) spans, or None (nothing kept) when
+        a frame is not contiguous."""
+        kept = [frames[0], *(_detached(frame) for frame in frames[1:])]
+        spans = frame_spans(kept)
+        if spans is None:
+            return None
+        self._frames[key] = kept
+        # A detached frame is a copy: the value would keep alive the larger array.
+        shared = all(a is b for a, b in zip(kept, frames, strict=True))
+        if value is not None and shared and _mostly_out_of_band(kept):
+            self._values[key] = value
         return spans
 
     def value(self, key: int) -> object:
+        value = self._values.get(key)
+        if value is not None:
+            return value
         frames = self._frames.get(key)
         if frames is None:
             raise RuntimeError(f"the result this executor kept under key {key} is gone")
-        return serialize.loads_frames(frames[0], frames[1:])
+        value = serialize.loads_frames(frames[0], frames[1:])
+        if value is not None and _mostly_out_of_band(frames):
+            self._values[key] = value
+        return value
 
     def release(self, keys: Sequence[int]) -> None:
         for key in keys:
             self._frames.pop(key, None)
+            self._values.pop(key, None)
+
+
+def _mostly_out_of_band(frames: list) -> bool:
+    """Whether a value unpickled from `frames` holds little beyond them: its pickle stream
+    (copied into the value) is at most MAX_IN_BAND_SHARE of their bytes."""
+    total = sum(memoryview(frame).nbytes for frame in frames)
+    return memoryview(frames[0]).nbytes <= MAX_IN_BAND_SHARE * total
 
 
 def _detached(frame: object) -> object:
@@ -325,18 +356,21 @@ class TaskRunner:
             name = serialize.payload_name(task)
             del task, values  # inputs go before the result is stored
             frames, layout = serialize.dumps_result(result, name)
-            del result
-            return "ok", self._store(frames, layout)
+            return "ok", self._store(frames, layout, result)
         except Exception as exc:  # noqa: BLE001 - every task error goes back to the client
             return "err", serialize.dumps_error(exc, _RUNTIME_FILES)
 
-    def _store(self, frames: list, layout: list[int]) -> tuple[str, object, list[int]]:
+    def _store(
+        self, frames: list, layout: list[int], result: object
+    ) -> tuple[str, object, list[int]]:
+        """Stores a result pickled as `frames`: `result` itself is kept too where it is
+        kept here (`HeldResults`)."""
         _, total = object_offsets(layout)
         if total <= INLINE_MAX:
             return "inline", serialize.join_frames(frames, layout), layout
         self._sequence += 1
         if self.held.enabled:
-            spans = self.held.keep(self._sequence, frames)
+            spans = self.held.keep(self._sequence, frames, result)
             if spans is not None:
                 return "held", (self._sequence, spans), layout
         path = os.path.join(self._shm_dir, f"{self._executor_id}-{self._sequence}")

@@ -6,6 +6,7 @@ import os
 import pickle
 import threading
 import traceback
+import weakref
 
 import numpy as np
 import pytest
@@ -291,6 +292,79 @@ def test_inputs_stay_mapped_between_tasks_locked_only_while_one_runs(
     monkeypatch.setattr(executor, "GONE_CHECK_INTERVAL_S", 0.0)
     runner.inputs.forget_gone_lately()
     assert path not in mapped_paths()
+
+
+def count_reader(groups):
+    """Marks the input object itself: each reader of one object sees the marks before."""
+    groups["readers"] = groups.get("readers", 0) + 1
+    return groups["readers"]
+
+
+def run_on(runner, encoder, func, task_id, inputs):
+    """Runs func on the input objects (ObjectTuples) on `runner`: its status and result."""
+    payload, _, funcs = encoder.call(func, tuple(future(i) for i in range(len(inputs))), {})
+    runner.add_functions(submitted(encoder, funcs))
+    status, stored = runner.run(task_id, payload, inputs)[2:]
+    assert status == "ok", stored
+    return stored
+
+
+def held_input(stored):
+    """A result the runner kept, as the worker hands it back to that executor."""
+    kind, (key, _spans), layout = stored
+    assert kind == "held"
+    return ("held", key, layout)
+
+
+def test_tasks_here_read_a_kept_result_as_the_object_itself(tmp_path, encoder):
+    """As tasks of one `distributed` worker share the objects in its memory: a kept
+    result is not unpickled again for each task that reads it (a shuffle's 20 slices of
+    one partition's groups each unpickled all of them)."""
+    runner = TaskRunner(str(tmp_path), "7")
+    runner.held.enabled = True
+    groups = {i: np.full(INLINE_MAX // 8, float(i)) for i in range(4)}  # out-of-band
+    payload, _, _ = encoder.data(groups)
+    kept = held_input(runner.run(1, payload, [])[3])
+    assert decode_input(run_on(runner, encoder, count_reader, 2, [kept])) == 1
+    assert decode_input(run_on(runner, encoder, count_reader, 3, [kept])) == 2
+    assert runner.held.value(kept[1]) is runner.held.value(kept[1])
+    np.testing.assert_array_equal(runner.held.value(kept[1])[3], groups[3])
+    runner.held.release([kept[1]])
+    with pytest.raises(RuntimeError, match="is gone"):
+        runner.held.value(kept[1])
+
+
+_larger_arrays = []
+
+
+def slice_of_a_larger_array(n):
+    larger = np.arange(8 * n, dtype=np.int64)
+    _larger_arrays.append(weakref.ref(larger))
+    return larger[:n]
+
+
+def test_a_kept_result_is_not_kept_as_an_object_that_would_hold_more_than_its_frames(
+    tmp_path, encoder
+):
+    runner = TaskRunner(str(tmp_path), "7")
+    runner.held.enabled = True
+    # Strings pickle in-band: the object would hold a second copy of the frames' bytes.
+    words = [f"word {i}" for i in range(INLINE_MAX // 4)]
+    payload, _, _ = encoder.data(words)
+    key = held_input(runner.run(1, payload, [])[3])[1]
+    first = runner.held.value(key)
+    assert first == words and first is not runner.held.value(key)
+    # A slice of a larger array is copied out of it when kept, and the larger array is
+    # not kept alive by the slice's object.
+    payload, _, funcs = encoder.call(slice_of_a_larger_array, (INLINE_MAX,), {})
+    runner.add_functions(submitted(encoder, funcs))
+    key = held_input(runner.run(2, payload, [])[3])[1]
+    assert _larger_arrays[-1]() is None, "the larger array went"
+    np.testing.assert_array_equal(runner.held.value(key), np.arange(INLINE_MAX))
+    # One copied from a peer's executor (its frames only) is unpickled once, then kept.
+    frames, _ = dumps_result({"a": np.ones(INLINE_MAX)})
+    assert runner.held.keep(99, [bytes(frames[0]), bytearray(frames[1])]) is not None
+    assert runner.held.value(99) is runner.held.value(99)
 
 
 _kept_by_task = []
