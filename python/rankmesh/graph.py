@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,7 @@ import dask.order
 from dask._task_spec import Alias, GraphNode, convert_legacy_graph
 from dask.utils import key_split
 
+from ._graph_walk import depth_first
 from .futures import Future
 from .payloads import PayloadEncoder, SharedObjects
 from .task_options import Options, TaskAnnotations
@@ -228,28 +229,18 @@ def _task_key(graph: Mapping[Key, GraphNode], key: Key) -> Key:
 def _depth_first(
     graph: Mapping[Key, GraphNode], outputs: Sequence[Key], external: Callable[[Key], int | None]
 ) -> list[Key]:
-    """Keys reachable from `outputs`, each after its dependencies, finishing one branch
-    before starting the next (what keeps memory low without dask.order)."""
-    order: list[Key] = []
-    entered: set[Key] = set()
-    stack: list[tuple[Key, bool]] = [(key, False) for key in reversed(outputs)]
-    while stack:
-        key, children_done = stack.pop()
-        if children_done:
-            order.append(key)
-            continue
-        if key in entered:
-            continue
-        entered.add(key)
+    """Keys reachable from `outputs`, each after its dependencies; a key outside the graph
+    must be held by a future (`external`)."""
+
+    def dependencies(key: Key) -> Iterable[Key]:
         node = graph.get(key)
-        if node is None:
-            if external(key) is None:
-                raise KeyError(f"{key!r} is neither in the graph nor held by a future")
-            order.append(key)
-            continue
-        stack.append((key, True))
-        stack.extend((dep, False) for dep in node.dependencies if dep not in entered)
-    return order
+        if node is not None:
+            return node.dependencies
+        if external(key) is None:
+            raise KeyError(f"{key!r} is neither in the graph nor held by a future")
+        return ()
+
+    return depth_first(outputs, dependencies)
 
 
 @contextlib.contextmanager

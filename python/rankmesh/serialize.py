@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from ._layout import object_offsets
 from .errors import KilledWorker, TaskError
+from .fused import call, call_node
 
 # Anything with the buffer protocol (bytes, bytearray, memoryview, mmap).
 Buffer = bytes | bytearray | memoryview
@@ -96,10 +97,10 @@ def run_payload(payload: tuple, inputs: Sequence[object]) -> object:
     kind = payload[0]
     if kind == CALL:
         _, func, args, kwargs = payload
-        return func(*args, **kwargs)
+        return call(func, args, kwargs)
     if kind == NODE:
         _, node, dep_keys = payload
-        return node(dict(zip(dep_keys, inputs, strict=True)))
+        return call_node(node, dict(zip(dep_keys, inputs, strict=True)))
     if kind == DATA:
         return payload[1]
     raise ValueError(f"unknown payload kind {kind!r}")
