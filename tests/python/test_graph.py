@@ -1,8 +1,10 @@
 """Dask graphs become rankmesh tasks that, run by the executor's task runner in submission
 order, give what Dask's threaded scheduler gives."""
 
+import gc
 import itertools
 import operator
+import threading
 
 import dask
 import dask.array as da
@@ -189,3 +191,33 @@ def test_large_graphs_stream_in_chunks_holding_only_what_later_chunks_need(clust
     assert cluster.chunks > 2
     # Every intermediate was released once its dependents were submitted.
     assert len(cluster.stored) == 1
+
+
+# ------------------------------------------------------------ the collector around submits
+
+
+def test_submissions_that_overlap_in_threads_leave_the_collector_on():
+    """The second to start must not restore the "off" the first one set."""
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def first() -> None:
+        with graph.gc_paused():
+            first_in.set()
+            second_in.wait(10)
+        first_out.set()
+
+    def second() -> None:
+        first_in.wait(10)
+        with graph.gc_paused():
+            second_in.set()
+            first_out.wait(10)
+            seen.append(gc.isenabled())
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert seen == [False], "off while the second still runs"
+    assert gc.isenabled()
