@@ -51,6 +51,14 @@ SEND_INTERVAL_S = 0.001
 # a memory limit also caps their bytes (RANKMESH_KEEP_MAPPED_BYTES).
 MAX_KEPT_MAPPINGS = 16
 
+# Mappings of files whose object is gone kept for the next object the same file carries
+# (MappedInputs), at most, the most recently used; the memory cap above covers them too.
+MAX_IDLE_MAPPINGS = 16
+
+# Bytes of idle mappings, at most: a worker's pool keeps no more than this of released
+# files for reuse (`MAX_FREE_BYTES` in src/store/pool.rs), so more would seldom be met again.
+MAX_IDLE_BYTES = 1 << 30
+
 # How often, at most, the executor looks for freed heap past its budget to give back.
 HEAP_CHECK_INTERVAL_S = 1.0
 
@@ -127,6 +135,16 @@ class MappedInputs:
     worker's notice, and before a batch at most every GONE_CHECK_INTERVAL_S) drops
     whatever no longer exists. Object file
     names are never used twice, so a mapping found by path is of that same object.
+
+    The worker recycles an object's file for the next object of its size (the pages of a
+    received or written array carry the next one). A mapping of a file whose object is
+    gone is kept idle, unlocked, by inode, and serves the file's next object with its page
+    tables filled: mapping 64 MiB afresh and faulting it in cost 6-7 ms here, most of one
+    same-node transfer. Pages tasks wrote (private copies) are dropped first, so the
+    mapping shows only the file's bytes; the mapping goes once the file has no name left
+    (it would hold the pages the worker freed), and all of them when the worker is short of
+    memory (`drop_idle`). Where the system does not show a process its own page map, no
+    mapping is kept idle.
     """
 
     def __init__(self, shm_dir: str, max_bytes: int | None) -> None:
@@ -138,6 +156,10 @@ class MappedInputs:
         # Locked by the running task, and locked for what earlier tasks left behind.
         self._locked: list[str] = []
         self._held: set[str] = set()
+        # Mappings of files whose object is gone, by (device, inode); unlocked.
+        self._idle: OrderedDict[tuple[int, int], _Kept] = OrderedDict()
+        self._idle_bytes = 0
+        self._keep_idle = True
 
     def value(self, obj: tuple[str, object, list[int]]) -> object:
         kind, path, layout = obj
@@ -147,7 +169,11 @@ class MappedInputs:
         if kept is None:
             fd = _open_locked(path)
             try:
-                kept = _Kept(fd, MappedView(_map(fd)))
+                kept = self._idle_mapping(fd)
+                if kept is None:
+                    kept = _Kept(fd, MappedView(_map(fd)))
+                else:
+                    os.close(fd)  # the idle mapping's own descriptor holds the lock now
             except BaseException:
                 os.close(fd)
                 raise
@@ -184,6 +210,13 @@ class MappedInputs:
         self._looked_for_gone = time.monotonic()
         for path in [path for path in self._kept if not os.path.exists(path)]:
             self._forget(path)
+        for key in [key for key, idle in self._idle.items() if _unnamed(idle.fd)]:
+            self._drop_idle(key)
+
+    def drop_idle(self) -> None:
+        """Unmaps every idle mapping (the worker is short of memory)."""
+        while self._idle:
+            self._drop_idle(next(iter(self._idle)))
 
     def _forget(self, path: str) -> None:
         # The mapping goes with its last reference: at once, or when the last array built
@@ -192,7 +225,74 @@ class MappedInputs:
         kept = self._kept.pop(path)
         self._kept_bytes -= len(kept.view)
         self._held.discard(path)
+        if path not in self._locked and self._keep_idle_mapping(kept):
+            return
         os.close(kept.fd)
+
+    def _keep_idle_mapping(self, kept: _Kept) -> bool:
+        """Keeps `kept`'s mapping idle for its file's next object; False where it is not
+        worth keeping or cannot be (nothing may be built on it: tasks would see the next
+        object's bytes)."""
+        size = len(kept.view)
+        if not self._keep_idle or kept.view.exports or size > self._idle_room():
+            return False
+        stat = os.fstat(kept.fd)
+        if stat.st_nlink == 0:
+            return False
+        try:
+            kept.view.drop_written_pages()
+        except OSError:
+            self._keep_idle = False  # no page map to read here: never again
+            self.drop_idle()
+            return False
+        fcntl.flock(kept.fd, fcntl.LOCK_UN)
+        key = (stat.st_dev, stat.st_ino)
+        if key in self._idle:
+            self._drop_idle(key)
+        self._idle[key] = kept
+        self._idle_bytes += size
+        while len(self._idle) > MAX_IDLE_MAPPINGS or self._idle_room() < 0:
+            self._drop_idle(next(iter(self._idle)))
+        return True
+
+    def _idle_room(self) -> int:
+        """Bytes more that idle mappings may take (negative: over)."""
+        room = MAX_IDLE_BYTES - self._idle_bytes
+        if self._max_bytes is not None:
+            room = min(room, self._max_bytes - self._kept_bytes - self._idle_bytes)
+        return room
+
+    def _idle_mapping(self, fd: int) -> _Kept | None:
+        """The idle mapping of the file open (and locked) at `fd`, locked through its own
+        descriptor, which the mapping shares: while anything built on the mapping lives,
+        the lock does. None if no mapping of it is kept, or one of another size."""
+        if not self._idle:
+            return None
+        stat = os.fstat(fd)
+        key = (stat.st_dev, stat.st_ino)
+        if key not in self._idle:
+            return None
+        if len(self._idle[key].view) != stat.st_size:
+            self._drop_idle(key)
+            return None
+        idle = self._idle.pop(key)
+        self._idle_bytes -= len(idle.view)
+        try:
+            fcntl.flock(idle.fd, fcntl.LOCK_SH)
+        except BaseException:
+            os.close(idle.fd)
+            raise
+        return idle
+
+    def _drop_idle(self, key: tuple[int, int]) -> None:
+        idle = self._idle.pop(key)
+        self._idle_bytes -= len(idle.view)
+        os.close(idle.fd)
+
+
+def _unnamed(fd: int) -> bool:
+    """Whether the file open at `fd` has no name left: its pages go once it is closed."""
+    return os.fstat(fd).st_nlink == 0
 
 
 class _Kept(NamedTuple):
@@ -453,6 +553,7 @@ def serve(link, runner: TaskRunner, heap: KeptHeap) -> None:
                 runner.held.enabled = message[1]
             elif kind == "drop_reserves":
                 heap.drop_reserves()
+                runner.inputs.drop_idle()
             elif kind == "borrow":
                 request, pid, probe, spans, layout = message[1:]
                 link.send_borrowed(request, *runner.borrow(pid, probe, spans, layout))

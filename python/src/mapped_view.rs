@@ -10,6 +10,7 @@ use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
+use rankmesh::store::drop_written_pages;
 use std::ffi::c_int;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -41,6 +42,29 @@ impl MappedView {
 
     fn __len__(&self) -> usize {
         self.mapping.len_bytes()
+    }
+
+    /// Drops the pages tasks wrote (private copies), so that the mapping shows its file's
+    /// current bytes again with the rest of its page tables kept: for a file the worker
+    /// recycled for another object. Returns how many pages it dropped. Refused
+    /// (`BufferError`) while buffers are lent: those may read the copies.
+    fn drop_written_pages(&self) -> PyResult<usize> {
+        if self.lent.load(Ordering::Acquire) != 0 {
+            return Err(PyBufferError::new_err(
+                "buffers of the mapping are still lent",
+            ));
+        }
+        if self.mapping.readonly() {
+            return Ok(0); // nothing could be written
+        }
+        // SAFETY: the view's own mapping (private: `executor._map`), nothing lent from it.
+        unsafe {
+            drop_written_pages(
+                self.mapping.buf_ptr().cast::<u8>(),
+                self.mapping.len_bytes(),
+            )
+        }
+        .map_err(PyErr::from)
     }
 
     /// Lends the mapping's bytes, writable where the mapping is.

@@ -6,11 +6,13 @@
 mod allocate;
 mod held;
 mod pool;
+mod private_mapping;
 mod spill;
 
 pub use allocate::{Allocate, Borrower, HeapAllocator, WorkerFolders};
 use held::Held;
 pub use held::{Holder, ProcessMemory};
+pub use private_mapping::drop_written_pages;
 pub use spill::{SpillDir, SPILL_PREFIX};
 
 use crate::private_files;
@@ -1322,21 +1324,43 @@ mod tests {
     }
 
     #[test]
-    fn a_segment_an_executor_still_maps_is_never_reused() {
+    fn a_segment_an_executor_still_maps_waits_and_is_reused_only_once_let_go() {
         let dir = ShmDir::create("rankmesh-test").unwrap();
         let size = 4 * INLINE_MAX;
         let object = received(&dir, size, 1);
+        let inode = inode_of(&shm_path(&object));
         // What an executor does while a task's value maps the file.
         let executor = File::open(shm_path(&object)).unwrap();
         executor.lock_shared().unwrap();
         drop(object);
-        assert_eq!(files_in(&dir), 0, "removed, not kept");
+        let waiting = dir.path().join("free").join("waiting");
+        assert_eq!(std::fs::read_dir(&waiting).unwrap().count(), 1, "waiting");
         let fresh = dir.allocate(vec![size]).unwrap().finish();
-        assert!(fresh.bytes().unwrap().iter().all(|&b| b == 0));
+        assert!(
+            fresh.bytes().unwrap().iter().all(|&b| b == 0),
+            "a new segment"
+        );
         // The executor's view is intact.
         let mut seen = Vec::new();
         std::io::Read::read_to_end(&mut &executor, &mut seen).unwrap();
         assert!(seen.iter().all(|&b| b == 1));
+        // Let go, it is free for the next object of its size.
+        drop(executor);
+        let reused = dir.allocate(vec![size]).unwrap().finish();
+        assert_eq!(inode_of(&shm_path(&reused)), inode);
+        assert!(
+            reused.bytes().unwrap().iter().all(|&b| b == 1),
+            "its old pages"
+        );
+        assert_eq!(std::fs::read_dir(&waiting).unwrap().count(), 0);
+        drop((fresh, reused));
+        assert_eq!(dir.pool.clear(), 2 * size, "both kept, then given back");
+        assert_eq!(files_in(&dir), 0);
+    }
+
+    fn inode_of(path: &str) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).unwrap().ino()
     }
 
     fn shm_dir() -> ShmDir {
@@ -1354,18 +1378,18 @@ mod tests {
         let ours = PathBuf::from(shm_path(&linked));
         assert_eq!(ours.parent(), Some(fetcher.path()));
         // The owner lets its object go: its segment cannot be reused while we hold ours.
+        let inode = inode_of(&shm_path(&original));
         drop(original);
-        assert_eq!(files_in(&owner), 0, "removed, not kept for reuse");
-        assert!(received(&owner, size, 9)
-            .bytes()
-            .unwrap()
-            .iter()
-            .all(|&b| b == 9));
+        let next = received(&owner, size, 9);
+        assert_ne!(inode_of(&shm_path(&next)), inode);
+        assert!(next.bytes().unwrap().iter().all(|&b| b == 9));
         assert!(linked.bytes().unwrap().iter().all(|&b| b == 5));
-        // Ours is never kept for reuse either (the owner might still hold the file).
+        // Ours is never kept for reuse (the owner might still hold the file); the owner's
+        // is, once we let it go.
         drop(linked);
         assert!(!ours.exists());
         assert_eq!(files_in(&fetcher), 0);
+        assert_eq!(inode_of(&shm_path(&received(&owner, size, 3))), inode);
     }
 
     #[test]

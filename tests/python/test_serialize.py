@@ -228,20 +228,24 @@ def test_runner_passes_inputs_to_calls(tmp_path, encoder):
     assert decode_input(result) == 10
 
 
-def locked_by_another(array):
-    """Whether an exclusive lock on the file behind `array`'s memory is refused (as the
-    worker's pool asks before it reuses a segment)."""
-    import fcntl
-
-    path = next(line.split()[-1] for line in open("/proc/self/maps") if "/7-1" in line)
+def locked_by_other(path):
+    """Whether an exclusive lock on the file at `path` is refused (as the worker's pool
+    asks before it reuses a segment)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     finally:
-        os.close(fd)
+        os.close(fd)  # also gives up the lock just taken
     return False
+
+
+def locked_by_another(array):
+    """Whether an exclusive lock on the file behind `array`'s memory is refused."""
+    return locked_by_other(
+        next(line.split()[-1] for line in open("/proc/self/maps") if "/7-1" in line)
+    )
 
 
 def add_in_place(array):
@@ -292,6 +296,85 @@ def test_inputs_stay_mapped_between_tasks_locked_only_while_one_runs(
     monkeypatch.setattr(executor, "GONE_CHECK_INTERVAL_S", 0.0)
     runner.inputs.forget_gone_lately()
     assert path not in mapped_paths()
+
+
+def mappings_of(path):
+    """Start addresses of this process's mappings of the file at `path` (by inode)."""
+    inode = str(os.stat(path).st_ino)
+    fields = (line.split() for line in open("/proc/self/maps"))
+    return [f[0].split("-")[0] for f in fields if len(f) >= 6 and f[4] == inode]
+
+
+def test_a_recycled_file_is_read_through_its_kept_mapping_without_the_pages_tasks_wrote(
+    tmp_path, encoder
+):
+    runner = TaskRunner(str(tmp_path), "7")
+    payload, _, _ = encoder.data(np.zeros(INLINE_MAX))  # 8 x INLINE_MAX bytes
+    _, _, _, stored = runner.run(1, payload, [])
+    payload, _, funcs = encoder.call(add_in_place, (future(1),), {})
+    runner.add_functions(submitted(encoder, funcs))
+    assert decode_input(runner.run(2, payload, [stored])[3]) == 1.0  # every page written
+    mapped_at = mappings_of(stored[1])
+    assert len(mapped_at) == 1
+
+    def recycle(old_path, new_name, value):
+        """What the worker and an executor do: the file, its object gone, renamed for
+        the next object of its size, which is written into it (`_claim_free_segment`)."""
+        path = str(tmp_path / new_name)
+        os.rename(old_path, path)
+        runner.inputs.forget_gone()
+        assert mappings_of(path) == mapped_at, "kept, idle, for the file's next object"
+        assert not locked_by_other(path), "idle: the pool may take the file"
+        frames, layout = dumps_result(np.full(INLINE_MAX, value))
+        fd = os.open(path, os.O_WRONLY)
+        assert os.pwritev(fd, [join_frames(frames, layout)], 0) == os.stat(path).st_size
+        os.close(fd)
+        return ("shm", path, layout)
+
+    def run(func, task_id, obj):
+        payload, _, funcs = encoder.call(func, (future(1),), {})
+        runner.add_functions(submitted(encoder, funcs))
+        status, value = runner.run(task_id, payload, [obj])[2:]
+        assert status == "ok", value
+        return value
+
+    second = recycle(stored[1], "7-9", 5.0)
+    total = decode_input(run(np.sum, 3, second))
+    assert total == 5.0 * INLINE_MAX, "the next object's bytes, none of the copies tasks wrote"
+    assert mappings_of(second[1]) == mapped_at, "through the same mapping"
+    # Locked while an array built on it lives, past its object too.
+    third = recycle(second[1], "7-10", 6.0)
+    run(keep_input, 4, third)
+    os.rename(third[1], str(tmp_path / "7-11"))
+    runner.inputs.forget_gone()
+    assert locked_by_other(str(tmp_path / "7-11")), "an array built on it lives"
+    assert float(_kept_by_task[-1][0]) == 6.0
+    _kept_by_task.clear()
+    assert not locked_by_other(str(tmp_path / "7-11"))
+    assert mappings_of(str(tmp_path / "7-11")) == [], "not kept idle: it was lent out"
+    # A file with no name left is not kept mapped: it would hold the pages the worker freed.
+    fourth = ("shm", str(tmp_path / "7-11"), third[2])
+    assert decode_input(run(np.sum, 5, fourth)) == 6.0 * INLINE_MAX
+    mapped_at = mappings_of(fourth[1])
+    recycle(fourth[1], "7-12", 7.0)
+    os.unlink(str(tmp_path / "7-12"))
+    runner.inputs.forget_gone()
+    assert not [p for p in mapped_paths() if p.startswith(str(tmp_path))]
+
+
+def test_idle_mappings_go_when_the_worker_is_short_of_memory(tmp_path, encoder):
+    runner = TaskRunner(str(tmp_path), "7")
+    payload, _, _ = encoder.data(np.zeros(INLINE_MAX))
+    _, _, _, stored = runner.run(1, payload, [])
+    payload, _, funcs = encoder.call(np.sum, (future(1),), {})
+    runner.add_functions(submitted(encoder, funcs))
+    assert decode_input(runner.run(2, payload, [stored])[3]) == 0
+    recycled = str(tmp_path / "free-1")
+    os.rename(stored[1], recycled)
+    runner.inputs.forget_gone()
+    assert len(mappings_of(recycled)) == 1
+    runner.inputs.drop_idle()
+    assert mappings_of(recycled) == []
 
 
 def count_reader(groups):
@@ -381,14 +464,7 @@ def test_an_input_kept_past_its_task_stays_locked_until_nothing_reads_it(tmp_pat
     stored = runner.run(1, payload, [])[3]
 
     def locked():
-        fd = os.open(stored[1], os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)  # also gives up the lock just taken
-        return False
+        return locked_by_other(stored[1])
 
     payload, _, funcs = encoder.call(keep_input, (future(1),), {})
     runner.add_functions(submitted(encoder, funcs))
