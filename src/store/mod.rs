@@ -1358,6 +1358,26 @@ mod tests {
         assert_eq!(files_in(&dir), 0);
     }
 
+    #[test]
+    fn segments_still_locked_wait_sixteen_at_most() {
+        let dir = ShmDir::create("rankmesh-test").unwrap();
+        let size = 4 * INLINE_MAX;
+        let readers: Vec<File> = (0..17)
+            .map(|i| {
+                let object = received(&dir, size, i);
+                let reader = File::open(shm_path(&object)).unwrap();
+                reader.lock_shared().unwrap();
+                reader
+            })
+            .collect();
+        let waiting = dir.path().join("free").join("waiting");
+        assert_eq!(std::fs::read_dir(&waiting).unwrap().count(), 16);
+        assert_eq!(dir.pool.bytes(), 16 * size, "the seventeenth was removed");
+        drop(readers);
+        assert_eq!(dir.pool.clear(), 16 * size);
+        assert_eq!(files_in(&dir), 0);
+    }
+
     fn inode_of(path: &str) -> u64 {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(path).unwrap().ino()
