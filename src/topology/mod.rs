@@ -7,12 +7,15 @@
 //! - [`bind`]: the I/O edge that applies a place to the running process: CPU and memory
 //!   binding, respecting a binding the launcher already made.
 //! - [`env`]: the environment executors get from a place (BLAS threads, visible GPUs).
+//! - [`page_reporting`]: whether the host takes the node's free memory back, and numpy's
+//!   huge-page advice turned off in executors where it does.
 
 #[cfg(feature = "hwloc")]
 pub mod bind;
 pub mod env;
 #[cfg(feature = "hwloc")]
 mod hwloc;
+pub mod page_reporting;
 pub mod plan;
 
 #[cfg(feature = "hwloc")]

@@ -17,6 +17,7 @@ use crate::store::{
     Borrower, Holder, Object, ProcessMemory, Published, ShmDir, SpillDir, Store, StoreError,
     WorkerFolders, WORKER_SHM_PREFIX,
 };
+use crate::topology::page_reporting;
 use crate::transport::tcp::{self, TcpTransport};
 use crate::transport::{Transport, TransportError};
 use futures::future::BoxFuture;
@@ -189,6 +190,10 @@ pub async fn run_with(
         .executor_kept_mappings(slots)
         .map(|bytes| (KEEP_MAPPED_BYTES_ENV.to_string(), bytes.to_string()));
     let keep_heap = config.memory.executor_kept_heap(slots);
+    let chosen = |var: &str| {
+        std::env::var_os(var).is_some() || config.executor_env.iter().any(|(v, _)| v == var)
+    };
+    let huge_pages = page_reporting::executor_env(page_reporting::active(), chosen);
     let executor_config = PythonExecutorConfig {
         python: config.python.clone(),
         token: config.token.clone(),
@@ -203,6 +208,7 @@ pub async fn run_with(
                 (KEEP_HEAP_BYTES_ENV.to_string(), keep_heap.to_string()),
             ])
             .chain(keep_mapped)
+            .chain(huge_pages)
             .collect(),
     };
     let executors = (0..slots)

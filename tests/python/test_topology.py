@@ -3,6 +3,7 @@ bind to it (read back inside tasks from /proc/self/status), and tasks run where 
 inputs are."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -271,3 +272,37 @@ def test_gpu_workers_without_gpus_get_a_clear_error(tmp_path):
     assert result.returncode != 0
     assert "--worker-per gpu, but the topology has no NVIDIA or AMD GPU" in result.stderr
     assert "never runs" not in result.stdout
+
+
+def host_takes_free_memory_back():
+    """Whether a virtio balloon here reports free pages to its host (its feature bit 5)."""
+    for device in Path("/sys/bus/virtio/devices").glob("*"):
+        try:
+            kind = (device / "device").read_text().strip()
+            features = (device / "features").read_text().strip()
+        except OSError:
+            continue
+        if kind == "0x0005" and features[5:6] == "1":
+            return True
+    return False
+
+
+def numpy_huge_page_advice():
+    import numpy
+
+    return os.environ.get("NUMPY_MADVISE_HUGEPAGE"), numpy._core.multiarray._get_madvise_hugepage()
+
+
+def test_executors_ask_numpy_for_small_pages_only_where_the_host_takes_memory_back(
+    client, monkeypatch
+):
+    variable, advised = client.submit(numpy_huge_page_advice, pure=False).result()
+    if host_takes_free_memory_back():
+        assert (variable, advised) == ("0", False)
+    else:
+        assert variable is None
+    # A value the user set is kept.
+    monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "1")
+    with rankmesh.LocalCluster(n_workers=1, dashboard_address=None) as cluster:
+        with rankmesh.Client(cluster) as chosen:
+            assert chosen.submit(numpy_huge_page_advice).result() == ("1", True)
