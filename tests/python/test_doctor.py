@@ -11,6 +11,7 @@ import psutil
 import pytest
 import rankmesh
 from batch_helpers import BINARY, require_slurm
+from test_topology import host_takes_free_memory_back
 
 CHECKS = [
     "build",
@@ -63,6 +64,7 @@ def test_the_report_matches_what_this_machine_says_of_itself():
     statvfs = os.statvfs("/dev/shm")
     assert shm["path"] == "/dev/shm" and shm["total_bytes"] == statvfs.f_blocks * statvfs.f_frsize
     assert shm["huge_pages"] == dev_shm_huge_pages()
+    assert shm["free_page_reporting"] == host_takes_free_memory_back()
     local = checks["local_directory"]["facts"]
     without_journal = local.get("file_system") == "ext4 without a journal"
     assert without_journal == (ext4_journal_task(local["path"]) == "<none>"), local
