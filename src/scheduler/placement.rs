@@ -3,7 +3,8 @@
 //! - Root tasks (no inputs) wait in a [`RootQueue`] and go out only while a worker has
 //!   free queue capacity ([`queue_depth`]), least loaded worker first ([`LoadIndex`]).
 //!   Handing them all out at once would let input-reading tasks fill every worker's memory
-//!   before anything downstream runs.
+//!   before anything downstream runs. Each worker takes them from its own contiguous
+//!   share of the queue, so that siblings meet on one worker ([`roots`]).
 //! - Other tasks go out as soon as they are ready, to the candidate with the earliest
 //!   estimated start ([`cheapest`]): its queue (what its assigned tasks are expected to
 //!   take, by kind: [`Kinds`], [`QueuedKinds`]) plus fetching the inputs it lacks, where
@@ -14,9 +15,12 @@
 //!   least loaded worker overall, so placing a task costs O(inputs) whatever the number
 //!   of workers.
 
-use crate::protocol::{IdMap, TaskId, WorkerId};
-use std::cmp::{Ordering, Reverse};
-use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use crate::protocol::{IdMap, WorkerId};
+use std::cmp::Ordering;
+use std::collections::{BTreeSet, HashMap};
+
+mod roots;
+pub(super) use roots::{claim_limit, RootQueue};
 
 /// Tasks queued per worker thread: enough for `target_queued_work_s` of work at the
 /// current average task duration, so tiny tasks get deep queues and long ones two.
@@ -29,56 +33,6 @@ pub(super) fn queue_depth(target_queued_work_s: f64, avg_task_duration_s: f64) -
         return MIN_DEPTH as u32;
     }
     depth.clamp(MIN_DEPTH, MAX_DEPTH) as u32
-}
-
-/// Below this many entries of room, the root queue keeps its room as it empties.
-const SHRINK_ROOTS_ABOVE: usize = 4096;
-
-/// Root tasks withheld until a worker has room: lowest priority value first, then lowest id.
-#[derive(Default)]
-pub(super) struct RootQueue {
-    /// Entries pushed in order, each not before the one pushed last: clients list a
-    /// graph's roots in priority order, so nearly all land here, at O(1) a push and a pop
-    /// (a heap's pop at 10^6 roots was 6% of the scheduler's time).
-    in_order: VecDeque<(i64, TaskId)>,
-    /// The others.
-    heap: BinaryHeap<Reverse<(i64, TaskId)>>,
-}
-
-impl RootQueue {
-    pub(super) fn push(&mut self, priority: i64, id: TaskId) {
-        let entry = (priority, id);
-        if self.in_order.back().is_none_or(|&last| last <= entry) {
-            self.in_order.push_back(entry);
-        } else {
-            self.heap.push(Reverse(entry));
-        }
-    }
-
-    /// Entries are not removed when a task stops being ready (cancelled, assigned after a
-    /// worker loss requeued it twice); the caller skips those it pops.
-    pub(super) fn pop(&mut self) -> Option<TaskId> {
-        let from_heap = match (self.in_order.front(), self.heap.peek()) {
-            (Some(first), Some(Reverse(top))) => top < first,
-            (None, _) => true,
-            (Some(_), None) => false,
-        };
-        if from_heap {
-            self.heap.pop().map(|Reverse((_, id))| id)
-        } else {
-            let id = self.in_order.pop_front().map(|(_, id)| id);
-            let room = self.in_order.capacity();
-            if room > SHRINK_ROOTS_ABOVE && self.in_order.len() < room / 4 {
-                self.in_order.shrink_to(self.in_order.len() * 2);
-            }
-            id
-        }
-    }
-
-    /// Queued entries, stale ones included.
-    pub(super) fn len(&self) -> usize {
-        self.in_order.len() + self.heap.len()
-    }
 }
 
 /// A node: the scheduler numbers the distinct host names its workers report.
@@ -383,34 +337,6 @@ pub(super) fn cheapest(candidates: &[CandidateCost], bandwidths: Bandwidths) -> 
 mod tests {
     use super::*;
 
-    #[test]
-    fn roots_come_out_by_priority_then_id_whatever_order_they_went_in() {
-        let id = |n| TaskId::new(crate::protocol::ClientId(1), n);
-        let pushed = [
-            (0, 1),
-            (0, 2),
-            (5, 3),
-            (1, 4),
-            (5, 5),
-            (-1, 6),
-            (7, 7),
-            (5, 8),
-            (0, 9),
-        ];
-        let mut queue = RootQueue::default();
-        for (priority, n) in pushed {
-            queue.push(priority, id(n));
-        }
-        assert_eq!(queue.len(), pushed.len());
-        let mut expected = pushed.to_vec();
-        expected.sort_unstable();
-        let popped: Vec<TaskId> = std::iter::from_fn(|| queue.pop()).collect();
-        assert_eq!(
-            popped,
-            expected.iter().map(|&(_, n)| id(n)).collect::<Vec<_>>()
-        );
-    }
-
     const BANDWIDTHS: Bandwidths = Bandwidths {
         network_bytes_per_s: 1e9,
         node_bytes_per_s: 1e10,
@@ -444,16 +370,6 @@ mod tests {
         assert_eq!(queue_depth(1e-3, 1e-9), 256, "tiny tasks: capped");
         assert_eq!(queue_depth(1e-3, 0.0), 256);
         assert_eq!(queue_depth(0.0, 0.0), 2);
-    }
-
-    #[test]
-    fn root_queue_pops_lowest_priority_then_lowest_id() {
-        let mut queue = RootQueue::default();
-        queue.push(5, TaskId(1));
-        queue.push(-1, TaskId(9));
-        queue.push(5, TaskId(0));
-        let order: Vec<_> = std::iter::from_fn(|| queue.pop()).collect();
-        assert_eq!(order, [TaskId(9), TaskId(0), TaskId(1)]);
     }
 
     #[test]

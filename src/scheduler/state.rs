@@ -94,6 +94,9 @@ pub struct Scheduler {
     /// Non-root tasks that became ready since the last `schedule` (some may be stale).
     ready: Vec<TaskId>,
     avg_task_duration_s: f64,
+    /// What root tasks' results weigh, on average; `None` until one finished. It bounds
+    /// the roots a worker claims at once (`placement::claim_limit`).
+    avg_root_bytes: Option<f64>,
     /// What each kind of task takes, and where its results are read.
     kinds: Kinds,
     outbox: Outbox,
@@ -121,6 +124,7 @@ impl Scheduler {
     pub fn new(config: SchedulerConfig) -> Self {
         Scheduler {
             avg_task_duration_s: config.initial_task_duration_s,
+            avg_root_bytes: None,
             kinds: Kinds::default(),
             config,
             tasks: TaskTable::default(),

@@ -11,6 +11,12 @@ impl Scheduler {
     pub(super) fn sanity_check(&self) {
         self.coordination.sanity_check();
         self.tasks.check_index();
+        for worker in self.roots.reserving() {
+            assert!(
+                self.workers.contains_key(&worker),
+                "roots reserved for {worker}, which is gone"
+            );
+        }
         let available = |id: &TaskId| self.tasks.get(id).is_some_and(|t| t.state.is_available());
         let mut processing: BTreeMap<WorkerId, u32> = BTreeMap::new();
         let mut queued: BTreeMap<WorkerId, QueuedKinds> = BTreeMap::new();

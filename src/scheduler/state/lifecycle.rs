@@ -15,8 +15,9 @@ use std::collections::BTreeMap;
 use std::mem;
 use std::sync::Arc;
 
-/// Weight of the newest duration in the running average (an exponentially weighted mean).
-const DURATION_EWMA_WEIGHT: f64 = 0.2;
+/// Weight of the newest value in a running average (an exponentially weighted mean) of
+/// task durations and of root results' sizes.
+const EWMA_WEIGHT: f64 = 0.2;
 
 impl Scheduler {
     // ------------------------------------------------------------------ worker events
@@ -107,9 +108,14 @@ impl Scheduler {
         if let Some(task) = self.tasks.get_mut(&id) {
             task.dependents = dependents;
         }
+        if submitted.is_none() {
+            let size = done.size as f64;
+            let average = self.avg_root_bytes.get_or_insert(size);
+            *average += EWMA_WEIGHT * (size - *average);
+        }
         let duration_s = done.duration_us as f64 * 1e-6;
-        self.avg_task_duration_s += DURATION_EWMA_WEIGHT * (duration_s - self.avg_task_duration_s);
-        self.kinds.computed(kind, duration_s, DURATION_EWMA_WEIGHT);
+        self.avg_task_duration_s += EWMA_WEIGHT * (duration_s - self.avg_task_duration_s);
+        self.kinds.computed(kind, duration_s, EWMA_WEIGHT);
         Some(kind)
     }
 

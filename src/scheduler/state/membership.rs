@@ -70,6 +70,7 @@ impl Scheduler {
         };
         self.observed.workers_removed += 1;
         self.load_index.remove(&removed.load());
+        self.roots.release(worker);
         let mut requeued = Vec::new();
         let mut killed = Vec::new();
         let mut lost = Vec::new();

@@ -62,16 +62,20 @@ impl Scheduler {
             if room == 0 {
                 break;
             }
-            // Consecutive roots in priority order are siblings: handed out in runs, the
-            // task combining them finds its inputs on one worker. A run is at most an even
-            // share of what is queued, so a few roots still spread over all workers.
-            let share = self.roots.len().div_ceil(self.workers.len()).max(1);
+            // Consecutive roots in priority order are siblings: each worker takes them from
+            // its own share of the queue (`RootQueue`), so the task combining them finds
+            // its inputs on one worker. A run is at most an even share of what is queued,
+            // so a few roots still spread over all workers.
+            let workers = self.workers.len();
+            let share = self.roots.len().div_ceil(workers).max(1);
             let run = (room as usize).min(share);
+            let memory_limit = (self.workers.get(&least.worker)).map_or(0, |w| w.info.memory_limit);
+            let limit = placement::claim_limit(memory_limit, self.avg_root_bytes);
             let batch = batches.entry(least.worker).or_default();
             let first = batch.len();
             let mut queue_empty = false;
             while batch.len() - first < run {
-                let Some(id) = self.roots.pop() else {
+                let Some(id) = self.roots.pop_for(least.worker, workers, limit) else {
                     queue_empty = true;
                     break;
                 };

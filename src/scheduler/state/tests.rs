@@ -299,8 +299,10 @@ fn ids(client: ClientId, range: std::ops::Range<u64>) -> Vec<TaskId> {
     range.map(|seq| TaskId::new(client, seq)).collect()
 }
 
-#[test]
-fn consecutive_roots_go_to_one_worker_in_runs() {
+/// Two workers given 100 roots, each its own priority: the first run of 10 each goes out
+/// one root at a time, while roots' sizes are unknown (0..10 and 10..20); both runs
+/// finish with results of `result_size` bytes, and the scheduler hands out the next runs.
+fn second_runs_of_roots(result_size: u64) -> (TestEnv, [WorkerId; 2], ClientId, Vec<TaskId>) {
     let mut env = TestEnv::new();
     let [w1, w2] = env.workers(&[1, 1])[..] else {
         unreachable!()
@@ -316,10 +318,68 @@ fn consecutive_roots_go_to_one_worker_in_runs() {
         .collect();
     env.submit(c, tasks, &roots);
     env.schedule();
-    // Siblings in priority order stay together: one run of 10 each.
     assert_eq!(env.computed(w1), roots[..10]);
     assert_eq!(env.computed(w2), roots[10..20]);
+    let sized = |range: &[TaskId]| {
+        range
+            .iter()
+            .map(|&id| (id, result_size))
+            .collect::<Vec<_>>()
+    };
+    env.done_sized(w1, &sized(&roots[..10]));
+    env.done_sized(w2, &sized(&roots[10..20]));
+    env.comm.take_client(c);
+    env.schedule();
+    (env, [w1, w2], c, roots)
+}
+
+#[test]
+fn consecutive_roots_go_to_one_worker_in_runs() {
+    // Siblings in priority order stay together: small results, so each worker claims half
+    // of the rest and takes its runs from there.
+    let (mut env, [w1, w2], _, roots) = second_runs_of_roots(SIZE);
+    assert_eq!(env.computed(w1), roots[20..30]);
+    assert_eq!(env.computed(w2), roots[60..70]);
     // (Two roots on two idle workers still spread: see the locality test below.)
+}
+
+#[test]
+fn roots_claim_no_more_than_a_part_of_a_workers_memory() {
+    // 8 MiB results on 1 GiB workers: claims of 4 (a 32nd of the memory), so w1's run of
+    // 10 leaves it 30 and 31, and w2 starts after them, not halfway.
+    let (mut env, [w1, w2], _, roots) = second_runs_of_roots(8 << 20);
+    assert_eq!(env.computed(w1), roots[20..30]);
+    assert_eq!(env.computed(w2), roots[32..42]);
+}
+
+#[test]
+fn roots_a_lost_worker_had_claimed_still_run() {
+    let (mut env, [w1, w2], c, roots) = second_runs_of_roots(SIZE);
+    assert_eq!(env.computed(w1), roots[20..30]);
+    assert_eq!(env.computed(w2), roots[60..70], "w2 claimed 60..100");
+    env.lose_worker(w2);
+    env.comm.take_client(c);
+    let mut ran = roots[..30].to_vec();
+    env.done(w1, &roots[20..30]);
+    env.comm.take_client(c);
+    // (w2's results 10..20 were lost with it: they run again too.)
+    let distinct = |ran: &[TaskId]| {
+        let mut ran = sorted(ran);
+        ran.dedup();
+        ran
+    };
+    while distinct(&ran).len() < roots.len() {
+        env.schedule();
+        let batch = env.computed(w1);
+        env.done(w1, &batch);
+        env.comm.take_client(c);
+        ran.extend(batch);
+    }
+    assert_eq!(
+        distinct(&ran),
+        roots,
+        "w2's share, assigned or claimed, ran on w1"
+    );
 }
 
 #[test]
@@ -344,6 +404,7 @@ fn root_tasks_are_withheld_until_workers_have_room() {
     let first = env.computed(w1);
     let second = env.computed(w2);
     assert_eq!((first.len(), second.len()), (10, 10));
+    // One at a time while roots' sizes are unknown: the first 20 in the queue's order.
     let mut handed_out = sorted(&[first.clone(), second].concat());
     handed_out.reverse();
     assert_eq!(
