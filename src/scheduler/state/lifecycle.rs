@@ -109,6 +109,7 @@ impl Scheduler {
             task.dependents = dependents;
         }
         if submitted.is_none() {
+            // A root (no inputs): its size bounds the roots a worker claims at once.
             let size = done.size as f64;
             let average = self.avg_root_bytes.get_or_insert(size);
             *average += EWMA_WEIGHT * (size - *average);
