@@ -5,14 +5,20 @@
 //! flight. It never blocks: what takes long (allocating buffers) happens on the runtime.
 //!
 //! MPI moves data only inside MPI calls (Open MPI's shared-memory copies are made by
-//! them), so while bytes are moving the thread keeps turning, yielding the core between
-//! turns. Otherwise it sleeps on its doorbell between turns: briefly while it waits for a
-//! peer's reply or go-ahead, longer when nothing is going on, the longer the quieter it
-//! has been. A fetch of its own or a request from a rank on its node rings the doorbell
-//! and wakes it at once; a request from another node is seen within [`MAX_SLEEP_ACTIVE`]
-//! while transfers come in bursts, within [`MAX_SLEEP_QUIET`] on a quiet worker. A
-//! blocking MPI wait would spin a core that the node's executors need, and each wake-up
-//! costs too (~20 µs of CPU on the test VM: 5,000 a second are a tenth of a core).
+//! them), so while bytes are moving the thread keeps turning, as a blocking MPI wait
+//! would, and leaves sharing the core to the kernel. Yielding it between turns handed it
+//! away for a whole time slice at each turn wherever the cores were all busy: one 64 MiB
+//! transfer over the UCX PML beside two busy loops took 0.10 s yielding, 0.022-0.025 s
+//! not (docs/performance.md).
+//!
+//! Otherwise it sleeps on its doorbell between turns: briefly while it waits for a peer's
+//! reply or go-ahead, longer when nothing is going on, the longer the quieter it has been.
+//! A fetch of its own or a request from a rank on its node rings the doorbell and wakes
+//! it at once; a request from another node is seen within [`MAX_SLEEP_ACTIVE`] while
+//! transfers come in bursts, within [`MAX_SLEEP_QUIET`] on a quiet worker. A blocking MPI
+//! wait would spin a core that the node's executors need while nothing moves, and each
+//! wake-up costs too (~20 µs of CPU on the test VM: 5,000 a second are a tenth of a
+//! core).
 
 use super::doorbell::Doorbell;
 use super::requests::Requests;
@@ -161,9 +167,7 @@ pub(super) fn run(store: Store, commands: Receiver<Command>, doorbell: &Doorbell
         if moved {
             sleep = Duration::from_micros(1);
             moved_at = Instant::now();
-        } else if progress.transferring() {
-            std::thread::yield_now();
-        } else {
+        } else if !progress.transferring() {
             doorbell.wait(rung, sleep);
             let cap = if progress.waiting_for_peers() {
                 MAX_SLEEP_WAITING
