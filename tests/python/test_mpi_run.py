@@ -496,6 +496,7 @@ OPEN_MPI_SETTINGS = (
     "OMPI_MCA_pml",
     "OMPI_MCA_btl_vader_single_copy_mechanism",
     "OMPI_MCA_btl_vader_max_send_size",
+    "OMPI_MCA_mpi_yield_when_idle",
 )
 
 
@@ -538,6 +539,7 @@ def test_open_mpi_settings_reach_every_worker_rank_unless_chosen_or_declined(tmp
         printed = settings_printed(base)
         assert printed["OMPI_MCA_btl_vader_single_copy_mechanism"] == "none"
         assert printed["OMPI_MCA_btl_vader_max_send_size"] == "131072"
+        assert printed["OMPI_MCA_mpi_yield_when_idle"] == "0"
         # With a single copy, large messages are not cut into fragments.
         printed = settings_printed(chosen)
         assert "OMPI_MCA_btl_vader_single_copy_mechanism" not in printed
