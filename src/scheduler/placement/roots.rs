@@ -155,14 +155,10 @@ impl RootQueue {
     /// `worker`, whose reserve is empty, takes the back half of the largest other one
     /// (ties: the lower worker id). Its owner keeps the front, which it is working through.
     fn steal_for(&mut self, worker: WorkerId) {
-        let victim = (self.reserved.iter())
-            .filter(|&(&w, _)| w != worker)
-            .max_by_key(|&(&w, reserve)| (reserve.len(), Reverse(w)))
-            .map(|(&w, _)| w);
-        let Some(victim) = victim else {
-            return;
-        };
-        let Some(reserve) = self.reserved.get_mut(&victim) else {
+        let largest = (self.reserved.iter_mut())
+            .filter(|(&w, _)| w != worker)
+            .max_by_key(|(&w, reserve)| (reserve.len(), Reverse(w)));
+        let Some((&victim, reserve)) = largest else {
             return;
         };
         let taken = reserve.split_off(reserve.len() / 2);
