@@ -1500,8 +1500,9 @@ impl WorkerState {
     }
 
     /// What a ready task is expected to add to memory once it runs: its result (as large
-    /// as earlier results of its function, or its largest input if larger) and its inputs
-    /// on disk, mapped back in. `None` before any task here made a result.
+    /// as earlier results of its function, or its largest input if larger), twice where
+    /// results are written out, and its inputs on disk, mapped back in. `None` before any
+    /// task here made a result.
     fn need_of(&self, id: TaskId) -> Option<u64> {
         let task = self.tasks.get(&id)?;
         let inputs = &task.compute.inputs;
@@ -1509,8 +1510,16 @@ impl WorkerState {
         let result = self
             .result_sizes
             .expected(task.compute.funcs.first().copied())?;
+        let copies = if self.results_written_out() { 2 } else { 1 };
         let spilled = self.store.spilled_size(inputs.iter().map(|i| i.id));
-        Some(result.max(largest_input) + spilled)
+        Some(result.max(largest_input) * copies + spilled)
+    }
+
+    /// Whether executors write large results into files as they make them (they do not
+    /// keep them): the value and its file are then both in memory as a task ends.
+    fn results_written_out(&self) -> bool {
+        let unreadable = |s: &Slot| s.generation != 0 && s.memory.is_none();
+        !self.memory.executors_hold() || self.slots.iter().any(unreadable)
     }
 
     /// The executor keeping the most bytes of the task's inputs, if any keeps some.

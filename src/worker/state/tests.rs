@@ -1295,8 +1295,9 @@ fn spilled_inputs_of_the_tasks_next_in_line_are_read_ahead_once() {
 fn results_no_task_reads_are_spilled_first_and_inputs_of_waiting_tasks_last() {
     let mut env = TestEnv::with_memory(1, limited());
     let [a, _] = PEERS;
-    // Runs a task making a result of 1 MiB here: one that would take the worker over its
-    // 6 MiB target waits for results to be spilled first; those are returned.
+    // Runs a task making a result of 1 MiB here (2 as it is written out): one that would
+    // take the worker over its 6 MiB target waits for results to be spilled first; those
+    // are returned.
     let run = |env: &mut TestEnv, compute: ComputeTask| {
         let id = compute.id.0;
         env.compute(vec![compute]);
@@ -1323,21 +1324,21 @@ fn results_no_task_reads_are_spilled_first_and_inputs_of_waiting_tasks_last() {
     make(&mut env, 3, true); // task 20 waits here for it and another input
     env.compute(vec![task_sized(20, &[(3, &[]), (99, &[a])], 0)]);
     assert_eq!(env.comm.take_fetches().len(), 1);
-    for id in 4..=6 {
+    for id in 4..=5 {
         assert!(make(&mut env, id, true).is_empty(), "up to the target");
     }
-    let spilled: Vec<TaskId> = (7..=11).flat_map(|id| make(&mut env, id, true)).collect();
+    let spilled: Vec<TaskId> = (6..=11).flat_map(|id| make(&mut env, id, true)).collect();
     assert_eq!(
         spilled,
-        ids(&[2, 1, 4, 5, 6]),
+        ids(&[2, 1, 4, 5, 6, 7]),
         "the unread one, then the least recently used, not 3 (a waiting task's input)"
     );
     // 12 is made unread, then a later task reads it: from then on it is spilled by last use.
-    assert_eq!(make(&mut env, 12, false), ids(&[7]));
-    assert_eq!(run(&mut env, task(13, &[(12, &[])])), ids(&[8]));
+    assert_eq!(make(&mut env, 12, false), ids(&[8]));
+    assert_eq!(run(&mut env, task(13, &[(12, &[])])), ids(&[9]));
     assert_eq!(
         make(&mut env, 14, true),
-        ids(&[9]),
+        ids(&[10]),
         "least recently used, not 12"
     );
     env.scheduler(ToWorker::Release(ids(&[2])));
@@ -1760,10 +1761,10 @@ fn a_task_waits_until_results_are_spilled_to_make_room_for_it() {
     env.compute(vec![task(11, &[])]);
     assert!(
         env.ran().is_empty(),
-        "6 MiB of results and 1 more expected: over 6"
+        "6 MiB of results and 1 more expected (twice, written out): over 6"
     );
     let batch = env.spill_batch();
-    assert_eq!(spilled_ids(&batch), ids(&[1]), "the least recently used");
+    assert_eq!(spilled_ids(&batch), ids(&[1, 2]), "the least recently used");
     env.any_event();
     assert!(
         env.ran().is_empty() && env.comm.spills.is_empty(),
@@ -1775,9 +1776,41 @@ fn a_task_waits_until_results_are_spilled_to_make_room_for_it() {
 }
 
 #[test]
+fn a_result_written_out_counts_twice_against_the_memory_target() {
+    // A 6 MiB target, 3 MiB of results and a task expected to make 2 MiB. An executor
+    // that keeps its results adds 2 MiB; one that writes them into files holds the value
+    // and its file at once as the task ends: 4 MiB, over the target.
+    let setup = |env: &mut TestEnv| {
+        env.learn_result_size(10, 2 * MIB);
+        env.hold(1..=3, MIB);
+        env.compute(vec![task(11, &[])]);
+    };
+    let mut keeping = TestEnv::with_memory(1, limited());
+    keeping.readable_executor_replaces(0, 2);
+    setup(&mut keeping);
+    assert_eq!(keeping.ran(), [(0, ids(&[11]))]);
+    assert!(keeping.comm.spills.is_empty());
+
+    let mut writing = TestEnv::with_memory(1, limited());
+    setup(&mut writing);
+    assert!(writing.ran().is_empty(), "it waits for room");
+    assert_eq!(spilled_ids(&writing.spill_batch()), ids(&[1]));
+
+    // At the target the worker asks its executors to stop keeping results.
+    let mut stopped = TestEnv::with_memory(1, limited());
+    stopped.readable_executor_replaces(0, 2);
+    stopped.sampled(sample(0, &[(0, 6 * MIB)], 0));
+    assert_eq!(stopped.comm.holding.back(), Some(&(0, 2, false)));
+    setup(&mut stopped);
+    assert!(stopped.ran().is_empty(), "it waits for room");
+    assert_eq!(spilled_ids(&stopped.spill_batch()), ids(&[1]));
+}
+
+#[test]
 fn a_task_larger_than_the_target_runs_alone_once_nothing_can_make_room() {
     let mut env = TestEnv::with_memory(1, limited());
-    env.learn_result_size(10, 8 * MIB);
+    // 4 MiB results, written out: 8 MiB in memory as a task ends.
+    env.learn_result_size(10, 4 * MIB);
     env.hold(1..=2, MIB);
     env.compute(vec![task(11, &[]), task(12, &[])]);
     let batch = env.spill_batch();
