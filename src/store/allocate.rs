@@ -29,7 +29,8 @@ pub trait Allocate: Send + Sync {
         false
     }
     /// Has an executor here copy a result a peer's executor lends (`loan`), and takes
-    /// that copy as an object of ours.
+    /// that copy as an object of ours. Asked at the call, so that several loans asked
+    /// one after another are copied without waiting for each other's answers.
     fn borrow(
         &self,
         _loan: ObjectLoan,

@@ -270,6 +270,10 @@ async fn receive(
     let frame = |source| frame_error(address, source);
     writer.send(&request).await.map_err(frame)?;
     let mut objects = Vec::with_capacity(ids.len());
+    // Each lent result is asked for as its header comes and awaited after the last one:
+    // an executor here copies them one after another, with no round trip through this
+    // worker's loop between two (36 loans of 1.3 MB took 30-46 ms one at a time).
+    let mut copies = Vec::new();
     for expected in ids {
         let header: ObjectHeader =
             reader.recv().await.map_err(frame)?.ok_or_else(|| {
@@ -284,13 +288,10 @@ async fn receive(
         }
         let object = match (header.layout, header.file, header.loan) {
             (None, _, _) => None,
-            (Some(layout), _, Some(loan)) => Some(match alloc.borrow(loan, layout).await {
-                Ok(object) => Received::Object(object),
-                Err(e) => {
-                    tracing::debug!(%address, "cannot copy a lent result: {e}");
-                    Received::Unlinked
-                }
-            }),
+            (Some(layout), _, Some(loan)) => {
+                copies.push((objects.len(), alloc.borrow(loan, layout)));
+                None // until the copy ends, below
+            }
             (Some(layout), Some(file), None) => Some(match alloc.link(&file, layout) {
                 Ok(object) => Received::Object(object),
                 Err(e) => {
@@ -305,6 +306,15 @@ async fn receive(
             }
         };
         objects.push((expected, object));
+    }
+    for (index, copy) in copies {
+        objects[index].1 = Some(match copy.await {
+            Ok(object) => Received::Object(object),
+            Err(e) => {
+                tracing::debug!(%address, "cannot copy a lent result: {e}");
+                Received::Unlinked
+            }
+        });
     }
     Ok(objects)
 }
