@@ -8,7 +8,7 @@ use super::{Published, ShmDir, ShmSegment, StoreError};
 use crate::protocol::{frame_offsets, ObjectLoan};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, TryLockError};
 
 /// Which executor keeps a result, and under what key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -204,11 +204,14 @@ impl Held {
     }
 
     /// Lends the frames to a reader in another process: where they are, and a promise
-    /// that the executor keeps them until [`Held::returned`]. `None` once they are to go.
+    /// that the executor keeps them until [`Held::returned`]. `None` once they are to go,
+    /// and while a copy of them is being made here (the reader waits for that one rather
+    /// than make a second).
     pub(super) fn lend(&self) -> Option<ObjectLoan> {
         let pid = u32::try_from(self.source.pid).ok()?;
         let mut lending = super::lock(&self.lending);
-        if lending.dropping || self.published.get().is_some() {
+        let copying = matches!(self.copying.try_lock(), Err(TryLockError::WouldBlock));
+        if lending.dropping || copying || self.published.get().is_some() {
             return None;
         }
         lending.lent += 1;
@@ -433,6 +436,21 @@ mod tests {
             Some(held.holder),
             "nothing lent any more"
         );
+    }
+
+    #[test]
+    fn no_loan_while_a_copy_is_being_made_nor_after() {
+        let dir = Arc::new(ShmDir::create("rankmesh-test").unwrap());
+        let frames = vec![vec![3u8; 100]];
+        let layout = vec![100];
+        let (held, _) = held(own_memory(), &frames, &dir);
+        let copying = held.copying.lock().unwrap();
+        assert!(held.lend().is_none(), "the reader waits for this copy");
+        drop(copying);
+        assert!(held.lend().is_some());
+        held.returned();
+        held.publish(&layout).unwrap();
+        assert!(held.lend().is_none(), "the copy is read");
     }
 
     #[test]

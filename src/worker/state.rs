@@ -53,9 +53,9 @@ pub type SpillOutcome = (TaskId, Arc<Object>, Result<Object, StoreError>);
 /// A result an executor keeps, at least this large, of a kind whose results other workers
 /// have been reading (`ComputeTask::read_elsewhere`), is copied out at once rather than
 /// when a peer asks: a peer reading it would wait for the copy (64 MiB: ~30 ms into new
-/// shared memory), which the executor used to make before it reported the result. Smaller
-/// ones are read mostly where they were made (a rechunk's pieces, by the task that joins
-/// them).
+/// shared memory). It is reported done before the copy ends, so that tasks here start
+/// meanwhile. Smaller ones are read mostly where they were made (a rechunk's pieces, by
+/// the task that joins them).
 const COPY_OUT_AT_ONCE: u64 = 16 << 20;
 
 /// Ready tasks next in line whose spilled inputs are read back from disk while the
@@ -270,8 +270,8 @@ pub struct WorkerState {
     /// task of a later graph does.
     unread: IdSet<TaskId>,
     /// Results being copied out of the executors that keep them ([`COPY_OUT_AT_ONCE`]),
-    /// reported done once copied.
-    copying_out: IdMap<TaskId, TaskDone>,
+    /// and their sizes (in memory twice until copied).
+    copying_out: IdMap<TaskId, u64>,
     /// Kept results being copied out for another executor here, with the tasks that
     /// wait for the copy to run there (counted in their `missing`).
     awaiting_copy: IdMap<TaskId, Vec<TaskId>>,
@@ -586,7 +586,7 @@ impl WorkerState {
     /// Kept results being copied out are in memory twice until the copy ends and their
     /// executor drops its own (few at a time: a sum is cheap).
     fn copying_out_bytes(&self) -> u64 {
-        self.copying_out.values().map(|done| done.size).sum()
+        self.copying_out.values().sum()
     }
 
     /// Hands `bytes` of idle results to be spilled (none for a while after a spill
@@ -871,10 +871,7 @@ impl WorkerState {
                 }
             }
             Wake::CopiedOut(id) => {
-                // Gone with its executor meanwhile: reported done and lost then.
-                if let Some(done) = self.copying_out.remove(&id) {
-                    self.done.push(done);
-                }
+                self.copying_out.remove(&id);
                 // Lost meanwhile, their readers were dropped; still unpublished, the copy
                 // failed (a full /dev/shm), and they fail rather than ask again.
                 let failed = self.store.peek(id).is_some_and(|o| o.is_unpublished());
@@ -1053,14 +1050,13 @@ impl WorkerState {
                 let copy_out = object.is_unpublished()
                     && (task.compute.read_elsewhere || self.slots.len() > 1)
                     && object.size() >= COPY_OUT_AT_ONCE;
-                if copy_out {
-                    // Reported once copied, as it was once written: its executor goes on.
-                    self.copying_out.insert(outcome.id, done);
-                    comm.copy_out(outcome.id, object);
-                    return;
-                }
                 self.done.push(done);
-                if object.is_shared() && self.peers_read_bytes() {
+                if copy_out {
+                    // Reported at once: tasks here read it where it is meanwhile, and a
+                    // peer's fetch waits for the copy (no loan of it: a second copy).
+                    self.copying_out.insert(outcome.id, object.size());
+                    comm.copy_out(outcome.id, object);
+                } else if object.is_shared() && self.peers_read_bytes() {
                     comm.map_in(object);
                 }
             }
@@ -1264,10 +1260,7 @@ impl WorkerState {
         }
         for id in &lost {
             self.unread.remove(id);
-            // Never reported: it is now, and lost with the rest.
-            if let Some(done) = self.copying_out.remove(id) {
-                self.done.push(done);
-            }
+            self.copying_out.remove(id);
         }
         self.flush(comm);
         let readers: Vec<TaskId> = self
