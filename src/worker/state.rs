@@ -764,6 +764,8 @@ impl WorkerState {
         for id in ids {
             self.unread.remove(id);
             self.read_ahead.remove(id);
+            // Reported before its copy out ended: the copy is dropped with the object.
+            self.copying_out.remove(id);
         }
         let mut files_released = false;
         let mut held = Vec::new();

@@ -2315,6 +2315,29 @@ fn a_large_kept_result_is_copied_out_at_once_where_other_workers_read_its_kind()
 }
 
 #[test]
+fn a_result_released_while_it_is_copied_out_is_forgotten() {
+    let mut env = TestEnv::with_readable_executors(1);
+    let large = vec![3u8; COPY_OUT_AT_ONCE as usize];
+    env.compute(vec![ComputeTask {
+        read_elsewhere: true,
+        ..task(1, &[])
+    }]);
+    env.ran();
+    env.results(0, vec![kept(1, 1, &large)]);
+    assert_eq!(env.done_ids(), ids(&[1]));
+    let (_, object) = env.comm.copied_out.remove(0);
+    env.scheduler(ToWorker::Release(ids(&[1])));
+    assert!(env.store.get(TaskId(1)).is_none());
+    // The copy ends after all (its object dropped with it): nothing to say or count.
+    let _ = object.publish();
+    drop(object);
+    env.state.woken(Wake::CopiedOut(TaskId(1)), &mut env.comm);
+    env.state.sanity_check();
+    assert_eq!(env.comm.take_sent(), []);
+    assert_eq!(env.state.copying_out_bytes(), 0);
+}
+
+#[test]
 fn a_result_lost_while_it_was_copied_out_is_reported_done_then_lost() {
     let mut env = TestEnv::with_readable_executors(1);
     let large = vec![3u8; COPY_OUT_AT_ONCE as usize];
