@@ -272,7 +272,8 @@ async fn receive(
     let mut objects = Vec::with_capacity(ids.len());
     // Each lent result is asked for as its header comes and awaited after the last one:
     // an executor here copies them one after another, with no round trip through this
-    // worker's loop between two (36 loans of 1.3 MB took 30-46 ms one at a time).
+    // worker's loop between two (36 loans of 1.3 MB: 65 ms one at a time under strace,
+    // 23 ms together).
     let mut copies = Vec::new();
     for expected in ids {
         let header: ObjectHeader =
