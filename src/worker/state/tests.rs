@@ -2314,18 +2314,29 @@ fn a_large_kept_result_is_copied_out_at_once_where_other_workers_read_its_kind()
     );
 }
 
+impl TestEnv {
+    /// A worker whose executor kept result 1, large and of a kind read elsewhere: reported
+    /// done at once, and being copied out (the object handed to the copy).
+    fn with_a_large_result_being_copied_out() -> (TestEnv, Arc<Object>) {
+        let mut env = TestEnv::with_readable_executors(1);
+        let large = vec![3u8; COPY_OUT_AT_ONCE as usize];
+        env.compute(vec![ComputeTask {
+            read_elsewhere: true,
+            ..task(1, &[])
+        }]);
+        env.ran();
+        env.results(0, vec![kept(1, 1, &large)]);
+        assert_eq!(env.done_ids(), ids(&[1]));
+        let (id, object) = env.comm.copied_out.remove(0);
+        assert_eq!(id, TaskId(1));
+        assert!(env.comm.copied_out.is_empty());
+        (env, object)
+    }
+}
+
 #[test]
 fn a_result_released_while_it_is_copied_out_is_forgotten() {
-    let mut env = TestEnv::with_readable_executors(1);
-    let large = vec![3u8; COPY_OUT_AT_ONCE as usize];
-    env.compute(vec![ComputeTask {
-        read_elsewhere: true,
-        ..task(1, &[])
-    }]);
-    env.ran();
-    env.results(0, vec![kept(1, 1, &large)]);
-    assert_eq!(env.done_ids(), ids(&[1]));
-    let (_, object) = env.comm.copied_out.remove(0);
+    let (mut env, object) = TestEnv::with_a_large_result_being_copied_out();
     env.scheduler(ToWorker::Release(ids(&[1])));
     assert!(env.store.get(TaskId(1)).is_none());
     // The copy ends after all (its object dropped with it): nothing to say or count.
@@ -2339,16 +2350,7 @@ fn a_result_released_while_it_is_copied_out_is_forgotten() {
 
 #[test]
 fn a_result_lost_while_it_was_copied_out_is_reported_done_then_lost() {
-    let mut env = TestEnv::with_readable_executors(1);
-    let large = vec![3u8; COPY_OUT_AT_ONCE as usize];
-    env.compute(vec![ComputeTask {
-        read_elsewhere: true,
-        ..task(1, &[])
-    }]);
-    env.ran();
-    env.results(0, vec![kept(1, 1, &large)]);
-    assert_eq!(env.done_ids(), ids(&[1]));
-    assert_eq!(env.comm.copied_out.len(), 1);
+    let (mut env, _copying) = TestEnv::with_a_large_result_being_copied_out();
     env.died(0);
     match env.comm.take_sent().as_slice() {
         [FromWorker::ResultsLost(lost)] => assert_eq!(lost, &ids(&[1])),
