@@ -75,9 +75,7 @@ pub unsafe fn drop_written_pages(start: *mut u8, len: usize) -> io::Result<usize
 }
 
 fn page_size() -> usize {
-    // SAFETY: sysconf only reads a system constant.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(size).unwrap_or(4096)
+    usize::try_from(crate::process::page_size()).unwrap_or(4096)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use super::executor::{
 use super::memory::{MemoryPolicy, MemorySample};
 use super::state::{SpillOutcome, Wake, WorkerComm, WorkerSettings, WorkerState};
 use crate::heap::{FreedBytes, TRIM_WHEN_IDLE_AFTER};
+use crate::process::anonymous_resident_bytes;
 use crate::protocol::{
     FrameReader, FromWorker, FuncId, FunctionBlob, IdMap, LoanToCopy, ObjectLoan, Plugin,
     Resources, Role, RunTask, TaskId, ToWorker, Token, WorkerId, WorkerInfo, WorkerRegistration,
@@ -443,11 +444,11 @@ async fn serve(
             }
             _ = memory_tick.tick(), if measure_memory => {
                 let sample = MemorySample {
-                    worker_private: private_bytes(std::process::id()),
+                    worker_private: anonymous_resident_bytes(std::process::id()),
                     executors: state
                         .executor_pids()
                         .into_iter()
-                        .map(|(slot, pid)| (slot, private_bytes(pid)))
+                        .map(|(slot, pid)| (slot, anonymous_resident_bytes(pid)))
                         .collect(),
                     shared: allocated_bytes(comm.folders.shm.path()) + comm.folders.shm.free_segment_bytes(),
                     elapsed: last_sample.elapsed(),
@@ -479,24 +480,6 @@ pub fn local_directory_default() -> PathBuf {
         .iter()
         .find_map(|name| std::env::var_os(name).filter(|v| !v.is_empty()))
         .map_or_else(|| PathBuf::from("/tmp"), PathBuf::from)
-}
-
-/// A process's anonymous resident memory (`RssAnon`: heap, arrays, stacks). Left out:
-/// shared memory (the worker counts its files once, mapped or not) and file pages
-/// (libraries, mapped spilled results), which the kernel can drop and reread. Read from
-/// `status`, whose counters cost nothing: `smaps_rollup` (`Pss_Anon`) walks every page
-/// table and took most of a worker's CPU at 20 samples a second with gigabytes mapped.
-/// The worker and its executors share no anonymous pages (executors are exec'd, not
-/// forked), so this is their PSS. 0 if it is gone.
-fn private_bytes(pid: u32) -> u64 {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return 0;
-    };
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("RssAnon:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
 }
 
 /// Memory the files in `folder` take (tmpfs pages allocated to them); not its
