@@ -303,17 +303,29 @@ _PLAIN_DEPTH = 4
 
 
 def _plain_data(value: object, depth: int = 0) -> bool:
-    """Whether `value` is builtin data (numbers, strings, bytes, None; tuples, lists and
-    dicts of them, a few levels deep), which plain pickle writes exactly as the payload
-    picklers would: no future, function or lock can be inside."""
+    """Whether `value` is builtin data (numbers, strings, bytes, None, numpy's scalars;
+    tuples, lists and dicts of them, a few levels deep), which plain pickle writes exactly
+    as the payload picklers would: no future, function or lock can be inside."""
     cls = type(value)
-    if cls in _ATOMIC:
+    if cls in _ATOMIC or _numpy_scalar(cls):
         return True
     if cls not in _CONTAINERS or depth >= _PLAIN_DEPTH:
         return False
     if cls is dict:
         return all(type(k) in _ATOMIC and _plain_data(v, depth + 1) for k, v in value.items())
     return all(type(v) in _ATOMIC or _plain_data(v, depth + 1) for v in value)
+
+
+def _numpy_scalar(cls: type) -> bool:
+    """A numpy scalar type (np.float64, np.int32, np.datetime64...), which pickles by its
+    own reduce, that no payload pickler overrides: `client.map(f, np.arange(30_000))` made
+    its payloads in 0.18 s this way, 0.42 s through the payload pickler (and 729 fused
+    tasks of the anomaly pipeline take a np.float64). Not np.void, whose fields may hold
+    objects."""
+    if cls.__module__ != "numpy":
+        return False
+    numpy = sys.modules["numpy"]
+    return issubclass(cls, numpy.generic) and not issubclass(cls, numpy.void)
 
 
 # Pickle opcodes for payloads put together from pieces (`PayloadEncoder.calls`).
