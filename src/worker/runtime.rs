@@ -59,6 +59,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How often a worker with a memory limit measures its memory: a task allocates hundreds
 /// of megabytes in a fraction of a second.
 const MEMORY_SAMPLE_INTERVAL: Duration = Duration::from_millis(50);
+/// How often it does while nothing is under way ([`WorkerState::is_quiet`]): the first
+/// event that starts something brings the next sample within `MEMORY_SAMPLE_INTERVAL`.
+const QUIET_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ExecutorKind {
@@ -400,9 +403,14 @@ async fn serve(
 ) -> WorkerEnd {
     let mut freed = FreedBytes::default();
     let measure_memory = comm.folders.spill.is_some();
-    let mut memory_tick = tokio::time::interval(MEMORY_SAMPLE_INTERVAL);
     let mut last_sample = Instant::now();
     loop {
+        let interval = if state.is_quiet() {
+            QUIET_SAMPLE_INTERVAL
+        } else {
+            MEMORY_SAMPLE_INTERVAL
+        };
+        let next_sample = tokio::time::Instant::from_std(last_sample + interval);
         tokio::select! {
             _ = shutdown.cancelled() => {
                 // Stopped on purpose (SIGTERM, SIGINT): its tasks are not to be blamed.
@@ -442,7 +450,7 @@ async fn serve(
                 };
                 state.borrow_asked(copy, comm);
             }
-            _ = memory_tick.tick(), if measure_memory => {
+            _ = tokio::time::sleep_until(next_sample), if measure_memory => {
                 let sample = MemorySample {
                     worker_private: anonymous_resident_bytes(std::process::id()),
                     executors: state

@@ -1677,6 +1677,39 @@ fn a_fetch_larger_than_the_transfer_cap_starts_when_nothing_else_is_on_its_way()
 }
 
 #[test]
+fn a_quiet_worker_is_one_with_nothing_under_way() {
+    let mut env = TestEnv::with_memory(1, limited());
+    assert!(env.state.is_quiet(), "up, with nothing to do");
+    env.compute(vec![task(1, &[])]);
+    assert!(!env.state.is_quiet(), "a task to run");
+    assert_eq!(env.ran(), [(0, ids(&[1]))]);
+    env.results(0, vec![ok(1)]);
+    env.comm.take_sent();
+    assert!(env.state.is_quiet(), "its result is held, nothing runs");
+    env.died(0);
+    assert!(!env.state.is_quiet(), "its executor restarting");
+    env.ready(0, 2);
+    assert!(env.state.is_quiet(), "up again");
+    env.compute(vec![task(2, &[(9, &[WorkerId(2)])])]);
+    assert!(!env.state.is_quiet(), "an input on its way");
+    assert_eq!(env.comm.take_fetches(), [(WorkerId(2), ids(&[9]))]);
+}
+
+#[test]
+fn a_quiet_worker_s_slower_samples_each_bring_a_report() {
+    let mut env = TestEnv::with_memory(1, limited());
+    let quiet = MemorySample {
+        elapsed: Duration::from_secs(1),
+        ..sample(512 * KIB, &[], 0)
+    };
+    for _ in 0..3 {
+        env.sampled(quiet.clone());
+        assert!(!env.memory_report().paused);
+    }
+    env.comm.emptiness_check();
+}
+
+#[test]
 fn memory_goes_to_the_scheduler_every_twentieth_sample_and_after_a_spill_with_the_next() {
     let mut env = TestEnv::with_memory(1, limited());
     let calm = sample(512 * KIB, &[], 5 * MIB);
@@ -1700,7 +1733,12 @@ fn memory_goes_to_the_scheduler_every_twentieth_sample_and_after_a_spill_with_th
         "their files in memory went"
     );
     env.comm.emptiness_check();
+    assert!(
+        !env.state.is_quiet(),
+        "its report is due with the next sample"
+    );
     env.sampled(calm.clone());
+    assert!(env.state.is_quiet());
     let expected = WorkerMemory {
         paused: false,
         limit: LIMIT,
