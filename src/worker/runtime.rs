@@ -404,13 +404,22 @@ async fn serve(
     let mut freed = FreedBytes::default();
     let measure_memory = comm.folders.spill.is_some();
     let mut last_sample = Instant::now();
+    // One timer, moved only when the sampling pace changes: made anew for every event, it
+    // was registered and dropped again for each of them.
+    let next_sample = tokio::time::sleep(MEMORY_SAMPLE_INTERVAL);
+    tokio::pin!(next_sample);
     loop {
-        let interval = if state.is_quiet() {
-            QUIET_SAMPLE_INTERVAL
-        } else {
-            MEMORY_SAMPLE_INTERVAL
-        };
-        let next_sample = tokio::time::Instant::from_std(last_sample + interval);
+        if measure_memory {
+            let interval = if state.is_quiet() {
+                QUIET_SAMPLE_INTERVAL
+            } else {
+                MEMORY_SAMPLE_INTERVAL
+            };
+            let due = tokio::time::Instant::from_std(last_sample + interval);
+            if next_sample.deadline() != due {
+                next_sample.as_mut().reset(due);
+            }
+        }
         tokio::select! {
             _ = shutdown.cancelled() => {
                 // Stopped on purpose (SIGTERM, SIGINT): its tasks are not to be blamed.
@@ -450,7 +459,7 @@ async fn serve(
                 };
                 state.borrow_asked(copy, comm);
             }
-            _ = tokio::time::sleep_until(next_sample), if measure_memory => {
+            _ = &mut next_sample, if measure_memory => {
                 let sample = MemorySample {
                     worker_private: anonymous_resident_bytes(std::process::id()),
                     executors: state
