@@ -11,7 +11,7 @@ use super::coordination::Coordination;
 use super::placement::{CandidateCost, InputBytes, Kinds, LoadIndex, NodeId, RootQueue};
 use super::Comm;
 use crate::protocol::{
-    ClientId, ClusterInfo, FromClient, FromWorker, FuncId, IdMap, Plugin, TaskId, ToClient,
+    ClientId, ClusterInfo, FromClient, FromWorker, FuncId, IdMap, IdSet, Plugin, TaskId, ToClient,
     ToWorker, WorkerId, WorkerInfo,
 };
 use datasets::Dataset;
@@ -88,6 +88,9 @@ pub struct Scheduler {
     next_worker_id: u32,
     next_client_id: u32,
     load_index: LoadIndex,
+    /// Workers whose queue lost tasks (or that resumed) since the last `schedule`: the
+    /// only ones that may have gained room for the roots ahead of their later tasks.
+    room_freed: IdSet<WorkerId>,
     /// Host names of the workers, numbered for placement by node.
     nodes: HashMap<String, NodeId>,
     roots: RootQueue,
@@ -134,6 +137,7 @@ impl Scheduler {
             next_worker_id: 1,
             next_client_id: 1,
             load_index: LoadIndex::default(),
+            room_freed: IdSet::default(),
             nodes: HashMap::new(),
             roots: RootQueue::default(),
             ready: Vec::new(),

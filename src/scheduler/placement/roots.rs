@@ -85,13 +85,7 @@ impl RootQueue {
             }
             _ => {} // its reserve comes first
         }
-        let reserve = self.reserved.get_mut(&worker)?;
-        let (_, id) = reserve.pop_front()?;
-        if reserve.is_empty() {
-            self.reserved.remove(&worker);
-        }
-        self.reserved_len -= 1;
-        Some(id)
+        self.pop_own(worker)
     }
 
     /// `worker` left: what it claimed goes back to the unclaimed queue.
@@ -114,6 +108,24 @@ impl RootQueue {
     #[cfg(test)]
     pub(in crate::scheduler) fn reserving(&self) -> impl Iterator<Item = WorkerId> + '_ {
         self.reserved.keys().copied()
+    }
+
+    /// The priority of the next root in `worker`'s reserve.
+    pub(in crate::scheduler) fn next_own(&self, worker: WorkerId) -> Option<i64> {
+        let (priority, _) = self.reserved.get(&worker)?.front()?;
+        Some(*priority)
+    }
+
+    /// The next root of `worker`'s reserve: never one claimed or taken from another's
+    /// (see `Scheduler::schedule`).
+    pub(in crate::scheduler) fn pop_own(&mut self, worker: WorkerId) -> Option<TaskId> {
+        let reserve = self.reserved.get_mut(&worker)?;
+        let (_, id) = reserve.pop_front()?;
+        if reserve.is_empty() {
+            self.reserved.remove(&worker);
+        }
+        self.reserved_len -= 1;
+        Some(id)
     }
 
     /// Moves the worker's share of the unclaimed entries before `before` into the front of

@@ -3,7 +3,7 @@
 use super::records::TaskState;
 use super::Scheduler;
 use crate::protocol::{FuncId, IdMap, TaskId, WorkerId};
-use crate::scheduler::placement::QueuedKinds;
+use crate::scheduler::placement::{QueuedKinds, QueuedPriorities};
 use std::collections::{BTreeMap, HashSet};
 
 impl Scheduler {
@@ -20,6 +20,7 @@ impl Scheduler {
         let available = |id: &TaskId| self.tasks.get(id).is_some_and(|t| t.state.is_available());
         let mut processing: BTreeMap<WorkerId, u32> = BTreeMap::new();
         let mut queued: BTreeMap<WorkerId, QueuedKinds> = BTreeMap::new();
+        let mut by_priority: BTreeMap<WorkerId, QueuedPriorities> = BTreeMap::new();
         let mut pending_dependents: IdMap<TaskId, u32> = IdMap::default();
         let mut live_dependents: IdMap<TaskId, u32> = IdMap::default();
         let noted: HashSet<(WorkerId, TaskId)> = self
@@ -91,6 +92,9 @@ impl Scheduler {
                     );
                     *processing.entry(*worker).or_default() += 1;
                     queued.entry(*worker).or_default().add(task.prefix);
+                    if let Some(priority) = task.queued_priority() {
+                        by_priority.entry(*worker).or_default().add(priority);
+                    }
                     noted_on(*worker, id);
                 }
                 TaskState::Memory { holders, .. } => {
@@ -151,6 +155,11 @@ impl Scheduler {
                 worker.queued.counts(),
                 queued.get(id).map(QueuedKinds::counts).unwrap_or_default(),
                 "tasks by kind queued on worker {id}"
+            );
+            assert_eq!(
+                worker.queued_priorities,
+                by_priority.get(id).cloned().unwrap_or_default(),
+                "tasks by priority queued on worker {id}"
             );
             assert_eq!(
                 self.load_index.contains(&worker.load()),

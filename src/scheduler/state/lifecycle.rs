@@ -27,9 +27,9 @@ impl Scheduler {
         let mut finished = 0;
         for done in done {
             let id = done.id;
-            if let Some(kind) = self.task_done(worker, done, &mut unneeded) {
+            if let Some(booked) = self.task_done(worker, done, &mut unneeded) {
                 if let Some(w) = self.workers.get_mut(&worker) {
-                    w.unbook(id, Some(kind));
+                    w.unbook(id, Some(booked));
                 }
                 finished += 1;
             }
@@ -38,14 +38,14 @@ impl Scheduler {
         self.release_unneeded(unneeded);
     }
 
-    /// The task's kind when it finished a task assigned to `worker`, whose load the caller
-    /// lowers.
+    /// The task's kind and priority when it finished a task assigned to `worker`, whose
+    /// load the caller lowers.
     fn task_done(
         &mut self,
         worker: WorkerId,
         done: TaskDone,
         unneeded: &mut Vec<TaskId>,
-    ) -> Option<u32> {
+    ) -> Option<(u32, Option<i64>)> {
         let id = done.id;
         let Some(task) = self.tasks.get_mut(&id) else {
             // Cancelled or forgotten while it ran: the worker should drop the result.
@@ -68,7 +68,7 @@ impl Scheduler {
             size: done.size,
         };
         let first = !mem::replace(&mut task.computed, true);
-        let kind = task.prefix;
+        let booked = task.booked();
         self.observed
             .computed(task.prefix, worker, done.duration_us, first);
         if let Some(owner) = self.clients.get_mut(&id.owner()).filter(|_| first) {
@@ -116,8 +116,8 @@ impl Scheduler {
         }
         let duration_s = done.duration_us as f64 * 1e-6;
         self.avg_task_duration_s += EWMA_WEIGHT * (duration_s - self.avg_task_duration_s);
-        self.kinds.computed(kind, duration_s, EWMA_WEIGHT);
-        Some(kind)
+        self.kinds.computed(booked.0, duration_s, EWMA_WEIGHT);
+        Some(booked)
     }
 
     pub(super) fn task_failed(&mut self, worker: WorkerId, id: TaskId, error: ErrorInfo) {
@@ -276,7 +276,7 @@ impl Scheduler {
         if !assigned {
             if let Some(w) = self.workers.get_mut(&worker) {
                 for id in ids {
-                    w.unbook(*id, self.tasks.get(id).map(|t| t.prefix));
+                    w.unbook(*id, self.tasks.get(id).map(Task::booked));
                 }
             }
             self.remove_load(worker, ids.len());
@@ -287,6 +287,9 @@ impl Scheduler {
         };
         for (id, task) in ids.iter().filter_map(|id| Some((id, self.tasks.get(id)?))) {
             w.queued.add(task.prefix);
+            if let Some(priority) = task.queued_priority() {
+                w.queued_priorities.add(priority);
+            }
             if !task.resources().is_empty() {
                 w.resources_used.add(task.resources(), 1.0);
                 w.holding.insert(*id, task.resources().clone());
@@ -311,6 +314,9 @@ impl Scheduler {
         let processing = change(w.processing);
         if processing == w.processing {
             return;
+        }
+        if processing < w.processing {
+            self.room_freed.insert(worker);
         }
         // A paused worker is out of the index until it resumes.
         let indexed = !w.memory.paused;
@@ -337,6 +343,7 @@ impl Scheduler {
             (true, false) => {
                 tracing::info!(worker = %worker, bytes = memory.process_bytes, "worker resumed");
                 self.load_index.insert(w.load());
+                self.room_freed.insert(worker);
             }
             _ => {}
         }
@@ -385,8 +392,8 @@ impl Scheduler {
             if task.live_dependents > 0 {
                 if !matches!(task.state, TaskState::Released) {
                     let previous = mem::replace(&mut task.state, TaskState::Released);
-                    let (kind, submitted) = (task.prefix, task.submitted.clone());
-                    self.stop(id, kind, previous, submitted.deps(), &mut candidates);
+                    let (booked, submitted) = (task.booked(), task.submitted.clone());
+                    self.stop(id, booked, previous, submitted.deps(), &mut candidates);
                 }
                 continue;
             }
@@ -438,7 +445,8 @@ impl Scheduler {
     /// Undoes a task just removed from `tasks`: what its state had going stops, and its
     /// inputs lose a dependent (those no longer kept go to `unneeded`).
     pub(super) fn forget(&mut self, id: TaskId, task: Task, unneeded: &mut Vec<TaskId>) {
-        self.stop(id, task.prefix, task.state, task.submitted.deps(), unneeded);
+        let booked = task.booked();
+        self.stop(id, booked, task.state, task.submitted.deps(), unneeded);
         for dep in task.submitted.deps() {
             if let Some(dep_task) = self.tasks.get_mut(dep) {
                 dep_task.live_dependents = dep_task.live_dependents.saturating_sub(1);
@@ -449,13 +457,13 @@ impl Scheduler {
         }
     }
 
-    /// A task of `kind` leaves `state`: its worker stops it or its holders drop the result,
+    /// A task of (kind, priority) `booked` leaves `state`: its worker stops it or its holders drop the result,
     /// and, if it was pending, its inputs lose a pending dependent (those no longer needed
     /// go to `unneeded`).
     fn stop(
         &mut self,
         id: TaskId,
-        kind: u32,
+        booked: (u32, Option<i64>),
         state: TaskState,
         deps: &[TaskId],
         unneeded: &mut Vec<TaskId>,
@@ -465,7 +473,7 @@ impl Scheduler {
             TaskState::Assigned { worker } => {
                 self.outbox.cancel(worker, id);
                 if let Some(w) = self.workers.get_mut(&worker) {
-                    w.unbook(id, Some(kind));
+                    w.unbook(id, Some(booked));
                 }
                 self.remove_load(worker, 1);
             }
@@ -654,10 +662,7 @@ impl Scheduler {
 fn queue_ready(roots: &mut RootQueue, ready: &mut Vec<TaskId>, id: TaskId, task: &Task) {
     if matches!(task.state, TaskState::Ready) {
         // A restricted root skips the withheld queue: it can go to one place only.
-        if task.submitted.deps().is_empty()
-            && task.restricted_to().is_empty()
-            && task.resources().is_empty()
-        {
+        if task.is_withheld_root() {
             roots.push(task.priority, id);
         } else {
             ready.push(id);

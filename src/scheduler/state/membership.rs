@@ -6,7 +6,7 @@ use crate::protocol::{
     ClientId, ErrorInfo, IdMap, IdSet, Resources, TaskFinished, TaskId, ToClient, ToWorker,
     WorkerId, WorkerInfo, WorkerMemory, WorkerRegistration, WorkerTopology,
 };
-use crate::scheduler::placement::{NodeId, QueuedKinds};
+use crate::scheduler::placement::{NodeId, QueuedKinds, QueuedPriorities};
 use crate::scheduler::Comm;
 use std::sync::Arc;
 
@@ -45,6 +45,7 @@ impl Scheduler {
             node,
             processing: 0,
             queued: QueuedKinds::default(),
+            queued_priorities: QueuedPriorities::default(),
             sent_funcs: IdSet::default(),
             known_peers: IdSet::default(),
             memory: WorkerMemory::default(),

@@ -6,7 +6,7 @@ use crate::protocol::{
     ClientId, ErrorInfo, FuncId, IdMap, IdSet, Resources, TaskFinished, TaskId, ToClient, ToWorker,
     WorkerId, WorkerInfo, WorkerMemory,
 };
-use crate::scheduler::placement::{Load, NodeId, QueuedKinds};
+use crate::scheduler::placement::{Load, NodeId, QueuedKinds, QueuedPriorities};
 use crate::scheduler::Comm;
 use bytes::Bytes;
 use std::collections::BTreeMap;
@@ -259,6 +259,25 @@ impl Task {
         self.is_needed() || self.live_dependents > 0
     }
 
+    /// A root the scheduler withholds until a worker has room (`RootQueue`): no inputs, and
+    /// free to run anywhere.
+    pub(super) fn is_withheld_root(&self) -> bool {
+        self.submitted.deps().is_empty()
+            && self.restricted_to().is_empty()
+            && self.resources().is_empty()
+    }
+
+    /// Its priority as its worker's queue counts it (`QueuedPriorities`): none for a
+    /// withheld root.
+    pub(super) fn queued_priority(&self) -> Option<i64> {
+        (!self.is_withheld_root()).then_some(self.priority)
+    }
+
+    /// What its worker's queue books of it: its kind and its queued priority.
+    pub(super) fn booked(&self) -> (u32, Option<i64>) {
+        (self.prefix, self.queued_priority())
+    }
+
     /// Only these workers may run it; empty: any.
     pub(super) fn restricted_to(&self) -> &[WorkerId] {
         self.extras.as_ref().map_or(&[], |e| &e.restricted_to)
@@ -356,6 +375,8 @@ pub(super) struct Worker {
     pub(super) processing: u32,
     /// The same tasks by kind, to price its queue.
     pub(super) queued: QueuedKinds,
+    /// And by priority, to know which of them it runs before a given root.
+    pub(super) queued_priorities: QueuedPriorities,
     /// Function blobs it has been sent.
     pub(super) sent_funcs: IdSet<FuncId>,
     /// Workers it has been told of (`PeerAdded`), as holders of inputs of its tasks.
@@ -413,12 +434,16 @@ impl WorkerTasks {
 }
 
 impl Worker {
-    /// Task `id`, of `kind` (`None`: unknown, it left the table), no longer runs here: it
-    /// leaves the queue by kind and gives back its resources. Its load is the caller's to
-    /// lower (a batch of tasks moves it once).
-    pub(super) fn unbook(&mut self, id: TaskId, kind: Option<u32>) {
-        if let Some(kind) = kind {
+    /// Task `id`, of (kind, queued priority) `booked` (`None`: unknown, it left the table;
+    /// see [`Task::queued_priority`]), no longer runs here: it leaves the queue by kind and
+    /// by priority and gives back its resources. Its load is the caller's to lower (a
+    /// batch of tasks moves it once).
+    pub(super) fn unbook(&mut self, id: TaskId, booked: Option<(u32, Option<i64>)>) {
+        if let Some((kind, priority)) = booked {
             self.queued.remove(kind);
+            if let Some(priority) = priority {
+                self.queued_priorities.remove(priority);
+            }
         }
         if let Some(held) = self.holding.remove(&id) {
             self.resources_used.add(&held, -1.0);

@@ -87,6 +87,7 @@ impl Scheduler {
                 break;
             }
         }
+        self.give_roots_ahead_of_later_tasks(depth, &mut batches);
         // A run of roots that were all stale leaves an empty batch.
         for (worker_id, batch) in batches.into_iter().filter(|(_, b)| !b.is_empty()) {
             self.introduce_holders(worker_id, &batch, comm);
@@ -111,6 +112,48 @@ impl Scheduler {
         }
         // Unplaceable tasks failed above.
         self.outbox.flush(comm);
+    }
+
+    /// A worker whose queue holds tasks that come after its next root in Dask's order (a
+    /// rechunk's splits, ready as soon as their intermediate is) runs that root before
+    /// them, as the threaded scheduler runs by order: its room for roots counts only the
+    /// tasks ahead of them. Only from its own reserve: roots claimed or taken from
+    /// another's ahead of their readers crossed between workers, and under a memory limit
+    /// were spilled and read back (docs/performance.md, 2026-12-06 23:01 and 2026-12-07).
+    /// Only workers whose queue shrank since the last pass can have gained such room.
+    fn give_roots_ahead_of_later_tasks(
+        &mut self,
+        depth: u32,
+        batches: &mut BTreeMap<WorkerId, Vec<ComputeTask>>,
+    ) {
+        for worker_id in mem::take(&mut self.room_freed) {
+            let Some(next) = self.roots.next_own(worker_id) else {
+                continue;
+            };
+            let Some(worker) = self.workers.get(&worker_id).filter(|w| !w.memory.paused) else {
+                continue;
+            };
+            let cap = worker.info.nthreads.saturating_mul(depth);
+            // With nothing after its next root, its room was counted above.
+            let Some(ordered_ahead) = worker.queued_priorities.up_to(next, cap) else {
+                continue;
+            };
+            let roots_queued = (worker.processing).saturating_sub(worker.queued_priorities.len());
+            let room = cap.saturating_sub(roots_queued.saturating_add(ordered_ahead));
+            if room == 0 {
+                continue;
+            }
+            let batch = batches.entry(worker_id).or_default();
+            let first = batch.len();
+            while batch.len() - first < room as usize {
+                let Some(id) = self.roots.pop_own(worker_id) else {
+                    break;
+                };
+                self.assign(id, worker_id, batch);
+            }
+            let run: Vec<TaskId> = batch[first..].iter().map(|t| t.id).collect();
+            self.change_processing(worker_id, &run, true);
+        }
     }
 
     /// Tells `worker` of the holders of `batch`'s inputs it has not heard of yet, before

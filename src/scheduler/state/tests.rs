@@ -352,6 +352,48 @@ fn roots_claim_no_more_than_a_part_of_a_workers_memory() {
     assert_eq!(env.computed(w2), roots[32..42]);
 }
 
+/// [`second_runs_of_roots`] with 10 more tasks, each reading root 20 (w1's next run) at
+/// `priority` and held to w1: w1 finishes roots 20..30, so they are ready there, while
+/// w2 still runs 60..70; the next scheduling pass is done.
+fn readers_of_root_20_ready_on_w1(priority: i64) -> (TestEnv, [WorkerId; 2], Vec<TaskId>) {
+    let (mut env, [w1, w2], c, roots) = second_runs_of_roots(SIZE);
+    let readers = ids(c, 100..110);
+    let tasks = (readers.iter())
+        .map(|&id| TaskSpec {
+            priority,
+            // Where a reader runs is not what is tested.
+            workers: vec![w1],
+            ..spec(id, &[roots[20]])
+        })
+        .collect();
+    env.submit(c, tasks, &readers);
+    assert_eq!(env.computed(w1), roots[20..30]);
+    assert_eq!(env.computed(w2), roots[60..70]);
+    env.done(w1, &roots[20..30]);
+    env.comm.take_client(c);
+    env.schedule();
+    (env, [w1, w2], [&roots[..], &readers[..]].concat())
+}
+
+#[test]
+fn a_worker_runs_its_next_roots_before_queued_tasks_that_come_later_in_the_order() {
+    // The readers come after every root (a rechunk's splits after the roots of the last
+    // intermediate): w1's queue is full of them, yet it runs its next roots first, so
+    // their room is counted without them. Its own roots: w2, busy, keeps its reserve.
+    let (mut env, [w1, w2], tasks) = readers_of_root_20_ready_on_w1(i64::MAX);
+    let mut handed = env.computed(w1);
+    handed.sort();
+    assert_eq!(handed, [&tasks[30..40], &tasks[100..]].concat());
+    assert!(env.comm.take_worker(w2).is_empty(), "w2's queue is full");
+}
+
+#[test]
+fn queued_tasks_ahead_of_the_next_roots_leave_no_room_for_them() {
+    let (mut env, [w1, w2], tasks) = readers_of_root_20_ready_on_w1(-1);
+    assert_eq!(env.computed(w1), tasks[100..], "only the earlier readers");
+    assert!(env.comm.take_worker(w2).is_empty());
+}
+
 #[test]
 fn roots_a_lost_worker_had_claimed_still_run() {
     let (mut env, [w1, w2], c, roots) = second_runs_of_roots(SIZE);
