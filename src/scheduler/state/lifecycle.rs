@@ -38,8 +38,8 @@ impl Scheduler {
         self.release_unneeded(unneeded);
     }
 
-    /// The task's kind and priority when it finished a task assigned to `worker`, whose
-    /// load the caller lowers.
+    /// What `worker`'s queue booked of the task ([`Task::booked`]) when it finished a task
+    /// assigned there, whose load the caller lowers.
     fn task_done(
         &mut self,
         worker: WorkerId,
@@ -457,9 +457,10 @@ impl Scheduler {
         }
     }
 
-    /// A task of (kind, priority) `booked` leaves `state`: its worker stops it or its holders drop the result,
-    /// and, if it was pending, its inputs lose a pending dependent (those no longer needed
-    /// go to `unneeded`).
+    /// A task leaves `state` (`booked`: what its worker's queue books of it,
+    /// [`Task::booked`]): its worker stops it or its holders drop the result, and, if it
+    /// was pending, its inputs lose a pending dependent (those no longer needed go to
+    /// `unneeded`).
     fn stop(
         &mut self,
         id: TaskId,

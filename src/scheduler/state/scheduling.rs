@@ -6,7 +6,7 @@ use super::Scheduler;
 use crate::protocol::{
     ComputeTask, ErrorInfo, FunctionBlob, InputLocation, Resources, TaskId, ToWorker, WorkerId,
 };
-use crate::scheduler::placement::{self, Bandwidths};
+use crate::scheduler::placement::{self, Bandwidths, RootQueue};
 use crate::scheduler::Comm;
 use std::collections::BTreeMap;
 use std::mem;
@@ -72,19 +72,11 @@ impl Scheduler {
             let memory_limit = (self.workers.get(&least.worker)).map_or(0, |w| w.info.memory_limit);
             let limit = placement::claim_limit(memory_limit, self.avg_root_bytes);
             let batch = batches.entry(least.worker).or_default();
-            let first = batch.len();
-            let mut queue_empty = false;
-            while batch.len() - first < run {
-                let Some(id) = self.roots.pop_for(least.worker, workers, limit) else {
-                    queue_empty = true;
-                    break;
-                };
-                self.assign(id, least.worker, batch);
-            }
-            let run: Vec<TaskId> = batch[first..].iter().map(|t| t.id).collect();
-            self.change_processing(least.worker, &run, true);
-            if queue_empty {
-                break;
+            let handed = self.hand_out_roots(least.worker, run, batch, |roots| {
+                roots.pop_for(least.worker, workers, limit)
+            });
+            if handed < run {
+                break; // the queue is empty
             }
         }
         self.give_roots_ahead_of_later_tasks(depth, &mut batches);
@@ -138,22 +130,39 @@ impl Scheduler {
             let Some(ordered_ahead) = worker.queued_priorities.up_to(next, cap) else {
                 continue;
             };
-            let roots_queued = (worker.processing).saturating_sub(worker.queued_priorities.len());
+            let roots_queued = worker
+                .processing
+                .saturating_sub(worker.queued_priorities.len());
             let room = cap.saturating_sub(roots_queued.saturating_add(ordered_ahead));
             if room == 0 {
                 continue;
             }
             let batch = batches.entry(worker_id).or_default();
-            let first = batch.len();
-            while batch.len() - first < room as usize {
-                let Some(id) = self.roots.pop_own(worker_id) else {
-                    break;
-                };
-                self.assign(id, worker_id, batch);
-            }
-            let run: Vec<TaskId> = batch[first..].iter().map(|t| t.id).collect();
-            self.change_processing(worker_id, &run, true);
+            self.hand_out_roots(worker_id, room as usize, batch, |roots| {
+                roots.pop_own(worker_id)
+            });
         }
+    }
+
+    /// Hands `worker` `count` roots, each from `pop` (stale ones skipped), into its
+    /// `batch`, and books them at once; how many it handed (fewer: `pop` ran dry).
+    fn hand_out_roots(
+        &mut self,
+        worker: WorkerId,
+        count: usize,
+        batch: &mut Vec<ComputeTask>,
+        mut pop: impl FnMut(&mut RootQueue) -> Option<TaskId>,
+    ) -> usize {
+        let first = batch.len();
+        while batch.len() - first < count {
+            let Some(id) = pop(&mut self.roots) else {
+                break;
+            };
+            self.assign(id, worker, batch);
+        }
+        let handed: Vec<TaskId> = batch[first..].iter().map(|t| t.id).collect();
+        self.change_processing(worker, &handed, true);
+        handed.len()
     }
 
     /// Tells `worker` of the holders of `batch`'s inputs it has not heard of yet, before
