@@ -133,7 +133,8 @@ class ExecutorLink:
 
     def __init__(self, path: str, token: str) -> None: ...
     def recv(self) -> list[tuple]:
-        """Blocks (GIL released) for the next messages:
+        """Blocks (GIL released) for the next messages, after sending the results kept
+        for a report unless a message is here already:
         ("functions", [(func_id, bytes), ...])
         ("run", [(task_id, payload: bytes, inputs: list[ObjectTuple]), ...])
         ("objects_released", [held key, ...])
@@ -141,9 +142,13 @@ class ExecutorLink:
         ("borrow", request: int, pid: int, probe: int, spans: list[(address, length)],
          layout: list[int])
         ("shutdown",)"""
-    def send_results(self, results: list[tuple]) -> None:
-        """Each result: (task_id, duration_us, "ok", ObjectTuple) or
+    def keep_results(self, results: list[tuple]) -> None:
+        """Keeps results for the next report, which goes within 10 ms (a thread of the
+        link sends it while a task runs), or sooner (`report_unless_input`, `recv`).
+        Each result: (task_id, duration_us, "ok", ObjectTuple) or
         (task_id, duration_us, "err", ErrorTuple)."""
+    def report_unless_input(self) -> None:
+        """Sends the results kept for a report, unless a message is here already."""
     def send_borrowed(self, request: int, ok: bool, value: tuple) -> None:
         """A lent result copied and kept (ok: its ObjectTuple), or why not (message,
         refused)."""

@@ -44,9 +44,6 @@ from ._rankmesh import (
     trim_heap,
 )
 
-# Finished results wait at most this long for others to share a message with.
-SEND_INTERVAL_S = 0.001
-
 # Input files kept mapped between tasks, at most (the most recently used); a worker with
 # a memory limit also caps their bytes (RANKMESH_KEEP_MAPPED_BYTES).
 MAX_KEPT_MAPPINGS = 16
@@ -527,8 +524,6 @@ def serve(link, runner: TaskRunner, heap: KeptHeap) -> None:
 
     plugins = None
 
-    pending: list[tuple] = []
-    last_send = time.monotonic()
     while True:
         try:
             messages = link.recv()
@@ -559,16 +554,14 @@ def serve(link, runner: TaskRunner, heap: KeptHeap) -> None:
                 link.send_borrowed(request, *runner.borrow(pid, probe, spans, layout))
             elif kind == "run":
                 runner.inputs.forget_gone_lately()
-                for task_id, payload, inputs in message[1]:
-                    # Before each task, not after: a long task must not hold back results.
-                    if pending and time.monotonic() - last_send > SEND_INTERVAL_S:
-                        link.send_results(pending)
-                        pending = []
-                        last_send = time.monotonic()
-                    pending.append(runner.run(task_id, payload, inputs))
-                link.send_results(pending)
-                pending = []
-                last_send = time.monotonic()
+                tasks = message[1]
+                for task_id, payload, inputs in tasks[:-1]:
+                    link.keep_results([runner.run(task_id, payload, inputs)])
+                # Results go together (see `keep_results`), but before the last task at
+                # hand: the worker queues the next ones meanwhile.
+                if tasks:
+                    link.report_unless_input()
+                    link.keep_results([runner.run(*tasks[-1])])
                 heap.batch_done()
             elif kind == "shutdown":
                 return

@@ -5,11 +5,12 @@ use crate::{ConnectionLost, RankmeshError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 use rankmesh::protocol::{
-    self, BorrowFailure, FrameReader, FrameWriter, FromExecutor, LoanToCopy, Role, TaskId,
-    TaskOutcome, ToExecutor, Token,
+    self, BlockingFrameWriter, BorrowFailure, FrameReader, FrameWriter, FromExecutor, LoanToCopy,
+    Role, TaskId, TaskOutcome, ToExecutor, Token, EXECUTOR_REPORT_INTERVAL,
 };
-use std::sync::Mutex;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::Instant;
+use tokio::net::unix::OwnedReadHalf;
 use tokio::net::UnixStream;
 
 /// What the worker reads at the address the executor reports as ready, to learn whether it
@@ -20,7 +21,7 @@ static PROBE: [u8; 16] = protocol::EXECUTOR_PROBE;
 pub struct ExecutorLink {
     runtime: tokio::runtime::Runtime,
     reader: Mutex<FrameReader<OwnedReadHalf>>,
-    writer: Mutex<FrameWriter<OwnedWriteHalf>>,
+    reports: Arc<Reports>,
 }
 
 #[pymethods]
@@ -35,37 +36,45 @@ impl ExecutorLink {
         let (reader, writer) = py.detach(|| {
             runtime.block_on(async {
                 let stream = UnixStream::connect(path).await?;
+                let writer = BlockingFrameWriter::new(&stream)?;
                 let (r, w) = stream.into_split();
-                let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
+                let (mut reader, mut handshake) = (FrameReader::new(r), FrameWriter::new(w));
                 reader.keep_buffers(protocol::EXECUTOR_LINK_BUFFER);
-                writer.keep_buffers(protocol::EXECUTOR_LINK_BUFFER);
-                protocol::connect(&mut reader, &mut writer, &token, Role::Executor)
+                protocol::connect(&mut reader, &mut handshake, &token, Role::Executor)
                     .await
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
-                writer
+                handshake
                     .send(&FromExecutor::Ready {
                         pid: std::process::id(),
                         probe: PROBE.as_ptr() as u64,
                     })
                     .await
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
+                // Later messages go by `writer`; the socket's writing side stays open.
+                handshake.into_inner().forget();
                 Ok::<_, std::io::Error>((reader, writer))
             })
         })?;
+        let reports = Arc::new(Reports::new(writer));
+        let reporter = Arc::clone(&reports);
+        std::thread::Builder::new()
+            .name("rankmesh-reports".into())
+            .spawn(move || reporter.report_when_due())?;
         Ok(ExecutorLink {
             runtime,
             reader: Mutex::new(reader),
-            writer: Mutex::new(writer),
+            reports,
         })
     }
 
     /// The next message from the worker; `("shutdown",)` also when the worker is gone.
+    /// Results kept for a report are sent first, unless a message is here already.
     fn recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let msg = py.detach(|| {
-            let mut reader = self
-                .reader
-                .lock()
-                .map_err(|_| RankmeshError::new_err("link poisoned"))?;
+            let mut reader = self.reader.lock().map_err(poisoned)?;
+            if !reader.has_input() {
+                self.reports.send_kept()?;
+            }
             self.runtime
                 .block_on(reader.recv::<ToExecutor>())
                 .map_err(|e| ConnectionLost::new_err(e.to_string()))
@@ -142,9 +151,11 @@ impl ExecutorLink {
         self.send(py, FromExecutor::Borrowed { request, outcome })
     }
 
-    /// Results: `(task_id, duration_us, "ok", (kind, data, layout))` or
-    /// `(task_id, duration_us, "err", (type_name, message, traceback, pickled))`.
-    fn send_results(&self, py: Python<'_>, results: &Bound<'_, PyList>) -> PyResult<()> {
+    /// Keeps results for the next report: `(task_id, duration_us, "ok", (kind, data,
+    /// layout))` or `(task_id, duration_us, "err", (type_name, message, traceback,
+    /// pickled))`. They go within `EXECUTOR_REPORT_INTERVAL`, or sooner
+    /// (`report_unless_input`, `recv`).
+    fn keep_results(&self, results: &Bound<'_, PyList>) -> PyResult<()> {
         let mut outcomes = Vec::with_capacity(results.len());
         for item in results.iter() {
             let (id, duration_us, kind, value): (u64, u64, String, Bound<'_, PyAny>) =
@@ -168,20 +179,189 @@ impl ExecutorLink {
                 result,
             });
         }
-        self.send(py, FromExecutor::Results(outcomes))
+        self.reports.keep(outcomes)
+    }
+
+    /// Sends the results kept for a report, unless a message from the worker is here. An
+    /// executor calls it before the last task it has, so that the worker can queue it more
+    /// meanwhile.
+    fn report_unless_input(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| {
+            let reader = self.reader.lock().map_err(poisoned)?;
+            if reader.has_input() {
+                return Ok(());
+            }
+            Ok(self.reports.send_kept()?)
+        })
     }
 }
 
 impl ExecutorLink {
     fn send(&self, py: Python<'_>, message: FromExecutor) -> PyResult<()> {
-        py.detach(|| {
-            let mut writer = self
-                .writer
-                .lock()
-                .map_err(|_| RankmeshError::new_err("link poisoned"))?;
-            self.runtime
-                .block_on(writer.send(&message))
-                .map_err(|e| ConnectionLost::new_err(e.to_string()))
-        })
+        py.detach(|| Ok(self.reports.send(&message)?))
+    }
+}
+
+impl Drop for ExecutorLink {
+    fn drop(&mut self) {
+        self.reports.close();
+    }
+}
+
+fn poisoned<T>(_: PoisonError<T>) -> PyErr {
+    RankmeshError::new_err("link poisoned")
+}
+
+/// Why a send failed, without Python: the reporter thread sends too.
+enum SendError {
+    Poisoned,
+    Lost(String),
+}
+
+impl<T> From<PoisonError<T>> for SendError {
+    fn from(_: PoisonError<T>) -> Self {
+        SendError::Poisoned
+    }
+}
+
+impl From<SendError> for PyErr {
+    fn from(e: SendError) -> PyErr {
+        match e {
+            SendError::Poisoned => RankmeshError::new_err("link poisoned"),
+            SendError::Lost(why) => ConnectionLost::new_err(why),
+        }
+    }
+}
+
+/// Everything the executor sends goes by `writer`, under its lock: a report and a
+/// borrow's answer never interleave, and the reporter thread can send while the main
+/// thread runs a task.
+struct Reports {
+    writer: Mutex<BlockingFrameWriter>,
+    kept: Mutex<Kept>,
+    /// Wakes the reporter thread when a result is kept while it sleeps.
+    kept_one: Condvar,
+}
+
+#[derive(Default)]
+struct Kept {
+    outcomes: Vec<TaskOutcome>,
+    /// When the oldest of `outcomes` was kept: they are due an interval later.
+    since: Option<Instant>,
+    /// When a result was kept last: the reporter watches for one interval after it before
+    /// it sleeps until woken (a wake-up per report would cost what keeping them saves).
+    last_kept: Option<Instant>,
+    reporter_sleeps: bool,
+    /// Why the reporter could not send (the worker is gone); the next call raises it.
+    failed: Option<String>,
+    closed: bool,
+}
+
+impl Reports {
+    fn new(writer: BlockingFrameWriter) -> Self {
+        Reports {
+            writer: Mutex::new(writer),
+            kept: Mutex::new(Kept::default()),
+            kept_one: Condvar::new(),
+        }
+    }
+
+    fn keep(&self, outcomes: Vec<TaskOutcome>) -> PyResult<()> {
+        let mut kept = self.kept.lock().map_err(poisoned)?;
+        if let Some(why) = &kept.failed {
+            return Err(ConnectionLost::new_err(why.clone()));
+        }
+        let now = Instant::now();
+        kept.outcomes.extend(outcomes);
+        kept.since.get_or_insert(now);
+        kept.last_kept = Some(now);
+        if kept.reporter_sleeps {
+            self.kept_one.notify_one();
+        }
+        Ok(())
+    }
+
+    fn send(&self, message: &FromExecutor) -> Result<(), SendError> {
+        let mut writer = self.writer.lock()?;
+        writer
+            .send(message)
+            .map_err(|e| SendError::Lost(e.to_string()))
+    }
+
+    /// Sends the results kept, if any. The writer is taken first, so reports go in the
+    /// order their results were kept.
+    fn send_kept(&self) -> Result<(), SendError> {
+        let mut writer = self.writer.lock()?;
+        let outcomes = {
+            let mut kept = self.kept.lock()?;
+            if let Some(why) = &kept.failed {
+                return Err(SendError::Lost(why.clone()));
+            }
+            kept.since = None;
+            std::mem::take(&mut kept.outcomes)
+        };
+        if outcomes.is_empty() {
+            return Ok(());
+        }
+        writer
+            .send(&FromExecutor::Results(outcomes))
+            .map_err(|e| SendError::Lost(e.to_string()))
+    }
+
+    /// The reporter thread: sends kept results once they are due, while the main thread
+    /// may be running a long task. Ends when the link closes or a send fails.
+    fn report_when_due(&self) {
+        rankmesh::process::leave_signals_to_the_main_thread();
+        let Ok(mut kept) = self.kept.lock() else {
+            return;
+        };
+        loop {
+            if kept.closed || kept.failed.is_some() {
+                return;
+            }
+            let now = Instant::now();
+            let wait_until = match kept.since {
+                Some(since) if now >= since + EXECUTOR_REPORT_INTERVAL => {
+                    drop(kept);
+                    let sent = self.send_kept();
+                    let Ok(relocked) = self.kept.lock() else {
+                        return;
+                    };
+                    kept = relocked;
+                    match sent {
+                        Ok(()) => {}
+                        Err(SendError::Lost(why)) => kept.failed = Some(why),
+                        Err(SendError::Poisoned) => kept.failed = Some("link poisoned".into()),
+                    }
+                    continue;
+                }
+                Some(since) => Some(since + EXECUTOR_REPORT_INTERVAL),
+                None => kept
+                    .last_kept
+                    .map(|last| last + EXECUTOR_REPORT_INTERVAL)
+                    .filter(|&until| until > now),
+            };
+            kept = match wait_until {
+                Some(until) => match self.kept_one.wait_timeout(kept, until - now) {
+                    Ok((kept, _)) => kept,
+                    Err(_) => return,
+                },
+                None => {
+                    kept.reporter_sleeps = true;
+                    let Ok(mut woken) = self.kept_one.wait(kept) else {
+                        return;
+                    };
+                    woken.reporter_sleeps = false;
+                    woken
+                }
+            };
+        }
+    }
+
+    fn close(&self) {
+        if let Ok(mut kept) = self.kept.lock() {
+            kept.closed = true;
+            self.kept_one.notify_one();
+        }
     }
 }

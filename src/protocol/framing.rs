@@ -2,7 +2,7 @@
 
 use std::cell::RefCell;
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
 use serde::Serialize;
@@ -94,6 +94,24 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Lowers (for a handshake) or restores the frame size limit.
     pub fn set_max_frame_size(&mut self, max: usize) {
         self.inner.decoder_mut().set_max_frame_length(max);
+    }
+
+    /// Whether some of a next frame is here, without waiting: bytes read ahead, or the
+    /// socket readable.
+    pub fn has_input(&self) -> bool
+    where
+        R: AsRef<tokio::net::UnixStream>,
+    {
+        if !self.inner.read_buffer().is_empty() {
+            return true;
+        }
+        let mut poll = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(self.inner.get_ref().as_ref()),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; the socket stays open while `self` is borrowed.
+        unsafe { libc::poll(&mut poll, 1, 0) > 0 }
     }
 
     fn max_frame_size(&self) -> usize {
@@ -190,6 +208,11 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         }
     }
 
+    /// The connection, once everything sent so far is written (`send` and `flush` write).
+    pub fn into_inner(self) -> W {
+        self.inner.into_inner()
+    }
+
     /// Keeps a write buffer of up to `bytes` after each flush (see
     /// [`FrameReader::keep_buffers`]).
     pub fn keep_buffers(&mut self, bytes: usize) {
@@ -259,26 +282,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         if self.inner.write_buffer().len() >= WRITE_BATCH {
             SinkExt::<Bytes>::flush(&mut self.inner).await?;
         }
-        let buffer = self.inner.write_buffer_mut();
-        let start = buffer.len();
-        buffer.put_u32(0);
-        let encoded = rmp_serde::encode::write(&mut (&mut *buffer).writer(), msg);
-        let len = buffer.len() - start - LENGTH_PREFIX;
-        let error = match encoded {
-            Err(e) => FrameError::Encode(e.to_string()),
-            Ok(()) if len > MAX_FRAME_SIZE => FrameError::TooLarge {
-                len,
-                max: MAX_FRAME_SIZE,
-            },
-            Ok(()) => {
-                // Fits: MAX_FRAME_SIZE is below u32::MAX.
-                let prefix = (len as u32).to_be_bytes();
-                buffer[start..start + LENGTH_PREFIX].copy_from_slice(&prefix);
-                return Ok(());
-            }
-        };
-        buffer.truncate(start);
-        Err(error)
+        put_frame(self.inner.write_buffer_mut(), msg)
     }
 
     pub async fn flush(&mut self) -> Result<(), FrameError> {
@@ -313,6 +317,96 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         SinkExt::<Bytes>::flush(&mut self.inner).await?;
         self.inner.get_mut().write_all(data).await?;
         Ok(())
+    }
+}
+
+/// Appends `msg` to `buffer` as one frame: encoded straight into the buffer, behind its
+/// length, so it needs no allocation of its own. On an error the buffer is as it was.
+fn put_frame<T: Serialize>(buffer: &mut BytesMut, msg: &T) -> Result<(), FrameError> {
+    let start = buffer.len();
+    buffer.put_u32(0);
+    let encoded = rmp_serde::encode::write(&mut (&mut *buffer).writer(), msg);
+    let len = buffer.len() - start - LENGTH_PREFIX;
+    let error = match encoded {
+        Err(e) => FrameError::Encode(e.to_string()),
+        Ok(()) if len > MAX_FRAME_SIZE => FrameError::TooLarge {
+            len,
+            max: MAX_FRAME_SIZE,
+        },
+        Ok(()) => {
+            // Fits: MAX_FRAME_SIZE is below u32::MAX.
+            let prefix = (len as u32).to_be_bytes();
+            buffer[start..start + LENGTH_PREFIX].copy_from_slice(&prefix);
+            return Ok(());
+        }
+    };
+    buffer.truncate(start);
+    Err(error)
+}
+
+/// Writes whole frames to a Unix socket with blocking writes, from whichever thread holds
+/// it: no async runtime has to be driven for a write to finish (an executor's reporter
+/// thread sends while the main thread runs a task).
+pub struct BlockingFrameWriter {
+    stream: std::os::unix::net::UnixStream,
+    buffer: BytesMut,
+}
+
+impl BlockingFrameWriter {
+    /// Writes on a descriptor of its own for `socket` (closing it leaves `socket` open).
+    /// It shares the socket's non-blocking mode, so a full socket is waited for with poll.
+    pub fn new(socket: &tokio::net::UnixStream) -> std::io::Result<Self> {
+        let fd = std::os::fd::AsFd::as_fd(socket).try_clone_to_owned()?;
+        Ok(BlockingFrameWriter {
+            stream: std::os::unix::net::UnixStream::from(fd),
+            buffer: BytesMut::new(),
+        })
+    }
+
+    pub fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), FrameError> {
+        self.buffer.clear();
+        put_frame(&mut self.buffer, msg)?;
+        let written = write_all_waiting(&self.stream, &self.buffer);
+        if self.buffer.capacity() > KEEP_BUFFER {
+            self.buffer = BytesMut::new();
+        }
+        Ok(written?)
+    }
+}
+
+/// `write_all` on a non-blocking socket: waits (poll) while it is full.
+fn write_all_waiting(stream: &std::os::unix::net::UnixStream, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::{ErrorKind, Write};
+    let mut written = 0;
+    while written < bytes.len() {
+        match (&mut &*stream).write(&bytes[written..]) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => wait_until_ready(stream, libc::POLLOUT)?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Waits (no timeout) until `stream` is ready for `events`, or has failed or hung up.
+fn wait_until_ready(
+    stream: &impl std::os::fd::AsRawFd,
+    events: libc::c_short,
+) -> std::io::Result<()> {
+    let mut poll = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; the descriptor stays open while `stream` is borrowed.
+    match unsafe { libc::poll(&mut poll, 1, -1) } {
+        -1 => match std::io::Error::last_os_error() {
+            e if e.kind() == std::io::ErrorKind::Interrupted => Ok(()),
+            e => Err(e),
+        },
+        _ => Ok(()),
     }
 }
 
@@ -448,6 +542,47 @@ mod tests {
             let expected: Vec<Bytes> = messages.iter().map(|m| encode(m).unwrap()).collect();
             assert_eq!(frames, expected);
         }
+    }
+
+    /// A blocking writer on another thread, and a socket full before its reader reads:
+    /// the writer waits for room, and the reader gets whole frames, in order.
+    #[tokio::test]
+    async fn blocking_frames_arrive_whole_and_input_is_seen_without_waiting() {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let mut writer = BlockingFrameWriter::new(&a).unwrap();
+        let (r, _w) = b.into_split();
+        let mut reader = FrameReader::new(r);
+        assert!(!reader.has_input(), "nothing sent yet");
+        // Frames of 0.8 MB: the first fills the socket's buffer before it is read.
+        let messages: Vec<FromClient> = [3, 100_000, 1, 100_000]
+            .into_iter()
+            .map(|n| FromClient::Release((0..n).map(TaskId).collect()))
+            .collect();
+        let sending = messages.clone();
+        let writing = std::thread::spawn(move || {
+            for msg in &sending {
+                writer.send(msg).unwrap();
+            }
+        });
+        // Seen once written, however long the thread takes to start (at most 10 s).
+        for _ in 0..1000 {
+            if reader.has_input() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(reader.has_input());
+        for msg in &messages {
+            assert_eq!(
+                reader.recv::<FromClient>().await.unwrap().as_ref(),
+                Some(msg)
+            );
+        }
+        writing.join().unwrap();
+        assert!(!reader.has_input(), "all read");
+        drop(a);
+        assert!(reader.has_input(), "the end of the stream is input too");
+        assert_eq!(reader.recv::<FromClient>().await.unwrap(), None);
     }
 
     /// Counts the reads that returned bytes.

@@ -665,6 +665,12 @@ pub enum ToExecutor {
     Shutdown,
 }
 
+/// How long an executor with its next task at hand may keep results before it reports them
+/// (`FromExecutor::Results`): one report for a few short tasks wakes the worker and the
+/// scheduler once. An executor about to wait, or to start the last task it has, reports at
+/// once; the worker queues it about this much work, so that it need not wait meanwhile.
+pub const EXECUTOR_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Bytes every executor keeps at the address it reports in `FromExecutor::Ready`.
 pub const EXECUTOR_PROBE: [u8; 16] = *b"rankmesh-probe\x00\x01";
 

@@ -9,8 +9,8 @@ mod resources;
 mod snapshot;
 
 pub use framing::{
-    decode, decode_sharing, encode, FrameError, FrameReader, FrameWriter, EXECUTOR_LINK_BUFFER,
-    EXECUTOR_LINK_BUSY_BUFFER, MAX_FRAME_SIZE,
+    decode, decode_sharing, encode, BlockingFrameWriter, FrameError, FrameReader, FrameWriter,
+    EXECUTOR_LINK_BUFFER, EXECUTOR_LINK_BUSY_BUFFER, MAX_FRAME_SIZE,
 };
 pub use handshake::{
     accept, connect, welcome, HandshakeError, Token, HANDSHAKE_TIMEOUT, MAX_HELLO_SIZE, TOKEN_ENV,

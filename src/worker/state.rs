@@ -9,7 +9,7 @@ use crate::heap::ShrinkWhenSparse;
 use crate::protocol::{
     BorrowFailure, ComputeTask, DataTransport, ErrorInfo, FromWorker, FuncId, FunctionBlob, IdMap,
     IdSet, LoanToCopy, ObjectRef, Plugin, RunTask, TaskDone, TaskId, TaskOutcome, ToWorker,
-    Transfer, WorkerId, WorkerInfo, WorkerMemory,
+    Transfer, WorkerId, WorkerInfo, WorkerMemory, EXECUTOR_REPORT_INTERVAL,
 };
 use crate::store::{Holder, Object, ProcessMemory, Published, Store, StoreError};
 use crate::transport::{Fetched, TransportError};
@@ -21,14 +21,17 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Work queued per executor, in seconds of average task time (tiny tasks get deep queues).
-const TARGET_QUEUED_WORK_S: f64 = 1e-3;
-/// Below this average task time an executor is handed its next task while it runs one (a
-/// queue of at least two): between two tasks it would otherwise wait for its results to
-/// reach the worker and the next task to come back, about 0.3 ms, which at 2 x 1 was a
-/// tenth of rechunk4x's wall. Longer tasks pay that rarely enough, and a task queued behind
-/// one of them might wait while another executor of the worker comes free.
+/// Below this average task time an executor is queued about `EXECUTOR_REPORT_INTERVAL` of
+/// work, and at least three tasks: it reports its results once it starts the last task it
+/// has (or the interval is up), and the tasks queued meanwhile reach it before that task
+/// ends. Otherwise it would wait for its results to reach the worker and the next task to
+/// come back between two tasks, about 0.3 ms, which at 2 x 1 was a tenth of rechunk4x's
+/// wall. Longer tasks pay that rarely enough, and a task queued behind one of them might
+/// wait while another executor of the worker comes free.
 const QUEUE_NEXT_BELOW_S: f64 = 10e-3;
+/// The least queue of an executor whose tasks are shorter than `QUEUE_NEXT_BELOW_S`: one
+/// running, one after it while its report is on the way, one to report ahead of.
+const LEAST_SHORT_TASK_DEPTH: usize = 3;
 /// How long a cancelled task may go on running before its executor is restarted to stop
 /// it (Python code cannot be interrupted from outside its process): most tasks end sooner.
 pub const CANCEL_GRACE: Duration = Duration::from_secs(2);
@@ -1329,11 +1332,12 @@ impl WorkerState {
             return;
         }
         let least = if self.task_duration_s < QUEUE_NEXT_BELOW_S {
-            2
+            LEAST_SHORT_TASK_DEPTH
         } else {
             1
         };
-        let depth = ((TARGET_QUEUED_WORK_S / self.task_duration_s.max(1e-7)).ceil() as usize)
+        let queued_work = EXECUTOR_REPORT_INTERVAL.as_secs_f64();
+        let depth = ((queued_work / self.task_duration_s.max(1e-7)).ceil() as usize)
             .clamp(least, MAX_EXECUTOR_DEPTH);
         // (task, the bytes it is expected to add), per slot.
         let mut batches: Vec<Vec<(TaskId, u64)>> = vec![Vec::new(); self.slots.len()];

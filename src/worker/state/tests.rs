@@ -2075,32 +2075,32 @@ fn kept_slowly(id: u64, key: u64, frame: &[u8]) -> TaskOutcome {
 }
 
 #[test]
-fn an_executor_of_short_tasks_is_handed_its_next_while_it_runs_one() {
+fn an_executor_of_short_tasks_has_three_at_hand() {
     let mut env = TestEnv::new(1);
     env.compute(vec![task(1, &[])]);
     assert_eq!(env.ran(), [(0, ids(&[1]))]);
-    // Tasks of about 5 ms: 1 ms of queued work would be one task.
+    // Tasks of about 5 ms: `EXECUTOR_REPORT_INTERVAL` of queued work would be two.
     let five_ms = |id| TaskOutcome {
         duration_us: 50_000,
         ..ok(id)
     };
     env.results(0, vec![five_ms(1)]);
     env.comm.take_sent();
-    env.compute(vec![task(2, &[]), task(3, &[]), task(4, &[])]);
+    env.compute(vec![task(2, &[]), task(3, &[]), task(4, &[]), task(5, &[])]);
     assert_eq!(
         env.ran(),
-        [(0, ids(&[2, 3]))],
-        "the next one at hand, no more"
+        [(0, ids(&[2, 3, 4]))],
+        "one running, one after it while its report is on the way, one to report ahead of"
     );
     // Tasks of over 10 ms: one at a time.
-    env.results(0, vec![slow(ok(2)), slow(ok(3))]);
-    env.comm.take_sent();
-    assert_eq!(env.ran(), [(0, ids(&[4]))]);
-    env.compute(vec![task(5, &[])]);
-    assert_eq!(env.ran(), [], "5 waits for the executor");
-    env.results(0, vec![slow(ok(4))]);
+    env.results(0, vec![slow(ok(2)), slow(ok(3)), slow(ok(4))]);
     env.comm.take_sent();
     assert_eq!(env.ran(), [(0, ids(&[5]))]);
+    env.compute(vec![task(6, &[])]);
+    assert_eq!(env.ran(), [], "6 waits for the executor");
+    env.results(0, vec![slow(ok(5))]);
+    env.comm.take_sent();
+    assert_eq!(env.ran(), [(0, ids(&[6]))]);
 }
 
 #[test]
