@@ -135,6 +135,7 @@ fn run(workers: u32, specs: Vec<TaskSpec>, wanted: Vec<TaskId>) -> Outcome {
                     id,
                     size: RESULT_SIZE,
                     duration_us: TASK_DURATION_US,
+                    report_delay_us: 0,
                 })
                 .collect();
             scheduler.handle_worker(worker, FromWorker::Done(done), &mut comm);

@@ -407,6 +407,7 @@ async fn run_tasks(
                     id,
                     size: settings.result_bytes,
                     duration_us: settings.task_us,
+                    report_delay_us: 0,
                 })
                 .collect();
             writer.send(&FromWorker::Done(done)).await?;

@@ -176,6 +176,7 @@ impl ExecutorLink {
             outcomes.push(TaskOutcome {
                 id: TaskId(id),
                 duration_us,
+                report_delay_us: 0, // set as the report goes
                 result,
             });
         }
@@ -245,7 +246,8 @@ struct Reports {
 
 #[derive(Default)]
 struct Kept {
-    outcomes: Vec<TaskOutcome>,
+    /// Each with when it was kept, for its `report_delay_us`.
+    outcomes: Vec<(Instant, TaskOutcome)>,
     /// When the oldest of `outcomes` was kept: they are due an interval later.
     since: Option<Instant>,
     /// When a result was kept last: the reporter watches for one interval after it before
@@ -272,7 +274,7 @@ impl Reports {
             return Err(ConnectionLost::new_err(why.clone()));
         }
         let now = Instant::now();
-        kept.outcomes.extend(outcomes);
+        kept.outcomes.extend(outcomes.into_iter().map(|o| (now, o)));
         kept.since.get_or_insert(now);
         kept.last_kept = Some(now);
         if kept.reporter_sleeps {
@@ -303,6 +305,14 @@ impl Reports {
         if outcomes.is_empty() {
             return Ok(());
         }
+        let now = Instant::now();
+        let outcomes = outcomes
+            .into_iter()
+            .map(|(kept_at, outcome)| TaskOutcome {
+                report_delay_us: now.duration_since(kept_at).as_micros() as u64,
+                ..outcome
+            })
+            .collect();
         writer
             .send(&FromExecutor::Results(outcomes))
             .map_err(|e| SendError::Lost(e.to_string()))

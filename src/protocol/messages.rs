@@ -454,6 +454,8 @@ pub struct TaskDone {
     pub id: TaskId,
     pub size: u64,
     pub duration_us: u64,
+    /// `TaskOutcome::report_delay_us`: the task ended this long before the worker heard.
+    pub report_delay_us: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -678,6 +680,9 @@ pub const EXECUTOR_PROBE: [u8; 16] = *b"rankmesh-probe\x00\x01";
 pub struct TaskOutcome {
     pub id: TaskId,
     pub duration_us: u64,
+    /// How long after the task ended its report went: an executor reports a few together
+    /// (`EXECUTOR_REPORT_INTERVAL`), and the task stream shows when each ended.
+    pub report_delay_us: u64,
     pub result: Result<ObjectRef, ErrorInfo>,
 }
 

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 const MAX_WAITING_REQUESTS: usize = 64;
 
 /// What the scheduler reports for the stream (a computation, or a transfer); the server
-/// adds the time it heard of it.
+/// adds the time it heard of it, less `report_delay_us`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TaskRan {
     pub worker: u32,
@@ -18,6 +18,8 @@ pub struct TaskRan {
     pub from: Option<u32>,
     pub bytes: u64,
     pub duration_us: u64,
+    /// How long before its report reached the worker the task ended.
+    pub report_delay_us: u64,
 }
 
 /// The last minute of finished tasks (at most [`STREAM_ENTRIES`]), kept by the server.
@@ -32,7 +34,8 @@ pub const STREAM_ENTRIES: usize = 20_000;
 const STREAM_WINDOW_MS: f64 = 60_000.0;
 
 impl TaskStream {
-    /// Adds tasks heard of at `now_ms` and forgets what is older than the window.
+    /// Adds tasks heard of at `now_ms` (each ended its report delay before) and forgets
+    /// what is older than the window.
     pub fn record(&mut self, ran: impl IntoIterator<Item = TaskRan>, now_ms: f64) {
         for task in ran {
             self.entries.push_back(StreamEntry {
@@ -41,7 +44,7 @@ impl TaskStream {
                 prefix: task.prefix,
                 from: task.from,
                 bytes: task.bytes,
-                end_ms: now_ms,
+                end_ms: now_ms - task.report_delay_us as f64 / 1000.0,
                 duration_ms: task.duration_us as f64 / 1000.0,
             });
             self.next_sequence += 1;
@@ -111,6 +114,7 @@ mod tests {
             from: None,
             bytes: 0,
             duration_us: 1500,
+            report_delay_us: 0,
         };
         stream.record([ran(1), ran(2)], 1_000.0);
         stream.record([ran(3)], 30_000.0);
@@ -122,5 +126,21 @@ mod tests {
         assert_eq!(kept, [3, 4]);
         assert_eq!(stream.since(3).len(), 1);
         assert!(stream.since(9).is_empty());
+    }
+
+    #[test]
+    fn tasks_reported_together_end_when_they_ended() {
+        let mut stream = TaskStream::default();
+        let ran = |report_delay_us| TaskRan {
+            worker: 1,
+            prefix: Some(0),
+            from: None,
+            bytes: 0,
+            duration_us: 3000,
+            report_delay_us,
+        };
+        stream.record([ran(6000), ran(3000), ran(0)], 100.0);
+        let ends: Vec<f64> = stream.since(0).iter().map(|e| e.end_ms).collect();
+        assert_eq!(ends, [94.0, 97.0, 100.0]);
     }
 }

@@ -1069,6 +1069,7 @@ impl WorkerState {
                     id: outcome.id,
                     size: object.size(),
                     duration_us: outcome.duration_us,
+                    report_delay_us: outcome.report_delay_us,
                 };
                 if !task.compute.read_by_tasks {
                     self.unread.insert(outcome.id);

@@ -69,8 +69,7 @@ impl Scheduler {
         };
         let first = !mem::replace(&mut task.computed, true);
         let booked = task.booked();
-        self.observed
-            .computed(task.prefix, worker, done.duration_us, first);
+        self.observed.computed(task.prefix, worker, &done, first);
         if let Some(owner) = self.clients.get_mut(&id.owner()).filter(|_| first) {
             owner.computed += 1;
             if owner.watching_progress {

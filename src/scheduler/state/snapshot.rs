@@ -4,7 +4,7 @@
 use super::records::TaskState;
 use super::Scheduler;
 use crate::protocol::{PrefixStats, Snapshot, StreamEntry, TaskCounts, WorkerSnapshot};
-use crate::protocol::{Transfer, WorkerId};
+use crate::protocol::{TaskDone, Transfer, WorkerId};
 use crate::scheduler::monitor::TaskRan;
 use std::collections::HashMap;
 
@@ -50,16 +50,10 @@ impl Observed {
     }
 
     /// A computation finished; `first`: the task's first (not a recomputation).
-    pub(super) fn computed(
-        &mut self,
-        prefix: u32,
-        worker: WorkerId,
-        duration_us: u64,
-        first: bool,
-    ) {
+    pub(super) fn computed(&mut self, prefix: u32, worker: WorkerId, done: &TaskDone, first: bool) {
         if let Some(stats) = self.stats(prefix) {
             stats.done += u64::from(first);
-            stats.durations.record(duration_us as f64 * 1e-6);
+            stats.durations.record(done.duration_us as f64 * 1e-6);
         }
         if self.unwatched {
             return;
@@ -69,7 +63,8 @@ impl Observed {
             prefix: Some(prefix),
             from: None,
             bytes: 0,
-            duration_us,
+            duration_us: done.duration_us,
+            report_delay_us: done.report_delay_us,
         });
     }
 
@@ -84,6 +79,7 @@ impl Observed {
             from: Some(transfer.from.0),
             bytes: transfer.bytes,
             duration_us: transfer.duration_us,
+            report_delay_us: 0,
         });
     }
 

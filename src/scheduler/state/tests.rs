@@ -227,6 +227,7 @@ impl TestEnv {
                 id,
                 size,
                 duration_us: 100,
+                report_delay_us: 0,
             })
             .collect();
         self.worker_msg(worker, FromWorker::Done(done));
@@ -1557,6 +1558,7 @@ fn short_tasks_stay_with_the_holder_of_their_big_input_whatever_the_average_task
             id,
             size,
             duration_us,
+            report_delay_us: 0,
         };
         env.worker_msg(w1, FromWorker::Done(vec![done]));
         assert_eq!(env.finished(c), [id]);

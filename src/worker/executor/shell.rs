@@ -37,6 +37,7 @@ impl Executor for ShellExecutor {
                 let outcome = TaskOutcome {
                     id: task.id,
                     duration_us: started.elapsed().as_micros() as u64,
+                    report_delay_us: 0,
                     result,
                 };
                 let _ = events.send(ExecutorEvent::Results {

@@ -444,6 +444,7 @@ fn ok(id: u64) -> TaskOutcome {
     TaskOutcome {
         id: TaskId(id),
         duration_us: 100,
+        report_delay_us: 0,
         result: Ok(ObjectRef::Inline {
             data: Bytes::from(vec![1u8; 64]),
             layout: vec![64],
@@ -470,12 +471,28 @@ fn a_task_whose_inputs_are_here_runs_at_once() {
 }
 
 #[test]
-fn results_of_one_batch_are_reported_in_one_done() {
+fn results_of_one_batch_are_reported_in_one_done_with_when_each_ended() {
     let mut env = TestEnv::new(1);
     env.compute(vec![task(1, &[]), task(2, &[]), task(3, &[])]);
     assert_eq!(env.ran(), [(0, ids(&[1, 2, 3]))]);
-    env.results(0, vec![ok(1), ok(2), ok(3)]);
-    assert_eq!(env.done_ids(), ids(&[1, 2, 3]));
+    let reported_after = |id, report_delay_us| TaskOutcome {
+        report_delay_us,
+        ..ok(id)
+    };
+    env.results(
+        0,
+        vec![reported_after(1, 7000), reported_after(2, 3500), ok(3)],
+    );
+    match env.comm.take_sent().as_slice() {
+        [FromWorker::Done(done)] => {
+            let delays: Vec<_> = done.iter().map(|d| (d.id, d.report_delay_us)).collect();
+            assert_eq!(
+                delays,
+                [(TaskId(1), 7000), (TaskId(2), 3500), (TaskId(3), 0)]
+            );
+        }
+        other => panic!("expected one Done, got {other:?}"),
+    }
     env.comm.emptiness_check();
 }
 
