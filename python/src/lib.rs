@@ -9,6 +9,7 @@ mod files;
 mod heap;
 mod held;
 mod mapped_view;
+mod reports;
 
 use pyo3::prelude::*;
 
