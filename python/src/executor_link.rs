@@ -1,7 +1,7 @@
 //! The executor's side of its Unix socket to the worker.
 
 use crate::convert::{error_from_py, object_from_py, object_to_py};
-use crate::reports::Reports;
+use crate::reports::{Reports, SendError};
 use crate::{ConnectionLost, RankmeshError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
@@ -9,7 +9,7 @@ use rankmesh::protocol::{
     self, BlockingFrameWriter, BorrowFailure, FrameReader, FrameWriter, FromExecutor, LoanToCopy,
     Role, TaskId, TaskOutcome, ToExecutor, Token,
 };
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use tokio::net::unix::OwnedReadHalf;
 use tokio::net::UnixStream;
 
@@ -71,7 +71,7 @@ impl ExecutorLink {
     /// Results kept for a report are sent first, unless a message is here already.
     fn recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let msg = py.detach(|| {
-            let mut reader = self.reader.lock().map_err(poisoned)?;
+            let mut reader = self.reader.lock().map_err(SendError::from)?;
             if !reader.has_input() {
                 self.reports.send_kept()?;
             }
@@ -188,7 +188,7 @@ impl ExecutorLink {
     /// meanwhile.
     fn report_unless_input(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| {
-            let reader = self.reader.lock().map_err(poisoned)?;
+            let reader = self.reader.lock().map_err(SendError::from)?;
             if reader.has_input() {
                 return Ok(());
             }
@@ -207,8 +207,4 @@ impl Drop for ExecutorLink {
     fn drop(&mut self) {
         self.reports.close();
     }
-}
-
-fn poisoned<T>(_: PoisonError<T>) -> PyErr {
-    RankmeshError::new_err("link poisoned")
 }

@@ -1,10 +1,10 @@
-//! Results an executor keeps for one report, the thread that sends them when due, and the
+//! The executor's side of `ReportQueue`: the thread that sends reports when due, and the
 //! writer every message of the executor goes by.
 
 use crate::{ConnectionLost, RankmeshError};
 use pyo3::prelude::*;
 use rankmesh::protocol::{
-    BlockingFrameWriter, FromExecutor, TaskOutcome, EXECUTOR_REPORT_INTERVAL,
+    BlockingFrameWriter, FromExecutor, ReportComm, ReportQueue, ReporterNext, TaskOutcome,
 };
 use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::Instant;
@@ -42,17 +42,21 @@ pub struct Reports {
 
 #[derive(Default)]
 struct Kept {
-    /// Each with when it was kept, for its `report_delay_us`.
-    outcomes: Vec<(Instant, TaskOutcome)>,
-    /// When the oldest of `outcomes` was kept: they are due an interval later.
-    since: Option<Instant>,
-    /// When a result was kept last: the reporter watches for one interval after it before
-    /// it sleeps until woken (a wake-up per report would cost what keeping them saves).
-    last_kept: Option<Instant>,
+    queue: ReportQueue,
     reporter_sleeps: bool,
     /// Why the reporter could not send (the worker is gone); the next call raises it.
     failed: Option<String>,
     closed: bool,
+}
+
+/// The one report taken out of the queue, sent once its lock is let go.
+#[derive(Default)]
+struct Taken(Option<Vec<TaskOutcome>>);
+
+impl ReportComm for Taken {
+    fn report(&mut self, outcomes: Vec<TaskOutcome>) {
+        self.0 = Some(outcomes);
+    }
 }
 
 impl Reports {
@@ -69,10 +73,7 @@ impl Reports {
         if let Some(why) = &kept.failed {
             return Err(SendError::Lost(why.clone()));
         }
-        let now = Instant::now();
-        kept.outcomes.extend(outcomes.into_iter().map(|o| (now, o)));
-        kept.since.get_or_insert(now);
-        kept.last_kept = Some(now);
+        kept.queue.results_kept(outcomes, Instant::now());
         if kept.reporter_sleeps {
             self.kept_one.notify_one();
         }
@@ -90,28 +91,20 @@ impl Reports {
     /// order their results were kept.
     pub fn send_kept(&self) -> Result<(), SendError> {
         let mut writer = self.writer.lock()?;
-        let outcomes = {
+        let mut taken = Taken::default();
+        {
             let mut kept = self.kept.lock()?;
             if let Some(why) = &kept.failed {
                 return Err(SendError::Lost(why.clone()));
             }
-            kept.since = None;
-            std::mem::take(&mut kept.outcomes)
-        };
-        if outcomes.is_empty() {
-            return Ok(());
+            kept.queue.report(Instant::now(), &mut taken);
         }
-        let now = Instant::now();
-        let outcomes = outcomes
-            .into_iter()
-            .map(|(kept_at, outcome)| TaskOutcome {
-                report_delay_us: now.duration_since(kept_at).as_micros() as u64,
-                ..outcome
-            })
-            .collect();
-        writer
-            .send(&FromExecutor::Results(outcomes))
-            .map_err(|e| SendError::Lost(e.to_string()))
+        match taken.0 {
+            None => Ok(()),
+            Some(outcomes) => writer
+                .send(&FromExecutor::Results(outcomes))
+                .map_err(|e| SendError::Lost(e.to_string())),
+        }
     }
 
     /// The reporter thread: sends kept results once they are due, while the main thread
@@ -126,33 +119,27 @@ impl Reports {
                 return;
             }
             let now = Instant::now();
-            let wait_until = match kept.since {
-                Some(since) if now >= since + EXECUTOR_REPORT_INTERVAL => {
+            kept = match kept.queue.reporter_next(now) {
+                ReporterNext::Report => {
                     drop(kept);
                     let sent = self.send_kept();
-                    let Ok(relocked) = self.kept.lock() else {
+                    let Ok(mut relocked) = self.kept.lock() else {
                         return;
                     };
-                    kept = relocked;
                     match sent {
                         Ok(()) => {}
-                        Err(SendError::Lost(why)) => kept.failed = Some(why),
-                        Err(SendError::Poisoned) => kept.failed = Some("link poisoned".into()),
+                        Err(SendError::Lost(why)) => relocked.failed = Some(why),
+                        Err(SendError::Poisoned) => relocked.failed = Some("link poisoned".into()),
                     }
-                    continue;
+                    relocked
                 }
-                Some(since) => Some(since + EXECUTOR_REPORT_INTERVAL),
-                None => kept
-                    .last_kept
-                    .map(|last| last + EXECUTOR_REPORT_INTERVAL)
-                    .filter(|&until| until > now),
-            };
-            kept = match wait_until {
-                Some(until) => match self.kept_one.wait_timeout(kept, until - now) {
-                    Ok((kept, _)) => kept,
-                    Err(_) => return,
-                },
-                None => {
+                ReporterNext::LookAt(until) => {
+                    match self.kept_one.wait_timeout(kept, until - now) {
+                        Ok((kept, _)) => kept,
+                        Err(_) => return,
+                    }
+                }
+                ReporterNext::SleepUntilKept => {
                     kept.reporter_sleeps = true;
                     let Ok(mut woken) = self.kept_one.wait(kept) else {
                         return;

@@ -105,13 +105,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         if !self.inner.read_buffer().is_empty() {
             return true;
         }
-        let mut poll = libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(self.inner.get_ref().as_ref()),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd; the socket stays open while `self` is borrowed.
-        unsafe { libc::poll(&mut poll, 1, 0) > 0 }
+        // An error counts as input: `recv` reads it.
+        poll_one(self.inner.get_ref().as_ref(), libc::POLLIN, 0).unwrap_or(true)
     }
 
     fn max_frame_size(&self) -> usize {
@@ -383,30 +378,34 @@ fn write_all_waiting(stream: &std::os::unix::net::UnixStream, bytes: &[u8]) -> s
             Ok(0) => return Err(ErrorKind::WriteZero.into()),
             Ok(n) => written += n,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == ErrorKind::WouldBlock => wait_until_ready(stream, libc::POLLOUT)?,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                poll_one(stream, libc::POLLOUT, -1)?;
+            }
             Err(e) => return Err(e),
         }
     }
     Ok(())
 }
 
-/// Waits (no timeout) until `stream` is ready for `events`, or has failed or hung up.
-fn wait_until_ready(
+/// Whether `stream` is ready for `events` (or has failed or hung up) within `timeout_ms`
+/// (-1: no timeout; 0: without waiting). An interrupted wait counts as not ready.
+fn poll_one(
     stream: &impl std::os::fd::AsRawFd,
     events: libc::c_short,
-) -> std::io::Result<()> {
+    timeout_ms: libc::c_int,
+) -> std::io::Result<bool> {
     let mut poll = libc::pollfd {
         fd: stream.as_raw_fd(),
         events,
         revents: 0,
     };
     // SAFETY: one valid pollfd; the descriptor stays open while `stream` is borrowed.
-    match unsafe { libc::poll(&mut poll, 1, -1) } {
+    match unsafe { libc::poll(&mut poll, 1, timeout_ms) } {
         -1 => match std::io::Error::last_os_error() {
-            e if e.kind() == std::io::ErrorKind::Interrupted => Ok(()),
+            e if e.kind() == std::io::ErrorKind::Interrupted => Ok(false),
             e => Err(e),
         },
-        _ => Ok(()),
+        ready => Ok(ready > 0),
     }
 }
 

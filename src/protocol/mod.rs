@@ -5,6 +5,7 @@ mod handshake;
 mod ids;
 mod layout;
 mod messages;
+mod report_queue;
 mod resources;
 mod snapshot;
 
@@ -18,6 +19,7 @@ pub use handshake::{
 pub use ids::{ClientId, FuncId, IdHasher, IdMap, IdSet, TaskId, WorkerId, TASK_SEQUENCE_BITS};
 pub use layout::{frame_offsets, ALIGN, INLINE_MAX};
 pub use messages::*;
+pub use report_queue::{ReportComm, ReportQueue, ReporterNext};
 pub use resources::Resources;
 pub use snapshot::{
     DurationHistogram, PrefixStats, Snapshot, StreamEntry, TaskCounts, WorkerSnapshot,
