@@ -7,7 +7,9 @@ use futures::{SinkExt, StreamExt};
 use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec, LengthDelimitedCodecError};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use super::frame_codec::{FrameCodec, FrameTooLarge, LENGTH_PREFIX, READ_AHEAD};
 
 /// Largest frame an authenticated peer may send. Bulk data does not count: it travels
 /// as raw bytes after an [`super::ObjectHeader`] frame.
@@ -20,21 +22,16 @@ const SMALL_RAW: usize = 64 * 1024;
 /// (and its size would follow the largest message so far). Past this size buffers are
 /// mapped on their own (`heap::tune_allocator`), so giving one back unmaps it.
 const KEEP_BUFFER: usize = 64 << 10;
-/// What an executor keeps of its link's buffers (`keep_buffers`): its frames carry batches
-/// of inline objects of up to 64 KiB each, and mapping fresh pages for each cost more than
-/// the copy.
+/// What each end of an executor link keeps of its buffers: its frames carry batches of
+/// inline objects of up to 64 KiB each, up to a few MB a frame (4.1 MB in the anomaly
+/// pipeline), and faulting in fresh pages for each cost more than the copy. The executor
+/// keeps them (`keep_buffers`); the worker only while tasks flow
+/// (`keep_buffers_while_busy`), since its memory must come back after a burst. Keeping 1
+/// MiB (with tokio-util's codec), each worker faulted in 231-306 thousand pages a rep of
+/// the anomaly pipeline; 8 MiB and `FrameCodec`, 75-103 thousand (docs/performance.md).
 pub const EXECUTOR_LINK_BUFFER: usize = 8 << 20;
-/// What the worker's end of an executor link keeps while tasks flow
-/// (`keep_buffers_while_busy`), given back once the link is idle: its memory must come
-/// back after a burst (a batch of large callables kept 12 MB in it once).
-pub const EXECUTOR_LINK_BUSY_BUFFER: usize = 1 << 20;
 /// Queued frames past this many bytes are written before the next is added.
 const WRITE_BATCH: usize = 8 << 10;
-/// What a read buffer has room for at least, as `FramedRead` starts with: a burst of small
-/// frames is read in one go.
-const READ_AHEAD: usize = 8 << 10;
-/// The length prefix of a frame, as `LengthDelimitedCodec` reads it (big-endian u32).
-const LENGTH_PREFIX: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -48,15 +45,9 @@ pub enum FrameError {
     Io(#[from] std::io::Error),
 }
 
-fn codec(max: usize) -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .max_frame_length(max)
-        .new_codec()
-}
-
 /// The reading half of a connection.
 pub struct FrameReader<R> {
-    inner: FramedRead<R, LengthDelimitedCodec>,
+    inner: FramedRead<R, FrameCodec>,
     /// A read buffer up to this size is kept for the next frame (`KEEP_BUFFER`).
     keep_buffer: usize,
     /// A frame over `KEEP_BUFFER` was read into the buffer kept since.
@@ -66,7 +57,7 @@ pub struct FrameReader<R> {
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(io: R) -> Self {
         FrameReader {
-            inner: FramedRead::new(io, codec(MAX_FRAME_SIZE)),
+            inner: FramedRead::new(io, FrameCodec::new(MAX_FRAME_SIZE)),
             keep_buffer: KEEP_BUFFER,
             kept_large: false,
         }
@@ -156,7 +147,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     fn classify(&self, e: std::io::Error) -> FrameError {
         let too_large = e
             .get_ref()
-            .is_some_and(|inner| inner.downcast_ref::<LengthDelimitedCodecError>().is_some());
+            .is_some_and(|inner| inner.downcast_ref::<FrameTooLarge>().is_some());
         if too_large {
             FrameError::TooLarge {
                 len: usize::MAX,
@@ -169,9 +160,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 }
 
 /// Moves what a read buffer holds (bytes read ahead) to a new allocation of its own, with
-/// room to read ahead: the codec asks for only what it lacks, and the buffer grows by no
-/// more than that while frames share it, so one without room read every later frame in
-/// two reads, its length and its body.
+/// room to read ahead (`READ_AHEAD`).
 fn move_to_new_buffer(buffer: &mut bytes::BytesMut) {
     let mut moved = bytes::BytesMut::with_capacity(READ_AHEAD.max(buffer.len()));
     moved.extend_from_slice(buffer);
@@ -186,7 +175,7 @@ fn allocated_over(buffer: &mut bytes::BytesMut, bytes: usize) -> bool {
 
 /// The writing half of a connection.
 pub struct FrameWriter<W> {
-    inner: FramedWrite<W, LengthDelimitedCodec>,
+    inner: FramedWrite<W, FrameCodec>,
     /// A write buffer up to this size is kept after a flush (`KEEP_BUFFER`).
     keep_buffer: usize,
     /// With `keep_buffers_while_busy`: how long `forward` waits for a message before it
@@ -197,7 +186,7 @@ pub struct FrameWriter<W> {
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub fn new(io: W) -> Self {
         FrameWriter {
-            inner: FramedWrite::new(io, codec(MAX_FRAME_SIZE)),
+            inner: FramedWrite::new(io, FrameCodec::new(MAX_FRAME_SIZE)),
             keep_buffer: KEEP_BUFFER,
             give_back_after: None,
         }
@@ -637,8 +626,8 @@ mod tests {
         let idle = std::time::Duration::from_millis(20);
         let (a, b) = tokio::io::duplex(4 << 20);
         let (mut writer, mut reader) = (FrameWriter::new(a), FrameReader::new(b));
-        writer.keep_buffers_while_busy(EXECUTOR_LINK_BUSY_BUFFER, idle);
-        reader.keep_buffers(EXECUTOR_LINK_BUSY_BUFFER);
+        writer.keep_buffers_while_busy(EXECUTOR_LINK_BUFFER, idle);
+        reader.keep_buffers(EXECUTOR_LINK_BUFFER);
         let large = FromClient::Release((0..30_000).map(TaskId).collect());
         writer.send(&large).await.unwrap();
         assert!(allocated_over(writer.inner.write_buffer_mut(), KEEP_BUFFER));

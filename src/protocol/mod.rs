@@ -1,5 +1,6 @@
 //! Messages, framing and the authenticated handshake shared by every process.
 
+mod frame_codec;
 mod framing;
 mod handshake;
 mod ids;
@@ -11,7 +12,7 @@ mod snapshot;
 
 pub use framing::{
     decode, decode_sharing, encode, BlockingFrameWriter, FrameError, FrameReader, FrameWriter,
-    EXECUTOR_LINK_BUFFER, EXECUTOR_LINK_BUSY_BUFFER, MAX_FRAME_SIZE,
+    EXECUTOR_LINK_BUFFER, MAX_FRAME_SIZE,
 };
 pub use handshake::{
     accept, connect, welcome, HandshakeError, Token, HANDSHAKE_TIMEOUT, MAX_HELLO_SIZE, TOKEN_ENV,

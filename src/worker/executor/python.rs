@@ -259,8 +259,8 @@ async fn run_generation(
     let (r, w) = stream.into_split();
     let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
     // Batches of inline inputs and results would otherwise each fault in a fresh buffer.
-    reader.keep_buffers(protocol::EXECUTOR_LINK_BUSY_BUFFER);
-    writer.keep_buffers_while_busy(protocol::EXECUTOR_LINK_BUSY_BUFFER, LINK_IDLE);
+    reader.keep_buffers(protocol::EXECUTOR_LINK_BUFFER);
+    writer.keep_buffers_while_busy(protocol::EXECUTOR_LINK_BUFFER, LINK_IDLE);
     let hello = async {
         protocol::accept(&mut reader, &mut writer, &config.token, &[Role::Executor]).await?;
         protocol::welcome(&mut writer, None).await?;
