@@ -21,10 +21,22 @@ impl<T> From<PoisonError<T>> for SendError {
     }
 }
 
+impl SendError {
+    const POISONED: &str = "link poisoned";
+
+    /// Why, for the next call to raise once the reporter thread failed.
+    fn reason(self) -> String {
+        match self {
+            SendError::Poisoned => Self::POISONED.into(),
+            SendError::Lost(why) => why,
+        }
+    }
+}
+
 impl From<SendError> for PyErr {
     fn from(e: SendError) -> PyErr {
         match e {
-            SendError::Poisoned => RankmeshError::new_err("link poisoned"),
+            SendError::Poisoned => RankmeshError::new_err(SendError::POISONED),
             SendError::Lost(why) => ConnectionLost::new_err(why),
         }
     }
@@ -126,10 +138,8 @@ impl Reports {
                     let Ok(mut relocked) = self.kept.lock() else {
                         return;
                     };
-                    match sent {
-                        Ok(()) => {}
-                        Err(SendError::Lost(why)) => relocked.failed = Some(why),
-                        Err(SendError::Poisoned) => relocked.failed = Some("link poisoned".into()),
+                    if let Err(e) = sent {
+                        relocked.failed = Some(e.reason());
                     }
                     relocked
                 }

@@ -8,6 +8,7 @@
 //! read 63 such frames (`tests/frame_buffers.rs`), each faulted in afresh. This codec
 //! reserves room to read ahead past a body, and nothing once a body is split off.
 
+use super::FrameError;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -17,11 +18,6 @@ pub(super) const LENGTH_PREFIX: usize = 4;
 /// What a read asks room for beyond the bytes a frame still lacks: the next frames' length
 /// prefixes and small bodies arrive in the same read.
 pub(super) const READ_AHEAD: usize = 8 << 10;
-
-/// A frame's length prefix was over the limit.
-#[derive(Debug, thiserror::Error)]
-#[error("frame over the size limit")]
-pub struct FrameTooLarge;
 
 #[derive(Debug)]
 pub struct FrameCodec {
@@ -38,24 +34,27 @@ impl FrameCodec {
         }
     }
 
-    pub fn max_frame_length(&self) -> usize {
-        self.max_frame
-    }
-
     pub fn set_max_frame_length(&mut self, max: usize) {
         self.max_frame = max;
     }
-}
 
-fn too_large() -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidData, FrameTooLarge)
+    /// A body of `len` bytes is within the limit, read or written.
+    fn check(&self, len: usize) -> Result<(), FrameError> {
+        match len > self.max_frame {
+            true => Err(FrameError::TooLarge {
+                len,
+                max: self.max_frame,
+            }),
+            false => Ok(()),
+        }
+    }
 }
 
 impl Decoder for FrameCodec {
     type Item = BytesMut;
-    type Error = std::io::Error;
+    type Error = FrameError;
 
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, std::io::Error> {
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
         let body = match self.body {
             Some(body) => body,
             None if src.len() < LENGTH_PREFIX => {
@@ -63,14 +62,8 @@ impl Decoder for FrameCodec {
                 return Ok(None);
             }
             None => {
-                let prefix: [u8; LENGTH_PREFIX] = src[..LENGTH_PREFIX]
-                    .try_into()
-                    .expect("the slice is LENGTH_PREFIX long");
-                let body = u32::from_be_bytes(prefix) as usize;
-                if body > self.max_frame {
-                    return Err(too_large());
-                }
-                src.advance(LENGTH_PREFIX);
+                let body = src.get_u32() as usize;
+                self.check(body)?;
                 self.body = Some(body);
                 body
             }
@@ -85,12 +78,10 @@ impl Decoder for FrameCodec {
 }
 
 impl Encoder<Bytes> for FrameCodec {
-    type Error = std::io::Error;
+    type Error = FrameError;
 
-    fn encode(&mut self, body: Bytes, dst: &mut BytesMut) -> Result<(), std::io::Error> {
-        if body.len() > self.max_frame {
-            return Err(too_large());
-        }
+    fn encode(&mut self, body: Bytes, dst: &mut BytesMut) -> Result<(), FrameError> {
+        self.check(body.len())?;
         dst.reserve(LENGTH_PREFIX + body.len());
         // Fits: the limit is below u32::MAX (MAX_FRAME_SIZE).
         dst.put_u32(body.len() as u32);
@@ -139,14 +130,12 @@ mod tests {
         let mut codec = FrameCodec::new(10);
         let mut buffer = BytesMut::from(&11u32.to_be_bytes()[..]);
         let error = codec.decode(&mut buffer).unwrap_err();
-        assert!(error
-            .get_ref()
-            .unwrap()
-            .downcast_ref::<FrameTooLarge>()
-            .is_some());
-        assert!(codec
-            .encode(Bytes::from_static(&[0; 11]), &mut BytesMut::new())
-            .is_err());
+        assert!(matches!(error, FrameError::TooLarge { len: 11, max: 10 }));
+        let sent = codec.encode(Bytes::from_static(&[0; 11]), &mut BytesMut::new());
+        assert!(matches!(
+            sent,
+            Err(FrameError::TooLarge { len: 11, max: 10 })
+        ));
     }
 
     #[test]

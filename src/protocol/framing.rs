@@ -9,7 +9,7 @@ use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
-use super::frame_codec::{FrameCodec, FrameTooLarge, LENGTH_PREFIX, READ_AHEAD};
+use super::frame_codec::{FrameCodec, LENGTH_PREFIX, READ_AHEAD};
 
 /// Largest frame an authenticated peer may send. Bulk data does not count: it travels
 /// as raw bytes after an [`super::ObjectHeader`] frame.
@@ -100,26 +100,19 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         poll_one(self.inner.get_ref().as_ref(), libc::POLLIN, 0).unwrap_or(true)
     }
 
-    fn max_frame_size(&self) -> usize {
-        self.inner.decoder().max_frame_length()
-    }
-
     /// The next frame's bytes; `None` on a clean close between frames.
     pub async fn recv_bytes(&mut self) -> Result<Option<Bytes>, FrameError> {
-        match self.inner.next().await {
-            None => Ok(None),
-            Some(Ok(frame)) => {
-                self.kept_large |= frame.len() > KEEP_BUFFER && frame.len() <= self.keep_buffer;
-                let buffer = self.inner.read_buffer_mut();
-                if frame.len() > self.keep_buffer && buffer.len() <= self.keep_buffer {
-                    // The frame shares the buffer's allocation: the buffer moves to a new
-                    // one (with the little read ahead), so dropping the frame frees it all.
-                    move_to_new_buffer(buffer);
-                }
-                Ok(Some(frame.freeze()))
-            }
-            Some(Err(e)) => Err(self.classify(e)),
+        let Some(frame) = self.inner.next().await.transpose()? else {
+            return Ok(None);
+        };
+        self.kept_large |= frame.len() > KEEP_BUFFER && frame.len() <= self.keep_buffer;
+        let buffer = self.inner.read_buffer_mut();
+        if frame.len() > self.keep_buffer && buffer.len() <= self.keep_buffer {
+            // The frame shares the buffer's allocation: the buffer moves to a new one (with
+            // the little read ahead), so dropping the frame frees it all.
+            move_to_new_buffer(buffer);
         }
+        Ok(Some(frame.freeze()))
     }
 
     /// The next message; `None` on a clean close between frames.
@@ -142,20 +135,6 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             .read_exact(&mut dst[from_buffer..])
             .await?;
         Ok(())
-    }
-
-    fn classify(&self, e: std::io::Error) -> FrameError {
-        let too_large = e
-            .get_ref()
-            .is_some_and(|inner| inner.downcast_ref::<FrameTooLarge>().is_some());
-        if too_large {
-            FrameError::TooLarge {
-                len: usize::MAX,
-                max: self.max_frame_size(),
-            }
-        } else {
-            FrameError::Io(e)
-        }
     }
 }
 
@@ -234,12 +213,6 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     /// Sends an already encoded message (see [`encode`]).
     pub async fn send_bytes(&mut self, frame: Bytes) -> Result<(), FrameError> {
-        if frame.len() > MAX_FRAME_SIZE {
-            return Err(FrameError::TooLarge {
-                len: frame.len(),
-                max: MAX_FRAME_SIZE,
-            });
-        }
         self.inner.send(frame).await?;
         self.shrink_write_buffer();
         Ok(())
