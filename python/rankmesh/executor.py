@@ -449,7 +449,7 @@ class TaskRunner:
                 for obj in inputs
             ]
             task = serialize.loads_payload(payload, self.functions, values)
-            result = serialize.run_payload(task, values)
+            result = serialize.storable(serialize.run_payload(task, values))
             name = serialize.payload_name(task)
             del task, values  # inputs go before the result is stored
             frames, layout = serialize.dumps_result(result, name)

@@ -9,6 +9,7 @@ the pickle stream. Executors import this module at start-up, so what only some t
 from __future__ import annotations
 
 import pickle
+import sys
 import threading
 import traceback
 from collections.abc import Sequence
@@ -118,12 +119,76 @@ def payload_name(payload: tuple) -> str:
     return "scattered data"
 
 
+def storable(value: object) -> object:
+    """`value` as a result is stored: itself, or where it is a numpy array laid out in
+    neither C nor Fortran order an equal array that pickles its data out of band:
+    - a strided view (a slice across the fast axes, a transpose's chunk): a C-ordered
+      copy. numpy pickles such a view's data into the pickle stream, copied twice on the
+      way in and unpickled into a new copy by every task that reads it, where a
+      contiguous array's data leaves out of band and the executor's own readers share
+      the object (0.89 and 0.13 ms for a 1.75 MB view against one 0.25 ms copy). The view
+      no longer keeps the array it was cut from alive. `distributed` makes the same copy.
+    - a broadcast array (zero strides: a chunk of `da.zeros`, `ones` or `full` is a scalar
+      broadcast to the chunk's shape): its distinct values, broadcast again, which
+      `dumps_result` stores alone (`_Broadcast`), as `distributed` ships them. Pickled as
+      it was, it was written out whole. Readers get a read-only view, as under the
+      threaded scheduler."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None or type(value) is not numpy.ndarray or value.dtype.hasobject:
+        return value
+    if _broadcast(value):
+        return numpy.broadcast_to(_distinct_values(value), value.shape)
+    if value.flags.c_contiguous or value.flags.f_contiguous:
+        return value
+    return numpy.ascontiguousarray(value)
+
+
+def _broadcast(array: object) -> bool:
+    return 0 in array.strides and array.size > 1
+
+
+def _distinct_values(array: object) -> object:
+    """The values of a broadcast array along its broadcast axes' first index, contiguous
+    (a view where they already are)."""
+    import numpy
+
+    first = tuple(slice(0, 1) if stride == 0 else slice(None) for stride in array.strides)
+    return numpy.ascontiguousarray(array[first])
+
+
+class _Broadcast:
+    """Pickles as `numpy.broadcast_to(values, shape)`."""
+
+    __slots__ = ("values", "shape")
+
+    def __init__(self, values: object, shape: tuple[int, ...]) -> None:
+        self.values = values
+        self.shape = shape
+
+    def __reduce__(self) -> tuple:
+        import numpy
+
+        return numpy.broadcast_to, (self.values, self.shape)
+
+
+def _compact(obj: object) -> object:
+    """`obj`, or a `_Broadcast` of it where it is a numpy array broadcast along an axis."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None or type(obj) is not numpy.ndarray or obj.dtype.hasobject:
+        return obj
+    if not _broadcast(obj):
+        return obj
+    return _Broadcast(_distinct_values(obj), obj.shape)
+
+
 def dumps_result(obj: object, task: str = "the task") -> tuple[list[Buffer], list[int]]:
     """Frames (pickle stream, then out-of-band buffers) and their lengths. A result that
     cannot be pickled raises TypeError naming `task` and the result's type."""
     buffers: list[pickle.PickleBuffer] = []
     try:
-        stream = pickle.dumps(obj, protocol=RESULT_PROTOCOL, buffer_callback=buffers.append)
+        stream = pickle.dumps(
+            _compact(obj), protocol=RESULT_PROTOCOL, buffer_callback=buffers.append
+        )
     except PICKLE_FAILURES:
         import cloudpickle
 

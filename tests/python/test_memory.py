@@ -131,6 +131,27 @@ def test_an_array_five_times_the_cluster_memory_persists_and_computes_within_the
     assert glob.glob(str(tmp_path / "rankmesh-spill-*")) == [], "spill folders removed"
 
 
+def test_persisted_ones_hold_their_distinct_values_not_512_mb():
+    """A chunk of `da.ones` is a scalar broadcast to the chunk's shape: stored as that
+    (as `distributed` ships it), not written out whole (256 MB on each worker before)."""
+    ones = da.ones((8000, 8000), chunks=2000)
+    with (
+        rankmesh.LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="2GiB") as cluster,
+        rankmesh.Client(cluster) as client,
+    ):
+        persisted = client.persist(ones)
+        rankmesh.wait(persisted)
+        deadline = time.monotonic() + 10
+        while not all(w["process_bytes"] for w in client.scheduler_info()["workers"].values()):
+            assert time.monotonic() < deadline, "no memory report from the workers"
+            time.sleep(0.1)
+        info = client.scheduler_info()["workers"]
+        assert sum(w["managed_bytes"] for w in info.values()) < MIB, info
+        assert client.compute(persisted.sum(), sync=True) == 8000 * 8000
+        doubled = client.compute((persisted * 2)[::3, 1::2], sync=True)
+        np.testing.assert_array_equal(doubled, (ones * 2)[::3, 1::2].compute(scheduler="threads"))
+
+
 def test_a_worker_killed_leaves_no_spill_folder_for_long(tmp_path):
     """A worker killed outright cannot clean up: the next worker there sweeps its folder."""
     spilling = {"memory_limit": "200MiB", "local_directory": tmp_path}
@@ -138,7 +159,7 @@ def test_a_worker_killed_leaves_no_spill_folder_for_long(tmp_path):
         rankmesh.LocalCluster(n_workers=1, **spilling) as cluster,
         rankmesh.Client(cluster) as client,
     ):
-        x = client.persist(da.ones((4_096, 4_096), chunks=1_024))  # 128 MiB: some spill
+        x = client.persist(da.ones((4_096, 4_096), chunks=1_024) + 0)  # 128 MiB: some spill
         rankmesh.wait(x)
         (worker,) = cluster_workers(cluster)
         folder = glob.glob(str(tmp_path / f"rankmesh-spill-{worker.pid}-*"))
@@ -219,7 +240,8 @@ def test_a_full_local_directory_is_a_clear_task_error_and_no_crash(tiny_disk):
         rankmesh.Client(cluster) as client,
     ):
         pids = {p.pid for p in cluster_processes(cluster)}
-        big = client.persist(da.ones((8_192, 8_192), chunks=1_024))  # 512 MiB, 8 MiB chunks
+        # 512 MiB in 8 MiB chunks (`+ 0`: `da.ones` alone is a broadcast scalar, stored as one)
+        big = client.persist(da.ones((8_192, 8_192), chunks=1_024) + 0)
         with pytest.raises(Exception, match="No space left on device"):
             big.sum().compute()
         # Nothing crashed, and once the data is let go the worker computes again.

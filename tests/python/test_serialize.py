@@ -23,6 +23,7 @@ from rankmesh.serialize import (
     loads_payload,
     loads_result,
     run_payload,
+    storable,
 )
 
 
@@ -477,6 +478,61 @@ def test_a_kept_result_is_not_kept_as_an_object_that_would_hold_more_than_its_fr
     frames, _ = dumps_result({"a": np.ones(INLINE_MAX)})
     assert runner.held.keep(99, [bytes(frames[0]), bytearray(frames[1])]) is not None
     assert runner.held.value(99) is runner.held.value(99)
+
+
+def test_only_arrays_in_neither_order_are_stored_as_contiguous_copies():
+    cube = np.arange(4 * 6 * 8, dtype=np.float32).reshape(4, 6, 8)
+    for kept_as_is in (cube, cube[1:3], np.asfortranarray(cube), cube.T, "text", [cube[:, ::2]]):
+        assert storable(kept_as_is) is kept_as_is
+    objects = np.array([object()] * 8).reshape(2, 4)[:, ::2]
+    assert storable(objects) is objects  # pickled element by element either way
+    split = cube[:, 2:4, 2:6]  # a rechunk's split: strided on the two fast axes
+    copy = storable(split)
+    assert copy.flags.c_contiguous and copy.base is None
+    np.testing.assert_array_equal(copy, split)
+    # Its data leaves the pickle stream, where the view's is copied into it.
+    assert len(dumps_result(split)[1]) == 1
+    stream, data = dumps_result(copy)[1]
+    assert data == copy.nbytes and stream < copy.nbytes
+
+
+def strided_view_of_a_larger_array(n):
+    larger = np.arange(4 * n, dtype=np.int64).reshape(n, 4)
+    _larger_arrays.append(weakref.ref(larger))
+    return larger[:, ::2]
+
+
+def test_a_strided_view_result_is_kept_as_one_contiguous_object_tasks_here_share(tmp_path, encoder):
+    runner = TaskRunner(str(tmp_path), "7")
+    runner.held.enabled = True
+    payload, _, funcs = encoder.call(strided_view_of_a_larger_array, (INLINE_MAX,), {})
+    runner.add_functions(submitted(encoder, funcs))
+    key = held_input(runner.run(1, payload, [])[3])[1]
+    assert _larger_arrays[-1]() is None, "the larger array went"
+    value = runner.held.value(key)
+    assert value is runner.held.value(key), "readers share it, none unpickles its own"
+    expected = np.arange(4 * INLINE_MAX, dtype=np.int64).reshape(INLINE_MAX, 4)[:, ::2]
+    np.testing.assert_array_equal(value, expected)
+
+
+def broadcast_rows(n, row):
+    return np.broadcast_to(row, (n, len(row)))
+
+
+def test_a_broadcast_result_is_stored_by_its_distinct_values(tmp_path, encoder):
+    """As `distributed` ships it: a chunk of `da.zeros` (a scalar broadcast to the chunk's
+    shape) is not written out whole."""
+    runner = TaskRunner(str(tmp_path), "7")
+    runner.held.enabled = True
+    for row in (np.full(64, 2.5), np.arange(64.0)):  # 32 MB broadcast, 512 bytes distinct
+        payload, _, funcs = encoder.call(broadcast_rows, (INLINE_MAX, row), {})
+        runner.add_functions(submitted(encoder, funcs))
+        stored = runner.run(1, payload, [])[3]
+        assert stored[0] == "inline"
+        back = decode_input(stored)
+        np.testing.assert_array_equal(back, broadcast_rows(INLINE_MAX, row))
+        assert back.strides[0] == 0 and not back.flags.writeable
+    assert storable(np.broadcast_to(7, (3, 4))).strides == (0, 0)
 
 
 _kept_by_task = []
