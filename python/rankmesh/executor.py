@@ -72,6 +72,13 @@ FREE_FOLDER = "free"
 # of a chunk): such a result is copied out of it instead.
 MAX_KEPT_BASE_RATIO = 2
 
+# Results from this size up stay in an executor that keeps results (`HeldResults`); smaller
+# ones, and all where it does not, go to the worker inline up to INLINE_MAX. An inline
+# result crosses the executor link twice when a task here reads it (to the worker, back as
+# an input) and is unpickled anew by each reader: the anomaly pipeline's 17,500 results of
+# 16-64 KiB (1.1 GB a rep) did, and kept here it ran 25% faster (docs/performance.md).
+KEEP_FROM = 4 * 1024
+
 # A kept result's value is kept beside its frames only where its pickle stream, which the
 # value copies, is at most this share of the bytes (HeldResults).
 MAX_IN_BAND_SHARE = 0.25
@@ -338,7 +345,7 @@ class KeptHeap:
 
 
 class HeldResults:
-    """Large results kept in this process rather than written (`ObjectRef::Held`), by key:
+    """Results kept in this process rather than sent or written (`ObjectRef::Held`), by key:
     their pickled frames, which must stay alive and unchanged until the worker says the
     result is released or copied out (it may be reading them meanwhile).
 
@@ -463,13 +470,14 @@ class TaskRunner:
         """Stores a result pickled as `frames`: `result` itself is kept too where it is
         kept here (`HeldResults`)."""
         _, total = object_offsets(layout)
-        if total <= INLINE_MAX:
-            return "inline", serialize.join_frames(frames, layout), layout
-        self._sequence += 1
-        if self.held.enabled:
+        if self.held.enabled and total >= KEEP_FROM:
+            self._sequence += 1
             spans = self.held.keep(self._sequence, frames, result)
             if spans is not None:
                 return "held", (self._sequence, spans), layout
+        if total <= INLINE_MAX:
+            return "inline", serialize.join_frames(frames, layout), layout
+        self._sequence += 1
         path = os.path.join(self._shm_dir, f"{self._executor_id}-{self._sequence}")
         if self._claim_free_segment(total, path):
             flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC

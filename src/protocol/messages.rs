@@ -618,7 +618,7 @@ pub enum ObjectRef {
     Inline { data: Bytes, layout: Vec<u64> },
     /// Large objects live in a shared-memory file the executor maps.
     Shm { path: String, layout: Vec<u64> },
-    /// A large result the executor keeps in its own memory rather than writing it
+    /// A result the executor keeps in its own memory rather than sending or writing it
     /// (`ToExecutor::HoldResults`): `key` names it to the executor, and `spans` are the
     /// addresses and lengths of its frames in the executor's memory, from which the worker
     /// copies it into shared memory when anything else needs its bytes. Back to the
@@ -654,9 +654,9 @@ pub enum ToExecutor {
     ObjectsReleased {
         held: Vec<u64>,
     },
-    /// Keep large results (`ObjectRef::Held`) rather than write them (`true`: the worker
-    /// can copy results out of this executor's memory, and has memory to spare), or write
-    /// them again (`false`).
+    /// Keep results (`ObjectRef::Held`; from 4 KiB, `KEEP_FROM` in `executor.py`) rather
+    /// than send or write them (`true`: the worker can copy results out of this
+    /// executor's memory, and has memory to spare), or send and write them again (`false`).
     HoldResults(bool),
     /// The worker is over its spill threshold: give back the freed heap kept for reuse.
     DropReserves,

@@ -1,11 +1,12 @@
 //! Results an executor keeps in its own memory (`ObjectRef::Held`): tasks on that
-//! executor read them as they are, and the worker copies one into its shared memory
-//! ([`Held::publish`]) only when something else needs its bytes: a peer, a client, a spill,
-//! another executor. Most results of a rechunk or a reduction are read by the executor that
-//! made them, and were written into shared memory for nothing.
+//! executor read them as they are, and the worker copies one into its shared memory (a
+//! small one onto its heap: [`Held::publish`]) only when something else needs its bytes: a
+//! peer, a client, a spill, another executor. Most results of a rechunk or a reduction are
+//! read by the executor that made them, and were written into shared memory for nothing.
 
 use super::{Published, ShmDir, ShmSegment, StoreError};
-use crate::protocol::{frame_offsets, ObjectLoan};
+use crate::protocol::{frame_offsets, ObjectLoan, INLINE_MAX};
+use bytes::Bytes;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, OnceLock, TryLockError};
@@ -132,8 +133,33 @@ impl ProcessMemory {
     }
 }
 
+/// Where a kept result's bytes were copied once something other than its executor needed
+/// them: a segment of the worker's shared memory, or its heap for a result small enough to
+/// travel inline (a file each for thousands of 4-64 KiB results would cost more than their
+/// bytes).
+pub(super) enum PublishedCopy {
+    Segment(ShmSegment),
+    Heap(Bytes),
+}
+
+impl PublishedCopy {
+    pub(super) fn bytes(&self) -> &[u8] {
+        match self {
+            PublishedCopy::Segment(segment) => segment.bytes(),
+            PublishedCopy::Heap(bytes) => bytes,
+        }
+    }
+
+    pub(super) fn segment(&self) -> Option<&ShmSegment> {
+        match self {
+            PublishedCopy::Segment(segment) => Some(segment),
+            PublishedCopy::Heap(_) => None,
+        }
+    }
+}
+
 /// A result an executor keeps: where its bytes are, and, once something other than that
-/// executor needed them, the worker's shared-memory segment they were copied into.
+/// executor needed them, where they were copied.
 pub struct Held {
     pub holder: Holder,
     source: Arc<ProcessMemory>,
@@ -143,7 +169,7 @@ pub struct Held {
     dir: Arc<ShmDir>,
     /// Where a copy is noted, for the worker to tell the executor it may drop its own.
     notices: Published,
-    published: OnceLock<ShmSegment>,
+    published: OnceLock<PublishedCopy>,
     /// Held during the copy, so that two readers wait for one copy.
     copying: Mutex<()>,
     /// Lent to readers in other processes, who copy the frames themselves.
@@ -243,8 +269,8 @@ impl Held {
         Some(self.holder)
     }
 
-    /// The segment holding the copy, once made.
-    pub(super) fn published(&self) -> Option<&ShmSegment> {
+    /// The copy, once made.
+    pub(super) fn published(&self) -> Option<&PublishedCopy> {
         self.published.get()
     }
 
@@ -275,25 +301,32 @@ impl Held {
         }
     }
 
-    /// Copies the bytes into a segment of the worker's folder, once.
-    pub(super) fn publish(&self, layout: &[u64]) -> Result<&ShmSegment, StoreError> {
+    /// Copies the bytes into a segment of the worker's folder (onto its heap when they
+    /// would travel inline), once.
+    pub(super) fn publish(&self, layout: &[u64]) -> Result<&PublishedCopy, StoreError> {
         let _copying = super::lock(&self.copying);
-        if let Some(segment) = self.published.get() {
-            return Ok(segment);
+        if let Some(copy) = self.published.get() {
+            return Ok(copy);
         }
-        let (offsets, _) =
+        let (offsets, total) =
             frame_offsets(layout).ok_or_else(|| StoreError::BadLayout(layout.to_vec()))?;
-        let segment = self
-            .dir
-            .write_new(layout, |window, start| self.read(&offsets, window, start))?;
+        let copy = if total <= INLINE_MAX {
+            let mut bytes = vec![0; total as usize];
+            self.read(&offsets, &mut bytes, 0)
+                .map_err(StoreError::Publish)?;
+            PublishedCopy::Heap(bytes.into())
+        } else {
+            let fill = |window: &mut [u8], start| self.read(&offsets, window, start);
+            PublishedCopy::Segment(self.dir.write_new(layout, fill)?)
+        };
         self.check_alive().map_err(StoreError::Publish)?;
         // The copy first, then the notice: a worker that saw the notice (and told the
         // executor to drop its frames) must not hand a task the executor's key after it.
-        let segment = self.published.get_or_init(|| segment);
+        let copy = self.published.get_or_init(|| copy);
         if let Some(holder) = self.drop_notice() {
             super::lock(&self.notices).push(holder);
         }
-        Ok(segment)
+        Ok(copy)
     }
 }
 
@@ -399,9 +432,10 @@ mod tests {
         let layout: Vec<u64> = frames.iter().map(|f| f.len() as u64).collect();
         let (held, notices) = held(own_memory(), &frames, &dir);
         assert!(held.published().is_none());
-        let first = held.publish(&layout).unwrap().path.clone();
+        let segment = |copy: &PublishedCopy| copy.segment().expect("a segment").path.clone();
+        let first = segment(held.publish(&layout).unwrap());
         let again = held.publish(&layout).unwrap();
-        assert_eq!(again.path, first, "copied once");
+        assert_eq!(segment(again), first, "copied once");
         assert_eq!(*notices.lock().unwrap(), vec![held.holder], "noted once");
         assert!(first.starts_with(dir.path()));
         let (offsets, total) = frame_offsets(&layout).unwrap();
@@ -410,6 +444,29 @@ mod tests {
         assert_eq!(&bytes[..10], &[3; 10]);
         assert!(bytes[10..offsets[1] as usize].iter().all(|&b| b == 0));
         assert!(bytes[offsets[1] as usize..].iter().all(|&b| b == 5));
+    }
+
+    #[test]
+    fn a_result_small_enough_to_travel_inline_is_published_onto_the_heap() {
+        let dir = Arc::new(ShmDir::create("rankmesh-test").unwrap());
+        let frames = vec![vec![3u8; 10], vec![5u8; INLINE_MAX as usize - 64]];
+        let layout: Vec<u64> = frames.iter().map(|f| f.len() as u64).collect();
+        let (held, notices) = held(own_memory(), &frames, &dir);
+        let files = || std::fs::read_dir(dir.path()).unwrap().count();
+        let before = files();
+        let copy = held.publish(&layout).unwrap();
+        assert!(
+            copy.segment().is_none() && files() == before,
+            "no file for it"
+        );
+        let (offsets, total) = frame_offsets(&layout).unwrap();
+        assert_eq!(total, INLINE_MAX);
+        let bytes = copy.bytes();
+        assert_eq!(bytes.len() as u64, total);
+        assert_eq!(&bytes[..10], &[3; 10]);
+        assert!(bytes[10..offsets[1] as usize].iter().all(|&b| b == 0));
+        assert!(bytes[offsets[1] as usize..].iter().all(|&b| b == 5));
+        assert_eq!(*notices.lock().unwrap(), vec![held.holder], "noted");
     }
 
     #[test]

@@ -10,7 +10,7 @@ mod private_mapping;
 mod spill;
 
 pub use allocate::{Allocate, Borrower, HeapAllocator, WorkerFolders};
-use held::Held;
+use held::{Held, PublishedCopy};
 pub use held::{Holder, ProcessMemory};
 pub use private_mapping::drop_written_pages;
 pub use spill::{SpillDir, SPILL_PREFIX};
@@ -74,8 +74,9 @@ enum ObjectData {
     /// Spilled: a file on a local disk, mapped only while read (its pages come from the
     /// page cache, which the kernel can drop, not from the worker's memory).
     Disk(spill::DiskFile),
-    /// Kept by the executor that made it, copied into shared memory only when something
-    /// other than that executor needs the bytes ([`Object::publish`]). The executor keeps
+    /// Kept by the executor that made it, copied into shared memory (onto the heap when
+    /// small) only when something other than that executor needs the bytes
+    /// ([`Object::publish`]). The executor keeps
     /// its copy until told the object was released or spilled.
     Held(Held),
 }
@@ -115,7 +116,7 @@ impl Object {
         match &self.data {
             ObjectData::Heap(b) => Some(b),
             ObjectData::Shm(s) => Some(s.bytes()),
-            ObjectData::Held(h) => h.published().map(|s| s.bytes()),
+            ObjectData::Held(h) => h.published().map(PublishedCopy::bytes),
             ObjectData::Disk(_) => None,
         }
     }
@@ -213,9 +214,14 @@ impl Object {
     }
 
     /// Whether the object lives in a shared-memory file (large ones do, until spilled),
-    /// or is kept by an executor (which is told when it goes, as files going are).
+    /// or is kept by an executor (which is told when it goes, as files going are). Not
+    /// one copied out of its executor onto the heap: that executor was told then.
     pub fn is_shared(&self) -> bool {
-        matches!(self.data, ObjectData::Shm(_) | ObjectData::Held(_))
+        match &self.data {
+            ObjectData::Shm(_) => true,
+            ObjectData::Held(held) => held.published().is_none_or(|c| c.segment().is_some()),
+            ObjectData::Heap(_) | ObjectData::Disk(_) => false,
+        }
     }
 
     /// The shared-memory file holding the object, for a worker on this node to link
@@ -230,7 +236,7 @@ impl Object {
     fn segment(&self) -> Option<&ShmSegment> {
         match &self.data {
             ObjectData::Shm(segment) => Some(segment),
-            ObjectData::Held(held) => held.published(),
+            ObjectData::Held(held) => held.published().and_then(PublishedCopy::segment),
             ObjectData::Heap(_) | ObjectData::Disk(_) => None,
         }
     }
@@ -286,13 +292,15 @@ impl Object {
                     spans: Vec::new(),
                 }
             }
-            ObjectData::Held(held) => ObjectRef::Shm {
-                path: held
-                    .publish(&self.layout)?
-                    .path
-                    .to_string_lossy()
-                    .into_owned(),
-                layout,
+            ObjectData::Held(held) => match held.publish(&self.layout)? {
+                PublishedCopy::Segment(segment) => ObjectRef::Shm {
+                    path: segment.path.to_string_lossy().into_owned(),
+                    layout,
+                },
+                PublishedCopy::Heap(data) => ObjectRef::Inline {
+                    data: data.clone(),
+                    layout,
+                },
             },
             ObjectData::Shm(s) => ObjectRef::Shm {
                 path: s.path.to_string_lossy().into_owned(),

@@ -231,15 +231,16 @@ fn write_held(held: &Held, layout: &[u64], path: &Path) -> std::io::Result<()> {
     let file = private_files::new_file_options()
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_DIRECT)
         .open(path)?;
-    let mut blocks = vec![LastBlock([0; DIRECT_ALIGN]); HELD_WRITE_CHUNK / DIRECT_ALIGN];
+    // No more blocks than the result fills: most kept results are a few KiB.
+    let chunk_size = HELD_WRITE_CHUNK.min((total as usize).next_multiple_of(DIRECT_ALIGN));
+    let mut blocks = vec![LastBlock([0; DIRECT_ALIGN]); chunk_size / DIRECT_ALIGN];
     // SAFETY: the blocks are plain bytes back to back (their size is their alignment),
     // borrowed only through this slice.
-    let chunk = unsafe {
-        std::slice::from_raw_parts_mut(blocks.as_mut_ptr().cast::<u8>(), HELD_WRITE_CHUNK)
-    };
+    let chunk =
+        unsafe { std::slice::from_raw_parts_mut(blocks.as_mut_ptr().cast::<u8>(), chunk_size) };
     let mut start = 0;
     while start < total {
-        let length = HELD_WRITE_CHUNK.min((total - start) as usize);
+        let length = chunk_size.min((total - start) as usize);
         let padded = length.next_multiple_of(DIRECT_ALIGN);
         held.read(&offsets, &mut chunk[..length], start)?;
         chunk[length..padded].fill(0);

@@ -129,8 +129,8 @@ pub trait WorkerComm {
     /// unmaps the inputs it kept mapped whose files are gone, and drops the results it
     /// keeps under the `held` keys.
     fn objects_released(&mut self, slot: usize, generation: u64, held: Vec<u64>);
-    /// Has a slot's executor generation keep its large results in its memory, or write
-    /// them (`hold` false).
+    /// Has a slot's executor generation keep its results (from a few KiB) in its memory,
+    /// or send and write them (`hold` false).
     fn hold_results(&mut self, slot: usize, generation: u64, hold: bool);
     /// Has a slot's executor generation copy a result a peer's executor lends and keep it
     /// ([`WorkerState::executor_borrowed`] follows).
@@ -1084,7 +1084,7 @@ impl WorkerState {
                     // peer's fetch waits for the copy (no loan of it: a second copy).
                     self.copying_out.insert(outcome.id, object.size());
                     comm.copy_out(outcome.id, object);
-                } else if object.is_shared() && self.peers_read_bytes() {
+                } else if object.shared_path().is_some() && self.peers_read_bytes() {
                     comm.map_in(object);
                 }
             }

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from rankmesh import TaskError, executor
 from rankmesh._layout import ALIGN, INLINE_MAX, object_offsets
-from rankmesh.executor import TaskRunner, decode_input
+from rankmesh.executor import KEEP_FROM, TaskRunner, decode_input
 from rankmesh.payloads import FunctionRegistry, PayloadEncoder
 from rankmesh.serialize import (
     dumps_error,
@@ -427,6 +427,24 @@ def held_input(stored):
     kind, (key, _spans), layout = stored
     assert kind == "held"
     return ("held", key, layout)
+
+
+def test_results_from_a_few_kib_stay_in_an_executor_that_keeps_results(tmp_path, encoder):
+    """Sent inline, a result a task here reads crosses the executor link twice and is
+    unpickled anew by each reader."""
+    runner = TaskRunner(str(tmp_path), "7")
+    small, kept = np.zeros(KEEP_FROM // 16), np.arange(KEEP_FROM // 8, dtype=np.float64)
+    for enabled, value, kind in (
+        (True, small, "inline"),
+        (True, kept, "held"),
+        (False, kept, "inline"),
+    ):
+        runner.held.enabled = enabled
+        payload, _, _ = encoder.data(value)
+        stored = runner.run(1, payload, [])[3]
+        assert stored[0] == kind, (enabled, value.nbytes)
+        if kind == "held":
+            np.testing.assert_array_equal(runner.held.value(held_input(stored)[1]), kept)
 
 
 def test_tasks_here_read_a_kept_result_as_the_object_itself(tmp_path, encoder):

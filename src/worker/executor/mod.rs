@@ -69,8 +69,8 @@ pub trait Executor: Send {
     /// drops the results it holds under the `held` keys.
     fn objects_released(&mut self, generation: u64, held: Vec<u64>);
 
-    /// The executor keeps its large results in its memory (the worker can copy them out),
-    /// or writes them (`hold` false).
+    /// The executor keeps its results (from a few KiB) in its memory (the worker can copy
+    /// them out), or sends and writes them (`hold` false).
     fn hold_results(&mut self, generation: u64, hold: bool);
 
     /// The worker needs memory back: the executor gives back what it keeps only to go

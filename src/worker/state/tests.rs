@@ -2225,6 +2225,41 @@ fn a_kept_result_is_read_by_key_until_copied_out_then_from_the_copy() {
 }
 
 #[test]
+fn a_small_kept_result_is_copied_out_onto_the_heap_and_read_inline_after() {
+    let mut env = TestEnv::with_readable_executors(1);
+    env.comm.holding.clear();
+    let frame = vec![7u8; 8_000];
+    env.compute(vec![task(1, &[])]);
+    env.ran();
+    env.results(0, vec![kept(1, 5, &frame)]);
+    assert_eq!(env.done_ids(), ids(&[1]));
+    let object = env.store.get(TaskId(1)).expect("stored");
+    assert!(object.is_unpublished());
+    // A peer asks for it: copied out, with no file for it.
+    let bytes = object.read().expect("copied out");
+    assert!(bytes[..8_000].iter().all(|&b| b == 7));
+    assert!(object.shared_path().is_none() && object.bytes().is_some());
+    env.compute(vec![task(2, &[(1, &[])])]);
+    let run = env.comm.take_runs();
+    let [ObjectRef::Inline { data, .. }] = &run[0].inputs[0][..] else {
+        panic!("read inline: {:?}", run[0].inputs);
+    };
+    assert!(data[..8_000].iter().all(|&b| b == 7));
+    assert_eq!(
+        env.comm.held_released,
+        [(0, 2, 5)],
+        "the executor may drop its copy"
+    );
+    drop((bytes, object));
+    env.results(0, vec![ok(2)]);
+    assert_eq!(env.done_ids(), ids(&[2]));
+    // Its executor was told when it was copied out, and no file goes: no notice now.
+    assert_eq!(env.release_notices(), [(0, 2)]);
+    env.scheduler(ToWorker::Release(ids(&[1])));
+    env.comm.emptiness_check();
+}
+
+#[test]
 fn a_released_or_spilled_kept_result_is_dropped_by_its_executor() {
     let mut env = TestEnv::with_memory(1, limited());
     env.readable_executor_replaces(0, 2);
