@@ -133,14 +133,22 @@ def storable(value: object) -> object:
       `dumps_result` stores alone (`_Broadcast`), as `distributed` ships them. Pickled as
       it was, it was written out whole. Readers get a read-only view, as under the
       threaded scheduler."""
-    numpy = sys.modules.get("numpy")
-    if numpy is None or type(value) is not numpy.ndarray or value.dtype.hasobject:
+    if not _numbers_array(value):
         return value
+    import numpy
+
     if _broadcast(value):
         return numpy.broadcast_to(_distinct_values(value), value.shape)
     if value.flags.c_contiguous or value.flags.f_contiguous:
         return value
     return numpy.ascontiguousarray(value)
+
+
+def _numbers_array(value: object) -> bool:
+    """Whether `value` is a numpy array (not a subclass) of plain values, not objects;
+    numpy is not imported for the question."""
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and type(value) is numpy.ndarray and not value.dtype.hasobject
 
 
 def _broadcast(array: object) -> bool:
@@ -173,12 +181,9 @@ class _Broadcast:
 
 def _compact(obj: object) -> object:
     """`obj`, or a `_Broadcast` of it where it is a numpy array broadcast along an axis."""
-    numpy = sys.modules.get("numpy")
-    if numpy is None or type(obj) is not numpy.ndarray or obj.dtype.hasobject:
-        return obj
-    if not _broadcast(obj):
-        return obj
-    return _Broadcast(_distinct_values(obj), obj.shape)
+    if _numbers_array(obj) and _broadcast(obj):
+        return _Broadcast(_distinct_values(obj), obj.shape)
+    return obj
 
 
 def dumps_result(obj: object, task: str = "the task") -> tuple[list[Buffer], list[int]]:

@@ -2184,16 +2184,25 @@ fn an_input_another_executor_keeps_is_copied_out_off_the_loop_before_the_task_ru
     );
 }
 
+impl TestEnv {
+    /// Task 1 done on a readable executor, which keeps `frame` as its result under key 5:
+    /// the worker and the stored object.
+    fn one_kept_result(frame: &[u8]) -> (Self, Arc<Object>) {
+        let mut env = TestEnv::with_readable_executors(1);
+        env.comm.holding.clear();
+        env.compute(vec![task(1, &[])]);
+        env.ran();
+        env.results(0, vec![kept(1, 5, frame)]);
+        assert_eq!(env.done_ids(), ids(&[1]));
+        let object = env.store.get(TaskId(1)).expect("stored");
+        (env, object)
+    }
+}
+
 #[test]
 fn a_kept_result_is_read_by_key_until_copied_out_then_from_the_copy() {
-    let mut env = TestEnv::with_readable_executors(1);
-    env.comm.holding.clear();
     let frame = vec![7u8; 100_000];
-    env.compute(vec![task(1, &[])]);
-    env.ran();
-    env.results(0, vec![kept(1, 5, &frame)]);
-    assert_eq!(env.done_ids(), ids(&[1]));
-    let object = env.store.get(TaskId(1)).expect("stored");
+    let (mut env, object) = TestEnv::one_kept_result(&frame);
     assert!(object.is_unpublished() && object.bytes().is_none() && object.shared_path().is_none());
     assert_eq!(object.size(), 100_032, "padded to 64 bytes, as in a file");
     assert_eq!(env.store.bytes().in_memory, 100_032, "counted as in memory");
@@ -2226,14 +2235,8 @@ fn a_kept_result_is_read_by_key_until_copied_out_then_from_the_copy() {
 
 #[test]
 fn a_small_kept_result_is_copied_out_onto_the_heap_and_read_inline_after() {
-    let mut env = TestEnv::with_readable_executors(1);
-    env.comm.holding.clear();
     let frame = vec![7u8; 8_000];
-    env.compute(vec![task(1, &[])]);
-    env.ran();
-    env.results(0, vec![kept(1, 5, &frame)]);
-    assert_eq!(env.done_ids(), ids(&[1]));
-    let object = env.store.get(TaskId(1)).expect("stored");
+    let (mut env, object) = TestEnv::one_kept_result(&frame);
     assert!(object.is_unpublished());
     // A peer asks for it: copied out, with no file for it.
     let bytes = object.read().expect("copied out");
