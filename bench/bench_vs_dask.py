@@ -43,6 +43,9 @@ divided by this system's).
 Results are checked and compared between systems; any mismatch exits 1.
 --cpu-breakdown adds one untimed rep per workload and system with the CPU seconds of each
 process (client, scheduler, workers, executors) over it.
+--rankmesh-env VAR=VALUE sets a variable for rankmesh's processes only (this process, which
+runs the threaded scheduler, keeps its own): e.g. GLIBC_TUNABLES=glibc.malloc.hugetlb=1,
+executors' heap on huge pages where rankmesh does not ask for them by itself.
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ from _shared_memory import shared_memory  # noqa: E402
 from xarray_anomaly import LAT, LON, anomaly_pipeline, synthetic_dataset  # noqa: E402
 
 N_WORKERS = 2
+# --rankmesh-env: variables the rankmesh cluster is started with.
+RANKMESH_ENV: dict[str, str] = {}
 LEAF_LEN = 1000
 MEMORY_SAMPLE_S = 0.05
 # Finding new processes (executors restart, workers start children) costs a /proc scan;
@@ -400,9 +405,18 @@ def start_rankmesh(name: str = "rankmesh", dashboard: str = "on") -> System:
     import rankmesh
 
     address = None if dashboard == "off" else ":8787"
-    cluster = rankmesh.LocalCluster(
-        n_workers=N_WORKERS, threads_per_worker=1, dashboard_address=address
-    )
+    before = {var: os.environ.get(var) for var in RANKMESH_ENV}
+    os.environ.update(RANKMESH_ENV)  # read by the cluster's processes only, as they start
+    try:
+        cluster = rankmesh.LocalCluster(
+            n_workers=N_WORKERS, threads_per_worker=1, dashboard_address=address
+        )
+    finally:
+        for var, value in before.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
     client = rankmesh.Client(cluster)
     stop_watching = threading.Event()
     if dashboard == "watched":
@@ -878,9 +892,21 @@ def main() -> int:
         default=N_WORKERS,
         help="workers of one thread each (dask, rankmesh), threads of the threaded scheduler",
     )
+    parser.add_argument(
+        "--rankmesh-env",
+        action="append",
+        default=[],
+        metavar="VAR=VALUE",
+        help="a variable for rankmesh's processes only (repeatable)",
+    )
     parser.add_argument("--json", type=Path, help="append one JSON record of the run to this file")
     args = parser.parse_args()
     N_WORKERS = args.workers
+    for setting in args.rankmesh_env:
+        var, equals, value = setting.partition("=")
+        if not var or not equals:
+            parser.error(f"--rankmesh-env {setting!r}: expected VAR=VALUE")
+        RANKMESH_ENV[var] = value
     load_start = loadavg()
     started = time.perf_counter()
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
@@ -933,6 +959,8 @@ def main() -> int:
         f"{os.cpu_count()} CPUs, Dask worker-saturation {args.worker_saturation}"
     )
     print(f"load average at start {load_start}, at end {load_end}; {shared_memory()}")
+    if RANKMESH_ENV:
+        print("rankmesh started with " + " ".join(f"{k}={v}" for k, v in RANKMESH_ENV.items()))
     print_table(rows, notes)
     print_cpu_breakdown(breakdowns)
     if args.json:

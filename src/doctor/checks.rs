@@ -386,7 +386,8 @@ pub fn shared_memory() -> Check {
     let base = crate::store::shm_base();
     let why = "workers keep results there for their executors: without it they cannot start \
                (set $RANKMESH_SHM_BASE to another tmpfs folder)";
-    // Where the host takes free memory back, executors get numpy's 4 KiB pages (memory.md).
+    // Where the host takes free memory back, executors get numpy's 4 KiB pages; elsewhere,
+    // malloc's heap on huge pages (memory.md).
     let check = folder_check("shared_memory", &base, why).fact(
         "free_page_reporting",
         crate::topology::page_reporting::active(),

@@ -7,7 +7,7 @@ use super::executor::{
 };
 use super::memory::{MemoryPolicy, MemorySample};
 use super::state::{SpillOutcome, Wake, WorkerComm, WorkerSettings, WorkerState};
-use crate::heap::{FreedBytes, TRIM_WHEN_IDLE_AFTER};
+use crate::heap::{FreedBytes, GLIBC_TUNABLES_VAR, TRIM_WHEN_IDLE_AFTER};
 use crate::process::anonymous_resident_bytes;
 use crate::protocol::{
     FrameReader, FromWorker, FuncId, FunctionBlob, IdMap, LoanToCopy, ObjectLoan, Plugin,
@@ -197,7 +197,12 @@ pub async fn run_with(
     let chosen = |var: &str| {
         std::env::var_os(var).is_some() || config.executor_env.iter().any(|(v, _)| v == var)
     };
-    let huge_pages = page_reporting::executor_env(page_reporting::active(), chosen);
+    let tunables = (config.executor_env.iter().rev())
+        .find(|(var, _)| var == GLIBC_TUNABLES_VAR)
+        .map(|(_, value)| value.clone())
+        .or_else(|| std::env::var(GLIBC_TUNABLES_VAR).ok());
+    let huge_pages =
+        page_reporting::executor_env(page_reporting::active(), chosen, tunables.as_deref());
     let executor_config = PythonExecutorConfig {
         python: config.python.clone(),
         token: config.token.clone(),

@@ -306,3 +306,66 @@ def test_executors_ask_numpy_for_small_pages_only_where_the_host_takes_memory_ba
     with rankmesh.LocalCluster(n_workers=1, dashboard_address=None) as cluster:
         with rankmesh.Client(cluster) as chosen:
             assert chosen.submit(numpy_huge_page_advice).result() == ("1", True)
+
+
+def transparent_huge_pages_mode():
+    """The system's THP mode: "always", "madvise" or "never" (None where it has none)."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return text.split("[", 1)[1].split("]", 1)[0]
+
+
+def heap_on_huge_pages():
+    """This process's GLIBC_TUNABLES, and whether its malloc heap holds huge pages once 64
+    MiB of 1 MiB blocks are on it (in an executor they come from the heap: its mmap
+    threshold is half its kept heap)."""
+    blocks = [bytearray(b"x" * (1 << 20)) for _ in range(64)]
+    huge_kb = 0
+    in_heap = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0]:  # a mapping's first line: its range, ..., its name
+            in_heap = fields[-1] == "[heap]"
+        elif in_heap and fields[0] == "AnonHugePages:":
+            huge_kb += int(fields[1])
+    del blocks
+    return os.environ.get("GLIBC_TUNABLES"), huge_kb > 0
+
+
+def tunables_and_heap_in_a_cluster(monkeypatch, tunables):
+    monkeypatch.setenv("GLIBC_TUNABLES", tunables)
+    with rankmesh.LocalCluster(n_workers=1, dashboard_address=None) as cluster:
+        with rankmesh.Client(cluster) as client:
+            return client.submit(heap_on_huge_pages).result()
+
+
+def test_executors_heap_is_on_huge_pages_except_where_the_host_takes_memory_back(
+    client, monkeypatch
+):
+    mode = transparent_huge_pages_mode()
+    madvise = mode == "madvise"
+    tunables, on_huge_pages = client.submit(heap_on_huge_pages, pure=False).result()
+    if host_takes_free_memory_back():
+        assert tunables is None
+        assert not (madvise and on_huge_pages)
+        # The user may ask for them all the same; their tunables pass on as they are.
+        tunables, on_huge_pages = tunables_and_heap_in_a_cluster(
+            monkeypatch, "glibc.malloc.hugetlb=1"
+        )
+        assert tunables == "glibc.malloc.hugetlb=1"
+        assert on_huge_pages or mode not in ("madvise", "always")
+        tunables, _ = tunables_and_heap_in_a_cluster(monkeypatch, "glibc.malloc.arena_max=4")
+        assert tunables == "glibc.malloc.arena_max=4"
+    else:
+        assert tunables == "glibc.malloc.hugetlb=1"
+        assert on_huge_pages or mode not in ("madvise", "always")
+        # The user's own choice of that tunable wins; their other tunables stay.
+        tunables, on_huge_pages = tunables_and_heap_in_a_cluster(
+            monkeypatch, "glibc.malloc.hugetlb=0"
+        )
+        assert tunables == "glibc.malloc.hugetlb=0"
+        assert not (madvise and on_huge_pages)
+        tunables, _ = tunables_and_heap_in_a_cluster(monkeypatch, "glibc.malloc.arena_max=4")
+        assert tunables == "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1"
