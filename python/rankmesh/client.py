@@ -23,6 +23,7 @@ from .dashboard_links import cluster_html, dashboard_link, format_bytes
 from .dask_callbacks import dask_callbacks
 from .errors import CancelledError, FutureLost
 from .futures import Future, adopting_into
+from .helper_threads import start_helper_thread
 from .payloads import FunctionRegistry, PayloadEncoder
 from .serialize import loads_error, loads_frames
 from .task_options import Options, TaskAnnotations, annotations_of, refuse_actors
@@ -134,19 +135,17 @@ class Client:
         self._released_meanwhile: deque[int] = deque()
         self._releasing_lock = threading.Lock()
         self._stop_releasing = threading.Event()
-        self._releasing = threading.Thread(
-            target=_release_dropped,
-            args=(
+        self._releasing = start_helper_thread(
+            _release_dropped,
+            "rankmesh-client-releases",
+            (
                 self._core,
                 self._to_release,
                 self._released_meanwhile,
                 self._releasing_lock,
                 self._stop_releasing,
             ),
-            name="rankmesh-client-releases",
-            daemon=True,
         )
-        self._releasing.start()
         weakref.finalize(self, self._stop_releasing.set)
         # The task of each key a future of this client holds (the latest one made with that
         # key). An entry whose task is no longer in _holds is stale: ignored, pruned.

@@ -16,6 +16,8 @@ from typing import Any
 
 from dask.callbacks import Callback, local_callbacks, unpack_callbacks
 
+from .helper_threads import start_helper_thread
+
 __all__ = ["dask_callbacks"]
 
 POLL_S = 0.1
@@ -52,13 +54,11 @@ def dask_callbacks(core: Any, dsk: Any) -> Iterator[Callable[[list], None] | Non
             for key in keys:
                 for callback in pretask:
                     callback(key, dsk, state)
-            thread = threading.Thread(
-                target=_follow,
-                args=(core, keys, state, stop, lambda key: _posttask(posttask, key, dsk, state)),
-                name="rankmesh-callbacks",
-                daemon=True,
+            thread = start_helper_thread(
+                _follow,
+                "rankmesh-callbacks",
+                (core, keys, state, stop, lambda key: _posttask(posttask, key, dsk, state)),
             )
-            thread.start()
             follower.append(thread)
 
         errored = True

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from dask._task_spec import TaskRef
 
+from .helper_threads import start_helper_thread
+
 if TYPE_CHECKING:
     from .client import Client
 
@@ -101,7 +103,7 @@ class Future(TaskRef):
             except Exception:  # noqa: BLE001 - a callback's failure must not pass silently
                 logging.getLogger("rankmesh").exception("done callback of %r failed", self)
 
-        threading.Thread(target=wait_then_call, name="rankmesh-done-callback", daemon=True).start()
+        start_helper_thread(wait_then_call, "rankmesh-done-callback")
 
 
 class DetachedFuture(TaskRef):

@@ -8,13 +8,13 @@ what it holds, and rankmesh's scheduler runs no Python to feed more."""
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from typing import Any
 
 from dask.utils import key_split
 
 from .futures import Future, futures_of
+from .helper_threads import start_helper_thread
 
 __all__ = ["progress"]
 
@@ -107,10 +107,7 @@ class ProgressWidget:
         self.elapsed = ipywidgets.Label()
         self.widget = ipywidgets.VBox([self.elapsed, *rows])
         self._draw()
-        self.thread = threading.Thread(
-            target=self._follow, args=(interval,), name="rankmesh-progress", daemon=True
-        )
-        self.thread.start()
+        self.thread = start_helper_thread(self._follow, "rankmesh-progress", (interval,))
 
     def _draw(self) -> None:
         tracker = self.tracker
