@@ -26,7 +26,16 @@ from dask._task_spec import DataNode, GraphNode, Task, TaskRef
 
 from .coordination import Lock
 from .futures import DetachedFuture, Future
-from .serialize import CALL, DATA, NODE, PICKLE_FAILURES, RESULT_PROTOCOL, _function, _input
+from .serialize import (
+    CALL,
+    DATA,
+    NODE,
+    PICKLE_FAILURES,
+    RESULT_PROTOCOL,
+    _function,
+    _input,
+    compact,
+)
 
 
 def _importable(obj: object) -> bool:
@@ -250,6 +259,13 @@ class _PayloadReducer:
                 if func_id not in self.funcs:
                     self.funcs.append(func_id)
                 return _function, (func_id,)
+        if cls.__name__ == "ndarray":
+            # A broadcast array (scattered, or a graph's literal) travels by its distinct
+            # values, as results are stored: `np.broadcast_to(1.0, (8000, 8000))` pickled
+            # as it is made a 512 MB payload.
+            compacted = compact(obj)
+            if compacted is not obj:
+                return compacted.__reduce__()
         return self._fallback_reduce(obj)
 
     def _fallback_reduce(self, obj: object) -> object:

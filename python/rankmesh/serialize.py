@@ -152,7 +152,12 @@ def _numbers_array(value: object) -> bool:
 
 
 def _broadcast(array: object) -> bool:
-    return 0 in array.strides and array.size > 1
+    """Whether an axis of more than one element repeats one (its stride is 0); numpy
+    gives an axis of one element any stride, 0 too."""
+    return any(
+        stride == 0 and length > 1
+        for stride, length in zip(array.strides, array.shape, strict=True)
+    )
 
 
 def _distinct_values(array: object) -> object:
@@ -179,8 +184,9 @@ class _Broadcast:
         return numpy.broadcast_to, (self.values, self.shape)
 
 
-def _compact(obj: object) -> object:
-    """`obj`, or a `_Broadcast` of it where it is a numpy array broadcast along an axis."""
+def compact(obj: object) -> object:
+    """`obj`, or a `_Broadcast` of it where it is a numpy array broadcast along an axis:
+    numpy pickles such a view by copying out every element it shows."""
     if _numbers_array(obj) and _broadcast(obj):
         return _Broadcast(_distinct_values(obj), obj.shape)
     return obj
@@ -192,7 +198,7 @@ def dumps_result(obj: object, task: str = "the task") -> tuple[list[Buffer], lis
     buffers: list[pickle.PickleBuffer] = []
     try:
         stream = pickle.dumps(
-            _compact(obj), protocol=RESULT_PROTOCOL, buffer_callback=buffers.append
+            compact(obj), protocol=RESULT_PROTOCOL, buffer_callback=buffers.append
         )
     except PICKLE_FAILURES:
         import cloudpickle

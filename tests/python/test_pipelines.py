@@ -82,6 +82,19 @@ def test_scatter_and_submit_with_futures(client, n):
     assert total.result() == sum(range(n))
 
 
+def test_a_scattered_broadcast_array_travels_by_its_distinct_values(client):
+    """`np.broadcast_to` shows 512 MB here from 64 KB: pickled as numpy pickles it, the
+    scatter was a frame over the 256 MiB limit, and the client lost its connection."""
+    row = np.arange(8000.0)
+    whole = np.broadcast_to(row, (8000, 8000))
+    scattered = client.scatter(whole)
+    column_sums = client.submit(np.sum, scattered, axis=0)
+    np.testing.assert_array_equal(column_sums.result(), whole.sum(axis=0))
+    back = scattered.result()
+    assert back.shape == whole.shape and back.strides[0] == 0
+    np.testing.assert_array_equal(back[::999], whole[::999])
+
+
 def test_persist_then_compute(client):
     x = da.ones((100, 100), chunks=(10, 100))
     persisted = client.persist(x + 1)

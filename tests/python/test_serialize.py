@@ -553,6 +553,22 @@ def test_a_broadcast_result_is_stored_by_its_distinct_values(tmp_path, encoder):
     assert storable(np.broadcast_to(7, (3, 4))).strides == (0, 0)
 
 
+def test_a_broadcast_array_in_a_payload_travels_by_its_distinct_values(encoder):
+    """A scattered broadcast array (or one a graph holds) is not pickled whole."""
+    row = np.arange(64.0)
+    whole = np.broadcast_to(row, (100_000, 64))  # 51 MB as numpy pickles it
+    payload, _, _ = encoder.data(whole)
+    assert len(payload) < 2_000
+    value = run_payload(loads_payload(payload, {}, []), [])
+    np.testing.assert_array_equal(value, whole)
+    assert value.strides[0] == 0 and not value.flags.writeable
+    plain = np.arange(12.0).reshape(3, 4)
+    payload, _, _ = encoder.data(plain)
+    value = run_payload(loads_payload(payload, {}, []), [])
+    np.testing.assert_array_equal(value, plain)
+    assert value.flags.writeable, "an ordinary array stays as it was"
+
+
 _kept_by_task = []
 
 
