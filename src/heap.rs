@@ -76,8 +76,8 @@ const HEAP_HUGE_PAGES_TUNABLE: &str = "glibc.malloc.hugetlb";
 
 /// `GLIBC_TUNABLES` for an executor, whose heap (kept for reuse, [`keep_freed`]) should lie
 /// on huge pages: copying a result out of another executor (`process_vm_readv`) ran at
-/// 5.6 GB/s from huge pages against 3.2 GB/s from 4 KiB ones here, and the rechunks'
-/// copies and strided reductions missed the TLB less. `current` is the value the
+/// 5.6 GB/s from huge pages against 3.2 GB/s from 4 KiB ones here, and the 4x rechunk
+/// took 9% less time (docs/performance.md). `current` is the value the
 /// executor would otherwise get: its other tunables stay, and a user's own choice of this
 /// one (`glibc.malloc.hugetlb=0` turns it off) wins. Other C libraries ignore the variable.
 pub fn executor_heap_tunables(current: Option<&str>) -> Option<(String, String)> {
