@@ -13,7 +13,7 @@
 //! once the heap had grown, but its first run 47% slower, and under a memory limit (big
 //! arrays mapped afresh each time) no faster at all.
 
-use crate::heap::executor_heap_tunables;
+use crate::heap::{executor_heap_tunables, GLIBC_TUNABLES_VAR};
 use std::path::Path;
 
 /// numpy's switch for its huge-page advice (read when numpy is imported).
@@ -47,18 +47,19 @@ fn reports_free_pages(device: &str, features: &str) -> bool {
         && features.trim().as_bytes().get(REPORTING_FEATURE) == Some(&b'1')
 }
 
-/// The variable executors get about huge pages. Where the host takes free memory back
-/// (`reporting`): numpy's advice off, unless the user chose (`set`). Elsewhere: malloc's
-/// heap on huge pages, added to the `GLIBC_TUNABLES` they would get (`tunables`).
+/// The variable executors get about huge pages, given the value each variable would have
+/// otherwise (`given`). Where the host takes free memory back (`reporting`): numpy's
+/// advice off, unless the user set it. Elsewhere: malloc's heap on huge pages, added to
+/// their `GLIBC_TUNABLES`.
 pub fn executor_env(
     reporting: bool,
-    set: impl Fn(&str) -> bool,
-    tunables: Option<&str>,
+    given: impl Fn(&str) -> Option<String>,
 ) -> Option<(String, String)> {
     if reporting {
-        (!set(NUMPY_HUGE_PAGES_VAR)).then(|| (NUMPY_HUGE_PAGES_VAR.to_string(), "0".to_string()))
+        (given(NUMPY_HUGE_PAGES_VAR).is_none())
+            .then(|| (NUMPY_HUGE_PAGES_VAR.to_string(), "0".to_string()))
     } else {
-        executor_heap_tunables(tunables)
+        executor_heap_tunables(given(GLIBC_TUNABLES_VAR).as_deref())
     }
 }
 
@@ -98,25 +99,28 @@ mod tests {
 
     #[test]
     fn numpy_is_told_off_where_the_host_takes_memory_back_and_malloc_on_elsewhere() {
+        let none = |_: &str| None;
+        let only = |var: &'static str, value: &'static str| {
+            move |asked: &str| (asked == var).then(|| value.to_string())
+        };
         let off = Some((NUMPY_HUGE_PAGES_VAR.to_string(), "0".to_string()));
-        assert_eq!(executor_env(true, |_| false, None), off);
+        assert_eq!(executor_env(true, none), off);
+        assert_eq!(executor_env(true, only(NUMPY_HUGE_PAGES_VAR, "1")), None);
         assert_eq!(
-            executor_env(true, |var| var == NUMPY_HUGE_PAGES_VAR, None),
-            None
-        );
-        assert_eq!(
-            executor_env(true, |_| false, Some("glibc.malloc.hugetlb=1")),
+            executor_env(true, only("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")),
             off,
             "a user's tunables pass on as they are"
         );
         let heap = |value: &str| Some(("GLIBC_TUNABLES".to_string(), value.to_string()));
+        assert_eq!(executor_env(false, none), heap("glibc.malloc.hugetlb=1"));
         assert_eq!(
-            executor_env(false, |_| false, None),
-            heap("glibc.malloc.hugetlb=1")
+            executor_env(false, only("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")),
+            None
         );
         assert_eq!(
-            executor_env(false, |_| false, Some("glibc.malloc.hugetlb=0")),
-            None
+            executor_env(false, only(NUMPY_HUGE_PAGES_VAR, "1")),
+            heap("glibc.malloc.hugetlb=1"),
+            "numpy's advice is the user's own elsewhere"
         );
     }
 }

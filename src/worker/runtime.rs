@@ -7,7 +7,7 @@ use super::executor::{
 };
 use super::memory::{MemoryPolicy, MemorySample};
 use super::state::{SpillOutcome, Wake, WorkerComm, WorkerSettings, WorkerState};
-use crate::heap::{FreedBytes, GLIBC_TUNABLES_VAR, TRIM_WHEN_IDLE_AFTER};
+use crate::heap::{FreedBytes, TRIM_WHEN_IDLE_AFTER};
 use crate::process::anonymous_resident_bytes;
 use crate::protocol::{
     FrameReader, FromWorker, FuncId, FunctionBlob, IdMap, LoanToCopy, ObjectLoan, Plugin,
@@ -194,15 +194,15 @@ pub async fn run_with(
         .executor_kept_mappings(slots)
         .map(|bytes| (KEEP_MAPPED_BYTES_ENV.to_string(), bytes.to_string()));
     let keep_heap = config.memory.executor_kept_heap(slots);
-    let chosen = |var: &str| {
-        std::env::var_os(var).is_some() || config.executor_env.iter().any(|(v, _)| v == var)
+    // What an executor gets for `var` without the huge-page setting: the last value the
+    // configuration gives it, else this process's.
+    let given = |var: &str| {
+        (config.executor_env.iter().rev())
+            .find(|(v, _)| v == var)
+            .map(|(_, value)| value.clone())
+            .or_else(|| std::env::var_os(var).map(|v| v.to_string_lossy().into_owned()))
     };
-    let tunables = (config.executor_env.iter().rev())
-        .find(|(var, _)| var == GLIBC_TUNABLES_VAR)
-        .map(|(_, value)| value.clone())
-        .or_else(|| std::env::var(GLIBC_TUNABLES_VAR).ok());
-    let huge_pages =
-        page_reporting::executor_env(page_reporting::active(), chosen, tunables.as_deref());
+    let huge_pages = page_reporting::executor_env(page_reporting::active(), given);
     let executor_config = PythonExecutorConfig {
         python: config.python.clone(),
         token: config.token.clone(),
